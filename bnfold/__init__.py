@@ -1,0 +1,22 @@
+"""bnfold: fold inference BatchNorm into neighbouring linear ops, verify, measure."""
+
+from __future__ import annotations
+
+from bnfold.api import fold, inspect, verify
+from bnfold.errors import BnfoldError, NotSupportedError
+from bnfold.report import Code, Folded, FoldReport, FoldResult, Refusal, VerifyResult
+
+__all__ = [
+    "BnfoldError",
+    "Code",
+    "FoldReport",
+    "FoldResult",
+    "Folded",
+    "NotSupportedError",
+    "Refusal",
+    "VerifyResult",
+    "fold",
+    "inspect",
+    "verify",
+]
+__version__ = "0.1.0"

@@ -1,0 +1,97 @@
+"""The fold math, shared by the ONNX and torch fronts. numpy only, no graph types.
+
+Every fold reduces to one per-channel affine ``y = scale * x + shift`` placed
+after a linear op ``x = W * input + b``. Then ``y = (W * scale) * input +
+(b * scale + shift)``. All arithmetic runs in float64 and is cast once to the
+model's dtype: a tiny variance makes ``scale`` huge, and rounding W, scale and
+their product separately in fp16 loses several bits.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from bnfold.layouts import WeightLayout
+
+
+class Unfoldable(ValueError):
+    """The values make a fold impossible (NaN, inf, var + eps <= 0, overflow)."""
+
+
+@dataclass(frozen=True)
+class Affine:
+    """``y = scale * x + shift``, per channel (shape ``(C,)``), in float64."""
+
+    scale: np.ndarray
+    shift: np.ndarray
+
+    @classmethod
+    def of(cls, scale: np.ndarray | float, shift: np.ndarray | float, channels: int) -> Affine:
+        """Build from scalars or ``(C,)`` vectors, broadcast to ``channels``."""
+        s = np.broadcast_to(np.asarray(scale, dtype=np.float64), (channels,)).copy()
+        t = np.broadcast_to(np.asarray(shift, dtype=np.float64), (channels,)).copy()
+        _require_finite(s, "scale")
+        _require_finite(t, "shift")
+        return cls(s, t)
+
+
+def bn_to_affine(
+    gamma: np.ndarray, beta: np.ndarray, mean: np.ndarray, var: np.ndarray, eps: float
+) -> Affine:
+    """Return the affine equal to inference BatchNorm: ``gamma * (x - mean) / sqrt(var + eps) + beta``.
+
+    Raises:
+        Unfoldable: a parameter is NaN/inf, or ``var + eps <= 0`` for some channel.
+    """
+    g, b, m, v = (np.asarray(a, dtype=np.float64) for a in (gamma, beta, mean, var))
+    for name, arr in (("scale", g), ("bias", b), ("mean", m), ("var", v)):
+        _require_finite(arr, name)
+    denom = v + float(eps)
+    if np.any(denom <= 0):
+        bad = int(np.flatnonzero(denom <= 0)[0])
+        raise Unfoldable(f"var + eps <= 0 at channel {bad} ({v[bad]!r} + {eps!r})")
+    scale = g / np.sqrt(denom)
+    return Affine.of(scale, b - m * scale, channels=g.shape[0])
+
+
+def fold_after(
+    weight: np.ndarray, bias: np.ndarray | None, affine: Affine, layout: WeightLayout
+) -> tuple[np.ndarray, np.ndarray]:
+    """Weights of one linear op equal to ``affine(linear(x))``.
+
+    Args:
+        weight: the op's weight, in the model's dtype.
+        bias: the op's ``(C_out,)`` bias, or None for an op without one.
+        affine: the per-output-channel affine to absorb.
+        layout: where output channels sit in ``weight``.
+
+    Returns:
+        ``(weight', bias')`` in the dtypes of ``weight`` and ``bias`` (bias' takes
+        the weight's dtype when there was no bias).
+
+    Raises:
+        Unfoldable: the folded values overflow the model's dtype.
+        LayoutError: the affine's length does not fit the weight.
+    """
+    scale_w = layout.expand(affine.scale, tuple(weight.shape))
+    b64 = np.zeros_like(affine.shift) if bias is None else np.asarray(bias, dtype=np.float64)
+    new_w = cast_checked(weight.astype(np.float64) * scale_w, weight.dtype, "weight")
+    bias_dtype = weight.dtype if bias is None else bias.dtype
+    new_b = cast_checked(b64 * affine.scale + affine.shift, bias_dtype, "bias")
+    return new_w, new_b
+
+
+def cast_checked(values: np.ndarray, dtype: np.dtype, what: str) -> np.ndarray:
+    """Cast float64 results to the model dtype, refusing values it can't hold."""
+    out = values.astype(dtype)
+    if not np.all(np.isfinite(out.astype(np.float64))):
+        raise Unfoldable(f"folded {what} overflows {np.dtype(dtype).name}")
+    return out
+
+
+def _require_finite(arr: np.ndarray, name: str) -> None:
+    if not np.all(np.isfinite(arr)):
+        bad = int(np.flatnonzero(~np.isfinite(arr))[0])
+        raise Unfoldable(f"{name} is not finite at channel {bad} ({arr[bad]!r})")

@@ -1,0 +1,16 @@
+"""Errors a user can cause. The CLI turns each into one line and exit code 2."""
+
+from __future__ import annotations
+
+
+class BnfoldError(Exception):
+    """Bad input or usage: a corrupt model, a bad path, an unsupported request.
+
+    The message is one line meant for the person running the tool.
+    """
+
+    exit_code = 2
+
+
+class NotSupportedError(BnfoldError):
+    """A feature bnfold does not have (yet); the message names it."""

@@ -1,0 +1,203 @@
+"""Dataclasses for everything bnfold prints or saves.
+
+Reason codes are stable strings: tests, pipelines and JSON consumers match on
+them. The ``detail`` text beside a code is for people and may change.
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+
+class Code(str, enum.Enum):
+    """Why a site was left unchanged."""
+
+    TRAINING_MODE = "training_mode"
+    """BatchNorm runs in training mode (attribute, extra outputs or module.train())."""
+    NO_RUNNING_STATS = "no_running_stats"
+    """BatchNorm has no running statistics (track_running_stats=False)."""
+    NOT_CONSTANT = "not_constant"
+    """A weight, bias or affine parameter is not a known constant."""
+    BRANCHING = "branching"
+    """The linear op's output is also read elsewhere or is a graph output."""
+    SHARED_WEIGHT = "shared_weight"
+    """The weight or bias is also read by another node."""
+    REUSED_MODULE = "reused_module"
+    """The linear module is called more than once in forward()."""
+    NOT_PER_CHANNEL = "not_per_channel"
+    """The affine does not act per output channel of the linear op."""
+    NONLINEAR_INPUT = "nonlinear_input"
+    """The BatchNorm's input comes from a nonlinearity, not a linear op."""
+    STANDALONE = "standalone"
+    """No linear op feeds the BatchNorm; nothing to fold it into."""
+    BAD_VALUES = "bad_values"
+    """NaN or inf in the parameters, or var + eps <= 0."""
+    BAD_SHAPE = "bad_shape"
+    """Parameter shapes do not match the channel count."""
+    BAD_GROUPS = "bad_groups"
+    """Channel count is not divisible by the op's group count."""
+    UNSUPPORTED_DTYPE = "unsupported_dtype"
+    """Weights are not floating point."""
+    PARAMETRIZED = "parametrized"
+    """The weight is parametrized or tied to another module."""
+    VERIFICATION_FAILED = "verification_failed"
+    """The fold changed the outputs beyond tolerance and was rolled back."""
+
+
+@dataclass(frozen=True)
+class Folded:
+    """One fold that was made."""
+
+    site: str  # "conv1 -> bn1"
+    pattern: str  # "Conv+BatchNormalization"
+    linear: str  # name of the op that now carries the affine
+    affine: str  # name of the op that was removed
+    finder: str = ""  # torch front: which graph finder found the pair
+    bytes_added: int = 0  # weight bytes added by cloning a shared weight
+
+
+@dataclass(frozen=True)
+class Refusal:
+    """One site left unchanged, and why."""
+
+    site: str
+    code: Code
+    detail: str
+
+
+@dataclass
+class FoldReport:
+    """What one fold run did. Both fronts fill the same structure."""
+
+    front: str
+    folded: list[Folded] = field(default_factory=list)
+    refused: list[Refusal] = field(default_factory=list)
+    ops_before: dict[str, int] = field(default_factory=dict)
+    ops_after: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def codes(self) -> list[Code]:
+        return [r.code for r in self.refused]
+
+    def to_dict(self) -> dict[str, Any]:
+        return _jsonable(asdict(self))
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
+
+    def summary(self) -> str:
+        lines = [f"folded {len(self.folded)}, refused {len(self.refused)} ({self.front})"]
+        lines += [f"  folded  {f.site}  [{f.pattern}]" for f in self.folded]
+        lines += [f"  refused {r.site}  {r.code.value}: {r.detail}" for r in self.refused]
+        if self.ops_before:
+            lines.append(op_count_table(self.ops_before, self.ops_after))
+        return "\n".join(lines)
+
+
+def op_count_table(before: dict[str, int], after: dict[str, int]) -> str:
+    """A plain before/after table of op counts, changed rows first."""
+    ops = sorted(set(before) | set(after), key=lambda op: (before.get(op) == after.get(op), op))
+    width = max([len(op) for op in ops] + [2])
+    rows = [f"  {'op':<{width}}  before  after"]
+    for op in ops:
+        b, a = before.get(op, 0), after.get(op, 0)
+        rows.append(f"  {op:<{width}}  {b:>6}  {a:>5}" + ("" if a == b else "  *"))
+    return "\n".join(rows)
+
+
+def count_ops(op_types: list[str]) -> dict[str, int]:
+    return dict(sorted(Counter(op_types).items()))
+
+
+@dataclass(frozen=True)
+class OutputDiff:
+    """How far one output of the folded model is from the original."""
+
+    name: str
+    max_abs: float
+    max_rel: float  # max_abs / max|reference|: the error relative to the output's scale
+    needed_rtol: float  # the smallest rtol (with the given atol) that would pass
+    passed: bool
+
+
+@dataclass
+class VerifyResult:
+    """Outcome of comparing an original and a folded model.
+
+    ``status`` is "passed", "failed" or "not_verified" (the original could not be
+    run at all; ``reason`` says why).
+    """
+
+    status: str
+    atol: float
+    rtol: float
+    samples: int
+    outputs: list[OutputDiff] = field(default_factory=list)
+    reason: str = ""
+    optimization_level: str = "ORT_DISABLE_ALL"
+
+    @property
+    def passed(self) -> bool:
+        return self.status == "passed"
+
+    def to_dict(self) -> dict[str, Any]:
+        return _jsonable(asdict(self))
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
+
+    def summary(self) -> str:
+        if self.status == "not_verified":
+            return f"NOT VERIFIED: {self.reason}"
+        head = (
+            f"verification {self.status.upper()} ({self.samples} samples, "
+            f"{self.optimization_level}, atol={self.atol:g}, rtol={self.rtol:g})"
+        )
+        rows = [
+            f"  {o.name}: max_abs={o.max_abs:.3g} max_rel={o.max_rel:.3g}"
+            f" needed_rtol={o.needed_rtol:.3g} {'ok' if o.passed else 'FAIL'}"
+            for o in self.outputs
+        ]
+        return "\n".join([head, *rows] + ([f"  {self.reason}"] if self.reason else []))
+
+
+@dataclass
+class FoldResult:
+    """A folded model and the report of what was done.
+
+    ``model`` is an ``onnx_ir.Model`` on the ONNX front and an ``nn.Module`` on
+    the torch front. ``verification`` is filled when verification ran.
+    """
+
+    model: Any
+    report: FoldReport
+    verification: VerifyResult | None = None
+
+    @property
+    def modified(self) -> bool:
+        return bool(self.report.folded)
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"report": self.report.to_dict()}
+        out["verification"] = self.verification.to_dict() if self.verification else None
+        return out
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
+
+
+def _jsonable(obj: Any) -> Any:
+    """Enums to their values, floats that JSON can't hold to strings."""
+    if isinstance(obj, dict):
+        return {k: _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, enum.Enum):
+        return obj.value
+    if isinstance(obj, float) and (obj != obj or obj in (float("inf"), float("-inf"))):
+        return str(obj)
+    return obj
