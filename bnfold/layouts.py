@@ -57,7 +57,9 @@ class WeightLayout:
         # Only ConvTranspose is grouped along the output side: w is (C_in, C_out/g, *k).
         c_in, c_out_per_group = int(w_shape[0]), int(w_shape[1])
         if self.out_axis != 1 or c_in % self.groups:
-            raise LayoutError(f"{self.op}: {c_in} input channels not divisible by {self.groups} groups")
+            raise LayoutError(
+                f"{self.op}: {c_in} input channels not divisible by {self.groups} groups"
+            )
         rows_per_group = c_in // self.groups
         blocks = per_channel.reshape(self.groups, 1, c_out_per_group)
         rows = np.broadcast_to(blocks, (self.groups, rows_per_group, c_out_per_group))

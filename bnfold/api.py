@@ -1,0 +1,178 @@
+"""The Python API: fold, inspect and verify, for ONNX files/models and torch modules.
+
+Every entry point dispatches on what it is given; torch is imported only when a
+torch object or file is passed, so the ONNX path works without it.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import onnx_ir as ir
+
+from bnfold.errors import BnfoldError
+from bnfold.onnx_front import io
+from bnfold.onnx_front.passes import FoldAffinePass
+from bnfold.report import FoldReport, FoldResult, VerifyResult
+
+TORCH_SUFFIXES = (".pt2", ".pt", ".pth")
+
+
+@dataclass(frozen=True)
+class VerifyOptions:
+    """How verification compares models (see :func:`bnfold.verify`)."""
+
+    atol: float = 0.0
+    rtol: float | None = None
+    samples: int = 3
+    seed: int = 0
+    shapes: Mapping[str, Sequence[int]] | None = None
+
+
+def fold(
+    model: Any,
+    example_inputs: tuple[Any, ...] | None = None,
+    *,
+    inplace: bool = False,
+    verify: bool = False,
+    verify_options: VerifyOptions | None = None,
+) -> FoldResult:
+    """Fold every foldable BatchNorm / constant affine into its neighbouring linear op.
+
+    Args:
+        model: an ONNX path, ``onnx_ir.Model`` or ``onnx.ModelProto``; or a torch
+            ``nn.Module`` (then ``example_inputs`` is required).
+        example_inputs: torch only: inputs used to trace the module and to verify.
+        inplace: modify ``model`` itself instead of a copy (ir.Model / nn.Module).
+        verify: ONNX: compare the folded model with the original at ORT_DISABLE_ALL
+            and attach the result (torch always verifies each fold).
+        verify_options: tolerances, samples, seed and input shapes.
+
+    Returns:
+        FoldResult with ``.model`` (same kind as given; a path gives an onnx_ir.Model)
+        and ``.report``.
+    """
+    if _is_torch_module(model):
+        from bnfold.torch_front import fold_module
+
+        if example_inputs is None:
+            raise BnfoldError("folding a torch module needs example_inputs=(x,)")
+        return fold_module(model, example_inputs, inplace=inplace)
+    original = model
+    folded = _onnx_model(model, copy=not inplace)
+    result = FoldAffinePass()(folded)
+    out = FoldResult(result.model, result.report)  # type: ignore[attr-defined]
+    if verify:
+        reference = (
+            original
+            if isinstance(original, str | os.PathLike)
+            else _onnx_model(original, copy=True)
+        )
+        out.verification = verify_models(reference, out.model, verify_options)
+    return out
+
+
+def inspect(model: Any, example_inputs: tuple[Any, ...] | None = None) -> FoldReport:
+    """Report every fold bnfold would make and every refusal, without changing ``model``."""
+    if _is_torch_module(model):
+        from bnfold.torch_front import inspect_module
+
+        if example_inputs is None:
+            raise BnfoldError("inspecting a torch module needs example_inputs=(x,)")
+        return inspect_module(model, example_inputs)
+    return fold(model, inplace=False).report
+
+
+def verify(
+    original: Any,
+    folded: Any,
+    *,
+    atol: float = 0.0,
+    rtol: float | None = None,
+    samples: int = 3,
+    seed: int = 0,
+    shapes: Mapping[str, Sequence[int]] | None = None,
+) -> VerifyResult:
+    """Compare two ONNX models (paths or onnx_ir.Model) at ORT_DISABLE_ALL."""
+    options = VerifyOptions(atol, rtol, samples, seed, shapes)
+    return verify_models(original, folded, options)
+
+
+def verify_models(original: Any, folded: Any, options: VerifyOptions | None) -> VerifyResult:
+    from bnfold.verify import verify_onnx
+
+    o = options or VerifyOptions()
+    for source in (original, folded):
+        if isinstance(source, str | os.PathLike):
+            io.load_model(source)  # one-line errors for bad files, before onnxruntime sees them
+    return verify_onnx(
+        original, folded, atol=o.atol, rtol=o.rtol, samples=o.samples, seed=o.seed, shapes=o.shapes
+    )
+
+
+def fold_file(
+    source: str | os.PathLike[str],
+    output: str | os.PathLike[str],
+    *,
+    verify: bool = True,
+    verify_options: VerifyOptions | None = None,
+    in_place: bool = False,
+) -> tuple[FoldResult, bool]:
+    """Fold an ONNX file and write the result atomically, verified before it is published.
+
+    The staged output is compared with ``source``; if verification fails nothing
+    is written. If onnxruntime cannot run the original, the output is written
+    and the verification result says "not_verified" with the reason.
+
+    Returns:
+        (result, written): written is False only when verification failed.
+
+    Raises:
+        BnfoldError: bad input, output equal to input without ``in_place``,
+            unwritable output.
+    """
+    source, output = Path(source), Path(output)
+    _require_distinct(source, output, in_place)
+    model = io.load_model(source)
+    folded = FoldAffinePass()(model)
+    result = FoldResult(folded.model, folded.report)  # type: ignore[attr-defined]
+
+    def accept(staged: Path) -> bool:
+        if not verify:
+            return True
+        result.verification = verify_models(source, staged, verify_options)
+        return result.verification.status != "failed"
+
+    written = io.save_model(result.model, output, accept=accept)
+    return result, written
+
+
+def _require_distinct(source: Path, output: Path, in_place: bool) -> None:
+    same = output.exists() and os.path.samefile(source, output)
+    same = same or source.resolve() == output.resolve()
+    if same and not in_place:
+        raise BnfoldError("output path equals input path; pass --in-place to overwrite the input")
+
+
+def _onnx_model(model: Any, copy: bool) -> ir.Model:
+    if isinstance(model, str | os.PathLike):
+        path = Path(model)
+        if path.suffix in TORCH_SUFFIXES:
+            raise BnfoldError(f"{path}: a torch file; use the torch front (bnfold fold {path} ...)")
+        return io.load_model(path)
+    if isinstance(model, ir.Model):
+        return model.clone() if copy else model
+    import onnx
+
+    if isinstance(model, onnx.ModelProto):
+        return ir.serde.deserialize_model(model)
+    raise BnfoldError(f"cannot fold a {type(model).__name__}")
+
+
+def _is_torch_module(obj: Any) -> bool:
+    torch = __import__("sys").modules.get("torch")
+    return torch is not None and isinstance(obj, torch.nn.Module)

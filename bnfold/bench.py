@@ -1,0 +1,581 @@
+"""Latency harness: time an original and a folded model side by side.
+
+Runs of the two models are interleaved (A B A B ...) after warm-up, in one
+process with pinned thread counts, so that noise (frequency scaling, a busy
+neighbour) hits both alike. Each ORT level gets fresh sessions.
+
+Levels are ORT graph-optimisation levels plus ``all-minus-fusions``: ORT's
+default level with its own BatchNorm/affine-into-linear fusions switched off, so
+the speed-up that bnfold brings is not hidden by ORT doing the same fold at
+session start.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from bnfold.errors import BnfoldError
+
+if TYPE_CHECKING:
+    import onnx_ir as ir
+    import onnxruntime as ort
+
+Progress = Callable[[int, int], None]
+"""Called as ``progress(done, total)`` after each timed or warm-up run."""
+
+ORT_BN_FUSIONS: tuple[str, ...] = (
+    "ConvBNFusion",
+    "ConvAddFusion",
+    "ConvMulFusion",
+    "MatMul_BatchNormalization_Fusion",
+)
+"""onnxruntime's optimizer names (checked on 1.32) that fold BN, Mul or Add into a
+Conv or MatMul. Disabled by the ``all-minus-fusions`` level."""
+
+LEVELS: dict[str, tuple[str, tuple[str, ...]]] = {
+    "disable_all": ("ORT_DISABLE_ALL", ()),
+    "basic": ("ORT_ENABLE_BASIC", ()),
+    "extended": ("ORT_ENABLE_EXTENDED", ()),
+    "all": ("ORT_ENABLE_ALL", ()),
+    "all-minus-fusions": ("ORT_ENABLE_ALL", ORT_BN_FUSIONS),
+}
+"""Level name -> (GraphOptimizationLevel member, optimizers disabled)."""
+
+DEFAULT_LEVELS: tuple[str, ...] = ("all-minus-fusions",)
+_PROTOBUF_SAFE_BYTES = 1 << 30
+
+
+@dataclass(frozen=True)
+class Stats:
+    """Latency of one model over the timed runs, in milliseconds."""
+
+    median_ms: float
+    iqr_ms: float  # 75th minus 25th percentile
+    min_ms: float
+    runs: int
+
+    @classmethod
+    def of(cls, samples_ms: Sequence[float]) -> Stats:
+        q1, _, q3 = statistics.quantiles(samples_ms, n=4) if len(samples_ms) > 1 else [0.0] * 3
+        return cls(
+            median_ms=statistics.median(samples_ms),
+            iqr_ms=max(q3 - q1, 0.0),
+            min_ms=min(samples_ms),
+            runs=len(samples_ms),
+        )
+
+
+@dataclass(frozen=True)
+class LevelTiming:
+    """Both models timed at one optimisation level."""
+
+    level: str
+    original: Stats
+    folded: Stats
+
+    @property
+    def ratio(self) -> float:
+        """Folded median over original median: below 1 means the fold made it faster."""
+        return self.folded.median_ms / self.original.median_ms if self.original.median_ms else 1.0
+
+
+@dataclass(frozen=True)
+class Environment:
+    """Where and how the timings were taken."""
+
+    runtime: str  # "onnxruntime" or "torch-eager"
+    versions: dict[str, str]
+    python: str
+    platform: str
+    cpu: str
+    cpu_count: int
+    threads: int
+    warmup: int
+    runs: int
+    seed: int
+
+    @classmethod
+    def capture(
+        cls, runtime: str, threads: int, warmup: int, runs: int, seed: int, libs: Sequence[str]
+    ) -> Environment:
+        return cls(
+            runtime=runtime,
+            versions={name: _version(name) for name in libs},
+            python=platform.python_version(),
+            platform=platform.platform(),
+            cpu=cpu_model(),
+            cpu_count=os.cpu_count() or 1,
+            threads=threads,
+            warmup=warmup,
+            runs=runs,
+            seed=seed,
+        )
+
+
+@dataclass
+class BenchReport:
+    """Timings of an original and a folded model, per level, with the environment."""
+
+    original: str
+    folded: str
+    environment: Environment
+    levels: list[LevelTiming] = field(default_factory=list)
+    folds: int | None = None  # sites folded in memory, when the harness did the fold
+
+    def to_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        for entry, timing in zip(out["levels"], self.levels, strict=True):
+            entry["ratio"] = timing.ratio
+        return out
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
+
+    def summary(self) -> str:
+        env = self.environment
+        lines = [
+            f"{env.runtime}: threads={env.threads} warmup={env.warmup} runs={env.runs} "
+            f"(interleaved), {env.cpu} x{env.cpu_count}",
+            f"  original: {self.original}",
+            f"  folded:   {self.folded}"
+            + (f" ({self.folds} folds)" if self.folds is not None else ""),
+            f"  {'level':<18} {'original ms':>18} {'folded ms':>18} {'ratio':>7}",
+        ]
+        lines += [
+            f"  {t.level:<18} {_fmt(t.original):>18} {_fmt(t.folded):>18} {t.ratio:>7.3f}"
+            for t in self.levels
+        ]
+        return "\n".join(lines)
+
+
+def _fmt(stats: Stats) -> str:
+    return f"{stats.median_ms:.3f} ±{stats.iqr_ms:.3f}"
+
+
+def bench_onnx(
+    original: Any,
+    folded: Any = None,
+    levels: Sequence[str] = DEFAULT_LEVELS,
+    *,
+    threads: int = 1,
+    warmup: int = 10,
+    runs: int = 100,
+    seed: int = 0,
+    progress: Progress | None = None,
+) -> BenchReport:
+    """Time an ONNX model and its folded version in onnxruntime (CPU), interleaved.
+
+    Args:
+        original: a path, serialized bytes, ``onnx_ir.Model`` or ``onnx.ModelProto``.
+        folded: the same kinds; None folds ``original`` in memory first.
+        levels: names from ``LEVELS``.
+        threads: intra- and inter-op thread count of both sessions.
+        warmup: untimed runs of each model per level.
+        runs: timed runs of each model per level.
+        seed: seed of the random inputs (dtypes and shapes from the session,
+            dynamic dimensions set to 1).
+        progress: called as ``progress(done, total)`` after every run.
+
+    Raises:
+        BnfoldError: an unknown level, bad counts, or a model ORT cannot load.
+    """
+    _check_args(levels, threads, warmup, runs)
+    folds = None
+    if folded is None:
+        from bnfold import fold  # lazy: the fold front pulls in onnx_ir passes
+
+        result = fold(_as_foldable(original))
+        folded, folds = result.model, len(result.report.folded)
+    report = BenchReport(
+        original=_describe(original),
+        folded=_describe(folded) if folds is None else "(folded in memory)",
+        environment=Environment.capture(
+            "onnxruntime", threads, warmup, runs, seed, ("onnxruntime", "onnx", "numpy")
+        ),
+        folds=folds,
+    )
+    ticker = _Ticker(progress, len(levels) * 2 * (warmup + runs))
+    with _ort_source(original) as src_a, _ort_source(folded) as src_b:
+        for level in levels:
+            sess_a = make_session(src_a, level, threads)
+            sess_b = make_session(src_b, level, threads)
+            feeds = random_feeds(sess_a, seed)
+            run_a = _runner(sess_a, feeds)
+            run_b = _runner(sess_b, _feeds_for(sess_b, feeds))
+            a_ms, b_ms = time_interleaved(run_a, run_b, warmup, runs, ticker)
+            report.levels.append(LevelTiming(level, Stats.of(a_ms), Stats.of(b_ms)))
+    return report
+
+
+def bench_torch(
+    original: Any,
+    folded: Any,
+    example_inputs: Sequence[Any],
+    *,
+    threads: int = 1,
+    warmup: int = 10,
+    runs: int = 100,
+    seed: int = 0,
+    progress: Progress | None = None,
+) -> BenchReport:
+    """Time two ``nn.Module``s in eager mode, interleaved, under ``torch.inference_mode``.
+
+    Both modules are put in eval mode. The report has one level, ``"eager"``.
+    Torch's thread count is set to ``threads`` for the run and restored after.
+    """
+    import torch  # lazy: torch is an optional extra
+
+    _check_args((), threads, warmup, runs)
+    inputs = tuple(example_inputs)
+    original.eval()
+    folded.eval()
+    report = BenchReport(
+        original=type(original).__name__,
+        folded=type(folded).__name__,
+        environment=Environment.capture("torch-eager", threads, warmup, runs, seed, ("torch",)),
+    )
+    ticker = _Ticker(progress, 2 * (warmup + runs))
+    torch.manual_seed(seed)
+    saved_threads = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        with torch.inference_mode():
+            a_ms, b_ms = time_interleaved(
+                lambda: original(*inputs), lambda: folded(*inputs), warmup, runs, ticker
+            )
+    finally:
+        torch.set_num_threads(saved_threads)
+    report.levels.append(LevelTiming("eager", Stats.of(a_ms), Stats.of(b_ms)))
+    return report
+
+
+TORCH_SUFFIXES = (".pt", ".pth")
+
+
+def bench_torch_files(
+    original: str | os.PathLike[str],
+    folded: str | os.PathLike[str] | None,
+    shapes: Sequence[Sequence[int]],
+    **kwargs: Any,
+) -> BenchReport:
+    """``bench_torch`` on whole modules saved with ``torch.save``, on random inputs.
+
+    Args:
+        original: the saved module.
+        folded: the saved folded module; None folds ``original`` in memory.
+        shapes: one shape per forward() argument; float32 ``randn`` inputs.
+        **kwargs: passed to ``bench_torch`` (threads, warmup, runs, seed, progress).
+    """
+    import torch
+
+    module = load_torch_module(original)
+    folds = None
+    if folded is None:
+        from bnfold import fold
+
+        result = fold(module)
+        other, folds = result.model, len(result.report.folded)
+    else:
+        other = load_torch_module(folded)
+    torch.manual_seed(kwargs.get("seed", 0))
+    inputs = [torch.randn(*shape) for shape in shapes]
+    report = bench_torch(module, other, inputs, **kwargs)
+    report.original = os.fspath(original)
+    report.folded = os.fspath(folded) if folded is not None else "(folded in memory)"
+    report.folds = folds
+    return report
+
+
+def load_torch_module(path: str | os.PathLike[str]) -> Any:
+    """Load a whole ``nn.Module`` saved with ``torch.save(module, path)``.
+
+    Raises:
+        BnfoldError: the file does not unpickle to an ``nn.Module``.
+    """
+    import torch
+
+    try:
+        # A whole pickled module can't load with weights_only=True; the user named the file.
+        module = torch.load(path, weights_only=False, map_location="cpu")
+    except Exception as err:
+        raise BnfoldError(f"{os.fspath(path)}: cannot load a PyTorch module ({err})") from None
+    if not isinstance(module, torch.nn.Module):
+        raise BnfoldError(f"{os.fspath(path)}: holds a {type(module).__name__}, not an nn.Module")
+    return module
+
+
+def time_interleaved(
+    run_a: Callable[[], Any],
+    run_b: Callable[[], Any],
+    warmup: int,
+    runs: int,
+    ticker: Callable[[], None] | None = None,
+) -> tuple[list[float], list[float]]:
+    """Warm up, then time ``run_a`` and ``run_b`` alternately; milliseconds per run."""
+    tick = ticker or (lambda: None)
+    for _ in range(warmup):
+        run_a()
+        tick()
+        run_b()
+        tick()
+    a_ms: list[float] = []
+    b_ms: list[float] = []
+    for _ in range(runs):
+        a_ms.append(_timed(run_a))
+        tick()
+        b_ms.append(_timed(run_b))
+        tick()
+    return a_ms, b_ms
+
+
+def _timed(fn: Callable[[], Any]) -> float:
+    start = time.perf_counter_ns()
+    fn()
+    return (time.perf_counter_ns() - start) / 1e6
+
+
+class _Ticker:
+    def __init__(self, progress: Progress | None, total: int) -> None:
+        self.progress, self.total, self.done = progress, total, 0
+
+    def __call__(self) -> None:
+        self.done += 1
+        if self.progress is not None:
+            self.progress(self.done, self.total)
+
+
+def make_session(
+    source: str | bytes, level: str, threads: int = 1, optimized_path: str | None = None
+) -> ort.InferenceSession:
+    """A CPU session at ``level`` with pinned threads; optionally save ORT's optimized graph.
+
+    Raises:
+        BnfoldError: unknown level or ORT cannot load the model.
+    """
+    import onnxruntime as ort
+
+    if level not in LEVELS:
+        raise BnfoldError(f"unknown level {level!r}; choose from {', '.join(LEVELS)}")
+    member, disabled = LEVELS[level]
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = getattr(ort.GraphOptimizationLevel, member)
+    opts.intra_op_num_threads = threads
+    opts.inter_op_num_threads = threads
+    opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    opts.log_severity_level = 3  # the NCHWc "hardware specific" warning on save is expected
+    if optimized_path:
+        opts.optimized_model_filepath = optimized_path
+    try:
+        return ort.InferenceSession(
+            source, opts, providers=["CPUExecutionProvider"], disabled_optimizers=list(disabled)
+        )
+    except Exception as err:  # ORT raises its own Fail/InvalidGraph/... types
+        first = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
+        raise BnfoldError(f"onnxruntime cannot load the model: {first}") from None
+
+
+def optimized_op_types(model: Any, level: str) -> list[str]:
+    """Op types of the graph ORT runs at ``level`` (``domain:op`` outside the default domain)."""
+    import onnx
+
+    with _ort_source(model) as src, tempfile.TemporaryDirectory(prefix="bnfold-opt-") as tmp:
+        path = os.path.join(tmp, "optimized.onnx")
+        make_session(src, level, optimized_path=path)
+        graph = onnx.load(path, load_external_data=False).graph
+    return [f"{n.domain}:{n.op_type}" if n.domain else n.op_type for n in graph.node]
+
+
+_ORT_DTYPES = {
+    "tensor(float)": np.float32,
+    "tensor(double)": np.float64,
+    "tensor(float16)": np.float16,
+    "tensor(int64)": np.int64,
+    "tensor(int32)": np.int32,
+    "tensor(int16)": np.int16,
+    "tensor(int8)": np.int8,
+    "tensor(uint8)": np.uint8,
+    "tensor(bool)": np.bool_,
+}
+
+
+def random_feeds(session: ort.InferenceSession, seed: int = 0) -> dict[str, np.ndarray]:
+    """Random inputs for every session input; dynamic dimensions become 1.
+
+    Raises:
+        BnfoldError: an input type the harness cannot make (strings, sequences).
+    """
+    rng = np.random.default_rng(seed)
+    feeds = {}
+    for arg in session.get_inputs():
+        shape = [d if isinstance(d, int) and d >= 0 else 1 for d in arg.shape]
+        feeds[arg.name] = _random_array(arg.type, shape, rng)
+    return feeds
+
+
+def _random_array(ort_type: str, shape: list[int], rng: np.random.Generator) -> np.ndarray:
+    if ort_type == "tensor(bfloat16)":
+        import ml_dtypes
+
+        return rng.standard_normal(shape).astype(ml_dtypes.bfloat16)
+    dtype = _ORT_DTYPES.get(ort_type)
+    if dtype is None:
+        raise BnfoldError(f"cannot make random inputs of type {ort_type}")
+    if np.issubdtype(dtype, np.floating):
+        return rng.standard_normal(shape).astype(dtype)
+    if dtype is np.bool_:
+        return rng.random(shape) < 0.5
+    return rng.integers(0, 4, size=shape).astype(dtype)  # small: ints are often indices
+
+
+def _feeds_for(session: ort.InferenceSession, feeds: dict[str, np.ndarray]) -> dict[str, Any]:
+    names = [arg.name for arg in session.get_inputs()]
+    missing = [n for n in names if n not in feeds]
+    if missing:
+        raise BnfoldError(f"the folded model has inputs the original lacks: {missing}")
+    return {n: feeds[n] for n in names}
+
+
+def _runner(session: ort.InferenceSession, feeds: dict[str, Any]) -> Callable[[], Any]:
+    return lambda: session.run(None, feeds)
+
+
+def _check_args(levels: Sequence[str], threads: int, warmup: int, runs: int) -> None:
+    unknown = [lv for lv in levels if lv not in LEVELS]
+    if unknown:
+        raise BnfoldError(f"unknown level {unknown[0]!r}; choose from {', '.join(LEVELS)}")
+    if threads < 1 or warmup < 0 or runs < 1:
+        raise BnfoldError("need threads >= 1, warmup >= 0 and runs >= 1")
+
+
+@contextlib.contextmanager
+def _ort_source(model: Any) -> Iterator[str | bytes]:
+    """What ``InferenceSession`` takes: a path or bytes. Big or external-data
+    in-memory models go through a temporary folder (protobuf caps at 2 GB)."""
+    if isinstance(model, str | os.PathLike):
+        if not Path(model).is_file():
+            raise BnfoldError(f"{model}: no such file")
+        yield os.fspath(model)
+        return
+    if isinstance(model, bytes):
+        yield model
+        return
+    import onnx_ir as ir
+
+    if not isinstance(model, ir.Model):
+        model = ir.serde.deserialize_model(model)
+    if not _needs_file(model):
+        yield ir.serde.serialize_model(model).SerializeToString()
+        return
+    with tempfile.TemporaryDirectory(prefix="bnfold-bench-") as tmp:
+        path = os.path.join(tmp, "model.onnx")
+        ir.save(model, path, external_data="model.onnx.data")
+        yield path
+
+
+def _needs_file(model: ir.Model) -> bool:
+    import onnx_ir as ir
+
+    total = 0
+    for graph in (model.graph, *model.graph.subgraphs()):
+        for value in graph.initializers.values():
+            tensor = value.const_value
+            if isinstance(tensor, ir.ExternalTensor):
+                return True
+            total += tensor.nbytes if tensor is not None else 0
+    return total > _PROTOBUF_SAFE_BYTES
+
+
+def _as_foldable(model: Any) -> Any:
+    if isinstance(model, bytes):
+        import onnx
+        import onnx_ir as ir
+
+        return ir.serde.deserialize_model(onnx.load_from_string(model))
+    if isinstance(model, os.PathLike):
+        return os.fspath(model)
+    if not isinstance(model, str) and type(model).__name__ == "ModelProto":
+        import onnx_ir as ir
+
+        return ir.serde.deserialize_model(model)
+    return model
+
+
+def _describe(model: Any) -> str:
+    if isinstance(model, str | os.PathLike):
+        return os.fspath(model)
+    name = getattr(getattr(model, "graph", None), "name", None)
+    return f"({type(model).__name__}{' ' + name if name else ''})"
+
+
+def _version(module: str) -> str:
+    mod = sys.modules.get(module)
+    if mod is None:
+        try:
+            mod = __import__(module)
+        except ImportError:
+            return "not installed"
+    return str(getattr(mod, "__version__", "unknown"))
+
+
+def cpu_model() -> str:
+    """The CPU's model name (from /proc/cpuinfo on Linux), else ``platform.processor()``."""
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
+def plot_report(report: BenchReport, path: str | os.PathLike[str]) -> None:
+    """Write a bar chart of median latency (IQR as error bars) per level.
+
+    Raises:
+        BnfoldError: matplotlib is not installed (``pip install bnfold[plot]``).
+    """
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise BnfoldError("--plot needs matplotlib: pip install 'bnfold[plot]'") from None
+    names = [t.level for t in report.levels]
+    x = np.arange(len(names))
+    fig, ax = plt.subplots(figsize=(max(4.0, 1.6 * len(names) + 2), 3.5))
+    for offset, label, pick in ((-0.2, "original", "original"), (0.2, "folded", "folded")):
+        stats = [getattr(t, pick) for t in report.levels]
+        ax.bar(
+            x + offset,
+            [s.median_ms for s in stats],
+            0.4,
+            yerr=[s.iqr_ms / 2 for s in stats],
+            capsize=3,
+            label=label,
+        )
+    for i, t in enumerate(report.levels):
+        ax.annotate(f"x{t.ratio:.2f}", (x[i] + 0.2, t.folded.median_ms), ha="center", va="bottom")
+    env = report.environment
+    ax.set_xticks(x, names)
+    ax.set_ylabel("median latency (ms)")
+    ax.set_title(f"{env.runtime}, {env.threads} thread(s), {env.runs} runs", fontsize=9)
+    ax.legend()
+    fig.tight_layout()
+    try:
+        fig.savefig(path)
+    except OSError as err:
+        raise BnfoldError(f"cannot write {os.fspath(path)!r}: {err.strerror}") from None
+    finally:
+        plt.close(fig)

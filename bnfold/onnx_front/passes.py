@@ -1,0 +1,213 @@
+"""The ONNX fold pass: apply planned folds with onnx_ir until nothing more folds."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx_ir as ir
+
+from bnfold.onnx_front import match
+from bnfold.onnx_front.match import FoldPlan, LinearOp
+from bnfold.report import Folded, FoldReport, Refusal, count_ops
+
+
+@dataclass
+class FoldPassResult(ir.passes.PassResult):
+    """The pass result plus the report of every fold and refusal."""
+
+    report: FoldReport = field(default_factory=lambda: FoldReport(front="onnx"))
+
+
+class FoldAffinePass(ir.passes.InPlacePass):
+    """Fold inference BatchNormalization and constant Mul/Add into the linear op feeding it.
+
+    Matches:  BatchNormalization | Mul(·, c) | Add(·, c)  after  Conv | ConvTranspose | Gemm | MatMul
+              in the main graph and in every If/Loop/Scan body.
+    Produces: the linear op with W' = W·s and B' = B·s + t (see bnfold.affine); the
+              affine node is removed and its output name kept, so the model's
+              interface and every downstream name are unchanged. A 2-D MatMul
+              that gains a bias becomes a Gemm; an N-d one keeps a single Add.
+    Repeats to a fixpoint, so Conv -> BN -> Mul -> Add folds into one Conv.
+    Refuses: every code listed in :func:`bnfold.onnx_front.match.plan`; the
+             site is left exactly as it was.
+    """
+
+    def call(self, model: ir.Model) -> FoldPassResult:
+        report = FoldReport(front="onnx", ops_before=op_counts(model))
+        refused: list[Refusal] = []
+        progress = True
+        while progress:
+            progress, refused = self._one_round(model, report)
+        report.refused = refused
+        report.ops_after = op_counts(model)
+        return FoldPassResult(model, bool(report.folded), report)
+
+    @staticmethod
+    def _one_round(model: ir.Model, report: FoldReport) -> tuple[bool, list[Refusal]]:
+        """Plan and apply every site once; a refusal now may fold next round."""
+        refused: list[Refusal] = []
+        folded_any = False
+        for node in list(all_nodes(model)):
+            if node.graph is None:  # removed by an earlier fold this round
+                continue
+            outcome = match.plan(node, model.ir_version)
+            if isinstance(outcome, Refusal):
+                refused.append(outcome)
+            elif outcome is not None:
+                apply_plan(outcome, model)
+                report.folded.append(
+                    Folded(outcome.site, outcome.pattern, match.label(outcome.linear.node),
+                           match.label(outcome.affine_node))
+                )  # fmt: skip
+                folded_any = True
+        return folded_any, refused
+
+
+def all_nodes(model: ir.Model) -> Iterator[ir.Node]:
+    """Every node, including those of subgraphs (If/Loop/Scan bodies)."""
+    return iter(ir.traversal.RecursiveGraphIterator(model.graph))
+
+
+def op_counts(model: ir.Model) -> dict[str, int]:
+    return count_ops([node.op_type for node in all_nodes(model)])
+
+
+def apply_plan(plan: FoldPlan, model: ir.Model) -> None:
+    """Write the planned weight and bias, then remove the affine node."""
+    linear = plan.linear
+    set_constant_input(linear.node, 1, plan.new_weight, model)
+    if plan.new_bias is None:
+        _splice_out(plan.affine_node, linear.output)
+        return
+    if linear.node.op_type != "MatMul":
+        set_constant_input(linear.node, 2, plan.new_bias, model, suffix="_bias")
+        if linear.resets_beta:
+            linear.node.attributes["beta"] = ir.AttrFloat32("beta", 1.0)
+        _splice_out(plan.affine_node, linear.output)
+    elif linear.out_rank == 2:
+        gemm = _matmul_to_gemm(linear, plan.new_bias, model)
+        _splice_out(plan.affine_node, gemm.outputs[0])
+    else:
+        _replace_with_bias_add(plan.affine_node, linear, plan.new_bias, model)
+
+
+def set_constant_input(
+    node: ir.Node, index: int, array: np.ndarray, model: ir.Model, suffix: str = ""
+) -> None:
+    """Make input ``index`` of ``node`` the constant ``array``.
+
+    An initializer read only by ``node`` is updated in place (same name). Anything
+    else (a Constant node's output, a missing optional input) gets a new
+    initializer; the old producer is removed if nothing else reads it.
+    """
+    old = node.inputs[index] if index < len(node.inputs) else None
+    if old is not None and old.is_initializer() and len(old.uses()) == 1:
+        old.const_value = ir.tensor(array, name=old.name)
+        return
+    graph = node.graph
+    assert graph is not None
+    base = old.name if old is not None and old.name else f"{match.label(node)}{suffix}"
+    new = new_initializer(graph, base, array, model)
+    if len(node.inputs) <= index:
+        node.resize_inputs(index + 1)
+    node.replace_input_with(index, new)
+    if old is not None:
+        drop_if_dead(old)
+
+
+def new_initializer(graph: ir.Graph, base: str, array: np.ndarray, model: ir.Model) -> ir.Value:
+    """Register a new initializer with a name unused in ``graph``.
+
+    IR < 4 requires every initializer of the main graph to be listed as a graph
+    input too; subgraph inputs mean something else (loop state), so not there.
+    """
+    name = _unique_name(graph, base)
+    value = ir.Value(
+        name=name,
+        shape=ir.Shape(array.shape),
+        type=ir.TensorType(ir.DataType.from_numpy(array.dtype)),
+        const_value=ir.tensor(array, name=name),
+    )
+    graph.register_initializer(value)
+    if model.ir_version < 4 and graph is model.graph:
+        graph.inputs.append(value)
+    return value
+
+
+def _unique_name(graph: ir.Graph, base: str) -> str:
+    taken = set(graph.initializers) | {v.name for v in graph.inputs}
+    taken |= {out.name for node in graph for out in node.outputs}
+    name, n = base, 0
+    while name in taken:
+        n += 1
+        name = f"{base}_{n}"
+    return name
+
+
+def _splice_out(affine_node: ir.Node, replacement: ir.Value) -> None:
+    """Remove ``affine_node``; ``replacement`` takes over its output and its name.
+
+    Keeping the affine output's name keeps the graph's outputs and every
+    downstream reference (value_info, subgraph captures) unchanged.
+    """
+    graph = affine_node.graph
+    assert graph is not None
+    out = affine_node.outputs[0]
+    name = out.name
+    if replacement.shape is None:
+        replacement.shape = out.shape
+    if replacement.type is None:
+        replacement.type = out.type
+    inputs = [v for v in affine_node.inputs if v is not None]
+    ir.convenience.replace_all_uses_with(out, replacement, replace_graph_outputs=True)
+    graph.remove(affine_node, safe=True)
+    out.name = None
+    replacement.name = name
+    for value in inputs:
+        drop_if_dead(value)
+
+
+def _matmul_to_gemm(linear: LinearOp, bias: np.ndarray, model: ir.Model) -> ir.Node:
+    """A 2-D MatMul that gains a bias becomes Gemm(A, W', b') under the same name."""
+    matmul = linear.node
+    graph = matmul.graph
+    assert graph is not None
+    bias_value = new_initializer(graph, f"{match.label(matmul)}_bias", bias, model)
+    gemm = ir.Node("", "Gemm", [matmul.inputs[0], matmul.inputs[1], bias_value], name=matmul.name)
+    graph.insert_before(matmul, gemm)
+    old_out = matmul.outputs[0]
+    gemm.outputs[0].shape, gemm.outputs[0].type = old_out.shape, old_out.type
+    ir.convenience.replace_all_uses_with(old_out, gemm.outputs[0])
+    graph.remove(matmul, safe=True)
+    gemm.outputs[0].name = old_out.name
+    return gemm
+
+
+def _replace_with_bias_add(
+    affine_node: ir.Node, linear: LinearOp, bias: np.ndarray, model: ir.Model
+) -> None:
+    """N-d MatMul has no bias slot: the affine node becomes one Add of the folded bias."""
+    graph = affine_node.graph
+    assert graph is not None
+    bias_value = new_initializer(graph, f"{match.label(linear.node)}_bias", bias, model)
+    add = ir.Node("", "Add", [linear.output, bias_value], name=affine_node.name)
+    graph.insert_before(affine_node, add)
+    _splice_out(affine_node, add.outputs[0])
+
+
+def drop_if_dead(value: ir.Value) -> None:
+    """Remove an initializer or Constant node that nothing reads any more."""
+    if value.uses() or value.is_graph_output():
+        return
+    producer = value.producer()
+    if producer is not None:
+        if producer.op_type == "Constant" and producer.graph is not None:
+            producer.graph.remove(producer, safe=True)
+        return
+    graph = value.graph
+    if value.is_initializer() and graph is not None:
+        graph.initializers.pop(value.name)  # type: ignore[arg-type]
+        if value.is_graph_input():  # IR < 4 lists initializers as inputs
+            graph.inputs.remove(value)
