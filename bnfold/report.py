@@ -46,6 +46,12 @@ class Code(str, enum.Enum):
     """The weight is parametrized or tied to another module."""
     VERIFICATION_FAILED = "verification_failed"
     """The fold changed the outputs beyond tolerance and was rolled back."""
+    OP_BETWEEN = "op_between"
+    """Another op (not a nonlinearity) sits between the linear op and the BatchNorm."""
+    UNTRACEABLE = "untraceable"
+    """No finder could see what feeds the BatchNorm, or it did not run on the inputs."""
+    HOOKED = "hooked"
+    """The module has forward hooks that the fold would bypass or feed other values."""
 
 
 @dataclass(frozen=True)
