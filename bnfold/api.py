@@ -62,16 +62,13 @@ def fold(
         if example_inputs is None:
             raise BnfoldError("folding a torch module needs example_inputs=(x,)")
         return fold_module(model, example_inputs, inplace=inplace)
-    original = model
-    folded = _onnx_model(model, copy=not inplace)
-    result = FoldAffinePass()(folded)
+    reference = None
+    if verify:  # snapshot before folding: with inplace=True the input itself changes
+        is_path = isinstance(model, str | os.PathLike)
+        reference = model if is_path else _onnx_model(model, copy=True)
+    result = FoldAffinePass()(_onnx_model(model, copy=not inplace))
     out = FoldResult(result.model, result.report)  # type: ignore[attr-defined]
-    if verify:
-        reference = (
-            original
-            if isinstance(original, str | os.PathLike)
-            else _onnx_model(original, copy=True)
-        )
+    if reference is not None:
         out.verification = verify_models(reference, out.model, verify_options)
     return out
 
@@ -84,7 +81,9 @@ def inspect(model: Any, example_inputs: tuple[Any, ...] | None = None) -> FoldRe
         if example_inputs is None:
             raise BnfoldError("inspecting a torch module needs example_inputs=(x,)")
         return inspect_module(model, example_inputs)
-    return fold(model, inplace=False).report
+    report = fold(model, inplace=False).report
+    report.dry_run = True
+    return report
 
 
 def verify(

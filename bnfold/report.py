@@ -80,6 +80,7 @@ class FoldReport:
     """What one fold run did. Both fronts fill the same structure."""
 
     front: str
+    dry_run: bool = False  # inspect: nothing was changed, "folded" means "would fold"
     folded: list[Folded] = field(default_factory=list)
     refused: list[Refusal] = field(default_factory=list)
     ops_before: dict[str, int] = field(default_factory=dict)
@@ -96,8 +97,9 @@ class FoldReport:
         return json.dumps(self.to_dict(), indent=2)
 
     def summary(self) -> str:
-        lines = [f"folded {len(self.folded)}, refused {len(self.refused)} ({self.front})"]
-        lines += [f"  folded  {f.site}  [{f.pattern}]" for f in self.folded]
+        verb = "would fold" if self.dry_run else "folded"
+        lines = [f"{verb} {len(self.folded)}, refused {len(self.refused)} ({self.front})"]
+        lines += [f"  {verb}  {f.site}  [{f.pattern}]" for f in self.folded]
         lines += [f"  refused {r.site}  {r.code.value}: {r.detail}" for r in self.refused]
         if self.ops_before:
             lines.append(op_count_table(self.ops_before, self.ops_after))

@@ -1,0 +1,204 @@
+"""The ``bnfold`` command line: thin click commands over the Python API.
+
+Exit codes: 0 ok, 1 verification failed (or not verified with --strict),
+2 bad input or usage (one line on stderr, no traceback).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from collections.abc import Callable
+from functools import wraps
+from typing import Any, TypeVar
+
+import click
+
+EXIT_OK, EXIT_VERIFY_FAILED, EXIT_BAD_INPUT = 0, 1, 2
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+class InputError(click.ClickException):
+    """A one-line error with exit code 2."""
+
+    exit_code = EXIT_BAD_INPUT
+
+    def show(self, file: Any = None) -> None:
+        click.echo(f"bnfold: error: {self.format_message()}", err=True)
+
+
+def one_line_errors(func: F) -> F:
+    """Turn library errors into one line and exit 2; BNFOLD_DEBUG=1 keeps tracebacks."""
+
+    @wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        from bnfold.errors import BnfoldError
+
+        try:
+            return func(*args, **kwargs)
+        except (click.ClickException, click.exceptions.Exit, click.Abort):
+            raise
+        except BnfoldError as err:
+            raise InputError(str(err)) from None
+        except Exception as err:
+            if os.environ.get("BNFOLD_DEBUG"):
+                raise
+            first = (str(err).strip().splitlines() or [""])[0][:300]
+            raise InputError(f"{type(err).__name__}: {first} (BNFOLD_DEBUG=1 for a traceback)")
+
+    return wrapper  # type: ignore[return-value]
+
+
+def verify_options(func: F) -> F:
+    """The options that tune verification, shared by fold and verify."""
+    options = [
+        click.option(
+            "--atol", type=float, default=0.0, show_default=True, help="Absolute tolerance."
+        ),
+        click.option(
+            "--rtol",
+            type=float,
+            default=None,
+            help="Relative tolerance (of max|output|); default by dtype.",
+        ),
+        click.option(
+            "--samples",
+            type=click.IntRange(1),
+            default=3,
+            show_default=True,
+            help="Random input draws.",
+        ),
+        click.option(
+            "--seed", type=int, default=0, show_default=True, help="Seed of the random inputs."
+        ),
+        click.option(
+            "--shape",
+            "shapes",
+            multiple=True,
+            metavar="NAME:1x3x224x224",
+            help="Concrete shape for an input with dynamic dims (repeatable).",
+        ),
+    ]
+    for option in reversed(options):
+        func = option(func)
+    return func
+
+
+def _verify_options(
+    atol: float, rtol: float | None, samples: int, seed: int, shapes: tuple[str, ...]
+) -> Any:
+    from bnfold.api import VerifyOptions
+    from bnfold.verify import parse_shapes
+
+    return VerifyOptions(atol, rtol, samples, seed, parse_shapes(shapes))
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="bnfold")
+def main() -> None:
+    """Fold inference BatchNorm into Conv/ConvTranspose/Gemm/MatMul/Linear, verify, measure."""
+
+
+@main.command()
+@click.argument("model", type=click.Path(dir_okay=False))
+@click.option("-o", "--output", type=click.Path(dir_okay=False), help="Folded model to write.")
+@click.option("--in-place", is_flag=True, help="Overwrite MODEL (still atomic and verified).")
+@click.option("--no-verify", is_flag=True, help="Skip the comparison with the original.")
+@click.option("--strict", is_flag=True, help="Exit 1 when the result could not be verified.")
+@click.option(
+    "--report",
+    "report_path",
+    type=click.Path(dir_okay=False),
+    help="Also write the JSON report here.",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+@verify_options
+@one_line_errors
+def fold(
+    model: str,
+    output: str | None,
+    in_place: bool,
+    no_verify: bool,
+    strict: bool,
+    report_path: str | None,
+    as_json: bool,
+    **verify_kw: Any,
+) -> None:
+    """Fold BatchNorm and constant affines in MODEL into their linear ops and save."""
+    from bnfold.api import fold_file
+
+    if output is None and not in_place:
+        raise InputError("missing -o/--output (or --in-place to overwrite MODEL)")
+    target = model if in_place else output
+    assert target is not None
+    options = _verify_options(**verify_kw)
+    result, written = fold_file(
+        model, target, verify=not no_verify, verify_options=options, in_place=in_place
+    )
+    payload = {**result.to_dict(), "output": target, "written": written}
+    _write_report(report_path, payload)
+    if as_json:
+        click.echo(json.dumps(payload, indent=2))
+    else:
+        click.echo(result.report.summary())
+        if result.verification is not None:
+            click.echo(result.verification.summary())
+        click.echo(f"wrote {target}" if written else "verification FAILED: nothing written")
+    sys.exit(_fold_exit_code(result.verification, strict))
+
+
+def _fold_exit_code(verification: Any, strict: bool) -> int:
+    if verification is None:
+        return EXIT_OK
+    if verification.status == "failed":
+        return EXIT_VERIFY_FAILED
+    if verification.status == "not_verified" and strict:
+        return EXIT_VERIFY_FAILED
+    return EXIT_OK
+
+
+@main.command()
+@click.argument("model", type=click.Path(dir_okay=False))
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+@one_line_errors
+def inspect(model: str, as_json: bool) -> None:
+    """List every fold bnfold would make in MODEL, and every refusal with its reason."""
+    from bnfold.api import inspect as inspect_model
+
+    report = inspect_model(model)
+    click.echo(report.to_json() if as_json else report.summary())
+
+
+@main.command()
+@click.argument("original", type=click.Path(dir_okay=False))
+@click.argument("folded", type=click.Path(dir_okay=False))
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@verify_options
+@one_line_errors
+def verify(original: str, folded: str, as_json: bool, **verify_kw: Any) -> None:
+    """Compare FOLDED with ORIGINAL on random inputs at ORT_DISABLE_ALL.
+
+    Exit 0 if every output is within tolerance, 1 if not or if the original
+    cannot be run, 2 on bad input.
+    """
+    from bnfold.api import verify_models
+
+    result = verify_models(original, folded, _verify_options(**verify_kw))
+    click.echo(result.to_json() if as_json else result.summary())
+    sys.exit(EXIT_OK if result.passed else EXIT_VERIFY_FAILED)
+
+
+def _write_report(path: str | None, payload: dict[str, Any]) -> None:
+    if path is None:
+        return
+    try:
+        with open(path, "w", encoding="utf-8") as fh:
+            json.dump(payload, fh, indent=2)
+    except OSError as err:
+        raise InputError(f"cannot write report {path!r}: {err.strerror}") from None
+
+
+if __name__ == "__main__":
+    main()
