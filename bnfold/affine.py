@@ -40,7 +40,7 @@ class Affine:
 def bn_to_affine(
     gamma: np.ndarray, beta: np.ndarray, mean: np.ndarray, var: np.ndarray, eps: float
 ) -> Affine:
-    """Return the affine equal to inference BatchNorm: ``gamma * (x - mean) / sqrt(var + eps) + beta``.
+    """The affine equal to inference BatchNorm ``gamma * (x - mean) / sqrt(var + eps) + beta``.
 
     Raises:
         Unfoldable: a parameter is NaN/inf, or ``var + eps <= 0`` for some channel.

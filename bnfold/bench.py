@@ -262,7 +262,7 @@ def bench_torch(
     return report
 
 
-TORCH_SUFFIXES = (".pt", ".pth")
+TORCH_SUFFIXES = (".pt2", ".pt", ".pth")
 
 
 def bench_torch_files(
@@ -282,16 +282,16 @@ def bench_torch_files(
     import torch
 
     module = load_torch_module(original)
+    torch.manual_seed(kwargs.get("seed", 0))
+    inputs = [torch.randn(*shape) for shape in shapes]
     folds = None
     if folded is None:
         from bnfold import fold
 
-        result = fold(module)
+        result = fold(module, tuple(inputs))
         other, folds = result.model, len(result.report.folded)
     else:
         other = load_torch_module(folded)
-    torch.manual_seed(kwargs.get("seed", 0))
-    inputs = [torch.randn(*shape) for shape in shapes]
     report = bench_torch(module, other, inputs, **kwargs)
     report.original = os.fspath(original)
     report.folded = os.fspath(folded) if folded is not None else "(folded in memory)"
@@ -300,7 +300,8 @@ def bench_torch_files(
 
 
 def load_torch_module(path: str | os.PathLike[str]) -> Any:
-    """Load a whole ``nn.Module`` saved with ``torch.save(module, path)``.
+    """Load a whole ``nn.Module`` saved with ``torch.save(module, path)`` (or a ``.pt2``
+    exported program, as its module).
 
     Raises:
         BnfoldError: the file does not unpickle to an ``nn.Module``.
@@ -308,6 +309,8 @@ def load_torch_module(path: str | os.PathLike[str]) -> Any:
     import torch
 
     try:
+        if os.fspath(path).endswith(".pt2"):
+            return torch.export.load(path).module()
         # A whole pickled module can't load with weights_only=True; the user named the file.
         module = torch.load(path, weights_only=False, map_location="cpu")
     except Exception as err:

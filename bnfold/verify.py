@@ -192,20 +192,19 @@ def _run_pair(
     ref: Any, new: Any, feeds: dict[str, np.ndarray]
 ) -> Iterator[tuple[str, np.ndarray, np.ndarray]]:
     names = [o.name for o in ref.get_outputs()]
-    try:
-        ref_out = ref.run(names, feeds)
-    except Exception as err:
-        raise BnfoldError(
-            f"onnxruntime failed running the original model: {_first_line(err)}"
-        ) from None
-    try:
-        new_out = new.run(names, feeds)
-    except Exception as err:
-        raise BnfoldError(
-            f"onnxruntime failed running the folded model: {_first_line(err)}"
-        ) from None
-    for name, r, n in zip(names, ref_out, new_out):
+    ref_out = _run(ref, names, feeds, "original")
+    new_out = _run(new, names, feeds, "folded")
+    for name, r, n in zip(names, ref_out, new_out, strict=True):
         yield name, np.asarray(r), np.asarray(n)
+
+
+def _run(session: Any, names: list[str], feeds: dict[str, np.ndarray], which: str) -> list[Any]:
+    try:
+        return session.run(names, feeds)  # type: ignore[no-any-return]
+    except Exception as err:  # onnxruntime raises its own exception types
+        raise BnfoldError(
+            f"onnxruntime failed running the {which} model: {_first_line(err)}"
+        ) from None
 
 
 def parse_shapes(specs: Sequence[str]) -> dict[str, list[int]]:

@@ -46,7 +46,9 @@ def one_line_errors(func: F) -> F:
             if os.environ.get("BNFOLD_DEBUG"):
                 raise
             first = (str(err).strip().splitlines() or [""])[0][:300]
-            raise InputError(f"{type(err).__name__}: {first} (BNFOLD_DEBUG=1 for a traceback)")
+            raise InputError(
+                f"{type(err).__name__}: {first} (BNFOLD_DEBUG=1 for a traceback)"
+            ) from None
 
     return wrapper  # type: ignore[return-value]
 

@@ -277,7 +277,7 @@ def _batchnorm_affine(node: ir.Node, linear: LinearOp, ir_version: int) -> Affin
         raise _Refused(Code.BAD_SHAPE, f"BatchNormalization has {len(node.inputs)} inputs, needs 5")
     names = ("scale", "B", "mean", "var")
     params = []
-    for name, value in zip(names, node.inputs[1:5]):
+    for name, value in zip(names, node.inputs[1:5], strict=True):
         _require_constant(value, f"BatchNorm {name}", ir_version)
         array = constant_array(value, ir_version)
         if array is None or array.shape != (linear.channels,):

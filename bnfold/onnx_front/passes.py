@@ -23,7 +23,8 @@ class FoldPassResult(ir.passes.PassResult):
 class FoldAffinePass(ir.passes.InPlacePass):
     """Fold inference BatchNormalization and constant Mul/Add into the linear op feeding it.
 
-    Matches:  BatchNormalization | Mul(·, c) | Add(·, c)  after  Conv | ConvTranspose | Gemm | MatMul
+    Matches:  BatchNormalization | Mul(·, c) | Add(·, c)
+              after Conv | ConvTranspose | Gemm | MatMul,
               in the main graph and in every If/Loop/Scan body.
     Produces: the linear op with W' = W·s and B' = B·s + t (see bnfold.affine); the
               affine node is removed and its output name kept, so the model's
