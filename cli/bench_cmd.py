@@ -1,0 +1,172 @@
+"""`bnfold bench`: time an original and a folded model side by side."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import click
+
+if TYPE_CHECKING:
+    from bnfold.bench import BenchReport
+
+LEVEL_NAMES = ("disable_all", "basic", "extended", "all", "all-minus-fusions")
+_BAR_MIN_RUNS = 200  # fewer runs finish before a bar is worth drawing
+
+
+@click.command()
+@click.argument("original", type=click.Path(exists=True, dir_okay=False))
+@click.argument("folded", required=False, type=click.Path(exists=True, dir_okay=False))
+@click.option(
+    "--level",
+    "levels",
+    multiple=True,
+    type=click.Choice(LEVEL_NAMES),
+    help="ORT optimisation level; repeat for several. [default: all-minus-fusions]",
+)
+@click.option("--threads", default=1, show_default=True, help="Intra- and inter-op threads.")
+@click.option("--warmup", default=10, show_default=True, help="Untimed runs of each model.")
+@click.option("--runs", default=100, show_default=True, help="Timed runs of each model.")
+@click.option("--seed", default=0, show_default=True, help="Seed of the random inputs.")
+@click.option(
+    "--shape",
+    "shapes",
+    multiple=True,
+    help="PyTorch models only: an input shape like 1,3,224,224; repeat per input.",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+@click.option("--plot", type=click.Path(dir_okay=False), help="Write a bar chart (PNG, SVG...).")
+def bench(
+    original: str,
+    folded: str | None,
+    levels: tuple[str, ...],
+    threads: int,
+    warmup: int,
+    runs: int,
+    seed: int,
+    shapes: tuple[str, ...],
+    as_json: bool,
+    plot: str | None,
+) -> None:
+    """Time ORIGINAL against FOLDED (folded in memory when omitted), runs interleaved.
+
+    ONNX models run in onnxruntime at each --level; `all-minus-fusions` is ORT's
+    default level with its own Conv/BN fusions disabled, so the gain from
+    folding shows. PyTorch modules (.pt/.pth, saved whole) are timed in eager mode.
+    """
+    from bnfold import bench as harness  # lazy: --help must not import onnxruntime
+    from bnfold.errors import BnfoldError
+
+    try:
+        report = _run(harness, original, folded, levels, threads, warmup, runs, seed, shapes)
+        if plot:
+            harness.plot_report(report, plot)
+    except BnfoldError as err:
+        failure = click.ClickException(str(err))
+        failure.exit_code = err.exit_code
+        raise failure from None
+    if as_json:
+        click.echo(report.to_json())
+    else:
+        print_report(report)
+        if plot:
+            click.echo(f"plot written to {plot}")
+
+
+def _run(
+    harness: Any,
+    original: str,
+    folded: str | None,
+    levels: tuple[str, ...],
+    threads: int,
+    warmup: int,
+    runs: int,
+    seed: int,
+    shapes: tuple[str, ...],
+) -> BenchReport:
+    from bnfold.errors import BnfoldError
+
+    counts = {"threads": threads, "warmup": warmup, "runs": runs, "seed": seed}
+    with _ProgressBar(runs >= _BAR_MIN_RUNS) as progress:
+        if original.endswith(harness.TORCH_SUFFIXES):
+            if not shapes:
+                raise BnfoldError(
+                    "a PyTorch model needs --shape per input, e.g. --shape 1,3,224,224"
+                )
+            dims = [_parse_shape(s) for s in shapes]
+            return harness.bench_torch_files(original, folded, dims, progress=progress, **counts)
+        return harness.bench_onnx(
+            original, folded, levels or harness.DEFAULT_LEVELS, progress=progress, **counts
+        )
+
+
+def _parse_shape(text: str) -> list[int]:
+    from bnfold.errors import BnfoldError
+
+    try:
+        dims = [int(d) for d in text.replace("x", ",").split(",") if d.strip()]
+    except ValueError:
+        dims = []
+    if not dims or min(dims) < 1:
+        raise BnfoldError(f"bad --shape {text!r}: want positive integers like 1,3,224,224")
+    return dims
+
+
+class _ProgressBar:
+    """A rich progress bar on stderr for long runs; yields the harness callback."""
+
+    def __init__(self, enabled: bool) -> None:
+        self.enabled = enabled
+        self.bar: Any = None
+
+    def __enter__(self) -> Any:
+        if not self.enabled:
+            return None
+        from rich.console import Console
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
+
+        self.bar = Progress(
+            "timing",
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeRemainingColumn(),
+            console=Console(stderr=True),
+            transient=True,
+        )
+        self.bar.start()
+        task = self.bar.add_task("runs", total=None)
+        return lambda done, total: self.bar.update(task, completed=done, total=total)
+
+    def __exit__(self, *exc: object) -> None:
+        if self.bar is not None:
+            self.bar.stop()
+
+
+def _cell(stats: Any) -> str:
+    return f"{stats.median_ms:.3f} ± {stats.iqr_ms:.3f}"
+
+
+def print_report(report: BenchReport) -> None:
+    """Print a bench report as a rich table, with threads and run counts."""
+    from rich.console import Console
+    from rich.table import Table
+
+    env = report.environment
+    table = Table(
+        title=f"{env.runtime}: {env.threads} thread(s), {env.warmup} warm-up + {env.runs} "
+        "runs each, interleaved",
+        title_justify="left",
+    )
+    table.add_column("level")
+    table.add_column("original ms", justify="right")
+    table.add_column("folded ms", justify="right")
+    table.add_column("folded/orig", justify="right")
+    for t in report.levels:
+        table.add_row(t.level, _cell(t.original), _cell(t.folded), f"{t.ratio:.3f}")
+    console = Console(soft_wrap=True)
+    console.print(f"original: {report.original}")
+    folds = f" ({report.folds} folds)" if report.folds is not None else ""
+    console.print(f"folded:   {report.folded}{folds}")
+    console.print(table)
+    console.print("median ± inter-quartile range; folded/orig < 1 means the fold is faster")
+    versions = ", ".join(f"{k} {v}" for k, v in env.versions.items())
+    console.print(f"{env.cpu} x{env.cpu_count}, {versions}")

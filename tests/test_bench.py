@@ -1,0 +1,239 @@
+"""Smoke tests of the latency harness and `bnfold bench`. No timing assertions."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from bnfold.cli.bench_cmd import bench as bench_command
+from click.testing import CliRunner
+from onnx import TensorProto, helper, numpy_helper
+
+from bnfold import bench
+from bnfold.errors import BnfoldError
+
+C = 4
+
+
+def conv_bn_model(with_bn: bool = True) -> onnx.ModelProto:
+    """x[N,3,8,8] -> Conv(3->C, 3x3, pad 1) -> BatchNormalization (or nothing) -> y."""
+    rng = np.random.default_rng(0)
+    inits = [
+        numpy_helper.from_array(rng.standard_normal((C, 3, 3, 3)).astype(np.float32), "W"),
+        numpy_helper.from_array(rng.standard_normal(C).astype(np.float32), "B"),
+    ]
+    nodes = [helper.make_node("Conv", ["x", "W", "B"], ["c" if with_bn else "y"], pads=[1] * 4)]
+    if with_bn:
+        for name in ("gamma", "beta", "mean"):
+            inits.append(numpy_helper.from_array(rng.standard_normal(C).astype(np.float32), name))
+        inits.append(numpy_helper.from_array(rng.uniform(0.5, 2, C).astype(np.float32), "var"))
+        nodes.append(
+            helper.make_node("BatchNormalization", ["c", "gamma", "beta", "mean", "var"], ["y"])
+        )
+    graph = helper.make_graph(
+        nodes,
+        "conv_bn",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 8, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", C, 8, 8])],
+        inits,
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+@pytest.fixture
+def model_files(tmp_path: Path) -> tuple[str, str]:
+    original, twin = tmp_path / "conv_bn.onnx", tmp_path / "conv.onnx"
+    onnx.save(conv_bn_model(), original)
+    onnx.save(conv_bn_model(with_bn=False), twin)
+    return str(original), str(twin)
+
+
+def test_bench_onnx_report_has_each_level_and_environment(model_files):
+    original, twin = model_files
+    report = bench.bench_onnx(
+        original, twin, ["disable_all", "all-minus-fusions"], warmup=1, runs=3
+    )
+    assert [t.level for t in report.levels] == ["disable_all", "all-minus-fusions"]
+    for timing in report.levels:
+        assert timing.original.runs == timing.folded.runs == 3
+        assert timing.original.median_ms > 0 and timing.folded.iqr_ms >= 0
+        assert timing.ratio > 0
+    env = report.environment
+    assert env.threads == 1 and env.runs == 3 and env.cpu_count >= 1
+    assert env.versions["onnxruntime"] != "not installed"
+
+
+def test_bench_json_is_parseable(model_files):
+    original, twin = model_files
+    data = json.loads(bench.bench_onnx(original, twin, ["basic"], warmup=0, runs=3).to_json())
+    level = data["levels"][0]
+    assert level["level"] == "basic"
+    assert set(level["original"]) == {"median_ms", "iqr_ms", "min_ms", "runs"}
+    assert level["ratio"] == pytest.approx(
+        level["folded"]["median_ms"] / level["original"]["median_ms"]
+    )
+    assert data["environment"]["runtime"] == "onnxruntime"
+
+
+def test_bench_folds_in_memory_when_folded_is_omitted(model_files):
+    report = bench.bench_onnx(model_files[0], None, ["disable_all"], warmup=0, runs=2)
+    assert report.folds == 1
+    assert report.folded == "(folded in memory)"
+
+
+def test_bench_accepts_in_memory_models():
+    import onnx_ir as ir
+
+    proto = conv_bn_model()
+    report = bench.bench_onnx(
+        proto, ir.serde.deserialize_model(conv_bn_model(False)), ["all"], warmup=0, runs=2
+    )
+    assert len(report.levels) == 1
+
+
+def test_all_minus_fusions_keeps_batchnorm_in_orts_graph(model_files):
+    original, _ = model_files
+    # Without the fold, ORT's own ConvBNFusion removes the BN at every level but this one.
+    # At ORT_ENABLE_ALL the surviving BN is rewritten to an NCHWc Conv, so count nodes.
+    fused = bench.optimized_op_types(original, "all")
+    kept = bench.optimized_op_types(original, "all-minus-fusions")
+    assert len(kept) == len(fused) + 1
+    assert "BatchNormalization" not in bench.optimized_op_types(original, "extended")
+
+
+def linear_then(affine: str) -> onnx.ModelProto:
+    """A Conv (or MatMul for "MatMulBN") followed by the op ORT's fusion targets."""
+    rng = np.random.default_rng(1)
+    vec = rng.uniform(0.5, 2, C).astype(np.float32)
+    if affine == "MatMulBN":
+        x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 16])
+        w = numpy_helper.from_array(rng.standard_normal((16, C)).astype(np.float32), "W")
+        linear = helper.make_node("MatMul", ["x", "W"], ["c"])
+        out_shape = [2, C]
+    else:
+        x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 8, 8])
+        w = numpy_helper.from_array(rng.standard_normal((C, 3, 1, 1)).astype(np.float32), "W")
+        linear = helper.make_node("Conv", ["x", "W"], ["c"])
+        out_shape = [1, C, 8, 8]
+    if affine in ("Mul", "Add"):
+        inits = [w, numpy_helper.from_array(vec.reshape(C, 1, 1), "k")]
+        node = helper.make_node(affine, ["c", "k"], ["y"])
+    else:
+        names = ["gamma", "beta", "mean", "var"]
+        inits = [w, *(numpy_helper.from_array(vec + i, n) for i, n in enumerate(names))]
+        node = helper.make_node("BatchNormalization", ["c", *names], ["y"])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, out_shape)
+    graph = helper.make_graph([linear, node], "g", [x], [y], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+@pytest.mark.parametrize(
+    ("fusion", "affine", "op"),
+    [
+        ("ConvBNFusion", "BN", "BatchNormalization"),
+        ("ConvMulFusion", "Mul", "Mul"),
+        ("ConvAddFusion", "Add", "Add"),
+        ("MatMul_BatchNormalization_Fusion", "MatMulBN", "BatchNormalization"),
+    ],
+)
+def test_each_disabled_fusion_name_is_a_real_ort_optimizer(fusion, affine, op, tmp_path):
+    # ORT ignores unknown names in disabled_optimizers, so a typo would pass silently:
+    # check that ORT removes the op with the name enabled and keeps it with it disabled.
+    assert fusion in bench.ORT_BN_FUSIONS
+    model = linear_then(affine)
+    others = [f for f in bench.ORT_BN_FUSIONS if f != fusion]
+    assert op not in _extended_ops(model, others, tmp_path)
+    assert op in _extended_ops(model, bench.ORT_BN_FUSIONS, tmp_path)
+
+
+def _extended_ops(model: onnx.ModelProto, disabled, tmp_path: Path) -> list[str]:
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+    opts.optimized_model_filepath = str(tmp_path / "opt.onnx")
+    ort.InferenceSession(
+        model.SerializeToString(),
+        opts,
+        providers=["CPUExecutionProvider"],
+        disabled_optimizers=list(disabled),
+    )
+    return [n.op_type for n in onnx.load(opts.optimized_model_filepath).graph.node]
+
+
+def test_unknown_level_is_a_user_error(model_files):
+    with pytest.raises(BnfoldError, match="unknown level"):
+        bench.bench_onnx(model_files[0], model_files[1], ["turbo"], runs=1)
+
+
+def test_random_feeds_set_dynamic_dims_to_one(model_files):
+    sess = bench.make_session(model_files[0], "disable_all")
+    feeds = bench.random_feeds(sess)
+    assert feeds["x"].shape == (1, 3, 8, 8) and feeds["x"].dtype == np.float32
+
+
+def test_time_interleaved_alternates_the_models():
+    calls: list[str] = []
+    a_ms, b_ms = bench.time_interleaved(
+        lambda: calls.append("a"), lambda: calls.append("b"), warmup=1, runs=2
+    )
+    assert calls == ["a", "b"] * 3
+    assert len(a_ms) == len(b_ms) == 2
+
+
+def test_progress_reaches_total(model_files):
+    seen: list[tuple[int, int]] = []
+    bench.bench_onnx(
+        model_files[0],
+        model_files[1],
+        ["disable_all"],
+        warmup=1,
+        runs=2,
+        progress=lambda d, t: seen.append((d, t)),
+    )
+    assert seen[-1] == (6, 6)
+
+
+def test_bench_torch_eager_smoke():
+    torch = pytest.importorskip("torch")
+    conv = torch.nn.Sequential(torch.nn.Conv2d(3, C, 3), torch.nn.BatchNorm2d(C))
+    plain = torch.nn.Sequential(torch.nn.Conv2d(3, C, 3))
+    report = bench.bench_torch(conv, plain, (torch.randn(1, 3, 8, 8),), warmup=1, runs=3)
+    assert [t.level for t in report.levels] == ["eager"]
+    assert report.environment.runtime == "torch-eager"
+    assert json.loads(report.to_json())["levels"][0]["folded"]["runs"] == 3
+
+
+def test_cli_bench_prints_table_with_threads_and_runs(model_files):
+    result = CliRunner().invoke(bench_command, [*model_files, "--runs", "3", "--warmup", "1"])
+    assert result.exit_code == 0, result.output
+    assert "1 thread(s)" in result.output and "3 runs" in result.output
+    assert "all-minus-fusions" in result.output
+
+
+def test_cli_bench_json_and_levels(model_files):
+    args = [*model_files, "--runs", "2", "--warmup", "0", "--json"]
+    result = CliRunner().invoke(bench_command, [*args, "--level", "disable_all", "--level", "all"])
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.output)
+    assert [lv["level"] for lv in data["levels"]] == ["disable_all", "all"]
+
+
+def test_cli_bench_plot_writes_a_file(model_files, tmp_path):
+    pytest.importorskip("matplotlib")
+    out = tmp_path / "bench.png"
+    args = [*model_files, "--runs", "2", "--warmup", "0", "--plot", str(out)]
+    result = CliRunner().invoke(bench_command, args)
+    assert result.exit_code == 0, result.output
+    assert out.stat().st_size > 0
+
+
+def test_cli_bench_bad_model_exits_2_with_one_line(tmp_path):
+    bad = tmp_path / "bad.onnx"
+    bad.write_bytes(b"not a model")
+    result = CliRunner().invoke(bench_command, [str(bad), str(bad), "--runs", "1"])
+    assert result.exit_code == 2
+    assert result.output.strip().count("\n") == 0
