@@ -104,8 +104,8 @@ def main() -> None:
 
 
 @main.command()
-@click.argument("model", type=click.Path(dir_okay=False))
-@click.option("-o", "--output", type=click.Path(dir_okay=False), help="Folded model to write.")
+@click.argument("model", type=click.Path())
+@click.option("-o", "--output", type=click.Path(), help="Folded model (or folder) to write.")
 @click.option("--in-place", is_flag=True, help="Overwrite MODEL (still atomic and verified).")
 @click.option("--no-verify", is_flag=True, help="Skip the comparison with the original.")
 @click.option("--strict", is_flag=True, help="Exit 1 when the result could not be verified.")
@@ -116,6 +116,7 @@ def main() -> None:
     help="Also write the JSON report here.",
 )
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+@click.option("--jobs", type=click.IntRange(1), default=1, help="Folder mode: parallel processes.")
 @verify_options
 @one_line_errors
 def fold(
@@ -126,11 +127,26 @@ def fold(
     strict: bool,
     report_path: str | None,
     as_json: bool,
+    jobs: int,
     **verify_kw: Any,
 ) -> None:
-    """Fold BatchNorm and constant affines in MODEL into their linear ops and save."""
+    """Fold BatchNorm and constant affines in MODEL into their linear ops and save.
+
+    MODEL may be a folder: every *.onnx in it is folded into the folder -o.
+    """
     from bnfold.api import fold_file
 
+    if os.path.isdir(model):
+        from bnfold.cli.batch_cmd import fold_directory
+
+        if output is None:
+            raise InputError("folder mode needs -o/--output OUTDIR")
+        code = fold_directory(
+            model, output, jobs=jobs, verify=not no_verify, strict=strict,
+            verify_options=_verify_options(**verify_kw), as_json=as_json,
+            report_path=report_path,
+        )  # fmt: skip
+        sys.exit(code)
     if output is None and not in_place:
         raise InputError("missing -o/--output (or --in-place to overwrite MODEL)")
     target = model if in_place else output
