@@ -85,7 +85,8 @@ def fold_after(
 
 def cast_checked(values: np.ndarray, dtype: np.dtype, what: str) -> np.ndarray:
     """Cast float64 results to the model dtype, refusing values it can't hold."""
-    out = values.astype(dtype)
+    with np.errstate(over="ignore"):  # overflow is reported below, as a refusal
+        out = values.astype(dtype)
     if not np.all(np.isfinite(out.astype(np.float64))):
         raise Unfoldable(f"folded {what} overflows {np.dtype(dtype).name}")
     return out

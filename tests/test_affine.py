@@ -1,0 +1,140 @@
+"""Properties of the fold math core, checked against the unfolded computation in numpy."""
+
+from __future__ import annotations
+
+import re
+
+import ml_dtypes
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from bnfold import layouts
+from bnfold.affine import Affine, Unfoldable, bn_to_affine, fold_after
+from bnfold.layouts import LayoutError
+
+channels = st.integers(1, 8)
+eps_values = st.floats(1e-6, 1e-2)
+
+
+def random_bn(rng: np.random.Generator, c: int) -> tuple[np.ndarray, ...]:
+    gamma = rng.uniform(0.5, 1.5, c)
+    beta = rng.normal(0, 0.5, c)
+    mean = rng.normal(0, 0.5, c)
+    var = rng.uniform(0.1, 2.0, c)
+    return gamma, beta, mean, var
+
+
+@given(c=channels, eps=eps_values, seed=st.integers(0, 2**16))
+def test_bn_to_affine_matches_batchnorm(c: int, eps: float, seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    gamma, beta, mean, var = random_bn(rng, c)
+    x = rng.normal(size=(5, c))
+    affine = bn_to_affine(gamma, beta, mean, var, eps)
+    expected = gamma * (x - mean) / np.sqrt(var + eps) + beta
+    np.testing.assert_allclose(affine.scale * x + affine.shift, expected, rtol=1e-12, atol=1e-12)
+
+
+@given(c_out=channels, k=st.integers(1, 6), has_bias=st.booleans(), seed=st.integers(0, 2**16))
+def test_fold_after_matches_linear_then_affine(
+    c_out: int, k: int, has_bias: bool, seed: int
+) -> None:
+    rng = np.random.default_rng(seed)
+    w = rng.normal(size=(c_out, k))
+    b = rng.normal(size=c_out) if has_bias else None
+    affine = Affine.of(rng.uniform(0.5, 2, c_out), rng.normal(size=c_out), c_out)
+    x = rng.normal(size=(k, 3))
+    linear_out = w @ x + (b[:, None] if b is not None else 0.0)
+    expected = affine.scale[:, None] * linear_out + affine.shift[:, None]
+    new_w, new_b = fold_after(w, b, affine, layouts.linear())
+    np.testing.assert_allclose(new_w @ x + new_b[:, None], expected, rtol=1e-12, atol=1e-12)
+
+
+@given(
+    groups=st.integers(1, 4),
+    c_in_per_group=st.integers(1, 3),
+    c_out_per_group=st.integers(1, 3),
+    seed=st.integers(0, 2**16),
+)
+def test_conv_transpose_layout_scales_each_groups_output_channels(
+    groups: int, c_in_per_group: int, c_out_per_group: int, seed: int
+) -> None:
+    """Scaling the weight must equal scaling output channel g*Cout_g + j of every group."""
+    rng = np.random.default_rng(seed)
+    c_in, c_out = groups * c_in_per_group, groups * c_out_per_group
+    w = rng.normal(size=(c_in, c_out_per_group, 2))
+    scale = rng.uniform(0.5, 2.0, c_out)
+    scaled = w * layouts.conv_transpose(groups).expand(scale, w.shape)
+    for g in range(groups):
+        rows = slice(g * c_in_per_group, (g + 1) * c_in_per_group)
+        for j in range(c_out_per_group):
+            np.testing.assert_allclose(scaled[rows, j], w[rows, j] * scale[g * c_out_per_group + j])
+
+
+@given(trans_b=st.booleans(), n=channels, k=st.integers(1, 5), seed=st.integers(0, 2**16))
+def test_gemm_layout_follows_trans_b(trans_b: bool, n: int, k: int, seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    b_mat = rng.normal(size=(n, k) if trans_b else (k, n))
+    a = rng.normal(size=(3, k))
+    affine = Affine.of(rng.uniform(0.5, 2, n), rng.normal(size=n), n)
+    new_b, new_c = fold_after(b_mat, None, affine, layouts.gemm(trans_b))
+
+    def gemm(m: np.ndarray) -> np.ndarray:
+        return a @ (m.T if trans_b else m)
+
+    expected = affine.scale * gemm(b_mat) + affine.shift
+    np.testing.assert_allclose(gemm(new_b) + new_c, expected, rtol=1e-10, atol=1e-12)
+
+
+def test_fold_casts_once_to_the_model_dtype() -> None:
+    w = np.array([[1.0, 2.0]], dtype=np.float16)
+    new_w, new_b = fold_after(w, None, Affine.of(3.0, 0.5, 1), layouts.conv())
+    assert new_w.dtype == np.float16 and new_b.dtype == np.float16
+
+
+@settings(max_examples=50)
+@given(seed=st.integers(0, 2**16))
+def test_float64_fold_is_closer_than_a_fold_in_fp16(seed: int) -> None:
+    """The point of computing in float64: error against the exact fold is never worse."""
+    rng = np.random.default_rng(seed)
+    c = 16
+    w = rng.normal(size=(c, 8)).astype(np.float16)
+    gamma, beta, mean, _ = random_bn(rng, c)
+    var = rng.uniform(1e-4, 1e-3, c)  # tiny variance: large scale, where fp16 drifts
+    affine = bn_to_affine(gamma, beta, mean, var, 1e-5)
+    exact = w.astype(np.float64) * affine.scale[:, None]
+    ours, _ = fold_after(w, None, affine, layouts.conv())
+    naive = w * affine.scale.astype(np.float16)[:, None]
+    assert np.abs(ours - exact).max() <= np.abs(naive - exact).max()
+
+
+def test_bfloat16_weights_stay_bfloat16() -> None:
+    w = np.ones((2, 3), dtype=ml_dtypes.bfloat16)
+    new_w, _ = fold_after(w, None, Affine.of([2.0, 4.0], 0.0, 2), layouts.conv())
+    assert new_w.dtype == ml_dtypes.bfloat16
+    np.testing.assert_array_equal(new_w.astype(np.float32), [[2, 2, 2], [4, 4, 4]])
+
+
+@pytest.mark.parametrize(
+    ("mean", "var", "message"),
+    [
+        ([np.nan, 0.0], [1.0, 1.0], "mean is not finite"),
+        ([0.0, 0.0], [1.0, np.inf], "var is not finite"),
+        ([0.0, 0.0], [1.0, -1.0], "var + eps <= 0"),
+    ],
+)
+def test_unfoldable_values_are_refused(mean: list[float], var: list[float], message: str) -> None:
+    with pytest.raises(Unfoldable, match=re.escape(message)):
+        bn_to_affine(np.ones(2), np.zeros(2), np.array(mean), np.array(var), 1e-5)
+
+
+def test_fp16_overflow_is_refused() -> None:
+    w = np.full((1, 1), 60000.0, dtype=np.float16)
+    with pytest.raises(Unfoldable, match="overflows float16"):
+        fold_after(w, None, Affine.of(10.0, 0.0, 1), layouts.conv())
+
+
+def test_layout_rejects_wrong_channel_count() -> None:
+    with pytest.raises(LayoutError):
+        layouts.conv().expand(np.ones(3), (4, 2, 3, 3))
