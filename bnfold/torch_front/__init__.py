@@ -1,0 +1,68 @@
+"""The PyTorch front: fold inference BatchNorm into the Conv/ConvTranspose/Linear before it.
+
+torch is imported only inside these functions, so ``import bnfold`` works
+without torch installed.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from bnfold.report import FoldReport, FoldResult
+
+if TYPE_CHECKING:
+    from torch import nn
+
+__all__ = ["fold_module", "inspect_module"]
+
+
+def fold_module(
+    module: nn.Module,
+    example_inputs: Any,
+    *,
+    inplace: bool = False,
+    verify: bool = True,
+    rtol: float | None = None,
+    atol: float = 0.0,
+) -> FoldResult:
+    """Fold every foldable BatchNorm of ``module`` into the linear module feeding it.
+
+    Matches:  Conv{1,2,3}d | ConvTranspose{1,2,3}d | Linear (2-D input)
+              -> BatchNorm{1,2,3}d, a subclass, or a frozen-BN style module
+    Produces: the linear module with the BN's affine in its weight and bias (a
+              bias Parameter is created where there was none) and the BN
+              replaced by ``nn.Identity``; every other state_dict key unchanged.
+    Refuses (site unchanged): TRAINING_MODE, NO_RUNNING_STATS, REUSED_MODULE,
+      BRANCHING, NONLINEAR_INPUT, OP_BETWEEN, STANDALONE, UNTRACEABLE, HOOKED,
+      PARAMETRIZED, UNSUPPORTED_DTYPE, BAD_SHAPE, NOT_PER_CHANNEL, BAD_VALUES,
+      BAD_GROUPS, and VERIFICATION_FAILED (folded, measured, rolled back).
+
+    Args:
+        module: the model; not changed unless ``inplace``.
+        example_inputs: positional inputs, a tuple (or a single tensor).
+        inplace: fold ``module`` itself instead of a deep copy.
+        verify: compare with the original on the inputs and random draws of the
+            same shapes, and roll back any fold that changes outputs beyond tolerance.
+        rtol: relative tolerance, on the scale of each output; None picks it
+            from the output dtype.
+        atol: absolute tolerance.
+
+    Returns:
+        FoldResult: ``model`` (same class as ``module``), ``report`` (each
+        ``Folded.finder`` says which finder found the pair) and ``verification``.
+
+    Raises:
+        BnfoldError: the module cannot run on ``example_inputs``.
+    """
+    from bnfold.torch_front import run
+
+    return run.fold(module, example_inputs, inplace=inplace, verify=verify, rtol=rtol, atol=atol)
+
+
+def inspect_module(module: nn.Module, example_inputs: Any) -> FoldReport:
+    """Report the folds :func:`fold_module` would make and every refusal; ``module`` is untouched.
+
+    Folds a copy without verification, so values that cannot fold (BAD_VALUES,
+    BAD_GROUPS) are reported too; only VERIFICATION_FAILED needs :func:`fold_module`.
+    """
+    return fold_module(module, example_inputs, inplace=False, verify=False).report

@@ -1,0 +1,193 @@
+"""Check and apply one fold on eager modules.
+
+A pair ``linear -> bn`` becomes ``linear'`` with the BN's affine in its weight
+and bias, and the BN is replaced by ``nn.Identity``. New ``nn.Parameter``
+objects are assigned (the old tensors are never written), so a fold is undone
+by putting the old objects back.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn.utils import parametrize
+
+from bnfold.affine import Affine, Unfoldable, bn_to_affine, fold_after
+from bnfold.report import Code, Refusal
+from bnfold.torch_front.graph import Pair
+from bnfold.torch_front.modules import (
+    Calls,
+    Roles,
+    base_forward_overridden,
+    channel_rank,
+    layout_of,
+    out_channels,
+)
+
+
+def why_not(root: nn.Module, pair: Pair, roles: Roles, calls: Calls) -> Refusal | None:
+    """Module-level reasons a structurally valid pair must not fold.
+
+    Refuses:
+      TRAINING_MODE      the linear module or the BN is in training mode
+      NO_RUNNING_STATS   track_running_stats=False or running_mean/var missing
+      HOOKED             forward (pre-)hooks on either module
+      PARAMETRIZED       parametrized, tied or non-Parameter weight/bias, a module
+                         registered at several paths, or an overridden forward()
+      UNSUPPORTED_DTYPE  the weight is not floating point
+      BAD_SHAPE          BN statistics do not match the linear output channels
+      NOT_PER_CHANNEL    the linear output's channels are not on BN's axis 1
+                         (e.g. Linear on a 3-D input followed by BatchNorm1d)
+    """
+    lin, bn = _module(root, pair.linear), _module(root, pair.bn)
+    for check in (_training, _running_stats, _hooks, _parametrized, _dtype, _shape):
+        if found := check(pair, lin, bn, roles):
+            return Refusal(pair.site, *found)
+    ndim, want = calls.out_ndim.get(pair.linear), channel_rank(lin)
+    if ndim != want:
+        detail = (
+            f"{pair.linear} output is {ndim}-D; BN normalizes axis 1, the channels only at {want}-D"
+        )
+        return Refusal(pair.site, Code.NOT_PER_CHANNEL, detail)
+    return None
+
+
+Found = tuple[Code, str] | None
+
+
+def _training(pair: Pair, lin: nn.Module, bn: nn.Module, _roles: Roles) -> Found:
+    moving = [p for p, m in ((pair.linear, lin), (pair.bn, bn)) if m.training]
+    return (Code.TRAINING_MODE, f"{', '.join(moving)} in training mode") if moving else None
+
+
+def _running_stats(pair: Pair, _lin: nn.Module, bn: nn.Module, _roles: Roles) -> Found:
+    if getattr(bn, "track_running_stats", True) is False:
+        return Code.NO_RUNNING_STATS, f"{pair.bn} has track_running_stats=False"
+    missing = [a for a in ("running_mean", "running_var") if getattr(bn, a, None) is None]
+    return (Code.NO_RUNNING_STATS, f"{pair.bn} has no {', '.join(missing)}") if missing else None
+
+
+def _hooks(pair: Pair, lin: nn.Module, bn: nn.Module, _roles: Roles) -> Found:
+    for path, m in ((pair.linear, lin), (pair.bn, bn)):
+        if m._forward_hooks or m._forward_pre_hooks:  # type: ignore[union-attr]
+            return Code.HOOKED, f"{path} has forward hooks"
+    return None
+
+
+def _parametrized(pair: Pair, lin: nn.Module, bn: nn.Module, roles: Roles) -> Found:
+    for path in (pair.linear, pair.bn):
+        if len(roles.aliases.get(path, [path])) > 1:
+            return Code.PARAMETRIZED, f"module registered at {', '.join(roles.aliases[path])}"
+    if parametrize.is_parametrized(lin):
+        return Code.PARAMETRIZED, f"{pair.linear} is parametrized"
+    if base_forward_overridden(lin):
+        return Code.PARAMETRIZED, f"{type(lin).__name__} overrides forward()"
+    for name in ("weight", "bias"):
+        if name not in lin._parameters:
+            return Code.PARAMETRIZED, f"{pair.linear}.{name} is computed, not a Parameter"
+    return _tied(pair, lin, roles)
+
+
+def _tied(pair: Pair, lin: nn.Module, roles: Roles) -> Found:
+    for p in lin.parameters(recurse=False):
+        paths = roles.param_paths.get(id(p), [])
+        if len(paths) > 1:
+            return Code.PARAMETRIZED, f"weight tied: {', '.join(paths)}"
+    return None
+
+
+def _dtype(pair: Pair, lin: Any, _bn: nn.Module, _roles: Roles) -> Found:
+    if not lin.weight.is_floating_point():
+        return Code.UNSUPPORTED_DTYPE, f"{pair.linear}.weight is {lin.weight.dtype}"
+    return None
+
+
+def _shape(pair: Pair, lin: nn.Module, bn: nn.Module, _roles: Roles) -> Found:
+    c = out_channels(lin)
+    for name in ("weight", "bias", "running_mean", "running_var"):
+        t = getattr(bn, name, None)
+        if t is not None and tuple(t.shape) != (c,):
+            return Code.BAD_SHAPE, f"{pair.bn}.{name} has shape {tuple(t.shape)}, want ({c},)"
+    return None
+
+
+@dataclass
+class Undo:
+    """The objects a fold replaced; calling it puts them back."""
+
+    root: nn.Module
+    pair: Pair
+    weight: nn.Parameter
+    bias: nn.Parameter | None
+    bn: nn.Module
+
+    def __call__(self) -> None:
+        lin = _module(self.root, self.pair.linear)
+        lin.weight = self.weight
+        lin.bias = self.bias
+        _replace(self.root, self.pair.bn, self.bn)
+
+
+def bn_affine(bn: Any) -> Affine:
+    """The per-channel affine equal to ``bn`` at inference, in float64.
+
+    ``weight``/``bias`` may be None (affine=False): then 1 and 0.
+
+    Raises:
+        Unfoldable: NaN/inf statistics or var + eps <= 0.
+    """
+    mean, var = _f64(bn.running_mean), _f64(bn.running_var)
+    gamma = np.ones_like(mean) if bn.weight is None else _f64(bn.weight)
+    beta = np.zeros_like(mean) if bn.bias is None else _f64(bn.bias)
+    return bn_to_affine(gamma, beta, mean, var, float(bn.eps))
+
+
+def apply_fold(root: nn.Module, pair: Pair) -> Undo:
+    """Fold ``pair.bn`` into ``pair.linear`` inside ``root``.
+
+    The math runs in float64 and each result is cast once to the dtype of the
+    parameter it replaces (a created bias takes the weight's dtype).
+
+    Raises:
+        Unfoldable: bad statistics, or folded values overflow the dtype.
+        LayoutError: the channel count does not fit the weight (ConvTranspose groups).
+    """
+    lin, bn = _module(root, pair.linear), _module(root, pair.bn)
+    weight, bias = lin.weight, lin.bias
+    w64, b64 = fold_after(
+        _f64(weight), None if bias is None else _f64(bias), bn_affine(bn), layout_of(lin)
+    )
+    new_w = _param(w64, like=weight)
+    new_b = _param(b64, like=weight if bias is None else bias)
+    undo = Undo(root, pair, weight, bias, bn)
+    lin.weight, lin.bias = new_w, new_b
+    identity = nn.Identity()
+    identity.train(bn.training)
+    _replace(root, pair.bn, identity)
+    return undo
+
+
+def _f64(t: torch.Tensor) -> np.ndarray:
+    return t.detach().to(device="cpu", dtype=torch.float64).numpy()
+
+
+def _param(values: np.ndarray, like: torch.Tensor) -> nn.Parameter:
+    """The one cast from float64 to the model's dtype (numpy has no bfloat16)."""
+    out = torch.from_numpy(values).to(dtype=like.dtype, device=like.device)
+    if not bool(torch.isfinite(out).all()):
+        raise Unfoldable(f"folded values overflow {like.dtype}")
+    return nn.Parameter(out, requires_grad=like.requires_grad)
+
+
+def _module(root: nn.Module, path: str) -> Any:
+    """A submodule, typed Any: BN-like modules are read duck-typed."""
+    return root.get_submodule(path)
+
+
+def _replace(root: nn.Module, path: str, new: nn.Module) -> None:
+    parent_path, _, name = path.rpartition(".")
+    setattr(root.get_submodule(parent_path), name, new)

@@ -1,0 +1,350 @@
+"""Find (linear module, BatchNorm module) pairs whose output feeds straight into the BN.
+
+Three finders, tried in order; the first that traces the module decides:
+
+1. ``export``: ``torch.export.export(strict=False)``; each aten node is owned by
+   the innermost linear/BN module in its ``nn_module_stack``.
+2. ``fx``: ``torch.fx`` symbolic tracing with linear and BN modules as leaves.
+3. ``sequential``: a linear module directly followed by a BN inside an
+   ``nn.Sequential`` whose forward is not overridden. Works when forward() has
+   data-dependent control flow that neither tracer can follow.
+
+Export and fx graphs are reduced to one small node graph (:class:`Node`), and
+one function (:func:`match_graph`) finds the pairs in it.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import fx, nn
+
+from bnfold.report import Code, Refusal
+from bnfold.torch_front.modules import BN, LINEAR, Calls, Roles, eval_mode
+
+log = logging.getLogger(__name__)
+
+_NONLINEAR = (
+    "relu", "gelu", "sigmoid", "tanh", "silu", "swish", "elu", "hardswish", "hardsigmoid",
+    "hardtanh", "leaky", "softplus", "mish", "clamp", "softmax", "max_pool", "maxpool", "abs",
+    "prelu", "threshold", "log", "exp", "pow", "sqrt",
+)  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Pair:
+    """A linear module whose only output goes straight into a BN module."""
+
+    linear: str
+    bn: str
+    finder: str
+
+    @property
+    def site(self) -> str:
+        return f"{self.linear} -> {self.bn}"
+
+
+@dataclass
+class Scan:
+    """What a finder saw: candidate pairs, refusals, and why earlier finders failed."""
+
+    finder: str
+    pairs: list[Pair] = field(default_factory=list)
+    refused: list[Refusal] = field(default_factory=list)
+    failures: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Node:
+    """One op of a traced graph, reduced to what pair finding needs.
+
+    Attributes:
+        owner: canonical path of the linear/BN module this op runs inside, if any.
+        op: readable op name ("aten.relu.default", "ReLU", "add").
+        inputs: names of the activation nodes it reads (weights and buffers left out).
+        users: names of the nodes reading it.
+        is_output: it is (part of) the module's output.
+    """
+
+    owner: str | None
+    op: str
+    inputs: list[str]
+    users: list[str] = field(default_factory=list)
+    is_output: bool = False
+
+
+def find_pairs(root: nn.Module, args: tuple[Any, ...], roles: Roles, calls: Calls) -> Scan:
+    """Find candidate pairs with the first finder that can trace ``root``.
+
+    Refuses:
+      REUSED_MODULE   the linear or BN module ran more than once
+      BRANCHING       the linear op's output is read by something besides the BN
+      NONLINEAR_INPUT a nonlinearity sits between the linear op and the BN
+      OP_BETWEEN      another op sits between them
+      STANDALONE      nothing linear feeds the BN
+      UNTRACEABLE     the BN did not run, or no finder can see its input
+    """
+    failures = []
+    for name, tracer in (("export", _export_graph), ("fx", _fx_graph)):
+        try:
+            nodes = tracer(root, args, roles)
+        except Exception as e:  # tracers fail in many ways; the next finder may work
+            failures.append(f"{name}: {type(e).__name__}: {_first_line(e)}")
+            log.info("torch front: %s could not trace the module: %s", name, e)
+            continue
+        scan = match_graph(nodes, roles, calls, name)
+        scan.failures = failures
+        return scan
+    scan = match_sequential(root, roles, calls)
+    scan.failures = failures
+    return scan
+
+
+def match_graph(nodes: dict[str, Node], roles: Roles, calls: Calls, finder: str) -> Scan:
+    """Pairs and refusals for every BN in a traced graph."""
+    scan = Scan(finder)
+    groups: dict[str, list[str]] = {}
+    for name, node in nodes.items():
+        if node.owner is not None:
+            groups.setdefault(node.owner, []).append(name)
+    for bn in roles.bns():
+        result = _match_bn(bn, nodes, groups, roles, calls, finder)
+        _add(scan, result)
+    return scan
+
+
+def _match_bn(
+    bn: str,
+    nodes: dict[str, Node],
+    groups: dict[str, list[str]],
+    roles: Roles,
+    calls: Calls,
+    finder: str,
+) -> Pair | Refusal:
+    if refusal := _bn_call_refusal(bn, calls):
+        return refusal
+    if bn not in groups:
+        return Refusal(bn, Code.UNTRACEABLE, f"{finder} graph has no op inside {bn}")
+    group = set(groups[bn])
+    entries = sorted({i for n in group for i in nodes[n].inputs if i not in group})
+    if len(entries) != 1:
+        return Refusal(bn, Code.STANDALONE, f"{bn} reads {len(entries)} activations, not one")
+    producer = nodes[entries[0]]
+    if producer.owner is None or roles.of(producer.owner) != LINEAR:
+        return _why_no_linear(bn, entries[0], nodes, roles)
+    linear = producer.owner
+    site = f"{linear} -> {bn}"
+    if calls.of(linear) != 1:
+        return Refusal(site, Code.REUSED_MODULE, f"{linear} ran {calls.of(linear)} times")
+    if others := _other_consumers(linear, group, nodes, groups[linear]):
+        return Refusal(site, Code.BRANCHING, f"{linear} output is also read by {others}")
+    return Pair(linear, bn, finder)
+
+
+def _add(scan: Scan, result: Pair | Refusal) -> None:
+    if isinstance(result, Pair):
+        scan.pairs.append(result)
+    else:
+        scan.refused.append(result)
+
+
+def _bn_call_refusal(bn: str, calls: Calls) -> Refusal | None:
+    n = calls.of(bn)
+    if n == 0:
+        return Refusal(bn, Code.UNTRACEABLE, f"{bn} did not run on the example inputs")
+    if n > 1:
+        return Refusal(bn, Code.REUSED_MODULE, f"{bn} ran {n} times")
+    return None
+
+
+def _other_consumers(
+    linear: str, bn_group: set[str], nodes: dict[str, Node], linear_group: list[str]
+) -> str:
+    """Describe readers of the linear module's output other than the BN ("" if none)."""
+    own = set(linear_group)
+    others = []
+    for name in linear_group:
+        node = nodes[name]
+        if node.is_output:
+            others.append("the module output")
+        others += [nodes[u].op for u in node.users if u not in own and u not in bn_group]
+    return ", ".join(sorted(set(others)))
+
+
+def _why_no_linear(bn: str, start: str, nodes: dict[str, Node], roles: Roles) -> Refusal:
+    """Walk back a single-input chain of ops to explain why the BN cannot fold."""
+    chain: list[str] = []
+    name = start
+    while len(chain) < 16:
+        node = nodes[name]
+        if node.owner is not None and roles.of(node.owner) == LINEAR:
+            site = f"{node.owner} -> {bn}"
+            between = " -> ".join(reversed(chain))
+            code = Code.NONLINEAR_INPUT if any(map(_is_nonlinear, chain)) else Code.OP_BETWEEN
+            return Refusal(site, code, f"{between} between {node.owner} and {bn}")
+        if node.owner is not None or len(node.inputs) != 1:
+            break
+        chain.append(node.op)
+        name = node.inputs[0]
+    first = nodes[start]
+    if first.owner is not None and roles.of(first.owner) == BN:
+        return Refusal(bn, Code.STANDALONE, f"{bn} is fed by BatchNorm {first.owner}")
+    if _is_nonlinear(first.op):
+        return Refusal(bn, Code.NONLINEAR_INPUT, f"{bn} is fed by {first.op}")
+    return Refusal(bn, Code.STANDALONE, f"no linear op feeds {bn} (input from {first.op})")
+
+
+def _is_nonlinear(op: str) -> bool:
+    low = op.lower()
+    return any(k in low for k in _NONLINEAR)
+
+
+def match_sequential(root: nn.Module, roles: Roles, calls: Calls) -> Scan:
+    """Pairs from adjacency inside plain ``nn.Sequential`` containers.
+
+    A pair needs the Sequential, the linear module and the BN to each have run
+    exactly once: then the only way the linear output reached anything is the
+    Sequential feeding it to the BN.
+    """
+    scan = Scan("sequential")
+    seen: set[str] = set()
+    for path, m in root.named_modules():
+        if isinstance(m, nn.Sequential) and type(m).forward is nn.Sequential.forward:
+            for result in _match_in_sequential(path, m, roles, calls):
+                seen.add(result.bn if isinstance(result, Pair) else result.site.split(" -> ")[-1])
+                _add(scan, result)
+    for bn in roles.bns():
+        if bn not in seen:
+            refusal = _bn_call_refusal(bn, calls) or Refusal(
+                bn, Code.UNTRACEABLE, f"module not traceable and {bn} is not inside nn.Sequential"
+            )
+            scan.refused.append(refusal)
+    return scan
+
+
+def _match_in_sequential(
+    path: str, seq: nn.Sequential, roles: Roles, calls: Calls
+) -> list[Pair | Refusal]:
+    out: list[Pair | Refusal] = []
+    prefix = f"{path}." if path else ""
+    children = [(roles.canonical[prefix + name], child) for name, child in seq.named_children()]
+    for i, (bn, _) in enumerate(children):
+        if roles.of(bn) != BN:
+            continue
+        if refusal := _bn_call_refusal(bn, calls):
+            out.append(refusal)
+            continue
+        if i == 0:
+            out.append(Refusal(bn, Code.UNTRACEABLE, f"{bn} is first in {path or 'the root'}"))
+            continue
+        prev, prev_mod = children[i - 1]
+        out.append(_sequential_pair(path, prev, prev_mod, bn, roles, calls))
+    return out
+
+
+def _sequential_pair(
+    seq: str, prev: str, prev_mod: nn.Module, bn: str, roles: Roles, calls: Calls
+) -> Pair | Refusal:
+    site = f"{prev} -> {bn}"
+    kind = type(prev_mod).__name__
+    if roles.of(prev) == LINEAR:
+        if calls.of(prev) != 1:
+            return Refusal(site, Code.REUSED_MODULE, f"{prev} ran {calls.of(prev)} times")
+        if calls.of(seq) != 1:
+            detail = f"{seq} ran {calls.of(seq)} times; its children may be called directly"
+            return Refusal(site, Code.UNTRACEABLE, detail)
+        return Pair(prev, bn, "sequential")
+    if _is_nonlinear(kind):
+        return Refusal(site, Code.NONLINEAR_INPUT, f"{bn} follows {kind}")
+    if roles.of(prev) == BN:
+        return Refusal(site, Code.STANDALONE, f"{bn} follows BatchNorm {prev}")
+    return Refusal(site, Code.UNTRACEABLE, f"{bn} follows {kind}, which is not traced")
+
+
+def _export_graph(root: nn.Module, args: tuple[Any, ...], roles: Roles) -> dict[str, Node]:
+    with eval_mode(root):
+        ep = torch.export.export(root, args, strict=False)
+    sig = ep.graph_signature
+    user_inputs = set(sig.user_inputs)
+    nodes: dict[str, Node] = {}
+    for n in ep.graph.nodes:
+        if n.op == "placeholder" and n.name in user_inputs:
+            nodes[n.name] = Node(None, "input", [])
+        elif n.op == "call_function":
+            nodes[n.name] = Node(_export_owner(n, roles), str(n.target), _input_names(n, nodes))
+        elif n.op == "output":
+            _mark_outputs(n, nodes)
+    _link_users(nodes)
+    return nodes
+
+
+def _export_owner(n: fx.Node, roles: Roles) -> str | None:
+    stack = n.meta.get("nn_module_stack") or {}
+    for path, _type in reversed(list(stack.values())):
+        if roles.of(path) is not None:
+            return roles.canonical[path]
+    return None
+
+
+class _LeafTracer(fx.Tracer):
+    """fx tracer that stops at linear and BN modules, so each is one call_module node."""
+
+    def __init__(self, leaves: set[str]) -> None:
+        super().__init__()
+        self.leaves = leaves
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        return module_qualified_name in self.leaves or super().is_leaf_module(
+            m, module_qualified_name
+        )
+
+
+def _fx_graph(root: nn.Module, args: tuple[Any, ...], roles: Roles) -> dict[str, Node]:
+    leaves = {p for p in roles.canonical if roles.of(p) is not None}
+    graph = _LeafTracer(leaves).trace(root)
+    nodes: dict[str, Node] = {}
+    for n in graph.nodes:
+        if n.op == "placeholder":
+            nodes[n.name] = Node(None, "input", [])
+        elif n.op in ("call_module", "call_function", "call_method"):
+            owner = roles.canonical.get(str(n.target)) if n.op == "call_module" else None
+            if owner is not None and roles.of(owner) is None:
+                owner = None
+            nodes[n.name] = Node(owner, _fx_op_name(root, n), _input_names(n, nodes))
+        elif n.op == "output":
+            _mark_outputs(n, nodes)
+    _link_users(nodes)
+    return nodes
+
+
+def _fx_op_name(root: nn.Module, n: fx.Node) -> str:
+    if n.op == "call_module":
+        return type(root.get_submodule(str(n.target))).__name__
+    target: Any = n.target
+    return target if isinstance(target, str) else getattr(target, "__name__", str(target))
+
+
+def _input_names(n: fx.Node, known: dict[str, Node]) -> list[str]:
+    """Activation inputs of ``n``: earlier nodes we kept (weights/buffers were not kept)."""
+    names: list[str] = []
+    fx.node.map_arg((n.args, n.kwargs), lambda a: names.append(a.name) or a)  # type: ignore[func-returns-value]
+    return [a for a in dict.fromkeys(names) if a in known]
+
+
+def _mark_outputs(out: fx.Node, nodes: dict[str, Node]) -> None:
+    for name in _input_names(out, nodes):
+        nodes[name].is_output = True
+
+
+def _link_users(nodes: dict[str, Node]) -> None:
+    for name, node in nodes.items():
+        for i in node.inputs:
+            nodes[i].users.append(name)
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else ""

@@ -1,0 +1,170 @@
+"""Compare the original and the folded module, and roll back folds that broke outputs.
+
+Both run in eval mode under ``no_grad`` on the example inputs plus a few random
+draws of the same shapes. An output passes when
+``max|folded - original| <= atol + rtol * max|original|`` (the rule of
+:mod:`bnfold.verify`), with rtol taken from the output dtype unless given.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils import _pytree as pytree
+
+from bnfold.report import Code, OutputDiff, Refusal, VerifyResult
+from bnfold.torch_front.eager import Undo
+from bnfold.torch_front.modules import eval_mode
+from bnfold.verify import DEFAULT_RTOL
+
+RANDOM_DRAWS = 3
+_SEED = 0
+
+
+@dataclass(frozen=True)
+class Reference:
+    """The original module's outputs on each sample, computed once."""
+
+    samples: list[tuple[Any, ...]]
+    outputs: list[list[tuple[str, torch.Tensor]]]
+
+
+def make_samples(args: tuple[Any, ...], draws: int = RANDOM_DRAWS) -> list[tuple[Any, ...]]:
+    """``args`` plus ``draws`` random copies: same shapes, dtypes, mean and std.
+
+    Non-floating tensors (indices, masks) and non-tensors are kept as given.
+    """
+    gen = torch.Generator().manual_seed(_SEED)
+    return [args] + [tuple(_draw(a, gen) for a in args) for _ in range(draws)]
+
+
+def _draw(a: Any, gen: torch.Generator) -> Any:
+    if not isinstance(a, torch.Tensor) or not a.is_floating_point():
+        return a
+    x = torch.randn(a.shape, generator=gen, dtype=torch.float64)
+    ref = a.detach().to(torch.float64)
+    std = float(ref.std()) if ref.numel() > 1 else 1.0
+    mean = float(ref.mean()) if ref.numel() else 0.0
+    return (x * (std or 1.0) + mean).to(dtype=a.dtype, device=a.device)
+
+
+def reference(module: nn.Module, args: tuple[Any, ...]) -> Reference:
+    """Run the original on every sample, dropping random draws it cannot run."""
+    samples, outputs = [], []
+    for i, sample in enumerate(make_samples(args)):
+        try:
+            outputs.append(run(module, sample))
+        except Exception:
+            if i == 0:
+                raise
+            continue
+        samples.append(sample)
+    return Reference(samples, outputs)
+
+
+def run(module: nn.Module, sample: tuple[Any, ...]) -> list[tuple[str, torch.Tensor]]:
+    """Floating-point tensor outputs of ``module(*sample)``, named by their pytree path."""
+    with eval_mode(module), torch.no_grad():
+        out = module(*sample)
+    leaves, _ = pytree.tree_flatten_with_path(out)
+    return [
+        (f"output{pytree.keystr(path)}", t)
+        for path, t in leaves
+        if isinstance(t, torch.Tensor) and t.is_floating_point()
+    ]
+
+
+def compare(ref: Reference, module: nn.Module, rtol: float | None, atol: float) -> VerifyResult:
+    """Worst error per output of ``module`` against ``ref`` over all samples."""
+    worst: dict[str, tuple[float, float, torch.dtype]] = {}
+    try:
+        for sample, expected in zip(ref.samples, ref.outputs, strict=True):
+            got = dict(run(module, sample))
+            for name, want in expected:
+                err, scale = _errors(want, got.get(name))
+                old = worst.get(name, (0.0, 0.0, want.dtype))
+                worst[name] = (max(old[0], err), max(old[1], scale), want.dtype)
+    except Exception as e:  # a fold that breaks forward() is a failed fold
+        return VerifyResult("failed", atol, rtol or 0.0, len(ref.samples), reason=f"{e!r}")
+    return _result(worst, rtol, atol, len(ref.samples))
+
+
+def _errors(want: torch.Tensor, got: torch.Tensor | None) -> tuple[float, float]:
+    ref = want.detach().to(torch.float64)
+    finite = ref[torch.isfinite(ref)].abs()
+    scale = float(finite.max()) if finite.numel() else 0.0
+    if got is None or got.shape != want.shape:
+        return float("inf"), scale
+    new = got.detach().to(torch.float64)
+    diff = (new - ref).abs()
+    diff = torch.where(torch.isnan(ref) & torch.isnan(new), torch.zeros_like(diff), diff)
+    diff = torch.nan_to_num(diff, nan=float("inf"))
+    return (float(diff.max()) if diff.numel() else 0.0), scale
+
+
+def _result(
+    worst: dict[str, tuple[float, float, torch.dtype]], rtol: float | None, atol: float, n: int
+) -> VerifyResult:
+    outputs, used = [], []
+    for name, (max_abs, scale, dtype) in worst.items():
+        tol = tolerance(dtype) if rtol is None else rtol
+        used.append(tol)
+        rel = max_abs / scale if scale > 0 else (0.0 if max_abs == 0 else float("inf"))
+        needed = max(0.0, (max_abs - atol) / scale) if scale > 0 else rel
+        outputs.append(OutputDiff(name, max_abs, rel, needed, bool(max_abs <= atol + tol * scale)))
+    status = "passed" if all(o.passed for o in outputs) else "failed"
+    rtol_used = rtol if rtol is not None else max(used, default=0.0)
+    return VerifyResult(status, atol, rtol_used, n, outputs, optimization_level="eager")
+
+
+def tolerance(dtype: torch.dtype) -> float:
+    """Default rtol for outputs of ``dtype`` (shared table with the ONNX front)."""
+    return DEFAULT_RTOL.get(str(dtype).removeprefix("torch."), DEFAULT_RTOL["float32"])
+
+
+def verify_with_rollback(
+    ref: Reference,
+    folded: nn.Module,
+    undos: list[Undo],
+    redo: Callable[[Undo], Undo],
+    rtol: float | None,
+    atol: float,
+) -> tuple[VerifyResult, list[Undo], list[Refusal]]:
+    """Verify all folds at once; if that fails, keep only the folds that pass one by one.
+
+    On failure every fold is undone, then re-applied in order, each kept only if
+    the outputs still pass with it.
+
+    Returns:
+        (final verification, folds kept, VERIFICATION_FAILED refusals with the
+        difference measured with that fold applied).
+    """
+    result = compare(ref, folded, rtol, atol)
+    if result.passed:
+        return result, undos, []
+    for undo in reversed(undos):
+        undo()
+    kept, refused = [], []
+    for undo in undos:
+        again = redo(undo)
+        trial = compare(ref, folded, rtol, atol)
+        if trial.passed:
+            kept.append(again)
+        else:
+            again()
+            refused.append(Refusal(undo.pair.site, Code.VERIFICATION_FAILED, _describe(trial)))
+    return compare(ref, folded, rtol, atol), kept, refused
+
+
+def _describe(result: VerifyResult) -> str:
+    if result.reason:
+        return f"forward failed after the fold: {result.reason}"
+    worst = max(result.outputs, key=lambda o: o.max_rel)
+    return (
+        f"{worst.name}: max_abs={worst.max_abs:.3g} max_rel={worst.max_rel:.3g} "
+        f"> rtol={result.rtol:g}, atol={result.atol:g}"
+    )
