@@ -137,6 +137,7 @@ def fold_file(
     source, output = Path(source), Path(output)
     _require_distinct(source, output, in_place)
     model = io.load_model(source)
+    keep_external = any(True for _ in io.external_tensors(model))  # before folds replace them
     folded = FoldAffinePass()(model)
     result = FoldResult(folded.model, folded.report)  # type: ignore[attr-defined]
 
@@ -146,7 +147,7 @@ def fold_file(
         result.verification = verify_models(source, staged, verify_options)
         return result.verification.status != "failed"
 
-    written = io.save_model(result.model, output, accept=accept)
+    written = io.save_model(result.model, output, external_data=keep_external, accept=accept)
     return result, written
 
 

@@ -1,0 +1,169 @@
+"""The bnfold command line: output, exit codes, JSON, and a planted error that verify must catch."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from bnfold.cli.main import main
+from click.testing import CliRunner
+from onnx import helper, numpy_helper
+
+from tests.builders import conv_bn, model
+
+SAMPLES = Path(__file__).resolve().parent.parent / "sample_models"
+RESNET = SAMPLES / "resnet_tiny.onnx"
+
+
+def invoke(*args: str) -> object:
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+def test_fold_writes_a_verified_model_and_prints_the_op_table(tmp_path: Path) -> None:
+    out = tmp_path / "folded.onnx"
+    result = invoke("fold", RESNET, "-o", out)
+    assert result.exit_code == 0, result.output
+    assert "verification PASSED" in result.output
+    assert "BatchNormalization       6      0" in result.output
+    onnx.checker.check_model(str(out), full_check=True)
+    assert not [n for n in onnx.load(out).graph.node if n.op_type == "BatchNormalization"]
+
+
+def test_fold_json_is_parseable_and_report_file_matches(tmp_path: Path) -> None:
+    out, report = tmp_path / "f.onnx", tmp_path / "report.json"
+    result = invoke("fold", RESNET, "-o", out, "--json", "--report", report)
+    assert result.exit_code == 0
+    printed = json.loads(result.output)
+    assert printed == json.loads(report.read_text())
+    assert len(printed["report"]["folded"]) == 6
+    assert printed["verification"]["status"] == "passed"
+    assert printed["written"] is True
+
+
+def test_inspect_lists_refusals_with_codes() -> None:
+    result = invoke("inspect", SAMPLES / "neg_branching.onnx", "--json")
+    assert result.exit_code == 0
+    data = json.loads(result.output)
+    assert data["dry_run"] is True
+    assert [r["code"] for r in data["refused"]] == ["branching"]
+
+
+def test_inspect_text_says_would_fold() -> None:
+    result = invoke("inspect", SAMPLES / "conv2d_bn.onnx")
+    assert "would fold  conv1 -> bn1" in result.output
+
+
+def test_output_equal_to_input_is_refused_and_input_untouched(tmp_path: Path) -> None:
+    src = tmp_path / "m.onnx"
+    shutil.copy(RESNET, src)
+    before = src.read_bytes()
+    result = invoke("fold", src, "-o", src)
+    assert result.exit_code == 2
+    assert result.output.strip().count("\n") == 0 and "--in-place" in result.output
+    assert src.read_bytes() == before
+
+
+def test_in_place_is_explicit_and_folds(tmp_path: Path) -> None:
+    src = tmp_path / "m.onnx"
+    shutil.copy(SAMPLES / "conv2d_bn.onnx", src)
+    result = invoke("fold", src, "--in-place")
+    assert result.exit_code == 0, result.output
+    assert [n.op_type for n in onnx.load(src).graph.node] == ["Conv"]
+
+
+def test_missing_output_option_is_a_usage_error() -> None:
+    assert invoke("fold", RESNET).exit_code == 2
+
+
+def test_external_data_stays_external_beside_the_output(tmp_path: Path) -> None:
+    out = tmp_path / "out.onnx"
+    result = invoke("fold", SAMPLES / "external_data" / "conv_bn_ext.onnx", "-o", out)
+    assert result.exit_code == 0, result.output
+    locations = {
+        entry.value
+        for t in onnx.load(out, load_external_data=False).graph.initializer
+        for entry in t.external_data
+        if entry.key == "location"
+    }
+    assert len(locations) == 1
+    location = locations.pop()
+    assert "/" not in location and location.startswith("out.onnx")
+    assert (tmp_path / location).is_file()
+    assert not list(tmp_path.glob(".bnfold-*")), "staging folder left behind"
+
+
+def plant_error(folded: Path, target: Path, relative: float = 1e-3) -> None:
+    """Scale one folded conv weight by (1 + relative): a fold that is slightly wrong."""
+    m = onnx.load(folded)
+    weight = next(t for t in m.graph.initializer if t.name.endswith("conv.weight"))
+    array = numpy_helper.to_array(weight) * np.float32(1 + relative)
+    weight.CopyFrom(numpy_helper.from_array(array.astype(np.float32), weight.name))
+    onnx.save(m, target)
+
+
+def test_verify_catches_a_planted_1e3_error(tmp_path: Path) -> None:
+    folded, broken = tmp_path / "f.onnx", tmp_path / "broken.onnx"
+    assert invoke("fold", RESNET, "-o", folded).exit_code == 0
+    assert invoke("verify", RESNET, folded).exit_code == 0
+    plant_error(folded, broken)
+    result = invoke("verify", RESNET, broken)
+    assert result.exit_code == 1
+    assert "FAIL" in result.output
+
+
+def test_verify_needs_a_shape_for_dynamic_dims(tmp_path: Path) -> None:
+    nodes, inits = conv_bn()
+    m = model(nodes, inits, [("input", ["N", 3, "H", "W"])], ["output"])
+    path = tmp_path / "dyn.onnx"
+    onnx.save(m, path)
+    result = invoke("verify", path, path, "--shape", "input:2x3x5x7", "--json")
+    assert result.exit_code == 0
+    assert json.loads(result.output)["status"] == "passed"
+    assert invoke("verify", path, path, "--shape", "input=2x3").exit_code == 2
+
+
+def unrunnable_model(tmp_path: Path) -> Path:
+    """Conv -> BN plus an op from a domain onnxruntime does not know."""
+    nodes, inits = conv_bn()
+    nodes[1].output[0] = "bn_out"
+    nodes.append(helper.make_node("Mystery", ["bn_out"], ["output"], domain="com.example"))
+    m = model(nodes, inits, [("input", [1, 3, 8, 8])], ["output"], output_shapes=[[1, 4, 8, 8]])
+    m.opset_import.append(helper.make_opsetid("com.example", 1))
+    path = tmp_path / "unrunnable.onnx"
+    onnx.save(m, path)
+    return path
+
+
+def test_unrunnable_original_still_folds_but_says_not_verified(tmp_path: Path) -> None:
+    src, out = unrunnable_model(tmp_path), tmp_path / "out.onnx"
+    result = invoke("fold", src, "-o", out)
+    assert result.exit_code == 0, result.output
+    assert "NOT VERIFIED" in result.output
+    assert out.exists()
+    strict = invoke("fold", src, "-o", tmp_path / "strict.onnx", "--strict")
+    assert strict.exit_code == 1
+
+
+@pytest.mark.parametrize("argv0", [["bnfold"], [sys.executable, "-m", "bnfold"]])
+def test_installed_entry_points_run(tmp_path: Path, argv0: list[str]) -> None:
+    if argv0 == ["bnfold"]:
+        exe = shutil.which("bnfold") or str(Path(sys.executable).parent / "bnfold")
+        argv0 = [exe]
+    out = tmp_path / "f.onnx"
+    proc = subprocess.run(
+        [*argv0, "fold", str(SAMPLES / "conv2d_bn.onnx"), "-o", str(out)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "wrote" in proc.stdout and out.exists()
+    bad = subprocess.run([*argv0, "inspect", "/nonexistent.onnx"], capture_output=True, text=True)
+    assert bad.returncode == 2
+    assert "Traceback" not in bad.stderr and len(bad.stderr.strip().splitlines()) == 1
