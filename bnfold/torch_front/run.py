@@ -27,11 +27,10 @@ def fold(
     """See :func:`bnfold.torch_front.fold_module`."""
     args = as_args(example_inputs)
     work = module if inplace else copy.deepcopy(module)
-    ref = None
-    if verify:  # before folding: with inplace=True the module itself changes
-        ref = checking.reference(module, args)
     report = FoldReport(front="torch", ops_before=leaf_type_counts(work))
     pairs = _checked_pairs(work, args, report)
+    # Reference outputs before any fold: with inplace=True the module itself changes.
+    ref = checking.reference(module, args) if verify else None
     undos = _apply_all(work, pairs, report)
     result = FoldResult(work, report)
     if ref is not None:
