@@ -357,6 +357,27 @@ def test_refuses_tied_weight():
     assert outputs_match(model, result.model, x)
 
 
+class FunctionalReuse(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+        self.bn = nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        return self.bn(self.conv(x)) + nn.functional.conv2d(x, self.conv.weight)
+
+
+@pytest.mark.parametrize("finder", ["export", "fx"])
+def test_refuses_weight_read_outside_its_module(finder, monkeypatch):
+    if finder == "fx":
+        monkeypatch.setattr(graph, "_export_graph", lambda *a: 1 / 0)
+    model = randomize_bn(FunctionalReuse())
+    x = torch.randn(1, 3, 6, 6)
+    result = fold_module(model, (x,))
+    assert codes_at(result, "conv -> bn") == [Code.SHARED_WEIGHT]
+    assert outputs_match(model, result.model, x)
+
+
 def test_refuses_hooked_module():
     model = randomize_bn(Pair(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)))
     model.bn.register_forward_hook(lambda m, i, o: None)
@@ -428,7 +449,7 @@ def test_fx_finder_is_used_when_export_fails(monkeypatch):
 
 
 def test_fx_finder_sees_op_between(monkeypatch):
-    monkeypatch.setattr(graph, "_export_graph", lambda *a: (_ for _ in ()).throw(RuntimeError()))
+    monkeypatch.setattr(graph, "_export_graph", lambda *a: 1 / 0)
     model = randomize_bn(Pair(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), between=nn.GELU()))
     result = fold_module(model, (torch.randn(1, 3, 6, 6),))
     assert codes_at(result, "linear -> bn") == [Code.NONLINEAR_INPUT]

@@ -76,12 +76,27 @@ class Node:
     is_output: bool = False
 
 
+@dataclass
+class Traced:
+    """A traced graph: its nodes, and the parameters read outside their own module.
+
+    Attributes:
+        nodes: op name -> Node, in graph order.
+        outside_reads: names ("conv.weight") of parameters that some op outside
+            the owning module reads directly (e.g. ``F.conv2d(x, self.conv.weight)``).
+    """
+
+    nodes: dict[str, Node]
+    outside_reads: set[str] = field(default_factory=set)
+
+
 def find_pairs(root: nn.Module, args: tuple[Any, ...], roles: Roles, calls: Calls) -> Scan:
     """Find candidate pairs with the first finder that can trace ``root``.
 
     Refuses:
       REUSED_MODULE   the linear or BN module ran more than once
       BRANCHING       the linear op's output is read by something besides the BN
+      SHARED_WEIGHT   the linear weight or bias is also read outside the module
       NONLINEAR_INPUT a nonlinearity sits between the linear op and the BN
       OP_BETWEEN      another op sits between them
       STANDALONE      nothing linear feeds the BN
@@ -90,12 +105,12 @@ def find_pairs(root: nn.Module, args: tuple[Any, ...], roles: Roles, calls: Call
     failures = []
     for name, tracer in (("export", _export_graph), ("fx", _fx_graph)):
         try:
-            nodes = tracer(root, args, roles)
+            traced = tracer(root, args, roles)
         except Exception as e:  # tracers fail in many ways; the next finder may work
             failures.append(f"{name}: {type(e).__name__}: {_first_line(e)}")
             log.info("torch front: %s could not trace the module: %s", name, e)
             continue
-        scan = match_graph(nodes, roles, calls, name)
+        scan = match_graph(traced, roles, calls, name)
         scan.failures = failures
         return scan
     scan = match_sequential(root, roles, calls)
@@ -103,22 +118,23 @@ def find_pairs(root: nn.Module, args: tuple[Any, ...], roles: Roles, calls: Call
     return scan
 
 
-def match_graph(nodes: dict[str, Node], roles: Roles, calls: Calls, finder: str) -> Scan:
+def match_graph(traced: Traced, roles: Roles, calls: Calls, finder: str) -> Scan:
     """Pairs and refusals for every BN in a traced graph."""
     scan = Scan(finder)
+    nodes = traced.nodes
     groups: dict[str, list[str]] = {}
     for name, node in nodes.items():
         if node.owner is not None:
             groups.setdefault(node.owner, []).append(name)
     for bn in roles.bns():
-        result = _match_bn(bn, nodes, groups, roles, calls, finder)
+        result = _match_bn(bn, traced, groups, roles, calls, finder)
         _add(scan, result)
     return scan
 
 
 def _match_bn(
     bn: str,
-    nodes: dict[str, Node],
+    traced: Traced,
     groups: dict[str, list[str]],
     roles: Roles,
     calls: Calls,
@@ -126,6 +142,7 @@ def _match_bn(
 ) -> Pair | Refusal:
     if refusal := _bn_call_refusal(bn, calls):
         return refusal
+    nodes = traced.nodes
     if bn not in groups:
         return Refusal(bn, Code.UNTRACEABLE, f"{finder} graph has no op inside {bn}")
     group = set(groups[bn])
@@ -141,6 +158,9 @@ def _match_bn(
         return Refusal(site, Code.REUSED_MODULE, f"{linear} ran {calls.of(linear)} times")
     if others := _other_consumers(linear, group, nodes, groups[linear]):
         return Refusal(site, Code.BRANCHING, f"{linear} output is also read by {others}")
+    own = {f"{a}.{p}" for a in roles.aliases[linear] for p in ("weight", "bias")}
+    if shared := sorted(traced.outside_reads & own):
+        return Refusal(site, Code.SHARED_WEIGHT, f"{', '.join(shared)} also read outside {linear}")
     return Pair(linear, bn, finder)
 
 
@@ -264,21 +284,32 @@ def _sequential_pair(
     return Refusal(site, Code.UNTRACEABLE, f"{bn} follows {kind}, which is not traced")
 
 
-def _export_graph(root: nn.Module, args: tuple[Any, ...], roles: Roles) -> dict[str, Node]:
+def _export_graph(root: nn.Module, args: tuple[Any, ...], roles: Roles) -> Traced:
     with eval_mode(root):
         ep = torch.export.export(root, args, strict=False)
     sig = ep.graph_signature
     user_inputs = set(sig.user_inputs)
-    nodes: dict[str, Node] = {}
+    params = dict(sig.inputs_to_parameters)
+    traced = Traced({})
+    nodes = traced.nodes
     for n in ep.graph.nodes:
         if n.op == "placeholder" and n.name in user_inputs:
             nodes[n.name] = Node(None, "input", [])
         elif n.op == "call_function":
-            nodes[n.name] = Node(_export_owner(n, roles), str(n.target), _input_names(n, nodes))
+            owner = _export_owner(n, roles)
+            nodes[n.name] = Node(owner, str(n.target), _input_names(n, nodes))
+            traced.outside_reads |= _params_read_outside(n, owner, params, roles)
         elif n.op == "output":
             _mark_outputs(n, nodes)
     _link_users(nodes)
-    return nodes
+    return traced
+
+
+def _params_read_outside(
+    n: fx.Node, owner: str | None, params: dict[str, str], roles: Roles
+) -> set[str]:
+    read = [params[a.name] for a in n.all_input_nodes if a.name in params]
+    return {p for p in read if roles.canonical.get(p.rpartition(".")[0]) != owner}
 
 
 def _export_owner(n: fx.Node, roles: Roles) -> str | None:
@@ -302,12 +333,15 @@ class _LeafTracer(fx.Tracer):
         )
 
 
-def _fx_graph(root: nn.Module, args: tuple[Any, ...], roles: Roles) -> dict[str, Node]:
+def _fx_graph(root: nn.Module, args: tuple[Any, ...], roles: Roles) -> Traced:
     leaves = {p for p in roles.canonical if roles.of(p) is not None}
     graph = _LeafTracer(leaves).trace(root)
-    nodes: dict[str, Node] = {}
+    traced = Traced({})
+    nodes = traced.nodes
     for n in graph.nodes:
-        if n.op == "placeholder":
+        if n.op == "get_attr":  # leaf modules read their own weights without get_attr
+            traced.outside_reads.add(str(n.target))
+        elif n.op == "placeholder":
             nodes[n.name] = Node(None, "input", [])
         elif n.op in ("call_module", "call_function", "call_method"):
             owner = roles.canonical.get(str(n.target)) if n.op == "call_module" else None
@@ -317,7 +351,7 @@ def _fx_graph(root: nn.Module, args: tuple[Any, ...], roles: Roles) -> dict[str,
         elif n.op == "output":
             _mark_outputs(n, nodes)
     _link_users(nodes)
-    return nodes
+    return traced
 
 
 def _fx_op_name(root: nn.Module, n: fx.Node) -> str:
