@@ -83,6 +83,30 @@ def fold_after(
     return new_w, new_b
 
 
+def fold_before(
+    weight: np.ndarray, bias: np.ndarray | None, affine: Affine, layout: WeightLayout
+) -> tuple[np.ndarray, np.ndarray]:
+    """Weights of one linear op equal to ``linear(affine(x))``, ``affine`` per input channel.
+
+    ``W (s x + t) + b = (W s) x + (b + W t)``: the shift enters the bias through
+    the weights. That holds only where every output reads every input tap; with
+    zero padding the border taps read zeros, not ``t``, so the caller must refuse
+    a padded op unless ``t`` is zero.
+
+    Raises:
+        Unfoldable: the folded values overflow the model's dtype.
+        LayoutError: the affine's length does not fit the weight's input channels.
+    """
+    w64 = weight.astype(np.float64)
+    shape = tuple(weight.shape)
+    new_w = cast_checked(w64 * layout.expand_in(affine.scale, shape), weight.dtype, "weight")
+    c_out = layout.out_channels(shape)
+    b64 = np.zeros(c_out) if bias is None else np.asarray(bias, dtype=np.float64)
+    b64 = b64 + layout.sum_to_out(w64 * layout.expand_in(affine.shift, shape))
+    bias_dtype = weight.dtype if bias is None else bias.dtype
+    return new_w, cast_checked(b64, bias_dtype, "bias")
+
+
 def cast_checked(values: np.ndarray, dtype: np.dtype, what: str) -> np.ndarray:
     """Cast float64 results to the model dtype, refusing values it can't hold."""
     with np.errstate(over="ignore"):  # overflow is reported below, as a refusal

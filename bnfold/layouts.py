@@ -1,9 +1,12 @@
-"""Where the output channels of each linear op sit in its weight tensor.
+"""Where the output and input channels of each linear op sit in its weight tensor.
 
-The fold multiplies every weight that produces output channel ``c`` by
-``scale[c]``. For most ops that is one axis; ConvTranspose stores its weight as
-``(C_in, C_out / groups, *k)``, so channel ``c`` of group ``g`` is column
-``c - g * C_out/groups`` of the rows belonging to group ``g``.
+Folding an affine *after* the op multiplies every weight that produces output
+channel ``c`` by ``scale[c]``; folding one *before* it multiplies every weight
+that reads input channel ``c``. For most ops each is one axis. Grouped ops split
+one side across blocks of rows: Conv stores ``(C_out, C_in/g, *k)``, so input
+channel ``c`` of group ``g`` is column ``c - g*C_in/g`` of group ``g``'s rows;
+ConvTranspose stores ``(C_in, C_out/g, *k)``, the same shape of problem on the
+output side.
 """
 
 from __future__ import annotations
@@ -24,17 +27,25 @@ class WeightLayout:
     Attributes:
         op: human-readable op kind, for reports.
         out_axis: axis of the weight that indexes output channels (within a group).
-        groups: ConvTranspose groups; output channels are split across blocks of
-            axis 0. 1 for every other op.
+        in_axis: axis of the weight that indexes input channels (within a group).
+        groups: group count of a grouped Conv/ConvTranspose, else 1.
+        grouped_side: "out" (ConvTranspose) or "in" (Conv): the side whose
+            channels are split across row blocks of axis 0.
     """
 
     op: str
     out_axis: int
+    in_axis: int
     groups: int = 1
+    grouped_side: str = ""
 
     def out_channels(self, w_shape: tuple[int, ...]) -> int:
         """Number of output channels of an op with weight shape ``w_shape``."""
-        return int(w_shape[self.out_axis]) * self.groups
+        return int(w_shape[self.out_axis]) * (self.groups if self.grouped_side == "out" else 1)
+
+    def in_channels(self, w_shape: tuple[int, ...]) -> int:
+        """Number of input channels of an op with weight shape ``w_shape``."""
+        return int(w_shape[self.in_axis]) * (self.groups if self.grouped_side == "in" else 1)
 
     def expand(self, per_channel: np.ndarray, w_shape: tuple[int, ...]) -> np.ndarray:
         """Reshape a ``(C_out,)`` vector so it broadcasts onto the weight.
@@ -42,50 +53,64 @@ class WeightLayout:
         Raises:
             LayoutError: the vector length or group count does not fit ``w_shape``.
         """
-        c_out = self.out_channels(w_shape)
-        if per_channel.shape != (c_out,):
+        return self._expand("out", per_channel, w_shape)
+
+    def expand_in(self, per_channel: np.ndarray, w_shape: tuple[int, ...]) -> np.ndarray:
+        """Reshape a ``(C_in,)`` vector so it broadcasts onto the weight."""
+        return self._expand("in", per_channel, w_shape)
+
+    def sum_to_out(self, values: np.ndarray) -> np.ndarray:
+        """Sum a weight-shaped array over everything but output channels: ``(C_out,)``."""
+        if self.grouped_side == "out" and self.groups > 1:
+            c_in, c_out_per_group = values.shape[0], values.shape[1]
+            blocks = values.reshape(self.groups, c_in // self.groups, c_out_per_group, -1)
+            return blocks.sum(axis=(1, 3)).reshape(-1)
+        axes = tuple(a for a in range(values.ndim) if a != self.out_axis)
+        return values.sum(axis=axes)
+
+    def _expand(self, side: str, per_channel: np.ndarray, w_shape: tuple[int, ...]) -> np.ndarray:
+        count = self.out_channels(w_shape) if side == "out" else self.in_channels(w_shape)
+        if per_channel.shape != (count,):
             raise LayoutError(
-                f"{self.op}: expected {c_out} channel values, got shape {per_channel.shape}"
+                f"{self.op}: expected {count} {side}put channel values, "
+                f"got shape {per_channel.shape}"
             )
-        if self.groups == 1:
-            shape = [1] * len(w_shape)
-            shape[self.out_axis] = c_out
-            return per_channel.reshape(shape)
-        return self._expand_grouped(per_channel, w_shape)
+        if self.groups > 1 and self.grouped_side == side:
+            return self._expand_grouped(per_channel, w_shape)
+        shape = [1] * len(w_shape)
+        shape[self.out_axis if side == "out" else self.in_axis] = count
+        return per_channel.reshape(shape)
 
     def _expand_grouped(self, per_channel: np.ndarray, w_shape: tuple[int, ...]) -> np.ndarray:
-        # Only ConvTranspose is grouped along the output side: w is (C_in, C_out/g, *k).
-        c_in, c_out_per_group = int(w_shape[0]), int(w_shape[1])
-        if self.out_axis != 1 or c_in % self.groups:
-            raise LayoutError(
-                f"{self.op}: {c_in} input channels not divisible by {self.groups} groups"
-            )
-        rows_per_group = c_in // self.groups
-        blocks = per_channel.reshape(self.groups, 1, c_out_per_group)
-        rows = np.broadcast_to(blocks, (self.groups, rows_per_group, c_out_per_group))
-        return rows.reshape(c_in, c_out_per_group, *([1] * (len(w_shape) - 2)))
+        # The grouped side is axis 1; group g owns the g-th block of rows of axis 0.
+        rows, cols = int(w_shape[0]), int(w_shape[1])
+        if rows % self.groups:
+            raise LayoutError(f"{self.op}: {rows} rows not divisible by {self.groups} groups")
+        blocks = per_channel.reshape(self.groups, 1, cols)
+        grid = np.broadcast_to(blocks, (self.groups, rows // self.groups, cols))
+        return grid.reshape(rows, cols, *([1] * (len(w_shape) - 2)))
 
 
-def conv() -> WeightLayout:
-    """Conv (any rank, any groups): weight ``(C_out, C_in/g, *k)``."""
-    return WeightLayout("Conv", out_axis=0)
+def conv(groups: int = 1) -> WeightLayout:
+    """Conv (any rank): weight ``(C_out, C_in/g, *k)``, input channels split per group."""
+    return WeightLayout("Conv", out_axis=0, in_axis=1, groups=groups, grouped_side="in")
 
 
 def conv_transpose(groups: int) -> WeightLayout:
-    """ConvTranspose: weight ``(C_in, C_out/g, *k)``, channels split per group."""
-    return WeightLayout("ConvTranspose", out_axis=1, groups=groups)
+    """ConvTranspose: weight ``(C_in, C_out/g, *k)``, output channels split per group."""
+    return WeightLayout("ConvTranspose", out_axis=1, in_axis=0, groups=groups, grouped_side="out")
 
 
 def gemm(trans_b: bool) -> WeightLayout:
     """Gemm ``A @ B``: B is ``(K, N)``, or ``(N, K)`` when transB=1."""
-    return WeightLayout("Gemm", out_axis=0 if trans_b else 1)
+    return WeightLayout("Gemm", out_axis=0, in_axis=1) if trans_b else matmul("Gemm")
 
 
-def matmul() -> WeightLayout:
+def matmul(op: str = "MatMul") -> WeightLayout:
     """MatMul with a constant right operand ``(K, N)``."""
-    return WeightLayout("MatMul", out_axis=1)
+    return WeightLayout(op, out_axis=1, in_axis=0)
 
 
 def linear() -> WeightLayout:
     """torch ``nn.Linear``: weight ``(out_features, in_features)``."""
-    return WeightLayout("Linear", out_axis=0)
+    return WeightLayout("Linear", out_axis=0, in_axis=1)

@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from bnfold import layouts
-from bnfold.affine import Affine, Unfoldable, bn_to_affine, fold_after
+from bnfold.affine import Affine, Unfoldable, bn_to_affine, fold_after, fold_before
 from bnfold.layouts import LayoutError
 
 channels = st.integers(1, 8)
@@ -138,3 +138,75 @@ def test_fp16_overflow_is_refused() -> None:
 def test_layout_rejects_wrong_channel_count() -> None:
     with pytest.raises(LayoutError):
         layouts.conv().expand(np.ones(3), (4, 2, 3, 3))
+
+
+def grouped_conv_1x1(w: np.ndarray, x: np.ndarray, groups: int) -> np.ndarray:
+    """Reference 1x1 Conv, weight (C_out, C_in/g, 1): y[o] = sum_i w[o, i] x[g(o)*C_in/g + i]."""
+    c_out, c_in_g = w.shape[0], w.shape[1]
+    out_per_group = c_out // groups
+    return np.stack(
+        [
+            w[o, :, 0] @ x[(o // out_per_group) * c_in_g : (o // out_per_group + 1) * c_in_g]
+            for o in range(c_out)
+        ]
+    )
+
+
+def grouped_conv_transpose_1x1(w: np.ndarray, x: np.ndarray, groups: int) -> np.ndarray:
+    """Reference 1x1 ConvTranspose, weight (C_in, C_out/g, 1)."""
+    c_in = w.shape[0]
+    rows = c_in // groups
+    return np.concatenate(
+        [w[g * rows : (g + 1) * rows, :, 0].T @ x[g * rows : (g + 1) * rows] for g in range(groups)]
+    )
+
+
+@given(
+    groups=st.integers(1, 3),
+    per_group_in=st.integers(1, 3),
+    per_group_out=st.integers(1, 3),
+    transpose=st.booleans(),
+    has_bias=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_fold_before_matches_affine_then_grouped_op(
+    groups: int, per_group_in: int, per_group_out: int, transpose: bool, has_bias: bool, seed: int
+) -> None:
+    rng = np.random.default_rng(seed)
+    c_in, c_out = groups * per_group_in, groups * per_group_out
+    if transpose:
+        w, layout, op = (
+            rng.normal(size=(c_in, per_group_out, 1)),
+            layouts.conv_transpose(groups),
+            grouped_conv_transpose_1x1,
+        )
+    else:
+        w, layout, op = (
+            rng.normal(size=(c_out, per_group_in, 1)),
+            layouts.conv(groups),
+            grouped_conv_1x1,
+        )
+    b = rng.normal(size=c_out) if has_bias else None
+    affine = Affine.of(rng.uniform(0.5, 2, c_in), rng.normal(size=c_in), c_in)
+    x = rng.normal(size=(c_in, 4))
+    expected = op(w, affine.scale[:, None] * x + affine.shift[:, None], groups)
+    expected = expected + (b[:, None] if b is not None else 0.0)
+    new_w, new_b = fold_before(w, b, affine, layout)
+    np.testing.assert_allclose(
+        op(new_w, x, groups) + new_b[:, None], expected, rtol=1e-10, atol=1e-10
+    )
+
+
+@given(trans_b=st.booleans(), k=channels, n=channels, seed=st.integers(0, 2**16))
+def test_fold_before_gemm_follows_trans_b(trans_b: bool, k: int, n: int, seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    b_mat = rng.normal(size=(n, k) if trans_b else (k, n))
+    a = rng.normal(size=(3, k))
+    affine = Affine.of(rng.uniform(0.5, 2, k), rng.normal(size=k), k)
+
+    def gemm(m: np.ndarray) -> np.ndarray:
+        return m.T if trans_b else m
+
+    expected = (a * affine.scale + affine.shift) @ gemm(b_mat)
+    new_b, new_c = fold_before(b_mat, None, affine, layouts.gemm(trans_b))
+    np.testing.assert_allclose(a @ gemm(new_b) + new_c, expected, rtol=1e-10, atol=1e-10)
