@@ -1,26 +1,36 @@
 """Load and save ONNX models safely, on top of onnx_ir.
 
 Loading refuses, with one line, anything that is not a usable model and any
-external-data reference that escapes the model's folder. Saving is atomic: the
-model (and its external data) is written into a temporary folder beside the
-target, flushed to disk, then renamed into place, so a crash leaves either the
-previous file or the new one, never a partial one.
+external-data reference that escapes the model's folder. External data stays
+memory-mapped: only the tensors a fold rewrites are ever copied into memory.
+
+Saving is atomic: the model and its external data are written into a temporary
+folder beside the target, fsynced, then renamed into place, so a crash leaves
+either the previous output or the new one, never a partial one. The external
+data file gets a fresh name on every save (``<model>.<token>.data``) so the new
+data never overwrites the file the previous output (or the input, with
+``--in-place``) still points at.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
+import re
+import secrets
 import shutil
+import socket
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 import onnx
 import onnx_ir as ir
-from google.protobuf.message import DecodeError
 
 from bnfold.errors import BnfoldError
+
+STAGING_PREFIX = ".bnfold-"
 
 
 def load_model(path: str | os.PathLike[str]) -> ir.Model:
@@ -34,9 +44,9 @@ def load_model(path: str | os.PathLike[str]) -> ir.Model:
     _require_model_file(path)
     try:
         model = ir.load(path)
-    except (DecodeError, ValueError, TypeError, RuntimeError, OSError) as err:
-        raise BnfoldError(f"{path}: not a readable ONNX model ({_first_line(err)})") from None
-    except Exception as err:  # onnx raises assorted types on corrupt protobufs
+    except RecursionError:
+        raise BnfoldError(f"{path}: not a readable ONNX model (nested too deeply)") from None
+    except Exception as err:  # onnx/protobuf/onnx_ir raise assorted types on corrupt input
         raise BnfoldError(f"{path}: not a readable ONNX model ({_first_line(err)})") from None
     _require_graph(model, path)
     check_external_data(model, path.parent)
@@ -48,35 +58,79 @@ def check_external_data(model: ir.Model, model_dir: Path) -> None:
 
     A model file is untrusted input: a location like ``../../etc/passwd``, an
     absolute path or a symlink out of the folder would make us read (and copy
-    into the output) a file the user never meant to share.
+    into the output) a file the user never meant to share. Hard links are
+    refused too (onnx_ir would refuse them later, mid-fold): a hard link is
+    how a file from elsewhere gets "into" the folder without a symlink.
+
+    Raises:
+        BnfoldError: naming the tensor and the location.
     """
-    root = model_dir.resolve()
-    for tensor in external_tensors(model):
-        location = str(tensor.location)
-        target = (model_dir / location).resolve()
-        if os.path.isabs(location) or ".." in Path(location).parts:
-            raise BnfoldError(f"external data location {location!r} escapes the model's folder")
-        if not target.is_relative_to(root):
-            raise BnfoldError(
-                f"external data location {location!r} resolves outside the model's folder"
-            )
-        if not target.is_file():
-            raise BnfoldError(f"external data file {location!r} is missing")
-        needed = (tensor.offset or 0) + (
-            tensor.length if tensor.length is not None else tensor.nbytes
+    try:
+        root = model_dir.resolve()
+        for tensor in external_tensors(model):
+            _check_one_external(tensor, model_dir, root)
+    except BnfoldError:
+        raise
+    except (OSError, ValueError) as err:  # NUL bytes, ELOOP, names too long...
+        raise BnfoldError(f"bad external data reference ({_first_line(err)})") from None
+
+
+def _check_one_external(tensor: ir.ExternalTensor, model_dir: Path, root: Path) -> None:
+    location = str(tensor.location)
+    what = f"tensor {tensor.name!r}: external data location {location!r}"
+    if not location:
+        raise BnfoldError(f"{what} is empty")
+    if os.path.isabs(location) or ".." in Path(location).parts:
+        raise BnfoldError(f"{what} escapes the model's folder")
+    target = (model_dir / location).resolve()
+    if not target.is_relative_to(root):
+        raise BnfoldError(f"{what} resolves outside the model's folder (a symlink?)")
+    if not target.exists():
+        raise BnfoldError(f"{what}: file is missing")
+    if not target.is_file():
+        raise BnfoldError(f"{what} is not a regular file")
+    info = target.stat()
+    if info.st_nlink > 1:
+        raise BnfoldError(f"{what} has {info.st_nlink} hard links; refusing to read it")
+    offset = tensor.offset or 0
+    if offset < 0 or (tensor.length is not None and tensor.length < 0):
+        raise BnfoldError(f"{what} has a negative offset or length")
+    if tensor.length is not None and tensor.length != tensor.nbytes:
+        raise BnfoldError(
+            f"{what} declares length {tensor.length} but its shape and dtype need "
+            f"{tensor.nbytes} bytes"
         )
-        if target.stat().st_size < needed:
-            raise BnfoldError(
-                f"external data file {location!r} is shorter than tensor {tensor.name!r} needs"
-            )
+    if info.st_size < offset + tensor.nbytes:
+        raise BnfoldError(
+            f"{what} is shorter than declared ({info.st_size} bytes, "
+            f"needs {offset + tensor.nbytes})"
+        )
 
 
 def external_tensors(model: ir.Model) -> Iterator[ir.ExternalTensor]:
-    """Every initializer (in any graph) whose data lives in an external file."""
+    """Every tensor whose data lives in an external file.
+
+    Initializers and tensor attributes (say a Constant's ``value``), in the main
+    graph and every subgraph: a tensor attribute may point outside the folder
+    just as well as an initializer.
+    """
+    for tensor in all_tensors(model):
+        if isinstance(tensor, ir.ExternalTensor):
+            yield tensor
+
+
+def all_tensors(model: ir.Model) -> Iterator[ir.TensorProtocol]:
+    """Every initializer and tensor attribute of the model, subgraphs included."""
     for graph in (model.graph, *model.graph.subgraphs()):
         for value in graph.initializers.values():
-            if isinstance(value.const_value, ir.ExternalTensor):
+            if value.const_value is not None:
                 yield value.const_value
+    for node in ir.traversal.RecursiveGraphIterator(model.graph):
+        for attr in node.attributes.values():
+            if attr.type == ir.AttributeType.TENSOR and attr.value is not None:
+                yield attr.value
+            elif attr.type == ir.AttributeType.TENSORS and attr.value:
+                yield from attr.value
 
 
 def save_model(
@@ -91,58 +145,184 @@ def save_model(
     Args:
         model: the model to save.
         path: target file; its folder must exist and be writable.
-        external_data: write initializers to ``<name>.data`` beside the model.
-            None keeps them external only if the model already had external data
-            (or is too big for one protobuf).
+        external_data: write initializers to ``<name>.<token>.data`` beside the
+            model, referenced by a relative location. None keeps them external
+            only if the model already had external data (or is too big for one
+            protobuf).
         accept: called with the fully written staged file before it replaces
             ``path``; returning False discards it (used to verify exactly the
             bytes that would be published).
 
     Returns:
         True if the file was written, False if ``accept`` rejected it.
+
+    Raises:
+        BnfoldError: the folder is missing or not writable, the disk is full, or
+            ``path`` is a folder or a file the model itself reads its data from.
     """
     path = Path(path)
-    if not path.parent.is_dir():
-        raise BnfoldError(f"output folder {str(path.parent)!r} does not exist")
+    _require_writable_target(model, path)
     if external_data is None:
         external_data = any(True for _ in external_tensors(model)) or _too_big_for_protobuf(model)
-    data_name = f"{path.name}.data" if external_data else None
+    data_name = f"{path.name}.{secrets.token_hex(6)}.data" if external_data else None
     try:
+        _remove_stale_staging(path.parent)
         with _staging_dir(path.parent) as stage:
             staged = stage / path.name
             ir.save(model, staged, external_data=data_name)
             _fsync_files(stage)
             if accept is not None and not accept(staged):
                 return False
+            replaced_data = _data_files_of(path)
             if data_name:
-                # Data first: a crash between the renames leaves the old model
-                # with new data only if the old model pointed at the same name.
+                # The fresh name means this replaces nothing: a crash before the
+                # model's rename leaves the previous output whole (plus an orphan).
                 os.replace(stage / data_name, path.parent / data_name)
             os.replace(staged, path)
             _fsync_dir(path.parent)
-            return True
+    except BnfoldError:
+        raise
     except PermissionError:
         raise BnfoldError(f"cannot write to {str(path.parent)!r}: permission denied") from None
     except OSError as err:
-        raise BnfoldError(f"cannot write {str(path)!r}: {_first_line(err)}") from None
+        raise BnfoldError(f"cannot write {str(path)!r}: {_os_reason(err)}") from None
+    _remove_replaced_data(path, replaced_data - ({data_name} if data_name else set()))
+    return True
+
+
+def _require_writable_target(model: ir.Model, path: Path) -> None:
+    if not path.parent.is_dir():
+        raise BnfoldError(f"output folder {str(path.parent)!r} does not exist")
+    if path.is_dir():
+        raise BnfoldError(f"output {str(path)!r} is a folder")
+    if not path.name or path.name in (".", ".."):
+        raise BnfoldError(f"output {str(path)!r} is not a file name")
+    if not path.exists():
+        return
+    for tensor in external_tensors(model):
+        with contextlib.suppress(OSError):
+            if os.path.samefile(tensor.path, path):
+                raise BnfoldError(f"output {str(path)!r} is the external data file the model reads")
+    if not _is_onnx_model(path):
+        # Only a previous model is ours to replace: anything else (an input's
+        # external data file, a typo naming some other file) is left alone.
+        raise BnfoldError(
+            f"output {str(path)!r} exists and is not an ONNX model; refusing to overwrite it"
+        )
+
+
+def _is_onnx_model(path: Path) -> bool:
+    try:
+        if not path.is_file() or path.stat().st_size == 0:
+            return False
+        proto = onnx.load(str(path), load_external_data=False)
+    except Exception:  # any parse failure: not a model
+        return False
+    return proto.ir_version >= 1 and proto.HasField("graph") and len(proto.opset_import) > 0
 
 
 @contextlib.contextmanager
 def _staging_dir(parent: Path) -> Iterator[Path]:
-    stage = Path(tempfile.mkdtemp(prefix=".bnfold-", dir=parent))
+    prefix = f"{STAGING_PREFIX}{_host_tag()}-{os.getpid()}-"
+    stage = Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
     try:
         yield stage
     finally:
         shutil.rmtree(stage, ignore_errors=True)
 
 
+def _remove_stale_staging(parent: Path) -> None:
+    """Delete staging folders left by killed bnfold processes of this host.
+
+    Only folders whose process is gone: another run saving into the same
+    folder right now must keep its own.
+    """
+    pattern = re.compile(re.escape(STAGING_PREFIX + _host_tag()) + r"-(\d+)-")
+    with contextlib.suppress(OSError):
+        for entry in os.scandir(parent):
+            found = pattern.match(entry.name)
+            if found and entry.is_dir(follow_symlinks=False) and not _alive(int(found[1])):
+                shutil.rmtree(entry.path, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True  # exists, owned by someone else
+    return True
+
+
+def _host_tag() -> str:
+    return re.sub(r"[^A-Za-z0-9]", "", socket.gethostname())[:32] or "host"
+
+
+def _data_files_of(path: Path) -> set[str]:
+    """External data files the current ``path`` uses that are named after it.
+
+    Only ``<name>.data`` and ``<name>.<anything>.data`` in the same folder: a
+    data file with another name may be shared with other models, so it is
+    never deleted.
+    """
+    try:
+        if not path.is_file() or path.stat().st_size > (64 << 20):
+            return set()
+        proto = onnx.load(str(path), load_external_data=False)
+    except Exception:  # an unreadable previous output simply has nothing to clean
+        return set()
+    names = set()
+    for tensor in _tensor_protos(proto.graph):
+        if tensor.data_location != onnx.TensorProto.EXTERNAL:
+            continue
+        location = next((e.value for e in tensor.external_data if e.key == "location"), "")
+        if (
+            location
+            and "/" not in location
+            and os.sep not in location
+            and location.startswith(path.name + ".")
+            and location.endswith(".data")
+        ):
+            names.add(location)
+    return names
+
+
+def _tensor_protos(graph: onnx.GraphProto) -> Iterator[onnx.TensorProto]:
+    yield from graph.initializer
+    for node in graph.node:
+        for attr in node.attribute:
+            if attr.HasField("t"):
+                yield attr.t
+            yield from attr.tensors
+            if attr.HasField("g"):
+                yield from _tensor_protos(attr.g)
+            for sub in attr.graphs:
+                yield from _tensor_protos(sub)
+
+
+def _remove_replaced_data(path: Path, names: Iterable[str]) -> None:
+    for name in names:
+        with contextlib.suppress(OSError):
+            os.remove(path.parent / name)
+
+
 def _require_model_file(path: Path) -> None:
-    if not path.exists():
-        raise BnfoldError(f"{path}: no such file")
-    if not path.is_file():
-        raise BnfoldError(f"{path}: not a file")
-    if path.stat().st_size == 0:
-        raise BnfoldError(f"{path}: empty file, not an ONNX model")
+    try:
+        if not path.exists():
+            raise BnfoldError(f"{path}: no such file")
+        if not path.is_file():
+            raise BnfoldError(f"{path}: not a regular file")
+        if path.stat().st_size == 0:
+            raise BnfoldError(f"{path}: empty file, not an ONNX model")
+        with open(path, "rb"):
+            pass
+    except PermissionError:
+        raise BnfoldError(f"{path}: permission denied") from None
+    except OSError as err:
+        raise BnfoldError(f"{path}: {_os_reason(err)}") from None
+    except ValueError as err:  # embedded NUL byte in the name
+        raise BnfoldError(f"bad model path ({_first_line(err)})") from None
 
 
 def _require_graph(model: ir.Model, path: Path) -> None:
@@ -157,17 +337,16 @@ def _require_graph(model: ir.Model, path: Path) -> None:
 def _too_big_for_protobuf(model: ir.Model) -> bool:
     limit = onnx.checker.MAXIMUM_PROTOBUF - (64 << 20)  # headroom for the graph itself
     total = 0
-    for graph in (model.graph, *model.graph.subgraphs()):
-        for value in graph.initializers.values():
-            if value.const_value is not None:
-                total += value.const_value.nbytes
+    for tensor in all_tensors(model):
+        total += tensor.nbytes
     return total > limit
 
 
 def _fsync_files(folder: Path) -> None:
     for item in folder.iterdir():
-        with open(item, "rb") as fh:
-            os.fsync(fh.fileno())
+        if item.is_file():
+            with open(item, "rb") as fh:
+                os.fsync(fh.fileno())
 
 
 def _fsync_dir(folder: Path) -> None:
@@ -177,6 +356,16 @@ def _fsync_dir(folder: Path) -> None:
             os.fsync(fd)
         finally:
             os.close(fd)
+
+
+def _os_reason(err: OSError) -> str:
+    if err.errno in (errno.ENOSPC, errno.EDQUOT):
+        return "no space left on device"
+    if err.errno == errno.EFBIG:
+        return "file too large (file size limit reached)"
+    if err.errno == errno.EROFS:
+        return "read-only file system"
+    return err.strerror or _first_line(err)
 
 
 def _first_line(err: BaseException) -> str:
