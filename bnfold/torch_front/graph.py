@@ -203,7 +203,7 @@ def _why_no_linear(bn: str, start: str, nodes: dict[str, Node], roles: Roles) ->
         if node.owner is not None and roles.of(node.owner) == LINEAR:
             site = f"{node.owner} -> {bn}"
             between = " -> ".join(reversed(chain))
-            code = Code.NONLINEAR_INPUT if any(map(_is_nonlinear, chain)) else Code.OP_BETWEEN
+            code = Code.NONLINEAR_INPUT if any(map(is_nonlinear, chain)) else Code.OP_BETWEEN
             return Refusal(site, code, f"{between} between {node.owner} and {bn}")
         if node.owner is not None or len(node.inputs) != 1:
             break
@@ -212,12 +212,13 @@ def _why_no_linear(bn: str, start: str, nodes: dict[str, Node], roles: Roles) ->
     first = nodes[start]
     if first.owner is not None and roles.of(first.owner) == BN:
         return Refusal(bn, Code.STANDALONE, f"{bn} is fed by BatchNorm {first.owner}")
-    if _is_nonlinear(first.op):
+    if is_nonlinear(first.op):
         return Refusal(bn, Code.NONLINEAR_INPUT, f"{bn} is fed by {first.op}")
     return Refusal(bn, Code.STANDALONE, f"no linear op feeds {bn} (input from {first.op})")
 
 
-def _is_nonlinear(op: str) -> bool:
+def is_nonlinear(op: str) -> bool:
+    """Whether an op or module type name looks like a nonlinearity ("aten.relu.default", "GELU")."""
     low = op.lower()
     return any(k in low for k in _NONLINEAR)
 
@@ -277,7 +278,7 @@ def _sequential_pair(
             detail = f"{seq} ran {calls.of(seq)} times; its children may be called directly"
             return Refusal(site, Code.UNTRACEABLE, detail)
         return Pair(prev, bn, "sequential")
-    if _is_nonlinear(kind):
+    if is_nonlinear(kind):
         return Refusal(site, Code.NONLINEAR_INPUT, f"{bn} follows {kind}")
     if roles.of(prev) == BN:
         return Refusal(site, Code.STANDALONE, f"{bn} follows BatchNorm {prev}")

@@ -167,7 +167,9 @@ def _recorder(calls: Calls, path: str) -> Any:
 def eval_mode(root: nn.Module) -> Iterator[None]:
     """Put every submodule in eval mode, restoring each one's own flag afterwards."""
     flags = [(m, m.training) for m in root.modules()]
-    root.eval()
+    # ep.module() refuses eval(): its graph already has the mode baked in.
+    with contextlib.suppress(NotImplementedError):
+        root.eval()
     try:
         yield
     finally:

@@ -156,11 +156,14 @@ def verify_with_rollback(
             kept.append(again)
         else:
             again()
-            refused.append(Refusal(undo.pair.site, Code.VERIFICATION_FAILED, _describe(trial)))
+            refused.append(
+                Refusal(undo.pair.site, Code.VERIFICATION_FAILED, describe_failure(trial))
+            )
     return compare(ref, folded, rtol, atol), kept, refused
 
 
-def _describe(result: VerifyResult) -> str:
+def describe_failure(result: VerifyResult) -> str:
+    """One line naming the worst output and its measured difference."""
     if result.reason:
         return f"forward failed after the fold: {result.reason}"
     worst = max(result.outputs, key=lambda o: o.max_rel)

@@ -1,0 +1,369 @@
+"""Fold BatchNorm in the aten graph of an ``ExportedProgram``'s module.
+
+``ep.module()`` has no ``nn.Conv2d`` objects left, only aten calls reading
+``get_attr`` weights, so this pass works on graph nodes. Sites are named like
+the eager front ("conv1 -> bn1"), from the weights' attribute paths.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch import fx, nn
+
+from bnfold import layouts
+from bnfold.affine import Unfoldable, bn_to_affine, fold_after
+from bnfold.layouts import LayoutError
+from bnfold.report import Code, Folded, FoldReport, FoldResult, Refusal, VerifyResult
+from bnfold.torch_front import verify as checking
+from bnfold.torch_front.graph import is_nonlinear
+
+aten = torch.ops.aten
+
+# op -> (kind, index of `groups` in args, default groups)
+_CONV_OPS: dict[Any, tuple[str, int]] = {
+    aten.conv1d.default: ("conv", 6),
+    aten.conv2d.default: ("conv", 6),
+    aten.conv3d.default: ("conv", 6),
+    aten.conv1d.padding: ("conv", 6),
+    aten.conv2d.padding: ("conv", 6),
+    aten.conv3d.padding: ("conv", 6),
+    aten.conv_transpose1d.default: ("conv_transpose", 6),
+    aten.conv_transpose2d.input: ("conv_transpose", 6),
+    aten.conv_transpose3d.input: ("conv_transpose", 6),
+    aten.linear.default: ("linear", -1),
+}
+_BN_OPS = (aten.batch_norm.default, aten._native_batch_norm_legit_no_training.default)
+
+
+@dataclass(frozen=True)
+class Site:
+    """One foldable ``linear op -> BN op`` pair, by node names."""
+
+    linear_node: str
+    bn_node: str
+    linear: str  # module path of the weight, e.g. "layer1.0.conv1"
+    bn: str
+
+    @property
+    def site(self) -> str:
+        return f"{self.linear} -> {self.bn}"
+
+
+def find_sites(gm: fx.GraphModule) -> tuple[list[Site], list[Refusal]]:
+    """Every BN node of ``gm``: a foldable site or a refusal.
+
+    Matches:  batch_norm(conv{1,2,3}d | conv_transpose{1,2,3}d | linear(x, W, B?))
+              with W, B and the BN statistics read by get_attr.
+    Refuses:
+      TRAINING_MODE    batch_norm with training=True
+      NO_RUNNING_STATS running_mean/var missing
+      NOT_CONSTANT     a weight, bias or statistic is not a get_attr
+      BRANCHING        the linear op's output has other readers or is an output
+      SHARED_WEIGHT    the weight or bias is read by another node
+      NONLINEAR_INPUT / OP_BETWEEN / STANDALONE   the BN input is not a linear op
+      NOT_PER_CHANNEL  the linear output's channels are not on axis 1
+      UNSUPPORTED_DTYPE / BAD_SHAPE
+    """
+    sites: list[Site] = []
+    refused: list[Refusal] = []
+    for node in gm.graph.nodes:
+        if node.op == "call_function" and node.target in _BN_OPS:
+            result = _match(gm, node)
+            if isinstance(result, Site):
+                sites.append(result)
+            else:
+                refused.append(result)
+    return sites, refused
+
+
+def _match(gm: fx.GraphModule, bn: fx.Node) -> Site | Refusal:
+    bn_name = _owner(bn.args[1:5]) or bn.name
+    x = bn.args[0]
+    assert isinstance(x, fx.Node)
+    if not _is_linear_op(x):
+        return _why_not_linear(bn_name, x)
+    lin_name = _owner(x.args[1:3]) or x.name
+    site = f"{lin_name} -> {bn_name}"
+    if bn.target == aten.batch_norm.default and bn.args[5]:
+        return Refusal(site, Code.TRAINING_MODE, "batch_norm called with training=True")
+    if bn.args[3] is None or bn.args[4] is None:
+        return Refusal(site, Code.NO_RUNNING_STATS, f"{bn_name} has no running statistics")
+    if found := _check_linear(gm, x, bn) or _check_bn(gm, x, bn):
+        return Refusal(site, *found)
+    return Site(x.name, bn.name, lin_name, bn_name)
+
+
+def _is_linear_op(n: fx.Node) -> bool:
+    return n.op == "call_function" and n.target in _CONV_OPS
+
+
+def _why_not_linear(bn_name: str, x: fx.Node) -> Refusal:
+    chain: list[str] = []
+    node = x
+    while node.op == "call_function" and len(chain) < 16:
+        if _is_linear_op(node):
+            lin = _owner(node.args[1:3]) or node.name
+            code = Code.NONLINEAR_INPUT if any(map(is_nonlinear, chain)) else Code.OP_BETWEEN
+            return Refusal(f"{lin} -> {bn_name}", code, f"{' -> '.join(reversed(chain))} between")
+        inputs = [a for a in node.all_input_nodes if a.op != "get_attr"]
+        if len(inputs) != 1:
+            break
+        chain.append(str(node.target))
+        node = inputs[0]
+    code = Code.NONLINEAR_INPUT if is_nonlinear(str(x.target)) else Code.STANDALONE
+    return Refusal(bn_name, code, f"{bn_name} is fed by {x.target}")
+
+
+Found = tuple[Code, str] | None
+
+
+def _check_linear(gm: fx.GraphModule, lin: fx.Node, bn: fx.Node) -> Found:
+    readers = [u for u in lin.users if u is not bn]
+    if readers or len(lin.users) != 1:
+        return Code.BRANCHING, f"{lin.name} output also read by {[u.name for u in readers]}"
+    params = [a for a in lin.args[1:3] if a is not None]
+    if not all(isinstance(p, fx.Node) and p.op == "get_attr" for p in params):
+        return Code.NOT_CONSTANT, f"{lin.name} weight or bias is computed"
+    for p in params:
+        if len(p.users) != 1 or _attr_readers(gm, str(p.target)) != 1:  # type: ignore[union-attr]
+            return Code.SHARED_WEIGHT, f"{p.target} is also read elsewhere"  # type: ignore[union-attr]
+    weight = _fetch(gm, lin.args[1])
+    if not weight.is_floating_point():
+        return Code.UNSUPPORTED_DTYPE, f"weight is {weight.dtype}"
+    out = lin.meta.get("val")
+    if out is None or out.ndim != weight.ndim:
+        ndim = None if out is None else out.ndim
+        return Code.NOT_PER_CHANNEL, f"{lin.name} output is {ndim}-D; channels must be on axis 1"
+    return None
+
+
+def _check_bn(gm: fx.GraphModule, lin: fx.Node, bn: fx.Node) -> Found:
+    stats = bn.args[1:5]
+    if not all(s is None or (isinstance(s, fx.Node) and s.op == "get_attr") for s in stats):
+        return Code.NOT_CONSTANT, f"{bn.name} parameters are computed"
+    channels = layout_of(lin).out_channels(tuple(_fetch(gm, lin.args[1]).shape))
+    for s in stats:
+        if s is not None and tuple(_fetch(gm, s).shape) != (channels,):
+            return Code.BAD_SHAPE, f"{s} has shape {tuple(_fetch(gm, s).shape)}, want ({channels},)"
+    return None
+
+
+def layout_of(lin: fx.Node) -> layouts.WeightLayout:
+    kind, groups_at = _CONV_OPS[lin.target]
+    if kind == "conv_transpose":
+        groups = lin.args[groups_at] if len(lin.args) > groups_at else 1
+        return layouts.conv_transpose(int(groups))  # type: ignore[arg-type]
+    return layouts.conv() if kind == "conv" else layouts.linear()
+
+
+def apply_site(gm: fx.GraphModule, site: Site) -> None:
+    """Fold one site in place: new weight/bias attributes, the BN node removed.
+
+    Raises:
+        Unfoldable: bad statistics or overflow.  LayoutError: bad groups.
+    """
+    nodes = {n.name: n for n in gm.graph.nodes}
+    lin, bn = nodes[site.linear_node], nodes[site.bn_node]
+    gamma, beta = (_f64(gm, a) for a in bn.args[1:3])
+    mean, var = (_to64(_fetch(gm, a)) for a in bn.args[3:5])
+    eps = float(bn.args[7] if bn.target == aten.batch_norm.default else bn.args[6])  # type: ignore[arg-type]
+    c = mean.shape[0]
+    affine = bn_to_affine(
+        np.ones(c) if gamma is None else gamma,
+        np.zeros(c) if beta is None else beta,
+        mean,
+        var,
+        eps,
+    )
+    weight = _fetch(gm, lin.args[1])
+    bias_node = lin.args[2] if len(lin.args) > 2 else None
+    bias = None if bias_node is None else _fetch(gm, bias_node)
+    w64, b64 = fold_after(
+        _to64(weight), None if bias is None else _to64(bias), affine, layout_of(lin)
+    )
+    new_w, new_b = _cast(w64, weight), _cast(b64, weight if bias is None else bias)
+    _set_attr(gm, str(lin.args[1].target), new_w)  # type: ignore[union-attr]
+    if bias_node is None:
+        bias_node = _new_attr(gm, lin, f"{site.linear}.bias", new_b)
+        lin.args = (*lin.args[:2], bias_node, *lin.args[3:])
+    else:
+        _set_attr(gm, str(bias_node.target), new_b)  # type: ignore[union-attr]
+    _remove_bn(gm, bn, lin)
+    gm.recompile()
+
+
+def _remove_bn(gm: fx.GraphModule, bn: fx.Node, lin: fx.Node) -> None:
+    if bn.target == aten.batch_norm.default:
+        bn.replace_all_uses_with(lin)
+    else:  # returns (out, mean, invstd): only item 0 may be read
+        for user in list(bn.users):
+            user.replace_all_uses_with(lin)
+            gm.graph.erase_node(user)
+    stats = [a for a in bn.args[1:5] if isinstance(a, fx.Node)]
+    gm.graph.erase_node(bn)
+    prefix = _owner(stats)
+    for n in list(gm.graph.nodes):
+        target = str(n.target)
+        if n.op == "get_attr" and not n.users and prefix and target.startswith(prefix + "."):
+            alone = _attr_readers(gm, target) == 1
+            gm.graph.erase_node(n)
+            if alone:
+                _del_attr(gm, target)
+
+
+def _new_attr(gm: fx.GraphModule, before: fx.Node, name: str, value: nn.Parameter) -> fx.Node:
+    while _has_attr(gm, name):
+        name += "_folded"
+    _set_attr(gm, name, value)
+    with gm.graph.inserting_before(before):
+        return gm.graph.get_attr(name)
+
+
+def _owner(args: Any) -> str | None:
+    """Module path shared by the get_attr args ("layer1.bn1.weight" -> "layer1.bn1")."""
+    for a in args:
+        if isinstance(a, fx.Node) and a.op == "get_attr":
+            return str(a.target).rpartition(".")[0] or str(a.target)
+    return None
+
+
+def _attr_readers(gm: fx.GraphModule, target: str) -> int:
+    return sum(1 for n in gm.graph.nodes if n.op == "get_attr" and n.target == target)
+
+
+def _fetch(gm: fx.GraphModule, node: Any) -> torch.Tensor:
+    return _get(gm, str(node.target))
+
+
+def _f64(gm: fx.GraphModule, node: Any) -> np.ndarray | None:
+    return None if node is None else _to64(_fetch(gm, node))
+
+
+def _to64(t: torch.Tensor) -> np.ndarray:
+    return t.detach().to(device="cpu", dtype=torch.float64).numpy()
+
+
+def _cast(values: np.ndarray, like: torch.Tensor) -> nn.Parameter:
+    out = torch.from_numpy(values).to(dtype=like.dtype, device=like.device)
+    if not bool(torch.isfinite(out).all()):
+        raise Unfoldable(f"folded values overflow {like.dtype}")
+    return nn.Parameter(out, requires_grad=like.requires_grad)
+
+
+def _get(gm: nn.Module, target: str) -> torch.Tensor:
+    parent, _, name = target.rpartition(".")
+    return getattr(gm.get_submodule(parent), name)
+
+
+def _has_attr(gm: nn.Module, target: str) -> bool:
+    parent, _, name = target.rpartition(".")
+    try:
+        return hasattr(gm.get_submodule(parent), name)
+    except AttributeError:
+        return False
+
+
+def _set_attr(gm: nn.Module, target: str, value: nn.Parameter) -> None:
+    parent, _, name = target.rpartition(".")
+    owner = gm.get_submodule(parent)
+    if name in owner._buffers:
+        del owner._buffers[name]
+    setattr(owner, name, value)
+
+
+def _del_attr(gm: nn.Module, target: str) -> None:
+    parent, _, name = target.rpartition(".")
+    delattr(gm.get_submodule(parent), name)
+
+
+def fold_graph_module(
+    make: Callable[[], fx.GraphModule],
+    args: tuple[Any, ...],
+    *,
+    verify: bool = True,
+    rtol: float | None = None,
+    atol: float = 0.0,
+) -> FoldResult:
+    """Fold every site of a fresh ``make()`` module; verify and drop folds that fail.
+
+    ``make`` must return a new module each call sharing no mutable state with
+    the others (``ep.module`` does: folds assign new Parameters, never write
+    into existing tensors). A failing fold is found by re-folding fresh copies
+    one site at a time, keeping those that pass.
+    """
+    report = FoldReport(front="torch")
+    original = make()
+    report.ops_before = _op_counts(original)
+    sites, refused = find_sites(original)
+    report.refused += refused
+    sites = _foldable(make, sites, report)
+    ref = checking.reference(original, args) if verify else None
+    gm = _folded(make, sites)
+    verification = None if ref is None else checking.compare(ref, gm, rtol, atol)
+    if ref is not None and verification is not None and not verification.passed:
+        gm, verification, sites = _rollback(make, sites, ref, rtol, atol, report)
+    report.folded = [
+        Folded(s.site, f"{_op_kind(original, s)}+batch_norm", s.linear, s.bn, "exported_program")
+        for s in sites
+    ]
+    report.ops_after = _op_counts(gm)
+    return FoldResult(gm, report, verification)
+
+
+def _foldable(
+    make: Callable[[], fx.GraphModule], sites: list[Site], report: FoldReport
+) -> list[Site]:
+    kept = []
+    for s in sites:
+        try:
+            apply_site(make(), s)
+        except Unfoldable as e:
+            report.refused.append(Refusal(s.site, Code.BAD_VALUES, str(e)))
+        except LayoutError as e:
+            report.refused.append(Refusal(s.site, Code.BAD_GROUPS, str(e)))
+        else:
+            kept.append(s)
+    return kept
+
+
+def _folded(make: Callable[[], fx.GraphModule], sites: list[Site]) -> fx.GraphModule:
+    gm = make()
+    for s in sites:
+        apply_site(gm, s)
+    return gm
+
+
+def _rollback(
+    make: Callable[[], fx.GraphModule],
+    sites: list[Site],
+    ref: checking.Reference,
+    rtol: float | None,
+    atol: float,
+    report: FoldReport,
+) -> tuple[fx.GraphModule, VerifyResult, list[Site]]:
+    kept: list[Site] = []
+    for s in sites:
+        trial = checking.compare(ref, _folded(make, [*kept, s]), rtol, atol)
+        if trial.passed:
+            kept.append(s)
+        else:
+            detail = checking.describe_failure(trial)
+            report.refused.append(Refusal(s.site, Code.VERIFICATION_FAILED, detail))
+    gm = _folded(make, kept)
+    return gm, checking.compare(ref, gm, rtol, atol), kept
+
+
+def _op_kind(gm: fx.GraphModule, s: Site) -> str:
+    node = next(n for n in gm.graph.nodes if n.name == s.linear_node)
+    return str(node.target).split(".")[1]
+
+
+def _op_counts(gm: fx.GraphModule) -> dict[str, int]:
+    from bnfold.report import count_ops
+
+    return count_ops([str(n.target) for n in gm.graph.nodes if n.op == "call_function"])

@@ -1,0 +1,238 @@
+"""Loading and saving torch models for the CLI: module factories, ``.pt2`` files, ONNX export.
+
+Every user mistake (bad spec, missing file, a checkpoint that needs full
+unpickling) raises :class:`bnfold.errors.BnfoldError` with a one-line message.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import os
+import pickle
+import tempfile
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from bnfold.errors import BnfoldError, NotSupportedError
+from bnfold.report import FoldResult
+from bnfold.torch_front.exported import fold_graph_module
+
+
+def load_module_factory(spec: str, weights: str | None, trust_pickle: bool) -> nn.Module:
+    """Build a module from ``"pkg.mod:factory"`` and load its weights, in eval mode.
+
+    Args:
+        spec: import path and a callable (class or function) returning an nn.Module;
+            the callable may be dotted (``"pkg.mod:Class.create"``).
+        weights: a state_dict file (``torch.save``), or None to keep the factory's
+            weights. A checkpoint dict holding ``"state_dict"`` or ``"model"`` is
+            unwrapped, and a whole pickled module gives its state_dict.
+        trust_pickle: allow full unpickling, which can run arbitrary code from the
+            file. Without it, ``torch.load(weights_only=True)`` is used.
+
+    Returns:
+        The module in eval mode: bnfold folds for inference.
+
+    Raises:
+        BnfoldError: bad spec, the factory fails or returns no nn.Module, the file
+            is missing, needs ``--trust-pickle``, or does not fit the module.
+    """
+    module = _call_factory(spec)
+    if weights is not None:
+        _load_weights(module, weights, trust_pickle)
+    return module.eval()
+
+
+def _call_factory(spec: str) -> nn.Module:
+    mod_name, sep, attr = spec.partition(":")
+    if not sep or not mod_name or not attr:
+        raise BnfoldError(f"module spec {spec!r} must look like 'package.module:factory'")
+    try:
+        obj: Any = importlib.import_module(mod_name)
+    except ImportError as e:
+        raise BnfoldError(f"cannot import {mod_name!r}: {e}") from None
+    for part in attr.split("."):
+        if not hasattr(obj, part):
+            raise BnfoldError(f"{mod_name!r} has no attribute {attr!r}")
+        obj = getattr(obj, part)
+    try:
+        module = obj()
+    except Exception as e:
+        raise BnfoldError(f"{spec} failed: {type(e).__name__}: {e}") from None
+    if not isinstance(module, nn.Module):
+        raise BnfoldError(f"{spec} returned {type(module).__name__}, not a torch nn.Module")
+    return module
+
+
+def _load_weights(module: nn.Module, path: str, trust_pickle: bool) -> None:
+    if not Path(path).is_file():
+        raise BnfoldError(f"weights file {path!r} does not exist")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=not trust_pickle)
+    except pickle.UnpicklingError as e:
+        if trust_pickle:
+            raise BnfoldError(f"cannot load {path!r}: {_first_line(e)}") from None
+        raise BnfoldError(
+            f"{path!r} needs full unpickling, which can run code from the file; "
+            "pass --trust-pickle if you trust it"
+        ) from None
+    except Exception as e:
+        raise BnfoldError(f"cannot load {path!r}: {type(e).__name__}: {_first_line(e)}") from None
+    state = _state_dict_of(obj, path)
+    try:
+        module.load_state_dict(state)
+    except RuntimeError as e:
+        raise BnfoldError(f"{path!r} does not fit the module: {_first_line(e)}") from None
+
+
+def _state_dict_of(obj: Any, path: str) -> Mapping[str, Any]:
+    if isinstance(obj, nn.Module):
+        return obj.state_dict()
+    if isinstance(obj, Mapping):
+        for key in ("state_dict", "model"):
+            inner = obj.get(key)
+            if isinstance(inner, Mapping):
+                return inner
+            if isinstance(inner, nn.Module):
+                return inner.state_dict()
+        return obj
+    raise BnfoldError(f"{path!r} holds a {type(obj).__name__}, not a state_dict")
+
+
+def example_inputs_from_shapes(
+    shapes: Sequence[Sequence[int]], dtype: str = "float32", seed: int = 0
+) -> tuple[torch.Tensor, ...]:
+    """Random example inputs for a factory-built module, one tensor per shape."""
+    gen = torch.Generator().manual_seed(seed)
+    try:
+        torch_dtype = getattr(torch, dtype)
+    except AttributeError:
+        raise BnfoldError(f"unknown dtype {dtype!r}") from None
+    return tuple(torch.randn(tuple(s), generator=gen).to(torch_dtype) for s in shapes)
+
+
+def load_exported_program(path: str | os.PathLike[str]) -> torch.export.ExportedProgram:
+    """``torch.export.load`` with one-line errors.
+
+    Raises:
+        BnfoldError: missing or unreadable file, or not an ExportedProgram archive.
+    """
+    if not Path(path).is_file():
+        raise BnfoldError(f"{str(path)!r} does not exist")
+    try:
+        return torch.export.load(path)
+    except Exception as e:
+        reason = f"{type(e).__name__}: {_first_line(e)}"
+        raise BnfoldError(f"cannot load {str(path)!r} as an ExportedProgram: {reason}") from None
+
+
+def fold_exported_program_file(
+    in_path: str | os.PathLike[str],
+    out_path: str | os.PathLike[str],
+    *,
+    verify: bool = True,
+    rtol: float | None = None,
+    atol: float = 0.0,
+) -> FoldResult:
+    """Fold a ``.pt2`` file and write the re-exported program atomically.
+
+    The program's module is folded at the aten graph level (see
+    :mod:`bnfold.torch_front.exported`), verified against the original on its
+    example inputs plus random draws (folds that fail are rolled back), then
+    exported again with the same example inputs and saved via a temporary file
+    in the target folder and ``os.replace``.
+
+    Returns:
+        FoldResult whose ``model`` is the new ExportedProgram.
+
+    Raises:
+        BnfoldError: bad input or output path, no usable example inputs.
+        NotSupportedError: keyword inputs or dynamic shapes (re-export would
+            fix the shapes to the example's).
+    """
+    ep = load_exported_program(in_path)
+    args = _example_args(ep)
+    result = fold_graph_module(ep.module, args, verify=verify, rtol=rtol, atol=atol)
+    try:
+        folded_ep = torch.export.export(result.model, args, strict=False)
+    except Exception as e:
+        raise BnfoldError(f"re-exporting the folded program failed: {_first_line(e)}") from None
+    with _atomic_target(out_path) as tmp:
+        torch.export.save(folded_ep, tmp)
+    result.model = folded_ep
+    return result
+
+
+def _example_args(ep: torch.export.ExportedProgram) -> tuple[Any, ...]:
+    user_inputs = [
+        n
+        for n in ep.graph.nodes
+        if n.op == "placeholder" and n.name in ep.graph_signature.user_inputs
+    ]
+    shapes = [getattr(n.meta.get("val"), "shape", ()) for n in user_inputs]
+    if any(not isinstance(d, int) for s in shapes for d in s):
+        raise NotSupportedError("folding a .pt2 with dynamic shapes is not supported")
+    if ep.example_inputs is not None:
+        args, kwargs = ep.example_inputs
+        if kwargs:
+            raise NotSupportedError("folding a .pt2 with keyword inputs is not supported")
+        return tuple(args)
+    vals = [n.meta.get("val") for n in user_inputs]
+    if not all(isinstance(v, torch.Tensor) for v in vals):
+        raise BnfoldError("the .pt2 has no example inputs and non-tensor inputs")
+    gen = torch.Generator().manual_seed(0)
+    return tuple(torch.randn(tuple(v.shape), generator=gen).to(v.dtype) for v in vals)
+
+
+def export_onnx(module: Any, example_inputs: Any, path: str | os.PathLike[str]) -> None:
+    """Export a (folded) module or ExportedProgram to ONNX with torch's exporter, atomically.
+
+    torch's ONNX exporter folds Conv+BatchNorm by itself when optimizing; after
+    bnfold's fold there is nothing left for it to fold, and bnfold's report
+    plus verification are what tell you the fold was right.
+
+    Raises:
+        BnfoldError: the export fails or the output cannot be written.
+    """
+    from bnfold.onnx_front.io import save_model
+    from bnfold.torch_front.run import as_args
+
+    try:
+        program = torch.onnx.export(module, as_args(example_inputs), dynamo=True, verbose=False)
+    except Exception as e:
+        raise BnfoldError(f"ONNX export failed: {type(e).__name__}: {_first_line(e)}") from None
+    if program is None:
+        raise BnfoldError("ONNX export returned nothing")
+    save_model(program.model, path)
+
+
+@contextlib.contextmanager
+def _atomic_target(path: str | os.PathLike[str]) -> Iterator[str]:
+    """Yield a temp file name beside ``path``; on success it replaces ``path``."""
+    target = Path(path)
+    if not target.parent.is_dir():
+        raise BnfoldError(f"output folder {str(target.parent)!r} does not exist")
+    if target.is_dir():
+        raise BnfoldError(f"output {str(target)!r} is a folder")
+    fd, tmp = tempfile.mkstemp(
+        dir=target.parent, prefix=f".{target.name}.", suffix=f".tmp{target.suffix}"
+    )
+    os.close(fd)
+    try:
+        yield tmp
+        os.replace(tmp, target)
+    except OSError as e:
+        raise BnfoldError(f"cannot write {str(target)!r}: {e.strerror or e}") from None
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
