@@ -111,7 +111,7 @@ def _why_not_linear(bn_name: str, x: fx.Node) -> Refusal:
             code = Code.NONLINEAR_INPUT if any(map(is_nonlinear, chain)) else Code.OP_BETWEEN
             return Refusal(f"{lin} -> {bn_name}", code, f"{' -> '.join(reversed(chain))} between")
         inputs = [a for a in node.all_input_nodes if a.op != "get_attr"]
-        if len(inputs) != 1:
+        if len(inputs) != 1 or node.target in _BN_OPS:
             break
         chain.append(str(node.target))
         node = inputs[0]
