@@ -16,6 +16,7 @@ import onnx_ir as ir
 
 from bnfold.errors import BnfoldError
 from bnfold.onnx_front import io
+from bnfold.onnx_front.match import MatchOptions
 from bnfold.onnx_front.passes import FoldAffinePass
 from bnfold.report import FoldReport, FoldResult, VerifyResult
 
@@ -40,6 +41,7 @@ def fold(
     inplace: bool = False,
     verify: bool = False,
     verify_options: VerifyOptions | None = None,
+    clone_shared: bool = True,
 ) -> FoldResult:
     """Fold every foldable BatchNorm / constant affine into its neighbouring linear op.
 
@@ -51,6 +53,8 @@ def fold(
         verify: ONNX: compare the folded model with the original at ORT_DISABLE_ALL
             and attach the result (torch always verifies each fold).
         verify_options: tolerances, samples, seed and input shapes.
+        clone_shared: ONNX: copy a weight that other nodes also read so the fold
+            can proceed (reported as bytes_added); False refuses such sites.
 
     Returns:
         FoldResult with ``.model`` (same kind as given; a path gives an onnx_ir.Model)
@@ -66,7 +70,8 @@ def fold(
     if verify:  # snapshot before folding: with inplace=True the input itself changes
         is_path = isinstance(model, str | os.PathLike)
         reference = model if is_path else _onnx_model(model, copy=True)
-    result = FoldAffinePass()(_onnx_model(model, copy=not inplace))
+    fold_pass = FoldAffinePass(MatchOptions(clone_shared=clone_shared))
+    result = fold_pass(_onnx_model(model, copy=not inplace))
     out = FoldResult(result.model, result.report)  # type: ignore[attr-defined]
     if reference is not None:
         out.verification = verify_models(reference, out.model, verify_options)
@@ -120,6 +125,7 @@ def fold_file(
     verify: bool = True,
     verify_options: VerifyOptions | None = None,
     in_place: bool = False,
+    clone_shared: bool = True,
 ) -> tuple[FoldResult, bool]:
     """Fold an ONNX file and write the result atomically, verified before it is published.
 
@@ -138,7 +144,7 @@ def fold_file(
     _require_distinct(source, output, in_place)
     model = io.load_model(source)
     keep_external = any(True for _ in io.external_tensors(model))  # before folds replace them
-    folded = FoldAffinePass()(model)
+    folded = FoldAffinePass(MatchOptions(clone_shared=clone_shared))(model)
     result = FoldResult(folded.model, folded.report)  # type: ignore[attr-defined]
 
     def accept(staged: Path) -> bool:

@@ -30,6 +30,8 @@ class Code(str, enum.Enum):
     """The linear module is called more than once in forward()."""
     NOT_PER_CHANNEL = "not_per_channel"
     """The affine does not act per output channel of the linear op."""
+    ZERO_PADDING = "zero_padding"
+    """Folding before a zero-padded op with a nonzero shift would change the borders."""
     NONLINEAR_INPUT = "nonlinear_input"
     """The BatchNorm's input comes from a nonlinearity, not a linear op."""
     STANDALONE = "standalone"

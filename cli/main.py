@@ -116,6 +116,11 @@ def main() -> None:
     help="Also write the JSON report here.",
 )
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+@click.option(
+    "--no-clone-shared",
+    is_flag=True,
+    help="Refuse (shared_weight) instead of copying a weight other nodes also read.",
+)
 @click.option("--jobs", type=click.IntRange(1), default=1, help="Folder mode: parallel processes.")
 @verify_options
 @one_line_errors
@@ -127,6 +132,7 @@ def fold(
     strict: bool,
     report_path: str | None,
     as_json: bool,
+    no_clone_shared: bool,
     jobs: int,
     **verify_kw: Any,
 ) -> None:
@@ -153,7 +159,12 @@ def fold(
     assert target is not None
     options = _verify_options(**verify_kw)
     result, written = fold_file(
-        model, target, verify=not no_verify, verify_options=options, in_place=in_place
+        model,
+        target,
+        verify=not no_verify,
+        verify_options=options,
+        in_place=in_place,
+        clone_shared=not no_clone_shared,
     )
     payload = {**result.to_dict(), "output": target, "written": written}
     _write_report(report_path, payload)

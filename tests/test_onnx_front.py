@@ -40,7 +40,6 @@ REFUSED = {
     "neg_bn_after_relu.onnx": [Code.NONLINEAR_INPUT],
     "neg_training_bn.onnx": [Code.TRAINING_MODE],
     "neg_branching.onnx": [Code.BRANCHING],
-    "neg_shared_weight.onnx": [Code.SHARED_WEIGHT, Code.SHARED_WEIGHT],
     "neg_standalone_bn.onnx": [Code.STANDALONE],
     "neg_matmul_3d_bn.onnx": [Code.NOT_PER_CHANNEL],
 }
@@ -122,6 +121,23 @@ def test_negative_sample_is_left_unchanged_with_its_reason(name: str) -> None:
     assert op_types(folded) == op_types(original)
     if name != "neg_training_bn.onnx":  # training BN normalizes by batch stats: random anyway
         assert_same_function(original, folded, rtol=0.0)
+
+
+def test_shared_weight_is_cloned_and_both_sites_fold() -> None:
+    original = onnx.load(SAMPLES / "neg_shared_weight.onnx")
+    result = bnfold.fold(original)
+    assert len(result.report.folded) == 2
+    assert sum(f.bytes_added for f in result.report.folded) == 864  # one 8x3x3x3 fp32 copy
+    folded = to_proto(result.model)
+    assert "BatchNormalization" not in op_types(folded)
+    assert_same_function(original, folded)
+
+
+def test_shared_weight_is_refused_without_cloning() -> None:
+    original = onnx.load(SAMPLES / "neg_shared_weight.onnx")
+    result = bnfold.fold(original, clone_shared=False)
+    assert result.report.codes == [Code.SHARED_WEIGHT, Code.SHARED_WEIGHT]
+    assert op_types(to_proto(result.model)) == op_types(original)
 
 
 def test_nan_stats_refuse_one_fold_and_the_rest_still_fold() -> None:
@@ -316,9 +332,13 @@ def test_fold_inside_if_branch_with_outer_scope_weight() -> None:
     assert [f.site for f in result.report.folded] == ["inner_conv -> inner_bn"]
 
 
-def test_outer_weight_read_by_both_branches_is_shared() -> None:
-    result = bnfold.fold(if_model(else_weight="w"))
-    assert result.report.codes == [Code.SHARED_WEIGHT]
+def test_outer_weight_read_by_both_branches_is_cloned_for_one() -> None:
+    result = fold_and_check(if_model(else_weight="w"))
+    assert result.report.folded[0].bytes_added == 4 * 3 * 3 * 3 * 4
+    else_conv = next(
+        n for n in ir.traversal.RecursiveGraphIterator(result.model.graph) if n.name == "else_conv"
+    )
+    assert else_conv.inputs[1].name == "w"  # the other reader keeps the original weight
 
 
 def test_inspect_does_not_modify_the_model() -> None:

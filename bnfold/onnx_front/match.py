@@ -1,28 +1,38 @@
 """Find affine nodes next to linear ops and decide, per site, the fold or the refusal.
 
-A *site* is an affine node (BatchNormalization, or Mul/Add by a constant) whose
-data input is produced by a linear op (Conv, ConvTranspose, Gemm, MatMul).
-:func:`plan` turns a site into a :class:`FoldPlan` holding the new weight and
-bias, computed by :mod:`bnfold.affine`, or into a :class:`~bnfold.report.Refusal`.
-Planning never modifies the graph; :mod:`bnfold.onnx_front.passes` applies plans.
+A *site* is an affine node (BatchNormalization, or Mul/Add by a constant) beside
+a linear op (Conv, ConvTranspose, Gemm, MatMul). It folds *after* the op when the
+op feeds it (possibly through one shape-only op), or, for a BatchNormalization
+that cannot fold after, *before* the op that reads it (possibly through a
+Flatten/Reshape). :func:`plan` turns a site into a :class:`FoldPlan` holding the
+new weight and bias, computed by :mod:`bnfold.affine`, or into a
+:class:`~bnfold.report.Refusal`. Planning never modifies the graph;
+:mod:`bnfold.onnx_front.passes` applies plans.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import enum
+import math
+from dataclasses import dataclass, replace
 
+import ml_dtypes
 import numpy as np
 import onnx_ir as ir
 
 from bnfold import layouts
-from bnfold.affine import Affine, Unfoldable, bn_to_affine, fold_after
+from bnfold.affine import Affine, Unfoldable, bn_to_affine, fold_after, fold_before
 from bnfold.layouts import LayoutError, WeightLayout
+from bnfold.onnx_front.constants import constant_array
 from bnfold.report import Code, Refusal
 
 LINEAR_OPS = frozenset({"Conv", "ConvTranspose", "Gemm", "MatMul"})
 AFFINE_OPS = frozenset({"BatchNormalization", "Mul", "Add"})
-# Elementwise or otherwise non-affine ops that commonly sit between a linear op
-# and a BatchNorm; named in the refusal so users see why nothing folded.
+# Ops that only move elements around; a per-channel affine can pass them when the
+# channel axis provably stays a channel axis (see _channel_survives).
+SHAPE_OPS = frozenset({"Reshape", "Flatten", "Squeeze", "Unsqueeze", "Transpose"})
+# Ops that commonly sit between a linear op and a BatchNorm and make a fold
+# impossible; named in the refusal so users see why nothing folded.
 NONLINEAR_OPS = frozenset(
     {
         "Relu", "LeakyRelu", "PRelu", "Elu", "Selu", "Celu", "Gelu", "Sigmoid", "HardSigmoid",
@@ -30,40 +40,72 @@ NONLINEAR_OPS = frozenset(
         "Abs", "Exp", "Log", "Sqrt", "Pow", "Max", "Min", "ThresholdedRelu", "Swish",
     }
 )  # fmt: skip
-FLOAT_DTYPES = frozenset(
-    {ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.DOUBLE, ir.DataType.BFLOAT16}
-)
+
+
+class Direction(str, enum.Enum):
+    AFTER = "after"  # affine(linear(x))
+    BEFORE = "before"  # linear(affine(x))
 
 
 @dataclass(frozen=True)
+class MatchOptions:
+    """Choices a user can make about what folds.
+
+    Attributes:
+        clone_shared: a weight read by several nodes is copied for the folded
+            node (other readers keep the original); False refuses such sites.
+    """
+
+    clone_shared: bool = True
+
+
+@dataclass(frozen=True, eq=False)
 class LinearOp:
     """A linear op with constant weights, seen from the fold's point of view.
 
     Attributes:
         node: the Conv/ConvTranspose/Gemm/MatMul node.
         weight: its constant weight value (input 1).
-        bias: its constant bias value, or None when it has none.
-        layout: where output channels sit in the weight.
-        channels: number of output channels.
+        bias: its constant bias value, or None when it has none (or Gemm ignores it).
+        weight_array: the weight's values.
+        bias_array: the bias's values, or None.
+        layout: where output and input channels sit in the weight.
         out_rank: rank of the op's output, None when unknown (MatMul on an unknown input).
         channel_last: output channels are the last axis (MatMul) rather than axis 1.
         bias_gain: the op multiplies its bias by this (Gemm's beta); shifts are divided by it.
         resets_beta: Gemm with beta=0 ignores C, so the fold writes a new C and sets beta=1.
+        input_gain: the op multiplies its input term by this (Gemm's alpha).
+        shared: names of the weight/bias values other nodes also read (cloned on fold).
     """
 
     node: ir.Node
     weight: ir.Value
     bias: ir.Value | None
+    weight_array: np.ndarray
+    bias_array: np.ndarray | None
     layout: WeightLayout
-    channels: int
     out_rank: int | None
     channel_last: bool = False
     bias_gain: float = 1.0
     resets_beta: bool = False
+    input_gain: float = 1.0
+    shared: tuple[str, ...] = ()
 
     @property
     def output(self) -> ir.Value:
         return self.node.outputs[0]
+
+    @property
+    def weight_shape(self) -> tuple[int, ...]:
+        return tuple(self.weight_array.shape)
+
+    @property
+    def channels(self) -> int:
+        return self.layout.out_channels(self.weight_shape)
+
+    @property
+    def in_channels(self) -> int:
+        return self.layout.in_channels(self.weight_shape)
 
     def channel_axis(self) -> int | None:
         """Output axis (counted from the front) holding channels, None if unknown."""
@@ -78,21 +120,28 @@ class FoldPlan:
 
     site: str
     pattern: str
+    direction: Direction
     linear: LinearOp
     affine_node: ir.Node
+    between: ir.Node | None  # a shape-only op between the two, left in place
     new_weight: np.ndarray
     new_bias: np.ndarray | None  # None: the op has no bias and the fold needs none
-
-
-def site_name(linear: ir.Node | None, affine: ir.Node) -> str:
-    """``"conv1 -> bn1"``, falling back to op type and output name for unnamed nodes."""
-    return f"{label(linear)} -> {label(affine)}" if linear else label(affine)
+    bytes_added: int = 0  # weight bytes copied because another node shares them
 
 
 def label(node: ir.Node | None) -> str:
+    """A node's name, or its op type and output name when it has none."""
     if node is None:
         return "<input>"
     return node.name or f"{node.op_type}({node.outputs[0].name})"
+
+
+def _site(*nodes: ir.Node | None) -> str:
+    return " -> ".join(label(n) for n in nodes if n is not None)
+
+
+def _pattern(*nodes: ir.Node | None) -> str:
+    return "+".join(n.op_type for n in nodes if n is not None)
 
 
 class _Refused(Exception):
@@ -103,49 +152,99 @@ class _Refused(Exception):
         self.code, self.detail = code, detail
 
 
-def plan(node: ir.Node, ir_version: int) -> FoldPlan | Refusal | None:
-    """Plan the fold of one affine node into the linear op feeding it.
+def plan(
+    node: ir.Node, ir_version: int, options: MatchOptions | None = None
+) -> FoldPlan | Refusal | None:
+    """Plan the fold of one affine node into a linear op beside it.
 
-    Matches:  BatchNormalization(Conv|ConvTranspose|Gemm|MatMul(x, W, B?))
-              Mul|Add(Conv|ConvTranspose|Gemm|MatMul(x, W, B?), constant)
-    Produces: a FoldPlan with W' and B' (see bnfold.affine.fold_after).
+    Matches (after):  BatchNormalization | Mul(·, c) | Add(·, c)  of
+                      Conv | ConvTranspose | Gemm | MatMul(x, W, B?),
+                      for BN possibly through one Reshape/Flatten/Squeeze/Unsqueeze/
+                      Transpose that keeps the channel axis a channel axis.
+    Matches (before): Conv | ConvTranspose | Gemm | MatMul(BatchNormalization(x), W, B?),
+                      possibly through a Flatten/Reshape into Gemm/MatMul; only
+                      tried when the BN cannot fold after.
+    Produces: a FoldPlan with W' and B' (see bnfold.affine).
     Refuses:
       TRAINING_MODE    BN has training_mode=1 / is_test=0, or its extra outputs are used
       NOT_CONSTANT     W, B or a BN parameter is not a constant (initializer,
-                       Constant node, or an IR < 4 initializer listed as input)
-      BRANCHING        the linear op's output has other consumers or is a graph output
-      SHARED_WEIGHT    W or B is also read by another node
-      NOT_PER_CHANNEL  the affine is not per output channel (MatMul on a 3-D input
-                       before BN, BN spatial=0, Mul/Add constant over other axes)
-      NONLINEAR_INPUT  BN's input comes from a nonlinearity
-      STANDALONE       BN's input comes from no linear op at all
+                       Constant node, small constant subexpression, or an IR < 4
+                       initializer listed as input)
+      BRANCHING        the linear op's (or BN's) output has other consumers or is a graph output
+      SHARED_WEIGHT    W or B is also read elsewhere (only with clone_shared=False)
+      NOT_PER_CHANNEL  the affine is not per channel of the op (MatMul on a 3-D input
+                       before BN, BN spatial=0, Mul/Add constant over other axes, a
+                       shape op that moves the channel)
+      ZERO_PADDING     before-fold into a padded Conv (or a ConvTranspose) with a
+                       nonzero shift: the border taps read zeros, not the shift
+      NONLINEAR_INPUT  BN's input comes from a nonlinearity and no linear op reads it
+      STANDALONE       no linear op beside the BN at all
       BAD_VALUES       NaN/inf, var + eps <= 0, or folded values overflow the dtype
       BAD_SHAPE        BN parameters do not have one value per channel
-      BAD_GROUPS       ConvTranspose input channels not divisible by group
+      BAD_GROUPS       channels not divisible by group
       UNSUPPORTED_DTYPE  the weight is not a floating-point tensor
 
     Returns None for a Mul/Add that is not an affine next to a linear op (say a
     residual Add): those are not sites and are not reported.
     """
+    options = options or MatchOptions()
     if node.op_type not in AFFINE_OPS or node.domain not in ("", "ai.onnx"):
         return None
-    producer_input = _data_input(node, ir_version)
-    if producer_input is None:
+    after = _plan_after(node, ir_version, options)
+    if after is None or isinstance(after, FoldPlan) or node.op_type != "BatchNormalization":
+        return after
+    consumer = _linear_reader(node)
+    if consumer is None:
+        return after
+    before = _plan_before(node, consumer, ir_version, options)
+    if isinstance(before, FoldPlan):
+        return before
+    if after.code in (Code.STANDALONE, Code.NONLINEAR_INPUT):
+        return replace(before, detail=f"{before.detail} (and {after.detail})")
+    return replace(
+        after, detail=f"{after.detail}; nor before {label(consumer[-1])}: {before.detail}"
+    )
+
+
+# --- after: affine(linear(x)) ---------------------------------------------------------
+
+
+def _plan_after(node: ir.Node, ir_version: int, options: MatchOptions) -> FoldPlan | Refusal | None:
+    data = _data_input(node, ir_version)
+    if data is None:
         return None
-    producer = producer_input.producer()
-    name = site_name(producer if producer and producer.op_type in LINEAR_OPS else None, node)
+    producer = data.producer()
+    between = None
+    if (
+        node.op_type == "BatchNormalization"
+        and producer is not None
+        and producer.op_type in SHAPE_OPS
+        and _producer_op(producer) in LINEAR_OPS
+    ):
+        between, producer = producer, producer.inputs[0].producer()  # type: ignore[union-attr]
+    linear_node = producer if producer is not None and producer.op_type in LINEAR_OPS else None
+    site = _site(linear_node, between, node)
     try:
-        if producer is None or producer.op_type not in LINEAR_OPS:
+        if linear_node is None:
             return _refuse_unpaired(node, producer)
-        linear = _describe_linear_for(node, producer, ir_version)
+        linear = _linear_for_after(node, linear_node, ir_version, options)
         if linear is None:
             return None
-        affine = describe_affine(node, linear, ir_version)
+        if between is not None:
+            _require_single_consumer(between)
+            _require_channel_survives(between, linear)
+        affine = _affine_after(node, linear, ir_version, between)
         if affine is None:
             return None
-        return _make_plan(name, linear, node, affine)
+        return _make_plan(site, Direction.AFTER, linear, node, between, affine)
     except _Refused as refused:
-        return Refusal(name, refused.code, refused.detail)
+        return Refusal(site, refused.code, refused.detail)
+
+
+def _producer_op(node: ir.Node) -> str | None:
+    data = node.inputs[0] if node.inputs else None
+    producer = data.producer() if data is not None else None
+    return producer.op_type if producer is not None else None
 
 
 def _data_input(node: ir.Node, ir_version: int) -> ir.Value | None:
@@ -155,7 +254,7 @@ def _data_input(node: ir.Node, ir_version: int) -> ir.Value | None:
     if len(node.inputs) != 2 or any(v is None for v in node.inputs):
         return None
     a, b = node.inputs
-    a_const, b_const = (constant(v, ir_version) is not None for v in (a, b))
+    a_const, b_const = (constant_array(v, ir_version) is not None for v in (a, b))
     if a_const == b_const:
         return None
     return b if a_const else a
@@ -174,11 +273,12 @@ def _refuse_unpaired(node: ir.Node, producer: ir.Node | None) -> Refusal | None:
     raise _Refused(Code.STANDALONE, f"input comes from {source}, not a linear op; left as is")
 
 
-def _describe_linear_for(
-    affine_node: ir.Node, producer: ir.Node, ir_version: int
+def _linear_for_after(
+    affine_node: ir.Node, producer: ir.Node, ir_version: int, options: MatchOptions
 ) -> LinearOp | None:
     try:
-        return describe_linear(producer, ir_version)
+        _require_single_consumer(producer)
+        return describe_linear(producer, ir_version, options)
     except _Refused as refused:
         # Mul/Add after a MatMul of two activations (attention scaling, say) is
         # not a fold candidate; reporting it would bury the real refusals.
@@ -186,51 +286,6 @@ def _describe_linear_for(
         if affine_node.op_type != "BatchNormalization" and weightless:
             return None
         raise
-
-
-def describe_linear(node: ir.Node, ir_version: int) -> LinearOp:
-    """Read a linear op's weight, bias and layout, refusing what cannot be folded into."""
-    _require_single_consumer(node)
-    weight = node.inputs[1] if len(node.inputs) > 1 else None
-    w = _require_constant(weight, "weight", ir_version)
-    if weight is None or w.dtype not in FLOAT_DTYPES:
-        raise _Refused(Code.UNSUPPORTED_DTYPE, f"weight dtype {w.dtype} is not floating point")
-    bias = node.inputs[2] if len(node.inputs) > 2 else None
-    if bias is not None:
-        _require_constant(bias, "bias", ir_version)
-    for value in (weight, bias):
-        if value is not None and len(value.uses()) > 1:
-            raise _Refused(Code.SHARED_WEIGHT, f"{value.name!r} is also read by another node")
-    return _linear_of_kind(node, weight, bias, tuple(w.shape.numpy()))
-
-
-def _linear_of_kind(
-    node: ir.Node, weight: ir.Value, bias: ir.Value | None, w_shape: tuple[int, ...]
-) -> LinearOp:
-    op = node.op_type
-    if op == "Conv":
-        return LinearOp(node, weight, bias, layouts.conv(), w_shape[0], len(w_shape))
-    if op == "ConvTranspose":
-        groups = node.attributes.get_int("group", 1)
-        if groups < 1 or w_shape[0] % groups:
-            raise _Refused(Code.BAD_GROUPS, f"{w_shape[0]} input channels, group={groups}")
-        return LinearOp(
-            node, weight, bias, layouts.conv_transpose(groups), w_shape[1] * groups, len(w_shape)
-        )
-    if len(w_shape) != 2:
-        raise _Refused(Code.BAD_SHAPE, f"{op} weight has rank {len(w_shape)}, expected 2")
-    if op == "Gemm":
-        trans_b = bool(node.attributes.get_int("transB", 0))
-        beta = node.attributes.get_float("beta", 1.0)
-        layout = layouts.gemm(trans_b)
-        channels = w_shape[layout.out_axis]
-        if beta == 0:
-            return LinearOp(node, weight, None, layout, channels, 2, resets_beta=True)
-        return LinearOp(node, weight, bias, layout, channels, 2, bias_gain=beta)
-    # MatMul: the constant is the right operand, so output features are the last axis.
-    left_shape = node.inputs[0].shape if node.inputs[0] is not None else None
-    rank = None if left_shape is None else max(len(left_shape), 2)
-    return LinearOp(node, weight, None, layouts.matmul(), w_shape[1], rank, channel_last=True)
 
 
 def _require_single_consumer(node: ir.Node) -> None:
@@ -242,17 +297,70 @@ def _require_single_consumer(node: ir.Node) -> None:
         raise _Refused(Code.BRANCHING, f"output {out.name!r} is read by {', '.join(readers)}")
 
 
-def describe_affine(node: ir.Node, linear: LinearOp, ir_version: int) -> Affine | None:
+def _require_channel_survives(shape_op: ir.Node, linear: LinearOp) -> None:
+    """A shape-only op keeps a per-channel affine exact only if channels stay on axis 1."""
+    axis = linear.channel_axis()
+    source, result = shape_op.inputs[0], shape_op.outputs[0]
+    if shape_op.op_type == "Transpose":
+        perm = shape_op.attributes.get_ints("perm")
+        if axis is not None and perm is not None and list(perm).index(axis) == 1:
+            return
+    elif _same_channel_index(source.shape, result.shape, axis, linear.channels):  # type: ignore[union-attr]
+        return
+    raise _Refused(
+        Code.NOT_PER_CHANNEL,
+        f"{shape_op.op_type} {label(shape_op)!r} does not keep {linear.node.op_type}'s output "
+        "channels on the BatchNorm's channel axis (or its shapes are unknown)",
+    )
+
+
+def _same_channel_index(
+    before: ir.Shape | None, after: ir.Shape | None, axis: int | None, channels: int
+) -> bool:
+    """Every element keeps its channel index when ``before[axis]`` becomes ``after[1]``.
+
+    Reshape-like ops keep element order, so the channel of flat index f is
+    ``f // inner % C`` on both sides; equal inner sizes and equal C make them agree.
+    """
+    if before is None or after is None or axis is None or len(after) < 2:
+        return False
+    inner_before = _static_product(before.dims[axis + 1 :])
+    inner_after = _static_product(after.dims[2:])
+    return (
+        before.dims[axis] == channels
+        and after.dims[1] == channels
+        and inner_before is not None
+        and inner_before == inner_after
+    )
+
+
+def _static_product(dims: object) -> int | None:
+    values = list(dims)  # type: ignore[call-overload]
+    if not all(isinstance(d, int) for d in values):
+        return None
+    return math.prod(values)
+
+
+def _affine_after(
+    node: ir.Node, linear: LinearOp, ir_version: int, between: ir.Node | None
+) -> Affine | None:
     """The per-output-channel affine an affine node applies, or a refusal."""
     if node.op_type == "BatchNormalization":
-        return _batchnorm_affine(node, linear, ir_version)
+        if between is None and linear.channel_axis() != 1:
+            raise _Refused(
+                Code.NOT_PER_CHANNEL,
+                f"BatchNorm normalizes axis 1 but {linear.node.op_type}'s output features are "
+                f"axis {linear.channel_axis() if linear.out_rank else '? (input rank unknown)'}",
+            )
+        return _batchnorm_affine(node, linear.channels, ir_version)
     operand = next(v for v in node.inputs if v is not linear.output)
-    vector = per_channel_vector(constant_array(operand, ir_version), linear)
+    array = constant_array(operand, ir_version)
+    vector = per_channel_vector(array, linear)
     if vector is None:
-        shape = constant(operand, ir_version).shape  # type: ignore[union-attr]
+        shape = None if array is None else list(array.shape)
         raise _Refused(
             Code.NOT_PER_CHANNEL,
-            f"{node.op_type} constant of shape {list(shape)} is not per output channel",
+            f"{node.op_type} constant of shape {shape} is not per output channel",
         )
     if node.op_type == "Add" and linear.node.op_type == "MatMul" and linear.out_rank != 2:
         return None  # MatMul (N-d) + Add has nowhere better to put the bias: no gain
@@ -261,29 +369,189 @@ def describe_affine(node: ir.Node, linear: LinearOp, ir_version: int) -> Affine 
     return _checked(lambda: Affine.of(1.0, vector, linear.channels))
 
 
-def _batchnorm_affine(node: ir.Node, linear: LinearOp, ir_version: int) -> Affine:
+# --- before: linear(affine(x)) --------------------------------------------------------
+
+
+def _linear_reader(bn: ir.Node) -> tuple[ir.Node, ...] | None:
+    """(linear,) or (flatten, linear) when the BN's only reader feeds a linear op's input 0."""
+    out = bn.outputs[0]
+    uses = list(out.uses())
+    if out.is_graph_output() or len(uses) != 1 or uses[0].idx != 0:
+        return None
+    reader = uses[0].node
+    if reader.op_type in LINEAR_OPS:
+        return (reader,)
+    if reader.op_type not in ("Flatten", "Reshape") or reader.outputs[0].is_graph_output():
+        return None
+    next_uses = list(reader.outputs[0].uses())
+    if len(next_uses) != 1 or next_uses[0].idx != 0:
+        return None
+    follower = next_uses[0].node
+    return (reader, follower) if follower.op_type in ("Gemm", "MatMul") else None
+
+
+def _plan_before(
+    bn: ir.Node, chain: tuple[ir.Node, ...], ir_version: int, options: MatchOptions
+) -> FoldPlan | Refusal:
+    linear_node, between = chain[-1], (chain[0] if len(chain) == 2 else None)
+    site = _site(bn, between, linear_node)
+    try:
+        linear = describe_linear(linear_node, ir_version, options)
+        per_channel = _batchnorm_affine(bn, _bn_channels(bn, ir_version), ir_version)
+        affine = _spread_to_input_features(per_channel, linear, between)
+        _require_exact_before(linear, affine)
+        gain = linear.input_gain / linear.bias_gain
+        affine = Affine(affine.scale, affine.shift * gain)
+        return _make_plan(site, Direction.BEFORE, linear, bn, between, affine)
+    except _Refused as refused:
+        return Refusal(site, refused.code, refused.detail)
+
+
+def _bn_channels(bn: ir.Node, ir_version: int) -> int:
+    scale = constant_array(bn.inputs[1] if len(bn.inputs) > 1 else None, ir_version)
+    if scale is None or scale.ndim != 1:
+        raise _Refused(Code.NOT_CONSTANT, "BatchNorm scale is not a constant vector")
+    return int(scale.shape[0])
+
+
+def _spread_to_input_features(affine: Affine, linear: LinearOp, between: ir.Node | None) -> Affine:
+    """Map the BN's per-channel affine onto the linear op's input features.
+
+    Directly, channel c is input channel c. Through a Flatten of ``(N, C, *rest)``
+    into ``(N, C * R)``, channel c is the contiguous block of features
+    ``c*R .. c*R + R - 1``.
+    """
+    op = linear.node.op_type
+    if op == "Gemm" and linear.node.attributes.get_int("transA", 0):
+        raise _Refused(Code.NOT_PER_CHANNEL, "Gemm transA=1 reads the BN's channels as rows")
+    features = linear.in_channels
+    channels = affine.scale.shape[0]
+    if between is None:
+        data_rank = _rank(linear.node.inputs[0])
+        if op == "MatMul" and data_rank != 2:
+            raise _Refused(
+                Code.NOT_PER_CHANNEL,
+                f"MatMul reads features on the last axis of a rank-{data_rank or '?'} input, "
+                "the BatchNorm normalizes axis 1",
+            )
+        if features != channels:
+            raise _Refused(
+                Code.BAD_SHAPE, f"BatchNorm has {channels} channels, op reads {features}"
+            )
+        return affine
+    _require_flattens_batch(between)
+    if features % channels:
+        raise _Refused(Code.BAD_SHAPE, f"{features} features are not a multiple of {channels}")
+    block = features // channels
+    return Affine(np.repeat(affine.scale, block), np.repeat(affine.shift, block))
+
+
+def _require_flattens_batch(node: ir.Node) -> None:
+    out_shape = node.outputs[0].shape
+    if node.op_type == "Flatten" and node.attributes.get_int("axis", 1) == 1:
+        return
+    if node.op_type == "Reshape" and out_shape is not None and len(out_shape) == 2:
+        in_shape = node.inputs[0].shape
+        if in_shape is not None and len(in_shape) >= 1 and out_shape.dims[0] == in_shape.dims[0]:
+            return
+    raise _Refused(
+        Code.NOT_PER_CHANNEL,
+        f"{node.op_type} {label(node)!r} does not flatten (N, C, ...) to (N, -1)",
+    )
+
+
+def _rank(value: ir.Value | None) -> int | None:
+    return None if value is None or value.shape is None else len(value.shape)
+
+
+def _require_exact_before(linear: LinearOp, affine: Affine) -> None:
+    """Zero padding reads zeros at the borders, never the shift: exact only if shift is 0."""
+    if not np.any(affine.shift != 0):
+        return
+    node = linear.node
+    if node.op_type == "ConvTranspose":
+        raise _Refused(
+            Code.ZERO_PADDING,
+            "ConvTranspose: border outputs receive fewer taps, so a nonzero shift changes them",
+        )
+    if node.op_type == "Conv":
+        pads = node.attributes.get_ints("pads", ())
+        auto_pad = node.attributes.get_string("auto_pad", "NOTSET")
+        if any(pads) or auto_pad in ("SAME_UPPER", "SAME_LOWER"):
+            raise _Refused(
+                Code.ZERO_PADDING,
+                "Conv pads with zeros: the borders would see the BatchNorm's shift, not zeros",
+            )
+
+
+# --- shared by both directions --------------------------------------------------------
+
+
+def describe_linear(node: ir.Node, ir_version: int, options: MatchOptions) -> LinearOp:
+    """Read a linear op's weight, bias and layout, refusing what cannot be folded into."""
+    weight = node.inputs[1] if len(node.inputs) > 1 else None
+    w = _require_constant(weight, "weight", ir_version)
+    if not _is_float(w):
+        raise _Refused(Code.UNSUPPORTED_DTYPE, f"weight dtype {w.dtype} is not floating point")
+    bias = node.inputs[2] if len(node.inputs) > 2 else None
+    b = None if bias is None else _require_constant(bias, "bias", ir_version)
+    shared = tuple(v.name or "" for v in (weight, bias) if v is not None and readers(v) > 1)
+    if shared and not options.clone_shared:
+        raise _Refused(Code.SHARED_WEIGHT, f"{shared[0]!r} is also read by another node")
+    assert weight is not None
+    linear = _linear_of_kind(node, weight, w, bias, b)
+    return replace(linear, shared=shared)
+
+
+def _linear_of_kind(
+    node: ir.Node, weight: ir.Value, w: np.ndarray, bias: ir.Value | None, b: np.ndarray | None
+) -> LinearOp:
+    op, w_shape = node.op_type, tuple(w.shape)
+    groups = node.attributes.get_int("group", 1)
+    if op in ("Conv", "ConvTranspose"):
+        if groups < 1 or w_shape[0] % groups:
+            raise _Refused(Code.BAD_GROUPS, f"weight rows {w_shape[0]} with group={groups}")
+        layout = layouts.conv(groups) if op == "Conv" else layouts.conv_transpose(groups)
+        return LinearOp(node, weight, bias, w, b, layout, len(w_shape))
+    if len(w_shape) != 2:
+        raise _Refused(Code.BAD_SHAPE, f"{op} weight has rank {len(w_shape)}, expected 2")
+    if op == "Gemm":
+        layout = layouts.gemm(bool(node.attributes.get_int("transB", 0)))
+        alpha = node.attributes.get_float("alpha", 1.0)
+        beta = node.attributes.get_float("beta", 1.0)
+        if beta == 0:  # C is ignored: the fold writes a new one and sets beta to 1
+            return LinearOp(
+                node, weight, None, w, None, layout, 2, resets_beta=True, input_gain=alpha
+            )
+        return LinearOp(node, weight, bias, w, b, layout, 2, bias_gain=beta, input_gain=alpha)
+    # MatMul: the constant is the right operand, so output features are the last axis.
+    left_rank = _rank(node.inputs[0])
+    rank = None if left_rank is None else max(left_rank, 2)
+    return LinearOp(node, weight, None, w, None, layouts.matmul(), rank, channel_last=True)
+
+
+def readers(value: ir.Value) -> int:
+    """Nodes that read the values of ``value`` (CastLike's second input reads only its type)."""
+    return sum(1 for use in value.uses() if not (use.node.op_type == "CastLike" and use.idx == 1))
+
+
+def _is_float(array: np.ndarray) -> bool:
+    return array.dtype.kind == "f" or array.dtype == ml_dtypes.bfloat16
+
+
+def _batchnorm_affine(node: ir.Node, channels: int, ir_version: int) -> Affine:
     _require_inference(node)
     if node.attributes.get_int("spatial", 1) == 0:
-        raise _Refused(
-            Code.NOT_PER_CHANNEL, "spatial=0: statistics per activation, not per channel"
-        )
-    if linear.channel_axis() != 1:
-        raise _Refused(
-            Code.NOT_PER_CHANNEL,
-            f"BatchNorm normalizes axis 1 but {linear.node.op_type}'s output features are axis "
-            f"{linear.channel_axis() if linear.out_rank else 'unknown (input rank unknown)'}",
-        )
+        raise _Refused(Code.NOT_PER_CHANNEL, "spatial=0: statistics per activation, not channel")
     if len(node.inputs) < 5:
         raise _Refused(Code.BAD_SHAPE, f"BatchNormalization has {len(node.inputs)} inputs, needs 5")
-    names = ("scale", "B", "mean", "var")
     params = []
-    for name, value in zip(names, node.inputs[1:5], strict=True):
-        _require_constant(value, f"BatchNorm {name}", ir_version)
-        array = constant_array(value, ir_version)
-        if array is None or array.shape != (linear.channels,):
-            shape = None if array is None else list(array.shape)
+    for name, value in zip(("scale", "B", "mean", "var"), node.inputs[1:5], strict=True):
+        array = _require_constant(value, f"BatchNorm {name}", ir_version)
+        if array.shape != (channels,):
             raise _Refused(
-                Code.BAD_SHAPE, f"BatchNorm {name} has shape {shape}, expected [{linear.channels}]"
+                Code.BAD_SHAPE,
+                f"BatchNorm {name} has shape {list(array.shape)}, expected [{channels}]",
             )
         params.append(array)
     eps = node.attributes.get_float("epsilon", 1e-5)
@@ -302,19 +570,39 @@ def _require_inference(node: ir.Node) -> None:
             )
 
 
-def _make_plan(site: str, linear: LinearOp, node: ir.Node, affine: Affine) -> FoldPlan:
-    weight = _array(linear.weight)
-    bias = None if linear.bias is None else _array(linear.bias)
-    affine = Affine(affine.scale, affine.shift / linear.bias_gain)
+def _make_plan(
+    site: str,
+    direction: Direction,
+    linear: LinearOp,
+    node: ir.Node,
+    between: ir.Node | None,
+    affine: Affine,
+) -> FoldPlan:
+    weight, bias = linear.weight_array, linear.bias_array
+    fold = fold_after if direction is Direction.AFTER else fold_before
+    if direction is Direction.AFTER:
+        affine = Affine(affine.scale, affine.shift / linear.bias_gain)
     try:
-        new_w, new_b = fold_after(weight, bias, affine, linear.layout)
+        new_w, new_b = fold(weight, bias, affine, linear.layout)
     except Unfoldable as err:
         raise _Refused(Code.BAD_VALUES, str(err)) from None
     except LayoutError as err:
         raise _Refused(Code.BAD_SHAPE, str(err)) from None
     needs_bias = bias is not None or bool(np.any(new_b != 0))
-    pattern = f"{linear.node.op_type}+{node.op_type}"
-    return FoldPlan(site, pattern, linear, node, new_w, new_b if needs_bias else None)
+    ordered = (
+        (linear.node, between, node)
+        if direction is Direction.AFTER
+        else (node, between, linear.node)
+    )
+    added = sum(
+        a.nbytes
+        for v, a in ((linear.weight, new_w), (linear.bias, new_b))
+        if v is not None and v.name in linear.shared
+    )
+    return FoldPlan(
+        site, _pattern(*ordered), direction, linear, node, between, new_w,
+        new_b if needs_bias else None, bytes_added=added,
+    )  # fmt: skip
 
 
 def _checked(make: object) -> Affine:
@@ -331,7 +619,7 @@ def per_channel_vector(array: np.ndarray | None, linear: LinearOp) -> np.ndarray
     rank at most the output's, every axis 1 except the channel axis, which is 1
     or C. A scalar (or all-ones shape) applies the same value to every channel.
     """
-    if array is None or array.dtype.kind != "f":
+    if array is None or not _is_float(array):
         return None
     if linear.out_rank is None:
         max_rank = 2  # any MatMul output has rank >= 2
@@ -352,38 +640,9 @@ def per_channel_vector(array: np.ndarray | None, linear: LinearOp) -> np.ndarray
     return array.reshape(linear.channels).astype(np.float64)
 
 
-def constant(value: ir.Value | None, ir_version: int) -> ir.TensorProtocol | None:
-    """The constant tensor behind ``value``, or None if it can change at run time.
-
-    Initializers and Constant-node outputs are constant. An initializer that is
-    also a graph input can be overridden by the caller, so it is not constant,
-    except in IR < 4 where every initializer must be listed as an input.
-    """
-    if value is None:
-        return None
-    if value.is_graph_input() and (ir_version >= 4 or value.const_value is None):
-        return None
-    try:
-        return ir.convenience.get_const_tensor(value)
-    except ValueError:
-        return None
-
-
-def _array(value: ir.Value) -> np.ndarray:
-    """The values of a constant already checked by :func:`constant`."""
-    tensor = ir.convenience.get_const_tensor(value)
-    assert tensor is not None
-    return tensor.numpy()
-
-
-def constant_array(value: ir.Value | None, ir_version: int) -> np.ndarray | None:
-    tensor = constant(value, ir_version)
-    return None if tensor is None else tensor.numpy()
-
-
-def _require_constant(value: ir.Value | None, what: str, ir_version: int) -> ir.TensorProtocol:
-    tensor = constant(value, ir_version)
-    if tensor is None:
+def _require_constant(value: ir.Value | None, what: str, ir_version: int) -> np.ndarray:
+    array = constant_array(value, ir_version)
+    if array is None:
         name = "<missing>" if value is None else repr(value.name)
         raise _Refused(Code.NOT_CONSTANT, f"{what} {name} is not a constant")
-    return tensor
+    return array

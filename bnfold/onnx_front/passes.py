@@ -9,7 +9,8 @@ import numpy as np
 import onnx_ir as ir
 
 from bnfold.onnx_front import match
-from bnfold.onnx_front.match import FoldPlan, LinearOp
+from bnfold.onnx_front.constants import is_pure_constant_op
+from bnfold.onnx_front.match import Direction, FoldPlan, LinearOp, MatchOptions
 from bnfold.report import Folded, FoldReport, Refusal, count_ops
 
 
@@ -21,49 +22,65 @@ class FoldPassResult(ir.passes.PassResult):
 
 
 class FoldAffinePass(ir.passes.InPlacePass):
-    """Fold inference BatchNormalization and constant Mul/Add into the linear op feeding it.
+    """Fold inference BatchNormalization and constant Mul/Add into a neighbouring linear op.
 
     Matches:  BatchNormalization | Mul(·, c) | Add(·, c)
-              after Conv | ConvTranspose | Gemm | MatMul,
+              after Conv | ConvTranspose | Gemm | MatMul (BN also through one
+              shape-only op), or a BN before one of them (also through Flatten),
               in the main graph and in every If/Loop/Scan body.
-    Produces: the linear op with W' = W·s and B' = B·s + t (see bnfold.affine); the
-              affine node is removed and its output name kept, so the model's
-              interface and every downstream name are unchanged. A 2-D MatMul
-              that gains a bias becomes a Gemm; an N-d one keeps a single Add.
-    Repeats to a fixpoint, so Conv -> BN -> Mul -> Add folds into one Conv.
+    Produces: the linear op with folded W' and B' (see bnfold.affine); the affine
+              node is removed. Folding after, the affine's output name passes to
+              the op, so the model's interface and downstream names are unchanged.
+              A 2-D MatMul that gains a bias becomes a Gemm; an N-d one keeps a
+              single Add. A weight other nodes also read is cloned first.
+    Repeats to a fixpoint, so Conv -> BN -> Mul -> Add folds into one Conv and
+    BN -> Conv -> BN folds both.
     Refuses: every code listed in :func:`bnfold.onnx_front.match.plan`; the
              site is left exactly as it was.
     """
+
+    def __init__(self, options: MatchOptions | None = None) -> None:
+        super().__init__()
+        self.options = options or MatchOptions()
 
     def call(self, model: ir.Model) -> FoldPassResult:
         report = FoldReport(front="onnx", ops_before=op_counts(model))
         refused: list[Refusal] = []
         progress = True
         while progress:
-            progress, refused = self._one_round(model, report)
+            progress, refused = self._one_round(model, report, self.options)
         report.refused = refused
         report.ops_after = op_counts(model)
         return FoldPassResult(model, bool(report.folded), report)
 
     @staticmethod
-    def _one_round(model: ir.Model, report: FoldReport) -> tuple[bool, list[Refusal]]:
+    def _one_round(
+        model: ir.Model, report: FoldReport, options: MatchOptions
+    ) -> tuple[bool, list[Refusal]]:
         """Plan and apply every site once; a refusal now may fold next round."""
         refused: list[Refusal] = []
         folded_any = False
         for node in list(all_nodes(model)):
             if node.graph is None:  # removed by an earlier fold this round
                 continue
-            outcome = match.plan(node, model.ir_version)
+            outcome = match.plan(node, model.ir_version, options)
             if isinstance(outcome, Refusal):
                 refused.append(outcome)
             elif outcome is not None:
                 apply_plan(outcome, model)
-                report.folded.append(
-                    Folded(outcome.site, outcome.pattern, match.label(outcome.linear.node),
-                           match.label(outcome.affine_node))
-                )  # fmt: skip
+                report.folded.append(_folded_entry(outcome))
                 folded_any = True
         return folded_any, refused
+
+
+def _folded_entry(plan: FoldPlan) -> Folded:
+    return Folded(
+        plan.site,
+        plan.pattern,
+        match.label(plan.linear.node),
+        match.label(plan.affine_node),
+        bytes_added=plan.bytes_added,
+    )
 
 
 def all_nodes(model: ir.Model) -> Iterator[ir.Node]:
@@ -77,21 +94,33 @@ def op_counts(model: ir.Model) -> dict[str, int]:
 
 def apply_plan(plan: FoldPlan, model: ir.Model) -> None:
     """Write the planned weight and bias, then remove the affine node."""
-    linear = plan.linear
+    linear, after = plan.linear, plan.direction is Direction.AFTER
+    if not after:
+        _bypass(plan.affine_node, reader=plan.between or linear.node)
     set_constant_input(linear.node, 1, plan.new_weight, model)
-    if plan.new_bias is None:
-        _splice_out(plan.affine_node, linear.output)
-        return
-    if linear.node.op_type != "MatMul":
-        set_constant_input(linear.node, 2, plan.new_bias, model, suffix="_bias")
-        if linear.resets_beta:
-            linear.node.attributes["beta"] = ir.AttrFloat32("beta", 1.0)
-        _splice_out(plan.affine_node, linear.output)
-    elif linear.out_rank == 2:
-        gemm = _matmul_to_gemm(linear, plan.new_bias, model)
-        _splice_out(plan.affine_node, gemm.outputs[0])
-    else:
-        _replace_with_bias_add(plan.affine_node, linear, plan.new_bias, model)
+    output = linear.output
+    if plan.new_bias is not None:
+        if linear.node.op_type != "MatMul":
+            set_constant_input(linear.node, 2, plan.new_bias, model, suffix="_bias")
+            if linear.resets_beta:
+                linear.node.attributes["beta"] = ir.AttrFloat32("beta", 1.0)
+        elif not after or linear.out_rank == 2:
+            output = _matmul_to_gemm(linear, plan.new_bias, model).outputs[0]
+        else:
+            output = _append_bias_add(linear, plan.new_bias, model, name=plan.affine_node.name)
+    if after:
+        _splice_out(plan.affine_node, plan.between.outputs[0] if plan.between else output)
+
+
+def _bypass(affine_node: ir.Node, reader: ir.Node) -> None:
+    """Make ``reader`` read the affine node's input directly, and remove the affine node."""
+    graph = affine_node.graph
+    assert graph is not None
+    reader.replace_input_with(0, affine_node.inputs[0])
+    params = [v for v in affine_node.inputs[1:] if v is not None]
+    graph.remove(affine_node, safe=True)
+    for value in params:
+        drop_if_dead(value)
 
 
 def set_constant_input(
@@ -104,18 +133,25 @@ def set_constant_input(
     initializer; the old producer is removed if nothing else reads it.
     """
     old = node.inputs[index] if index < len(node.inputs) else None
-    if old is not None and old.is_initializer() and len(old.uses()) == 1:
+    if old is not None and old.is_initializer() and match.readers(old) == 1:
         old.const_value = ir.tensor(array, name=old.name)
         return
     graph = node.graph
     assert graph is not None
-    base = old.name if old is not None and old.name else f"{match.label(node)}{suffix}"
+    if old is not None and old.name and match.readers(old) > 1:
+        base = f"{old.name}__{match.label(node)}"  # a clone for this node only
+    elif old is not None and old.name:
+        base = old.name
+    else:
+        base = f"{match.label(node)}{suffix}"
     new = new_initializer(graph, base, array, model)
     if len(node.inputs) <= index:
         node.resize_inputs(index + 1)
     node.replace_input_with(index, new)
     if old is not None:
         drop_if_dead(old)
+    if new.name != base and base not in _taken_names(graph):
+        new.name = base  # the computed value it replaces is gone: take its name
 
 
 def new_initializer(graph: ir.Graph, base: str, array: np.ndarray, model: ir.Model) -> ir.Value:
@@ -137,9 +173,13 @@ def new_initializer(graph: ir.Graph, base: str, array: np.ndarray, model: ir.Mod
     return value
 
 
-def _unique_name(graph: ir.Graph, base: str) -> str:
+def _taken_names(graph: ir.Graph) -> set[str | None]:
     taken = set(graph.initializers) | {v.name for v in graph.inputs}
-    taken |= {out.name for node in graph for out in node.outputs}
+    return taken | {out.name for node in graph for out in node.outputs}
+
+
+def _unique_name(graph: ir.Graph, base: str) -> str:
+    taken = _taken_names(graph)
     name, n = base, 0
     while name in taken:
         n += 1
@@ -180,32 +220,45 @@ def _matmul_to_gemm(linear: LinearOp, bias: np.ndarray, model: ir.Model) -> ir.N
     graph.insert_before(matmul, gemm)
     old_out = matmul.outputs[0]
     gemm.outputs[0].shape, gemm.outputs[0].type = old_out.shape, old_out.type
-    ir.convenience.replace_all_uses_with(old_out, gemm.outputs[0])
+    ir.convenience.replace_all_uses_with(old_out, gemm.outputs[0], replace_graph_outputs=True)
     graph.remove(matmul, safe=True)
     gemm.outputs[0].name = old_out.name
     return gemm
 
 
-def _replace_with_bias_add(
-    affine_node: ir.Node, linear: LinearOp, bias: np.ndarray, model: ir.Model
-) -> None:
-    """N-d MatMul has no bias slot: the affine node becomes one Add of the folded bias."""
-    graph = affine_node.graph
+def _append_bias_add(
+    linear: LinearOp, bias: np.ndarray, model: ir.Model, name: str | None
+) -> ir.Value:
+    """An N-d MatMul has no bias slot: add the folded bias right after it.
+
+    Its output features are the last axis, so a ``(C,)`` bias broadcasts onto them.
+    Returns the Add's output, which now feeds everything the MatMul fed.
+    """
+    matmul = linear.node
+    graph = matmul.graph
     assert graph is not None
-    bias_value = new_initializer(graph, f"{match.label(linear.node)}_bias", bias, model)
-    add = ir.Node("", "Add", [linear.output, bias_value], name=affine_node.name)
-    graph.insert_before(affine_node, add)
-    _splice_out(affine_node, add.outputs[0])
+    bias_value = new_initializer(graph, f"{match.label(matmul)}_bias", bias, model)
+    add = ir.Node("", "Add", [linear.output, bias_value], name=name)
+    graph.insert_after(matmul, add)
+    out = add.outputs[0]
+    out.shape, out.type = linear.output.shape, linear.output.type
+    for use in list(linear.output.uses()):
+        if use.node is not add:
+            use.node.replace_input_with(use.idx, out)
+    return out
 
 
 def drop_if_dead(value: ir.Value) -> None:
-    """Remove an initializer or Constant node that nothing reads any more."""
+    """Remove an initializer or constant subexpression that nothing reads any more."""
     if value.uses() or value.is_graph_output():
         return
     producer = value.producer()
     if producer is not None:
-        if producer.op_type == "Constant" and producer.graph is not None:
+        if is_pure_constant_op(producer) and producer.graph is not None:
+            inputs = [v for v in producer.inputs if v is not None]
             producer.graph.remove(producer, safe=True)
+            for source in inputs:
+                drop_if_dead(source)
         return
     graph = value.graph
     if value.is_initializer() and graph is not None:

@@ -1,0 +1,132 @@
+"""What value a graph input of an op has, when it is a compile-time constant.
+
+Exporters do not always write parameters as initializers: torch's dynamo
+exporter with ``optimize=False`` emits a missing conv bias as
+``Expand(CastLike(Constant))``, others use ``ConstantOfShape`` or ``Cast``.
+:func:`constant_array` evaluates such small pure subexpressions with numpy so the
+fold sees through them; :func:`is_pure_constant_op` tells the rewriter which
+producers may be deleted once nothing reads them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+import onnx_ir as ir
+
+# Evaluating more than this many elements is not "a small constant subexpression".
+MAX_ELEMENTS = 1 << 24
+MAX_DEPTH = 8
+
+
+def constant_array(value: ir.Value | None, ir_version: int, depth: int = 0) -> np.ndarray | None:
+    """The constant behind ``value``, or None if it can change at run time.
+
+    Initializers, Constant nodes and the pure ops in :data:`_EVALUATORS` over
+    constants are constant. An initializer that is also a graph input can be
+    overridden by the caller, so it is not constant, except in IR < 4 where
+    every initializer must be listed as an input.
+    """
+    if value is None or depth > MAX_DEPTH:
+        return None
+    if value.is_graph_input() and (ir_version >= 4 or value.const_value is None):
+        return None
+    if value.const_value is not None:
+        return value.const_value.numpy()
+    producer = value.producer()
+    if producer is None or producer.domain not in ("", "ai.onnx"):
+        return None
+    evaluate = _EVALUATORS.get(producer.op_type)
+    if evaluate is None or len(producer.outputs) != 1:
+        return None
+    inputs = [
+        constant_array(v, ir_version, depth + 1) if v is not None else None for v in producer.inputs
+    ]
+    if any(a is None for a, v in zip(inputs, producer.inputs, strict=True) if v is not None):
+        return None
+    try:
+        result = evaluate(producer, inputs)
+    except (ValueError, TypeError, IndexError):
+        return None
+    if result is None or result.size > MAX_ELEMENTS:
+        return None
+    return np.asarray(result)
+
+
+def is_pure_constant_op(node: ir.Node) -> bool:
+    """A producer that computes a constant and has no other effect."""
+    return node.domain in ("", "ai.onnx") and node.op_type in _EVALUATORS
+
+
+def _constant(node: ir.Node, _: list) -> np.ndarray | None:
+    if len(node.attributes) != 1:
+        return None
+    tensor = ir.convenience.get_const_tensor(node.outputs[0])
+    return None if tensor is None else tensor.numpy()
+
+
+def _constant_of_shape(node: ir.Node, inputs: list) -> np.ndarray:
+    attr = node.attributes.get("value")
+    fill = attr.as_tensor().numpy().reshape(-1) if attr is not None else np.zeros(1, np.float32)
+    shape = [int(d) for d in inputs[0]]
+    if int(np.prod(shape, dtype=np.int64)) > MAX_ELEMENTS:
+        raise ValueError("too large")
+    return np.full(shape, fill[0], dtype=fill.dtype)
+
+
+def _expand(node: ir.Node, inputs: list) -> np.ndarray:
+    x, shape = inputs
+    target = np.broadcast_shapes(x.shape, tuple(int(d) for d in shape))
+    if int(np.prod(target, dtype=np.int64)) > MAX_ELEMENTS:
+        raise ValueError("too large")
+    return np.broadcast_to(x, target).copy()
+
+
+def _cast(node: ir.Node, inputs: list) -> np.ndarray:
+    return inputs[0].astype(ir.DataType(node.attributes.get_int("to")).numpy())
+
+
+def _cast_like(node: ir.Node, inputs: list) -> np.ndarray | None:
+    like = node.inputs[1]
+    if like is None or like.dtype is None:
+        return None
+    return inputs[0].astype(like.dtype.numpy())
+
+
+def _reshape(node: ir.Node, inputs: list) -> np.ndarray:
+    x, shape = inputs[0], [int(d) for d in inputs[1]]
+    if not node.attributes.get_int("allowzero", 0):
+        shape = [x.shape[i] if d == 0 else d for i, d in enumerate(shape)]
+    return x.reshape(shape)
+
+
+def _axes(node: ir.Node, inputs: list) -> list[int] | None:
+    if len(inputs) > 1 and inputs[1] is not None:
+        return [int(a) for a in inputs[1]]
+    axes = node.attributes.get_ints("axes")
+    return None if axes is None else list(axes)
+
+
+def _unsqueeze(node: ir.Node, inputs: list) -> np.ndarray:
+    axes = _axes(node, inputs) or []
+    rank = inputs[0].ndim + len(axes)
+    return np.expand_dims(inputs[0], tuple(a % rank for a in axes))
+
+
+def _squeeze(node: ir.Node, inputs: list) -> np.ndarray:
+    axes = _axes(node, inputs)
+    return np.squeeze(inputs[0], axis=None if axes is None else tuple(axes))
+
+
+_EVALUATORS: dict[str, Callable[[ir.Node, list], np.ndarray | None]] = {
+    "Constant": _constant,
+    "ConstantOfShape": _constant_of_shape,
+    "Expand": _expand,
+    "Cast": _cast,
+    "CastLike": _cast_like,
+    "Identity": lambda node, inputs: inputs[0],
+    "Reshape": _reshape,
+    "Unsqueeze": _unsqueeze,
+    "Squeeze": _squeeze,
+}
