@@ -1,0 +1,277 @@
+"""Output is atomic: after a crash, the previous output is whole or absent, never partial.
+
+Also: --in-place is atomic, external data is written beside the output with a
+relative location, and concurrent runs into one folder cannot corrupt each other.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import pytest
+
+from bnfold.api import verify as verify_models
+from bnfold.onnx_front import io
+from tests.conftest import snapshot
+
+ROOT = Path(__file__).resolve().parent.parent
+N = 10_000_000  # 40 MB of float32: the save takes long enough to be killed mid-way
+
+_SAVER = """
+import sys, numpy as np, onnx_ir as ir
+from bnfold.onnx_front import io
+path, value, external, n = sys.argv[1], float(sys.argv[2]), sys.argv[3] == "1", int(sys.argv[4])
+x = ir.Value(name="x", shape=ir.Shape([n]), type=ir.TensorType(ir.DataType.FLOAT))
+w = ir.Value(name="w", shape=ir.Shape([n]), type=ir.TensorType(ir.DataType.FLOAT),
+             const_value=ir.tensor(np.full(n, value, np.float32), name="w"))
+node = ir.Node("", "Add", [x, w], name="add")
+node.outputs[0].name = "y"
+graph = ir.Graph([x], node.outputs, nodes=[node], initializers=[w], opset_imports={"": 17})
+model = ir.Model(graph, ir_version=8)
+print("ready", flush=True)
+io.save_model(model, path, external_data=external)
+print("saved", flush=True)
+"""
+
+
+def _save_in_child(path: Path, value: float, external: bool, n: int = N) -> subprocess.Popen:
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _SAVER, str(path), str(value), "1" if external else "0", str(n)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
+    )  # fmt: skip
+    assert proc.stdout is not None
+    assert proc.stdout.readline().strip() == "ready", proc.stderr.read() if proc.stderr else ""
+    return proc
+
+
+def _weight_values(path: Path) -> set[float]:
+    model = io.load_model(path)
+    return set(np.unique(model.graph.initializers["w"].const_value.numpy()).tolist())
+
+
+@pytest.mark.parametrize("external", [False, True], ids=["single_file", "external_data"])
+def test_sigkill_mid_save_leaves_previous_output_whole(tmp_path, external):
+    target = tmp_path / "model.onnx"
+    first = _save_in_child(target, 1.0, external)
+    assert first.wait(timeout=120) == 0, first.stderr.read() if first.stderr else ""
+    assert _weight_values(target) == {1.0}
+    # How long an uninterrupted save takes, to spread the kills across it.
+    timing = _save_in_child(tmp_path / "timing.onnx", 3.0, external)
+    start = time.perf_counter()
+    assert timing.wait(timeout=120) == 0
+    duration = time.perf_counter() - start
+    for p in tmp_path.glob("timing.onnx*"):
+        p.unlink()
+
+    rng = random.Random(0)
+    seen = set()
+    delays = [0.0, 0.01] + [rng.uniform(0.0, duration * 1.2) for _ in range(8)]
+    for delay in delays:
+        proc = _save_in_child(target, 2.0, external)
+        time.sleep(delay)
+        proc.kill()
+        proc.wait(timeout=60)
+        values = _weight_values(target)  # loads: no partial protobuf, data whole and in bounds
+        assert values in ({1.0}, {2.0}), (delay, values)
+        seen.add(min(values))
+        # Nothing but the model, its data file(s) and hidden staging folders of the dead child.
+        visible = {p.name for p in tmp_path.iterdir() if not p.name.startswith(".")}
+        referenced = {str(t.location) for t in io.external_tensors(io.load_model(target))}
+        assert visible - referenced - {"model.onnx"} <= _orphan_data(tmp_path), visible
+        if values == {2.0}:
+            _full_save(target, 1.0, external)  # back to the old version for the next kill
+    print(f"kill delays {[round(d, 3) for d in delays]}: saw versions {sorted(seen)}")
+    # The next save cleans the dead children's staging folders.
+    _full_save(target, 4.0, external)
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".bnfold-")]
+
+
+def _orphan_data(folder: Path) -> set[str]:
+    """Data files whose model rename never happened: allowed leftovers, never referenced."""
+    return {p.name for p in folder.glob("model.onnx.*.data")}
+
+
+def _full_save(target: Path, value: float, external: bool) -> None:
+    proc = _save_in_child(target, value, external)
+    assert proc.wait(timeout=120) == 0
+    assert _weight_values(target) == {value}
+
+
+def _tiny_model(value: float, n: int = 1000) -> ir.Model:
+    x = ir.Value(name="x", shape=ir.Shape([n]), type=ir.TensorType(ir.DataType.FLOAT))
+    w = ir.Value(
+        name="w",
+        shape=ir.Shape([n]),
+        type=ir.TensorType(ir.DataType.FLOAT),
+        const_value=ir.tensor(np.full(n, value, np.float32), name="w"),
+    )
+    node = ir.Node("", "Add", [x, w], name="add")
+    node.outputs[0].name = "y"
+    graph = ir.Graph([x], node.outputs, nodes=[node], initializers=[w], opset_imports={"": 17})
+    return ir.Model(graph, ir_version=8)
+
+
+def test_rejected_save_leaves_previous_output_and_no_leftovers(tmp_path):
+    target = tmp_path / "m.onnx"
+    assert io.save_model(_tiny_model(1.0), target, external_data=True)
+    before = snapshot(tmp_path)
+    seen = []
+    assert not io.save_model(_tiny_model(2.0), target, external_data=True, accept=seen.append)
+    assert len(seen) == 1 and seen[0].parent != tmp_path  # staged beside, not in place
+    assert snapshot(tmp_path) == before
+
+
+def test_external_data_is_beside_the_output_with_a_relative_location(tmp_path):
+    target = tmp_path / "out" / "m.onnx"
+    target.parent.mkdir()
+    io.save_model(_tiny_model(1.0), target, external_data=True)
+    proto = onnx.load(str(target), load_external_data=False)
+    (location,) = {e.value for e in proto.graph.initializer[0].external_data if e.key == "location"}
+    assert "/" not in location and not os.path.isabs(location)
+    assert (target.parent / location).is_file()
+    moved = tmp_path / "moved"
+    shutil.move(target.parent, moved)  # relative: the folder can move
+    assert _weight_values(moved / "m.onnx") == {1.0}
+
+
+def test_replacing_an_output_removes_its_own_old_data_but_not_shared_data(tmp_path):
+    target = tmp_path / "m.onnx"
+    io.save_model(_tiny_model(1.0), target, external_data=True)
+    (old_data,) = tmp_path.glob("m.onnx.*.data")
+    io.save_model(_tiny_model(2.0), target, external_data=True)
+    (new_data,) = tmp_path.glob("m.onnx.*.data")
+    assert new_data != old_data and not old_data.exists()
+    # A data file not named after the model may be shared: never deleted.
+    shared = tmp_path / "weights.bin"
+    onnx.save_model(
+        onnx.load(str(target)), str(target), save_as_external_data=True, location="weights.bin",
+        size_threshold=0,
+    )  # fmt: skip
+    io.save_model(_tiny_model(3.0), target, external_data=True)
+    assert shared.exists()
+    assert _weight_values(target) == {3.0}
+
+
+def test_in_place_is_atomic_and_verified(cli, tmp_path, samples):
+    model = tmp_path / "model.onnx"
+    shutil.copy(samples / "resnet_tiny.onnx", model)
+    original = tmp_path / "original.onnx"
+    shutil.copy(model, original)
+    inode = model.stat().st_ino
+    result = cli(["fold", model, "--in-place"])
+    assert result.exit_code == 0, result.output
+    assert model.stat().st_ino != inode
+    assert verify_models(str(original), str(model)).passed
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.onnx", "original.onnx"]
+
+
+def test_in_place_external_data_output_is_self_consistent(cli, tmp_path, samples):
+    shutil.copytree(samples / "external_data", tmp_path / "m")
+    model = tmp_path / "m" / "conv_bn_ext.onnx"
+    result = cli(["fold", model, "--in-place"])
+    assert result.exit_code == 0, result.output
+    assert verify_models(str(samples / "external_data" / "conv_bn_ext.onnx"), str(model)).passed
+
+
+def test_concurrent_saves_to_one_path_never_mix(tmp_path):
+    """Four processes save different models to one path at once: one wins, whole."""
+    target = tmp_path / "m.onnx"
+    procs = [_save_in_child(target, float(v), True, n=2_000_000) for v in range(4)]
+    for proc in procs:
+        assert proc.wait(timeout=120) == 0, proc.stderr.read() if proc.stderr else ""
+    values = _weight_values(target)
+    assert len(values) == 1 and values.pop() in {0.0, 1.0, 2.0, 3.0}
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".bnfold-")]
+
+
+def test_two_concurrent_folder_runs_into_one_outdir(tmp_path, samples):
+    """`bnfold fold DIR -o OUT --jobs 2` twice at once: every output whole and verified."""
+    models = tmp_path / "models"
+    shutil.copytree(samples, models, ignore=shutil.ignore_patterns("*.py", "*.md"))
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "bnfold", "fold", str(models), "-o", str(out), "--jobs", "2"]
+    procs = [
+        subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+        for _ in range(2)
+    ]
+    for proc in procs:
+        stdout, stderr = proc.communicate(timeout=300)
+        assert proc.returncode == 0, stdout + stderr
+        assert "Traceback" not in stdout + stderr
+    sources = sorted(p.relative_to(models) for p in models.rglob("*.onnx"))
+    assert sorted(p.relative_to(out) for p in out.rglob("*.onnx")) == sources
+    for rel in sources:
+        assert verify_models(str(models / rel), str(out / rel)).status != "failed", rel
+    assert not list(out.rglob(".bnfold-*"))
+
+
+def test_folder_mode_continues_past_failures(cli, tmp_path, samples):
+    models = tmp_path / "models"
+    models.mkdir()
+    shutil.copy(samples / "conv2d_bn.onnx", models)
+    shutil.copy(samples / "resnet_tiny.onnx", models / "zz_resnet.onnx")
+    (models / "empty.onnx").write_bytes(b"")
+    (models / "text.onnx").write_text("hello")
+    before = snapshot(models)
+    out = tmp_path / "out"
+    result = cli(
+        ["fold", models, "-o", out, "--jobs", "2", "--json", "--report", tmp_path / "r.json"]
+    )
+    assert result.exit_code == 2, result.output
+    assert "Traceback" not in result.output
+    import json
+
+    payload = json.loads(result.stdout)
+    status = {o["source"]: o["status"] for o in payload["outcomes"]}
+    assert status == {
+        "conv2d_bn.onnx": "ok", "empty.onnx": "error", "text.onnx": "error",
+        "zz_resnet.onnx": "ok",
+    }  # fmt: skip
+    assert all("\n" not in o["error"] for o in payload["outcomes"])
+    assert sorted(p.name for p in out.iterdir()) == ["conv2d_bn.onnx", "zz_resnet.onnx"]
+    assert json.loads((tmp_path / "r.json").read_text())["counts"]["error"] == 2
+    assert snapshot(models) == before
+
+
+def test_folder_mode_table_and_exit_zero(cli, tmp_path, samples):
+    out = tmp_path / "out"
+    result = cli(["fold", samples, "-o", out])
+    assert result.exit_code == 0, result.output
+    assert "conv2d_bn.onnx" in result.stdout and "errors" in result.stdout
+    assert (out / "external_data" / "conv_bn_ext.onnx").is_file()
+
+
+def test_folder_mode_skips_outdir_inside_model_dir(cli, tmp_path, samples):
+    models = tmp_path / "models"
+    models.mkdir()
+    shutil.copy(samples / "conv2d_bn.onnx", models)
+    for _ in range(2):  # the second run must not fold the first run's outputs
+        result = cli(["fold", models, "-o", models / "folded", "--json"])
+        assert result.exit_code == 0, result.output
+    assert sorted(p.name for p in (models / "folded").iterdir()) == ["conv2d_bn.onnx"]
+
+
+@pytest.mark.parametrize("case", ["no_models", "outdir_is_input", "outdir_parent_missing"])
+def test_folder_mode_usage_errors(cli, tmp_path, case):
+    models = tmp_path / "models"
+    models.mkdir()
+    if case != "no_models":
+        shutil.copy(ROOT / "sample_models" / "conv2d_bn.onnx", models)
+    out = {
+        "no_models": tmp_path / "out",
+        "outdir_is_input": models,
+        "outdir_parent_missing": tmp_path / "a" / "b",
+    }[case]
+    result = cli(["fold", models, "-o", out])
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert not (tmp_path / "out").exists() and not (tmp_path / "a").exists()
