@@ -18,6 +18,13 @@ import onnx_ir as ir
 # Evaluating more than this many elements is not "a small constant subexpression".
 MAX_ELEMENTS = 1 << 24
 MAX_DEPTH = 8
+# (op, input index) pairs that read only a value's type or shape, never its data.
+METADATA_INPUTS = frozenset({("CastLike", 1), ("Shape", 0), ("Size", 0)})
+
+
+def reads_data(node: ir.Node, index: int) -> bool:
+    """Whether input ``index`` of ``node`` depends on the values (not just the type/shape)."""
+    return (node.op_type, index) not in METADATA_INPUTS
 
 
 def constant_array(value: ir.Value | None, ir_version: int, depth: int = 0) -> np.ndarray | None:
@@ -40,11 +47,15 @@ def constant_array(value: ir.Value | None, ir_version: int, depth: int = 0) -> n
     evaluate = _EVALUATORS.get(producer.op_type)
     if evaluate is None or len(producer.outputs) != 1:
         return None
-    inputs = [
-        constant_array(v, ir_version, depth + 1) if v is not None else None for v in producer.inputs
-    ]
-    if any(a is None for a, v in zip(inputs, producer.inputs, strict=True) if v is not None):
-        return None
+    inputs: list = []
+    for index, source in enumerate(producer.inputs):
+        if source is None or not reads_data(producer, index):
+            inputs.append(source)  # absent, or needed only for its type/shape
+            continue
+        array = constant_array(source, ir_version, depth + 1)
+        if array is None:
+            return None
+        inputs.append(array)
     try:
         result = evaluate(producer, inputs)
     except (ValueError, TypeError, IndexError):
@@ -88,10 +99,20 @@ def _cast(node: ir.Node, inputs: list) -> np.ndarray:
 
 
 def _cast_like(node: ir.Node, inputs: list) -> np.ndarray | None:
-    like = node.inputs[1]
+    like = inputs[1]
     if like is None or like.dtype is None:
         return None
     return inputs[0].astype(like.dtype.numpy())
+
+
+def _shape(node: ir.Node, inputs: list) -> np.ndarray | None:
+    source = inputs[0]
+    if source is None or source.shape is None or not source.shape.is_static():
+        return None
+    dims = list(source.shape.numpy())
+    start = node.attributes.get_int("start", 0)
+    end = node.attributes.get_int("end", len(dims))
+    return np.array(dims[start:end], dtype=np.int64)
 
 
 def _reshape(node: ir.Node, inputs: list) -> np.ndarray:
@@ -125,6 +146,7 @@ _EVALUATORS: dict[str, Callable[[ir.Node, list], np.ndarray | None]] = {
     "Expand": _expand,
     "Cast": _cast,
     "CastLike": _cast_like,
+    "Shape": _shape,
     "Identity": lambda node, inputs: inputs[0],
     "Reshape": _reshape,
     "Unsqueeze": _unsqueeze,

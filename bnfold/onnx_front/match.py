@@ -23,7 +23,7 @@ import onnx_ir as ir
 from bnfold import layouts
 from bnfold.affine import Affine, Unfoldable, bn_to_affine, fold_after, fold_before
 from bnfold.layouts import LayoutError, WeightLayout
-from bnfold.onnx_front.constants import constant_array
+from bnfold.onnx_front.constants import constant_array, reads_data
 from bnfold.report import Code, Refusal
 
 LINEAR_OPS = frozenset({"Conv", "ConvTranspose", "Gemm", "MatMul"})
@@ -531,8 +531,8 @@ def _linear_of_kind(
 
 
 def readers(value: ir.Value) -> int:
-    """Nodes that read the values of ``value`` (CastLike's second input reads only its type)."""
-    return sum(1 for use in value.uses() if not (use.node.op_type == "CastLike" and use.idx == 1))
+    """How many inputs read the data of ``value`` (a Shape or CastLike of it does not)."""
+    return sum(1 for use in value.uses() if reads_data(use.node, use.idx))
 
 
 def _is_float(array: np.ndarray) -> bool:
