@@ -260,8 +260,10 @@ def drop_if_dead(value: ir.Value) -> None:
             for source in inputs:
                 drop_if_dead(source)
         return
+    if value.is_graph_input():
+        # IR < 4 lists initializers as inputs. Removing one would change the
+        # model's input interface (callers may feed it by name), so it stays.
+        return
     graph = value.graph
     if value.is_initializer() and graph is not None:
         graph.initializers.pop(value.name)  # type: ignore[arg-type]
-        if value.is_graph_input():  # IR < 4 lists initializers as inputs
-            graph.inputs.remove(value)
