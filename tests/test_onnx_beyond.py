@@ -272,7 +272,35 @@ def test_standalone_bn_is_reported_and_untouched() -> None:
     np.testing.assert_array_equal(run(m, feeds)[0], run(to_proto(result.model), feeds)[0])
 
 
-def test_unfolded_bn_chain_in_if_and_loop_bodies_is_left_valid() -> None:
-    """Sanity: assert_same_function is reused across modules."""
-    m = relu_bn_conv(pads=[0, 0, 0, 0])
-    assert_same_function(m, m, rtol=0.0)
+def test_fold_inside_loop_body_with_outer_scope_weight() -> None:
+    """Loop of 2 iterations: state = bn(conv(state, w_outer)); w and BN stats from outside."""
+    tensor = onnx.TensorProto.FLOAT
+    body = helper.make_graph(
+        [
+            helper.make_node("Identity", ["cond_in"], ["cond_out"], name="keep_going"),
+            helper.make_node("Conv", ["state_in", "w"], ["c"], name="body_conv", pads=[1, 1, 1, 1]),
+            bn_node("body_bn", "c", "state_out"),
+        ],
+        "body",
+        [
+            helper.make_tensor_value_info("i", onnx.TensorProto.INT64, []),
+            helper.make_tensor_value_info("cond_in", onnx.TensorProto.BOOL, []),
+            helper.make_tensor_value_info("state_in", tensor, [1, 4, 5, 5]),
+        ],
+        [
+            helper.make_tensor_value_info("cond_out", onnx.TensorProto.BOOL, []),
+            helper.make_tensor_value_info("state_out", tensor, [1, 4, 5, 5]),
+        ],
+    )
+    loop = helper.make_node("Loop", ["trips", "cond", "input"], ["output"], name="loop", body=body)
+    inits = [
+        init("trips", np.array(2, dtype=np.int64)),
+        init("cond", np.array(True)),
+        init("w", weight(4, 4, 3, 3) * F32(0.3)),
+        *bn_params("body_bn", 4),
+    ]
+    m = model([loop], inits, [("input", [1, 4, 5, 5])], ["output"], output_shapes=[[1, 4, 5, 5]])
+    onnx.checker.check_model(m, full_check=True)
+    result = fold_and_check(m)
+    assert [f.site for f in result.report.folded] == ["body_conv -> body_bn"]
+    assert "BatchNormalization" not in result.report.ops_after
