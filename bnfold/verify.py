@@ -112,8 +112,9 @@ def _abs_error(ref: np.ndarray, new: np.ndarray) -> tuple[float, float]:
     if ref.dtype.kind not in "fc":
         return float(np.any(ref != new)), 1.0
     r, n = ref.astype(np.float64), new.astype(np.float64)
-    both_nan = np.isnan(r) & np.isnan(n)
-    diff = np.where(both_nan, 0.0, np.abs(r - n))
+    agree = (r == n) | (np.isnan(r) & np.isnan(n))  # also equal infinities
+    with np.errstate(invalid="ignore"):  # inf - inf: handled by `agree`
+        diff = np.where(agree, 0.0, np.abs(r - n))
     diff = np.where(np.isnan(diff), np.inf, diff)
     finite = np.abs(r[np.isfinite(r)])
     return float(diff.max(initial=0.0)), float(finite.max(initial=0.0))
