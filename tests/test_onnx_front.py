@@ -358,3 +358,38 @@ def test_report_json_round_trips() -> None:
     data = json.loads(report.to_json())
     assert data["refused"][0]["code"] == "branching"
     assert data["front"] == "onnx"
+
+
+def test_opset6_bn_with_is_test_folds() -> None:
+    nodes, inits = conv_bn()
+    nodes[1] = bn_node("bn1", "c1", "output", is_test=1, spatial=1)
+    inputs = [("input", [1, 3, 8, 8])] + [(i.name, list(i.dims)) for i in inits]
+    m = model(nodes, inits, inputs, ["output"], opset=6, ir_version=3, output_shapes=[[1, 4, 8, 8]])
+    result = bnfold.fold(m)
+    assert [f.site for f in result.report.folded] == ["conv1 -> bn1"]
+
+
+def test_opset6_bn_in_training_mode_is_refused() -> None:
+    nodes, inits = conv_bn()
+    nodes[1] = bn_node("bn1", "c1", "output", is_test=0)
+    inputs = [("input", [1, 3, 8, 8])] + [(i.name, list(i.dims)) for i in inits]
+    m = model(nodes, inits, inputs, ["output"], opset=6, ir_version=3, output_shapes=[[1, 4, 8, 8]])
+    assert bnfold.fold(m).report.codes == [Code.TRAINING_MODE]
+
+
+def test_fold_inplace_with_verify_compares_against_the_unfolded_model() -> None:
+    nodes, inits = conv_bn()
+    m = ir.serde.deserialize_model(model(nodes, inits, [("input", [1, 3, 8, 8])], ["output"]))
+    result = bnfold.fold(m, inplace=True, verify=True)
+    assert result.model is m
+    assert [n.op_type for n in m.graph] == ["Conv"]
+    assert result.verification is not None and result.verification.passed
+
+
+def test_import_does_not_load_torch() -> None:
+    import subprocess
+    import sys
+
+    code = "import sys, bnfold, bnfold.cli.main; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
