@@ -67,9 +67,10 @@ def random_stats(model: nn.Module, seed: int) -> nn.Module:
     gen = torch.Generator().manual_seed(seed)
     for m in model.modules():
         if isinstance(m, nn.BatchNorm2d):
-            c = m.num_features
-            m.running_mean.copy_(torch.randn(c, generator=gen) * 0.1)
-            m.running_var.copy_(torch.rand(c, generator=gen) + 0.5)
+            c, mean, var = m.num_features, m.running_mean, m.running_var
+            assert mean is not None and var is not None
+            mean.copy_(torch.randn(c, generator=gen) * 0.1)
+            var.copy_(torch.rand(c, generator=gen) + 0.5)
             m.weight.data.copy_(torch.rand(c, generator=gen) + 0.5)
             m.bias.data.copy_(torch.randn(c, generator=gen) * 0.1)
     return model.eval()
