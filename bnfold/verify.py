@@ -2,7 +2,10 @@
 
 Both run in onnxruntime with ``ORT_DISABLE_ALL``: at its default level
 onnxruntime fuses Conv+BatchNorm itself, so the "original" would already be
-folded and a wrong fold could pass unnoticed.
+folded and a wrong fold could pass unnoticed. When onnxruntime cannot run the
+original at all (opsets below 7, say), both models run in ONNX's reference
+evaluator instead, if they are small enough for it; otherwise the result is
+"not_verified" with the reason.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ import contextlib
 import os
 import tempfile
 from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -20,18 +24,35 @@ import onnx_ir as ir
 from bnfold.errors import BnfoldError
 from bnfold.report import OutputDiff, VerifyResult
 
-ModelSource = "str | os.PathLike[str] | ir.Model"
-
 # Default rtol per output dtype, applied to the output's scale (max |reference|).
 # fp32 folds typically land near 1e-7; 1e-5 leaves room for deep nets while a
 # 1e-3 planted error still fails.
 DEFAULT_RTOL = {"float64": 1e-10, "float32": 1e-5, "float16": 1e-2, "bfloat16": 5e-2}
+# The reference evaluator is plain numpy: fine for small models, hours for big ones.
+REFERENCE_MAX_BYTES = 64 << 20
+
+ORT_LEVEL = "ORT_DISABLE_ALL"
+REFERENCE_LEVEL = "onnx.reference (onnxruntime cannot run the original)"
 
 _ORT_TYPES = {
     "tensor(float)": np.float32, "tensor(double)": np.float64, "tensor(float16)": np.float16,
     "tensor(int64)": np.int64, "tensor(int32)": np.int32, "tensor(int8)": np.int8,
     "tensor(uint8)": np.uint8, "tensor(bool)": np.bool_, "tensor(int16)": np.int16,
 }  # fmt: skip
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    """One input a caller must feed: name, numpy dtype (None if unsupported), dims."""
+
+    name: str
+    dtype: Any
+    dims: list[int | None]
+    type_name: str
+
+
+class _RuntimeFailure(Exception):
+    """A runtime could not load or run a model; the message is one line."""
 
 
 def verify_onnx(
@@ -58,35 +79,122 @@ def verify_onnx(
         shapes: concrete shapes for inputs with dynamic dimensions (others use 1).
 
     Returns:
-        A VerifyResult; status "not_verified" when onnxruntime cannot run the original.
+        A VerifyResult; status "not_verified" when no runtime can run the original.
 
     Raises:
         BnfoldError: the folded model cannot be run, or the models' inputs differ.
     """
+    with _as_path(original) as ref_path, _as_path(folded) as new_path:
+        try:
+            ref, new, level = _runtimes(ref_path, new_path)
+        except _RuntimeFailure as err:
+            return VerifyResult("not_verified", atol, rtol or 0.0, 0, reason=str(err))
+        _require_same_inputs(ref.inputs(), new.inputs())
+        rng = np.random.default_rng(seed)
+        worst: dict[str, tuple[float, float, str]] = {}
+        for _ in range(samples):
+            feeds = random_feeds(ref.inputs(), rng, shapes or {})
+            for name, r, n in _run_pair(ref, new, feeds):
+                max_abs, scale = _abs_error(r, n)
+                prev = worst.get(name, (0.0, 0.0, ""))
+                worst[name] = (max(prev[0], max_abs), max(prev[1], scale), str(r.dtype))
+    result = _result(worst, atol, rtol, samples)
+    result.optimization_level = level
+    return result
+
+
+def _runtimes(ref_path: Path, new_path: Path) -> tuple[Any, Any, str]:
+    """onnxruntime at ORT_DISABLE_ALL for both, or the reference evaluator for both."""
     try:
-        ref_session = _session(original)
-    except _OrtFailure as err:
-        return VerifyResult(
-            "not_verified",
-            atol,
-            rtol or 0.0,
-            0,
-            reason=f"onnxruntime cannot run the original model: {err}",
-        )
+        ref = _OrtRuntime(ref_path)
+    except _RuntimeFailure as ort_error:
+        reason = f"onnxruntime cannot run the original model: {ort_error}"
+        if _model_bytes(ref_path) > REFERENCE_MAX_BYTES:
+            raise _RuntimeFailure(f"{reason}; too large for the reference evaluator") from None
+        try:
+            return _ReferenceRuntime(ref_path), _ReferenceRuntime(new_path), REFERENCE_LEVEL
+        except _RuntimeFailure as ref_error:
+            raise _RuntimeFailure(f"{reason}; reference evaluator: {ref_error}") from None
     try:
-        new_session = _session(folded)
-    except _OrtFailure as err:
+        new = _OrtRuntime(new_path)
+    except _RuntimeFailure as err:
         raise BnfoldError(f"onnxruntime cannot run the folded model: {err}") from None
-    _require_same_inputs(ref_session, new_session)
-    rng = np.random.default_rng(seed)
-    worst: dict[str, tuple[float, float, str]] = {}
-    for _ in range(samples):
-        feeds = random_feeds(ref_session, rng, shapes or {})
-        for name, ref, new in _run_pair(ref_session, new_session, feeds):
-            max_abs, scale = _abs_error(ref, new)
-            prev = worst.get(name, (0.0, 0.0, ""))
-            worst[name] = (max(prev[0], max_abs), max(prev[1], scale), str(ref.dtype))
-    return _result(worst, atol, rtol, samples)
+    return ref, new, ORT_LEVEL
+
+
+class _OrtRuntime:
+    """onnxruntime on CPU with every graph optimization off."""
+
+    def __init__(self, path: Path) -> None:
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+        options.log_severity_level = 3
+        try:
+            self.session = ort.InferenceSession(
+                str(path), options, providers=["CPUExecutionProvider"]
+            )
+        except Exception as err:  # onnxruntime raises its own exception types
+            raise _RuntimeFailure(_first_line(err)) from None
+
+    def inputs(self) -> list[InputSpec]:
+        return [
+            InputSpec(i.name, _ORT_TYPES.get(i.type), _dims(i.shape), i.type)
+            for i in self.session.get_inputs()
+        ]
+
+    def output_names(self) -> list[str]:
+        return [o.name for o in self.session.get_outputs()]
+
+    def run(self, names: list[str], feeds: dict[str, np.ndarray]) -> list[Any]:
+        return self.session.run(names, feeds)  # type: ignore[no-any-return]
+
+
+class _ReferenceRuntime:
+    """onnx's reference evaluator: slow, but it implements every opset."""
+
+    def __init__(self, path: Path) -> None:
+        import onnx
+        from onnx.reference import ReferenceEvaluator
+
+        try:
+            self.proto = onnx.load(str(path))
+            self.evaluator = ReferenceEvaluator(self.proto)
+        except Exception as err:  # the evaluator raises assorted types
+            raise _RuntimeFailure(_first_line(err)) from None
+
+    def inputs(self) -> list[InputSpec]:
+        import onnx
+
+        graph = self.proto.graph
+        initializers = {t.name for t in graph.initializer}
+        specs = []
+        for value in graph.input:
+            if value.name in initializers:
+                continue  # IR < 4 lists initializers as inputs: not for callers to feed
+            tensor = value.type.tensor_type
+            dtype = (
+                onnx.helper.tensor_dtype_to_np_dtype(tensor.elem_type) if tensor.elem_type else None
+            )
+            dims = [d.dim_value if d.HasField("dim_value") else None for d in tensor.shape.dim]
+            specs.append(InputSpec(value.name, dtype, dims, str(tensor.elem_type)))
+        return specs
+
+    def output_names(self) -> list[str]:
+        return [o.name for o in self.proto.graph.output]
+
+    def run(self, names: list[str], feeds: dict[str, np.ndarray]) -> list[Any]:
+        return self.evaluator.run(names, feeds)  # type: ignore[no-any-return]
+
+
+def _dims(shape: Sequence[Any]) -> list[int | None]:
+    return [d if isinstance(d, int) and d >= 0 else None for d in shape]
+
+
+def _model_bytes(path: Path) -> int:
+    folder = path.parent
+    return path.stat().st_size + sum(p.stat().st_size for p in folder.glob(f"{path.name}*.data"))
 
 
 def _result(
@@ -107,6 +215,7 @@ def _result(
 
 
 def _abs_error(ref: np.ndarray, new: np.ndarray) -> tuple[float, float]:
+    """(max |new - ref|, max |ref| over finite values); NaN where ref is not NaN counts as inf."""
     if ref.shape != new.shape:
         return float("inf"), 1.0
     if ref.dtype.kind not in "fc":
@@ -120,26 +229,9 @@ def _abs_error(ref: np.ndarray, new: np.ndarray) -> tuple[float, float]:
     return float(diff.max(initial=0.0)), float(finite.max(initial=0.0))
 
 
-class _OrtFailure(Exception):
-    pass
-
-
-def _session(source: Any) -> Any:
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    options.log_severity_level = 3
-    try:
-        with _as_path(source) as path:
-            return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    except Exception as err:  # onnxruntime raises its own exception types
-        raise _OrtFailure(_first_line(err)) from None
-
-
 @contextlib.contextmanager
 def _as_path(source: Any) -> Iterator[Path]:
-    """A file path for onnxruntime; in-memory models are saved to a temp folder."""
+    """A file path for the runtimes; in-memory models are saved to a temp folder."""
     if isinstance(source, str | os.PathLike):
         yield Path(source)
         return
@@ -153,59 +245,55 @@ def _as_path(source: Any) -> Iterator[Path]:
         yield path
 
 
-def _require_same_inputs(a: Any, b: Any) -> None:
-    names_a = sorted(i.name for i in a.get_inputs())
-    names_b = sorted(i.name for i in b.get_inputs())
+def _require_same_inputs(a: list[InputSpec], b: list[InputSpec]) -> None:
+    names_a, names_b = sorted(i.name for i in a), sorted(i.name for i in b)
     if names_a != names_b:
         raise BnfoldError(f"the models have different inputs: {names_a} vs {names_b}")
 
 
 def random_feeds(
-    session: Any, rng: np.random.Generator, shapes: Mapping[str, Sequence[int]]
+    inputs: list[InputSpec], rng: np.random.Generator, shapes: Mapping[str, Sequence[int]]
 ) -> dict[str, np.ndarray]:
-    """One random array per session input: right dtype, dynamic dims from ``shapes`` or 1."""
+    """One random array per input: right dtype, dynamic dims from ``shapes`` or 1."""
+    unknown = set(shapes) - {i.name for i in inputs}
+    if unknown:
+        raise BnfoldError(f"--shape names no input of the model: {', '.join(sorted(unknown))}")
     feeds = {}
-    for inp in session.get_inputs():
-        dtype = _ORT_TYPES.get(inp.type)
-        if dtype is None:
+    for spec in inputs:
+        if spec.dtype is None:
             raise BnfoldError(
-                f"input {inp.name!r} has type {inp.type}, which verify cannot generate"
+                f"input {spec.name!r} has type {spec.type_name}; verify cannot make it"
             )
-        shape = (
-            list(shapes[inp.name])
-            if inp.name in shapes
-            else [d if isinstance(d, int) and d >= 0 else 1 for d in inp.shape]
-        )
-        feeds[inp.name] = _random_array(rng, shape, np.dtype(dtype))
+        if spec.name in shapes:
+            shape = list(shapes[spec.name])
+        else:
+            shape = [1 if d is None else d for d in spec.dims]
+        feeds[spec.name] = _random_array(rng, shape, np.dtype(spec.dtype))
     return feeds
 
 
 def _random_array(rng: np.random.Generator, shape: list[int], dtype: np.dtype) -> np.ndarray:
     if dtype.kind == "f":
         return rng.standard_normal(shape).astype(dtype)
-    if dtype.kind == "b":
-        return rng.integers(0, 2, shape).astype(dtype)
-    # Integer inputs are usually indices or sizes: keep them small and valid.
+    # Integer inputs are usually indices or sizes, bools are masks: keep them 0/1.
     return rng.integers(0, 2, shape).astype(dtype)
 
 
 def _run_pair(
     ref: Any, new: Any, feeds: dict[str, np.ndarray]
 ) -> Iterator[tuple[str, np.ndarray, np.ndarray]]:
-    names = [o.name for o in ref.get_outputs()]
+    names = ref.output_names()
     ref_out = _run(ref, names, feeds, "original")
     new_out = _run(new, names, feeds, "folded")
     for name, r, n in zip(names, ref_out, new_out, strict=True):
         yield name, np.asarray(r), np.asarray(n)
 
 
-def _run(session: Any, names: list[str], feeds: dict[str, np.ndarray], which: str) -> list[Any]:
+def _run(runtime: Any, names: list[str], feeds: dict[str, np.ndarray], which: str) -> list[Any]:
     try:
-        return session.run(names, feeds)  # type: ignore[no-any-return]
-    except Exception as err:  # onnxruntime raises its own exception types
-        raise BnfoldError(
-            f"onnxruntime failed running the {which} model: {_first_line(err)}"
-        ) from None
+        return runtime.run(names, feeds)  # type: ignore[no-any-return]
+    except Exception as err:  # runtimes raise their own exception types
+        raise BnfoldError(f"running the {which} model failed: {_first_line(err)}") from None
 
 
 def parse_shapes(specs: Sequence[str]) -> dict[str, list[int]]:

@@ -167,3 +167,20 @@ def test_installed_entry_points_run(tmp_path: Path, argv0: list[str]) -> None:
     bad = subprocess.run([*argv0, "inspect", "/nonexistent.onnx"], capture_output=True, text=True)
     assert bad.returncode == 2
     assert "Traceback" not in bad.stderr and len(bad.stderr.strip().splitlines()) == 1
+
+
+def test_opset6_model_is_verified_by_the_reference_evaluator(tmp_path: Path) -> None:
+    """onnxruntime has no opset-6 kernels; the reference evaluator still checks the fold."""
+    from tests.builders import bn_node
+
+    nodes, inits = conv_bn()
+    nodes[1] = bn_node("bn1", "c1", "output", is_test=1)
+    inputs = [("input", [1, 3, 8, 8])] + [(i.name, list(i.dims)) for i in inits]
+    m = model(nodes, inits, inputs, ["output"], opset=6, ir_version=3, output_shapes=[[1, 4, 8, 8]])
+    src, out = tmp_path / "op6.onnx", tmp_path / "out.onnx"
+    onnx.save(m, src)
+    result = invoke("fold", src, "-o", out, "--json", "--strict")
+    assert result.exit_code == 0, result.output
+    verification = json.loads(result.output)["verification"]
+    assert verification["status"] == "passed"
+    assert verification["optimization_level"].startswith("onnx.reference")
