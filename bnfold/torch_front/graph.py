@@ -16,6 +16,7 @@ one function (:func:`match_graph`) finds the pairs in it.
 from __future__ import annotations
 
 import logging
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -27,11 +28,14 @@ from bnfold.torch_front.modules import BN, LINEAR, Calls, Roles, eval_mode
 
 log = logging.getLogger(__name__)
 
-_NONLINEAR = (
-    "relu", "gelu", "sigmoid", "tanh", "silu", "swish", "elu", "hardswish", "hardsigmoid",
-    "hardtanh", "leaky", "softplus", "mish", "clamp", "softmax", "max_pool", "maxpool", "abs",
-    "prelu", "threshold", "log", "exp", "pow", "sqrt",
+# Matched against the tokens of an op or module type name: "aten.leaky_relu.default"
+# -> leaky, relu. Short names match whole tokens only ("exp" is not "expand").
+_NONLINEAR_PREFIXES = (
+    "relu", "gelu", "selu", "celu", "elu", "glu", "sigmoid", "tanh", "silu", "swish", "hardswish",
+    "hardsigmoid", "hardtanh", "leaky", "softplus", "softmax", "logsoftmax", "mish", "prelu",
+    "threshold", "maxpool", "rsqrt", "sqrt",
 )  # fmt: skip
+_NONLINEAR_TOKENS = {"exp", "log", "abs", "pow", "clamp", "clip", "square", "max", "min", "sign"}
 
 
 @dataclass(frozen=True)
@@ -219,8 +223,8 @@ def _why_no_linear(bn: str, start: str, nodes: dict[str, Node], roles: Roles) ->
 
 def is_nonlinear(op: str) -> bool:
     """Whether an op or module type name looks like a nonlinearity ("aten.relu.default", "GELU")."""
-    low = op.lower()
-    return any(k in low for k in _NONLINEAR)
+    tokens = [t for t in re.split(r"[^a-z0-9]+", op.lower()) if t]
+    return any(t in _NONLINEAR_TOKENS or t.startswith(_NONLINEAR_PREFIXES) for t in tokens)
 
 
 def match_sequential(root: nn.Module, roles: Roles, calls: Calls) -> Scan:
