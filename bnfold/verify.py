@@ -55,6 +55,14 @@ class _RuntimeFailure(Exception):
     """A runtime could not load or run a model; the message is one line."""
 
 
+class _OriginalFailed(_RuntimeFailure):
+    """The original model failed on the random inputs: nothing to compare against."""
+
+
+class _FoldedFailed(_RuntimeFailure):
+    """The folded model failed where the original ran: the fold broke it."""
+
+
 def verify_onnx(
     original: Any,
     folded: Any,
@@ -94,7 +102,13 @@ def verify_onnx(
         worst: dict[str, tuple[float, float, str]] = {}
         for _ in range(samples):
             feeds = random_feeds(ref.inputs(), rng, shapes or {})
-            for name, r, n in _run_pair(ref, new, feeds):
+            try:
+                pairs = list(_run_pair(ref, new, feeds))
+            except _OriginalFailed as err:
+                return VerifyResult("not_verified", atol, rtol or 0.0, 0, reason=str(err))
+            except _FoldedFailed as err:
+                return VerifyResult("failed", atol, rtol or 0.0, samples, reason=str(err))
+            for name, r, n in pairs:
                 max_abs, scale = _abs_error(r, n)
                 prev = worst.get(name, (0.0, 0.0, ""))
                 worst[name] = (max(prev[0], max_abs), max(prev[1], scale), str(r.dtype))
@@ -160,6 +174,14 @@ class _ReferenceRuntime:
 
         try:
             self.proto = onnx.load(str(path))
+        except Exception as err:
+            raise _RuntimeFailure(_first_line(err)) from None
+        newest = onnx.defs.onnx_opset_version()
+        for opset in self.proto.opset_import:
+            if opset.domain in ("", "ai.onnx") and opset.version > newest:
+                # Unknown future semantics: running it with today's kernels proves nothing.
+                raise _RuntimeFailure(f"opset {opset.version} is newer than onnx knows ({newest})")
+        try:
             self.evaluator = ReferenceEvaluator(self.proto)
         except Exception as err:  # the evaluator raises assorted types
             raise _RuntimeFailure(_first_line(err)) from None
@@ -283,17 +305,23 @@ def _run_pair(
     ref: Any, new: Any, feeds: dict[str, np.ndarray]
 ) -> Iterator[tuple[str, np.ndarray, np.ndarray]]:
     names = ref.output_names()
-    ref_out = _run(ref, names, feeds, "original")
-    new_out = _run(new, names, feeds, "folded")
+    ref_out = _run(ref, names, feeds, _OriginalFailed, "the original model failed to run")
+    new_out = _run(new, names, feeds, _FoldedFailed, "the folded model failed to run")
     for name, r, n in zip(names, ref_out, new_out, strict=True):
         yield name, np.asarray(r), np.asarray(n)
 
 
-def _run(runtime: Any, names: list[str], feeds: dict[str, np.ndarray], which: str) -> list[Any]:
+def _run(
+    runtime: Any,
+    names: list[str],
+    feeds: dict[str, np.ndarray],
+    failure: type[_RuntimeFailure],
+    what: str,
+) -> list[Any]:
     try:
         return runtime.run(names, feeds)  # type: ignore[no-any-return]
     except Exception as err:  # runtimes raise their own exception types
-        raise BnfoldError(f"running the {which} model failed: {_first_line(err)}") from None
+        raise failure(f"{what}: {_first_line(err)}") from None
 
 
 def parse_shapes(specs: Sequence[str]) -> dict[str, list[int]]:
