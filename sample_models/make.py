@@ -497,7 +497,8 @@ SAMPLES: list[Sample] = [
     Sample("neg_branching.onnx", "Conv feeds BN and a Relu that is a graph output",
            "0", "conv1 -> bn1: `branching`", neg_branching),
     Sample("neg_shared_weight.onnx", "conv_a and conv_b read one weight, each -> BN",
-           "0", "conv_a -> bn_a, conv_b -> bn_b: `shared_weight`", neg_shared_weight),
+           "2 (one weight cloned)", "with `--no-clone-shared`: both `shared_weight`",
+           neg_shared_weight),
     Sample("neg_standalone_bn.onnx", "graph input [1,8,16,16] -> BN",
            "0", "bn1: `standalone`", neg_standalone_bn),
     Sample("neg_matmul_3d_bn.onnx",
@@ -533,12 +534,11 @@ Notes:
   `running_mean`/`running_var` are the momentum-updated stats. Folding the running
   stats into the conv would change `output`, hence the refusal.
 - `neg_shared_weight.onnx`: both convs read `shared.weight`, so folding either BN into
-  it would change the other conv. Expected: both refused with `shared_weight`. (If the
-  folder is told to clone shared weights, both fold instead, with `bytes_added` > 0.)
+  it in place would change the other conv. By default bnfold clones the weight for the
+  first fold (`bytes_added` 864) and folds the second in place; with
+  `--no-clone-shared` both are refused with `shared_weight`.
 - `neg_matmul_3d_bn.onnx`: MatMul's output channels are its last axis (8), BN's are
   axis 1 (4), so the BN scale does not act per column of W.
-- `external_data/conv_bn_ext.onnx.data` matches `*.onnx.data` in `.gitignore` and is
-  committed with `git add -f`.
 """
 
 
