@@ -214,9 +214,11 @@ def test_tolerance_comes_from_output_dtype_and_is_reported():
     assert v32.samples == 4 and v32.optimization_level == "eager"
 
 
-def test_explicit_tolerance_is_used():
-    _, result = fold_pair(nn.Linear(3, 4), nn.BatchNorm1d(4), torch.randn(5, 3), rtol=0.5)
+def test_explicit_tolerance_and_samples_are_used():
+    x = torch.randn(5, 3)
+    _, result = fold_pair(nn.Linear(3, 4), nn.BatchNorm1d(4), x, rtol=0.5, samples=6, seed=3)
     assert result.verification.rtol == 0.5
+    assert result.verification.samples == 7  # the example inputs plus 6 draws
 
 
 def test_report_is_json():

@@ -24,6 +24,8 @@ def fold_module(
     verify: bool = True,
     rtol: float | None = None,
     atol: float = 0.0,
+    samples: int = 3,
+    seed: int = 0,
 ) -> FoldResult:
     """Fold every foldable BatchNorm of ``module`` into the linear module feeding it.
 
@@ -46,6 +48,8 @@ def fold_module(
         rtol: relative tolerance, on the scale of each output; None picks it
             from the output dtype.
         atol: absolute tolerance.
+        samples: random draws compared besides ``example_inputs`` itself.
+        seed: seed of the random draws.
 
     Returns:
         FoldResult: ``model`` (same class as ``module``), ``report`` (each
@@ -56,7 +60,10 @@ def fold_module(
     """
     from bnfold.torch_front import run
 
-    return run.fold(module, example_inputs, inplace=inplace, verify=verify, rtol=rtol, atol=atol)
+    return run.fold(
+        module, example_inputs, inplace=inplace, verify=verify, rtol=rtol, atol=atol,
+        samples=samples, seed=seed,
+    )  # fmt: skip
 
 
 def inspect_module(module: nn.Module, example_inputs: Any) -> FoldReport:

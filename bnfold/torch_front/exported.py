@@ -288,6 +288,8 @@ def fold_graph_module(
     verify: bool = True,
     rtol: float | None = None,
     atol: float = 0.0,
+    samples: int = checking.RANDOM_DRAWS,
+    seed: int = 0,
 ) -> FoldResult:
     """Fold every site of a fresh ``make()`` module; verify and drop folds that fail.
 
@@ -302,7 +304,7 @@ def fold_graph_module(
     sites, refused = find_sites(original)
     report.refused += refused
     sites = _foldable(make, sites, report)
-    ref = checking.reference(original, args) if verify else None
+    ref = checking.reference(original, args, samples, seed) if verify else None
     gm = _folded(make, sites)
     verification = None if ref is None else checking.compare(ref, gm, rtol, atol)
     if ref is not None and verification is not None and not verification.passed:

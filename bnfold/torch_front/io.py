@@ -138,6 +138,8 @@ def fold_exported_program_file(
     verify: bool = True,
     rtol: float | None = None,
     atol: float = 0.0,
+    samples: int = 3,
+    seed: int = 0,
 ) -> FoldResult:
     """Fold a ``.pt2`` file and write the re-exported program atomically.
 
@@ -157,7 +159,9 @@ def fold_exported_program_file(
     """
     ep = load_exported_program(in_path)
     args = _example_args(ep)
-    result = fold_graph_module(ep.module, args, verify=verify, rtol=rtol, atol=atol)
+    result = fold_graph_module(
+        ep.module, args, verify=verify, rtol=rtol, atol=atol, samples=samples, seed=seed
+    )
     try:
         folded_ep = torch.export.export(result.model, args, strict=False)
     except Exception as e:

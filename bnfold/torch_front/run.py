@@ -23,6 +23,8 @@ def fold(
     verify: bool,
     rtol: float | None,
     atol: float,
+    samples: int = checking.RANDOM_DRAWS,
+    seed: int = 0,
 ) -> FoldResult:
     """See :func:`bnfold.torch_front.fold_module`."""
     args = as_args(example_inputs)
@@ -30,7 +32,7 @@ def fold(
     report = FoldReport(front="torch", ops_before=leaf_type_counts(work))
     pairs = _checked_pairs(work, args, report)
     # Reference outputs before any fold: with inplace=True the module itself changes.
-    ref = checking.reference(module, args) if verify else None
+    ref = checking.reference(module, args, samples, seed) if verify else None
     undos = _apply_all(work, pairs, report)
     result = FoldResult(work, report)
     if ref is not None:

@@ -22,7 +22,6 @@ from bnfold.torch_front.modules import eval_mode
 from bnfold.verify import DEFAULT_RTOL
 
 RANDOM_DRAWS = 3
-_SEED = 0
 
 
 @dataclass(frozen=True)
@@ -33,12 +32,14 @@ class Reference:
     outputs: list[list[tuple[str, torch.Tensor]]]
 
 
-def make_samples(args: tuple[Any, ...], draws: int = RANDOM_DRAWS) -> list[tuple[Any, ...]]:
+def make_samples(
+    args: tuple[Any, ...], draws: int = RANDOM_DRAWS, seed: int = 0
+) -> list[tuple[Any, ...]]:
     """``args`` plus ``draws`` random copies: same shapes, dtypes, mean and std.
 
     Non-floating tensors (indices, masks) and non-tensors are kept as given.
     """
-    gen = torch.Generator().manual_seed(_SEED)
+    gen = torch.Generator().manual_seed(seed)
     return [args] + [tuple(_draw(a, gen) for a in args) for _ in range(draws)]
 
 
@@ -52,10 +53,12 @@ def _draw(a: Any, gen: torch.Generator) -> Any:
     return (x * (std or 1.0) + mean).to(dtype=a.dtype, device=a.device)
 
 
-def reference(module: nn.Module, args: tuple[Any, ...]) -> Reference:
-    """Run the original on every sample, dropping random draws it cannot run."""
+def reference(
+    module: nn.Module, args: tuple[Any, ...], draws: int = RANDOM_DRAWS, seed: int = 0
+) -> Reference:
+    """Run the original on ``args`` and random draws, dropping draws it cannot run."""
     samples, outputs = [], []
-    for i, sample in enumerate(make_samples(args)):
+    for i, sample in enumerate(make_samples(args, draws, seed)):
         try:
             outputs.append(run(module, sample))
         except Exception:
