@@ -207,7 +207,7 @@ class _ReferenceRuntime:
         return [o.name for o in self.proto.graph.output]
 
     def run(self, names: list[str], feeds: dict[str, np.ndarray]) -> list[Any]:
-        return self.evaluator.run(names, feeds)  # type: ignore[no-any-return]
+        return list(self.evaluator.run(names, feeds))
 
 
 def _dims(shape: Sequence[Any]) -> list[int | None]:

@@ -422,7 +422,7 @@ def _spread_to_input_features(affine: Affine, linear: LinearOp, between: ir.Node
     ``c*R .. c*R + R - 1``.
     """
     op = linear.node.op_type
-    if op == "Gemm" and linear.node.attributes.get_int("transA", 0):
+    if op == "Gemm" and linear.node.attributes.get_int("transA", 0) != 0:
         raise _Refused(Code.NOT_PER_CHANNEL, "Gemm transA=1 reads the BN's channels as rows")
     features = linear.in_channels
     channels = affine.scale.shape[0]
@@ -451,7 +451,7 @@ def _require_flattens_batch(node: ir.Node) -> None:
     if node.op_type == "Flatten" and node.attributes.get_int("axis", 1) == 1:
         return
     if node.op_type == "Reshape" and out_shape is not None and len(out_shape) == 2:
-        in_shape = node.inputs[0].shape
+        in_shape = node.inputs[0].shape if node.inputs[0] is not None else None
         if in_shape is not None and len(in_shape) >= 1 and out_shape.dims[0] == in_shape.dims[0]:
             return
     raise _Refused(
@@ -555,7 +555,8 @@ def _batchnorm_affine(node: ir.Node, channels: int, ir_version: int) -> Affine:
             )
         params.append(array)
     eps = node.attributes.get_float("epsilon", 1e-5)
-    return _checked(lambda: bn_to_affine(*params, eps))
+    gamma, beta, mean, var = params
+    return _checked(lambda: bn_to_affine(gamma, beta, mean, var, eps))
 
 
 def _require_inference(node: ir.Node) -> None:
