@@ -27,6 +27,13 @@ def reads_data(node: ir.Node, index: int) -> bool:
     return (node.op_type, index) not in METADATA_INPUTS
 
 
+def is_constant(value: ir.Value | None, ir_version: int) -> bool:
+    """Like ``constant_array(value) is not None``, without reading an initializer's data."""
+    if value is not None and value.const_value is not None:
+        return not (value.is_graph_input() and ir_version >= 4)
+    return constant_array(value, ir_version) is not None
+
+
 def constant_array(value: ir.Value | None, ir_version: int, depth: int = 0) -> np.ndarray | None:
     """The constant behind ``value``, or None if it can change at run time.
 

@@ -23,7 +23,7 @@ import onnx_ir as ir
 from bnfold import layouts
 from bnfold.affine import Affine, Unfoldable, bn_to_affine, fold_after, fold_before
 from bnfold.layouts import LayoutError, WeightLayout
-from bnfold.onnx_front.constants import constant_array, reads_data
+from bnfold.onnx_front.constants import constant_array, is_constant, reads_data
 from bnfold.report import Code, Refusal
 
 LINEAR_OPS = frozenset({"Conv", "ConvTranspose", "Gemm", "MatMul"})
@@ -254,7 +254,7 @@ def _data_input(node: ir.Node, ir_version: int) -> ir.Value | None:
     if len(node.inputs) != 2 or any(v is None for v in node.inputs):
         return None
     a, b = node.inputs
-    a_const, b_const = (constant_array(v, ir_version) is not None for v in (a, b))
+    a_const, b_const = (is_constant(v, ir_version) for v in (a, b))
     if a_const == b_const:
         return None
     return b if a_const else a
