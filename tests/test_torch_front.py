@@ -436,6 +436,17 @@ def test_data_dependent_forward_folds_via_sequential_fallback():
     assert outputs_match(model, result.model, x)
 
 
+def test_sequential_fallback_folds_root_and_checks_linear_rank(monkeypatch):
+    monkeypatch.setattr(graph, "_export_graph", lambda *a: 1 / 0)
+    monkeypatch.setattr(graph, "_fx_graph", lambda *a: 1 / 0)
+    model = randomize_bn(nn.Sequential(nn.Conv1d(6, 6, 1), nn.BatchNorm1d(6)))
+    x = torch.randn(2, 6, 6)
+    result = fold_module(model, (x,))
+    assert [(f.site, f.finder) for f in result.report.folded] == [("0 -> 1", "sequential")]
+    model3d = randomize_bn(nn.Sequential(nn.Linear(6, 6), nn.BatchNorm1d(6)))
+    assert codes_at(fold_module(model3d, (x,)), "0 -> 1") == [Code.NOT_PER_CHANNEL]
+
+
 def test_fx_finder_is_used_when_export_fails(monkeypatch):
     def no_export(*_args):
         raise RuntimeError("export unavailable")

@@ -66,7 +66,7 @@ def _checked_pairs(work: nn.Module, args: tuple[Any, ...], report: FoldReport) -
 
 def _watched(root: nn.Module, roles: Roles) -> list[str]:
     """Paths whose calls are counted: linear and BN modules, and plain Sequentials."""
-    seqs = [p for p, m in root.named_modules() if p and isinstance(m, nn.Sequential)]
+    seqs = [p for p, m in root.named_modules() if isinstance(m, nn.Sequential)]
     return list(roles.kind) + seqs
 
 
