@@ -155,6 +155,24 @@ def test_fold_exported_program_file(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in.pt2", "out.pt2"]
 
 
+def test_decomposed_exported_program_folds_convolutions(tmp_path):
+    model = randomize_bn(Net())
+    x = torch.randn(2, 3, 8, 8)
+    src = tmp_path / "in.pt2"
+    ep = torch.export.export(model, (x,), strict=False).run_decompositions()
+    torch.export.save(ep, src)
+    result = io.fold_exported_program_file(src, tmp_path / "out.pt2")
+    folded = [(f.site, f.pattern) for f in result.report.folded]
+    assert folded == [
+        ("conv -> bn", "Conv+batch_norm"),
+        ("up -> bn_up", "ConvTranspose+batch_norm"),
+    ]
+    assert result.verification.passed
+    with torch.no_grad():
+        y = torch.export.load(tmp_path / "out.pt2").module()(x)
+    assert torch.allclose(y, model(x), atol=1e-5)
+
+
 def test_exported_program_refusals(tmp_path):
     class Refusing(nn.Module):
         def __init__(self):

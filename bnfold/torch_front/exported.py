@@ -7,6 +7,7 @@ the eager front ("conv1 -> bn1"), from the weights' attribute paths.
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -24,7 +25,7 @@ from bnfold.torch_front.graph import is_nonlinear
 
 aten = torch.ops.aten
 
-# op -> (kind, index of `groups` in args, default groups)
+# op -> (kind, index of `groups` in args; absent means 1)
 _CONV_OPS: dict[Any, tuple[str, int]] = {
     aten.conv1d.default: ("conv", 6),
     aten.conv2d.default: ("conv", 6),
@@ -36,6 +37,8 @@ _CONV_OPS: dict[Any, tuple[str, int]] = {
     aten.conv_transpose2d.input: ("conv_transpose", 6),
     aten.conv_transpose3d.input: ("conv_transpose", 6),
     aten.linear.default: ("linear", -1),
+    # run_decompositions(): convolution(x, w, b, stride, pad, dil, transposed, out_pad, groups)
+    aten.convolution.default: ("convolution", 8),
 }
 _BN_OPS = (aten.batch_norm.default, aten._native_batch_norm_legit_no_training.default)
 
@@ -143,6 +146,10 @@ def _check_linear(gm: fx.GraphModule, lin: fx.Node, bn: fx.Node) -> Found:
 
 
 def _check_bn(gm: fx.GraphModule, lin: fx.Node, bn: fx.Node) -> Found:
+    if bn.target != aten.batch_norm.default and any(
+        u.target is not operator.getitem or u.args[1] != 0 for u in bn.users
+    ):
+        return Code.BRANCHING, f"{bn.name} mean/invstd outputs are read"
     stats = bn.args[1:5]
     if not all(s is None or (isinstance(s, fx.Node) and s.op == "get_attr") for s in stats):
         return Code.NOT_CONSTANT, f"{bn.name} parameters are computed"
@@ -154,7 +161,10 @@ def _check_bn(gm: fx.GraphModule, lin: fx.Node, bn: fx.Node) -> Found:
 
 
 def layout_of(lin: fx.Node) -> layouts.WeightLayout:
+    """Weight layout of a linear aten node (its groups read from the args)."""
     kind, groups_at = _CONV_OPS[lin.target]
+    if kind == "convolution":
+        kind = "conv_transpose" if lin.args[6] else "conv"
     if kind == "conv_transpose":
         groups = lin.args[groups_at] if len(lin.args) > groups_at else 1
         return layouts.conv_transpose(int(groups))  # type: ignore[arg-type]
@@ -362,7 +372,8 @@ def _rollback(
 
 def _op_kind(gm: fx.GraphModule, s: Site) -> str:
     node = next(n for n in gm.graph.nodes if n.name == s.linear_node)
-    return str(node.target).split(".")[1]
+    name = str(node.target).split(".")[1]
+    return str(layout_of(node).op) if name == "convolution" else name
 
 
 def _op_counts(gm: fx.GraphModule) -> dict[str, int]:
