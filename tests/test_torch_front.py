@@ -600,6 +600,11 @@ def test_import_bnfold_works_without_torch():
     code = (
         "import sys; sys.modules['torch'] = None\n"
         "import bnfold, bnfold.torch_front\n"
-        "assert callable(bnfold.torch_front.fold_module)\n"
+        "try:\n"
+        "    bnfold.torch_front.require_torch()\n"
+        "except bnfold.NotSupportedError as e:\n"
+        "    assert 'bnfold[torch]' in str(e)\n"
+        "else:\n"
+        "    raise AssertionError('torch counted as installed')\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True)

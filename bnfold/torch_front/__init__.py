@@ -8,12 +8,24 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from bnfold.errors import NotSupportedError
 from bnfold.report import FoldReport, FoldResult
 
 if TYPE_CHECKING:
     from torch import nn
 
-__all__ = ["fold_module", "inspect_module"]
+__all__ = ["fold_module", "inspect_module", "require_torch"]
+
+
+def require_torch() -> None:
+    """Raise a one-line NotSupportedError if torch is not installed.
+
+    Call it before importing :mod:`bnfold.torch_front.io` (which imports torch).
+    """
+    try:
+        import torch  # noqa: F401
+    except ImportError:
+        raise NotSupportedError("PyTorch is not installed: pip install 'bnfold[torch]'") from None
 
 
 def fold_module(
@@ -58,6 +70,7 @@ def fold_module(
     Raises:
         BnfoldError: the module cannot run on ``example_inputs``.
     """
+    require_torch()
     from bnfold.torch_front import run
 
     return run.fold(
