@@ -380,6 +380,19 @@ def test_refuses_weight_read_outside_its_module(finder, monkeypatch):
     assert outputs_match(model, result.model, x)
 
 
+def test_refuses_old_style_weight_norm():
+    with pytest.warns(FutureWarning):
+        conv = nn.utils.weight_norm(nn.Conv2d(3, 4, 3))
+    model = randomize_bn(Pair(conv, nn.BatchNorm2d(4)))
+    x = torch.randn(1, 3, 6, 6)
+    expected = model(x)
+    with pytest.raises(BnfoldError, match="inplace=True"):  # its weight cannot be deep-copied
+        fold_module(model, (x,))
+    result = fold_module(model, (x,), inplace=True)
+    assert codes_at(result, "linear -> bn") == [Code.PARAMETRIZED]
+    assert torch.allclose(result.model(x), expected)
+
+
 def test_refuses_hooked_module():
     model = randomize_bn(Pair(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)))
     model.bn.register_forward_hook(lambda m, i, o: None)

@@ -35,16 +35,16 @@ def why_not(root: nn.Module, pair: Pair, roles: Roles, calls: Calls) -> Refusal 
     Refuses:
       TRAINING_MODE      the linear module or the BN is in training mode
       NO_RUNNING_STATS   track_running_stats=False or running_mean/var missing
-      HOOKED             forward (pre-)hooks on either module
       PARAMETRIZED       parametrized, tied or non-Parameter weight/bias, a module
                          registered at several paths, or an overridden forward()
+      HOOKED             forward (pre-)hooks on either module
       UNSUPPORTED_DTYPE  the weight is not floating point
       BAD_SHAPE          BN statistics do not match the linear output channels
       NOT_PER_CHANNEL    the linear output's channels are not on BN's axis 1
                          (e.g. Linear on a 3-D input followed by BatchNorm1d)
     """
     lin, bn = _module(root, pair.linear), _module(root, pair.bn)
-    for check in (_training, _running_stats, _hooks, _parametrized, _dtype, _shape):
+    for check in (_training, _running_stats, _parametrized, _hooks, _dtype, _shape):
         if found := check(pair, lin, bn, roles):
             return Refusal(pair.site, *found)
     ndim, want = calls.out_ndim.get(pair.linear), channel_rank(lin)

@@ -8,6 +8,7 @@ from typing import Any
 from torch import nn
 
 from bnfold.affine import Unfoldable
+from bnfold.errors import BnfoldError
 from bnfold.layouts import LayoutError
 from bnfold.report import Code, Folded, FoldReport, FoldResult, Refusal
 from bnfold.torch_front import eager, graph
@@ -28,7 +29,7 @@ def fold(
 ) -> FoldResult:
     """See :func:`bnfold.torch_front.fold_module`."""
     args = as_args(example_inputs)
-    work = module if inplace else copy.deepcopy(module)
+    work = module if inplace else _copy(module)
     report = FoldReport(front="torch", ops_before=leaf_type_counts(work))
     pairs = _checked_pairs(work, args, report)
     # Reference outputs before any fold: with inplace=True the module itself changes.
@@ -43,6 +44,15 @@ def fold(
     report.folded = [_folded(u) for u in undos]
     report.ops_after = leaf_type_counts(work)
     return result
+
+
+def _copy(module: nn.Module) -> nn.Module:
+    try:
+        return copy.deepcopy(module)
+    except Exception as e:
+        raise BnfoldError(
+            f"cannot deep-copy the module ({type(e).__name__}: {e}); fold it with inplace=True"
+        ) from None
 
 
 def as_args(example_inputs: Any) -> tuple[Any, ...]:
