@@ -15,8 +15,11 @@ one function (:func:`match_graph`) finds the pairs in it.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import logging
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -290,7 +293,7 @@ def _sequential_pair(
 
 
 def _export_graph(root: nn.Module, args: tuple[Any, ...], roles: Roles) -> Traced:
-    with eval_mode(root):
+    with eval_mode(root), _quiet(_EXPORT_LOGGERS), contextlib.redirect_stderr(io.StringIO()):
         ep = torch.export.export(root, args, strict=False)
     sig = ep.graph_signature
     user_inputs = set(sig.user_inputs)
@@ -315,6 +318,24 @@ def _params_read_outside(
 ) -> set[str]:
     read = [params[a.name] for a in n.all_input_nodes if a.name in params]
     return {p for p in read if roles.canonical.get(p.rpartition(".")[0]) != owner}
+
+
+# A failed export (the fallback then takes over) logs a warning and prints the
+# partial graph to stderr; neither helps someone whose model still folds.
+_EXPORT_LOGGERS = ("torch.fx.experimental.symbolic_shapes", "torch._export", "torch.export")
+
+
+@contextlib.contextmanager
+def _quiet(names: tuple[str, ...]) -> Iterator[None]:
+    loggers = [logging.getLogger(n) for n in names]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        for lg, level in zip(loggers, levels, strict=True):
+            lg.setLevel(level)
 
 
 def _export_owner(n: fx.Node, roles: Roles) -> str | None:
