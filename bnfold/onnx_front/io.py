@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import inspect
 import os
 import re
 import secrets
@@ -31,6 +32,9 @@ import onnx_ir as ir
 from bnfold.errors import BnfoldError
 
 STAGING_PREFIX = ".bnfold-"
+# Tensors over 1 MB start at 64 KiB offsets, so onnxruntime can memory-map them
+# instead of copying (onnx_ir >= 1.1 packs densely unless told otherwise).
+_ALIGNED = {"alignment": 1 << 16} if "alignment" in inspect.signature(ir.save).parameters else {}
 
 
 def load_model(path: str | os.PathLike[str]) -> ir.Model:
@@ -169,7 +173,7 @@ def save_model(
         _remove_stale_staging(path.parent)
         with _staging_dir(path.parent) as stage:
             staged = stage / path.name
-            ir.save(model, staged, external_data=data_name)
+            ir.save(model, staged, external_data=data_name, **_ALIGNED)
             _fsync_files(stage)
             if accept is not None and not accept(staged):
                 return False
