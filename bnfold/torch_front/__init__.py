@@ -35,7 +35,7 @@ def fold_module(
     inplace: bool = False,
     verify: bool = True,
     rtol: float | None = None,
-    atol: float = 0.0,
+    atol: float | None = None,
     samples: int = 3,
     seed: int = 0,
 ) -> FoldResult:
@@ -59,7 +59,7 @@ def fold_module(
             same shapes, and roll back any fold that changes outputs beyond tolerance.
         rtol: relative tolerance, on the scale of each output; None picks it
             from the output dtype.
-        atol: absolute tolerance.
+        atol: absolute tolerance; None means 0.
         samples: random draws compared besides ``example_inputs`` itself.
         seed: seed of the random draws.
 

@@ -297,7 +297,7 @@ def fold_graph_module(
     *,
     verify: bool = True,
     rtol: float | None = None,
-    atol: float = 0.0,
+    atol: float | None = None,
     samples: int = checking.RANDOM_DRAWS,
     seed: int = 0,
 ) -> FoldResult:
@@ -355,7 +355,7 @@ def _rollback(
     sites: list[Site],
     ref: checking.Reference,
     rtol: float | None,
-    atol: float,
+    atol: float | None,
     report: FoldReport,
 ) -> tuple[fx.GraphModule, VerifyResult, list[Site]]:
     kept: list[Site] = []

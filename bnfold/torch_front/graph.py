@@ -11,6 +11,10 @@ Three finders, tried in order; the first that traces the module decides:
 
 Export and fx graphs are reduced to one small node graph (:class:`Node`), and
 one function (:func:`match_graph`) finds the pairs in it.
+
+Limitation: the wiring is read from one trace at the example inputs' shapes. A
+forward that wires conv and BN differently for other shapes (branching on
+``x.shape``) is checked only for the example's shapes, as verification is.
 """
 
 from __future__ import annotations

@@ -137,7 +137,7 @@ def fold_exported_program_file(
     *,
     verify: bool = True,
     rtol: float | None = None,
-    atol: float = 0.0,
+    atol: float | None = None,
     samples: int = 3,
     seed: int = 0,
 ) -> FoldResult:

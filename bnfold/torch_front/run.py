@@ -23,7 +23,7 @@ def fold(
     inplace: bool,
     verify: bool,
     rtol: float | None,
-    atol: float,
+    atol: float | None,
     samples: int = checking.RANDOM_DRAWS,
     seed: int = 0,
 ) -> FoldResult:

@@ -81,8 +81,11 @@ def run(module: nn.Module, sample: tuple[Any, ...]) -> list[tuple[str, torch.Ten
     ]
 
 
-def compare(ref: Reference, module: nn.Module, rtol: float | None, atol: float) -> VerifyResult:
-    """Worst error per output of ``module`` against ``ref`` over all samples."""
+def compare(
+    ref: Reference, module: nn.Module, rtol: float | None, atol: float | None
+) -> VerifyResult:
+    """Worst error per output of ``module`` against ``ref`` over all samples (atol None: 0)."""
+    atol = 0.0 if atol is None else atol
     worst: dict[str, tuple[float, float, torch.dtype]] = {}
     try:
         for sample, expected in zip(ref.samples, ref.outputs, strict=True):
@@ -135,7 +138,7 @@ def verify_with_rollback(
     undos: list[Undo],
     redo: Callable[[Undo], Undo],
     rtol: float | None,
-    atol: float,
+    atol: float | None,
 ) -> tuple[VerifyResult, list[Undo], list[Refusal]]:
     """Verify all folds at once; if that fails, keep only the folds that pass one by one.
 
