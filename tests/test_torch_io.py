@@ -256,3 +256,16 @@ def test_export_onnx_of_folded_module(tmp_path):
     sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
     (y,) = sess.run(None, {sess.get_inputs()[0].name: x.numpy()})
     np.testing.assert_allclose(y, model(x).detach().numpy(), rtol=1e-5, atol=1e-5)
+
+
+def test_pt2_whose_outputs_never_match_is_not_written(tmp_path):
+    class Noisy(Net):
+        def forward(self, x):
+            return super().forward(x) + torch.rand(1)
+
+    src, dst = tmp_path / "in.pt2", tmp_path / "out.pt2"
+    save_program(randomize_bn(Noisy()), torch.randn(2, 3, 8, 8), src)
+    result = io.fold_exported_program_file(src, dst)
+    assert result.verification.status == "failed"
+    assert not dst.exists()
+    assert {r.code for r in result.report.refused} >= {Code.VERIFICATION_FAILED}

@@ -150,7 +150,9 @@ def fold_exported_program_file(
     in the target folder and ``os.replace``.
 
     Returns:
-        FoldResult whose ``model`` is the new ExportedProgram.
+        FoldResult whose ``model`` is the new ExportedProgram. If verification
+        still fails after the rollback (e.g. a non-deterministic program),
+        nothing is written and ``verification.status`` is "failed".
 
     Raises:
         BnfoldError: bad input or output path, no usable example inputs.
@@ -162,6 +164,8 @@ def fold_exported_program_file(
     result = fold_graph_module(
         ep.module, args, verify=verify, rtol=rtol, atol=atol, samples=samples, seed=seed
     )
+    if result.verification is not None and result.verification.status == "failed":
+        return result  # even with the failing folds rolled back: publish nothing
     try:
         folded_ep = torch.export.export(result.model, args, strict=False)
     except Exception as e:
