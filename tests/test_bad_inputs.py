@@ -340,24 +340,22 @@ def _two_sites(**bad: np.ndarray) -> onnx.ModelProto:
     return first
 
 
-# NaN makes the original's output NaN where the folded one is NaN too: verifiable.
-# inf makes it +-inf, which verify currently rejects (see the xfail test below).
 @pytest.mark.parametrize(
-    ("field", "values", "verifiable"),
+    ("field", "values"),
     [
-        ("mean", [np.nan, 0, 0, 0], True),
-        ("var", [1, np.nan, 1, 1], True),
-        ("scale", [1, np.nan, 1, 1], True),
-        ("bias", [0, 0, np.nan, 0], True),
-        ("var", [1, 1, np.inf, 1], True),
-        ("mean", [0, 0, 0, -np.inf], False),
-        ("scale", [np.inf, 1, 1, 1], False),
-        ("bias", [0, -np.inf, 0, 0], False),
+        ("mean", [np.nan, 0, 0, 0]),
+        ("var", [1, np.nan, 1, 1]),
+        ("scale", [1, np.nan, 1, 1]),
+        ("bias", [0, 0, np.nan, 0]),
+        ("var", [1, 1, np.inf, 1]),
+        ("mean", [0, 0, 0, -np.inf]),
+        ("scale", [np.inf, 1, 1, 1]),
+        ("bias", [0, -np.inf, 0, 0]),
     ],
     ids=["nan_mean", "nan_var", "nan_gamma", "nan_beta", "inf_var", "inf_mean", "inf_gamma",
          "inf_beta"],
 )  # fmt: skip
-def test_nan_or_inf_refuses_that_fold_and_folds_the_rest(cli, tmp_path, field, values, verifiable):
+def test_nan_or_inf_refuses_that_fold_and_folds_the_rest(cli, tmp_path, field, values):
     model = _write(tmp_path / "model.onnx", _two_sites(**{field: np.array(values)}))
     before = snapshot(tmp_path)
     result = bnfold.fold(str(model))
@@ -365,12 +363,11 @@ def test_nan_or_inf_refuses_that_fold_and_folds_the_rest(cli, tmp_path, field, v
     assert result.report.refused[0].site == "conv1 -> bn1"
     assert [f.site for f in result.report.folded] == ["conv2 -> bn2"]
     out = tmp_path / "folded.onnx"
-    cli_result = cli(["fold", model, "-o", out, "--json", *([] if verifiable else ["--no-verify"])])
+    cli_result = cli(["fold", model, "-o", out, "--json"])
     assert cli_result.exit_code == 0, cli_result.output
     payload = json.loads(cli_result.stdout)
     assert payload["report"]["refused"][0]["code"] == "bad_values"
-    if verifiable:
-        assert payload["verification"]["status"] == "passed"
+    assert payload["verification"]["status"] == "passed"
     folded_ops = [n.op_type for n in onnx.load(out).graph.node]
     assert folded_ops == ["Conv", "BatchNormalization", "Conv"]
     after = snapshot(tmp_path)
@@ -391,9 +388,9 @@ def test_var_plus_eps_not_positive_refuses_that_fold(cli, tmp_path, var, eps):
     proto = _two_sites(var=np.array(var))
     _with_epsilon(proto, eps)
     model = _write(tmp_path / "model.onnx", proto)
-    # var + eps = 0 gives inf, which verify cannot compare yet (xfail below): --no-verify.
-    result = cli(["fold", model, "-o", tmp_path / "folded.onnx", "--json", "--no-verify"])
+    result = cli(["fold", model, "-o", tmp_path / "folded.onnx", "--json"])
     assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["verification"]["status"] == "passed"
     report = json.loads(result.stdout)["report"]
     assert [r["code"] for r in report["refused"]] == ["bad_values"]
     assert [f["site"] for f in report["folded"]] == ["conv2 -> bn2"]
@@ -410,11 +407,6 @@ def test_var_plus_default_eps_zero_is_refused():
     assert [r.code for r in result.report.refused] == [Code.BAD_VALUES]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="verify.py _abs_error: inf - inf is NaN, so equal infinite outputs count as an "
-    "infinite error and verification of an unchanged model fails",
-)
 def test_verify_accepts_identical_infinite_outputs(tmp_path):
     model = _write(tmp_path / "model.onnx", conv_bn_model(mean=np.array([0, 0, 0, -np.inf])))
     result = verify_models(str(model), str(model))
