@@ -174,6 +174,8 @@ def layout_of(lin: fx.Node) -> layouts.WeightLayout:
 def apply_site(gm: fx.GraphModule, site: Site) -> None:
     """Fold one site in place: new weight/bias attributes, the BN node removed.
 
+    All values are computed before anything changes, so a raise leaves ``gm`` as it was.
+
     Raises:
         Unfoldable: bad statistics or overflow.  LayoutError: bad groups.
     """
@@ -313,9 +315,9 @@ def fold_graph_module(
     report.ops_before = _op_counts(original)
     sites, refused = find_sites(original)
     report.refused += refused
-    sites = _foldable(make, sites, report)
     ref = checking.reference(original, args, samples, seed) if verify else None
-    gm = _folded(make, sites)
+    gm = make()
+    sites = _apply_checked(gm, sites, report)
     verification = None if ref is None else checking.compare(ref, gm, rtol, atol)
     if ref is not None and verification is not None and not verification.passed:
         gm, verification, sites = _rollback(make, sites, ref, rtol, atol, report)
@@ -327,13 +329,12 @@ def fold_graph_module(
     return FoldResult(gm, report, verification)
 
 
-def _foldable(
-    make: Callable[[], fx.GraphModule], sites: list[Site], report: FoldReport
-) -> list[Site]:
+def _apply_checked(gm: fx.GraphModule, sites: list[Site], report: FoldReport) -> list[Site]:
+    """Apply each site, refusing those whose values cannot fold (nothing changes then)."""
     kept = []
     for s in sites:
         try:
-            apply_site(make(), s)
+            apply_site(gm, s)
         except Unfoldable as e:
             report.refused.append(Refusal(s.site, Code.BAD_VALUES, str(e)))
         except LayoutError as e:
