@@ -2,9 +2,9 @@
 
 Generates a chain of 1x1 Conv(C -> C) blocks whose weights live in one external
 data file (written tensor by tensor, so generating needs little memory either),
-then runs ``bnfold fold`` on it in a child process and reads the child's peak
-RSS from ``os.wait4`` (``ru_maxrss``: resident pages, file-backed mmap pages
-included). Three layouts:
+then runs ``bnfold fold`` on it in a child process, which reports its own peak
+RSS (``VmHWM`` from /proc/self/status at exit: resident pages, file-backed mmap
+pages included). Three layouts:
 
   depthwise  a depthwise Conv -> BN in front (C weights change), then convs with
           Relu: almost nothing changes, so peak RSS should stay near the baseline.
@@ -144,25 +144,43 @@ def model_bytes(path: Path) -> int:
     return sum(p.stat().st_size for p in path.parent.iterdir() if p.name.startswith(path.name))
 
 
+# The child reports its own VmHWM (peak RSS of its address space since exec) at
+# exit. ru_maxrss from wait4 would also count the parent's pages the child had
+# between fork and exec, so it over-reports by the parent's size.
+_CHILD = """
+import atexit, os, sys
+def _report_peak():
+    with open("/proc/self/status") as fh:
+        peak = next(line.split()[1] for line in fh if line.startswith("VmHWM:"))
+    with open(os.environ["BNFOLD_PEAK_FILE"], "w") as out:
+        out.write(peak)
+atexit.register(_report_peak)
+from bnfold.cli.main import main
+sys.argv = ["bnfold", *sys.argv[1:]]
+main()
+"""
+
+
 def measure_fold(model: Path, output: Path, *, verify: bool) -> tuple[int, float, int, dict]:
-    """Run ``bnfold fold`` in a child; (exit code, seconds, peak RSS bytes, JSON payload)."""
-    cmd = [sys.executable, "-m", "bnfold", "fold", str(model), "-o", str(output), "--json"]
+    """Run ``bnfold fold`` in a child; (exit code, seconds, peak RSS bytes, JSON payload).
+
+    Peak RSS is the child's VmHWM: resident pages, file-backed mmap pages included.
+    """
+    cmd = [sys.executable, "-c", _CHILD, "fold", str(model), "-o", str(output), "--json"]
     if not verify:
         cmd.append("--no-verify")
-    start = time.perf_counter()
-    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=err)
-        _, status, usage = os.wait4(proc.pid, 0)
+    with tempfile.TemporaryDirectory() as tmp:
+        peak_file = Path(tmp) / "peak"
+        env = {**os.environ, "BNFOLD_PEAK_FILE": str(peak_file)}
+        start = time.perf_counter()
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
         seconds = time.perf_counter() - start
-        proc.returncode = os.waitstatus_to_exitcode(status)
-        out.seek(0)
-        err.seek(0)
-        text, error = out.read(), err.read()
+        peak = int(peak_file.read_text()) * 1024 if peak_file.exists() else -1
     try:
-        payload = json.loads(text)
+        payload = json.loads(proc.stdout)
     except json.JSONDecodeError:
-        payload = {"error": error.strip()[-500:]}
-    return proc.returncode, seconds, usage.ru_maxrss * 1024, payload
+        payload = {"error": proc.stderr.strip()[-500:]}
+    return proc.returncode, seconds, peak, payload
 
 
 def baseline_rss() -> int:
@@ -238,8 +256,8 @@ def main() -> None:
         shutil.rmtree(workdir, ignore_errors=True)
     result = {
         "benchmark": "big_model_rss",
-        "how": "child `python -m bnfold fold MODEL -o OUT --json [--no-verify]`; peak RSS = "
-        "os.wait4 ru_maxrss of that child (includes resident file-backed mmap pages)",
+        "how": "child running the bnfold CLI `fold MODEL -o OUT --json [--no-verify]`; peak "
+        "RSS = the child's VmHWM at exit (includes resident file-backed mmap pages)",
         "baseline_peak_rss_bytes": base,
         "runs": [asdict(r) for r in runs],
         "environment": {

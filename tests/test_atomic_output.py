@@ -275,3 +275,44 @@ def test_folder_mode_usage_errors(cli, tmp_path, case):
     assert result.exit_code == 2 and "Traceback" not in result.output
     assert len(result.stderr.strip().splitlines()) == 1, result.stderr
     assert not (tmp_path / "out").exists() and not (tmp_path / "a").exists()
+
+
+def _big_model_bench():  # type: ignore[no-untyped-def]
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "big_model_rss", ROOT / "benchmarks" / "big_model_rss.py"
+    )
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up here
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_300mb_external_data_model_folds_without_loading_unchanged_weights(tmp_path):
+    """CI-sized scale test (benchmarks/big_model_rss.py runs the > 2 GB version).
+
+    A depthwise Conv -> BN (C weights change) in front of 5 Conv 4096x4096 with
+    external data (335 MB): the unchanged weights are copied file to file, so the
+    fold's peak RSS stays near that of folding a tiny model, far below the model.
+    """
+    bench = _big_model_bench()
+    model = bench.make_model(
+        tmp_path / "m", channels=4096, blocks=5, bn_blocks=0, depthwise_bn=True
+    )
+    size = bench.model_bytes(model)
+    assert size > 300e6
+    baseline = bench.baseline_rss()
+    out = tmp_path / "out" / "model.onnx"
+    out.parent.mkdir()
+    code, seconds, rss, payload = bench.measure_fold(model, out, verify=False)
+    assert code == 0, payload
+    assert [f["site"] for f in payload["report"]["folded"]] == ["dw -> dw_bn"]
+    print(f"model {size / 1e6:.0f} MB: fold {seconds:.1f}s, peak RSS {rss / 1e6:.0f} MB "
+          f"(tiny-model baseline {baseline / 1e6:.0f} MB)")  # fmt: skip
+    assert rss < size
+    assert rss < baseline + size / 2  # copying the unchanged weights would add >= size
+    (data,) = out.parent.glob("model.onnx.*.data")
+    assert data.stat().st_size >= size - (1 << 20)
+    assert verify_models(str(model), str(out)).passed
