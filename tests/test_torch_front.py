@@ -193,6 +193,30 @@ def test_folds_bn_subclasses_and_frozen_bn(bn_cls):
     assert outputs_match(model, result.model, x)
 
 
+class ClippedRunningNorm(nn.Module):
+    """BN-shaped attributes, other semantics: the clip makes the fold wrong."""
+
+    def __init__(self, c: int):
+        super().__init__()
+        self.register_buffer("running_mean", torch.zeros(c))
+        self.register_buffer("running_var", torch.ones(c))
+        self.eps = 1e-5
+
+    def forward(self, x):
+        y = (x - self.running_mean[:, None, None]) / (
+            self.running_var[:, None, None] + self.eps
+        ).sqrt()
+        return y.clamp(-0.1, 0.1)
+
+
+def test_duck_typed_module_with_other_semantics_is_rolled_back():
+    x = torch.randn(2, 3, 6, 6)
+    model, result = fold_pair(nn.Conv2d(3, 4, 3), ClippedRunningNorm(4), x)
+    assert codes_at(result, "linear -> bn") == [Code.VERIFICATION_FAILED]
+    assert isinstance(result.model.bn, ClippedRunningNorm)
+    assert outputs_match(model, result.model, x)
+
+
 @pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
 def test_keeps_parameter_dtype(dtype):
     x = torch.randn(2, 3, 6, 6, dtype=dtype)

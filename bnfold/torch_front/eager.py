@@ -141,8 +141,9 @@ def bn_affine(bn: Any) -> Affine:
         Unfoldable: NaN/inf statistics or var + eps <= 0.
     """
     mean, var = _f64(bn.running_mean), _f64(bn.running_var)
-    gamma = np.ones_like(mean) if bn.weight is None else _f64(bn.weight)
-    beta = np.zeros_like(mean) if bn.bias is None else _f64(bn.bias)
+    weight, bias = getattr(bn, "weight", None), getattr(bn, "bias", None)
+    gamma = np.ones_like(mean) if weight is None else _f64(weight)
+    beta = np.zeros_like(mean) if bias is None else _f64(bias)
     return bn_to_affine(gamma, beta, mean, var, float(bn.eps))
 
 

@@ -42,7 +42,15 @@ def is_bn_like(m: nn.Module) -> bool:
         return True
     if isinstance(m, nn.modules.instancenorm._InstanceNorm):
         return False
-    return all(hasattr(m, a) for a in _BN_ATTRS) and not any(True for _ in m.children())
+    if not all(hasattr(m, a) for a in _BN_ATTRS) or any(True for _ in m.children()):
+        return False
+    stats = (m.running_mean, m.running_var)
+    affine = (getattr(m, "weight", None), getattr(m, "bias", None))
+    return (
+        all(isinstance(t, torch.Tensor) and t.ndim == 1 for t in stats)
+        and all(t is None or isinstance(t, torch.Tensor) for t in affine)
+        and isinstance(m.eps, int | float)
+    )
 
 
 def layout_of(m: nn.Module) -> layouts.WeightLayout:
