@@ -629,6 +629,7 @@ def test_whole_model_folds_every_bn(cls):
 def test_inspect_reports_without_changing_the_module():
     model = randomize_bn(ResNetLike())
     report = inspect_module(model, (torch.randn(1, 3, 16, 16),))
+    assert report.dry_run and report.summary().startswith("would fold 10")
     assert len(report.folded) == count_bn(model)
     assert count_bn(model) == 10  # still BatchNorms: inspect folded a copy
 

@@ -85,4 +85,6 @@ def inspect_module(module: nn.Module, example_inputs: Any) -> FoldReport:
     Folds a copy without verification, so values that cannot fold (BAD_VALUES,
     BAD_GROUPS) are reported too; only VERIFICATION_FAILED needs :func:`fold_module`.
     """
-    return fold_module(module, example_inputs, inplace=False, verify=False).report
+    report = fold_module(module, example_inputs, inplace=False, verify=False).report
+    report.dry_run = True
+    return report
