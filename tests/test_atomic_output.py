@@ -90,6 +90,14 @@ def test_sigkill_mid_save_leaves_previous_output_whole(tmp_path, external):
         if values == {2.0}:
             _full_save(target, 1.0, external)  # back to the old version for the next kill
     print(f"kill delays {[round(d, 3) for d in delays]}: saw versions {sorted(seen)}")
+    # No previous output: after a kill the target is absent or whole, never partial.
+    fresh = tmp_path / "fresh.onnx"
+    for delay in (0.0, duration * 0.3, duration * 0.7):
+        proc = _save_in_child(fresh, 5.0, external)
+        time.sleep(delay)
+        proc.kill()
+        proc.wait(timeout=60)
+        assert not fresh.exists() or _weight_values(fresh) == {5.0}
     # The next save cleans the dead children's staging folders.
     _full_save(target, 4.0, external)
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".bnfold-")]
