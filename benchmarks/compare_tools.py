@@ -7,6 +7,7 @@ ONNX tools (file in, file out; fold time includes load and save, as a user sees 
   onnxslim       onnxslim.slim(model) with its defaults
   ort-basic      onnxruntime's offline optimizer: ORT_ENABLE_BASIC, optimized model saved
   ir-load-save   onnx_ir load + save, no fold: the I/O floor
+  ir-load-save-fsync  the same, then fsync as bnfold's atomic save does
 PyTorch tools (in memory, on the generated ResNet-50 module):
   bnfold-torch   bnfold.fold(module, (x,))
   fx-fuse        torch.fx.experimental.optimization.fuse(module)
@@ -53,6 +54,7 @@ ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
 
 ONNX_TOOLS = ("bnfold", "onnxoptimizer", "onnxscript", "onnxslim", "ort-basic", "ir-load-save")
+ONNX_TOOLS += ("ir-load-save-fsync",)
 TORCH_TOOLS = ("bnfold-torch", "fx-fuse", "nn-utils")
 TOOL_IMPORTS = {
     "bnfold": ["bnfold", "bnfold.onnx_front.io", "onnx_ir"],
@@ -61,6 +63,7 @@ TOOL_IMPORTS = {
     "onnxslim": ["onnx", "onnxslim"],
     "ort-basic": ["onnxruntime"],
     "ir-load-save": ["onnx_ir"],
+    "ir-load-save-fsync": ["onnx_ir"],
 }
 VERSIONED = ("bnfold", "onnx", "onnx_ir", "onnxruntime", "onnxscript", "onnxoptimizer", "onnxslim")
 VERSIONED += ("numpy", "torch")
@@ -77,11 +80,11 @@ class Case:
     twin: Path | None  # the no-BN twin, for the latency floor
     references: dict[str, Path] = field(default_factory=dict)  # hand-made folds, for errors
     errors: bool = True  # compute error columns (too slow in float64 for the >2 GB model)
+    size_bytes: int = 0  # model file plus external data; read at creation (files are temporary)
 
-    @property
-    def size_bytes(self) -> int:
+    def __post_init__(self) -> None:
         data = self.path.with_name(self.path.name + ".data")
-        return self.path.stat().st_size + (data.stat().st_size if data.exists() else 0)
+        self.size_bytes = self.path.stat().st_size + (data.stat().st_size if data.exists() else 0)
 
 
 @dataclass
@@ -211,6 +214,19 @@ def _tool_ir_load_save(src: str, dst: str, phase: Phases) -> None:
         _ir_save(model, dst, _has_external_data(src))
 
 
+def _tool_ir_load_save_fsync(src: str, dst: str, phase: Phases) -> None:
+    import onnx_ir as ir
+
+    with phase("load"):
+        model = ir.load(src)
+    with phase("save"):
+        _ir_save(model, dst, _has_external_data(src))
+        for path in (Path(dst), Path(dst + ".data")):
+            if path.exists():
+                with open(path, "rb") as fh:
+                    os.fsync(fh.fileno())
+
+
 ONNX_RUNNERS: dict[str, Callable[[str, str, Phases], None]] = {
     "bnfold": _tool_bnfold,
     "onnxoptimizer": _tool_onnxoptimizer,
@@ -218,6 +234,7 @@ ONNX_RUNNERS: dict[str, Callable[[str, str, Phases], None]] = {
     "onnxslim": _tool_onnxslim,
     "ort-basic": _tool_ort_basic,
     "ir-load-save": _tool_ir_load_save,
+    "ir-load-save-fsync": _tool_ir_load_save_fsync,
 }
 
 
@@ -328,9 +345,9 @@ def run_child(args: list[str]) -> tuple[dict[str, Any] | None, str]:
     return json.loads(proc.stdout.strip().splitlines()[-1]), ""
 
 
-def sample_cases(work: Path) -> list[Case]:
+def sample_cases(work: Path, match: str = "*") -> list[Case]:
     cases = []
-    for path in sorted((ROOT / "sample_models").rglob("*.onnx")):
+    for path in sorted((ROOT / "sample_models").rglob(f"{match}.onnx")):
         twin = bn_removed_twin(path, work / "twins" / path.name)
         cases.append(Case(path.stem, "sample", path, twin))
     return cases
@@ -356,12 +373,17 @@ def bn_removed_twin(path: Path, out: Path) -> Path | None:
     return out
 
 
-def generated_cases(work: Path, big: bool, size: int) -> list[Case]:
+def generated_cases(folder: Path, big: bool, size: int) -> list[Case]:
+    """Generate the ResNet-50 (and, if ``big``, the >2 GB) cases into ``folder``.
+
+    A folder that already holds them (from --generated) is reused as is.
+    """
     import make_big_models
 
-    folder = work / "generated"
-    for path in make_big_models.generate(folder, size=size, fp16=True, big=big):
-        print(f"  generated {path.name} ({path.stat().st_size / 1e6:.0f} MB)", file=sys.stderr)
+    wanted = ["resnet50_bn_fp16.onnx"] + (["huge_nobn.onnx"] if big else [])
+    if not all((folder / name).exists() for name in wanted):
+        for path in make_big_models.generate(folder, size=size, fp16=True, big=big):
+            print(f"  generated {path.name}", file=sys.stderr)
     cases = []
     for suffix, group in (("", "resnet50"), ("_fp16", "resnet50_fp16")):
         refs = {
@@ -691,6 +713,10 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--size", type=int, default=128, help="ResNet-50 input height/width")
     parser.add_argument("--tools", default=",".join(ONNX_TOOLS))
+    parser.add_argument("--match", default="*", help="glob on sample model names, e.g. conv2d_*")
+    parser.add_argument(
+        "--generated", type=Path, help="keep generated models in this folder (reused if present)"
+    )
     parser.add_argument("--out", type=Path, default=HERE / "results" / "compare_tools")
     args = parser.parse_args()
     only = set(args.only.split(",")) if args.only else set()
@@ -700,9 +726,10 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="bnfold-compare-") as tmp:
         work = Path(tmp)
         if "sample" in only:
-            cases += sample_cases(work)
+            cases += sample_cases(work, args.match)
         if "resnet50" in only or args.big:
-            generated = generated_cases(work, args.big, args.size)
+            folder = args.generated or work / "generated"
+            generated = generated_cases(folder, args.big, args.size)
             cases += [c for c in generated if c.group != "huge" or args.big]
             if "resnet50" not in only:
                 cases = [c for c in cases if c.group not in ("resnet50", "resnet50_fp16")]

@@ -186,7 +186,9 @@ def main() -> None:
     parser.add_argument("--big", action="store_true", help="also write the >2 GB model and twin")
     args = parser.parse_args()
     for path in generate(args.out_dir, args.size, not args.no_fp16, args.big):
-        print(path, f"{path.stat().st_size / 1e6:.1f} MB")
+        data = path.with_name(path.name + ".data")
+        size = path.stat().st_size + (data.stat().st_size if data.exists() else 0)
+        print(path, f"{size / 1e6:.1f} MB")
 
 
 if __name__ == "__main__":

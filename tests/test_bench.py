@@ -237,3 +237,83 @@ def test_cli_bench_bad_model_exits_2_with_one_line(tmp_path):
     result = CliRunner().invoke(bench_command, [str(bad), str(bad), "--runs", "1"])
     assert result.exit_code == 2
     assert result.output.strip().count("\n") == 0
+
+
+@pytest.mark.parametrize("with_folded", [True, False])
+def test_cli_bench_torch_modules(tmp_path, with_folded):
+    torch = pytest.importorskip("torch")
+    conv = torch.nn.Sequential(torch.nn.Conv2d(3, C, 3), torch.nn.BatchNorm2d(C)).eval()
+    plain = torch.nn.Sequential(torch.nn.Conv2d(3, C, 3)).eval()
+    torch.save(conv, tmp_path / "conv_bn.pt")
+    torch.save(plain, tmp_path / "conv.pt")
+    files = [str(tmp_path / "conv_bn.pt")] + ([str(tmp_path / "conv.pt")] if with_folded else [])
+    args = [*files, "--shape", "1,3,8,8", "--runs", "2", "--warmup", "0", "--json"]
+    result = CliRunner().invoke(bench_command, args)
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.output)
+    assert data["environment"]["runtime"] == "torch-eager"
+    assert data["folds"] == (None if with_folded else 1)
+
+
+def test_cli_bench_torch_without_shape_is_a_user_error(tmp_path):
+    torch = pytest.importorskip("torch")
+    torch.save(torch.nn.Sequential(torch.nn.Conv2d(3, C, 3)), tmp_path / "m.pt")
+    result = CliRunner().invoke(bench_command, [str(tmp_path / "m.pt"), "--runs", "1"])
+    assert result.exit_code == 2
+    assert "--shape" in result.output
+
+
+BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
+
+
+def test_compare_tools_smoke_run(tmp_path):
+    import subprocess
+    import sys
+
+    out = tmp_path / "compare"
+    args = ["--only", "sample", "--match", "conv2d_bn", "--tools", "bnfold,ir-load-save"]
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(BENCHMARKS / "compare_tools.py"),
+            *args,
+            "--runs",
+            "2",
+            "--out",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    data = json.loads(out.with_suffix(".json").read_text())
+    rows = {r["tool"]: r for r in data["rows"]}
+    assert rows["bnfold"]["status"] == "ok" and rows["bnfold"]["bn_left"] == 0
+    assert rows["ir-load-save"]["bn_left"] == 1
+    assert rows["bnfold"]["err_f64"] < 1e-5
+    assert data["machine"]["cores"] >= 1
+    assert "| conv2d_bn | bnfold |" in out.with_suffix(".md").read_text()
+
+
+def test_generated_resnet50_twin_matches_the_bn_model():
+    import importlib.util
+
+    import onnx_ir as ir
+    import onnxruntime as ort
+
+    spec = importlib.util.spec_from_file_location(
+        "make_big_models", BENCHMARKS / "make_big_models.py"
+    )
+    make = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(make)
+    x = np.random.default_rng(0).standard_normal((1, 3, 32, 32)).astype(np.float32)
+    outs = []
+    for variant in ("bn", "nobn"):
+        proto = ir.serde.serialize_model(make.resnet50(variant, size=32)).SerializeToString()
+        opts = ort.SessionOptions()
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+        sess = ort.InferenceSession(proto, opts, providers=["CPUExecutionProvider"])
+        outs.append(sess.run(None, {"x": x})[0])
+    assert np.isfinite(outs[0]).all()
+    np.testing.assert_allclose(outs[1], outs[0], rtol=0, atol=1e-5 * np.abs(outs[0]).max())
