@@ -41,7 +41,7 @@ def conv_cases(draw):
         conv = CONV[rank](
             cin, cout, kernel, stride, padding, dilation, groups, bias, padding_mode=mode
         )
-    size = (dilation * (kernel - 1) + 2) if rank < 3 else dilation * (kernel - 1) + 1
+    size = dilation * (kernel - 1) + 2  # >= 2: reflect padding needs padding < size
     shape = (draw(st.integers(1, 2)), cin, *([size + draw(st.integers(0, 2))] * rank))
     return conv, BN[rank](cout, affine=draw(st.booleans())), shape
 
