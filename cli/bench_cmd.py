@@ -61,15 +61,23 @@ def bench(
         if plot:
             harness.plot_report(report, plot)
     except BnfoldError as err:
-        failure = click.ClickException(str(err))
-        failure.exit_code = err.exit_code
-        raise failure from None
+        raise _InputError(str(err)) from None
     if as_json:
         click.echo(report.to_json())
     else:
         print_report(report)
         if plot:
             click.echo(f"plot written to {plot}")
+
+
+class _InputError(click.ClickException):
+    """One line on stderr, exit code 2 (as cli.main's InputError; not imported from
+    there, because main imports this module)."""
+
+    exit_code = 2
+
+    def show(self, file: Any = None) -> None:
+        click.echo(f"bnfold: error: {self.format_message()}", err=True)
 
 
 def _run(
