@@ -38,7 +38,7 @@ fuzz_settings = settings(
 def check_cli_contract(cli, model: Path, out: Path) -> None:
     """The CLI contract for any input file."""
     before = model.read_bytes()
-    for args in (["fold", model, "-o", out], ["inspect", model]):
+    for args in (["fold", model, "-o", out], ["inspect", model], ["verify", model, model]):
         result = cli(args)
         assert result.exit_code in (0, 1, 2), (args, result.exit_code, result.output)
         assert "Traceback" not in result.output, result.output
