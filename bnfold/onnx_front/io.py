@@ -25,6 +25,7 @@ import socket
 import tempfile
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
+from typing import Any
 
 import onnx
 import onnx_ir as ir
@@ -34,7 +35,9 @@ from bnfold.errors import BnfoldError
 STAGING_PREFIX = ".bnfold-"
 # Tensors over 1 MB start at 64 KiB offsets, so onnxruntime can memory-map them
 # instead of copying (onnx_ir >= 1.1 packs densely unless told otherwise).
-_ALIGNED = {"alignment": 1 << 16} if "alignment" in inspect.signature(ir.save).parameters else {}
+_ALIGNED: dict[str, Any] = (
+    {"alignment": 1 << 16} if "alignment" in inspect.signature(ir.save).parameters else {}
+)
 
 
 def load_model(path: str | os.PathLike[str]) -> ir.Model:
