@@ -109,12 +109,10 @@ def verify_onnx(
             except _FoldedFailed as err:
                 return VerifyResult("failed", atol, rtol or 0.0, samples, reason=str(err))
             for name, r, n in pairs:
-                max_abs, scale = _abs_error(r, n)
+                max_abs, scale = abs_error(r, n)
                 prev = worst.get(name, (0.0, 0.0, ""))
                 worst[name] = (max(prev[0], max_abs), max(prev[1], scale), str(r.dtype))
-    result = _result(worst, atol, rtol, samples)
-    result.optimization_level = level
-    return result
+    return summarize(worst, atol, rtol, samples, level)
 
 
 def _runtimes(ref_path: Path, new_path: Path) -> tuple[Any, Any, str]:
@@ -219,9 +217,18 @@ def _model_bytes(path: Path) -> int:
     return path.stat().st_size + sum(p.stat().st_size for p in folder.glob(f"{path.name}*.data"))
 
 
-def _result(
-    worst: dict[str, tuple[float, float, str]], atol: float, rtol: float | None, samples: int
+def summarize(
+    worst: dict[str, tuple[float, float, str]],
+    atol: float,
+    rtol: float | None,
+    samples: int,
+    level: str,
 ) -> VerifyResult:
+    """The verdict from each output's (max abs error, max |reference|, dtype name).
+
+    An output passes when ``max_abs <= atol + rtol * scale``; rtol None takes
+    :data:`DEFAULT_RTOL` of the output's dtype. Shared by both fronts.
+    """
     outputs = []
     rtols = []
     for name, (max_abs, scale, dtype) in worst.items():
@@ -233,10 +240,10 @@ def _result(
         outputs.append(OutputDiff(name, max_abs, rel, needed, passed))
     status = "passed" if all(o.passed for o in outputs) else "failed"
     used_rtol = rtol if rtol is not None else max(rtols, default=0.0)
-    return VerifyResult(status, atol, used_rtol, samples, outputs)
+    return VerifyResult(status, atol, used_rtol, samples, outputs, optimization_level=level)
 
 
-def _abs_error(ref: np.ndarray, new: np.ndarray) -> tuple[float, float]:
+def abs_error(ref: np.ndarray, new: np.ndarray) -> tuple[float, float]:
     """(max |new - ref|, max |ref| over finite values); NaN where ref is not NaN counts as inf."""
     if ref.shape != new.shape:
         return float("inf"), 1.0

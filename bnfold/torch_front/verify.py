@@ -12,16 +12,18 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 from torch.utils import _pytree as pytree
 
-from bnfold.report import Code, OutputDiff, Refusal, VerifyResult
+from bnfold.report import Code, Refusal, VerifyResult
 from bnfold.torch_front.eager import Undo
 from bnfold.torch_front.modules import eval_mode
-from bnfold.verify import DEFAULT_RTOL
+from bnfold.verify import abs_error, summarize
 
 RANDOM_DRAWS = 3
+EAGER_LEVEL = "eager"
 
 
 @dataclass(frozen=True)
@@ -86,50 +88,34 @@ def compare(
 ) -> VerifyResult:
     """Worst error per output of ``module`` against ``ref`` over all samples (atol None: 0)."""
     atol = 0.0 if atol is None else atol
-    worst: dict[str, tuple[float, float, torch.dtype]] = {}
+    worst: dict[str, tuple[float, float, str]] = {}
     try:
         for sample, expected in zip(ref.samples, ref.outputs, strict=True):
             got = dict(run(module, sample))
             for name, want in expected:
                 err, scale = _errors(want, got.get(name))
-                old = worst.get(name, (0.0, 0.0, want.dtype))
-                worst[name] = (max(old[0], err), max(old[1], scale), want.dtype)
+                old = worst.get(name, (0.0, 0.0, dtype_name(want.dtype)))
+                worst[name] = (max(old[0], err), max(old[1], scale), dtype_name(want.dtype))
     except Exception as e:  # a fold that breaks forward() is a failed fold
         return VerifyResult("failed", atol, rtol or 0.0, len(ref.samples), reason=f"{e!r}")
-    return _result(worst, rtol, atol, len(ref.samples))
+    return summarize(worst, atol, rtol, len(ref.samples), EAGER_LEVEL)
 
 
 def _errors(want: torch.Tensor, got: torch.Tensor | None) -> tuple[float, float]:
-    ref = want.detach().to(torch.float64)
-    finite = ref[torch.isfinite(ref)].abs()
-    scale = float(finite.max()) if finite.numel() else 0.0
+    ref = _f64(want)
     if got is None or got.shape != want.shape:
-        return float("inf"), scale
-    new = got.detach().to(torch.float64)
-    diff = (new - ref).abs()
-    diff = torch.where(torch.isnan(ref) & torch.isnan(new), torch.zeros_like(diff), diff)
-    diff = torch.nan_to_num(diff, nan=float("inf"))
-    return (float(diff.max()) if diff.numel() else 0.0), scale
+        return float("inf"), abs_error(ref, ref)[1]
+    return abs_error(ref, _f64(got))
 
 
-def _result(
-    worst: dict[str, tuple[float, float, torch.dtype]], rtol: float | None, atol: float, n: int
-) -> VerifyResult:
-    outputs, used = [], []
-    for name, (max_abs, scale, dtype) in worst.items():
-        tol = tolerance(dtype) if rtol is None else rtol
-        used.append(tol)
-        rel = max_abs / scale if scale > 0 else (0.0 if max_abs == 0 else float("inf"))
-        needed = max(0.0, (max_abs - atol) / scale) if scale > 0 else rel
-        outputs.append(OutputDiff(name, max_abs, rel, needed, bool(max_abs <= atol + tol * scale)))
-    status = "passed" if all(o.passed for o in outputs) else "failed"
-    rtol_used = rtol if rtol is not None else max(used, default=0.0)
-    return VerifyResult(status, atol, rtol_used, n, outputs, optimization_level="eager")
+def _f64(t: torch.Tensor) -> np.ndarray:
+    return t.detach().to(device="cpu", dtype=torch.float64).numpy()
 
 
-def tolerance(dtype: torch.dtype) -> float:
-    """Default rtol for outputs of ``dtype`` (shared table with the ONNX front)."""
-    return DEFAULT_RTOL.get(str(dtype).removeprefix("torch."), DEFAULT_RTOL["float32"])
+def dtype_name(dtype: torch.dtype) -> str:
+    """``torch.float32`` -> ``"float32"``: the key of :data:`bnfold.verify.DEFAULT_RTOL`."""
+    return str(dtype).removeprefix("torch.")
+
 
 
 def verify_with_rollback(
