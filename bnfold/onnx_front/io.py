@@ -60,6 +60,25 @@ def load_model(path: str | os.PathLike[str]) -> ir.Model:
     return model
 
 
+def model_from_proto(proto: onnx.ModelProto, base_dir: str | os.PathLike[str] = ".") -> ir.Model:
+    """An in-memory ModelProto as an ir.Model, its external data checked like a file's.
+
+    onnx_ir skips its own containment checks when a tensor has no base folder,
+    so an external location like ``/etc/passwd`` in a proto would be read as is.
+    Here locations resolve against ``base_dir`` (the current folder by default)
+    and must stay inside it.
+
+    Raises:
+        BnfoldError: as :func:`check_external_data`.
+    """
+    model = ir.serde.deserialize_model(proto)
+    root = Path(base_dir)
+    for tensor in external_tensors(model):
+        tensor.base_dir = str(root)
+    check_external_data(model, root)
+    return model
+
+
 def check_external_data(model: ir.Model, model_dir: Path) -> None:
     """Refuse external data that is missing, short, or outside ``model_dir``.
 
