@@ -97,6 +97,17 @@ def test_valid_protobuf_that_is_not_a_model(cli, tmp_path, message):
     _fails_cleanly(cli, tmp_path, model, contains="not")
 
 
+@pytest.mark.parametrize("kind", ["fifo", "dev_zero"])
+def test_special_file_named_onnx_is_refused_without_reading(cli, tmp_path, kind):
+    """A FIFO would block a reader forever and /dev/zero never ends: refused by type."""
+    model = tmp_path / "model.onnx"
+    if kind == "fifo":
+        os.mkfifo(model)
+    else:
+        os.symlink("/dev/zero", model)
+    _fails_cleanly(cli, tmp_path, model, contains="not a regular file")
+
+
 def test_model_with_no_graph(cli, tmp_path):
     proto = onnx.ModelProto(ir_version=8)
     proto.opset_import.add(domain="", version=17)
