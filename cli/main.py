@@ -97,6 +97,75 @@ def _verify_options(
     return VerifyOptions(atol, rtol, samples, seed, parse_shapes(shapes))
 
 
+def torch_options(func: F) -> F:
+    """Options that name a torch model built by a factory, shared by every command."""
+    options = [
+        click.option(
+            "--module",
+            "module_spec",
+            metavar="PKG.MOD:FACTORY",
+            help="torch: build the model by calling this (class or function).",
+        ),
+        click.option("--weights", type=click.Path(dir_okay=False), help="torch: state_dict file."),
+        click.option(
+            "--trust-pickle",
+            is_flag=True,
+            help="torch: allow full unpickling of --weights (can run code from the file).",
+        ),
+        click.option(
+            "--input-shape",
+            "input_shapes",
+            multiple=True,
+            metavar="1x3x224x224",
+            help="torch: shape of each positional input of --module (repeatable).",
+        ),
+    ]
+    for option in reversed(options):
+        func = option(func)
+    return func
+
+
+def _torch_source(
+    path: str | None,
+    module_spec: str | None,
+    weights: str | None,
+    trust_pickle: bool,
+    input_shapes: tuple[str, ...],
+) -> Any:
+    """A ModuleSource for --module, the path for a torch file, None for ONNX input."""
+    from bnfold.api import TORCH_SUFFIXES
+
+    if module_spec is None and (path is None or not path.endswith(TORCH_SUFFIXES)):
+        if weights or trust_pickle or input_shapes:
+            raise InputError("--weights/--trust-pickle/--input-shape need --module")
+        return None
+    from bnfold.torch_front import require_torch
+
+    require_torch()
+    from bnfold.torch_front.files import ModuleSource
+
+    if module_spec is None:
+        return path
+    return ModuleSource(module_spec, weights, trust_pickle, _parse_dims(input_shapes))
+
+
+def _parse_dims(specs: tuple[str, ...]) -> tuple[tuple[int, ...], ...]:
+    try:
+        return tuple(tuple(int(d) for d in spec.lower().split("x")) for spec in specs)
+    except ValueError:
+        raise InputError(f"bad --input-shape in {list(specs)}; expected 1x3x224x224") from None
+
+
+def _torch_verify_options(no_verify: bool, verify_kw: dict[str, Any]) -> Any:
+    from bnfold.torch_front.files import TorchVerifyOptions
+
+    if verify_kw.get("shapes"):
+        raise InputError("--shape is for ONNX inputs; torch models take --input-shape")
+    return TorchVerifyOptions(
+        not no_verify, verify_kw["rtol"], verify_kw["atol"], verify_kw["samples"], verify_kw["seed"]
+    )
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="bnfold")
 def main() -> None:
@@ -104,7 +173,7 @@ def main() -> None:
 
 
 @main.command()
-@click.argument("model", type=click.Path())
+@click.argument("model", type=click.Path(), required=False)
 @click.option("-o", "--output", type=click.Path(), help="Folded model (or folder) to write.")
 @click.option("--in-place", is_flag=True, help="Overwrite MODEL (still atomic and verified).")
 @click.option("--no-verify", is_flag=True, help="Skip the comparison with the original.")
@@ -122,10 +191,16 @@ def main() -> None:
     help="Refuse (shared_weight) instead of copying a weight other nodes also read.",
 )
 @click.option("--jobs", type=click.IntRange(1), default=1, help="Folder mode: parallel processes.")
+@click.option(
+    "--to-onnx",
+    type=click.Path(dir_okay=False),
+    help="torch: also export the folded model to this ONNX file.",
+)
+@torch_options
 @verify_options
 @one_line_errors
 def fold(
-    model: str,
+    model: str | None,
     output: str | None,
     in_place: bool,
     no_verify: bool,
@@ -134,14 +209,34 @@ def fold(
     as_json: bool,
     no_clone_shared: bool,
     jobs: int,
+    to_onnx: str | None,
+    module_spec: str | None,
+    weights: str | None,
+    trust_pickle: bool,
+    input_shapes: tuple[str, ...],
     **verify_kw: Any,
 ) -> None:
     """Fold BatchNorm and constant affines in MODEL into their linear ops and save.
 
-    MODEL may be a folder: every *.onnx in it is folded into the folder -o.
+    MODEL is an .onnx file, a folder (every *.onnx in it is folded into the
+    folder -o), a torch .pt2 file, or omitted with --module for a torch factory.
     """
     from bnfold.api import fold_file
 
+    torch_source = _torch_source(model, module_spec, weights, trust_pickle, input_shapes)
+    if torch_source is not None:
+        if output is None:
+            raise InputError("missing -o/--output")
+        from bnfold.torch_front.files import fold_torch
+
+        options = _torch_verify_options(no_verify, verify_kw)
+        result, written = fold_torch(torch_source, output, options, to_onnx)
+        _print_fold(result, written, output, as_json, report_path)
+        sys.exit(_fold_exit_code(result.verification, strict))
+    if model is None:
+        raise InputError("missing MODEL (or --module for a torch factory)")
+    if to_onnx is not None:
+        raise InputError("--to-onnx is for torch models; the ONNX output is -o")
     if os.path.isdir(model):
         from bnfold.cli.batch_cmd import fold_directory
 
@@ -166,16 +261,22 @@ def fold(
         in_place=in_place,
         clone_shared=not no_clone_shared,
     )
+    _print_fold(result, written, target, as_json, report_path)
+    sys.exit(_fold_exit_code(result.verification, strict))
+
+
+def _print_fold(
+    result: Any, written: bool, target: str, as_json: bool, report_path: str | None
+) -> None:
     payload = {**result.to_dict(), "output": target, "written": written}
     _write_report(report_path, payload)
     if as_json:
         click.echo(json.dumps(payload, indent=2))
-    else:
-        click.echo(result.report.summary())
-        if result.verification is not None:
-            click.echo(result.verification.summary())
-        click.echo(f"wrote {target}" if written else "verification FAILED: nothing written")
-    sys.exit(_fold_exit_code(result.verification, strict))
+        return
+    click.echo(result.report.summary())
+    if result.verification is not None:
+        click.echo(result.verification.summary())
+    click.echo(f"wrote {target}" if written else "verification FAILED: nothing written")
 
 
 def _fold_exit_code(verification: Any, strict: bool) -> int:
@@ -189,32 +290,54 @@ def _fold_exit_code(verification: Any, strict: bool) -> int:
 
 
 @main.command()
-@click.argument("model", type=click.Path(dir_okay=False))
+@click.argument("model", type=click.Path(dir_okay=False), required=False)
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+@torch_options
 @one_line_errors
-def inspect(model: str, as_json: bool) -> None:
+def inspect(model: str | None, as_json: bool, **torch_kw: Any) -> None:
     """List every fold bnfold would make in MODEL, and every refusal with its reason."""
-    from bnfold.api import inspect as inspect_model
+    torch_source = _torch_source(model, **torch_kw)
+    if torch_source is not None:
+        from bnfold.torch_front.files import inspect_torch
 
-    report = inspect_model(model)
+        report = inspect_torch(torch_source)
+    elif model is None:
+        raise InputError("missing MODEL (or --module for a torch factory)")
+    else:
+        from bnfold.api import inspect as inspect_model
+
+        report = inspect_model(model)
     click.echo(report.to_json() if as_json else report.summary())
 
 
 @main.command()
-@click.argument("original", type=click.Path(dir_okay=False))
-@click.argument("folded", type=click.Path(dir_okay=False))
+@click.argument("models", nargs=-1, type=click.Path(dir_okay=False))
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@torch_options
 @verify_options
 @one_line_errors
-def verify(original: str, folded: str, as_json: bool, **verify_kw: Any) -> None:
-    """Compare FOLDED with ORIGINAL on random inputs at ORT_DISABLE_ALL.
+def verify(models: tuple[str, ...], as_json: bool, **kw: Any) -> None:
+    """Compare FOLDED with ORIGINAL: `verify ORIGINAL FOLDED`, or `verify --module ... FOLDED`.
 
-    Exit 0 if every output is within tolerance, 1 if not or if the original
-    cannot be run, 2 on bad input.
+    ONNX models run on random inputs at ORT_DISABLE_ALL; torch .pt2 programs run
+    eagerly on their example inputs and random draws. Exit 0 if every output is
+    within tolerance, 1 if not or if the original cannot be run, 2 on bad input.
     """
-    from bnfold.api import verify_models
+    torch_kw = {k: kw.pop(k) for k in ("module_spec", "weights", "trust_pickle", "input_shapes")}
+    wanted = 1 if torch_kw["module_spec"] else 2
+    if len(models) != wanted:
+        raise InputError("expected ORIGINAL FOLDED (or --module ... FOLDED)")
+    original = models[0] if wanted == 2 else None
+    torch_source = _torch_source(original, **torch_kw)
+    if torch_source is not None:
+        from bnfold.torch_front.files import verify_torch
 
-    result = verify_models(original, folded, _verify_options(**verify_kw))
+        options = _torch_verify_options(False, kw)
+        result = verify_torch(torch_source, models[-1], options)
+    else:
+        from bnfold.api import verify_models
+
+        result = verify_models(models[0], models[1], _verify_options(**kw))
     click.echo(result.to_json() if as_json else result.summary())
     sys.exit(EXIT_OK if result.passed else EXIT_VERIFY_FAILED)
 

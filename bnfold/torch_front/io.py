@@ -160,7 +160,7 @@ def fold_exported_program_file(
             fix the shapes to the example's).
     """
     ep = load_exported_program(in_path)
-    args = _example_args(ep)
+    args = example_args(ep)
     result = fold_graph_module(
         ep.module, args, verify=verify, rtol=rtol, atol=atol, samples=samples, seed=seed
     )
@@ -170,13 +170,13 @@ def fold_exported_program_file(
         folded_ep = torch.export.export(result.model, args, strict=False)
     except Exception as e:
         raise BnfoldError(f"re-exporting the folded program failed: {_first_line(e)}") from None
-    with _atomic_target(out_path) as tmp:
+    with atomic_target(out_path) as tmp:
         torch.export.save(folded_ep, tmp)
     result.model = folded_ep
     return result
 
 
-def _example_args(ep: torch.export.ExportedProgram) -> tuple[Any, ...]:
+def example_args(ep: torch.export.ExportedProgram) -> tuple[Any, ...]:
     user_inputs = [
         n
         for n in ep.graph.nodes
@@ -220,7 +220,7 @@ def export_onnx(module: Any, example_inputs: Any, path: str | os.PathLike[str]) 
 
 
 @contextlib.contextmanager
-def _atomic_target(path: str | os.PathLike[str]) -> Iterator[str]:
+def atomic_target(path: str | os.PathLike[str]) -> Iterator[str]:
     """Yield a temp file name beside ``path``; on success it replaces ``path``."""
     target = Path(path)
     if not target.parent.is_dir():

@@ -1,0 +1,140 @@
+"""Fold, inspect and verify torch models named by files: what the CLI runs.
+
+Two kinds of input:
+  * a ``.pt2`` file (``torch.export.save``): folded at the aten graph level and
+    written back as ``.pt2``;
+  * a module factory ``pkg.mod:factory`` with optional ``--weights`` (a
+    state_dict loaded with ``weights_only=True`` unless the user trusts the
+    pickle): folded eagerly; ``-o x.pt`` writes the folded state_dict (keys of
+    unfolded modules unchanged, folded BNs gone), ``-o x.pt2`` an export of the
+    folded module.
+``to_onnx`` also exports the folded model to ONNX (torch's exporter would fold
+BatchNorm itself; after bnfold there is nothing left for it to fold).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from bnfold.errors import BnfoldError
+from bnfold.report import FoldReport, FoldResult, VerifyResult
+from bnfold.torch_front import fold_module, inspect_module
+from bnfold.torch_front import verify as checking
+from bnfold.torch_front.exported import fold_graph_module
+from bnfold.torch_front.io import (
+    atomic_target,
+    example_args,
+    example_inputs_from_shapes,
+    export_onnx,
+    fold_exported_program_file,
+    load_exported_program,
+    load_module_factory,
+)
+
+STATE_DICT_SUFFIXES = (".pt", ".pth")
+
+
+@dataclass(frozen=True)
+class ModuleSource:
+    """A module built by a factory, its weights, and the shapes of its inputs."""
+
+    factory: str
+    weights: str | None = None
+    trust_pickle: bool = False
+    input_shapes: tuple[tuple[int, ...], ...] = ()
+
+    def load(self) -> tuple[torch.nn.Module, tuple[torch.Tensor, ...]]:
+        if not self.input_shapes:
+            raise BnfoldError("a module factory needs --input-shape (e.g. 1x3x224x224)")
+        module = load_module_factory(self.factory, self.weights, self.trust_pickle)
+        return module, example_inputs_from_shapes(self.input_shapes)
+
+
+@dataclass(frozen=True)
+class TorchVerifyOptions:
+    verify: bool = True
+    rtol: float | None = None
+    atol: float | None = None
+    samples: int = checking.RANDOM_DRAWS
+    seed: int = 0
+
+
+def fold_torch(
+    source: ModuleSource | str,
+    output: str | os.PathLike[str],
+    options: TorchVerifyOptions | None = None,
+    to_onnx: str | os.PathLike[str] | None = None,
+) -> tuple[FoldResult, bool]:
+    """Fold a ``.pt2`` path or a factory-built module and write the result.
+
+    Returns:
+        (result, written): written is False when verification failed after
+        rollback; then nothing is written.
+    """
+    o = options or TorchVerifyOptions()
+    if isinstance(source, ModuleSource):
+        return _fold_factory_module(source, Path(output), o, to_onnx)
+    path = Path(source)
+    if path.suffix in STATE_DICT_SUFFIXES:
+        raise BnfoldError(
+            f"{path}: a state_dict has no architecture; pass --module pkg.mod:factory "
+            f"--weights {path} --input-shape ..."
+        )
+    result = fold_exported_program_file(
+        path, output, verify=o.verify, rtol=o.rtol, atol=o.atol, samples=o.samples, seed=o.seed
+    )
+    written = result.verification is None or result.verification.status != "failed"
+    if written and to_onnx is not None:
+        export_onnx(result.model, example_args(result.model), to_onnx)
+    return result, written
+
+
+def _fold_factory_module(
+    source: ModuleSource, output: Path, o: TorchVerifyOptions, to_onnx: Any
+) -> tuple[FoldResult, bool]:
+    module, args = source.load()
+    result = fold_module(
+        module, args, verify=o.verify, rtol=o.rtol, atol=o.atol, samples=o.samples, seed=o.seed
+    )
+    if result.verification is not None and result.verification.status == "failed":
+        return result, False
+    with atomic_target(output) as tmp:
+        if output.suffix == ".pt2":
+            torch.export.save(torch.export.export(result.model, args, strict=False), tmp)
+        else:
+            torch.save(result.model.state_dict(), tmp)
+    if to_onnx is not None:
+        export_onnx(result.model, args, to_onnx)
+    return result, True
+
+
+def inspect_torch(source: ModuleSource | str) -> FoldReport:
+    """What :func:`fold_torch` would fold and refuse, without writing anything."""
+    if isinstance(source, ModuleSource):
+        module, args = source.load()
+        return inspect_module(module, args)
+    ep = load_exported_program(source)
+    report = fold_graph_module(ep.module, example_args(ep), verify=False).report
+    report.dry_run = True
+    return report
+
+
+def verify_torch(
+    original: ModuleSource | str, folded: str, options: TorchVerifyOptions | None = None
+) -> VerifyResult:
+    """Compare a folded ``.pt2`` with the original (a ``.pt2`` or a factory module), eagerly."""
+    o = options or TorchVerifyOptions()
+    if Path(folded).suffix != ".pt2":
+        raise BnfoldError(f"{folded}: torch verification compares .pt2 programs; export it first")
+    if isinstance(original, ModuleSource):
+        reference_module, args = original.load()
+    else:
+        ep = load_exported_program(original)
+        reference_module, args = ep.module(), example_args(ep)
+    reference = checking.reference(reference_module, args, o.samples, o.seed)
+    return checking.compare(reference, load_exported_program(folded).module(), o.rtol, o.atol)

@@ -1,0 +1,106 @@
+"""The command line on torch models: factory modules with weights, .pt2 files, --to-onnx."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+from bnfold.cli.main import main  # noqa: E402
+from click.testing import CliRunner  # noqa: E402
+from torch import nn  # noqa: E402
+
+from tests.test_torch_io import FACTORY, Net, randomize_bn, save_program  # noqa: E402
+
+SHAPE = "1x3x8x8"
+
+
+@pytest.fixture
+def factory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
+    """An importable module ``cli_factory`` with ``make()`` -> Conv2d, BatchNorm2d, ReLU."""
+    (tmp_path / "cli_factory.py").write_text(FACTORY)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    return "cli_factory"
+
+
+def invoke(*args: object) -> object:
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+def test_fold_factory_module_writes_a_state_dict_without_bn(factory, tmp_path: Path) -> None:
+    weights, out = tmp_path / "w.pt", tmp_path / "folded.pt"
+    original = randomize_bn(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU()))
+    torch.save(original.state_dict(), weights)
+    result = invoke(
+        "fold", "--module", f"{factory}:make", "--weights", weights, "--input-shape", SHAPE,
+        "-o", out, "--json",
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    payload = json.loads(result.output)
+    assert len(payload["report"]["folded"]) == 1
+    assert payload["verification"]["status"] == "passed"
+    state = torch.load(out, weights_only=True)
+    assert set(state) == {"0.weight", "0.bias"}  # the BN's keys are gone, the conv's stay
+
+    folded = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Identity(), nn.ReLU()).eval()
+    folded.load_state_dict(state)
+    x = torch.randn(2, 3, 8, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(folded(x), original(x), rtol=1e-5, atol=1e-5)
+
+
+def test_pickled_weights_need_trust_pickle(factory, tmp_path: Path) -> None:
+    weights = tmp_path / "whole_module.pt"
+    torch.save(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU()), weights)
+    args = ["fold", "--module", f"{factory}:make", "--weights", weights, "--input-shape", SHAPE]
+    refused = invoke(*args, "-o", tmp_path / "a.pt")
+    assert refused.exit_code == 2 and "--trust-pickle" in refused.output
+    assert not (tmp_path / "a.pt").exists()
+    trusted = invoke(*args, "--trust-pickle", "-o", tmp_path / "b.pt")
+    assert trusted.exit_code == 0, trusted.output
+
+
+def test_factory_to_pt2_and_onnx_then_verify(factory, tmp_path: Path) -> None:
+    import onnx
+    import onnxruntime as ort
+
+    pt2, onnx_path = tmp_path / "folded.pt2", tmp_path / "folded.onnx"
+    common = ["--module", f"{factory}:make", "--input-shape", SHAPE]
+    result = invoke("fold", *common, "-o", pt2, "--to-onnx", onnx_path)
+    assert result.exit_code == 0, result.output
+    assert "BatchNormalization" not in {n.op_type for n in onnx.load(onnx_path).graph.node}
+    session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    assert session.run(None, {session.get_inputs()[0].name: np.ones((1, 3, 8, 8), np.float32)})
+    check = invoke("verify", *common, pt2, "--json")
+    assert check.exit_code == 0, check.output
+    assert json.loads(check.output)["status"] == "passed"
+
+
+def test_pt2_fold_inspect_verify(tmp_path: Path) -> None:
+    source, out = tmp_path / "net.pt2", tmp_path / "folded.pt2"
+    save_program(randomize_bn(Net()), torch.randn(2, 3, 8, 8), source)
+    inspected = invoke("inspect", source, "--json")
+    assert inspected.exit_code == 0, inspected.output
+    would = json.loads(inspected.output)
+    assert would["dry_run"] and would["folded"]
+    folded = invoke("fold", source, "-o", out)
+    assert folded.exit_code == 0, folded.output
+    assert "verification PASSED" in folded.output
+    check = invoke("verify", source, out)
+    assert check.exit_code == 0, check.output
+
+
+def test_state_dict_without_module_is_a_usage_error(tmp_path: Path) -> None:
+    weights = tmp_path / "w.pt"
+    torch.save({"x": torch.ones(1)}, weights)
+    result = invoke("fold", weights, "-o", tmp_path / "o.pt")
+    assert result.exit_code == 2
+    assert "--module" in result.output
+
+
+def test_torch_options_without_module_are_refused(tmp_path: Path) -> None:
+    result = invoke("inspect", "x.onnx", "--input-shape", SHAPE)
+    assert result.exit_code == 2 and "need --module" in result.output
