@@ -107,7 +107,7 @@ def verify(
 
 
 def verify_models(original: Any, folded: Any, options: VerifyOptions | None) -> VerifyResult:
-    from bnfold.verify import verify_onnx
+    from bnfold.compare import verify_onnx
 
     o = options or VerifyOptions()
     for source in (original, folded):
@@ -175,7 +175,9 @@ def _onnx_model(model: Any, copy: bool) -> ir.Model:
     import onnx
 
     if isinstance(model, onnx.ModelProto):
-        return ir.serde.deserialize_model(model)
+        # External data of an in-memory proto resolves against the current
+        # folder and must stay inside it, like a file's.
+        return io.model_from_proto(model)
     raise BnfoldError(f"cannot fold a {type(model).__name__}")
 
 

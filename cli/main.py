@@ -92,7 +92,7 @@ def _verify_options(
     atol: float, rtol: float | None, samples: int, seed: int, shapes: tuple[str, ...]
 ) -> Any:
     from bnfold.api import VerifyOptions
-    from bnfold.verify import parse_shapes
+    from bnfold.compare import parse_shapes
 
     return VerifyOptions(atol, rtol, samples, seed, parse_shapes(shapes))
 
@@ -290,7 +290,7 @@ def _fold_exit_code(verification: Any, strict: bool) -> int:
 
 
 @main.command()
-@click.argument("model", type=click.Path(dir_okay=False), required=False)
+@click.argument("model", type=click.Path(), required=False)
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @torch_options
 @one_line_errors
@@ -311,7 +311,7 @@ def inspect(model: str | None, as_json: bool, **torch_kw: Any) -> None:
 
 
 @main.command()
-@click.argument("models", nargs=-1, type=click.Path(dir_okay=False))
+@click.argument("models", nargs=-1, type=click.Path())
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 @torch_options
 @verify_options

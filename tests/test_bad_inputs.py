@@ -122,11 +122,6 @@ def test_model_with_no_opset_imports(cli, tmp_path):
     _fails_cleanly(cli, tmp_path, model, contains="opset")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="cli/main.py: inspect/verify declare MODEL as click.Path(dir_okay=False), so a "
-    "folder gets click's 3-line usage error instead of one 'bnfold: error:' line",
-)
 def test_directory_named_onnx_is_not_a_model_for_inspect(cli, tmp_path):
     (tmp_path / "dir.onnx").mkdir()
     assert_one_line_error(cli(["inspect", tmp_path / "dir.onnx"]))
@@ -407,11 +402,6 @@ def test_var_plus_eps_not_positive_refuses_that_fold(cli, tmp_path, var, eps):
     assert [f["site"] for f in report["folded"]] == ["conv2 -> bn2"]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="match.py: the default epsilon is the float64 1e-5, but ONNX/onnxruntime use the "
-    "float32 1e-5f, so var = -1e-5f (var + eps == 0 in the model) is folded, not refused",
-)
 def test_var_plus_default_eps_zero_is_refused():
     eps32 = float(np.float32(1e-5))
     result = bnfold.fold(conv_bn_model(var=np.array([1, -eps32, 1, 1])))
@@ -629,12 +619,6 @@ def test_save_model_error_is_one_line_bnfold_error(tmp_path, monkeypatch):
     assert list(tmp_path.iterdir()) == []
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bnfold/__init__.py exports the function bnfold.verify, but importing the "
-    "submodule bnfold.verify (which every verification does) rebinds the attribute to the "
-    "module: after one verified fold, bnfold.verify(...) raises TypeError",
-)
 def test_bnfold_verify_stays_callable_after_a_verified_fold(samples):
     bnfold.fold(str(samples / "conv2d_bn.onnx"), verify=True)
     path = str(samples / "conv2d_bn.onnx")
@@ -663,13 +647,6 @@ def test_model_from_proto_refuses_external_data_outside_the_folder(tmp_path):
     assert model.graph.initializers["bn1.mean"].const_value.numpy().tolist() == [0, 1, 2, 3]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="api.py _onnx_model: a ModelProto is deserialized with ir.serde.deserialize_model, "
-    "whose ExternalTensors have no base folder, so onnx_ir skips its containment checks and "
-    "bnfold.fold(proto) reads an absolute (or ../) external location as is; "
-    "io.model_from_proto(proto) checks it",
-)
 def test_fold_of_a_proto_does_not_read_external_data_by_absolute_path(tmp_path):
     secret = tmp_path / "secret.bin"
     secret.write_bytes(np.arange(4, dtype=np.float32).tobytes())

@@ -13,7 +13,7 @@ from onnx import helper
 import bnfold
 from bnfold import Code
 from tests.builders import RNG, bn_node, bn_params, init, model, op_types, run
-from tests.test_onnx_front import assert_same_function, fold_and_check, to_proto
+from tests.test_onnx_front import fold_and_check, to_proto
 
 F32 = np.float32
 

@@ -42,6 +42,9 @@ NONLINEAR_OPS = frozenset(
 )  # fmt: skip
 
 
+DEFAULT_BN_EPSILON = float(np.float32(1e-5))
+
+
 class Direction(str, enum.Enum):
     AFTER = "after"  # affine(linear(x))
     BEFORE = "before"  # linear(affine(x))
@@ -554,7 +557,8 @@ def _batchnorm_affine(node: ir.Node, channels: int, ir_version: int) -> Affine:
                 f"BatchNorm {name} has shape {list(array.shape)}, expected [{channels}]",
             )
         params.append(array)
-    eps = node.attributes.get_float("epsilon", 1e-5)
+    # The default is the float32 1e-5f of the ONNX spec; onnxruntime adds exactly that.
+    eps = node.attributes.get_float("epsilon", DEFAULT_BN_EPSILON)
     gamma, beta, mean, var = params
     return _checked(lambda: bn_to_affine(gamma, beta, mean, var, eps))
 

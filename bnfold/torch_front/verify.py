@@ -3,7 +3,7 @@
 Both run in eval mode under ``no_grad`` on the example inputs plus a few random
 draws of the same shapes. An output passes when
 ``max|folded - original| <= atol + rtol * max|original|`` (the rule of
-:mod:`bnfold.verify`), with rtol taken from the output dtype unless given.
+:mod:`bnfold.compare`), with rtol taken from the output dtype unless given.
 """
 
 from __future__ import annotations
@@ -17,10 +17,10 @@ import torch
 from torch import nn
 from torch.utils import _pytree as pytree
 
+from bnfold.compare import abs_error, summarize
 from bnfold.report import Code, Refusal, VerifyResult
 from bnfold.torch_front.eager import Undo
 from bnfold.torch_front.modules import eval_mode
-from bnfold.verify import abs_error, summarize
 
 RANDOM_DRAWS = 3
 EAGER_LEVEL = "eager"
@@ -113,7 +113,7 @@ def _f64(t: torch.Tensor) -> np.ndarray:
 
 
 def dtype_name(dtype: torch.dtype) -> str:
-    """``torch.float32`` -> ``"float32"``: the key of :data:`bnfold.verify.DEFAULT_RTOL`."""
+    """``torch.float32`` -> ``"float32"``: the key of :data:`bnfold.compare.DEFAULT_RTOL`."""
     return str(dtype).removeprefix("torch.")
 
 
