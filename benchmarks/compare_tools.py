@@ -68,6 +68,16 @@ TOOL_IMPORTS = {
 VERSIONED = ("bnfold", "onnx", "onnx_ir", "onnxruntime", "onnxscript", "onnxoptimizer", "onnxslim")
 VERSIONED += ("numpy", "torch")
 CHILD_TIMEOUT_S = 3600
+SIMD_FLAGS = (
+    "fma",
+    "f16c",
+    "avx2",
+    "avx512f",
+    "avx512_vnni",
+    "avx512_bf16",
+    "avx512_fp16",
+    "amx_tile",
+)
 
 
 @dataclass
@@ -540,8 +550,15 @@ def machine() -> dict[str, Any]:
             versions[name] = str(getattr(importlib.import_module(name), "__version__", "?"))
         except ImportError:
             versions[name] = "not installed"
+    flags: list[str] = []
+    with contextlib.suppress(OSError):
+        line = next(
+            ln for ln in Path("/proc/cpuinfo").read_text().splitlines() if ln.startswith("flags")
+        )
+        flags = [f for f in line.split(":", 1)[1].split() if f in SIMD_FLAGS]
     return {
         "cpu": cpu_model(),
+        "simd": flags,
         "cores": os.cpu_count(),
         "ram_gb": round(mem_kb / 1e6, 1),
         "platform": platform.platform(),
@@ -636,7 +653,8 @@ def markdown(rows: list[Row], info: dict[str, Any], goals: list[dict[str, Any]])
     lines = [
         "# BatchNorm folding: bnfold against other tools",
         "",
-        f"Machine: {info['cpu']}, {info['cores']} cores, {info['ram_gb']} GB RAM, "
+        f"Machine: {info['cpu']} ({' '.join(info.get('simd', []))}), "
+        f"{info['cores']} cores, {info['ram_gb']} GB RAM, "
         f"{info['platform']}, Python {info['python']}; {info['date']}.",
         "Versions: " + ", ".join(f"{k} {val}" for k, val in v.items()) + ".",
         "Latency: ORT_DISABLE_ALL, 1 thread, runs of the folded model interleaved with "

@@ -569,7 +569,16 @@ def plot_report(report: BenchReport, path: str | os.PathLike[str]) -> None:
             label=label,
         )
     for i, t in enumerate(report.levels):
-        ax.annotate(f"x{t.ratio:.2f}", (x[i] + 0.2, t.folded.median_ms), ha="center", va="bottom")
+        top = t.folded.median_ms + t.folded.iqr_ms / 2
+        ax.annotate(
+            f"x{t.ratio:.2f}",
+            (x[i] + 0.2, top),
+            xytext=(0, 3),
+            textcoords="offset points",
+            ha="center",
+            va="bottom",
+            fontsize=8,
+        )
     env = report.environment
     ax.set_xticks(x, names)
     ax.set_ylabel("median latency (ms)")
