@@ -68,6 +68,8 @@ TOOL_IMPORTS = {
 VERSIONED = ("bnfold", "onnx", "onnx_ir", "onnxruntime", "onnxscript", "onnxoptimizer", "onnxslim")
 VERSIONED += ("numpy", "torch")
 CHILD_TIMEOUT_S = 3600
+REPEATS = 5  # fold runs per tool and model, median kept: single runs of ms are noise
+REPEAT_BELOW_BYTES = 1 << 30
 SIMD_FLAGS = (
     "fma",
     "f16c",
@@ -248,16 +250,23 @@ ONNX_RUNNERS: dict[str, Callable[[str, str, Phases], None]] = {
 }
 
 
-def child_onnx(tool: str, src: str, dst: str) -> dict[str, Any]:
-    """Run one ONNX tool, file to file; imports are done before the clock starts."""
+def child_onnx(tool: str, src: str, dst: str, repeat: int = 1) -> dict[str, Any]:
+    """Run one ONNX tool, file to file, ``repeat`` times; the run with the median total.
+
+    Imports are done before the clock starts. Peak RSS is over all repeats (the first
+    run sets it: later ones reuse freed memory).
+    """
     for module in TOOL_IMPORTS[tool]:
         importlib.import_module(module)
     base = _rss_bytes()
-    phases = Phases()
-    start = time.perf_counter()
-    ONNX_RUNNERS[tool](src, dst, phases)
-    total = time.perf_counter() - start
-    return {"fold_s": total, "phases": phases.seconds, "base_rss": base, "peak_rss": _peak_rss()}
+    runs = []
+    for _ in range(repeat):
+        phases = Phases()
+        start = time.perf_counter()
+        ONNX_RUNNERS[tool](src, dst, phases)
+        runs.append((time.perf_counter() - start, phases.seconds))
+    total, seconds = sorted(runs, key=lambda r: r[0])[len(runs) // 2]
+    return {"fold_s": total, "phases": seconds, "base_rss": base, "peak_rss": _peak_rss()}
 
 
 def _peak_rss() -> int:
@@ -487,7 +496,8 @@ def run_onnx_case(
         out_dir = work / "out" / tool / case.name
         out_dir.mkdir(parents=True, exist_ok=True)
         out = out_dir / case.path.name
-        result, error = run_child(["--child", tool, str(case.path), str(out)])
+        repeat = 1 if case.size_bytes > REPEAT_BELOW_BYTES else REPEATS
+        result, error = run_child(["--child", tool, str(case.path), str(out), str(repeat)])
         if result is None:
             row.status, row.detail = "failed", error
         else:
@@ -716,7 +726,8 @@ def _f(value: Any, spec: str) -> str:
 
 def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "--child":
-        print(json.dumps(child_onnx(*sys.argv[2:5])))
+        tool, src, dst, repeat = sys.argv[2:6]
+        print(json.dumps(child_onnx(tool, src, dst, int(repeat))))
         return
     if len(sys.argv) > 1 and sys.argv[1] == "--child-torch":
         tool, runs, warmup, size = sys.argv[2], *map(int, sys.argv[3:6])

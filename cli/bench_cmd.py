@@ -170,7 +170,7 @@ def print_report(report: BenchReport) -> None:
     table.add_column("folded/orig", justify="right")
     for t in report.levels:
         table.add_row(t.level, _cell(t.original), _cell(t.folded), f"{t.ratio:.3f}")
-    console = Console(soft_wrap=True)
+    console = Console(soft_wrap=True, highlight=False)
     console.print(f"original: {report.original}")
     folds = f" ({report.folds} folds)" if report.folds is not None else ""
     console.print(f"folded:   {report.folded}{folds}")
