@@ -48,6 +48,10 @@ UNEXPECTED_REFUSALS = {
 
 # Worst error seen per dtype, as a fraction of the output's scale (printed at the end).
 WORST: dict[str, float] = defaultdict(float)
+# Examples beyond DEFAULT_RTOL but within TERM_ULPS ulps of the largest intermediate
+# value: (error / output scale, error / largest term), printed at the end.
+CANCELLATION: dict[str, list[tuple[float, float]]] = defaultdict(list)
+TERM_ULPS = 4
 SEEN: Counter[str] = Counter()
 
 
@@ -176,14 +180,14 @@ def conv_graph(draw: st.DrawFn, b: Builder) -> tuple[str, list[int]]:
     spatial = [draw(st.integers(2, 5 if d < 3 else 3)) for _ in range(d)]
     shape = [draw(st.integers(1, 2)), c, *spatial]
     x = "x"
-    for _ in range(draw(st.integers(1, 5))):
+    for _ in range(draw(st.integers(2, 6))):
         kind = draw(st.sampled_from(["conv", "conv", "deconv", "bn", "relu", "mul", "add",
                                      "branch", "fanout"]))  # fmt: skip
         if kind in ("conv", "deconv"):
             p = draw(conv_layer(c, spatial))
             add = add_conv if kind == "conv" else add_conv_transpose
             x, c, spatial = add(b, x, c, spatial, p)
-            if draw(st.booleans()):  # most convs in real nets are followed by a BN
+            if draw(st.integers(0, 3)) > 0:  # most convs in real nets are followed by a BN
                 x = add_bn(b, x, c, draw(bn_params()))
         elif kind == "bn":
             x = add_bn(b, x, c, draw(bn_params()))
@@ -214,7 +218,7 @@ def dense_graph(draw: st.DrawFn, b: Builder) -> tuple[str, list[int]]:
     f = draw(st.integers(1, 8))
     shape = [draw(st.integers(1, 4)), f]
     x = "x"
-    for _ in range(draw(st.integers(1, 5))):
+    for _ in range(draw(st.integers(2, 6))):
         kind = draw(st.sampled_from(["gemm", "gemm", "matmul", "bn", "relu", "mul", "add",
                                      "branch"]))  # fmt: skip
         if kind in ("gemm", "matmul", "branch"):
@@ -226,7 +230,7 @@ def dense_graph(draw: st.DrawFn, b: Builder) -> tuple[str, list[int]]:
                     y = b.node("MatMul", [x, b.const(b.name("mm_w"), w)])
                 else:
                     y = add_gemm(b, draw, x, f, f_out)
-                if kind == "branch" or draw(st.booleans()):
+                if kind == "branch" or draw(st.integers(0, 3)) > 0:
                     y = add_bn(b, y, f_out, draw(bn_params()))
                 paths.append(y)
             x = paths[0] if len(paths) == 1 else b.node("Add", paths)
@@ -274,14 +278,21 @@ def random_models(draw: st.DrawFn) -> tuple[onnx.ModelProto, str, list[int]]:
     return model, dtype, shape
 
 
-def run(model: onnx.ModelProto, x: np.ndarray) -> np.ndarray:
+def run(model: onnx.ModelProto, x: np.ndarray, *, all_values: bool = False) -> list[np.ndarray]:
+    """[y], or with ``all_values`` [y, every intermediate value] (made graph outputs)."""
+    names = ["y"]
+    if all_values:
+        model = onnx.ModelProto.FromString(model.SerializeToString())
+        elem = model.graph.input[0].type.tensor_type.elem_type
+        names += [o for n in model.graph.node for o in n.output if o and o != "y"]
+        model.graph.output.extend(helper.make_tensor_value_info(n, elem, None) for n in names[1:])
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     options.intra_op_num_threads = 1
     session = ort.InferenceSession(
         model.SerializeToString(), options, providers=["CPUExecutionProvider"]
     )
-    return session.run(["y"], {"x": x})[0]
+    return session.run(names, {"x": x})
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -290,6 +301,11 @@ def print_worst_errors():
     worst = ", ".join(f"{k}: {v:.3g} (rtol {DEFAULT_RTOL[k]:g})" for k, v in sorted(WORST.items()))
     print(f"\nworst |folded - original| / max|original| by dtype: {worst}")
     print(f"ops drawn: {dict(SEEN)}")
+    for dtype, cases in sorted(CANCELLATION.items()):
+        worst_out, worst_term = max(c[0] for c in cases), max(c[1] for c in cases)
+        print(f"{dtype}: {len(cases)} examples beyond DEFAULT_RTOL ({DEFAULT_RTOL[dtype]:g}) "
+              f"of the output scale; worst {worst_out:.3g} of the output, "
+              f"{worst_term:.3g} of the largest term")  # fmt: skip
 
 
 def _unknown_rank_matmul(refusal: bnfold.Refusal) -> bool:
@@ -305,13 +321,15 @@ def test_folded_random_graph_matches_original(case, seed, infer_shapes):
     if infer_shapes:  # what exporters usually leave in the file; without it see the xfail below
         model = onnx.shape_inference.infer_shapes(model)
     x = np.random.default_rng(seed).standard_normal(shape).astype(DTYPES[dtype])
-    reference = run(model, x)
+    reference, *values = run(model, x, all_values=True)
+    terms = max((float(np.abs(v[np.isfinite(v)]).max(initial=0.0)) for v in values), default=0.0)
     # fp16 chains can overflow in the original itself; such a draw says nothing about folding.
     assume(np.all(np.isfinite(reference)))
 
     result = bnfold.fold(model)
     folded = ir.serde.serialize_model(result.model)
     report = result.report
+    event(f"folds: {min(len(report.folded), 3)}{'+' if len(report.folded) >= 3 else ''}")
 
     assert [i.name for i in folded.graph.input] == ["x"]
     assert [o.name for o in folded.graph.output] == ["y"]
@@ -327,21 +345,30 @@ def test_folded_random_graph_matches_original(case, seed, infer_shapes):
     assert not unexpected, report.summary()
     assert len(folded.graph.node) <= len(model.graph.node)
 
-    actual = run(folded, x)
+    (actual,) = run(folded, x)
     assert actual.shape == reference.shape and actual.dtype == reference.dtype
     ref64, act64 = reference.astype(np.float64), actual.astype(np.float64)
     scale = float(np.abs(ref64).max(initial=0.0))
     error = float(np.abs(ref64 - act64).max(initial=0.0))
     if scale > 0:
         WORST[dtype] = max(WORST[dtype], error / scale)
-    if error > DEFAULT_RTOL[dtype] * scale and os.environ.get("BNFOLD_DUMP_DIR"):
+    if error <= DEFAULT_RTOL[dtype] * scale:
+        return
+    # Beyond verify's default: allowed only as rounding of the folded parameters, a
+    # few ulps of the largest value in the computation. When the output is a small
+    # difference of large terms (y = 0.3125 - 0.3040), an fp16 bias rounded to
+    # 2.4e-4 is 2% of the output. Counted and printed, not hidden.
+    bound = TERM_ULPS * float(np.finfo(DTYPES[dtype]).eps) * terms
+    CANCELLATION[dtype].append((error / scale, error / terms if terms else math.inf))
+    event(f"{dtype}: beyond DEFAULT_RTOL, within {TERM_ULPS} ulps of the largest term")
+    if error > DEFAULT_RTOL[dtype] * scale + bound and os.environ.get("BNFOLD_DUMP_DIR"):
         dump = Path(os.environ["BNFOLD_DUMP_DIR"])  # to study a failure outside hypothesis
         onnx.save(model, dump / "original.onnx")
         onnx.save(folded, dump / "folded.onnx")
         np.save(dump / "x.npy", x)
-    assert error <= DEFAULT_RTOL[dtype] * scale, (
-        f"{dtype}: max error {error:.3g} > rtol {DEFAULT_RTOL[dtype]:g} x scale {scale:.3g}\n"
-        + report.summary()
+    assert error <= DEFAULT_RTOL[dtype] * scale + bound, (
+        f"{dtype}: max error {error:.3g} > rtol {DEFAULT_RTOL[dtype]:g} x scale {scale:.3g}"
+        f" + {TERM_ULPS} ulps x largest term {terms:.3g}\n" + report.summary()
     )
 
 
