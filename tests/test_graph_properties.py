@@ -372,11 +372,6 @@ def test_folded_random_graph_matches_original(case, seed, infer_shapes):
     )
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="match.py: MatMul -> BN is refused as not_per_channel when the MatMul's input has "
-    "no shape annotation (rank unknown), although the rank follows from the graph input",
-)
 def test_matmul_bn_folds_without_shape_annotations():
     b = Builder("float32", np.random.default_rng(0))
     h = b.node("Relu", ["x"])

@@ -463,8 +463,36 @@ def _require_flattens_batch(node: ir.Node) -> None:
     )
 
 
-def _rank(value: ir.Value | None) -> int | None:
-    return None if value is None or value.shape is None else len(value.shape)
+# Ops whose output has the rank of their first input (no broadcasting binary ops:
+# a wrong rank here could let a BN fold over the wrong axis).
+RANK_PRESERVING_OPS = (NONLINEAR_OPS - {"Max", "Min", "Pow"}) | {
+    "BatchNormalization", "Dropout", "Identity", "Neg", "Reciprocal", "Erf", "Floor", "Ceil",
+    "Round", "Sign", "Cast", "CastLike", "Softmax", "LRN", "InstanceNormalization",
+    "LayerNormalization", "Conv", "ConvTranspose", "MaxPool", "AveragePool",
+}  # fmt: skip
+
+
+def _rank(value: ir.Value | None, depth: int = 0) -> int | None:
+    """The rank of ``value``, from its shape or, unannotated, from what produced it.
+
+    Models without shape inference leave intermediate values bare; the rank of
+    a Relu's output is still the rank of its input, and a Gemm's is 2.
+    """
+    if value is None:
+        return None
+    if value.shape is not None:
+        return len(value.shape)
+    producer = value.producer()
+    if producer is None or depth > 64:
+        return None
+    if producer.op_type in ("Gemm", "Flatten"):
+        return 2
+    if producer.op_type in RANK_PRESERVING_OPS and producer.inputs:
+        return _rank(producer.inputs[0], depth + 1)
+    if producer.op_type == "MatMul" and len(producer.inputs) == 2:
+        ranks = [_rank(v, depth + 1) for v in producer.inputs]
+        return None if None in ranks else max(2, *ranks)  # type: ignore[type-var]
+    return None
 
 
 def _require_exact_before(linear: LinearOp, affine: Affine) -> None:
