@@ -77,7 +77,7 @@ def fold_after(
     """
     scale_w = layout.expand(affine.scale, tuple(weight.shape))
     b64 = np.zeros_like(affine.shift) if bias is None else np.asarray(bias, dtype=np.float64)
-    new_w = cast_checked(weight.astype(np.float64) * scale_w, weight.dtype, "weight")
+    new_w = scaled(weight, scale_w)
     bias_dtype = weight.dtype if bias is None else bias.dtype
     new_b = cast_checked(b64 * affine.scale + affine.shift, bias_dtype, "bias")
     return new_w, new_b
@@ -97,21 +97,48 @@ def fold_before(
         Unfoldable: the folded values overflow the model's dtype.
         LayoutError: the affine's length does not fit the weight's input channels.
     """
-    w64 = weight.astype(np.float64)
     shape = tuple(weight.shape)
-    new_w = cast_checked(w64 * layout.expand_in(affine.scale, shape), weight.dtype, "weight")
+    new_w = scaled(weight, layout.expand_in(affine.scale, shape))
     c_out = layout.out_channels(shape)
     b64 = np.zeros(c_out) if bias is None else np.asarray(bias, dtype=np.float64)
-    b64 = b64 + layout.sum_to_out(w64 * layout.expand_in(affine.shift, shape))
+    shift_w = layout.expand_in(affine.shift, shape)
+    b64 = b64 + layout.sum_to_out(weight.astype(np.float64) * shift_w)
     bias_dtype = weight.dtype if bias is None else bias.dtype
     return new_w, cast_checked(b64, bias_dtype, "bias")
+
+
+# float64 temporaries are made this many bytes at a time, so folding a weight
+# costs about its own size in memory, not the 4x a whole float64 copy would.
+CHUNK_BYTES = 32 << 20
+
+
+def scaled(weight: np.ndarray, factor: np.ndarray) -> np.ndarray:
+    """``weight * factor`` computed in float64 and cast once to ``weight.dtype``.
+
+    ``factor`` broadcasts onto ``weight``; the work goes a block of rows (axis 0)
+    at a time.
+
+    Raises:
+        Unfoldable: a product overflows the weight's dtype.
+    """
+    out = np.empty(weight.shape, dtype=weight.dtype)
+    row_bytes = 8 * max(1, int(np.prod(weight.shape[1:], dtype=np.int64)))
+    step = max(1, CHUNK_BYTES // row_bytes)
+    for start in range(0, weight.shape[0], step):
+        rows = slice(start, start + step)
+        block_factor = factor[rows] if factor.shape[0] > 1 else factor
+        with np.errstate(over="ignore"):  # overflow is reported below, as a refusal
+            out[rows] = weight[rows].astype(np.float64) * block_factor
+        if not np.all(np.isfinite(out[rows])):
+            raise Unfoldable(f"folded weight overflows {np.dtype(weight.dtype).name}")
+    return out
 
 
 def cast_checked(values: np.ndarray, dtype: np.dtype, what: str) -> np.ndarray:
     """Cast float64 results to the model dtype, refusing values it can't hold."""
     with np.errstate(over="ignore"):  # overflow is reported below, as a refusal
         out = values.astype(dtype)
-    if not np.all(np.isfinite(out.astype(np.float64))):
+    if not np.all(np.isfinite(out)):
         raise Unfoldable(f"folded {what} overflows {np.dtype(dtype).name}")
     return out
 
