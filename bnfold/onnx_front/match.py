@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import enum
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 import ml_dtypes
@@ -118,8 +119,26 @@ class LinearOp:
 
 
 @dataclass(frozen=True)
+class DeferredWeight:
+    """A folded weight that is computed when read (when the model is saved).
+
+    Planning computes it once, to check it (an overflow refuses the fold), then
+    drops it: holding every folded weight until the save would cost the size of
+    all of them at once, which on a multi-GB model is more than the model.
+    """
+
+    compute: Callable[[], np.ndarray]
+    dtype: np.dtype
+    shape: tuple[int, ...]
+
+    @property
+    def nbytes(self) -> int:
+        return int(np.prod(self.shape, dtype=np.int64)) * self.dtype.itemsize
+
+
+@dataclass(frozen=True)
 class FoldPlan:
-    """A checked fold, ready to apply: the new weight and bias are already computed."""
+    """A checked fold, ready to apply: the new bias is computed, the weight deferred."""
 
     site: str
     pattern: str
@@ -127,7 +146,7 @@ class FoldPlan:
     linear: LinearOp
     affine_node: ir.Node
     between: ir.Node | None  # a shape-only op between the two, left in place
-    new_weight: np.ndarray
+    new_weight: DeferredWeight
     new_bias: np.ndarray | None  # None: the op has no bias and the fold needs none
     bytes_added: int = 0  # weight bytes copied because another node shares them
 
@@ -621,6 +640,17 @@ def _make_plan(
         raise _Refused(Code.BAD_VALUES, str(err)) from None
     except LayoutError as err:
         raise _Refused(Code.BAD_SHAPE, str(err)) from None
+    # Keep the source tensor, not its values: an external tensor stays mapped,
+    # an earlier deferred weight is recomputed rather than held.
+    source = linear.weight.const_value
+    layout = linear.layout
+
+    def compute() -> np.ndarray:
+        values = weight if source is None else source.numpy()
+        return fold(values, bias, affine, layout)[0]
+
+    deferred = DeferredWeight(compute, new_w.dtype, tuple(new_w.shape))
+    del new_w
     needs_bias = bias is not None or bool(np.any(new_b != 0))
     ordered = (
         (linear.node, between, node)
@@ -629,11 +659,11 @@ def _make_plan(
     )
     added = sum(
         a.nbytes
-        for v, a in ((linear.weight, new_w), (linear.bias, new_b))
+        for v, a in ((linear.weight, deferred), (linear.bias, new_b))
         if v is not None and v.name in linear.shared
     )
     return FoldPlan(
-        site, _pattern(*ordered), direction, linear, node, between, new_w,
+        site, _pattern(*ordered), direction, linear, node, between, deferred,
         new_b if needs_bias else None, bytes_added=added,
     )  # fmt: skip
 

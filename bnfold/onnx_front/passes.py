@@ -10,8 +10,11 @@ import onnx_ir as ir
 
 from bnfold.onnx_front import match
 from bnfold.onnx_front.constants import is_pure_constant_op
-from bnfold.onnx_front.match import Direction, FoldPlan, LinearOp, MatchOptions
+from bnfold.onnx_front.match import DeferredWeight, Direction, FoldPlan, LinearOp, MatchOptions
 from bnfold.report import Folded, FoldReport, Refusal, count_ops
+
+# What a fold writes into an input: small arrays now, big weights on save.
+ConstantData = np.ndarray | DeferredWeight
 
 
 @dataclass
@@ -124,7 +127,7 @@ def _bypass(affine_node: ir.Node, reader: ir.Node) -> None:
 
 
 def set_constant_input(
-    node: ir.Node, index: int, array: np.ndarray, model: ir.Model, suffix: str = ""
+    node: ir.Node, index: int, array: ConstantData, model: ir.Model, suffix: str = ""
 ) -> None:
     """Make input ``index`` of ``node`` the constant ``array``.
 
@@ -134,7 +137,7 @@ def set_constant_input(
     """
     old = node.inputs[index] if index < len(node.inputs) else None
     if old is not None and old.is_initializer() and match.readers(old) == 1:
-        old.const_value = ir.tensor(array, name=old.name)
+        old.const_value = as_tensor(array, old.name)
         return
     graph = node.graph
     assert graph is not None
@@ -154,7 +157,19 @@ def set_constant_input(
         new.name = base  # the computed value it replaces is gone: take its name
 
 
-def new_initializer(graph: ir.Graph, base: str, array: np.ndarray, model: ir.Model) -> ir.Value:
+def as_tensor(data: ConstantData, name: str | None) -> ir.TensorProtocol:
+    """An ir tensor of ``data``; a deferred weight becomes a LazyTensor, computed on save."""
+    if isinstance(data, np.ndarray):
+        return ir.tensor(data, name=name)
+
+    def materialize() -> ir.TensorProtocol:
+        return ir.tensor(data.compute(), name=name)
+
+    dtype = ir.DataType.from_numpy(data.dtype)
+    return ir.LazyTensor(materialize, dtype=dtype, shape=ir.Shape(data.shape), name=name)
+
+
+def new_initializer(graph: ir.Graph, base: str, array: ConstantData, model: ir.Model) -> ir.Value:
     """Register a new initializer with a name unused in ``graph``.
 
     IR < 4 requires every initializer of the main graph to be listed as a graph
@@ -165,7 +180,7 @@ def new_initializer(graph: ir.Graph, base: str, array: np.ndarray, model: ir.Mod
         name=name,
         shape=ir.Shape(array.shape),
         type=ir.TensorType(ir.DataType.from_numpy(array.dtype)),
-        const_value=ir.tensor(array, name=name),
+        const_value=as_tensor(array, name),
     )
     graph.register_initializer(value)
     if model.ir_version < 4 and graph is model.graph:
