@@ -12,8 +12,10 @@ new weight and bias, computed by :mod:`bnfold.affine`, or into a
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import math
+import mmap
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 
@@ -644,10 +646,14 @@ def _make_plan(
     # an earlier deferred weight is recomputed rather than held.
     source = linear.weight.const_value
     layout = linear.layout
+    evict_pages(source)
 
     def compute() -> np.ndarray:
         values = weight if source is None else source.numpy()
-        return fold(values, bias, affine, layout)[0]
+        try:
+            return fold(values, bias, affine, layout)[0]
+        finally:
+            evict_pages(source)
 
     deferred = DeferredWeight(compute, new_w.dtype, tuple(new_w.shape))
     del new_w
@@ -666,6 +672,18 @@ def _make_plan(
         site, _pattern(*ordered), direction, linear, node, between, deferred,
         new_b if needs_bias else None, bytes_added=added,
     )  # fmt: skip
+
+
+def evict_pages(tensor: ir.TensorProtocol | None) -> None:
+    """Drop the pages of a memory-mapped external tensor that reading it made resident.
+
+    They are file-backed, so the kernel re-reads them if needed; without this every
+    folded weight of a multi-GB model would stay resident until the process ends.
+    """
+    raw = getattr(tensor, "raw", None)
+    if isinstance(tensor, ir.ExternalTensor) and isinstance(raw, mmap.mmap):
+        with contextlib.suppress(OSError, ValueError):
+            raw.madvise(mmap.MADV_DONTNEED)
 
 
 def _checked(make: object) -> Affine:
