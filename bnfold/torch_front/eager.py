@@ -1,13 +1,15 @@
 """Check and apply one fold on eager modules.
 
-A pair ``linear -> bn`` becomes ``linear'`` with the BN's affine in its weight
-and bias, and the BN is replaced by ``nn.Identity``. New ``nn.Parameter``
+A pair ``linear -> bn`` (or ``bn -> linear``, ``bn -> flatten -> Linear``)
+becomes ``linear'`` with the BN's affine in its weight and bias, and the BN is
+replaced by ``nn.Identity``. New ``nn.Parameter``
 objects are assigned (the old tensors are never written), so a fold is undone
 by putting the old objects back.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -16,7 +18,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from bnfold.affine import Affine, Unfoldable, bn_to_affine, fold_after
+from bnfold.affine import Affine, Unfoldable, bn_to_affine, fold_after, fold_before
 from bnfold.report import Code, Refusal
 from bnfold.torch_front.graph import Pair
 from bnfold.torch_front.modules import (
@@ -24,8 +26,11 @@ from bnfold.torch_front.modules import (
     Roles,
     base_forward_overridden,
     channel_rank,
+    in_channels,
+    is_conv_transpose,
     layout_of,
     out_channels,
+    zero_padded,
 )
 
 
@@ -41,12 +46,22 @@ def why_not(root: nn.Module, pair: Pair, roles: Roles, calls: Calls) -> Refusal 
       UNSUPPORTED_DTYPE  the weight is not floating point
       BAD_SHAPE          BN statistics do not match the linear output channels
       NOT_PER_CHANNEL    the linear output's channels are not on BN's axis 1
-                         (e.g. Linear on a 3-D input followed by BatchNorm1d)
+                         (e.g. Linear on a 3-D input followed by BatchNorm1d);
+                         before: the BN's channels are not the op's input channels
+                         (BatchNorm1d on a 3-D input into Linear), or the flatten
+                         does not map (N, C, ...) to (N, C*R)
+      ZERO_PADDING       before: a zero-padded Conv, or a ConvTranspose, with a
+                         nonzero shift (the borders would change)
     """
     lin, bn = _module(root, pair.linear), _module(root, pair.bn)
-    for check in (_training, _running_stats, _parametrized, _hooks, _dtype, _shape):
+    for check in (_training, _running_stats, _parametrized, _hooks, _dtype):
         if found := check(pair, lin, bn, roles):
             return Refusal(pair.site, *found)
+    if pair.before:
+        found = _bn_shape(pair, bn) or _reads_channels(pair, lin, calls) or _exact_before(lin, bn)
+        return Refusal(pair.site, *found) if found else None
+    if found := _shape(pair, lin, bn, roles):
+        return Refusal(pair.site, *found)
     ndim, want = calls.out_ndim.get(pair.linear), channel_rank(lin)
     if ndim != want:
         detail = (
@@ -115,6 +130,57 @@ def _shape(pair: Pair, lin: nn.Module, bn: nn.Module, _roles: Roles) -> Found:
     return None
 
 
+def _bn_shape(pair: Pair, bn: Any) -> Found:
+    c = int(bn.running_mean.shape[0])
+    for name in ("weight", "bias", "running_mean", "running_var"):
+        t = getattr(bn, name, None)
+        if t is not None and tuple(t.shape) != (c,):
+            return Code.BAD_SHAPE, f"{pair.bn}.{name} has shape {tuple(t.shape)}, want ({c},)"
+    return None
+
+
+def _reads_channels(pair: Pair, lin: nn.Module, calls: Calls) -> Found:
+    """Before: input channel (feature block) c of the linear op is BN channel c."""
+    out, lin_in = calls.out_shape.get(pair.bn), calls.in_shape.get(pair.linear)
+    if out is None or lin_in is None or len(out) < 2:
+        return Code.NOT_PER_CHANNEL, f"{pair.bn} output shape unknown or below 2-D: {out}"
+    if pair.between:
+        flat = (out[0], math.prod(out[1:]))
+        if not isinstance(lin, nn.Linear) or lin_in != flat:
+            detail = f"{pair.between} maps {out} to {lin_in}, not (N, C*R) = {flat} into a Linear"
+            return Code.NOT_PER_CHANNEL, detail
+    elif len(out) != channel_rank(lin) or lin_in != out:
+        detail = (
+            f"{pair.bn} output is {len(out)}-D; {pair.linear} reads its input channels on "
+            f"axis 1 only at {channel_rank(lin)}-D"
+        )
+        return Code.NOT_PER_CHANNEL, detail
+    features, c = in_channels(lin), out[1]
+    if features != (math.prod(out[1:]) if pair.between else c):
+        return Code.BAD_SHAPE, f"{pair.linear} reads {features} input features, BN gives {out}"
+    return None
+
+
+def _exact_before(lin: nn.Module, bn: Any) -> Found:
+    """The shift enters the bias through every tap; zeros padded in never see it."""
+    try:
+        shift = bn_affine(bn).shift
+    except Unfoldable:
+        return None  # apply_fold reports it as BAD_VALUES
+    if not np.any(shift != 0):
+        return None
+    if is_conv_transpose(lin):
+        return Code.ZERO_PADDING, (
+            f"{type(lin).__name__}: border outputs receive fewer taps, "
+            "so a nonzero shift changes them"
+        )
+    if zero_padded(lin):
+        return Code.ZERO_PADDING, (
+            f"{type(lin).__name__} pads with zeros: the borders would see the BN's shift, not zeros"
+        )
+    return None
+
+
 @dataclass
 class Undo:
     """The objects a fold replaced; calling it puts them back."""
@@ -148,7 +214,7 @@ def bn_affine(bn: Any) -> Affine:
 
 
 def apply_fold(root: nn.Module, pair: Pair) -> Undo:
-    """Fold ``pair.bn`` into ``pair.linear`` inside ``root``.
+    """Fold ``pair.bn`` into ``pair.linear`` inside ``root`` (after or before it).
 
     The math runs in float64 and each result is cast once to the dtype of the
     parameter it replaces (a created bias takes the weight's dtype).
@@ -159,9 +225,12 @@ def apply_fold(root: nn.Module, pair: Pair) -> Undo:
     """
     lin, bn = _module(root, pair.linear), _module(root, pair.bn)
     weight, bias = lin.weight, lin.bias
-    w64, b64 = fold_after(
-        _f64(weight), None if bias is None else _f64(bias), bn_affine(bn), layout_of(lin)
-    )
+    b = None if bias is None else _f64(bias)
+    affine = bn_affine(bn)
+    if pair.before:
+        w64, b64 = fold_before(_f64(weight), b, _per_input(affine, lin), layout_of(lin))
+    else:
+        w64, b64 = fold_after(_f64(weight), b, affine, layout_of(lin))
     new_w = _param(w64, like=weight)
     new_b = _param(b64, like=weight if bias is None else bias)
     undo = Undo(root, pair, weight, bias, bn)
@@ -170,6 +239,14 @@ def apply_fold(root: nn.Module, pair: Pair) -> Undo:
     identity.train(bn.training)
     _replace(root, pair.bn, identity)
     return undo
+
+
+def _per_input(affine: Affine, lin: nn.Module) -> Affine:
+    """Spread a per-channel affine over flattened features: channel c is a block of R."""
+    block = in_channels(lin) // affine.scale.shape[0]
+    if block <= 1:
+        return affine
+    return Affine(np.repeat(affine.scale, block), np.repeat(affine.shift, block))
 
 
 def _f64(t: torch.Tensor) -> np.ndarray:

@@ -9,6 +9,11 @@ Three finders, tried in order; the first that traces the module decides:
    ``nn.Sequential`` whose forward is not overridden. Works when forward() has
    data-dependent control flow that neither tracer can follow.
 
+A BN that cannot fold into the op before it (after a ReLU, say, as in
+pre-activation nets) may fold into the op after it: ``BN -> linear`` or
+``BN -> flatten -> Linear``, when that op is the BN's only reader (a
+"before" pair). ``nn.Identity`` (what a folded BN becomes) is looked through.
+
 Export and fx graphs are reduced to one small node graph (:class:`Node`), and
 one function (:func:`match_graph`) finds the pairs in it.
 
@@ -24,7 +29,7 @@ import io
 import logging
 import re
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -45,17 +50,31 @@ _NONLINEAR_PREFIXES = (
 _NONLINEAR_TOKENS = {"exp", "log", "abs", "pow", "clamp", "clip", "square", "max", "min", "sign"}
 
 
+_RESHAPE_TOKENS = {"flatten", "view", "reshape"}
+
+
 @dataclass(frozen=True)
 class Pair:
-    """A linear module whose only output goes straight into a BN module."""
+    """A linear module and a BN module beside it.
+
+    After (``before=False``): the linear's only output goes straight into the BN.
+    Before (``before=True``): the BN's only output goes into the linear, directly
+    or through ``between`` (a flatten/view/reshape, named for the report).
+    ``after_refusal`` says why the BN could not fold after (before pairs only).
+    """
 
     linear: str
     bn: str
     finder: str
+    before: bool = False
+    between: str = ""
+    after_refusal: Refusal | None = field(default=None, compare=False)
 
     @property
     def site(self) -> str:
-        return f"{self.linear} -> {self.bn}"
+        if not self.before:
+            return f"{self.linear} -> {self.bn}"
+        return " -> ".join(p for p in (self.bn, self.between, self.linear) if p)
 
 
 @dataclass
@@ -104,8 +123,10 @@ class Traced:
 def find_pairs(root: nn.Module, args: tuple[Any, ...], roles: Roles, calls: Calls) -> Scan:
     """Find candidate pairs with the first finder that can trace ``root``.
 
+    Matches:  linear -> BN (after); else BN -> linear, BN -> flatten -> Linear (before)
     Refuses:
-      REUSED_MODULE   the linear or BN module ran more than once
+      REUSED_MODULE   the linear or BN module ran more than once (an eager module
+                      has one weight for every call; a .pt2 folds per call)
       BRANCHING       the linear op's output is read by something besides the BN
       SHARED_WEIGHT   the linear weight or bias is also read outside the module
       NONLINEAR_INPUT a nonlinearity sits between the linear op and the BN
@@ -139,8 +160,88 @@ def match_graph(traced: Traced, roles: Roles, calls: Calls, finder: str) -> Scan
             groups.setdefault(node.owner, []).append(name)
     for bn in roles.bns():
         result = _match_bn(bn, traced, groups, roles, calls, finder)
+        if isinstance(result, Refusal) and not _bn_call_refusal(bn, calls) and bn in groups:
+            before = _match_before(bn, traced, groups, roles, calls, finder)
+            result = prefer_before(result, before)
         _add(scan, result)
     return scan
+
+
+def prefer_before(after: Refusal, before: Pair | Refusal | None) -> Pair | Refusal:
+    """The before pair if there is one; else the refusal that explains the most.
+
+    As on the ONNX front: a BN with nothing linear before it is best explained by
+    why it cannot fold after it; otherwise the after refusal leads.
+    """
+    if before is None:
+        return after
+    if isinstance(before, Pair):
+        return replace(before, after_refusal=after)
+    if after.code in (Code.STANDALONE, Code.NONLINEAR_INPUT, Code.UNTRACEABLE):
+        return replace(before, detail=f"{before.detail} (and {after.detail})")
+    last = before.site.rpartition(" -> ")[2]
+    return replace(after, detail=f"{after.detail}; nor before {last}: {before.detail}")
+
+
+def _match_before(
+    bn: str,
+    traced: Traced,
+    groups: dict[str, list[str]],
+    roles: Roles,
+    calls: Calls,
+    finder: str,
+) -> Pair | Refusal | None:
+    """``BN -> linear`` or ``BN -> reshape -> linear``; None if no linear op reads the BN alone."""
+    nodes = traced.nodes
+    group = set(groups[bn])
+    if any(nodes[n].is_output for n in group):
+        return None
+    readers = sorted({u for n in group for u in nodes[n].users if u not in group})
+    if len(readers) != 1:
+        return None
+    reader, between = nodes[readers[0]], ""
+    if reader.owner is None and _is_reshape(reader.op):
+        if reader.is_output or len(reader.users) != 1:
+            return None
+        between, reader = _reshape_label(reader.op), nodes[reader.users[0]]
+    if reader.owner is None or roles.of(reader.owner) != LINEAR:
+        return None
+    linear = reader.owner
+    lin_group = set(groups[linear])
+    if len({i for n in lin_group for i in nodes[n].inputs if i not in lin_group}) != 1:
+        return None
+    return _linear_usable(
+        Pair(linear, bn, finder, before=True, between=between), traced, roles, calls
+    )
+
+
+def _linear_usable(pair: Pair, traced: Traced, roles: Roles, calls: Calls) -> Pair | Refusal:
+    linear = pair.linear
+    if calls.of(linear) != 1:
+        return Refusal(pair.site, Code.REUSED_MODULE, reused_detail(linear, calls.of(linear)))
+    own = {f"{a}.{p}" for a in roles.aliases[linear] for p in ("weight", "bias")}
+    if shared := sorted(traced.outside_reads & own):
+        return Refusal(
+            pair.site, Code.SHARED_WEIGHT, f"{', '.join(shared)} also read outside {linear}"
+        )
+    return pair
+
+
+def reused_detail(linear: str, count: int) -> str:
+    """Why a module called several times keeps its BN: one weight serves every call."""
+    return (
+        f"{linear} ran {count} times and an eager module has one weight for all calls; "
+        "fold an exported program (.pt2) instead, where each call gets its own folded copy"
+    )
+
+
+def _is_reshape(op: str) -> bool:
+    return bool(_RESHAPE_TOKENS & set(re.split(r"[^a-z0-9]+", op.lower())))
+
+
+def _reshape_label(op: str) -> str:
+    tokens = re.split(r"[^a-z0-9]+", op.lower())
+    return next(t for t in tokens if t in _RESHAPE_TOKENS)
 
 
 def _match_bn(
@@ -166,13 +267,10 @@ def _match_bn(
     linear = producer.owner
     site = f"{linear} -> {bn}"
     if calls.of(linear) != 1:
-        return Refusal(site, Code.REUSED_MODULE, f"{linear} ran {calls.of(linear)} times")
+        return Refusal(site, Code.REUSED_MODULE, reused_detail(linear, calls.of(linear)))
     if others := _other_consumers(linear, group, nodes, groups[linear]):
         return Refusal(site, Code.BRANCHING, f"{linear} output is also read by {others}")
-    own = {f"{a}.{p}" for a in roles.aliases[linear] for p in ("weight", "bias")}
-    if shared := sorted(traced.outside_reads & own):
-        return Refusal(site, Code.SHARED_WEIGHT, f"{', '.join(shared)} also read outside {linear}")
-    return Pair(linear, bn, finder)
+    return _linear_usable(Pair(linear, bn, finder), traced, roles, calls)
 
 
 def _add(scan: Scan, result: Pair | Refusal) -> None:
@@ -262,19 +360,48 @@ def _match_in_sequential(
 ) -> list[Pair | Refusal]:
     out: list[Pair | Refusal] = []
     prefix = f"{path}." if path else ""
-    children = [(roles.canonical[prefix + name], child) for name, child in seq.named_children()]
+    # A folded BN is an nn.Identity: look through it, so Conv -> BN -> BN folds twice.
+    children = [
+        (roles.canonical[prefix + name], child)
+        for name, child in seq.named_children()
+        if type(child) is not nn.Identity
+    ]
     for i, (bn, _) in enumerate(children):
         if roles.of(bn) != BN:
             continue
         if refusal := _bn_call_refusal(bn, calls):
             out.append(refusal)
             continue
+        after: Pair | Refusal
         if i == 0:
-            out.append(Refusal(bn, Code.UNTRACEABLE, f"{bn} is first in {path or 'the root'}"))
-            continue
-        prev, prev_mod = children[i - 1]
-        out.append(_sequential_pair(path, prev, prev_mod, bn, roles, calls))
+            after = Refusal(bn, Code.UNTRACEABLE, f"{bn} is first in {path or 'the root'}")
+        else:
+            prev, prev_mod = children[i - 1]
+            after = _sequential_pair(path, prev, prev_mod, bn, roles, calls)
+        if isinstance(after, Refusal):
+            after = prefer_before(after, _sequential_before(path, children[i:], roles, calls))
+        out.append(after)
     return out
+
+
+def _sequential_before(
+    seq: str, rest: list[tuple[str, nn.Module]], roles: Roles, calls: Calls
+) -> Pair | Refusal | None:
+    """``BN, linear`` or ``BN, nn.Flatten, Linear`` as neighbours; ``rest[0]`` is the BN."""
+    bn, nxt, between = rest[0][0], rest[1:], ""
+    if len(nxt) > 1 and isinstance(nxt[0][1], nn.Flatten):
+        between, nxt = nxt[0][0], nxt[1:]
+    if not nxt or roles.of(nxt[0][0]) != LINEAR:
+        return None
+    pair = Pair(nxt[0][0], bn, "sequential", before=True, between=between)
+    if calls.of(pair.linear) != 1:
+        return Refusal(
+            pair.site, Code.REUSED_MODULE, reused_detail(pair.linear, calls.of(pair.linear))
+        )
+    if calls.of(seq) != 1:
+        detail = f"{seq} ran {calls.of(seq)} times; its children may be called directly"
+        return Refusal(pair.site, Code.UNTRACEABLE, detail)
+    return pair
 
 
 def _sequential_pair(
@@ -284,7 +411,7 @@ def _sequential_pair(
     kind = type(prev_mod).__name__
     if roles.of(prev) == LINEAR:
         if calls.of(prev) != 1:
-            return Refusal(site, Code.REUSED_MODULE, f"{prev} ran {calls.of(prev)} times")
+            return Refusal(site, Code.REUSED_MODULE, reused_detail(prev, calls.of(prev)))
         if calls.of(seq) != 1:
             detail = f"{seq} ran {calls.of(seq)} times; its children may be called directly"
             return Refusal(site, Code.UNTRACEABLE, detail)
@@ -368,18 +495,21 @@ def _fx_graph(root: nn.Module, args: tuple[Any, ...], roles: Roles) -> Traced:
     graph = _LeafTracer(leaves).trace(root)
     traced = Traced({})
     nodes = traced.nodes
+    alias: dict[str, str] = {}  # nn.Identity node -> the node it passes on
     for n in graph.nodes:
         if n.op == "get_attr":  # leaf modules read their own weights without get_attr
             traced.outside_reads.add(str(n.target))
         elif n.op == "placeholder":
             nodes[n.name] = Node(None, "input", [])
+        elif _is_identity(root, n) and len(ins := _input_names(n, nodes, alias)) == 1:
+            alias[n.name] = ins[0]
         elif n.op in ("call_module", "call_function", "call_method"):
             owner = roles.canonical.get(str(n.target)) if n.op == "call_module" else None
             if owner is not None and roles.of(owner) is None:
                 owner = None
-            nodes[n.name] = Node(owner, _fx_op_name(root, n), _input_names(n, nodes))
+            nodes[n.name] = Node(owner, _fx_op_name(root, n), _input_names(n, nodes, alias))
         elif n.op == "output":
-            _mark_outputs(n, nodes)
+            _mark_outputs(n, nodes, alias)
     _link_users(nodes)
     return traced
 
@@ -391,15 +521,24 @@ def _fx_op_name(root: nn.Module, n: fx.Node) -> str:
     return target if isinstance(target, str) else getattr(target, "__name__", str(target))
 
 
-def _input_names(n: fx.Node, known: dict[str, Node]) -> list[str]:
+def _is_identity(root: nn.Module, n: fx.Node) -> bool:
+    return n.op == "call_module" and type(root.get_submodule(str(n.target))) is nn.Identity
+
+
+def _input_names(
+    n: fx.Node, known: dict[str, Node], alias: dict[str, str] | None = None
+) -> list[str]:
     """Activation inputs of ``n``: earlier nodes we kept (weights/buffers were not kept)."""
     names: list[str] = []
     fx.node.map_arg((n.args, n.kwargs), lambda a: names.append(a.name) or a)  # type: ignore[func-returns-value]
-    return [a for a in dict.fromkeys(names) if a in known]
+    alias = alias or {}
+    return [a for a in dict.fromkeys(alias.get(a, a) for a in names) if a in known]
 
 
-def _mark_outputs(out: fx.Node, nodes: dict[str, Node]) -> None:
-    for name in _input_names(out, nodes):
+def _mark_outputs(
+    out: fx.Node, nodes: dict[str, Node], alias: dict[str, str] | None = None
+) -> None:
+    for name in _input_names(out, nodes, alias):
         nodes[name].is_output = True
 
 

@@ -58,13 +58,29 @@ def layout_of(m: nn.Module) -> layouts.WeightLayout:
     if isinstance(m, _CONV_T):
         return layouts.conv_transpose(int(m.groups))  # type: ignore[arg-type]
     if isinstance(m, _CONV):
-        return layouts.conv()
+        return layouts.conv(int(m.groups))  # type: ignore[arg-type]
     return layouts.linear()
 
 
 def out_channels(m: Any) -> int:
     """Output channels of a linear module."""
     return int(m.out_features if isinstance(m, nn.Linear) else m.out_channels)
+
+
+def in_channels(m: Any) -> int:
+    """Input channels (features) of a linear module."""
+    return int(m.in_features if isinstance(m, nn.Linear) else m.in_channels)
+
+
+def is_conv_transpose(m: nn.Module) -> bool:
+    return isinstance(m, _CONV_T)
+
+
+def zero_padded(m: Any) -> bool:
+    """A Conv that pads with zeros: its border taps read zeros, whatever came before."""
+    if not isinstance(m, _CONV) or m.padding_mode != "zeros":
+        return False
+    return any(int(p) != 0 for p in m._reversed_padding_repeated_twice)
 
 
 def channel_rank(m: nn.Module) -> int:
@@ -136,6 +152,8 @@ class Calls:
 
     count: dict[str, int] = field(default_factory=dict)
     out_ndim: dict[str, int] = field(default_factory=dict)
+    out_shape: dict[str, tuple[int, ...]] = field(default_factory=dict)
+    in_shape: dict[str, tuple[int, ...]] = field(default_factory=dict)
 
     def of(self, path: str) -> int:
         return self.count.get(path, 0)
@@ -163,10 +181,13 @@ def observe(root: nn.Module, args: tuple[Any, ...], paths: list[str]) -> Calls:
 
 
 def _recorder(calls: Calls, path: str) -> Any:
-    def hook(_m: nn.Module, _inp: Any, out: Any) -> None:
+    def hook(_m: nn.Module, inp: Any, out: Any) -> None:
         calls.count[path] = calls.count.get(path, 0) + 1
         if isinstance(out, torch.Tensor):
             calls.out_ndim[path] = out.ndim
+            calls.out_shape[path] = tuple(out.shape)
+        if isinstance(inp, tuple) and inp and isinstance(inp[0], torch.Tensor):
+            calls.in_shape[path] = tuple(inp[0].shape)
 
     return hook
 

@@ -1,4 +1,4 @@
-"""One fold run on an eager module: find pairs, check, apply, verify, report."""
+"""One fold run on an eager module: find pairs, check, apply (to a fixpoint), verify, report."""
 
 from __future__ import annotations
 
@@ -31,10 +31,10 @@ def fold(
     args = as_args(example_inputs)
     work = module if inplace else _copy(module)
     report = FoldReport(front="torch", ops_before=leaf_type_counts(work))
-    pairs = _checked_pairs(work, args, report)
+    first_scan = _checked_pairs(work, args)  # a module that cannot run fails here, clearly
     # Reference outputs before any fold: with inplace=True the module itself changes.
     ref = checking.reference(module, args, samples, seed) if verify else None
-    undos = _apply_all(work, pairs, report)
+    undos = _fold_to_fixpoint(work, args, first_scan, report)
     result = FoldResult(work, report)
     if ref is not None:
         result.verification, undos, failed = checking.verify_with_rollback(
@@ -60,18 +60,55 @@ def as_args(example_inputs: Any) -> tuple[Any, ...]:
     return tuple(example_inputs) if isinstance(example_inputs, tuple | list) else (example_inputs,)
 
 
-def _checked_pairs(work: nn.Module, args: tuple[Any, ...], report: FoldReport) -> list[graph.Pair]:
+def _fold_to_fixpoint(
+    work: nn.Module,
+    args: tuple[Any, ...],
+    scan: tuple[list[graph.Pair], list[Refusal]],
+    report: FoldReport,
+) -> list[eager.Undo]:
+    """Find and apply pairs in rounds until a round folds nothing new.
+
+    A fold can create a pair: in ``Conv -> BN1 -> BN2`` BN2 follows the conv
+    directly once BN1 is an ``nn.Identity``. Only refusals of the last scan are
+    reported (earlier ones may have been folded since); a pair that failed to
+    apply is not tried again.
+    """
+    undos: list[eager.Undo] = []
+    failed: list[Refusal] = []
+    tried: set[graph.Pair] = set()
+    pairs, refused = scan
+    for _ in range(len(list(work.modules())) + 1):  # each round folds >= 1 BN, or stops
+        fresh = [p for p in pairs if p not in tried]
+        tried.update(fresh)
+        done = _apply_all(work, fresh, failed)
+        undos += done
+        if not done or not refused:  # only a refused BN can become a pair
+            break
+        pairs, refused = _checked_pairs(work, args)
+    report.refused += refused + failed
+    return undos
+
+
+def _checked_pairs(
+    work: nn.Module, args: tuple[Any, ...]
+) -> tuple[list[graph.Pair], list[Refusal]]:
     roles = find_roles(work)
     calls = observe(work, args, _watched(work, roles))
     scan = graph.find_pairs(work, args, roles, calls)
-    report.refused += scan.refused
+    refused = list(scan.refused)
     pairs = []
     for pair in scan.pairs:
         if refusal := eager.why_not(work, pair, roles, calls):
-            report.refused.append(refusal)
+            refused.append(_explained(pair, refusal))
         else:
             pairs.append(pair)
-    return pairs
+    return pairs, refused
+
+
+def _explained(pair: graph.Pair, refusal: Refusal) -> Refusal:
+    """A refused before pair, reported with why the BN could not fold after either."""
+    after = pair.after_refusal
+    return refusal if after is None else graph.prefer_before(after, refusal)  # type: ignore[return-value]
 
 
 def _watched(root: nn.Module, roles: Roles) -> list[str]:
@@ -80,19 +117,38 @@ def _watched(root: nn.Module, roles: Roles) -> list[str]:
     return list(roles.kind) + seqs
 
 
-def _apply_all(work: nn.Module, pairs: list[graph.Pair], report: FoldReport) -> list[eager.Undo]:
+def _apply_all(
+    work: nn.Module, pairs: list[graph.Pair], refused: list[Refusal]
+) -> list[eager.Undo]:
     undos = []
     for pair in pairs:
         try:
             undos.append(eager.apply_fold(work, pair))
         except Unfoldable as e:
-            report.refused.append(Refusal(pair.site, Code.BAD_VALUES, str(e)))
+            refused.append(Refusal(pair.site, Code.BAD_VALUES, str(e)))
         except LayoutError as e:
-            report.refused.append(Refusal(pair.site, Code.BAD_GROUPS, str(e)))
+            refused.append(Refusal(pair.site, Code.BAD_GROUPS, str(e)))
     return undos
 
 
 def _folded(undo: eager.Undo) -> Folded:
-    lin = undo.root.get_submodule(undo.pair.linear)
-    pattern = f"{type(lin).__name__}+{type(undo.bn).__name__}"
-    return Folded(undo.pair.site, pattern, undo.pair.linear, undo.pair.bn, undo.pair.finder)
+    pair = undo.pair
+    lin, bn = type(undo.root.get_submodule(pair.linear)).__name__, type(undo.bn).__name__
+    if pair.before:
+        between = (
+            type(undo.root.get_submodule(pair.between)).__name__
+            if _is_path(undo.root, pair.between)
+            else pair.between.capitalize()
+        )
+        pattern = "+".join(p for p in (bn, between, lin) if p)
+    else:
+        pattern = f"{lin}+{bn}"
+    return Folded(pair.site, pattern, pair.linear, pair.bn, pair.finder)
+
+
+def _is_path(root: nn.Module, path: str) -> bool:
+    try:
+        root.get_submodule(path)
+    except AttributeError:
+        return False
+    return bool(path)

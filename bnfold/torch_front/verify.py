@@ -117,7 +117,6 @@ def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
-
 def verify_with_rollback(
     ref: Reference,
     folded: nn.Module,
