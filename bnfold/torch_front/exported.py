@@ -3,6 +3,10 @@
 ``ep.module()`` has no ``nn.Conv2d`` objects left, only aten calls reading
 ``get_attr`` weights, so this pass works on graph nodes. Sites are named like
 the eager front ("conv1 -> bn1"), from the weights' attribute paths.
+
+Each call of a module is its own node here, so a weight read by several nodes
+(a conv module called twice) is cloned for the folded node, which the eager
+front cannot do without changing forward().
 """
 
 from __future__ import annotations
@@ -67,7 +71,6 @@ def find_sites(gm: fx.GraphModule) -> tuple[list[Site], list[Refusal]]:
       NO_RUNNING_STATS running_mean/var missing
       NOT_CONSTANT     a weight, bias or statistic is not a get_attr
       BRANCHING        the linear op's output has other readers or is an output
-      SHARED_WEIGHT    the weight or bias is read by another node
       NONLINEAR_INPUT / OP_BETWEEN / STANDALONE   the BN input is not a linear op
       NOT_PER_CHANNEL  the linear output's channels are not on axis 1
       UNSUPPORTED_DTYPE / BAD_SHAPE
@@ -132,9 +135,6 @@ def _check_linear(gm: fx.GraphModule, lin: fx.Node, bn: fx.Node) -> Found:
     params = [a for a in lin.args[1:3] if a is not None]
     if not all(isinstance(p, fx.Node) and p.op == "get_attr" for p in params):
         return Code.NOT_CONSTANT, f"{lin.name} weight or bias is computed"
-    for p in params:
-        if len(p.users) != 1 or _attr_readers(gm, str(p.target)) != 1:  # type: ignore[union-attr]
-            return Code.SHARED_WEIGHT, f"{p.target} is also read elsewhere"  # type: ignore[union-attr]
     weight = _fetch(gm, lin.args[1])
     if not weight.is_floating_point():
         return Code.UNSUPPORTED_DTYPE, f"weight is {weight.dtype}"
@@ -171,10 +171,15 @@ def layout_of(lin: fx.Node) -> layouts.WeightLayout:
     return layouts.conv() if kind == "conv" else layouts.linear()
 
 
-def apply_site(gm: fx.GraphModule, site: Site) -> None:
+def apply_site(gm: fx.GraphModule, site: Site) -> int:
     """Fold one site in place: new weight/bias attributes, the BN node removed.
 
+    A weight or bias that another node also reads is not overwritten: the folded
+    node gets a new attribute (``<name>_folded``) and the others keep the original.
     All values are computed before anything changes, so a raise leaves ``gm`` as it was.
+
+    Returns:
+        Bytes added by such clones (0 when nothing was shared).
 
     Raises:
         Unfoldable: bad statistics or overflow.  LayoutError: bad groups.
@@ -199,14 +204,38 @@ def apply_site(gm: fx.GraphModule, site: Site) -> None:
         _to64(weight), None if bias is None else _to64(bias), affine, layout_of(lin)
     )
     new_w, new_b = _cast(w64, weight), _cast(b64, weight if bias is None else bias)
-    _set_attr(gm, str(lin.args[1].target), new_w)  # type: ignore[union-attr]
-    if bias_node is None:
-        bias_node = _new_attr(gm, lin, f"{site.linear}.bias", new_b)
-        lin.args = (*lin.args[:2], bias_node, *lin.args[3:])
-    else:
-        _set_attr(gm, str(bias_node.target), new_b)  # type: ignore[union-attr]
+    added = _replace_arg(gm, lin, 1, new_w, f"{site.linear}.weight")
+    added += _replace_arg(gm, lin, 2, new_b, f"{site.linear}.bias")
     _remove_bn(gm, bn, lin)
     gm.recompile()
+    return added
+
+
+def _replace_arg(
+    gm: fx.GraphModule, lin: fx.Node, index: int, value: nn.Parameter, name: str
+) -> int:
+    """Give ``lin`` ``value`` as argument ``index``: in place, or as a new attribute.
+
+    Returns the bytes of a clone made because another node reads the old attribute.
+    """
+    old = lin.args[index] if len(lin.args) > index else None
+    if not isinstance(old, fx.Node):  # no bias: create one
+        old_target = None
+    elif not _shared(gm, old):
+        _set_attr(gm, str(old.target), value)
+        return 0
+    else:
+        old_target = str(old.target)
+    node = _new_attr(gm, lin, old_target or name, value)
+    args = list(lin.args) + [None] * (index + 1 - len(lin.args))
+    args[index] = node
+    lin.args = tuple(args)
+    return 0 if old_target is None else value.numel() * value.element_size()
+
+
+def _shared(gm: fx.GraphModule, attr: fx.Node) -> bool:
+    """Read by another node, directly or through another get_attr of the same target."""
+    return len(attr.users) != 1 or _attr_readers(gm, str(attr.target)) != 1
 
 
 def _remove_bn(gm: fx.GraphModule, bn: fx.Node, lin: fx.Node) -> None:
@@ -317,38 +346,42 @@ def fold_graph_module(
     report.refused += refused
     ref = checking.reference(original, args, samples, seed) if verify else None
     gm = make()
-    sites = _apply_checked(gm, sites, report)
+    added = _apply_checked(gm, sites, report)
     verification = None if ref is None else checking.compare(ref, gm, rtol, atol)
     if ref is not None and verification is not None and not verification.passed:
-        gm, verification, sites = _rollback(make, sites, ref, rtol, atol, report)
+        gm, verification, added = _rollback(make, list(added), ref, rtol, atol, report)
     report.folded = [
-        Folded(s.site, f"{_op_kind(original, s)}+batch_norm", s.linear, s.bn, "exported_program")
-        for s in sites
-    ]
+        Folded(
+            s.site, f"{_op_kind(original, s)}+batch_norm", s.linear, s.bn, "exported_program",
+            bytes_added=n,
+        )
+        for s, n in added.items()
+    ]  # fmt: skip
     report.ops_after = _op_counts(gm)
     return FoldResult(gm, report, verification)
 
 
-def _apply_checked(gm: fx.GraphModule, sites: list[Site], report: FoldReport) -> list[Site]:
-    """Apply each site, refusing those whose values cannot fold (nothing changes then)."""
-    kept = []
+def _apply_checked(gm: fx.GraphModule, sites: list[Site], report: FoldReport) -> dict[Site, int]:
+    """Apply each site, refusing those whose values cannot fold (nothing changes then).
+
+    Returns the sites applied, in order, each with the bytes its clones added.
+    """
+    kept = {}
     for s in sites:
         try:
-            apply_site(gm, s)
+            kept[s] = apply_site(gm, s)
         except Unfoldable as e:
             report.refused.append(Refusal(s.site, Code.BAD_VALUES, str(e)))
         except LayoutError as e:
             report.refused.append(Refusal(s.site, Code.BAD_GROUPS, str(e)))
-        else:
-            kept.append(s)
     return kept
 
 
-def _folded(make: Callable[[], fx.GraphModule], sites: list[Site]) -> fx.GraphModule:
+def _folded(
+    make: Callable[[], fx.GraphModule], sites: list[Site]
+) -> tuple[fx.GraphModule, dict[Site, int]]:
     gm = make()
-    for s in sites:
-        apply_site(gm, s)
-    return gm
+    return gm, {s: apply_site(gm, s) for s in sites}
 
 
 def _rollback(
@@ -358,17 +391,17 @@ def _rollback(
     rtol: float | None,
     atol: float | None,
     report: FoldReport,
-) -> tuple[fx.GraphModule, VerifyResult, list[Site]]:
+) -> tuple[fx.GraphModule, VerifyResult, dict[Site, int]]:
     kept: list[Site] = []
     for s in sites:
-        trial = checking.compare(ref, _folded(make, [*kept, s]), rtol, atol)
+        trial = checking.compare(ref, _folded(make, [*kept, s])[0], rtol, atol)
         if trial.passed:
             kept.append(s)
         else:
             detail = checking.describe_failure(trial)
             report.refused.append(Refusal(s.site, Code.VERIFICATION_FAILED, detail))
-    gm = _folded(make, kept)
-    return gm, checking.compare(ref, gm, rtol, atol), kept
+    gm, added = _folded(make, kept)
+    return gm, checking.compare(ref, gm, rtol, atol), added
 
 
 def _op_kind(gm: fx.GraphModule, s: Site) -> str:

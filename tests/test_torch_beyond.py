@@ -1,0 +1,462 @@
+"""The torch front beyond Conv -> BN: pre-folds, shared weights, low precision, chains."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+from torch import nn  # noqa: E402
+
+from bnfold.report import Code  # noqa: E402
+from bnfold.torch_front import fold_module, graph, io  # noqa: E402
+from bnfold.torch_front.exported import fold_graph_module  # noqa: E402
+
+
+def randomize_bn(model: nn.Module, seed: int = 0, shift: bool = True) -> nn.Module:
+    """Non-trivial statistics in every BN; ``shift=False`` makes each BN a pure scale."""
+    gen = torch.Generator().manual_seed(seed)
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            c = m.num_features
+            m.running_var.copy_(torch.rand(c, generator=gen) * 1.5 + 0.5)
+            m.weight.data.copy_(torch.rand(c, generator=gen) + 0.5)
+            mean, bias = torch.randn(c, generator=gen) * 0.5, torch.rand(c, generator=gen) - 1.0
+            m.running_mean.copy_(mean if shift else torch.zeros(c))
+            m.bias.data.copy_(bias if shift else torch.zeros(c))
+    return model.eval()
+
+
+def same_outputs(a: nn.Module, b: nn.Module, x: torch.Tensor, tol: float = 1e-5) -> bool:
+    with torch.no_grad():
+        return bool(torch.allclose(a(x), b(x), rtol=tol, atol=tol))
+
+
+def sites(result) -> list[str]:
+    return [f.site for f in result.report.folded]
+
+
+def codes_at(result, site: str) -> list[Code]:
+    return [r.code for r in result.report.refused if r.site == site]
+
+
+class Pre(nn.Module):
+    """ReLU -> BN -> op: the BN can only fold into the op after it (pre-activation nets)."""
+
+    def __init__(self, bn: nn.Module, op: nn.Module, between: nn.Module | None = None):
+        super().__init__()
+        self.bn, self.op = bn, op
+        self.between = between
+
+    def forward(self, x):
+        y = self.bn(torch.relu(x))
+        if self.between is not None:
+            y = self.between(y)
+        return self.op(y)
+
+
+# --- BN -> linear op (pre-fold) --------------------------------------------------------
+
+PRE_FOLDS = {
+    "conv2d_no_padding_stride": (nn.BatchNorm2d(4), nn.Conv2d(4, 6, 3, stride=2), (2, 4, 9, 9)),
+    "conv2d_groups": (nn.BatchNorm2d(6), nn.Conv2d(6, 4, 3, groups=2), (2, 6, 7, 7)),
+    "conv2d_depthwise": (nn.BatchNorm2d(6), nn.Conv2d(6, 6, 3, groups=6), (2, 6, 7, 7)),
+    "conv2d_reflect": (
+        nn.BatchNorm2d(3),
+        nn.Conv2d(3, 5, 3, padding=1, padding_mode="reflect"),
+        (2, 3, 8, 8),
+    ),
+    "conv2d_circular_no_bias": (
+        nn.BatchNorm2d(3),
+        nn.Conv2d(3, 5, 3, padding=2, padding_mode="circular", bias=False),
+        (2, 3, 8, 8),
+    ),
+    "conv3d_replicate": (
+        nn.BatchNorm3d(2),
+        nn.Conv3d(2, 4, 3, padding=1, padding_mode="replicate"),
+        (1, 2, 5, 5, 5),
+    ),
+    "conv1d_dilation": (nn.BatchNorm1d(4), nn.Conv1d(4, 6, 3, dilation=2), (2, 4, 11)),
+    "linear_2d": (nn.BatchNorm1d(7), nn.Linear(7, 5), (4, 7)),
+    "linear_no_bias": (nn.BatchNorm1d(7), nn.Linear(7, 5, bias=False), (4, 7)),
+}
+
+
+@pytest.mark.parametrize("name", sorted(PRE_FOLDS))
+def test_bn_folds_into_the_op_after_it(name):
+    bn, op, shape = PRE_FOLDS[name]
+    model = randomize_bn(Pre(bn, op))
+    x = torch.randn(shape)
+    result = fold_module(model, (x,))
+    assert sites(result) == ["bn -> op"]
+    assert result.report.refused == []
+    assert result.report.folded[0].pattern == f"{type(bn).__name__}+{type(op).__name__}"
+    assert isinstance(result.model.bn, nn.Identity)
+    assert result.model.op.bias is not None
+    assert result.verification.passed
+    assert same_outputs(model, result.model, torch.randn(shape))
+
+
+def test_bn_flatten_linear_folds_per_block_of_features():
+    model = randomize_bn(Pre(nn.BatchNorm2d(3), nn.Linear(3 * 4 * 5, 6), between=nn.Flatten()))
+    x = torch.randn(2, 3, 4, 5)
+    result = fold_module(model, (x,))
+    assert sites(result) == ["bn -> flatten -> op"]
+    assert result.report.folded[0].pattern == "BatchNorm2d+Flatten+Linear"
+    assert same_outputs(model, result.model, torch.randn(2, 3, 4, 5))
+
+
+class ViewFlatten(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.bn, self.fc = nn.BatchNorm2d(4), nn.Linear(4 * 9, 3)
+
+    def forward(self, x):
+        y = self.bn(torch.relu(x))
+        return self.fc(y.view(y.shape[0], -1))
+
+
+def test_bn_view_linear_folds():
+    model = randomize_bn(ViewFlatten())
+    x = torch.randn(2, 4, 3, 3)
+    result = fold_module(model, (x,))
+    assert sites(result) == ["bn -> view -> fc"]
+    assert same_outputs(model, result.model, torch.randn(2, 4, 3, 3))
+
+
+class Unflattening(nn.Module):
+    """A view that splits the batch: channel c is not a block of each row's features."""
+
+    def __init__(self):
+        super().__init__()
+        self.bn, self.fc = nn.BatchNorm2d(2), nn.Linear(3, 3)
+
+    def forward(self, x):
+        return self.fc(self.bn(torch.relu(x)).reshape(-1, 3))
+
+
+def test_bn_reshape_that_is_not_a_flatten_is_refused():
+    model = randomize_bn(Unflattening())
+    x = torch.randn(2, 2, 3, 3)
+    result = fold_module(model, (x,))
+    assert codes_at(result, "bn -> reshape -> fc") == [Code.NOT_PER_CHANNEL]
+    assert isinstance(result.model.bn, nn.BatchNorm2d)
+    assert same_outputs(model, result.model, x)
+
+
+@pytest.mark.parametrize(
+    "op",
+    [
+        nn.Conv2d(3, 4, 3, padding=1),
+        nn.Conv2d(3, 4, 3, padding="same"),
+        nn.ConvTranspose2d(3, 4, 3),
+    ],
+    ids=["conv_pad1", "conv_same", "conv_transpose"],
+)
+def test_zero_padding_with_shift_is_refused(op):
+    model = randomize_bn(Pre(nn.BatchNorm2d(3), op))
+    x = torch.randn(2, 3, 6, 6)
+    result = fold_module(model, (x,))
+    assert codes_at(result, "bn -> op") == [Code.ZERO_PADDING]
+    assert not result.report.folded
+    assert isinstance(result.model.bn, nn.BatchNorm2d)
+    assert same_outputs(model, result.model, x)
+
+
+@pytest.mark.parametrize(
+    "op",
+    [nn.Conv2d(3, 4, 3, padding=1), nn.ConvTranspose2d(3, 4, 3, stride=2, groups=1)],
+    ids=["conv_pad1", "conv_transpose"],
+)
+def test_zero_padding_without_shift_folds(op):
+    model = randomize_bn(Pre(nn.BatchNorm2d(3), op), shift=False)
+    x = torch.randn(2, 3, 6, 6)
+    result = fold_module(model, (x,))
+    assert sites(result) == ["bn -> op"]
+    assert same_outputs(model, result.model, torch.randn(2, 3, 6, 6))
+
+
+def test_grouped_conv_transpose_without_shift_folds():
+    model = randomize_bn(Pre(nn.BatchNorm1d(6), nn.ConvTranspose1d(6, 4, 3, groups=2)), shift=False)
+    x = torch.randn(2, 6, 7)
+    result = fold_module(model, (x,))
+    assert sites(result) == ["bn -> op"]
+    assert same_outputs(model, result.model, torch.randn(2, 6, 7))
+
+
+def test_bn1d_on_3d_input_into_linear_is_refused():
+    model = randomize_bn(Pre(nn.BatchNorm1d(4), nn.Linear(5, 3)))
+    x = torch.randn(2, 4, 5)  # BN normalizes axis 1; Linear reads the last axis
+    result = fold_module(model, (x,))
+    assert codes_at(result, "bn -> op") == [Code.NOT_PER_CHANNEL]
+    assert same_outputs(model, result.model, x)
+
+
+def test_after_is_preferred_to_before():
+    model = randomize_bn(nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4), nn.Conv2d(4, 2, 1)))
+    result = fold_module(model, (torch.randn(1, 3, 5, 5),))
+    assert sites(result) == ["0 -> 1"]
+
+
+class TwoReaders(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.bn, self.conv = nn.BatchNorm2d(3), nn.Conv2d(3, 4, 1)
+
+    def forward(self, x):
+        y = self.bn(torch.relu(x))
+        return self.conv(y), y
+
+
+def test_bn_read_besides_the_op_is_not_prefolded():
+    model = randomize_bn(TwoReaders())
+    result = fold_module(model, (torch.randn(1, 3, 4, 4),))
+    assert codes_at(result, "bn") == [Code.NONLINEAR_INPUT]
+
+
+def test_refusal_after_and_before_explains_both():
+    model = randomize_bn(Pre(nn.BatchNorm2d(3), nn.Conv2d(3, 4, 3, padding=1)))
+    result = fold_module(model, (torch.randn(1, 3, 5, 5),))
+    (refusal,) = result.report.refused
+    assert refusal.code == Code.ZERO_PADDING and "relu" in refusal.detail
+
+
+@pytest.mark.parametrize("finder", ["fx", "sequential"])
+def test_prefold_with_other_finders(finder, monkeypatch):
+    def broken(*_args):
+        raise RuntimeError("no trace")
+
+    monkeypatch.setattr(graph, "_export_graph", broken)
+    if finder == "sequential":
+        monkeypatch.setattr(graph, "_fx_graph", broken)
+    model = randomize_bn(
+        nn.Sequential(
+            nn.BatchNorm2d(3), nn.Conv2d(3, 4, 3), nn.ReLU(),
+            nn.BatchNorm2d(4), nn.Flatten(), nn.Linear(4 * 4 * 4, 2),
+        )
+    )  # fmt: skip
+    x = torch.randn(2, 3, 6, 6)
+    result = fold_module(model, (x,))
+    flatten = "4" if finder == "sequential" else "flatten"
+    assert sorted(sites(result)) == ["0 -> 1", f"3 -> {flatten} -> 5"]
+    assert {f.finder for f in result.report.folded} == {finder}
+    assert same_outputs(model, result.model, torch.randn(2, 3, 6, 6))
+
+
+# --- shared weights ---------------------------------------------------------------------
+
+
+class ReusedConv(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 3, 3, padding=1)
+        self.bn, self.bn2 = nn.BatchNorm2d(3), nn.BatchNorm2d(3)
+
+    def forward(self, x):
+        return self.bn(self.conv(x)) + self.conv(x) * 0.5
+
+
+def test_eager_reused_module_is_refused_and_points_to_pt2():
+    model = randomize_bn(ReusedConv())
+    result = fold_module(model, (torch.randn(1, 3, 5, 5),))
+    (refusal,) = [r for r in result.report.refused if r.site == "conv -> bn"]
+    assert refusal.code == Code.REUSED_MODULE and ".pt2" in refusal.detail
+
+
+def test_pt2_clones_a_weight_read_by_two_calls():
+    model = randomize_bn(ReusedConv())
+    x = torch.randn(1, 3, 5, 5)
+    ep = torch.export.export(model, (x,), strict=False)
+    result = fold_graph_module(ep.module, (x,))
+    (folded,) = result.report.folded
+    assert folded.site == "conv -> bn"
+    weight, bias = model.conv.weight, model.conv.bias
+    assert folded.bytes_added == (weight.numel() + bias.numel()) * 4
+    assert result.report.refused == [] and result.verification.passed
+    gm = result.model
+    assert torch.equal(gm.conv.weight, weight)  # the other call sees the original
+    assert not torch.equal(gm.conv.weight_folded, weight)
+    assert same_outputs(model, gm, torch.randn(1, 3, 5, 5))
+
+
+class ReusedTwice(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 3, 1, bias=False)
+        self.bn, self.bn2 = nn.BatchNorm2d(3), nn.BatchNorm2d(3)
+
+    def forward(self, x):
+        return self.bn(self.conv(x)) + self.bn2(self.conv(x))
+
+
+def test_pt2_file_with_a_conv_called_twice_folds_both_calls(tmp_path):
+    model = randomize_bn(ReusedTwice())
+    x = torch.randn(2, 3, 4, 4)
+    src, dst = tmp_path / "in.pt2", tmp_path / "out.pt2"
+    torch.export.save(torch.export.export(model, (x,), strict=False), src)
+    result = io.fold_exported_program_file(src, dst)
+    assert sites(result) == ["conv -> bn", "conv -> bn2"]
+    # The first fold copies the shared weight; the second then has it to itself.
+    assert [f.bytes_added for f in result.report.folded] == [model.conv.weight.numel() * 4, 0]
+    folded = torch.export.load(dst)
+    targets = [str(n.target) for n in folded.graph.nodes]
+    assert "aten.batch_norm.default" not in targets
+    with torch.no_grad():
+        assert torch.allclose(folded.module()(x), model(x), atol=1e-5)
+
+
+# --- low precision ----------------------------------------------------------------------
+
+
+def _ulp(x: np.ndarray, dtype: torch.dtype) -> np.ndarray:
+    """Spacing of ``dtype`` numbers around ``x`` (the binade of |x|, normals and subnormals)."""
+    info = torch.finfo(dtype)
+    mantissa_bits = {torch.float16: 10, torch.bfloat16: 7}[dtype]
+    exponent = np.floor(np.log2(np.maximum(np.abs(x), info.tiny)))
+    return np.exp2(exponent - mantissa_bits)
+
+
+def tiny_var_conv(dtype: torch.dtype, seed: int = 0) -> nn.Module:
+    gen = torch.Generator().manual_seed(seed)
+    model = nn.Sequential(nn.Conv2d(8, 16, 3), nn.BatchNorm2d(16)).eval()
+    bn = model[1]
+    bn.running_var.copy_(torch.rand(16, generator=gen) * 9e-4 + 1e-4)  # U(1e-4, 1e-3)
+    bn.running_mean.copy_(torch.randn(16, generator=gen) * 0.1)
+    bn.weight.data.copy_(torch.rand(16, generator=gen) + 0.5)
+    bn.bias.data.copy_(torch.randn(16, generator=gen) * 0.1)
+    return model.to(dtype)
+
+
+def _exact_weight(model: nn.Module) -> np.ndarray:
+    """The fold in float64 from the stored low-precision values: the true answer."""
+    conv, bn = model[0], model[1]
+    f64 = [t.detach().double().numpy() for t in (conv.weight, bn.weight, bn.running_var)]
+    w, gamma, var = f64
+    return w * (gamma / np.sqrt(var + bn.eps))[:, None, None, None]
+
+
+def _weight_folded_in(model: nn.Module, dtype: torch.dtype) -> np.ndarray:
+    """The same fold computed in the model's dtype, rounding at every step."""
+    conv, bn = model[0], model[1]
+    eps = torch.tensor(bn.eps, dtype=dtype)
+    scale = bn.weight / torch.sqrt(bn.running_var + eps)
+    return (conv.weight * scale[:, None, None, None]).detach().double().numpy()
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+def test_low_precision_fold_is_correctly_rounded(dtype):
+    model = tiny_var_conv(dtype)
+    x = torch.randn(2, 8, 6, 6).to(dtype)
+    result = fold_module(model, (x,), verify=False)
+    assert sites(result) == ["0 -> 1"]
+    ours = result.model[0].weight.detach()
+    assert ours.dtype == dtype and result.model[0].bias.dtype == dtype
+    exact = _exact_weight(model)
+    err = np.abs(ours.double().numpy() - exact)
+    # Correctly rounded: within half a unit in the last place of the exact value
+    # (a hair more for torch's float64 -> float -> low-precision double rounding).
+    assert np.all(err <= 0.5 * _ulp(exact, dtype) * (1 + 2**-20))
+    in_dtype = np.abs(_weight_folded_in(model, dtype) - exact)
+    assert err.sum() < in_dtype.sum()
+    assert err.max() <= in_dtype.max()
+
+
+def test_float64_model_stays_float64_and_exact():
+    model = tiny_var_conv(torch.float64)
+    x = torch.randn(2, 8, 6, 6, dtype=torch.float64)
+    result = fold_module(model, (x,))
+    weight = result.model[0].weight.detach()
+    assert weight.dtype == torch.float64 and result.model[0].bias.dtype == torch.float64
+    assert np.allclose(weight.numpy(), _exact_weight(model), rtol=1e-15, atol=0)
+    assert result.verification.passed and result.verification.rtol < 1e-9
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+def test_low_precision_model_folds_and_verifies(dtype):
+    model = randomize_bn(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4))).to(dtype)
+    result = fold_module(model, (torch.randn(2, 3, 6, 6).to(dtype),))
+    assert sites(result) == ["0 -> 1"] and result.verification.passed
+
+
+# --- chains -----------------------------------------------------------------------------
+
+
+class BnConvBn(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.bn0, self.conv, self.bn1 = nn.BatchNorm2d(3), nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        return self.bn1(self.conv(self.bn0(torch.relu(x))))
+
+
+def test_bn_conv_bn_folds_both_sides():
+    model = randomize_bn(BnConvBn())
+    x = torch.randn(2, 3, 7, 7)
+    result = fold_module(model, (x,))
+    assert sorted(sites(result)) == ["bn0 -> conv", "conv -> bn1"]
+    assert result.report.refused == []
+    assert same_outputs(model, result.model, torch.randn(2, 3, 7, 7))
+
+
+@pytest.mark.parametrize("finder", ["export", "fx", "sequential"])
+def test_conv_bn_bn_folds_to_a_fixpoint(finder, monkeypatch):
+    def broken(*_args):
+        raise RuntimeError("no trace")
+
+    if finder != "export":
+        monkeypatch.setattr(graph, "_export_graph", broken)
+    if finder == "sequential":
+        monkeypatch.setattr(graph, "_fx_graph", broken)
+    model = randomize_bn(
+        nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.BatchNorm2d(4), nn.BatchNorm2d(4))
+    )
+    x = torch.randn(2, 3, 6, 6)
+    result = fold_module(model, (x,))
+    assert sites(result) == ["0 -> 1", "0 -> 2", "0 -> 3"]
+    assert result.report.refused == []
+    assert result.report.ops_after.get("BatchNorm2d") is None
+    assert same_outputs(model, result.model, torch.randn(2, 3, 6, 6))
+
+
+def test_chain_with_a_failed_link_is_rolled_back_cleanly(monkeypatch):
+    from bnfold.torch_front import eager
+
+    real = eager.bn_affine
+    model = randomize_bn(
+        nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.BatchNorm2d(4, eps=0.125))
+    )
+
+    def corrupt_second(bn):
+        affine = real(bn)
+        return type(affine)(affine.scale * 3.0, affine.shift) if bn.eps == 0.125 else affine
+
+    monkeypatch.setattr(eager, "bn_affine", corrupt_second)
+    x = torch.randn(2, 3, 6, 6)
+    result = fold_module(model, (x,))
+    assert sites(result) == ["0 -> 1"]
+    assert codes_at(result, "0 -> 2") == [Code.VERIFICATION_FAILED]
+    assert same_outputs(model, result.model, torch.randn(2, 3, 6, 6))
+
+
+def test_preactivation_block_folds_every_bn():
+    class PreActBlock(nn.Module):
+        def __init__(self, c: int):
+            super().__init__()
+            self.bn1, self.conv1 = nn.BatchNorm2d(c), nn.Conv2d(c, c, 3, padding=1, bias=False)
+            self.bn2, self.conv2 = nn.BatchNorm2d(c), nn.Conv2d(c, c, 1)
+
+        def forward(self, x):
+            y = self.conv1(torch.relu(self.bn1(x)))
+            return x[:, :, 1:-1, 1:-1] + self.conv2(self.bn2(torch.relu(y)))[:, :, 1:-1, 1:-1]
+
+    model = randomize_bn(PreActBlock(4))
+    x = torch.randn(2, 4, 6, 6)
+    result = fold_module(model, (x,))
+    # bn1 reads the block input and feeds a ReLU: nothing to fold into.
+    assert sites(result) == ["bn2 -> conv2"]
+    assert [r.code for r in result.report.refused] == [Code.STANDALONE]
+    assert same_outputs(model, result.model, torch.randn(2, 4, 6, 6))
+    assert math.isfinite(result.verification.outputs[0].max_rel)
