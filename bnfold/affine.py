@@ -124,13 +124,17 @@ def scaled(weight: np.ndarray, factor: np.ndarray) -> np.ndarray:
     out = np.empty(weight.shape, dtype=weight.dtype)
     row_bytes = 8 * max(1, int(np.prod(weight.shape[1:], dtype=np.int64)))
     step = max(1, CHUNK_BYTES // row_bytes)
+    buffer = np.empty((min(step, weight.shape[0]), *weight.shape[1:]), dtype=np.float64)
     for start in range(0, weight.shape[0], step):
         rows = slice(start, start + step)
+        block = buffer[: len(range(*rows.indices(weight.shape[0])))]
         block_factor = factor[rows] if factor.shape[0] > 1 else factor
+        # One ufunc call converts w to float64 on the fly: no float64 copy of w.
+        np.multiply(weight[rows], block_factor, out=block, dtype=np.float64)
         with np.errstate(over="ignore"):  # overflow is reported below, as a refusal
-            out[rows] = weight[rows].astype(np.float64) * block_factor
-        if not np.all(np.isfinite(out[rows])):
-            raise Unfoldable(f"folded weight overflows {np.dtype(weight.dtype).name}")
+            out[rows] = block
+    if not np.all(np.isfinite(out)):
+        raise Unfoldable(f"folded weight overflows {np.dtype(weight.dtype).name}")
     return out
 
 
