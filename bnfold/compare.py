@@ -92,46 +92,58 @@ def verify_onnx(
     Raises:
         BnfoldError: the folded model cannot be run, or the models' inputs differ.
     """
+    not_verified = VerifyResult("not_verified", atol, rtol or 0.0, 0)
     with _as_path(original) as ref_path, _as_path(folded) as new_path:
         try:
-            ref, new, level = _runtimes(ref_path, new_path)
+            ref, runtime_kind, level = _original_runtime(ref_path)
         except _RuntimeFailure as err:
-            return VerifyResult("not_verified", atol, rtol or 0.0, 0, reason=str(err))
-        _require_same_inputs(ref.inputs(), new.inputs())
+            not_verified.reason = str(err)
+            return not_verified
+        inputs, names = ref.inputs(), ref.output_names()
         rng = np.random.default_rng(seed)
-        worst: dict[str, tuple[float, float, str]] = {}
-        for _ in range(samples):
-            feeds = random_feeds(ref.inputs(), rng, shapes or {})
-            try:
-                pairs = list(_run_pair(ref, new, feeds))
-            except _OriginalFailed as err:
-                return VerifyResult("not_verified", atol, rtol or 0.0, 0, reason=str(err))
-            except _FoldedFailed as err:
-                return VerifyResult("failed", atol, rtol or 0.0, samples, reason=str(err))
-            for name, r, n in pairs:
-                max_abs, scale = abs_error(r, n)
-                prev = worst.get(name, (0.0, 0.0, ""))
-                worst[name] = (max(prev[0], max_abs), max(prev[1], scale), str(r.dtype))
+        all_feeds = [random_feeds(inputs, rng, shapes or {}) for _ in range(samples)]
+        try:
+            expected = [_run(ref, names, f, _OriginalFailed, "original") for f in all_feeds]
+        except _OriginalFailed as err:
+            not_verified.reason = str(err)
+            return not_verified
+        # One model in memory at a time: a multi-GB model and its fold would need twice.
+        del ref
+        new = _folded_runtime(runtime_kind, new_path)
+        _require_same_inputs(inputs, new.inputs())
+        try:
+            got = [_run(new, names, f, _FoldedFailed, "folded") for f in all_feeds]
+        except _FoldedFailed as err:
+            return VerifyResult("failed", atol, rtol or 0.0, samples, reason=str(err))
+    worst: dict[str, tuple[float, float, str]] = {}
+    for ref_outputs, new_outputs in zip(expected, got, strict=True):
+        for name, r, n in zip(names, ref_outputs, new_outputs, strict=True):
+            max_abs, scale = abs_error(np.asarray(r), np.asarray(n))
+            prev = worst.get(name, (0.0, 0.0, ""))
+            worst[name] = (max(prev[0], max_abs), max(prev[1], scale), str(np.asarray(r).dtype))
     return summarize(worst, atol, rtol, samples, level)
 
 
-def _runtimes(ref_path: Path, new_path: Path) -> tuple[Any, Any, str]:
-    """onnxruntime at ORT_DISABLE_ALL for both, or the reference evaluator for both."""
+def _original_runtime(path: Path) -> tuple[Any, type, str]:
+    """onnxruntime at ORT_DISABLE_ALL, else the reference evaluator for small models."""
     try:
-        ref = _OrtRuntime(ref_path)
+        return _OrtRuntime(path), _OrtRuntime, ORT_LEVEL
     except _RuntimeFailure as ort_error:
         reason = f"onnxruntime cannot run the original model: {ort_error}"
-        if _model_bytes(ref_path) > REFERENCE_MAX_BYTES:
+        if _model_bytes(path) > REFERENCE_MAX_BYTES:
             raise _RuntimeFailure(f"{reason}; too large for the reference evaluator") from None
         try:
-            return _ReferenceRuntime(ref_path), _ReferenceRuntime(new_path), REFERENCE_LEVEL
+            return _ReferenceRuntime(path), _ReferenceRuntime, REFERENCE_LEVEL
         except _RuntimeFailure as ref_error:
             raise _RuntimeFailure(f"{reason}; reference evaluator: {ref_error}") from None
+
+
+def _folded_runtime(kind: type, path: Path) -> Any:
+    """The folded model in the runtime that ran the original: the same kernels."""
     try:
-        new = _OrtRuntime(new_path)
+        return kind(path)
     except _RuntimeFailure as err:
-        raise BnfoldError(f"onnxruntime cannot run the folded model: {err}") from None
-    return ref, new, ORT_LEVEL
+        raise BnfoldError(f"the runtime cannot load the folded model: {err}") from None
 
 
 class _OrtRuntime:
@@ -308,27 +320,17 @@ def _random_array(rng: np.random.Generator, shape: list[int], dtype: np.dtype) -
     return rng.integers(0, 2, shape).astype(dtype)
 
 
-def _run_pair(
-    ref: Any, new: Any, feeds: dict[str, np.ndarray]
-) -> Iterator[tuple[str, np.ndarray, np.ndarray]]:
-    names = ref.output_names()
-    ref_out = _run(ref, names, feeds, _OriginalFailed, "the original model failed to run")
-    new_out = _run(new, names, feeds, _FoldedFailed, "the folded model failed to run")
-    for name, r, n in zip(names, ref_out, new_out, strict=True):
-        yield name, np.asarray(r), np.asarray(n)
-
-
 def _run(
     runtime: Any,
     names: list[str],
     feeds: dict[str, np.ndarray],
     failure: type[_RuntimeFailure],
-    what: str,
+    which: str,
 ) -> list[Any]:
     try:
         return runtime.run(names, feeds)  # type: ignore[no-any-return]
     except Exception as err:  # runtimes raise their own exception types
-        raise failure(f"{what}: {_first_line(err)}") from None
+        raise failure(f"the {which} model failed to run: {_first_line(err)}") from None
 
 
 def parse_shapes(specs: Sequence[str]) -> dict[str, list[int]]:
