@@ -85,6 +85,8 @@ class LevelTiming:
     level: str
     original: Stats
     folded: Stats
+    ort_level: str = ""  # GraphOptimizationLevel member; "" for torch eager
+    disabled_optimizers: tuple[str, ...] = ()
 
     @property
     def ratio(self) -> float:
@@ -216,7 +218,9 @@ def bench_onnx(
             run_a = _runner(sess_a, feeds)
             run_b = _runner(sess_b, _feeds_for(sess_b, feeds))
             a_ms, b_ms = time_interleaved(run_a, run_b, warmup, runs, ticker)
-            report.levels.append(LevelTiming(level, Stats.of(a_ms), Stats.of(b_ms)))
+            member, disabled = LEVELS[level]
+            timing = LevelTiming(level, Stats.of(a_ms), Stats.of(b_ms), member, disabled)
+            report.levels.append(timing)
     return report
 
 

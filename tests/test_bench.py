@@ -76,6 +76,7 @@ def test_bench_json_is_parseable(model_files):
         level["folded"]["median_ms"] / level["original"]["median_ms"]
     )
     assert data["environment"]["runtime"] == "onnxruntime"
+    assert level["ort_level"] == "ORT_ENABLE_BASIC" and level["disabled_optimizers"] == []
 
 
 def test_bench_folds_in_memory_when_folded_is_omitted(model_files):
