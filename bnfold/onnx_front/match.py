@@ -122,16 +122,22 @@ class LinearOp:
 
 @dataclass(frozen=True)
 class DeferredWeight:
-    """A folded weight that is computed when read (when the model is saved).
+    """A folded weight, kept as computed or recomputed when read (when the model is saved).
 
-    Planning computes it once, to check it (an overflow refuses the fold), then
-    drops it: holding every folded weight until the save would cost the size of
-    all of them at once, which on a multi-GB model is more than the model.
+    Planning computes it once, to check it (an overflow refuses the fold). The
+    pass keeps the values while they fit its memory budget and drops them past
+    it: holding every folded weight until the save would cost the size of all of
+    them at once, which on a multi-GB model is more than the model.
     """
 
     compute: Callable[[], np.ndarray]
     dtype: np.dtype
     shape: tuple[int, ...]
+    values: np.ndarray | None = None
+
+    def dropped(self) -> DeferredWeight:
+        """The same weight, to be recomputed when read."""
+        return replace(self, values=None)
 
     @property
     def nbytes(self) -> int:
@@ -655,8 +661,7 @@ def _make_plan(
         finally:
             evict_pages(source)
 
-    deferred = DeferredWeight(compute, new_w.dtype, tuple(new_w.shape))
-    del new_w
+    deferred = DeferredWeight(compute, new_w.dtype, tuple(new_w.shape), values=new_w)
     needs_bias = bias is not None or bool(np.any(new_b != 0))
     ordered = (
         (linear.node, between, node)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import onnx_ir as ir
@@ -15,6 +15,26 @@ from bnfold.report import Folded, FoldReport, Refusal, count_ops
 
 # What a fold writes into an input: small arrays now, big weights on save.
 ConstantData = np.ndarray | DeferredWeight
+
+
+# Folded weights up to this many bytes stay in memory from planning to saving;
+# past it they are recomputed during the save. Small models then fold each weight
+# once; a multi-GB model never holds more than this plus one weight.
+HELD_WEIGHT_BYTES = 512 << 20
+
+
+class _Budget:
+    """How many bytes of folded weights a pass may still keep in memory."""
+
+    def __init__(self, limit: int) -> None:
+        self.left = limit
+
+    def hold_or_drop(self, plan: FoldPlan) -> FoldPlan:
+        weight = plan.new_weight
+        if weight.nbytes <= self.left:
+            self.left -= weight.nbytes
+            return plan
+        return replace(plan, new_weight=weight.dropped())
 
 
 @dataclass
@@ -42,23 +62,27 @@ class FoldAffinePass(ir.passes.InPlacePass):
              site is left exactly as it was.
     """
 
-    def __init__(self, options: MatchOptions | None = None) -> None:
+    def __init__(
+        self, options: MatchOptions | None = None, held_bytes: int = HELD_WEIGHT_BYTES
+    ) -> None:
         super().__init__()
         self.options = options or MatchOptions()
+        self.held_bytes = held_bytes
 
     def call(self, model: ir.Model) -> FoldPassResult:
         report = FoldReport(front="onnx", ops_before=op_counts(model))
         refused: list[Refusal] = []
+        budget = _Budget(self.held_bytes)
         progress = True
         while progress:
-            progress, refused = self._one_round(model, report, self.options)
+            progress, refused = self._one_round(model, report, self.options, budget)
         report.refused = refused
         report.ops_after = op_counts(model)
         return FoldPassResult(model, bool(report.folded), report)
 
     @staticmethod
     def _one_round(
-        model: ir.Model, report: FoldReport, options: MatchOptions
+        model: ir.Model, report: FoldReport, options: MatchOptions, budget: _Budget
     ) -> tuple[bool, list[Refusal]]:
         """Plan and apply every site once; a refusal now may fold next round."""
         refused: list[Refusal] = []
@@ -70,7 +94,7 @@ class FoldAffinePass(ir.passes.InPlacePass):
             if isinstance(outcome, Refusal):
                 refused.append(outcome)
             elif outcome is not None:
-                apply_plan(outcome, model)
+                apply_plan(budget.hold_or_drop(outcome), model)
                 report.folded.append(_folded_entry(outcome))
                 folded_any = True
         return folded_any, refused
@@ -158,7 +182,9 @@ def set_constant_input(
 
 
 def as_tensor(data: ConstantData, name: str | None) -> ir.TensorProtocol:
-    """An ir tensor of ``data``; a deferred weight becomes a LazyTensor, computed on save."""
+    """An ir tensor of ``data``; a dropped deferred weight becomes a LazyTensor (saved lazily)."""
+    if isinstance(data, DeferredWeight) and data.values is not None:
+        data = data.values
     if isinstance(data, np.ndarray):
         return ir.tensor(data, name=name)
 
