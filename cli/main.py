@@ -196,6 +196,12 @@ def main() -> None:
     type=click.Path(dir_okay=False),
     help="torch: also export the folded model to this ONNX file.",
 )
+@click.option(
+    "--bench",
+    "run_bench",
+    is_flag=True,
+    help="ONNX: then time original vs folded at disable_all, all, all-minus-fusions.",
+)
 @torch_options
 @verify_options
 @one_line_errors
@@ -210,6 +216,7 @@ def fold(
     no_clone_shared: bool,
     jobs: int,
     to_onnx: str | None,
+    run_bench: bool,
     module_spec: str | None,
     weights: str | None,
     trust_pickle: bool,
@@ -224,6 +231,8 @@ def fold(
     from bnfold.api import fold_file
 
     torch_source = _torch_source(model, module_spec, weights, trust_pickle, input_shapes)
+    if run_bench and (torch_source is not None or (model and os.path.isdir(model))):
+        raise InputError("--bench times one ONNX model; for torch or folders use `bnfold bench`")
     if torch_source is not None:
         if output is None:
             raise InputError("missing -o/--output")
@@ -261,14 +270,31 @@ def fold(
         in_place=in_place,
         clone_shared=not no_clone_shared,
     )
-    _print_fold(result, written, target, as_json, report_path)
+    timing = _bench_after_fold(model, target) if run_bench and written else None
+    _print_fold(result, written, target, as_json, report_path, timing)
     sys.exit(_fold_exit_code(result.verification, strict))
 
 
+BENCH_LEVELS_AFTER_FOLD = ("disable_all", "all", "all-minus-fusions")
+
+
+def _bench_after_fold(original: str, folded: str) -> Any:
+    from bnfold import bench as harness
+
+    return harness.bench_onnx(original, folded, BENCH_LEVELS_AFTER_FOLD)
+
+
 def _print_fold(
-    result: Any, written: bool, target: str, as_json: bool, report_path: str | None
+    result: Any,
+    written: bool,
+    target: str,
+    as_json: bool,
+    report_path: str | None,
+    timing: Any = None,
 ) -> None:
     payload = {**result.to_dict(), "output": target, "written": written}
+    if timing is not None:
+        payload["bench"] = timing.to_dict()
     _write_report(report_path, payload)
     if as_json:
         click.echo(json.dumps(payload, indent=2))
@@ -277,6 +303,8 @@ def _print_fold(
     if result.verification is not None:
         click.echo(result.verification.summary())
     click.echo(f"wrote {target}" if written else "verification FAILED: nothing written")
+    if timing is not None:
+        click.echo(timing.summary())
 
 
 def _fold_exit_code(verification: Any, strict: bool) -> int:

@@ -184,3 +184,17 @@ def test_opset6_model_is_verified_by_the_reference_evaluator(tmp_path: Path) -> 
     verification = json.loads(result.output)["verification"]
     assert verification["status"] == "passed"
     assert verification["optimization_level"].startswith("onnx.reference")
+
+
+def test_fold_bench_reports_the_three_levels(tmp_path: Path) -> None:
+    result = invoke(
+        "fold", SAMPLES / "conv2d_bn.onnx", "-o", tmp_path / "f.onnx", "--bench", "--json"
+    )
+    assert result.exit_code == 0, result.output
+    bench = json.loads(result.output)["bench"]
+    assert [level["level"] for level in bench["levels"]] == [
+        "disable_all",
+        "all",
+        "all-minus-fusions",
+    ]
+    assert all(level["original"]["runs"] == 100 for level in bench["levels"])
