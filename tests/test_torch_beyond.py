@@ -460,3 +460,83 @@ def test_preactivation_block_folds_every_bn():
     assert [r.code for r in result.report.refused] == [Code.STANDALONE]
     assert same_outputs(model, result.model, torch.randn(2, 4, 6, 6))
     assert math.isfinite(result.verification.outputs[0].max_rel)
+
+
+# --- the same in an exported program (.pt2) --------------------------------------------
+
+
+def fold_program(model: nn.Module, x: torch.Tensor, decompose: bool = False):
+    ep = torch.export.export(model, (x,), strict=False)
+    if decompose:
+        ep = ep.run_decompositions()
+    return fold_graph_module(ep.module, (x,))
+
+
+def bn_nodes(gm) -> int:
+    names = ("aten.batch_norm.default", "aten._native_batch_norm_legit_no_training.default")
+    return sum(str(n.target) in names for n in gm.graph.nodes)
+
+
+@pytest.mark.parametrize("decompose", [False, True], ids=["aten", "decomposed"])
+def test_pt2_bn_conv_bn_folds_both_sides(decompose):
+    model = randomize_bn(BnConvBn())
+    x = torch.randn(2, 3, 7, 7)
+    result = fold_program(model, x, decompose)
+    assert sorted(sites(result)) == ["bn0 -> conv", "conv -> bn1"]
+    assert result.report.refused == [] and result.verification.passed
+    assert bn_nodes(result.model) == 0
+    assert same_outputs(model, result.model, torch.randn(2, 3, 7, 7))
+
+
+def test_pt2_conv_bn_bn_folds_to_a_fixpoint():
+    model = randomize_bn(
+        nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.BatchNorm2d(4), nn.BatchNorm2d(4))
+    )
+    x = torch.randn(2, 3, 6, 6)
+    result = fold_program(model, x)
+    assert sites(result) == ["0 -> 1", "0 -> 2", "0 -> 3"]
+    assert result.report.refused == [] and bn_nodes(result.model) == 0
+    assert same_outputs(model, result.model, torch.randn(2, 3, 6, 6))
+
+
+@pytest.mark.parametrize(
+    ("model", "shape", "site", "pattern"),
+    [
+        (Pre(nn.BatchNorm2d(3), nn.Conv2d(3, 4, 3, stride=2)), (2, 3, 7, 7), "bn -> op",
+         "batch_norm+conv2d"),
+        (Pre(nn.BatchNorm2d(3), nn.Conv2d(3, 4, 3, padding=1, padding_mode="reflect")),
+         (2, 3, 6, 6), "bn -> op", "batch_norm+conv2d"),
+        (Pre(nn.BatchNorm1d(5), nn.Linear(5, 3)), (4, 5), "bn -> op", "batch_norm+linear"),
+        (Pre(nn.BatchNorm2d(3), nn.Linear(3 * 4 * 4, 2), between=nn.Flatten()), (2, 3, 4, 4),
+         "bn -> flatten -> op", "batch_norm+flatten+linear"),
+        (ViewFlatten(), (2, 4, 3, 3), "bn -> view -> fc", "batch_norm+view+linear"),
+    ],
+    ids=["conv_stride", "conv_reflect", "linear", "flatten_linear", "view_linear"],
+)  # fmt: skip
+def test_pt2_bn_folds_into_the_op_after_it(model, shape, site, pattern):
+    model = randomize_bn(model)
+    result = fold_program(model, torch.randn(shape))
+    assert [(f.site, f.pattern) for f in result.report.folded] == [(site, pattern)]
+    assert result.report.refused == [] and bn_nodes(result.model) == 0
+    assert same_outputs(model, result.model, torch.randn(shape))
+
+
+@pytest.mark.parametrize(
+    ("model", "shape", "site", "code"),
+    [
+        (Pre(nn.BatchNorm2d(3), nn.Conv2d(3, 4, 3, padding=1)), (2, 3, 6, 6), "bn -> op",
+         Code.ZERO_PADDING),
+        (Pre(nn.BatchNorm2d(3), nn.ConvTranspose2d(3, 4, 3)), (2, 3, 6, 6), "bn -> op",
+         Code.ZERO_PADDING),
+        (Pre(nn.BatchNorm1d(4), nn.Linear(5, 3)), (2, 4, 5), "bn -> op", Code.NOT_PER_CHANNEL),
+        (Unflattening(), (2, 2, 3, 3), "bn -> reshape -> fc", Code.NOT_PER_CHANNEL),
+    ],
+    ids=["zero_padded_conv", "conv_transpose", "bn1d_3d_linear", "reshape_not_flatten"],
+)  # fmt: skip
+def test_pt2_prefold_refusals_leave_the_bn(model, shape, site, code):
+    model = randomize_bn(model)
+    x = torch.randn(shape)
+    result = fold_program(model, x)
+    assert [(r.site, r.code) for r in result.report.refused] == [(site, code)]
+    assert not result.report.folded and bn_nodes(result.model) == 1
+    assert same_outputs(model, result.model, x)

@@ -11,6 +11,7 @@ front cannot do without changing forward().
 
 from __future__ import annotations
 
+import math
 import operator
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -21,11 +22,11 @@ import torch
 from torch import fx, nn
 
 from bnfold import layouts
-from bnfold.affine import Unfoldable, bn_to_affine, fold_after
+from bnfold.affine import Affine, Unfoldable, bn_to_affine, fold_after, fold_before
 from bnfold.layouts import LayoutError
 from bnfold.report import Code, Folded, FoldReport, FoldResult, Refusal, VerifyResult
 from bnfold.torch_front import verify as checking
-from bnfold.torch_front.graph import is_nonlinear
+from bnfold.torch_front.graph import explain_both, is_nonlinear
 
 aten = torch.ops.aten
 
@@ -45,27 +46,40 @@ _CONV_OPS: dict[Any, tuple[str, int]] = {
     aten.convolution.default: ("convolution", 8),
 }
 _BN_OPS = (aten.batch_norm.default, aten._native_batch_norm_legit_no_training.default)
+_RESHAPE_OPS = {
+    aten.flatten.using_ints: "flatten",
+    aten.view.default: "view",
+    aten.reshape.default: "reshape",
+    aten._unsafe_view.default: "view",
+}
 
 
 @dataclass(frozen=True)
 class Site:
-    """One foldable ``linear op -> BN op`` pair, by node names."""
+    """One foldable pair, by node names: ``linear op -> BN op``, or with ``before``
+    ``BN op -> linear op`` (through ``between``, a flatten/view, into a linear)."""
 
     linear_node: str
     bn_node: str
     linear: str  # module path of the weight, e.g. "layer1.0.conv1"
     bn: str
+    before: bool = False
+    between: str = ""  # "flatten", "view" or "reshape"
 
     @property
     def site(self) -> str:
-        return f"{self.linear} -> {self.bn}"
+        if not self.before:
+            return f"{self.linear} -> {self.bn}"
+        return " -> ".join(p for p in (self.bn, self.between, self.linear) if p)
 
 
 def find_sites(gm: fx.GraphModule) -> tuple[list[Site], list[Refusal]]:
     """Every BN node of ``gm``: a foldable site or a refusal.
 
     Matches:  batch_norm(conv{1,2,3}d | conv_transpose{1,2,3}d | linear(x, W, B?))
-              with W, B and the BN statistics read by get_attr.
+              with W, B and the BN statistics read by get_attr; else (before)
+              conv*/conv_transpose*/linear(batch_norm(x), W, B?), or
+              linear(flatten|view|reshape(batch_norm(x)) to (N, C*R)).
     Refuses:
       TRAINING_MODE    batch_norm with training=True
       NO_RUNNING_STATS running_mean/var missing
@@ -74,12 +88,15 @@ def find_sites(gm: fx.GraphModule) -> tuple[list[Site], list[Refusal]]:
       NONLINEAR_INPUT / OP_BETWEEN / STANDALONE   the BN input is not a linear op
       NOT_PER_CHANNEL  the linear output's channels are not on axis 1
       UNSUPPORTED_DTYPE / BAD_SHAPE
+      ZERO_PADDING     before: a zero-padded conv or a conv_transpose, nonzero shift
     """
     sites: list[Site] = []
     refused: list[Refusal] = []
     for node in gm.graph.nodes:
         if node.op == "call_function" and node.target in _BN_OPS:
             result = _match(gm, node)
+            if isinstance(result, Refusal) and result.code not in _BN_ITSELF:
+                result = _prefer_before(result, _match_before(gm, node))
             if isinstance(result, Site):
                 sites.append(result)
             else:
@@ -102,6 +119,120 @@ def _match(gm: fx.GraphModule, bn: fx.Node) -> Site | Refusal:
     if found := _check_linear(gm, x, bn) or _check_bn(gm, x, bn):
         return Refusal(site, *found)
     return Site(x.name, bn.name, lin_name, bn_name)
+
+
+_BN_ITSELF = (Code.TRAINING_MODE, Code.NO_RUNNING_STATS)
+
+
+def _prefer_before(after: Refusal, before: Site | Refusal | None) -> Site | Refusal:
+    if before is None:
+        return after
+    return before if isinstance(before, Site) else explain_both(after, before)
+
+
+def _match_before(gm: fx.GraphModule, bn: fx.Node) -> Site | Refusal | None:
+    """``linear(bn(x))`` or ``linear(flatten(bn(x)))``; None if no linear op alone reads the BN."""
+    out = _bn_output(bn)
+    if out is None or len(out.users) != 1:
+        return None
+    (reader,) = out.users
+    source, between = out, ""
+    if reader.target in _RESHAPE_OPS and len(reader.users) == 1:
+        source, between, reader = reader, _RESHAPE_OPS[reader.target], next(iter(reader.users))
+    elif _copies_values(reader) and len(reader.users) == 1:
+        source, reader = reader, next(iter(reader.users))
+    if not _is_linear_op(reader) or reader.args[0] is not source or source in reader.args[1:]:
+        return None
+    bn_name = _owner(bn.args[1:5]) or bn.name
+    lin_name = _owner(reader.args[1:3]) or reader.name
+    site = Site(reader.name, bn.name, lin_name, bn_name, before=True, between=between)
+    if found := _check_before(gm, reader, bn, out, site):
+        return Refusal(site.site, *found)
+    return site
+
+
+def _copies_values(pad: fx.Node) -> bool:
+    """A reflect/replicate/circular pad: border values are copies, so they get the shift too.
+
+    (An eager Conv with such a padding_mode exports as this pad and an unpadded conv.)
+    """
+    mode = pad.args[2] if len(pad.args) > 2 else pad.kwargs.get("mode", "constant")
+    return pad.target == aten.pad.default and mode in ("reflect", "replicate", "circular")
+
+
+def _bn_output(bn: fx.Node) -> fx.Node | None:
+    """The node carrying the BN's normalized output (item 0 of the no-training op)."""
+    if bn.target == aten.batch_norm.default:
+        return bn
+    items = list(bn.users)
+    if len(items) != 1 or items[0].target is not operator.getitem or items[0].args[1] != 0:
+        return None
+    return items[0]
+
+
+def _check_before(gm: fx.GraphModule, lin: fx.Node, bn: fx.Node, out: fx.Node, site: Site) -> Found:
+    params = [a for a in lin.args[1:3] if a is not None]
+    if not all(isinstance(p, fx.Node) and p.op == "get_attr" for p in params):
+        return Code.NOT_CONSTANT, f"{lin.name} weight or bias is computed"
+    stats = bn.args[1:5]
+    if not all(s is None or (isinstance(s, fx.Node) and s.op == "get_attr") for s in stats):
+        return Code.NOT_CONSTANT, f"{bn.name} parameters are computed"
+    weight = _fetch(gm, lin.args[1])
+    if not weight.is_floating_point():
+        return Code.UNSUPPORTED_DTYPE, f"weight is {weight.dtype}"
+    return _check_before_shapes(gm, lin, bn, out, site) or _check_exact_before(gm, lin, bn)
+
+
+def _check_before_shapes(
+    gm: fx.GraphModule, lin: fx.Node, bn: fx.Node, out: fx.Node, site: Site
+) -> Found:
+    shape = tuple(getattr(out.meta.get("val"), "shape", ()))
+    lin_in = tuple(getattr(_arg_node(lin.args[0]).meta.get("val"), "shape", ()))
+    weight_shape = tuple(_fetch(gm, lin.args[1]).shape)
+    if len(shape) < 2:
+        return Code.NOT_PER_CHANNEL, f"{bn.name} output shape {shape} has no channel axis"
+    flat = (shape[0], math.prod(shape[1:]))
+    if site.between and (_CONV_OPS[lin.target][0] != "linear" or lin_in != flat):
+        return Code.NOT_PER_CHANNEL, f"{site.between} maps {shape} to {lin_in}, not {flat}"
+    if not site.between and len(shape) != len(weight_shape):
+        detail = f"{bn.name} output is {len(shape)}-D; {lin.name} reads channels on axis 1"
+        return Code.NOT_PER_CHANNEL, f"{detail} only at {len(weight_shape)}-D"
+    features = layout_of(lin).in_channels(weight_shape)
+    if features != (flat[1] if site.between else shape[1]):
+        return Code.BAD_SHAPE, f"{lin.name} reads {features} input features, BN gives {shape}"
+    for s in bn.args[1:5]:
+        if s is not None and tuple(_fetch(gm, s).shape) != (shape[1],):
+            return Code.BAD_SHAPE, f"{s} has shape {tuple(_fetch(gm, s).shape)}, want ({shape[1]},)"
+    return None
+
+
+def _check_exact_before(gm: fx.GraphModule, lin: fx.Node, bn: fx.Node) -> Found:
+    """The shift reaches the bias through every tap; zeros padded in never see it."""
+    try:
+        shift = _bn_affine(gm, bn).shift
+    except Unfoldable:
+        return None  # apply_site reports it as BAD_VALUES
+    if not np.any(shift != 0):
+        return None
+    if layout_of(lin).op == "ConvTranspose":
+        return Code.ZERO_PADDING, "conv_transpose: border outputs receive fewer taps"
+    if layout_of(lin).op == "Conv" and _zero_padded(lin):
+        return Code.ZERO_PADDING, f"{lin.name} pads with zeros: the borders would see the shift"
+    return None
+
+
+def _zero_padded(conv: fx.Node) -> bool:
+    """conv*(x, w, b, stride, padding, ...) / convolution(...): padding is args[4]."""
+    padding = conv.args[4] if len(conv.args) > 4 else 0
+    if isinstance(padding, str):
+        return padding != "valid"
+    values = padding if isinstance(padding, list | tuple) else [padding]
+    return any(int(p) != 0 for p in values)  # type: ignore[arg-type]
+
+
+def _arg_node(a: Any) -> fx.Node:
+    assert isinstance(a, fx.Node)
+    return a
 
 
 def _is_linear_op(n: fx.Node) -> bool:
@@ -165,10 +296,10 @@ def layout_of(lin: fx.Node) -> layouts.WeightLayout:
     kind, groups_at = _CONV_OPS[lin.target]
     if kind == "convolution":
         kind = "conv_transpose" if lin.args[6] else "conv"
+    groups = int(lin.args[groups_at]) if 0 <= groups_at < len(lin.args) else 1  # type: ignore[arg-type]
     if kind == "conv_transpose":
-        groups = lin.args[groups_at] if len(lin.args) > groups_at else 1
-        return layouts.conv_transpose(int(groups))  # type: ignore[arg-type]
-    return layouts.conv() if kind == "conv" else layouts.linear()
+        return layouts.conv_transpose(groups)
+    return layouts.conv(groups) if kind == "conv" else layouts.linear()
 
 
 def apply_site(gm: fx.GraphModule, site: Site) -> int:
@@ -186,29 +317,45 @@ def apply_site(gm: fx.GraphModule, site: Site) -> int:
     """
     nodes = {n.name: n for n in gm.graph.nodes}
     lin, bn = nodes[site.linear_node], nodes[site.bn_node]
+    affine = _bn_affine(gm, bn)
+    weight = _fetch(gm, lin.args[1])
+    bias_node = lin.args[2] if len(lin.args) > 2 else None
+    bias = None if bias_node is None else _fetch(gm, bias_node)
+    b = None if bias is None else _to64(bias)
+    if site.before:
+        w64, b64 = fold_before(_to64(weight), b, _per_input(affine, lin, gm), layout_of(lin))
+    else:
+        w64, b64 = fold_after(_to64(weight), b, affine, layout_of(lin))
+    new_w, new_b = _cast(w64, weight), _cast(b64, weight if bias is None else bias)
+    added = _replace_arg(gm, lin, 1, new_w, f"{site.linear}.weight")
+    added += _replace_arg(gm, lin, 2, new_b, f"{site.linear}.bias")
+    _remove_bn(gm, bn, _arg_node(bn.args[0]) if site.before else lin)
+    gm.recompile()
+    return added
+
+
+def _bn_affine(gm: fx.GraphModule, bn: fx.Node) -> Affine:
+    """The affine of a batch_norm node, from its get_attr statistics, in float64."""
     gamma, beta = (_f64(gm, a) for a in bn.args[1:3])
     mean, var = (_to64(_fetch(gm, a)) for a in bn.args[3:5])
     eps = float(bn.args[7] if bn.target == aten.batch_norm.default else bn.args[6])  # type: ignore[arg-type]
     c = mean.shape[0]
-    affine = bn_to_affine(
+    return bn_to_affine(
         np.ones(c) if gamma is None else gamma,
         np.zeros(c) if beta is None else beta,
         mean,
         var,
         eps,
     )
-    weight = _fetch(gm, lin.args[1])
-    bias_node = lin.args[2] if len(lin.args) > 2 else None
-    bias = None if bias_node is None else _fetch(gm, bias_node)
-    w64, b64 = fold_after(
-        _to64(weight), None if bias is None else _to64(bias), affine, layout_of(lin)
-    )
-    new_w, new_b = _cast(w64, weight), _cast(b64, weight if bias is None else bias)
-    added = _replace_arg(gm, lin, 1, new_w, f"{site.linear}.weight")
-    added += _replace_arg(gm, lin, 2, new_b, f"{site.linear}.bias")
-    _remove_bn(gm, bn, lin)
-    gm.recompile()
-    return added
+
+
+def _per_input(affine: Affine, lin: fx.Node, gm: fx.GraphModule) -> Affine:
+    """Through a flatten, channel c is a block of R input features."""
+    features = layout_of(lin).in_channels(tuple(_fetch(gm, lin.args[1]).shape))
+    block = features // affine.scale.shape[0]
+    if block <= 1:
+        return affine
+    return Affine(np.repeat(affine.scale, block), np.repeat(affine.shift, block))
 
 
 def _replace_arg(
@@ -238,12 +385,13 @@ def _shared(gm: fx.GraphModule, attr: fx.Node) -> bool:
     return len(attr.users) != 1 or _attr_readers(gm, str(attr.target)) != 1
 
 
-def _remove_bn(gm: fx.GraphModule, bn: fx.Node, lin: fx.Node) -> None:
+def _remove_bn(gm: fx.GraphModule, bn: fx.Node, value: fx.Node) -> None:
+    """Let the BN's readers read ``value`` instead; drop the BN and its unread statistics."""
     if bn.target == aten.batch_norm.default:
-        bn.replace_all_uses_with(lin)
+        bn.replace_all_uses_with(value)
     else:  # returns (out, mean, invstd): only item 0 may be read
         for user in list(bn.users):
-            user.replace_all_uses_with(lin)
+            user.replace_all_uses_with(value)
             gm.graph.erase_node(user)
     stats = [a for a in bn.args[1:5] if isinstance(a, fx.Node)]
     gm.graph.erase_node(bn)
@@ -336,29 +484,43 @@ def fold_graph_module(
 
     ``make`` must return a new module each call sharing no mutable state with
     the others (``ep.module`` does: folds assign new Parameters, never write
-    into existing tensors). A failing fold is found by re-folding fresh copies
-    one site at a time, keeping those that pass.
+    into existing tensors). Sites are found and applied in rounds until none is
+    new (Conv -> BN -> BN: the second BN follows the conv once the first is
+    gone). A failing fold is found by re-folding fresh copies one site at a
+    time, keeping those that pass.
     """
     report = FoldReport(front="torch")
     original = make()
     report.ops_before = _op_counts(original)
-    sites, refused = find_sites(original)
-    report.refused += refused
     ref = checking.reference(original, args, samples, seed) if verify else None
     gm = make()
-    added = _apply_checked(gm, sites, report)
+    added = _fold_to_fixpoint(gm, report)
     verification = None if ref is None else checking.compare(ref, gm, rtol, atol)
     if ref is not None and verification is not None and not verification.passed:
         gm, verification, added = _rollback(make, list(added), ref, rtol, atol, report)
     report.folded = [
-        Folded(
-            s.site, f"{_op_kind(original, s)}+batch_norm", s.linear, s.bn, "exported_program",
-            bytes_added=n,
-        )
+        Folded(s.site, _pattern(original, s), s.linear, s.bn, "exported_program", bytes_added=n)
         for s, n in added.items()
-    ]  # fmt: skip
+    ]
     report.ops_after = _op_counts(gm)
     return FoldResult(gm, report, verification)
+
+
+def _fold_to_fixpoint(gm: fx.GraphModule, report: FoldReport) -> dict[Site, int]:
+    """Rounds of find and apply until no site is new; refusals of the last round are kept."""
+    added: dict[Site, int] = {}
+    failed = FoldReport(front="torch")
+    tried: set[Site] = set()
+    while True:
+        sites, refused = find_sites(gm)
+        fresh = [s for s in sites if s not in tried]
+        tried.update(fresh)
+        done = _apply_checked(gm, fresh, failed)
+        added.update(done)
+        if not done or not refused:  # only a refused BN can become a site
+            break
+    report.refused += refused + failed.refused
+    return added
 
 
 def _apply_checked(gm: fx.GraphModule, sites: list[Site], report: FoldReport) -> dict[Site, int]:
@@ -402,6 +564,13 @@ def _rollback(
             report.refused.append(Refusal(s.site, Code.VERIFICATION_FAILED, detail))
     gm, added = _folded(make, kept)
     return gm, checking.compare(ref, gm, rtol, atol), added
+
+
+def _pattern(gm: fx.GraphModule, s: Site) -> str:
+    """ "conv2d+batch_norm"; before: "batch_norm+conv2d", "batch_norm+flatten+linear"."""
+    if not s.before:
+        return f"{_op_kind(gm, s)}+batch_norm"
+    return "+".join(p for p in ("batch_norm", s.between, _op_kind(gm, s)) if p)
 
 
 def _op_kind(gm: fx.GraphModule, s: Site) -> str:

@@ -177,6 +177,11 @@ def prefer_before(after: Refusal, before: Pair | Refusal | None) -> Pair | Refus
         return after
     if isinstance(before, Pair):
         return replace(before, after_refusal=after)
+    return explain_both(after, before)
+
+
+def explain_both(after: Refusal, before: Refusal) -> Refusal:
+    """One refusal for a BN that folds neither after nor before: the more telling code leads."""
     if after.code in (Code.STANDALONE, Code.NONLINEAR_INPUT, Code.UNTRACEABLE):
         return replace(before, detail=f"{before.detail} (and {after.detail})")
     last = before.site.rpartition(" -> ")[2]
