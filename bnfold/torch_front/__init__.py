@@ -42,14 +42,21 @@ def fold_module(
     """Fold every foldable BatchNorm of ``module`` into the linear module feeding it.
 
     Matches:  Conv{1,2,3}d | ConvTranspose{1,2,3}d | Linear (2-D input)
-              -> BatchNorm{1,2,3}d, a subclass, or a frozen-BN style module
+              -> BatchNorm{1,2,3}d, a subclass, or a frozen-BN style module;
+              for a BN that cannot fold so (after a ReLU, say), BN -> that linear
+              module, or BN -> nn.Flatten (or a view to (N, -1)) -> Linear.
+              Folds repeat until none is new: Conv -> BN -> BN and
+              BN -> Conv -> BN fold completely.
     Produces: the linear module with the BN's affine in its weight and bias (a
               bias Parameter is created where there was none) and the BN
               replaced by ``nn.Identity``; every other state_dict key unchanged.
-    Refuses (site unchanged): TRAINING_MODE, NO_RUNNING_STATS, REUSED_MODULE,
+              The math runs in float64 and is cast once to each parameter's dtype.
+    Refuses (site unchanged): TRAINING_MODE, NO_RUNNING_STATS, REUSED_MODULE
+      (an eager module called twice has one weight; fold a .pt2 to clone it),
       BRANCHING, NONLINEAR_INPUT, OP_BETWEEN, STANDALONE, UNTRACEABLE, HOOKED,
       PARAMETRIZED, UNSUPPORTED_DTYPE, BAD_SHAPE, NOT_PER_CHANNEL, BAD_VALUES,
-      BAD_GROUPS, and VERIFICATION_FAILED (folded, measured, rolled back).
+      BAD_GROUPS, ZERO_PADDING (BN -> zero-padded Conv or ConvTranspose with a
+      nonzero shift), and VERIFICATION_FAILED (folded, measured, rolled back).
 
     Args:
         module: the model; not changed unless ``inplace``.

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 from typing import Any
 
@@ -134,21 +135,17 @@ def _apply_all(
 def _folded(undo: eager.Undo) -> Folded:
     pair = undo.pair
     lin, bn = type(undo.root.get_submodule(pair.linear)).__name__, type(undo.bn).__name__
-    if pair.before:
-        between = (
-            type(undo.root.get_submodule(pair.between)).__name__
-            if _is_path(undo.root, pair.between)
-            else pair.between.capitalize()
-        )
-        pattern = "+".join(p for p in (bn, between, lin) if p)
-    else:
+    if not pair.before:
         pattern = f"{lin}+{bn}"
+    elif pair.between:
+        pattern = f"{bn}+{_between_label(undo.root, pair.between)}+{lin}"
+    else:
+        pattern = f"{bn}+{lin}"
     return Folded(pair.site, pattern, pair.linear, pair.bn, pair.finder)
 
 
-def _is_path(root: nn.Module, path: str) -> bool:
-    try:
-        root.get_submodule(path)
-    except AttributeError:
-        return False
-    return bool(path)
+def _between_label(root: nn.Module, between: str) -> str:
+    """Type of a Sequential neighbour ("Flatten"), else the traced op, capitalized ("View")."""
+    with contextlib.suppress(AttributeError):
+        return type(root.get_submodule(between)).__name__
+    return between.capitalize()
