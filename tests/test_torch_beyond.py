@@ -540,3 +540,29 @@ def test_pt2_prefold_refusals_leave_the_bn(model, shape, site, code):
     assert [(r.site, r.code) for r in result.report.refused] == [(site, code)]
     assert not result.report.folded and bn_nodes(result.model) == 1
     assert same_outputs(model, result.model, x)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+def test_pt2_low_precision_fold_is_correctly_rounded(dtype):
+    model = tiny_var_conv(dtype)
+    x = torch.randn(2, 8, 6, 6).to(dtype)
+    ep = torch.export.export(model, (x,), strict=False)
+    result = fold_graph_module(ep.module, (x,), verify=False)
+    ours = next(p for n, p in result.model.named_parameters() if n.endswith("weight"))
+    assert ours.dtype == dtype
+    exact = _exact_weight(model)
+    err = np.abs(ours.detach().double().numpy() - exact)
+    assert np.all(err <= 0.5 * _ulp(exact, dtype) * (1 + 2**-20))
+    assert err.sum() < np.abs(_weight_folded_in(model, dtype) - exact).sum()
+
+
+def test_inspect_reports_prefolds_and_chains_without_changing_the_module():
+    from bnfold.torch_front import inspect_module
+
+    model = randomize_bn(BnConvBn())
+    report = inspect_module(model, (torch.randn(1, 3, 5, 5),))
+    assert report.dry_run and sorted(f.site for f in report.folded) == [
+        "bn0 -> conv",
+        "conv -> bn1",
+    ]
+    assert isinstance(model.bn0, nn.BatchNorm2d) and isinstance(model.bn1, nn.BatchNorm2d)
