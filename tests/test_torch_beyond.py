@@ -566,3 +566,22 @@ def test_inspect_reports_prefolds_and_chains_without_changing_the_module():
         "conv -> bn1",
     ]
     assert isinstance(model.bn0, nn.BatchNorm2d) and isinstance(model.bn1, nn.BatchNorm2d)
+
+
+class BnBnConv(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.bn0, self.bn1, self.conv = nn.BatchNorm2d(3), nn.BatchNorm2d(3), nn.Conv2d(3, 4, 3)
+
+    def forward(self, x):
+        return self.conv(self.bn1(self.bn0(torch.relu(x))))
+
+
+@pytest.mark.parametrize("front", ["eager", "pt2"])
+def test_bn_bn_conv_prefolds_both_to_a_fixpoint(front):
+    model = randomize_bn(BnBnConv())
+    x = torch.randn(2, 3, 6, 6)
+    result = fold_module(model, (x,)) if front == "eager" else fold_program(model, x)
+    assert sites(result) == ["bn1 -> conv", "bn0 -> conv"]
+    assert result.report.refused == [] and result.verification.passed
+    assert same_outputs(model, result.model, torch.randn(2, 3, 6, 6))
