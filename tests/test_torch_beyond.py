@@ -441,7 +441,7 @@ def test_chain_with_a_failed_link_is_rolled_back_cleanly(monkeypatch):
     assert same_outputs(model, result.model, torch.randn(2, 3, 6, 6))
 
 
-def test_preactivation_block_folds_every_bn():
+def test_preactivation_block_folds_the_bn_that_feeds_a_conv():
     class PreActBlock(nn.Module):
         def __init__(self, c: int):
             super().__init__()
