@@ -307,8 +307,9 @@ def _linear_for_after(
     affine_node: ir.Node, producer: ir.Node, ir_version: int, options: MatchOptions
 ) -> LinearOp | None:
     try:
+        linear = describe_linear(producer, ir_version, options)
         _require_single_consumer(producer)
-        return describe_linear(producer, ir_version, options)
+        return linear
     except _Refused as refused:
         # Mul/Add after a MatMul of two activations (attention scaling, say) is
         # not a fold candidate; reporting it would bury the real refusals.
