@@ -14,7 +14,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
@@ -32,6 +31,7 @@ from bnfold.torch_front.modules import (
     out_channels,
     zero_padded,
 )
+from bnfold.torch_front.tensors import as_parameter, to_float64
 
 
 def why_not(root: nn.Module, pair: Pair, roles: Roles, calls: Calls) -> Refusal | None:
@@ -206,10 +206,10 @@ def bn_affine(bn: Any) -> Affine:
     Raises:
         Unfoldable: NaN/inf statistics or var + eps <= 0.
     """
-    mean, var = _f64(bn.running_mean), _f64(bn.running_var)
+    mean, var = to_float64(bn.running_mean), to_float64(bn.running_var)
     weight, bias = getattr(bn, "weight", None), getattr(bn, "bias", None)
-    gamma = np.ones_like(mean) if weight is None else _f64(weight)
-    beta = np.zeros_like(mean) if bias is None else _f64(bias)
+    gamma = np.ones_like(mean) if weight is None else to_float64(weight)
+    beta = np.zeros_like(mean) if bias is None else to_float64(bias)
     return bn_to_affine(gamma, beta, mean, var, float(bn.eps))
 
 
@@ -225,14 +225,14 @@ def apply_fold(root: nn.Module, pair: Pair) -> Undo:
     """
     lin, bn = _module(root, pair.linear), _module(root, pair.bn)
     weight, bias = lin.weight, lin.bias
-    b = None if bias is None else _f64(bias)
+    b = None if bias is None else to_float64(bias)
     affine = bn_affine(bn)
     if pair.before:
-        w64, b64 = fold_before(_f64(weight), b, _per_input(affine, lin), layout_of(lin))
+        w64, b64 = fold_before(to_float64(weight), b, _per_input(affine, lin), layout_of(lin))
     else:
-        w64, b64 = fold_after(_f64(weight), b, affine, layout_of(lin))
-    new_w = _param(w64, like=weight)
-    new_b = _param(b64, like=weight if bias is None else bias)
+        w64, b64 = fold_after(to_float64(weight), b, affine, layout_of(lin))
+    new_w = as_parameter(w64, like=weight)
+    new_b = as_parameter(b64, like=weight if bias is None else bias)
     undo = Undo(root, pair, weight, bias, bn)
     lin.weight, lin.bias = new_w, new_b
     identity = nn.Identity()
@@ -247,18 +247,6 @@ def _per_input(affine: Affine, lin: nn.Module) -> Affine:
     if block <= 1:
         return affine
     return Affine(np.repeat(affine.scale, block), np.repeat(affine.shift, block))
-
-
-def _f64(t: torch.Tensor) -> np.ndarray:
-    return t.detach().to(device="cpu", dtype=torch.float64).numpy()
-
-
-def _param(values: np.ndarray, like: torch.Tensor) -> nn.Parameter:
-    """The one cast from float64 to the model's dtype (numpy has no bfloat16)."""
-    out = torch.from_numpy(values).to(dtype=like.dtype, device=like.device)
-    if not bool(torch.isfinite(out).all()):
-        raise Unfoldable(f"folded values overflow {like.dtype}")
-    return nn.Parameter(out, requires_grad=like.requires_grad)
 
 
 def _module(root: nn.Module, path: str) -> Any:

@@ -27,6 +27,7 @@ from bnfold.layouts import LayoutError
 from bnfold.report import Code, Folded, FoldReport, FoldResult, Refusal, VerifyResult
 from bnfold.torch_front import verify as checking
 from bnfold.torch_front.graph import explain_both, is_nonlinear
+from bnfold.torch_front.tensors import as_parameter, to_float64
 
 aten = torch.ops.aten
 
@@ -321,12 +322,12 @@ def apply_site(gm: fx.GraphModule, site: Site) -> int:
     weight = _fetch(gm, lin.args[1])
     bias_node = lin.args[2] if len(lin.args) > 2 else None
     bias = None if bias_node is None else _fetch(gm, bias_node)
-    b = None if bias is None else _to64(bias)
+    b = None if bias is None else to_float64(bias)
     if site.before:
-        w64, b64 = fold_before(_to64(weight), b, _per_input(affine, lin, gm), layout_of(lin))
+        w64, b64 = fold_before(to_float64(weight), b, _per_input(affine, lin, gm), layout_of(lin))
     else:
-        w64, b64 = fold_after(_to64(weight), b, affine, layout_of(lin))
-    new_w, new_b = _cast(w64, weight), _cast(b64, weight if bias is None else bias)
+        w64, b64 = fold_after(to_float64(weight), b, affine, layout_of(lin))
+    new_w, new_b = as_parameter(w64, weight), as_parameter(b64, weight if bias is None else bias)
     added = _replace_arg(gm, lin, 1, new_w, f"{site.linear}.weight")
     added += _replace_arg(gm, lin, 2, new_b, f"{site.linear}.bias")
     _remove_bn(gm, bn, _arg_node(bn.args[0]) if site.before else lin)
@@ -337,7 +338,7 @@ def apply_site(gm: fx.GraphModule, site: Site) -> int:
 def _bn_affine(gm: fx.GraphModule, bn: fx.Node) -> Affine:
     """The affine of a batch_norm node, from its get_attr statistics, in float64."""
     gamma, beta = (_f64(gm, a) for a in bn.args[1:3])
-    mean, var = (_to64(_fetch(gm, a)) for a in bn.args[3:5])
+    mean, var = (to_float64(_fetch(gm, a)) for a in bn.args[3:5])
     eps = float(bn.args[7] if bn.target == aten.batch_norm.default else bn.args[6])  # type: ignore[arg-type]
     c = mean.shape[0]
     return bn_to_affine(
@@ -430,18 +431,7 @@ def _fetch(gm: fx.GraphModule, node: Any) -> torch.Tensor:
 
 
 def _f64(gm: fx.GraphModule, node: Any) -> np.ndarray | None:
-    return None if node is None else _to64(_fetch(gm, node))
-
-
-def _to64(t: torch.Tensor) -> np.ndarray:
-    return t.detach().to(device="cpu", dtype=torch.float64).numpy()
-
-
-def _cast(values: np.ndarray, like: torch.Tensor) -> nn.Parameter:
-    out = torch.from_numpy(values).to(dtype=like.dtype, device=like.device)
-    if not bool(torch.isfinite(out).all()):
-        raise Unfoldable(f"folded values overflow {like.dtype}")
-    return nn.Parameter(out, requires_grad=like.requires_grad)
+    return None if node is None else to_float64(_fetch(gm, node))
 
 
 def _get(gm: nn.Module, target: str) -> torch.Tensor:

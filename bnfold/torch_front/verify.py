@@ -12,7 +12,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 from torch.utils import _pytree as pytree
@@ -21,6 +20,7 @@ from bnfold.compare import abs_error, summarize
 from bnfold.report import Code, Refusal, VerifyResult
 from bnfold.torch_front.eager import Undo
 from bnfold.torch_front.modules import eval_mode
+from bnfold.torch_front.tensors import to_float64
 
 RANDOM_DRAWS = 3
 EAGER_LEVEL = "eager"
@@ -102,14 +102,10 @@ def compare(
 
 
 def _errors(want: torch.Tensor, got: torch.Tensor | None) -> tuple[float, float]:
-    ref = _f64(want)
+    ref = to_float64(want)
     if got is None or got.shape != want.shape:
         return float("inf"), abs_error(ref, ref)[1]
-    return abs_error(ref, _f64(got))
-
-
-def _f64(t: torch.Tensor) -> np.ndarray:
-    return t.detach().to(device="cpu", dtype=torch.float64).numpy()
+    return abs_error(ref, to_float64(got))
 
 
 def dtype_name(dtype: torch.dtype) -> str:
