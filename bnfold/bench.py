@@ -405,46 +405,16 @@ def optimized_op_types(model: Any, level: str) -> list[str]:
     return [f"{n.domain}:{n.op_type}" if n.domain else n.op_type for n in graph.node]
 
 
-_ORT_DTYPES = {
-    "tensor(float)": np.float32,
-    "tensor(double)": np.float64,
-    "tensor(float16)": np.float16,
-    "tensor(int64)": np.int64,
-    "tensor(int32)": np.int32,
-    "tensor(int16)": np.int16,
-    "tensor(int8)": np.int8,
-    "tensor(uint8)": np.uint8,
-    "tensor(bool)": np.bool_,
-}
-
-
 def random_feeds(session: ort.InferenceSession, seed: int = 0) -> dict[str, np.ndarray]:
-    """Random inputs for every session input; dynamic dimensions become 1.
+    """Random inputs for every session input, as verification makes them; dynamic dims are 1.
 
     Raises:
         BnfoldError: an input type the harness cannot make (strings, sequences).
     """
-    rng = np.random.default_rng(seed)
-    feeds = {}
-    for arg in session.get_inputs():
-        shape = [d if isinstance(d, int) and d >= 0 else 1 for d in arg.shape]
-        feeds[arg.name] = _random_array(arg.type, shape, rng)
-    return feeds
+    from bnfold import compare
 
-
-def _random_array(ort_type: str, shape: list[int], rng: np.random.Generator) -> np.ndarray:
-    if ort_type == "tensor(bfloat16)":
-        import ml_dtypes
-
-        return rng.standard_normal(shape).astype(ml_dtypes.bfloat16)
-    dtype = _ORT_DTYPES.get(ort_type)
-    if dtype is None:
-        raise BnfoldError(f"cannot make random inputs of type {ort_type}")
-    if np.issubdtype(dtype, np.floating):
-        return rng.standard_normal(shape).astype(dtype)
-    if dtype is np.bool_:
-        return rng.random(shape) < 0.5
-    return rng.integers(0, 4, size=shape).astype(dtype)  # small: ints are often indices
+    specs = compare.ort_input_specs(session)
+    return compare.random_feeds(specs, np.random.default_rng(seed), {})
 
 
 def _feeds_for(session: ort.InferenceSession, feeds: dict[str, np.ndarray]) -> dict[str, Any]:

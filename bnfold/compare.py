@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import ml_dtypes
 import numpy as np
 import onnx_ir as ir
 
@@ -36,8 +37,9 @@ REFERENCE_LEVEL = "onnx.reference (onnxruntime cannot run the original)"
 
 _ORT_TYPES = {
     "tensor(float)": np.float32, "tensor(double)": np.float64, "tensor(float16)": np.float16,
-    "tensor(int64)": np.int64, "tensor(int32)": np.int32, "tensor(int8)": np.int8,
-    "tensor(uint8)": np.uint8, "tensor(bool)": np.bool_, "tensor(int16)": np.int16,
+    "tensor(bfloat16)": ml_dtypes.bfloat16, "tensor(int64)": np.int64,
+    "tensor(int32)": np.int32, "tensor(int8)": np.int8, "tensor(uint8)": np.uint8,
+    "tensor(bool)": np.bool_, "tensor(int16)": np.int16,
 }  # fmt: skip
 
 
@@ -163,10 +165,7 @@ class _OrtRuntime:
             raise _RuntimeFailure(_first_line(err)) from None
 
     def inputs(self) -> list[InputSpec]:
-        return [
-            InputSpec(i.name, _ORT_TYPES.get(i.type), _dims(i.shape), i.type)
-            for i in self.session.get_inputs()
-        ]
+        return ort_input_specs(self.session)
 
     def output_names(self) -> list[str]:
         return [o.name for o in self.session.get_outputs()]
@@ -218,6 +217,14 @@ class _ReferenceRuntime:
 
     def run(self, names: list[str], feeds: dict[str, np.ndarray]) -> list[Any]:
         return list(self.evaluator.run(names, feeds))
+
+
+def ort_input_specs(session: Any) -> list[InputSpec]:
+    """What an onnxruntime session wants fed: name, numpy dtype, dims (None if dynamic)."""
+    return [
+        InputSpec(i.name, _ORT_TYPES.get(i.type), _dims(i.shape), i.type)
+        for i in session.get_inputs()
+    ]
 
 
 def _dims(shape: Sequence[Any]) -> list[int | None]:
@@ -314,7 +321,7 @@ def random_feeds(
 
 
 def _random_array(rng: np.random.Generator, shape: list[int], dtype: np.dtype) -> np.ndarray:
-    if dtype.kind == "f":
+    if dtype.kind == "f" or dtype == ml_dtypes.bfloat16:
         return rng.standard_normal(shape).astype(dtype)
     # Integer inputs are usually indices or sizes, bools are masks: keep them 0/1.
     return rng.integers(0, 2, shape).astype(dtype)
