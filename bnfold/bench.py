@@ -244,8 +244,8 @@ def bench_torch(
 
     _check_args((), threads, warmup, runs)
     inputs = tuple(example_inputs)
-    original.eval()
-    folded.eval()
+    for module in (original, folded):
+        _to_eval_mode(module)
     report = BenchReport(
         original=type(original).__name__,
         folded=type(folded).__name__,
@@ -269,33 +269,39 @@ def bench_torch(
 TORCH_SUFFIXES = (".pt2", ".pt", ".pth")
 
 
+def _to_eval_mode(module: Any) -> None:
+    # An ExportedProgram's module is traced for inference already and refuses eval().
+    with contextlib.suppress(NotImplementedError):
+        module.eval()
+
+
 def bench_torch_files(
     original: str | os.PathLike[str],
     folded: str | os.PathLike[str] | None,
     shapes: Sequence[Sequence[int]],
+    trust_pickle: bool = False,
     **kwargs: Any,
 ) -> BenchReport:
-    """``bench_torch`` on whole modules saved with ``torch.save``, on random inputs.
+    """``bench_torch`` on ``.pt2`` programs (or trusted pickled modules), on random inputs.
 
     Args:
-        original: the saved module.
-        folded: the saved folded module; None folds ``original`` in memory.
+        original: the saved program or module.
+        folded: the saved folded one; None folds ``original`` in memory.
         shapes: one shape per forward() argument; float32 ``randn`` inputs.
+        trust_pickle: allow whole pickled modules (unpickling can run their code).
         **kwargs: passed to ``bench_torch`` (threads, warmup, runs, seed, progress).
     """
     import torch
 
-    module = load_torch_module(original)
+    module = load_torch_module(original, trust_pickle)
     torch.manual_seed(kwargs.get("seed", 0))
     inputs = [torch.randn(*shape) for shape in shapes]
     folds = None
     if folded is None:
-        from bnfold import fold
-
-        result = fold(module, tuple(inputs))
+        result = _fold_in_memory(original, module, tuple(inputs))
         other, folds = result.model, len(result.report.folded)
     else:
-        other = load_torch_module(folded)
+        other = load_torch_module(folded, trust_pickle)
     report = bench_torch(module, other, inputs, **kwargs)
     report.original = os.fspath(original)
     report.folded = os.fspath(folded) if folded is not None else "(folded in memory)"
@@ -303,19 +309,37 @@ def bench_torch_files(
     return report
 
 
-def load_torch_module(path: str | os.PathLike[str]) -> Any:
-    """Load a whole ``nn.Module`` saved with ``torch.save(module, path)`` (or a ``.pt2``
-    exported program, as its module).
+def _fold_in_memory(path: str | os.PathLike[str], module: Any, inputs: tuple[Any, ...]) -> Any:
+    """A .pt2 folds at the graph level (its module has no nn.Conv2d to fold into)."""
+    if os.fspath(path).endswith(".pt2"):
+        from bnfold.torch_front.exported import fold_graph_module
+        from bnfold.torch_front.io import load_exported_program
+
+        program = load_exported_program(path)
+        return fold_graph_module(program.module, inputs)
+    from bnfold import fold
+
+    return fold(module, inputs)
+
+
+def load_torch_module(path: str | os.PathLike[str], trust_pickle: bool = False) -> Any:
+    """Load a ``.pt2`` exported program as its module, or, with ``trust_pickle``, a whole
+    ``nn.Module`` saved with ``torch.save(module, path)``.
 
     Raises:
-        BnfoldError: the file does not unpickle to an ``nn.Module``.
+        BnfoldError: a pickled module without ``trust_pickle`` (unpickling can run
+            code from the file), or the file does not hold an ``nn.Module``.
     """
     import torch
 
+    if not os.fspath(path).endswith(".pt2") and not trust_pickle:
+        raise BnfoldError(
+            f"{os.fspath(path)}: a whole pickled module needs full unpickling, which can run "
+            "code from the file; pass --trust-pickle if you trust it, or use a .pt2"
+        )
     try:
         if os.fspath(path).endswith(".pt2"):
             return torch.export.load(path).module()
-        # A whole pickled module can't load with weights_only=True; the user named the file.
         module = torch.load(path, weights_only=False, map_location="cpu")
     except Exception as err:
         raise BnfoldError(f"{os.fspath(path)}: cannot load a PyTorch module ({err})") from None

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 import click
+from bnfold.cli.errors import InputError, one_line_errors
 
 if TYPE_CHECKING:
     from bnfold.bench import BenchReport
@@ -35,6 +36,12 @@ _BAR_MIN_RUNS = 200  # fewer runs finish before a bar is worth drawing
 )
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @click.option("--plot", type=click.Path(dir_okay=False), help="Write a bar chart (PNG, SVG...).")
+@click.option(
+    "--trust-pickle",
+    is_flag=True,
+    help="PyTorch: allow whole pickled modules (.pt/.pth); unpickling can run their code.",
+)
+@one_line_errors
 def bench(
     original: str,
     folded: str | None,
@@ -46,22 +53,25 @@ def bench(
     shapes: tuple[str, ...],
     as_json: bool,
     plot: str | None,
+    trust_pickle: bool,
 ) -> None:
     """Time ORIGINAL against FOLDED (folded in memory when omitted), runs interleaved.
 
-    ONNX models run in onnxruntime at each --level; `all-minus-fusions` is ORT's
-    default level with its own Conv/BN fusions disabled, so the gain from
-    folding shows. PyTorch modules (.pt/.pth, saved whole) are timed in eager mode.
+        ONNX models run in onnxruntime at each --level; `all-minus-fusions` is ORT's
+        default level with its own Conv/BN fusions disabled, so the gain from
+        folding shows. PyTorch programs (.pt2; whole pickled modules .pt/.pth only with
+    --trust-pickle) are timed in eager mode.
     """
     from bnfold import bench as harness  # lazy: --help must not import onnxruntime
     from bnfold.errors import BnfoldError
 
     try:
-        report = _run(harness, original, folded, levels, threads, warmup, runs, seed, shapes)
+        counts = {"threads": threads, "warmup": warmup, "runs": runs, "seed": seed}
+        report = _run(harness, original, folded, levels, shapes, trust_pickle, counts)
         if plot:
             harness.plot_report(report, plot)
     except BnfoldError as err:
-        raise _InputError(str(err)) from None
+        raise InputError(str(err)) from None
     if as_json:
         click.echo(report.to_json())
     else:
@@ -70,38 +80,27 @@ def bench(
             click.echo(f"plot written to {plot}")
 
 
-class _InputError(click.ClickException):
-    """One line on stderr, exit code 2 (as cli.main's InputError; not imported from
-    there, because main imports this module)."""
-
-    exit_code = 2
-
-    def show(self, file: Any = None) -> None:
-        click.echo(f"bnfold: error: {self.format_message()}", err=True)
-
-
 def _run(
     harness: Any,
     original: str,
     folded: str | None,
     levels: tuple[str, ...],
-    threads: int,
-    warmup: int,
-    runs: int,
-    seed: int,
     shapes: tuple[str, ...],
+    trust_pickle: bool,
+    counts: dict[str, int],
 ) -> BenchReport:
     from bnfold.errors import BnfoldError
 
-    counts = {"threads": threads, "warmup": warmup, "runs": runs, "seed": seed}
-    with _ProgressBar(runs >= _BAR_MIN_RUNS) as progress:
+    with _ProgressBar(counts["runs"] >= _BAR_MIN_RUNS) as progress:
         if original.endswith(harness.TORCH_SUFFIXES):
             if not shapes:
                 raise BnfoldError(
                     "a PyTorch model needs --shape per input, e.g. --shape 1,3,224,224"
                 )
             dims = [_parse_shape(s) for s in shapes]
-            return harness.bench_torch_files(original, folded, dims, progress=progress, **counts)
+            return harness.bench_torch_files(
+                original, folded, dims, trust_pickle, progress=progress, **counts
+            )
         return harness.bench_onnx(
             original, folded, levels or harness.DEFAULT_LEVELS, progress=progress, **counts
         )

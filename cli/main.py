@@ -9,48 +9,17 @@ from __future__ import annotations
 import json
 import os
 import sys
-from collections.abc import Callable
-from functools import wraps
-from typing import Any, TypeVar
+from typing import Any
 
 import click
-
-EXIT_OK, EXIT_VERIFY_FAILED, EXIT_BAD_INPUT = 0, 1, 2
-
-F = TypeVar("F", bound=Callable[..., Any])
-
-
-class InputError(click.ClickException):
-    """A one-line error with exit code 2."""
-
-    exit_code = EXIT_BAD_INPUT
-
-    def show(self, file: Any = None) -> None:
-        click.echo(f"bnfold: error: {self.format_message()}", err=True)
-
-
-def one_line_errors(func: F) -> F:
-    """Turn library errors into one line and exit 2; BNFOLD_DEBUG=1 keeps tracebacks."""
-
-    @wraps(func)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        from bnfold.errors import BnfoldError
-
-        try:
-            return func(*args, **kwargs)
-        except (click.ClickException, click.exceptions.Exit, click.Abort):
-            raise
-        except BnfoldError as err:
-            raise InputError(str(err)) from None
-        except Exception as err:
-            if os.environ.get("BNFOLD_DEBUG"):
-                raise
-            first = (str(err).strip().splitlines() or [""])[0][:300]
-            raise InputError(
-                f"{type(err).__name__}: {first} (BNFOLD_DEBUG=1 for a traceback)"
-            ) from None
-
-    return wrapper  # type: ignore[return-value]
+from bnfold.cli.bench_cmd import bench
+from bnfold.cli.errors import (
+    EXIT_OK,
+    EXIT_VERIFY_FAILED,
+    F,
+    InputError,
+    one_line_errors,
+)
 
 
 def verify_options(func: F) -> F:
@@ -170,6 +139,9 @@ def _torch_verify_options(no_verify: bool, verify_kw: dict[str, Any]) -> Any:
 @click.version_option(package_name="bnfold")
 def main() -> None:
     """Fold inference BatchNorm into Conv/ConvTranspose/Gemm/MatMul/Linear, verify, measure."""
+
+
+main.add_command(bench)
 
 
 @main.command()

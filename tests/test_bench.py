@@ -249,17 +249,31 @@ def test_cli_bench_torch_modules(tmp_path, with_folded):
     torch.save(plain, tmp_path / "conv.pt")
     files = [str(tmp_path / "conv_bn.pt")] + ([str(tmp_path / "conv.pt")] if with_folded else [])
     args = [*files, "--shape", "1,3,8,8", "--runs", "2", "--warmup", "0", "--json"]
-    result = CliRunner().invoke(bench_command, args)
+    refused = CliRunner().invoke(bench_command, args)
+    assert refused.exit_code == 2 and "--trust-pickle" in refused.output
+    result = CliRunner().invoke(bench_command, [*args, "--trust-pickle"])
     assert result.exit_code == 0, result.output
     data = json.loads(result.output)
     assert data["environment"]["runtime"] == "torch-eager"
     assert data["folds"] == (None if with_folded else 1)
 
 
+def test_cli_bench_pt2_programs_need_no_trust(tmp_path):
+    torch = pytest.importorskip("torch")
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, C, 3), torch.nn.BatchNorm2d(C)).eval()
+    program = torch.export.export(model, (torch.randn(1, 3, 8, 8),), strict=False)
+    torch.export.save(program, tmp_path / "conv_bn.pt2")
+    args = [str(tmp_path / "conv_bn.pt2"), "--shape", "1,3,8,8", "--runs", "2", "--warmup", "0"]
+    result = CliRunner().invoke(bench_command, [*args, "--json"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.output)["folds"] == 1
+
+
 def test_cli_bench_torch_without_shape_is_a_user_error(tmp_path):
     torch = pytest.importorskip("torch")
     torch.save(torch.nn.Sequential(torch.nn.Conv2d(3, C, 3)), tmp_path / "m.pt")
-    result = CliRunner().invoke(bench_command, [str(tmp_path / "m.pt"), "--runs", "1"])
+    args = [str(tmp_path / "m.pt"), "--runs", "1", "--trust-pickle"]
+    result = CliRunner().invoke(bench_command, args)
     assert result.exit_code == 2
     assert "--shape" in result.output
 
