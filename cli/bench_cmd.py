@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 import click
+
 from bnfold.cli.errors import InputError, one_line_errors
 
 if TYPE_CHECKING:

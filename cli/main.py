@@ -12,6 +12,7 @@ import sys
 from typing import Any
 
 import click
+
 from bnfold.cli.bench_cmd import bench
 from bnfold.cli.errors import (
     EXIT_OK,

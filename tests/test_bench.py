@@ -8,11 +8,11 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
-from bnfold.cli.bench_cmd import bench as bench_command
 from click.testing import CliRunner
 from onnx import TensorProto, helper, numpy_helper
 
 from bnfold import bench
+from bnfold.cli.bench_cmd import bench as bench_command
 from bnfold.errors import BnfoldError
 
 C = 4

@@ -11,10 +11,10 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
-from bnfold.cli.main import main
 from click.testing import CliRunner
 from onnx import helper, numpy_helper
 
+from bnfold.cli.main import main
 from tests.builders import conv_bn, model
 
 SAMPLES = Path(__file__).resolve().parent.parent / "sample_models"

@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch")
-from bnfold.cli.main import main  # noqa: E402
 from click.testing import CliRunner  # noqa: E402
 from torch import nn  # noqa: E402
 
+from bnfold.cli.main import main  # noqa: E402
 from tests.test_torch_io import FACTORY, Net, randomize_bn, save_program  # noqa: E402
 
 SHAPE = "1x3x8x8"
