@@ -7,6 +7,7 @@ torch object or file is passed, so the ONNX path works without it.
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,8 +52,9 @@ def fold(
         example_inputs: torch only: inputs used to trace the module and to verify.
         inplace: modify ``model`` itself instead of a copy (ir.Model / nn.Module).
         verify: ONNX: compare the folded model with the original at ORT_DISABLE_ALL
-            and attach the result (torch always verifies each fold).
-        verify_options: tolerances, samples, seed and input shapes.
+            and attach the result. torch modules are always verified, fold by fold,
+            with rollback of any fold that changes the outputs.
+        verify_options: tolerances, samples, seed and (ONNX) input shapes.
         clone_shared: ONNX: copy a weight that other nodes also read so the fold
             can proceed (reported as bytes_added); False refuses such sites.
 
@@ -65,7 +67,11 @@ def fold(
 
         if example_inputs is None:
             raise BnfoldError("folding a torch module needs example_inputs=(x,)")
-        return fold_module(model, example_inputs, inplace=inplace)
+        o = verify_options or VerifyOptions()
+        return fold_module(
+            model, example_inputs, inplace=inplace, rtol=o.rtol, atol=o.atol, samples=o.samples,
+            seed=o.seed,
+        )  # fmt: skip
     reference = None
     if verify:  # snapshot before folding: with inplace=True the input itself changes
         is_path = isinstance(model, str | os.PathLike)
@@ -182,5 +188,6 @@ def _onnx_model(model: Any, copy: bool) -> ir.Model:
 
 
 def _is_torch_module(obj: Any) -> bool:
-    torch = __import__("sys").modules.get("torch")
+    # Only an already-imported torch can have made obj: never import it here.
+    torch = sys.modules.get("torch")
     return torch is not None and isinstance(obj, torch.nn.Module)
