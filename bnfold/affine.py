@@ -125,8 +125,8 @@ def scaled(weight: np.ndarray, factor: np.ndarray) -> np.ndarray:
         Unfoldable: a product overflows the weight's dtype.
     """
     out = np.empty(weight.shape, dtype=weight.dtype)
-    row_size = max(1, int(np.prod(weight.shape[1:], dtype=np.int64)))
-    step = max(1, CHUNK_BYTES // (8 * row_size))
+    row_size = int(np.prod(weight.shape[1:], dtype=np.int64))  # 0 for a zero-size weight
+    step = max(1, CHUNK_BYTES // (8 * max(1, row_size)))
     for start in range(0, weight.shape[0], step):
         rows = slice(start, start + step)
         count = len(range(*rows.indices(weight.shape[0])))

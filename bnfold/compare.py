@@ -22,7 +22,7 @@ import ml_dtypes
 import numpy as np
 import onnx_ir as ir
 
-from bnfold.errors import BnfoldError
+from bnfold.errors import BnfoldError, first_line
 from bnfold.report import OutputDiff, VerifyResult
 
 # Default rtol per output dtype, applied to the output's scale (max |reference|).
@@ -162,7 +162,7 @@ class _OrtRuntime:
                 str(path), options, providers=["CPUExecutionProvider"]
             )
         except Exception as err:  # onnxruntime raises its own exception types
-            raise _RuntimeFailure(_first_line(err)) from None
+            raise _RuntimeFailure(first_line(err)) from None
 
     def inputs(self) -> list[InputSpec]:
         return ort_input_specs(self.session)
@@ -184,7 +184,7 @@ class _ReferenceRuntime:
         try:
             self.proto = onnx.load(str(path))
         except Exception as err:
-            raise _RuntimeFailure(_first_line(err)) from None
+            raise _RuntimeFailure(first_line(err)) from None
         newest = onnx.defs.onnx_opset_version()
         for opset in self.proto.opset_import:
             if opset.domain in ("", "ai.onnx") and opset.version > newest:
@@ -193,7 +193,7 @@ class _ReferenceRuntime:
         try:
             self.evaluator = ReferenceEvaluator(self.proto)
         except Exception as err:  # the evaluator raises assorted types
-            raise _RuntimeFailure(_first_line(err)) from None
+            raise _RuntimeFailure(first_line(err)) from None
 
     def inputs(self) -> list[InputSpec]:
         import onnx
@@ -337,7 +337,7 @@ def _run(
     try:
         return runtime.run(names, feeds)  # type: ignore[no-any-return]
     except Exception as err:  # runtimes raise their own exception types
-        raise failure(f"the {which} model failed to run: {_first_line(err)}") from None
+        raise failure(f"the {which} model failed to run: {first_line(err)}") from None
 
 
 def parse_shapes(specs: Sequence[str]) -> dict[str, list[int]]:
@@ -352,8 +352,3 @@ def parse_shapes(specs: Sequence[str]) -> dict[str, list[int]]:
         except ValueError:
             raise BnfoldError(f"bad --shape {spec!r}; expected name:1x3x224x224") from None
     return shapes
-
-
-def _first_line(err: BaseException) -> str:
-    lines = str(err).strip().splitlines()
-    return lines[0][:300] if lines else type(err).__name__

@@ -14,3 +14,13 @@ class BnfoldError(Exception):
 
 class NotSupportedError(BnfoldError):
     """A feature bnfold does not have (yet); the message names it."""
+
+
+def first_line(err: BaseException, limit: int = 300) -> str:
+    """The first line of an exception's message (its type name if it has none), cut to ``limit``.
+
+    Library and runtime errors (protobuf, onnxruntime, torch) carry multi-line
+    dumps; a user sees one line.
+    """
+    lines = str(err).strip().splitlines()
+    return lines[0][:limit] if lines else type(err).__name__

@@ -28,7 +28,7 @@ def one_line_errors(func: F) -> F:
 
     @wraps(func)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
-        from bnfold.errors import BnfoldError
+        from bnfold.errors import BnfoldError, first_line
 
         try:
             return func(*args, **kwargs)
@@ -39,9 +39,8 @@ def one_line_errors(func: F) -> F:
         except Exception as err:
             if os.environ.get("BNFOLD_DEBUG"):
                 raise
-            first = (str(err).strip().splitlines() or [""])[0][:300]
             raise InputError(
-                f"{type(err).__name__}: {first} (BNFOLD_DEBUG=1 for a traceback)"
+                f"{type(err).__name__}: {first_line(err)} (BNFOLD_DEBUG=1 for a traceback)"
             ) from None
 
     return wrapper  # type: ignore[return-value]

@@ -210,3 +210,29 @@ def test_fold_before_gemm_follows_trans_b(trans_b: bool, k: int, n: int, seed: i
     expected = (a * affine.scale + affine.shift) @ gemm(b_mat)
     new_b, new_c = fold_before(b_mat, None, affine, layouts.gemm(trans_b))
     np.testing.assert_allclose(a @ gemm(new_b) + new_c, expected, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("shape", [(4, 0, 3, 3), (0, 3, 1, 1), (3, 5)])
+def test_fold_of_zero_size_or_small_weights_keeps_the_shape(shape: tuple[int, ...]) -> None:
+    w = np.ones(shape, dtype=np.float32)
+    c = shape[0]
+    new_w, new_b = fold_after(w, None, Affine.of(2.0, 1.0, c), layouts.conv())
+    assert new_w.shape == shape and new_b.shape == (c,)
+    np.testing.assert_array_equal(new_w, 2 * w)
+
+
+def test_weights_bigger_than_one_block_fold_exactly() -> None:
+    """Rows are scaled a block at a time through a reused buffer; blocks must not mix."""
+    import bnfold.affine as affine_module
+
+    rng = np.random.default_rng(3)
+    w = rng.normal(size=(300, 7, 3, 3)).astype(np.float32)
+    scale = rng.uniform(0.5, 2.0, 300)
+    old = affine_module.CHUNK_BYTES
+    affine_module.CHUNK_BYTES = 8 * 7 * 9 * 16  # 16 rows per block: 19 blocks
+    try:
+        new_w, _ = fold_after(w, None, Affine.of(scale, 0.0, 300), layouts.conv())
+    finally:
+        affine_module.CHUNK_BYTES = old
+    expected = (w.astype(np.float64) * scale[:, None, None, None]).astype(np.float32)
+    np.testing.assert_array_equal(new_w, expected)

@@ -30,7 +30,7 @@ from typing import Any
 import onnx
 import onnx_ir as ir
 
-from bnfold.errors import BnfoldError
+from bnfold.errors import BnfoldError, first_line
 
 STAGING_PREFIX = ".bnfold-"
 # Tensors over 1 MB start at 64 KiB offsets, so onnxruntime can memory-map them
@@ -54,7 +54,7 @@ def load_model(path: str | os.PathLike[str]) -> ir.Model:
     except RecursionError:
         raise BnfoldError(f"{path}: not a readable ONNX model (nested too deeply)") from None
     except Exception as err:  # onnx/protobuf/onnx_ir raise assorted types on corrupt input
-        raise BnfoldError(f"{path}: not a readable ONNX model ({_first_line(err)})") from None
+        raise BnfoldError(f"{path}: not a readable ONNX model ({first_line(err)})") from None
     _require_graph(model, path)
     check_external_data(model, path.parent)
     return model
@@ -98,7 +98,7 @@ def check_external_data(model: ir.Model, model_dir: Path) -> None:
     except BnfoldError:
         raise
     except (OSError, ValueError) as err:  # NUL bytes, ELOOP, names too long...
-        raise BnfoldError(f"bad external data reference ({_first_line(err)})") from None
+        raise BnfoldError(f"bad external data reference ({first_line(err)})") from None
 
 
 def _check_one_external(tensor: ir.ExternalTensor, model_dir: Path, root: Path) -> None:
@@ -348,7 +348,7 @@ def _require_model_file(path: Path) -> None:
     except OSError as err:
         raise BnfoldError(f"{path}: {_os_reason(err)}") from None
     except ValueError as err:  # embedded NUL byte in the name
-        raise BnfoldError(f"bad model path ({_first_line(err)})") from None
+        raise BnfoldError(f"bad model path ({first_line(err)})") from None
 
 
 def _require_graph(model: ir.Model, path: Path) -> None:
@@ -391,9 +391,4 @@ def _os_reason(err: OSError) -> str:
         return "file too large (file size limit reached)"
     if err.errno == errno.EROFS:
         return "read-only file system"
-    return err.strerror or _first_line(err)
-
-
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip().splitlines()
-    return text[0][:200] if text else type(err).__name__
+    return err.strerror or first_line(err)

@@ -35,6 +35,7 @@ from typing import Any
 import torch
 from torch import fx, nn
 
+from bnfold.errors import first_line
 from bnfold.report import Code, Refusal
 from bnfold.torch_front.modules import BN, LINEAR, Calls, Roles, eval_mode
 
@@ -139,7 +140,7 @@ def find_pairs(root: nn.Module, args: tuple[Any, ...], roles: Roles, calls: Call
         try:
             traced = tracer(root, args, roles)
         except Exception as e:  # tracers fail in many ways; the next finder may work
-            failures.append(f"{name}: {type(e).__name__}: {_first_line(e)}")
+            failures.append(f"{name}: {type(e).__name__}: {first_line(e)}")
             log.info("torch front: %s could not trace the module: %s", name, e)
             continue
         scan = match_graph(traced, roles, calls, name)
@@ -551,8 +552,3 @@ def _link_users(nodes: dict[str, Node]) -> None:
     for name, node in nodes.items():
         for i in node.inputs:
             nodes[i].users.append(name)
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0] if text else ""

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from bnfold.errors import BnfoldError, NotSupportedError
+from bnfold.errors import BnfoldError, NotSupportedError, first_line
 from bnfold.report import FoldResult
 from bnfold.torch_front.exported import fold_graph_module
 
@@ -76,18 +76,18 @@ def _load_weights(module: nn.Module, path: str, trust_pickle: bool) -> None:
         obj = torch.load(path, map_location="cpu", weights_only=not trust_pickle)
     except pickle.UnpicklingError as e:
         if trust_pickle:
-            raise BnfoldError(f"cannot load {path!r}: {_first_line(e)}") from None
+            raise BnfoldError(f"cannot load {path!r}: {first_line(e)}") from None
         raise BnfoldError(
             f"{path!r} needs full unpickling, which can run code from the file; "
             "pass --trust-pickle if you trust it"
         ) from None
     except Exception as e:
-        raise BnfoldError(f"cannot load {path!r}: {type(e).__name__}: {_first_line(e)}") from None
+        raise BnfoldError(f"cannot load {path!r}: {type(e).__name__}: {first_line(e)}") from None
     state = _state_dict_of(obj, path)
     try:
         module.load_state_dict(state)
     except RuntimeError as e:
-        raise BnfoldError(f"{path!r} does not fit the module: {_first_line(e)}") from None
+        raise BnfoldError(f"{path!r} does not fit the module: {first_line(e)}") from None
 
 
 def _state_dict_of(obj: Any, path: str) -> Mapping[str, Any]:
@@ -127,7 +127,7 @@ def load_exported_program(path: str | os.PathLike[str]) -> torch.export.Exported
     try:
         return torch.export.load(path)
     except Exception as e:
-        reason = f"{type(e).__name__}: {_first_line(e)}"
+        reason = f"{type(e).__name__}: {first_line(e)}"
         raise BnfoldError(f"cannot load {str(path)!r} as an ExportedProgram: {reason}") from None
 
 
@@ -169,7 +169,7 @@ def fold_exported_program_file(
     try:
         folded_ep = torch.export.export(result.model, args, strict=False)
     except Exception as e:
-        raise BnfoldError(f"re-exporting the folded program failed: {_first_line(e)}") from None
+        raise BnfoldError(f"re-exporting the folded program failed: {first_line(e)}") from None
     with atomic_target(out_path) as tmp:
         torch.export.save(folded_ep, tmp)
     result.model = folded_ep
@@ -213,7 +213,7 @@ def export_onnx(module: Any, example_inputs: Any, path: str | os.PathLike[str]) 
     try:
         program = torch.onnx.export(module, as_args(example_inputs), dynamo=True, verbose=False)
     except Exception as e:
-        raise BnfoldError(f"ONNX export failed: {type(e).__name__}: {_first_line(e)}") from None
+        raise BnfoldError(f"ONNX export failed: {type(e).__name__}: {first_line(e)}") from None
     if program is None:
         raise BnfoldError("ONNX export returned nothing")
     save_model(program.model, path)
@@ -239,8 +239,3 @@ def atomic_target(path: str | os.PathLike[str]) -> Iterator[str]:
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__
