@@ -304,3 +304,41 @@ def test_fold_inside_loop_body_with_outer_scope_weight() -> None:
     result = fold_and_check(m)
     assert [f.site for f in result.report.folded] == ["body_conv -> body_bn"]
     assert "BatchNormalization" not in result.report.ops_after
+
+
+def test_fold_inside_scan_body_with_outer_scope_weight() -> None:
+    """Scan over axis 0 of [2, 1, 3, 5, 5]: each step is conv(outer w) -> bn on one slice."""
+    tensor = onnx.TensorProto.FLOAT
+    body = helper.make_graph(
+        [
+            helper.make_node("Identity", ["state_in"], ["state_out"], name="carry"),
+            helper.make_node("Conv", ["step_in", "w"], ["c"], name="scan_conv", pads=[1, 1, 1, 1]),
+            bn_node("scan_bn", "c", "step_out"),
+        ],
+        "body",
+        [
+            helper.make_tensor_value_info("state_in", tensor, [1]),
+            helper.make_tensor_value_info("step_in", tensor, [1, 3, 5, 5]),
+        ],
+        [
+            helper.make_tensor_value_info("state_out", tensor, [1]),
+            helper.make_tensor_value_info("step_out", tensor, [1, 4, 5, 5]),
+        ],
+    )
+    scan = helper.make_node(
+        "Scan", ["state", "input"], ["final_state", "output"], name="scan", body=body,
+        num_scan_inputs=1,
+    )  # fmt: skip
+    inits = [
+        init("state", np.zeros(1, dtype=F32)),
+        init("w", weight(4, 3, 3, 3)),
+        *bn_params("scan_bn", 4),
+    ]
+    m = model(
+        [scan], inits, [("input", [2, 1, 3, 5, 5])], ["final_state", "output"],
+        output_shapes=[[1], [2, 1, 4, 5, 5]],
+    )  # fmt: skip
+    onnx.checker.check_model(m, full_check=True)
+    result = fold_and_check(m)
+    assert [f.site for f in result.report.folded] == ["scan_conv -> scan_bn"]
+    assert "BatchNormalization" not in result.report.ops_after
