@@ -9,12 +9,12 @@ from __future__ import annotations
 import os
 import sys
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import onnx_ir as ir
 
+from bnfold.compare import VerifyOptions, verify_onnx
 from bnfold.errors import BnfoldError
 from bnfold.onnx_front import io
 from bnfold.onnx_front.match import MatchOptions
@@ -22,17 +22,6 @@ from bnfold.onnx_front.passes import FoldAffinePass
 from bnfold.report import FoldReport, FoldResult, VerifyResult
 
 TORCH_SUFFIXES = (".pt2", ".pt", ".pth")
-
-
-@dataclass(frozen=True)
-class VerifyOptions:
-    """How verification compares models (see :func:`bnfold.verify`)."""
-
-    atol: float = 0.0
-    rtol: float | None = None
-    samples: int = 3
-    seed: int = 0
-    shapes: Mapping[str, Sequence[int]] | None = None
 
 
 def fold(
@@ -73,14 +62,19 @@ def fold(
             seed=o.seed,
         )  # fmt: skip
     reference = None
-    if verify:  # snapshot before folding: with inplace=True the input itself changes
-        is_path = isinstance(model, str | os.PathLike)
-        reference = model if is_path else _onnx_model(model, copy=True)
+    if verify:
+        # The untouched input is the reference; with inplace=True it is about to
+        # change, so snapshot it first.
+        untouched = isinstance(model, str | os.PathLike) or (
+            isinstance(model, ir.Model) and not inplace
+        )
+        reference = model if untouched else _onnx_model(model, copy=True)
     fold_pass = FoldAffinePass(MatchOptions(clone_shared=clone_shared))
     result = fold_pass(_onnx_model(model, copy=not inplace))
     out = FoldResult(result.model, result.report)  # type: ignore[attr-defined]
     if reference is not None:
-        out.verification = verify_models(reference, out.model, verify_options)
+        # A path was loaded (and checked) by _onnx_model already.
+        out.verification = verify_onnx(reference, out.model, verify_options)
     return out
 
 
@@ -113,15 +107,11 @@ def verify(
 
 
 def verify_models(original: Any, folded: Any, options: VerifyOptions | None) -> VerifyResult:
-    from bnfold.compare import verify_onnx
-
-    o = options or VerifyOptions()
+    """:func:`verify` for files a user named: each is checked like a loaded model first."""
     for source in (original, folded):
         if isinstance(source, str | os.PathLike):
             io.load_model(source)  # one-line errors for bad files, before onnxruntime sees them
-    return verify_onnx(
-        original, folded, atol=o.atol, rtol=o.rtol, samples=o.samples, seed=o.seed, shapes=o.shapes
-    )
+    return verify_onnx(original, folded, options)
 
 
 def fold_file(
@@ -156,7 +146,9 @@ def fold_file(
     def accept(staged: Path) -> bool:
         if not verify:
             return True
-        result.verification = verify_models(source, staged, verify_options)
+        # source was loaded and checked above and staged is our own output:
+        # hand both straight to the runtimes instead of parsing them again.
+        result.verification = verify_onnx(source, staged, verify_options)
         return result.verification.status != "failed"
 
     written = io.save_model(result.model, output, external_data=keep_external, accept=accept)

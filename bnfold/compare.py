@@ -65,28 +65,34 @@ class _FoldedFailed(_RuntimeFailure):
     """The folded model failed where the original ran: the fold broke it."""
 
 
-def verify_onnx(
-    original: Any,
-    folded: Any,
-    *,
-    atol: float = 0.0,
-    rtol: float | None = None,
-    samples: int = 3,
-    seed: int = 0,
-    shapes: Mapping[str, Sequence[int]] | None = None,
-) -> VerifyResult:
-    """Run both models on ``samples`` random inputs and compare every output.
+@dataclass(frozen=True)
+class VerifyOptions:
+    """How two models are compared.
+
+    Attributes:
+        atol: absolute tolerance.
+        rtol: relative tolerance (of max |original|); None picks one from the output dtype.
+        samples: how many random input draws.
+        seed: seed for the draws.
+        shapes: concrete shapes for inputs with dynamic dimensions (others use 1).
+    """
+
+    atol: float = 0.0
+    rtol: float | None = None
+    samples: int = 3
+    seed: int = 0
+    shapes: Mapping[str, Sequence[int]] | None = None
+
+
+def verify_onnx(original: Any, folded: Any, options: VerifyOptions | None = None) -> VerifyResult:
+    """Run both models on random inputs and compare every output.
 
     An output passes when ``max|folded - original| <= atol + rtol * max|original|``.
 
     Args:
         original: path or onnx_ir.Model of the unfolded model.
         folded: path or onnx_ir.Model of the folded model.
-        atol: absolute tolerance.
-        rtol: relative tolerance; None picks one from the output dtype.
-        samples: how many random input draws.
-        seed: seed for the draws.
-        shapes: concrete shapes for inputs with dynamic dimensions (others use 1).
+        options: tolerances, draws and input shapes.
 
     Returns:
         A VerifyResult; status "not_verified" when no runtime can run the original.
@@ -94,6 +100,8 @@ def verify_onnx(
     Raises:
         BnfoldError: the folded model cannot be run, or the models' inputs differ.
     """
+    o = options or VerifyOptions()
+    atol, rtol, samples = o.atol, o.rtol, o.samples
     not_verified = VerifyResult("not_verified", atol, rtol or 0.0, 0)
     with _as_path(original) as ref_path, _as_path(folded) as new_path:
         try:
@@ -102,8 +110,8 @@ def verify_onnx(
             not_verified.reason = str(err)
             return not_verified
         inputs, names = ref.inputs(), ref.output_names()
-        rng = np.random.default_rng(seed)
-        all_feeds = [random_feeds(inputs, rng, shapes or {}) for _ in range(samples)]
+        rng = np.random.default_rng(o.seed)
+        all_feeds = [random_feeds(inputs, rng, o.shapes or {}) for _ in range(samples)]
         try:
             expected = [_run(ref, names, f, _OriginalFailed, "original") for f in all_feeds]
         except _OriginalFailed as err:
