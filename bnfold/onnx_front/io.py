@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import inspect
+import mmap
 import os
 import re
 import secrets
@@ -392,3 +393,15 @@ def _os_reason(err: OSError) -> str:
     if err.errno == errno.EROFS:
         return "read-only file system"
     return err.strerror or first_line(err)
+
+
+def evict_pages(tensor: ir.TensorProtocol | None) -> None:
+    """Drop the pages of a memory-mapped external tensor that reading it made resident.
+
+    They are file-backed, so the kernel re-reads them if needed; without this every
+    folded weight of a multi-GB model would stay resident until the process ends.
+    """
+    raw = getattr(tensor, "raw", None)
+    if isinstance(tensor, ir.ExternalTensor) and isinstance(raw, mmap.mmap):
+        with contextlib.suppress(OSError, ValueError):
+            raw.madvise(mmap.MADV_DONTNEED)

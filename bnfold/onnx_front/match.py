@@ -12,10 +12,8 @@ new weight and bias, computed by :mod:`bnfold.affine`, or into a
 
 from __future__ import annotations
 
-import contextlib
 import enum
 import math
-import mmap
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 
@@ -27,6 +25,7 @@ from bnfold import layouts
 from bnfold.affine import Affine, Unfoldable, bn_to_affine, fold_after, fold_before
 from bnfold.layouts import LayoutError, WeightLayout
 from bnfold.onnx_front.constants import constant_array, is_constant, reads_data
+from bnfold.onnx_front.io import evict_pages
 from bnfold.report import Code, Refusal
 
 LINEAR_OPS = frozenset({"Conv", "ConvTranspose", "Gemm", "MatMul"})
@@ -678,18 +677,6 @@ def _make_plan(
         site, _pattern(*ordered), direction, linear, node, between, deferred,
         new_b if needs_bias else None, bytes_added=added,
     )  # fmt: skip
-
-
-def evict_pages(tensor: ir.TensorProtocol | None) -> None:
-    """Drop the pages of a memory-mapped external tensor that reading it made resident.
-
-    They are file-backed, so the kernel re-reads them if needed; without this every
-    folded weight of a multi-GB model would stay resident until the process ends.
-    """
-    raw = getattr(tensor, "raw", None)
-    if isinstance(tensor, ir.ExternalTensor) and isinstance(raw, mmap.mmap):
-        with contextlib.suppress(OSError, ValueError):
-            raw.madvise(mmap.MADV_DONTNEED)
 
 
 def _checked(make: object) -> Affine:
