@@ -37,6 +37,18 @@ class Affine:
         _require_finite(t, "shift")
         return cls(s, t)
 
+    def spread(self, channels: int) -> Affine:
+        """The same affine over ``channels``: each of its channels covers a block of k.
+
+        Across a reshape a BN channel can be a contiguous block of a linear op's
+        channels (a flatten into a Linear, a Linear's features viewed as
+        ``(C, H, W)``); channel ``j`` then takes the values of channel ``j // k``.
+        """
+        block = channels // self.scale.shape[0]
+        if block <= 1:
+            return self
+        return Affine(np.repeat(self.scale, block), np.repeat(self.shift, block))
+
 
 def bn_to_affine(
     gamma: np.ndarray, beta: np.ndarray, mean: np.ndarray, var: np.ndarray, eps: float
