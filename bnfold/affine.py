@@ -9,7 +9,6 @@ their product separately in fp16 loses several bits.
 
 from __future__ import annotations
 
-import threading
 from dataclasses import dataclass
 
 import numpy as np
@@ -120,45 +119,40 @@ def fold_before(
     return new_w, cast_checked(b64, bias_dtype, "bias")
 
 
-# float64 temporaries are made this many bytes at a time, in one buffer reused
-# across calls: folding a weight then costs about its own size in memory, the
-# buffer stays in cache, and no fresh pages are faulted in for every weight.
-CHUNK_BYTES = 4 << 20
-_workspace = threading.local()
+# The weight is scaled this many output bytes at a time, so the finiteness check
+# reads each block while it is still in cache instead of the whole weight again.
+CHUNK_BYTES = 1 << 20
 
 
 def scaled(weight: np.ndarray, factor: np.ndarray) -> np.ndarray:
     """``weight * factor`` computed in float64 and cast once to ``weight.dtype``.
 
-    ``factor`` broadcasts onto ``weight``; the work goes a block of rows (axis 0)
-    at a time.
+    ``factor`` broadcasts onto ``weight``. ``dtype=float64`` runs numpy's float64
+    loop: it widens the weight into small internal buffers, multiplies in float64
+    and rounds each product once into the output. That is the same arithmetic as
+    a float64 copy of the weight cast back afterwards, bit for bit, without the
+    float64 temporary (twice the weight's size for fp32, four times for fp16).
 
     Raises:
         Unfoldable: a product overflows the weight's dtype.
     """
     out = np.empty(weight.shape, dtype=weight.dtype)
-    row_size = int(np.prod(weight.shape[1:], dtype=np.int64))  # 0 for a zero-size weight
-    step = max(1, CHUNK_BYTES // (8 * max(1, row_size)))
-    for start in range(0, weight.shape[0], step):
-        rows = slice(start, start + step)
-        count = len(range(*rows.indices(weight.shape[0])))
-        block = _float64_buffer(count * row_size).reshape(count, *weight.shape[1:])
+    for rows in _row_blocks(out):
+        block = out[rows]
         block_factor = factor[rows] if factor.shape[0] > 1 else factor
-        # One ufunc call converts w to float64 on the fly: no float64 copy of w.
-        np.multiply(weight[rows], block_factor, out=block, dtype=np.float64)
         with np.errstate(over="ignore"):  # overflow is reported below, as a refusal
-            out[rows] = block
-    if not np.all(np.isfinite(out)):
-        raise Unfoldable(f"folded weight overflows {np.dtype(weight.dtype).name}")
+            np.multiply(weight[rows], block_factor, out=block, dtype=np.float64, casting="unsafe")
+        if not np.isfinite(block).all():
+            raise Unfoldable(f"folded weight overflows {np.dtype(weight.dtype).name}")
     return out
 
 
-def _float64_buffer(size: int) -> np.ndarray:
-    """A float64 scratch array of at least ``size`` elements, reused per thread."""
-    buffer = getattr(_workspace, "buffer", None)
-    if buffer is None or buffer.size < size:
-        buffer = _workspace.buffer = np.empty(max(size, CHUNK_BYTES // 8))
-    return buffer[:size]
+def _row_blocks(array: np.ndarray) -> list[slice]:
+    """Slices of axis 0 of at most CHUNK_BYTES each (one row at least)."""
+    rows = array.shape[0]
+    row_bytes = max(1, array.itemsize * int(np.prod(array.shape[1:], dtype=np.int64)))
+    step = max(1, CHUNK_BYTES // row_bytes)
+    return [slice(start, min(start + step, rows)) for start in range(0, rows, step)]
 
 
 def cast_checked(values: np.ndarray, dtype: np.dtype, what: str) -> np.ndarray:

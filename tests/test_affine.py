@@ -222,17 +222,31 @@ def test_fold_of_zero_size_or_small_weights_keeps_the_shape(shape: tuple[int, ..
 
 
 def test_weights_bigger_than_one_block_fold_exactly() -> None:
-    """Rows are scaled a block at a time through a reused buffer; blocks must not mix."""
+    """Rows are scaled and checked a block at a time; blocks must not mix."""
     import bnfold.affine as affine_module
 
     rng = np.random.default_rng(3)
     w = rng.normal(size=(300, 7, 3, 3)).astype(np.float32)
     scale = rng.uniform(0.5, 2.0, 300)
     old = affine_module.CHUNK_BYTES
-    affine_module.CHUNK_BYTES = 8 * 7 * 9 * 16  # 16 rows per block: 19 blocks
+    affine_module.CHUNK_BYTES = 4 * 7 * 9 * 16  # 16 rows per block: 19 blocks
     try:
         new_w, _ = fold_after(w, None, Affine.of(scale, 0.0, 300), layouts.conv())
     finally:
         affine_module.CHUNK_BYTES = old
     expected = (w.astype(np.float64) * scale[:, None, None, None]).astype(np.float32)
     np.testing.assert_array_equal(new_w, expected)
+
+
+@pytest.mark.parametrize("dtype", [np.float16, np.float32, ml_dtypes.bfloat16, np.float64])
+@given(seed=st.integers(0, 2**16), rows=st.integers(1, 40))
+def test_scaled_rounds_the_float64_product_once(dtype: type, seed: int, rows: int) -> None:
+    """Bit for bit what a float64 copy of the weight, scaled and cast back, gives."""
+    import bnfold.affine as affine_module
+
+    rng = np.random.default_rng(seed)
+    w = rng.normal(size=(rows, 3, 5)).astype(dtype)
+    factor = rng.uniform(1e-3, 1e3, rows).reshape(-1, 1, 1)
+    expected = (w.astype(np.float64) * factor).astype(dtype)
+    got = affine_module.scaled(w, factor)
+    assert got.dtype == w.dtype and got.tobytes() == expected.tobytes()
