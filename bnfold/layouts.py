@@ -11,6 +11,7 @@ output side.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -114,3 +115,27 @@ def matmul(op: str = "MatMul") -> WeightLayout:
 def linear() -> WeightLayout:
     """torch ``nn.Linear``: weight ``(out_features, in_features)``."""
     return WeightLayout("Linear", out_axis=0, in_axis=1)
+
+
+def channel_block(affine_side: tuple[int, ...], linear_side: tuple[int, ...]) -> int | None:
+    """Linear-op channels per affine channel across a reshape, or None if they do not nest.
+
+    Both shapes hold the same elements in the same order (a view, flatten or
+    (un)squeeze that keeps the batch axis 0); the per-channel affine (a BN) has
+    its channels on axis 1 of ``affine_side``, the linear op on axis 1 of
+    ``linear_side``. Each channel is a contiguous run of elements per sample, so
+    linear channel ``j`` lies inside affine channel ``j // k`` exactly when the
+    affine's runs are a whole number ``k`` of the linear op's. Examples:
+    ``(N, C, H, W) -> (N, C*H*W)`` into a Linear gives ``k = H*W``;
+    ``(N, 4*C)`` from a Linear viewed as ``(N, C, 2, 2)`` gives ``k = 4``;
+    ``(N, C, H, W)`` from a Conv viewed as ``(N, C*H*W)`` gives None (each feature
+    would need its own scale).
+    """
+    if len(affine_side) < 2 or len(linear_side) < 2 or affine_side[0] != linear_side[0]:
+        return None
+    affine_run, linear_run = math.prod(affine_side[2:]), math.prod(linear_side[2:])
+    if affine_side[1] * affine_run != linear_side[1] * linear_run or affine_run == 0:
+        return None
+    if linear_run == 0 or affine_run % linear_run:
+        return None
+    return affine_run // linear_run

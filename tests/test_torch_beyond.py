@@ -585,3 +585,214 @@ def test_bn_bn_conv_prefolds_both_to_a_fixpoint(front):
     assert sites(result) == ["bn1 -> conv", "bn0 -> conv"]
     assert result.report.refused == [] and result.verification.passed
     assert same_outputs(model, result.model, torch.randn(2, 3, 6, 6))
+
+
+# --- a module pair called several times -------------------------------------------------
+
+
+class LoopedBlock(nn.Module):
+    """One conv + BN applied three times (weight-shared recurrent/refinement blocks)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        for _ in range(3):
+            x = torch.relu(self.bn(self.conv(x)))
+        return x
+
+
+class SequentialTwice(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.block = nn.Sequential(nn.Conv2d(4, 4, 1), nn.BatchNorm2d(4))
+
+    def forward(self, x):
+        return self.block(torch.relu(self.block(x)))
+
+
+class SharedHead(nn.Module):
+    """An FPN-style head: the same conv + BN on two scales (different spatial sizes)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        small = nn.functional.avg_pool2d(x, 2)
+        return self.bn(self.conv(x)).mean((2, 3)) + self.bn(self.conv(small)).mean((2, 3))
+
+
+def _break(monkeypatch, finder: str) -> None:
+    """Make the finders before ``finder`` fail, so ``finder`` is the one used."""
+
+    def broken(*_args):
+        raise RuntimeError("no trace")
+
+    if finder in ("fx", "sequential"):
+        monkeypatch.setattr(graph, "_export_graph", broken)
+    if finder == "sequential":
+        monkeypatch.setattr(graph, "_fx_graph", broken)
+
+
+@pytest.mark.parametrize(
+    ("make", "site", "finder"),
+    [
+        (LoopedBlock, "conv -> bn", "export"),
+        (LoopedBlock, "conv -> bn", "fx"),
+        (SharedHead, "conv -> bn", "export"),
+        (SequentialTwice, "block.0 -> block.1", "export"),
+        (SequentialTwice, "block.0 -> block.1", "sequential"),
+    ],
+    ids=["loop-export", "loop-fx", "shared_head", "sequential-export", "sequential-adjacency"],
+)
+def test_a_pair_that_runs_together_every_time_folds(make, site, finder, monkeypatch):
+    _break(monkeypatch, finder)
+    model = randomize_bn(make())
+    x = torch.randn(2, 4, 6, 6)
+    result = fold_module(model, (x,))
+    assert [(f.site, f.finder) for f in result.report.folded] == [(site, finder)]
+    assert result.report.refused == [] and result.verification.passed
+    assert same_outputs(model, result.model, torch.randn(2, 4, 6, 6))
+
+
+class OneBnTwoConvs(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.bn = nn.Conv2d(3, 3, 1), nn.Conv2d(3, 3, 1), nn.BatchNorm2d(3)
+
+    def forward(self, x):
+        return self.bn(self.a(x)) + self.bn(self.b(x))
+
+
+class ConvTwiceBnOnce(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(3, 3, 1), nn.BatchNorm2d(3)
+
+    def forward(self, x):
+        return self.bn(self.conv(x)) + self.conv(self.conv(x))
+
+
+@pytest.mark.parametrize("finder", ["export", "fx"])
+@pytest.mark.parametrize(
+    ("make", "site", "words"),
+    [
+        (OneBnTwoConvs, "bn", "beside different modules"),
+        (ConvTwiceBnOnce, "conv -> bn", "ran 3 times, 1 of them into bn"),
+    ],
+    ids=["bn_after_two_convs", "conv_also_elsewhere"],
+)
+def test_a_pair_that_does_not_always_run_together_is_refused(
+    make, site, words, finder, monkeypatch
+):
+    _break(monkeypatch, finder)
+    model = randomize_bn(make())
+    x = torch.randn(2, 3, 4, 4)
+    result = fold_module(model, (x,))
+    (refusal,) = result.report.refused
+    assert (refusal.site, refusal.code) == (site, Code.REUSED_MODULE)
+    assert words in refusal.detail
+    assert not result.report.folded and same_outputs(model, result.model, x)
+
+
+# --- linear op -> shape op -> BN -------------------------------------------------------------
+
+
+class After(nn.Module):
+    """op -> reshape -> BN, the reshape given as a function of the op's output."""
+
+    def __init__(self, op: nn.Module, reshape, bn: nn.Module):
+        super().__init__()
+        self.op, self.bn, self.reshape = op, bn, reshape
+
+    def forward(self, x):
+        return self.bn(self.reshape(self.op(x)))
+
+
+def _view_chw(y):
+    return y.view(y.shape[0], 3, 2, 2)
+
+
+def _unsqueeze(y):
+    return y.unsqueeze(-1)
+
+
+def _flatten(y):
+    return torch.flatten(y, 1)
+
+
+AFTER_THROUGH_A_RESHAPE = [
+    (After(nn.Linear(5, 12), _view_chw, nn.BatchNorm2d(3)), (2, 5), "op -> view -> bn",
+     "Linear+View+BatchNorm2d"),
+    (After(nn.Linear(5, 6), _unsqueeze, nn.BatchNorm1d(6)), (2, 5), "op -> unsqueeze -> bn",
+     "Linear+Unsqueeze+BatchNorm1d"),
+    (After(nn.Conv2d(3, 6, 4), _flatten, nn.BatchNorm1d(6)), (2, 3, 4, 4), "op -> flatten -> bn",
+     "Conv2d+Flatten+BatchNorm1d"),
+]  # fmt: skip
+AFTER_IDS = ["linear_view_chw", "linear_unsqueeze", "conv_1x1_out_flatten"]
+
+
+@pytest.mark.parametrize(
+    ("model", "shape", "site", "pattern"), AFTER_THROUGH_A_RESHAPE, ids=AFTER_IDS
+)
+def test_bn_folds_through_a_reshape_after_the_op(model, shape, site, pattern):
+    model = randomize_bn(model)
+    result = fold_module(model, (torch.randn(shape),))
+    assert [(f.site, f.pattern) for f in result.report.folded] == [(site, pattern)]
+    assert result.verification.passed and isinstance(result.model.bn, nn.Identity)
+    assert same_outputs(model, result.model, torch.randn(shape))
+
+
+@pytest.mark.parametrize(
+    ("model", "shape", "site", "_pattern"), AFTER_THROUGH_A_RESHAPE, ids=AFTER_IDS
+)
+def test_pt2_bn_folds_through_a_reshape_after_the_op(model, shape, site, _pattern):
+    model = randomize_bn(model)
+    result = fold_program(model, torch.randn(shape))
+    assert [f.site for f in result.report.folded] == [site]
+    assert bn_nodes(result.model) == 0 and result.verification.passed
+    assert same_outputs(model, result.model, torch.randn(shape))
+
+
+def test_a_reshape_that_spreads_a_channel_over_bn_channels_is_refused():
+    # Conv channels are 2x2 maps; flattened, each map is 4 BN features with their own scale.
+    model = randomize_bn(After(nn.Conv2d(3, 2, 3), _flatten, nn.BatchNorm1d(8)))
+    x = torch.randn(2, 3, 4, 4)
+    for result in (fold_module(model, (x,)), fold_program(model, x)):
+        (refusal,) = result.report.refused
+        assert (refusal.site, refusal.code) == ("op -> flatten -> bn", Code.NOT_PER_CHANNEL)
+        assert "span" in refusal.detail and not result.report.folded
+        assert same_outputs(model, result.model, x)
+
+
+def test_bn_folds_through_an_unflatten_into_a_conv1d():
+    between = nn.Unflatten(1, (4, 1))
+    model = randomize_bn(Pre(nn.BatchNorm1d(4), nn.Conv1d(4, 3, 1), between=between))
+    x = torch.randn(2, 4)
+    for result in (fold_module(model, (x,)), fold_program(model, x)):
+        assert sites(result) == ["bn -> unflatten -> op"] and result.verification.passed
+        assert same_outputs(model, result.model, torch.randn(2, 4))
+
+
+class ReusedConvThenConv(nn.Module):
+    """conv runs twice, so the BN cannot fold after it; it still folds into conv2."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn, self.conv2 = nn.Conv2d(3, 3, 1), nn.BatchNorm2d(3), nn.Conv2d(3, 2, 1)
+
+    def forward(self, x):
+        return self.conv2(self.bn(self.conv(x))) + self.conv(x)[:, :2]
+
+
+@pytest.mark.parametrize("finder", ["export", "fx"])
+def test_a_bn_after_a_reused_conv_folds_into_the_op_after_it(finder, monkeypatch):
+    _break(monkeypatch, finder)
+    model = randomize_bn(ReusedConvThenConv())
+    x = torch.randn(2, 3, 4, 4)
+    result = fold_module(model, (x,))
+    (folded,) = result.report.folded
+    assert folded.site == "bn -> conv2" and result.verification.passed
+    assert same_outputs(model, result.model, torch.randn(2, 3, 4, 4))

@@ -1,15 +1,14 @@
 """Check and apply one fold on eager modules.
 
-A pair ``linear -> bn`` (or ``bn -> linear``, ``bn -> flatten -> Linear``)
-becomes ``linear'`` with the BN's affine in its weight and bias, and the BN is
-replaced by ``nn.Identity``. New ``nn.Parameter``
+A pair ``linear -> bn`` (or ``bn -> linear``, either possibly through a view,
+flatten or (un)squeeze) becomes ``linear'`` with the BN's affine in its weight
+and bias, and the BN is replaced by ``nn.Identity``. New ``nn.Parameter``
 objects are assigned (the old tensors are never written), so a fold is undone
 by putting the old objects back.
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -18,6 +17,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from bnfold.affine import Affine, Unfoldable, bn_to_affine, fold_after, fold_before
+from bnfold.layouts import channel_block
 from bnfold.report import Code, Refusal
 from bnfold.torch_front.graph import Pair
 from bnfold.torch_front.modules import (
@@ -48,8 +48,10 @@ def why_not(root: nn.Module, pair: Pair, roles: Roles, calls: Calls) -> Refusal 
       NOT_PER_CHANNEL    the linear output's channels are not on BN's axis 1
                          (e.g. Linear on a 3-D input followed by BatchNorm1d);
                          before: the BN's channels are not the op's input channels
-                         (BatchNorm1d on a 3-D input into Linear), or the flatten
-                         does not map (N, C, ...) to (N, C*R)
+                         (BatchNorm1d on a 3-D input into Linear); through a
+                         reshape: a linear channel would span several BN channels
+                         (see :func:`bnfold.layouts.channel_block`), or the
+                         calls' shapes differ
       ZERO_PADDING       before: a zero-padded Conv, or a ConvTranspose, with a
                          nonzero shift (the borders would change)
     """
@@ -59,16 +61,11 @@ def why_not(root: nn.Module, pair: Pair, roles: Roles, calls: Calls) -> Refusal 
             return Refusal(pair.site, *found)
     if pair.before:
         found = _bn_shape(pair, bn) or _reads_channels(pair, lin, calls) or _exact_before(lin, bn)
-        return Refusal(pair.site, *found) if found else None
-    if found := _shape(pair, lin, bn, roles):
-        return Refusal(pair.site, *found)
-    ndim, want = calls.out_ndim.get(pair.linear), channel_rank(lin)
-    if ndim != want:
-        detail = (
-            f"{pair.linear} output is {ndim}-D; BN normalizes axis 1, the channels only at {want}-D"
-        )
-        return Refusal(pair.site, Code.NOT_PER_CHANNEL, detail)
-    return None
+    elif pair.between:
+        found = _bn_shape(pair, bn) or _feeds_channels(pair, lin, calls)
+    else:
+        found = _shape(pair, lin, bn, roles) or _out_rank(pair, lin, calls)
+    return Refusal(pair.site, *found) if found else None
 
 
 Found = tuple[Code, str] | None
@@ -139,25 +136,59 @@ def _bn_shape(pair: Pair, bn: Any) -> Found:
     return None
 
 
-def _reads_channels(pair: Pair, lin: nn.Module, calls: Calls) -> Found:
-    """Before: input channel (feature block) c of the linear op is BN channel c."""
-    out, lin_in = calls.out_shape.get(pair.bn), calls.in_shape.get(pair.linear)
-    if out is None or lin_in is None or len(out) < 2:
-        return Code.NOT_PER_CHANNEL, f"{pair.bn} output shape unknown or below 2-D: {out}"
-    if pair.between:
-        flat = (out[0], math.prod(out[1:]))
-        if not isinstance(lin, nn.Linear) or lin_in != flat:
-            detail = f"{pair.between} maps {out} to {lin_in}, not (N, C*R) = {flat} into a Linear"
-            return Code.NOT_PER_CHANNEL, detail
-    elif len(out) != channel_rank(lin) or lin_in != out:
+def _out_rank(pair: Pair, lin: nn.Module, calls: Calls) -> Found:
+    """After, directly: every call's output has the linear op's channels on axis 1."""
+    ndims, want = calls.out_ndims(pair.linear), channel_rank(lin)
+    if ndims != {want}:
+        ranks = "/".join(str(n) for n in sorted(ndims)) or "?"
         detail = (
-            f"{pair.bn} output is {len(out)}-D; {pair.linear} reads its input channels on "
-            f"axis 1 only at {channel_rank(lin)}-D"
+            f"{pair.linear} output is {ranks}-D; BN normalizes axis 1, "
+            f"the channels only at {want}-D"
         )
         return Code.NOT_PER_CHANNEL, detail
-    features, c = in_channels(lin), out[1]
-    if features != (math.prod(out[1:]) if pair.between else c):
-        return Code.BAD_SHAPE, f"{pair.linear} reads {features} input features, BN gives {out}"
+    return None
+
+
+def _reads_channels(pair: Pair, lin: nn.Module, calls: Calls) -> Found:
+    """Before: each input channel of the linear op lies inside one BN channel."""
+    bn_out, lin_in = calls.out_shape(pair.bn), calls.in_shape(pair.linear)
+    if not pair.between and None not in (bn_out, lin_in) and bn_out != lin_in:
+        return Code.NOT_PER_CHANNEL, f"{pair.bn} output is {bn_out}, {pair.linear} reads {lin_in}"
+    return _channels_nest(pair, bn_out, lin_in, lin, in_channels(lin))
+
+
+def _feeds_channels(pair: Pair, lin: nn.Module, calls: Calls) -> Found:
+    """After, through a reshape: each output channel of the linear op lies inside one BN channel."""
+    lin_out, bn_in = calls.out_shape(pair.linear), calls.in_shape(pair.bn)
+    return _channels_nest(pair, bn_in, lin_out, lin, out_channels(lin))
+
+
+def _channels_nest(
+    pair: Pair,
+    bn_side: tuple[int, ...] | None,
+    lin_side: tuple[int, ...] | None,
+    lin: nn.Module,
+    lin_channels: int,
+) -> Found:
+    """The BN's channels (axis 1 of ``bn_side``) are whole blocks of the linear op's."""
+    if bn_side is None or lin_side is None:
+        detail = f"shapes around {pair.site} unknown or different between calls"
+        return Code.NOT_PER_CHANNEL, detail
+    if len(lin_side) != channel_rank(lin):
+        detail = (
+            f"{pair.linear} sees {len(lin_side)}-D data; its channels are on axis 1 only at "
+            f"{channel_rank(lin)}-D"
+        )
+        return Code.NOT_PER_CHANNEL, detail
+    if lin_side[1] != lin_channels:
+        return Code.BAD_SHAPE, f"{pair.linear} has {lin_channels} channels, its data {lin_side}"
+    if channel_block(bn_side, lin_side) is None:
+        source, target = (bn_side, lin_side) if pair.before else (lin_side, bn_side)
+        detail = (
+            f"{pair.between} maps {source} to {target}: a channel of {pair.linear} "
+            "would span several BN channels"
+        )
+        return Code.NOT_PER_CHANNEL, detail
     return None
 
 
@@ -228,9 +259,11 @@ def apply_fold(root: nn.Module, pair: Pair) -> Undo:
     b = None if bias is None else to_float64(bias)
     affine = bn_affine(bn)
     if pair.before:
-        w64, b64 = fold_before(to_float64(weight), b, _per_input(affine, lin), layout_of(lin))
+        per_input = affine.spread(in_channels(lin))
+        w64, b64 = fold_before(to_float64(weight), b, per_input, layout_of(lin))
     else:
-        w64, b64 = fold_after(to_float64(weight), b, affine, layout_of(lin))
+        per_output = affine.spread(out_channels(lin))
+        w64, b64 = fold_after(to_float64(weight), b, per_output, layout_of(lin))
     new_w = as_parameter(w64, like=weight)
     new_b = as_parameter(b64, like=weight if bias is None else bias)
     undo = Undo(root, pair, weight, bias, bn)
@@ -239,14 +272,6 @@ def apply_fold(root: nn.Module, pair: Pair) -> Undo:
     identity.train(bn.training)
     _replace(root, pair.bn, identity)
     return undo
-
-
-def _per_input(affine: Affine, lin: nn.Module) -> Affine:
-    """Spread a per-channel affine over flattened features: channel c is a block of R."""
-    block = in_channels(lin) // affine.scale.shape[0]
-    if block <= 1:
-        return affine
-    return Affine(np.repeat(affine.scale, block), np.repeat(affine.shift, block))
 
 
 def _module(root: nn.Module, path: str) -> Any:

@@ -11,7 +11,6 @@ front cannot do without changing forward().
 
 from __future__ import annotations
 
-import math
 import operator
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -47,31 +46,41 @@ _CONV_OPS: dict[Any, tuple[str, int]] = {
     aten.convolution.default: ("convolution", 8),
 }
 _BN_OPS = (aten.batch_norm.default, aten._native_batch_norm_legit_no_training.default)
-_RESHAPE_OPS = {
+# Ops that keep the elements and their order, only regrouping axes.
+_RESHAPE_OPS: dict[Any, str] = {
     aten.flatten.using_ints: "flatten",
+    aten.unflatten.int: "unflatten",
     aten.view.default: "view",
     aten.reshape.default: "reshape",
     aten._unsafe_view.default: "view",
+    aten.unsqueeze.default: "unsqueeze",
+    aten.squeeze.dim: "squeeze",
+    aten.squeeze.dims: "squeeze",
+    aten.squeeze.default: "squeeze",
 }
 
 
 @dataclass(frozen=True)
 class Site:
     """One foldable pair, by node names: ``linear op -> BN op``, or with ``before``
-    ``BN op -> linear op`` (through ``between``, a flatten/view, into a linear)."""
+    ``BN op -> linear op``; either possibly through ``between``, one of
+    :data:`_RESHAPE_OPS`."""
 
     linear_node: str
     bn_node: str
     linear: str  # module path of the weight, e.g. "layer1.0.conv1"
     bn: str
     before: bool = False
-    between: str = ""  # "flatten", "view" or "reshape"
+    between: str = ""  # "flatten", "view", "unsqueeze", ...
 
     @property
     def site(self) -> str:
-        if not self.before:
-            return f"{self.linear} -> {self.bn}"
-        return " -> ".join(p for p in (self.bn, self.between, self.linear) if p)
+        chain = (
+            (self.bn, self.between, self.linear)
+            if self.before
+            else (self.linear, self.between, self.bn)
+        )
+        return " -> ".join(p for p in chain if p)
 
 
 def find_sites(gm: fx.GraphModule) -> tuple[list[Site], list[Refusal]]:
@@ -79,15 +88,18 @@ def find_sites(gm: fx.GraphModule) -> tuple[list[Site], list[Refusal]]:
 
     Matches:  batch_norm(conv{1,2,3}d | conv_transpose{1,2,3}d | linear(x, W, B?))
               with W, B and the BN statistics read by get_attr; else (before)
-              conv*/conv_transpose*/linear(batch_norm(x), W, B?), or
-              linear(flatten|view|reshape(batch_norm(x)) to (N, C*R)).
+              conv*/conv_transpose*/linear(batch_norm(x), W, B?). Either
+              also through one reshape (view, flatten, (un)squeeze) when each
+              linear channel lies inside one BN channel
+              (:func:`bnfold.layouts.channel_block`).
     Refuses:
       TRAINING_MODE    batch_norm with training=True
       NO_RUNNING_STATS running_mean/var missing
       NOT_CONSTANT     a weight, bias or statistic is not a get_attr
       BRANCHING        the linear op's output has other readers or is an output
       NONLINEAR_INPUT / OP_BETWEEN / STANDALONE   the BN input is not a linear op
-      NOT_PER_CHANNEL  the linear output's channels are not on axis 1
+      NOT_PER_CHANNEL  the linear output's channels are not on axis 1, or the
+                       reshape splits a linear channel over several BN channels
       UNSUPPORTED_DTYPE / BAD_SHAPE
       ZERO_PADDING     before: a zero-padded conv or a conv_transpose, nonzero shift
     """
@@ -107,19 +119,27 @@ def find_sites(gm: fx.GraphModule) -> tuple[list[Site], list[Refusal]]:
 
 def _match(gm: fx.GraphModule, bn: fx.Node) -> Site | Refusal:
     bn_name = _owner(bn.args[1:5]) or bn.name
-    x = bn.args[0]
-    assert isinstance(x, fx.Node)
+    x = _arg_node(bn.args[0])
+    reader, between = bn, ""  # reader: what reads the linear op's output
+    if _reshapes_linear(x):
+        reader, between, x = x, _RESHAPE_OPS[x.target], _arg_node(x.args[0])
     if not _is_linear_op(x):
         return _why_not_linear(bn_name, x)
     lin_name = _owner(x.args[1:3]) or x.name
-    site = f"{lin_name} -> {bn_name}"
+    site = Site(x.name, bn.name, lin_name, bn_name, between=between)
     if bn.target == aten.batch_norm.default and bn.args[5]:
-        return Refusal(site, Code.TRAINING_MODE, "batch_norm called with training=True")
+        return Refusal(site.site, Code.TRAINING_MODE, "batch_norm called with training=True")
     if bn.args[3] is None or bn.args[4] is None:
-        return Refusal(site, Code.NO_RUNNING_STATS, f"{bn_name} has no running statistics")
-    if found := _check_linear(gm, x, bn) or _check_bn(gm, x, bn):
-        return Refusal(site, *found)
-    return Site(x.name, bn.name, lin_name, bn_name)
+        return Refusal(site.site, Code.NO_RUNNING_STATS, f"{bn_name} has no running statistics")
+    if found := _check_linear(gm, x, reader) or _check_bn(gm, x, bn, reader):
+        return Refusal(site.site, *found)
+    return site
+
+
+def _reshapes_linear(node: fx.Node) -> bool:
+    """A reshape whose input is a linear op's output (then the BN may fold through it)."""
+    source = node.args[0] if node.args else None
+    return node.target in _RESHAPE_OPS and isinstance(source, fx.Node) and _is_linear_op(source)
 
 
 _BN_ITSELF = (Code.TRAINING_MODE, Code.NO_RUNNING_STATS)
@@ -187,24 +207,23 @@ def _check_before(gm: fx.GraphModule, lin: fx.Node, bn: fx.Node, out: fx.Node, s
 def _check_before_shapes(
     gm: fx.GraphModule, lin: fx.Node, bn: fx.Node, out: fx.Node, site: Site
 ) -> Found:
-    shape = tuple(getattr(out.meta.get("val"), "shape", ()))
-    lin_in = tuple(getattr(_arg_node(lin.args[0]).meta.get("val"), "shape", ()))
+    shape = _shape(out)
+    # Directly (or through a reflect pad, which keeps channels) the op reads the BN's
+    # output as is; through a reshape, compare with what the op reads.
+    lin_in = _shape(_arg_node(lin.args[0])) if site.between else shape
     weight_shape = tuple(_fetch(gm, lin.args[1]).shape)
     if len(shape) < 2:
         return Code.NOT_PER_CHANNEL, f"{bn.name} output shape {shape} has no channel axis"
-    flat = (shape[0], math.prod(shape[1:]))
-    if site.between and (_CONV_OPS[lin.target][0] != "linear" or lin_in != flat):
-        return Code.NOT_PER_CHANNEL, f"{site.between} maps {shape} to {lin_in}, not {flat}"
-    if not site.between and len(shape) != len(weight_shape):
-        detail = f"{bn.name} output is {len(shape)}-D; {lin.name} reads channels on axis 1"
+    if len(lin_in) != len(weight_shape):
+        detail = f"{lin.name} input is {len(lin_in)}-D; it reads channels on axis 1"
         return Code.NOT_PER_CHANNEL, f"{detail} only at {len(weight_shape)}-D"
     features = layout_of(lin).in_channels(weight_shape)
-    if features != (flat[1] if site.between else shape[1]):
-        return Code.BAD_SHAPE, f"{lin.name} reads {features} input features, BN gives {shape}"
-    for s in bn.args[1:5]:
-        if s is not None and tuple(_fetch(gm, s).shape) != (shape[1],):
-            return Code.BAD_SHAPE, f"{s} has shape {tuple(_fetch(gm, s).shape)}, want ({shape[1]},)"
-    return None
+    if features != lin_in[1]:
+        return Code.BAD_SHAPE, f"{lin.name} reads {features} input features, its input is {lin_in}"
+    if layouts.channel_block(shape, lin_in) is None:
+        detail = f"{site.between} maps {shape} to {lin_in}: a channel would span BN channels"
+        return Code.NOT_PER_CHANNEL, detail
+    return _check_stats(gm, bn, shape[1])
 
 
 def _check_exact_before(gm: fx.GraphModule, lin: fx.Node, bn: fx.Node) -> Found:
@@ -260,10 +279,13 @@ def _why_not_linear(bn_name: str, x: fx.Node) -> Refusal:
 Found = tuple[Code, str] | None
 
 
-def _check_linear(gm: fx.GraphModule, lin: fx.Node, bn: fx.Node) -> Found:
-    readers = [u for u in lin.users if u is not bn]
+def _check_linear(gm: fx.GraphModule, lin: fx.Node, reader: fx.Node) -> Found:
+    """The linear op: read only by ``reader`` (the BN or a reshape), constant weights."""
+    readers = [u for u in lin.users if u is not reader]
     if readers or len(lin.users) != 1:
         return Code.BRANCHING, f"{lin.name} output also read by {[u.name for u in readers]}"
+    if reader.target in _RESHAPE_OPS and len(reader.users) != 1:
+        return Code.BRANCHING, f"{reader.name} output also read by {len(reader.users) - 1} more"
     params = [a for a in lin.args[1:3] if a is not None]
     if not all(isinstance(p, fx.Node) and p.op == "get_attr" for p in params):
         return Code.NOT_CONSTANT, f"{lin.name} weight or bias is computed"
@@ -277,7 +299,8 @@ def _check_linear(gm: fx.GraphModule, lin: fx.Node, bn: fx.Node) -> Found:
     return None
 
 
-def _check_bn(gm: fx.GraphModule, lin: fx.Node, bn: fx.Node) -> Found:
+def _check_bn(gm: fx.GraphModule, lin: fx.Node, bn: fx.Node, reader: fx.Node) -> Found:
+    """The BN: only its normalized output read, constant statistics of its channel count."""
     if bn.target != aten.batch_norm.default and any(
         u.target is not operator.getitem or u.args[1] != 0 for u in bn.users
     ):
@@ -285,11 +308,27 @@ def _check_bn(gm: fx.GraphModule, lin: fx.Node, bn: fx.Node) -> Found:
     stats = bn.args[1:5]
     if not all(s is None or (isinstance(s, fx.Node) and s.op == "get_attr") for s in stats):
         return Code.NOT_CONSTANT, f"{bn.name} parameters are computed"
-    channels = layout_of(lin).out_channels(tuple(_fetch(gm, lin.args[1]).shape))
-    for s in stats:
+    if reader is bn:
+        channels = layout_of(lin).out_channels(tuple(_fetch(gm, lin.args[1]).shape))
+    else:
+        bn_in, lin_out = _shape(reader), _shape(lin)
+        if layouts.channel_block(bn_in, lin_out) is None:
+            detail = f"{reader.name} maps {lin_out} to {bn_in}: a channel would span BN channels"
+            return Code.NOT_PER_CHANNEL, detail
+        channels = bn_in[1]
+    return _check_stats(gm, bn, channels)
+
+
+def _check_stats(gm: fx.GraphModule, bn: fx.Node, channels: int) -> Found:
+    for s in bn.args[1:5]:
         if s is not None and tuple(_fetch(gm, s).shape) != (channels,):
             return Code.BAD_SHAPE, f"{s} has shape {tuple(_fetch(gm, s).shape)}, want ({channels},)"
     return None
+
+
+def _shape(node: fx.Node) -> tuple[int, ...]:
+    """The traced shape of a node's value (() if unknown)."""
+    return tuple(getattr(node.meta.get("val"), "shape", ()))
 
 
 def layout_of(lin: fx.Node) -> layouts.WeightLayout:
@@ -323,14 +362,17 @@ def apply_site(gm: fx.GraphModule, site: Site) -> int:
     bias_node = lin.args[2] if len(lin.args) > 2 else None
     bias = None if bias_node is None else _fetch(gm, bias_node)
     b = None if bias is None else to_float64(bias)
+    layout = layout_of(lin)
     if site.before:
-        w64, b64 = fold_before(to_float64(weight), b, _per_input(affine, lin, gm), layout_of(lin))
+        per_input = affine.spread(layout.in_channels(tuple(weight.shape)))
+        w64, b64 = fold_before(to_float64(weight), b, per_input, layout)
     else:
-        w64, b64 = fold_after(to_float64(weight), b, affine, layout_of(lin))
+        per_output = affine.spread(layout.out_channels(tuple(weight.shape)))
+        w64, b64 = fold_after(to_float64(weight), b, per_output, layout)
     new_w, new_b = as_parameter(w64, weight), as_parameter(b64, weight if bias is None else bias)
     added = _replace_arg(gm, lin, 1, new_w, f"{site.linear}.weight")
     added += _replace_arg(gm, lin, 2, new_b, f"{site.linear}.bias")
-    _remove_bn(gm, bn, _arg_node(bn.args[0]) if site.before else lin)
+    _remove_bn(gm, bn, _arg_node(bn.args[0]))  # the linear op, or the reshape of it
     gm.recompile()
     return added
 
@@ -348,15 +390,6 @@ def _bn_affine(gm: fx.GraphModule, bn: fx.Node) -> Affine:
         var,
         eps,
     )
-
-
-def _per_input(affine: Affine, lin: fx.Node, gm: fx.GraphModule) -> Affine:
-    """Through a flatten, channel c is a block of R input features."""
-    features = layout_of(lin).in_channels(tuple(_fetch(gm, lin.args[1]).shape))
-    block = features // affine.scale.shape[0]
-    if block <= 1:
-        return affine
-    return Affine(np.repeat(affine.scale, block), np.repeat(affine.shift, block))
 
 
 def _replace_arg(
@@ -557,10 +590,9 @@ def _rollback(
 
 
 def _pattern(gm: fx.GraphModule, s: Site) -> str:
-    """ "conv2d+batch_norm"; before: "batch_norm+conv2d", "batch_norm+flatten+linear"."""
-    if not s.before:
-        return f"{_op_kind(gm, s)}+batch_norm"
-    return "+".join(p for p in ("batch_norm", s.between, _op_kind(gm, s)) if p)
+    """ "conv2d+batch_norm", "linear+view+batch_norm"; before: "batch_norm+flatten+linear"."""
+    chain = ("batch_norm", s.between, _op_kind(gm, s))
+    return "+".join(p for p in (reversed(chain) if not s.before else chain) if p)
 
 
 def _op_kind(gm: fx.GraphModule, s: Site) -> str:

@@ -51,16 +51,17 @@ _NONLINEAR_PREFIXES = (
 _NONLINEAR_TOKENS = {"exp", "log", "abs", "pow", "clamp", "clip", "square", "max", "min", "sign"}
 
 
-_RESHAPE_TOKENS = {"flatten", "view", "reshape"}
+_RESHAPE_TOKENS = {"flatten", "unflatten", "view", "reshape", "unsqueeze", "squeeze"}
 
 
 @dataclass(frozen=True)
 class Pair:
     """A linear module and a BN module beside it.
 
-    After (``before=False``): the linear's only output goes straight into the BN.
-    Before (``before=True``): the BN's only output goes into the linear, directly
-    or through ``between`` (a flatten/view/reshape, named for the report).
+    After (``before=False``): the linear's only output goes into the BN.
+    Before (``before=True``): the BN's only output goes into the linear.
+    Either directly or through ``between``: a flatten/view/reshape/(un)squeeze,
+    named for the report; whether channels survive it is checked on shapes.
     ``after_refusal`` says why the BN could not fold after (before pairs only).
     """
 
@@ -73,9 +74,12 @@ class Pair:
 
     @property
     def site(self) -> str:
-        if not self.before:
-            return f"{self.linear} -> {self.bn}"
-        return " -> ".join(p for p in (self.bn, self.between, self.linear) if p)
+        chain = (
+            (self.bn, self.between, self.linear)
+            if self.before
+            else (self.linear, self.between, self.bn)
+        )
+        return " -> ".join(p for p in chain if p)
 
 
 @dataclass
@@ -94,6 +98,7 @@ class Node:
 
     Attributes:
         owner: canonical path of the linear/BN module this op runs inside, if any.
+        call: which call of ``owner`` it ran in (0 for the first).
         op: readable op name ("aten.relu.default", "ReLU", "add").
         inputs: names of the activation nodes it reads (weights and buffers left out).
         users: names of the nodes reading it.
@@ -103,8 +108,12 @@ class Node:
     owner: str | None
     op: str
     inputs: list[str]
+    call: int = 0
     users: list[str] = field(default_factory=list)
     is_output: bool = False
+
+
+CallSite = tuple[str, int]  # (module path, call index)
 
 
 @dataclass
@@ -124,10 +133,13 @@ class Traced:
 def find_pairs(root: nn.Module, args: tuple[Any, ...], roles: Roles, calls: Calls) -> Scan:
     """Find candidate pairs with the first finder that can trace ``root``.
 
-    Matches:  linear -> BN (after); else BN -> linear, BN -> flatten -> Linear (before)
+    Matches:  linear -> BN (after); else BN -> linear (before); either directly
+              or through one flatten/view/reshape/(un)squeeze. A module pair that
+              runs several times (a block in a loop) matches if every call does.
     Refuses:
-      REUSED_MODULE   the linear or BN module ran more than once (an eager module
-                      has one weight for every call; a .pt2 folds per call)
+      REUSED_MODULE   the linear module also runs where it does not feed (or is not
+                      fed by) the BN, or the BN runs beside different modules: an
+                      eager module has one weight for every call (a .pt2 folds per call)
       BRANCHING       the linear op's output is read by something besides the BN
       SHARED_WEIGHT   the linear weight or bias is also read outside the module
       NONLINEAR_INPUT a nonlinearity sits between the linear op and the BN
@@ -154,18 +166,19 @@ def find_pairs(root: nn.Module, args: tuple[Any, ...], roles: Roles, calls: Call
 def match_graph(traced: Traced, roles: Roles, calls: Calls, finder: str) -> Scan:
     """Pairs and refusals for every BN in a traced graph."""
     scan = Scan(finder)
-    nodes = traced.nodes
-    groups: dict[str, list[str]] = {}
+    groups = _call_groups(traced.nodes)
+    for bn in roles.bns():
+        _add(scan, _match_bn(bn, traced, groups, roles, calls, finder))
+    return scan
+
+
+def _call_groups(nodes: dict[str, Node]) -> dict[CallSite, list[str]]:
+    """The ops of each call of each linear/BN module, in graph order."""
+    groups: dict[CallSite, list[str]] = {}
     for name, node in nodes.items():
         if node.owner is not None:
-            groups.setdefault(node.owner, []).append(name)
-    for bn in roles.bns():
-        result = _match_bn(bn, traced, groups, roles, calls, finder)
-        if isinstance(result, Refusal) and not _bn_call_refusal(bn, calls) and bn in groups:
-            before = _match_before(bn, traced, groups, roles, calls, finder)
-            result = prefer_before(result, before)
-        _add(scan, result)
-    return scan
+            groups.setdefault((node.owner, node.call), []).append(name)
+    return groups
 
 
 def prefer_before(after: Refusal, before: Pair | Refusal | None) -> Pair | Refusal:
@@ -189,17 +202,120 @@ def explain_both(after: Refusal, before: Refusal) -> Refusal:
     return replace(after, detail=f"{after.detail}; nor before {last}: {before.detail}")
 
 
-def _match_before(
+def _match_bn(
     bn: str,
     traced: Traced,
-    groups: dict[str, list[str]],
+    groups: dict[CallSite, list[str]],
     roles: Roles,
     calls: Calls,
     finder: str,
+) -> Pair | Refusal:
+    """One pair or refusal for a BN module, whichever number of times it ran.
+
+    Each call of the BN is matched on its own, after the op feeding it, else
+    before the op reading it; the module folds only if every call is the same
+    pair (see :func:`_same_pair_every_call`).
+    """
+    if refusal := _bn_call_refusal(bn, calls):
+        return refusal
+    bn_calls = [site for site in groups if site[0] == bn]
+    if not bn_calls:
+        return Refusal(bn, Code.UNTRACEABLE, f"{finder} graph has no op inside {bn}")
+    if len(bn_calls) != calls.of(bn):
+        detail = f"{bn} ran {calls.of(bn)} times, the {finder} graph shows {len(bn_calls)} calls"
+        return Refusal(bn, Code.UNTRACEABLE, detail)
+    afters = [_match_after(site, traced, groups, roles, finder) for site in bn_calls]
+    after = _same_pair_every_call(bn, afters, calls)
+    if isinstance(after, Pair):
+        return after
+    befores = [_match_before(site, traced, groups, roles, finder) for site in bn_calls]
+    found = [b for b in befores if b is not None]
+    if len(found) < len(befores):  # some call has no linear op reading it alone
+        return after
+    return prefer_before(after, _same_pair_every_call(bn, found, calls))
+
+
+def _same_pair_every_call(bn: str, results: list[Pair | Refusal], calls: Calls) -> Pair | Refusal:
+    """The pair if each of the BN's calls is that pair and the linear module runs only there.
+
+    An eager module has one weight for all its calls. A block applied in a loop
+    (``for _: x = bn(conv(x))``) folds exactly: every conv call feeds a bn call.
+    A conv that also runs elsewhere (or a BN fed by different modules) does not.
+    """
+    refusals = [r for r in results if isinstance(r, Refusal)]
+    if refusals:
+        return refusals[0]
+    pairs = list(dict.fromkeys(r for r in results if isinstance(r, Pair)))
+    if len(pairs) > 1:
+        sites = "; ".join(p.site for p in pairs)
+        detail = f"{bn} ran {len(results)} times beside different modules ({sites})"
+        return Refusal(bn, Code.REUSED_MODULE, detail)
+    pair = pairs[0]
+    if calls.of(pair.linear) != len(results):
+        detail = reused_detail(pair.linear, calls.of(pair.linear), pair.bn, len(results))
+        return Refusal(pair.site, Code.REUSED_MODULE, detail)
+    return pair
+
+
+def reused_detail(linear: str, count: int, bn: str, paired: int) -> str:
+    """Why a module called more often than its BN keeps it: one weight serves every call."""
+    return (
+        f"{linear} ran {count} times, {paired} of them into {bn}, and an eager module has one "
+        "weight for all calls; fold an exported program (.pt2) instead, where each call gets "
+        "its own folded copy"
+    )
+
+
+def _match_after(
+    site: CallSite,
+    traced: Traced,
+    groups: dict[CallSite, list[str]],
+    roles: Roles,
+    finder: str,
+) -> Pair | Refusal:
+    """``linear -> BN`` or ``linear -> reshape -> BN`` for one call of the BN."""
+    bn, nodes = site[0], traced.nodes
+    group = set(groups[site])
+    entries = sorted({i for n in group for i in nodes[n].inputs if i not in group})
+    if len(entries) != 1:
+        return Refusal(bn, Code.STANDALONE, f"{bn} reads {len(entries)} activations, not one")
+    producer, between = nodes[entries[0]], ""
+    if _single_input_reshape(producer, group):
+        between, producer = entries[0], nodes[producer.inputs[0]]
+    if producer.owner is None or roles.of(producer.owner) != LINEAR:
+        return _why_no_linear(bn, entries[0], nodes, roles)
+    linear = producer.owner
+    pair = Pair(linear, bn, finder, between=_reshape_label(nodes[between].op) if between else "")
+    readers = group | ({between} if between else set())
+    if others := _other_consumers(groups[(linear, producer.call)], readers, nodes):
+        return Refusal(pair.site, Code.BRANCHING, f"{linear} output is also read by {others}")
+    return _weights_private(pair, traced, roles)
+
+
+def _single_input_reshape(node: Node, readers: set[str]) -> bool:
+    """A view/flatten/(un)squeeze read only by ``readers``, outside any module."""
+    return (
+        node.owner is None
+        and _is_reshape(node.op)
+        and len(node.inputs) == 1
+        and not node.is_output
+        and set(node.users) <= readers
+    )
+
+
+def _match_before(
+    site: CallSite,
+    traced: Traced,
+    groups: dict[CallSite, list[str]],
+    roles: Roles,
+    finder: str,
 ) -> Pair | Refusal | None:
-    """``BN -> linear`` or ``BN -> reshape -> linear``; None if no linear op reads the BN alone."""
-    nodes = traced.nodes
-    group = set(groups[bn])
+    """``BN -> linear`` or ``BN -> reshape -> linear`` for one call of the BN.
+
+    None if no linear op reads that call's output alone.
+    """
+    bn, nodes = site[0], traced.nodes
+    group = set(groups[site])
     if any(nodes[n].is_output for n in group):
         return None
     readers = sorted({u for n in group for u in nodes[n].users if u not in group})
@@ -213,32 +329,21 @@ def _match_before(
     if reader.owner is None or roles.of(reader.owner) != LINEAR:
         return None
     linear = reader.owner
-    lin_group = set(groups[linear])
+    lin_group = set(groups[(linear, reader.call)])
     if len({i for n in lin_group for i in nodes[n].inputs if i not in lin_group}) != 1:
         return None
-    return _linear_usable(
-        Pair(linear, bn, finder, before=True, between=between), traced, roles, calls
-    )
+    return _weights_private(Pair(linear, bn, finder, before=True, between=between), traced, roles)
 
 
-def _linear_usable(pair: Pair, traced: Traced, roles: Roles, calls: Calls) -> Pair | Refusal:
+def _weights_private(pair: Pair, traced: Traced, roles: Roles) -> Pair | Refusal:
+    """The pair, unless an op outside the linear module reads its weight or bias."""
     linear = pair.linear
-    if calls.of(linear) != 1:
-        return Refusal(pair.site, Code.REUSED_MODULE, reused_detail(linear, calls.of(linear)))
     own = {f"{a}.{p}" for a in roles.aliases[linear] for p in ("weight", "bias")}
     if shared := sorted(traced.outside_reads & own):
         return Refusal(
             pair.site, Code.SHARED_WEIGHT, f"{', '.join(shared)} also read outside {linear}"
         )
     return pair
-
-
-def reused_detail(linear: str, count: int) -> str:
-    """Why a module called several times keeps its BN: one weight serves every call."""
-    return (
-        f"{linear} ran {count} times and an eager module has one weight for all calls; "
-        "fold an exported program (.pt2) instead, where each call gets its own folded copy"
-    )
 
 
 def _is_reshape(op: str) -> bool:
@@ -250,35 +355,6 @@ def _reshape_label(op: str) -> str:
     return next(t for t in tokens if t in _RESHAPE_TOKENS)
 
 
-def _match_bn(
-    bn: str,
-    traced: Traced,
-    groups: dict[str, list[str]],
-    roles: Roles,
-    calls: Calls,
-    finder: str,
-) -> Pair | Refusal:
-    if refusal := _bn_call_refusal(bn, calls):
-        return refusal
-    nodes = traced.nodes
-    if bn not in groups:
-        return Refusal(bn, Code.UNTRACEABLE, f"{finder} graph has no op inside {bn}")
-    group = set(groups[bn])
-    entries = sorted({i for n in group for i in nodes[n].inputs if i not in group})
-    if len(entries) != 1:
-        return Refusal(bn, Code.STANDALONE, f"{bn} reads {len(entries)} activations, not one")
-    producer = nodes[entries[0]]
-    if producer.owner is None or roles.of(producer.owner) != LINEAR:
-        return _why_no_linear(bn, entries[0], nodes, roles)
-    linear = producer.owner
-    site = f"{linear} -> {bn}"
-    if calls.of(linear) != 1:
-        return Refusal(site, Code.REUSED_MODULE, reused_detail(linear, calls.of(linear)))
-    if others := _other_consumers(linear, group, nodes, groups[linear]):
-        return Refusal(site, Code.BRANCHING, f"{linear} output is also read by {others}")
-    return _linear_usable(Pair(linear, bn, finder), traced, roles, calls)
-
-
 def _add(scan: Scan, result: Pair | Refusal) -> None:
     if isinstance(result, Pair):
         scan.pairs.append(result)
@@ -287,25 +363,20 @@ def _add(scan: Scan, result: Pair | Refusal) -> None:
 
 
 def _bn_call_refusal(bn: str, calls: Calls) -> Refusal | None:
-    n = calls.of(bn)
-    if n == 0:
+    if calls.of(bn) == 0:
         return Refusal(bn, Code.UNTRACEABLE, f"{bn} did not run on the example inputs")
-    if n > 1:
-        return Refusal(bn, Code.REUSED_MODULE, f"{bn} ran {n} times")
     return None
 
 
-def _other_consumers(
-    linear: str, bn_group: set[str], nodes: dict[str, Node], linear_group: list[str]
-) -> str:
-    """Describe readers of the linear module's output other than the BN ("" if none)."""
+def _other_consumers(linear_group: list[str], allowed: set[str], nodes: dict[str, Node]) -> str:
+    """Describe readers of one linear call's output besides ``allowed`` ("" if none)."""
     own = set(linear_group)
     others = []
     for name in linear_group:
         node = nodes[name]
         if node.is_output:
             others.append("the module output")
-        others += [nodes[u].op for u in node.users if u not in own and u not in bn_group]
+        others += [nodes[u].op for u in node.users if u not in own and u not in allowed]
     return ", ".join(sorted(set(others)))
 
 
@@ -341,9 +412,9 @@ def is_nonlinear(op: str) -> bool:
 def match_sequential(root: nn.Module, roles: Roles, calls: Calls) -> Scan:
     """Pairs from adjacency inside plain ``nn.Sequential`` containers.
 
-    A pair needs the Sequential, the linear module and the BN to each have run
-    exactly once: then the only way the linear output reached anything is the
-    Sequential feeding it to the BN.
+    A pair needs the linear module and the BN to have run exactly as often as the
+    Sequential: then every call of each was the Sequential's, and the only way
+    the linear output reached anything is the Sequential feeding it to the BN.
     """
     scan = Scan("sequential")
     seen: set[str] = set()
@@ -400,14 +471,7 @@ def _sequential_before(
     if not nxt or roles.of(nxt[0][0]) != LINEAR:
         return None
     pair = Pair(nxt[0][0], bn, "sequential", before=True, between=between)
-    if calls.of(pair.linear) != 1:
-        return Refusal(
-            pair.site, Code.REUSED_MODULE, reused_detail(pair.linear, calls.of(pair.linear))
-        )
-    if calls.of(seq) != 1:
-        detail = f"{seq} ran {calls.of(seq)} times; its children may be called directly"
-        return Refusal(pair.site, Code.UNTRACEABLE, detail)
-    return pair
+    return _only_through(seq, pair, calls) or pair
 
 
 def _sequential_pair(
@@ -416,17 +480,25 @@ def _sequential_pair(
     site = f"{prev} -> {bn}"
     kind = type(prev_mod).__name__
     if roles.of(prev) == LINEAR:
-        if calls.of(prev) != 1:
-            return Refusal(site, Code.REUSED_MODULE, reused_detail(prev, calls.of(prev)))
-        if calls.of(seq) != 1:
-            detail = f"{seq} ran {calls.of(seq)} times; its children may be called directly"
-            return Refusal(site, Code.UNTRACEABLE, detail)
-        return Pair(prev, bn, "sequential")
+        pair = Pair(prev, bn, "sequential")
+        return _only_through(seq, pair, calls) or pair
     if is_nonlinear(kind):
         return Refusal(site, Code.NONLINEAR_INPUT, f"{bn} follows {kind}")
     if roles.of(prev) == BN:
         return Refusal(site, Code.STANDALONE, f"{bn} follows BatchNorm {prev}")
     return Refusal(site, Code.UNTRACEABLE, f"{bn} follows {kind}, which is not traced")
+
+
+def _only_through(seq: str, pair: Pair, calls: Calls) -> Refusal | None:
+    """Why neighbours in ``seq`` may have run outside it (None if every call was in it)."""
+    runs = calls.of(seq)
+    if calls.of(pair.bn) != runs:
+        detail = f"{pair.bn} ran {calls.of(pair.bn)} times, {seq or 'the root'} {runs}"
+        return Refusal(pair.site, Code.UNTRACEABLE, f"{detail}: it is also called directly")
+    if calls.of(pair.linear) != runs:
+        detail = reused_detail(pair.linear, calls.of(pair.linear), pair.bn, runs)
+        return Refusal(pair.site, Code.REUSED_MODULE, detail)
+    return None
 
 
 def _export_graph(root: nn.Module, args: tuple[Any, ...], roles: Roles) -> Traced:
@@ -441,8 +513,8 @@ def _export_graph(root: nn.Module, args: tuple[Any, ...], roles: Roles) -> Trace
         if n.op == "placeholder" and n.name in user_inputs:
             nodes[n.name] = Node(None, "input", [])
         elif n.op == "call_function":
-            owner = _export_owner(n, roles)
-            nodes[n.name] = Node(owner, str(n.target), _input_names(n, nodes))
+            owner, call = _export_owner(n, roles)
+            nodes[n.name] = Node(owner, str(n.target), _input_names(n, nodes), call)
             traced.outside_reads |= _params_read_outside(n, owner, params, roles)
         elif n.op == "output":
             _mark_outputs(n, nodes)
@@ -475,12 +547,18 @@ def _quiet(names: tuple[str, ...]) -> Iterator[None]:
             lg.setLevel(level)
 
 
-def _export_owner(n: fx.Node, roles: Roles) -> str | None:
+def _export_owner(n: fx.Node, roles: Roles) -> tuple[str | None, int]:
+    """The innermost linear/BN module an aten op ran in, and which call of it.
+
+    Export keys the module stack by call: the second call of ``conv`` is
+    ``"L__self___conv@1"``.
+    """
     stack = n.meta.get("nn_module_stack") or {}
-    for path, _type in reversed(list(stack.values())):
+    for key, (path, _type) in reversed(list(stack.items())):
         if roles.of(path) is not None:
-            return roles.canonical[path]
-    return None
+            _, at, index = str(key).rpartition("@")
+            return roles.canonical[path], int(index) if at and index.isdigit() else 0
+    return None, 0
 
 
 class _LeafTracer(fx.Tracer):
@@ -502,6 +580,7 @@ def _fx_graph(root: nn.Module, args: tuple[Any, ...], roles: Roles) -> Traced:
     traced = Traced({})
     nodes = traced.nodes
     alias: dict[str, str] = {}  # nn.Identity node -> the node it passes on
+    calls_so_far: dict[str, int] = {}  # owner -> call_module nodes seen (a node is one call)
     for n in graph.nodes:
         if n.op == "get_attr":  # leaf modules read their own weights without get_attr
             traced.outside_reads.add(str(n.target))
@@ -513,7 +592,10 @@ def _fx_graph(root: nn.Module, args: tuple[Any, ...], roles: Roles) -> Traced:
             owner = roles.canonical.get(str(n.target)) if n.op == "call_module" else None
             if owner is not None and roles.of(owner) is None:
                 owner = None
-            nodes[n.name] = Node(owner, _fx_op_name(root, n), _input_names(n, nodes, alias))
+            call = 0
+            if owner is not None:
+                call = calls_so_far[owner] = calls_so_far.get(owner, -1) + 1
+            nodes[n.name] = Node(owner, _fx_op_name(root, n), _input_names(n, nodes, alias), call)
         elif n.op == "output":
             _mark_outputs(n, nodes, alias)
     _link_users(nodes)

@@ -148,19 +148,39 @@ def find_roles(root: nn.Module) -> Roles:
 
 @dataclass
 class Calls:
-    """What one eager forward did, per canonical module path."""
+    """What one eager forward did, per canonical module path.
+
+    A module may run several times (a block applied in a loop); its input and
+    output shapes are kept per distinct value, so a check can tell "every call
+    had this shape" from "the calls differ".
+    """
 
     count: dict[str, int] = field(default_factory=dict)
-    out_ndim: dict[str, int] = field(default_factory=dict)
-    out_shape: dict[str, tuple[int, ...]] = field(default_factory=dict)
-    in_shape: dict[str, tuple[int, ...]] = field(default_factory=dict)
+    out_shapes: dict[str, set[tuple[int, ...]]] = field(default_factory=dict)
+    in_shapes: dict[str, set[tuple[int, ...]]] = field(default_factory=dict)
 
     def of(self, path: str) -> int:
         return self.count.get(path, 0)
 
+    def out_ndims(self, path: str) -> set[int]:
+        """The output ranks the module's calls produced."""
+        return {len(s) for s in self.out_shapes.get(path, ())}
+
+    def out_shape(self, path: str) -> tuple[int, ...] | None:
+        """The output shape of every call; None if unknown or the calls differ."""
+        return _only(self.out_shapes.get(path))
+
+    def in_shape(self, path: str) -> tuple[int, ...] | None:
+        """The (first) input shape of every call; None if unknown or the calls differ."""
+        return _only(self.in_shapes.get(path))
+
+
+def _only(shapes: set[tuple[int, ...]] | None) -> tuple[int, ...] | None:
+    return next(iter(shapes)) if shapes and len(shapes) == 1 else None
+
 
 def observe(root: nn.Module, args: tuple[Any, ...], paths: list[str]) -> Calls:
-    """Run ``root`` once (eval mode, no grad) counting calls and output ranks.
+    """Run ``root`` once (eval mode, no grad) counting calls and recording shapes.
 
     Raises:
         BnfoldError: the module cannot run on the example inputs.
@@ -184,10 +204,9 @@ def _recorder(calls: Calls, path: str) -> Any:
     def hook(_m: nn.Module, inp: Any, out: Any) -> None:
         calls.count[path] = calls.count.get(path, 0) + 1
         if isinstance(out, torch.Tensor):
-            calls.out_ndim[path] = out.ndim
-            calls.out_shape[path] = tuple(out.shape)
+            calls.out_shapes.setdefault(path, set()).add(tuple(out.shape))
         if isinstance(inp, tuple) and inp and isinstance(inp[0], torch.Tensor):
-            calls.in_shape[path] = tuple(inp[0].shape)
+            calls.in_shapes.setdefault(path, set()).add(tuple(inp[0].shape))
 
     return hook
 

@@ -135,12 +135,9 @@ def _apply_all(
 def _folded(undo: eager.Undo) -> Folded:
     pair = undo.pair
     lin, bn = type(undo.root.get_submodule(pair.linear)).__name__, type(undo.bn).__name__
-    if not pair.before:
-        pattern = f"{lin}+{bn}"
-    elif pair.between:
-        pattern = f"{bn}+{_between_label(undo.root, pair.between)}+{lin}"
-    else:
-        pattern = f"{bn}+{lin}"
+    between = _between_label(undo.root, pair.between) if pair.between else ""
+    chain = (bn, between, lin) if pair.before else (lin, between, bn)
+    pattern = "+".join(p for p in chain if p)
     return Folded(pair.site, pattern, pair.linear, pair.bn, pair.finder)
 
 
