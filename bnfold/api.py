@@ -122,15 +122,24 @@ def fold_file(
     verify_options: VerifyOptions | None = None,
     in_place: bool = False,
     clone_shared: bool = True,
+    require_verified: bool = False,
 ) -> tuple[FoldResult, bool]:
     """Fold an ONNX file and write the result atomically, verified before it is published.
 
     The staged output is compared with ``source``; if verification fails nothing
-    is written. If onnxruntime cannot run the original, the output is written
-    and the verification result says "not_verified" with the reason.
+    is written. If the models cannot be compared (onnxruntime cannot run the
+    original), the verification result says "not_verified" with the reason,
+    and the output is written unless
+    ``require_verified``. Whatever is not written leaves ``output`` (and with
+    ``in_place`` the input) untouched.
+
+    Args:
+        require_verified: write only a verified fold (CLI ``--strict``); no
+            effect with ``verify=False``, where nothing is compared.
 
     Returns:
-        (result, written): written is False only when verification failed.
+        (result, written): written is False when verification failed, or was
+        not possible and ``require_verified`` is set (see FoldResult.publishable).
 
     Raises:
         BnfoldError: bad input, output equal to input without ``in_place``,
@@ -144,12 +153,11 @@ def fold_file(
     result = FoldResult(folded.model, folded.report)  # type: ignore[attr-defined]
 
     def accept(staged: Path) -> bool:
-        if not verify:
-            return True
-        # source was loaded and checked above and staged is our own output:
-        # hand both straight to the runtimes instead of parsing them again.
-        result.verification = verify_onnx(source, staged, verify_options)
-        return result.verification.status != "failed"
+        if verify:
+            # source was loaded and checked above and staged is our own output:
+            # hand both straight to the runtimes instead of parsing them again.
+            result.verification = verify_onnx(source, staged, verify_options)
+        return result.publishable(require_verified)
 
     written = io.save_model(result.model, output, external_data=keep_external, accept=accept)
     return result, written

@@ -3,7 +3,8 @@
 Each model is folded by :func:`bnfold.api.fold_file` (atomic, verified save), so
 two runs writing into the same output folder never leave a mixed or partial
 file: the last rename wins, whole. A model that fails (bad file, verification
-failure, even a crashed worker) is recorded and the others carry on.
+failure, even a crashed worker) is recorded and the others carry on; so is one
+that could not be verified when verified folds are required (nothing written).
 """
 
 from __future__ import annotations
@@ -45,9 +46,9 @@ class ModelOutcome:
     seconds: float = 0.0
     result: dict[str, Any] | None = None  # FoldResult.to_dict() when the fold ran
 
-    def exit_code(self, strict: bool) -> int:
-        if strict and self.status == NOT_VERIFIED:
-            return 1
+    def exit_code(self) -> int:
+        if self.status == NOT_VERIFIED and not self.written:
+            return 1  # discarded because verified folds were required (--strict)
         return EXIT_CODES[self.status]
 
 
@@ -61,9 +62,9 @@ class BatchReport:
     outcomes: list[ModelOutcome] = field(default_factory=list)
     seconds: float = 0.0
 
-    def exit_code(self, strict: bool = False) -> int:
-        """0 if every model folded (and verified), 1 if any failed verification, 2 if any erred."""
-        return max((o.exit_code(strict) for o in self.outcomes), default=0)
+    def exit_code(self) -> int:
+        """0 if every model was written, 1 if any failed or lacked verification, 2 if any erred."""
+        return max((o.exit_code() for o in self.outcomes), default=0)
 
     def counts(self) -> dict[str, int]:
         counts = dict.fromkeys((OK, NOT_VERIFIED, VERIFY_FAILED, ERROR), 0)
@@ -99,7 +100,7 @@ def find_models(model_dir: Path, out_dir: Path | None = None) -> list[Path]:
 
 def fold_one(
     source: str, output: str, rel_source: str, rel_output: str, verify: bool,
-    options: VerifyOptions | None,
+    options: VerifyOptions | None, require_verified: bool = False,
 ) -> ModelOutcome:  # fmt: skip
     """Fold one model file; never raises: failures become an outcome with one line."""
     from bnfold.api import fold_file
@@ -108,7 +109,10 @@ def fold_one(
     outcome = ModelOutcome(rel_source, rel_output, ERROR)
     try:
         Path(output).parent.mkdir(parents=True, exist_ok=True)
-        result, written = fold_file(source, output, verify=verify, verify_options=options)
+        result, written = fold_file(
+            source, output, verify=verify, verify_options=options,
+            require_verified=require_verified,
+        )  # fmt: skip
     except PermissionError:
         outcome.error = f"cannot write to {str(Path(output).parent)!r}: permission denied"
     except BnfoldError as err:
@@ -133,6 +137,7 @@ def fold_directory(
     jobs: int = 1,
     verify: bool = True,
     verify_options: VerifyOptions | None = None,
+    require_verified: bool = False,
     on_start: Callable[[int], None] | None = None,
     on_done: Callable[[ModelOutcome], None] | None = None,
 ) -> BatchReport:
@@ -144,6 +149,9 @@ def fold_directory(
         jobs: worker processes; 1 folds in this process.
         verify: verify each model before it is written (see fold_file).
         verify_options: tolerances etc. for every model.
+        require_verified: write only verified folds; a model that could not be
+            verified is reported "not_verified" with ``written`` False, the
+            others are still written.
         on_start: called once with the number of models found.
         on_done: called after each model, in completion order (progress bars).
 
@@ -165,7 +173,7 @@ def fold_directory(
     tasks = []
     for rel in models:
         tasks.append((str(src / rel), str(dst / rel), rel.as_posix(), rel.as_posix(), verify,
-                      verify_options))  # fmt: skip
+                      verify_options, require_verified))  # fmt: skip
     start = time.perf_counter()
     done = _run_serial(tasks, on_done) if jobs <= 1 else _run_pool(tasks, jobs, on_done)
     report.outcomes = [done[task[2]] for task in tasks]
@@ -189,7 +197,7 @@ def write_report(report: BatchReport, path: str | os.PathLike[str]) -> None:
         raise BnfoldError(f"cannot write report {str(target)!r}: {err.strerror or err}") from None
 
 
-Task = tuple[str, str, str, str, bool, "VerifyOptions | None"]
+Task = tuple[str, str, str, str, bool, "VerifyOptions | None", bool]
 
 
 def _run_serial(

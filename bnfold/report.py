@@ -191,6 +191,19 @@ class FoldResult:
     def modified(self) -> bool:
         return bool(self.report.folded)
 
+    def publishable(self, require_verified: bool = False) -> bool:
+        """Whether the folded model may be written.
+
+        Never after a failed verification; not after one that could not be made
+        ("not_verified") when ``require_verified``. A result that was not asked
+        to be verified (``verification`` None) is publishable.
+        """
+        if self.verification is None:
+            return True
+        if self.verification.status == "not_verified":
+            return not require_verified
+        return self.verification.passed
+
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {"report": self.report.to_dict()}
         out["verification"] = self.verification.to_dict() if self.verification else None

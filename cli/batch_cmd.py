@@ -32,7 +32,8 @@ def fold_directory(
 
     Exit code: 0 if every model was folded and written (verified, or not
     verifiable without --strict), 1 if any failed verification (or was not
-    verified with --strict), 2 if any model could not be folded at all.
+    verified with --strict: that model is not written, the others are), 2 if
+    any model could not be folded at all.
     Progress goes to stderr; the table (or --json) to stdout.
 
     Raises:
@@ -64,17 +65,15 @@ def fold_directory(
     with progress:
         report = batch.fold_directory(
             model_dir, out_dir, jobs=jobs, verify=verify, verify_options=verify_options,
-            on_start=started, on_done=finished,
+            require_verified=strict, on_start=started, on_done=finished,
         )  # fmt: skip
     if report_path:
         batch.write_report(report, report_path)
     if as_json:
-        click.echo(
-            json.dumps({**report.to_dict(), "exit_code": report.exit_code(strict)}, indent=2)
-        )
+        click.echo(json.dumps({**report.to_dict(), "exit_code": report.exit_code()}, indent=2))
     else:
         _print_table(report)
-    return report.exit_code(strict)
+    return report.exit_code()
 
 
 def _print_table(report: BatchReport) -> None:
@@ -119,7 +118,9 @@ def _detail(outcome: ModelOutcome) -> str:
         return escape(outcome.error)
     verification = (outcome.result or {}).get("verification") or {}
     if outcome.status == NOT_VERIFIED:
-        return escape(verification.get("reason", "")[:120])
+        reason = verification.get("reason", "")[:120]
+        # First, not after the reason: the table wraps long reasons.
+        return escape(reason if outcome.written else f"nothing written (--strict): {reason}")
     if outcome.status == VERIFY_FAILED:
         return "verification failed: nothing written"
     return "written" if outcome.written else ""

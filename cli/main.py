@@ -1,7 +1,8 @@
 """The ``bnfold`` command line: thin click commands over the Python API.
 
 Exit codes: 0 ok, 1 verification failed (or not verified with --strict),
-2 bad input or usage (one line on stderr, no traceback).
+2 bad input or usage (one line on stderr, no traceback). ``fold`` writes its
+output exactly when it exits 0.
 """
 
 from __future__ import annotations
@@ -150,7 +151,11 @@ main.add_command(bench)
 @click.option("-o", "--output", type=click.Path(), help="Folded model (or folder) to write.")
 @click.option("--in-place", is_flag=True, help="Overwrite MODEL (still atomic and verified).")
 @click.option("--no-verify", is_flag=True, help="Skip the comparison with the original.")
-@click.option("--strict", is_flag=True, help="Exit 1 when the result could not be verified.")
+@click.option(
+    "--strict",
+    is_flag=True,
+    help="Write nothing and exit 1 when the result could not be verified.",
+)
 @click.option(
     "--report",
     "report_path",
@@ -212,9 +217,11 @@ def fold(
         from bnfold.torch_front.files import fold_torch
 
         options = _torch_verify_options(no_verify, verify_kw)
-        result, written = fold_torch(torch_source, output, options, to_onnx)
+        result, written = fold_torch(
+            torch_source, output, options, to_onnx, require_verified=strict
+        )
         _print_fold(result, written, output, as_json, report_path)
-        sys.exit(_fold_exit_code(result.verification, strict))
+        sys.exit(_fold_exit_code(written))
     if model is None:
         raise InputError("missing MODEL (or --module for a torch factory)")
     if to_onnx is not None:
@@ -242,10 +249,11 @@ def fold(
         verify_options=options,
         in_place=in_place,
         clone_shared=not no_clone_shared,
+        require_verified=strict,
     )
     timing = _bench_after_fold(model, target) if run_bench and written else None
     _print_fold(result, written, target, as_json, report_path, timing)
-    sys.exit(_fold_exit_code(result.verification, strict))
+    sys.exit(_fold_exit_code(written))
 
 
 BENCH_LEVELS_AFTER_FOLD = ("disable_all", "all", "all-minus-fusions")
@@ -275,19 +283,22 @@ def _print_fold(
     click.echo(result.report.summary())
     if result.verification is not None:
         click.echo(result.verification.summary())
-    click.echo(f"wrote {target}" if written else "verification FAILED: nothing written")
+    click.echo(f"wrote {target}" if written else _nothing_written(result.verification))
     if timing is not None:
         click.echo(timing.summary())
 
 
-def _fold_exit_code(verification: Any, strict: bool) -> int:
-    if verification is None:
-        return EXIT_OK
-    if verification.status == "failed":
-        return EXIT_VERIFY_FAILED
-    if verification.status == "not_verified" and strict:
-        return EXIT_VERIFY_FAILED
-    return EXIT_OK
+def _nothing_written(verification: Any) -> str:
+    """Why the library kept the output back: a failed or (with --strict) a missing verification."""
+    if verification.status == "not_verified":
+        return f"not verified ({verification.reason}); --strict: nothing written"
+    return "verification FAILED: nothing written"
+
+
+def _fold_exit_code(written: bool) -> int:
+    # The library writes only a publishable fold (FoldResult.publishable): a
+    # pipeline can rely on "exit 0" and "output written" meaning the same.
+    return EXIT_OK if written else EXIT_VERIFY_FAILED
 
 
 @main.command()

@@ -324,3 +324,41 @@ def test_300mb_external_data_model_folds_without_loading_unchanged_weights(tmp_p
     (data,) = out.parent.glob("model.onnx.*.data")
     assert data.stat().st_size >= size - (1 << 20)
     assert verify_models(str(model), str(out)).passed
+
+
+def test_folder_mode_strict_skips_only_the_unverified_model(cli, tmp_path, samples):
+    """--strict: the model onnxruntime cannot run is not written (exit 1); the others are."""
+    import json
+
+    from tests.test_cli import unrunnable_model
+
+    models = tmp_path / "models"
+    models.mkdir()
+    shutil.copy(samples / "conv2d_bn.onnx", models)
+    unrunnable_model(models)
+    out = tmp_path / "out"
+    out.mkdir()
+    previous = out / "unrunnable.onnx"
+    shutil.copy(samples / "resnet_tiny.onnx", previous)
+    before = previous.read_bytes()
+    result = cli(["fold", models, "-o", out, "--strict", "--json"])
+    assert result.exit_code == 1, result.output
+    payload = json.loads(result.stdout)
+    outcomes = {o["source"]: (o["status"], o["written"]) for o in payload["outcomes"]}
+    assert outcomes == {
+        "conv2d_bn.onnx": ("ok", True),
+        "unrunnable.onnx": ("not_verified", False),
+    }
+    assert payload["exit_code"] == 1
+    assert previous.read_bytes() == before
+    assert sorted(p.name for p in out.iterdir()) == ["conv2d_bn.onnx", "unrunnable.onnx"]
+
+    table = cli(["fold", models, "-o", tmp_path / "out_table", "--strict"])
+    assert table.exit_code == 1
+    assert "nothing written (--strict)" in table.stdout
+    assert sorted(p.name for p in (tmp_path / "out_table").iterdir()) == ["conv2d_bn.onnx"]
+
+    lenient = cli(["fold", models, "-o", tmp_path / "out_lenient"])
+    assert lenient.exit_code == 0, lenient.output
+    written = sorted(p.name for p in (tmp_path / "out_lenient").iterdir())
+    assert written == ["conv2d_bn.onnx", "unrunnable.onnx"]

@@ -161,8 +161,7 @@ def test_opset_onnxruntime_cannot_run_folds_but_is_not_verified(
 ):
     """Fold still works; verification says "not verified" with onnxruntime's reason.
 
-    Exit 0 (the fold is written), exit 1 with --strict (and the file is still
-    written: strict only changes the exit code).
+    Exit 0 and the fold is written; with --strict exit 1 and nothing written.
     """
     proto = conv_bn_model(opset=opset, ir_version=ir_version)
     for key, value in bn_attrs.items():
@@ -181,7 +180,8 @@ def test_opset_onnxruntime_cannot_run_folds_but_is_not_verified(
     assert out.is_file() and model.read_bytes() == before
     strict = cli(["fold", model, "-o", tmp_path / "strict.onnx", "--strict"])
     assert strict.exit_code == 1 and "Traceback" not in strict.output
-    assert "NOT VERIFIED" in strict.stdout
+    assert "NOT VERIFIED" in strict.stdout and "--strict: nothing written" in strict.stdout
+    assert not (tmp_path / "strict.onnx").exists() and model.read_bytes() == before
 
 
 # --- external data -------------------------------------------------------------------

@@ -142,12 +142,44 @@ def unrunnable_model(tmp_path: Path) -> Path:
 
 def test_unrunnable_original_still_folds_but_says_not_verified(tmp_path: Path) -> None:
     src, out = unrunnable_model(tmp_path), tmp_path / "out.onnx"
-    result = invoke("fold", src, "-o", out)
+    result = invoke("fold", src, "-o", out, "--json")
     assert result.exit_code == 0, result.output
-    assert "NOT VERIFIED" in result.output
-    assert out.exists()
-    strict = invoke("fold", src, "-o", tmp_path / "strict.onnx", "--strict")
-    assert strict.exit_code == 1
+    payload = json.loads(result.output)
+    assert payload["verification"]["status"] == "not_verified"
+    assert payload["written"] is True and out.exists()
+
+
+def test_strict_writes_nothing_when_not_verified(tmp_path: Path) -> None:
+    src, out = unrunnable_model(tmp_path), tmp_path / "strict.onnx"
+    result = invoke("fold", src, "-o", out, "--strict")
+    assert result.exit_code == 1, result.output
+    assert "not verified (onnxruntime cannot run the original" in result.output
+    assert "--strict: nothing written" in result.output
+    assert not out.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["unrunnable.onnx"]  # no staging left
+    as_json = invoke("fold", src, "-o", out, "--strict", "--json")
+    assert as_json.exit_code == 1
+    payload = json.loads(as_json.output)
+    assert payload["written"] is False and payload["verification"]["status"] == "not_verified"
+    assert not out.exists()
+
+
+def test_strict_leaves_an_existing_output_untouched(tmp_path: Path) -> None:
+    src, out = unrunnable_model(tmp_path), tmp_path / "out.onnx"
+    shutil.copy(RESNET, out)
+    before = out.read_bytes()
+    result = invoke("fold", src, "-o", out, "--strict")
+    assert result.exit_code == 1, result.output
+    assert out.read_bytes() == before
+
+
+def test_strict_in_place_leaves_the_input_untouched(tmp_path: Path) -> None:
+    src = unrunnable_model(tmp_path)
+    before, inode = src.read_bytes(), src.stat().st_ino
+    result = invoke("fold", src, "--in-place", "--strict")
+    assert result.exit_code == 1, result.output
+    assert src.read_bytes() == before and src.stat().st_ino == inode
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["unrunnable.onnx"]
 
 
 @pytest.mark.parametrize("argv0", [["bnfold"], [sys.executable, "-m", "bnfold"]])

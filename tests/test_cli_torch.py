@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -104,3 +105,54 @@ def test_state_dict_without_module_is_a_usage_error(tmp_path: Path) -> None:
 def test_torch_options_without_module_are_refused(tmp_path: Path) -> None:
     result = invoke("inspect", "x.onnx", "--input-shape", SHAPE)
     assert result.exit_code == 2 and "need --module" in result.output
+
+
+@pytest.fixture
+def unverifiable(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Make every torch fold come back "not_verified", as the ONNX front reports.
+
+    The torch front verifies on inputs the user gave, so today it never returns
+    "not_verified"; --strict must still keep such a result back on both paths.
+    """
+    from bnfold.report import VerifyResult
+    from bnfold.torch_front import files
+
+    def unverified(fold: Any) -> Any:
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            result = fold(*args, **kwargs)
+            result.verification = VerifyResult("not_verified", 0.0, 0.0, 0, reason="no runtime")
+            return result
+
+        return wrapper
+
+    monkeypatch.setattr(files, "fold_module", unverified(files.fold_module))
+    monkeypatch.setattr(files, "fold_graph_module", unverified(files.fold_graph_module))
+
+
+def test_strict_factory_fold_writes_nothing_when_not_verified(
+    factory, tmp_path: Path, unverifiable
+) -> None:
+    out, onnx_path = tmp_path / "folded.pt", tmp_path / "folded.onnx"
+    torch.save({"previous": torch.ones(1)}, out)
+    before = out.read_bytes()
+    common = ["fold", "--module", f"{factory}:make", "--input-shape", SHAPE, "-o", out]
+    strict = invoke(*common, "--to-onnx", onnx_path, "--strict", "--json")
+    assert strict.exit_code == 1, strict.output
+    payload = json.loads(strict.output)
+    assert payload["written"] is False and payload["verification"]["status"] == "not_verified"
+    assert out.read_bytes() == before and not onnx_path.exists()
+    lenient = invoke(*common)
+    assert lenient.exit_code == 0, lenient.output
+    assert set(torch.load(out, weights_only=True)) == {"0.weight", "0.bias"}
+
+
+def test_strict_pt2_fold_writes_nothing_when_not_verified(tmp_path: Path, unverifiable) -> None:
+    source, out = tmp_path / "net.pt2", tmp_path / "folded.pt2"
+    save_program(randomize_bn(Net()), torch.randn(2, 3, 8, 8), source)
+    strict = invoke("fold", source, "-o", out, "--strict")
+    assert strict.exit_code == 1, strict.output
+    assert "not verified (no runtime); --strict: nothing written" in strict.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["net.pt2"]
+    lenient = invoke("fold", source, "-o", out)
+    assert lenient.exit_code == 0, lenient.output
+    assert "NOT VERIFIED" in lenient.output and out.is_file()

@@ -10,6 +10,8 @@ Two kinds of input:
     folded module.
 ``to_onnx`` also exports the folded model to ONNX (torch's exporter would fold
 BatchNorm itself; after bnfold there is nothing left for it to fold).
+Both kinds are written only when :meth:`FoldResult.publishable` allows it, the
+rule the ONNX front's ``fold_file`` applies too.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from typing import Any
 
 import torch
 
-from bnfold.errors import BnfoldError
+from bnfold.errors import BnfoldError, first_line
 from bnfold.report import FoldReport, FoldResult, VerifyResult
 from bnfold.torch_front import fold_module, inspect_module
 from bnfold.torch_front import verify as checking
@@ -31,7 +33,6 @@ from bnfold.torch_front.io import (
     example_args,
     example_inputs_from_shapes,
     export_onnx,
-    fold_exported_program_file,
     load_exported_program,
     load_module_factory,
 )
@@ -69,48 +70,73 @@ def fold_torch(
     output: str | os.PathLike[str],
     options: TorchVerifyOptions | None = None,
     to_onnx: str | os.PathLike[str] | None = None,
+    *,
+    require_verified: bool = False,
 ) -> tuple[FoldResult, bool]:
-    """Fold a ``.pt2`` path or a factory-built module and write the result.
+    """Fold a ``.pt2`` path or a factory-built module and write the result atomically.
+
+    A ``.pt2`` source is written as a re-exported ``.pt2``; a factory module as
+    an export if ``output`` ends in ``.pt2``, else as its state_dict.
+
+    Args:
+        require_verified: write only a verified fold (CLI ``--strict``): a
+            "not_verified" result is kept back like a failed one.
 
     Returns:
-        (result, written): written is False when verification failed after
-        rollback; then nothing is written.
+        (result, written): ``result.model`` is the folded module. written is
+        False, and neither ``output`` nor ``to_onnx`` touched, when verification
+        failed after rollback, or was not possible and ``require_verified`` is set.
+
+    Raises:
+        BnfoldError: bad input or output path, a state_dict without --module,
+            the folded module cannot be exported.
     """
     o = options or TorchVerifyOptions()
     if isinstance(source, ModuleSource):
-        return _fold_factory_module(source, Path(output), o, to_onnx)
-    path = Path(source)
+        module, args = source.load()
+        result = fold_module(
+            module, args, verify=o.verify, rtol=o.rtol, atol=o.atol, samples=o.samples,
+            seed=o.seed,
+        )  # fmt: skip
+        as_program = Path(output).suffix == ".pt2"
+    else:
+        result, args = _fold_program_file(Path(source), o)
+        as_program = True
+    if not result.publishable(require_verified):
+        return result, False
+    _save(result.model, args, Path(output), as_program)
+    if to_onnx is not None:
+        export_onnx(result.model, args, to_onnx)
+    return result, True
+
+
+def _fold_program_file(path: Path, o: TorchVerifyOptions) -> tuple[FoldResult, tuple[Any, ...]]:
+    """Fold a ``.pt2`` file's program at the aten graph level; also return its example args."""
     if path.suffix in STATE_DICT_SUFFIXES:
         raise BnfoldError(
             f"{path}: a state_dict has no architecture; pass --module pkg.mod:factory "
             f"--weights {path} --input-shape ..."
         )
-    result = fold_exported_program_file(
-        path, output, verify=o.verify, rtol=o.rtol, atol=o.atol, samples=o.samples, seed=o.seed
+    ep = load_exported_program(path)
+    args = example_args(ep)
+    result = fold_graph_module(
+        ep.module, args, verify=o.verify, rtol=o.rtol, atol=o.atol, samples=o.samples, seed=o.seed
     )
-    written = result.verification is None or result.verification.status != "failed"
-    if written and to_onnx is not None:
-        export_onnx(result.model, example_args(result.model), to_onnx)
-    return result, written
+    return result, args
 
 
-def _fold_factory_module(
-    source: ModuleSource, output: Path, o: TorchVerifyOptions, to_onnx: Any
-) -> tuple[FoldResult, bool]:
-    module, args = source.load()
-    result = fold_module(
-        module, args, verify=o.verify, rtol=o.rtol, atol=o.atol, samples=o.samples, seed=o.seed
-    )
-    if result.verification is not None and result.verification.status == "failed":
-        return result, False
+def _save(module: torch.nn.Module, args: tuple[Any, ...], output: Path, as_program: bool) -> None:
+    """Write ``module`` to ``output`` atomically: exported with ``args``, or its state_dict."""
+    if not as_program:
+        with atomic_target(output) as tmp:
+            torch.save(module.state_dict(), tmp)
+        return
+    try:
+        program = torch.export.export(module, args, strict=False)
+    except Exception as e:  # torch.export raises many types
+        raise BnfoldError(f"exporting the folded module failed: {first_line(e)}") from None
     with atomic_target(output) as tmp:
-        if output.suffix == ".pt2":
-            torch.export.save(torch.export.export(result.model, args, strict=False), tmp)
-        else:
-            torch.save(result.model.state_dict(), tmp)
-    if to_onnx is not None:
-        export_onnx(result.model, args, to_onnx)
-    return result, True
+        torch.export.save(program, tmp)
 
 
 def inspect_torch(source: ModuleSource | str) -> FoldReport:
