@@ -14,7 +14,7 @@ from typing import Any
 
 import onnx_ir as ir
 
-from bnfold.compare import VerifyOptions, verify_onnx
+from bnfold.compare import MAX_INPUT_BYTES, VerifyOptions, verify_onnx
 from bnfold.errors import BnfoldError
 from bnfold.onnx_front import io
 from bnfold.onnx_front.match import MatchOptions
@@ -100,9 +100,14 @@ def verify(
     samples: int = 3,
     seed: int = 0,
     shapes: Mapping[str, Sequence[int]] | None = None,
+    max_input_bytes: int = MAX_INPUT_BYTES,
 ) -> VerifyResult:
-    """Compare two ONNX models (paths or onnx_ir.Model) at ORT_DISABLE_ALL."""
-    options = VerifyOptions(atol, rtol, samples, seed, shapes)
+    """Compare two ONNX models (paths or onnx_ir.Model) at ORT_DISABLE_ALL.
+
+    Not verified (status "not_verified") when the original cannot run or one
+    sample of random inputs would need more than ``max_input_bytes``.
+    """
+    options = VerifyOptions(atol, rtol, samples, seed, shapes, max_input_bytes)
     return verify_models(original, folded, options)
 
 
@@ -128,8 +133,8 @@ def fold_file(
 
     The staged output is compared with ``source``; if verification fails nothing
     is written. If the models cannot be compared (onnxruntime cannot run the
-    original), the verification result says "not_verified" with the reason,
-    and the output is written unless
+    original, the inputs would be too large), the verification result says
+    "not_verified" with the reason, and the output is written unless
     ``require_verified``. Whatever is not written leaves ``output`` (and with
     ``in_place`` the input) untouched.
 

@@ -5,12 +5,15 @@ onnxruntime fuses Conv+BatchNorm itself, so the "original" would already be
 folded and a wrong fold could pass unnoticed. When onnxruntime cannot run the
 original at all (opsets below 7, say), both models run in ONNX's reference
 evaluator instead, if they are small enough for it; otherwise the result is
-"not_verified" with the reason.
+"not_verified" with the reason. So is a model whose declared input shapes would
+need more than ``VerifyOptions.max_input_bytes`` of random inputs per sample:
+the sizes are checked before anything is allocated.
 """
 
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import tempfile
 from collections.abc import Iterator, Mapping, Sequence
@@ -23,7 +26,7 @@ import numpy as np
 import onnx_ir as ir
 
 from bnfold.errors import BnfoldError, first_line
-from bnfold.report import OutputDiff, VerifyResult
+from bnfold.report import NotVerified, OutputDiff, VerifyResult
 
 # Default rtol per output dtype, applied to the output's scale (max |reference|).
 # fp32 folds typically land near 1e-7; 1e-5 leaves room for deep nets while a
@@ -31,6 +34,14 @@ from bnfold.report import OutputDiff, VerifyResult
 DEFAULT_RTOL = {"float64": 1e-10, "float32": 1e-5, "float16": 1e-2, "bfloat16": 5e-2}
 # The reference evaluator is plain numpy: fine for small models, hours for big ones.
 REFERENCE_MAX_BYTES = 64 << 20
+# Default cap on one sample of random inputs (all inputs together). Shapes come
+# from the model, and a declared 64x3x8192x8192 input alone is 48 GiB: past the
+# cap verification does not run ("not_verified") instead of exhausting memory.
+# Verification holds `samples` such samples at once.
+MAX_INPUT_BYTES = 1 << 30
+# Elements drawn at a time: the float64/int64 draw behind a narrower input
+# dtype then takes one block beside the result, not a second full-size array.
+_DRAW_BLOCK = 1 << 20
 
 ORT_LEVEL = "ORT_DISABLE_ALL"
 REFERENCE_LEVEL = "onnx.reference (onnxruntime cannot run the original)"
@@ -66,6 +77,38 @@ class _FoldedFailed(_RuntimeFailure):
 
 
 @dataclass(frozen=True)
+class FeedPlan:
+    """One random input array to be made: name, concrete shape, numpy dtype."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: np.dtype
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * self.dtype.itemsize
+
+
+class InputsTooLarge(BnfoldError):
+    """One sample of random inputs would need more than the cap; nothing was allocated."""
+
+    def __init__(self, largest: FeedPlan, total: int, limit: int) -> None:
+        self.largest, self.total, self.limit = largest, total, limit
+        super().__init__(self._describe())
+
+    def _describe(self) -> str:
+        big = self.largest
+        dims = "x".join(str(d) for d in big.shape)
+        text = f"input {big.name!r} of shape {dims} ({big.dtype}) needs {_size(big.nbytes)}"
+        if self.total != big.nbytes:
+            text += f", all inputs of one sample {_size(self.total)}"
+        return (
+            f"{text}, over the {_size(self.limit)} limit for random inputs; "
+            f"pass a smaller --shape {big.name}:DIMS (or raise --max-input-mib)"
+        )
+
+
+@dataclass(frozen=True)
 class VerifyOptions:
     """How two models are compared.
 
@@ -75,6 +118,8 @@ class VerifyOptions:
         samples: how many random input draws.
         seed: seed for the draws.
         shapes: concrete shapes for inputs with dynamic dimensions (others use 1).
+        max_input_bytes: cap on one sample's random inputs, all inputs together;
+            past it the result is "not_verified" (inputs_too_large).
     """
 
     atol: float = 0.0
@@ -82,6 +127,7 @@ class VerifyOptions:
     samples: int = 3
     seed: int = 0
     shapes: Mapping[str, Sequence[int]] | None = None
+    max_input_bytes: int = MAX_INPUT_BYTES
 
 
 def verify_onnx(original: Any, folded: Any, options: VerifyOptions | None = None) -> VerifyResult:
@@ -95,28 +141,32 @@ def verify_onnx(original: Any, folded: Any, options: VerifyOptions | None = None
         options: tolerances, draws and input shapes.
 
     Returns:
-        A VerifyResult; status "not_verified" when no runtime can run the original.
+        A VerifyResult; status "not_verified" (with ``reason_code``) when no
+        runtime can run the original, the original fails on the random inputs,
+        or one sample of inputs would exceed ``options.max_input_bytes``.
 
     Raises:
-        BnfoldError: the folded model cannot be run, or the models' inputs differ.
+        BnfoldError: the folded model cannot be run, the models' inputs differ,
+            or ``options.shapes`` names no input.
     """
     o = options or VerifyOptions()
     atol, rtol, samples = o.atol, o.rtol, o.samples
-    not_verified = VerifyResult("not_verified", atol, rtol or 0.0, 0)
     with _as_path(original) as ref_path, _as_path(folded) as new_path:
         try:
             ref, runtime_kind, level = _original_runtime(ref_path)
-        except _RuntimeFailure as err:
-            not_verified.reason = str(err)
-            return not_verified
-        inputs, names = ref.inputs(), ref.output_names()
-        rng = np.random.default_rng(o.seed)
-        all_feeds = [random_feeds(inputs, rng, o.shapes or {}) for _ in range(samples)]
-        try:
+            inputs, names = ref.inputs(), ref.output_names()
+            rng = np.random.default_rng(o.seed)
+            all_feeds = [
+                random_feeds(inputs, rng, o.shapes or {}, max_bytes=o.max_input_bytes)
+                for _ in range(samples)
+            ]
             expected = [_run(ref, names, f, _OriginalFailed, "original") for f in all_feeds]
         except _OriginalFailed as err:
-            not_verified.reason = str(err)
-            return not_verified
+            return _not_verified(NotVerified.ORIGINAL_FAILED, str(err), o)
+        except _RuntimeFailure as err:
+            return _not_verified(NotVerified.ORIGINAL_NOT_RUNNABLE, str(err), o)
+        except InputsTooLarge as err:
+            return _not_verified(NotVerified.INPUTS_TOO_LARGE, str(err), o)
         # One model in memory at a time: a multi-GB model and its fold would need twice.
         del ref
         new = _folded_runtime(runtime_kind, new_path)
@@ -132,6 +182,10 @@ def verify_onnx(original: Any, folded: Any, options: VerifyOptions | None = None
             prev = worst.get(name, (0.0, 0.0, ""))
             worst[name] = (max(prev[0], max_abs), max(prev[1], scale), str(np.asarray(r).dtype))
     return summarize(worst, atol, rtol, samples, level)
+
+
+def _not_verified(code: NotVerified, reason: str, o: VerifyOptions) -> VerifyResult:
+    return VerifyResult("not_verified", o.atol, o.rtol or 0.0, 0, reason=reason, reason_code=code)
 
 
 def _original_runtime(path: Path) -> tuple[Any, type, str]:
@@ -308,31 +362,84 @@ def _require_same_inputs(a: list[InputSpec], b: list[InputSpec]) -> None:
 
 
 def random_feeds(
-    inputs: list[InputSpec], rng: np.random.Generator, shapes: Mapping[str, Sequence[int]]
+    inputs: list[InputSpec],
+    rng: np.random.Generator,
+    shapes: Mapping[str, Sequence[int]],
+    max_bytes: int | None = None,
 ) -> dict[str, np.ndarray]:
-    """One random array per input: right dtype, dynamic dims from ``shapes`` or 1."""
+    """One random array per input: right dtype, dynamic dims from ``shapes`` or 1.
+
+    Raises:
+        InputsTooLarge: the arrays together would exceed ``max_bytes`` (None: no
+            cap); checked before any is allocated.
+        BnfoldError: ``shapes`` names no input, or an input type cannot be made.
+    """
+    plans = plan_feeds(inputs, shapes)
+    if max_bytes is not None:
+        require_within(plans, max_bytes)
+    return {p.name: _random_array(rng, p.shape, p.dtype) for p in plans}
+
+
+def plan_feeds(inputs: list[InputSpec], shapes: Mapping[str, Sequence[int]]) -> list[FeedPlan]:
+    """The array each input needs, without allocating it: ``shapes`` override, dynamic dims 1.
+
+    Raises:
+        BnfoldError: ``shapes`` names no input, or an input type cannot be made.
+    """
     unknown = set(shapes) - {i.name for i in inputs}
     if unknown:
         raise BnfoldError(f"--shape names no input of the model: {', '.join(sorted(unknown))}")
-    feeds = {}
+    plans = []
     for spec in inputs:
         if spec.dtype is None:
             raise BnfoldError(
                 f"input {spec.name!r} has type {spec.type_name}; verify cannot make it"
             )
         if spec.name in shapes:
-            shape = list(shapes[spec.name])
+            shape = tuple(shapes[spec.name])
         else:
-            shape = [1 if d is None else d for d in spec.dims]
-        feeds[spec.name] = _random_array(rng, shape, np.dtype(spec.dtype))
-    return feeds
+            shape = tuple(1 if d is None else d for d in spec.dims)
+        plans.append(FeedPlan(spec.name, shape, np.dtype(spec.dtype)))
+    return plans
 
 
-def _random_array(rng: np.random.Generator, shape: list[int], dtype: np.dtype) -> np.ndarray:
+def require_within(plans: Sequence[FeedPlan], max_bytes: int) -> None:
+    """Raise InputsTooLarge, naming the largest input, if ``plans`` need over ``max_bytes``."""
+    total = sum(p.nbytes for p in plans)
+    if total > max_bytes:
+        raise InputsTooLarge(max(plans, key=lambda p: p.nbytes), total, max_bytes)
+
+
+def _random_array(rng: np.random.Generator, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
+    """Standard normal floats, 0/1 integers and bools, drawn block by block.
+
+    Drawing in blocks gives the same values as one draw of the whole shape.
+    """
+    out = np.empty(shape, dtype)
+    flat = out.reshape(-1)  # a view: np.empty is contiguous
+    for start in range(0, flat.size, _DRAW_BLOCK):
+        n = min(_DRAW_BLOCK, flat.size - start)
+        flat[start : start + n] = _draw(rng, n, dtype)
+    return out
+
+
+def _draw(rng: np.random.Generator, n: int, dtype: np.dtype) -> np.ndarray:
     if dtype.kind == "f" or dtype == ml_dtypes.bfloat16:
-        return rng.standard_normal(shape).astype(dtype)
+        return rng.standard_normal(n).astype(dtype)
     # Integer inputs are usually indices or sizes, bools are masks: keep them 0/1.
-    return rng.integers(0, 2, shape).astype(dtype)
+    return rng.integers(0, 2, n).astype(dtype)
+
+
+def _size(nbytes: int) -> str:
+    """``51539607552`` -> ``"48.0 GiB"``."""
+    if nbytes < 1024:
+        return f"{nbytes} B"
+    size = nbytes / 1024
+    for unit in ("KiB", "MiB", "GiB"):
+        if size < 1024:
+            return f"{size:.1f} {unit}"
+        size /= 1024
+    return f"{size:.1f} TiB"
 
 
 def _run(

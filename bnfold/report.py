@@ -123,6 +123,17 @@ def count_ops(op_types: list[str]) -> dict[str, int]:
     return dict(sorted(Counter(op_types).items()))
 
 
+class NotVerified(str, enum.Enum):
+    """Why a comparison could not be made (``VerifyResult.status`` "not_verified")."""
+
+    ORIGINAL_NOT_RUNNABLE = "original_not_runnable"
+    """No runtime can load the original model (a custom op, an unknown opset)."""
+    ORIGINAL_FAILED = "original_failed"
+    """The original model failed on the random inputs: nothing to compare against."""
+    INPUTS_TOO_LARGE = "inputs_too_large"
+    """One sample of random inputs would exceed the byte cap; nothing was allocated."""
+
+
 @dataclass(frozen=True)
 class OutputDiff:
     """How far one output of the folded model is from the original."""
@@ -138,8 +149,8 @@ class OutputDiff:
 class VerifyResult:
     """Outcome of comparing an original and a folded model.
 
-    ``status`` is "passed", "failed" or "not_verified" (the original could not be
-    run at all; ``reason`` says why).
+    ``status`` is "passed", "failed" or "not_verified" (the models could not be
+    compared; ``reason_code`` says why, ``reason`` in words).
     """
 
     status: str
@@ -149,6 +160,7 @@ class VerifyResult:
     outputs: list[OutputDiff] = field(default_factory=list)
     reason: str = ""
     optimization_level: str = "ORT_DISABLE_ALL"
+    reason_code: NotVerified | None = None  # set with status "not_verified"
 
     @property
     def passed(self) -> bool:

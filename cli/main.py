@@ -22,6 +22,7 @@ from bnfold.cli.errors import (
     InputError,
     one_line_errors,
 )
+from bnfold.compare import MAX_INPUT_BYTES
 
 
 def verify_options(func: F) -> F:
@@ -53,6 +54,15 @@ def verify_options(func: F) -> F:
             metavar="NAME:1x3x224x224",
             help="Concrete shape for an input with dynamic dims (repeatable).",
         ),
+        click.option(
+            "--max-input-mib",
+            type=click.IntRange(1),
+            default=None,
+            help=(
+                "Cap on one sample of random inputs, all inputs together, in MiB; "
+                f"larger: not verified.  [default: {MAX_INPUT_BYTES >> 20}]"
+            ),
+        ),
     ]
     for option in reversed(options):
         func = option(func)
@@ -60,12 +70,18 @@ def verify_options(func: F) -> F:
 
 
 def _verify_options(
-    atol: float, rtol: float | None, samples: int, seed: int, shapes: tuple[str, ...]
+    atol: float,
+    rtol: float | None,
+    samples: int,
+    seed: int,
+    shapes: tuple[str, ...],
+    max_input_mib: int | None,
 ) -> Any:
     from bnfold.api import VerifyOptions
     from bnfold.compare import parse_shapes
 
-    return VerifyOptions(atol, rtol, samples, seed, parse_shapes(shapes))
+    max_bytes = MAX_INPUT_BYTES if max_input_mib is None else max_input_mib << 20
+    return VerifyOptions(atol, rtol, samples, seed, parse_shapes(shapes), max_bytes)
 
 
 def torch_options(func: F) -> F:
@@ -130,8 +146,10 @@ def _parse_dims(specs: tuple[str, ...]) -> tuple[tuple[int, ...], ...]:
 def _torch_verify_options(no_verify: bool, verify_kw: dict[str, Any]) -> Any:
     from bnfold.torch_front.files import TorchVerifyOptions
 
-    if verify_kw.get("shapes"):
-        raise InputError("--shape is for ONNX inputs; torch models take --input-shape")
+    if verify_kw.get("shapes") or verify_kw.get("max_input_mib") is not None:
+        raise InputError(
+            "--shape/--max-input-mib are for ONNX inputs; torch models take --input-shape"
+        )
     return TorchVerifyOptions(
         not no_verify, verify_kw["rtol"], verify_kw["atol"], verify_kw["samples"], verify_kw["seed"]
     )

@@ -14,15 +14,17 @@ import subprocess
 import sys
 from pathlib import Path
 
+import ml_dtypes
 import numpy as np
 import onnx
 import pytest
 from onnx import helper, numpy_helper
 
 import bnfold
-from bnfold import BnfoldError, Code
+from bnfold import BnfoldError, Code, compare
 from bnfold.api import verify as verify_models
 from bnfold.onnx_front import io
+from bnfold.report import NotVerified
 from tests.conftest import assert_one_line_error, conv_bn_model, snapshot
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -182,6 +184,61 @@ def test_opset_onnxruntime_cannot_run_folds_but_is_not_verified(
     assert strict.exit_code == 1 and "Traceback" not in strict.output
     assert "NOT VERIFIED" in strict.stdout and "--strict: nothing written" in strict.stdout
     assert not (tmp_path / "strict.onnx").exists() and model.read_bytes() == before
+
+
+# --- inputs too large to verify ----------------------------------------------------
+
+
+def _spec(name: str, dims: list[int | None], dtype: type = np.float32) -> compare.InputSpec:
+    return compare.InputSpec(name, dtype, dims, "tensor(float)")
+
+
+def test_random_feeds_over_the_cap_raise_before_allocating(monkeypatch):
+    def no_allocation(*args):
+        raise AssertionError("random inputs were allocated")
+
+    monkeypatch.setattr(compare, "_random_array", no_allocation)
+    inputs = [_spec("small", [1, 8]), _spec("image", [64, 3, 8192, 8192])]
+    with pytest.raises(compare.InputsTooLarge) as caught:
+        compare.random_feeds(inputs, np.random.default_rng(0), {}, max_bytes=1 << 30)
+    assert caught.value.largest.name == "image"
+    assert caught.value.total == 64 * 3 * 8192 * 8192 * 4 + 8 * 4
+    assert "all inputs of one sample" in str(caught.value)
+
+
+def test_random_feeds_cap_counts_shape_overrides_and_dynamic_dims():
+    inputs = [_spec("x", [None, 3, 1024, 1024])]  # dynamic batch: 1 -> 12 MiB
+    rng = np.random.default_rng(0)
+    assert compare.random_feeds(inputs, rng, {}, max_bytes=12 << 20)["x"].shape == (
+        1,
+        3,
+        1024,
+        1024,
+    )
+    with pytest.raises(compare.InputsTooLarge, match="2x3x1024x1024"):
+        compare.random_feeds(inputs, rng, {"x": [2, 3, 1024, 1024]}, max_bytes=12 << 20)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float16, ml_dtypes.bfloat16, np.int64, np.bool_])
+def test_random_inputs_drawn_in_blocks_equal_one_draw(monkeypatch, dtype):
+    """Blockwise drawing bounds memory but must not change what a seed gives."""
+    monkeypatch.setattr(compare, "_DRAW_BLOCK", 7)
+    got = compare.random_feeds([_spec("x", [3, 5, 4], dtype)], np.random.default_rng(5), {})["x"]
+    rng = np.random.default_rng(5)
+    if np.dtype(dtype).kind in "biu":
+        want = rng.integers(0, 2, (3, 5, 4)).astype(dtype)
+    else:
+        want = rng.standard_normal((3, 5, 4)).astype(dtype)
+    assert got.dtype == np.dtype(dtype)
+    np.testing.assert_array_equal(got, want)
+
+
+def test_verify_with_a_small_cap_is_not_verified(tmp_path):
+    model = _write(tmp_path / "model.onnx", conv_bn_model())  # 1x3x6x6 float32: 432 bytes
+    result = bnfold.verify(str(model), str(model), max_input_bytes=431)
+    assert result.status == "not_verified" and result.reason_code == NotVerified.INPUTS_TOO_LARGE
+    assert "432 B" in result.reason and "431 B" in result.reason
+    assert bnfold.verify(str(model), str(model), max_input_bytes=432).passed
 
 
 # --- external data -------------------------------------------------------------------

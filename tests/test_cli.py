@@ -146,6 +146,7 @@ def test_unrunnable_original_still_folds_but_says_not_verified(tmp_path: Path) -
     assert result.exit_code == 0, result.output
     payload = json.loads(result.output)
     assert payload["verification"]["status"] == "not_verified"
+    assert payload["verification"]["reason_code"] == "original_not_runnable"
     assert payload["written"] is True and out.exists()
 
 
@@ -180,6 +181,52 @@ def test_strict_in_place_leaves_the_input_untouched(tmp_path: Path) -> None:
     assert result.exit_code == 1, result.output
     assert src.read_bytes() == before and src.stat().st_ino == inode
     assert sorted(p.name for p in tmp_path.iterdir()) == ["unrunnable.onnx"]
+
+
+def huge_input_model(tmp_path: Path, shape: list[int]) -> Path:
+    """Conv -> BN whose input is declared static and ``shape``: no weights are large."""
+    nodes, inits = conv_bn()
+    path = tmp_path / "huge_input.onnx"
+    onnx.save(model(nodes, inits, [("input", shape)], ["output"]), path)
+    return path
+
+
+def test_inputs_over_the_cap_are_not_verified_and_not_allocated(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A declared 64x3x8192x8192 float input is 48 GiB: refused before any array exists."""
+    from bnfold import compare
+
+    def no_allocation(*args: object) -> None:
+        raise AssertionError("random inputs were allocated")
+
+    monkeypatch.setattr(compare, "_random_array", no_allocation)
+    src, out = huge_input_model(tmp_path, [64, 3, 8192, 8192]), tmp_path / "out.onnx"
+    result = invoke("fold", src, "-o", out, "--json")
+    assert result.exit_code == 0, result.output
+    payload = json.loads(result.output)
+    verification = payload["verification"]
+    assert verification["status"] == "not_verified"
+    assert verification["reason_code"] == "inputs_too_large"
+    for part in ("'input'", "64x3x8192x8192", "48.0 GiB", "1.0 GiB", "--shape input:"):
+        assert part in verification["reason"], part
+    assert payload["written"] is True and out.exists()
+    strict = invoke("fold", src, "-o", tmp_path / "strict.onnx", "--strict")
+    assert strict.exit_code == 1, strict.output
+    assert "not verified (input 'input' of shape 64x3x8192x8192" in strict.output
+    assert not (tmp_path / "strict.onnx").exists()
+    check = invoke("verify", src, out)
+    assert check.exit_code == 1 and "NOT VERIFIED" in check.output
+
+
+def test_max_input_mib_sets_the_cap(tmp_path: Path) -> None:
+    src = huge_input_model(tmp_path, [1, 3, 512, 512])  # 3 MiB of float32
+    capped = invoke("verify", src, src, "--max-input-mib", "2", "--json")
+    assert capped.exit_code == 1
+    assert json.loads(capped.output)["reason_code"] == "inputs_too_large"
+    roomy = invoke("verify", src, src, "--max-input-mib", "4", "--json")
+    assert roomy.exit_code == 0, roomy.output
+    assert json.loads(roomy.output)["status"] == "passed"
 
 
 @pytest.mark.parametrize("argv0", [["bnfold"], [sys.executable, "-m", "bnfold"]])

@@ -156,3 +156,11 @@ def test_strict_pt2_fold_writes_nothing_when_not_verified(tmp_path: Path, unveri
     lenient = invoke("fold", source, "-o", out)
     assert lenient.exit_code == 0, lenient.output
     assert "NOT VERIFIED" in lenient.output and out.is_file()
+
+
+def test_max_input_mib_is_refused_for_torch_models(factory, tmp_path: Path) -> None:
+    result = invoke(
+        "fold", "--module", f"{factory}:make", "--input-shape", SHAPE, "-o", tmp_path / "o.pt",
+        "--max-input-mib", "8",
+    )  # fmt: skip
+    assert result.exit_code == 2 and "--max-input-mib" in result.output
