@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import platform
 import statistics
@@ -79,14 +80,71 @@ class Stats:
 
 
 @dataclass(frozen=True)
+class PairedRatio:
+    """Folded over original, run by run, with a 95 % confidence interval of the median.
+
+    Each folded run is timed right beside an original run, so load that comes
+    and goes on a shared machine hits both alike and cancels in their ratio.
+    The interval is distribution-free (binomial order statistics): it needs
+    no assumption about how noise is shaped, and it is honest about when a
+    difference of 1 % cannot be told from noise (an interval wider than that).
+    """
+
+    median: float
+    low: float
+    high: float
+    pairs: int
+
+    @classmethod
+    def of(cls, original_ms: Sequence[float], folded_ms: Sequence[float]) -> PairedRatio:
+        ratios = sorted(f / o for o, f in zip(original_ms, folded_ms, strict=True) if o > 0)
+        if not ratios:
+            return cls(1.0, 1.0, 1.0, 0)
+        k = _median_interval_rank(len(ratios))
+        return cls(statistics.median(ratios), ratios[k], ratios[-1 - k], len(ratios))
+
+
+def _median_interval_rank(n: int) -> int:
+    """The largest k with P(Binomial(n, 1/2) <= k) <= 2.5 %; 0 below 6 samples.
+
+    Then sorted[k] .. sorted[n-1-k] holds the true median with >= 95 %
+    probability, whatever the distribution.
+    """
+    below, k = 1, 0  # C(n, 0): the ways for no sample to fall below the median
+    while k + 1 < n // 2 and (below + math.comb(n, k + 1)) * 40 <= 2**n:
+        k += 1
+        below += math.comb(n, k)
+    return k if below * 40 <= 2**n else 0
+
+
+@dataclass(frozen=True)
 class LevelTiming:
     """Both models timed at one optimisation level."""
 
     level: str
     original: Stats
     folded: Stats
+    paired: PairedRatio
     ort_level: str = ""  # GraphOptimizationLevel member; "" for torch eager
     disabled_optimizers: tuple[str, ...] = ()
+
+    @classmethod
+    def of(
+        cls,
+        level: str,
+        original_ms: Sequence[float],
+        folded_ms: Sequence[float],
+        ort_level: str = "",
+        disabled_optimizers: tuple[str, ...] = (),
+    ) -> LevelTiming:
+        return cls(
+            level,
+            Stats.of(original_ms),
+            Stats.of(folded_ms),
+            PairedRatio.of(original_ms, folded_ms),
+            ort_level,
+            disabled_optimizers,
+        )
 
     @property
     def ratio(self) -> float:
@@ -154,10 +212,12 @@ class BenchReport:
             f"  original: {self.original}",
             f"  folded:   {self.folded}"
             + (f" ({self.folds} folds)" if self.folds is not None else ""),
-            f"  {'level':<18} {'original ms':>18} {'folded ms':>18} {'ratio':>7}",
+            f"  {'level':<18} {'original ms':>18} {'folded ms':>18} {'ratio':>7}"
+            f"  {'paired ratio':>30}",
         ]
         lines += [
             f"  {t.level:<18} {_fmt(t.original):>18} {_fmt(t.folded):>18} {t.ratio:>7.3f}"
+            f"  {format_paired(t.paired):>30}"
             for t in self.levels
         ]
         return "\n".join(lines)
@@ -165,6 +225,11 @@ class BenchReport:
 
 def _fmt(stats: Stats) -> str:
     return f"{stats.median_ms:.3f} ±{stats.iqr_ms:.3f}"
+
+
+def format_paired(paired: PairedRatio) -> str:
+    """ "0.981, 95% CI [0.975, 0.990]": median paired ratio and its interval."""
+    return f"{paired.median:.3f}, 95% CI [{paired.low:.3f}, {paired.high:.3f}]"
 
 
 def bench_onnx(
@@ -219,7 +284,7 @@ def bench_onnx(
             run_b = _runner(sess_b, _feeds_for(sess_b, feeds))
             a_ms, b_ms = time_interleaved(run_a, run_b, warmup, runs, ticker)
             member, disabled = LEVELS[level]
-            timing = LevelTiming(level, Stats.of(a_ms), Stats.of(b_ms), member, disabled)
+            timing = LevelTiming.of(level, a_ms, b_ms, member, disabled)
             report.levels.append(timing)
     return report
 
@@ -262,7 +327,7 @@ def bench_torch(
             )
     finally:
         torch.set_num_threads(saved_threads)
-    report.levels.append(LevelTiming("eager", Stats.of(a_ms), Stats.of(b_ms)))
+    report.levels.append(LevelTiming.of("eager", a_ms, b_ms))
     return report
 
 
@@ -355,7 +420,12 @@ def time_interleaved(
     runs: int,
     ticker: Callable[[], None] | None = None,
 ) -> tuple[list[float], list[float]]:
-    """Warm up, then time ``run_a`` and ``run_b`` alternately; milliseconds per run."""
+    """Warm up, then time ``run_a`` and ``run_b`` in pairs; milliseconds per run.
+
+    Pairs alternate their order (AB, BA, AB, ...): whichever model runs second
+    finds caches warm from the first, and alternating gives that edge to each
+    model half of the time instead of always to the same one.
+    """
     tick = ticker or (lambda: None)
     for _ in range(warmup):
         run_a()
@@ -364,11 +434,11 @@ def time_interleaved(
         tick()
     a_ms: list[float] = []
     b_ms: list[float] = []
-    for _ in range(runs):
-        a_ms.append(_timed(run_a))
-        tick()
-        b_ms.append(_timed(run_b))
-        tick()
+    for i in range(runs):
+        order = ((run_a, a_ms), (run_b, b_ms)) if i % 2 == 0 else ((run_b, b_ms), (run_a, a_ms))
+        for run, times in order:
+            times.append(_timed(run))
+            tick()
     return a_ms, b_ms
 
 

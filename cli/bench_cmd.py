@@ -158,6 +158,8 @@ def print_report(report: BenchReport) -> None:
     from rich.console import Console
     from rich.table import Table
 
+    from bnfold.bench import format_paired
+
     env = report.environment
     table = Table(
         title=f"{env.runtime}: {env.threads} thread(s), {env.warmup} warm-up + {env.runs} "
@@ -176,5 +178,7 @@ def print_report(report: BenchReport) -> None:
     console.print(f"folded:   {report.folded}{folds}")
     console.print(table)
     console.print("median ± inter-quartile range; folded/orig < 1 means the fold is faster")
+    for t in report.levels:
+        console.print(f"{t.level}: folded/orig per back-to-back pair {format_paired(t.paired)}")
     versions = ", ".join(f"{k} {v}" for k, v in env.versions.items())
     console.print(f"{env.cpu} x{env.cpu_count}, {versions}")

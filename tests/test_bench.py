@@ -9,6 +9,8 @@ import numpy as np
 import onnx
 import pytest
 from click.testing import CliRunner
+from hypothesis import given
+from hypothesis import strategies as st
 from onnx import TensorProto, helper, numpy_helper
 
 from bnfold import bench
@@ -176,13 +178,36 @@ def test_random_feeds_set_dynamic_dims_to_one(model_files):
     assert feeds["x"].shape == (1, 3, 8, 8) and feeds["x"].dtype == np.float32
 
 
-def test_time_interleaved_alternates_the_models():
+def test_time_interleaved_alternates_the_models_and_their_order():
     calls: list[str] = []
     a_ms, b_ms = bench.time_interleaved(
-        lambda: calls.append("a"), lambda: calls.append("b"), warmup=1, runs=2
+        lambda: calls.append("a"), lambda: calls.append("b"), warmup=1, runs=4
     )
-    assert calls == ["a", "b"] * 3
-    assert len(a_ms) == len(b_ms) == 2
+    assert calls == ["a", "b"] + ["a", "b", "b", "a"] * 2
+    assert len(a_ms) == len(b_ms) == 4
+
+
+@pytest.mark.parametrize(("n", "rank"), [(5, 0), (6, 0), (10, 1), (20, 5), (100, 39)])
+def test_median_interval_ranks_match_the_binomial_tables(n, rank):
+    # Published 95 % order-statistic intervals for the median (1-based ranks rank+1, n-rank).
+    assert bench._median_interval_rank(n) == rank
+
+
+@given(
+    st.lists(st.floats(0.5, 50.0), min_size=1, max_size=60),
+    st.lists(st.floats(0.5, 50.0), min_size=60, max_size=60),
+)
+def test_paired_ratio_interval_holds_its_median(original, folded):
+    folded = folded[: len(original)]
+    paired = bench.PairedRatio.of(original, folded)
+    ratios = [f / o for o, f in zip(original, folded, strict=True)]
+    assert paired.pairs == len(original)
+    assert min(ratios) <= paired.low <= paired.median <= paired.high <= max(ratios)
+
+
+def test_paired_ratio_of_identical_runs_is_one():
+    paired = bench.PairedRatio.of([2.0, 3.0, 4.0] * 4, [2.0, 3.0, 4.0] * 4)
+    assert (paired.median, paired.low, paired.high) == (1.0, 1.0, 1.0)
 
 
 def test_progress_reaches_total(model_files):
