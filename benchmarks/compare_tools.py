@@ -159,14 +159,17 @@ def _ir_save(model: Any, dst: str, external: bool) -> None:
 
 def _tool_bnfold(src: str, dst: str, phase: Phases) -> None:
     from bnfold import fold
-    from bnfold.onnx_front.io import load_model, save_model
+    from bnfold.onnx_front.io import external_tensors, load_model, save_model
 
     with phase("load"):
         model = load_model(src)
+        # As `bnfold fold` does: data stays external when the input had it, even
+        # if every external tensor is folded (and so no longer external).
+        external = any(True for _ in external_tensors(model))
     with phase("fold"):
         model = fold(model, inplace=True).model
     with phase("save"):
-        save_model(model, dst)  # atomic: staged, fsync'd, renamed
+        save_model(model, dst, external_data=external)  # atomic: staged, fsync'd, renamed
 
 
 def _tool_onnxoptimizer(src: str, dst: str, phase: Phases) -> None:
