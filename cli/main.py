@@ -226,6 +226,8 @@ def fold(
     """
     from bnfold.api import fold_file
 
+    if strict and no_verify:  # --strict asks for a verified output; nothing would be verified
+        raise InputError("--strict needs verification; drop --no-verify")
     torch_source = _torch_source(model, module_spec, weights, trust_pickle, input_shapes)
     if run_bench and (torch_source is not None or (model and os.path.isdir(model))):
         raise InputError("--bench times one ONNX model; for torch or folders use `bnfold bench`")

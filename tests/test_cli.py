@@ -183,6 +183,13 @@ def test_strict_in_place_leaves_the_input_untouched(tmp_path: Path) -> None:
     assert sorted(p.name for p in tmp_path.iterdir()) == ["unrunnable.onnx"]
 
 
+def test_strict_with_no_verify_is_a_usage_error(tmp_path: Path) -> None:
+    out = tmp_path / "out.onnx"
+    result = invoke("fold", RESNET, "-o", out, "--strict", "--no-verify")
+    assert result.exit_code == 2 and "--strict needs verification" in result.output
+    assert not out.exists()
+
+
 def huge_input_model(tmp_path: Path, shape: list[int]) -> Path:
     """Conv -> BN whose input is declared static and ``shape``: no weights are large."""
     nodes, inits = conv_bn()
