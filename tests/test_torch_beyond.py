@@ -11,8 +11,9 @@ torch = pytest.importorskip("torch")
 from torch import nn  # noqa: E402
 
 from bnfold.report import Code  # noqa: E402
-from bnfold.torch_front import fold_module, graph, io  # noqa: E402
+from bnfold.torch_front import fold_module, graph  # noqa: E402
 from bnfold.torch_front.exported import fold_graph_module  # noqa: E402
+from bnfold.torch_front.files import fold_torch  # noqa: E402
 
 
 def randomize_bn(model: nn.Module, seed: int = 0, shift: bool = True) -> nn.Module:
@@ -296,8 +297,8 @@ def test_pt2_file_with_a_conv_called_twice_folds_both_calls(tmp_path):
     x = torch.randn(2, 3, 4, 4)
     src, dst = tmp_path / "in.pt2", tmp_path / "out.pt2"
     torch.export.save(torch.export.export(model, (x,), strict=False), src)
-    result = io.fold_exported_program_file(src, dst)
-    assert sites(result) == ["conv -> bn", "conv -> bn2"]
+    result, written = fold_torch(str(src), dst)
+    assert written and sites(result) == ["conv -> bn", "conv -> bn2"]
     # The first fold copies the shared weight; the second then has it to itself.
     assert [f.bytes_added for f in result.report.folded] == [model.conv.weight.numel() * 4, 0]
     folded = torch.export.load(dst)

@@ -14,6 +14,7 @@ from torch import nn  # noqa: E402
 from bnfold.errors import BnfoldError  # noqa: E402
 from bnfold.report import Code  # noqa: E402
 from bnfold.torch_front import exported, io  # noqa: E402
+from bnfold.torch_front.files import TorchVerifyOptions, fold_torch  # noqa: E402
 
 FACTORY = """
 import torch
@@ -130,6 +131,12 @@ class Net(nn.Module):
         return self.bn_fc(self.fc(y.mean((2, 3))))
 
 
+def fold_pt2(src, dst, verify: bool = True):
+    """What `bnfold fold IN.pt2 -o OUT.pt2` runs: fold, verify, write atomically."""
+    result, _written = fold_torch(str(src), dst, TorchVerifyOptions(verify=verify))
+    return result
+
+
 def save_program(model: nn.Module, x: torch.Tensor, path) -> None:
     torch.export.save(torch.export.export(model, (x,), strict=False), path)
 
@@ -140,7 +147,7 @@ def test_fold_exported_program_file(tmp_path):
     src, dst = tmp_path / "in.pt2", tmp_path / "out.pt2"
     save_program(model, x, src)
     before = src.read_bytes()
-    result = io.fold_exported_program_file(src, dst)
+    result = fold_pt2(src, dst)
     assert [f.site for f in result.report.folded] == ["conv -> bn", "up -> bn_up", "fc -> bn_fc"]
     # After bn_up folds, relu_bn is seen behind up and a ReLU (folds run to a fixpoint).
     assert [(r.site, r.code) for r in result.report.refused] == [
@@ -164,7 +171,7 @@ def test_decomposed_exported_program_folds_convolutions(tmp_path):
     src = tmp_path / "in.pt2"
     ep = torch.export.export(model, (x,), strict=False).run_decompositions()
     torch.export.save(ep, src)
-    result = io.fold_exported_program_file(src, tmp_path / "out.pt2")
+    result = fold_pt2(src, tmp_path / "out.pt2")
     folded = [(f.site, f.pattern) for f in result.report.folded]
     assert folded == [
         ("conv -> bn", "Conv+batch_norm"),
@@ -191,7 +198,7 @@ def test_exported_program_refusals(tmp_path):
 
     src = tmp_path / "in.pt2"
     save_program(randomize_bn(Refusing()), torch.randn(2, 6, 6), src)
-    result = io.fold_exported_program_file(src, tmp_path / "out.pt2")
+    result = fold_pt2(src, tmp_path / "out.pt2")
     codes = {r.site: r.code for r in result.report.refused}
     assert codes == {"fc -> bn": Code.NOT_PER_CHANNEL, "conv -> bn2": Code.BRANCHING}
     assert not result.report.folded
@@ -201,7 +208,7 @@ def test_exported_program_in_training_mode_is_refused(tmp_path):
     model = Net().train()
     src = tmp_path / "in.pt2"
     save_program(model, torch.randn(2, 3, 8, 8), src)
-    result = io.fold_exported_program_file(src, tmp_path / "out.pt2", verify=False)
+    result = fold_pt2(src, tmp_path / "out.pt2", verify=False)
     assert Code.TRAINING_MODE in result.report.codes
     assert not result.report.folded
 
@@ -219,7 +226,7 @@ def test_exported_program_corrupted_fold_is_rolled_back(tmp_path, monkeypatch):
     model = randomize_bn(Net())
     src, dst = tmp_path / "in.pt2", tmp_path / "out.pt2"
     save_program(model, torch.randn(2, 3, 8, 8), src)
-    result = io.fold_exported_program_file(src, dst)
+    result = fold_pt2(src, dst)
     assert [f.site for f in result.report.folded] == ["conv -> bn", "fc -> bn_fc"]
     assert ("up -> bn_up", Code.VERIFICATION_FAILED) in [
         (r.site, r.code) for r in result.report.refused
@@ -231,15 +238,15 @@ def test_exported_program_corrupted_fold_is_rolled_back(tmp_path, monkeypatch):
 
 def test_bad_pt2_paths_are_one_line_errors(tmp_path):
     with pytest.raises(BnfoldError, match="does not exist"):
-        io.fold_exported_program_file(tmp_path / "missing.pt2", tmp_path / "o.pt2")
+        fold_pt2(tmp_path / "missing.pt2", tmp_path / "o.pt2")
     junk = tmp_path / "junk.pt2"
     junk.write_bytes(b"not a zip")
     with pytest.raises(BnfoldError, match="ExportedProgram"):
-        io.fold_exported_program_file(junk, tmp_path / "o.pt2")
+        fold_pt2(junk, tmp_path / "o.pt2")
     src = tmp_path / "in.pt2"
     save_program(randomize_bn(Net()), torch.randn(1, 3, 8, 8), src)
     with pytest.raises(BnfoldError, match="does not exist"):
-        io.fold_exported_program_file(src, tmp_path / "no_dir" / "o.pt2")
+        fold_pt2(src, tmp_path / "no_dir" / "o.pt2")
 
 
 def test_export_onnx_of_folded_module(tmp_path):
@@ -268,7 +275,7 @@ def test_pt2_whose_outputs_never_match_is_not_written(tmp_path):
 
     src, dst = tmp_path / "in.pt2", tmp_path / "out.pt2"
     save_program(randomize_bn(Noisy()), torch.randn(2, 3, 8, 8), src)
-    result = io.fold_exported_program_file(src, dst)
+    result = fold_pt2(src, dst)
     assert result.verification.status == "failed"
     assert not dst.exists()
     assert {r.code for r in result.report.refused} >= {Code.VERIFICATION_FAILED}

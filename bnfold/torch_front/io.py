@@ -19,8 +19,6 @@ import torch
 from torch import nn
 
 from bnfold.errors import BnfoldError, NotSupportedError, first_line
-from bnfold.report import FoldResult
-from bnfold.torch_front.exported import fold_graph_module
 
 
 def load_module_factory(spec: str, weights: str | None, trust_pickle: bool) -> nn.Module:
@@ -129,51 +127,6 @@ def load_exported_program(path: str | os.PathLike[str]) -> torch.export.Exported
     except Exception as e:
         reason = f"{type(e).__name__}: {first_line(e)}"
         raise BnfoldError(f"cannot load {str(path)!r} as an ExportedProgram: {reason}") from None
-
-
-def fold_exported_program_file(
-    in_path: str | os.PathLike[str],
-    out_path: str | os.PathLike[str],
-    *,
-    verify: bool = True,
-    rtol: float | None = None,
-    atol: float | None = None,
-    samples: int = 3,
-    seed: int = 0,
-) -> FoldResult:
-    """Fold a ``.pt2`` file and write the re-exported program atomically.
-
-    The program's module is folded at the aten graph level (see
-    :mod:`bnfold.torch_front.exported`), verified against the original on its
-    example inputs plus random draws (folds that fail are rolled back), then
-    exported again with the same example inputs and saved via a temporary file
-    in the target folder and ``os.replace``.
-
-    Returns:
-        FoldResult whose ``model`` is the new ExportedProgram. If verification
-        still fails after the rollback (e.g. a non-deterministic program),
-        nothing is written and ``verification.status`` is "failed".
-
-    Raises:
-        BnfoldError: bad input or output path, no usable example inputs.
-        NotSupportedError: keyword inputs or dynamic shapes (re-export would
-            fix the shapes to the example's).
-    """
-    ep = load_exported_program(in_path)
-    args = example_args(ep)
-    result = fold_graph_module(
-        ep.module, args, verify=verify, rtol=rtol, atol=atol, samples=samples, seed=seed
-    )
-    if result.verification is not None and result.verification.status == "failed":
-        return result  # even with the failing folds rolled back: publish nothing
-    try:
-        folded_ep = torch.export.export(result.model, args, strict=False)
-    except Exception as e:
-        raise BnfoldError(f"re-exporting the folded program failed: {first_line(e)}") from None
-    with atomic_target(out_path) as tmp:
-        torch.export.save(folded_ep, tmp)
-    result.model = folded_ep
-    return result
 
 
 def example_args(ep: torch.export.ExportedProgram) -> tuple[Any, ...]:
