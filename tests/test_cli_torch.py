@@ -164,3 +164,51 @@ def test_max_input_mib_is_refused_for_torch_models(factory, tmp_path: Path) -> N
         "--max-input-mib", "8",
     )  # fmt: skip
     assert result.exit_code == 2 and "--max-input-mib" in result.output
+
+
+REUSED_FACTORY = '''
+import torch
+from torch import nn
+
+
+class Reused(nn.Module):
+    """conv runs twice: into bn, and on its own."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(3, 3, 3, padding=1), nn.BatchNorm2d(3)
+        with torch.no_grad():
+            self.bn.running_var.uniform_(0.5, 2.0)
+            self.bn.running_mean.uniform_(-1.0, 1.0)
+            self.bn.weight.uniform_(0.5, 1.5)
+
+    def forward(self, x):
+        return self.bn(self.conv(x)) + self.conv(x)
+
+
+def make():
+    torch.manual_seed(0)  # fold and verify each build the module: the same weights
+    return Reused().eval()
+'''
+
+
+def test_factory_written_as_pt2_folds_a_conv_that_runs_twice(tmp_path: Path, monkeypatch) -> None:
+    """Eagerly the conv has one weight for both calls; in the .pt2 the BN's call gets a copy."""
+    (tmp_path / "reused_factory.py").write_text(REUSED_FACTORY)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    common = ["--module", "reused_factory:make", "--input-shape", SHAPE]
+    eager = json.loads(invoke("fold", *common, "-o", tmp_path / "f.pt", "--json").output)
+    assert [r["code"] for r in eager["report"]["refused"]] == ["reused_module"]
+    assert "-o x.pt2" in eager["report"]["refused"][0]["detail"]
+
+    out = tmp_path / "folded.pt2"
+    result = invoke("fold", *common, "-o", out, "--json")
+    assert result.exit_code == 0, result.output
+    payload = json.loads(result.output)
+    (folded,) = payload["report"]["folded"]
+    assert folded["site"] == "conv -> bn" and folded["bytes_added"] == (27 * 3 + 3) * 4
+    assert payload["verification"]["status"] == "passed" and not payload["report"]["refused"]
+    program = torch.export.load(out)
+    assert "aten.batch_norm.default" not in {str(n.target) for n in program.graph.nodes}
+    check = invoke("verify", *common, out, "--json")
+    assert check.exit_code == 0 and json.loads(check.output)["status"] == "passed"

@@ -44,7 +44,10 @@ def fold_module(
     Matches:  Conv{1,2,3}d | ConvTranspose{1,2,3}d | Linear (2-D input)
               -> BatchNorm{1,2,3}d, a subclass, or a frozen-BN style module;
               for a BN that cannot fold so (after a ReLU, say), BN -> that linear
-              module, or BN -> nn.Flatten (or a view to (N, -1)) -> Linear.
+              module. Either also through one view/flatten/unflatten/(un)squeeze
+              when each channel of the linear module lies inside one BN channel
+              (Linear -> view(N, C, H, W) -> BN2d; BN -> flatten -> Linear).
+              A pair that runs together on every call (a block in a loop) folds.
               Folds repeat until none is new: Conv -> BN -> BN and
               BN -> Conv -> BN fold completely.
     Produces: the linear module with the BN's affine in its weight and bias (a
@@ -52,7 +55,8 @@ def fold_module(
               replaced by ``nn.Identity``; every other state_dict key unchanged.
               The math runs in float64 and is cast once to each parameter's dtype.
     Refuses (site unchanged): TRAINING_MODE, NO_RUNNING_STATS, REUSED_MODULE
-      (an eager module called twice has one weight; fold a .pt2 to clone it),
+      (a linear module that also runs apart from its BN has one weight for all
+      its calls; fold an exported program to give the BN's call a copy),
       BRANCHING, NONLINEAR_INPUT, OP_BETWEEN, STANDALONE, UNTRACEABLE, HOOKED,
       PARAMETRIZED, UNSUPPORTED_DTYPE, BAD_SHAPE, NOT_PER_CHANNEL, BAD_VALUES,
       BAD_GROUPS, ZERO_PADDING (BN -> zero-padded Conv or ConvTranspose with a

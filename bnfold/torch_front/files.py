@@ -5,9 +5,11 @@ Two kinds of input:
     written back as ``.pt2``;
   * a module factory ``pkg.mod:factory`` with optional ``--weights`` (a
     state_dict loaded with ``weights_only=True`` unless the user trusts the
-    pickle): folded eagerly; ``-o x.pt`` writes the folded state_dict (keys of
-    unfolded modules unchanged, folded BNs gone), ``-o x.pt2`` an export of the
-    folded module.
+    pickle). ``-o x.pt`` folds it eagerly and writes the folded state_dict (keys
+    of unfolded modules unchanged, folded BNs gone). ``-o x.pt2`` exports it and
+    folds the program like a ``.pt2`` input: the output keeps no class anyway,
+    and at graph level a module that runs in several roles gets a folded copy
+    for the call beside the BN, which an eager module cannot.
 ``to_onnx`` also exports the folded model to ONNX (torch's exporter would fold
 BatchNorm itself; after bnfold there is nothing left for it to fold).
 Both kinds are written only when :meth:`FoldResult.publishable` allows it, the
@@ -75,8 +77,9 @@ def fold_torch(
 ) -> tuple[FoldResult, bool]:
     """Fold a ``.pt2`` path or a factory-built module and write the result atomically.
 
-    A ``.pt2`` source is written as a re-exported ``.pt2``; a factory module as
-    an export if ``output`` ends in ``.pt2``, else as its state_dict.
+    A ``.pt2`` source, or a factory module written to a ``.pt2``, is folded as
+    an exported program at graph level; a factory module written to ``.pt``
+    is folded eagerly and saved as its state_dict.
 
     Args:
         require_verified: write only a verified fold (CLI ``--strict``): a
@@ -92,16 +95,20 @@ def fold_torch(
             the folded module cannot be exported.
     """
     o = options or TorchVerifyOptions()
+    as_program = Path(output).suffix == ".pt2"
     if isinstance(source, ModuleSource):
         module, args = source.load()
-        result = fold_module(
-            module, args, verify=o.verify, rtol=o.rtol, atol=o.atol, samples=o.samples,
-            seed=o.seed,
-        )  # fmt: skip
-        as_program = Path(output).suffix == ".pt2"
+        if as_program:
+            result = _fold_program(_export(module, args, "the module"), args, o)
+        else:
+            result = fold_module(
+                module, args, verify=o.verify, rtol=o.rtol, atol=o.atol, samples=o.samples,
+                seed=o.seed,
+            )  # fmt: skip
     else:
-        result, args = _fold_program_file(Path(source), o)
-        as_program = True
+        ep = _load_program_file(Path(source))
+        args = example_args(ep)
+        result = _fold_program(ep, args, o)
     if not result.publishable(require_verified):
         return result, False
     _save(result.model, args, Path(output), as_program)
@@ -110,19 +117,31 @@ def fold_torch(
     return result, True
 
 
-def _fold_program_file(path: Path, o: TorchVerifyOptions) -> tuple[FoldResult, tuple[Any, ...]]:
-    """Fold a ``.pt2`` file's program at the aten graph level; also return its example args."""
+def _load_program_file(path: Path) -> torch.export.ExportedProgram:
+    """A ``.pt2`` file's program; a state_dict file is a user error naming the fix."""
     if path.suffix in STATE_DICT_SUFFIXES:
         raise BnfoldError(
             f"{path}: a state_dict has no architecture; pass --module pkg.mod:factory "
             f"--weights {path} --input-shape ..."
         )
-    ep = load_exported_program(path)
-    args = example_args(ep)
-    result = fold_graph_module(
+    return load_exported_program(path)
+
+
+def _fold_program(
+    ep: torch.export.ExportedProgram, args: tuple[Any, ...], o: TorchVerifyOptions
+) -> FoldResult:
+    """Fold an exported program at the aten graph level (see :mod:`.exported`)."""
+    return fold_graph_module(
         ep.module, args, verify=o.verify, rtol=o.rtol, atol=o.atol, samples=o.samples, seed=o.seed
     )
-    return result, args
+
+
+def _export(module: torch.nn.Module, args: tuple[Any, ...], what: str) -> Any:
+    """``torch.export`` (non-strict) with a one-line error naming ``what`` failed."""
+    try:
+        return torch.export.export(module, args, strict=False)
+    except Exception as e:  # torch.export raises many types
+        raise BnfoldError(f"exporting {what} failed: {first_line(e)}") from None
 
 
 def _save(module: torch.nn.Module, args: tuple[Any, ...], output: Path, as_program: bool) -> None:
@@ -131,10 +150,7 @@ def _save(module: torch.nn.Module, args: tuple[Any, ...], output: Path, as_progr
         with atomic_target(output) as tmp:
             torch.save(module.state_dict(), tmp)
         return
-    try:
-        program = torch.export.export(module, args, strict=False)
-    except Exception as e:  # torch.export raises many types
-        raise BnfoldError(f"exporting the folded module failed: {first_line(e)}") from None
+    program = _export(module, args, "the folded module")
     with atomic_target(output) as tmp:
         torch.export.save(program, tmp)
 
