@@ -130,6 +130,9 @@ class VerifyOptions:
     max_input_bytes: int = MAX_INPUT_BYTES
 
 
+DEFAULT_VERIFY = VerifyOptions()
+
+
 def verify_onnx(original: Any, folded: Any, options: VerifyOptions | None = None) -> VerifyResult:
     """Run both models on random inputs and compare every output.
 

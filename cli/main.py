@@ -144,15 +144,12 @@ def _parse_dims(specs: tuple[str, ...]) -> tuple[tuple[int, ...], ...]:
 
 
 def _torch_verify_options(no_verify: bool, verify_kw: dict[str, Any]) -> Any:
-    from bnfold.torch_front.files import TorchVerifyOptions
-
+    """The verify options for a torch model, or None with --no-verify."""
     if verify_kw.get("shapes") or verify_kw.get("max_input_mib") is not None:
         raise InputError(
             "--shape/--max-input-mib are for ONNX inputs; torch models take --input-shape"
         )
-    return TorchVerifyOptions(
-        not no_verify, verify_kw["rtol"], verify_kw["atol"], verify_kw["samples"], verify_kw["seed"]
-    )
+    return None if no_verify else _verify_options(**verify_kw)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})

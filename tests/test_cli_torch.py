@@ -115,7 +115,7 @@ def unverifiable(monkeypatch: pytest.MonkeyPatch) -> None:
     "not_verified"; --strict must still keep such a result back on both paths.
     """
     from bnfold.report import VerifyResult
-    from bnfold.torch_front import files
+    from bnfold.torch_front import files, run
 
     def unverified(fold: Any) -> Any:
         def wrapper(*args: Any, **kwargs: Any) -> Any:
@@ -125,7 +125,7 @@ def unverifiable(monkeypatch: pytest.MonkeyPatch) -> None:
 
         return wrapper
 
-    monkeypatch.setattr(files, "fold_module", unverified(files.fold_module))
+    monkeypatch.setattr(run, "fold", unverified(run.fold))
     monkeypatch.setattr(files, "fold_graph_module", unverified(files.fold_graph_module))
 
 

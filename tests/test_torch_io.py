@@ -11,10 +11,11 @@ import pytest
 torch = pytest.importorskip("torch")
 from torch import nn  # noqa: E402
 
+from bnfold.compare import VerifyOptions  # noqa: E402
 from bnfold.errors import BnfoldError  # noqa: E402
 from bnfold.report import Code  # noqa: E402
 from bnfold.torch_front import exported, io  # noqa: E402
-from bnfold.torch_front.files import TorchVerifyOptions, fold_torch  # noqa: E402
+from bnfold.torch_front.files import fold_torch  # noqa: E402
 
 FACTORY = """
 import torch
@@ -133,7 +134,7 @@ class Net(nn.Module):
 
 def fold_pt2(src, dst, verify: bool = True):
     """What `bnfold fold IN.pt2 -o OUT.pt2` runs: fold, verify, write atomically."""
-    result, _written = fold_torch(str(src), dst, TorchVerifyOptions(verify=verify))
+    result, _written = fold_torch(str(src), dst, VerifyOptions() if verify else None)
     return result
 
 

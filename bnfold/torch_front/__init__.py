@@ -82,12 +82,11 @@ def fold_module(
         BnfoldError: the module cannot run on ``example_inputs``.
     """
     require_torch()
+    from bnfold.compare import VerifyOptions
     from bnfold.torch_front import run
 
-    return run.fold(
-        module, example_inputs, inplace=inplace, verify=verify, rtol=rtol, atol=atol,
-        samples=samples, seed=seed,
-    )  # fmt: skip
+    options = VerifyOptions(0.0 if atol is None else atol, rtol, samples, seed) if verify else None
+    return run.fold(module, example_inputs, inplace=inplace, verify=options)
 
 
 def inspect_module(module: nn.Module, example_inputs: Any) -> FoldReport:

@@ -22,6 +22,7 @@ from torch import fx, nn
 
 from bnfold import layouts
 from bnfold.affine import Affine, Unfoldable, bn_to_affine, fold_after, fold_before
+from bnfold.compare import DEFAULT_VERIFY, VerifyOptions
 from bnfold.layouts import LayoutError
 from bnfold.report import Code, Folded, FoldReport, FoldResult, Refusal, VerifyResult
 from bnfold.torch_front import verify as checking
@@ -497,11 +498,7 @@ def fold_graph_module(
     make: Callable[[], fx.GraphModule],
     args: tuple[Any, ...],
     *,
-    verify: bool = True,
-    rtol: float | None = None,
-    atol: float | None = None,
-    samples: int = checking.RANDOM_DRAWS,
-    seed: int = 0,
+    verify: VerifyOptions | None = DEFAULT_VERIFY,
 ) -> FoldResult:
     """Fold every site of a fresh ``make()`` module; verify and drop folds that fail.
 
@@ -510,17 +507,17 @@ def fold_graph_module(
     into existing tensors). Sites are found and applied in rounds until none is
     new (Conv -> BN -> BN: the second BN follows the conv once the first is
     gone). A failing fold is found by re-folding fresh copies one site at a
-    time, keeping those that pass.
+    time, keeping those that pass. ``verify`` None skips verification.
     """
     report = FoldReport(front="torch")
     original = make()
     report.ops_before = _op_counts(original)
-    ref = checking.reference(original, args, samples, seed) if verify else None
+    check = None if verify is None else checking.Check.of(original, args, verify)
     gm = make()
     added = _fold_to_fixpoint(gm, report)
-    verification = None if ref is None else checking.compare(ref, gm, rtol, atol)
-    if ref is not None and verification is not None and not verification.passed:
-        gm, verification, added = _rollback(make, list(added), ref, rtol, atol, report)
+    verification = None if check is None else check(gm)
+    if check is not None and verification is not None and not verification.passed:
+        gm, verification, added = _rollback(make, list(added), check, report)
     report.folded = [
         Folded(s.site, _pattern(original, s), s.linear, s.bn, "exported_program", bytes_added=n)
         for s, n in added.items()
@@ -572,21 +569,19 @@ def _folded(
 def _rollback(
     make: Callable[[], fx.GraphModule],
     sites: list[Site],
-    ref: checking.Reference,
-    rtol: float | None,
-    atol: float | None,
+    check: checking.Check,
     report: FoldReport,
 ) -> tuple[fx.GraphModule, VerifyResult, dict[Site, int]]:
     kept: list[Site] = []
     for s in sites:
-        trial = checking.compare(ref, _folded(make, [*kept, s])[0], rtol, atol)
+        trial = check(_folded(make, [*kept, s])[0])
         if trial.passed:
             kept.append(s)
         else:
             detail = checking.describe_failure(trial)
             report.refused.append(Refusal(s.site, Code.VERIFICATION_FAILED, detail))
     gm, added = _folded(make, kept)
-    return gm, checking.compare(ref, gm, rtol, atol), added
+    return gm, check(gm), added
 
 
 def _pattern(gm: fx.GraphModule, s: Site) -> str:

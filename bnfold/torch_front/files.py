@@ -25,9 +25,10 @@ from typing import Any
 
 import torch
 
+from bnfold.compare import DEFAULT_VERIFY, VerifyOptions
 from bnfold.errors import BnfoldError, first_line
 from bnfold.report import FoldReport, FoldResult, VerifyResult
-from bnfold.torch_front import fold_module, inspect_module
+from bnfold.torch_front import inspect_module, run
 from bnfold.torch_front import verify as checking
 from bnfold.torch_front.exported import fold_graph_module
 from bnfold.torch_front.io import (
@@ -58,19 +59,10 @@ class ModuleSource:
         return module, example_inputs_from_shapes(self.input_shapes)
 
 
-@dataclass(frozen=True)
-class TorchVerifyOptions:
-    verify: bool = True
-    rtol: float | None = None
-    atol: float | None = None
-    samples: int = checking.RANDOM_DRAWS
-    seed: int = 0
-
-
 def fold_torch(
     source: ModuleSource | str,
     output: str | os.PathLike[str],
-    options: TorchVerifyOptions | None = None,
+    verify: VerifyOptions | None = DEFAULT_VERIFY,
     to_onnx: str | os.PathLike[str] | None = None,
     *,
     require_verified: bool = False,
@@ -82,6 +74,8 @@ def fold_torch(
     is folded eagerly and saved as its state_dict.
 
     Args:
+        verify: tolerances and draws (``--shape`` / input caps are ONNX-only and
+            unused), or None to skip verification.
         require_verified: write only a verified fold (CLI ``--strict``): a
             "not_verified" result is kept back like a failed one.
 
@@ -94,21 +88,19 @@ def fold_torch(
         BnfoldError: bad input or output path, a state_dict without --module,
             the folded module cannot be exported.
     """
-    o = options or TorchVerifyOptions()
     as_program = Path(output).suffix == ".pt2"
     if isinstance(source, ModuleSource):
         module, args = source.load()
         if as_program:
-            result = _fold_program(_export(module, args, "the module"), args, o)
+            result = fold_graph_module(
+                _export(module, args, "the module").module, args, verify=verify
+            )
         else:
-            result = fold_module(
-                module, args, verify=o.verify, rtol=o.rtol, atol=o.atol, samples=o.samples,
-                seed=o.seed,
-            )  # fmt: skip
+            result = run.fold(module, args, inplace=False, verify=verify)
     else:
         ep = _load_program_file(Path(source))
         args = example_args(ep)
-        result = _fold_program(ep, args, o)
+        result = fold_graph_module(ep.module, args, verify=verify)
     if not result.publishable(require_verified):
         return result, False
     _save(result.model, args, Path(output), as_program)
@@ -125,15 +117,6 @@ def _load_program_file(path: Path) -> torch.export.ExportedProgram:
             f"--weights {path} --input-shape ..."
         )
     return load_exported_program(path)
-
-
-def _fold_program(
-    ep: torch.export.ExportedProgram, args: tuple[Any, ...], o: TorchVerifyOptions
-) -> FoldResult:
-    """Fold an exported program at the aten graph level (see :mod:`.exported`)."""
-    return fold_graph_module(
-        ep.module, args, verify=o.verify, rtol=o.rtol, atol=o.atol, samples=o.samples, seed=o.seed
-    )
 
 
 def _export(module: torch.nn.Module, args: tuple[Any, ...], what: str) -> Any:
@@ -161,16 +144,15 @@ def inspect_torch(source: ModuleSource | str) -> FoldReport:
         module, args = source.load()
         return inspect_module(module, args)
     ep = load_exported_program(source)
-    report = fold_graph_module(ep.module, example_args(ep), verify=False).report
+    report = fold_graph_module(ep.module, example_args(ep), verify=None).report
     report.dry_run = True
     return report
 
 
 def verify_torch(
-    original: ModuleSource | str, folded: str, options: TorchVerifyOptions | None = None
+    original: ModuleSource | str, folded: str, options: VerifyOptions = DEFAULT_VERIFY
 ) -> VerifyResult:
     """Compare a folded ``.pt2`` with the original (a ``.pt2`` or a factory module), eagerly."""
-    o = options or TorchVerifyOptions()
     if Path(folded).suffix != ".pt2":
         raise BnfoldError(f"{folded}: torch verification compares .pt2 programs; export it first")
     if isinstance(original, ModuleSource):
@@ -178,5 +160,5 @@ def verify_torch(
     else:
         ep = load_exported_program(original)
         reference_module, args = ep.module(), example_args(ep)
-    reference = checking.reference(reference_module, args, o.samples, o.seed)
-    return checking.compare(reference, load_exported_program(folded).module(), o.rtol, o.atol)
+    check = checking.Check.of(reference_module, args, options)
+    return check(load_exported_program(folded).module())

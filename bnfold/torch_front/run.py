@@ -9,6 +9,7 @@ from typing import Any
 from torch import nn
 
 from bnfold.affine import Unfoldable
+from bnfold.compare import VerifyOptions
 from bnfold.errors import BnfoldError
 from bnfold.layouts import LayoutError
 from bnfold.report import Code, Folded, FoldReport, FoldResult, Refusal
@@ -22,24 +23,20 @@ def fold(
     example_inputs: Any,
     *,
     inplace: bool,
-    verify: bool,
-    rtol: float | None,
-    atol: float | None,
-    samples: int = checking.RANDOM_DRAWS,
-    seed: int = 0,
+    verify: VerifyOptions | None,
 ) -> FoldResult:
-    """See :func:`bnfold.torch_front.fold_module`."""
+    """See :func:`bnfold.torch_front.fold_module`; ``verify`` None skips verification."""
     args = as_args(example_inputs)
     work = module if inplace else _copy(module)
     report = FoldReport(front="torch", ops_before=leaf_type_counts(work))
     first_scan = _checked_pairs(work, args)  # a module that cannot run fails here, clearly
     # Reference outputs before any fold: with inplace=True the module itself changes.
-    ref = checking.reference(module, args, samples, seed) if verify else None
+    check = None if verify is None else checking.Check.of(module, args, verify)
     undos = _fold_to_fixpoint(work, args, first_scan, report)
     result = FoldResult(work, report)
-    if ref is not None:
+    if check is not None:
         result.verification, undos, failed = checking.verify_with_rollback(
-            ref, work, undos, lambda u: eager.apply_fold(work, u.pair), rtol, atol
+            check, work, undos, lambda u: eager.apply_fold(work, u.pair)
         )
         report.refused += failed
     report.folded = [_folded(u) for u in undos]

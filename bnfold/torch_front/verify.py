@@ -16,13 +16,12 @@ import torch
 from torch import nn
 from torch.utils import _pytree as pytree
 
-from bnfold.compare import abs_error, summarize
+from bnfold.compare import VerifyOptions, abs_error, summarize
 from bnfold.report import Code, Refusal, VerifyResult
 from bnfold.torch_front.eager import Undo
 from bnfold.torch_front.modules import eval_mode
 from bnfold.torch_front.tensors import to_float64
 
-RANDOM_DRAWS = 3
 EAGER_LEVEL = "eager"
 
 
@@ -34,9 +33,7 @@ class Reference:
     outputs: list[list[tuple[str, torch.Tensor]]]
 
 
-def make_samples(
-    args: tuple[Any, ...], draws: int = RANDOM_DRAWS, seed: int = 0
-) -> list[tuple[Any, ...]]:
+def make_samples(args: tuple[Any, ...], draws: int, seed: int) -> list[tuple[Any, ...]]:
     """``args`` plus ``draws`` random copies: same shapes, dtypes, mean and std.
 
     Non-floating tensors (indices, masks) and non-tensors are kept as given.
@@ -55,9 +52,7 @@ def _draw(a: Any, gen: torch.Generator) -> Any:
     return (x * (std or 1.0) + mean).to(dtype=a.dtype, device=a.device)
 
 
-def reference(
-    module: nn.Module, args: tuple[Any, ...], draws: int = RANDOM_DRAWS, seed: int = 0
-) -> Reference:
+def reference(module: nn.Module, args: tuple[Any, ...], draws: int, seed: int) -> Reference:
     """Run the original on ``args`` and random draws, dropping draws it cannot run."""
     samples, outputs = [], []
     for i, sample in enumerate(make_samples(args, draws, seed)):
@@ -83,11 +78,24 @@ def run(module: nn.Module, sample: tuple[Any, ...]) -> list[tuple[str, torch.Ten
     ]
 
 
-def compare(
-    ref: Reference, module: nn.Module, rtol: float | None, atol: float | None
-) -> VerifyResult:
-    """Worst error per output of ``module`` against ``ref`` over all samples (atol None: 0)."""
-    atol = 0.0 if atol is None else atol
+@dataclass(frozen=True)
+class Check:
+    """The original's outputs and the tolerances a folded module is held to."""
+
+    reference: Reference
+    options: VerifyOptions
+
+    @classmethod
+    def of(cls, original: nn.Module, args: tuple[Any, ...], options: VerifyOptions) -> Check:
+        """Run ``original`` once on ``args`` and ``options.samples`` random draws."""
+        return cls(reference(original, args, options.samples, options.seed), options)
+
+    def __call__(self, folded: nn.Module) -> VerifyResult:
+        return compare(self.reference, folded, self.options.rtol, self.options.atol)
+
+
+def compare(ref: Reference, module: nn.Module, rtol: float | None, atol: float) -> VerifyResult:
+    """Worst error per output of ``module`` against ``ref`` over all samples."""
     worst: dict[str, tuple[float, float, str]] = {}
     try:
         for sample, expected in zip(ref.samples, ref.outputs, strict=True):
@@ -114,12 +122,10 @@ def dtype_name(dtype: torch.dtype) -> str:
 
 
 def verify_with_rollback(
-    ref: Reference,
+    check: Check,
     folded: nn.Module,
     undos: list[Undo],
     redo: Callable[[Undo], Undo],
-    rtol: float | None,
-    atol: float | None,
 ) -> tuple[VerifyResult, list[Undo], list[Refusal]]:
     """Verify all folds at once; if that fails, keep only the folds that pass one by one.
 
@@ -130,7 +136,7 @@ def verify_with_rollback(
         (final verification, folds kept, VERIFICATION_FAILED refusals with the
         difference measured with that fold applied).
     """
-    result = compare(ref, folded, rtol, atol)
+    result = check(folded)
     if result.passed:
         return result, undos, []
     for undo in reversed(undos):
@@ -138,7 +144,7 @@ def verify_with_rollback(
     kept, refused = [], []
     for undo in undos:
         again = redo(undo)
-        trial = compare(ref, folded, rtol, atol)
+        trial = check(folded)
         if trial.passed:
             kept.append(again)
         else:
@@ -146,7 +152,7 @@ def verify_with_rollback(
             refused.append(
                 Refusal(undo.pair.site, Code.VERIFICATION_FAILED, describe_failure(trial))
             )
-    return compare(ref, folded, rtol, atol), kept, refused
+    return check(folded), kept, refused
 
 
 def describe_failure(result: VerifyResult) -> str:
