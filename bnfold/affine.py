@@ -9,6 +9,7 @@ their product separately in fp16 loses several bits.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -87,12 +88,28 @@ def fold_after(
         Unfoldable: the folded values overflow the model's dtype.
         LayoutError: the affine's length does not fit the weight.
     """
-    scale_w = layout.expand(affine.scale, tuple(weight.shape))
+    new_w = scaled(weight, after_factor(affine, layout, tuple(weight.shape)))
+    return new_w, after_bias(bias, affine, weight.dtype)
+
+
+def after_factor(affine: Affine, layout: WeightLayout, shape: tuple[int, ...]) -> np.ndarray:
+    """What :func:`fold_after` multiplies the weight by: float64, broadcastable onto ``shape``.
+
+    Raises:
+        LayoutError: the affine's length does not fit the weight.
+    """
+    return layout.expand(affine.scale, shape)
+
+
+def after_bias(bias: np.ndarray | None, affine: Affine, weight_dtype: np.dtype) -> np.ndarray:
+    """The bias :func:`fold_after` gives, in the bias's dtype (the weight's if there was none).
+
+    Raises:
+        Unfoldable: the folded bias overflows its dtype.
+    """
     b64 = np.zeros_like(affine.shift) if bias is None else np.asarray(bias, dtype=np.float64)
-    new_w = scaled(weight, scale_w)
-    bias_dtype = weight.dtype if bias is None else bias.dtype
-    new_b = cast_checked(b64 * affine.scale + affine.shift, bias_dtype, "bias")
-    return new_w, new_b
+    bias_dtype = weight_dtype if bias is None else bias.dtype
+    return cast_checked(b64 * affine.scale + affine.shift, bias_dtype, "bias")
 
 
 def fold_before(
@@ -109,18 +126,38 @@ def fold_before(
         Unfoldable: the folded values overflow the model's dtype.
         LayoutError: the affine's length does not fit the weight's input channels.
     """
+    new_w = scaled(weight, before_factor(affine, layout, tuple(weight.shape)))
+    return new_w, before_bias(weight, bias, affine, layout)
+
+
+def before_factor(affine: Affine, layout: WeightLayout, shape: tuple[int, ...]) -> np.ndarray:
+    """What :func:`fold_before` multiplies the weight by: float64, broadcastable onto ``shape``.
+
+    Raises:
+        LayoutError: the affine's length does not fit the weight's input channels.
+    """
+    return layout.expand_in(affine.scale, shape)
+
+
+def before_bias(
+    weight: np.ndarray, bias: np.ndarray | None, affine: Affine, layout: WeightLayout
+) -> np.ndarray:
+    """The bias :func:`fold_before` gives: ``b + W t``, in the bias's dtype (else the weight's).
+
+    Raises:
+        Unfoldable: the folded bias overflows its dtype.
+    """
     shape = tuple(weight.shape)
-    new_w = scaled(weight, layout.expand_in(affine.scale, shape))
-    c_out = layout.out_channels(shape)
-    b64 = np.zeros(c_out) if bias is None else np.asarray(bias, dtype=np.float64)
+    b64 = np.zeros(layout.out_channels(shape)) if bias is None else np.asarray(bias, np.float64)
     shift_w = layout.expand_in(affine.shift, shape)
     b64 = b64 + layout.sum_to_out(weight.astype(np.float64) * shift_w)
     bias_dtype = weight.dtype if bias is None else bias.dtype
-    return new_w, cast_checked(b64, bias_dtype, "bias")
+    return cast_checked(b64, bias_dtype, "bias")
 
 
-# The weight is scaled this many output bytes at a time, so the finiteness check
-# reads each block while it is still in cache instead of the whole weight again.
+# The weight is scaled this many output bytes at a time: the finiteness check
+# reads each block while it is still in cache, and a streamed fold
+# (:func:`scaled_blocks`) holds no more than this.
 CHUNK_BYTES = 1 << 20
 
 
@@ -138,21 +175,51 @@ def scaled(weight: np.ndarray, factor: np.ndarray) -> np.ndarray:
     """
     out = np.empty(weight.shape, dtype=weight.dtype)
     for rows in _row_blocks(out):
-        block = out[rows]
-        block_factor = factor[rows] if factor.shape[0] > 1 else factor
-        with np.errstate(over="ignore"):  # overflow is reported below, as a refusal
-            np.multiply(weight[rows], block_factor, out=block, dtype=np.float64, casting="unsafe")
-        if not np.isfinite(block).all():
-            raise Unfoldable(f"folded weight overflows {np.dtype(weight.dtype).name}")
+        _scale_rows(weight, factor, rows, out[rows])
     return out
+
+
+def scaled_blocks(weight: np.ndarray, factor: np.ndarray) -> Iterator[np.ndarray]:
+    """:func:`scaled`, bit for bit, as consecutive blocks of rows, without the whole result.
+
+    Each block is written into one reused buffer, so it is valid only until the
+    next one is produced: write it out (or check it) before asking for more.
+
+    Raises:
+        Unfoldable: a product overflows the weight's dtype.
+    """
+    blocks = _row_blocks(weight)
+    rows_at_most = max((rows.stop - rows.start for rows in blocks), default=0)
+    buffer = np.empty(rows_at_most * _row_size(weight), dtype=weight.dtype)
+    for rows in blocks:
+        count = rows.stop - rows.start
+        block = buffer[: count * _row_size(weight)]
+        block = block.reshape(count, *weight.shape[1:])
+        _scale_rows(weight, factor, rows, block)
+        yield block
+
+
+def _scale_rows(weight: np.ndarray, factor: np.ndarray, rows: slice, out: np.ndarray) -> None:
+    """Write ``weight[rows] * factor[rows]`` into ``out``, refusing a non-finite result."""
+    block_factor = factor[rows] if factor.shape[0] > 1 else factor
+    with np.errstate(over="ignore"):  # overflow is reported below, as a refusal
+        np.multiply(weight[rows], block_factor, out=out, dtype=np.float64, casting="unsafe")
+    # Checked while the block is still in cache: a second pass over the whole
+    # weight would read it from memory again.
+    if not np.isfinite(out).all():
+        raise Unfoldable(f"folded weight overflows {np.dtype(weight.dtype).name}")
 
 
 def _row_blocks(array: np.ndarray) -> list[slice]:
     """Slices of axis 0 of at most CHUNK_BYTES each (one row at least)."""
     rows = array.shape[0]
-    row_bytes = max(1, array.itemsize * int(np.prod(array.shape[1:], dtype=np.int64)))
-    step = max(1, CHUNK_BYTES // row_bytes)
+    step = max(1, CHUNK_BYTES // max(1, array.itemsize * _row_size(array)))
     return [slice(start, min(start + step, rows)) for start in range(0, rows, step)]
+
+
+def _row_size(array: np.ndarray) -> int:
+    """Elements in one row (axis 0 index) of ``array``; 0 for a zero-size row."""
+    return int(np.prod(array.shape[1:], dtype=np.int64))
 
 
 def cast_checked(values: np.ndarray, dtype: np.dtype, what: str) -> np.ndarray:

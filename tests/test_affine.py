@@ -250,3 +250,28 @@ def test_scaled_rounds_the_float64_product_once(dtype: type, seed: int, rows: in
     expected = (w.astype(np.float64) * factor).astype(dtype)
     got = affine_module.scaled(w, factor)
     assert got.dtype == w.dtype and got.tobytes() == expected.tobytes()
+
+
+@pytest.mark.parametrize("shape", [(300, 7, 3, 3), (5, 40000), (0, 3), (3, 0, 2)])
+def test_scaled_blocks_join_to_scaled(shape: tuple[int, ...]) -> None:
+    """The streamed fold writes exactly the bytes of the whole one, rows in order."""
+    import bnfold.affine as affine_module
+
+    rng = np.random.default_rng(4)
+    w = rng.normal(size=shape).astype(np.float16)
+    factor = rng.uniform(0.5, 2.0, shape[0]).reshape(-1, *[1] * (len(shape) - 1))
+    old = affine_module.CHUNK_BYTES
+    affine_module.CHUNK_BYTES = 2 * 7 * 9 * 16  # several blocks; a 40000-element row exceeds one
+    try:
+        streamed = b"".join(block.tobytes() for block in affine_module.scaled_blocks(w, factor))
+    finally:
+        affine_module.CHUNK_BYTES = old
+    assert streamed == affine_module.scaled(w, factor).tobytes()
+
+
+def test_scaled_blocks_refuse_an_overflow() -> None:
+    import bnfold.affine as affine_module
+
+    w = np.full((4, 3), 60000, dtype=np.float16)
+    with pytest.raises(Unfoldable, match="overflows float16"):
+        list(affine_module.scaled_blocks(w, np.full((4, 1), 2.0)))

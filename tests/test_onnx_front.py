@@ -416,3 +416,19 @@ def test_model_skeleton_rejects_what_is_not_a_protobuf(tmp_path: Path, content: 
     path.write_bytes(content)
     with pytest.raises(ValueError):
         wire.model_skeleton(path)
+
+
+def test_weight_read_from_external_data_is_streamed_into_the_saved_file(tmp_path: Path) -> None:
+    """Not held in memory; written block by block, the same bytes as computed whole."""
+    from bnfold.onnx_front import io
+    from bnfold.onnx_front.passes import FoldAffinePass, FoldedTensor
+
+    model = FoldAffinePass()(io.load_model(SAMPLES / "external_data" / "conv_bn_ext.onnx")).model
+    folded = [v.const_value for v in model.graph.initializers.values()]
+    streamed = [t for t in folded if isinstance(t, FoldedTensor)]
+    assert streamed, "the folded conv weight should be recomputed on save, not held"
+    expected = {t.name: t.numpy() for t in streamed}
+    io.save_model(model, tmp_path / "out.onnx", external_data=True)
+    saved = io.load_model(tmp_path / "out.onnx")
+    for name, values in expected.items():
+        assert saved.graph.initializers[name].const_value.numpy().tobytes() == values.tobytes()

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import enum
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 
 import ml_dtypes
@@ -22,7 +22,17 @@ import numpy as np
 import onnx_ir as ir
 
 from bnfold import layouts
-from bnfold.affine import Affine, Unfoldable, bn_to_affine, fold_after, fold_before
+from bnfold.affine import (
+    Affine,
+    Unfoldable,
+    after_bias,
+    after_factor,
+    before_bias,
+    before_factor,
+    bn_to_affine,
+    scaled,
+    scaled_blocks,
+)
 from bnfold.layouts import LayoutError, WeightLayout
 from bnfold.onnx_front.constants import constant_array, is_constant, reads_data
 from bnfold.onnx_front.io import evict_pages
@@ -121,18 +131,58 @@ class LinearOp:
 
 @dataclass(frozen=True)
 class DeferredWeight:
-    """A folded weight, kept as computed or recomputed when read (when the model is saved).
+    """A folded weight ``W * factor``: kept as computed, or recomputed when read.
 
     Planning computes it once, to check it (an overflow refuses the fold). The
-    pass keeps the values while they fit its memory budget and drops them past
-    it: holding every folded weight until the save would cost the size of all of
-    them at once, which on a multi-GB model is more than the model.
+    pass keeps the values while they fit its memory budget; past it the check
+    runs block by block without keeping anything, and the weight is computed
+    again when the model is saved, streamed a block at a time into the file
+    (:meth:`blocks`). Holding every folded weight until the save would cost the
+    size of all of them at once, which on a multi-GB model is more than the model.
     """
 
-    compute: Callable[[], np.ndarray]
+    factor: np.ndarray  # float64, broadcastable onto the weight (see bnfold.affine)
     dtype: np.dtype
     shape: tuple[int, ...]
+    # Where W is read from when recomputed: its tensor (an external one stays
+    # memory-mapped), or, for a weight that is no tensor (a Constant
+    # subexpression), its values.
+    source: ir.TensorProtocol | None = None
+    source_values: np.ndarray | None = None
     values: np.ndarray | None = None
+
+    def computed(self, weight: np.ndarray) -> DeferredWeight:
+        """The same weight with its values, computed from ``weight`` (W in hand).
+
+        Raises:
+            Unfoldable: a folded value overflows the dtype.
+        """
+        return replace(self, values=scaled(weight, self.factor))
+
+    def check(self, weight: np.ndarray) -> None:
+        """Compute the folded values of ``weight`` block by block, keeping none.
+
+        Raises:
+            Unfoldable: a folded value overflows the dtype.
+        """
+        for _ in scaled_blocks(weight, self.factor):
+            pass
+
+    def compute(self) -> np.ndarray:
+        """The folded values, recomputed from the source unless they are held."""
+        if self.values is not None:
+            return self.values
+        try:
+            return scaled(self._weight(), self.factor)
+        finally:
+            evict_pages(self.source)
+
+    def blocks(self) -> Iterator[np.ndarray]:
+        """The folded values as consecutive row blocks (see :func:`bnfold.affine.scaled_blocks`)."""
+        try:
+            yield from scaled_blocks(self._weight(), self.factor)
+        finally:
+            evict_pages(self.source)
 
     def dropped(self) -> DeferredWeight:
         """The same weight, to be recomputed when read."""
@@ -141,6 +191,17 @@ class DeferredWeight:
     @property
     def nbytes(self) -> int:
         return int(np.prod(self.shape, dtype=np.int64)) * self.dtype.itemsize
+
+    @property
+    def mapped(self) -> bool:
+        """W is read from a memory-mapped external data file."""
+        return isinstance(self.source, ir.ExternalTensor)
+
+    def _weight(self) -> np.ndarray:
+        if self.source is not None:
+            return self.source.numpy()
+        assert self.source_values is not None
+        return self.source_values
 
 
 @dataclass(frozen=True)
@@ -182,7 +243,10 @@ class _Refused(Exception):
 
 
 def plan(
-    node: ir.Node, ir_version: int, options: MatchOptions | None = None
+    node: ir.Node,
+    ir_version: int,
+    options: MatchOptions | None = None,
+    hold: Callable[[DeferredWeight], bool] = lambda weight: True,
 ) -> FoldPlan | Refusal | None:
     """Plan the fold of one affine node into a linear op beside it.
 
@@ -215,17 +279,20 @@ def plan(
 
     Returns None for a Mul/Add that is not an affine next to a linear op (say a
     residual Add): those are not sites and are not reported.
+
+    ``hold(weight)`` says whether the plan may keep a folded weight's values in
+    memory; if not, they are checked block by block and recomputed when read.
     """
     options = options or MatchOptions()
     if node.op_type not in AFFINE_OPS or node.domain not in ("", "ai.onnx"):
         return None
-    after = _plan_after(node, ir_version, options)
+    after = _plan_after(node, ir_version, options, hold)
     if after is None or isinstance(after, FoldPlan) or node.op_type != "BatchNormalization":
         return after
     consumer = _linear_reader(node)
     if consumer is None:
         return after
-    before = _plan_before(node, consumer, ir_version, options)
+    before = _plan_before(node, consumer, ir_version, options, hold)
     if isinstance(before, FoldPlan):
         return before
     if after.code in (Code.STANDALONE, Code.NONLINEAR_INPUT):
@@ -238,7 +305,9 @@ def plan(
 # --- after: affine(linear(x)) ---------------------------------------------------------
 
 
-def _plan_after(node: ir.Node, ir_version: int, options: MatchOptions) -> FoldPlan | Refusal | None:
+def _plan_after(
+    node: ir.Node, ir_version: int, options: MatchOptions, hold: Callable[[DeferredWeight], bool]
+) -> FoldPlan | Refusal | None:
     data = _data_input(node, ir_version)
     if data is None:
         return None
@@ -265,7 +334,7 @@ def _plan_after(node: ir.Node, ir_version: int, options: MatchOptions) -> FoldPl
         affine = _affine_after(node, linear, ir_version, between)
         if affine is None:
             return None
-        return _make_plan(site, Direction.AFTER, linear, node, between, affine)
+        return _make_plan(site, Direction.AFTER, linear, node, between, affine, hold)
     except _Refused as refused:
         return Refusal(site, refused.code, refused.detail)
 
@@ -421,7 +490,11 @@ def _linear_reader(bn: ir.Node) -> tuple[ir.Node, ...] | None:
 
 
 def _plan_before(
-    bn: ir.Node, chain: tuple[ir.Node, ...], ir_version: int, options: MatchOptions
+    bn: ir.Node,
+    chain: tuple[ir.Node, ...],
+    ir_version: int,
+    options: MatchOptions,
+    hold: Callable[[DeferredWeight], bool],
 ) -> FoldPlan | Refusal:
     linear_node, between = chain[-1], (chain[0] if len(chain) == 2 else None)
     site = _site(bn, between, linear_node)
@@ -432,7 +505,7 @@ def _plan_before(
         _require_exact_before(linear, affine)
         gain = linear.input_gain / linear.bias_gain
         affine = Affine(affine.scale, affine.shift * gain)
-        return _make_plan(site, Direction.BEFORE, linear, bn, between, affine)
+        return _make_plan(site, Direction.BEFORE, linear, bn, between, affine, hold)
     except _Refused as refused:
         return Refusal(site, refused.code, refused.detail)
 
@@ -637,37 +710,37 @@ def _make_plan(
     node: ir.Node,
     between: ir.Node | None,
     affine: Affine,
+    hold: Callable[[DeferredWeight], bool],
 ) -> FoldPlan:
-    weight, bias = linear.weight_array, linear.bias_array
-    fold = fold_after if direction is Direction.AFTER else fold_before
-    if direction is Direction.AFTER:
+    weight, bias, layout = linear.weight_array, linear.bias_array, linear.layout
+    after = direction is Direction.AFTER
+    if after:
         affine = Affine(affine.scale, affine.shift / linear.bias_gain)
+    # Keep the source tensor, not its values: an external tensor stays mapped,
+    # an earlier deferred weight is recomputed rather than held.
+    source = linear.weight.const_value
     try:
-        new_w, new_b = fold(weight, bias, affine, linear.layout)
+        factor = (after_factor if after else before_factor)(affine, layout, weight.shape)
+        deferred = DeferredWeight(
+            factor, weight.dtype, tuple(weight.shape), source,
+            source_values=weight if source is None else None,
+        )  # fmt: skip
+        if hold(deferred):
+            deferred = deferred.computed(weight)
+        else:
+            deferred.check(weight)
+        if after:
+            new_b = after_bias(bias, affine, weight.dtype)
+        else:
+            new_b = before_bias(weight, bias, affine, layout)
     except Unfoldable as err:
         raise _Refused(Code.BAD_VALUES, str(err)) from None
     except LayoutError as err:
         raise _Refused(Code.BAD_SHAPE, str(err)) from None
-    # Keep the source tensor, not its values: an external tensor stays mapped,
-    # an earlier deferred weight is recomputed rather than held.
-    source = linear.weight.const_value
-    layout = linear.layout
-    evict_pages(source)
-
-    def compute() -> np.ndarray:
-        values = weight if source is None else source.numpy()
-        try:
-            return fold(values, bias, affine, layout)[0]
-        finally:
-            evict_pages(source)
-
-    deferred = DeferredWeight(compute, new_w.dtype, tuple(new_w.shape), values=new_w)
+    finally:
+        evict_pages(source)
     needs_bias = bias is not None or bool(np.any(new_b != 0))
-    ordered = (
-        (linear.node, between, node)
-        if direction is Direction.AFTER
-        else (node, between, linear.node)
-    )
+    ordered = (linear.node, between, node) if after else (node, between, linear.node)
     added = sum(
         a.nbytes
         for v, a in ((linear.weight, deferred), (linear.bias, new_b))

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Iterator
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import onnx_ir as ir
@@ -24,17 +26,25 @@ HELD_WEIGHT_BYTES = 512 << 20
 
 
 class _Budget:
-    """How many bytes of folded weights a pass may still keep in memory."""
+    """Which folded weights a pass keeps in memory, and how many bytes it may still keep."""
 
     def __init__(self, limit: int) -> None:
         self.left = limit
 
-    def hold_or_drop(self, plan: FoldPlan) -> FoldPlan:
-        weight = plan.new_weight
-        if weight.nbytes <= self.left:
-            self.left -= weight.nbytes
-            return plan
-        return replace(plan, new_weight=weight.dropped())
+    def allows(self, weight: DeferredWeight) -> bool:
+        """Hold a weight read from memory while it fits; never one read from external data.
+
+        A model with external data is saved with external data, and there a
+        recomputed weight is streamed into the file a block at a time: that costs
+        less than holding it and writing it whole (on an 800 MB model, 1.35 s
+        against 2.0 s for the fold and save).
+        """
+        return not weight.mapped and weight.nbytes <= self.left
+
+    def charge(self, plan: FoldPlan) -> None:
+        """Count the weight an applied plan keeps in memory."""
+        if plan.new_weight.values is not None:
+            self.left -= plan.new_weight.nbytes
 
 
 @dataclass
@@ -90,11 +100,12 @@ class FoldAffinePass(ir.passes.InPlacePass):
         for node in list(all_nodes(model)):
             if node.graph is None:  # removed by an earlier fold this round
                 continue
-            outcome = match.plan(node, model.ir_version, options)
+            outcome = match.plan(node, model.ir_version, options, hold=budget.allows)
             if isinstance(outcome, Refusal):
                 refused.append(outcome)
             elif outcome is not None:
-                apply_plan(budget.hold_or_drop(outcome), model)
+                apply_plan(outcome, model)
+                budget.charge(outcome)
                 report.folded.append(_folded_entry(outcome))
                 folded_any = True
         return folded_any, refused
@@ -182,17 +193,37 @@ def set_constant_input(
 
 
 def as_tensor(data: ConstantData, name: str | None) -> ir.TensorProtocol:
-    """An ir tensor of ``data``; a dropped deferred weight becomes a LazyTensor (saved lazily)."""
+    """An ir tensor of ``data``; a dropped deferred weight becomes a :class:`FoldedTensor`."""
     if isinstance(data, DeferredWeight) and data.values is not None:
         data = data.values
     if isinstance(data, np.ndarray):
         return ir.tensor(data, name=name)
+    return FoldedTensor(data, name)
 
-    def materialize() -> ir.TensorProtocol:
-        return ir.tensor(data.compute(), name=name)
 
-    dtype = ir.DataType.from_numpy(data.dtype)
-    return ir.LazyTensor(materialize, dtype=dtype, shape=ir.Shape(data.shape), name=name)
+class FoldedTensor(ir.LazyTensor):
+    """A folded weight computed when read; written to a file a block at a time.
+
+    onnx_ir writes external data with ``tofile``: streaming the blocks there means
+    a multi-GB weight is computed and written without ever being whole in
+    memory. Everything else (``numpy``, ``tobytes``) computes it whole.
+    """
+
+    def __init__(self, weight: DeferredWeight, name: str | None) -> None:
+        super().__init__(
+            lambda: ir.tensor(weight.compute(), name=name),
+            dtype=ir.DataType.from_numpy(weight.dtype),
+            shape=ir.Shape(weight.shape),
+            name=name,
+        )
+        self.weight = weight
+
+    def tofile(self, file: Any) -> None:
+        if sys.byteorder != "little":  # ONNX stores little-endian; ir.Tensor byte-swaps
+            super().tofile(file)
+            return
+        for block in self.weight.blocks():
+            file.write(block.reshape(-1).view(np.uint8).data)
 
 
 def new_initializer(graph: ir.Graph, base: str, array: ConstantData, model: ir.Model) -> ir.Value:
