@@ -395,29 +395,6 @@ def test_import_does_not_load_torch() -> None:
     assert out.stdout.strip() == "False"
 
 
-def test_model_skeleton_is_the_model_without_initializer_bytes(tmp_path: Path) -> None:
-    from bnfold.onnx_front import wire
-
-    proto = onnx.load(str(SAMPLES / "resnet_tiny.onnx"))
-    path = tmp_path / "m.onnx"
-    onnx.save(proto, str(path))
-    for tensor in proto.graph.initializer:
-        tensor.ClearField("raw_data")
-    assert wire.model_skeleton(path) == proto
-
-
-@pytest.mark.parametrize(
-    "content", [b"", b"ir_version: 8\ngraph {}\n", bytes(range(256)) * 3, b"\x08\x07\x3a"]
-)
-def test_model_skeleton_rejects_what_is_not_a_protobuf(tmp_path: Path, content: bytes) -> None:
-    from bnfold.onnx_front import wire
-
-    path = tmp_path / "not_a_model.onnx"
-    path.write_bytes(content)
-    with pytest.raises(ValueError):
-        wire.model_skeleton(path)
-
-
 def test_weight_read_from_external_data_is_streamed_into_the_saved_file(tmp_path: Path) -> None:
     """Not held in memory; written block by block, the same bytes as computed whole."""
     from bnfold.onnx_front import io

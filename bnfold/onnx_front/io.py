@@ -32,7 +32,6 @@ import onnx
 import onnx_ir as ir
 
 from bnfold.errors import BnfoldError, first_line
-from bnfold.onnx_front import wire
 
 STAGING_PREFIX = ".bnfold-"
 # Tensors over 1 MB start at 64 KiB offsets, so onnxruntime can memory-map them
@@ -241,12 +240,10 @@ def _require_writable_target(model: ir.Model, path: Path) -> None:
 
 def _is_onnx_model(path: Path) -> bool:
     try:
-        if not path.is_file():
+        if not path.is_file() or path.stat().st_size == 0:
             return False
-        # Its structure, not its tensor bytes: a full parse of a 100 MB model
-        # costs more than the fold.
-        proto = wire.model_skeleton(path)
-    except (OSError, ValueError):  # any read or parse failure: not a model
+        proto = onnx.load(str(path), load_external_data=False)
+    except Exception:  # any parse failure: not a model
         return False
     return proto.ir_version >= 1 and proto.HasField("graph") and len(proto.opset_import) > 0
 
@@ -297,8 +294,10 @@ def _data_files_of(path: Path) -> set[str]:
     never deleted.
     """
     try:
-        proto = wire.model_skeleton(path)
-    except (OSError, ValueError):  # an unreadable previous output simply has nothing to clean
+        if not path.is_file() or path.stat().st_size > (64 << 20):
+            return set()
+        proto = onnx.load(str(path), load_external_data=False)
+    except Exception:  # an unreadable previous output simply has nothing to clean
         return set()
     names = set()
     for tensor in _tensor_protos(proto.graph):
