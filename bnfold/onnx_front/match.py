@@ -545,8 +545,7 @@ def _spread_to_input_features(affine: Affine, linear: LinearOp, between: ir.Node
     _require_flattens_batch(between)
     if features % channels:
         raise _Refused(Code.BAD_SHAPE, f"{features} features are not a multiple of {channels}")
-    block = features // channels
-    return Affine(np.repeat(affine.scale, block), np.repeat(affine.shift, block))
+    return affine.spread(features)
 
 
 def _require_flattens_batch(node: ir.Node) -> None:
