@@ -36,13 +36,15 @@ def fold(
     """Fold every foldable BatchNorm / constant affine into its neighbouring linear op.
 
     Args:
-        model: an ONNX path, ``onnx_ir.Model`` or ``onnx.ModelProto``; or a torch
-            ``nn.Module`` (then ``example_inputs`` is required).
+        model: an ONNX path, ``onnx_ir.Model`` or ``onnx.ModelProto``; a torch
+            ``nn.Module`` (then ``example_inputs`` is required); or a
+            ``torch.export.ExportedProgram`` (its own example inputs are used),
+            folded at graph level where each module call is its own node.
         example_inputs: torch only: inputs used to trace the module and to verify.
         inplace: modify ``model`` itself instead of a copy (ir.Model / nn.Module).
         verify: ONNX: compare the folded model with the original at ORT_DISABLE_ALL
-            and attach the result. torch modules are always verified, fold by fold,
-            with rollback of any fold that changes the outputs.
+            and attach the result. torch modules and programs are always verified,
+            fold by fold, with rollback of any fold that changes the outputs.
         verify_options: tolerances, samples, seed and (ONNX) input shapes.
         clone_shared: ONNX: copy a weight that other nodes also read so the fold
             can proceed (reported as bytes_added); False refuses such sites.
@@ -61,6 +63,10 @@ def fold(
             model, example_inputs, inplace=inplace, rtol=o.rtol, atol=o.atol, samples=o.samples,
             seed=o.seed,
         )  # fmt: skip
+    if _is_exported_program(model):
+        from bnfold.torch_front.files import fold_program
+
+        return fold_program(model, verify_options or VerifyOptions())
     reference = None
     if verify:
         # The untouched input is the reference; with inplace=True it is about to
@@ -86,6 +92,10 @@ def inspect(model: Any, example_inputs: tuple[Any, ...] | None = None) -> FoldRe
         if example_inputs is None:
             raise BnfoldError("inspecting a torch module needs example_inputs=(x,)")
         return inspect_module(model, example_inputs)
+    if _is_exported_program(model):
+        from bnfold.torch_front.files import inspect_program
+
+        return inspect_program(model)
     report = fold(model, inplace=False).report
     report.dry_run = True
     return report
@@ -196,3 +206,8 @@ def _is_torch_module(obj: Any) -> bool:
     # Only an already-imported torch can have made obj: never import it here.
     torch = sys.modules.get("torch")
     return torch is not None and isinstance(obj, torch.nn.Module)
+
+
+def _is_exported_program(obj: Any) -> bool:
+    torch = sys.modules.get("torch")
+    return torch is not None and isinstance(obj, torch.export.ExportedProgram)

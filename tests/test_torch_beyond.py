@@ -797,3 +797,24 @@ def test_a_bn_after_a_reused_conv_folds_into_the_op_after_it(finder, monkeypatch
     (folded,) = result.report.folded
     assert folded.site == "bn -> conv2" and result.verification.passed
     assert same_outputs(model, result.model, torch.randn(2, 3, 4, 4))
+
+
+def test_api_folds_an_exported_program_with_a_copy_for_the_bns_call():
+    import bnfold
+
+    model = randomize_bn(ReusedConv())
+    x = torch.randn(1, 3, 5, 5)
+    eager = bnfold.fold(model, (x,))
+    (refusal,) = [r for r in eager.report.refused if r.site == "conv -> bn"]
+    assert refusal.code == Code.REUSED_MODULE
+    assert "bnfold.fold(torch.export.export(" in refusal.detail
+    ep = torch.export.export(model, (x,), strict=False)
+    report = bnfold.inspect(ep)
+    assert report.dry_run and [f.site for f in report.folded] == ["conv -> bn"]
+    result = bnfold.fold(ep)
+    assert isinstance(result.model, torch.export.ExportedProgram)
+    (folded,) = result.report.folded
+    assert folded.bytes_added > 0 and result.verification.passed
+    y = torch.randn(1, 3, 5, 5)
+    assert same_outputs(model, result.model.module(), y)
+    assert bn_nodes(ep.module()) == 1  # the program given is untouched

@@ -109,6 +109,25 @@ def fold_torch(
     return result, True
 
 
+def fold_program(
+    ep: torch.export.ExportedProgram, verify: VerifyOptions | None = DEFAULT_VERIFY
+) -> FoldResult:
+    """Fold an ExportedProgram at graph level; ``model`` is the folded program, re-exported.
+
+    Each call of a module is its own node there, so a conv that also runs apart
+    from its BN is folded with a copy of its weight for the BN's call
+    (``Folded.bytes_added``), which an eager module cannot offer.
+
+    Raises:
+        BnfoldError / NotSupportedError: no usable example inputs, or the folded
+            module cannot be exported again.
+    """
+    args = example_args(ep)
+    result = fold_graph_module(ep.module, args, verify=verify)
+    result.model = _export(result.model, args, "the folded program")
+    return result
+
+
 def _load_program_file(path: Path) -> torch.export.ExportedProgram:
     """A ``.pt2`` file's program; a state_dict file is a user error naming the fix."""
     if path.suffix in STATE_DICT_SUFFIXES:
@@ -143,7 +162,11 @@ def inspect_torch(source: ModuleSource | str) -> FoldReport:
     if isinstance(source, ModuleSource):
         module, args = source.load()
         return inspect_module(module, args)
-    ep = load_exported_program(source)
+    return inspect_program(load_exported_program(source))
+
+
+def inspect_program(ep: torch.export.ExportedProgram) -> FoldReport:
+    """What :func:`fold_program` would fold and refuse; ``ep`` is untouched."""
     report = fold_graph_module(ep.module, example_args(ep), verify=None).report
     report.dry_run = True
     return report

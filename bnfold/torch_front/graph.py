@@ -261,8 +261,9 @@ def reused_detail(linear: str, count: int, bn: str, paired: int) -> str:
     """Why a module called more often than its BN keeps it: one weight serves every call."""
     return (
         f"{linear} ran {count} times, {paired} of them into {bn}, and an eager module has one "
-        "weight for all calls; fold it as an exported program (a .pt2 file, or -o x.pt2 from "
-        "the command line), where the call into the BN gets its own folded copy"
+        "weight for all calls; fold it as an exported program (bnfold.fold(torch.export."
+        "export(model, args)), a .pt2 file, or -o x.pt2), where the call into the BN gets "
+        "its own folded copy"
     )
 
 
