@@ -275,3 +275,53 @@ def test_scaled_blocks_refuse_an_overflow() -> None:
     w = np.full((4, 3), 60000, dtype=np.float16)
     with pytest.raises(Unfoldable, match="overflows float16"):
         list(affine_module.scaled_blocks(w, np.full((4, 1), 2.0)))
+
+
+# --- channels across a reshape ------------------------------------------------------------
+
+
+def _nesting_by_brute_force(affine_side: tuple[int, ...], linear_side: tuple[int, ...]):
+    """For each linear channel, the single affine channel holding all its elements, or None."""
+    linear_channel = np.broadcast_to(
+        np.arange(linear_side[1]).reshape(1, -1, *[1] * (len(linear_side) - 2)), linear_side
+    )
+    affine_channel = np.broadcast_to(
+        np.arange(affine_side[1]).reshape(1, -1, *[1] * (len(affine_side) - 2)), affine_side
+    )
+    pairs = zip(linear_channel.reshape(-1), affine_channel.reshape(-1), strict=True)
+    owner: dict[int, set[int]] = {}
+    for lin, aff in pairs:
+        owner.setdefault(int(lin), set()).add(int(aff))
+    if any(len(a) != 1 for a in owner.values()):
+        return None
+    return [owner[j].pop() for j in range(linear_side[1])]
+
+
+@st.composite
+def reshapes(draw):
+    """Two shapes of the same elements, batch first: (N, C, *rest) and (N, C', *rest')."""
+    n = draw(st.integers(1, 2))
+    factors = draw(st.lists(st.sampled_from([1, 2, 3, 4]), min_size=1, max_size=4))
+    total = int(np.prod(factors))
+
+    def split(count: int) -> tuple[int, ...]:
+        dims, left = [], total
+        for _ in range(count):
+            d = draw(st.sampled_from([d for d in range(1, left + 1) if left % d == 0]))
+            dims.append(d)
+            left //= d
+        return (n, *dims, left)
+
+    return split(draw(st.integers(0, 2))), split(draw(st.integers(0, 2)))
+
+
+@given(reshapes())
+@settings(max_examples=300, deadline=None)
+def test_channel_block_matches_brute_force(shapes):
+    affine_side, linear_side = shapes
+    expected = _nesting_by_brute_force(affine_side, linear_side)
+    k = layouts.channel_block(affine_side, linear_side)
+    if expected is None:
+        assert k is None
+    else:
+        assert k is not None and expected == [j // k for j in range(linear_side[1])]
