@@ -27,6 +27,7 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
+import operator
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
@@ -582,9 +583,14 @@ def _fx_graph(root: nn.Module, args: tuple[Any, ...], roles: Roles) -> Traced:
     nodes = traced.nodes
     alias: dict[str, str] = {}  # nn.Identity node -> the node it passes on
     calls_so_far: dict[str, int] = {}  # owner -> call_module nodes seen (a node is one call)
+    shape_reads: set[str] = set()
     for n in graph.nodes:
         if n.op == "get_attr":  # leaf modules read their own weights without get_attr
             traced.outside_reads.add(str(n.target))
+        elif _reads_shape(n, shape_reads):
+            # x.shape[0] / x.size(1) in y.view(x.shape[0], -1): metadata, not a reader
+            # of x's values, so neither an input of the view nor a second consumer.
+            shape_reads.add(n.name)
         elif n.op == "placeholder":
             nodes[n.name] = Node(None, "input", [])
         elif _is_identity(root, n) and len(ins := _input_names(n, nodes, alias)) == 1:
@@ -601,6 +607,17 @@ def _fx_graph(root: nn.Module, args: tuple[Any, ...], roles: Roles) -> Traced:
             _mark_outputs(n, nodes, alias)
     _link_users(nodes)
     return traced
+
+
+def _reads_shape(n: fx.Node, shape_reads: set[str]) -> bool:
+    """``x.shape``, ``x.size(...)``, ``x.dim()``, or an item of one of those."""
+    if n.op == "call_method" and n.target in ("size", "dim"):
+        return True
+    if n.op != "call_function" or not n.args or not isinstance(n.args[0], fx.Node):
+        return False
+    if n.target is getattr:
+        return n.args[1] in ("shape", "ndim")
+    return n.target is operator.getitem and n.args[0].name in shape_reads
 
 
 def _fx_op_name(root: nn.Module, n: fx.Node) -> str:
