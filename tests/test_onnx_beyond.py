@@ -342,3 +342,50 @@ def test_fold_inside_scan_body_with_outer_scope_weight() -> None:
     result = fold_and_check(m)
     assert [f.site for f in result.report.folded] == ["scan_conv -> scan_bn"]
     assert "BatchNormalization" not in result.report.ops_after
+
+
+def gemm_then_reshape(target: list[int], bn_channels: int, shapes: bool) -> onnx.ModelProto:
+    """Gemm (N, 12) -> Reshape(target) -> BN, as a DCGAN generator's first layer."""
+    nodes = [
+        helper.make_node("Gemm", ["input", "B", "C"], ["y"], name="fc", transB=1),
+        helper.make_node("Reshape", ["y", "shape"], ["s"], name="reshape"),
+        bn_node("bn", "s", "output"),
+    ]
+    inits = [init("B", weight(12, 5)), init("C", weight(12)), init("shape", np.array(target))]
+    m = model(nodes, [*inits, *bn_params("bn", bn_channels)], [("input", [2, 5])], ["output"])
+    if not shapes:  # as torch's exporter leaves them: no shapes on intermediate values
+        m.graph.ClearField("value_info")
+    return m
+
+
+@pytest.mark.parametrize("shapes", [True, False], ids=["inferred_shapes", "no_shapes"])
+@pytest.mark.parametrize(
+    ("target", "bn_channels"),
+    [([-1, 3, 2, 2], 3), ([0, 3, -1], 3), ([0, 12, 1], 12)],
+    ids=["minus1_c_h_w", "copy_batch_infer_rest", "unsqueeze_like"],
+)
+def test_bn_after_a_reshape_of_gemm_features_into_channels_folds(target, bn_channels, shapes):
+    result = fold_and_check(gemm_then_reshape(target, bn_channels, shapes))
+    assert [f.pattern for f in result.report.folded] == ["Gemm+Reshape+BatchNormalization"]
+    assert op_types(to_proto(result.model)) == ["Gemm", "Reshape"]
+
+
+@pytest.mark.parametrize("shapes", [True, False], ids=["inferred_shapes", "no_shapes"])
+def test_a_reshape_that_could_move_samples_is_refused(shapes):
+    # An explicit batch of 2 is right for this input only: channels per sample are unproven.
+    result = bnfold.fold(gemm_then_reshape([2, 3, 2, 2], 3, shapes))
+    assert result.report.codes == [Code.NOT_PER_CHANNEL] and not result.report.folded
+
+
+def test_bn_after_a_reshape_that_groups_conv_channels_folds() -> None:
+    # Conv (N, 4, 3, 5) viewed as (N, 2, 30): BN channel c is conv channels 2c and 2c+1.
+    reshape = helper.make_node("Reshape", ["c", "shape"], ["s"], name="reshape")
+    result = fold_and_check(conv_then([reshape], [init("shape", np.array([0, 2, 30]))], 2))
+    assert [f.pattern for f in result.report.folded] == ["Conv+Reshape+BatchNormalization"]
+
+
+def test_bn_after_a_reshape_that_splits_conv_channels_is_refused() -> None:
+    # (N, 4, 3, 5) as (N, 12, 5): each conv channel spans three BN channels.
+    reshape = helper.make_node("Reshape", ["c", "shape"], ["s"], name="reshape")
+    result = bnfold.fold(conv_then([reshape], [init("shape", np.array([0, 12, 5]))], 12))
+    assert result.report.codes == [Code.NOT_PER_CHANNEL]

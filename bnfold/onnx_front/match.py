@@ -253,7 +253,8 @@ def plan(
     Matches (after):  BatchNormalization | Mul(·, c) | Add(·, c)  of
                       Conv | ConvTranspose | Gemm | MatMul(x, W, B?),
                       for BN possibly through one Reshape/Flatten/Squeeze/Unsqueeze/
-                      Transpose that keeps the channel axis a channel axis.
+                      Transpose that keeps each of the op's channels whole inside one
+                      BN channel (Gemm -> Reshape(-1, C, 4, 4) -> BN folds too).
     Matches (before): Conv | ConvTranspose | Gemm | MatMul(BatchNormalization(x), W, B?),
                       possibly through a Flatten/Reshape into Gemm/MatMul; only
                       tried when the BN cannot fold after.
@@ -330,8 +331,8 @@ def _plan_after(
             return None
         if between is not None:
             _require_single_consumer(between)
-            _require_channel_survives(between, linear)
-        affine = _affine_after(node, linear, ir_version, between)
+        block = 1 if between is None else _channel_block_through(between, linear, ir_version)
+        affine = _affine_after(node, linear, ir_version, between, block)
         if affine is None:
             return None
         return _make_plan(site, Direction.AFTER, linear, node, between, affine, hold)
@@ -396,21 +397,84 @@ def _require_single_consumer(node: ir.Node) -> None:
         raise _Refused(Code.BRANCHING, f"output {out.name!r} is read by {', '.join(readers)}")
 
 
-def _require_channel_survives(shape_op: ir.Node, linear: LinearOp) -> None:
-    """A shape-only op keeps a per-channel affine exact only if channels stay on axis 1."""
+def _channel_block_through(shape_op: ir.Node, linear: LinearOp, ir_version: int) -> int:
+    """How many of the linear op's channels make up one BN channel past ``shape_op``.
+
+    1 when every element keeps its channel (a Transpose moving the channel axis
+    to 1, a Reshape with the same channels and inner size); ``k`` when the op
+    regroups each sample's elements so that BN channel ``c`` is linear channels
+    ``c*k .. c*k+k-1`` (Gemm -> Reshape(N, C, 4, 4) -> BN, as in DCGAN
+    generators; see :func:`bnfold.layouts.channel_block`).
+
+    Raises:
+        _Refused: NOT_PER_CHANNEL, when neither can be shown from the shapes.
+    """
     axis = linear.channel_axis()
     source, result = shape_op.inputs[0], shape_op.outputs[0]
     if shape_op.op_type == "Transpose":
         perm = shape_op.attributes.get_ints("perm")
         if axis is not None and perm is not None and list(perm).index(axis) == 1:
-            return
+            return 1
     elif _same_channel_index(source.shape, result.shape, axis, linear.channels):  # type: ignore[union-attr]
-        return
+        return 1
+    elif axis == 1 and (block := _regrouped_block(shape_op, linear, ir_version)) is not None:
+        return block
     raise _Refused(
         Code.NOT_PER_CHANNEL,
         f"{shape_op.op_type} {label(shape_op)!r} does not keep {linear.node.op_type}'s output "
-        "channels on the BatchNorm's channel axis (or its shapes are unknown)",
+        "channels whole within the BatchNorm's channels (or its shapes are unknown)",
     )
+
+
+def _regrouped_block(shape_op: ir.Node, linear: LinearOp, ir_version: int) -> int | None:
+    """:func:`layouts.channel_block` across a batch-preserving Reshape/Flatten, if shown."""
+    sample = _per_sample_dims(shape_op.inputs[0], linear)
+    if sample is None:
+        return None
+    regrouped = _regrouped_sample(shape_op, sample, ir_version)
+    if regrouped is None:
+        return None
+    return layouts.channel_block((1, *regrouped), (1, *sample))
+
+
+def _per_sample_dims(value: ir.Value | None, linear: LinearOp) -> tuple[int, ...] | None:
+    """The linear op's output without its batch axis: ``(C, *spatial)``, static, or None."""
+    shape = None if value is None else value.shape
+    if shape is not None and len(shape) >= 2:
+        dims = list(shape.dims[1:])
+        if all(isinstance(d, int) for d in dims) and dims[0] == linear.channels:
+            return tuple(dims)  # type: ignore[arg-type]
+    if linear.out_rank == 2:  # Gemm, 2-D MatMul: (N, C) whatever the annotations say
+        return (linear.channels,)
+    return None
+
+
+def _regrouped_sample(
+    shape_op: ir.Node, sample: tuple[int, ...], ir_version: int
+) -> tuple[int, ...] | None:
+    """A sample's dims after a Flatten(axis=1) or a batch-preserving Reshape; else None.
+
+    A Reshape keeps the batch axis when its constant target starts with 0 (copy
+    the batch) or with -1 while the rest is exactly one sample. Anything else
+    could split or merge samples, and then channels mean nothing per sample.
+    """
+    count = math.prod(sample)
+    if shape_op.op_type == "Flatten":
+        return (count,) if shape_op.attributes.get_int("axis", 1) == 1 else None
+    if shape_op.op_type != "Reshape" or shape_op.attributes.get_int("allowzero", 0) != 0:
+        return None
+    target = constant_array(shape_op.inputs[1] if len(shape_op.inputs) > 1 else None, ir_version)
+    if target is None or target.ndim != 1 or len(target) < 2 or int(target[0]) not in (0, -1):
+        return None
+    # With allowzero=0 a 0 copies the input's dim at the same position.
+    rest = [sample[i] if d == 0 and i < len(sample) else int(d) for i, d in enumerate(target[1:])]
+    inferred = rest.count(-1)
+    if any(d == 0 or d < -1 for d in rest) or inferred > (1 if target[0] == 0 else 0):
+        return None
+    if inferred:
+        known = math.prod(d for d in rest if d != -1)
+        rest[rest.index(-1)] = count // known if count % known == 0 else -1
+    return tuple(rest) if math.prod(rest) == count and -1 not in rest else None
 
 
 def _same_channel_index(
@@ -441,9 +505,12 @@ def _static_product(dims: object) -> int | None:
 
 
 def _affine_after(
-    node: ir.Node, linear: LinearOp, ir_version: int, between: ir.Node | None
+    node: ir.Node, linear: LinearOp, ir_version: int, between: ir.Node | None, block: int = 1
 ) -> Affine | None:
-    """The per-output-channel affine an affine node applies, or a refusal."""
+    """The per-output-channel affine an affine node applies, or a refusal.
+
+    ``block``: linear channels per BN channel past a regrouping shape op.
+    """
     if node.op_type == "BatchNormalization":
         if between is None and linear.channel_axis() != 1:
             raise _Refused(
@@ -451,7 +518,7 @@ def _affine_after(
                 f"BatchNorm normalizes axis 1 but {linear.node.op_type}'s output features are "
                 f"axis {linear.channel_axis() if linear.out_rank else '? (input rank unknown)'}",
             )
-        return _batchnorm_affine(node, linear.channels, ir_version)
+        return _batchnorm_affine(node, linear.channels // block, ir_version).spread(linear.channels)
     operand = next(v for v in node.inputs if v is not linear.output)
     array = constant_array(operand, ir_version)
     vector = per_channel_vector(array, linear)
