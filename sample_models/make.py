@@ -287,6 +287,16 @@ def gemm_transb0_noc_bn(b: Builder) -> onnx.ModelProto:
     return finish(b)
 
 
+def gemm_reshape_bn(b: Builder) -> onnx.ModelProto:
+    """A DCGAN generator's first layer: features viewed as (C, H, W), then BN per C."""
+    x = b.input("input", [2, 16])
+    y = gemm(b, "fc1", x, 16, 8 * 2 * 2, trans_b=1)
+    b.inits.append(numpy_helper.from_array(np.array([-1, 8, 2, 2], dtype=np.int64), "shape1"))
+    y = b.node("Reshape", [y, "shape1"], "reshape1")
+    b.output(batchnorm(b, "bn1", y, 8, out="output"))
+    return finish(b)
+
+
 def matmul_bn(b: Builder) -> onnx.ModelProto:
     x = b.input("input", [4, 16])
     y = matmul(b, "matmul1", x, 16, 8)
@@ -469,6 +479,10 @@ SAMPLES: list[Sample] = [
            "1: gemm1 -> bn1", NONE, gemm_bn),
     Sample("gemm_transb0_noc_bn.onnx", "Gemm transB=0, no C -> BN (eps 1e-3)",
            "1: gemm1 -> bn1", NONE, gemm_transb0_noc_bn),
+    Sample("gemm_reshape_bn.onnx",
+           "Gemm 16->32 -> Reshape(-1, 8, 2, 2) -> BN(8), as a DCGAN generator's first layer",
+           "1: fc1 -> reshape1 -> bn1 (each BN channel is 4 Gemm features)", NONE,
+           gemm_reshape_bn),
     Sample("matmul_bn.onnx", "MatMul x [4,16] @ W [16,8] -> BN",
            "1: matmul1 -> bn1", NONE, matmul_bn),
     Sample("conv_mul_add.onnx", "Conv -> Mul (const [1,8,1,1]) -> Add (const [8,1,1])",
