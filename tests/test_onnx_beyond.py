@@ -344,7 +344,9 @@ def test_fold_inside_scan_body_with_outer_scope_weight() -> None:
     assert "BatchNormalization" not in result.report.ops_after
 
 
-def gemm_then_reshape(target: list[int], bn_channels: int, shapes: bool) -> onnx.ModelProto:
+def gemm_then_reshape(
+    target: list[int], bn_channels: int, shapes: bool, batch: int | str = 2
+) -> onnx.ModelProto:
     """Gemm (N, 12) -> Reshape(target) -> BN, as a DCGAN generator's first layer."""
     nodes = [
         helper.make_node("Gemm", ["input", "B", "C"], ["y"], name="fc", transB=1),
@@ -352,7 +354,7 @@ def gemm_then_reshape(target: list[int], bn_channels: int, shapes: bool) -> onnx
         bn_node("bn", "s", "output"),
     ]
     inits = [init("B", weight(12, 5)), init("C", weight(12)), init("shape", np.array(target))]
-    m = model(nodes, [*inits, *bn_params("bn", bn_channels)], [("input", [2, 5])], ["output"])
+    m = model(nodes, [*inits, *bn_params("bn", bn_channels)], [("input", [batch, 5])], ["output"])
     if not shapes:  # as torch's exporter leaves them: no shapes on intermediate values
         m.graph.ClearField("value_info")
     return m
@@ -370,10 +372,16 @@ def test_bn_after_a_reshape_of_gemm_features_into_channels_folds(target, bn_chan
     assert op_types(to_proto(result.model)) == ["Gemm", "Reshape"]
 
 
+def test_a_reshape_to_the_static_batch_of_a_static_model_folds():
+    # torch's dynamo exporter writes Reshape(x, [2, C, 2, 2]) for a batch-2 export.
+    result = fold_and_check(gemm_then_reshape([2, 3, 2, 2], 3, shapes=True))
+    assert [f.pattern for f in result.report.folded] == ["Gemm+Reshape+BatchNormalization"]
+
+
 @pytest.mark.parametrize("shapes", [True, False], ids=["inferred_shapes", "no_shapes"])
 def test_a_reshape_that_could_move_samples_is_refused(shapes):
-    # An explicit batch of 2 is right for this input only: channels per sample are unproven.
-    result = bnfold.fold(gemm_then_reshape([2, 3, 2, 2], 3, shapes))
+    # A dynamic batch reshaped to an explicit 2: for N != 2 samples would be regrouped.
+    result = bnfold.fold(gemm_then_reshape([2, 3, 2, 2], 3, shapes, batch="N"))
     assert result.report.codes == [Code.NOT_PER_CHANNEL] and not result.report.folded
 
 

@@ -431,10 +431,27 @@ def _regrouped_block(shape_op: ir.Node, linear: LinearOp, ir_version: int) -> in
     sample = _per_sample_dims(shape_op.inputs[0], linear)
     if sample is None:
         return None
-    regrouped = _regrouped_sample(shape_op, sample, ir_version)
+    regrouped = _regrouped_sample(shape_op, sample, ir_version) or _annotated_sample(shape_op)
     if regrouped is None:
         return None
     return layouts.channel_block((1, *regrouped), (1, *sample))
+
+
+def _annotated_sample(shape_op: ir.Node) -> tuple[int, ...] | None:
+    """The output's per-sample dims from its shape, when it provably keeps the batch:
+    the same known batch dim on both sides (a static export's ``Reshape(x, [2, C, H, W])``
+    of a ``[2, F]`` input, say)."""
+    before, after = shape_op.inputs[0].shape, shape_op.outputs[0].shape  # type: ignore[union-attr]
+    if before is None or after is None or len(before) < 1 or len(after) < 2:
+        return None
+    batch_before, batch_after = before.dims[0], after.dims[0]
+    same_batch = batch_before == batch_after and (
+        isinstance(batch_before, int) or getattr(batch_before, "value", None) is not None
+    )
+    rest = list(after.dims[1:])
+    if not same_batch or not all(isinstance(d, int) for d in rest):
+        return None
+    return tuple(rest)  # type: ignore[arg-type]
 
 
 def _per_sample_dims(value: ir.Value | None, linear: LinearOp) -> tuple[int, ...] | None:
