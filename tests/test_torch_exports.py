@@ -46,8 +46,25 @@ def trained_looking(model: torch.nn.Module) -> torch.nn.Module:
     return model.eval()
 
 
-def export(path: Path, dynamo: bool) -> None:
-    model, x = trained_looking(ConvNet()), torch.randn(2, 3, 8, 8)
+class Generator(torch.nn.Module):
+    """A DCGAN generator's head: Linear -> view(N, C, 4, 4) -> BatchNorm2d -> ConvTranspose."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = torch.nn.Linear(16, 8 * 4 * 4)
+        self.bn0 = torch.nn.BatchNorm2d(8)
+        self.up = torch.nn.ConvTranspose2d(8, 4, 4, 2, 1, bias=False)
+        self.bn1 = torch.nn.BatchNorm2d(4)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.bn0(self.fc(z).view(-1, 8, 4, 4)))
+        return torch.tanh(self.bn1(self.up(x)))
+
+
+def export(
+    path: Path, dynamo: bool, net: type[torch.nn.Module] = ConvNet, shape: tuple = (2, 3, 8, 8)
+) -> None:
+    model, x = trained_looking(net()), torch.randn(*shape)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         if dynamo:
@@ -74,3 +91,17 @@ def test_torch_export_with_bn_folds_completely(tmp_path: Path, dynamo: bool) -> 
     assert result.verification is not None and result.verification.passed
     if dynamo:  # the Expand/CastLike/Shape that built the zero conv bias are gone too
         assert not {"Expand", "CastLike", "Shape"} & set(result.report.ops_after)
+
+
+@pytest.mark.parametrize("dynamo", [False, True], ids=["torchscript", "dynamo"])
+def test_dcgan_generator_export_folds_through_the_view(tmp_path: Path, dynamo: bool) -> None:
+    # TorchScript writes Reshape(-1, 8, 4, 4) with no intermediate shapes; dynamo a
+    # static Reshape(2, 8, 4, 4) with shapes: both keep the batch axis provably.
+    path = tmp_path / "generator.onnx"
+    export(path, dynamo, Generator, (2, 16))
+    result = bnfold.fold(path, verify=True)
+    assert [f.pattern for f in result.report.folded] == [
+        "Gemm+Reshape+BatchNormalization",
+        "ConvTranspose+BatchNormalization",
+    ]
+    assert result.report.refused == [] and result.verification.passed
