@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from bnfold.layouts import WeightLayout
+from bnfold.layouts import LayoutError, WeightLayout
 
 
 class Unfoldable(ValueError):
@@ -43,10 +43,16 @@ class Affine:
         Across a reshape a BN channel can be a contiguous block of a linear op's
         channels (a flatten into a Linear, a Linear's features viewed as
         ``(C, H, W)``); channel ``j`` then takes the values of channel ``j // k``.
+
+        Raises:
+            LayoutError: ``channels`` is not a whole number of blocks.
         """
-        block = channels // self.scale.shape[0]
-        if block <= 1:
+        count = self.scale.shape[0]
+        if channels == count:  # no regrouping (also zero channels)
             return self
+        if count == 0 or channels % count:
+            raise LayoutError(f"{channels} channels are not whole blocks of {count}")
+        block = channels // count
         return Affine(np.repeat(self.scale, block), np.repeat(self.shift, block))
 
 

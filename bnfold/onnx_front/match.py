@@ -627,7 +627,7 @@ def _spread_to_input_features(affine: Affine, linear: LinearOp, between: ir.Node
             )
         return affine
     _require_flattens_batch(between)
-    if features % channels:
+    if channels == 0 or features % channels:
         raise _Refused(Code.BAD_SHAPE, f"{features} features are not a multiple of {channels}")
     return affine.spread(features)
 
