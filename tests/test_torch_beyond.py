@@ -823,3 +823,18 @@ def test_api_folds_an_exported_program_with_a_copy_for_the_bns_call():
     y = torch.randn(1, 3, 5, 5)
     assert same_outputs(model, result.model.module(), y)
     assert bn_nodes(ep.module()) == 1  # the program given is untouched
+
+
+@pytest.mark.parametrize("finder", ["export", "fx", "sequential"])
+def test_sequential_linear_unflatten_bn_folds_with_every_finder(finder, monkeypatch):
+    _break(monkeypatch, finder)
+    model = randomize_bn(
+        nn.Sequential(nn.Linear(5, 12), nn.Unflatten(1, (3, 2, 2)), nn.BatchNorm2d(3), nn.ReLU())
+    )
+    x = torch.randn(2, 5)
+    result = fold_module(model, (x,))
+    (folded,) = result.report.folded
+    between = "1" if finder == "sequential" else "unflatten"
+    assert (folded.site, folded.finder) == (f"0 -> {between} -> 2", finder)
+    assert folded.pattern == "Linear+Unflatten+BatchNorm2d"
+    assert result.verification.passed and same_outputs(model, result.model, torch.randn(2, 5))

@@ -455,20 +455,38 @@ def _match_in_sequential(
         if i == 0:
             after = Refusal(bn, Code.UNTRACEABLE, f"{bn} is first in {path or 'the root'}")
         else:
-            prev, prev_mod = children[i - 1]
-            after = _sequential_pair(path, prev, prev_mod, bn, roles, calls)
+            after = _sequential_after(path, children[:i], bn, roles, calls)
         if isinstance(after, Refusal):
             after = prefer_before(after, _sequential_before(path, children[i:], roles, calls))
         out.append(after)
     return out
 
 
+_SEQUENTIAL_RESHAPES = (nn.Flatten, nn.Unflatten)
+
+
+def _sequential_after(
+    seq: str, earlier: list[tuple[str, nn.Module]], bn: str, roles: Roles, calls: Calls
+) -> Pair | Refusal:
+    """``linear, BN`` or ``linear, nn.Flatten|nn.Unflatten, BN`` as neighbours before ``bn``."""
+    prev, prev_mod = earlier[-1]
+    if isinstance(prev_mod, _SEQUENTIAL_RESHAPES) and len(earlier) > 1:
+        linear = earlier[-2][0]
+        if roles.of(linear) == LINEAR:
+            pair = Pair(linear, bn, "sequential", between=prev)
+            return _only_through(seq, pair, calls) or pair
+    return _sequential_pair(seq, prev, prev_mod, bn, roles, calls)
+
+
 def _sequential_before(
     seq: str, rest: list[tuple[str, nn.Module]], roles: Roles, calls: Calls
 ) -> Pair | Refusal | None:
-    """``BN, linear`` or ``BN, nn.Flatten, Linear`` as neighbours; ``rest[0]`` is the BN."""
+    """``BN, linear`` or ``BN, nn.Flatten|nn.Unflatten, linear`` as neighbours.
+
+    ``rest[0]`` is the BN.
+    """
     bn, nxt, between = rest[0][0], rest[1:], ""
-    if len(nxt) > 1 and isinstance(nxt[0][1], nn.Flatten):
+    if len(nxt) > 1 and isinstance(nxt[0][1], _SEQUENTIAL_RESHAPES):
         between, nxt = nxt[0][0], nxt[1:]
     if not nxt or roles.of(nxt[0][0]) != LINEAR:
         return None
