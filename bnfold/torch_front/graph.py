@@ -3,16 +3,22 @@
 Three finders, tried in order; the first that traces the module decides:
 
 1. ``export``: ``torch.export.export(strict=False)``; each aten node is owned by
-   the innermost linear/BN module in its ``nn_module_stack``.
-2. ``fx``: ``torch.fx`` symbolic tracing with linear and BN modules as leaves.
-3. ``sequential``: a linear module directly followed by a BN inside an
-   ``nn.Sequential`` whose forward is not overridden. Works when forward() has
-   data-dependent control flow that neither tracer can follow.
+   the innermost linear/BN module in its ``nn_module_stack``, and by that
+   module's call (``"...conv@1"`` is the second).
+2. ``fx``: ``torch.fx`` symbolic tracing with linear and BN modules as leaves
+   (one node per call).
+3. ``sequential``: a linear module directly followed by a BN (or with an
+   ``nn.Flatten``/``nn.Unflatten`` between) inside an ``nn.Sequential`` whose
+   forward is not overridden. Works when forward() has data-dependent control
+   flow that neither tracer can follow.
 
-A BN that cannot fold into the op before it (after a ReLU, say, as in
-pre-activation nets) may fold into the op after it: ``BN -> linear`` or
-``BN -> flatten -> Linear``, when that op is the BN's only reader (a
-"before" pair). ``nn.Identity`` (what a folded BN becomes) is looked through.
+One reshape (view, flatten, unflatten, (un)squeeze) may sit between the two;
+whether channels survive it is checked on the observed shapes. A BN that cannot
+fold into the op before it (after a ReLU, say, as in pre-activation nets) may
+fold into the op after it: ``BN -> linear`` or ``BN -> flatten -> Linear``,
+when that op is the BN's only reader (a "before" pair). A pair that runs
+several times folds when every call is the same pair. ``nn.Identity`` (what a
+folded BN becomes) is looked through.
 
 Export and fx graphs are reduced to one small node graph (:class:`Node`), and
 one function (:func:`match_graph`) finds the pairs in it.
