@@ -101,6 +101,7 @@ def fold_torch(
         ep = _load_program_file(Path(source))
         args = example_args(ep)
         result = fold_graph_module(ep.module, args, verify=verify)
+        as_program = True  # a program is written back as a program, whatever the suffix
     if not result.publishable(require_verified):
         return result, False
     _save(result.model, args, Path(output), as_program)
