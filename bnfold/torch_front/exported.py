@@ -26,7 +26,7 @@ from bnfold.compare import DEFAULT_VERIFY, VerifyOptions
 from bnfold.layouts import LayoutError
 from bnfold.report import Code, Folded, FoldReport, FoldResult, Refusal, VerifyResult
 from bnfold.torch_front import verify as checking
-from bnfold.torch_front.graph import explain_both, is_nonlinear
+from bnfold.torch_front.graph import explain_both, is_nonlinear, site_label
 from bnfold.torch_front.tensors import as_parameter, to_float64
 
 aten = torch.ops.aten
@@ -76,12 +76,7 @@ class Site:
 
     @property
     def site(self) -> str:
-        chain = (
-            (self.bn, self.between, self.linear)
-            if self.before
-            else (self.linear, self.between, self.bn)
-        )
-        return " -> ".join(p for p in chain if p)
+        return site_label(self.linear, self.bn, self.between, self.before)
 
 
 def find_sites(gm: fx.GraphModule) -> tuple[list[Site], list[Refusal]]:

@@ -61,6 +61,12 @@ _NONLINEAR_TOKENS = {"exp", "log", "abs", "pow", "clamp", "clip", "square", "max
 _RESHAPE_TOKENS = {"flatten", "unflatten", "view", "reshape", "unsqueeze", "squeeze"}
 
 
+def site_label(linear: str, bn: str, between: str, before: bool) -> str:
+    """ "conv -> bn", "fc -> view -> bn"; before: "bn -> flatten -> fc" (data-flow order)."""
+    chain = (bn, between, linear) if before else (linear, between, bn)
+    return " -> ".join(p for p in chain if p)
+
+
 @dataclass(frozen=True)
 class Pair:
     """A linear module and a BN module beside it.
@@ -81,12 +87,7 @@ class Pair:
 
     @property
     def site(self) -> str:
-        chain = (
-            (self.bn, self.between, self.linear)
-            if self.before
-            else (self.linear, self.between, self.bn)
-        )
-        return " -> ".join(p for p in chain if p)
+        return site_label(self.linear, self.bn, self.between, self.before)
 
 
 @dataclass
