@@ -205,6 +205,40 @@ def scaled_blocks(weight: np.ndarray, factor: np.ndarray) -> Iterator[np.ndarray
         yield block
 
 
+def cannot_overflow(weight: np.ndarray, factor: np.ndarray) -> bool:
+    """True when no product ``weight * factor`` can overflow ``weight.dtype``.
+
+    The bound ``max|W| * max|factor| <= largest finite value`` is sufficient:
+    float64 rounding and the final cast are both monotone, so no rounded product
+    exceeds the rounded bound. It reads W once with two reductions per block,
+    about a third of the cost of computing the products; planning uses it to
+    check a multi-GB weight that the save computes anyway. False means "not
+    proven" (a NaN or inf in W, a huge factor, a dtype numpy has no finfo for):
+    then only computing the products can tell.
+    """
+    largest = _largest_finite(weight.dtype)
+    if largest is None or not np.isfinite(factor).all():
+        return False
+    factor_max = float(np.max(np.abs(factor), initial=0.0))
+    weight_max = 0.0
+    for rows in _row_blocks(weight):
+        block = weight[rows]
+        if block.size == 0:
+            continue
+        high, low = float(block.max()), float(block.min())
+        if not (np.isfinite(high) and np.isfinite(low)):
+            return False
+        weight_max = max(weight_max, high, -low)
+    return weight_max * factor_max <= largest
+
+
+def _largest_finite(dtype: np.dtype) -> float | None:
+    try:
+        return float(np.finfo(dtype).max)
+    except (TypeError, ValueError):  # e.g. ml_dtypes' bfloat16: numpy has no finfo for it
+        return None
+
+
 def _scale_rows(weight: np.ndarray, factor: np.ndarray, rows: slice, out: np.ndarray) -> None:
     """Write ``weight[rows] * factor[rows]`` into ``out``, refusing a non-finite result."""
     block_factor = factor[rows] if factor.shape[0] > 1 else factor

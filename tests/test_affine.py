@@ -325,3 +325,68 @@ def test_channel_block_matches_brute_force(shapes):
         assert k is None
     else:
         assert k is not None and expected == [j // k for j in range(linear_side[1])]
+
+
+# --- the overflow bound that spares planning a multi-GB multiply ---------------------------
+
+bound_dtypes = st.sampled_from([np.float16, np.float32])
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    dtype=bound_dtypes,
+    rows=st.integers(0, 40),
+    magnitude=st.floats(-6, 40),
+    factor_magnitude=st.floats(-6, 6),
+    seed=st.integers(0, 2**16),
+)
+def test_cannot_overflow_is_the_whole_array_bound_and_sound(
+    dtype: type, rows: int, magnitude: float, factor_magnitude: float, seed: int
+) -> None:
+    """It answers max|W| * max|factor| <= the dtype's largest value, computed over
+    the whole array (not just one block), and when it says True the fold is finite."""
+    import bnfold.affine as affine_module
+
+    rng = np.random.default_rng(seed)
+    largest = float(np.finfo(dtype).max)
+    with np.errstate(over="ignore"):
+        w = (rng.normal(size=(rows, 5, 3)) * min(10.0**magnitude, largest / 4)).astype(dtype)
+    w = np.where(np.isfinite(w), w, 0).astype(dtype)
+    factor = (rng.uniform(-1, 1, rows) * 10.0**factor_magnitude).reshape(-1, 1, 1)
+    old = affine_module.CHUNK_BYTES
+    affine_module.CHUNK_BYTES = 64  # one row per block: the maximum must span the blocks
+    try:
+        proven = affine_module.cannot_overflow(w, factor)
+    finally:
+        affine_module.CHUNK_BYTES = old
+    w_max = float(np.abs(w.astype(np.float64)).max(initial=0.0))
+    assert proven == (w_max * float(np.abs(factor).max(initial=0.0)) <= largest)
+    if proven:
+        assert np.isfinite(affine_module.scaled(w, factor)).all()
+
+
+def test_cannot_overflow_holds_at_the_exact_edge() -> None:
+    """65504 = 32752 * 2 is float16's largest value: proven, and indeed finite."""
+    import bnfold.affine as affine_module
+
+    w = np.array([[32752.0, -1.0]], dtype=np.float16)
+    assert affine_module.cannot_overflow(w, np.array([[2.0]]))
+    assert np.isfinite(affine_module.scaled(w, np.array([[2.0]]))).all()
+    assert not affine_module.cannot_overflow(w, np.array([[2.001]]))
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_cannot_overflow_proves_nothing_for_non_finite_weights(bad: float) -> None:
+    import bnfold.affine as affine_module
+
+    w = np.array([[1.0, bad], [2.0, 3.0]], dtype=np.float32)
+    assert not affine_module.cannot_overflow(w, np.array([[1.0], [1.0]]))
+    with pytest.raises(Unfoldable):
+        affine_module.scaled(w, np.array([[1.0], [1.0]]))
+
+
+def test_cannot_overflow_leaves_dtypes_without_finfo_to_the_exact_check() -> None:
+    import bnfold.affine as affine_module
+
+    w = np.ones((2, 2), dtype=ml_dtypes.bfloat16)
+    assert not affine_module.cannot_overflow(w, np.ones((2, 1)))

@@ -409,3 +409,28 @@ def test_weight_read_from_external_data_is_streamed_into_the_saved_file(tmp_path
     saved = io.load_model(tmp_path / "out.onnx")
     for name, values in expected.items():
         assert saved.graph.initializers[name].const_value.numpy().tobytes() == values.tobytes()
+
+
+@pytest.mark.parametrize("gamma, folds", [(1.0, True), (3e4, False)])
+def test_weight_not_held_is_still_checked_for_overflow(gamma: float, folds: bool) -> None:
+    """With no memory budget every weight is bounded, not computed, in planning:
+    an fp16 fold that overflows is refused all the same, and a safe one folds."""
+    from bnfold.onnx_front.passes import FoldAffinePass
+
+    nodes, inits = conv_bn(
+        dtype=np.float16,
+        conv_bias=False,
+        scale=np.full(4, gamma),
+        mean=np.zeros(4),
+        var=np.full(4, 1e-3),
+    )  # no conv bias, zero mean: the folded bias is beta, so only the weight can overflow
+    for tensor in inits:
+        if tensor.name == "conv1.weight":
+            tensor.CopyFrom(init("conv1.weight", np.full((4, 3, 3, 3), 100.0, np.float16)))
+    proto = model(
+        nodes, inits, [("input", [1, 3, 8, 8])], ["output"], dtype=onnx.TensorProto.FLOAT16
+    )
+    result = FoldAffinePass(held_bytes=0)(ir.serde.deserialize_model(proto))
+    assert bool(result.report.folded) == folds
+    assert result.report.codes == ([] if folds else [Code.BAD_VALUES])
+    assert folds or "folded weight overflows float16" in result.report.refused[0].detail

@@ -30,6 +30,7 @@ from bnfold.affine import (
     before_bias,
     before_factor,
     bn_to_affine,
+    cannot_overflow,
     scaled,
     scaled_blocks,
 )
@@ -133,10 +134,10 @@ class LinearOp:
 class DeferredWeight:
     """A folded weight ``W * factor``: kept as computed, or recomputed when read.
 
-    Planning computes it once, to check it (an overflow refuses the fold). The
-    pass keeps the values while they fit its memory budget; past it the check
-    runs block by block without keeping anything, and the weight is computed
-    again when the model is saved, streamed a block at a time into the file
+    Planning checks it (an overflow refuses the fold). The pass computes and
+    keeps the values while they fit its memory budget; past it the check bounds
+    the products without computing them (:meth:`check`), and the weight is
+    computed when the model is saved, streamed a block at a time into the file
     (:meth:`blocks`). Holding every folded weight until the save would cost the
     size of all of them at once, which on a multi-GB model is more than the model.
     """
@@ -160,11 +161,16 @@ class DeferredWeight:
         return replace(self, values=scaled(weight, self.factor))
 
     def check(self, weight: np.ndarray) -> None:
-        """Compute the folded values of ``weight`` block by block, keeping none.
+        """Prove the folded values of ``weight`` finite, keeping none.
+
+        A bound on the products settles almost every weight; only one it cannot
+        clear has its values computed, block by block.
 
         Raises:
             Unfoldable: a folded value overflows the dtype.
         """
+        if cannot_overflow(weight, self.factor):
+            return
         for _ in scaled_blocks(weight, self.factor):
             pass
 
