@@ -21,7 +21,7 @@ import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -194,6 +194,8 @@ class BenchReport:
     environment: Environment
     levels: list[LevelTiming] = field(default_factory=list)
     folds: int | None = None  # sites folded in memory, when the harness did the fold
+    # The shape fed to each input: a latency means little without its input size.
+    inputs: dict[str, list[int]] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
@@ -212,6 +214,7 @@ class BenchReport:
             f"  original: {self.original}",
             f"  folded:   {self.folded}"
             + (f" ({self.folds} folds)" if self.folds is not None else ""),
+            f"  inputs:   {format_inputs(self.inputs)}",
             f"  {'level':<18} {'original ms':>18} {'folded ms':>18} {'ratio':>7}"
             f"  {'paired ratio':>30}",
         ]
@@ -225,6 +228,13 @@ class BenchReport:
 
 def _fmt(stats: Stats) -> str:
     return f"{stats.median_ms:.3f} ±{stats.iqr_ms:.3f}"
+
+
+def format_inputs(inputs: dict[str, list[int]]) -> str:
+    """ "input 1x3x224x224, mask 1x224": each fed input with its shape."""
+    return ", ".join(
+        f"{name} {'x'.join(map(str, dims)) or 'scalar'}" for name, dims in inputs.items()
+    )
 
 
 def format_paired(paired: PairedRatio) -> str:
@@ -241,6 +251,8 @@ def bench_onnx(
     warmup: int = 10,
     runs: int = 100,
     seed: int = 0,
+    shapes: Mapping[str, Sequence[int]] | None = None,
+    max_input_bytes: int | None = None,
     progress: Progress | None = None,
 ) -> BenchReport:
     """Time an ONNX model and its folded version in onnxruntime (CPU), interleaved.
@@ -253,11 +265,16 @@ def bench_onnx(
         warmup: untimed runs of each model per level.
         runs: timed runs of each model per level.
         seed: seed of the random inputs (dtypes and shapes from the session,
-            dynamic dimensions set to 1).
+            dynamic dimensions set to 1 unless ``shapes`` names them).
+        shapes: input name -> shape, for inputs with dynamic dimensions.
+        max_input_bytes: cap on the random inputs, all together (None: the
+            verifier's, ``bnfold.compare.MAX_INPUT_BYTES``).
         progress: called as ``progress(done, total)`` after every run.
 
     Raises:
-        BnfoldError: an unknown level, bad counts, or a model ORT cannot load.
+        BnfoldError: an unknown level, bad counts, a model ORT cannot load, a
+            shape naming no input, or inputs over the cap (checked before any
+            is allocated).
     """
     _check_args(levels, threads, warmup, runs)
     folds = None
@@ -279,7 +296,8 @@ def bench_onnx(
         for level in levels:
             sess_a = make_session(src_a, level, threads)
             sess_b = make_session(src_b, level, threads)
-            feeds = random_feeds(sess_a, seed)
+            feeds = random_feeds(sess_a, seed, shapes, max_input_bytes)
+            report.inputs = {name: list(array.shape) for name, array in feeds.items()}
             run_a = _runner(sess_a, feeds)
             run_b = _runner(sess_b, _feeds_for(sess_b, feeds))
             a_ms, b_ms = time_interleaved(run_a, run_b, warmup, runs, ticker)
@@ -315,6 +333,7 @@ def bench_torch(
         original=type(original).__name__,
         folded=type(folded).__name__,
         environment=Environment.capture("torch-eager", threads, warmup, runs, seed, ("torch",)),
+        inputs={f"arg{i}": list(getattr(x, "shape", [])) for i, x in enumerate(inputs)},
     )
     ticker = _Ticker(progress, 2 * (warmup + runs))
     torch.manual_seed(seed)
@@ -499,16 +518,26 @@ def optimized_op_types(model: Any, level: str) -> list[str]:
     return [f"{n.domain}:{n.op_type}" if n.domain else n.op_type for n in graph.node]
 
 
-def random_feeds(session: ort.InferenceSession, seed: int = 0) -> dict[str, np.ndarray]:
-    """Random inputs for every session input, as verification makes them; dynamic dims are 1.
+def random_feeds(
+    session: ort.InferenceSession,
+    seed: int = 0,
+    shapes: Mapping[str, Sequence[int]] | None = None,
+    max_bytes: int | None = None,
+) -> dict[str, np.ndarray]:
+    """Random inputs for every session input, as verification makes them.
+
+    Dynamic dimensions are 1 unless ``shapes`` gives the input's shape.
 
     Raises:
-        BnfoldError: an input type the harness cannot make (strings, sequences).
+        BnfoldError: an input type the harness cannot make (strings, sequences),
+            a shape naming no input, or inputs over ``max_bytes`` (default: the
+            verifier's cap), checked before any is allocated.
     """
     from bnfold import compare
 
     specs = compare.ort_input_specs(session)
-    return compare.random_feeds(specs, np.random.default_rng(seed), {})
+    limit = compare.MAX_INPUT_BYTES if max_bytes is None else max_bytes
+    return compare.random_feeds(specs, np.random.default_rng(seed), shapes or {}, limit)
 
 
 def _feeds_for(session: ort.InferenceSession, feeds: dict[str, np.ndarray]) -> dict[str, Any]:

@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from bnfold.cli.errors import InputError, one_line_errors
+from bnfold.compare import MAX_INPUT_BYTES
 
 if TYPE_CHECKING:
     from bnfold.bench import BenchReport
@@ -33,7 +34,16 @@ _BAR_MIN_RUNS = 200  # fewer runs finish before a bar is worth drawing
     "--shape",
     "shapes",
     multiple=True,
-    help="PyTorch models only: an input shape like 1,3,224,224; repeat per input.",
+    help=(
+        "ONNX: NAME:DIMS like input:8x3x224x224 for an input with dynamic dimensions "
+        "(else 1). PyTorch: one shape like 1,3,224,224 per forward() argument. Repeatable."
+    ),
+)
+@click.option(
+    "--max-input-mib",
+    type=click.IntRange(1),
+    default=None,
+    help=f"ONNX: cap on the random inputs, all together, in MiB.  [default: {MAX_INPUT_BYTES >> 20}]",
 )
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @click.option("--plot", type=click.Path(dir_okay=False), help="Write a bar chart (PNG, SVG...).")
@@ -52,6 +62,7 @@ def bench(
     runs: int,
     seed: int,
     shapes: tuple[str, ...],
+    max_input_mib: int | None,
     as_json: bool,
     plot: str | None,
     trust_pickle: bool,
@@ -68,7 +79,9 @@ def bench(
 
     try:
         counts = {"threads": threads, "warmup": warmup, "runs": runs, "seed": seed}
-        report = _run(harness, original, folded, levels, shapes, trust_pickle, counts)
+        report = _run(
+            harness, original, folded, levels, shapes, max_input_mib, trust_pickle, counts
+        )
         if plot:
             harness.plot_report(report, plot)
     except BnfoldError as err:
@@ -87,9 +100,11 @@ def _run(
     folded: str | None,
     levels: tuple[str, ...],
     shapes: tuple[str, ...],
+    max_input_mib: int | None,
     trust_pickle: bool,
     counts: dict[str, int],
 ) -> BenchReport:
+    from bnfold.compare import parse_shapes
     from bnfold.errors import BnfoldError
 
     with _ProgressBar(counts["runs"] >= _BAR_MIN_RUNS) as progress:
@@ -98,12 +113,20 @@ def _run(
                 raise BnfoldError(
                     "a PyTorch model needs --shape per input, e.g. --shape 1,3,224,224"
                 )
+            if max_input_mib is not None:
+                raise BnfoldError("--max-input-mib is for ONNX models")
             dims = [_parse_shape(s) for s in shapes]
             return harness.bench_torch_files(
                 original, folded, dims, trust_pickle, progress=progress, **counts
             )
         return harness.bench_onnx(
-            original, folded, levels or harness.DEFAULT_LEVELS, progress=progress, **counts
+            original,
+            folded,
+            levels or harness.DEFAULT_LEVELS,
+            shapes=parse_shapes(shapes),
+            max_input_bytes=None if max_input_mib is None else max_input_mib << 20,
+            progress=progress,
+            **counts,
         )
 
 
@@ -158,7 +181,7 @@ def print_report(report: BenchReport) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    from bnfold.bench import format_paired
+    from bnfold.bench import format_inputs, format_paired
 
     env = report.environment
     table = Table(
@@ -176,6 +199,7 @@ def print_report(report: BenchReport) -> None:
     console.print(f"original: {report.original}")
     folds = f" ({report.folds} folds)" if report.folds is not None else ""
     console.print(f"folded:   {report.folded}{folds}")
+    console.print(f"inputs:   {format_inputs(report.inputs)}")
     console.print(table)
     console.print("median ± inter-quartile range; folded/orig < 1 means the fold is faster")
     for t in report.levels:

@@ -178,6 +178,34 @@ def test_random_feeds_set_dynamic_dims_to_one(model_files):
     assert feeds["x"].shape == (1, 3, 8, 8) and feeds["x"].dtype == np.float32
 
 
+def test_bench_feeds_the_shapes_asked_for_and_reports_them(model_files):
+    report = bench.bench_onnx(
+        *model_files, ["disable_all"], runs=1, warmup=0, shapes={"x": [2, 3, 8, 8]}
+    )
+    assert report.inputs == {"x": [2, 3, 8, 8]}
+    assert "x 2x3x8x8" in report.summary()
+
+
+def test_bench_inputs_over_the_cap_are_refused_before_allocation(model_files):
+    huge = {"x": [1 << 20, 3, 8, 8]}  # 768 MiB of float32: over a 1 MiB cap
+    with pytest.raises(BnfoldError, match="limit for random inputs"):
+        bench.bench_onnx(
+            *model_files, ["disable_all"], runs=1, shapes=huge, max_input_bytes=1 << 20
+        )
+
+
+def test_cli_bench_onnx_shape_and_input_cap(model_files):
+    args = [*model_files, "--runs", "1", "--warmup", "0", "--level", "disable_all"]
+    result = CliRunner().invoke(bench_command, [*args, "--shape", "x:3x3x8x8", "--json"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.output)["inputs"] == {"x": [3, 3, 8, 8]}
+    result = CliRunner().invoke(
+        bench_command, [*args, "--shape", "x:4096x3x8x8", "--max-input-mib", "1"]
+    )
+    assert result.exit_code == 2
+    assert result.output.strip().count("\n") == 0 and "--max-input-mib" in result.output
+
+
 def test_time_interleaved_alternates_the_models_and_their_order():
     calls: list[str] = []
     a_ms, b_ms = bench.time_interleaved(
@@ -301,6 +329,9 @@ def test_cli_bench_torch_without_shape_is_a_user_error(tmp_path):
     result = CliRunner().invoke(bench_command, args)
     assert result.exit_code == 2
     assert "--shape" in result.output
+    capped = [*args, "--shape", "1,3,8,8", "--max-input-mib", "1"]
+    result = CliRunner().invoke(bench_command, capped)
+    assert result.exit_code == 2 and "for ONNX models" in result.output
 
 
 BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
