@@ -185,21 +185,23 @@ def scaled(weight: np.ndarray, factor: np.ndarray) -> np.ndarray:
     return out
 
 
-def scaled_blocks(weight: np.ndarray, factor: np.ndarray) -> Iterator[np.ndarray]:
+def scaled_blocks(weight: np.ndarray, factor: np.ndarray, buffers: int = 1) -> Iterator[np.ndarray]:
     """:func:`scaled`, bit for bit, as consecutive blocks of rows, without the whole result.
 
-    Each block is written into one reused buffer, so it is valid only until the
-    next one is produced: write it out (or check it) before asking for more.
+    The blocks are written into ``buffers`` reused buffers in turn, so a block is
+    valid only until ``buffers`` more have been produced: with one, write it out
+    (or check it) before asking for the next; with two, it may still be written
+    while the next is computed.
 
     Raises:
         Unfoldable: a product overflows the weight's dtype.
     """
     blocks = _row_blocks(weight)
     rows_at_most = max((rows.stop - rows.start for rows in blocks), default=0)
-    buffer = np.empty(rows_at_most * _row_size(weight), dtype=weight.dtype)
-    for rows in blocks:
+    pool = [np.empty(rows_at_most * _row_size(weight), dtype=weight.dtype) for _ in range(buffers)]
+    for index, rows in enumerate(blocks):
         count = rows.stop - rows.start
-        block = buffer[: count * _row_size(weight)]
+        block = pool[index % buffers][: count * _row_size(weight)]
         block = block.reshape(count, *weight.shape[1:])
         _scale_rows(weight, factor, rows, block)
         yield block

@@ -269,6 +269,28 @@ def test_scaled_blocks_join_to_scaled(shape: tuple[int, ...]) -> None:
     assert streamed == affine_module.scaled(w, factor).tobytes()
 
 
+def test_scaled_blocks_with_two_buffers_keep_the_previous_block_intact() -> None:
+    """With buffers=2 a block survives the computing of the next one (write-behind)."""
+    import bnfold.affine as affine_module
+
+    rng = np.random.default_rng(5)
+    w = rng.normal(size=(64, 3, 3)).astype(np.float32)
+    factor = rng.uniform(0.5, 2.0, (64, 1, 1))
+    old = affine_module.CHUNK_BYTES
+    affine_module.CHUNK_BYTES = 4 * 9 * 5  # 5 rows a block: 13 blocks
+    try:
+        previous, joined = None, []
+        for block in affine_module.scaled_blocks(w, factor, buffers=2):
+            if previous is not None:
+                joined.append(previous[0].tobytes())  # read only after the next was made
+            previous = (block, block.tobytes())
+            assert previous[0].tobytes() == previous[1]
+        joined.append(previous[0].tobytes())
+    finally:
+        affine_module.CHUNK_BYTES = old
+    assert b"".join(joined) == affine_module.scaled(w, factor).tobytes()
+
+
 def test_scaled_blocks_refuse_an_overflow() -> None:
     import bnfold.affine as affine_module
 

@@ -434,3 +434,29 @@ def test_weight_not_held_is_still_checked_for_overflow(gamma: float, folds: bool
     assert bool(result.report.folded) == folds
     assert result.report.codes == ([] if folds else [Code.BAD_VALUES])
     assert folds or "folded weight overflows float16" in result.report.refused[0].detail
+
+
+def test_write_behind_writes_every_block_in_order_and_reports_a_failed_write() -> None:
+    import io as stdio
+
+    import bnfold.affine as affine_module
+    from bnfold.onnx_front.passes import _write_behind
+
+    rng = np.random.default_rng(6)
+    w = rng.normal(size=(300, 7)).astype(np.float16)
+    factor = rng.uniform(0.5, 2.0, (300, 1))
+    old = affine_module.CHUNK_BYTES
+    affine_module.CHUNK_BYTES = 2 * 7 * 11  # 11 rows a block: 28 blocks
+    try:
+        sink = stdio.BytesIO()
+        _write_behind(affine_module.scaled_blocks(w, factor, buffers=2), sink)
+        assert sink.getvalue() == affine_module.scaled(w, factor).tobytes()
+
+        class DiskFull(stdio.BytesIO):
+            def write(self, data: object) -> int:
+                raise OSError(28, "No space left on device")
+
+        with pytest.raises(OSError, match="No space left"):
+            _write_behind(affine_module.scaled_blocks(w, factor, buffers=2), DiskFull())
+    finally:
+        affine_module.CHUNK_BYTES = old

@@ -183,10 +183,10 @@ class DeferredWeight:
         finally:
             evict_pages(self.source)
 
-    def blocks(self) -> Iterator[np.ndarray]:
+    def blocks(self, buffers: int = 1) -> Iterator[np.ndarray]:
         """The folded values as consecutive row blocks (see :func:`bnfold.affine.scaled_blocks`)."""
         try:
-            yield from scaled_blocks(self._weight(), self.factor)
+            yield from scaled_blocks(self._weight(), self.factor, buffers)
         finally:
             evict_pages(self.source)
 
