@@ -460,3 +460,29 @@ def test_write_behind_writes_every_block_in_order_and_reports_a_failed_write() -
             _write_behind(affine_module.scaled_blocks(w, factor, buffers=2), DiskFull())
     finally:
         affine_module.CHUNK_BYTES = old
+
+
+def test_write_behind_sends_each_written_range_to_disk_once(tmp_path: Path, monkeypatch) -> None:
+    """Early writeback covers the bytes written after the tensor's offset, in order,
+    each range once, and never changes what is written."""
+    import itertools
+    import os
+
+    import bnfold.affine as affine_module
+    from bnfold.onnx_front import passes
+
+    advised: list[tuple[int, int]] = []
+    monkeypatch.setattr(os, "posix_fadvise", lambda fd, off, n, how: advised.append((off, n)))
+    monkeypatch.setattr(passes, "WRITEBACK_BYTES", 1000)
+    monkeypatch.setattr(affine_module, "CHUNK_BYTES", 2 * 7 * 11)
+    rng = np.random.default_rng(7)
+    w = rng.normal(size=(300, 7)).astype(np.float16)
+    factor = rng.uniform(0.5, 2.0, (300, 1))
+    with open(tmp_path / "data", "wb") as file:
+        file.write(b"x" * 100)  # the tensor starts at an offset, as in a shared data file
+        passes._write_behind(affine_module.scaled_blocks(w, factor, buffers=2), file)
+    written = (tmp_path / "data").read_bytes()
+    assert written[100:] == affine_module.scaled(w, factor).tobytes()
+    assert advised and advised[0][0] == 100
+    assert all(a + n == b for (a, n), (b, _) in itertools.pairwise(advised))
+    assert advised[-1][0] + advised[-1][1] <= len(written)
