@@ -43,7 +43,10 @@ _BAR_MIN_RUNS = 200  # fewer runs finish before a bar is worth drawing
     "--max-input-mib",
     type=click.IntRange(1),
     default=None,
-    help=f"ONNX: cap on the random inputs, all together, in MiB.  [default: {MAX_INPUT_BYTES >> 20}]",
+    help=(
+        "ONNX: cap on the random inputs, all together, in MiB.  "
+        f"[default: {MAX_INPUT_BYTES >> 20}]"
+    ),
 )
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @click.option("--plot", type=click.Path(dir_okay=False), help="Write a bar chart (PNG, SVG...).")
