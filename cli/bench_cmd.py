@@ -44,8 +44,7 @@ _BAR_MIN_RUNS = 200  # fewer runs finish before a bar is worth drawing
     type=click.IntRange(1),
     default=None,
     help=(
-        "ONNX: cap on the random inputs, all together, in MiB.  "
-        f"[default: {MAX_INPUT_BYTES >> 20}]"
+        f"ONNX: cap on the random inputs, all together, in MiB.  [default: {MAX_INPUT_BYTES >> 20}]"
     ),
 )
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
