@@ -648,7 +648,7 @@ def targets(rows: list[Row], cases: list[Case]) -> list[dict[str, Any]]:
                     f"fp32 error vs exact float64 fold ({col})",
                     a / b if a and b else None,
                     1.5,
-                    f"bnfold {a} / exact {b}",
+                    f"bnfold {_f(a, '.3e')} / exact {_f(b, '.3e')}",
                 )
         if bn and naive and case.group == "resnet50_fp16":
             for col in ("err_f64", "err_ort"):
@@ -657,7 +657,7 @@ def targets(rows: list[Row], cases: list[Case]) -> list[dict[str, Any]]:
                     f"fp16 error vs fold computed in fp16 ({col})",
                     a / b if a and b else None,
                     0.6,
-                    f"bnfold {a} / naive fp16 fold {b}",
+                    f"bnfold {_f(a, '.3e')} / naive fp16 fold {_f(b, '.3e')}",
                 )
     torch_rows = {r.tool: r for r in rows if r.group == "torch"}
     if "bnfold-torch" in torch_rows and torch_rows["bnfold-torch"].latency_vs_twin:
