@@ -367,6 +367,31 @@ def test_compare_tools_smoke_run(tmp_path):
     assert "| conv2d_bn | bnfold |" in out.with_suffix(".md").read_text()
 
 
+def test_fold_time_rounds_smoke_run(tmp_path):
+    import subprocess
+    import sys
+
+    model = tmp_path / "conv2d_bn.onnx"
+    model.write_bytes(
+        (Path(__file__).resolve().parent.parent / "sample_models" / model.name).read_bytes()
+    )
+    out = tmp_path / "rounds.json"
+    args = ["--rounds", "2", "--settle", "--tools", "bnfold,ir-load-save", "--out", str(out)]
+    proc = subprocess.run(
+        [sys.executable, str(BENCHMARKS / "fold_time_rounds.py"), str(model), *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    report = json.loads(out.read_text())
+    assert report["rounds"] == 2 and len(report["per_round"]) == 2
+    assert set(report["per_round"][1]) == {"bnfold", "ir-load-save"}
+    ratio = report["bnfold / tool"]["ir-load-save"]
+    assert 0 < ratio["min"] <= ratio["median"] <= ratio["max"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["conv2d_bn.onnx", "rounds.json"]
+
+
 def test_generated_resnet50_twin_matches_the_bn_model():
     import importlib.util
 
