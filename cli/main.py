@@ -228,6 +228,11 @@ def fold(
     torch_source = _torch_source(model, module_spec, weights, trust_pickle, input_shapes)
     if run_bench and (torch_source is not None or (model and os.path.isdir(model))):
         raise InputError("--bench times one ONNX model; for torch or folders use `bnfold bench`")
+    if run_bench and in_place:
+        # The output would be timed against itself: the original is gone.
+        raise InputError(
+            "--bench times the output against MODEL, which --in-place replaces; use -o"
+        )
     if torch_source is not None:
         if output is None:
             raise InputError("missing -o/--output")
@@ -268,7 +273,7 @@ def fold(
         clone_shared=not no_clone_shared,
         require_verified=strict,
     )
-    timing = _bench_after_fold(model, target) if run_bench and written else None
+    timing = _bench_after_fold(model, target, options) if run_bench and written else None
     _print_fold(result, written, target, as_json, report_path, timing)
     sys.exit(_fold_exit_code(written))
 
@@ -276,10 +281,17 @@ def fold(
 BENCH_LEVELS_AFTER_FOLD = ("disable_all", "all", "all-minus-fusions")
 
 
-def _bench_after_fold(original: str, folded: str) -> Any:
+def _bench_after_fold(original: str, folded: str, options: Any) -> Any:
+    """Time the written output against MODEL on inputs of the shapes verification used."""
     from bnfold import bench as harness
 
-    return harness.bench_onnx(original, folded, BENCH_LEVELS_AFTER_FOLD)
+    return harness.bench_onnx(
+        original,
+        folded,
+        BENCH_LEVELS_AFTER_FOLD,
+        shapes=options.shapes,
+        max_input_bytes=options.max_input_bytes,
+    )
 
 
 def _print_fold(

@@ -272,6 +272,26 @@ def test_opset6_model_is_verified_by_the_reference_evaluator(tmp_path: Path) -> 
     assert verification["optimization_level"].startswith("onnx.reference")
 
 
+def test_fold_bench_feeds_the_shapes_verification_used(tmp_path: Path) -> None:
+    nodes, inits = conv_bn()
+    dynamic = tmp_path / "dynamic.onnx"
+    onnx.save(model(nodes, inits, [("input", ["N", 3, 8, 8])], ["output"]), dynamic)
+    args = ["--shape", "input:5x3x8x8", "--bench", "--json"]
+    result = invoke("fold", dynamic, "-o", tmp_path / "f.onnx", *args)
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.output)["bench"]["inputs"] == {"input": [5, 3, 8, 8]}
+
+
+def test_fold_bench_in_place_is_refused_before_anything_is_written(tmp_path: Path) -> None:
+    target = tmp_path / "m.onnx"
+    shutil.copy(SAMPLES / "conv2d_bn.onnx", target)
+    before = target.read_bytes()
+    result = invoke("fold", target, "--in-place", "--bench")
+    assert result.exit_code == 2
+    assert "--in-place" in result.output and result.output.strip().count("\n") == 0
+    assert target.read_bytes() == before
+
+
 def test_fold_bench_reports_the_three_levels(tmp_path: Path) -> None:
     result = invoke(
         "fold", SAMPLES / "conv2d_bn.onnx", "-o", tmp_path / "f.onnx", "--bench", "--json"
