@@ -416,8 +416,8 @@ def start_writeback(file: Any, offset: int, length: int) -> None:
     2.42 GB benchmark model, 6 alternating runs: final fsync 0.9 s -> ~0, fold
     and save median 5.2 s -> 3.4 s, fastest 3.4 s -> 2.9 s).
     ``posix_fadvise(DONTNEED)`` starts writeback of the dirty range and drops
-    only pages already clean, so the output mostly stays cached for verification. A
-    no-op where the call or the file descriptor is missing.
+    only pages already clean, so the output mostly stays cached for verification.
+    A no-op where the call or the file descriptor is missing.
     """
     advise = getattr(os, "posix_fadvise", None)
     if advise is None:

@@ -234,8 +234,10 @@ WRITEBACK_BYTES = 64 << 20
 
 
 class _EarlyWriteback:
-    """Writes to ``file`` and starts the disk writing every WRITEBACK_BYTES (see
-    :func:`bnfold.onnx_front.io.start_writeback`)."""
+    """Writes to ``file``, starting the disk writing every WRITEBACK_BYTES.
+
+    See :func:`bnfold.onnx_front.io.start_writeback` for why.
+    """
 
     def __init__(self, file: Any) -> None:
         self.file = file
