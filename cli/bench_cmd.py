@@ -71,9 +71,9 @@ def bench(
 ) -> None:
     """Time ORIGINAL against FOLDED (folded in memory when omitted), runs interleaved.
 
-        ONNX models run in onnxruntime at each --level; `all-minus-fusions` is ORT's
-        default level with its own Conv/BN fusions disabled, so the gain from
-        folding shows. PyTorch programs (.pt2; whole pickled modules .pt/.pth only with
+    ONNX models run in onnxruntime at each --level; `all-minus-fusions` is ORT's
+    default level with its own Conv/BN fusions disabled, so the gain from folding
+    shows. PyTorch programs (.pt2; whole pickled modules .pt/.pth only with
     --trust-pickle) are timed in eager mode.
     """
     from bnfold import bench as harness  # lazy: --help must not import onnxruntime
