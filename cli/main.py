@@ -193,7 +193,10 @@ main.add_command(bench)
     "--bench",
     "run_bench",
     is_flag=True,
-    help="ONNX: then time original vs folded at disable_all, all, all-minus-fusions.",
+    help=(
+        "ONNX, with -o: then time original vs folded at disable_all, all, "
+        "all-minus-fusions, on inputs of the --shape given."
+    ),
 )
 @torch_options
 @verify_options
