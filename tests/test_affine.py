@@ -279,13 +279,14 @@ def test_scaled_blocks_with_two_buffers_keep_the_previous_block_intact() -> None
     old = affine_module.CHUNK_BYTES
     affine_module.CHUNK_BYTES = 4 * 9 * 5  # 5 rows a block: 13 blocks
     try:
-        previous, joined = None, []
+        previous: np.ndarray | None = None
+        joined = []
         for block in affine_module.scaled_blocks(w, factor, buffers=2):
             if previous is not None:
-                joined.append(previous[0].tobytes())  # read only after the next was made
-            previous = (block, block.tobytes())
-            assert previous[0].tobytes() == previous[1]
-        joined.append(previous[0].tobytes())
+                joined.append(previous.tobytes())  # read only after the next was made
+            previous = block
+        assert previous is not None
+        joined.append(previous.tobytes())
     finally:
         affine_module.CHUNK_BYTES = old
     assert b"".join(joined) == affine_module.scaled(w, factor).tobytes()
