@@ -614,14 +614,23 @@ main()
 """
 
 
-def _big_conv_bn(path: Path, c: int = 64) -> Path:
-    """~600 KB of weights: conv 64->64 3x3, stored as external data."""
-    return _write(path, conv_bn_model(c_in=c, c_out=c, hw=4))
+def _big_conv_bn(path: Path, c: int = 64, external: bool = False) -> Path:
+    """~150 KB of weights, conv 64->64 3x3: inline, or as external data, whose
+    folded weight the save streams block by block (write-behind)."""
+    proto = conv_bn_model(c_in=c, c_out=c, hw=4)
+    if not external:
+        return _write(path, proto)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    onnx.save_model(
+        proto, path, save_as_external_data=True, location="model.data", size_threshold=0
+    )
+    return path
 
 
-def test_disk_full_while_writing_leaves_nothing(tmp_path):
+@pytest.mark.parametrize("external", [False, True], ids=["inline", "external"])
+def test_disk_full_while_writing_leaves_nothing(tmp_path, external):
     """A file-size limit makes every write past 64 KiB fail, as a full disk would."""
-    model = _big_conv_bn(tmp_path / "in" / "model.onnx")
+    model = _big_conv_bn(tmp_path / "in" / "model.onnx", external=external)
     out_dir = tmp_path / "out"
     out_dir.mkdir()
     before = snapshot(tmp_path / "in")
@@ -638,9 +647,10 @@ def test_disk_full_while_writing_leaves_nothing(tmp_path):
     assert snapshot(tmp_path / "in") == before
 
 
-def test_disk_full_on_a_tiny_tmpfs(tmp_path):
+@pytest.mark.parametrize("external", [False, True], ids=["inline", "external"])
+def test_disk_full_on_a_tiny_tmpfs(tmp_path, external):
     """A real ENOSPC, where mounting a 64 KiB tmpfs is allowed (root in a container)."""
-    model = _big_conv_bn(tmp_path / "in" / "model.onnx")
+    model = _big_conv_bn(tmp_path / "in" / "model.onnx", external=external)
     mount = tmp_path / "full"
     mount.mkdir()
     if os.geteuid() != 0 or shutil.which("mount") is None:
