@@ -387,7 +387,8 @@ def plan_feeds(inputs: list[InputSpec], shapes: Mapping[str, Sequence[int]]) -> 
     """The array each input needs, without allocating it: ``shapes`` override, dynamic dims 1.
 
     Raises:
-        BnfoldError: ``shapes`` names no input, or an input type cannot be made.
+        BnfoldError: ``shapes`` names no input or gives one a shape it cannot
+            take (see :func:`require_fits`), or an input type cannot be made.
     """
     unknown = set(shapes) - {i.name for i in inputs}
     if unknown:
@@ -400,10 +401,39 @@ def plan_feeds(inputs: list[InputSpec], shapes: Mapping[str, Sequence[int]]) -> 
             )
         if spec.name in shapes:
             shape = tuple(shapes[spec.name])
+            require_fits(spec, shape)
         else:
             shape = tuple(1 if d is None else d for d in spec.dims)
         plans.append(FeedPlan(spec.name, shape, np.dtype(spec.dtype)))
     return plans
+
+
+def require_fits(spec: InputSpec, shape: tuple[int, ...]) -> None:
+    """Refuse a ``--shape`` the input cannot take, before onnxruntime does less clearly.
+
+    Every dimension must be positive (a zero-size input compares nothing); the
+    rank and every fixed dimension must be the model's.
+
+    Raises:
+        BnfoldError: naming the input, the dimension and both values.
+    """
+    declared = "x".join("?" if d is None else str(d) for d in spec.dims)
+    if any(d < 1 for d in shape):
+        given = "x".join(map(str, shape))
+        raise BnfoldError(f"--shape {spec.name}: every dimension must be positive, got {given}")
+    if not spec.dims:  # onnxruntime reports an unknown rank and a scalar alike, as []
+        return
+    if len(shape) != len(spec.dims):
+        raise BnfoldError(
+            f"--shape {spec.name}: the input has {len(spec.dims)} dimensions ({declared}), "
+            f"the shape gives {len(shape)}"
+        )
+    for axis, (fixed, given) in enumerate(zip(spec.dims, shape, strict=True)):
+        if fixed is not None and fixed != given:
+            raise BnfoldError(
+                f"--shape {spec.name}: dimension {axis} of the input is fixed at {fixed} "
+                f"({declared}), the shape gives {given}"
+            )
 
 
 def require_within(plans: Sequence[FeedPlan], max_bytes: int) -> None:

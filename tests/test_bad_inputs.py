@@ -219,6 +219,37 @@ def test_random_feeds_cap_counts_shape_overrides_and_dynamic_dims():
         compare.random_feeds(inputs, rng, {"x": [2, 3, 1024, 1024]}, max_bytes=12 << 20)
 
 
+@pytest.mark.parametrize(
+    "dims, shape, message",
+    [
+        (
+            [1, 3, 8, 8],
+            [2, 3, 8, 8],
+            "dimension 0 of the input is fixed at 1 (1x3x8x8), the shape gives 2",
+        ),
+        (
+            [None, 3, 8, 8],
+            [2, 4, 8, 8],
+            "dimension 1 of the input is fixed at 3 (?x3x8x8), the shape gives 4",
+        ),
+        ([None, 3, 8, 8], [2, 3, 8], "the input has 4 dimensions (?x3x8x8), the shape gives 3"),
+        ([None, 3], [0, 3], "every dimension must be positive, got 0x3"),
+        ([], [-1], "every dimension must be positive, got -1"),
+    ],
+)
+def test_a_shape_the_input_cannot_take_is_refused_by_name(dims, shape, message):
+    with pytest.raises(BnfoldError) as caught:
+        compare.plan_feeds([_spec("x", dims)], {"x": shape})
+    assert str(caught.value) == f"--shape x: {message}"
+
+
+@pytest.mark.parametrize("dims", [[None, 3, None, None], []])
+def test_a_shape_that_fits_dynamic_or_unknown_dims_is_taken(dims):
+    """onnxruntime reports an unknown rank as [] (like a scalar): any positive shape goes."""
+    plans = compare.plan_feeds([_spec("x", dims)], {"x": [2, 3, 5, 7]})
+    assert plans[0].shape == (2, 3, 5, 7)
+
+
 @pytest.mark.parametrize("dtype", [np.float32, np.float16, ml_dtypes.bfloat16, np.int64, np.bool_])
 def test_random_inputs_drawn_in_blocks_equal_one_draw(monkeypatch, dtype):
     """Blockwise drawing bounds memory but must not change what a seed gives."""

@@ -126,6 +126,9 @@ def test_verify_needs_a_shape_for_dynamic_dims(tmp_path: Path) -> None:
     assert result.exit_code == 0
     assert json.loads(result.output)["status"] == "passed"
     assert invoke("verify", path, path, "--shape", "input=2x3").exit_code == 2
+    wrong_channels = invoke("verify", path, path, "--shape", "input:2x4x5x7")
+    assert wrong_channels.exit_code == 2
+    assert "dimension 1 of the input is fixed at 3" in wrong_channels.output
 
 
 def unrunnable_model(tmp_path: Path) -> Path:
