@@ -52,7 +52,8 @@ def run_once(tool: str, model: Path, out: Path) -> float:
     cmd = [sys.executable, str(COMPARE), "--child", name, str(model), str(out), "1"]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=TIMEOUT_S)
     if proc.returncode != 0:
-        raise SystemExit(f"{tool} failed: {proc.stderr.strip().splitlines()[-1:]}")
+        last = proc.stderr.strip().splitlines()[-1:] or [f"exit code {proc.returncode}"]
+        raise SystemExit(f"{tool} failed: {last[0]}")
     return float(json.loads(proc.stdout.strip().splitlines()[-1])["fold_s"])
 
 

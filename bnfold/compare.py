@@ -417,12 +417,12 @@ def require_fits(spec: InputSpec, shape: tuple[int, ...]) -> None:
     Raises:
         BnfoldError: naming the input, the dimension and both values.
     """
-    declared = "x".join("?" if d is None else str(d) for d in spec.dims)
     if any(d < 1 for d in shape):
-        given = "x".join(map(str, shape))
-        raise BnfoldError(f"--shape {spec.name}: every dimension must be positive, got {given}")
+        text = "x".join(map(str, shape))
+        raise BnfoldError(f"--shape {spec.name}: every dimension must be positive, got {text}")
     if not spec.dims:  # onnxruntime reports an unknown rank and a scalar alike, as []
         return
+    declared = "x".join("?" if d is None else str(d) for d in spec.dims)
     if len(shape) != len(spec.dims):
         raise BnfoldError(
             f"--shape {spec.name}: the input has {len(spec.dims)} dimensions ({declared}), "
