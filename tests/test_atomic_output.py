@@ -169,6 +169,24 @@ def test_replacing_an_output_removes_its_own_old_data_but_not_shared_data(tmp_pa
     assert _weight_values(target) == {3.0}
 
 
+def test_a_previous_output_is_parsed_once(tmp_path, monkeypatch):
+    """Checking it is a model and finding its data files share one parse."""
+    target = tmp_path / "m.onnx"
+    io.save_model(_tiny_model(1.0), target, external_data=True)
+    parsed = []
+    real_load = io.onnx.load
+
+    def counting_load(f, *args, **kwargs):
+        if Path(f) == target:
+            parsed.append(f)
+        return real_load(f, *args, **kwargs)
+
+    monkeypatch.setattr(io.onnx, "load", counting_load)
+    io.save_model(_tiny_model(2.0), target, external_data=True)
+    assert len(parsed) == 1
+    assert len(list(tmp_path.glob("m.onnx.*.data"))) == 1  # the old data file is gone
+
+
 def test_in_place_is_atomic_and_verified(cli, tmp_path, samples):
     model = tmp_path / "model.onnx"
     shutil.copy(samples / "resnet_tiny.onnx", model)

@@ -188,7 +188,7 @@ def save_model(
             ``path`` is a folder or a file the model itself reads its data from.
     """
     path = Path(path)
-    _require_writable_target(model, path)
+    replaced_data = _require_writable_target(model, path)
     if external_data is None:
         external_data = any(True for _ in external_tensors(model)) or _too_big_for_protobuf(model)
     data_name = f"{path.name}.{secrets.token_hex(6)}.data" if external_data else None
@@ -200,7 +200,6 @@ def save_model(
             _fsync_files(stage)
             if accept is not None and not accept(staged):
                 return False
-            replaced_data = _data_files_of(path)
             if data_name:
                 # The fresh name means this replaces nothing: a crash before the
                 # model's rename leaves the previous output whole (plus an orphan).
@@ -217,7 +216,13 @@ def save_model(
     return True
 
 
-def _require_writable_target(model: ir.Model, path: Path) -> None:
+def _require_writable_target(model: ir.Model, path: Path) -> set[str]:
+    """Refuse a target the save must not replace; return the data files it replaces.
+
+    A previous output is parsed once (without its external data) to check it is
+    a model and to find its data files (see :func:`_data_files_of`), then
+    dropped: an inline model is not held through the save.
+    """
     if not path.parent.is_dir():
         raise BnfoldError(f"output folder {str(path.parent)!r} does not exist")
     if path.is_dir():
@@ -225,27 +230,32 @@ def _require_writable_target(model: ir.Model, path: Path) -> None:
     if not path.name or path.name in (".", ".."):
         raise BnfoldError(f"output {str(path)!r} is not a file name")
     if not path.exists():
-        return
+        return set()
     for tensor in external_tensors(model):
         with contextlib.suppress(OSError):
             if os.path.samefile(tensor.path, path):
                 raise BnfoldError(f"output {str(path)!r} is the external data file the model reads")
-    if not _is_onnx_model(path):
+    previous = _parse_model(path)
+    if previous is None:
         # Only a previous model is ours to replace: anything else (an input's
         # external data file, a typo naming some other file) is left alone.
         raise BnfoldError(
             f"output {str(path)!r} exists and is not an ONNX model; refusing to overwrite it"
         )
+    return _data_files_of(previous, path)
 
 
-def _is_onnx_model(path: Path) -> bool:
+def _parse_model(path: Path) -> onnx.ModelProto | None:
+    """The model in ``path`` without its external data, or None if it is not one."""
     try:
         if not path.is_file() or path.stat().st_size == 0:
-            return False
+            return None
         proto = onnx.load(str(path), load_external_data=False)
     except Exception:  # any parse failure: not a model
-        return False
-    return proto.ir_version >= 1 and proto.HasField("graph") and len(proto.opset_import) > 0
+        return None
+    if proto.ir_version >= 1 and proto.HasField("graph") and len(proto.opset_import) > 0:
+        return proto
+    return None
 
 
 @contextlib.contextmanager
@@ -286,21 +296,15 @@ def _host_tag() -> str:
     return re.sub(r"[^A-Za-z0-9]", "", socket.gethostname())[:32] or "host"
 
 
-def _data_files_of(path: Path) -> set[str]:
-    """External data files the current ``path`` uses that are named after it.
+def _data_files_of(previous: onnx.ModelProto, path: Path) -> set[str]:
+    """External data files the ``previous`` model at ``path`` uses that are named after it.
 
     Only ``<name>.data`` and ``<name>.<anything>.data`` in the same folder: a
     data file with another name may be shared with other models, so it is
     never deleted.
     """
-    try:
-        if not path.is_file() or path.stat().st_size > (64 << 20):
-            return set()
-        proto = onnx.load(str(path), load_external_data=False)
-    except Exception:  # an unreadable previous output simply has nothing to clean
-        return set()
     names = set()
-    for tensor in _tensor_protos(proto.graph):
+    for tensor in _tensor_protos(previous.graph):
         if tensor.data_location != onnx.TensorProto.EXTERNAL:
             continue
         location = next((e.value for e in tensor.external_data if e.key == "location"), "")
