@@ -4,11 +4,15 @@ Every fold reduces to one per-channel affine ``y = scale * x + shift`` placed
 after a linear op ``x = W * input + b``. Then ``y = (W * scale) * input +
 (b * scale + shift)``. All arithmetic runs in float64 and is cast once to the
 model's dtype: a tiny variance makes ``scale`` huge, and rounding W, scale and
-their product separately in fp16 loses several bits.
+their product separately in fp16 loses several bits. That one cast rounds each
+product to nearest, or, with :attr:`Rounding.BALANCED`, so that the rounding
+errors of each output channel cancel (:func:`balanced_cast`).
 """
 
 from __future__ import annotations
 
+import enum
+import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -19,6 +23,20 @@ from bnfold.layouts import LayoutError, WeightLayout
 
 class Unfoldable(ValueError):
     """The values make a fold impossible (NaN, inf, var + eps <= 0, overflow)."""
+
+
+class Rounding(str, enum.Enum):
+    """How a folded weight's exact float64 products become the model's dtype.
+
+    NEAREST rounds each product to nearest: bit for bit the exact float64 fold.
+    BALANCED starts from nearest and rounds a few products near a tie the other
+    way, so that each output channel's rounding errors cancel
+    (:func:`balanced_cast`): worth it in fp16 and bf16, where those errors are
+    a visible share of the output's; biases are rounded to nearest either way.
+    """
+
+    NEAREST = "nearest"
+    BALANCED = "balanced"
 
 
 @dataclass(frozen=True)
@@ -76,7 +94,11 @@ def bn_to_affine(
 
 
 def fold_after(
-    weight: np.ndarray, bias: np.ndarray | None, affine: Affine, layout: WeightLayout
+    weight: np.ndarray,
+    bias: np.ndarray | None,
+    affine: Affine,
+    layout: WeightLayout,
+    rounding: Rounding = Rounding.NEAREST,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Weights of one linear op equal to ``affine(linear(x))``.
 
@@ -85,6 +107,7 @@ def fold_after(
         bias: the op's ``(C_out,)`` bias, or None for an op without one.
         affine: the per-output-channel affine to absorb.
         layout: where output channels sit in ``weight``.
+        rounding: how the folded weight is cast to its dtype.
 
     Returns:
         ``(weight', bias')`` in the dtypes of ``weight`` and ``bias`` (bias' takes
@@ -94,7 +117,8 @@ def fold_after(
         Unfoldable: the folded values overflow the model's dtype.
         LayoutError: the affine's length does not fit the weight.
     """
-    new_w = scaled(weight, after_factor(affine, layout, tuple(weight.shape)))
+    factor = after_factor(affine, layout, tuple(weight.shape))
+    new_w = scaled(weight, factor, balanced_over(layout, rounding))
     return new_w, after_bias(bias, affine, weight.dtype)
 
 
@@ -119,20 +143,25 @@ def after_bias(bias: np.ndarray | None, affine: Affine, weight_dtype: np.dtype) 
 
 
 def fold_before(
-    weight: np.ndarray, bias: np.ndarray | None, affine: Affine, layout: WeightLayout
+    weight: np.ndarray,
+    bias: np.ndarray | None,
+    affine: Affine,
+    layout: WeightLayout,
+    rounding: Rounding = Rounding.NEAREST,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Weights of one linear op equal to ``linear(affine(x))``, ``affine`` per input channel.
 
     ``W (s x + t) + b = (W s) x + (b + W t)``: the shift enters the bias through
     the weights. That holds only where every output reads every input tap; with
     zero padding the border taps read zeros, not ``t``, so the caller must refuse
-    a padded op unless ``t`` is zero.
+    a padded op unless ``t`` is zero. ``rounding`` is as for :func:`fold_after`.
 
     Raises:
         Unfoldable: the folded values overflow the model's dtype.
         LayoutError: the affine's length does not fit the weight's input channels.
     """
-    new_w = scaled(weight, before_factor(affine, layout, tuple(weight.shape)))
+    factor = before_factor(affine, layout, tuple(weight.shape))
+    new_w = scaled(weight, factor, balanced_over(layout, rounding))
     return new_w, before_bias(weight, bias, affine, layout)
 
 
@@ -167,7 +196,14 @@ def before_bias(
 CHUNK_BYTES = 1 << 20
 
 
-def scaled(weight: np.ndarray, factor: np.ndarray) -> np.ndarray:
+def balanced_over(layout: WeightLayout, rounding: Rounding) -> WeightLayout | None:
+    """The ``balance`` argument of :func:`scaled` that applies ``rounding`` to ``layout``."""
+    return layout if rounding is Rounding.BALANCED else None
+
+
+def scaled(
+    weight: np.ndarray, factor: np.ndarray, balance: WeightLayout | None = None
+) -> np.ndarray:
     """``weight * factor`` computed in float64 and cast once to ``weight.dtype``.
 
     ``factor`` broadcasts onto ``weight``. ``dtype=float64`` runs numpy's float64
@@ -176,16 +212,29 @@ def scaled(weight: np.ndarray, factor: np.ndarray) -> np.ndarray:
     a float64 copy of the weight cast back afterwards, bit for bit, without the
     float64 temporary (twice the weight's size for fp32, four times for fp16).
 
+    With ``balance``, the cast is :func:`balanced_cast` over the output channels
+    of that layout. Where its rows are output channels that still runs a block
+    of rows at a time; otherwise (MatMul, Gemm with transB=0, ConvTranspose) a
+    channel spans every row, so the products are computed whole, in a float64
+    temporary.
+
     Raises:
         Unfoldable: a product overflows the weight's dtype.
     """
+    if balance is not None and not balance.rows_are_out_channels:
+        return _scaled_balanced_whole(weight, factor, balance)
     out = np.empty(weight.shape, dtype=weight.dtype)
     for rows in _row_blocks(out):
-        _scale_rows(weight, factor, rows, out[rows])
+        _scale_rows(weight, factor, rows, out[rows], balanced=balance is not None)
     return out
 
 
-def scaled_blocks(weight: np.ndarray, factor: np.ndarray, buffers: int = 1) -> Iterator[np.ndarray]:
+def scaled_blocks(
+    weight: np.ndarray,
+    factor: np.ndarray,
+    buffers: int = 1,
+    balance: WeightLayout | None = None,
+) -> Iterator[np.ndarray]:
     """:func:`scaled`, bit for bit, as consecutive blocks of rows, without the whole result.
 
     The blocks are written into ``buffers`` reused buffers in turn, so a block is
@@ -195,7 +244,11 @@ def scaled_blocks(weight: np.ndarray, factor: np.ndarray, buffers: int = 1) -> I
 
     Raises:
         Unfoldable: a product overflows the weight's dtype.
+        ValueError: ``balance`` is a layout whose rows are not output channels:
+            no block of rows holds a whole channel (use :func:`scaled`).
     """
+    if balance is not None and not balance.rows_are_out_channels:
+        raise ValueError(f"{balance.op}: balanced rounding needs whole weights, not row blocks")
     blocks = _row_blocks(weight)
     rows_at_most = max((rows.stop - rows.start for rows in blocks), default=0)
     pool = [np.empty(rows_at_most * _row_size(weight), dtype=weight.dtype) for _ in range(buffers)]
@@ -203,7 +256,7 @@ def scaled_blocks(weight: np.ndarray, factor: np.ndarray, buffers: int = 1) -> I
         count = rows.stop - rows.start
         block = pool[index % buffers][: count * _row_size(weight)]
         block = block.reshape(count, *weight.shape[1:])
-        _scale_rows(weight, factor, rows, block)
+        _scale_rows(weight, factor, rows, block, balanced=balance is not None)
         yield block
 
 
@@ -241,15 +294,155 @@ def _largest_finite(dtype: np.dtype) -> float | None:
         return None
 
 
-def _scale_rows(weight: np.ndarray, factor: np.ndarray, rows: slice, out: np.ndarray) -> None:
-    """Write ``weight[rows] * factor[rows]`` into ``out``, refusing a non-finite result."""
+def _scale_rows(
+    weight: np.ndarray, factor: np.ndarray, rows: slice, out: np.ndarray, balanced: bool = False
+) -> None:
+    """Write ``weight[rows] * factor[rows]`` into ``out``, refusing a non-finite result.
+
+    ``balanced``: each row is one output channel, cast by :func:`balanced_cast`.
+    """
     block_factor = factor[rows] if factor.shape[0] > 1 else factor
+    if balanced:
+        exact = np.multiply(weight[rows], block_factor, dtype=np.float64)
+        out[...] = balanced_cast(exact.reshape(exact.shape[0], -1), weight.dtype).reshape(out.shape)
+        return
     with np.errstate(over="ignore"):  # overflow is reported below, as a refusal
         np.multiply(weight[rows], block_factor, out=out, dtype=np.float64, casting="unsafe")
     # Checked while the block is still in cache: a second pass over the whole
     # weight would read it from memory again.
     if not np.isfinite(out).all():
         raise Unfoldable(f"folded weight overflows {np.dtype(weight.dtype).name}")
+
+
+def _scaled_balanced_whole(
+    weight: np.ndarray, factor: np.ndarray, layout: WeightLayout
+) -> np.ndarray:
+    return cast_weight(np.multiply(weight, factor, dtype=np.float64), weight.dtype, layout)
+
+
+def cast_weight(exact: np.ndarray, dtype: np.dtype, balance: WeightLayout | None) -> np.ndarray:
+    """Float64 weight values cast once to ``dtype``: each to nearest, or, with ``balance``,
+    by :func:`balanced_cast` over that layout's output channels.
+
+    For a front that computes the whole folded weight in float64 first (torch).
+
+    Raises:
+        Unfoldable: a value overflows ``dtype``.
+    """
+    if balance is None:
+        return cast_checked(exact, dtype, "weight")
+    channels = balanced_cast(balance.out_channel_rows(exact), dtype)
+    return np.ascontiguousarray(balance.from_out_channel_rows(channels, tuple(exact.shape)))
+
+
+# balanced_cast works on this many elements at a time (whole rows, one at least):
+# its dozen float64 temporaries then stay in cache, about 1.5x faster than 1 MB
+# blocks.
+BALANCE_CHUNK_ELEMENTS = 1 << 15
+
+
+def balanced_cast(exact: np.ndarray, dtype: np.dtype) -> np.ndarray:
+    """Round ``(C, K)`` float64 values to ``dtype`` so that each row's rounding errors cancel.
+
+    Row ``c`` holds every weight of output channel ``c``. Rounding each weight
+    to nearest errs by at most half a unit in the last place (ulp), but a
+    channel's errors add up: an input with a common offset (post-ReLU
+    activations are all positive) moves the output by that offset times the
+    row's error sum, about ``sqrt(K / 12)`` ulps. Each row here starts from
+    nearest and rounds the other way the fewest weights that bring its error
+    sum closest to zero, taking first those nearest a tie (exactly halfway
+    between two values), where the other way costs least.
+
+    Guarantees, per element and per row: every value is one of the two
+    neighbours of its exact value (within one ulp of it), and a row's error sum
+    is never larger in magnitude than round-to-nearest's.
+
+    Raises:
+        Unfoldable: a value overflows ``dtype``.
+    """
+    if exact.shape[0] == 0 or exact.shape[1] == 0:
+        return cast_checked(exact, dtype, "weight")
+    per_chunk = max(1, BALANCE_CHUNK_ELEMENTS // exact.shape[1])
+    chunks = [
+        _balanced_rows(exact[start : start + per_chunk], dtype)
+        for start in range(0, exact.shape[0], per_chunk)
+    ]
+    return np.concatenate(chunks)
+
+
+def _balanced_rows(exact: np.ndarray, dtype: np.dtype) -> np.ndarray:
+    nearest = cast_checked(exact, dtype, "weight")
+    nearest64 = nearest.astype(np.float64)
+    error = nearest64 - exact
+    total = error.sum(axis=1)
+    other = _other_neighbour(nearest, away_from_zero=error * nearest64 < 0)
+    step = other.astype(np.float64)
+    step -= nearest64
+    # A flip moves the sum toward zero where the error has the sum's sign. Never
+    # onto an infinity, and never from zero, whose neighbours differ in sign.
+    flippable = (error * total[:, None] > 0) & np.isfinite(step) & (nearest64 != 0)
+    # The share of the step a flip adds to that weight's error: 0 at a tie, where
+    # both neighbours are equally far.
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        cost = np.abs(error)
+        cost /= np.abs(step)
+    cost *= -2.0
+    cost += 1.0
+    cost[~flippable] = np.inf
+    step[~flippable] = 0.0
+    rows, cols = _flips(cost, step, total)
+    out = nearest.copy()
+    out[rows, cols] = other[rows, cols]
+    return out
+
+
+def _other_neighbour(nearest: np.ndarray, away_from_zero: np.ndarray) -> np.ndarray:
+    """The representable value next to each (non-zero, finite) one, on the side given.
+
+    Adjacent floats of one sign have adjacent bit patterns, so this is one
+    integer step on the bits (fp16, bf16, fp32 alike).
+    """
+    bits = nearest.view(np.dtype(f"u{nearest.dtype.itemsize}"))
+    one = bits.dtype.type(1)
+    with np.errstate(over="ignore"):  # +0 - 1 wraps; zeros are never flipped
+        return np.where(away_from_zero, bits + one, bits - one).view(nearest.dtype)
+
+
+def _flips(cost: np.ndarray, step: np.ndarray, total: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(rows, columns) of the weights to round the other way.
+
+    Per row: the cheapest prefix, in order of cost, whose steps bring the sum
+    closest to zero. The search first looks at the ``4 sqrt(K) + 16`` cheapest
+    candidates of each row; nearest's errors sum to about ``sqrt(K / 12)`` ulps,
+    so that is almost always enough, and a row that uses them all is searched
+    again over all of them.
+    """
+    fan_in = cost.shape[1]
+    picked_rows, picked_cols = [], []
+    rows = np.arange(cost.shape[0])
+    count = min(fan_in, 4 * math.isqrt(fan_in) + 16)
+    while rows.size:
+        order = _cheapest(cost[rows], count)
+        steps = np.take_along_axis(step[rows], order, axis=1)
+        sums = np.concatenate([np.zeros((rows.size, 1)), np.cumsum(steps, axis=1)], axis=1)
+        sums += total[rows, None]
+        flips = np.argmin(np.abs(sums), axis=1)  # the first best: no flip that does not help
+        settled = (flips < count) | (count == fan_in)
+        taken = np.arange(count) < flips[settled, None]
+        picked_rows.append(np.broadcast_to(rows[settled, None], taken.shape)[taken])
+        picked_cols.append(order[settled][taken])
+        rows, count = rows[~settled], fan_in
+    return np.concatenate(picked_rows), np.concatenate(picked_cols)
+
+
+def _cheapest(cost: np.ndarray, count: int) -> np.ndarray:
+    """Column indices of each row's ``count`` smallest costs, in increasing order."""
+    if count < cost.shape[1]:
+        part = np.argpartition(cost, count - 1, axis=1)[:, :count]
+    else:
+        part = np.broadcast_to(np.arange(cost.shape[1]), cost.shape)
+    order = np.argsort(np.take_along_axis(cost, part, axis=1), axis=1, kind="stable")
+    return np.take_along_axis(part, order, axis=1)
 
 
 def _row_blocks(array: np.ndarray) -> list[slice]:

@@ -14,6 +14,7 @@ from typing import Any
 
 import onnx_ir as ir
 
+from bnfold.affine import Rounding
 from bnfold.compare import MAX_INPUT_BYTES, VerifyOptions, verify_onnx
 from bnfold.errors import BnfoldError
 from bnfold.onnx_front import io
@@ -32,6 +33,7 @@ def fold(
     verify: bool = False,
     verify_options: VerifyOptions | None = None,
     clone_shared: bool = True,
+    rounding: Rounding | str = Rounding.NEAREST,
 ) -> FoldResult:
     """Fold every foldable BatchNorm / constant affine into its neighbouring linear op.
 
@@ -48,6 +50,8 @@ def fold(
         verify_options: tolerances, samples, seed and (ONNX) input shapes.
         clone_shared: ONNX: copy a weight that other nodes also read so the fold
             can proceed (reported as bytes_added); False refuses such sites.
+        rounding: how folded weights are cast to the model's dtype: "nearest"
+            (the exact float64 fold) or "balanced" (see :class:`bnfold.affine.Rounding`).
 
     Returns:
         FoldResult with ``.model`` (same kind as given; a path gives an onnx_ir.Model)
@@ -61,12 +65,12 @@ def fold(
         o = verify_options or VerifyOptions()
         return fold_module(
             model, example_inputs, inplace=inplace, rtol=o.rtol, atol=o.atol, samples=o.samples,
-            seed=o.seed,
+            seed=o.seed, rounding=_rounding(rounding),
         )  # fmt: skip
     if _is_exported_program(model):
         from bnfold.torch_front.files import fold_program
 
-        return fold_program(model, verify_options or VerifyOptions())
+        return fold_program(model, verify_options or VerifyOptions(), _rounding(rounding))
     reference = None
     if verify:
         # The untouched input is the reference; with inplace=True it is about to
@@ -75,7 +79,7 @@ def fold(
             isinstance(model, ir.Model) and not inplace
         )
         reference = model if untouched else _onnx_model(model, copy=True)
-    fold_pass = FoldAffinePass(MatchOptions(clone_shared=clone_shared))
+    fold_pass = FoldAffinePass(MatchOptions(clone_shared, _rounding(rounding)))
     result = fold_pass(_onnx_model(model, copy=not inplace))
     out = FoldResult(result.model, result.report)  # type: ignore[attr-defined]
     if reference is not None:
@@ -137,6 +141,7 @@ def fold_file(
     verify_options: VerifyOptions | None = None,
     in_place: bool = False,
     clone_shared: bool = True,
+    rounding: Rounding | str = Rounding.NEAREST,
     require_verified: bool = False,
 ) -> tuple[FoldResult, bool]:
     """Fold an ONNX file and write the result atomically, verified before it is published.
@@ -149,6 +154,7 @@ def fold_file(
     ``in_place`` the input) untouched.
 
     Args:
+        clone_shared, rounding: as for :func:`fold`.
         require_verified: write only a verified fold (CLI ``--strict``); no
             effect with ``verify=False``, where nothing is compared.
 
@@ -164,7 +170,7 @@ def fold_file(
     _require_distinct(source, output, in_place)
     model = io.load_model(source)
     keep_external = any(True for _ in io.external_tensors(model))  # before folds replace them
-    folded = FoldAffinePass(MatchOptions(clone_shared=clone_shared))(model)
+    folded = FoldAffinePass(MatchOptions(clone_shared, _rounding(rounding)))(model)
     result = FoldResult(folded.model, folded.report)  # type: ignore[attr-defined]
 
     def accept(staged: Path) -> bool:
@@ -176,6 +182,14 @@ def fold_file(
 
     written = io.save_model(result.model, output, external_data=keep_external, accept=accept)
     return result, written
+
+
+def _rounding(value: Rounding | str) -> Rounding:
+    try:
+        return Rounding(value)
+    except ValueError:
+        choices = ", ".join(r.value for r in Rounding)
+        raise BnfoldError(f"unknown rounding {value!r}; choose from {choices}") from None
 
 
 def _require_distinct(source: Path, output: Path, in_place: bool) -> None:

@@ -22,6 +22,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from bnfold.affine import Rounding
 from bnfold.api import VerifyOptions
 from bnfold.errors import BnfoldError
 
@@ -101,6 +102,7 @@ def find_models(model_dir: Path, out_dir: Path | None = None) -> list[Path]:
 def fold_one(
     source: str, output: str, rel_source: str, rel_output: str, verify: bool,
     options: VerifyOptions | None, require_verified: bool = False,
+    clone_shared: bool = True, rounding: Rounding = Rounding.NEAREST,
 ) -> ModelOutcome:  # fmt: skip
     """Fold one model file; never raises: failures become an outcome with one line."""
     from bnfold.api import fold_file
@@ -111,7 +113,7 @@ def fold_one(
         Path(output).parent.mkdir(parents=True, exist_ok=True)
         result, written = fold_file(
             source, output, verify=verify, verify_options=options,
-            require_verified=require_verified,
+            require_verified=require_verified, clone_shared=clone_shared, rounding=rounding,
         )  # fmt: skip
     except PermissionError:
         outcome.error = f"cannot write to {str(Path(output).parent)!r}: permission denied"
@@ -138,6 +140,8 @@ def fold_directory(
     verify: bool = True,
     verify_options: VerifyOptions | None = None,
     require_verified: bool = False,
+    clone_shared: bool = True,
+    rounding: Rounding = Rounding.NEAREST,
     on_start: Callable[[int], None] | None = None,
     on_done: Callable[[ModelOutcome], None] | None = None,
 ) -> BatchReport:
@@ -152,6 +156,7 @@ def fold_directory(
         require_verified: write only verified folds; a model that could not be
             verified is reported "not_verified" with ``written`` False, the
             others are still written.
+        clone_shared, rounding: as for :func:`bnfold.api.fold`.
         on_start: called once with the number of models found.
         on_done: called after each model, in completion order (progress bars).
 
@@ -173,7 +178,7 @@ def fold_directory(
     tasks = []
     for rel in models:
         tasks.append((str(src / rel), str(dst / rel), rel.as_posix(), rel.as_posix(), verify,
-                      verify_options, require_verified))  # fmt: skip
+                      verify_options, require_verified, clone_shared, rounding))  # fmt: skip
     start = time.perf_counter()
     done = _run_serial(tasks, on_done) if jobs <= 1 else _run_pool(tasks, jobs, on_done)
     report.outcomes = [done[task[2]] for task in tasks]
@@ -197,7 +202,7 @@ def write_report(report: BatchReport, path: str | os.PathLike[str]) -> None:
         raise BnfoldError(f"cannot write report {str(target)!r}: {err.strerror or err}") from None
 
 
-Task = tuple[str, str, str, str, bool, "VerifyOptions | None", bool]
+Task = tuple[str, str, str, str, bool, "VerifyOptions | None", bool, bool, Rounding]
 
 
 def _run_serial(

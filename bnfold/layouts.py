@@ -69,6 +69,34 @@ class WeightLayout:
         axes = tuple(a for a in range(values.ndim) if a != self.out_axis)
         return values.sum(axis=axes)
 
+    @property
+    def rows_are_out_channels(self) -> bool:
+        """Each row (axis 0 index) of the weight feeds exactly one output channel, alone."""
+        return self.out_axis == 0 and self.grouped_side != "out"
+
+    def out_channel_rows(self, values: np.ndarray) -> np.ndarray:
+        """A weight-shaped array as ``(C_out, fan_in)``: row c holds every weight of output c.
+
+        The same grouping as :meth:`sum_to_out`; :meth:`from_out_channel_rows`
+        undoes it. A copy unless :attr:`rows_are_out_channels`.
+        """
+        if self.grouped_side == "out" and self.groups > 1:
+            c_in, c_out_per_group = values.shape[0], values.shape[1]
+            blocks = values.reshape(self.groups, c_in // self.groups, c_out_per_group, -1)
+            return blocks.transpose(0, 2, 1, 3).reshape(self.groups * c_out_per_group, -1)
+        moved = np.moveaxis(values, self.out_axis, 0)
+        return moved.reshape(moved.shape[0], -1)
+
+    def from_out_channel_rows(self, rows: np.ndarray, w_shape: tuple[int, ...]) -> np.ndarray:
+        """Undo :meth:`out_channel_rows`: the ``(C_out, fan_in)`` rows back in ``w_shape``."""
+        if self.grouped_side == "out" and self.groups > 1:
+            c_in, c_out_per_group = int(w_shape[0]), int(w_shape[1])
+            blocks = rows.reshape(self.groups, c_out_per_group, c_in // self.groups, -1)
+            return blocks.transpose(0, 2, 1, 3).reshape(w_shape)
+        others = tuple(size for axis, size in enumerate(w_shape) if axis != self.out_axis)
+        moved_shape = (w_shape[self.out_axis], *others)
+        return np.moveaxis(rows.reshape(moved_shape), 0, self.out_axis)
+
     def _expand(self, side: str, per_channel: np.ndarray, w_shape: tuple[int, ...]) -> np.ndarray:
         count = self.out_channels(w_shape) if side == "out" else self.in_channels(w_shape)
         if per_channel.shape != (count,):

@@ -12,6 +12,8 @@ from collections import Counter
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from bnfold.affine import Rounding
+
 
 class Code(str, enum.Enum):
     """Why a site was left unchanged."""
@@ -87,6 +89,7 @@ class FoldReport:
     refused: list[Refusal] = field(default_factory=list)
     ops_before: dict[str, int] = field(default_factory=dict)
     ops_after: dict[str, int] = field(default_factory=dict)
+    rounding: Rounding = Rounding.NEAREST  # how folded weights were cast to their dtype
 
     @property
     def codes(self) -> list[Code]:
@@ -100,7 +103,10 @@ class FoldReport:
 
     def summary(self) -> str:
         verb = "would fold" if self.dry_run else "folded"
-        lines = [f"{verb} {len(self.folded)}, refused {len(self.refused)} ({self.front})"]
+        head = f"{verb} {len(self.folded)}, refused {len(self.refused)} ({self.front})"
+        if self.rounding is not Rounding.NEAREST:
+            head += f", {self.rounding.value} rounding"
+        lines = [head]
         lines += [f"  {verb}  {f.site}  [{f.pattern}]" for f in self.folded]
         lines += [f"  refused {r.site}  {r.code.value}: {r.detail}" for r in self.refused]
         if self.ops_before:

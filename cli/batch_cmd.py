@@ -12,6 +12,7 @@ from typing import Any
 
 import click
 
+from bnfold.affine import Rounding
 from bnfold.batch import ERROR, NOT_VERIFIED, OK, VERIFY_FAILED, BatchReport, ModelOutcome
 
 _STYLE = {OK: "green", NOT_VERIFIED: "yellow", VERIFY_FAILED: "red", ERROR: "red"}
@@ -27,6 +28,8 @@ def fold_directory(
     verify_options: Any,
     as_json: bool,
     report_path: str | None,
+    clone_shared: bool = True,
+    rounding: Rounding = Rounding.NEAREST,
 ) -> int:
     """Fold every model under ``model_dir`` into ``out_dir``; return the exit code.
 
@@ -65,7 +68,8 @@ def fold_directory(
     with progress:
         report = batch.fold_directory(
             model_dir, out_dir, jobs=jobs, verify=verify, verify_options=verify_options,
-            require_verified=strict, on_start=started, on_done=finished,
+            require_verified=strict, clone_shared=clone_shared, rounding=rounding,
+            on_start=started, on_done=finished,
         )  # fmt: skip
     if report_path:
         batch.write_report(report, report_path)

@@ -14,6 +14,7 @@ from typing import Any
 
 import click
 
+from bnfold.affine import Rounding
 from bnfold.cli.bench_cmd import bench
 from bnfold.cli.errors import (
     EXIT_OK,
@@ -183,6 +184,17 @@ main.add_command(bench)
     is_flag=True,
     help="Refuse (shared_weight) instead of copying a weight other nodes also read.",
 )
+@click.option(
+    "--rounding",
+    type=click.Choice([r.value for r in Rounding]),
+    default=Rounding.NEAREST.value,
+    show_default=True,
+    callback=lambda _ctx, _param, value: Rounding(value),
+    help=(
+        "How folded weights are cast to the model's dtype: nearest (the exact float64 "
+        "fold), or balanced (each output channel's rounding errors cancel; for fp16/bf16)."
+    ),
+)
 @click.option("--jobs", type=click.IntRange(1), default=1, help="Folder mode: parallel processes.")
 @click.option(
     "--to-onnx",
@@ -210,6 +222,7 @@ def fold(
     report_path: str | None,
     as_json: bool,
     no_clone_shared: bool,
+    rounding: Rounding,
     jobs: int,
     to_onnx: str | None,
     run_bench: bool,
@@ -243,7 +256,7 @@ def fold(
 
         options = _torch_verify_options(no_verify, verify_kw)
         result, written = fold_torch(
-            torch_source, output, options, to_onnx, require_verified=strict
+            torch_source, output, options, to_onnx, require_verified=strict, rounding=rounding
         )
         _print_fold(result, written, output, as_json, report_path)
         sys.exit(_fold_exit_code(written))
@@ -259,7 +272,7 @@ def fold(
         code = fold_directory(
             model, output, jobs=jobs, verify=not no_verify, strict=strict,
             verify_options=_verify_options(**verify_kw), as_json=as_json,
-            report_path=report_path,
+            report_path=report_path, clone_shared=not no_clone_shared, rounding=rounding,
         )  # fmt: skip
         sys.exit(code)
     if output is None and not in_place:
@@ -274,6 +287,7 @@ def fold(
         verify_options=options,
         in_place=in_place,
         clone_shared=not no_clone_shared,
+        rounding=rounding,
         require_verified=strict,
     )
     timing = _bench_after_fold(model, target, options) if run_bench and written else None

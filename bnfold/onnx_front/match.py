@@ -24,9 +24,11 @@ import onnx_ir as ir
 from bnfold import layouts
 from bnfold.affine import (
     Affine,
+    Rounding,
     Unfoldable,
     after_bias,
     after_factor,
+    balanced_over,
     before_bias,
     before_factor,
     bn_to_affine,
@@ -70,9 +72,11 @@ class MatchOptions:
     Attributes:
         clone_shared: a weight read by several nodes is copied for the folded
             node (other readers keep the original); False refuses such sites.
+        rounding: how folded weights are cast to the model's dtype.
     """
 
     clone_shared: bool = True
+    rounding: Rounding = Rounding.NEAREST
 
 
 @dataclass(frozen=True, eq=False)
@@ -145,6 +149,9 @@ class DeferredWeight:
     factor: np.ndarray  # float64, broadcastable onto the weight (see bnfold.affine)
     dtype: np.dtype
     shape: tuple[int, ...]
+    # The layout whose output channels the cast balances (bnfold.affine.scaled);
+    # None rounds each product to nearest.
+    balance: WeightLayout | None = None
     # Where W is read from when recomputed: its tensor (an external one stays
     # memory-mapped), or, for a weight that is no tensor (a Constant
     # subexpression), its values.
@@ -158,7 +165,7 @@ class DeferredWeight:
         Raises:
             Unfoldable: a folded value overflows the dtype.
         """
-        return replace(self, values=scaled(weight, self.factor))
+        return replace(self, values=scaled(weight, self.factor, self.balance))
 
     def check(self, weight: np.ndarray) -> None:
         """Prove the folded values of ``weight`` finite, keeping none.
@@ -179,14 +186,18 @@ class DeferredWeight:
         if self.values is not None:
             return self.values
         try:
-            return scaled(self._weight(), self.factor)
+            return scaled(self._weight(), self.factor, self.balance)
         finally:
             evict_pages(self.source)
 
     def blocks(self, buffers: int = 1) -> Iterator[np.ndarray]:
-        """The folded values as consecutive row blocks (see :func:`bnfold.affine.scaled_blocks`)."""
+        """The folded values as consecutive row blocks (see :func:`bnfold.affine.scaled_blocks`).
+
+        Raises:
+            ValueError: the weight is not :attr:`streamable`.
+        """
         try:
-            yield from scaled_blocks(self._weight(), self.factor, buffers)
+            yield from scaled_blocks(self._weight(), self.factor, buffers, self.balance)
         finally:
             evict_pages(self.source)
 
@@ -197,6 +208,11 @@ class DeferredWeight:
     @property
     def nbytes(self) -> int:
         return int(np.prod(self.shape, dtype=np.int64)) * self.dtype.itemsize
+
+    @property
+    def streamable(self) -> bool:
+        """:meth:`blocks` can compute it: no balanced output channel spans several rows."""
+        return self.balance is None or self.balance.rows_are_out_channels
 
     @property
     def mapped(self) -> bool:
@@ -341,7 +357,9 @@ def _plan_after(
         affine = _affine_after(node, linear, ir_version, between, block)
         if affine is None:
             return None
-        return _make_plan(site, Direction.AFTER, linear, node, between, affine, hold)
+        return _make_plan(
+            site, Direction.AFTER, linear, node, between, affine, options.rounding, hold
+        )
     except _Refused as refused:
         return Refusal(site, refused.code, refused.detail)
 
@@ -595,7 +613,9 @@ def _plan_before(
         _require_exact_before(linear, affine)
         gain = linear.input_gain / linear.bias_gain
         affine = Affine(affine.scale, affine.shift * gain)
-        return _make_plan(site, Direction.BEFORE, linear, bn, between, affine, hold)
+        return _make_plan(
+            site, Direction.BEFORE, linear, bn, between, affine, options.rounding, hold
+        )
     except _Refused as refused:
         return Refusal(site, refused.code, refused.detail)
 
@@ -799,6 +819,7 @@ def _make_plan(
     node: ir.Node,
     between: ir.Node | None,
     affine: Affine,
+    rounding: Rounding,
     hold: Callable[[DeferredWeight], bool],
 ) -> FoldPlan:
     weight, bias, layout = linear.weight_array, linear.bias_array, linear.layout
@@ -811,7 +832,7 @@ def _make_plan(
     try:
         factor = (after_factor if after else before_factor)(affine, layout, weight.shape)
         deferred = DeferredWeight(
-            factor, weight.dtype, tuple(weight.shape), source,
+            factor, weight.dtype, tuple(weight.shape), balanced_over(layout, rounding), source,
             source_values=weight if source is None else None,
         )  # fmt: skip
         if hold(deferred):

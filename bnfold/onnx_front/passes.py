@@ -82,7 +82,9 @@ class FoldAffinePass(ir.passes.InPlacePass):
         self.held_bytes = held_bytes
 
     def call(self, model: ir.Model) -> FoldPassResult:
-        report = FoldReport(front="onnx", ops_before=op_counts(model))
+        report = FoldReport(
+            front="onnx", ops_before=op_counts(model), rounding=self.options.rounding
+        )
         refused: list[Refusal] = []
         budget = _Budget(self.held_bytes)
         progress = True
@@ -210,7 +212,8 @@ class FoldedTensor(ir.LazyTensor):
     a multi-GB weight is computed and written without ever being whole in
     memory, each block computed while the one before is written (see
     :func:`_write_behind`). Everything else (``numpy``, ``tobytes``) computes it
-    whole.
+    whole, and so does ``tofile`` for a weight that is not
+    :attr:`~bnfold.onnx_front.match.DeferredWeight.streamable`.
     """
 
     def __init__(self, weight: DeferredWeight, name: str | None) -> None:
@@ -223,7 +226,8 @@ class FoldedTensor(ir.LazyTensor):
         self.weight = weight
 
     def tofile(self, file: Any) -> None:
-        if sys.byteorder != "little":  # ONNX stores little-endian; ir.Tensor byte-swaps
+        # ONNX stores little-endian, and ir.Tensor byte-swaps on a big-endian host.
+        if sys.byteorder != "little" or not self.weight.streamable:
             super().tofile(file)
             return
         _write_behind(self.weight.blocks(buffers=2), file)

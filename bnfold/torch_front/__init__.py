@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from bnfold.affine import Rounding
 from bnfold.errors import NotSupportedError
 from bnfold.report import FoldReport, FoldResult
 
@@ -38,6 +39,7 @@ def fold_module(
     atol: float | None = None,
     samples: int = 3,
     seed: int = 0,
+    rounding: Rounding = Rounding.NEAREST,
 ) -> FoldResult:
     """Fold every foldable BatchNorm of ``module`` into the linear module feeding it.
 
@@ -73,6 +75,7 @@ def fold_module(
         atol: absolute tolerance; None means 0.
         samples: random draws compared besides ``example_inputs`` itself.
         seed: seed of the random draws.
+        rounding: how folded weights are cast to their dtype.
 
     Returns:
         FoldResult: ``model`` (same class as ``module``), ``report`` (each
@@ -86,7 +89,7 @@ def fold_module(
     from bnfold.torch_front import run
 
     options = VerifyOptions(0.0 if atol is None else atol, rtol, samples, seed) if verify else None
-    return run.fold(module, example_inputs, inplace=inplace, verify=options)
+    return run.fold(module, example_inputs, inplace=inplace, verify=options, rounding=rounding)
 
 
 def inspect_module(module: nn.Module, example_inputs: Any) -> FoldReport:

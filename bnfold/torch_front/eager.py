@@ -16,7 +16,15 @@ import numpy as np
 from torch import nn
 from torch.nn.utils import parametrize
 
-from bnfold.affine import Affine, Unfoldable, bn_to_affine, fold_after, fold_before
+from bnfold.affine import (
+    Affine,
+    Rounding,
+    Unfoldable,
+    balanced_over,
+    bn_to_affine,
+    fold_after,
+    fold_before,
+)
 from bnfold.layouts import channel_block
 from bnfold.report import Code, Refusal
 from bnfold.torch_front.graph import Pair
@@ -244,11 +252,12 @@ def bn_affine(bn: Any) -> Affine:
     return bn_to_affine(gamma, beta, mean, var, float(bn.eps))
 
 
-def apply_fold(root: nn.Module, pair: Pair) -> Undo:
+def apply_fold(root: nn.Module, pair: Pair, rounding: Rounding = Rounding.NEAREST) -> Undo:
     """Fold ``pair.bn`` into ``pair.linear`` inside ``root`` (after or before it).
 
     The math runs in float64 and each result is cast once to the dtype of the
-    parameter it replaces (a created bias takes the weight's dtype).
+    parameter it replaces (a created bias takes the weight's dtype); the weight
+    as ``rounding`` says.
 
     Raises:
         Unfoldable: bad statistics, or folded values overflow the dtype.
@@ -258,13 +267,14 @@ def apply_fold(root: nn.Module, pair: Pair) -> Undo:
     weight, bias = lin.weight, lin.bias
     b = None if bias is None else to_float64(bias)
     affine = bn_affine(bn)
+    layout = layout_of(lin)
     if pair.before:
         per_input = affine.spread(in_channels(lin))
-        w64, b64 = fold_before(to_float64(weight), b, per_input, layout_of(lin))
+        w64, b64 = fold_before(to_float64(weight), b, per_input, layout)
     else:
         per_output = affine.spread(out_channels(lin))
-        w64, b64 = fold_after(to_float64(weight), b, per_output, layout_of(lin))
-    new_w = as_parameter(w64, like=weight)
+        w64, b64 = fold_after(to_float64(weight), b, per_output, layout)
+    new_w = as_parameter(w64, like=weight, balance=balanced_over(layout, rounding))
     new_b = as_parameter(b64, like=weight if bias is None else bias)
     undo = Undo(root, pair, weight, bias, bn)
     lin.weight, lin.bias = new_w, new_b

@@ -21,7 +21,15 @@ import torch
 from torch import fx, nn
 
 from bnfold import layouts
-from bnfold.affine import Affine, Unfoldable, bn_to_affine, fold_after, fold_before
+from bnfold.affine import (
+    Affine,
+    Rounding,
+    Unfoldable,
+    balanced_over,
+    bn_to_affine,
+    fold_after,
+    fold_before,
+)
 from bnfold.compare import DEFAULT_VERIFY, VerifyOptions
 from bnfold.layouts import LayoutError
 from bnfold.report import Code, Folded, FoldReport, FoldResult, Refusal, VerifyResult
@@ -338,8 +346,10 @@ def layout_of(lin: fx.Node) -> layouts.WeightLayout:
     return layouts.conv(groups) if kind == "conv" else layouts.linear()
 
 
-def apply_site(gm: fx.GraphModule, site: Site) -> int:
+def apply_site(gm: fx.GraphModule, site: Site, rounding: Rounding = Rounding.NEAREST) -> int:
     """Fold one site in place: new weight/bias attributes, the BN node removed.
+
+    The weight is cast to its dtype as ``rounding`` says.
 
     A weight or bias that another node also reads is not overwritten: the folded
     node gets a new attribute (``<name>_folded``) and the others keep the original.
@@ -365,7 +375,8 @@ def apply_site(gm: fx.GraphModule, site: Site) -> int:
     else:
         per_output = affine.spread(layout.out_channels(tuple(weight.shape)))
         w64, b64 = fold_after(to_float64(weight), b, per_output, layout)
-    new_w, new_b = as_parameter(w64, weight), as_parameter(b64, weight if bias is None else bias)
+    new_w = as_parameter(w64, weight, balanced_over(layout, rounding))
+    new_b = as_parameter(b64, weight if bias is None else bias)
     added = _replace_arg(gm, lin, 1, new_w, f"{site.linear}.weight")
     added += _replace_arg(gm, lin, 2, new_b, f"{site.linear}.bias")
     _remove_bn(gm, bn, _arg_node(bn.args[0]))  # the linear op, or the reshape of it
@@ -494,6 +505,7 @@ def fold_graph_module(
     args: tuple[Any, ...],
     *,
     verify: VerifyOptions | None = DEFAULT_VERIFY,
+    rounding: Rounding = Rounding.NEAREST,
 ) -> FoldResult:
     """Fold every site of a fresh ``make()`` module; verify and drop folds that fail.
 
@@ -504,15 +516,15 @@ def fold_graph_module(
     gone). A failing fold is found by re-folding fresh copies one site at a
     time, keeping those that pass. ``verify`` None skips verification.
     """
-    report = FoldReport(front="torch")
+    report = FoldReport(front="torch", rounding=rounding)
     original = make()
     report.ops_before = _op_counts(original)
     check = None if verify is None else checking.Check.of(original, args, verify)
     gm = make()
-    added = _fold_to_fixpoint(gm, report)
+    added = _fold_to_fixpoint(gm, report, rounding)
     verification = None if check is None else check(gm)
     if check is not None and verification is not None and not verification.passed:
-        gm, verification, added = _rollback(make, list(added), check, report)
+        gm, verification, added = _rollback(make, list(added), check, report, rounding)
     report.folded = [
         Folded(s.site, _pattern(original, s), s.linear, s.bn, "exported_program", bytes_added=n)
         for s, n in added.items()
@@ -521,7 +533,9 @@ def fold_graph_module(
     return FoldResult(gm, report, verification)
 
 
-def _fold_to_fixpoint(gm: fx.GraphModule, report: FoldReport) -> dict[Site, int]:
+def _fold_to_fixpoint(
+    gm: fx.GraphModule, report: FoldReport, rounding: Rounding
+) -> dict[Site, int]:
     """Rounds of find and apply until no site is new; refusals of the last round are kept."""
     added: dict[Site, int] = {}
     failed = FoldReport(front="torch")
@@ -530,7 +544,7 @@ def _fold_to_fixpoint(gm: fx.GraphModule, report: FoldReport) -> dict[Site, int]
         sites, refused = find_sites(gm)
         fresh = [s for s in sites if s not in tried]
         tried.update(fresh)
-        done = _apply_checked(gm, fresh, failed)
+        done = _apply_checked(gm, fresh, failed, rounding)
         added.update(done)
         if not done or not refused:  # only a refused BN can become a site
             break
@@ -538,7 +552,9 @@ def _fold_to_fixpoint(gm: fx.GraphModule, report: FoldReport) -> dict[Site, int]
     return added
 
 
-def _apply_checked(gm: fx.GraphModule, sites: list[Site], report: FoldReport) -> dict[Site, int]:
+def _apply_checked(
+    gm: fx.GraphModule, sites: list[Site], report: FoldReport, rounding: Rounding
+) -> dict[Site, int]:
     """Apply each site, refusing those whose values cannot fold (nothing changes then).
 
     Returns the sites applied, in order, each with the bytes its clones added.
@@ -546,7 +562,7 @@ def _apply_checked(gm: fx.GraphModule, sites: list[Site], report: FoldReport) ->
     kept = {}
     for s in sites:
         try:
-            kept[s] = apply_site(gm, s)
+            kept[s] = apply_site(gm, s, rounding)
         except Unfoldable as e:
             report.refused.append(Refusal(s.site, Code.BAD_VALUES, str(e)))
         except LayoutError as e:
@@ -555,10 +571,10 @@ def _apply_checked(gm: fx.GraphModule, sites: list[Site], report: FoldReport) ->
 
 
 def _folded(
-    make: Callable[[], fx.GraphModule], sites: list[Site]
+    make: Callable[[], fx.GraphModule], sites: list[Site], rounding: Rounding
 ) -> tuple[fx.GraphModule, dict[Site, int]]:
     gm = make()
-    return gm, {s: apply_site(gm, s) for s in sites}
+    return gm, {s: apply_site(gm, s, rounding) for s in sites}
 
 
 def _rollback(
@@ -566,16 +582,17 @@ def _rollback(
     sites: list[Site],
     check: checking.Check,
     report: FoldReport,
+    rounding: Rounding,
 ) -> tuple[fx.GraphModule, VerifyResult, dict[Site, int]]:
     kept: list[Site] = []
     for s in sites:
-        trial = check(_folded(make, [*kept, s])[0])
+        trial = check(_folded(make, [*kept, s], rounding)[0])
         if trial.passed:
             kept.append(s)
         else:
             detail = checking.describe_failure(trial)
             report.refused.append(Refusal(s.site, Code.VERIFICATION_FAILED, detail))
-    gm, added = _folded(make, kept)
+    gm, added = _folded(make, kept, rounding)
     return gm, check(gm), added
 
 

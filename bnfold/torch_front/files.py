@@ -25,6 +25,7 @@ from typing import Any
 
 import torch
 
+from bnfold.affine import Rounding
 from bnfold.compare import DEFAULT_VERIFY, VerifyOptions
 from bnfold.errors import BnfoldError, first_line
 from bnfold.report import FoldReport, FoldResult, VerifyResult
@@ -66,6 +67,7 @@ def fold_torch(
     to_onnx: str | os.PathLike[str] | None = None,
     *,
     require_verified: bool = False,
+    rounding: Rounding = Rounding.NEAREST,
 ) -> tuple[FoldResult, bool]:
     """Fold a ``.pt2`` path or a factory-built module and write the result atomically.
 
@@ -78,6 +80,7 @@ def fold_torch(
             unused), or None to skip verification.
         require_verified: write only a verified fold (CLI ``--strict``): a
             "not_verified" result is kept back like a failed one.
+        rounding: how folded weights are cast to their dtype.
 
     Returns:
         (result, written): ``result.model`` is the folded module. written is
@@ -93,14 +96,14 @@ def fold_torch(
         module, args = source.load()
         if as_program:
             result = fold_graph_module(
-                _export(module, args, "the module").module, args, verify=verify
+                _export(module, args, "the module").module, args, verify=verify, rounding=rounding
             )
         else:
-            result = run.fold(module, args, inplace=False, verify=verify)
+            result = run.fold(module, args, inplace=False, verify=verify, rounding=rounding)
     else:
         ep = _load_program_file(Path(source))
         args = example_args(ep)
-        result = fold_graph_module(ep.module, args, verify=verify)
+        result = fold_graph_module(ep.module, args, verify=verify, rounding=rounding)
         as_program = True  # a program is written back as a program, whatever the suffix
     if not result.publishable(require_verified):
         return result, False
@@ -111,7 +114,9 @@ def fold_torch(
 
 
 def fold_program(
-    ep: torch.export.ExportedProgram, verify: VerifyOptions | None = DEFAULT_VERIFY
+    ep: torch.export.ExportedProgram,
+    verify: VerifyOptions | None = DEFAULT_VERIFY,
+    rounding: Rounding = Rounding.NEAREST,
 ) -> FoldResult:
     """Fold an ExportedProgram at graph level; ``model`` is the folded program, re-exported.
 
@@ -124,7 +129,7 @@ def fold_program(
             module cannot be exported again.
     """
     args = example_args(ep)
-    result = fold_graph_module(ep.module, args, verify=verify)
+    result = fold_graph_module(ep.module, args, verify=verify, rounding=rounding)
     result.model = _export(result.model, args, "the folded program")
     return result
 

@@ -8,7 +8,7 @@ from typing import Any
 
 from torch import nn
 
-from bnfold.affine import Unfoldable
+from bnfold.affine import Rounding, Unfoldable
 from bnfold.compare import VerifyOptions
 from bnfold.errors import BnfoldError
 from bnfold.layouts import LayoutError
@@ -24,19 +24,20 @@ def fold(
     *,
     inplace: bool,
     verify: VerifyOptions | None,
+    rounding: Rounding = Rounding.NEAREST,
 ) -> FoldResult:
     """See :func:`bnfold.torch_front.fold_module`; ``verify`` None skips verification."""
     args = as_args(example_inputs)
     work = module if inplace else _copy(module)
-    report = FoldReport(front="torch", ops_before=leaf_type_counts(work))
+    report = FoldReport(front="torch", ops_before=leaf_type_counts(work), rounding=rounding)
     first_scan = _checked_pairs(work, args)  # a module that cannot run fails here, clearly
     # Reference outputs before any fold: with inplace=True the module itself changes.
     check = None if verify is None else checking.Check.of(module, args, verify)
-    undos = _fold_to_fixpoint(work, args, first_scan, report)
+    undos = _fold_to_fixpoint(work, args, first_scan, report, rounding)
     result = FoldResult(work, report)
     if check is not None:
         result.verification, undos, failed = checking.verify_with_rollback(
-            check, work, undos, lambda u: eager.apply_fold(work, u.pair)
+            check, work, undos, lambda u: eager.apply_fold(work, u.pair, rounding)
         )
         report.refused += failed
     report.folded = [_folded(u) for u in undos]
@@ -63,6 +64,7 @@ def _fold_to_fixpoint(
     args: tuple[Any, ...],
     scan: tuple[list[graph.Pair], list[Refusal]],
     report: FoldReport,
+    rounding: Rounding,
 ) -> list[eager.Undo]:
     """Find and apply pairs in rounds until a round folds nothing new.
 
@@ -78,7 +80,7 @@ def _fold_to_fixpoint(
     for _ in range(len(list(work.modules())) + 1):  # each round folds >= 1 BN, or stops
         fresh = [p for p in pairs if p not in tried]
         tried.update(fresh)
-        done = _apply_all(work, fresh, failed)
+        done = _apply_all(work, fresh, failed, rounding)
         undos += done
         if not done or not refused:  # only a refused BN can become a pair
             break
@@ -116,12 +118,12 @@ def _watched(root: nn.Module, roles: Roles) -> list[str]:
 
 
 def _apply_all(
-    work: nn.Module, pairs: list[graph.Pair], refused: list[Refusal]
+    work: nn.Module, pairs: list[graph.Pair], refused: list[Refusal], rounding: Rounding
 ) -> list[eager.Undo]:
     undos = []
     for pair in pairs:
         try:
-            undos.append(eager.apply_fold(work, pair))
+            undos.append(eager.apply_fold(work, pair, rounding))
         except Unfoldable as e:
             refused.append(Refusal(pair.site, Code.BAD_VALUES, str(e)))
         except LayoutError as e:

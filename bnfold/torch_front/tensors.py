@@ -7,7 +7,16 @@ import numpy as np
 import torch
 from torch import nn
 
-from bnfold.affine import Unfoldable
+from bnfold.affine import Unfoldable, cast_weight
+from bnfold.layouts import WeightLayout
+
+# numpy's spelling of each float dtype a foldable weight can have.
+_NUMPY_DTYPES = {
+    torch.float16: np.dtype(np.float16),
+    torch.bfloat16: np.dtype(ml_dtypes.bfloat16),
+    torch.float32: np.dtype(np.float32),
+    torch.float64: np.dtype(np.float64),
+}
 
 
 def to_float64(t: torch.Tensor) -> np.ndarray:
@@ -15,15 +24,21 @@ def to_float64(t: torch.Tensor) -> np.ndarray:
     return t.detach().to(device="cpu", dtype=torch.float64).numpy()
 
 
-def as_parameter(values: np.ndarray, like: torch.Tensor) -> nn.Parameter:
+def as_parameter(
+    values: np.ndarray, like: torch.Tensor, balance: WeightLayout | None = None
+) -> nn.Parameter:
     """The one cast from float64 to ``like``'s dtype, as a Parameter on its device.
 
     The rounding happens in numpy, straight from float64: torch's float64 ->
-    half conversions may round twice (through float32).
+    half conversions may round twice (through float32). With ``balance`` (a
+    weight's layout) it is :func:`bnfold.affine.balanced_cast` over that
+    layout's output channels.
 
     Raises:
         Unfoldable: a value overflows the dtype.
     """
+    if balance is not None:
+        values = cast_weight(values, _NUMPY_DTYPES[like.dtype], balance)
     out = _rounded(values, like.dtype).to(device=like.device)
     if not bool(torch.isfinite(out).all()):
         raise Unfoldable(f"folded values overflow {like.dtype}")
