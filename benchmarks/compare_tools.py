@@ -2,6 +2,7 @@
 
 ONNX tools (file in, file out; fold time includes load and save, as a user sees it):
   bnfold         bnfold.fold on onnx_ir, saved with bnfold's atomic save
+  bnfold-balanced  the same with rounding="balanced"
   onnxoptimizer  onnxoptimizer.optimize(model, ["fuse_bn_into_conv"])
   onnxscript     onnxscript.rewriter.rewrite(model) with its default rules
   onnxslim       onnxslim.slim(model) with its defaults
@@ -53,11 +54,20 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
 
-ONNX_TOOLS = ("bnfold", "onnxoptimizer", "onnxscript", "onnxslim", "ort-basic", "ir-load-save")
+ONNX_TOOLS = (
+    "bnfold",
+    "bnfold-balanced",
+    "onnxoptimizer",
+    "onnxscript",
+    "onnxslim",
+    "ort-basic",
+    "ir-load-save",
+)
 ONNX_TOOLS += ("ir-load-save-fsync",)
 TORCH_TOOLS = ("bnfold-torch", "fx-fuse", "nn-utils")
 TOOL_IMPORTS = {
     "bnfold": ["bnfold", "bnfold.onnx_front.io", "onnx_ir"],
+    "bnfold-balanced": ["bnfold", "bnfold.onnx_front.io", "onnx_ir"],
     "onnxoptimizer": ["onnx", "onnxoptimizer"],
     "onnxscript": ["onnx_ir", "onnxscript.rewriter"],
     "onnxslim": ["onnx", "onnxslim"],
@@ -157,7 +167,7 @@ def _ir_save(model: Any, dst: str, external: bool) -> None:
     ir.save(model, dst, external_data=Path(dst).name + ".data" if external else None)
 
 
-def _tool_bnfold(src: str, dst: str, phase: Phases) -> None:
+def _tool_bnfold(src: str, dst: str, phase: Phases, rounding: str = "nearest") -> None:
     from bnfold import fold
     from bnfold.onnx_front.io import external_tensors, load_model, save_model
 
@@ -167,7 +177,7 @@ def _tool_bnfold(src: str, dst: str, phase: Phases) -> None:
         # if every external tensor is folded (and so no longer external).
         external = any(True for _ in external_tensors(model))
     with phase("fold"):
-        model = fold(model, inplace=True).model
+        model = fold(model, inplace=True, rounding=rounding).model
     with phase("save"):
         save_model(model, dst, external_data=external)  # atomic: staged, fsync'd, renamed
 
@@ -245,6 +255,7 @@ def _tool_ir_load_save_fsync(src: str, dst: str, phase: Phases) -> None:
 
 ONNX_RUNNERS: dict[str, Callable[[str, str, Phases], None]] = {
     "bnfold": _tool_bnfold,
+    "bnfold-balanced": lambda src, dst, phase: _tool_bnfold(src, dst, phase, "balanced"),
     "onnxoptimizer": _tool_onnxoptimizer,
     "onnxscript": _tool_onnxscript,
     "onnxslim": _tool_onnxslim,
@@ -650,14 +661,17 @@ def targets(rows: list[Row], cases: list[Case]) -> list[dict[str, Any]]:
                     1.5,
                     f"bnfold {_f(a, '.3e')} / exact {_f(b, '.3e')}",
                 )
-        if bn and naive and case.group == "resnet50_fp16":
+        for tool in ("bnfold", "bnfold-balanced"):
+            ours = by.get((case.name, tool))
+            if not (ours and naive and case.group == "resnet50_fp16"):
+                continue
             for col in ("err_f64", "err_ort"):
-                a, b = getattr(bn, col), getattr(naive, col)
+                a, b = getattr(ours, col), getattr(naive, col)
                 add(
-                    f"fp16 error vs fold computed in fp16 ({col})",
+                    f"fp16 error vs fold computed in fp16 ({tool}, {col})",
                     a / b if a and b else None,
                     0.6,
-                    f"bnfold {_f(a, '.3e')} / naive fp16 fold {_f(b, '.3e')}",
+                    f"{tool} {_f(a, '.3e')} / naive fp16 fold {_f(b, '.3e')}",
                 )
     torch_rows = {r.tool: r for r in rows if r.group == "torch"}
     if "bnfold-torch" in torch_rows and torch_rows["bnfold-torch"].latency_vs_twin:
