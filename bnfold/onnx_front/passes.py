@@ -226,7 +226,9 @@ class FoldedTensor(ir.LazyTensor):
         self.weight = weight
 
     def tofile(self, file: Any) -> None:
-        # ONNX stores little-endian, and ir.Tensor byte-swaps on a big-endian host.
+        # Blocks go out as they lie in memory: that needs a little-endian host
+        # (ONNX stores little-endian; ir.Tensor byte-swaps elsewhere), and a
+        # weight that comes in blocks of rows.
         if sys.byteorder != "little" or not self.weight.streamable:
             super().tofile(file)
             return
