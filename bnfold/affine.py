@@ -137,9 +137,15 @@ def after_bias(bias: np.ndarray | None, affine: Affine, weight_dtype: np.dtype) 
     Raises:
         Unfoldable: the folded bias overflows its dtype.
     """
-    b64 = np.zeros_like(affine.shift) if bias is None else np.asarray(bias, dtype=np.float64)
+    b64 = None if bias is None else np.asarray(bias, dtype=np.float64)
     bias_dtype = weight_dtype if bias is None else bias.dtype
-    return cast_checked(b64 * affine.scale + affine.shift, bias_dtype, "bias")
+    return cast_checked(exact_after_bias(b64, affine), bias_dtype, "bias")
+
+
+def exact_after_bias(bias: np.ndarray | None, affine: Affine) -> np.ndarray:
+    """:func:`after_bias` before the cast: ``b * scale + shift`` in float64 (b float64 or None)."""
+    b64 = np.zeros_like(affine.shift) if bias is None else bias
+    return b64 * affine.scale + affine.shift
 
 
 def fold_before(
@@ -182,12 +188,39 @@ def before_bias(
     Raises:
         Unfoldable: the folded bias overflows its dtype.
     """
-    shape = tuple(weight.shape)
-    b64 = np.zeros(layout.out_channels(shape)) if bias is None else np.asarray(bias, np.float64)
-    shift_w = layout.expand_in(affine.shift, shape)
-    b64 = b64 + layout.sum_to_out(weight.astype(np.float64) * shift_w)
+    b64 = None if bias is None else np.asarray(bias, np.float64)
     bias_dtype = weight.dtype if bias is None else bias.dtype
-    return cast_checked(b64, bias_dtype, "bias")
+    exact = exact_before_bias(weight.astype(np.float64), b64, affine, layout)
+    return cast_checked(exact, bias_dtype, "bias")
+
+
+def exact_before_bias(
+    weight: np.ndarray, bias: np.ndarray | None, affine: Affine, layout: WeightLayout
+) -> np.ndarray:
+    """:func:`before_bias` before the cast: ``b + W t`` in float64 (W and b float64, b or None)."""
+    shape = tuple(weight.shape)
+    b64 = np.zeros(layout.out_channels(shape)) if bias is None else bias
+    return b64 + layout.sum_to_out(weight * layout.expand_in(affine.shift, shape))
+
+
+# A weight folded several times (Conv -> BN -> Mul, BN -> Conv -> BN) is its
+# original times one factor per fold, each a float64 array broadcastable onto it,
+# multiplied in float64 in that order and cast once: rounding after every fold
+# would round the weight again each time.
+Factors = tuple[np.ndarray, ...]
+
+
+def _as_factors(factor: np.ndarray | Factors) -> Factors:
+    return factor if isinstance(factor, tuple) else (factor,)
+
+
+def product64(weight: np.ndarray, factor: np.ndarray | Factors) -> np.ndarray:
+    """``weight`` times each factor, in float64 and not cast: the exact folded values."""
+    first, *rest = _as_factors(factor)
+    out = np.multiply(weight, first, dtype=np.float64)
+    for more in rest:
+        out *= more
+    return out
 
 
 # The weight is scaled this many output bytes at a time: the finiteness check
@@ -202,11 +235,12 @@ def balanced_over(layout: WeightLayout, rounding: Rounding) -> WeightLayout | No
 
 
 def scaled(
-    weight: np.ndarray, factor: np.ndarray, balance: WeightLayout | None = None
+    weight: np.ndarray, factor: np.ndarray | Factors, balance: WeightLayout | None = None
 ) -> np.ndarray:
     """``weight * factor`` computed in float64 and cast once to ``weight.dtype``.
 
-    ``factor`` broadcasts onto ``weight``. ``dtype=float64`` runs numpy's float64
+    ``factor`` broadcasts onto ``weight`` (or is several, see :data:`Factors`).
+    With one factor, ``dtype=float64`` runs numpy's float64
     loop: it widens the weight into small internal buffers, multiplies in float64
     and rounds each product once into the output. That is the same arithmetic as
     a float64 copy of the weight cast back afterwards, bit for bit, without the
@@ -222,16 +256,16 @@ def scaled(
         Unfoldable: a product overflows the weight's dtype.
     """
     if balance is not None and not balance.rows_are_out_channels:
-        return _scaled_balanced_whole(weight, factor, balance)
+        return cast_weight(product64(weight, factor), weight.dtype, balance)
     out = np.empty(weight.shape, dtype=weight.dtype)
     for rows in _row_blocks(out):
-        _scale_rows(weight, factor, rows, out[rows], balanced=balance is not None)
+        _scale_rows(weight, _as_factors(factor), rows, out[rows], balanced=balance is not None)
     return out
 
 
 def scaled_blocks(
     weight: np.ndarray,
-    factor: np.ndarray,
+    factor: np.ndarray | Factors,
     buffers: int = 1,
     balance: WeightLayout | None = None,
 ) -> Iterator[np.ndarray]:
@@ -256,14 +290,15 @@ def scaled_blocks(
         count = rows.stop - rows.start
         block = pool[index % buffers][: count * _row_size(weight)]
         block = block.reshape(count, *weight.shape[1:])
-        _scale_rows(weight, factor, rows, block, balanced=balance is not None)
+        _scale_rows(weight, _as_factors(factor), rows, block, balanced=balance is not None)
         yield block
 
 
-def cannot_overflow(weight: np.ndarray, factor: np.ndarray) -> bool:
+def cannot_overflow(weight: np.ndarray, factor: np.ndarray | Factors) -> bool:
     """True when no product ``weight * factor`` can overflow ``weight.dtype``.
 
-    The bound ``max|W| * max|factor| <= largest finite value`` is sufficient:
+    The bound ``max|W| * max|factor| <= largest finite value`` (the product of
+    every factor's max for several) is sufficient:
     float64 rounding and the final cast are both monotone, so no rounded product
     exceeds the rounded bound. It reads W once with two reductions per block,
     about a third of the cost of computing the products; planning uses it to
@@ -272,9 +307,10 @@ def cannot_overflow(weight: np.ndarray, factor: np.ndarray) -> bool:
     then only computing the products can tell.
     """
     largest = _largest_finite(weight.dtype)
-    if largest is None or not np.isfinite(factor).all():
+    factors = _as_factors(factor)
+    if largest is None or not all(np.isfinite(f).all() for f in factors):
         return False
-    factor_max = float(np.max(np.abs(factor), initial=0.0))
+    factor_max = math.prod(float(np.max(np.abs(f), initial=0.0)) for f in factors)
     weight_max = 0.0
     for rows in _row_blocks(weight):
         block = weight[rows]
@@ -295,29 +331,27 @@ def _largest_finite(dtype: np.dtype) -> float | None:
 
 
 def _scale_rows(
-    weight: np.ndarray, factor: np.ndarray, rows: slice, out: np.ndarray, balanced: bool = False
+    weight: np.ndarray, factors: Factors, rows: slice, out: np.ndarray, balanced: bool = False
 ) -> None:
-    """Write ``weight[rows] * factor[rows]`` into ``out``, refusing a non-finite result.
+    """Write ``weight[rows]`` times the factors' rows into ``out``, refusing a non-finite result.
 
     ``balanced``: each row is one output channel, cast by :func:`balanced_cast`.
     """
-    block_factor = factor[rows] if factor.shape[0] > 1 else factor
-    if balanced:
-        exact = np.multiply(weight[rows], block_factor, dtype=np.float64)
-        out[...] = balanced_cast(exact.reshape(exact.shape[0], -1), weight.dtype).reshape(out.shape)
+    block_factors = tuple(f[rows] if f.shape[0] > 1 else f for f in factors)
+    if balanced or len(block_factors) > 1:
+        exact = product64(weight[rows], block_factors)
+        if balanced:
+            rounded = balanced_cast(exact.reshape(exact.shape[0], -1), weight.dtype)
+        else:
+            rounded = cast_checked(exact, weight.dtype, "weight")
+        out[...] = rounded.reshape(out.shape)
         return
     with np.errstate(over="ignore"):  # overflow is reported below, as a refusal
-        np.multiply(weight[rows], block_factor, out=out, dtype=np.float64, casting="unsafe")
+        np.multiply(weight[rows], block_factors[0], out=out, dtype=np.float64, casting="unsafe")
     # Checked while the block is still in cache: a second pass over the whole
     # weight would read it from memory again.
     if not np.isfinite(out).all():
         raise Unfoldable(f"folded weight overflows {np.dtype(weight.dtype).name}")
-
-
-def _scaled_balanced_whole(
-    weight: np.ndarray, factor: np.ndarray, layout: WeightLayout
-) -> np.ndarray:
-    return cast_weight(np.multiply(weight, factor, dtype=np.float64), weight.dtype, layout)
 
 
 def cast_weight(exact: np.ndarray, dtype: np.dtype, balance: WeightLayout | None) -> np.ndarray:

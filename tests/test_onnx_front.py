@@ -398,7 +398,8 @@ def test_import_does_not_load_torch() -> None:
 def test_weight_read_from_external_data_is_streamed_into_the_saved_file(tmp_path: Path) -> None:
     """Not held in memory; written block by block, the same bytes as computed whole."""
     from bnfold.onnx_front import io
-    from bnfold.onnx_front.passes import FoldAffinePass, FoldedTensor
+    from bnfold.onnx_front.folded import FoldedTensor
+    from bnfold.onnx_front.passes import FoldAffinePass
 
     model = FoldAffinePass()(io.load_model(SAMPLES / "external_data" / "conv_bn_ext.onnx")).model
     folded = [v.const_value for v in model.graph.initializers.values()]
@@ -440,7 +441,7 @@ def test_write_behind_writes_every_block_in_order_and_reports_a_failed_write() -
     import io as stdio
 
     import bnfold.affine as affine_module
-    from bnfold.onnx_front.passes import _write_behind
+    from bnfold.onnx_front.folded import _write_behind
 
     rng = np.random.default_rng(6)
     w = rng.normal(size=(300, 7)).astype(np.float16)
@@ -469,7 +470,7 @@ def test_write_behind_sends_each_written_range_to_disk_once(tmp_path: Path, monk
     import os
 
     import bnfold.affine as affine_module
-    from bnfold.onnx_front import passes
+    from bnfold.onnx_front import folded as passes
 
     advised: list[tuple[int, int]] = []
     monkeypatch.setattr(os, "posix_fadvise", lambda fd, off, n, how: advised.append((off, n)))

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import enum
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 import ml_dtypes
@@ -26,18 +26,16 @@ from bnfold.affine import (
     Affine,
     Rounding,
     Unfoldable,
-    after_bias,
     after_factor,
     balanced_over,
-    before_bias,
     before_factor,
     bn_to_affine,
-    cannot_overflow,
-    scaled,
-    scaled_blocks,
+    exact_after_bias,
+    exact_before_bias,
 )
 from bnfold.layouts import LayoutError, WeightLayout
 from bnfold.onnx_front.constants import constant_array, is_constant, reads_data
+from bnfold.onnx_front.folded import DeferredWeight, ExactBias, earlier_bias, earlier_weight
 from bnfold.onnx_front.io import evict_pages
 from bnfold.report import Code, Refusal
 
@@ -96,6 +94,9 @@ class LinearOp:
         resets_beta: Gemm with beta=0 ignores C, so the fold writes a new C and sets beta=1.
         input_gain: the op multiplies its input term by this (Gemm's alpha).
         shared: names of the weight/bias values other nodes also read (cloned on fold).
+        earlier_weight: the folded weight an earlier fold wrote, if one did:
+            folding again starts from its original W, so W is still rounded once.
+        earlier_bias: the float64 value of the bias an earlier fold wrote, if one did.
     """
 
     node: ir.Node
@@ -110,6 +111,8 @@ class LinearOp:
     resets_beta: bool = False
     input_gain: float = 1.0
     shared: tuple[str, ...] = ()
+    earlier_weight: DeferredWeight | None = None
+    earlier_bias: np.ndarray | None = None
 
     @property
     def output(self) -> ir.Value:
@@ -127,103 +130,23 @@ class LinearOp:
     def in_channels(self) -> int:
         return self.layout.in_channels(self.weight_shape)
 
+    def exact_weight(self) -> np.ndarray:
+        """The weight's values in float64, before any rounding a fold did."""
+        if self.earlier_weight is not None:
+            return self.earlier_weight.exact()
+        return self.weight_array.astype(np.float64)
+
+    def exact_bias(self) -> np.ndarray | None:
+        """The bias's values in float64, before any rounding a fold did; None without one."""
+        if self.earlier_bias is not None:
+            return self.earlier_bias
+        return None if self.bias_array is None else self.bias_array.astype(np.float64)
+
     def channel_axis(self) -> int | None:
         """Output axis (counted from the front) holding channels, None if unknown."""
         if not self.channel_last:
             return 1
         return None if self.out_rank is None else self.out_rank - 1
-
-
-@dataclass(frozen=True)
-class DeferredWeight:
-    """A folded weight ``W * factor``: kept as computed, or recomputed when read.
-
-    Planning checks it (an overflow refuses the fold). The pass computes and
-    keeps the values while they fit its memory budget; past it the check bounds
-    the products without computing them (:meth:`check`), and the weight is
-    computed when the model is saved, streamed a block at a time into the file
-    (:meth:`blocks`). Holding every folded weight until the save would cost the
-    size of all of them at once, which on a multi-GB model is more than the model.
-    """
-
-    factor: np.ndarray  # float64, broadcastable onto the weight (see bnfold.affine)
-    dtype: np.dtype
-    shape: tuple[int, ...]
-    # The layout whose output channels the cast balances (bnfold.affine.scaled);
-    # None rounds each product to nearest.
-    balance: WeightLayout | None = None
-    # Where W is read from when recomputed: its tensor (an external one stays
-    # memory-mapped), or, for a weight that is no tensor (a Constant
-    # subexpression), its values.
-    source: ir.TensorProtocol | None = None
-    source_values: np.ndarray | None = None
-    values: np.ndarray | None = None
-
-    def computed(self, weight: np.ndarray) -> DeferredWeight:
-        """The same weight with its values, computed from ``weight`` (W in hand).
-
-        Raises:
-            Unfoldable: a folded value overflows the dtype.
-        """
-        return replace(self, values=scaled(weight, self.factor, self.balance))
-
-    def check(self, weight: np.ndarray) -> None:
-        """Prove the folded values of ``weight`` finite, keeping none.
-
-        A bound on the products settles almost every weight; only one it cannot
-        clear has its values computed, block by block.
-
-        Raises:
-            Unfoldable: a folded value overflows the dtype.
-        """
-        if cannot_overflow(weight, self.factor):
-            return
-        for _ in scaled_blocks(weight, self.factor):
-            pass
-
-    def compute(self) -> np.ndarray:
-        """The folded values, recomputed from the source unless they are held."""
-        if self.values is not None:
-            return self.values
-        try:
-            return scaled(self._weight(), self.factor, self.balance)
-        finally:
-            evict_pages(self.source)
-
-    def blocks(self, buffers: int = 1) -> Iterator[np.ndarray]:
-        """The folded values as consecutive row blocks (see :func:`bnfold.affine.scaled_blocks`).
-
-        Raises:
-            ValueError: the weight is not :attr:`streamable`.
-        """
-        try:
-            yield from scaled_blocks(self._weight(), self.factor, buffers, self.balance)
-        finally:
-            evict_pages(self.source)
-
-    def dropped(self) -> DeferredWeight:
-        """The same weight, to be recomputed when read."""
-        return replace(self, values=None)
-
-    @property
-    def nbytes(self) -> int:
-        return int(np.prod(self.shape, dtype=np.int64)) * self.dtype.itemsize
-
-    @property
-    def streamable(self) -> bool:
-        """:meth:`blocks` can compute it: no balanced output channel spans several rows."""
-        return self.balance is None or self.balance.rows_are_out_channels
-
-    @property
-    def mapped(self) -> bool:
-        """W is read from a memory-mapped external data file."""
-        return isinstance(self.source, ir.ExternalTensor)
-
-    def _weight(self) -> np.ndarray:
-        if self.source is not None:
-            return self.source.numpy()
-        assert self.source_values is not None
-        return self.source_values
 
 
 @dataclass(frozen=True)
@@ -237,7 +160,7 @@ class FoldPlan:
     affine_node: ir.Node
     between: ir.Node | None  # a shape-only op between the two, left in place
     new_weight: DeferredWeight
-    new_bias: np.ndarray | None  # None: the op has no bias and the fold needs none
+    new_bias: ExactBias | None  # None: the op has no bias and the fold needs none
     bytes_added: int = 0  # weight bytes copied because another node shares them
 
 
@@ -740,7 +663,12 @@ def describe_linear(node: ir.Node, ir_version: int, options: MatchOptions) -> Li
         raise _Refused(Code.SHARED_WEIGHT, f"{shared[0]!r} is also read by another node")
     assert weight is not None
     linear = _linear_of_kind(node, weight, w, bias, b)
-    return replace(linear, shared=shared)
+    return replace(
+        linear,
+        shared=shared,
+        earlier_weight=earlier_weight(weight),
+        earlier_bias=earlier_bias(linear.bias),
+    )
 
 
 def _linear_of_kind(
@@ -822,34 +750,26 @@ def _make_plan(
     rounding: Rounding,
     hold: Callable[[DeferredWeight], bool],
 ) -> FoldPlan:
-    weight, bias, layout = linear.weight_array, linear.bias_array, linear.layout
     after = direction is Direction.AFTER
     if after:
         affine = Affine(affine.scale, affine.shift / linear.bias_gain)
-    # Keep the source tensor, not its values: an external tensor stays mapped,
-    # an earlier deferred weight is recomputed rather than held.
-    source = linear.weight.const_value
     try:
-        factor = (after_factor if after else before_factor)(affine, layout, weight.shape)
-        deferred = DeferredWeight(
-            factor, weight.dtype, tuple(weight.shape), balanced_over(layout, rounding), source,
-            source_values=weight if source is None else None,
-        )  # fmt: skip
-        if hold(deferred):
-            deferred = deferred.computed(weight)
-        else:
-            deferred.check(weight)
-        if after:
-            new_b = after_bias(bias, affine, weight.dtype)
-        else:
-            new_b = before_bias(weight, bias, affine, layout)
+        factor_of = after_factor if after else before_factor
+        factor = factor_of(affine, linear.layout, linear.weight_shape)
+        deferred, original = _folded_weight(linear, factor, balanced_over(linear.layout, rounding))
+        try:
+            if hold(deferred):
+                deferred = deferred.computed(original)
+            else:
+                deferred.check(original)
+            new_b = _folded_bias(linear, affine, after)
+        finally:
+            evict_pages(deferred.source)  # the pages W was read through
     except Unfoldable as err:
         raise _Refused(Code.BAD_VALUES, str(err)) from None
     except LayoutError as err:
         raise _Refused(Code.BAD_SHAPE, str(err)) from None
-    finally:
-        evict_pages(source)
-    needs_bias = bias is not None or bool(np.any(new_b != 0))
+    needs_bias = linear.bias is not None or bool(np.any(new_b.values != 0))
     ordered = (linear.node, between, node) if after else (node, between, linear.node)
     added = sum(
         a.nbytes
@@ -860,6 +780,41 @@ def _make_plan(
         site, _pattern(*ordered), direction, linear, node, between, deferred,
         new_b if needs_bias else None, bytes_added=added,
     )  # fmt: skip
+
+
+def _folded_weight(
+    linear: LinearOp, factor: np.ndarray, balance: WeightLayout | None
+) -> tuple[DeferredWeight, np.ndarray]:
+    """The folded weight, not yet computed, and the original W it is computed from.
+
+    A weight an earlier fold wrote is that fold's original times one more
+    factor. Otherwise the source tensor is kept, not its values: an external
+    tensor stays mapped.
+    """
+    if linear.earlier_weight is not None:
+        earlier = linear.earlier_weight
+        return earlier.then(factor, balance), earlier.original()
+    weight, source = linear.weight_array, linear.weight.const_value
+    deferred = DeferredWeight(
+        (factor,), weight.dtype, tuple(weight.shape), balance, source,
+        source_values=weight if source is None else None,
+    )  # fmt: skip
+    return deferred, weight
+
+
+def _folded_bias(linear: LinearOp, affine: Affine, after: bool) -> ExactBias:
+    """The folded bias, from the exact values of the op's weight and bias.
+
+    Raises:
+        Unfoldable: it overflows the bias's dtype (the weight's, for a new bias).
+    """
+    bias = linear.exact_bias()
+    if after:
+        exact = exact_after_bias(bias, affine)
+    else:
+        exact = exact_before_bias(linear.exact_weight(), bias, affine, linear.layout)
+    dtype = linear.weight_array.dtype if linear.bias_array is None else linear.bias_array.dtype
+    return ExactBias.of(exact, dtype)
 
 
 def _checked(make: object) -> Affine:

@@ -2,24 +2,16 @@
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any
 
-import numpy as np
 import onnx_ir as ir
 
 from bnfold.onnx_front import match
 from bnfold.onnx_front.constants import is_pure_constant_op
-from bnfold.onnx_front.io import start_writeback
-from bnfold.onnx_front.match import DeferredWeight, Direction, FoldPlan, LinearOp, MatchOptions
+from bnfold.onnx_front.folded import ConstantData, DeferredWeight, ExactBias, as_tensor
+from bnfold.onnx_front.match import Direction, FoldPlan, LinearOp, MatchOptions
 from bnfold.report import Folded, FoldReport, Refusal, count_ops
-
-# What a fold writes into an input: small arrays now, big weights on save.
-ConstantData = np.ndarray | DeferredWeight
-
 
 # Folded weights up to this many bytes stay in memory from planning to saving;
 # past it they are recomputed during the save. Small models then fold each weight
@@ -69,7 +61,8 @@ class FoldAffinePass(ir.passes.InPlacePass):
               A 2-D MatMul that gains a bias becomes a Gemm; an N-d one keeps a
               single Add. A weight other nodes also read is cloned first.
     Repeats to a fixpoint, so Conv -> BN -> Mul -> Add folds into one Conv and
-    BN -> Conv -> BN folds both.
+    BN -> Conv -> BN folds both; a weight or bias folded several times is still
+    rounded once (see :mod:`bnfold.onnx_front.folded`).
     Refuses: every code listed in :func:`bnfold.onnx_front.match.plan`; the
              site is left exactly as it was.
     """
@@ -196,95 +189,6 @@ def set_constant_input(
         new.name = base  # the computed value it replaces is gone: take its name
 
 
-def as_tensor(data: ConstantData, name: str | None) -> ir.TensorProtocol:
-    """An ir tensor of ``data``; a dropped deferred weight becomes a :class:`FoldedTensor`."""
-    if isinstance(data, DeferredWeight) and data.values is not None:
-        data = data.values
-    if isinstance(data, np.ndarray):
-        return ir.tensor(data, name=name)
-    return FoldedTensor(data, name)
-
-
-class FoldedTensor(ir.LazyTensor):
-    """A folded weight computed when read; written to a file a block at a time.
-
-    onnx_ir writes external data with ``tofile``: streaming the blocks there means
-    a multi-GB weight is computed and written without ever being whole in
-    memory, each block computed while the one before is written (see
-    :func:`_write_behind`). Everything else (``numpy``, ``tobytes``) computes it
-    whole, and so does ``tofile`` for a weight that is not
-    :attr:`~bnfold.onnx_front.match.DeferredWeight.streamable`.
-    """
-
-    def __init__(self, weight: DeferredWeight, name: str | None) -> None:
-        super().__init__(
-            lambda: ir.tensor(weight.compute(), name=name),
-            dtype=ir.DataType.from_numpy(weight.dtype),
-            shape=ir.Shape(weight.shape),
-            name=name,
-        )
-        self.weight = weight
-
-    def tofile(self, file: Any) -> None:
-        # Blocks go out as they lie in memory: that needs a little-endian host
-        # (ONNX stores little-endian; ir.Tensor byte-swaps elsewhere), and a
-        # weight that comes in blocks of rows.
-        if sys.byteorder != "little" or not self.weight.streamable:
-            super().tofile(file)
-            return
-        _write_behind(self.weight.blocks(buffers=2), file)
-
-
-# The writes of a streamed weight are sent on to disk this many bytes at a time.
-WRITEBACK_BYTES = 64 << 20
-
-
-class _EarlyWriteback:
-    """Writes to ``file``, starting the disk writing every WRITEBACK_BYTES.
-
-    See :func:`bnfold.onnx_front.io.start_writeback` for why.
-    """
-
-    def __init__(self, file: Any) -> None:
-        self.file = file
-        try:
-            self.start: int | None = file.tell()  # onnx_ir seeks to the tensor's offset first
-        except (OSError, ValueError):  # a pipe or socket: nothing to send on
-            self.start = None
-        self.unsent = 0
-
-    def write(self, data: memoryview) -> None:
-        self.file.write(data)
-        self.unsent += len(data)
-        if self.start is not None and self.unsent >= WRITEBACK_BYTES:
-            start_writeback(self.file, self.start, self.unsent)
-            self.start += self.unsent
-            self.unsent = 0
-
-
-def _write_behind(blocks: Iterator[np.ndarray], file: Any) -> None:
-    """Write each block on a second thread while the next one is computed.
-
-    numpy's multiply and a file write both release the GIL, so on two cores the
-    fold math of a multi-GB weight hides behind its write (saving the 2.42 GB
-    benchmark model to tmpfs, 5 alternating runs: fastest 1.30 s against 1.63 s
-    writing block after block, median 1.43 s against 2.84 s). The writes go
-    through :class:`_EarlyWriteback`, so the disk works meanwhile too. ``blocks``
-    must keep at least two buffers in turn: the block being written is never the
-    one being computed.
-    """
-    sink = _EarlyWriteback(file)
-    with ThreadPoolExecutor(max_workers=1) as writer:
-        pending: Future[Any] | None = None
-        for block in blocks:
-            data = block.reshape(-1).view(np.uint8).data
-            if pending is not None:
-                pending.result()  # the buffer the next block will fill is free again
-            pending = writer.submit(sink.write, data)
-        if pending is not None:
-            pending.result()
-
-
 def new_initializer(graph: ir.Graph, base: str, array: ConstantData, model: ir.Model) -> ir.Value:
     """Register a new initializer with a name unused in ``graph``.
 
@@ -341,7 +245,7 @@ def _splice_out(affine_node: ir.Node, replacement: ir.Value) -> None:
         drop_if_dead(value)
 
 
-def _matmul_to_gemm(linear: LinearOp, bias: np.ndarray, model: ir.Model) -> ir.Node:
+def _matmul_to_gemm(linear: LinearOp, bias: ExactBias, model: ir.Model) -> ir.Node:
     """A 2-D MatMul that gains a bias becomes Gemm(A, W', b') under the same name."""
     matmul = linear.node
     graph = matmul.graph
@@ -358,7 +262,7 @@ def _matmul_to_gemm(linear: LinearOp, bias: np.ndarray, model: ir.Model) -> ir.N
 
 
 def _append_bias_add(
-    linear: LinearOp, bias: np.ndarray, model: ir.Model, name: str | None
+    linear: LinearOp, bias: ExactBias, model: ir.Model, name: str | None
 ) -> ir.Value:
     """An N-d MatMul has no bias slot: add the folded bias right after it.
 

@@ -35,7 +35,7 @@ from bnfold.layouts import LayoutError
 from bnfold.report import Code, Folded, FoldReport, FoldResult, Refusal, VerifyResult
 from bnfold.torch_front import verify as checking
 from bnfold.torch_front.graph import explain_both, is_nonlinear, site_label
-from bnfold.torch_front.tensors import as_parameter, to_float64
+from bnfold.torch_front.tensors import as_parameter, exact_values, to_float64
 
 aten = torch.ops.aten
 
@@ -516,21 +516,22 @@ def fold_graph_module(
     gone). A failing fold is found by re-folding fresh copies one site at a
     time, keeping those that pass. ``verify`` None skips verification.
     """
-    report = FoldReport(front="torch", rounding=rounding)
-    original = make()
-    report.ops_before = _op_counts(original)
-    check = None if verify is None else checking.Check.of(original, args, verify)
-    gm = make()
-    added = _fold_to_fixpoint(gm, report, rounding)
-    verification = None if check is None else check(gm)
-    if check is not None and verification is not None and not verification.passed:
-        gm, verification, added = _rollback(make, list(added), check, report, rounding)
-    report.folded = [
-        Folded(s.site, _pattern(original, s), s.linear, s.bn, "exported_program", bytes_added=n)
-        for s, n in added.items()
-    ]
-    report.ops_after = _op_counts(gm)
-    return FoldResult(gm, report, verification)
+    with exact_values():  # a weight folded twice is still rounded once
+        report = FoldReport(front="torch", rounding=rounding)
+        original = make()
+        report.ops_before = _op_counts(original)
+        check = None if verify is None else checking.Check.of(original, args, verify)
+        gm = make()
+        added = _fold_to_fixpoint(gm, report, rounding)
+        verification = None if check is None else check(gm)
+        if check is not None and verification is not None and not verification.passed:
+            gm, verification, added = _rollback(make, list(added), check, report, rounding)
+        report.folded = [
+            Folded(s.site, _pattern(original, s), s.linear, s.bn, "exported_program", bytes_added=n)
+            for s, n in added.items()
+        ]
+        report.ops_after = _op_counts(gm)
+        return FoldResult(gm, report, verification)
 
 
 def _fold_to_fixpoint(

@@ -16,6 +16,7 @@ from bnfold.report import Code, Folded, FoldReport, FoldResult, Refusal
 from bnfold.torch_front import eager, graph
 from bnfold.torch_front import verify as checking
 from bnfold.torch_front.modules import Roles, find_roles, leaf_type_counts, observe
+from bnfold.torch_front.tensors import exact_values
 
 
 def fold(
@@ -27,22 +28,23 @@ def fold(
     rounding: Rounding = Rounding.NEAREST,
 ) -> FoldResult:
     """See :func:`bnfold.torch_front.fold_module`; ``verify`` None skips verification."""
-    args = as_args(example_inputs)
-    work = module if inplace else _copy(module)
-    report = FoldReport(front="torch", ops_before=leaf_type_counts(work), rounding=rounding)
-    first_scan = _checked_pairs(work, args)  # a module that cannot run fails here, clearly
-    # Reference outputs before any fold: with inplace=True the module itself changes.
-    check = None if verify is None else checking.Check.of(module, args, verify)
-    undos = _fold_to_fixpoint(work, args, first_scan, report, rounding)
-    result = FoldResult(work, report)
-    if check is not None:
-        result.verification, undos, failed = checking.verify_with_rollback(
-            check, work, undos, lambda u: eager.apply_fold(work, u.pair, rounding)
-        )
-        report.refused += failed
-    report.folded = [_folded(u) for u in undos]
-    report.ops_after = leaf_type_counts(work)
-    return result
+    with exact_values():  # a module folded twice is still rounded once
+        args = as_args(example_inputs)
+        work = module if inplace else _copy(module)
+        report = FoldReport(front="torch", ops_before=leaf_type_counts(work), rounding=rounding)
+        first_scan = _checked_pairs(work, args)  # a module that cannot run fails here, clearly
+        # Reference outputs before any fold: with inplace=True the module itself changes.
+        check = None if verify is None else checking.Check.of(module, args, verify)
+        undos = _fold_to_fixpoint(work, args, first_scan, report, rounding)
+        result = FoldResult(work, report)
+        if check is not None:
+            result.verification, undos, failed = checking.verify_with_rollback(
+                check, work, undos, lambda u: eager.apply_fold(work, u.pair, rounding)
+            )
+            report.refused += failed
+        report.folded = [_folded(u) for u in undos]
+        report.ops_after = leaf_type_counts(work)
+        return result
 
 
 def _copy(module: nn.Module) -> nn.Module:

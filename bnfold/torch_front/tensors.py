@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+import weakref
+from collections.abc import Iterator
+
 import ml_dtypes
 import numpy as np
 import torch
@@ -19,8 +24,39 @@ _NUMPY_DTYPES = {
 }
 
 
+# Inside :func:`exact_values`: the float64 value behind each Parameter that
+# :func:`as_parameter` made, by id (checked through a weak reference, so a
+# recycled id never matches). None outside.
+_EXACT: contextvars.ContextVar[dict[int, tuple[weakref.ref[torch.Tensor], np.ndarray]] | None] = (
+    contextvars.ContextVar("bnfold_exact_values", default=None)
+)
+
+
+@contextlib.contextmanager
+def exact_values() -> Iterator[None]:
+    """Within this block, a Parameter a fold wrote reads back as its float64 value.
+
+    A fold of an already folded module (Conv -> BN -> BN, BN -> Conv -> BN)
+    then starts from the exact values, not the rounded ones, so each parameter
+    is still rounded once. Nothing is kept after the block.
+    """
+    token = _EXACT.set({})
+    try:
+        yield
+    finally:
+        _EXACT.reset(token)
+
+
 def to_float64(t: torch.Tensor) -> np.ndarray:
-    """A float64 numpy copy of ``t`` (any device, any float dtype, bfloat16 included)."""
+    """A float64 numpy copy of ``t`` (any device, any float dtype, bfloat16 included).
+
+    Inside :func:`exact_values`, a Parameter a fold wrote gives its value before
+    the cast (read-only).
+    """
+    remembered = _EXACT.get()
+    entry = None if remembered is None else remembered.get(id(t))
+    if entry is not None and entry[0]() is t:
+        return entry[1]
     return t.detach().to(device="cpu", dtype=torch.float64).numpy()
 
 
@@ -34,15 +70,29 @@ def as_parameter(
     weight's layout) it is :func:`bnfold.affine.balanced_cast` over that
     layout's output channels.
 
+    Inside :func:`exact_values` the Parameter reads back (:func:`to_float64`)
+    as ``values``.
+
     Raises:
         Unfoldable: a value overflows the dtype.
     """
+    exact = values
     if balance is not None:
         values = cast_weight(values, _NUMPY_DTYPES[like.dtype], balance)
     out = _rounded(values, like.dtype).to(device=like.device)
     if not bool(torch.isfinite(out).all()):
         raise Unfoldable(f"folded values overflow {like.dtype}")
-    return nn.Parameter(out, requires_grad=like.requires_grad)
+    parameter = nn.Parameter(out, requires_grad=like.requires_grad)
+    _remember(parameter, exact)
+    return parameter
+
+
+def _remember(parameter: torch.Tensor, exact: np.ndarray) -> None:
+    remembered = _EXACT.get()
+    if remembered is not None:
+        exact = exact.view()
+        exact.flags.writeable = False
+        remembered[id(parameter)] = (weakref.ref(parameter), exact)
 
 
 def _rounded(values: np.ndarray, dtype: torch.dtype) -> torch.Tensor:

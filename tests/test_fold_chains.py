@@ -1,0 +1,155 @@
+"""An op folded several times (Conv -> BN -> Mul -> Add, BN -> Conv -> BN) is rounded once:
+its weight and bias equal the whole float64 product cast to the model's dtype."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import pytest
+from onnx import helper, numpy_helper
+
+from tests.builders import bn_node, bn_params, conv_bn, init, model
+
+EPS = float(np.float32(1e-5))  # the BN attribute's default, as stored (float32)
+
+
+def _bn_scale_shift(values: dict[str, np.ndarray], prefix: str) -> tuple[np.ndarray, np.ndarray]:
+    gamma, beta, mean, var = (values[f"{prefix}.{k}"] for k in ("scale", "bias", "mean", "var"))
+    scale = gamma / np.sqrt(var + EPS)
+    return scale, beta - mean * scale
+
+
+def _conv_bn_mul_add() -> tuple[onnx.ModelProto, np.ndarray, np.ndarray]:
+    """fp16 conv1 -> bn1 -> Mul -> Add, and its weight and bias folded exactly (float64)."""
+    nodes, inits = conv_bn(c_in=16, c_out=8, dtype=np.float16)
+    nodes[-1].output[0] = "normed"
+    rng = np.random.default_rng(11)
+    mul = rng.uniform(0.5, 2.0, (1, 8, 1, 1)).astype(np.float16)
+    add = rng.normal(size=(1, 8, 1, 1)).astype(np.float16)
+    nodes += [
+        helper.make_node("Mul", ["normed", "gain"], ["scaled"], name="mul"),
+        helper.make_node("Add", ["scaled", "offset"], ["output"], name="add"),
+    ]
+    inits += [init("gain", mul), init("offset", add)]
+    proto = model(
+        nodes, inits, [("input", [1, 16, 6, 6])], ["output"], dtype=onnx.TensorProto.FLOAT16
+    )
+    values = {t.name: numpy_helper.to_array(t).astype(np.float64) for t in inits}
+    scale, shift = _bn_scale_shift(values, "bn1")
+    gain, offset = values["gain"].reshape(8), values["offset"].reshape(8)
+    weight = values["conv1.weight"] * scale[:, None, None, None] * gain[:, None, None, None]
+    bias = (values["conv1.bias"] * scale + shift) * gain + offset
+    return proto, weight, bias
+
+
+def _bn_conv_bn() -> tuple[onnx.ModelProto, np.ndarray, np.ndarray]:
+    """fp16 bn0 -> conv1 (no padding, no bias) -> bn1, and conv1 folded exactly (float64)."""
+    rng = np.random.default_rng(12)
+    weight = rng.normal(size=(8, 4, 3, 3)).astype(np.float16)
+    nodes = [
+        bn_node("bn0", "input", "pre"),
+        helper.make_node("Conv", ["pre", "conv1.weight"], ["c1"], name="conv1"),
+        bn_node("bn1", "c1", "output"),
+    ]
+    inits = [init("conv1.weight", weight), *bn_params("bn0", 4, np.float16)]
+    inits += bn_params("bn1", 8, np.float16)
+    proto = model(
+        nodes, inits, [("input", [1, 4, 6, 6])], ["output"], dtype=onnx.TensorProto.FLOAT16
+    )
+    values = {t.name: numpy_helper.to_array(t).astype(np.float64) for t in inits}
+    s0, t0 = _bn_scale_shift(values, "bn0")
+    s1, t1 = _bn_scale_shift(values, "bn1")
+    w64 = values["conv1.weight"]
+    bias = (w64 * t0[None, :, None, None]).sum(axis=(1, 2, 3)) * s1 + t1
+    exact = w64 * s0[None, :, None, None] * s1[:, None, None, None]
+    return proto, exact, bias
+
+
+CHAINS = {"conv-bn-mul-add": _conv_bn_mul_add, "bn-conv-bn": _bn_conv_bn}
+
+
+@pytest.mark.parametrize("held_bytes", [1 << 30, 0], ids=["held", "recomputed"])
+@pytest.mark.parametrize("chain", CHAINS)
+def test_onnx_chain_rounds_each_value_once(chain: str, held_bytes: int) -> None:
+    from bnfold.onnx_front.passes import FoldAffinePass
+
+    proto, weight, bias = CHAINS[chain]()
+    result = FoldAffinePass(held_bytes=held_bytes)(ir.serde.deserialize_model(proto))
+    assert len(result.report.folded) == (3 if chain == "conv-bn-mul-add" else 2)
+    assert not result.report.refused
+    folded = result.model.graph.initializers
+    assert np.array_equal(folded["conv1.weight"].const_value.numpy(), weight.astype(np.float16))
+    (bias_value,) = [v for n, v in folded.items() if n != "conv1.weight"]
+    assert np.array_equal(bias_value.const_value.numpy(), bias.astype(np.float16))
+
+
+def test_onnx_chain_streamed_to_external_data_rounds_once(tmp_path: Path) -> None:
+    from bnfold.onnx_front import io
+    from bnfold.onnx_front.passes import FoldAffinePass
+
+    proto, weight, _ = _conv_bn_mul_add()
+    source = tmp_path / "model.onnx"
+    onnx.save_model(proto, source, save_as_external_data=True, size_threshold=0)
+    result = FoldAffinePass(held_bytes=0)(io.load_model(source))
+    io.save_model(result.model, tmp_path / "out.onnx", external_data=True)
+    saved = ir.load(tmp_path / "out.onnx").graph.initializers["conv1.weight"].const_value
+    assert np.array_equal(saved.numpy(), weight.astype(np.float16))
+
+
+def test_a_second_pass_over_a_folded_model_still_rounds_once() -> None:
+    """The first pass can fold only the BN (the Mul's factor is a graph input);
+    once the factor is made a constant, a second pass folds Mul and Add into the
+    weight the first pass wrote, from its exact value."""
+    from bnfold.onnx_front.passes import FoldAffinePass
+
+    proto, weight, _ = _conv_bn_mul_add()
+    gain = next(t for t in proto.graph.initializer if t.name == "gain")
+    proto.graph.input.append(helper.make_tensor_value_info("gain", gain.data_type, gain.dims))
+    proto.graph.initializer.remove(gain)
+    first = FoldAffinePass()(ir.serde.deserialize_model(proto))
+    assert [f.pattern for f in first.report.folded] == ["Conv+BatchNormalization"]
+    folded = first.model
+    gain_input = next(v for v in folded.graph.inputs if v.name == "gain")
+    folded.graph.inputs.remove(gain_input)
+    gain_input.const_value = ir.tensor(numpy_helper.to_array(gain), name="gain")
+    folded.graph.register_initializer(gain_input)
+    second = FoldAffinePass()(folded)
+    assert [f.pattern for f in second.report.folded] == ["Conv+Mul", "Conv+Add"]
+    got = second.model.graph.initializers["conv1.weight"].const_value.numpy()
+    assert np.array_equal(got, weight.astype(np.float16))
+
+
+@pytest.mark.parametrize("kind", ["module", "exported program"])
+def test_torch_conv_bn_bn_rounds_each_parameter_once(kind: str) -> None:
+    torch = pytest.importorskip("torch")
+    from torch import nn
+
+    from bnfold.api import fold
+
+    torch.manual_seed(3)
+    net = nn.Sequential(nn.Conv2d(6, 8, 3, padding=1), nn.BatchNorm2d(8), nn.BatchNorm2d(8))
+    with torch.no_grad():
+        for bn in net[1:]:
+            bn.weight.uniform_(0.5, 2.0)
+            bn.bias.normal_()
+            bn.running_mean.normal_()
+            bn.running_var.uniform_(0.3, 3.0)
+    net = net.eval().to(torch.bfloat16)
+    x = torch.randn(2, 6, 5, 5, dtype=torch.bfloat16)
+    source = net if kind == "module" else torch.export.export(net, (x,))
+    result = fold(source, (x,) if kind == "module" else None)
+    assert len(result.report.folded) == 2
+    with torch.no_grad():
+        weight, bias = net[0].weight.double().numpy(), net[0].bias.double().numpy()
+        for bn in net[1:]:
+            scale = (bn.weight.double() / torch.sqrt(bn.running_var.double() + bn.eps)).numpy()
+            shift = bn.bias.double().numpy() - bn.running_mean.double().numpy() * scale
+            weight, bias = weight * scale[:, None, None, None], bias * scale + shift
+    folded = result.model.state_dict
+    tensors = folded if kind == "exported program" else folded()
+    (got_w,) = [t for t in tensors.values() if tuple(t.shape) == (8, 6, 3, 3)]
+    assert torch.equal(got_w, torch.from_numpy(weight).to(torch.bfloat16))
+    assert any(torch.equal(t, torch.from_numpy(bias).to(torch.bfloat16)) for t in tensors.values())
