@@ -405,10 +405,13 @@ def balanced_cast(exact: np.ndarray, dtype: np.dtype) -> np.ndarray:
 
 
 def _balanced_rows(exact: np.ndarray, dtype: np.dtype) -> np.ndarray:
+    """:func:`balanced_cast` of a few rows."""
     nearest = cast_checked(exact, dtype, "weight")
     nearest64 = nearest.astype(np.float64)
     error = nearest64 - exact
     total = error.sum(axis=1)
+    # The exact value lies between nearest and this neighbour: away from zero
+    # when nearest is the smaller in magnitude (error and value of opposite sign).
     other = _other_neighbour(nearest, away_from_zero=error * nearest64 < 0)
     step = other.astype(np.float64)
     step -= nearest64

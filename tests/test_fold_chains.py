@@ -9,8 +9,11 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from onnx import helper, numpy_helper
 
+from bnfold import affine, layouts
 from tests.builders import bn_node, bn_params, conv_bn, init, model
 
 EPS = float(np.float32(1e-5))  # the BN attribute's default, as stored (float32)
@@ -66,6 +69,31 @@ def _bn_conv_bn() -> tuple[onnx.ModelProto, np.ndarray, np.ndarray]:
     bias = (w64 * t0[None, :, None, None]).sum(axis=(1, 2, 3)) * s1 + t1
     exact = w64 * s0[None, :, None, None] * s1[:, None, None, None]
     return proto, exact, bias
+
+
+@settings(max_examples=40, deadline=None)
+@given(seed=st.integers(0, 2**16), rows=st.integers(1, 30), balanced=st.booleans())
+def test_several_factors_are_multiplied_in_float64_and_cast_once(
+    seed: int, rows: int, balanced: bool
+) -> None:
+    rng = np.random.default_rng(seed)
+    weight = rng.normal(size=(rows, 5, 3)).astype(np.float16)
+    per_row = rng.uniform(0.2, 5.0, (rows, 1, 1))
+    per_column = rng.uniform(0.2, 5.0, (1, 5, 1))
+    conv = layouts.conv() if balanced else None
+    whole = affine.cast_weight(weight.astype(np.float64) * per_row * per_column, weight.dtype, conv)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(affine, "CHUNK_BYTES", 2 * 15 * 4)  # 4 rows a block
+        assert np.array_equal(affine.scaled(weight, (per_row, per_column), conv), whole)
+        blocks = affine.scaled_blocks(weight, (per_row, per_column), buffers=2, balance=conv)
+        assert np.array_equal(np.concatenate([b.copy() for b in blocks]), whole)
+
+
+def test_the_overflow_bound_multiplies_every_factor() -> None:
+    weight = np.full((2, 2), 200.0, np.float16)
+    half = np.full((2, 1), 17.0)  # 200 * 17 = 3400: fits; 200 * 17 * 17 = 57800: fits too
+    assert affine.cannot_overflow(weight, (half, half))
+    assert not affine.cannot_overflow(weight, (half, half, half))  # 982600 > 65504
 
 
 CHAINS = {"conv-bn-mul-add": _conv_bn_mul_add, "bn-conv-bn": _bn_conv_bn}
