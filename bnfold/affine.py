@@ -4,7 +4,9 @@ Every fold reduces to one per-channel affine ``y = scale * x + shift`` placed
 after a linear op ``x = W * input + b``. Then ``y = (W * scale) * input +
 (b * scale + shift)``. All arithmetic runs in float64 and is cast once to the
 model's dtype: a tiny variance makes ``scale`` huge, and rounding W, scale and
-their product separately in fp16 loses several bits. That one cast rounds each
+their product separately in fp16 loses several bits. A weight folded several
+times is its original times every factor (:data:`Factors`), still cast once.
+That one cast rounds each
 product to nearest, or, with :attr:`Rounding.BALANCED`, so that the rounding
 errors of each output channel cancel (:func:`balanced_cast`).
 """
