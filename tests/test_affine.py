@@ -413,3 +413,21 @@ def test_cannot_overflow_leaves_dtypes_without_finfo_to_the_exact_check() -> Non
 
     w = np.ones((2, 2), dtype=ml_dtypes.bfloat16)
     assert not affine_module.cannot_overflow(w, np.ones((2, 1)))
+
+
+@pytest.mark.parametrize("largest_row, bad_row", [(39, None), (0, None), (5, 0), (5, 39)])
+def test_the_two_thread_bound_answers_as_one_thread(largest_row: int, bad_row: int | None) -> None:
+    """Past PARALLEL_BOUND_BYTES each half of the rows is bounded on its own
+    thread: the largest value, or a NaN, counts in either half."""
+    import bnfold.affine as affine_module
+
+    w = np.random.default_rng(9).uniform(-1, 1, (40, 5, 3)).astype(np.float16)
+    w[largest_row, 2, 1] = -30000.0
+    if bad_row is not None:
+        w[bad_row, 0, 0] = np.nan
+    fits, overflows = np.array([[[2.0]]]), np.array([[[2.2]]])  # 65504 / 30000 = 2.18
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(affine_module, "CHUNK_BYTES", 2 * 15)  # a block per row
+        patch.setattr(affine_module, "PARALLEL_BOUND_BYTES", 0)
+        answers = [affine_module.cannot_overflow(w, f) for f in (fits, overflows)]
+    assert answers == [bad_row is None, False]
