@@ -181,3 +181,75 @@ def test_torch_conv_bn_bn_rounds_each_parameter_once(kind: str) -> None:
     (got_w,) = [t for t in tensors.values() if tuple(t.shape) == (8, 6, 3, 3)]
     assert torch.equal(got_w, torch.from_numpy(weight).to(torch.bfloat16))
     assert any(torch.equal(t, torch.from_numpy(bias).to(torch.bfloat16)) for t in tensors.values())
+
+
+def _then_mul(nodes: list, inits: list, channels: int, shape: tuple[int, ...]) -> np.ndarray:
+    """Append ``output = bn1's output * gain`` to a graph; return the gain in float64."""
+    nodes[-1].output[0] = "normed"
+    gain = np.random.default_rng(13).uniform(0.5, 2.0, shape).astype(np.float16)
+    nodes.append(helper.make_node("Mul", ["normed", "gain"], ["output"], name="mul"))
+    inits.append(init("gain", gain))
+    return gain.astype(np.float64).reshape(channels)
+
+
+def _bn_affine(inits: list) -> tuple[np.ndarray, np.ndarray]:
+    values = {t.name: numpy_helper.to_array(t).astype(np.float64) for t in inits}
+    return _bn_scale_shift(values, "bn1")
+
+
+def test_matmul_that_became_gemm_then_folds_a_mul_exactly() -> None:
+    """The BN fold turns MatMul into Gemm with a new bias C; the Mul fold then
+    reads that bias's exact value, not its fp16 rounding."""
+    from bnfold.onnx_front.passes import FoldAffinePass
+
+    weight = np.random.default_rng(14).normal(size=(16, 8)).astype(np.float16)
+    nodes = [
+        helper.make_node("MatMul", ["input", "fc.weight"], ["m"], name="fc"),
+        bn_node("bn1", "m", "output"),
+    ]
+    inits = [init("fc.weight", weight), *bn_params("bn1", 8, np.float16)]
+    gain = _then_mul(nodes, inits, 8, (8,))
+    proto = model(nodes, inits, [("input", [2, 16])], ["output"], dtype=onnx.TensorProto.FLOAT16)
+    scale, shift = _bn_affine(inits)
+    result = FoldAffinePass()(ir.serde.deserialize_model(proto))
+    assert [f.pattern for f in result.report.folded] == ["MatMul+BatchNormalization", "Gemm+Mul"]
+    folded = result.model.graph.initializers
+    expected = (weight.astype(np.float64) * scale * gain).astype(np.float16)
+    assert np.array_equal(folded["fc.weight"].const_value.numpy(), expected)
+    (bias,) = [v for n, v in folded.items() if n != "fc.weight"]
+    assert np.array_equal(bias.const_value.numpy(), (shift * gain).astype(np.float16))
+
+
+@pytest.mark.parametrize("source", ["constant node", "shared initializer"])
+def test_chain_on_a_weight_that_is_no_plain_initializer_rounds_once(source: str) -> None:
+    """A weight from a Constant node (torch's dynamo exporter) is folded from its
+    values; a weight another conv also reads is cloned for this one. Either way
+    the second fold composes with the first."""
+    from bnfold.onnx_front.passes import FoldAffinePass
+
+    weight = np.random.default_rng(15).normal(size=(4, 3, 3, 3)).astype(np.float16)
+    nodes = [
+        helper.make_node("Conv", ["input", "W"], ["c"], name="conv1", pads=[1] * 4),
+        bn_node("bn1", "c", "output"),
+    ]
+    inits = [*bn_params("bn1", 4, np.float16)]
+    gain = _then_mul(nodes, inits, 4, (1, 4, 1, 1))
+    outputs = ["output"]
+    if source == "constant node":
+        constant = numpy_helper.from_array(weight, "W")
+        nodes.insert(0, helper.make_node("Constant", [], ["W"], value=constant, name="const"))
+    else:
+        inits.append(init("W", weight))
+        nodes.append(
+            helper.make_node("Conv", ["input", "W"], ["other"], name="conv2", pads=[1] * 4)
+        )
+        outputs.append("other")
+    proto = model(nodes, inits, [("input", [1, 3, 5, 5])], outputs, dtype=onnx.TensorProto.FLOAT16)
+    scale, _ = _bn_affine(inits)
+    result = FoldAffinePass()(ir.serde.deserialize_model(proto))
+    assert [f.pattern for f in result.report.folded] == ["Conv+BatchNormalization", "Conv+Mul"]
+    convs = {n.name: n for n in result.model.graph if n.op_type == "Conv"}
+    expected = (weight.astype(np.float64) * (scale * gain)[:, None, None, None]).astype(np.float16)
+    assert np.array_equal(convs["conv1"].inputs[1].const_value.numpy(), expected)
+    if source == "shared initializer":
+        assert np.array_equal(convs["conv2"].inputs[1].const_value.numpy(), weight)
