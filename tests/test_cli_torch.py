@@ -212,3 +212,17 @@ def test_factory_written_as_pt2_folds_a_conv_that_runs_twice(tmp_path: Path, mon
     assert "aten.batch_norm.default" not in {str(n.target) for n in program.graph.nodes}
     check = invoke("verify", *common, out, "--json")
     assert check.exit_code == 0 and json.loads(check.output)["status"] == "passed"
+
+
+@pytest.mark.parametrize("suffix", [".pt", ".pt2"])
+def test_rounding_reaches_both_torch_routes(factory, tmp_path: Path, suffix: str) -> None:
+    """--rounding balanced goes to the eager fold (.pt) and the program fold (.pt2)."""
+    common = ("fold", "--module", f"{factory}:make", "--input-shape", SHAPE, "--json")
+    runs = {}
+    for rounding in ("nearest", "balanced"):
+        out = tmp_path / f"{rounding}{suffix}"
+        result = invoke(*common, "-o", out, "--rounding", rounding)
+        assert result.exit_code == 0, result.output
+        runs[rounding] = json.loads(result.output)
+    assert [r["report"]["rounding"] for r in runs.values()] == ["nearest", "balanced"]
+    assert all(r["verification"]["status"] == "passed" for r in runs.values())
