@@ -470,18 +470,18 @@ def test_write_behind_sends_each_written_range_to_disk_once(tmp_path: Path, monk
     import os
 
     import bnfold.affine as affine_module
-    from bnfold.onnx_front import folded as passes
+    from bnfold.onnx_front import folded
 
     advised: list[tuple[int, int]] = []
     monkeypatch.setattr(os, "posix_fadvise", lambda fd, off, n, how: advised.append((off, n)))
-    monkeypatch.setattr(passes, "WRITEBACK_BYTES", 1000)
+    monkeypatch.setattr(folded, "WRITEBACK_BYTES", 1000)
     monkeypatch.setattr(affine_module, "CHUNK_BYTES", 2 * 7 * 11)
     rng = np.random.default_rng(7)
     w = rng.normal(size=(300, 7)).astype(np.float16)
     factor = rng.uniform(0.5, 2.0, (300, 1))
     with open(tmp_path / "data", "wb") as file:
         file.write(b"x" * 100)  # the tensor starts at an offset, as in a shared data file
-        passes._write_behind(affine_module.scaled_blocks(w, factor, buffers=2), file)
+        folded._write_behind(affine_module.scaled_blocks(w, factor, buffers=2), file)
     written = (tmp_path / "data").read_bytes()
     assert written[100:] == affine_module.scaled(w, factor).tobytes()
     assert advised and advised[0][0] == 100
