@@ -62,10 +62,8 @@ class WeightLayout:
 
     def sum_to_out(self, values: np.ndarray) -> np.ndarray:
         """Sum a weight-shaped array over everything but output channels: ``(C_out,)``."""
-        if self.grouped_side == "out" and self.groups > 1:
-            c_in, c_out_per_group = values.shape[0], values.shape[1]
-            blocks = values.reshape(self.groups, c_in // self.groups, c_out_per_group, -1)
-            return blocks.sum(axis=(1, 3)).reshape(-1)
+        if self._outputs_grouped:
+            return self._group_blocks(values).sum(axis=(1, 3)).reshape(-1)
         axes = tuple(a for a in range(values.ndim) if a != self.out_axis)
         return values.sum(axis=axes)
 
@@ -80,22 +78,30 @@ class WeightLayout:
         The same grouping as :meth:`sum_to_out`; :meth:`from_out_channel_rows`
         undoes it. A copy unless :attr:`rows_are_out_channels`.
         """
-        if self.grouped_side == "out" and self.groups > 1:
-            c_in, c_out_per_group = values.shape[0], values.shape[1]
-            blocks = values.reshape(self.groups, c_in // self.groups, c_out_per_group, -1)
-            return blocks.transpose(0, 2, 1, 3).reshape(self.groups * c_out_per_group, -1)
+        if self._outputs_grouped:
+            blocks = self._group_blocks(values)
+            return blocks.transpose(0, 2, 1, 3).reshape(self.groups * blocks.shape[2], -1)
         moved = np.moveaxis(values, self.out_axis, 0)
         return moved.reshape(moved.shape[0], -1)
 
     def from_out_channel_rows(self, rows: np.ndarray, w_shape: tuple[int, ...]) -> np.ndarray:
         """Undo :meth:`out_channel_rows`: the ``(C_out, fan_in)`` rows back in ``w_shape``."""
-        if self.grouped_side == "out" and self.groups > 1:
+        if self._outputs_grouped:
             c_in, c_out_per_group = int(w_shape[0]), int(w_shape[1])
             blocks = rows.reshape(self.groups, c_out_per_group, c_in // self.groups, -1)
             return blocks.transpose(0, 2, 1, 3).reshape(w_shape)
         others = tuple(size for axis, size in enumerate(w_shape) if axis != self.out_axis)
         moved_shape = (w_shape[self.out_axis], *others)
         return np.moveaxis(rows.reshape(moved_shape), 0, self.out_axis)
+
+    @property
+    def _outputs_grouped(self) -> bool:
+        return self.grouped_side == "out" and self.groups > 1
+
+    def _group_blocks(self, values: np.ndarray) -> np.ndarray:
+        """ConvTranspose's ``(C_in, C_out/g, *k)`` as ``(g, C_in/g, C_out/g, prod(k))``."""
+        c_in, c_out_per_group = values.shape[0], values.shape[1]
+        return values.reshape(self.groups, c_in // self.groups, c_out_per_group, -1)
 
     def _expand(self, side: str, per_channel: np.ndarray, w_shape: tuple[int, ...]) -> np.ndarray:
         count = self.out_channels(w_shape) if side == "out" else self.in_channels(w_shape)
