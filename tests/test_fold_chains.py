@@ -253,3 +253,22 @@ def test_chain_on_a_weight_that_is_no_plain_initializer_rounds_once(source: str)
     assert np.array_equal(convs["conv1"].inputs[1].const_value.numpy(), expected)
     if source == "shared initializer":
         assert np.array_equal(convs["conv2"].inputs[1].const_value.numpy(), weight)
+
+
+def test_planning_a_chain_on_a_recomputed_weight_computes_no_weight(monkeypatch) -> None:
+    """With no memory budget every folded weight is computed at the save; the
+    second fold of a chain is planned from the first's original, not from its
+    values (which would hold a weight the save streams)."""
+    from bnfold.onnx_front import folded
+    from bnfold.onnx_front.passes import FoldAffinePass
+
+    computed: list[tuple[int, ...]] = []
+    compute = folded.DeferredWeight.compute
+    monkeypatch.setattr(
+        folded.DeferredWeight, "compute", lambda self: computed.append(self.shape) or compute(self)
+    )
+    proto, weight, _ = _conv_bn_mul_add()
+    result = FoldAffinePass(held_bytes=0)(ir.serde.deserialize_model(proto))
+    assert len(result.report.folded) == 3 and computed == []
+    got = result.model.graph.initializers["conv1.weight"].const_value.numpy()
+    assert np.array_equal(got, weight.astype(np.float16)) and computed == [weight.shape]

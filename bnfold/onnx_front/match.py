@@ -85,7 +85,8 @@ class LinearOp:
         node: the Conv/ConvTranspose/Gemm/MatMul node.
         weight: its constant weight value (input 1).
         bias: its constant bias value, or None when it has none (or Gemm ignores it).
-        weight_array: the weight's values.
+        weight_array: the weight's values; for a weight an earlier fold wrote, the
+            original W that fold started from (same shape and dtype).
         bias_array: the bias's values, or None.
         layout: where output and input channels sit in the weight.
         out_rank: rank of the op's output, None when unknown (MatMul on an unknown input).
@@ -653,7 +654,14 @@ def _require_exact_before(linear: LinearOp, affine: Affine) -> None:
 def describe_linear(node: ir.Node, ir_version: int, options: MatchOptions) -> LinearOp:
     """Read a linear op's weight, bias and layout, refusing what cannot be folded into."""
     weight = node.inputs[1] if len(node.inputs) > 1 else None
-    w = _require_constant(weight, "weight", ir_version)
+    earlier = None if weight is None else earlier_weight(weight)
+    # A folded weight is refolded from its original, so its own values are not
+    # needed: computing them here would hold a weight the save streams.
+    w = (
+        earlier.original()
+        if earlier is not None
+        else _require_constant(weight, "weight", ir_version)
+    )
     if not _is_float(w):
         raise _Refused(Code.UNSUPPORTED_DTYPE, f"weight dtype {w.dtype} is not floating point")
     bias = node.inputs[2] if len(node.inputs) > 2 else None
@@ -666,7 +674,7 @@ def describe_linear(node: ir.Node, ir_version: int, options: MatchOptions) -> Li
     return replace(
         linear,
         shared=shared,
-        earlier_weight=earlier_weight(weight),
+        earlier_weight=earlier,
         earlier_bias=earlier_bias(linear.bias),
     )
 
