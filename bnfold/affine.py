@@ -306,7 +306,7 @@ def cannot_overflow(weight: np.ndarray, factor: np.ndarray | Factors) -> bool:
     exceeds the rounded bound. It reads W once with two reductions per block,
     about a third of the cost of computing the products; planning uses it to
     check a multi-GB weight that the save computes anyway. False means "not
-    proven" (a NaN or inf in W, a huge factor, a dtype numpy has no finfo for):
+    proven" (a NaN or inf in W, a huge factor, a dtype no finfo describes):
     then only computing the products can tell.
     """
     largest = _largest_finite(weight.dtype)
@@ -352,9 +352,21 @@ def _blocks_largest_magnitude(weight: np.ndarray, blocks: list[slice]) -> float 
 
 
 def _largest_finite(dtype: np.dtype) -> float | None:
+    """The dtype's largest finite value, or None for a dtype no finfo describes.
+
+    ml_dtypes' own ``finfo`` is asked when numpy's fails: numpy learned bfloat16
+    only with ml_dtypes 0.7, and the bound must not depend on which version a
+    fresh install resolves.
+    """
     try:
         return float(np.finfo(dtype).max)
-    except (TypeError, ValueError):  # e.g. ml_dtypes' bfloat16: numpy has no finfo for it
+    except (TypeError, ValueError):
+        pass
+    try:
+        import ml_dtypes
+
+        return float(ml_dtypes.finfo(dtype).max)
+    except (TypeError, ValueError):
         return None
 
 

@@ -408,11 +408,25 @@ def test_cannot_overflow_proves_nothing_for_non_finite_weights(bad: float) -> No
         affine_module.scaled(w, np.array([[1.0], [1.0]]))
 
 
+def test_cannot_overflow_bounds_bfloat16_at_its_own_largest_value() -> None:
+    """bfloat16 is bounded by its own largest finite value, whichever ml_dtypes
+    is installed (numpy's finfo knows it only from ml_dtypes 0.7 on)."""
+    import bnfold.affine as affine_module
+
+    largest = float(ml_dtypes.finfo(ml_dtypes.bfloat16).max)
+    w = np.array([[1.0, -largest / 4]], dtype=ml_dtypes.bfloat16)
+    assert affine_module.cannot_overflow(w, np.array([[4.0]]))
+    assert not affine_module.cannot_overflow(w, np.array([[4.1]]))
+    assert np.isinf((w.astype(np.float64) * 4.1).astype(ml_dtypes.bfloat16)).any()
+
+
 def test_cannot_overflow_leaves_dtypes_without_finfo_to_the_exact_check() -> None:
     import bnfold.affine as affine_module
 
-    w = np.ones((2, 2), dtype=ml_dtypes.bfloat16)
-    assert not affine_module.cannot_overflow(w, np.ones((2, 1)))
+    w = np.ones((2, 2), dtype=np.float32)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(affine_module, "_largest_finite", lambda dtype: None)
+        assert not affine_module.cannot_overflow(w, np.ones((2, 1)))
 
 
 @pytest.mark.parametrize("largest_row, bad_row", [(39, None), (0, None), (5, 0), (5, 39)])
