@@ -1,10 +1,33 @@
-"""bnfold: fold inference BatchNorm into neighbouring linear ops, verify, measure."""
+"""bnfold: fold inference BatchNorm into neighbouring linear ops, verify, measure.
+
+The public names load on first use (PEP 562): importing ``bnfold`` is what every
+``bnfold`` command does first, and ``bnfold --help`` must not wait for numpy,
+onnx and onnx_ir.
+"""
 
 from __future__ import annotations
 
-from bnfold.api import fold, inspect, verify
-from bnfold.errors import BnfoldError, NotSupportedError
-from bnfold.report import Code, Folded, FoldReport, FoldResult, Refusal, VerifyResult
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from bnfold.api import fold, inspect, verify
+    from bnfold.errors import BnfoldError, NotSupportedError
+    from bnfold.report import Code, Folded, FoldReport, FoldResult, Refusal, VerifyResult
+
+_HOMES = {
+    "fold": "bnfold.api",
+    "inspect": "bnfold.api",
+    "verify": "bnfold.api",
+    "BnfoldError": "bnfold.errors",
+    "NotSupportedError": "bnfold.errors",
+    "Code": "bnfold.report",
+    "Folded": "bnfold.report",
+    "FoldReport": "bnfold.report",
+    "FoldResult": "bnfold.report",
+    "Refusal": "bnfold.report",
+    "VerifyResult": "bnfold.report",
+}
 
 __all__ = [
     "BnfoldError",
@@ -20,3 +43,16 @@ __all__ = [
     "verify",
 ]
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str) -> Any:
+    home = _HOMES.get(name)
+    if home is None:
+        raise AttributeError(f"module 'bnfold' has no attribute {name!r}")
+    value = getattr(importlib.import_module(home), name)
+    globals()[name] = value  # later lookups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_HOMES])

@@ -13,7 +13,6 @@ errors of each output channel cancel (:func:`balanced_cast`).
 
 from __future__ import annotations
 
-import enum
 import math
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -22,24 +21,11 @@ from dataclasses import dataclass
 import numpy as np
 
 from bnfold.layouts import LayoutError, WeightLayout
+from bnfold.options import Rounding
 
 
 class Unfoldable(ValueError):
     """The values make a fold impossible (NaN, inf, var + eps <= 0, overflow)."""
-
-
-class Rounding(str, enum.Enum):
-    """How a folded weight's exact float64 products become the model's dtype.
-
-    NEAREST rounds each product to nearest: bit for bit the exact float64 fold.
-    BALANCED starts from nearest and rounds a few products near a tie the other
-    way, so that each output channel's rounding errors cancel
-    (:func:`balanced_cast`): worth it in fp16 and bf16, where those errors are
-    a visible share of the output's; biases are rounded to nearest either way.
-    """
-
-    NEAREST = "nearest"
-    BALANCED = "balanced"
 
 
 @dataclass(frozen=True)

@@ -26,6 +26,7 @@ import numpy as np
 import onnx_ir as ir
 
 from bnfold.errors import BnfoldError, first_line
+from bnfold.options import MAX_INPUT_BYTES
 from bnfold.report import NotVerified, OutputDiff, VerifyResult
 
 # Default rtol per output dtype, applied to the output's scale (max |reference|).
@@ -34,11 +35,6 @@ from bnfold.report import NotVerified, OutputDiff, VerifyResult
 DEFAULT_RTOL = {"float64": 1e-10, "float32": 1e-5, "float16": 1e-2, "bfloat16": 5e-2}
 # The reference evaluator is plain numpy: fine for small models, hours for big ones.
 REFERENCE_MAX_BYTES = 64 << 20
-# Default cap on one sample of random inputs (all inputs together). Shapes come
-# from the model, and a declared 64x3x8192x8192 input alone is 48 GiB: past the
-# cap verification does not run ("not_verified") instead of exhausting memory.
-# Verification holds `samples` such samples at once.
-MAX_INPUT_BYTES = 1 << 30
 # Elements drawn at a time: the float64/int64 draw behind a narrower input
 # dtype then takes one block beside the result, not a second full-size array.
 _DRAW_BLOCK = 1 << 20

@@ -12,8 +12,8 @@ from typing import Any
 
 import click
 
-from bnfold.affine import Rounding
 from bnfold.batch import ERROR, NOT_VERIFIED, OK, VERIFY_FAILED, BatchReport, ModelOutcome
+from bnfold.options import Rounding
 
 _STYLE = {OK: "green", NOT_VERIFIED: "yellow", VERIFY_FAILED: "red", ERROR: "red"}
 

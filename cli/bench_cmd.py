@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from bnfold.cli.errors import InputError, one_line_errors
-from bnfold.compare import MAX_INPUT_BYTES
+from bnfold.options import MAX_INPUT_BYTES
 
 if TYPE_CHECKING:
     from bnfold.bench import BenchReport

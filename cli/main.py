@@ -14,7 +14,6 @@ from typing import Any
 
 import click
 
-from bnfold.affine import Rounding
 from bnfold.cli.bench_cmd import bench
 from bnfold.cli.errors import (
     EXIT_OK,
@@ -23,7 +22,7 @@ from bnfold.cli.errors import (
     InputError,
     one_line_errors,
 )
-from bnfold.compare import MAX_INPUT_BYTES
+from bnfold.options import MAX_INPUT_BYTES, Rounding
 
 
 def verify_options(func: F) -> F:

@@ -1,0 +1,30 @@
+"""Option values shared by the command line and the library.
+
+Only the standard library here: the CLI builds its options from these values at
+import time, and ``bnfold --help`` must not wait for numpy, onnx or onnx_ir.
+"""
+
+from __future__ import annotations
+
+import enum
+
+# Default cap on one sample of random inputs (all inputs together). Shapes come
+# from the model, and a declared 64x3x8192x8192 input alone is 48 GiB: past the
+# cap verification does not run ("not_verified") instead of exhausting memory.
+# Verification holds `samples` such samples at once.
+MAX_INPUT_BYTES = 1 << 30
+
+
+class Rounding(str, enum.Enum):
+    """How a folded weight's exact float64 products become the model's dtype.
+
+    NEAREST rounds each product to nearest: bit for bit the exact float64 fold.
+    BALANCED starts from nearest and rounds a few products near a tie the other
+    way, so that each output channel's rounding errors cancel
+    (:func:`bnfold.affine.balanced_cast`): worth it in fp16 and bf16, where those
+    errors are a visible share of the output's; biases are rounded to nearest
+    either way.
+    """
+
+    NEAREST = "nearest"
+    BALANCED = "balanced"
