@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from bnfold.errors import BnfoldError
+from bnfold.options import DEFAULT_BENCH_LEVELS
 
 if TYPE_CHECKING:
     import onnx_ir as ir
@@ -55,7 +56,7 @@ LEVELS: dict[str, tuple[str, tuple[str, ...]]] = {
 }
 """Level name -> (GraphOptimizationLevel member, optimizers disabled)."""
 
-DEFAULT_LEVELS: tuple[str, ...] = ("all-minus-fusions",)
+DEFAULT_LEVELS: tuple[str, ...] = DEFAULT_BENCH_LEVELS
 _PROTOBUF_SAFE_BYTES = 1 << 30
 
 

@@ -15,6 +15,15 @@ import enum
 MAX_INPUT_BYTES = 1 << 30
 
 
+BENCH_LEVEL_NAMES = ("disable_all", "basic", "extended", "all", "all-minus-fusions")
+"""onnxruntime levels ``bnfold bench`` times at; ``bnfold.bench.LEVELS`` says what each sets."""
+
+DEFAULT_BENCH_LEVELS = ("disable_all", "all", "all-minus-fusions")
+"""The whole story side by side: no optimisation, what onnxruntime already does at
+load (its own Conv+BN fusion included), and that level without its BN fusions,
+where the gain of folding shows."""
+
+
 class Rounding(str, enum.Enum):
     """How a folded weight's exact float64 products become the model's dtype.
 

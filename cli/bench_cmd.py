@@ -7,12 +7,11 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from bnfold.cli.errors import InputError, one_line_errors
-from bnfold.options import MAX_INPUT_BYTES
+from bnfold.options import BENCH_LEVEL_NAMES, DEFAULT_BENCH_LEVELS, MAX_INPUT_BYTES
 
 if TYPE_CHECKING:
     from bnfold.bench import BenchReport
 
-LEVEL_NAMES = ("disable_all", "basic", "extended", "all", "all-minus-fusions")
 _BAR_MIN_RUNS = 200  # fewer runs finish before a bar is worth drawing
 
 
@@ -23,8 +22,10 @@ _BAR_MIN_RUNS = 200  # fewer runs finish before a bar is worth drawing
     "--level",
     "levels",
     multiple=True,
-    type=click.Choice(LEVEL_NAMES),
-    help="ORT optimisation level; repeat for several. [default: all-minus-fusions]",
+    type=click.Choice(BENCH_LEVEL_NAMES),
+    help=(
+        f"ORT optimisation level; repeat for several. [default: {', '.join(DEFAULT_BENCH_LEVELS)}]"
+    ),
 )
 @click.option("--threads", default=1, show_default=True, help="Intra- and inter-op threads.")
 @click.option("--warmup", default=10, show_default=True, help="Untimed runs of each model.")
@@ -124,7 +125,7 @@ def _run(
         return harness.bench_onnx(
             original,
             folded,
-            levels or harness.DEFAULT_LEVELS,
+            levels or DEFAULT_BENCH_LEVELS,
             shapes=parse_shapes(shapes),
             max_input_bytes=None if max_input_mib is None else max_input_mib << 20,
             progress=progress,

@@ -22,7 +22,7 @@ from bnfold.cli.errors import (
     InputError,
     one_line_errors,
 )
-from bnfold.options import MAX_INPUT_BYTES, Rounding
+from bnfold.options import DEFAULT_BENCH_LEVELS, MAX_INPUT_BYTES, Rounding
 
 
 def verify_options(func: F) -> F:
@@ -294,9 +294,6 @@ def fold(
     sys.exit(_fold_exit_code(written))
 
 
-BENCH_LEVELS_AFTER_FOLD = ("disable_all", "all", "all-minus-fusions")
-
-
 def _bench_after_fold(original: str, folded: str, options: Any) -> Any:
     """Time the written output against MODEL on inputs of the shapes verification used."""
     from bnfold import bench as harness
@@ -304,7 +301,7 @@ def _bench_after_fold(original: str, folded: str, options: Any) -> Any:
     return harness.bench_onnx(
         original,
         folded,
-        BENCH_LEVELS_AFTER_FOLD,
+        DEFAULT_BENCH_LEVELS,
         shapes=options.shapes,
         max_input_bytes=options.max_input_bytes,
     )

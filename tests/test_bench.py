@@ -268,6 +268,27 @@ def test_cli_bench_prints_table_with_threads_and_runs(model_files):
     assert "all-minus-fusions" in result.output
 
 
+def test_cli_bench_defaults_to_the_three_levels_side_by_side(model_files):
+    """No --level: onnxruntime unoptimised, at its default (which fuses Conv+BN
+    itself), and at its default without those fusions."""
+    result = CliRunner().invoke(
+        bench_command, [*model_files, "--runs", "2", "--warmup", "0", "--json"]
+    )
+    assert result.exit_code == 0, result.output
+    levels = json.loads(result.output)["levels"]
+    assert [lv["level"] for lv in levels] == ["disable_all", "all", "all-minus-fusions"]
+    assert all(lv["folded"]["runs"] == 2 and lv["original"]["runs"] == 2 for lv in levels)
+
+
+def test_the_cli_offers_every_harness_level():
+    """The CLI lists level names from bnfold.options so that --help need not
+    import the harness; both must name the same levels."""
+    from bnfold.options import BENCH_LEVEL_NAMES, DEFAULT_BENCH_LEVELS
+
+    assert tuple(bench.LEVELS) == BENCH_LEVEL_NAMES
+    assert set(DEFAULT_BENCH_LEVELS) <= set(BENCH_LEVEL_NAMES)
+
+
 def test_cli_bench_json_and_levels(model_files):
     args = [*model_files, "--runs", "2", "--warmup", "0", "--json"]
     result = CliRunner().invoke(bench_command, [*args, "--level", "disable_all", "--level", "all"])
