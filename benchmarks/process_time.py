@@ -1,0 +1,170 @@
+"""Whole-process times a user sees: ``bnfold --help``, and folding a model file
+with and without verification against onnxruntime's offline optimizer.
+
+Every run is a fresh process, so imports count: for the small models most CLI
+users fold, they are most of the time. Each round runs every command once in
+an order that rotates between rounds; per command the median wall time and CPU
+time (user + system of the child, from ``wait4``; less sensitive than wall time
+to other work on a shared machine) and their ranges are reported, and per model
+bnfold's per-round ratio to onnxruntime's offline BASIC optimize-and-save
+(``optimized_model_filepath``), the closest peer that does the same job as one
+process.
+
+Verification cost is put in units of what any comparison must do at least:
+create an ``ORT_DISABLE_ALL`` session of each model and run each once per
+sample, timed in this process (``floor``). ``verify / floor`` near 1 means
+verification adds no work beyond that.
+
+Usage:
+  python benchmarks/process_time.py MODEL.onnx|DIR ... [--rounds 5] [--samples 3] [--out F.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+ORT_BASIC = """
+import sys
+import onnxruntime as ort
+options = ort.SessionOptions()
+options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+options.optimized_model_filepath = sys.argv[2]
+ort.InferenceSession(sys.argv[1], options, providers=["CPUExecutionProvider"])
+"""
+
+
+def bnfold_cli() -> list[str]:
+    """The installed console script's interpreter and module: ``python -m bnfold``."""
+    return [sys.executable, "-m", "bnfold"]
+
+
+def commands(model: Path, out: Path, samples: int) -> dict[str, list[str]]:
+    """The per-model commands, each writing ``out``."""
+    fold = [*bnfold_cli(), "fold", str(model), "-o", str(out)]
+    return {
+        "bnfold --no-verify": [*fold, "--no-verify"],
+        "bnfold (verified)": [*fold, "--samples", str(samples)],
+        "ort offline basic": [sys.executable, "-c", ORT_BASIC, str(model), str(out)],
+    }
+
+
+STARTUP = {
+    "bnfold --help": [*bnfold_cli(), "--help"],
+    "python -c 'import onnx_ir'": [sys.executable, "-c", "import onnx_ir"],
+}
+
+
+def timed(cmd: list[str]) -> tuple[float, float]:
+    """(wall s, child CPU s) of one run of ``cmd``; a failing command stops the benchmark."""
+    start = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    _, status, usage = os.wait4(proc.pid, 0)
+    wall = time.perf_counter() - start
+    stderr = proc.stderr.read().decode() if proc.stderr else ""
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise SystemExit(f"{' '.join(cmd[:6])} failed: {stderr.strip().splitlines()[-1:]}")
+    return wall, usage.ru_utime + usage.ru_stime
+
+
+def verify_floor(model: Path, folded: Path, samples: int) -> float:
+    """Seconds to create an ORT_DISABLE_ALL session of each model and run each ``samples`` times."""
+    import numpy as np
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    start = time.perf_counter()
+    for path in (model, folded):
+        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        feeds = {
+            i.name: np.zeros([d if isinstance(d, int) else 1 for d in i.shape], np.float32)
+            for i in session.get_inputs()
+        }
+        for _ in range(samples):
+            session.run(None, feeds)
+    return time.perf_counter() - start
+
+
+def spread(values: list[float]) -> dict[str, float]:
+    return {
+        "median": round(statistics.median(values), 4),
+        "min": round(min(values), 4),
+        "max": round(max(values), 4),
+    }
+
+
+def run_rounds(models: list[Path], rounds: int, samples: int) -> dict[str, Any]:
+    """Every command once a round, order rotated; the startup commands ride along."""
+    results: dict[str, Any] = {"startup": {k: [] for k in STARTUP}, "models": {}}
+    with tempfile.TemporaryDirectory(prefix="bnfold-process-") as tmp:
+        out = Path(tmp) / "out.onnx"
+        for model in models:
+            runs: dict[str, list[tuple[float, float]]] = {}
+            cmds = commands(model, out, samples)
+            names = list(cmds)
+            for index in range(rounds):
+                shift = index % len(names)
+                for name in names[shift:] + names[:shift]:
+                    runs.setdefault(name, []).append(timed(cmds[name]))
+                for name, cmd in STARTUP.items():
+                    results["startup"][name].append(timed(cmd))
+            floor = statistics.median(verify_floor(model, out, samples) for _ in range(3))
+            results["models"][model.name] = summarize_model(model, runs, floor)
+            print(json.dumps({model.name: results["models"][model.name]["summary"]}))
+    results["startup"] = {
+        name: {"wall_s": spread([w for w, _ in v]), "cpu_s": spread([c for _, c in v])}
+        for name, v in results["startup"].items()
+    }
+    return results
+
+
+def summarize_model(model: Path, runs: dict[str, list[tuple[float, float]]], floor: float) -> dict:
+    ours, verified, peer = (runs[k] for k in commands(model, model, 1))
+    verify_cost = [v[0] - o[0] for v, o in zip(verified, ours, strict=True)]
+    verify_cpu = [v[1] - o[1] for v, o in zip(verified, ours, strict=True)]
+    wall_ratio = [o[0] / p[0] for o, p in zip(ours, peer, strict=True)]
+    cpu_ratio = [o[1] / p[1] for o, p in zip(ours, peer, strict=True)]
+    return {
+        "mb": round(model.stat().st_size / 1e6, 2),
+        "wall_s": {k: spread([w for w, _ in v]) for k, v in runs.items()},
+        "cpu_s": {k: spread([c for _, c in v]) for k, v in runs.items()},
+        "summary": {
+            "no_verify / ort (wall)": spread(wall_ratio),
+            "no_verify / ort (cpu)": spread(cpu_ratio),
+            "verify_s": spread(verify_cost),
+            "verify_cpu_s": spread(verify_cpu),
+            "verify_floor_s": round(floor, 4),
+            "verify / floor": spread([c / floor for c in verify_cost]),
+        },
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("paths", nargs="+", type=Path)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--samples", type=int, default=3)
+    parser.add_argument("--out", type=Path)
+    args = parser.parse_args()
+    models = sorted(
+        (m for p in args.paths for m in (sorted(p.glob("*.onnx")) if p.is_dir() else [p])),
+        key=lambda m: m.stat().st_size,
+    )
+    report = run_rounds(models, args.rounds, args.samples)
+    report["environment"] = {"python": sys.version.split()[0], "cpus": os.cpu_count()}
+    print(json.dumps(report["startup"], indent=1))
+    if args.out:
+        args.out.write_text(json.dumps(report, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
