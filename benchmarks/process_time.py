@@ -15,8 +15,13 @@ create an ``ORT_DISABLE_ALL`` session of each model and run each once per
 sample, timed in this process (``floor``). ``verify / floor`` near 1 means
 verification adds no work beyond that.
 
+With ``--folder DIR``, folder mode (``bnfold fold DIR -o OUT --no-verify``: one
+process, imports paid once) is also timed against one offline-optimizer process
+per model of DIR, in alternating rounds.
+
 Usage:
-  python benchmarks/process_time.py MODEL.onnx|DIR ... [--rounds 5] [--samples 3] [--out F.json]
+  python benchmarks/process_time.py MODEL.onnx|DIR ... [--rounds 5] [--samples 3]
+      [--folder DIR] [--out F.json]
 """
 
 from __future__ import annotations
@@ -148,11 +153,44 @@ def summarize_model(model: Path, runs: dict[str, list[tuple[float, float]]], flo
     }
 
 
+def folder_rounds(folder: Path, rounds: int) -> dict[str, Any]:
+    """Folder mode, one process, against one ORT process per model; alternating order."""
+    models = sorted(folder.glob("*.onnx"))
+    runs: dict[str, list[tuple[float, float]]] = {
+        "bnfold folder --no-verify": [],
+        "ort per model": [],
+    }
+    with tempfile.TemporaryDirectory(prefix="bnfold-folder-") as tmp:
+        out = Path(tmp)
+        ours = [*bnfold_cli(), "fold", str(folder), "-o", str(out / "folded"), "--no-verify"]
+        peer = [commands(m, out / m.name, 1)["ort offline basic"] for m in models]
+        for index in range(rounds):
+            for name in sorted(runs, reverse=bool(index % 2)):
+                if name.startswith("bnfold"):
+                    runs[name].append(timed(ours))
+                else:
+                    each = [timed(cmd) for cmd in peer]
+                    runs[name].append((sum(w for w, _ in each), sum(c for _, c in each)))
+    ours_runs, peer_runs = runs.values()
+    return {
+        "models": len(models),
+        "wall_s": {k: spread([w for w, _ in v]) for k, v in runs.items()},
+        "cpu_s": {k: spread([c for _, c in v]) for k, v in runs.items()},
+        "bnfold / ort (wall)": spread(
+            [b[0] / o[0] for b, o in zip(ours_runs, peer_runs, strict=True)]
+        ),
+        "bnfold / ort (cpu)": spread(
+            [b[1] / o[1] for b, o in zip(ours_runs, peer_runs, strict=True)]
+        ),
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("paths", nargs="+", type=Path)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--samples", type=int, default=3)
+    parser.add_argument("--folder", type=Path, help="also time folder mode on this folder")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
     models = sorted(
@@ -160,6 +198,9 @@ def main() -> None:
         key=lambda m: m.stat().st_size,
     )
     report = run_rounds(models, args.rounds, args.samples)
+    if args.folder:
+        report["folder"] = folder_rounds(args.folder, args.rounds)
+        print(json.dumps(report["folder"], indent=1))
     report["environment"] = {"python": sys.version.split()[0], "cpus": os.cpu_count()}
     print(json.dumps(report["startup"], indent=1))
     if args.out:
