@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -119,9 +120,14 @@ def run_rounds(models: list[Path], rounds: int, samples: int) -> dict[str, Any]:
             for index in range(rounds):
                 shift = index % len(names)
                 for name in names[shift:] + names[:shift]:
+                    # A fresh output path each run: bnfold checks an existing
+                    # output is a model before replacing it, ORT just overwrites.
+                    out.unlink(missing_ok=True)
                     runs.setdefault(name, []).append(timed(cmds[name]))
                 for name, cmd in STARTUP.items():
                     results["startup"][name].append(timed(cmd))
+            out.unlink()
+            timed(cmds["bnfold --no-verify"])  # the floor runs bnfold's own output
             floor = statistics.median(verify_floor(model, out, samples) for _ in range(3))
             results["models"][model.name] = summarize_model(model, runs, floor)
             print(json.dumps({model.name: results["models"][model.name]["summary"]}))
@@ -167,6 +173,7 @@ def folder_rounds(folder: Path, rounds: int) -> dict[str, Any]:
         for index in range(rounds):
             for name in sorted(runs, reverse=bool(index % 2)):
                 if name.startswith("bnfold"):
+                    shutil.rmtree(out / "folded", ignore_errors=True)  # fresh outputs each run
                     runs[name].append(timed(ours))
                 else:
                     each = [timed(cmd) for cmd in peer]
