@@ -4,14 +4,27 @@ from __future__ import annotations
 
 from bnfold.api import fold, inspect, verify
 from bnfold.errors import BnfoldError, NotSupportedError
-from bnfold.report import Code, Folded, FoldReport, FoldResult, Refusal, VerifyResult
+from bnfold.report import (
+    BatchNormCount,
+    Code,
+    Folded,
+    FoldReport,
+    FoldResult,
+    Lowered,
+    LowerForm,
+    Refusal,
+    VerifyResult,
+)
 
 __all__ = [
+    "BatchNormCount",
     "BnfoldError",
     "Code",
     "FoldReport",
     "FoldResult",
     "Folded",
+    "LowerForm",
+    "Lowered",
     "NotSupportedError",
     "Refusal",
     "VerifyResult",

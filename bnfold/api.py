@@ -16,11 +16,12 @@ import onnx_ir as ir
 
 from bnfold.affine import Rounding
 from bnfold.compare import MAX_INPUT_BYTES, VerifyOptions, verify_onnx
-from bnfold.errors import BnfoldError
+from bnfold.errors import BnfoldError, NotSupportedError
 from bnfold.onnx_front import io
+from bnfold.onnx_front.lower import lower_unfolded
 from bnfold.onnx_front.match import MatchOptions
-from bnfold.onnx_front.passes import FoldAffinePass
-from bnfold.report import FoldReport, FoldResult, VerifyResult
+from bnfold.onnx_front.passes import FoldAffinePass, FoldPassResult
+from bnfold.report import FoldReport, FoldResult, LowerForm, VerifyResult
 
 TORCH_SUFFIXES = (".pt2", ".pt", ".pth")
 
@@ -34,6 +35,7 @@ def fold(
     verify_options: VerifyOptions | None = None,
     clone_shared: bool = True,
     rounding: Rounding | str = Rounding.NEAREST,
+    lower_standalone: bool | LowerForm | str = False,
 ) -> FoldResult:
     """Fold every foldable BatchNorm / constant affine into its neighbouring linear op.
 
@@ -52,11 +54,18 @@ def fold(
             can proceed (reported as bytes_added); False refuses such sites.
         rounding: how folded weights are cast to the model's dtype: "nearest"
             (the exact float64 fold) or "balanced" (see :class:`bnfold.affine.Rounding`).
+        lower_standalone: ONNX: after folding, rewrite every inference BatchNorm
+            that could not fold as plain ops: True or "mul-add" for Mul + Add,
+            "conv" for a 1x1 depthwise Conv (see :mod:`bnfold.onnx_front.lower`).
+            Reported in ``report.lowered``. Not supported for torch models.
 
     Returns:
         FoldResult with ``.model`` (same kind as given; a path gives an onnx_ir.Model)
         and ``.report``.
     """
+    lower = _lower_form(lower_standalone)
+    if lower is not None and (_is_torch_module(model) or _is_exported_program(model)):
+        raise NotSupportedError(TORCH_LOWERING_UNSUPPORTED)
     if _is_torch_module(model):
         from bnfold.torch_front import fold_module
 
@@ -79,9 +88,8 @@ def fold(
             isinstance(model, ir.Model) and not inplace
         )
         reference = model if untouched else _onnx_model(model, copy=True)
-    fold_pass = FoldAffinePass(MatchOptions(clone_shared, _rounding(rounding)))
-    result = fold_pass(_onnx_model(model, copy=not inplace))
-    out = FoldResult(result.model, result.report)  # type: ignore[attr-defined]
+    result = _fold_onnx(_onnx_model(model, copy=not inplace), clone_shared, rounding, lower)
+    out = FoldResult(result.model, result.report)
     if reference is not None:
         # A path was loaded (and checked) by _onnx_model already.
         out.verification = verify_onnx(reference, out.model, verify_options)
@@ -143,6 +151,7 @@ def fold_file(
     clone_shared: bool = True,
     rounding: Rounding | str = Rounding.NEAREST,
     require_verified: bool = False,
+    lower_standalone: bool | LowerForm | str = False,
 ) -> tuple[FoldResult, bool]:
     """Fold an ONNX file and write the result atomically, verified before it is published.
 
@@ -154,7 +163,7 @@ def fold_file(
     ``in_place`` the input) untouched.
 
     Args:
-        clone_shared, rounding: as for :func:`fold`.
+        clone_shared, rounding, lower_standalone: as for :func:`fold`.
         require_verified: write only a verified fold (CLI ``--strict``); no
             effect with ``verify=False``, where nothing is compared.
 
@@ -170,8 +179,9 @@ def fold_file(
     _require_distinct(source, output, in_place)
     model = io.load_model(source)
     keep_external = any(True for _ in io.external_tensors(model))  # before folds replace them
-    folded = FoldAffinePass(MatchOptions(clone_shared, _rounding(rounding)))(model)
-    result = FoldResult(folded.model, folded.report)  # type: ignore[attr-defined]
+    lower = _lower_form(lower_standalone)
+    folded = _fold_onnx(model, clone_shared, rounding, lower)
+    result = FoldResult(folded.model, folded.report)
 
     def accept(staged: Path) -> bool:
         if verify:
@@ -182,6 +192,36 @@ def fold_file(
 
     written = io.save_model(result.model, output, external_data=keep_external, accept=accept)
     return result, written
+
+
+TORCH_LOWERING_UNSUPPORTED = (
+    "lower_standalone (--lower-standalone) is not supported for torch models; "
+    "export the folded model to ONNX (--to-onnx) and lower that"
+)
+
+
+def _fold_onnx(
+    model: ir.Model, clone_shared: bool, rounding: Rounding | str, lower: LowerForm | None
+) -> FoldPassResult:
+    """Fold to the fixpoint, then lower what is left when ``lower`` asks for it."""
+    result = FoldAffinePass(MatchOptions(clone_shared, _rounding(rounding)))(model)
+    assert isinstance(result, FoldPassResult)
+    if lower is not None:
+        lower_unfolded(result, lower)
+    return result
+
+
+def _lower_form(value: bool | LowerForm | str | None) -> LowerForm | None:
+    """``lower_standalone`` as a LowerForm: True is mul-add, False/None no lowering."""
+    if value is None or value is False:
+        return None
+    if value is True:
+        return LowerForm.MUL_ADD
+    try:
+        return LowerForm(value)
+    except ValueError:
+        choices = ", ".join(f.value for f in LowerForm)
+        raise BnfoldError(f"unknown lower_standalone {value!r}; choose from {choices}") from None
 
 
 def _rounding(value: Rounding | str) -> Rounding:

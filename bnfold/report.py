@@ -56,6 +56,19 @@ class Code(str, enum.Enum):
     """No finder could see what feeds the BatchNorm, or it did not run on the inputs."""
     HOOKED = "hooked"
     """The module has forward hooks that the fold would bypass or feed other values."""
+    UNKNOWN_RANK = "unknown_rank"
+    """Lowering: the BatchNorm's input rank is unknown, so no constant shape broadcasts safely."""
+
+
+class LowerForm(str, enum.Enum):
+    """What ``lower_standalone`` turns a BatchNorm that cannot fold into.
+
+    MUL_ADD is ``Mul(x, s) -> Add(·, t)``; CONV a 1x1 depthwise ``Conv`` (group = C)
+    with the shift as its bias, for compilers that fuse only Conv.
+    """
+
+    MUL_ADD = "mul-add"
+    CONV = "conv"
 
 
 @dataclass(frozen=True)
@@ -68,6 +81,57 @@ class Folded:
     affine: str  # name of the op that was removed
     finder: str = ""  # torch front: which graph finder found the pair
     bytes_added: int = 0  # weight bytes added by cloning a shared weight
+
+
+@dataclass(frozen=True)
+class Lowered:
+    """One BatchNormalization that could not fold, rewritten as plain ops."""
+
+    site: str  # the BatchNorm's name
+    form: LowerForm  # what it became (mul-add when conv was asked but cannot apply)
+    code: Code  # why it could not fold
+    detail: str  # the fold's refusal, for people
+    note: str = ""  # why ``form`` is not the one asked for, if it is not
+
+
+@dataclass
+class BatchNormCount:
+    """What became of the inference BatchNorms of one run: ``found = folded + lowered + left``.
+
+    ``left_by_code`` counts the BNs still in the output by the code of their refusal;
+    training-mode BNs are never touched and are counted apart, not in ``found``.
+    """
+
+    found: int = 0
+    folded: int = 0
+    lowered: int = 0
+    left: int = 0
+    left_by_code: dict[str, int] = field(default_factory=dict)
+    training: int = 0
+
+    @classmethod
+    def of(cls, found: int, training: int, lowered: int, left_codes: list[Code]) -> BatchNormCount:
+        """Counts from the BNs found, the number lowered and each left BN's refusal code."""
+        by_code = Counter(code.value for code in left_codes)
+        left = len(left_codes)
+        return cls(
+            found, found - lowered - left, lowered, left, dict(sorted(by_code.items())), training
+        )
+
+    def table(self, dry_run: bool = False) -> str:
+        """A short table: found, folded, lowered, left, then one row per code of those left."""
+        rows = [
+            ("BatchNorm (inference)", ""),
+            ("found", str(self.found)),
+            ("would fold" if dry_run else "folded", str(self.folded)),
+            ("lowered", str(self.lowered)),
+            ("left", str(self.left)),
+        ]
+        rows += [(f"  {code}", str(n)) for code, n in self.left_by_code.items()]
+        if self.training:
+            rows.append(("training mode, untouched", str(self.training)))
+        width = max(len(label) for label, _ in rows)
+        return "\n".join(f"  {label:<{width}}  {n:>5}".rstrip() for label, n in rows)
 
 
 @dataclass(frozen=True)
@@ -90,6 +154,8 @@ class FoldReport:
     ops_before: dict[str, int] = field(default_factory=dict)
     ops_after: dict[str, int] = field(default_factory=dict)
     rounding: Rounding = Rounding.NEAREST  # how folded weights were cast to their dtype
+    lowered: list[Lowered] = field(default_factory=list)  # BNs that could not fold, lowered
+    batchnorm: BatchNormCount | None = None  # what became of each inference BN
 
     @property
     def codes(self) -> list[Code]:
@@ -104,13 +170,22 @@ class FoldReport:
     def summary(self) -> str:
         verb = "would fold" if self.dry_run else "folded"
         head = f"{verb} {len(self.folded)}, refused {len(self.refused)} ({self.front})"
+        if self.lowered:
+            head = head.replace(" (", f", lowered {len(self.lowered)} (", 1)
         if self.rounding is not Rounding.NEAREST:
             head += f", {self.rounding.value} rounding"
         lines = [head]
         lines += [f"  {verb}  {f.site}  [{f.pattern}]" for f in self.folded]
         lines += [f"  refused {r.site}  {r.code.value}: {r.detail}" for r in self.refused]
+        lines += [
+            f"  lowered {lo.site}  [{lo.form.value}] {lo.code.value}: {lo.detail}"
+            + (f" ({lo.note})" if lo.note else "")
+            for lo in self.lowered
+        ]
         if self.ops_before:
             lines.append(op_count_table(self.ops_before, self.ops_after))
+        if self.batchnorm is not None:
+            lines.append(self.batchnorm.table(self.dry_run))
         return "\n".join(lines)
 
 
@@ -207,7 +282,7 @@ class FoldResult:
 
     @property
     def modified(self) -> bool:
-        return bool(self.report.folded)
+        return bool(self.report.folded or self.report.lowered)
 
     def publishable(self, require_verified: bool = False) -> bool:
         """Whether the folded model may be written.

@@ -1,0 +1,192 @@
+"""Lower the BatchNormalizations no fold could remove into plain ops (``--lower-standalone``).
+
+An inference BatchNormalization is the per-channel affine ``y = s * x + t``
+(:func:`bnfold.affine.bn_to_affine`). Once folding has reached its fixpoint,
+each one still in the model can therefore become
+
+    mul-add:  Add(Mul(x, s), t)                      s, t of shape [C, 1, ..., 1]
+    conv:     Conv(x, s as [C, 1, 1, ...], t, group=C)   a 1x1 depthwise Conv
+
+for toolchains that reject BatchNormalization (or fuse only Conv). ``s`` and
+``t`` are computed in float64 and cast once to the BN's dtype. The constants
+are shaped to broadcast on axis 1, the BN's channel axis, which needs the
+input's rank: an input of unknown rank is refused (``unknown_rank``) rather
+than guessed, because ``[C]`` alone would broadcast on the *last* axis. Run
+shape inference on such a model first.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx_ir as ir
+
+from bnfold.affine import Unfoldable, cast_checked
+from bnfold.onnx_front import match
+from bnfold.onnx_front.constants import constant_array
+from bnfold.onnx_front.passes import (
+    FoldPassResult,
+    left_codes,
+    new_initializer,
+    op_counts,
+    splice_out,
+)
+from bnfold.report import BatchNormCount, Code, Lowered, LowerForm, Refusal
+
+# Conv's type constraint has no bfloat16 before opset 22.
+_CONV_BF16_OPSET = 22
+_CONV_DTYPES = frozenset({np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64)})
+
+
+def lower_unfolded(result: FoldPassResult, form: LowerForm) -> None:
+    """Rewrite every inference BatchNormalization the fold pass left as ``form``.
+
+    Matches:  BatchNormalization (inference mode) still in ``result.model``, in the
+              main graph and every If/Loop/Scan body.
+    Produces: ``Mul`` + ``Add`` (the Add keeps the BN's name and output name), or a
+              depthwise ``Conv`` under the BN's name; the BN's parameters go when
+              nothing else reads them. Conv needs a spatial axis and a dtype Conv
+              takes: a rank-2 input (or bf16 below opset 22) is lowered to mul-add,
+              with a note saying why.
+    Refuses (the BN stays; its refusal says why it could not fold and why it
+    could not be lowered): NOT_CONSTANT, BAD_SHAPE, BAD_VALUES, NOT_PER_CHANNEL
+    (spatial=0), UNKNOWN_RANK.
+    Training-mode BatchNormalization is never touched.
+
+    ``result.report`` gains the ``lowered`` entries; its ``refused``,
+    ``ops_after`` and ``batchnorm`` counts are brought up to date.
+    """
+    model, report, unfolded = result.model, result.report, result.unfolded
+    opset = model.opset_imports.get("", 1)
+    for node, refusal in list(unfolded.items()):
+        if node.graph is None or not match.is_inference_batchnorm(node):
+            continue
+        outcome = lower_batchnorm(node, refusal, form, model, opset)
+        if isinstance(outcome, Lowered):
+            report.lowered.append(outcome)
+            del unfolded[node]
+        else:
+            unfolded[node] = outcome
+    report.refused = list(unfolded.values())
+    report.ops_after = op_counts(model)
+    before = report.batchnorm or BatchNormCount()
+    report.batchnorm = BatchNormCount.of(
+        before.found, before.training, len(report.lowered), left_codes(unfolded)
+    )
+
+
+def lower_batchnorm(
+    bn: ir.Node, refusal: Refusal, form: LowerForm, model: ir.Model, opset: int
+) -> Lowered | Refusal:
+    """Lower one BatchNormalization that ``refusal`` kept from folding, or say why not."""
+    affine = match.batchnorm_affine(bn, model.ir_version)
+    if isinstance(affine, Refusal):
+        return _not_lowered(refusal, affine.code, affine.detail)
+    rank = match.rank(bn.inputs[0])
+    if rank is None and bn.outputs[0].shape is not None:
+        rank = len(bn.outputs[0].shape)
+    if rank is None:
+        return _not_lowered(
+            refusal,
+            Code.UNKNOWN_RANK,
+            "input rank unknown, so the channel axis of the constants is (run shape inference)",
+        )
+    if rank < 2:
+        return _not_lowered(refusal, Code.BAD_SHAPE, f"rank-{rank} input has no channel axis")
+    dtype = _batchnorm_dtype(bn, model.ir_version)
+    try:
+        scale = cast_checked(affine.scale, dtype, "scale")
+        shift = cast_checked(affine.shift, dtype, "shift")
+    except Unfoldable as err:
+        return _not_lowered(refusal, Code.BAD_VALUES, str(err))
+    note = _why_not_conv(rank, dtype, opset) if form is LowerForm.CONV else ""
+    if form is LowerForm.CONV and not note:
+        _write_conv(bn, scale, shift, rank, model)
+    else:
+        form = LowerForm.MUL_ADD
+        _write_mul_add(bn, scale, shift, rank, model)
+    return Lowered(match.label(bn), form, refusal.code, refusal.detail, note)
+
+
+def _not_lowered(refusal: Refusal, code: Code, detail: str) -> Refusal:
+    return Refusal(refusal.site, code, f"{refusal.detail}; not lowered: {detail}")
+
+
+def _batchnorm_dtype(bn: ir.Node, ir_version: int) -> np.dtype:
+    """The dtype of the BN's input and output; from its scale when neither is annotated.
+
+    Before opset 15 the scale has the input's type by definition; from 15 on it
+    may differ, but an unannotated graph leaves nothing better to go by.
+    """
+    for value in (bn.inputs[0], bn.outputs[0]):
+        if value is not None and value.type is not None:
+            return np.dtype(value.type.dtype.numpy())
+    scale = constant_array(bn.inputs[1], ir_version)
+    assert scale is not None  # batchnorm_affine read it
+    return scale.dtype
+
+
+def _why_not_conv(rank: int, dtype: np.dtype, opset: int) -> str:
+    """Why a 1x1 depthwise Conv cannot replace this BN ("" when it can)."""
+    if rank < 3:
+        return f"rank-{rank} input has no spatial axis for a Conv: lowered to mul-add"
+    if dtype not in _CONV_DTYPES and not (dtype.name == "bfloat16" and opset >= _CONV_BF16_OPSET):
+        return f"Conv takes no {dtype.name} at opset {opset}: lowered to mul-add"
+    return ""
+
+
+def _write_mul_add(
+    bn: ir.Node, scale: np.ndarray, shift: np.ndarray, rank: int, model: ir.Model
+) -> None:
+    """Replace ``bn`` with ``Add(Mul(x, s), t)``; the Add takes the BN's names."""
+    graph = bn.graph
+    assert graph is not None
+    name = match.label(bn)
+    shape = (scale.shape[0],) + (1,) * (rank - 2)
+    s = new_initializer(graph, f"{name}_scale", scale.reshape(shape), model)
+    t = new_initializer(graph, f"{name}_shift", shift.reshape(shape), model)
+    mul = ir.Node("", "Mul", [bn.inputs[0], s], name=_unique_node_name(graph, f"{name}_mul"))
+    add = ir.Node("", "Add", [mul.outputs[0], t], name=bn.name)
+    _annotate_like(mul.outputs[0], bn.outputs[0])
+    graph.insert_before(bn, [mul, add])
+    splice_out(bn, add.outputs[0])
+
+
+def _write_conv(
+    bn: ir.Node, scale: np.ndarray, shift: np.ndarray, rank: int, model: ir.Model
+) -> None:
+    """Replace ``bn`` with a 1x1 depthwise Conv (weight ``s`` as ``[C, 1, 1...]``, bias ``t``)."""
+    graph = bn.graph
+    assert graph is not None
+    name = match.label(bn)
+    channels, spatial = scale.shape[0], rank - 2
+    w = new_initializer(
+        graph, f"{name}_scale", scale.reshape((channels, 1) + (1,) * spatial), model
+    )
+    b = new_initializer(graph, f"{name}_shift", shift, model)
+    conv = ir.Node(
+        "",
+        "Conv",
+        [bn.inputs[0], w, b],
+        attributes=[
+            ir.AttrInt64("group", channels),
+            ir.AttrInt64s("kernel_shape", [1] * spatial),
+        ],
+        name=bn.name,
+    )
+    graph.insert_before(bn, conv)
+    splice_out(bn, conv.outputs[0])
+
+
+def _annotate_like(value: ir.Value, like: ir.Value) -> None:
+    """An intermediate value of the lowering has the BN output's shape and type."""
+    value.shape = None if like.shape is None else like.shape.copy()
+    value.type = like.type
+
+
+def _unique_node_name(graph: ir.Graph, base: str) -> str:
+    taken = {node.name for node in graph}
+    name, n = base, 0
+    while name in taken:
+        n += 1
+        name = f"{base}_{n}"
+    return name
