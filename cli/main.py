@@ -24,6 +24,7 @@ from bnfold.cli.errors import (
     one_line_errors,
 )
 from bnfold.compare import MAX_INPUT_BYTES
+from bnfold.report import LowerForm
 
 
 def verify_options(func: F) -> F:
@@ -195,6 +196,20 @@ main.add_command(bench)
         "fold), or balanced (each output channel's rounding errors cancel; for fp16/bf16)."
     ),
 )
+@click.option(
+    "--lower-standalone",
+    "lower",
+    type=click.Choice([f.value for f in LowerForm]),
+    is_flag=False,
+    flag_value=LowerForm.MUL_ADD.value,
+    default=None,
+    callback=lambda _ctx, _param, value: None if value is None else LowerForm(value),
+    help=(
+        "ONNX: after folding, rewrite every inference BatchNorm that could not fold as "
+        "Mul+Add (alone, or =mul-add) or a 1x1 depthwise Conv (=conv). Before MODEL, "
+        "write it with '='."
+    ),
+)
 @click.option("--jobs", type=click.IntRange(1), default=1, help="Folder mode: parallel processes.")
 @click.option(
     "--to-onnx",
@@ -223,6 +238,7 @@ def fold(
     as_json: bool,
     no_clone_shared: bool,
     rounding: Rounding,
+    lower: LowerForm | None,
     jobs: int,
     to_onnx: str | None,
     run_bench: bool,
@@ -252,6 +268,10 @@ def fold(
     if torch_source is not None:
         if output is None:
             raise InputError("missing -o/--output")
+        if lower is not None:
+            from bnfold.api import TORCH_LOWERING_UNSUPPORTED
+
+            raise InputError(TORCH_LOWERING_UNSUPPORTED)
         from bnfold.torch_front.files import fold_torch
 
         options = _torch_verify_options(no_verify, verify_kw)
@@ -273,6 +293,7 @@ def fold(
             model, output, jobs=jobs, verify=not no_verify, strict=strict,
             verify_options=_verify_options(**verify_kw), as_json=as_json,
             report_path=report_path, clone_shared=not no_clone_shared, rounding=rounding,
+            lower_standalone=lower,
         )  # fmt: skip
         sys.exit(code)
     if output is None and not in_place:
@@ -289,6 +310,7 @@ def fold(
         clone_shared=not no_clone_shared,
         rounding=rounding,
         require_verified=strict,
+        lower_standalone=lower,
     )
     timing = _bench_after_fold(model, target, options) if run_bench and written else None
     _print_fold(result, written, target, as_json, report_path, timing)
