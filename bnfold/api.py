@@ -35,7 +35,7 @@ def fold(
     verify_options: VerifyOptions | None = None,
     clone_shared: bool = True,
     rounding: Rounding | str = Rounding.NEAREST,
-    lower_standalone: bool | LowerForm | str = False,
+    lower_standalone: bool | LowerForm | str | None = False,
 ) -> FoldResult:
     """Fold every foldable BatchNorm / constant affine into its neighbouring linear op.
 
@@ -57,7 +57,8 @@ def fold(
         lower_standalone: ONNX: after folding, rewrite every inference BatchNorm
             that could not fold as plain ops: True or "mul-add" for Mul + Add,
             "conv" for a 1x1 depthwise Conv (see :mod:`bnfold.onnx_front.lower`).
-            Reported in ``report.lowered``. Not supported for torch models.
+            False/None: no lowering. Reported in ``report.lowered``. Not supported
+            for torch models (raises NotSupportedError).
 
     Returns:
         FoldResult with ``.model`` (same kind as given; a path gives an onnx_ir.Model)
@@ -151,7 +152,7 @@ def fold_file(
     clone_shared: bool = True,
     rounding: Rounding | str = Rounding.NEAREST,
     require_verified: bool = False,
-    lower_standalone: bool | LowerForm | str = False,
+    lower_standalone: bool | LowerForm | str | None = False,
 ) -> tuple[FoldResult, bool]:
     """Fold an ONNX file and write the result atomically, verified before it is published.
 

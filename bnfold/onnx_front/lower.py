@@ -32,9 +32,11 @@ from bnfold.onnx_front.passes import (
 )
 from bnfold.report import BatchNormCount, Code, Lowered, LowerForm, Refusal
 
-# Conv's type constraint has no bfloat16 before opset 22.
+# Conv's type constraint has no bfloat16 before opset 22. float64 Conv is valid
+# ONNX, but onnxruntime has no kernel for it, so the output could not even be
+# verified: such a BN is lowered to Mul + Add, which every runtime runs.
 _CONV_BF16_OPSET = 22
-_CONV_DTYPES = frozenset({np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64)})
+_CONV_DTYPES = frozenset({np.dtype(np.float16), np.dtype(np.float32)})
 
 
 def lower_unfolded(result: FoldPassResult, form: LowerForm) -> None:
@@ -45,8 +47,8 @@ def lower_unfolded(result: FoldPassResult, form: LowerForm) -> None:
     Produces: ``Mul`` + ``Add`` (the Add keeps the BN's name and output name), or a
               depthwise ``Conv`` under the BN's name; the BN's parameters go when
               nothing else reads them. Conv needs a spatial axis and a dtype Conv
-              takes: a rank-2 input (or bf16 below opset 22) is lowered to mul-add,
-              with a note saying why.
+              takes: a rank-2 input, float64 (no onnxruntime kernel) or bf16
+              below opset 22 is lowered to mul-add, with a note saying why.
     Refuses (the BN stays; its refusal says why it could not fold and why it
     could not be lowered): NOT_CONSTANT, BAD_SHAPE, BAD_VALUES, NOT_PER_CHANNEL
     (spatial=0), UNKNOWN_RANK.
@@ -129,6 +131,8 @@ def _why_not_conv(rank: int, dtype: np.dtype, opset: int) -> str:
     """Why a 1x1 depthwise Conv cannot replace this BN ("" when it can)."""
     if rank < 3:
         return f"rank-{rank} input has no spatial axis for a Conv: lowered to mul-add"
+    if dtype == np.float64:
+        return "onnxruntime has no float64 Conv: lowered to mul-add"
     if dtype not in _CONV_DTYPES and not (dtype.name == "bfloat16" and opset >= _CONV_BF16_OPSET):
         return f"Conv takes no {dtype.name} at opset {opset}: lowered to mul-add"
     return ""
