@@ -99,7 +99,8 @@ class BatchNormCount:
     """What became of the inference BatchNorms of one run: ``found = folded + lowered + left``.
 
     ``left_by_code`` counts the BNs still in the output by the code of their refusal;
-    training-mode BNs are never touched and are counted apart, not in ``found``.
+    training-mode BNs (torch: also those without running statistics, which use
+    batch statistics too) are never touched and are counted apart, not in ``found``.
     """
 
     found: int = 0

@@ -434,3 +434,40 @@ def test_cli_torch_file_with_lower_standalone_exits_2_with_one_line(tmp_path: Pa
     assert result.exit_code == 2
     assert result.output.strip().count("\n") == 0
     assert "not supported for torch" in result.output
+
+
+def mixed_net():  # type: ignore[no-untyped-def]
+    """conv -> bn (folds), relu -> bn2, conv3 -> bn3 (folds), branching conv4 -> bn4,
+    bnt in training mode, bnn without running stats."""
+    torch = pytest.importorskip("torch")
+    from torch import nn
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv, self.bn, self.bn2 = nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.BatchNorm2d(4)
+            self.conv3, self.bn3 = nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4)
+            self.conv4, self.bn4 = nn.Conv2d(4, 4, 1), nn.BatchNorm2d(4)
+            self.bnt, self.bnn = nn.BatchNorm2d(4), nn.BatchNorm2d(4, track_running_stats=False)
+
+        def forward(self, x):  # type: ignore[no-untyped-def]
+            y = self.bn2(torch.relu(self.bn(self.conv(x))))
+            z = self.conv4(y)
+            return self.bnn(self.bnt(self.bn3(self.conv3(y)) + self.bn4(z) + z))
+
+    net = Net().eval()
+    net.bnt.train()
+    return net, (torch.randn(1, 3, 8, 8),)
+
+
+def test_torch_counts_match_on_eager_and_exported_fronts() -> None:
+    torch = pytest.importorskip("torch")
+    net, args = mixed_net()
+    expected = bnfold.BatchNormCount(
+        found=4, folded=2, lowered=0, left=2,
+        left_by_code={"branching": 1, "nonlinear_input": 1}, training=2,
+    )  # fmt: skip
+    assert bnfold.fold(net, args).report.batchnorm == expected
+    program = torch.export.export(net, args, strict=False)
+    assert bnfold.fold(program).report.batchnorm == expected
+    assert bnfold.inspect(net, args).batchnorm == expected

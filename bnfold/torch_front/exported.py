@@ -34,6 +34,7 @@ from bnfold.compare import DEFAULT_VERIFY, VerifyOptions
 from bnfold.layouts import LayoutError
 from bnfold.report import Code, Folded, FoldReport, FoldResult, Refusal, VerifyResult
 from bnfold.torch_front import verify as checking
+from bnfold.torch_front.census import batchnorm_count
 from bnfold.torch_front.graph import explain_both, is_nonlinear, site_label
 from bnfold.torch_front.tensors import as_parameter, exact_values, to_float64
 
@@ -531,7 +532,22 @@ def fold_graph_module(
             for s, n in added.items()
         ]
         report.ops_after = _op_counts(gm)
+        found, training = graph_batchnorms(original)
+        report.batchnorm = batchnorm_count(
+            len(found), training, graph_batchnorms(gm)[0], report.refused
+        )
         return FoldResult(gm, report, verification)
+
+
+def graph_batchnorms(gm: fx.GraphModule) -> tuple[list[str], int]:
+    """(module path of each inference batch_norm node, number of training-mode ones)."""
+    bns = [n for n in gm.graph.nodes if n.op == "call_function" and n.target in _BN_OPS]
+    inference = [
+        _owner(n.args[1:5]) or n.name
+        for n in bns
+        if not (n.target == aten.batch_norm.default and n.args[5])
+    ]
+    return inference, len(bns) - len(inference)
 
 
 def _fold_to_fixpoint(
