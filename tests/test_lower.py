@@ -165,6 +165,38 @@ def test_bn_before_a_zero_padded_conv_is_lowered() -> None:
     assert [lo.code for lo in result.report.lowered] == [Code.ZERO_PADDING]
 
 
+def test_bn_refused_for_a_shared_weight_is_lowered() -> None:
+    m = onnx.load(SAMPLES / "neg_shared_weight.onnx")
+    result = bnfold.fold(m, verify=True, clone_shared=False, lower_standalone=True)
+    assert [lo.code for lo in result.report.lowered] == [Code.SHARED_WEIGHT] * 2
+    assert result.verification is not None and result.verification.passed
+
+
+@pytest.mark.parametrize(
+    "path", sorted(p.relative_to(SAMPLES).as_posix() for p in SAMPLES.rglob("*.onnx"))
+)
+def test_no_sample_model_keeps_an_inference_bn(path: str) -> None:
+    result = bnfold.fold(SAMPLES / path, verify=True, lower_standalone=True)
+    counts = result.report.batchnorm
+    assert counts.left == 0 and counts.found == counts.folded + counts.lowered
+    assert op_types(result.model).count("BatchNormalization") == counts.training
+    assert result.verification is not None and result.verification.passed
+
+
+def test_ir3_lists_the_new_constants_as_graph_inputs() -> None:
+    """IR < 4 wants every main-graph initializer listed as a graph input too."""
+    m = relu_bn_relu(opset=7)
+    m.ir_version = 3
+    for tensor in m.graph.initializer:
+        m.graph.input.append(
+            helper.make_tensor_value_info(tensor.name, tensor.data_type, tensor.dims)
+        )
+    result = lower_and_check(m)
+    inputs = {v.name for v in result.model.graph.inputs}
+    assert {"bn_scale", "bn_shift"} <= inputs
+    assert "bn.scale" in inputs  # the input interface does not shrink
+
+
 def test_foldable_bns_still_fold_and_only_the_rest_is_lowered() -> None:
     result = lower_and_check(onnx.load(SAMPLES / "resnet_tiny.onnx"))
     assert len(result.report.folded) == 6 and result.report.lowered == []
