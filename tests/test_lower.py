@@ -286,6 +286,40 @@ def test_rank_known_only_from_the_producer_is_enough() -> None:
     assert lower_and_check(m).report.lowered[0].site == "bn"
 
 
+def unannotated(nodes: list, inits: list, c: int) -> onnx.ModelProto:
+    m = model(nodes, inits + bn_params("bn", c), [("input", [1, 4, 5, 5])], ["output"])
+    del m.graph.value_info[:]  # as exporters often leave it: no intermediate shapes
+    return m
+
+
+def test_rank_is_read_through_an_add_of_convs() -> None:
+    """Add(conv_a(x), conv_b(x)) -> BN (a RepVGG-style sum): the convs' weights give the rank."""
+    nodes = [
+        helper.make_node("Conv", ["input", "wa"], ["a"], name="conv_a", pads=[1, 1, 1, 1]),
+        helper.make_node("Conv", ["input", "wb"], ["b"], name="conv_b"),
+        helper.make_node("Add", ["a", "b"], ["s"], name="add"),
+        bn_node("bn", "s", "output"),
+    ]
+    inits = [
+        init("wa", RNG.normal(size=(4, 4, 3, 3)).astype(F32)),
+        init("wb", RNG.normal(size=(4, 4, 1, 1)).astype(F32)),
+    ]
+    result = lower_and_check(unannotated(nodes, inits, 4))
+    assert [lo.code for lo in result.report.lowered] == [Code.STANDALONE]
+
+
+def test_rank_is_read_through_a_concat() -> None:
+    """Concat(Relu(x), MaxPool(x)) -> BN, as in a DenseNet block."""
+    nodes = [
+        helper.make_node("Relu", ["input"], ["r"], name="relu"),
+        helper.make_node("MaxPool", ["input"], ["p"], name="pool", kernel_shape=[1, 1]),
+        helper.make_node("Concat", ["r", "p"], ["cat"], name="cat", axis=1),
+        bn_node("bn", "cat", "output"),
+    ]
+    result = lower_and_check(unannotated(nodes, [], 8))
+    assert result.report.batchnorm.lowered == 1
+
+
 def test_training_mode_bn_is_never_touched() -> None:
     m = onnx.load(SAMPLES / "neg_training_bn.onnx")
     result = bnfold.fold(m, lower_standalone=True)

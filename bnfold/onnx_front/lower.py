@@ -10,9 +10,10 @@ each one still in the model can therefore become
 for toolchains that reject BatchNormalization (or fuse only Conv). ``s`` and
 ``t`` are computed in float64 and cast once to the BN's dtype. The constants
 are shaped to broadcast on axis 1, the BN's channel axis, which needs the
-input's rank: an input of unknown rank is refused (``unknown_rank``) rather
-than guessed, because ``[C]`` alone would broadcast on the *last* axis. Run
-shape inference on such a model first.
+input's rank. Exported models often carry no shapes for intermediate values,
+so the rank is read through what produced the input (:class:`Ranks`); an input
+whose rank still cannot be known is refused (``unknown_rank``) rather than
+guessed, because ``[C]`` alone would broadcast on the *last* axis.
 """
 
 from __future__ import annotations
@@ -31,6 +32,16 @@ from bnfold.onnx_front.passes import (
     splice_out,
 )
 from bnfold.report import BatchNormCount, Code, Lowered, LowerForm, Refusal
+
+# Ops whose output rank is the largest of their inputs' (numpy broadcasting).
+BROADCASTING_OPS = frozenset(
+    {"Add", "Sub", "Mul", "Div", "Pow", "Max", "Min", "Sum", "Mean", "Where", "PRelu"}
+)
+# Ops whose output has the rank of their first input, beyond match.RANK_PRESERVING_OPS.
+_MORE_RANK_PRESERVING = frozenset(
+    {"GlobalAveragePool", "GlobalMaxPool", "LpPool", "Pad", "Resize", "Upsample", "Slice"}
+)
+_MAX_DEPTH = 256
 
 # Conv's type constraint has no bfloat16 before opset 22. float64 Conv is valid
 # ONNX, but onnxruntime has no kernel for it, so the output could not even be
@@ -59,10 +70,11 @@ def lower_unfolded(result: FoldPassResult, form: LowerForm) -> None:
     """
     model, report, unfolded = result.model, result.report, result.unfolded
     opset = model.opset_imports.get("", 1)
+    ranks = Ranks()
     for node, refusal in list(unfolded.items()):
         if node.graph is None or not match.is_inference_batchnorm(node):
             continue
-        outcome = lower_batchnorm(node, refusal, form, model, opset)
+        outcome = lower_batchnorm(node, refusal, form, model, opset, ranks)
         if isinstance(outcome, Lowered):
             report.lowered.append(outcome)
             del unfolded[node]
@@ -77,13 +89,18 @@ def lower_unfolded(result: FoldPassResult, form: LowerForm) -> None:
 
 
 def lower_batchnorm(
-    bn: ir.Node, refusal: Refusal, form: LowerForm, model: ir.Model, opset: int
+    bn: ir.Node,
+    refusal: Refusal,
+    form: LowerForm,
+    model: ir.Model,
+    opset: int,
+    ranks: Ranks | None = None,
 ) -> Lowered | Refusal:
     """Lower one BatchNormalization that ``refusal`` kept from folding, or say why not."""
     affine = match.batchnorm_affine(bn, model.ir_version)
     if isinstance(affine, Refusal):
         return _not_lowered(refusal, affine.code, affine.detail)
-    rank = match.rank(bn.inputs[0])
+    rank = (ranks or Ranks()).of(bn.inputs[0])
     if rank is None and bn.outputs[0].shape is not None:
         rank = len(bn.outputs[0].shape)
     if rank is None:
@@ -107,6 +124,45 @@ def lower_batchnorm(
         form = LowerForm.MUL_ADD
         _write_mul_add(bn, scale, shift, rank, model)
     return Lowered(match.label(bn), form, refusal.code, refusal.detail, note)
+
+
+class Ranks:
+    """The rank of values, read through their producers where shapes are missing.
+
+    Extends :func:`match.rank` (what folding relies on) with producers whose
+    output rank follows exactly from their inputs': a broadcasting op has the
+    largest rank of its inputs (all must be known), Concat the rank of any input,
+    a Conv or ConvTranspose the rank of its weight, pads, pools and resizes the
+    rank of their input. Remembers what it found: producers form a DAG, and
+    residual chains reach the same value by many paths.
+    """
+
+    def __init__(self) -> None:
+        self._known: dict[ir.Value, int | None] = {}
+
+    def of(self, value: ir.Value | None, depth: int = 0) -> int | None:
+        if value is None or depth > _MAX_DEPTH:
+            return None
+        if value not in self._known:
+            rank = match.rank(value)
+            self._known[value] = self._from_producer(value, depth) if rank is None else rank
+        return self._known[value]
+
+    def _from_producer(self, value: ir.Value, depth: int) -> int | None:
+        producer = value.producer()
+        if producer is None:
+            return None
+        op, inputs = producer.op_type, [v for v in producer.inputs if v is not None]
+        if op in ("Conv", "ConvTranspose") and len(inputs) > 1:
+            return self.of(inputs[1], depth + 1)
+        if op == "Concat":
+            return next((r for v in inputs if (r := self.of(v, depth + 1)) is not None), None)
+        if op in BROADCASTING_OPS:
+            found = [self.of(v, depth + 1) for v in inputs]
+            return None if not found or None in found else max(found)  # type: ignore[type-var]
+        if (op in match.RANK_PRESERVING_OPS or op in _MORE_RANK_PRESERVING) and inputs:
+            return self.of(inputs[0], depth + 1)
+        return None
 
 
 def _not_lowered(refusal: Refusal, code: Code, detail: str) -> Refusal:
