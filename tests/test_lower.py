@@ -308,6 +308,22 @@ def test_rank_is_read_through_an_add_of_convs() -> None:
     assert [lo.code for lo in result.report.lowered] == [Code.STANDALONE]
 
 
+def test_rank_is_read_through_a_constant_node() -> None:
+    """Relu(Add(conv(x), Constant)) -> BN, as MobileOne exports: the Constant has its own rank."""
+    nodes = [
+        helper.make_node("Conv", ["input", "w"], ["c"], name="conv"),
+        helper.make_node(
+            "Constant", [], ["k"], name="k", value=init("kv", np.ones((4, 1, 1), F32))
+        ),
+        helper.make_node("Add", ["c", "k"], ["s"], name="add"),
+        helper.make_node("Relu", ["s"], ["r"], name="relu"),
+        bn_node("bn", "r", "output"),
+    ]
+    inits = [init("w", RNG.normal(size=(4, 4, 1, 1)).astype(F32))]
+    result = lower_and_check(unannotated(nodes, inits, 4))
+    assert result.report.batchnorm.lowered == 1
+
+
 def test_rank_is_read_through_a_concat() -> None:
     """Concat(Relu(x), MaxPool(x)) -> BN, as in a DenseNet block."""
     nodes = [

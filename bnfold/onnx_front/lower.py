@@ -70,7 +70,7 @@ def lower_unfolded(result: FoldPassResult, form: LowerForm) -> None:
     """
     model, report, unfolded = result.model, result.report, result.unfolded
     opset = model.opset_imports.get("", 1)
-    ranks = Ranks()
+    ranks = Ranks(model.ir_version)
     for node, refusal in list(unfolded.items()):
         if node.graph is None or not match.is_inference_batchnorm(node):
             continue
@@ -100,7 +100,7 @@ def lower_batchnorm(
     affine = match.batchnorm_affine(bn, model.ir_version)
     if isinstance(affine, Refusal):
         return _not_lowered(refusal, affine.code, affine.detail)
-    rank = (ranks or Ranks()).of(bn.inputs[0])
+    rank = (ranks or Ranks(model.ir_version)).of(bn.inputs[0])
     if rank is None and bn.outputs[0].shape is not None:
         rank = len(bn.outputs[0].shape)
     if rank is None:
@@ -133,11 +133,13 @@ class Ranks:
     output rank follows exactly from their inputs': a broadcasting op has the
     largest rank of its inputs (all must be known), Concat the rank of any input,
     a Conv or ConvTranspose the rank of its weight, pads, pools and resizes the
-    rank of their input. Remembers what it found: producers form a DAG, and
-    residual chains reach the same value by many paths.
+    rank of their input, a constant (a Constant node, say) its own. Remembers
+    what it found: producers form a DAG, and residual chains reach the same
+    value by many paths.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, ir_version: int) -> None:
+        self._ir_version = ir_version
         self._known: dict[ir.Value, int | None] = {}
 
     def of(self, value: ir.Value | None, depth: int = 0) -> int | None:
@@ -152,6 +154,9 @@ class Ranks:
         producer = value.producer()
         if producer is None:
             return None
+        array = constant_array(value, self._ir_version)
+        if array is not None:
+            return array.ndim
         op, inputs = producer.op_type, [v for v in producer.inputs if v is not None]
         if op in ("Conv", "ConvTranspose") and len(inputs) > 1:
             return self.of(inputs[1], depth + 1)
