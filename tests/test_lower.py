@@ -251,6 +251,22 @@ def test_dtype_is_kept(form: LowerForm, dtype: type) -> None:
     )
 
 
+def test_fp16_input_with_fp32_statistics_lowers_to_fp16_constants() -> None:
+    """Opset 15 lets the statistics differ in type from x; the Mul must match x."""
+    nodes = [
+        helper.make_node("Relu", ["input"], ["r"], name="relu_in"),
+        bn_node("bn", "r", "b"),
+        helper.make_node("Relu", ["b"], ["output"], name="relu_out"),
+    ]
+    m = model(
+        nodes, bn_params("bn", 4, F32), [("input", [2, 4, 3, 3])], ["output"],
+        dtype=onnx.TensorProto.FLOAT16, opset=15,
+    )  # fmt: skip
+    del m.graph.value_info[:]
+    result = lower_and_check(m, rtol=1e-2)
+    assert constant(result.model, "bn_scale").dtype == np.float16
+
+
 @pytest.mark.parametrize("form", FORMS)
 def test_bf16_is_kept_and_conv_below_opset_22_falls_back(form: LowerForm) -> None:
     m = relu_bn_relu(dtype=ml_dtypes.bfloat16)

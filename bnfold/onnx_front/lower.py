@@ -41,6 +41,13 @@ BROADCASTING_OPS = frozenset(
 _MORE_RANK_PRESERVING = frozenset(
     {"GlobalAveragePool", "GlobalMaxPool", "LpPool", "Pad", "Resize", "Upsample", "Slice"}
 )
+# Ops whose output has the element type of their first input.
+_SAME_TYPE_OPS = (
+    (match.RANK_PRESERVING_OPS - {"Cast", "CastLike"})
+    | (BROADCASTING_OPS - {"Where"})
+    | _MORE_RANK_PRESERVING
+    | {"Concat", "Gemm", "MatMul", "Flatten", "Reshape", "Transpose", "Squeeze", "Unsqueeze"}
+)
 _MAX_DEPTH = 256
 
 # Conv's type constraint has no bfloat16 before opset 22. float64 Conv is valid
@@ -107,7 +114,8 @@ def lower_batchnorm(
         return _not_lowered(
             refusal,
             Code.UNKNOWN_RANK,
-            "input rank unknown, so the channel axis of the constants is (run shape inference)",
+            "the input's rank is unknown, so no constant shape is sure to broadcast on axis 1 "
+            "(run shape inference first)",
         )
     if rank < 2:
         return _not_lowered(refusal, Code.BAD_SHAPE, f"rank-{rank} input has no channel axis")
@@ -175,17 +183,45 @@ def _not_lowered(refusal: Refusal, code: Code, detail: str) -> Refusal:
 
 
 def _batchnorm_dtype(bn: ir.Node, ir_version: int) -> np.dtype:
-    """The dtype of the BN's input and output; from its scale when neither is annotated.
+    """The dtype of the BN's input (the Mul's operands must match it exactly).
 
-    Before opset 15 the scale has the input's type by definition; from 15 on it
-    may differ, but an unannotated graph leaves nothing better to go by.
+    Read from the annotations, else from what produced the input (a typed graph
+    input, a Cast, a constant), else from the BN's scale: before opset 15 that has
+    the input's type by definition; from 15 on it may differ (an fp16 model with
+    fp32 statistics), and verification would then fail to load the output.
     """
-    for value in (bn.inputs[0], bn.outputs[0]):
-        if value is not None and value.type is not None:
-            return np.dtype(value.type.dtype.numpy())
+    if bn.outputs[0].type is not None:
+        return np.dtype(bn.outputs[0].type.dtype.numpy())
+    found = _element_type(bn.inputs[0], ir_version)
+    if found is not None:
+        return found
     scale = constant_array(bn.inputs[1], ir_version)
     assert scale is not None  # batchnorm_affine read it
     return scale.dtype
+
+
+def _element_type(value: ir.Value | None, ir_version: int) -> np.dtype | None:
+    """The element type of ``value``, followed back through ops that keep their input's."""
+    for _ in range(_MAX_DEPTH):
+        if value is None:
+            return None
+        if value.type is not None:
+            return np.dtype(value.type.dtype.numpy())
+        array = constant_array(value, ir_version)
+        if array is not None:
+            return array.dtype
+        producer = value.producer()
+        if producer is None or not producer.inputs:
+            return None
+        if producer.op_type == "Cast":
+            return np.dtype(ir.DataType(producer.attributes.get_int("to", 0)).numpy())
+        if producer.op_type == "CastLike" and len(producer.inputs) > 1:
+            value = producer.inputs[1]
+        elif producer.op_type in _SAME_TYPE_OPS:
+            value = producer.inputs[0]
+        else:
+            return None
+    return None
 
 
 def _why_not_conv(rank: int, dtype: np.dtype, opset: int) -> str:
