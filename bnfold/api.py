@@ -24,6 +24,11 @@ from bnfold.onnx_front.passes import FoldAffinePass, FoldPassResult
 from bnfold.report import FoldReport, FoldResult, LowerForm, VerifyResult
 
 TORCH_SUFFIXES = (".pt2", ".pt", ".pth")
+# Lowering rewrites ONNX graphs only; the message names the way there.
+TORCH_LOWERING_UNSUPPORTED = (
+    "lower_standalone (--lower-standalone) is not supported for torch models; "
+    "export the folded model to ONNX (--to-onnx) and lower that"
+)
 
 
 def fold(
@@ -193,12 +198,6 @@ def fold_file(
 
     written = io.save_model(result.model, output, external_data=keep_external, accept=accept)
     return result, written
-
-
-TORCH_LOWERING_UNSUPPORTED = (
-    "lower_standalone (--lower-standalone) is not supported for torch models; "
-    "export the folded model to ONNX (--to-onnx) and lower that"
-)
 
 
 def _fold_onnx(

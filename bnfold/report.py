@@ -170,9 +170,10 @@ class FoldReport:
 
     def summary(self) -> str:
         verb = "would fold" if self.dry_run else "folded"
-        head = f"{verb} {len(self.folded)}, refused {len(self.refused)} ({self.front})"
+        counts = f"{verb} {len(self.folded)}, refused {len(self.refused)}"
         if self.lowered:
-            head = head.replace(" (", f", lowered {len(self.lowered)} (", 1)
+            counts += f", lowered {len(self.lowered)}"
+        head = f"{counts} ({self.front})"
         if self.rounding is not Rounding.NEAREST:
             head += f", {self.rounding.value} rounding"
         lines = [head]
