@@ -236,6 +236,34 @@ def test_bn_inside_an_if_body_is_lowered_there(form: LowerForm) -> None:
     assert result.report.batchnorm.lowered == 1
 
 
+def test_bn_inside_a_loop_body_is_lowered_there() -> None:
+    """Loop(2) { x = BN(Relu(x)) }: the BN reads a loop-carried value."""
+    body = helper.make_graph(
+        [
+            helper.make_node("Identity", ["cond_in"], ["cond_out"], name="keep"),
+            helper.make_node("Relu", ["x_in"], ["r"], name="body_relu"),
+            bn_node("body_bn", "r", "x_out"),
+        ],
+        "body",
+        [
+            helper.make_tensor_value_info("i", onnx.TensorProto.INT64, []),
+            helper.make_tensor_value_info("cond_in", onnx.TensorProto.BOOL, []),
+            helper.make_tensor_value_info("x_in", onnx.TensorProto.FLOAT, [1, 4, 3, 3]),
+        ],
+        [
+            helper.make_tensor_value_info("cond_out", onnx.TensorProto.BOOL, []),
+            helper.make_tensor_value_info("x_out", onnx.TensorProto.FLOAT, [1, 4, 3, 3]),
+        ],
+        initializer=bn_params("body_bn", 4),
+    )
+    loop = helper.make_node("Loop", ["trips", "cond", "input"], ["output"], name="loop", body=body)
+    inits = [init("trips", np.array(2, np.int64)), init("cond", np.array(True))]
+    m = model([loop], inits, [("input", [1, 4, 3, 3])], ["output"], output_shapes=[[1, 4, 3, 3]])
+    result = lower_and_check(m)
+    assert "BatchNormalization" not in op_types(result.model)
+    assert [lo.site for lo in result.report.lowered] == ["body_bn"]
+
+
 @pytest.mark.parametrize("form", FORMS)
 @pytest.mark.parametrize("dtype", [np.float16, np.float64])
 def test_dtype_is_kept(form: LowerForm, dtype: type) -> None:
