@@ -143,6 +143,10 @@ class Refusal:
     code: Code
     detail: str
 
+    def not_lowered(self, code: Code, why: str) -> Refusal:
+        """This refusal of a fold, for a BatchNorm that could not be lowered either."""
+        return Refusal(self.site, code, f"{self.detail}; not lowered: {why}")
+
 
 @dataclass
 class FoldReport:

@@ -106,25 +106,24 @@ def lower_batchnorm(
     """Lower one BatchNormalization that ``refusal`` kept from folding, or say why not."""
     affine = match.batchnorm_affine(bn, model.ir_version)
     if isinstance(affine, Refusal):
-        return _not_lowered(refusal, affine.code, affine.detail)
+        return refusal.not_lowered(affine.code, affine.detail)
     rank = (ranks or Ranks(model.ir_version)).of(bn.inputs[0])
     if rank is None and bn.outputs[0].shape is not None:
         rank = len(bn.outputs[0].shape)
     if rank is None:
-        return _not_lowered(
-            refusal,
+        return refusal.not_lowered(
             Code.UNKNOWN_RANK,
             "the input's rank is unknown, so no constant shape is sure to broadcast on axis 1 "
             "(run shape inference first)",
         )
     if rank < 2:
-        return _not_lowered(refusal, Code.BAD_SHAPE, f"rank-{rank} input has no channel axis")
+        return refusal.not_lowered(Code.BAD_SHAPE, f"rank-{rank} input has no channel axis")
     dtype = _batchnorm_dtype(bn, model.ir_version)
     try:
         scale = cast_checked(affine.scale, dtype, "scale")
         shift = cast_checked(affine.shift, dtype, "shift")
     except Unfoldable as err:
-        return _not_lowered(refusal, Code.BAD_VALUES, str(err))
+        return refusal.not_lowered(Code.BAD_VALUES, str(err))
     note = _why_not_conv(rank, dtype, opset) if form is LowerForm.CONV else ""
     if form is LowerForm.CONV and not note:
         _write_conv(bn, scale, shift, rank, model)
@@ -176,10 +175,6 @@ class Ranks:
         if (op in match.RANK_PRESERVING_OPS or op in _MORE_RANK_PRESERVING) and inputs:
             return self.of(inputs[0], depth + 1)
         return None
-
-
-def _not_lowered(refusal: Refusal, code: Code, detail: str) -> Refusal:
-    return Refusal(refusal.site, code, f"{refusal.detail}; not lowered: {detail}")
 
 
 def _batchnorm_dtype(bn: ir.Node, ir_version: int) -> np.dtype:

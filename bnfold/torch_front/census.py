@@ -34,10 +34,15 @@ def modules_left(root: nn.Module, paths: list[str]) -> list[str]:
     return [p for p in paths if is_bn_like(root.get_submodule(p))]
 
 
+def refusal_naming(bn: str, refused: list[Refusal]) -> Refusal | None:
+    """The first refusal whose site names the BN at path ``bn``."""
+    return next((r for r in refused if bn in r.site.split(" -> ")), None)
+
+
 def batchnorm_count(
-    found: int, training: int, left: list[str], refused: list[Refusal]
+    found: int, training: int, left: list[str], refused: list[Refusal], lowered: int = 0
 ) -> BatchNormCount:
-    """Counts for a run that left the BNs named ``left``.
+    """Counts for a run that lowered ``lowered`` BNs and left the BNs named ``left``.
 
     A BN no refusal names (none should be) is counted as ``untraceable``: nothing
     said why it stayed.
@@ -45,10 +50,10 @@ def batchnorm_count(
     unclaimed = list(refused)
     codes = []
     for bn in left:
-        refusal = next((r for r in unclaimed if bn in r.site.split(" -> ")), None)
+        refusal = refusal_naming(bn, unclaimed)
         if refusal is None:
             codes.append(Code.UNTRACEABLE)
             continue
         unclaimed.remove(refusal)
         codes.append(refusal.code)
-    return BatchNormCount.of(found, training, 0, codes)
+    return BatchNormCount.of(found, training, lowered, codes)
