@@ -24,11 +24,6 @@ from bnfold.onnx_front.passes import FoldAffinePass, FoldPassResult
 from bnfold.report import FoldReport, FoldResult, LowerForm, VerifyResult
 
 TORCH_SUFFIXES = (".pt2", ".pt", ".pth")
-# Lowering rewrites ONNX graphs only; the message names the way there.
-TORCH_LOWERING_UNSUPPORTED = (
-    "lower_standalone (--lower-standalone) is not supported for torch models; "
-    "export the folded model to ONNX (--to-onnx) and lower that"
-)
 
 
 def fold(
@@ -61,22 +56,26 @@ def fold(
             (the exact float64 fold) or "balanced" (see :class:`bnfold.affine.Rounding`).
         lower_standalone: ONNX: after folding, rewrite every inference BatchNorm
             that could not fold as plain ops: True or "mul-add" for Mul + Add,
-            "conv" for a 1x1 depthwise Conv (see :mod:`bnfold.onnx_front.lower`).
-            False/None: no lowering. Reported in ``report.lowered``. Not supported
-            for torch models (raises NotSupportedError).
+            "conv" for a 1x1 depthwise Conv (see :mod:`bnfold.onnx_front.lower`);
+            an ExportedProgram gets aten mul/add or a conv (see
+            :func:`bnfold.torch_front.exported.lower_left`). False/None: no
+            lowering. Reported in ``report.lowered``. An eager nn.Module raises
+            NotSupportedError: export it first.
 
     Returns:
         FoldResult with ``.model`` (same kind as given; a path gives an onnx_ir.Model)
         and ``.report``.
     """
     lower = _lower_form(lower_standalone)
-    if lower is not None and (_is_torch_module(model) or _is_exported_program(model)):
-        raise NotSupportedError(TORCH_LOWERING_UNSUPPORTED)
     if _is_torch_module(model):
         from bnfold.torch_front import fold_module
 
         if example_inputs is None:
             raise BnfoldError("folding a torch module needs example_inputs=(x,)")
+        if lower is not None:
+            from bnfold.torch_front.files import EAGER_LOWERING_UNSUPPORTED
+
+            raise NotSupportedError(EAGER_LOWERING_UNSUPPORTED)
         o = verify_options or VerifyOptions()
         return fold_module(
             model, example_inputs, inplace=inplace, rtol=o.rtol, atol=o.atol, samples=o.samples,
@@ -85,7 +84,7 @@ def fold(
     if _is_exported_program(model):
         from bnfold.torch_front.files import fold_program
 
-        return fold_program(model, verify_options or VerifyOptions(), _rounding(rounding))
+        return fold_program(model, verify_options or VerifyOptions(), _rounding(rounding), lower)
     reference = None
     if verify:
         # The untouched input is the reference; with inplace=True it is about to

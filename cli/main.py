@@ -205,9 +205,9 @@ main.add_command(bench)
     default=None,
     callback=lambda _ctx, _param, value: None if value is None else LowerForm(value),
     help=(
-        "ONNX: after folding, rewrite every inference BatchNorm that could not fold as "
-        "Mul+Add (alone, or =mul-add) or a 1x1 depthwise Conv (=conv). Before MODEL, "
-        "write it with '='."
+        "ONNX and .pt2: after folding, rewrite every inference BatchNorm that could not "
+        "fold as Mul+Add (alone, or =mul-add) or a 1x1 depthwise Conv (=conv). Before "
+        "MODEL, write it with '='."
     ),
 )
 @click.option("--jobs", type=click.IntRange(1), default=1, help="Folder mode: parallel processes.")
@@ -268,16 +268,13 @@ def fold(
     if torch_source is not None:
         if output is None:
             raise InputError("missing -o/--output")
-        if lower is not None:
-            from bnfold.api import TORCH_LOWERING_UNSUPPORTED
-
-            raise InputError(TORCH_LOWERING_UNSUPPORTED)
         from bnfold.torch_front.files import fold_torch
 
         options = _torch_verify_options(no_verify, verify_kw)
         result, written = fold_torch(
-            torch_source, output, options, to_onnx, require_verified=strict, rounding=rounding
-        )
+            torch_source, output, options, to_onnx, require_verified=strict, rounding=rounding,
+            lower=lower,
+        )  # fmt: skip
         _print_fold(result, written, output, as_json, report_path)
         sys.exit(_fold_exit_code(written))
     if model is None:

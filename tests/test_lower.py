@@ -538,28 +538,112 @@ def test_folder_mode_passes_the_option_to_every_model(flag: str, tmp_path: Path)
         assert ("Mul" in ops) == (form == "mul-add")
 
 
-# --- torch: not supported --------------------------------------------------------------
+# --- torch: exported programs lower at graph level, eager modules do not -------------
 
 
-def test_torch_module_with_lower_standalone_is_refused_clearly() -> None:
+def relu_bn_net(bn_type: str = "BatchNorm2d"):  # type: ignore[no-untyped-def]
+    """ReLU -> BN with random statistics, in eval mode."""
     torch = pytest.importorskip("torch")
-    net = torch.nn.Sequential(torch.nn.ReLU(), torch.nn.BatchNorm2d(3)).eval()
-    with pytest.raises(NotSupportedError, match="not supported for torch"):
-        bnfold.fold(net, (torch.randn(1, 3, 4, 4),), lower_standalone=True)
+    bn = getattr(torch.nn, bn_type)(3)
+    with torch.no_grad():
+        bn.running_mean.normal_(0, 0.5)
+        bn.running_var.uniform_(0.5, 2.0)
+        bn.bias.normal_(0, 0.5)
+    return torch.nn.Sequential(torch.nn.ReLU(), bn).eval()
 
 
-def test_cli_torch_file_with_lower_standalone_exits_2_with_one_line(tmp_path: Path) -> None:
+def aten_ops(program) -> list[str]:  # type: ignore[no-untyped-def]
+    return [str(n.target) for n in program.graph_module.graph.nodes if n.op == "call_function"]
+
+
+@pytest.mark.parametrize(
+    ("form", "op"), [("mul-add", "aten.mul.Tensor"), ("conv", "aten.conv2d.default")]
+)
+def test_exported_program_lowers_its_batch_norm(form: str, op: str) -> None:
     torch = pytest.importorskip("torch")
-    from tests.test_torch_io import Net, save_program
+    x = torch.randn(2, 3, 5, 5)
+    program = torch.export.export(relu_bn_net(), (x,), strict=False)
+    result = bnfold.fold(program, lower_standalone=form)
+    assert result.verification is not None and result.verification.passed
+    ops = aten_ops(result.model)
+    assert op in ops and not any("batch_norm" in o for o in ops)
+    assert [(lo.site, lo.form.value) for lo in result.report.lowered] == [("1", form)]
+    torch.testing.assert_close(result.model.module()(x), program.module()(x))
 
-    program = tmp_path / "net.pt2"
-    save_program(Net().eval(), torch.randn(2, 3, 8, 8), program)
-    result = CliRunner().invoke(
-        main, ["fold", str(program), "-o", str(tmp_path / "o.pt2"), "--lower-standalone"]
+
+def test_exported_lowering_keeps_fp16_and_falls_back_on_rank_2() -> None:
+    torch = pytest.importorskip("torch")
+    program = torch.export.export(relu_bn_net("BatchNorm1d").half(), (torch.randn(4, 3).half(),))
+    result = bnfold.fold(program, lower_standalone="conv")
+    (lowered,) = result.report.lowered
+    assert lowered.form is LowerForm.MUL_ADD and "no spatial axis" in lowered.note
+    assert {v.dtype for v in result.model.state_dict.values()} == {torch.float16}
+
+
+def test_exported_counts_with_lowering_leave_no_inference_bn() -> None:
+    torch = pytest.importorskip("torch")
+    net, args = mixed_net()
+    result = bnfold.fold(torch.export.export(net, args, strict=False), lower_standalone=True)
+    assert result.report.batchnorm == bnfold.BatchNormCount(
+        found=4, folded=2, lowered=2, left=0, left_by_code={}, training=2
     )
+    assert sorted(lo.site for lo in result.report.lowered) == ["bn2", "bn4"]
+    assert {r.site for r in result.report.refused} == {"bnt", "bnn"}  # batch statistics
+
+
+def test_a_wrong_exported_lowering_fails_verification_and_nothing_is_written(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    torch = pytest.importorskip("torch")
+    from bnfold.affine import Affine
+    from bnfold.torch_front import exported
+    from bnfold.torch_front.files import fold_torch
+
+    real = exported._bn_affine
+
+    def planted(gm, bn):  # type: ignore[no-untyped-def]
+        affine = real(gm, bn)
+        return Affine(affine.scale, affine.shift + 0.01)
+
+    monkeypatch.setattr(exported, "_bn_affine", planted)
+    source, out = tmp_path / "in.pt2", tmp_path / "out.pt2"
+    torch.export.save(torch.export.export(relu_bn_net(), (torch.randn(1, 3, 4, 4),)), source)
+    result, written = fold_torch(str(source), out, lower=LowerForm.MUL_ADD)
+    assert not written and not out.exists()
+    assert result.verification is not None and result.verification.status == "failed"
+
+
+def test_eager_module_with_lower_standalone_is_refused_clearly() -> None:
+    torch = pytest.importorskip("torch")
+    with pytest.raises(NotSupportedError, match="exported programs only"):
+        bnfold.fold(relu_bn_net(), (torch.randn(1, 3, 4, 4),), lower_standalone=True)
+
+
+def test_cli_pt2_lowers_and_writes_a_program_without_batch_norm(tmp_path: Path) -> None:
+    torch = pytest.importorskip("torch")
+    source, out = tmp_path / "in.pt2", tmp_path / "out.pt2"
+    torch.export.save(torch.export.export(relu_bn_net(), (torch.randn(1, 3, 4, 4),)), source)
+    result = invoke("fold", source, "-o", out, "--lower-standalone=conv", "--json")
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.output)["report"]["batchnorm"]["lowered"] == 1
+    assert not any("batch_norm" in o for o in aten_ops(torch.export.load(out)))
+
+
+def test_cli_factory_to_state_dict_with_lower_standalone_exits_2_with_one_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    pytest.importorskip("torch")
+    from tests.test_torch_io import FACTORY
+
+    (tmp_path / "lower_factory.py").write_text(FACTORY)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    result = invoke(
+        "fold", "--module", "lower_factory:make", "--input-shape", "1x3x8x8",
+        "-o", tmp_path / "o.pt", "--lower-standalone",
+    )  # fmt: skip
     assert result.exit_code == 2
     assert result.output.strip().count("\n") == 0
-    assert "not supported for torch" in result.output
+    assert "exported programs only" in result.output
 
 
 def mixed_net():  # type: ignore[no-untyped-def]
