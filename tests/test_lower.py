@@ -611,6 +611,33 @@ def test_a_wrong_exported_lowering_fails_verification_and_nothing_is_written(
     result, written = fold_torch(str(source), out, lower=LowerForm.MUL_ADD)
     assert not written and not out.exists()
     assert result.verification is not None and result.verification.status == "failed"
+    # lowered again after the rollback, still under the fold's own refusal code
+    assert [lo.code for lo in result.report.lowered] == [Code.NONLINEAR_INPUT]
+
+
+def test_exported_lowering_survives_the_rollback_of_a_wrong_fold(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    torch = pytest.importorskip("torch")
+    from bnfold.torch_front import exported
+
+    real = exported.fold_after
+
+    def planted(*args, **kwargs):  # type: ignore[no-untyped-def]
+        weight, bias = real(*args, **kwargs)
+        return weight, bias + 0.1
+
+    monkeypatch.setattr(exported, "fold_after", planted)
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 3, 1), relu_bn_net()[1], *relu_bn_net()).eval()
+    program = torch.export.export(net, (torch.randn(1, 3, 4, 4),))
+    result = bnfold.fold(program, lower_standalone=True)
+    assert result.verification is not None and result.verification.passed
+    # the fold that failed is rolled back, and its BN is lowered like any other left
+    assert result.report.folded == [] and result.report.refused == []
+    assert [(lo.site, lo.code) for lo in result.report.lowered] == [
+        ("1", Code.VERIFICATION_FAILED),
+        ("3", Code.NONLINEAR_INPUT),
+    ]
 
 
 def test_eager_module_with_lower_standalone_is_refused_clearly() -> None:

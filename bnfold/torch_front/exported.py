@@ -536,13 +536,14 @@ def fold_graph_module(
         check = None if verify is None else checking.Check.of(original, args, verify)
         gm = make()
         added = _fold_to_fixpoint(gm, report, rounding)
+        fold_refusals = list(report.refused)  # what lowering starts from, again after a rollback
         if lower is not None:
             lower_left(gm, report, lower)
         verification = None if check is None else check(gm)
         if check is not None and verification is not None and not verification.passed:
+            report.refused, report.lowered = fold_refusals, []
             gm, verification, added = _rollback(make, list(added), check, report, rounding)
             if lower is not None:  # the rollback refolded fresh copies: lower those again
-                report.lowered.clear()
                 lower_left(gm, report, lower)
                 verification = check(gm)
         report.folded = [
