@@ -13,7 +13,17 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from bnfold.api import fold, inspect, verify
     from bnfold.errors import BnfoldError, NotSupportedError
-    from bnfold.report import Code, Folded, FoldReport, FoldResult, Refusal, VerifyResult
+    from bnfold.report import (
+        BatchNormCount,
+        Code,
+        Folded,
+        FoldReport,
+        FoldResult,
+        Lowered,
+        LowerForm,
+        Refusal,
+        VerifyResult,
+    )
 
 _HOMES = {
     "fold": "bnfold.api",
@@ -21,20 +31,26 @@ _HOMES = {
     "verify": "bnfold.api",
     "BnfoldError": "bnfold.errors",
     "NotSupportedError": "bnfold.errors",
+    "BatchNormCount": "bnfold.report",
     "Code": "bnfold.report",
     "Folded": "bnfold.report",
     "FoldReport": "bnfold.report",
     "FoldResult": "bnfold.report",
+    "Lowered": "bnfold.report",
+    "LowerForm": "bnfold.options",
     "Refusal": "bnfold.report",
     "VerifyResult": "bnfold.report",
 }
 
 __all__ = [
+    "BatchNormCount",
     "BnfoldError",
     "Code",
     "FoldReport",
     "FoldResult",
     "Folded",
+    "LowerForm",
+    "Lowered",
     "NotSupportedError",
     "Refusal",
     "VerifyResult",

@@ -16,11 +16,12 @@ import onnx_ir as ir
 
 from bnfold.affine import Rounding
 from bnfold.compare import MAX_INPUT_BYTES, VerifyOptions, verify_onnx
-from bnfold.errors import BnfoldError
+from bnfold.errors import BnfoldError, NotSupportedError
 from bnfold.onnx_front import io
+from bnfold.onnx_front.lower import lower_unfolded
 from bnfold.onnx_front.match import MatchOptions
-from bnfold.onnx_front.passes import FoldAffinePass
-from bnfold.report import FoldReport, FoldResult, VerifyResult
+from bnfold.onnx_front.passes import FoldAffinePass, FoldPassResult
+from bnfold.report import FoldReport, FoldResult, LowerForm, VerifyResult
 
 TORCH_SUFFIXES = (".pt2", ".pt", ".pth")
 
@@ -34,6 +35,7 @@ def fold(
     verify_options: VerifyOptions | None = None,
     clone_shared: bool = True,
     rounding: Rounding | str = Rounding.NEAREST,
+    lower_standalone: bool | LowerForm | str | None = False,
 ) -> FoldResult:
     """Fold every foldable BatchNorm / constant affine into its neighbouring linear op.
 
@@ -52,16 +54,28 @@ def fold(
             can proceed (reported as bytes_added); False refuses such sites.
         rounding: how folded weights are cast to the model's dtype: "nearest"
             (the exact float64 fold) or "balanced" (see :class:`bnfold.affine.Rounding`).
+        lower_standalone: ONNX: after folding, rewrite every inference BatchNorm
+            that could not fold as plain ops: True or "mul-add" for Mul + Add,
+            "conv" for a 1x1 depthwise Conv (see :mod:`bnfold.onnx_front.lower`);
+            an ExportedProgram gets aten mul/add or a conv (see
+            :func:`bnfold.torch_front.exported.lower_left`). False/None: no
+            lowering. Reported in ``report.lowered``. An eager nn.Module raises
+            NotSupportedError: export it first.
 
     Returns:
         FoldResult with ``.model`` (same kind as given; a path gives an onnx_ir.Model)
         and ``.report``.
     """
+    lower = _lower_form(lower_standalone)
     if _is_torch_module(model):
         from bnfold.torch_front import fold_module
 
         if example_inputs is None:
             raise BnfoldError("folding a torch module needs example_inputs=(x,)")
+        if lower is not None:
+            from bnfold.torch_front.files import EAGER_LOWERING_UNSUPPORTED
+
+            raise NotSupportedError(EAGER_LOWERING_UNSUPPORTED)
         o = verify_options or VerifyOptions()
         return fold_module(
             model, example_inputs, inplace=inplace, rtol=o.rtol, atol=o.atol, samples=o.samples,
@@ -70,7 +84,7 @@ def fold(
     if _is_exported_program(model):
         from bnfold.torch_front.files import fold_program
 
-        return fold_program(model, verify_options or VerifyOptions(), _rounding(rounding))
+        return fold_program(model, verify_options or VerifyOptions(), _rounding(rounding), lower)
     reference = None
     if verify:
         # The untouched input is the reference; with inplace=True it is about to
@@ -79,9 +93,8 @@ def fold(
             isinstance(model, ir.Model) and not inplace
         )
         reference = model if untouched else _onnx_model(model, copy=True)
-    fold_pass = FoldAffinePass(MatchOptions(clone_shared, _rounding(rounding)))
-    result = fold_pass(_onnx_model(model, copy=not inplace))
-    out = FoldResult(result.model, result.report)  # type: ignore[attr-defined]
+    result = _fold_onnx(_onnx_model(model, copy=not inplace), clone_shared, rounding, lower)
+    out = FoldResult(result.model, result.report)
     if reference is not None:
         # A path was loaded (and checked) by _onnx_model already.
         out.verification = verify_onnx(reference, out.model, verify_options)
@@ -143,6 +156,7 @@ def fold_file(
     clone_shared: bool = True,
     rounding: Rounding | str = Rounding.NEAREST,
     require_verified: bool = False,
+    lower_standalone: bool | LowerForm | str | None = False,
 ) -> tuple[FoldResult, bool]:
     """Fold an ONNX file and write the result atomically, verified before it is published.
 
@@ -154,7 +168,7 @@ def fold_file(
     ``in_place`` the input) untouched.
 
     Args:
-        clone_shared, rounding: as for :func:`fold`.
+        clone_shared, rounding, lower_standalone: as for :func:`fold`.
         require_verified: write only a verified fold (CLI ``--strict``); no
             effect with ``verify=False``, where nothing is compared.
 
@@ -170,8 +184,9 @@ def fold_file(
     _require_distinct(source, output, in_place)
     model = io.load_model(source)
     keep_external = any(True for _ in io.external_tensors(model))  # before folds replace them
-    folded = FoldAffinePass(MatchOptions(clone_shared, _rounding(rounding)))(model)
-    result = FoldResult(folded.model, folded.report)  # type: ignore[attr-defined]
+    lower = _lower_form(lower_standalone)
+    folded = _fold_onnx(model, clone_shared, rounding, lower)
+    result = FoldResult(folded.model, folded.report)
 
     def accept(staged: Path) -> bool:
         if verify:
@@ -182,6 +197,30 @@ def fold_file(
 
     written = io.save_model(result.model, output, external_data=keep_external, accept=accept)
     return result, written
+
+
+def _fold_onnx(
+    model: ir.Model, clone_shared: bool, rounding: Rounding | str, lower: LowerForm | None
+) -> FoldPassResult:
+    """Fold to the fixpoint, then lower what is left when ``lower`` asks for it."""
+    result = FoldAffinePass(MatchOptions(clone_shared, _rounding(rounding)))(model)
+    assert isinstance(result, FoldPassResult)
+    if lower is not None:
+        lower_unfolded(result, lower)
+    return result
+
+
+def _lower_form(value: bool | LowerForm | str | None) -> LowerForm | None:
+    """``lower_standalone`` as a LowerForm: True is mul-add, False/None no lowering."""
+    if value is None or value is False:
+        return None
+    if value is True:
+        return LowerForm.MUL_ADD
+    try:
+        return LowerForm(value)
+    except ValueError:
+        choices = ", ".join(f.value for f in LowerForm)
+        raise BnfoldError(f"unknown lower_standalone {value!r}; choose from {choices}") from None
 
 
 def _rounding(value: Rounding | str) -> Rounding:

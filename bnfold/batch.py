@@ -25,6 +25,7 @@ from typing import Any
 from bnfold.affine import Rounding
 from bnfold.api import VerifyOptions
 from bnfold.errors import BnfoldError
+from bnfold.report import LowerForm
 
 MODEL_SUFFIX = ".onnx"
 
@@ -42,6 +43,8 @@ class ModelOutcome:
     status: str  # ok | not_verified | verify_failed | error
     folded: int = 0
     refused: int = 0
+    lowered: int = 0  # BNs that could not fold, lowered (lower_standalone)
+    bn_left: int = 0  # inference BNs still in the output
     written: bool = False
     error: str = ""  # one line, for status "error"
     seconds: float = 0.0
@@ -103,6 +106,7 @@ def fold_one(
     source: str, output: str, rel_source: str, rel_output: str, verify: bool,
     options: VerifyOptions | None, require_verified: bool = False,
     clone_shared: bool = True, rounding: Rounding = Rounding.NEAREST,
+    lower_standalone: LowerForm | None = None,
 ) -> ModelOutcome:  # fmt: skip
     """Fold one model file; never raises: failures become an outcome with one line."""
     from bnfold.api import fold_file
@@ -114,6 +118,7 @@ def fold_one(
         result, written = fold_file(
             source, output, verify=verify, verify_options=options,
             require_verified=require_verified, clone_shared=clone_shared, rounding=rounding,
+            lower_standalone=lower_standalone,
         )  # fmt: skip
     except PermissionError:
         outcome.error = f"cannot write to {str(Path(output).parent)!r}: permission denied"
@@ -124,6 +129,9 @@ def fold_one(
     else:
         outcome.folded = len(result.report.folded)
         outcome.refused = len(result.report.refused)
+        outcome.lowered = len(result.report.lowered)
+        counts = result.report.batchnorm
+        outcome.bn_left = counts.left if counts is not None else 0
         outcome.written = written
         outcome.result = result.to_dict()
         status = result.verification.status if result.verification else "passed"
@@ -142,6 +150,7 @@ def fold_directory(
     require_verified: bool = False,
     clone_shared: bool = True,
     rounding: Rounding = Rounding.NEAREST,
+    lower_standalone: LowerForm | None = None,
     on_start: Callable[[int], None] | None = None,
     on_done: Callable[[ModelOutcome], None] | None = None,
 ) -> BatchReport:
@@ -156,7 +165,7 @@ def fold_directory(
         require_verified: write only verified folds; a model that could not be
             verified is reported "not_verified" with ``written`` False, the
             others are still written.
-        clone_shared, rounding: as for :func:`bnfold.api.fold`.
+        clone_shared, rounding, lower_standalone: as for :func:`bnfold.api.fold`.
         on_start: called once with the number of models found.
         on_done: called after each model, in completion order (progress bars).
 
@@ -178,7 +187,8 @@ def fold_directory(
     tasks = []
     for rel in models:
         tasks.append((str(src / rel), str(dst / rel), rel.as_posix(), rel.as_posix(), verify,
-                      verify_options, require_verified, clone_shared, rounding))  # fmt: skip
+                      verify_options, require_verified, clone_shared, rounding,
+                      lower_standalone))  # fmt: skip
     start = time.perf_counter()
     done = _run_serial(tasks, on_done) if jobs <= 1 else _run_pool(tasks, jobs, on_done)
     report.outcomes = [done[task[2]] for task in tasks]
@@ -202,7 +212,9 @@ def write_report(report: BatchReport, path: str | os.PathLike[str]) -> None:
         raise BnfoldError(f"cannot write report {str(target)!r}: {err.strerror or err}") from None
 
 
-Task = tuple[str, str, str, str, bool, "VerifyOptions | None", bool, bool, Rounding]
+Task = tuple[
+    str, str, str, str, bool, "VerifyOptions | None", bool, bool, Rounding, "LowerForm | None"
+]
 
 
 def _run_serial(

@@ -37,3 +37,14 @@ class Rounding(str, enum.Enum):
 
     NEAREST = "nearest"
     BALANCED = "balanced"
+
+
+class LowerForm(str, enum.Enum):
+    """What ``lower_standalone`` turns a BatchNorm that cannot fold into.
+
+    MUL_ADD is ``Mul(x, s) -> Add(·, t)``; CONV a 1x1 depthwise ``Conv`` (group = C)
+    with the shift as its bias, for compilers that fuse only Conv.
+    """
+
+    MUL_ADD = "mul-add"
+    CONV = "conv"

@@ -12,7 +12,7 @@ from collections import Counter
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from bnfold.affine import Rounding
+from bnfold.options import LowerForm, Rounding
 
 
 class Code(str, enum.Enum):
@@ -56,6 +56,8 @@ class Code(str, enum.Enum):
     """No finder could see what feeds the BatchNorm, or it did not run on the inputs."""
     HOOKED = "hooked"
     """The module has forward hooks that the fold would bypass or feed other values."""
+    UNKNOWN_RANK = "unknown_rank"
+    """Lowering: the BatchNorm's input rank is unknown, so no constant shape broadcasts safely."""
 
 
 @dataclass(frozen=True)
@@ -71,12 +73,68 @@ class Folded:
 
 
 @dataclass(frozen=True)
+class Lowered:
+    """One BatchNormalization that could not fold, rewritten as plain ops."""
+
+    site: str  # the BatchNorm's name
+    form: LowerForm  # what it became (mul-add when conv was asked but cannot apply)
+    code: Code  # why it could not fold
+    detail: str  # the fold's refusal, for people
+    note: str = ""  # why ``form`` is not the one asked for, if it is not
+
+
+@dataclass
+class BatchNormCount:
+    """What became of the inference BatchNorms of one run: ``found = folded + lowered + left``.
+
+    ``left_by_code`` counts the BNs still in the output by the code of their refusal;
+    training-mode BNs (torch: also those without running statistics, which use
+    batch statistics too) are never touched and are counted apart, not in ``found``.
+    """
+
+    found: int = 0
+    folded: int = 0
+    lowered: int = 0
+    left: int = 0
+    left_by_code: dict[str, int] = field(default_factory=dict)
+    training: int = 0
+
+    @classmethod
+    def of(cls, found: int, training: int, lowered: int, left_codes: list[Code]) -> BatchNormCount:
+        """Counts from the BNs found, the number lowered and each left BN's refusal code."""
+        by_code = Counter(code.value for code in left_codes)
+        left = len(left_codes)
+        return cls(
+            found, found - lowered - left, lowered, left, dict(sorted(by_code.items())), training
+        )
+
+    def table(self, dry_run: bool = False) -> str:
+        """A short table: found, folded, lowered, left, then one row per code of those left."""
+        rows = [
+            ("BatchNorm (inference)", ""),
+            ("found", str(self.found)),
+            ("would fold" if dry_run else "folded", str(self.folded)),
+            ("lowered", str(self.lowered)),
+            ("left", str(self.left)),
+        ]
+        rows += [(f"  {code}", str(n)) for code, n in self.left_by_code.items()]
+        if self.training:
+            rows.append(("training mode, untouched", str(self.training)))
+        width = max(len(label) for label, _ in rows)
+        return "\n".join(f"  {label:<{width}}  {n:>5}".rstrip() for label, n in rows)
+
+
+@dataclass(frozen=True)
 class Refusal:
     """One site left unchanged, and why."""
 
     site: str
     code: Code
     detail: str
+
+    def not_lowered(self, code: Code, why: str) -> Refusal:
+        """This refusal of a fold, for a BatchNorm that could not be lowered either."""
+        return Refusal(self.site, code, f"{self.detail}; not lowered: {why}")
 
 
 @dataclass
@@ -90,6 +148,8 @@ class FoldReport:
     ops_before: dict[str, int] = field(default_factory=dict)
     ops_after: dict[str, int] = field(default_factory=dict)
     rounding: Rounding = Rounding.NEAREST  # how folded weights were cast to their dtype
+    lowered: list[Lowered] = field(default_factory=list)  # BNs that could not fold, lowered
+    batchnorm: BatchNormCount | None = None  # what became of each inference BN
 
     @property
     def codes(self) -> list[Code]:
@@ -103,14 +163,24 @@ class FoldReport:
 
     def summary(self) -> str:
         verb = "would fold" if self.dry_run else "folded"
-        head = f"{verb} {len(self.folded)}, refused {len(self.refused)} ({self.front})"
+        counts = f"{verb} {len(self.folded)}, refused {len(self.refused)}"
+        if self.lowered:
+            counts += f", lowered {len(self.lowered)}"
+        head = f"{counts} ({self.front})"
         if self.rounding is not Rounding.NEAREST:
             head += f", {self.rounding.value} rounding"
         lines = [head]
         lines += [f"  {verb}  {f.site}  [{f.pattern}]" for f in self.folded]
         lines += [f"  refused {r.site}  {r.code.value}: {r.detail}" for r in self.refused]
+        lines += [
+            f"  lowered {lo.site}  [{lo.form.value}] {lo.code.value}: {lo.detail}"
+            + (f" ({lo.note})" if lo.note else "")
+            for lo in self.lowered
+        ]
         if self.ops_before:
             lines.append(op_count_table(self.ops_before, self.ops_after))
+        if self.batchnorm is not None:
+            lines.append(self.batchnorm.table(self.dry_run))
         return "\n".join(lines)
 
 
@@ -207,7 +277,7 @@ class FoldResult:
 
     @property
     def modified(self) -> bool:
-        return bool(self.report.folded)
+        return bool(self.report.folded or self.report.lowered)
 
     def publishable(self, require_verified: bool = False) -> bool:
         """Whether the folded model may be written.

@@ -13,7 +13,7 @@ from typing import Any
 import click
 
 from bnfold.batch import ERROR, NOT_VERIFIED, OK, VERIFY_FAILED, BatchReport, ModelOutcome
-from bnfold.options import Rounding
+from bnfold.options import LowerForm, Rounding
 
 _STYLE = {OK: "green", NOT_VERIFIED: "yellow", VERIFY_FAILED: "red", ERROR: "red"}
 
@@ -30,6 +30,7 @@ def fold_directory(
     report_path: str | None,
     clone_shared: bool = True,
     rounding: Rounding = Rounding.NEAREST,
+    lower_standalone: LowerForm | None = None,
 ) -> int:
     """Fold every model under ``model_dir`` into ``out_dir``; return the exit code.
 
@@ -69,7 +70,7 @@ def fold_directory(
         report = batch.fold_directory(
             model_dir, out_dir, jobs=jobs, verify=verify, verify_options=verify_options,
             require_verified=strict, clone_shared=clone_shared, rounding=rounding,
-            on_start=started, on_done=finished,
+            lower_standalone=lower_standalone, on_start=started, on_done=finished,
         )  # fmt: skip
     if report_path:
         batch.write_report(report, report_path)
@@ -90,6 +91,8 @@ def _print_table(report: BatchReport) -> None:
         ("status", "left"),
         ("folded", "right"),
         ("refused", "right"),
+        ("lowered", "right"),
+        ("BN left", "right"),
         ("seconds", "right"),
         ("detail", "left"),
     ):
@@ -100,6 +103,8 @@ def _print_table(report: BatchReport) -> None:
             f"[{_STYLE[o.status]}]{o.status}[/]",
             str(o.folded) if o.status != ERROR else "-",
             str(o.refused) if o.status != ERROR else "-",
+            str(o.lowered) if o.status != ERROR else "-",
+            str(o.bn_left) if o.status != ERROR else "-",
             f"{o.seconds:.2f}",
             _detail(o),
         )

@@ -22,7 +22,7 @@ from bnfold.cli.errors import (
     InputError,
     one_line_errors,
 )
-from bnfold.options import DEFAULT_BENCH_LEVELS, MAX_INPUT_BYTES, Rounding
+from bnfold.options import DEFAULT_BENCH_LEVELS, MAX_INPUT_BYTES, LowerForm, Rounding
 
 
 def verify_options(func: F) -> F:
@@ -194,6 +194,20 @@ main.add_command(bench)
         "fold), or balanced (each output channel's rounding errors cancel; for fp16/bf16)."
     ),
 )
+@click.option(
+    "--lower-standalone",
+    "lower",
+    type=click.Choice([f.value for f in LowerForm]),
+    is_flag=False,
+    flag_value=LowerForm.MUL_ADD.value,
+    default=None,
+    callback=lambda _ctx, _param, value: None if value is None else LowerForm(value),
+    help=(
+        "ONNX and .pt2: after folding, rewrite every inference BatchNorm that could not "
+        "fold as Mul+Add (alone, or =mul-add) or a 1x1 depthwise Conv (=conv). Before "
+        "MODEL, write it with '='."
+    ),
+)
 @click.option("--jobs", type=click.IntRange(1), default=1, help="Folder mode: parallel processes.")
 @click.option(
     "--to-onnx",
@@ -222,6 +236,7 @@ def fold(
     as_json: bool,
     no_clone_shared: bool,
     rounding: Rounding,
+    lower: LowerForm | None,
     jobs: int,
     to_onnx: str | None,
     run_bench: bool,
@@ -255,8 +270,9 @@ def fold(
 
         options = _torch_verify_options(no_verify, verify_kw)
         result, written = fold_torch(
-            torch_source, output, options, to_onnx, require_verified=strict, rounding=rounding
-        )
+            torch_source, output, options, to_onnx, require_verified=strict, rounding=rounding,
+            lower=lower,
+        )  # fmt: skip
         _print_fold(result, written, output, as_json, report_path)
         sys.exit(_fold_exit_code(written))
     if model is None:
@@ -272,6 +288,7 @@ def fold(
             model, output, jobs=jobs, verify=not no_verify, strict=strict,
             verify_options=_verify_options(**verify_kw), as_json=as_json,
             report_path=report_path, clone_shared=not no_clone_shared, rounding=rounding,
+            lower_standalone=lower,
         )  # fmt: skip
         sys.exit(code)
     if output is None and not in_place:
@@ -288,6 +305,7 @@ def fold(
         clone_shared=not no_clone_shared,
         rounding=rounding,
         require_verified=strict,
+        lower_standalone=lower,
     )
     timing = _bench_after_fold(model, target, options) if run_bench and written else None
     _print_fold(result, written, target, as_json, report_path, timing)

@@ -553,6 +553,9 @@ Notes:
   `--no-clone-shared` both are refused with `shared_weight`.
 - `neg_matmul_3d_bn.onnx`: MatMul's output channels are its last axis (8), BN's are
   axis 1 (4), so the BN scale does not act per column of W.
+- With `--lower-standalone` every refused BN above except the training-mode one is
+  lowered to Mul + Add (or a 1x1 depthwise Conv); `neg_standalone_bn.onnx` is the
+  smallest such model.
 """
 
 

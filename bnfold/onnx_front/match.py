@@ -736,6 +736,34 @@ def _batchnorm_affine(node: ir.Node, channels: int, ir_version: int) -> Affine:
     return _checked(lambda: bn_to_affine(gamma, beta, mean, var, eps))
 
 
+def is_inference_batchnorm(node: ir.Node) -> bool:
+    """A default-domain BatchNormalization in inference mode: one a fold or lowering may remove."""
+    if node.op_type != "BatchNormalization" or node.domain not in ("", "ai.onnx"):
+        return False
+    try:
+        _require_inference(node)
+    except _Refused:
+        return False
+    return True
+
+
+def batchnorm_affine(node: ir.Node, ir_version: int) -> Affine | Refusal:
+    """The per-channel affine an inference BatchNormalization computes, or why it has none.
+
+    Refuses with the BN's own codes: TRAINING_MODE, NOT_PER_CHANNEL (spatial=0),
+    NOT_CONSTANT, BAD_SHAPE, BAD_VALUES.
+    """
+    try:
+        return _batchnorm_affine(node, _bn_channels(node, ir_version), ir_version)
+    except _Refused as refused:
+        return Refusal(label(node), refused.code, refused.detail)
+
+
+def rank(value: ir.Value | None) -> int | None:
+    """The rank of ``value``, from its shape or what produced it (see :func:`_rank`)."""
+    return _rank(value)
+
+
 def _require_inference(node: ir.Node) -> None:
     if node.attributes.get_int("training_mode", 0) == 1:
         raise _Refused(Code.TRAINING_MODE, "training_mode=1: batch statistics, not running ones")

@@ -11,7 +11,7 @@ from bnfold.onnx_front import match
 from bnfold.onnx_front.constants import is_pure_constant_op
 from bnfold.onnx_front.folded import ConstantData, DeferredWeight, ExactBias, as_tensor
 from bnfold.onnx_front.match import Direction, FoldPlan, LinearOp, MatchOptions
-from bnfold.report import Folded, FoldReport, Refusal, count_ops
+from bnfold.report import BatchNormCount, Code, Folded, FoldReport, Refusal, count_ops
 
 # Folded weights up to this many bytes stay in memory from planning to saving;
 # past it they are recomputed during the save. Small models then fold each weight
@@ -43,9 +43,14 @@ class _Budget:
 
 @dataclass
 class FoldPassResult(ir.passes.PassResult):
-    """The pass result plus the report of every fold and refusal."""
+    """The pass result plus the report of every fold and refusal.
+
+    ``unfolded`` maps each affine node left in the model to its refusal (the
+    report's ``refused``, by node), for the passes that run after folding.
+    """
 
     report: FoldReport = field(default_factory=lambda: FoldReport(front="onnx"))
+    unfolded: dict[ir.Node, Refusal] = field(default_factory=dict)
 
 
 class FoldAffinePass(ir.passes.InPlacePass):
@@ -65,6 +70,8 @@ class FoldAffinePass(ir.passes.InPlacePass):
     rounded once (see :mod:`bnfold.onnx_front.folded`).
     Refuses: every code listed in :func:`bnfold.onnx_front.match.plan`; the
              site is left exactly as it was.
+    Reports each fold and refusal, and in ``report.batchnorm`` how many inference
+    BatchNorms were found, folded and left (by refusal code).
     """
 
     def __init__(
@@ -78,28 +85,30 @@ class FoldAffinePass(ir.passes.InPlacePass):
         report = FoldReport(
             front="onnx", ops_before=op_counts(model), rounding=self.options.rounding
         )
-        refused: list[Refusal] = []
+        found, training = batchnorm_census(model)
+        refused: dict[ir.Node, Refusal] = {}
         budget = _Budget(self.held_bytes)
         progress = True
         while progress:
             progress, refused = self._one_round(model, report, self.options, budget)
-        report.refused = refused
+        report.refused = list(refused.values())
         report.ops_after = op_counts(model)
-        return FoldPassResult(model, bool(report.folded), report)
+        report.batchnorm = BatchNormCount.of(found, training, 0, left_codes(refused))
+        return FoldPassResult(model, bool(report.folded), report, refused)
 
     @staticmethod
     def _one_round(
         model: ir.Model, report: FoldReport, options: MatchOptions, budget: _Budget
-    ) -> tuple[bool, list[Refusal]]:
+    ) -> tuple[bool, dict[ir.Node, Refusal]]:
         """Plan and apply every site once; a refusal now may fold next round."""
-        refused: list[Refusal] = []
+        refused: dict[ir.Node, Refusal] = {}
         folded_any = False
         for node in list(all_nodes(model)):
             if node.graph is None:  # removed by an earlier fold this round
                 continue
             outcome = match.plan(node, model.ir_version, options, hold=budget.allows)
             if isinstance(outcome, Refusal):
-                refused.append(outcome)
+                refused[node] = outcome
             elif outcome is not None:
                 apply_plan(outcome, model)
                 budget.charge(outcome)
@@ -127,6 +136,26 @@ def op_counts(model: ir.Model) -> dict[str, int]:
     return count_ops([node.op_type for node in all_nodes(model)])
 
 
+def batchnorm_census(model: ir.Model) -> tuple[int, int]:
+    """(inference, training-mode) BatchNormalization nodes in the model, subgraphs included."""
+    bns = [
+        n
+        for n in all_nodes(model)
+        if n.op_type == "BatchNormalization" and n.domain in ("", "ai.onnx")
+    ]
+    inference = sum(1 for n in bns if match.is_inference_batchnorm(n))
+    return inference, len(bns) - inference
+
+
+def left_codes(unfolded: dict[ir.Node, Refusal]) -> list[Code]:
+    """The refusal code of each inference BatchNormalization still in the model."""
+    return [
+        refusal.code
+        for node, refusal in unfolded.items()
+        if node.graph is not None and match.is_inference_batchnorm(node)
+    ]
+
+
 def apply_plan(plan: FoldPlan, model: ir.Model) -> None:
     """Write the planned weight and bias, then remove the affine node."""
     linear, after = plan.linear, plan.direction is Direction.AFTER
@@ -144,7 +173,7 @@ def apply_plan(plan: FoldPlan, model: ir.Model) -> None:
         else:
             output = _append_bias_add(linear, plan.new_bias, model, name=plan.affine_node.name)
     if after:
-        _splice_out(plan.affine_node, plan.between.outputs[0] if plan.between else output)
+        splice_out(plan.affine_node, plan.between.outputs[0] if plan.between else output)
 
 
 def _bypass(affine_node: ir.Node, reader: ir.Node) -> None:
@@ -222,7 +251,7 @@ def _unique_name(graph: ir.Graph, base: str) -> str:
     return name
 
 
-def _splice_out(affine_node: ir.Node, replacement: ir.Value) -> None:
+def splice_out(affine_node: ir.Node, replacement: ir.Value) -> None:
     """Remove ``affine_node``; ``replacement`` takes over its output and its name.
 
     Keeping the affine output's name keeps the graph's outputs and every

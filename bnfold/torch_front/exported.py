@@ -32,8 +32,18 @@ from bnfold.affine import (
 )
 from bnfold.compare import DEFAULT_VERIFY, VerifyOptions
 from bnfold.layouts import LayoutError
-from bnfold.report import Code, Folded, FoldReport, FoldResult, Refusal, VerifyResult
+from bnfold.report import (
+    Code,
+    Folded,
+    FoldReport,
+    FoldResult,
+    Lowered,
+    LowerForm,
+    Refusal,
+    VerifyResult,
+)
 from bnfold.torch_front import verify as checking
+from bnfold.torch_front.census import batchnorm_count, refusal_naming
 from bnfold.torch_front.graph import explain_both, is_nonlinear, site_label
 from bnfold.torch_front.tensors import as_parameter, exact_values, to_float64
 
@@ -506,6 +516,7 @@ def fold_graph_module(
     *,
     verify: VerifyOptions | None = DEFAULT_VERIFY,
     rounding: Rounding = Rounding.NEAREST,
+    lower: LowerForm | None = None,
 ) -> FoldResult:
     """Fold every site of a fresh ``make()`` module; verify and drop folds that fail.
 
@@ -515,6 +526,8 @@ def fold_graph_module(
     new (Conv -> BN -> BN: the second BN follows the conv once the first is
     gone). A failing fold is found by re-folding fresh copies one site at a
     time, keeping those that pass. ``verify`` None skips verification.
+    With ``lower``, every inference batch_norm left is then lowered
+    (:func:`lower_left`) before the whole module is verified.
     """
     with exact_values():  # a weight folded twice is still rounded once
         report = FoldReport(front="torch", rounding=rounding)
@@ -523,15 +536,114 @@ def fold_graph_module(
         check = None if verify is None else checking.Check.of(original, args, verify)
         gm = make()
         added = _fold_to_fixpoint(gm, report, rounding)
+        fold_refusals = list(report.refused)  # what lowering starts from, again after a rollback
+        if lower is not None:
+            lower_left(gm, report, lower)
         verification = None if check is None else check(gm)
         if check is not None and verification is not None and not verification.passed:
+            report.refused, report.lowered = fold_refusals, []
             gm, verification, added = _rollback(make, list(added), check, report, rounding)
+            if lower is not None:  # the rollback refolded fresh copies: lower those again
+                lower_left(gm, report, lower)
+                verification = check(gm)
         report.folded = [
             Folded(s.site, _pattern(original, s), s.linear, s.bn, "exported_program", bytes_added=n)
             for s, n in added.items()
         ]
         report.ops_after = _op_counts(gm)
+        found, training = graph_batchnorms(original)
+        report.batchnorm = batchnorm_count(
+            len(found), training, graph_batchnorms(gm)[0], report.refused, len(report.lowered)
+        )
         return FoldResult(gm, report, verification)
+
+
+# --- lowering: lower_standalone ------------------------------------------------------
+
+_CONV_OF_RANK = {3: aten.conv1d.default, 4: aten.conv2d.default, 5: aten.conv3d.default}
+
+
+def lower_left(gm: fx.GraphModule, report: FoldReport, form: LowerForm) -> None:
+    """Rewrite every inference batch_norm still in ``gm`` as plain aten ops.
+
+    Matches:  batch_norm nodes with running statistics (not training=True).
+    Produces: ``add(mul(x, s), t)`` with ``s``, ``t`` of shape ``[C, 1, ...]``, or
+              with ``form`` conv a 1x1 depthwise ``conv{1,2,3}d(x, s, t, groups=C)``
+              (a rank-2 input has no spatial axis: mul-add, with a note); ``s``
+              and ``t`` are the BN's affine (:func:`bnfold.affine.bn_to_affine`)
+              in float64, cast once to the input's dtype, as new attributes.
+    Refuses (the BN stays, its refusal extended): NOT_CONSTANT (statistics not
+    attributes), UNKNOWN_RANK (no traced shape), BAD_VALUES.
+    The BN's refusal moves from ``report.refused`` to ``report.lowered``.
+    """
+    for bn in [n for n in gm.graph.nodes if n.op == "call_function" and n.target in _BN_OPS]:
+        if _uses_batch_stats(bn):
+            continue
+        owner = _owner(bn.args[1:5]) or bn.name
+        refusal = refusal_naming(owner, report.refused) or Refusal(
+            owner, Code.UNTRACEABLE, "no finder reported this BatchNorm"
+        )
+        outcome = _lower_one(gm, bn, form, refusal)
+        if refusal in report.refused:
+            report.refused.remove(refusal)
+        if isinstance(outcome, Refusal):
+            report.refused.append(outcome)
+        else:
+            report.lowered.append(outcome)
+    gm.recompile()
+
+
+def _uses_batch_stats(bn: fx.Node) -> bool:
+    return bool(bn.target == aten.batch_norm.default and bn.args[5])
+
+
+def _lower_one(
+    gm: fx.GraphModule, bn: fx.Node, form: LowerForm, refusal: Refusal
+) -> Lowered | Refusal:
+    """Lower one batch_norm node, or say why it stays."""
+    stats = bn.args[3:5]
+    if not all(isinstance(a, fx.Node) and a.op == "get_attr" for a in stats):
+        return refusal.not_lowered(Code.NOT_CONSTANT, "running statistics are not attributes")
+    traced = bn.meta.get("val")
+    if not isinstance(traced, torch.Tensor):
+        return refusal.not_lowered(Code.UNKNOWN_RANK, "the BatchNorm carries no traced shape")
+    rank = traced.dim()
+    conv = _CONV_OF_RANK.get(rank) if form is LowerForm.CONV else None
+    like = torch.empty(0, dtype=traced.dtype, device=_fetch(gm, stats[0]).device)
+    try:
+        affine = _bn_affine(gm, bn)
+        channels = affine.scale.shape[0]
+        s_shape = (channels, 1) + (1,) * (rank - 2) if conv else (channels,) + (1,) * (rank - 2)
+        scale = as_parameter(affine.scale.reshape(s_shape), like)
+        shift = as_parameter(affine.shift.reshape((channels,) if conv else s_shape), like)
+    except Unfoldable as err:
+        return refusal.not_lowered(Code.BAD_VALUES, str(err))
+    owner = _owner(stats) or bn.name
+    s = _new_attr(gm, bn, f"{owner}.lowered_scale", scale)
+    t = _new_attr(gm, bn, f"{owner}.lowered_shift", shift)
+    x = _arg_node(bn.args[0])
+    with gm.graph.inserting_before(bn):
+        if conv is not None:
+            ones, zeros = [1] * (rank - 2), [0] * (rank - 2)
+            out = gm.graph.call_function(conv, (x, s, t, ones, zeros, ones, channels))
+        else:
+            product = gm.graph.call_function(aten.mul.Tensor, (x, s))
+            out = gm.graph.call_function(aten.add.Tensor, (product, t))
+    _remove_bn(gm, bn, out)
+    used = LowerForm.CONV if conv is not None else LowerForm.MUL_ADD
+    note = "" if used is form else f"rank-{rank} input has no spatial axis for a conv: mul-add"
+    return Lowered(owner, used, refusal.code, refusal.detail, note)
+
+
+def graph_batchnorms(gm: fx.GraphModule) -> tuple[list[str], int]:
+    """(module path of each inference batch_norm node, number of training-mode ones)."""
+    bns = [n for n in gm.graph.nodes if n.op == "call_function" and n.target in _BN_OPS]
+    inference = [
+        _owner(n.args[1:5]) or n.name
+        for n in bns
+        if not (n.target == aten.batch_norm.default and n.args[5])
+    ]
+    return inference, len(bns) - len(inference)
 
 
 def _fold_to_fixpoint(

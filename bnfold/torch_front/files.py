@@ -27,8 +27,8 @@ import torch
 
 from bnfold.affine import Rounding
 from bnfold.compare import DEFAULT_VERIFY, VerifyOptions
-from bnfold.errors import BnfoldError, first_line
-from bnfold.report import FoldReport, FoldResult, VerifyResult
+from bnfold.errors import BnfoldError, NotSupportedError, first_line
+from bnfold.report import FoldReport, FoldResult, LowerForm, VerifyResult
 from bnfold.torch_front import inspect_module, run
 from bnfold.torch_front import verify as checking
 from bnfold.torch_front.exported import fold_graph_module
@@ -42,6 +42,12 @@ from bnfold.torch_front.io import (
 )
 
 STATE_DICT_SUFFIXES = (".pt", ".pth")
+# Lowering rewrites batch_norm calls of a program; an eager module's BN is a
+# module whose state_dict keys a lowering would have to change.
+EAGER_LOWERING_UNSUPPORTED = (
+    "lower_standalone (--lower-standalone) works on exported programs only, not eager "
+    "modules; pass torch.export.export(model, args) (CLI: -o OUT.pt2)"
+)
 
 
 @dataclass(frozen=True)
@@ -68,6 +74,7 @@ def fold_torch(
     *,
     require_verified: bool = False,
     rounding: Rounding = Rounding.NEAREST,
+    lower: LowerForm | None = None,
 ) -> tuple[FoldResult, bool]:
     """Fold a ``.pt2`` path or a factory-built module and write the result atomically.
 
@@ -81,6 +88,8 @@ def fold_torch(
         require_verified: write only a verified fold (CLI ``--strict``): a
             "not_verified" result is kept back like a failed one.
         rounding: how folded weights are cast to their dtype.
+        lower: lower the BNs left after folding (see
+            :func:`bnfold.torch_front.exported.lower_left`); programs only.
 
     Returns:
         (result, written): ``result.model`` is the folded module. written is
@@ -93,17 +102,18 @@ def fold_torch(
     """
     as_program = Path(output).suffix == ".pt2"
     if isinstance(source, ModuleSource):
+        if lower is not None and not as_program:
+            raise NotSupportedError(EAGER_LOWERING_UNSUPPORTED)
         module, args = source.load()
         if as_program:
-            result = fold_graph_module(
-                _export(module, args, "the module").module, args, verify=verify, rounding=rounding
-            )
+            make = _export(module, args, "the module").module
+            result = fold_graph_module(make, args, verify=verify, rounding=rounding, lower=lower)
         else:
             result = run.fold(module, args, inplace=False, verify=verify, rounding=rounding)
     else:
         ep = _load_program_file(Path(source))
         args = example_args(ep)
-        result = fold_graph_module(ep.module, args, verify=verify, rounding=rounding)
+        result = fold_graph_module(ep.module, args, verify=verify, rounding=rounding, lower=lower)
         as_program = True  # a program is written back as a program, whatever the suffix
     if not result.publishable(require_verified):
         return result, False
@@ -117,6 +127,7 @@ def fold_program(
     ep: torch.export.ExportedProgram,
     verify: VerifyOptions | None = DEFAULT_VERIFY,
     rounding: Rounding = Rounding.NEAREST,
+    lower: LowerForm | None = None,
 ) -> FoldResult:
     """Fold an ExportedProgram at graph level; ``model`` is the folded program, re-exported.
 
@@ -129,7 +140,7 @@ def fold_program(
             module cannot be exported again.
     """
     args = example_args(ep)
-    result = fold_graph_module(ep.module, args, verify=verify, rounding=rounding)
+    result = fold_graph_module(ep.module, args, verify=verify, rounding=rounding, lower=lower)
     result.model = _export(result.model, args, "the folded program")
     return result
 

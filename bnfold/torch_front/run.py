@@ -15,6 +15,7 @@ from bnfold.layouts import LayoutError
 from bnfold.report import Code, Folded, FoldReport, FoldResult, Refusal
 from bnfold.torch_front import eager, graph
 from bnfold.torch_front import verify as checking
+from bnfold.torch_front.census import batchnorm_count, module_batchnorms, modules_left
 from bnfold.torch_front.modules import Roles, find_roles, leaf_type_counts, observe
 from bnfold.torch_front.tensors import exact_values
 
@@ -32,6 +33,7 @@ def fold(
         args = as_args(example_inputs)
         work = module if inplace else _copy(module)
         report = FoldReport(front="torch", ops_before=leaf_type_counts(work), rounding=rounding)
+        bns, training = module_batchnorms(work)
         first_scan = _checked_pairs(work, args)  # a module that cannot run fails here, clearly
         # Reference outputs before any fold: with inplace=True the module itself changes.
         check = None if verify is None else checking.Check.of(module, args, verify)
@@ -44,6 +46,9 @@ def fold(
             report.refused += failed
         report.folded = [_folded(u) for u in undos]
         report.ops_after = leaf_type_counts(work)
+        report.batchnorm = batchnorm_count(
+            len(bns), training, modules_left(work, bns), report.refused
+        )
         return result
 
 

@@ -1,0 +1,288 @@
+"""Lower the BatchNormalizations no fold could remove into plain ops (``--lower-standalone``).
+
+An inference BatchNormalization is the per-channel affine ``y = s * x + t``
+(:func:`bnfold.affine.bn_to_affine`). Once folding has reached its fixpoint,
+each one still in the model can therefore become
+
+    mul-add:  Add(Mul(x, s), t)                      s, t of shape [C, 1, ..., 1]
+    conv:     Conv(x, s as [C, 1, 1, ...], t, group=C)   a 1x1 depthwise Conv
+
+for toolchains that reject BatchNormalization (or fuse only Conv). ``s`` and
+``t`` are computed in float64 and cast once to the BN's dtype. The constants
+are shaped to broadcast on axis 1, the BN's channel axis, which needs the
+input's rank. Exported models often carry no shapes for intermediate values,
+so the rank is read through what produced the input (:class:`Ranks`); an input
+whose rank still cannot be known is refused (``unknown_rank``) rather than
+guessed, because ``[C]`` alone would broadcast on the *last* axis.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx_ir as ir
+
+from bnfold.affine import Unfoldable, cast_checked
+from bnfold.onnx_front import match
+from bnfold.onnx_front.constants import constant_array
+from bnfold.onnx_front.passes import (
+    FoldPassResult,
+    left_codes,
+    new_initializer,
+    op_counts,
+    splice_out,
+)
+from bnfold.report import BatchNormCount, Code, Lowered, LowerForm, Refusal
+
+# Ops whose output rank is the largest of their inputs' (numpy broadcasting).
+BROADCASTING_OPS = frozenset(
+    {"Add", "Sub", "Mul", "Div", "Pow", "Max", "Min", "Sum", "Mean", "Where", "PRelu"}
+)
+# Ops whose output has the rank of their first input, beyond match.RANK_PRESERVING_OPS.
+_MORE_RANK_PRESERVING = frozenset(
+    {"GlobalAveragePool", "GlobalMaxPool", "LpPool", "Pad", "Resize", "Upsample", "Slice"}
+)
+# Ops whose output has the element type of their first input.
+_SAME_TYPE_OPS = (
+    (match.RANK_PRESERVING_OPS - {"Cast", "CastLike"})
+    | (BROADCASTING_OPS - {"Where"})
+    | _MORE_RANK_PRESERVING
+    | {"Concat", "Gemm", "MatMul", "Flatten", "Reshape", "Transpose", "Squeeze", "Unsqueeze"}
+)
+_MAX_DEPTH = 256
+
+# Conv's type constraint has no bfloat16 before opset 22. float64 Conv is valid
+# ONNX, but onnxruntime has no kernel for it, so the output could not even be
+# verified: such a BN is lowered to Mul + Add, which every runtime runs.
+_CONV_BF16_OPSET = 22
+_CONV_DTYPES = frozenset({np.dtype(np.float16), np.dtype(np.float32)})
+
+
+def lower_unfolded(result: FoldPassResult, form: LowerForm) -> None:
+    """Rewrite every inference BatchNormalization the fold pass left as ``form``.
+
+    Matches:  BatchNormalization (inference mode) still in ``result.model``, in the
+              main graph and every If/Loop/Scan body.
+    Produces: ``Mul`` + ``Add`` (the Add keeps the BN's name and output name), or a
+              depthwise ``Conv`` under the BN's name; the BN's parameters go when
+              nothing else reads them. Conv needs a spatial axis and a dtype Conv
+              takes: a rank-2 input, float64 (no onnxruntime kernel) or bf16
+              below opset 22 is lowered to mul-add, with a note saying why.
+    Refuses (the BN stays; its refusal says why it could not fold and why it
+    could not be lowered): NOT_CONSTANT, BAD_SHAPE, BAD_VALUES, NOT_PER_CHANNEL
+    (spatial=0), UNKNOWN_RANK.
+    Training-mode BatchNormalization is never touched.
+
+    ``result.report`` gains the ``lowered`` entries; its ``refused``,
+    ``ops_after`` and ``batchnorm`` counts are brought up to date.
+    """
+    model, report, unfolded = result.model, result.report, result.unfolded
+    opset = model.opset_imports.get("", 1)
+    ranks = Ranks(model.ir_version)
+    for node, refusal in list(unfolded.items()):
+        if node.graph is None or not match.is_inference_batchnorm(node):
+            continue
+        outcome = lower_batchnorm(node, refusal, form, model, opset, ranks)
+        if isinstance(outcome, Lowered):
+            report.lowered.append(outcome)
+            del unfolded[node]
+        else:
+            unfolded[node] = outcome
+    report.refused = list(unfolded.values())
+    report.ops_after = op_counts(model)
+    before = report.batchnorm or BatchNormCount()
+    report.batchnorm = BatchNormCount.of(
+        before.found, before.training, len(report.lowered), left_codes(unfolded)
+    )
+
+
+def lower_batchnorm(
+    bn: ir.Node,
+    refusal: Refusal,
+    form: LowerForm,
+    model: ir.Model,
+    opset: int,
+    ranks: Ranks | None = None,
+) -> Lowered | Refusal:
+    """Lower one BatchNormalization that ``refusal`` kept from folding, or say why not."""
+    affine = match.batchnorm_affine(bn, model.ir_version)
+    if isinstance(affine, Refusal):
+        return refusal.not_lowered(affine.code, affine.detail)
+    rank = (ranks or Ranks(model.ir_version)).of(bn.inputs[0])
+    if rank is None and bn.outputs[0].shape is not None:
+        rank = len(bn.outputs[0].shape)
+    if rank is None:
+        return refusal.not_lowered(
+            Code.UNKNOWN_RANK,
+            "the input's rank is unknown, so no constant shape is sure to broadcast on axis 1 "
+            "(run shape inference first)",
+        )
+    if rank < 2:
+        return refusal.not_lowered(Code.BAD_SHAPE, f"rank-{rank} input has no channel axis")
+    dtype = _batchnorm_dtype(bn, model.ir_version)
+    try:
+        scale = cast_checked(affine.scale, dtype, "scale")
+        shift = cast_checked(affine.shift, dtype, "shift")
+    except Unfoldable as err:
+        return refusal.not_lowered(Code.BAD_VALUES, str(err))
+    note = _why_not_conv(rank, dtype, opset) if form is LowerForm.CONV else ""
+    if form is LowerForm.CONV and not note:
+        _write_conv(bn, scale, shift, rank, model)
+    else:
+        form = LowerForm.MUL_ADD
+        _write_mul_add(bn, scale, shift, rank, model)
+    return Lowered(match.label(bn), form, refusal.code, refusal.detail, note)
+
+
+class Ranks:
+    """The rank of values, read through their producers where shapes are missing.
+
+    Extends :func:`match.rank` (what folding relies on) with producers whose
+    output rank follows exactly from their inputs': a broadcasting op has the
+    largest rank of its inputs (all must be known), Concat the rank of any input,
+    a Conv or ConvTranspose the rank of its weight, pads, pools and resizes the
+    rank of their input, a constant (a Constant node, say) its own. Remembers
+    what it found: producers form a DAG, and residual chains reach the same
+    value by many paths.
+    """
+
+    def __init__(self, ir_version: int) -> None:
+        self._ir_version = ir_version
+        self._known: dict[ir.Value, int | None] = {}
+
+    def of(self, value: ir.Value | None, depth: int = 0) -> int | None:
+        if value is None or depth > _MAX_DEPTH:
+            return None
+        if value not in self._known:
+            rank = match.rank(value)
+            self._known[value] = self._from_producer(value, depth) if rank is None else rank
+        return self._known[value]
+
+    def _from_producer(self, value: ir.Value, depth: int) -> int | None:
+        producer = value.producer()
+        if producer is None:
+            return None
+        array = constant_array(value, self._ir_version)
+        if array is not None:
+            return array.ndim
+        op, inputs = producer.op_type, [v for v in producer.inputs if v is not None]
+        if op in ("Conv", "ConvTranspose") and len(inputs) > 1:
+            return self.of(inputs[1], depth + 1)
+        if op == "Concat":
+            return next((r for v in inputs if (r := self.of(v, depth + 1)) is not None), None)
+        if op in BROADCASTING_OPS:
+            found = [self.of(v, depth + 1) for v in inputs]
+            return None if not found or None in found else max(found)  # type: ignore[type-var]
+        if (op in match.RANK_PRESERVING_OPS or op in _MORE_RANK_PRESERVING) and inputs:
+            return self.of(inputs[0], depth + 1)
+        return None
+
+
+def _batchnorm_dtype(bn: ir.Node, ir_version: int) -> np.dtype:
+    """The dtype of the BN's input (the Mul's operands must match it exactly).
+
+    Read from the annotations, else from what produced the input (a typed graph
+    input, a Cast, a constant), else from the BN's scale: before opset 15 that has
+    the input's type by definition; from 15 on it may differ (an fp16 model with
+    fp32 statistics), and verification would then fail to load the output.
+    """
+    if bn.outputs[0].type is not None:
+        return np.dtype(bn.outputs[0].type.dtype.numpy())
+    found = _element_type(bn.inputs[0], ir_version)
+    if found is not None:
+        return found
+    scale = constant_array(bn.inputs[1], ir_version)
+    assert scale is not None  # batchnorm_affine read it
+    return scale.dtype
+
+
+def _element_type(value: ir.Value | None, ir_version: int) -> np.dtype | None:
+    """The element type of ``value``, followed back through ops that keep their input's."""
+    for _ in range(_MAX_DEPTH):
+        if value is None:
+            return None
+        if value.type is not None:
+            return np.dtype(value.type.dtype.numpy())
+        array = constant_array(value, ir_version)
+        if array is not None:
+            return array.dtype
+        producer = value.producer()
+        if producer is None or not producer.inputs:
+            return None
+        if producer.op_type == "Cast":
+            return np.dtype(ir.DataType(producer.attributes.get_int("to", 0)).numpy())
+        if producer.op_type == "CastLike" and len(producer.inputs) > 1:
+            value = producer.inputs[1]
+        elif producer.op_type in _SAME_TYPE_OPS:
+            value = producer.inputs[0]
+        else:
+            return None
+    return None
+
+
+def _why_not_conv(rank: int, dtype: np.dtype, opset: int) -> str:
+    """Why a 1x1 depthwise Conv cannot replace this BN ("" when it can)."""
+    if rank < 3:
+        return f"rank-{rank} input has no spatial axis for a Conv: lowered to mul-add"
+    if dtype == np.float64:
+        return "onnxruntime has no float64 Conv: lowered to mul-add"
+    if dtype not in _CONV_DTYPES and not (dtype.name == "bfloat16" and opset >= _CONV_BF16_OPSET):
+        return f"Conv takes no {dtype.name} at opset {opset}: lowered to mul-add"
+    return ""
+
+
+def _write_mul_add(
+    bn: ir.Node, scale: np.ndarray, shift: np.ndarray, rank: int, model: ir.Model
+) -> None:
+    """Replace ``bn`` with ``Add(Mul(x, s), t)``; the Add takes the BN's names."""
+    graph = bn.graph
+    assert graph is not None
+    name = match.label(bn)
+    shape = (scale.shape[0],) + (1,) * (rank - 2)
+    s = new_initializer(graph, f"{name}_scale", scale.reshape(shape), model)
+    t = new_initializer(graph, f"{name}_shift", shift.reshape(shape), model)
+    mul = ir.Node("", "Mul", [bn.inputs[0], s], name=_unique_node_name(graph, f"{name}_mul"))
+    add = ir.Node("", "Add", [mul.outputs[0], t], name=bn.name)
+    _annotate_like(mul.outputs[0], bn.outputs[0])
+    graph.insert_before(bn, [mul, add])
+    splice_out(bn, add.outputs[0])
+
+
+def _write_conv(
+    bn: ir.Node, scale: np.ndarray, shift: np.ndarray, rank: int, model: ir.Model
+) -> None:
+    """Replace ``bn`` with a 1x1 depthwise Conv (weight ``s`` as ``[C, 1, 1...]``, bias ``t``)."""
+    graph = bn.graph
+    assert graph is not None
+    name = match.label(bn)
+    channels, spatial = scale.shape[0], rank - 2
+    w = new_initializer(
+        graph, f"{name}_scale", scale.reshape((channels, 1) + (1,) * spatial), model
+    )
+    b = new_initializer(graph, f"{name}_shift", shift, model)
+    conv = ir.Node(
+        "",
+        "Conv",
+        [bn.inputs[0], w, b],
+        attributes=[
+            ir.AttrInt64("group", channels),
+            ir.AttrInt64s("kernel_shape", [1] * spatial),
+        ],
+        name=bn.name,
+    )
+    graph.insert_before(bn, conv)
+    splice_out(bn, conv.outputs[0])
+
+
+def _annotate_like(value: ir.Value, like: ir.Value) -> None:
+    """An intermediate value of the lowering has the BN output's shape and type."""
+    value.shape = None if like.shape is None else like.shape.copy()
+    value.type = like.type
+
+
+def _unique_node_name(graph: ir.Graph, base: str) -> str:
+    taken = {node.name for node in graph}
+    name, n = base, 0
+    while name in taken:
+        n += 1
+        name = f"{base}_{n}"
+    return name
