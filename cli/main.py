@@ -98,7 +98,10 @@ def torch_options(func: F) -> F:
         click.option(
             "--trust-pickle",
             is_flag=True,
-            help="torch: allow full unpickling of --weights (can run code from the file).",
+            help=(
+                "torch: load --weights and .pt2 files as torch would, running any code "
+                "they carry (pickles, shape expressions); only for files you trust."
+            ),
         ),
         click.option(
             "--input-shape",
@@ -256,8 +259,9 @@ def fold(
 
         options = _torch_verify_options(no_verify, verify_kw)
         result, written = fold_torch(
-            torch_source, output, options, to_onnx, require_verified=strict, rounding=rounding
-        )
+            torch_source, output, options, to_onnx, require_verified=strict, rounding=rounding,
+            trust_pickle=trust_pickle,
+        )  # fmt: skip
         _print_fold(result, written, output, as_json, report_path)
         sys.exit(_fold_exit_code(written))
     if model is None:
@@ -358,7 +362,7 @@ def inspect(model: str | None, as_json: bool, **torch_kw: Any) -> None:
     if torch_source is not None:
         from bnfold.torch_front.files import inspect_torch
 
-        report = inspect_torch(torch_source)
+        report = inspect_torch(torch_source, trust_pickle=torch_kw["trust_pickle"])
     elif model is None:
         raise InputError("missing MODEL (or --module for a torch factory)")
     else:
@@ -391,7 +395,7 @@ def verify(models: tuple[str, ...], as_json: bool, **kw: Any) -> None:
         from bnfold.torch_front.files import verify_torch
 
         options = _torch_verify_options(False, kw)
-        result = verify_torch(torch_source, models[-1], options)
+        result = verify_torch(torch_source, models[-1], options, torch_kw["trust_pickle"])
     else:
         from bnfold.api import verify_models
 

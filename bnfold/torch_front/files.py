@@ -68,6 +68,7 @@ def fold_torch(
     *,
     require_verified: bool = False,
     rounding: Rounding = Rounding.NEAREST,
+    trust_pickle: bool = False,
 ) -> tuple[FoldResult, bool]:
     """Fold a ``.pt2`` path or a factory-built module and write the result atomically.
 
@@ -81,6 +82,9 @@ def fold_torch(
         require_verified: write only a verified fold (CLI ``--strict``): a
             "not_verified" result is kept back like a failed one.
         rounding: how folded weights are cast to their dtype.
+        trust_pickle: load a ``.pt2`` source as torch would, running any code it
+            carries (pickles, shape expressions); without it such a file is
+            refused (see :mod:`bnfold.torch_front.archive`).
 
     Returns:
         (result, written): ``result.model`` is the folded module. written is
@@ -101,7 +105,7 @@ def fold_torch(
         else:
             result = run.fold(module, args, inplace=False, verify=verify, rounding=rounding)
     else:
-        ep = _load_program_file(Path(source))
+        ep = _load_program_file(Path(source), trust_pickle)
         args = example_args(ep)
         result = fold_graph_module(ep.module, args, verify=verify, rounding=rounding)
         as_program = True  # a program is written back as a program, whatever the suffix
@@ -134,14 +138,14 @@ def fold_program(
     return result
 
 
-def _load_program_file(path: Path) -> torch.export.ExportedProgram:
+def _load_program_file(path: Path, trust_pickle: bool) -> torch.export.ExportedProgram:
     """A ``.pt2`` file's program; a state_dict file is a user error naming the fix."""
     if path.suffix in STATE_DICT_SUFFIXES:
         raise BnfoldError(
             f"{path}: a state_dict has no architecture; pass --module pkg.mod:factory "
             f"--weights {path} --input-shape ..."
         )
-    return load_exported_program(path)
+    return load_exported_program(path, trust_pickle)
 
 
 def _export(module: torch.nn.Module, args: tuple[Any, ...], what: str) -> Any:
@@ -163,12 +167,12 @@ def _save(module: torch.nn.Module, args: tuple[Any, ...], output: Path, as_progr
         torch.export.save(program, tmp)
 
 
-def inspect_torch(source: ModuleSource | str) -> FoldReport:
+def inspect_torch(source: ModuleSource | str, trust_pickle: bool = False) -> FoldReport:
     """What :func:`fold_torch` would fold and refuse, without writing anything."""
     if isinstance(source, ModuleSource):
         module, args = source.load()
         return inspect_module(module, args)
-    return inspect_program(load_exported_program(source))
+    return inspect_program(load_exported_program(source, trust_pickle))
 
 
 def inspect_program(ep: torch.export.ExportedProgram) -> FoldReport:
@@ -179,15 +183,21 @@ def inspect_program(ep: torch.export.ExportedProgram) -> FoldReport:
 
 
 def verify_torch(
-    original: ModuleSource | str, folded: str, options: VerifyOptions = DEFAULT_VERIFY
+    original: ModuleSource | str,
+    folded: str,
+    options: VerifyOptions = DEFAULT_VERIFY,
+    trust_pickle: bool = False,
 ) -> VerifyResult:
-    """Compare a folded ``.pt2`` with the original (a ``.pt2`` or a factory module), eagerly."""
+    """Compare a folded ``.pt2`` with the original (a ``.pt2`` or a factory module), eagerly.
+
+    ``trust_pickle`` applies to both ``.pt2`` files, as in :func:`fold_torch`.
+    """
     if Path(folded).suffix != ".pt2":
         raise BnfoldError(f"{folded}: torch verification compares .pt2 programs; export it first")
     if isinstance(original, ModuleSource):
         reference_module, args = original.load()
     else:
-        ep = load_exported_program(original)
+        ep = load_exported_program(original, trust_pickle)
         reference_module, args = ep.module(), example_args(ep)
     check = checking.Check.of(reference_module, args, options)
-    return check(load_exported_program(folded).module())
+    return check(load_exported_program(folded, trust_pickle).module())
