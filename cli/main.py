@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+from pathlib import Path
 from typing import Any
 
 import click
@@ -21,6 +22,7 @@ from bnfold.cli.errors import (
     EXIT_VERIFY_FAILED,
     F,
     InputError,
+    OneLineUsageGroup,
     one_line_errors,
 )
 from bnfold.compare import MAX_INPUT_BYTES
@@ -156,7 +158,7 @@ def _torch_verify_options(no_verify: bool, verify_kw: dict[str, Any]) -> Any:
     return None if no_verify else _verify_options(**verify_kw)
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(cls=OneLineUsageGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="bnfold")
 def main() -> None:
     """Fold inference BatchNorm into Conv/ConvTranspose/Gemm/MatMul/Linear, verify, measure."""
@@ -255,6 +257,7 @@ def fold(
     if torch_source is not None:
         if output is None:
             raise InputError("missing -o/--output")
+        _require_safe_report(report_path, [output, to_onnx], [model, weights])
         from bnfold.torch_front.files import fold_torch
 
         options = _torch_verify_options(no_verify, verify_kw)
@@ -283,6 +286,7 @@ def fold(
         raise InputError("missing -o/--output (or --in-place to overwrite MODEL)")
     target = model if in_place else output
     assert target is not None
+    _require_safe_report(report_path, [target], [model], in_place=in_place)
     options = _verify_options(**verify_kw)
     result, written = fold_file(
         model,
@@ -404,14 +408,38 @@ def verify(models: tuple[str, ...], as_json: bool, **kw: Any) -> None:
     sys.exit(EXIT_OK if result.passed else EXIT_VERIFY_FAILED)
 
 
+def _require_safe_report(
+    report_path: str | None,
+    outputs: list[str | None],
+    inputs: list[str | None],
+    in_place: bool = False,
+) -> None:
+    """Before folding: --report must be writable and none of the other files (any spelling).
+
+    The library checks the model outputs against the inputs itself; this adds
+    the report, which only the CLI writes, and the input's external data files.
+    """
+    if report_path is None:
+        return
+    from bnfold import paths
+    from bnfold.onnx_front.io import external_data_files
+
+    reads = [paths.Named.of("input", path) for path in inputs]
+    for path in inputs:
+        if path is not None and path.endswith(".onnx"):
+            reads += [paths.Named("input's external data", p) for p in external_data_files(path)]
+    writes = [paths.Named.of("output", path) for path in outputs]
+    report = paths.Named("--report", Path(report_path))
+    pair = (outputs[0], inputs[0]) if in_place else None
+    paths.require_safe_outputs([*writes, report], reads, in_place=pair)  # type: ignore[arg-type]
+
+
 def _write_report(path: str | None, payload: dict[str, Any]) -> None:
     if path is None:
         return
-    try:
-        with open(path, "w", encoding="utf-8") as fh:
-            json.dump(payload, fh, indent=2)
-    except OSError as err:
-        raise InputError(f"cannot write report {path!r}: {err.strerror}") from None
+    from bnfold.paths import write_text_atomic
+
+    write_text_atomic(path, json.dumps(payload, indent=2), "report")
 
 
 if __name__ == "__main__":

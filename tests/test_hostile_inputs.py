@@ -9,13 +9,19 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import pickle
+import shutil
+import subprocess
+import sys
 import zipfile
 from pathlib import Path
 
+import onnx
 import pytest
 
-from tests.conftest import assert_one_line_error, snapshot
+from bnfold.onnx_front import io as onnx_io
+from tests.conftest import assert_one_line_error, conv_bn_model, snapshot
 
 torch = pytest.importorskip("torch")
 from torch import nn  # noqa: E402
@@ -203,3 +209,140 @@ def test_plain_program_still_loads(cli, tmp_path, program_file):
     result = cli(["fold", program_file, "-o", tmp_path / "out.pt2"])
     assert result.exit_code == 0, result.output
     assert (tmp_path / "out.pt2").is_file()
+
+
+# --- outputs that would destroy an input or fail after another output was written ---
+
+
+def _onnx_model(path: Path, external: str | None = None) -> Path:
+    model = conv_bn_model()
+    if external is None:
+        onnx.save(model, str(path))
+    else:
+        onnx.save(model, str(path), save_as_external_data=True, location=external,
+                  size_threshold=0)  # fmt: skip
+    return path
+
+
+@pytest.mark.parametrize("spelling", ["same", "dot", "symlink", "hardlink"])
+def test_report_over_the_input_is_refused(cli, tmp_path, spelling):
+    model = _onnx_model(tmp_path / "m.onnx")
+    report = {
+        "same": model,
+        "dot": tmp_path / "." / "m.onnx",
+        "symlink": tmp_path / "link.json",
+        "hardlink": tmp_path / "hard.json",
+    }[spelling]
+    if spelling == "symlink":
+        report.symlink_to(model)
+    if spelling == "hardlink":
+        os.link(model, report)
+    before = snapshot(tmp_path)
+    result = cli(["fold", model, "-o", tmp_path / "out.onnx", "--report", report])
+    assert_one_line_error(result, contains="--report")
+    assert snapshot(tmp_path) == before
+
+
+def test_report_over_the_output_or_the_inputs_data_is_refused(cli, tmp_path):
+    model = _onnx_model(tmp_path / "m.onnx", external="m.onnx.data")
+    out = tmp_path / "out.onnx"
+    before = snapshot(tmp_path)
+    data = tmp_path / "m.onnx.data"
+    for args in (["-o", out, "--report", out], ["-o", out, "--report", data],
+                 ["--in-place", "--report", data]):  # fmt: skip
+        assert_one_line_error(cli(["fold", model, *args]), contains="--report")
+    assert snapshot(tmp_path) == before
+
+
+def test_unwritable_report_is_refused_before_the_output_is_replaced(cli, tmp_path):
+    model = _onnx_model(tmp_path / "m.onnx")
+    out = tmp_path / "out.onnx"
+    assert cli(["fold", model, "-o", out]).exit_code == 0
+    before = snapshot(tmp_path)
+    for report in (tmp_path / "no" / "r.json", tmp_path / "m.onnx" / "r.json", tmp_path):
+        assert_one_line_error(cli(["fold", model, "-o", out, "--report", report]))
+    assert snapshot(tmp_path) == before
+
+
+def test_torch_outputs_are_checked_before_anything_is_written(cli, tmp_path, program_file):
+    before = snapshot(tmp_path)
+    out = tmp_path / "out.pt2"
+    for args in (
+        ["-o", tmp_path / "." / "good.pt2"],  # the input, spelled otherwise
+        ["-o", out, "--to-onnx", tmp_path / "no" / "o.onnx"],  # unwritable --to-onnx
+        ["-o", out, "--to-onnx", program_file],  # --to-onnx over the input
+        ["-o", out, "--to-onnx", out],  # two outputs, one file
+        ["-o", out, "--report", tmp_path / "no" / "r.json"],
+        ["-o", out, "--report", program_file],
+    ):
+        assert_one_line_error(cli(["fold", program_file, *args]))
+    assert snapshot(tmp_path) == before
+
+
+def test_weights_file_is_never_the_output(cli, tmp_path, monkeypatch):
+    (tmp_path / "tiny_net.py").write_text(
+        "from torch import nn\n\ndef make():\n"
+        "    return nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4))\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    weights = tmp_path / "sd.pt"
+    torch.save(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)).state_dict(), weights)
+    before = snapshot(tmp_path)
+    for out in (weights, tmp_path / "." / "sd.pt"):
+        args = ["fold", "--module", "tiny_net:make", "--weights", weights, "--input-shape",
+                "1x3x8x8", "-o", out]  # fmt: skip
+        assert_one_line_error(cli(args), contains="--weights")
+    assert snapshot(tmp_path) == before
+
+
+def test_in_place_keeps_a_data_file_another_model_uses(cli, tmp_path):
+    a = _onnx_model(tmp_path / "a.onnx", external="a.onnx.data")
+    shutil.copy(a, tmp_path / "b.onnx")  # b.onnx reads a.onnx.data too
+    assert cli(["fold", a, "--in-place"]).exit_code == 0
+    assert (tmp_path / "a.onnx.data").exists()  # bnfold did not write it: never deleted
+    assert cli(["verify", tmp_path / "b.onnx", a]).exit_code == 0
+
+
+def test_own_data_file_a_copy_still_uses_is_kept(cli, tmp_path):
+    model = _onnx_model(tmp_path / "m.onnx", external="m.onnx.data")
+    out = tmp_path / "out.onnx"
+    assert cli(["fold", model, "-o", out]).exit_code == 0
+    (first,) = tmp_path.glob("out.onnx.*.data")
+    shutil.copy(out, tmp_path / "copy.onnx")
+    assert cli(["fold", model, "-o", out]).exit_code == 0
+    assert first.exists()  # copy.onnx still names it
+    assert cli(["verify", model, tmp_path / "copy.onnx"]).exit_code == 0
+    (second,) = set(tmp_path.glob("out.onnx.*.data")) - {first}
+    assert cli(["fold", model, "-o", out]).exit_code == 0
+    assert first.exists() and not second.exists()  # no other model named the second
+    assert len(list(tmp_path.glob("out.onnx.*.data"))) == 2
+
+
+def test_a_save_overtaken_by_another_leaves_no_orphan_data(tmp_path):
+    """Writer A is overtaken by writer B between staging and publishing (the race of
+    two concurrent folds): whichever publishes last removes the other's data file."""
+    model = onnx_io.load_model(_onnx_model(tmp_path / "m.onnx", external="m.onnx.data"))
+    out = tmp_path / "folded.onnx"
+    onnx_io.save_model(model, out, external_data=True)  # a previous output
+
+    def overtaken(_staged: Path) -> bool:
+        assert onnx_io.save_model(model, out, external_data=True)  # B publishes first
+        return True
+
+    assert onnx_io.save_model(model, out, external_data=True, accept=overtaken)
+    data = list(tmp_path.glob("folded.onnx.*.data"))
+    assert [p.name for p in data] == [
+        loc.name for loc in onnx_io.external_data_files(out)
+    ]  # exactly the one the published model names
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".bnfold-")]
+
+
+def test_concurrent_folds_into_one_output_leave_only_its_data(tmp_path):
+    model = _onnx_model(tmp_path / "m.onnx", external="m.onnx.data")
+    out = tmp_path / "folded.onnx"
+    command = [sys.executable, "-m", "bnfold", "fold", str(model), "-o", str(out), "--no-verify"]
+    for _ in range(3):
+        runs = [subprocess.Popen(command, stdout=subprocess.DEVNULL) for _ in range(2)]
+        assert [run.wait() for run in runs] == [0, 0]
+        names = sorted(p.name for p in tmp_path.glob("folded.onnx.*.data"))
+        assert names == [p.name for p in onnx_io.external_data_files(out)]

@@ -25,6 +25,7 @@ from typing import Any
 
 import torch
 
+from bnfold import paths
 from bnfold.affine import Rounding
 from bnfold.compare import DEFAULT_VERIFY, VerifyOptions
 from bnfold.errors import BnfoldError, first_line
@@ -39,6 +40,7 @@ from bnfold.torch_front.io import (
     export_onnx,
     load_exported_program,
     load_module_factory,
+    user_code,
 )
 
 STATE_DICT_SUFFIXES = (".pt", ".pth")
@@ -95,6 +97,22 @@ def fold_torch(
         BnfoldError: bad input or output path, a state_dict without --module,
             the folded module cannot be exported.
     """
+    _require_safe_outputs(source, output, to_onnx)
+    with user_code("the model's code"):
+        return _fold_torch(
+            source, output, verify, to_onnx, require_verified, rounding, trust_pickle
+        )
+
+
+def _fold_torch(
+    source: ModuleSource | str,
+    output: str | os.PathLike[str],
+    verify: VerifyOptions | None,
+    to_onnx: str | os.PathLike[str] | None,
+    require_verified: bool,
+    rounding: Rounding,
+    trust_pickle: bool,
+) -> tuple[FoldResult, bool]:
     as_program = Path(output).suffix == ".pt2"
     if isinstance(source, ModuleSource):
         module, args = source.load()
@@ -111,10 +129,23 @@ def fold_torch(
         as_program = True  # a program is written back as a program, whatever the suffix
     if not result.publishable(require_verified):
         return result, False
-    _save(result.model, args, Path(output), as_program)
-    if to_onnx is not None:
-        export_onnx(result.model, args, to_onnx)
+    _save(result.model, args, Path(output), as_program, to_onnx)
     return result, True
+
+
+def _require_safe_outputs(
+    source: ModuleSource | str,
+    output: str | os.PathLike[str],
+    to_onnx: str | os.PathLike[str] | None,
+) -> None:
+    """Refuse outputs that are an input (any spelling) or unwritable, before folding."""
+    inputs = [
+        paths.Named.of("--weights file", source.weights)
+        if isinstance(source, ModuleSource)
+        else paths.Named.of("input", source)
+    ]
+    outputs = [paths.Named.of("output", output), paths.Named.of("--to-onnx output", to_onnx)]
+    paths.require_safe_outputs(outputs, inputs)
 
 
 def fold_program(
@@ -156,23 +187,35 @@ def _export(module: torch.nn.Module, args: tuple[Any, ...], what: str) -> Any:
         raise BnfoldError(f"exporting {what} failed: {first_line(e)}") from None
 
 
-def _save(module: torch.nn.Module, args: tuple[Any, ...], output: Path, as_program: bool) -> None:
-    """Write ``module`` to ``output`` atomically: exported with ``args``, or its state_dict."""
-    if not as_program:
-        with atomic_target(output) as tmp:
-            torch.save(module.state_dict(), tmp)
-        return
-    program = _export(module, args, "the folded module")
+def _save(
+    module: torch.nn.Module,
+    args: tuple[Any, ...],
+    output: Path,
+    as_program: bool,
+    to_onnx: str | os.PathLike[str] | None,
+) -> None:
+    """Write ``module`` to ``output`` (exported with ``args``, or its state_dict) and ``to_onnx``.
+
+    Both are staged first: the ONNX export runs while ``output`` is still a
+    temp file, so a failed export leaves neither written.
+    """
+    program = _export(module, args, "the folded module") if as_program else None
     with atomic_target(output) as tmp:
-        torch.export.save(program, tmp)
+        if program is None:
+            torch.save(module.state_dict(), tmp)
+        else:
+            torch.export.save(program, tmp)
+        if to_onnx is not None:
+            export_onnx(module, args, to_onnx)
 
 
 def inspect_torch(source: ModuleSource | str, trust_pickle: bool = False) -> FoldReport:
     """What :func:`fold_torch` would fold and refuse, without writing anything."""
-    if isinstance(source, ModuleSource):
-        module, args = source.load()
-        return inspect_module(module, args)
-    return inspect_program(load_exported_program(source, trust_pickle))
+    with user_code("the model's code"):
+        if isinstance(source, ModuleSource):
+            module, args = source.load()
+            return inspect_module(module, args)
+        return inspect_program(load_exported_program(source, trust_pickle))
 
 
 def inspect_program(ep: torch.export.ExportedProgram) -> FoldReport:
@@ -194,10 +237,11 @@ def verify_torch(
     """
     if Path(folded).suffix != ".pt2":
         raise BnfoldError(f"{folded}: torch verification compares .pt2 programs; export it first")
-    if isinstance(original, ModuleSource):
-        reference_module, args = original.load()
-    else:
-        ep = load_exported_program(original, trust_pickle)
-        reference_module, args = ep.module(), example_args(ep)
-    check = checking.Check.of(reference_module, args, options)
-    return check(load_exported_program(folded, trust_pickle).module())
+    with user_code("the model's code"):
+        if isinstance(original, ModuleSource):
+            reference_module, args = original.load()
+        else:
+            ep = load_exported_program(original, trust_pickle)
+            reference_module, args = ep.module(), example_args(ep)
+        check = checking.Check.of(reference_module, args, options)
+        return check(load_exported_program(folded, trust_pickle).module())

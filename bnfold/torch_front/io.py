@@ -46,12 +46,26 @@ def load_module_factory(spec: str, weights: str | None, trust_pickle: bool) -> n
     return module.eval()
 
 
+@contextlib.contextmanager
+def user_code(what: str) -> Iterator[None]:
+    """Run the user's code (a factory, a model's forward): ``sys.exit`` in it is an error.
+
+    Without this a factory calling ``sys.exit(0)`` ends bnfold with exit 0 and
+    nothing written.
+    """
+    try:
+        yield
+    except SystemExit as e:
+        raise BnfoldError(f"{what} called sys.exit({e.code!r})") from None
+
+
 def _call_factory(spec: str) -> nn.Module:
     mod_name, sep, attr = spec.partition(":")
     if not sep or not mod_name or not attr:
         raise BnfoldError(f"module spec {spec!r} must look like 'package.module:factory'")
     try:
-        obj: Any = importlib.import_module(mod_name)
+        with user_code(f"importing {mod_name!r}"):
+            obj: Any = importlib.import_module(mod_name)
     except ImportError as e:
         raise BnfoldError(f"cannot import {mod_name!r}: {e}") from None
     for part in attr.split("."):
@@ -59,7 +73,10 @@ def _call_factory(spec: str) -> nn.Module:
             raise BnfoldError(f"{mod_name!r} has no attribute {attr!r}")
         obj = getattr(obj, part)
     try:
-        module = obj()
+        with user_code(spec):
+            module = obj()
+    except BnfoldError:
+        raise
     except Exception as e:
         raise BnfoldError(f"{spec} failed: {type(e).__name__}: {e}") from None
     if not isinstance(module, nn.Module):
