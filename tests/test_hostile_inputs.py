@@ -346,3 +346,106 @@ def test_concurrent_folds_into_one_output_leave_only_its_data(tmp_path):
         assert [run.wait() for run in runs] == [0, 0]
         names = sorted(p.name for p in tmp_path.glob("folded.onnx.*.data"))
         assert names == [p.name for p in onnx_io.external_data_files(out)]
+
+
+# --- one-line errors ---------------------------------------------------------------
+
+
+def _zip_slip(src: Path, dst: Path, whole: bool = False) -> Path:
+    """An extra member ``../../escaped.txt``, or (``whole``) every member under ``../../``."""
+    if whole:
+        with zipfile.ZipFile(src) as zin, zipfile.ZipFile(dst, "w") as zout:
+            for info in zin.infolist():
+                zout.writestr("../../" + info.filename, zin.read(info))
+        return dst
+
+    def edit(name, data):
+        return {name: data, "../../escaped.txt": b"x"} if name == "archive_format" else data
+
+    return _rewrite(src, dst, edit)
+
+
+def test_broken_pt2_files_are_one_line_on_the_real_stderr(tmp_path, program_file):
+    """torch logs a traceback to the process's stderr (not click's): run a real process."""
+    data = program_file.read_bytes()
+    broken = {
+        "garbage.pt2": b"not a zip at all" * 10,
+        "truncated.pt2": data[: len(data) // 2],
+        "empty.pt2": b"",
+    }
+    files = [tmp_path / name for name in broken]
+    for path in files:
+        path.write_bytes(broken[path.name])
+    files.append(_zip_slip(program_file, tmp_path / "slip.pt2"))
+    files.append(_zip_slip(program_file, tmp_path / "slip_all.pt2", whole=True))
+    for path in files:
+        for command in (["inspect", path], ["fold", path, "-o", tmp_path / "out.pt2"]):
+            run = subprocess.run(
+                [sys.executable, "-m", "bnfold", *map(str, command)],
+                capture_output=True, text=True, env={**os.environ, "BNFOLD_DEBUG": ""},
+            )  # fmt: skip
+            lines = run.stderr.strip().splitlines()
+            assert run.returncode == 2 and len(lines) == 1, (path.name, run.stderr)
+            assert lines[0].startswith("bnfold: error: ")
+    assert not (tmp_path / "out.pt2").exists()
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["fold", "--no-such-option"],
+        ["fold", "m.onnx", "-o", "o.onnx", "--samples", "0"],
+        ["verify", "a.onnx", "b.onnx", "--atol", "lots"],
+        ["no-such-command"],
+        ["--no-such-option"],
+        ["bench", "m.onnx", "--level", "nope"],
+    ],
+)
+def test_usage_errors_are_one_line(cli, args):
+    assert_one_line_error(cli(args), contains="--help")
+
+
+def test_help_still_shows_usage(cli):
+    for args in (["--help"], ["fold", "--help"], ["fold", "-h"]):
+        result = cli(args)
+        assert result.exit_code == 0 and "Usage:" in result.output
+
+
+def test_control_characters_in_paths_are_escaped(cli, tmp_path):
+    for name in ("a\nb.onnx", "a\rb.pt2", "a\x1b[31mb.onnx"):
+        line = assert_one_line_error(cli(["fold", tmp_path / name, "-o", tmp_path / "o.onnx"]))
+        assert "\x1b" not in line and "\r" not in line
+    model = _onnx_model(tmp_path / "m.onnx")
+    line = assert_one_line_error(cli(["fold", model, "-o", tmp_path / "no\ndir" / "o.onnx"]))
+    assert "\\n" in line
+
+
+@pytest.mark.parametrize("where", ["factory", "import"])
+def test_factory_calling_sys_exit_is_an_error(cli, tmp_path, monkeypatch, where):
+    body = "import sys\nfrom torch import nn\n\n"
+    body += "sys.exit(0)\n" if where == "import" else "def make():\n    sys.exit(0)\n"
+    (tmp_path / f"quits_{where}.py").write_text(body)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    out = tmp_path / "out.pt2"
+    for command in ("fold", "inspect"):
+        args = [command, "--module", f"quits_{where}:make", "--input-shape", "1x3x8x8"]
+        args += ["-o", out] if command == "fold" else []
+        assert_one_line_error(cli(args), contains="sys.exit(0)")
+    assert not out.exists()
+
+
+def test_forward_calling_sys_exit_is_an_error(cli, tmp_path, monkeypatch):
+    (tmp_path / "quits_forward.py").write_text(
+        "import sys\nfrom torch import nn\n\n"
+        "class Quits(nn.Module):\n"
+        "    def __init__(self):\n"
+        "        super().__init__()\n"
+        "        self.conv, self.bn = nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)\n\n"
+        "    def forward(self, x):\n"
+        "        sys.exit(0)\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    out = tmp_path / "out.pt"
+    args = ["fold", "--module", "quits_forward:Quits", "--input-shape", "1x3x8x8", "-o", out]
+    assert_one_line_error(cli(args), contains="sys.exit(0)")
+    assert not out.exists()

@@ -95,7 +95,7 @@ def load_untrusted(path: str, trust_code: bool = False) -> torch.export.Exported
         UntrustedCodeError: the file needs code to load and ``trust_code`` is False.
         BnfoldError: not a readable ``.pt2`` archive, or an AOTInductor package.
     """
-    _refuse_compiled_code(path)
+    _refuse_unsafe_members(path)
     guard = _Guard()
     with _load_lock, _quiet_torch(guard):
         try:
@@ -152,8 +152,12 @@ def _require_plain_names(program: torch.export.ExportedProgram, guard: _Guard) -
             return
 
 
-def _refuse_compiled_code(path: str) -> None:
-    """Refuse an archive holding AOTInductor libraries (the loader would dlopen them)."""
+def _refuse_unsafe_members(path: str) -> None:
+    """Refuse AOTInductor libraries (the loader would dlopen them) and odd member names.
+
+    Nothing else is extracted to disk, but a member named ``../x`` or twice
+    (zip-slip, shadowing) has no business in an archive torch wrote.
+    """
     try:
         names = torch._C.PyTorchFileReader(path).get_all_records()
     except Exception:
@@ -165,6 +169,9 @@ def _refuse_compiled_code(path: str) -> None:
         )
     if len(set(names)) != len(names):
         raise BnfoldError("the archive names one member twice")
+    for name in names:
+        if name.startswith("/") or ".." in name.split("/"):
+            raise BnfoldError(f"the archive member {name[:60]!r} leaves the archive (zip-slip)")
 
 
 def _reason(guard: _Guard, final: BaseException) -> str:
