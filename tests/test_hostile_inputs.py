@@ -449,3 +449,41 @@ def test_forward_calling_sys_exit_is_an_error(cli, tmp_path, monkeypatch):
     args = ["fold", "--module", "quits_forward:Quits", "--input-shape", "1x3x8x8", "-o", out]
     assert_one_line_error(cli(args), contains="sys.exit(0)")
     assert not out.exists()
+
+
+def test_a_program_with_dynamic_shapes_still_loads(tmp_path):
+    """Its shape expressions are srepr (Symbol('s0', ...)): plain, not refused."""
+    from torch.export import Dim
+
+    from bnfold.torch_front.archive import load_untrusted
+
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)).eval()
+    batch = Dim("batch", min=2, max=64)
+    path = tmp_path / "dynamic.pt2"
+    program = torch.export.export(model, (torch.randn(2, 3, 8, 8),), dynamic_shapes=({0: batch},))
+    torch.export.save(program, path)
+    loaded = load_untrusted(str(path))
+    assert loaded.module()(torch.randn(5, 3, 8, 8)).shape == (5, 4, 6, 6)
+
+
+@pytest.mark.parametrize(
+    ("text", "plain"),
+    [
+        ("Symbol('s0', positive=True, integer=True)", True),
+        ("Mul(Integer(3), Max(Integer(1), Add(Symbol('s0'), Integer(-2))))", True),
+        ("FloorDiv(s0, 2) >= 1", True),
+        ("Float('1.5', precision=53)", True),
+        ("exec(chr(112))", False),
+        ("Symbol('s0').__class__", False),
+        ("Symbol('a b')", False),
+        ("Symbol('x', positive=exec)", False),
+        ("Integer('1')", False),
+        ("(lambda: 1)()", False),
+        ("s0[0]", False),
+        ("__import__", False),
+    ],
+)
+def test_only_plain_shape_expressions_reach_sympify(text, plain):
+    from bnfold.torch_front.archive import _is_plain_expression
+
+    assert _is_plain_expression(text) is plain

@@ -55,7 +55,7 @@ _SYMPY_CALLS = frozenset(
     {
         "Abs", "Add", "And", "Eq", "Float", "Ge", "Gt", "ITE", "Integer", "Le", "Lt", "Max",
         "Min", "Mod", "Mul", "Ne", "Not", "Or", "Piecewise", "Pow", "Rational", "Xor",
-        "ceiling", "floor", "sqrt",
+        "Symbol", "ceiling", "floor", "sqrt",
     }
 )  # fmt: skip
 _EXPRESSION_NODES = (
@@ -65,6 +65,9 @@ _EXPRESSION_NODES = (
 
 # Dotted names of attributes: identifiers and indices (nn.Sequential's "0").
 _PLAIN_NAME = re.compile(r"[A-Za-z0-9_]+(\.[A-Za-z0-9_]+)*")
+
+_SYMBOL_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_]*")
+_FLOAT_TEXT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?|[-+]?inf|nan")
 
 _load_lock = threading.Lock()
 
@@ -292,30 +295,49 @@ def _is_plain_expression(text: str) -> bool:
 
     What sympify would ``eval`` must not be able to call anything but the
     functions in :data:`_SYMPY_CALLS` and torch's sympy functions: no
-    attributes, subscripts, strings, keywords, lambdas or other calls.
+    attributes, subscripts, lambdas or other calls. torch writes srepr
+    (``Symbol('s0', positive=True, integer=True)``, ``Float('1.5', precision=53)``):
+    a string may only be that name or number, a keyword only a constant.
     """
     try:
         tree = ast.parse(text, mode="eval")
     except (SyntaxError, ValueError, RecursionError, MemoryError):
         return False
     allowed_calls = _SYMPY_CALLS | _torch_sympy_functions()
+    literal_args: set[int] = set()  # ids of the string constants a call may take
     for node in ast.walk(tree):
         if isinstance(node, ast.Call):
             if not (isinstance(node.func, ast.Name) and node.func.id in allowed_calls):
                 return False
-            if node.keywords:
+            if not all(isinstance(k.value, ast.Constant) for k in node.keywords):
                 return False
+            literal_args.update(_literal_args(node))
         elif isinstance(node, ast.Constant):
-            if not isinstance(node.value, int | float | bool):
+            if isinstance(node.value, str) and id(node) not in literal_args:
+                return False
+            if not isinstance(node.value, int | float | bool | str):
                 return False
         elif isinstance(node, ast.Name):
             if node.id.startswith("_"):
                 return False
-        elif not isinstance(node, _EXPRESSION_NODES):
+        elif not isinstance(node, (*_EXPRESSION_NODES, ast.keyword)):
             return False
     return True
 
 
+def _literal_args(call: ast.Call) -> Iterator[int]:
+    """The string arguments srepr gives Symbol (a name) and Float (a number)."""
+    name = call.func.id if isinstance(call.func, ast.Name) else ""
+    pattern = {"Symbol": _SYMBOL_NAME, "Float": _FLOAT_TEXT}.get(name)
+    if pattern is None or not call.args:
+        return
+    first = call.args[0]
+    text = first.value if isinstance(first, ast.Constant) else None
+    if isinstance(text, str) and pattern.fullmatch(text):
+        yield id(first)
+
+
+@functools.cache
 def _torch_sympy_functions() -> frozenset[str]:
     """Names of the sympy functions torch defines (FloorDiv, ModularIndexing, ...)."""
     import inspect
