@@ -141,7 +141,8 @@ def _refused_everywhere(cli, tmp_path: Path, evil: Path, marker: Path, contains:
     """fold, inspect and verify refuse ``evil`` with one line; the payload never ran."""
     before = snapshot(tmp_path)
     out = tmp_path / "out.pt2"
-    for args in (["fold", evil, "-o", out], ["inspect", evil], ["verify", evil, evil]):
+    bench = ["bench", evil, "--shape", "1,3,8,8", "--runs", "1", "--warmup", "0"]
+    for args in (["fold", evil, "-o", out], ["inspect", evil], ["verify", evil, evil], bench):
         assert_one_line_error(cli(args), contains=contains)
         assert not marker.exists(), args
     assert snapshot(tmp_path) == before
@@ -190,6 +191,7 @@ def test_guard_code_in_the_program_never_runs(cli, tmp_path, program_file):
     assert not marker.exists()
     assert result.exit_code == 0, result.output  # guards are not run: the fold is fine
     assert cli(["inspect", evil]).exit_code == 0
+    assert cli(["bench", evil, "--shape", "1,3,8,8", "--runs", "1", "--warmup", "0"]).exit_code == 0
     assert not marker.exists()
 
 
