@@ -195,6 +195,23 @@ def test_guard_code_in_the_program_never_runs(cli, tmp_path, program_file):
     assert not marker.exists()
 
 
+def test_attribute_name_that_is_code_never_runs(cli, tmp_path, program_file):
+    """torch.fx pastes a non-identifier attribute name between double quotes into
+    the module's generated forward: a quote in a parameter's name is code."""
+    marker = tmp_path / "MARKER"
+    name = f'0"), open({str(marker)!r}, "w"), getattr(self, "0'
+
+    def edit(member, data):
+        if member.endswith(".json"):
+            return data.decode().replace('"0.weight"', json.dumps(name)).encode()
+        return data
+
+    evil = _rewrite(program_file, tmp_path / "evil.pt2", edit)
+    _refused_everywhere(cli, tmp_path, evil, marker, contains="attribute name")
+    cli(["fold", evil, "-o", tmp_path / "out.pt2", "--trust-pickle"])  # runs the forward
+    assert marker.exists()
+
+
 def test_aotinductor_package_is_refused(cli, tmp_path, program_file):
     marker = tmp_path / "MARKER"
 
