@@ -276,6 +276,7 @@ def fold(
 
         if output is None:
             raise InputError("folder mode needs -o/--output OUTDIR")
+        _require_safe_folder_report(report_path, model, output)
         code = fold_directory(
             model, output, jobs=jobs, verify=not no_verify, strict=strict,
             verify_options=_verify_options(**verify_kw), as_json=as_json,
@@ -432,6 +433,27 @@ def _require_safe_report(
     report = paths.Named("--report", Path(report_path))
     pair = (outputs[0], inputs[0]) if in_place else None
     paths.require_safe_outputs([*writes, report], reads, in_place=pair)  # type: ignore[arg-type]
+
+
+def _require_safe_folder_report(report_path: str | None, model_dir: str, out_dir: str) -> None:
+    """Folder mode: --report must not be one of the models found or their outputs.
+
+    Its folder may be OUTDIR, created by the run: then only the names are compared.
+    """
+    if report_path is None:
+        return
+    from bnfold import paths
+    from bnfold.batch import find_models
+
+    report = paths.Named("--report", Path(report_path))
+    models = find_models(Path(model_dir), Path(out_dir))
+    reads = [paths.Named("input", Path(model_dir) / rel) for rel in models]
+    writes = [paths.Named("output", Path(out_dir) / rel) for rel in models]
+    for other in (*reads, *writes):
+        if paths.same_file(report.path, other.path):
+            raise InputError(f"--report {report_path!r} is the {other.role} {str(other.path)!r}")
+    if not paths.same_file(report.path.parent, out_dir):  # OUTDIR may not exist yet
+        paths.require_safe_outputs([report], [])
 
 
 def _write_report(path: str | None, payload: dict[str, Any]) -> None:

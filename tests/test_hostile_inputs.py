@@ -283,6 +283,17 @@ def test_unwritable_report_is_refused_before_the_output_is_replaced(cli, tmp_pat
     assert snapshot(tmp_path) == before
 
 
+def test_folder_mode_report_over_a_model_is_refused(cli, tmp_path):
+    src, out = tmp_path / "models", tmp_path / "out"
+    src.mkdir()
+    model = _onnx_model(src / "a.onnx")
+    before = snapshot(tmp_path)
+    for report in (model, out / "a.onnx", tmp_path / "no" / "r.json"):
+        assert_one_line_error(cli(["fold", src, "-o", out, "--report", report]))
+    assert snapshot(tmp_path) == before
+    assert cli(["fold", src, "-o", out, "--report", out / "r.json"]).exit_code == 0
+
+
 def test_torch_outputs_are_checked_before_anything_is_written(cli, tmp_path, program_file):
     before = snapshot(tmp_path)
     out = tmp_path / "out.pt2"
