@@ -195,6 +195,25 @@ def test_guard_code_in_the_program_never_runs(cli, tmp_path, program_file):
     assert not marker.exists()
 
 
+def test_pickle_payload_in_the_legacy_format_never_runs(cli, tmp_path, program_file):
+    """torch.export.load falls back to the torch 2.7 zip layout, unpickling its .pt members."""
+    from torch._export.serde.schema import SCHEMA_VERSION
+
+    marker = tmp_path / "MARKER"
+    with zipfile.ZipFile(program_file) as archive:
+        (program_json,) = [archive.read(n) for n in archive.namelist() if n.endswith("model.json")]
+    payload = _torch_saved((_TouchMarker(marker), {}))
+    evil = tmp_path / "legacy.pt2"
+    with zipfile.ZipFile(evil, "w") as out:
+        out.writestr("version", ".".join(map(str, SCHEMA_VERSION)))
+        out.writestr("serialized_exported_program.json", program_json)
+        for part in ("state_dict", "constants", "example_inputs"):
+            out.writestr(f"serialized_{part}.pt", payload)
+    _refused_everywhere(cli, tmp_path, evil, marker, contains="--trust-pickle")
+    cli(["inspect", evil, "--trust-pickle"])
+    assert marker.exists()
+
+
 def test_attribute_name_that_is_code_never_runs(cli, tmp_path, program_file):
     """torch.fx pastes a non-identifier attribute name between double quotes into
     the module's generated forward: a quote in a parameter's name is code."""
