@@ -231,6 +231,25 @@ def test_attribute_name_that_is_code_never_runs(cli, tmp_path, program_file):
     assert marker.exists()
 
 
+def test_keyword_name_that_is_code_is_refused(cli, tmp_path, program_file):
+    """A higher-order op's keyword names come from the file and torch.fx writes them
+    unquoted (``name = value``) into generated code: refused as the graph is built."""
+    marker = tmp_path / "MARKER"
+
+    def edit(member, data):
+        if member == "models/model.json":
+            program = json.loads(data)
+            node = program["graph_module"]["graph"]["nodes"][0]
+            node["target"] = "torch.ops.higher_order.wrap_with_set_grad_enabled"
+            name = f"x=open({str(marker)!r}, 'w'), y"
+            node["inputs"].append({"name": name, "arg": {"as_int": 1}, "kind": 2})
+            return json.dumps(program).encode()
+        return data
+
+    evil = _rewrite(program_file, tmp_path / "evil.pt2", edit)
+    _refused_everywhere(cli, tmp_path, evil, marker, contains="keyword argument")
+
+
 def test_aotinductor_package_is_refused(cli, tmp_path, program_file):
     marker = tmp_path / "MARKER"
 

@@ -33,6 +33,7 @@ import ast
 import contextlib
 import functools
 import io
+import keyword
 import logging
 import pickle
 import re
@@ -136,23 +137,38 @@ def _drop_guard_code(program: torch.export.ExportedProgram) -> None:
 
 
 def _require_plain_names(program: torch.export.ExportedProgram, guard: _Guard) -> None:
-    """Refuse attribute names that torch.fx would paste into generated code.
+    """Refuse names that torch.fx would paste into generated code.
 
     ``module()`` turns each lifted parameter, buffer and constant into a
     ``get_attr`` whose name torch.fx writes into Python source between double
-    quotes when it is not an identifier: a quote in a name is code.
+    quotes when it is not an identifier: a quote in a name is code. Keyword
+    arguments (a higher-order op's come from the file) are written unquoted.
     """
     names = [*program.state_dict, *program.constants]
     names += [spec.target for spec in program.graph_signature.input_specs if spec.target]
-    for module in program.graph_module.modules():
-        if isinstance(module, torch.fx.GraphModule):
-            names += [
-                str(n.target) for n in module.graph.nodes if n.op in ("get_attr", "call_module")
-            ]
+    nodes = [
+        node
+        for module in program.graph_module.modules()
+        if isinstance(module, torch.fx.GraphModule)
+        for node in module.graph.nodes
+    ]
+    names += [str(n.target) for n in nodes if n.op in ("get_attr", "call_module")]
     for name in names:
         if not _PLAIN_NAME.fullmatch(name):
             guard.refuse(f"the attribute name {name[:60]!r} is not plain")
             return
+    for node in nodes:  # the loader checked these as it built them; later graphs copy them
+        if bad := _code_like_keywords(node.kwargs):
+            guard.refuse(f"the keyword argument {bad[:60]!r} is not an identifier")
+            return
+
+
+def _code_like_keywords(kwargs: Any) -> str | None:
+    """A keyword torch.fx would write as ``name = value`` into code that is not a name."""
+    for key in kwargs or {}:
+        if not (isinstance(key, str) and key.isidentifier() and not keyword.iskeyword(key)):
+            return str(key)
+    return None
 
 
 def _refuse_unsafe_members(path: str) -> None:
@@ -249,6 +265,14 @@ def _no_code_from_file(guard: _Guard) -> Iterator[None]:
             raise guard.refuse(f"the attribute name {target[:60]!r} is not plain")
         return real_format_target(base, target)
 
+    real_create_node = torch.fx.Graph.create_node
+
+    def create_node(graph: torch.fx.Graph, op: str, target: Any, args: Any = None,
+                    kwargs: Any = None, *rest: Any, **more: Any) -> torch.fx.Node:  # fmt: skip
+        if bad := _code_like_keywords(kwargs):
+            raise guard.refuse(f"the keyword argument {bad[:60]!r} is not an identifier")
+        return real_create_node(graph, op, target, args, kwargs, *rest, **more)
+
     patches: list[tuple[Any, str, Any]] = [
         (torch, "load", torch_load),
         (torch.serialization, "load", torch_load),
@@ -258,6 +282,7 @@ def _no_code_from_file(guard: _Guard) -> Iterator[None]:
         (torch._C, "_pickle_load_obj", no_torchscript),
         (sympy_parser, "parse_expr", parse_expr),
         (torch.fx.graph, "_format_target", format_target),
+        (torch.fx.Graph, "create_node", create_node),
     ]
     saved = [(owner, name, getattr(owner, name)) for owner, name, _ in patches]
     try:
