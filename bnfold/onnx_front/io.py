@@ -9,7 +9,9 @@ folder beside the target, fsynced, then renamed into place, so a crash leaves
 either the previous output or the new one, never a partial one. The external
 data file gets a fresh name on every save (``<model>.<token>.data``) so the new
 data never overwrites the file the previous output (or the input, with
-``--in-place``) still points at.
+``--in-place``) still points at. Publishing happens under a lock on the folder
+and then removes only the replaced model's data files of that form that no
+other model in the folder names: bnfold never deletes a file it did not write.
 """
 
 from __future__ import annotations
