@@ -45,11 +45,15 @@ class OneLineUsageGroup(click.Group):
             return super().invoke(ctx)
 
 
+# click >= 8.2 shows the help for a bare command by raising this UsageError; 8.1 exits.
+_NO_ARGS_IS_HELP: Any = getattr(click.exceptions, "NoArgsIsHelpError", ())
+
+
 @contextlib.contextmanager
 def _usage_as_one_line() -> Iterator[None]:
     try:
         yield
-    except click.exceptions.NoArgsIsHelpError:
+    except _NO_ARGS_IS_HELP:  # a bare `bnfold`: the help, as click shows it
         raise
     except click.UsageError as err:
         where = err.ctx.command_path if err.ctx is not None else "bnfold"
