@@ -14,6 +14,7 @@ from typing import Any
 
 import onnx_ir as ir
 
+from bnfold import paths
 from bnfold.affine import Rounding
 from bnfold.compare import MAX_INPUT_BYTES, VerifyOptions, verify_onnx
 from bnfold.errors import BnfoldError, NotSupportedError
@@ -181,7 +182,12 @@ def fold_file(
             unwritable output.
     """
     source, output = Path(source), Path(output)
-    _require_distinct(source, output, in_place)
+    paths.require_safe_outputs(
+        [paths.Named("output", output)],
+        [paths.Named("input", source)],
+        in_place=(output, source) if in_place else None,
+        offer_in_place=True,
+    )
     model = io.load_model(source)
     keep_external = any(True for _ in io.external_tensors(model))  # before folds replace them
     lower = _lower_form(lower_standalone)
@@ -229,13 +235,6 @@ def _rounding(value: Rounding | str) -> Rounding:
     except ValueError:
         choices = ", ".join(r.value for r in Rounding)
         raise BnfoldError(f"unknown rounding {value!r}; choose from {choices}") from None
-
-
-def _require_distinct(source: Path, output: Path, in_place: bool) -> None:
-    same = output.exists() and os.path.samefile(source, output)
-    same = same or source.resolve() == output.resolve()
-    if same and not in_place:
-        raise BnfoldError("output path equals input path; pass --in-place to overwrite the input")
 
 
 def _onnx_model(model: Any, copy: bool) -> ir.Model:

@@ -373,7 +373,8 @@ def bench_torch_files(
         original: the saved program or module.
         folded: the saved folded one; None folds ``original`` in memory.
         shapes: one shape per forward() argument; float32 ``randn`` inputs.
-        trust_pickle: allow whole pickled modules (unpickling can run their code).
+        trust_pickle: allow whole pickled modules, and .pt2 files that would run
+            code (see :mod:`bnfold.torch_front.archive`).
         **kwargs: passed to ``bench_torch`` (threads, warmup, runs, seed, progress).
     """
     import torch
@@ -383,7 +384,7 @@ def bench_torch_files(
     inputs = [torch.randn(*shape) for shape in shapes]
     folds = None
     if folded is None:
-        result = _fold_in_memory(original, module, tuple(inputs))
+        result = _fold_in_memory(original, module, tuple(inputs), trust_pickle)
         other, folds = result.model, len(result.report.folded)
     else:
         other = load_torch_module(folded, trust_pickle)
@@ -394,13 +395,15 @@ def bench_torch_files(
     return report
 
 
-def _fold_in_memory(path: str | os.PathLike[str], module: Any, inputs: tuple[Any, ...]) -> Any:
+def _fold_in_memory(
+    path: str | os.PathLike[str], module: Any, inputs: tuple[Any, ...], trust_pickle: bool
+) -> Any:
     """A .pt2 folds at the graph level (its module has no nn.Conv2d to fold into)."""
     if os.fspath(path).endswith(".pt2"):
         from bnfold.torch_front.exported import fold_graph_module
         from bnfold.torch_front.io import load_exported_program
 
-        program = load_exported_program(path)
+        program = load_exported_program(path, trust_pickle)
         return fold_graph_module(program.module, inputs)
     from bnfold import fold
 
@@ -424,8 +427,13 @@ def load_torch_module(path: str | os.PathLike[str], trust_pickle: bool = False) 
         )
     try:
         if os.fspath(path).endswith(".pt2"):
-            return torch.export.load(path).module()
+            from bnfold.torch_front.io import load_exported_program
+
+            # Not torch.export.load: it can run code from the file (see torch_front.archive).
+            return load_exported_program(path, trust_pickle).module()
         module = torch.load(path, weights_only=False, map_location="cpu")
+    except BnfoldError:
+        raise
     except Exception as err:
         raise BnfoldError(f"{os.fspath(path)}: cannot load a PyTorch module ({err})") from None
     if not isinstance(module, torch.nn.Module):

@@ -24,3 +24,11 @@ def first_line(err: BaseException, limit: int = 300) -> str:
     """
     lines = str(err).strip().splitlines()
     return lines[0][:limit] if lines else type(err).__name__
+
+
+def quoted(path: object) -> str:
+    """``path`` for a one-line message: quoted, control characters escaped (``'a\\nb'``)."""
+    import os
+
+    text = os.fspath(path) if isinstance(path, str | os.PathLike) else str(path)
+    return repr(text)

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from functools import wraps
 from typing import Any, TypeVar
 
@@ -20,7 +21,43 @@ class InputError(click.ClickException):
     exit_code = EXIT_BAD_INPUT
 
     def show(self, file: Any = None) -> None:
-        click.echo(f"bnfold: error: {self.format_message()}", err=True)
+        click.echo(f"bnfold: error: {one_line(self.format_message())}", err=True)
+
+
+def one_line(message: str) -> str:
+    """``message`` with control characters escaped: a newline in a path must not split it."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in message)
+
+
+class OneLineUsageGroup(click.Group):
+    """A group whose usage errors (unknown option, bad value) are one line, exit 2.
+
+    click would print the usage and a hint over three lines; the one line names
+    ``--help`` instead. A bare ``bnfold`` still shows the help.
+    """
+
+    def make_context(self, *args: Any, **kwargs: Any) -> click.Context:
+        with _usage_as_one_line():
+            return super().make_context(*args, **kwargs)
+
+    def invoke(self, ctx: click.Context) -> Any:
+        with _usage_as_one_line():
+            return super().invoke(ctx)
+
+
+# click >= 8.2 shows the help for a bare command by raising this UsageError; 8.1 exits.
+_NO_ARGS_IS_HELP: Any = getattr(click.exceptions, "NoArgsIsHelpError", ())
+
+
+@contextlib.contextmanager
+def _usage_as_one_line() -> Iterator[None]:
+    try:
+        yield
+    except _NO_ARGS_IS_HELP:  # a bare `bnfold`: the help, as click shows it
+        raise
+    except click.UsageError as err:
+        where = err.ctx.command_path if err.ctx is not None else "bnfold"
+        raise InputError(f"{err.format_message().rstrip('.')} (see '{where} --help')") from None
 
 
 def one_line_errors(func: F) -> F:

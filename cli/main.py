@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+from pathlib import Path
 from typing import Any
 
 import click
@@ -20,6 +21,7 @@ from bnfold.cli.errors import (
     EXIT_VERIFY_FAILED,
     F,
     InputError,
+    OneLineUsageGroup,
     one_line_errors,
 )
 from bnfold.options import DEFAULT_BENCH_LEVELS, MAX_INPUT_BYTES, LowerForm, Rounding
@@ -97,7 +99,10 @@ def torch_options(func: F) -> F:
         click.option(
             "--trust-pickle",
             is_flag=True,
-            help="torch: allow full unpickling of --weights (can run code from the file).",
+            help=(
+                "torch: load --weights and .pt2 files as torch would, running any code "
+                "they carry (pickles, shape expressions); only for files you trust."
+            ),
         ),
         click.option(
             "--input-shape",
@@ -152,7 +157,7 @@ def _torch_verify_options(no_verify: bool, verify_kw: dict[str, Any]) -> Any:
     return None if no_verify else _verify_options(**verify_kw)
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(cls=OneLineUsageGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="bnfold")
 def main() -> None:
     """Fold inference BatchNorm into Conv/ConvTranspose/Gemm/MatMul/Linear, verify, measure."""
@@ -266,12 +271,14 @@ def fold(
     if torch_source is not None:
         if output is None:
             raise InputError("missing -o/--output")
+        _require_safe_report(report_path, [output, to_onnx], [model, weights])
         from bnfold.torch_front.files import fold_torch
 
         options = _torch_verify_options(no_verify, verify_kw)
         result, written = fold_torch(
             torch_source, output, options, to_onnx, require_verified=strict, rounding=rounding,
             lower=lower,
+            trust_pickle=trust_pickle,
         )  # fmt: skip
         _print_fold(result, written, output, as_json, report_path)
         sys.exit(_fold_exit_code(written))
@@ -284,6 +291,7 @@ def fold(
 
         if output is None:
             raise InputError("folder mode needs -o/--output OUTDIR")
+        _require_safe_folder_report(report_path, model, output)
         code = fold_directory(
             model, output, jobs=jobs, verify=not no_verify, strict=strict,
             verify_options=_verify_options(**verify_kw), as_json=as_json,
@@ -295,6 +303,7 @@ def fold(
         raise InputError("missing -o/--output (or --in-place to overwrite MODEL)")
     target = model if in_place else output
     assert target is not None
+    _require_safe_report(report_path, [target], [model], in_place=in_place)
     options = _verify_options(**verify_kw)
     result, written = fold_file(
         model,
@@ -372,7 +381,7 @@ def inspect(model: str | None, as_json: bool, **torch_kw: Any) -> None:
     if torch_source is not None:
         from bnfold.torch_front.files import inspect_torch
 
-        report = inspect_torch(torch_source)
+        report = inspect_torch(torch_source, trust_pickle=torch_kw["trust_pickle"])
     elif model is None:
         raise InputError("missing MODEL (or --module for a torch factory)")
     else:
@@ -405,7 +414,7 @@ def verify(models: tuple[str, ...], as_json: bool, **kw: Any) -> None:
         from bnfold.torch_front.files import verify_torch
 
         options = _torch_verify_options(False, kw)
-        result = verify_torch(torch_source, models[-1], options)
+        result = verify_torch(torch_source, models[-1], options, torch_kw["trust_pickle"])
     else:
         from bnfold.api import verify_models
 
@@ -414,14 +423,59 @@ def verify(models: tuple[str, ...], as_json: bool, **kw: Any) -> None:
     sys.exit(EXIT_OK if result.passed else EXIT_VERIFY_FAILED)
 
 
+def _require_safe_report(
+    report_path: str | None,
+    outputs: list[str | None],
+    inputs: list[str | None],
+    in_place: bool = False,
+) -> None:
+    """Before folding: --report must be writable and none of the other files (any spelling).
+
+    The library checks the model outputs against the inputs itself; this adds
+    the report, which only the CLI writes, and the input's external data files.
+    """
+    if report_path is None:
+        return
+    from bnfold import paths
+    from bnfold.onnx_front.io import external_data_files
+
+    reads = [paths.Named.of("input", path) for path in inputs]
+    for path in inputs:
+        if path is not None and path.endswith(".onnx"):
+            reads += [paths.Named("input's external data", p) for p in external_data_files(path)]
+    writes = [paths.Named.of("output", path) for path in outputs]
+    report = paths.Named("--report", Path(report_path))
+    pair = (outputs[0], inputs[0]) if in_place else None
+    paths.require_safe_outputs([*writes, report], reads, in_place=pair)  # type: ignore[arg-type]
+
+
+def _require_safe_folder_report(report_path: str | None, model_dir: str, out_dir: str) -> None:
+    """Folder mode: --report must not be one of the models found or their outputs.
+
+    Its folder may be OUTDIR, created by the run: then only the names are compared.
+    """
+    if report_path is None:
+        return
+    from bnfold import paths
+    from bnfold.batch import find_models
+
+    report = paths.Named("--report", Path(report_path))
+    models = find_models(Path(model_dir), Path(out_dir))
+    reads = [paths.Named("input", Path(model_dir) / rel) for rel in models]
+    writes = [paths.Named("output", Path(out_dir) / rel) for rel in models]
+    for other in (*reads, *writes):
+        if paths.same_file(report.path, other.path):
+            raise InputError(f"--report {report_path!r} is the {other.role} {str(other.path)!r}")
+    if not paths.same_file(report.path.parent, out_dir):  # OUTDIR may not exist yet
+        paths.require_safe_outputs([report], [])
+
+
 def _write_report(path: str | None, payload: dict[str, Any]) -> None:
     if path is None:
         return
-    try:
-        with open(path, "w", encoding="utf-8") as fh:
-            json.dump(payload, fh, indent=2)
-    except OSError as err:
-        raise InputError(f"cannot write report {path!r}: {err.strerror}") from None
+    from bnfold.paths import write_text_atomic
+
+    write_text_atomic(path, json.dumps(payload, indent=2), "report")
 
 
 if __name__ == "__main__":

@@ -9,7 +9,9 @@ folder beside the target, fsynced, then renamed into place, so a crash leaves
 either the previous output or the new one, never a partial one. The external
 data file gets a fresh name on every save (``<model>.<token>.data``) so the new
 data never overwrites the file the previous output (or the input, with
-``--in-place``) still points at.
+``--in-place``) still points at. Publishing happens under a lock on the folder
+and then removes only the replaced model's data files of that form that no
+other model in the folder names: bnfold never deletes a file it did not write.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import shutil
 import socket
 import tempfile
 from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +37,7 @@ import onnx_ir as ir
 from bnfold.errors import BnfoldError, first_line
 
 STAGING_PREFIX = ".bnfold-"
+DATA_TOKEN_BYTES = 6  # <model>.<12 hex digits>.data: the data file names bnfold writes
 # Tensors over 1 MB start at 64 KiB offsets, so onnxruntime can memory-map them
 # instead of copying (onnx_ir >= 1.1 packs densely unless told otherwise).
 _ALIGNED: dict[str, Any] = (
@@ -188,10 +192,10 @@ def save_model(
             ``path`` is a folder or a file the model itself reads its data from.
     """
     path = Path(path)
-    replaced_data = _require_writable_target(model, path)
+    previous = _require_writable_target(model, path)
     if external_data is None:
         external_data = any(True for _ in external_tensors(model)) or _too_big_for_protobuf(model)
-    data_name = f"{path.name}.{secrets.token_hex(6)}.data" if external_data else None
+    data_name = f"{path.name}.{secrets.token_hex(DATA_TOKEN_BYTES)}.data" if external_data else None
     try:
         _remove_stale_staging(path.parent)
         with _staging_dir(path.parent) as stage:
@@ -200,28 +204,58 @@ def save_model(
             _fsync_files(stage)
             if accept is not None and not accept(staged):
                 return False
-            if data_name:
-                # The fresh name means this replaces nothing: a crash before the
-                # model's rename leaves the previous output whole (plus an orphan).
-                os.replace(stage / data_name, path.parent / data_name)
-            os.replace(staged, path)
-            _fsync_dir(path.parent)
+            _publish(stage, path, data_name, previous)
     except BnfoldError:
         raise
     except PermissionError:
         raise BnfoldError(f"cannot write to {str(path.parent)!r}: permission denied") from None
     except OSError as err:
         raise BnfoldError(f"cannot write {str(path)!r}: {_os_reason(err)}") from None
-    _remove_replaced_data(path, replaced_data - ({data_name} if data_name else set()))
     return True
 
 
-def _require_writable_target(model: ir.Model, path: Path) -> set[str]:
-    """Refuse a target the save must not replace; return the data files it replaces.
+def _publish(stage: Path, path: Path, data_name: str | None, previous: _Previous | None) -> None:
+    """Rename the staged model (and its data file) into place; drop the replaced output's data.
 
-    A previous output is parsed once (without its external data) to check it is
-    a model and to find its data files (see :func:`_data_files_of`), then
-    dropped: an inline model is not held through the save.
+    Under a lock on the folder, so that concurrent saves to one target publish
+    one after the other: each removes the data of the model it actually
+    replaces, the previous run's or a concurrent writer's, and no data file is
+    left without its model.
+    """
+    with _folder_lock(path.parent):
+        now = _Previous.of(path, seen=previous)  # a concurrent save may have replaced it
+        replaced = (now.own_data if now else frozenset()) - {data_name}
+        if data_name:
+            # The fresh name means this replaces nothing: a crash before the
+            # model's rename leaves the previous output whole (plus an orphan).
+            os.replace(stage / data_name, path.parent / data_name)
+        os.replace(stage / path.name, path)
+        _fsync_dir(path.parent)
+        _remove_unused_data(path, replaced)
+
+
+@contextlib.contextmanager
+def _folder_lock(folder: Path) -> Iterator[None]:
+    """An exclusive flock on the folder itself (no lock file is left behind)."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: saves are still atomic, only not serialised
+        yield
+        return
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def _require_writable_target(model: ir.Model, path: Path) -> _Previous | None:
+    """Refuse a target the save must not replace; return what it replaces.
+
+    A previous output is parsed once (without its external data) to check it
+    is a model and to find its data files, then dropped: an inline model is
+    not held through the save.
     """
     if not path.parent.is_dir():
         raise BnfoldError(f"output folder {str(path.parent)!r} does not exist")
@@ -230,19 +264,39 @@ def _require_writable_target(model: ir.Model, path: Path) -> set[str]:
     if not path.name or path.name in (".", ".."):
         raise BnfoldError(f"output {str(path)!r} is not a file name")
     if not path.exists():
-        return set()
+        return None
     for tensor in external_tensors(model):
         with contextlib.suppress(OSError):
             if os.path.samefile(tensor.path, path):
                 raise BnfoldError(f"output {str(path)!r} is the external data file the model reads")
-    previous = _parse_model(path)
+    previous = _Previous.of(path)
     if previous is None:
         # Only a previous model is ours to replace: anything else (an input's
         # external data file, a typo naming some other file) is left alone.
         raise BnfoldError(
             f"output {str(path)!r} exists and is not an ONNX model; refusing to overwrite it"
         )
-    return _data_files_of(previous, path)
+    return previous
+
+
+def external_data_files(path: str | os.PathLike[str]) -> list[Path]:
+    """The external data files the model at ``path`` names (existing or not), in its folder.
+
+    Empty for a file that is not a model. The model is parsed without its data.
+    """
+    path = Path(path)
+    proto = _parse_model(path)
+    if proto is None:
+        return []
+    return sorted({path.parent / loc for loc in _data_locations(proto)})
+
+
+def _data_locations(proto: onnx.ModelProto) -> Iterator[str]:
+    for tensor in _tensor_protos(proto.graph):
+        if tensor.data_location == onnx.TensorProto.EXTERNAL:
+            location = next((e.value for e in tensor.external_data if e.key == "location"), "")
+            if location:
+                yield location
 
 
 def _parse_model(path: Path) -> onnx.ModelProto | None:
@@ -296,27 +350,35 @@ def _host_tag() -> str:
     return re.sub(r"[^A-Za-z0-9]", "", socket.gethostname())[:32] or "host"
 
 
-def _data_files_of(previous: onnx.ModelProto, path: Path) -> set[str]:
-    """External data files the ``previous`` model at ``path`` uses that are named after it.
+@dataclass(frozen=True)
+class _Previous:
+    """The model a save replaces: which file it was, and the data files bnfold named for it."""
 
-    Only ``<name>.data`` and ``<name>.<anything>.data`` in the same folder: a
-    data file with another name may be shared with other models, so it is
-    never deleted.
-    """
-    names = set()
-    for tensor in _tensor_protos(previous.graph):
-        if tensor.data_location != onnx.TensorProto.EXTERNAL:
-            continue
-        location = next((e.value for e in tensor.external_data if e.key == "location"), "")
-        if (
-            location
-            and "/" not in location
-            and os.sep not in location
-            and location.startswith(path.name + ".")
-            and location.endswith(".data")
-        ):
-            names.add(location)
-    return names
+    identity: tuple[int, int, int, int]  # device, inode, size, mtime
+    own_data: frozenset[str]
+
+    @classmethod
+    def of(cls, path: Path, seen: _Previous | None = None) -> _Previous | None:
+        """The model now at ``path`` (None if none); ``seen`` is reused if it is still that file.
+
+        Only ``<name>.<12 hex digits>.data`` beside it count as its own, the
+        form :func:`save_model` writes: a data file named otherwise
+        (``model.onnx.data`` from torch's exporter, say) was not created by
+        bnfold and is never deleted.
+        """
+        try:
+            info = path.stat()
+        except OSError:
+            return None
+        identity = (info.st_dev, info.st_ino, info.st_size, info.st_mtime_ns)
+        if seen is not None and seen.identity == identity:
+            return seen
+        proto = _parse_model(path)
+        if proto is None:
+            return None
+        own = re.compile(re.escape(path.name) + rf"\.[0-9a-f]{{{2 * DATA_TOKEN_BYTES}}}\.data")
+        names = frozenset(loc for loc in _data_locations(proto) if own.fullmatch(loc))
+        return cls(identity, names)
 
 
 def _tensor_protos(graph: onnx.GraphProto) -> Iterator[onnx.TensorProto]:
@@ -332,10 +394,30 @@ def _tensor_protos(graph: onnx.GraphProto) -> Iterator[onnx.TensorProto]:
                 yield from _tensor_protos(sub)
 
 
-def _remove_replaced_data(path: Path, names: Iterable[str]) -> None:
+def _remove_unused_data(path: Path, names: Iterable[str]) -> None:
+    """Delete the replaced output's own data files that no other model in the folder names.
+
+    A copy of the output (``cp folded.onnx b.onnx``) still points at the same
+    data file: any ``*.onnx`` beside it whose bytes contain the file's name
+    keeps it (a false match only keeps a file).
+    """
+    names = set(names)
+    if not names:
+        return
+    for other in path.parent.glob("*.onnx"):
+        if other.name != path.name:
+            names -= _names_mentioned(other, names)
     for name in names:
         with contextlib.suppress(OSError):
             os.remove(path.parent / name)
+
+
+def _names_mentioned(model_file: Path, names: set[str]) -> set[str]:
+    try:
+        with open(model_file, "rb") as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as m:
+            return {name for name in names if m.find(name.encode()) != -1}
+    except (OSError, ValueError):  # unreadable or empty: it cannot name anything we can see
+        return set()
 
 
 def _require_model_file(path: Path) -> None:

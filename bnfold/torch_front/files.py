@@ -25,6 +25,7 @@ from typing import Any
 
 import torch
 
+from bnfold import paths
 from bnfold.affine import Rounding
 from bnfold.compare import DEFAULT_VERIFY, VerifyOptions
 from bnfold.errors import BnfoldError, NotSupportedError, first_line
@@ -39,6 +40,7 @@ from bnfold.torch_front.io import (
     export_onnx,
     load_exported_program,
     load_module_factory,
+    user_code,
 )
 
 STATE_DICT_SUFFIXES = (".pt", ".pth")
@@ -75,6 +77,7 @@ def fold_torch(
     require_verified: bool = False,
     rounding: Rounding = Rounding.NEAREST,
     lower: LowerForm | None = None,
+    trust_pickle: bool = False,
 ) -> tuple[FoldResult, bool]:
     """Fold a ``.pt2`` path or a factory-built module and write the result atomically.
 
@@ -90,6 +93,9 @@ def fold_torch(
         rounding: how folded weights are cast to their dtype.
         lower: lower the BNs left after folding (see
             :func:`bnfold.torch_front.exported.lower_left`); programs only.
+        trust_pickle: load a ``.pt2`` source as torch would, running any code it
+            carries (pickles, shape expressions); without it such a file is
+            refused (see :mod:`bnfold.torch_front.archive`).
 
     Returns:
         (result, written): ``result.model`` is the folded module. written is
@@ -100,6 +106,23 @@ def fold_torch(
         BnfoldError: bad input or output path, a state_dict without --module,
             the folded module cannot be exported.
     """
+    _require_safe_outputs(source, output, to_onnx)
+    with user_code("the model's code"):
+        return _fold_torch(
+            source, output, verify, to_onnx, require_verified, rounding, lower, trust_pickle
+        )
+
+
+def _fold_torch(
+    source: ModuleSource | str,
+    output: str | os.PathLike[str],
+    verify: VerifyOptions | None,
+    to_onnx: str | os.PathLike[str] | None,
+    require_verified: bool,
+    rounding: Rounding,
+    lower: LowerForm | None,
+    trust_pickle: bool,
+) -> tuple[FoldResult, bool]:
     as_program = Path(output).suffix == ".pt2"
     if isinstance(source, ModuleSource):
         if lower is not None and not as_program:
@@ -111,16 +134,29 @@ def fold_torch(
         else:
             result = run.fold(module, args, inplace=False, verify=verify, rounding=rounding)
     else:
-        ep = _load_program_file(Path(source))
+        ep = _load_program_file(Path(source), trust_pickle)
         args = example_args(ep)
         result = fold_graph_module(ep.module, args, verify=verify, rounding=rounding, lower=lower)
         as_program = True  # a program is written back as a program, whatever the suffix
     if not result.publishable(require_verified):
         return result, False
-    _save(result.model, args, Path(output), as_program)
-    if to_onnx is not None:
-        export_onnx(result.model, args, to_onnx)
+    _save(result.model, args, Path(output), as_program, to_onnx)
     return result, True
+
+
+def _require_safe_outputs(
+    source: ModuleSource | str,
+    output: str | os.PathLike[str],
+    to_onnx: str | os.PathLike[str] | None,
+) -> None:
+    """Refuse outputs that are an input (any spelling) or unwritable, before folding."""
+    inputs = [
+        paths.Named.of("--weights file", source.weights)
+        if isinstance(source, ModuleSource)
+        else paths.Named.of("input", source)
+    ]
+    outputs = [paths.Named.of("output", output), paths.Named.of("--to-onnx output", to_onnx)]
+    paths.require_safe_outputs(outputs, inputs)
 
 
 def fold_program(
@@ -145,14 +181,14 @@ def fold_program(
     return result
 
 
-def _load_program_file(path: Path) -> torch.export.ExportedProgram:
+def _load_program_file(path: Path, trust_pickle: bool) -> torch.export.ExportedProgram:
     """A ``.pt2`` file's program; a state_dict file is a user error naming the fix."""
     if path.suffix in STATE_DICT_SUFFIXES:
         raise BnfoldError(
             f"{path}: a state_dict has no architecture; pass --module pkg.mod:factory "
             f"--weights {path} --input-shape ..."
         )
-    return load_exported_program(path)
+    return load_exported_program(path, trust_pickle)
 
 
 def _export(module: torch.nn.Module, args: tuple[Any, ...], what: str) -> Any:
@@ -163,23 +199,35 @@ def _export(module: torch.nn.Module, args: tuple[Any, ...], what: str) -> Any:
         raise BnfoldError(f"exporting {what} failed: {first_line(e)}") from None
 
 
-def _save(module: torch.nn.Module, args: tuple[Any, ...], output: Path, as_program: bool) -> None:
-    """Write ``module`` to ``output`` atomically: exported with ``args``, or its state_dict."""
-    if not as_program:
-        with atomic_target(output) as tmp:
-            torch.save(module.state_dict(), tmp)
-        return
-    program = _export(module, args, "the folded module")
+def _save(
+    module: torch.nn.Module,
+    args: tuple[Any, ...],
+    output: Path,
+    as_program: bool,
+    to_onnx: str | os.PathLike[str] | None,
+) -> None:
+    """Write ``module`` to ``output`` (exported with ``args``, or its state_dict) and ``to_onnx``.
+
+    Both are staged first: the ONNX export runs while ``output`` is still a
+    temp file, so a failed export leaves neither written.
+    """
+    program = _export(module, args, "the folded module") if as_program else None
     with atomic_target(output) as tmp:
-        torch.export.save(program, tmp)
+        if program is None:
+            torch.save(module.state_dict(), tmp)
+        else:
+            torch.export.save(program, tmp)
+        if to_onnx is not None:
+            export_onnx(module, args, to_onnx)
 
 
-def inspect_torch(source: ModuleSource | str) -> FoldReport:
+def inspect_torch(source: ModuleSource | str, trust_pickle: bool = False) -> FoldReport:
     """What :func:`fold_torch` would fold and refuse, without writing anything."""
-    if isinstance(source, ModuleSource):
-        module, args = source.load()
-        return inspect_module(module, args)
-    return inspect_program(load_exported_program(source))
+    with user_code("the model's code"):
+        if isinstance(source, ModuleSource):
+            module, args = source.load()
+            return inspect_module(module, args)
+        return inspect_program(load_exported_program(source, trust_pickle))
 
 
 def inspect_program(ep: torch.export.ExportedProgram) -> FoldReport:
@@ -190,15 +238,22 @@ def inspect_program(ep: torch.export.ExportedProgram) -> FoldReport:
 
 
 def verify_torch(
-    original: ModuleSource | str, folded: str, options: VerifyOptions = DEFAULT_VERIFY
+    original: ModuleSource | str,
+    folded: str,
+    options: VerifyOptions = DEFAULT_VERIFY,
+    trust_pickle: bool = False,
 ) -> VerifyResult:
-    """Compare a folded ``.pt2`` with the original (a ``.pt2`` or a factory module), eagerly."""
+    """Compare a folded ``.pt2`` with the original (a ``.pt2`` or a factory module), eagerly.
+
+    ``trust_pickle`` applies to both ``.pt2`` files, as in :func:`fold_torch`.
+    """
     if Path(folded).suffix != ".pt2":
         raise BnfoldError(f"{folded}: torch verification compares .pt2 programs; export it first")
-    if isinstance(original, ModuleSource):
-        reference_module, args = original.load()
-    else:
-        ep = load_exported_program(original)
-        reference_module, args = ep.module(), example_args(ep)
-    check = checking.Check.of(reference_module, args, options)
-    return check(load_exported_program(folded).module())
+    with user_code("the model's code"):
+        if isinstance(original, ModuleSource):
+            reference_module, args = original.load()
+        else:
+            ep = load_exported_program(original, trust_pickle)
+            reference_module, args = ep.module(), example_args(ep)
+        check = checking.Check.of(reference_module, args, options)
+        return check(load_exported_program(folded, trust_pickle).module())

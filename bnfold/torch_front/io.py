@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from bnfold.errors import BnfoldError, NotSupportedError, first_line
+from bnfold.errors import BnfoldError, NotSupportedError, first_line, quoted
 
 
 def load_module_factory(spec: str, weights: str | None, trust_pickle: bool) -> nn.Module:
@@ -46,12 +46,26 @@ def load_module_factory(spec: str, weights: str | None, trust_pickle: bool) -> n
     return module.eval()
 
 
+@contextlib.contextmanager
+def user_code(what: str) -> Iterator[None]:
+    """Run the user's code (a factory, a model's forward): ``sys.exit`` in it is an error.
+
+    Without this a factory calling ``sys.exit(0)`` ends bnfold with exit 0 and
+    nothing written.
+    """
+    try:
+        yield
+    except SystemExit as e:
+        raise BnfoldError(f"{what} called sys.exit({e.code!r})") from None
+
+
 def _call_factory(spec: str) -> nn.Module:
     mod_name, sep, attr = spec.partition(":")
     if not sep or not mod_name or not attr:
         raise BnfoldError(f"module spec {spec!r} must look like 'package.module:factory'")
     try:
-        obj: Any = importlib.import_module(mod_name)
+        with user_code(f"importing {mod_name!r}"):
+            obj: Any = importlib.import_module(mod_name)
     except ImportError as e:
         raise BnfoldError(f"cannot import {mod_name!r}: {e}") from None
     for part in attr.split("."):
@@ -59,7 +73,10 @@ def _call_factory(spec: str) -> nn.Module:
             raise BnfoldError(f"{mod_name!r} has no attribute {attr!r}")
         obj = getattr(obj, part)
     try:
-        module = obj()
+        with user_code(spec):
+            module = obj()
+    except BnfoldError:
+        raise
     except Exception as e:
         raise BnfoldError(f"{spec} failed: {type(e).__name__}: {e}") from None
     if not isinstance(module, nn.Module):
@@ -114,19 +131,28 @@ def example_inputs_from_shapes(
     return tuple(torch.randn(tuple(s), generator=gen).to(torch_dtype) for s in shapes)
 
 
-def load_exported_program(path: str | os.PathLike[str]) -> torch.export.ExportedProgram:
-    """``torch.export.load`` with one-line errors.
+def load_exported_program(
+    path: str | os.PathLike[str], trust_pickle: bool = False
+) -> torch.export.ExportedProgram:
+    """``torch.export.load`` that runs no code from the file, with one-line errors.
+
+    Without ``trust_pickle`` every pickled member of the archive is read as
+    plain data (see :mod:`bnfold.torch_front.archive`); with it the file is
+    loaded exactly as torch would, the user's explicit choice.
 
     Raises:
-        BnfoldError: missing or unreadable file, or not an ExportedProgram archive.
+        BnfoldError: missing or unreadable file, not an ExportedProgram archive,
+            or a file that would run code while ``trust_pickle`` is False.
     """
+    from bnfold.torch_front.archive import load_untrusted
+
+    shown = quoted(path)
     if not Path(path).is_file():
-        raise BnfoldError(f"{str(path)!r} does not exist")
+        raise BnfoldError(f"{shown} does not exist")
     try:
-        return torch.export.load(path)
-    except Exception as e:
-        reason = f"{type(e).__name__}: {first_line(e)}"
-        raise BnfoldError(f"cannot load {str(path)!r} as an ExportedProgram: {reason}") from None
+        return load_untrusted(os.fspath(path), trust_code=trust_pickle)
+    except BnfoldError as e:
+        raise type(e)(f"cannot load {shown} as an ExportedProgram: {e}") from None
 
 
 def example_args(ep: torch.export.ExportedProgram) -> tuple[Any, ...]:
