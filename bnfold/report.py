@@ -56,6 +56,8 @@ class Code(str, enum.Enum):
     """No finder could see what feeds the BatchNorm, or it did not run on the inputs."""
     HOOKED = "hooked"
     """The module has forward hooks that the fold would bypass or feed other values."""
+    MERGE_MOVES_CHANNEL = "merge_moves_channel"
+    """A reshape merging the batch axis does not keep the linear op's channels last."""
 
 
 @dataclass(frozen=True)

@@ -378,6 +378,28 @@ def old_opset_bn(b: Builder) -> onnx.ModelProto:
     return finish(b, opset=7, ir_version=3, inits_as_inputs=True)
 
 
+def int_const(b: Builder, name: str, values: Sequence[int]) -> str:
+    b.inits.append(numpy_helper.from_array(np.array(values, dtype=np.int64), name))
+    return name
+
+
+def token_linear_bn(b: Builder) -> onnx.ModelProto:
+    """LeViT's LinearNorm: ``bn(linear(x).flatten(0, 1)).reshape_as(linear(x))``.
+
+    As torch exports it without constant folding: the weight is a Transpose of
+    nn.Linear's, and the reshape back reads the MatMul's Shape.
+    """
+    x = b.input("input", [2, 5, 16])
+    w = b.weight("fc1.weight", [8, 16], 16)
+    wt = b.node("Transpose", [w], "fc1.weight_t", perm=[1, 0])
+    y = b.node("MatMul", [x, wt], "fc1")
+    merged = b.node("Flatten", [y], "flatten1", axis=2)
+    z = batchnorm(b, "bn1", merged, 8)
+    shape = b.node("Shape", [y], "shape1")
+    b.output(b.node("Reshape", [z, shape], "unflatten1", out="output"))
+    return finish(b)
+
+
 # --------------------------------------------------------------------------- negatives
 
 
@@ -436,6 +458,14 @@ def neg_matmul_3d_bn(b: Builder) -> onnx.ModelProto:
     x = b.input("input", [2, 4, 16])
     y = matmul(b, "matmul1", x, 16, 8)  # [2, 4, 8]: MatMul's channels are the last axis
     b.output(batchnorm(b, "bn1", y, 4, out="output"))  # BN normalises axis 1 (4)
+    return finish(b)
+
+
+def neg_merge_moves_channel(b: Builder) -> onnx.ModelProto:
+    x = b.input("input", [2, 4, 16])
+    y = matmul(b, "matmul1", x, 16, 8)  # [2, 4, 8]
+    y = b.node("Reshape", [y, int_const(b, "shape1", [-1, 4])], "reshape1")  # [16, 4]
+    b.output(batchnorm(b, "bn1", y, 4, out="output"))  # each BN channel mixes 2 of the 8
     return finish(b)
 
 
@@ -518,6 +548,13 @@ SAMPLES: list[Sample] = [
     Sample("neg_matmul_3d_bn.onnx",
            "MatMul [2,4,16] @ [16,8] -> BN over axis 1 (C=4, not MatMul's output axis)",
            "0", "matmul1 -> bn1: `not_per_channel`", neg_matmul_3d_bn),
+    Sample("token_linear_bn.onnx",
+           "LeViT token MLP: MatMul [2,5,16] @ Transpose(W) -> Flatten(axis=2) [10,8] -> BN "
+           "-> Reshape back by the MatMul's Shape",
+           "1: fc1 -> flatten1 -> bn1 (the batch merge keeps C last; the shift becomes an Add)",
+           NONE, token_linear_bn),
+    Sample("neg_merge_moves_channel.onnx", "MatMul [2,4,16] @ [16,8] -> Reshape(-1, 4) -> BN(4)",
+           "0", "matmul1 -> reshape1 -> bn1: `merge_moves_channel`", neg_merge_moves_channel),
 ]  # fmt: skip
 
 

@@ -35,6 +35,7 @@ from bnfold.onnx_front.rules.base import (
     require_single_consumer,
     site_label,
 )
+from bnfold.onnx_front.rules.batch_merge import merges_leading_axes
 from bnfold.onnx_front.rules.shape_ops import SHAPE_OPS, channel_block_through
 from bnfold.report import Code, Refusal
 
@@ -64,7 +65,9 @@ def plan_after(
             return None
         if between is not None:
             require_single_consumer(between)
-        block = 1 if between is None else channel_block_through(between, linear, ir_version)
+        block = 1
+        if between is not None and not merges_leading_axes(between, node, linear, ir_version):
+            block = channel_block_through(between, linear, ir_version)
         affine = _affine_after(node, linear, ir_version, between, block)
         if affine is None:
             return None

@@ -205,12 +205,17 @@ def data_input(node: ir.Node, ir_version: int) -> ir.Value | None:
 
 
 def require_single_consumer(node: ir.Node) -> None:
+    """Refuse BRANCHING unless the fold's own next op is the only reader of the node's data.
+
+    A Shape (or CastLike's type input) reads no values: a fold keeps the output's
+    shape, so such a reader (``reshape_as(x)`` in LeViT) does not block it.
+    """
     out = node.outputs[0]
     if out.is_graph_output():
         raise Refused(Code.BRANCHING, f"output {out.name!r} is also a graph output")
-    if len(out.uses()) > 1:
-        readers = sorted({label(use.node) for use in out.uses()})
-        raise Refused(Code.BRANCHING, f"output {out.name!r} is read by {', '.join(readers)}")
+    if readers(out) > 1:
+        readers_ = sorted({label(use.node) for use in out.uses() if reads_data(use.node, use.idx)})
+        raise Refused(Code.BRANCHING, f"output {out.name!r} is read by {', '.join(readers_)}")
 
 
 # Ops whose output has the rank of their first input (no broadcasting binary ops:
