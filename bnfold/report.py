@@ -58,6 +58,21 @@ class Code(str, enum.Enum):
     """The module has forward hooks that the fold would bypass or feed other values."""
     MERGE_MOVES_CHANNEL = "merge_moves_channel"
     """A reshape merging the batch axis does not keep the linear op's channels last."""
+    BRANCH_MISMATCH = "branch_mismatch"
+    """Summed conv branches differ in strides, dilations, groups, channels or auto_pad."""
+    UNCENTRED_TAP = "uncentred_tap"
+    """A smaller kernel or identity tap cannot sit centred in the largest kernel of a sum."""
+
+
+class FoldKind(str, enum.Enum):
+    """What kind of rewrite removed an affine (``Folded.kind``)."""
+
+    ADJACENT = "adjacent"
+    """Into the linear op beside it (also through a shape-only op)."""
+    IDENTITY_TAP = "identity_tap"
+    """An identity BN branch of a sum, as a centred per-channel kernel tap."""
+    REPARAM = "reparam"
+    """Summed conv branches reading one input, merged into one Conv."""
 
 
 @dataclass(frozen=True)
@@ -70,6 +85,7 @@ class Folded:
     affine: str  # name of the op that was removed
     finder: str = ""  # torch front: which graph finder found the pair
     bytes_added: int = 0  # weight bytes added by cloning a shared weight
+    kind: FoldKind = FoldKind.ADJACENT
 
 
 @dataclass(frozen=True)

@@ -400,6 +400,41 @@ def token_linear_bn(b: Builder) -> onnx.ModelProto:
     return finish(b)
 
 
+def rep_block(
+    b: Builder,
+    x: str,
+    c: int,
+    kxk: tuple[int, list[int]] = (3, [1, 1, 1, 1]),
+    small: tuple[int, list[int]] = (1, [0, 0, 0, 0]),
+    small_group: int = 1,
+    group: int = 1,
+) -> tuple[str, str]:
+    """A RepVGG train-time block: BN(Conv_kxk(x)) + BN(Conv_small(x)) + BN(x), then Relu.
+
+    Returns the Relu's output and the small branch's BN output.
+    """
+    k, pads = kxk
+    y = conv(b, "conv_kxk", x, c, c, [k, k], bias=False, pads=pads, group=group)
+    y = batchnorm(b, "bn_kxk", y, c)
+    s_k, s_pads = small
+    z = conv(b, "conv_small", x, c, c, [s_k, s_k], bias=False, pads=s_pads, group=small_group)
+    z = batchnorm(b, "bn_small", z, c)
+    i = batchnorm(b, "bn_identity", x, c)
+    total = b.node("Add", [b.node("Add", [y, z], "add_branches"), i], "add_identity")
+    return relu(b, "relu", total, out="output"), z
+
+
+def repvgg_block(b: Builder) -> onnx.ModelProto:
+    b.output(rep_block(b, b.input("input", [1, 4, 8, 8]), 4)[0])
+    return finish(b)
+
+
+def mobileone_dw_block(b: Builder) -> onnx.ModelProto:
+    """MobileOne's depthwise block: 3x3 and 1x1 depthwise branches and an identity BN."""
+    b.output(rep_block(b, b.input("input", [1, 4, 8, 8]), 4, small_group=4, group=4)[0])
+    return finish(b)
+
+
 # --------------------------------------------------------------------------- negatives
 
 
@@ -466,6 +501,24 @@ def neg_merge_moves_channel(b: Builder) -> onnx.ModelProto:
     y = matmul(b, "matmul1", x, 16, 8)  # [2, 4, 8]
     y = b.node("Reshape", [y, int_const(b, "shape1", [-1, 4])], "reshape1")  # [16, 4]
     b.output(batchnorm(b, "bn1", y, 4, out="output"))  # each BN channel mixes 2 of the 8
+    return finish(b)
+
+
+def neg_branch_groups(b: Builder) -> onnx.ModelProto:
+    b.output(rep_block(b, b.input("input", [1, 4, 8, 8]), 4, small_group=2)[0])
+    return finish(b)
+
+
+def neg_branch_uncentred(b: Builder) -> onnx.ModelProto:
+    x = b.input("input", [1, 4, 8, 8])
+    b.output(rep_block(b, x, 4, small=(2, [0, 0, 1, 1]))[0])  # a 2x2 kernel has no centre
+    return finish(b)
+
+
+def neg_branch_shared(b: Builder) -> onnx.ModelProto:
+    out, small = rep_block(b, b.input("input", [1, 4, 8, 8]), 4)
+    b.output(out)
+    b.output(b.node("Identity", [small], "tap_small", out="small_output"))
     return finish(b)
 
 
@@ -555,6 +608,22 @@ SAMPLES: list[Sample] = [
            NONE, token_linear_bn),
     Sample("neg_merge_moves_channel.onnx", "MatMul [2,4,16] @ [16,8] -> Reshape(-1, 4) -> BN(4)",
            "0", "matmul1 -> reshape1 -> bn1: `merge_moves_channel`", neg_merge_moves_channel),
+    Sample("repvgg_block.onnx",
+           "RepVGG train-time block: BN(Conv 3x3 pad 1) + BN(Conv 1x1) + BN(x) -> Relu",
+           "4: conv_kxk -> bn_kxk, conv_small -> bn_small, then bn_identity as a centred tap "
+           "(`identity_tap`) and both convs merged into conv_kxk (`reparam`): one Conv, one Relu",
+           NONE, repvgg_block),
+    Sample("mobileone_dw_block.onnx",
+           "MobileOne depthwise block: BN(depthwise Conv 3x3) + BN(depthwise Conv 1x1) + BN(x)",
+           "4: as repvgg_block, with groups = 4", NONE, mobileone_dw_block),
+    Sample("neg_branch_groups.onnx", "as repvgg_block, but the 1x1 conv has group 2",
+           "2 (the branch BNs)", "bn_identity -> add_identity: `branch_mismatch`",
+           neg_branch_groups),
+    Sample("neg_branch_uncentred.onnx", "as repvgg_block, but a 2x2 conv (pads 0,0,1,1) "
+           "instead of the 1x1", "2 (the branch BNs)",
+           "bn_identity -> add_identity: `uncentred_tap`", neg_branch_uncentred),
+    Sample("neg_branch_shared.onnx", "as repvgg_block, the 1x1 branch also a graph output",
+           "2 (the branch BNs)", "bn_identity -> add_identity: `branching`", neg_branch_shared),
 ]  # fmt: skip
 
 

@@ -11,12 +11,17 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from onnx import helper
 
 import bnfold
 from bnfold import Code
+from bnfold.affine import centred_kernel, identity_kernel
+from bnfold.layouts import LayoutError
+from bnfold.report import FoldKind
 from tests.builders import RNG, bn_node, bn_params, init, model, op_types, run
-from tests.test_onnx_front import fold_and_check, random_feeds, to_proto
+from tests.test_onnx_front import assert_same_function, fold_and_check, random_feeds, to_proto
 
 SAMPLES = Path(__file__).resolve().parent.parent / "sample_models"
 F16 = np.float16
@@ -28,17 +33,17 @@ def fold_sample(name: str) -> bnfold.FoldResult:
     return result
 
 
-def assert_refused_unchanged(name: str, code: Code) -> None:
-    """The refusal carries ``code`` and the folded model computes what the original did."""
+def assert_refused_unchanged(name: str, code: Code, site: str | None = None) -> None:
+    """The refusal carries ``code``, its BN stays, and the model still computes the same."""
     original = onnx.load(str(SAMPLES / name))
     result = bnfold.fold(original)
-    assert code in result.report.codes
-    assert op_types(to_proto(result.model)).count("BatchNormalization") == op_types(original).count(
-        "BatchNormalization"
-    )
-    feeds = random_feeds(original)
-    for ref, new in zip(run(original, feeds), run(to_proto(result.model), feeds), strict=True):
-        np.testing.assert_array_equal(ref, new)
+    refused = [r for r in result.report.refused if r.code is code]
+    assert refused, result.report.summary()
+    if site is not None:
+        assert [r.site for r in refused] == [site]
+    bn_left = op_types(to_proto(result.model)).count("BatchNormalization")
+    assert bn_left == len(result.report.refused)
+    assert_same_function(original, to_proto(result.model))
 
 
 # --- batch-merging reshape (LeViT's Linear -> BN1d) ------------------------------------
@@ -98,3 +103,123 @@ def test_a_shape_reader_does_not_block_an_adjacent_fold() -> None:
     inits = [init("w", RNG.normal(size=(4, 3, 1, 1)).astype(np.float32)), *bn_params("bn", 4)]
     m = model(nodes, inits, [("input", [1, 3, 5, 5])], ["output"])
     assert len(fold_and_check(m).report.folded) == 1
+
+
+# --- branch sums (RepVGG / MobileOne train-time blocks) --------------------------------
+
+
+@pytest.mark.parametrize("name", ["repvgg_block.onnx", "mobileone_dw_block.onnx"])
+def test_rep_block_merges_into_one_conv(name: str) -> None:
+    result = fold_sample(name)
+    kinds = [f.kind for f in result.report.folded]
+    assert kinds == [FoldKind.ADJACENT] * 2 + [FoldKind.IDENTITY_TAP, FoldKind.REPARAM]
+    assert op_types(to_proto(result.model)) == ["Conv", "Relu"]
+    assert result.report.refused == []
+    assert result.to_dict()["report"]["folded"][-1]["kind"] == "reparam"
+
+
+@pytest.mark.parametrize(
+    ("name", "code"),
+    [
+        ("neg_branch_groups.onnx", Code.BRANCH_MISMATCH),
+        ("neg_branch_uncentred.onnx", Code.UNCENTRED_TAP),
+        ("neg_branch_shared.onnx", Code.BRANCHING),
+    ],
+)
+def test_branch_sum_refusals_keep_the_identity_bn(name: str, code: Code) -> None:
+    assert_refused_unchanged(name, code, site="bn_identity -> add_identity")
+
+
+def branch_sum(
+    dtype: type = np.float32, stride: int = 1, identity: bool = True, dilation: int = 1
+) -> onnx.ModelProto:
+    """input -> Conv 3x3 + Conv 1x1 (+ BN(input)) -> output, every term reading input."""
+    c = 4
+    attrs = {"strides": [stride] * 2, "dilations": [dilation] * 2}
+    nodes = [
+        helper.make_node("Conv", ["input", "wk", "bk"], ["k"], name="conv_k",
+                         pads=[dilation] * 4, **attrs),
+        helper.make_node("Conv", ["input", "w1"], ["one"], name="conv_1", **attrs),
+        helper.make_node("Add", ["k", "one"], ["s" if identity else "output"], name="add"),
+    ]  # fmt: skip
+    inits = [
+        init("wk", RNG.normal(size=(c, c, 3, 3)).astype(dtype)),
+        init("bk", RNG.normal(size=c).astype(dtype)),
+        init("w1", RNG.normal(size=(c, c, 1, 1)).astype(dtype)),
+    ]
+    if identity:
+        nodes += [bn_node("bn", "input", "i"), helper.make_node("Add", ["s", "i"], ["output"])]
+        inits += bn_params("bn", c, dtype)
+    elem = helper.np_dtype_to_tensor_dtype(np.dtype(dtype))
+    return model(nodes, inits, [("input", [1, c, 7, 7])], ["output"], dtype=elem)
+
+
+def test_conv_only_sum_merges_without_an_identity() -> None:
+    # RepVGG's first block of a stage: stride 2, no identity branch.
+    result = fold_and_check(branch_sum(stride=2, identity=False))
+    assert [f.kind for f in result.report.folded] == [FoldKind.REPARAM]
+    assert op_types(to_proto(result.model)) == ["Conv"]
+
+
+def test_dilated_branch_sum_merges() -> None:
+    result = fold_and_check(branch_sum(dilation=2))
+    assert op_types(to_proto(result.model)) == ["Conv"]
+
+
+def test_branch_sum_merges_in_fp16_from_float64() -> None:
+    m = branch_sum(F16)
+    result = bnfold.fold(m)
+    assert op_types(to_proto(result.model)) == ["Conv"]
+    feeds = random_feeds(m)
+    (ref,) = run(m, feeds)
+    (new,) = run(to_proto(result.model), feeds)
+    assert new.dtype == F16
+    np.testing.assert_allclose(new, ref, rtol=0, atol=1e-2 * float(np.abs(ref).max()))
+
+
+def conv2d(x: np.ndarray, w: np.ndarray, pad: int, groups: int = 1) -> np.ndarray:
+    """Reference stride-1 Conv in float64: x (C, H, W), w (C_out, C/g, k, k)."""
+    xp = np.pad(x, [(0, 0), (pad, pad), (pad, pad)])
+    k = w.shape[-1]
+    windows = np.lib.stride_tricks.sliding_window_view(xp, (k, k), axis=(1, 2))
+    c_in, c_out = w.shape[1], w.shape[0]
+    out = []
+    for g in range(groups):
+        part = windows[g * c_in : (g + 1) * c_in]
+        rows = w[g * (c_out // groups) : (g + 1) * (c_out // groups)]
+        out.append(np.einsum("chwij,ocij->ohw", part, rows))
+    return np.concatenate(out)
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    small=st.sampled_from([1, 3]),
+    grow=st.sampled_from([0, 1, 2]),
+    groups=st.sampled_from([1, 2]),
+    seed=st.integers(0, 2**16),
+)
+def test_centred_kernel_reads_the_same_taps(small: int, grow: int, groups: int, seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    c, large = 4, small + 2 * grow
+    x = rng.normal(size=(c, 6, 6))
+    w = rng.normal(size=(c, c // groups, small, small))
+    padded = centred_kernel(w, (large, large))
+    np.testing.assert_allclose(
+        conv2d(x, padded, small // 2 + grow, groups), conv2d(x, w, small // 2, groups)
+    )
+
+
+@settings(max_examples=40, deadline=None)
+@given(k=st.sampled_from([1, 3, 5]), groups=st.sampled_from([1, 2, 4]), seed=st.integers(0, 99))
+def test_identity_kernel_scales_each_channel(k: int, groups: int, seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    x, scale = rng.normal(size=(4, 5, 5)), rng.normal(size=4)
+    w = identity_kernel(scale, 4 // groups, (k, k))
+    np.testing.assert_allclose(conv2d(x, w, k // 2, groups), scale[:, None, None] * x)
+
+
+def test_kernels_that_cannot_centre_raise() -> None:
+    with pytest.raises(LayoutError):
+        centred_kernel(np.ones((1, 1, 2, 2)), (3, 3))
+    with pytest.raises(LayoutError):
+        identity_kernel(np.ones(2), 2, (2, 2))

@@ -31,12 +31,14 @@ from bnfold.onnx_front.rules.base import (
     FoldPlan,
     LinearOp,
     MatchOptions,
+    Refused,
     describe_linear,
     label,
     per_channel_vector,
     readers,
 )
 from bnfold.onnx_front.rules.before import linear_reader, plan_before
+from bnfold.onnx_front.rules.branch_sum import BranchMerge, plan_branch_merge, why_not_tap
 from bnfold.onnx_front.rules.shape_ops import SHAPE_OPS
 from bnfold.report import Code, Refusal
 
@@ -47,6 +49,7 @@ __all__ = [
     "NONLINEAR_OPS",
     "RANK_PRESERVING_OPS",
     "SHAPE_OPS",
+    "BranchMerge",
     "Direction",
     "FoldPlan",
     "LinearOp",
@@ -64,8 +67,8 @@ def plan(
     ir_version: int,
     options: MatchOptions | None = None,
     hold: Callable[[DeferredWeight], bool] = lambda weight: True,
-) -> FoldPlan | Refusal | None:
-    """Plan the fold of one affine node into a linear op beside it.
+) -> FoldPlan | BranchMerge | Refusal | None:
+    """Plan the fold of one affine node into a linear op beside it, or of one branch sum.
 
     Matches (after):  BatchNormalization | Mul(·, c) | Add(·, c)  of
                       Conv | ConvTranspose | Gemm | MatMul(x, W, B?),
@@ -75,7 +78,9 @@ def plan(
     Matches (before): Conv | ConvTranspose | Gemm | MatMul(BatchNormalization(x), W, B?),
                       possibly through a Flatten/Reshape into Gemm/MatMul; only
                       tried when the BN cannot fold after.
-    Produces: a FoldPlan with W' and B' (see bnfold.affine).
+    Matches (sum):    Add(Conv(x), ..., BatchNormalization(x)) trees, merged into one
+                      Conv (see :mod:`bnfold.onnx_front.rules.branch_sum`).
+    Produces: a FoldPlan with W' and B' (see bnfold.affine), or a BranchMerge.
     Refuses:
       TRAINING_MODE    BN has training_mode=1 / is_test=0, or its extra outputs are used
       NOT_CONSTANT     W, B or a BN parameter is not a constant (initializer,
@@ -94,6 +99,8 @@ def plan(
       BAD_SHAPE        BN parameters do not have one value per channel
       BAD_GROUPS       channels not divisible by group
       UNSUPPORTED_DTYPE  the weight is not a floating-point tensor
+      MERGE_MOVES_CHANNEL  a batch-merging reshape leaves other than C channels last
+      BRANCH_MISMATCH, UNCENTRED_TAP  an identity BN's branch sum cannot merge
 
     Returns None for a Mul/Add that is not an affine next to a linear op (say a
     residual Add): those are not sites and are not reported.
@@ -105,8 +112,14 @@ def plan(
     if node.op_type not in AFFINE_OPS or node.domain not in ("", "ai.onnx"):
         return None
     after = plan_after(node, ir_version, options, hold)
+    if after is None and node.op_type == "Add":
+        return _plan_sum(node, ir_version, options)
     if after is None or isinstance(after, FoldPlan) or node.op_type != "BatchNormalization":
         return after
+    if after.code in (Code.STANDALONE, Code.NONLINEAR_INPUT):
+        tap = why_not_tap(node, ir_version, options)
+        if tap is not None:
+            return tap
     consumer = linear_reader(node)
     if consumer is None:
         return after
@@ -118,3 +131,11 @@ def plan(
     return replace(
         after, detail=f"{after.detail}; nor before {label(consumer[-1])}: {before.detail}"
     )
+
+
+def _plan_sum(node: ir.Node, ir_version: int, options: MatchOptions) -> BranchMerge | None:
+    """The merge of the branch sum topped by ``node``; its refusals are its BNs' to report."""
+    try:
+        return plan_branch_merge(node, ir_version, options)
+    except Refused:
+        return None

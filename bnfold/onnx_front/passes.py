@@ -8,8 +8,8 @@ from dataclasses import dataclass, field
 import onnx_ir as ir
 
 from bnfold.onnx_front import match
-from bnfold.onnx_front.constants import is_pure_constant_op
-from bnfold.onnx_front.folded import ConstantData, DeferredWeight, ExactBias, as_tensor
+from bnfold.onnx_front.folded import DeferredWeight, ExactBias
+from bnfold.onnx_front.graph_edit import drop_if_dead, new_initializer, set_constant_input
 from bnfold.onnx_front.match import Direction, FoldPlan, LinearOp, MatchOptions
 from bnfold.report import Folded, FoldReport, Refusal, count_ops
 
@@ -100,6 +100,10 @@ class FoldAffinePass(ir.passes.InPlacePass):
             outcome = match.plan(node, model.ir_version, options, hold=budget.allows)
             if isinstance(outcome, Refusal):
                 refused.append(outcome)
+            elif isinstance(outcome, match.BranchMerge):
+                outcome.apply(model)
+                report.folded.extend(outcome.entries)
+                folded_any = True
             elif outcome is not None:
                 apply_plan(outcome, model)
                 budget.charge(outcome)
@@ -156,70 +160,6 @@ def _bypass(affine_node: ir.Node, reader: ir.Node) -> None:
     graph.remove(affine_node, safe=True)
     for value in params:
         drop_if_dead(value)
-
-
-def set_constant_input(
-    node: ir.Node, index: int, array: ConstantData, model: ir.Model, suffix: str = ""
-) -> None:
-    """Make input ``index`` of ``node`` the constant ``array``.
-
-    An initializer read only by ``node`` is updated in place (same name). Anything
-    else (a Constant node's output, a missing optional input) gets a new
-    initializer; the old producer is removed if nothing else reads it.
-    """
-    old = node.inputs[index] if index < len(node.inputs) else None
-    if old is not None and old.is_initializer() and match.readers(old) == 1:
-        old.const_value = as_tensor(array, old.name)
-        return
-    graph = node.graph
-    assert graph is not None
-    if old is not None and old.name and match.readers(old) > 1:
-        base = f"{old.name}__{match.label(node)}"  # a clone for this node only
-    elif old is not None and old.name:
-        base = old.name
-    else:
-        base = f"{match.label(node)}{suffix}"
-    new = new_initializer(graph, base, array, model)
-    if len(node.inputs) <= index:
-        node.resize_inputs(index + 1)
-    node.replace_input_with(index, new)
-    if old is not None:
-        drop_if_dead(old)
-    if new.name != base and base not in _taken_names(graph):
-        new.name = base  # the computed value it replaces is gone: take its name
-
-
-def new_initializer(graph: ir.Graph, base: str, array: ConstantData, model: ir.Model) -> ir.Value:
-    """Register a new initializer with a name unused in ``graph``.
-
-    IR < 4 requires every initializer of the main graph to be listed as a graph
-    input too; subgraph inputs mean something else (loop state), so not there.
-    """
-    name = _unique_name(graph, base)
-    value = ir.Value(
-        name=name,
-        shape=ir.Shape(array.shape),
-        type=ir.TensorType(ir.DataType.from_numpy(array.dtype)),
-        const_value=as_tensor(array, name),
-    )
-    graph.register_initializer(value)
-    if model.ir_version < 4 and graph is model.graph:
-        graph.inputs.append(value)
-    return value
-
-
-def _taken_names(graph: ir.Graph) -> set[str | None]:
-    taken = set(graph.initializers) | {v.name for v in graph.inputs}
-    return taken | {out.name for node in graph for out in node.outputs}
-
-
-def _unique_name(graph: ir.Graph, base: str) -> str:
-    taken = _taken_names(graph)
-    name, n = base, 0
-    while name in taken:
-        n += 1
-        name = f"{base}_{n}"
-    return name
 
 
 def _splice_out(affine_node: ir.Node, replacement: ir.Value) -> None:
@@ -281,24 +221,3 @@ def _append_bias_add(
         if use.node is not add:
             use.node.replace_input_with(use.idx, out)
     return out
-
-
-def drop_if_dead(value: ir.Value) -> None:
-    """Remove an initializer or constant subexpression that nothing reads any more."""
-    if value.uses() or value.is_graph_output():
-        return
-    producer = value.producer()
-    if producer is not None:
-        if is_pure_constant_op(producer) and producer.graph is not None:
-            inputs = [v for v in producer.inputs if v is not None]
-            producer.graph.remove(producer, safe=True)
-            for source in inputs:
-                drop_if_dead(source)
-        return
-    if value.is_graph_input():
-        # IR < 4 lists initializers as inputs. Removing one would change the
-        # model's input interface (callers may feed it by name), so it stays.
-        return
-    graph = value.graph
-    if value.is_initializer() and graph is not None:
-        graph.initializers.pop(value.name)  # type: ignore[arg-type]
