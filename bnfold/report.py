@@ -62,6 +62,10 @@ class Code(str, enum.Enum):
     """Summed conv branches differ in strides, dilations, groups, channels or auto_pad."""
     UNCENTRED_TAP = "uncentred_tap"
     """A smaller kernel or identity tap cannot sit centred in the largest kernel of a sum."""
+    POOL_PADDING = "pool_padding"
+    """An AveragePool counts padded zeros, so a BN shift after it does not pass through."""
+    NEGATIVE_SCALE = "negative_scale"
+    """A BN after a MaxPool has a negative scale; max does not commute with it."""
 
 
 class FoldKind(str, enum.Enum):

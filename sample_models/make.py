@@ -435,6 +435,32 @@ def mobileone_dw_block(b: Builder) -> onnx.ModelProto:
     return finish(b)
 
 
+def conv_pool_bn(b: Builder, pool: str, gamma_sign: float = 1.0, **attrs) -> onnx.ModelProto:
+    """Conv -> ``pool`` -> BN; ``gamma_sign`` -1 flips the BN scale of channel 0."""
+    x = b.input("input", [1, 3, 12, 12])
+    y = conv(b, "conv1", x, 3, 6, [3, 3], pads=[1, 1, 1, 1])
+    y = b.node(pool, [y], "pool1", **attrs)
+    z = batchnorm(b, "bn1", y, 6, out="output")
+    if gamma_sign != 1.0:
+        scale = next(t for t in b.inits if t.name == "bn1.scale")
+        values = numpy_helper.to_array(scale).copy()
+        values[0] *= gamma_sign
+        scale.CopyFrom(numpy_helper.from_array(values, "bn1.scale"))
+    b.output(z)
+    return finish(b)
+
+
+def conv_avgpool_bn(b: Builder) -> onnx.ModelProto:
+    return conv_pool_bn(
+        b, "AveragePool", kernel_shape=[3, 3], strides=[2, 2], pads=[1, 1, 1, 1],
+        count_include_pad=0,
+    )  # fmt: skip
+
+
+def conv_maxpool_bn(b: Builder) -> onnx.ModelProto:
+    return conv_pool_bn(b, "MaxPool", kernel_shape=[3, 3], strides=[2, 2], pads=[1, 1, 1, 1])
+
+
 # --------------------------------------------------------------------------- negatives
 
 
@@ -502,6 +528,17 @@ def neg_merge_moves_channel(b: Builder) -> onnx.ModelProto:
     y = b.node("Reshape", [y, int_const(b, "shape1", [-1, 4])], "reshape1")  # [16, 4]
     b.output(batchnorm(b, "bn1", y, 4, out="output"))  # each BN channel mixes 2 of the 8
     return finish(b)
+
+
+def neg_avgpool_pad_bn(b: Builder) -> onnx.ModelProto:
+    return conv_pool_bn(
+        b, "AveragePool", kernel_shape=[3, 3], strides=[2, 2], pads=[1, 1, 1, 1],
+        count_include_pad=1,
+    )  # fmt: skip
+
+
+def neg_maxpool_negative_bn(b: Builder) -> onnx.ModelProto:
+    return conv_pool_bn(b, "MaxPool", gamma_sign=-1.0, kernel_shape=[2, 2], strides=[2, 2])
 
 
 def neg_branch_groups(b: Builder) -> onnx.ModelProto:
@@ -616,6 +653,16 @@ SAMPLES: list[Sample] = [
     Sample("mobileone_dw_block.onnx",
            "MobileOne depthwise block: BN(depthwise Conv 3x3) + BN(depthwise Conv 1x1) + BN(x)",
            "4: as repvgg_block, with groups = 4", NONE, mobileone_dw_block),
+    Sample("conv_avgpool_bn.onnx",
+           "Conv -> AveragePool 3x3 s2 pad 1 (count_include_pad=0) -> BN",
+           "1: conv1 -> pool1 -> bn1 (the pool stays; the BN folds into the conv before it)",
+           NONE, conv_avgpool_bn),
+    Sample("conv_maxpool_bn.onnx", "Conv -> MaxPool 3x3 s2 pad 1 -> BN (all scales > 0)",
+           "1: conv1 -> pool1 -> bn1", NONE, conv_maxpool_bn),
+    Sample("neg_avgpool_pad_bn.onnx", "as conv_avgpool_bn, with count_include_pad=1", "0",
+           "conv1 -> pool1 -> bn1: `pool_padding`", neg_avgpool_pad_bn),
+    Sample("neg_maxpool_negative_bn.onnx", "Conv -> MaxPool 2x2 s2 -> BN with a negative scale",
+           "0", "conv1 -> pool1 -> bn1: `negative_scale`", neg_maxpool_negative_bn),
     Sample("neg_branch_groups.onnx", "as repvgg_block, but the 1x1 conv has group 2",
            "2 (the branch BNs)", "bn_identity -> add_identity: `branch_mismatch`",
            neg_branch_groups),

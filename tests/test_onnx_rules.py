@@ -223,3 +223,87 @@ def test_kernels_that_cannot_centre_raise() -> None:
         centred_kernel(np.ones((1, 1, 2, 2)), (3, 3))
     with pytest.raises(LayoutError):
         identity_kernel(np.ones(2), 2, (2, 2))
+
+
+# --- pooling between the linear op and the BN ------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["conv_avgpool_bn.onnx", "conv_maxpool_bn.onnx"])
+def test_bn_after_pool_folds_into_the_conv_before_it(name: str) -> None:
+    result = fold_sample(name)
+    assert [f.site for f in result.report.folded] == ["conv1 -> pool1 -> bn1"]
+    assert "BatchNormalization" not in result.report.ops_after
+
+
+@pytest.mark.parametrize(
+    ("name", "code"),
+    [
+        ("neg_avgpool_pad_bn.onnx", Code.POOL_PADDING),
+        ("neg_maxpool_negative_bn.onnx", Code.NEGATIVE_SCALE),
+    ],
+)
+def test_pool_refusals_leave_the_bn(name: str, code: Code) -> None:
+    assert_refused_unchanged(name, code, site="conv1 -> pool1 -> bn1")
+
+
+def conv_pool_bn(pool: str, order: str = "pool_bn", **attrs: object) -> onnx.ModelProto:
+    """input -> conv -> pool -> bn (or conv -> bn -> pool) -> output, same parameters."""
+    conv = helper.make_node("Conv", ["input", "w", "b"], ["c"], name="conv", pads=[1, 1, 1, 1])
+    first, second = ("p", "output") if order == "pool_bn" else ("output", "p")
+    pool_in, bn_in = ("c", "p") if order == "pool_bn" else ("n", "c")
+    nodes = [
+        conv,
+        helper.make_node(pool, [pool_in], [first if order == "pool_bn" else "output"],
+                         name="pool", **attrs),
+        bn_node("bn", bn_in, second if order == "pool_bn" else "n"),
+    ]  # fmt: skip
+    inits = [
+        init("w", np.random.default_rng(5).normal(size=(4, 3, 3, 3)).astype(np.float32)),
+        init("b", np.random.default_rng(6).normal(size=4).astype(np.float32)),
+        *bn_params("bn", 4, **fixed_bn(4)),
+    ]
+    return model(nodes, inits, [("input", [1, 3, 7, 7])], ["output"])
+
+
+def fixed_bn(c: int) -> dict[str, np.ndarray]:
+    """BN parameters that are the same on every call, for models compared side by side."""
+    rng = np.random.default_rng(7)
+    return {
+        "scale": rng.uniform(0.5, 1.5, c),
+        "bias": rng.normal(0, 0.5, c),
+        "mean": rng.normal(0, 0.5, c),
+        "var": rng.uniform(0.5, 2.0, c),
+    }
+
+
+@pytest.mark.parametrize(
+    ("pool", "attrs"),
+    [
+        ("GlobalAveragePool", {}),
+        ("GlobalMaxPool", {}),
+        ("AveragePool", {"kernel_shape": [3, 3], "ceil_mode": 1, "strides": [2, 2]}),
+        ("AveragePool", {"kernel_shape": [2, 2], "count_include_pad": 1}),  # no padding
+        ("MaxPool", {"kernel_shape": [3, 3], "dilations": [2, 2]}),
+    ],
+)
+def test_pools_that_commute_with_the_bn_fold(pool: str, attrs: dict) -> None:
+    assert len(fold_and_check(conv_pool_bn(pool, **attrs)).report.folded) == 1
+
+
+def test_padded_average_counting_zeros_really_does_not_commute() -> None:
+    # Why POOL_PADDING exists: BN before the pool differs at the borders when the
+    # padded zeros count in the divisor, and agrees when they do not.
+    feeds = random_feeds(conv_pool_bn("GlobalAveragePool"))
+    for include, equal in ((1, False), (0, True)):
+        attrs = {"kernel_shape": [3, 3], "pads": [1, 1, 1, 1], "count_include_pad": include}
+        (a,) = run(conv_pool_bn("AveragePool", "pool_bn", **attrs), feeds)
+        (b,) = run(conv_pool_bn("AveragePool", "bn_pool", **attrs), feeds)
+        assert np.allclose(a, b, rtol=1e-5, atol=1e-5) is equal
+
+
+def test_padded_average_counting_zeros_folds_a_zero_shift() -> None:
+    m = conv_pool_bn("AveragePool", kernel_shape=[3, 3], pads=[1, 1, 1, 1], count_include_pad=1)
+    for t in m.graph.initializer:
+        if t.name in ("bn.bias", "bn.mean"):
+            t.CopyFrom(init(t.name, np.zeros(4, np.float32)))
+    assert len(fold_and_check(m).report.folded) == 1

@@ -2,7 +2,8 @@
 
 Matches:  BatchNormalization | Mul(·, c) | Add(·, c) of Conv | ConvTranspose |
           Gemm | MatMul(x, W, B?), for BN possibly through one shape-only op
-          (see :mod:`bnfold.onnx_front.rules.shape_ops`).
+          (see :mod:`bnfold.onnx_front.rules.shape_ops`), a batch-merging
+          reshape (:mod:`.batch_merge`) or a pool (:mod:`.pooling`).
 Produces: a :class:`~bnfold.onnx_front.rules.base.FoldPlan` with direction AFTER.
 Refuses:  see :func:`bnfold.onnx_front.match.plan`.
 """
@@ -36,6 +37,7 @@ from bnfold.onnx_front.rules.base import (
     site_label,
 )
 from bnfold.onnx_front.rules.batch_merge import merges_leading_axes
+from bnfold.onnx_front.rules.pooling import POOL_OPS, require_pool_commutes
 from bnfold.onnx_front.rules.shape_ops import SHAPE_OPS, channel_block_through
 from bnfold.report import Code, Refusal
 
@@ -51,7 +53,7 @@ def plan_after(
     if (
         node.op_type == "BatchNormalization"
         and producer is not None
-        and producer.op_type in SHAPE_OPS
+        and producer.op_type in SHAPE_OPS | POOL_OPS
         and producer_op(producer) in LINEAR_OPS
     ):
         between, producer = producer, producer.inputs[0].producer()  # type: ignore[union-attr]
@@ -65,12 +67,16 @@ def plan_after(
             return None
         if between is not None:
             require_single_consumer(between)
+        pool = between if between is not None and between.op_type in POOL_OPS else None
         block = 1
-        if between is not None and not merges_leading_axes(between, node, linear, ir_version):
-            block = channel_block_through(between, linear, ir_version)
+        reshape = None if pool is not None else between
+        if reshape is not None and not merges_leading_axes(reshape, node, linear, ir_version):
+            block = channel_block_through(reshape, linear, ir_version)
         affine = _affine_after(node, linear, ir_version, between, block)
         if affine is None:
             return None
+        if pool is not None:
+            require_pool_commutes(pool, linear, affine)
         return make_plan(
             site, Direction.AFTER, linear, node, between, affine, options.rounding, hold
         )
