@@ -66,6 +66,8 @@ class Code(str, enum.Enum):
     """An AveragePool counts padded zeros, so a BN shift after it does not pass through."""
     NEGATIVE_SCALE = "negative_scale"
     """A BN after a MaxPool has a negative scale; max does not commute with it."""
+    NOT_LINEAR_TERM = "not_linear_term"
+    """An input of the Add/Concat before a BN is not a Conv/ConvTranspose/Gemm of its own."""
 
 
 class FoldKind(str, enum.Enum):
@@ -77,6 +79,14 @@ class FoldKind(str, enum.Enum):
     """An identity BN branch of a sum, as a centred per-channel kernel tap."""
     REPARAM = "reparam"
     """Summed conv branches reading one input, merged into one Conv."""
+    BATCH_MERGE = "batch_merge"
+    """Through a reshape that merges the batch with other axes, channels last."""
+    THROUGH_POOL = "through_pool"
+    """Into the op before a pool that commutes with the BN."""
+    OVER_ADD = "over_add"
+    """After an Add of linear ops: the scale into each, the shift into one."""
+    OVER_CONCAT = "over_concat"
+    """After a channel Concat of linear ops: each takes its own channels."""
 
 
 @dataclass(frozen=True)

@@ -461,6 +461,27 @@ def conv_maxpool_bn(b: Builder) -> onnx.ModelProto:
     return conv_pool_bn(b, "MaxPool", kernel_shape=[3, 3], strides=[2, 2], pads=[1, 1, 1, 1])
 
 
+def two_convs(b: Builder, c_a: int, c_b: int) -> tuple[str, str]:
+    """conv_a(input) and conv_b(Relu(input)): two linear ops on different inputs."""
+    x = b.input("input", [1, 3, 8, 8])
+    a = conv(b, "conv_a", x, 3, c_a, [3, 3], pads=[1, 1, 1, 1])
+    z = conv(b, "conv_b", relu(b, "relu_in", x), 3, c_b, [1, 1], bias=False)
+    return a, z
+
+
+def conv_add_bn(b: Builder) -> onnx.ModelProto:
+    a, z = two_convs(b, 6, 6)
+    b.output(batchnorm(b, "bn1", b.node("Add", [a, z], "add1"), 6, out="output"))
+    return finish(b)
+
+
+def conv_concat_bn(b: Builder) -> onnx.ModelProto:
+    a, z = two_convs(b, 3, 5)
+    y = b.node("Concat", [a, z], "concat1", axis=1)
+    b.output(batchnorm(b, "bn1", y, 8, out="output"))
+    return finish(b)
+
+
 # --------------------------------------------------------------------------- negatives
 
 
@@ -539,6 +560,23 @@ def neg_avgpool_pad_bn(b: Builder) -> onnx.ModelProto:
 
 def neg_maxpool_negative_bn(b: Builder) -> onnx.ModelProto:
     return conv_pool_bn(b, "MaxPool", gamma_sign=-1.0, kernel_shape=[2, 2], strides=[2, 2])
+
+
+def neg_concat_pool_bn(b: Builder) -> onnx.ModelProto:
+    """DenseNet's pattern: the block input (a pool) concatenated with a conv's features."""
+    x = b.input("input", [1, 4, 8, 8])
+    pooled = b.node("MaxPool", [x], "pool1", kernel_shape=[3, 3], pads=[1, 1, 1, 1])
+    a = conv(b, "conv_a", pooled, 4, 4, [3, 3], pads=[1, 1, 1, 1])
+    y = b.node("Concat", [pooled, a], "concat1", axis=1)
+    b.output(batchnorm(b, "bn1", y, 8, out="output"))
+    return finish(b)
+
+
+def neg_add_branching_bn(b: Builder) -> onnx.ModelProto:
+    a, z = two_convs(b, 6, 6)
+    b.output(batchnorm(b, "bn1", b.node("Add", [a, z], "add1"), 6, out="output"))
+    b.output(relu(b, "relu_a", a, out="a_output"))
+    return finish(b)
 
 
 def neg_branch_groups(b: Builder) -> onnx.ModelProto:
@@ -663,6 +701,16 @@ SAMPLES: list[Sample] = [
            "conv1 -> pool1 -> bn1: `pool_padding`", neg_avgpool_pad_bn),
     Sample("neg_maxpool_negative_bn.onnx", "Conv -> MaxPool 2x2 s2 -> BN with a negative scale",
            "0", "conv1 -> pool1 -> bn1: `negative_scale`", neg_maxpool_negative_bn),
+    Sample("conv_add_bn.onnx", "Add(conv_a(x), conv_b(Relu(x))) -> BN",
+           "1: conv_a, conv_b -> add1 -> bn1 (scale into both, shift into conv_a's bias)",
+           NONE, conv_add_bn),
+    Sample("conv_concat_bn.onnx", "Concat(conv_a(x) [3 ch], conv_b(Relu(x)) [5 ch], axis=1) -> BN",
+           "1: conv_a, conv_b -> concat1 -> bn1 (channels 0-2 into conv_a, 3-7 into conv_b)",
+           NONE, conv_concat_bn),
+    Sample("neg_concat_pool_bn.onnx", "Concat(MaxPool(x), conv_a(MaxPool(x))) -> BN, as DenseNet",
+           "0", "concat1 -> bn1: `not_linear_term`", neg_concat_pool_bn),
+    Sample("neg_add_branching_bn.onnx", "as conv_add_bn, conv_a also feeds a Relu output",
+           "0", "add1 -> bn1: `branching`", neg_add_branching_bn),
     Sample("neg_branch_groups.onnx", "as repvgg_block, but the 1x1 conv has group 2",
            "2 (the branch BNs)", "bn_identity -> add_identity: `branch_mismatch`",
            neg_branch_groups),

@@ -17,8 +17,9 @@ from onnx import helper
 
 import bnfold
 from bnfold import Code
-from bnfold.affine import centred_kernel, identity_kernel
+from bnfold.affine import Affine, centred_kernel, identity_kernel
 from bnfold.layouts import LayoutError
+from bnfold.onnx_front.rules.add_concat import add_parts, concat_parts
 from bnfold.report import FoldKind
 from tests.builders import RNG, bn_node, bn_params, init, model, op_types, run
 from tests.test_onnx_front import assert_same_function, fold_and_check, random_feeds, to_proto
@@ -307,3 +308,97 @@ def test_padded_average_counting_zeros_folds_a_zero_shift() -> None:
         if t.name in ("bn.bias", "bn.mean"):
             t.CopyFrom(init(t.name, np.zeros(4, np.float32)))
     assert len(fold_and_check(m).report.folded) == 1
+
+
+# --- BN after an Add or a Concat of linear ops -----------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("name", "kind"),
+    [("conv_add_bn.onnx", FoldKind.OVER_ADD), ("conv_concat_bn.onnx", FoldKind.OVER_CONCAT)],
+)
+def test_bn_after_a_join_folds_into_every_op(name: str, kind: FoldKind) -> None:
+    result = fold_sample(name)
+    assert [f.kind for f in result.report.folded] == [kind]
+    assert result.report.folded[0].linear == "conv_a, conv_b"
+    assert "BatchNormalization" not in result.report.ops_after
+
+
+@pytest.mark.parametrize(
+    ("name", "code"),
+    [
+        ("neg_concat_pool_bn.onnx", Code.NOT_LINEAR_TERM),
+        ("neg_add_branching_bn.onnx", Code.BRANCHING),
+    ],
+)
+def test_join_refusals_leave_the_bn(name: str, code: Code) -> None:
+    assert_refused_unchanged(name, code)
+
+
+def gemm_join(join: str, dtype: type = np.float32, axis: int = 1) -> onnx.ModelProto:
+    """Two Gemms (alpha, beta, transB) of different inputs -> ``join`` -> BN -> output."""
+    c_a, c_b = (4, 4) if join == "Add" else (3, 5)
+    nodes = [
+        helper.make_node("Gemm", ["input", "wa", "ba"], ["a"], name="gemm_a", alpha=0.5, beta=2.0,
+                         transB=1),
+        helper.make_node("Relu", ["input"], ["r"], name="relu"),
+        helper.make_node("Gemm", ["r", "wb"], ["b"], name="gemm_b"),
+        helper.make_node(join, ["a", "b"], ["j"], name="join",
+                         **({"axis": axis} if join == "Concat" else {})),
+        bn_node("bn", "j", "output"),
+    ]  # fmt: skip
+    inits = [
+        init("wa", RNG.normal(size=(c_a, 6)).astype(dtype)),
+        init("ba", RNG.normal(size=c_a).astype(dtype)),
+        init("wb", RNG.normal(size=(6, c_b)).astype(dtype)),
+        *bn_params("bn", c_a + c_b if join == "Concat" else c_a, dtype),
+    ]
+    elem = helper.np_dtype_to_tensor_dtype(np.dtype(dtype))
+    return model(nodes, inits, [("input", [2, 6])], ["output"], dtype=elem)
+
+
+@pytest.mark.parametrize("join", ["Add", "Concat"])
+def test_bn_after_a_join_of_gemms_folds(join: str) -> None:
+    result = fold_and_check(gemm_join(join))
+    assert op_types(to_proto(result.model)) == ["Gemm", "Relu", "Gemm", join]
+
+
+def test_bn_after_a_concat_over_another_axis_is_not_per_channel() -> None:
+    m = gemm_join("Add")  # two [2, 4] Gemms, then joined on the batch axis: [4, 4]
+    m.graph.node[3].CopyFrom(helper.make_node("Concat", ["a", "b"], ["j"], name="join", axis=0))
+    assert bnfold.fold(m).report.codes == [Code.NOT_PER_CHANNEL]
+
+
+@pytest.mark.parametrize("join", ["Add", "Concat"])
+def test_bn_after_a_join_folds_in_fp16(join: str) -> None:
+    m = gemm_join(join, F16)
+    result = bnfold.fold(m)
+    assert len(result.report.folded) == 1
+    feeds = random_feeds(m)
+    (ref,) = run(m, feeds)
+    (new,) = run(to_proto(result.model), feeds)
+    assert new.dtype == F16
+    np.testing.assert_allclose(new, ref, rtol=0, atol=1e-2 * float(np.abs(ref).max()))
+
+
+@settings(max_examples=50, deadline=None)
+@given(channels=st.lists(st.integers(1, 5), min_size=1, max_size=4), seed=st.integers(0, 99))
+def test_concat_split_gives_each_op_its_own_channels(channels: list[int], seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    total = sum(channels)
+    affine = Affine(rng.normal(size=total), rng.normal(size=total))
+    parts = concat_parts(affine, channels)
+    assert [p.scale.shape[0] for p in parts] == channels
+    np.testing.assert_array_equal(np.concatenate([p.scale for p in parts]), affine.scale)
+    np.testing.assert_array_equal(np.concatenate([p.shift for p in parts]), affine.shift)
+
+
+@settings(max_examples=30, deadline=None)
+@given(count=st.integers(1, 4), seed=st.integers(0, 99))
+def testadd_parts_sum_to_the_affine(count: int, seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    affine = Affine(rng.normal(size=3), rng.normal(size=3))
+    terms = rng.normal(size=(count, 3))
+    parts = add_parts(affine, count)
+    folded = sum(p.scale * t + p.shift for p, t in zip(parts, terms, strict=True))
+    np.testing.assert_allclose(folded, affine.scale * terms.sum(axis=0) + affine.shift)

@@ -6,7 +6,7 @@ import onnx_ir as ir
 
 from bnfold.onnx_front.constants import is_pure_constant_op
 from bnfold.onnx_front.folded import ConstantData, as_tensor
-from bnfold.onnx_front.rules.base import label, readers
+from bnfold.onnx_front.rules.base import FoldPlan, label, readers
 
 
 def set_constant_input(
@@ -92,3 +92,37 @@ def drop_if_dead(value: ir.Value) -> None:
     graph = value.graph
     if value.is_initializer() and graph is not None:
         graph.initializers.pop(value.name)  # type: ignore[arg-type]
+
+
+def splice_out(affine_node: ir.Node, replacement: ir.Value) -> None:
+    """Remove ``affine_node``; ``replacement`` takes over its output and its name.
+
+    Keeping the affine output's name keeps the graph's outputs and every
+    downstream reference (value_info, subgraph captures) unchanged.
+    """
+    graph = affine_node.graph
+    assert graph is not None
+    out = affine_node.outputs[0]
+    name = out.name
+    if replacement.shape is None:
+        replacement.shape = out.shape
+    if replacement.type is None:
+        replacement.type = out.type
+    inputs = [v for v in affine_node.inputs if v is not None]
+    ir.convenience.replace_all_uses_with(out, replacement, replace_graph_outputs=True)
+    graph.remove(affine_node, safe=True)
+    out.name = None
+    replacement.name = name
+    for value in inputs:
+        drop_if_dead(value)
+
+
+def write_linear_fold(plan: FoldPlan, model: ir.Model) -> None:
+    """Write a plan's weight, and its bias into the op's bias slot (not for a MatMul's bias)."""
+    linear = plan.linear
+    set_constant_input(linear.node, 1, plan.new_weight, model)
+    if plan.new_bias is None:
+        return
+    set_constant_input(linear.node, 2, plan.new_bias, model, suffix="_bias")
+    if linear.resets_beta:
+        linear.node.attributes["beta"] = ir.AttrFloat32("beta", 1.0)

@@ -20,6 +20,7 @@ from dataclasses import replace
 import onnx_ir as ir
 
 from bnfold.onnx_front.folded import DeferredWeight
+from bnfold.onnx_front.rules.add_concat import JoinFold, plan_through_join
 from bnfold.onnx_front.rules.after import plan_after
 from bnfold.onnx_front.rules.base import (
     AFFINE_OPS,
@@ -32,6 +33,7 @@ from bnfold.onnx_front.rules.base import (
     LinearOp,
     MatchOptions,
     Refused,
+    Rewrite,
     describe_linear,
     label,
     per_channel_vector,
@@ -52,8 +54,10 @@ __all__ = [
     "BranchMerge",
     "Direction",
     "FoldPlan",
+    "JoinFold",
     "LinearOp",
     "MatchOptions",
+    "Rewrite",
     "describe_linear",
     "label",
     "per_channel_vector",
@@ -67,7 +71,7 @@ def plan(
     ir_version: int,
     options: MatchOptions | None = None,
     hold: Callable[[DeferredWeight], bool] = lambda weight: True,
-) -> FoldPlan | BranchMerge | Refusal | None:
+) -> FoldPlan | Rewrite | Refusal | None:
     """Plan the fold of one affine node into a linear op beside it, or of one branch sum.
 
     Matches (after):  BatchNormalization | Mul(·, c) | Add(·, c)  of
@@ -80,7 +84,12 @@ def plan(
                       tried when the BN cannot fold after.
     Matches (sum):    Add(Conv(x), ..., BatchNormalization(x)) trees, merged into one
                       Conv (see :mod:`bnfold.onnx_front.rules.branch_sum`).
-    Produces: a FoldPlan with W' and B' (see bnfold.affine), or a BranchMerge.
+    Matches (join):   BatchNormalization(Add | Concat(axis=1) of Conv/ConvTranspose/Gemm)
+                      (see :mod:`bnfold.onnx_front.rules.add_concat`).
+    Matches (pool):   BatchNormalization(AveragePool | MaxPool | Global*Pool(Conv(x)))
+                      (see :mod:`bnfold.onnx_front.rules.pooling`).
+    Produces: a FoldPlan with W' and B' (see bnfold.affine), or a Rewrite
+              (BranchMerge, JoinFold) that edits several nodes.
     Refuses:
       TRAINING_MODE    BN has training_mode=1 / is_test=0, or its extra outputs are used
       NOT_CONSTANT     W, B or a BN parameter is not a constant (initializer,
@@ -101,6 +110,8 @@ def plan(
       UNSUPPORTED_DTYPE  the weight is not a floating-point tensor
       MERGE_MOVES_CHANNEL  a batch-merging reshape leaves other than C channels last
       BRANCH_MISMATCH, UNCENTRED_TAP  an identity BN's branch sum cannot merge
+      POOL_PADDING, NEGATIVE_SCALE    the pool before the BN does not commute with it
+      NOT_LINEAR_TERM  an input of the Add/Concat before the BN is no linear op of its own
 
     Returns None for a Mul/Add that is not an affine next to a linear op (say a
     residual Add): those are not sites and are not reported.
@@ -116,17 +127,23 @@ def plan(
         return _plan_sum(node, ir_version, options)
     if after is None or isinstance(after, FoldPlan) or node.op_type != "BatchNormalization":
         return after
+    joined = None
     if after.code in (Code.STANDALONE, Code.NONLINEAR_INPUT):
         tap = why_not_tap(node, ir_version, options)
         if tap is not None:
             return tap
+        joined = _plan_join(node, ir_version, options, hold)
+        if isinstance(joined, JoinFold):
+            return joined
+        # The join's reason says more than "standalone", unless a fold before applies.
+        after = joined or after
     consumer = linear_reader(node)
     if consumer is None:
         return after
     before = plan_before(node, consumer, ir_version, options, hold)
     if isinstance(before, FoldPlan):
         return before
-    if after.code in (Code.STANDALONE, Code.NONLINEAR_INPUT):
+    if after.code in (Code.STANDALONE, Code.NONLINEAR_INPUT) or joined is not None:
         return replace(before, detail=f"{before.detail} (and {after.detail})")
     return replace(
         after, detail=f"{after.detail}; nor before {label(consumer[-1])}: {before.detail}"
@@ -139,3 +156,14 @@ def _plan_sum(node: ir.Node, ir_version: int, options: MatchOptions) -> BranchMe
         return plan_branch_merge(node, ir_version, options)
     except Refused:
         return None
+
+
+def _plan_join(
+    bn: ir.Node, ir_version: int, options: MatchOptions, hold: Callable[[DeferredWeight], bool]
+) -> JoinFold | Refusal | None:
+    """The fold of ``bn`` over the Add/Concat feeding it, its refusal, or None if none feeds it."""
+    try:
+        return plan_through_join(bn, ir_version, options, hold)
+    except Refused as refused:
+        join = bn.inputs[0].producer()  # type: ignore[union-attr]
+        return Refusal(f"{label(join)} -> {label(bn)}", refused.code, refused.detail)

@@ -9,7 +9,13 @@ import onnx_ir as ir
 
 from bnfold.onnx_front import match
 from bnfold.onnx_front.folded import DeferredWeight, ExactBias
-from bnfold.onnx_front.graph_edit import drop_if_dead, new_initializer, set_constant_input
+from bnfold.onnx_front.graph_edit import (
+    drop_if_dead,
+    new_initializer,
+    set_constant_input,
+    splice_out,
+    write_linear_fold,
+)
 from bnfold.onnx_front.match import Direction, FoldPlan, LinearOp, MatchOptions
 from bnfold.report import Folded, FoldReport, Refusal, count_ops
 
@@ -100,14 +106,14 @@ class FoldAffinePass(ir.passes.InPlacePass):
             outcome = match.plan(node, model.ir_version, options, hold=budget.allows)
             if isinstance(outcome, Refusal):
                 refused.append(outcome)
-            elif isinstance(outcome, match.BranchMerge):
-                outcome.apply(model)
-                report.folded.extend(outcome.entries)
-                folded_any = True
-            elif outcome is not None:
+            elif isinstance(outcome, FoldPlan):
                 apply_plan(outcome, model)
                 budget.charge(outcome)
                 report.folded.append(_folded_entry(outcome))
+                folded_any = True
+            elif outcome is not None:  # a merge, or a fold into several ops
+                outcome.apply(model)
+                report.folded.extend(outcome.entries)
                 folded_any = True
         return folded_any, refused
 
@@ -119,6 +125,7 @@ def _folded_entry(plan: FoldPlan) -> Folded:
         match.label(plan.linear.node),
         match.label(plan.affine_node),
         bytes_added=plan.bytes_added,
+        kind=plan.kind,
     )
 
 
@@ -136,19 +143,17 @@ def apply_plan(plan: FoldPlan, model: ir.Model) -> None:
     linear, after = plan.linear, plan.direction is Direction.AFTER
     if not after:
         _bypass(plan.affine_node, reader=plan.between or linear.node)
-    set_constant_input(linear.node, 1, plan.new_weight, model)
     output = linear.output
-    if plan.new_bias is not None:
-        if linear.node.op_type != "MatMul":
-            set_constant_input(linear.node, 2, plan.new_bias, model, suffix="_bias")
-            if linear.resets_beta:
-                linear.node.attributes["beta"] = ir.AttrFloat32("beta", 1.0)
-        elif not after or linear.out_rank == 2:
+    if linear.node.op_type != "MatMul" or plan.new_bias is None:
+        write_linear_fold(plan, model)
+    else:
+        set_constant_input(linear.node, 1, plan.new_weight, model)
+        if not after or linear.out_rank == 2:
             output = _matmul_to_gemm(linear, plan.new_bias, model).outputs[0]
         else:
             output = _append_bias_add(linear, plan.new_bias, model, name=plan.affine_node.name)
     if after:
-        _splice_out(plan.affine_node, plan.between.outputs[0] if plan.between else output)
+        splice_out(plan.affine_node, plan.between.outputs[0] if plan.between else output)
 
 
 def _bypass(affine_node: ir.Node, reader: ir.Node) -> None:
@@ -159,29 +164,6 @@ def _bypass(affine_node: ir.Node, reader: ir.Node) -> None:
     params = [v for v in affine_node.inputs[1:] if v is not None]
     graph.remove(affine_node, safe=True)
     for value in params:
-        drop_if_dead(value)
-
-
-def _splice_out(affine_node: ir.Node, replacement: ir.Value) -> None:
-    """Remove ``affine_node``; ``replacement`` takes over its output and its name.
-
-    Keeping the affine output's name keeps the graph's outputs and every
-    downstream reference (value_info, subgraph captures) unchanged.
-    """
-    graph = affine_node.graph
-    assert graph is not None
-    out = affine_node.outputs[0]
-    name = out.name
-    if replacement.shape is None:
-        replacement.shape = out.shape
-    if replacement.type is None:
-        replacement.type = out.type
-    inputs = [v for v in affine_node.inputs if v is not None]
-    ir.convenience.replace_all_uses_with(out, replacement, replace_graph_outputs=True)
-    graph.remove(affine_node, safe=True)
-    out.name = None
-    replacement.name = name
-    for value in inputs:
         drop_if_dead(value)
 
 

@@ -11,6 +11,7 @@ Refuses:  see :func:`bnfold.onnx_front.match.plan`.
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import replace
 
 import onnx_ir as ir
 
@@ -39,7 +40,7 @@ from bnfold.onnx_front.rules.base import (
 from bnfold.onnx_front.rules.batch_merge import merges_leading_axes
 from bnfold.onnx_front.rules.pooling import POOL_OPS, require_pool_commutes
 from bnfold.onnx_front.rules.shape_ops import SHAPE_OPS, channel_block_through
-from bnfold.report import Code, Refusal
+from bnfold.report import Code, FoldKind, Refusal
 
 
 def plan_after(
@@ -70,16 +71,19 @@ def plan_after(
         pool = between if between is not None and between.op_type in POOL_OPS else None
         block = 1
         reshape = None if pool is not None else between
-        if reshape is not None and not merges_leading_axes(reshape, node, linear, ir_version):
+        merged = reshape is not None and merges_leading_axes(reshape, node, linear, ir_version)
+        if reshape is not None and not merged:
             block = channel_block_through(reshape, linear, ir_version)
         affine = _affine_after(node, linear, ir_version, between, block)
         if affine is None:
             return None
         if pool is not None:
             require_pool_commutes(pool, linear, affine)
-        return make_plan(
+        plan = make_plan(
             site, Direction.AFTER, linear, node, between, affine, options.rounding, hold
         )
+        kind = FoldKind.BATCH_MERGE if merged else FoldKind.ADJACENT
+        return replace(plan, kind=FoldKind.THROUGH_POOL if pool is not None else kind)
     except Refused as refused:
         return Refusal(site, refused.code, refused.detail)
 

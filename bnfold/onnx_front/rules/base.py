@@ -12,6 +12,7 @@ from __future__ import annotations
 import enum
 from collections.abc import Callable
 from dataclasses import dataclass, replace
+from typing import Protocol
 
 import ml_dtypes
 import numpy as np
@@ -33,7 +34,7 @@ from bnfold.layouts import LayoutError, WeightLayout
 from bnfold.onnx_front.constants import constant_array, is_constant, reads_data
 from bnfold.onnx_front.folded import DeferredWeight, ExactBias, earlier_bias, earlier_weight
 from bnfold.onnx_front.io import evict_pages
-from bnfold.report import Code
+from bnfold.report import Code, Folded, FoldKind
 
 LINEAR_OPS = frozenset({"Conv", "ConvTranspose", "Gemm", "MatMul"})
 
@@ -160,6 +161,20 @@ class FoldPlan:
     new_weight: DeferredWeight
     new_bias: ExactBias | None  # None: the op has no bias and the fold needs none
     bytes_added: int = 0  # weight bytes copied because another node shares them
+    kind: FoldKind = FoldKind.ADJACENT
+
+
+class Rewrite(Protocol):
+    """A checked rewrite other than one FoldPlan (a merge, a fold into several ops)."""
+
+    @property
+    def entries(self) -> list[Folded]:
+        """What the report lists for it."""
+        ...
+
+    def apply(self, model: ir.Model) -> None:
+        """Make the rewrite in ``model``."""
+        ...
 
 
 def label(node: ir.Node | None) -> str:
