@@ -402,3 +402,14 @@ def testadd_parts_sum_to_the_affine(count: int, seed: int) -> None:
     parts = add_parts(affine, count)
     folded = sum(p.scale * t + p.shift for p, t in zip(parts, terms, strict=True))
     np.testing.assert_allclose(folded, affine.scale * terms.sum(axis=0) + affine.shift)
+
+
+def test_bn_after_a_sum_of_convs_on_one_input_folds_then_merges() -> None:
+    m = branch_sum(identity=False)
+    nodes = list(m.graph.node)
+    nodes[-1].output[0] = "s"
+    m.graph.node.append(bn_node("bn", "s", "output"))
+    m.graph.initializer.extend(bn_params("bn", 4))
+    result = fold_and_check(m)
+    assert [f.kind for f in result.report.folded] == [FoldKind.OVER_ADD, FoldKind.REPARAM]
+    assert op_types(to_proto(result.model)) == ["Conv"]

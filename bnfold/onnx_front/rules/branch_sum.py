@@ -22,7 +22,9 @@ Refuses (on each identity BN of the sum; a sum of convs alone is not a BN site):
   and the codes of reading a conv or BN (NOT_CONSTANT, BAD_VALUES, ...).
 
 The sum is planned at its top Add only: an Add whose one reader is the Add of
-a larger branch sum leaves the merge to it, so each block is merged once.
+a larger branch sum leaves the merge to it, so each block is merged once. A
+sum of two convs that feeds a BN waits for that BN to fold into both convs
+(:mod:`.add_concat`), so the merge starts from exact weights and rounds once.
 """
 
 from __future__ import annotations
@@ -109,7 +111,7 @@ def plan_branch_merge(node: ir.Node, ir_version: int, options: MatchOptions) -> 
     tree = sum_tree(node, ir_version)
     if tree is None or (not tree.identities and len(tree.convs) < 2):
         return None
-    if _defers_to_reader(node, ir_version):
+    if _defers_to_reader(node, ir_version) or _left_to_join(tree):
         return None
     convs = [describe_linear(conv, ir_version, options) for conv in tree.convs]
     survivor = max(convs, key=lambda c: np.prod(c.weight_shape[2:]))
@@ -272,6 +274,15 @@ def _defers_to_reader(add: ir.Node, ir_version: int) -> bool:
         return reader is not None and sum_tree(reader, ir_version, pending=True) is not None
     except Refused:  # the larger sum does not merge: this one may
         return False
+
+
+def _left_to_join(tree: SumTree) -> bool:
+    """A sum of two convs feeding a BN: the BN folds into both first (add_concat), so
+    that this merge then starts from their exact folded weights and rounds once."""
+    if tree.identities or len(tree.adds) != 1:
+        return False
+    uses = list(tree.top.outputs[0].uses())
+    return len(uses) == 1 and uses[0].node.op_type == "BatchNormalization"
 
 
 def _top_add(bn: ir.Node, ir_version: int) -> ir.Node | None:
