@@ -10,4 +10,12 @@ modifies the graph; :mod:`bnfold.onnx_front.passes` applies plans.
 - :mod:`.after`      ``affine(linear(x))``, also through a shape-only op
 - :mod:`.before`     ``linear(BN(x))``, also through Flatten/Reshape
 - :mod:`.shape_ops`  which shape-only ops keep channels whole
+- :mod:`.batch_merge`  a reshape merging the batch axis, channels last (LeViT)
+- :mod:`.pooling`    a BN after a pool that commutes with it
+- :mod:`.add_concat` a BN after an Add or a channel Concat of linear ops
+- :mod:`.branch_sum` RepVGG/MobileOne branch sums merged into one Conv
+
+A plan is a :class:`~.base.FoldPlan` (one linear op, applied by the pass) or a
+:class:`~.base.Rewrite` (several nodes, applies itself); every rule reuses the
+one fold math of :mod:`bnfold.affine` and :mod:`bnfold.layouts`.
 """

@@ -29,7 +29,7 @@ sum of two convs that feeds a BN waits for that BN to fold into both convs
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import onnx_ir as ir
@@ -78,7 +78,7 @@ class BranchMerge:
     survivor: LinearOp
     weight: ExactBias  # the merged kernel: its float64 value and the one cast
     bias: ExactBias
-    entries: list[Folded] = field(default_factory=list)
+    entries: list[Folded]
 
     def apply(self, model: ir.Model) -> None:
         """Write the merged weight and bias, hand the top Add's output over, remove the rest."""
@@ -122,11 +122,10 @@ def plan_branch_merge(node: ir.Node, ir_version: int, options: MatchOptions) -> 
         raise Refused(Code.UNCENTRED_TAP, str(err)) from None
     dtype = survivor.weight_array.dtype
     try:
-        merged = BranchMerge(tree, survivor, ExactBias.of(weight, dtype), ExactBias.of(bias, dtype))
+        cast_weight, cast_bias = ExactBias.of(weight, dtype), ExactBias.of(bias, dtype)
     except Unfoldable as err:
         raise Refused(Code.BAD_VALUES, str(err)) from None
-    merged.entries.extend(_entries(tree, survivor))
-    return merged
+    return BranchMerge(tree, survivor, cast_weight, cast_bias, _entries(tree, survivor))
 
 
 def _merged(
