@@ -413,3 +413,13 @@ def test_bn_after_a_sum_of_convs_on_one_input_folds_then_merges() -> None:
     result = fold_and_check(m)
     assert [f.kind for f in result.report.folded] == [FoldKind.OVER_ADD, FoldKind.REPARAM]
     assert op_types(to_proto(result.model)) == ["Conv"]
+
+
+def test_training_mode_identity_bn_is_never_merged() -> None:
+    m = branch_sum()
+    for node in m.graph.node:
+        if node.name == "bn":
+            node.attribute.append(helper.make_attribute("training_mode", 1))
+    result = bnfold.fold(m)
+    assert result.report.codes == [Code.TRAINING_MODE]
+    assert op_types(to_proto(result.model)) == op_types(m)
