@@ -404,14 +404,14 @@ def testadd_parts_sum_to_the_affine(count: int, seed: int) -> None:
     np.testing.assert_allclose(folded, affine.scale * terms.sum(axis=0) + affine.shift)
 
 
-def test_bn_after_a_sum_of_convs_on_one_input_folds_then_merges() -> None:
+def test_bn_after_a_sum_of_convs_on_one_input_folds_into_the_merge() -> None:
     m = branch_sum(identity=False)
     nodes = list(m.graph.node)
     nodes[-1].output[0] = "s"
     m.graph.node.append(bn_node("bn", "s", "output"))
     m.graph.initializer.extend(bn_params("bn", 4))
     result = fold_and_check(m)
-    assert [f.kind for f in result.report.folded] == [FoldKind.OVER_ADD, FoldKind.REPARAM]
+    assert [f.kind for f in result.report.folded] == [FoldKind.ADJACENT, FoldKind.REPARAM]
     assert op_types(to_proto(result.model)) == ["Conv"]
 
 
@@ -423,3 +423,49 @@ def test_training_mode_identity_bn_is_never_merged() -> None:
     result = bnfold.fold(m)
     assert result.report.codes == [Code.TRAINING_MODE]
     assert op_types(to_proto(result.model)) == op_types(m)
+
+
+def test_repvit_sum_with_a_bare_identity_then_bn_becomes_one_conv() -> None:
+    # RepViT's RepVGGDW: BN(conv3x3(x) + conv1x1(x) + x), depthwise.
+    c = 4
+    nodes = [
+        helper.make_node("Conv", ["input", "wk"], ["k"], name="conv_k", pads=[1] * 4, group=c),
+        helper.make_node("Conv", ["input", "w1", "b1"], ["one"], name="conv_1", group=c),
+        helper.make_node("Add", ["k", "one"], ["s"], name="add"),
+        helper.make_node("Add", ["s", "input"], ["t"], name="add_x"),
+        bn_node("bn", "t", "output"),
+    ]
+    inits = [
+        init("wk", RNG.normal(size=(c, 1, 3, 3)).astype(np.float32)),
+        init("w1", RNG.normal(size=(c, 1, 1, 1)).astype(np.float32)),
+        init("b1", RNG.normal(size=c).astype(np.float32)),
+        *bn_params("bn", c),
+    ]
+    m = model(nodes, inits, [("input", [1, c, 6, 6])], ["output"])
+    result = fold_and_check(m)
+    assert op_types(to_proto(result.model)) == ["Conv"]
+    assert result.report.folded[-1].site == "conv_k + conv_1 + x -> add_x"
+
+
+def test_a_residual_around_an_uncentred_conv_is_left_alone() -> None:
+    # Add(conv(x), x) with pads (2, 2, 0, 0): same output size, but x's tap is not the
+    # kernel's centre, so no merge (and, with no BN involved, nothing to report).
+    nodes = [
+        helper.make_node("Conv", ["input", "w"], ["c"], name="conv", pads=[2, 2, 0, 0]),
+        helper.make_node("Add", ["c", "input"], ["output"], name="add"),
+    ]
+    m = model(nodes, [init("w", RNG.normal(size=(3, 3, 3, 3)).astype(np.float32))],
+              [("input", [1, 3, 5, 5])], ["output"])  # fmt: skip
+    result = bnfold.fold(m)
+    assert result.report.folded == [] and result.report.refused == []
+    assert op_types(to_proto(result.model)) == ["Conv", "Add"]
+
+
+def test_a_residual_around_a_centred_conv_merges() -> None:
+    nodes = [
+        helper.make_node("Conv", ["input", "w"], ["c"], name="conv", pads=[1, 1, 1, 1]),
+        helper.make_node("Add", ["c", "input"], ["output"], name="add"),
+    ]
+    m = model(nodes, [init("w", RNG.normal(size=(3, 3, 3, 3)).astype(np.float32))],
+              [("input", [1, 3, 5, 5])], ["output"])  # fmt: skip
+    assert [f.kind for f in fold_and_check(m).report.folded] == [FoldKind.REPARAM]

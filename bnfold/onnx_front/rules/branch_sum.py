@@ -1,16 +1,19 @@
 """Rule: a sum of conv branches and identity BNs reading one input, as one Conv.
 
 Matches:  Add(... Add(Conv_a(x), Conv_b(x)) ..., BN(x)), any tree of Adds whose
-          leaves are Convs reading ``x`` and BatchNormalizations of ``x`` itself,
-          as in RepVGG and MobileOne train-time blocks. The branch BNs after each
-          conv fold first (the after rule), so here every conv term is a plain
-          Conv with a constant weight.
+          leaves are Convs reading ``x``, BatchNormalizations of ``x`` itself, or
+          ``x`` itself, as in RepVGG, MobileOne and RepGhost train-time blocks and
+          RepViT's ``BN(conv(x) + conv1(x) + x)``. The branch BNs after each conv
+          fold first (the after rule), so here every conv term is a plain Conv
+          with a constant weight. A BN reading the sum folds into the merge.
 Produces: one Conv (the first of the largest kernel, under its name) whose
           weight is the sum of every conv's kernel zero-padded, centred, to the
           largest, plus one centred tap per channel for each identity BN (its
-          scale), and whose bias sums the biases and the BNs' shifts; it takes
-          over the top Add's output and name. Reported as one ``reparam`` fold,
-          and one ``identity_tap`` fold per BN. Computed in float64, cast once.
+          scale; 1 for a bare ``x``), and whose bias sums the biases and the BNs'
+          shifts, then times a BN after the sum; it takes over the output and
+          name of the top Add (or of that BN). Reported as one ``reparam`` fold,
+          one ``identity_tap`` fold per identity BN and an ``adjacent`` one for
+          a BN after the sum. Computed in float64, cast once.
 Refuses (on each identity BN of the sum; a sum of convs alone is not a BN site):
   BRANCH_MISMATCH  the convs differ in strides, dilations, group or channel
                    counts, use auto_pad, or the identity term needs stride 1 and
@@ -22,9 +25,7 @@ Refuses (on each identity BN of the sum; a sum of convs alone is not a BN site):
   and the codes of reading a conv or BN (NOT_CONSTANT, BAD_VALUES, ...).
 
 The sum is planned at its top Add only: an Add whose one reader is the Add of
-a larger branch sum leaves the merge to it, so each block is merged once. A
-sum of two convs that feeds a BN waits for that BN to fold into both convs
-(:mod:`.add_concat`), so the merge starts from exact weights and rounds once.
+a larger branch sum leaves the merge to it, so each block is merged once.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_ir as ir
 
-from bnfold.affine import Unfoldable, centred_kernel, identity_kernel
+from bnfold.affine import Affine, Unfoldable, centred_kernel, identity_kernel
 from bnfold.layouts import LayoutError
 from bnfold.onnx_front.constants import is_constant, reads_data
 from bnfold.onnx_front.folded import ExactBias
@@ -59,15 +60,19 @@ class SumTree:
     convs: tuple[ir.Node, ...]
     identities: tuple[ir.Node, ...]  # BatchNormalization(source)
     source: ir.Value
+    bare: int = 0  # terms that are ``source`` itself, an identity of scale 1
 
     @property
     def top(self) -> ir.Node:
         return self.adds[0]
 
     def site(self) -> str:
-        return " + ".join(label(n) for n in (*self.convs, *self.identities)) + (
-            f" -> {label(self.top)}"
-        )
+        terms = [label(n) for n in (*self.convs, *self.identities)] + ["x"] * self.bare
+        return " + ".join(terms) + f" -> {label(self.top)}"
+
+    @property
+    def has_identity(self) -> bool:
+        return bool(self.identities) or self.bare > 0
 
 
 @dataclass(frozen=True)
@@ -79,13 +84,15 @@ class BranchMerge:
     weight: ExactBias  # the merged kernel: its float64 value and the one cast
     bias: ExactBias
     entries: list[Folded]
+    trailing_bn: ir.Node | None = None  # a BN after the sum, folded into the merge
 
     def apply(self, model: ir.Model) -> None:
         """Write the merged weight and bias, hand the top Add's output over, remove the rest."""
         conv = self.survivor.node
         set_constant_input(conv, 1, self.weight, model)
         set_constant_input(conv, 2, self.bias, model, suffix="_bias")
-        top_out = self.tree.top.outputs[0]
+        last = self.trailing_bn or self.tree.top
+        top_out = last.outputs[0]
         graph = conv.graph
         assert graph is not None
         name = top_out.name
@@ -93,6 +100,8 @@ class BranchMerge:
         conv.outputs[0].shape, conv.outputs[0].type = top_out.shape, top_out.type
         gone = [*self.tree.adds, *(n for n in self.tree.convs if n is not conv)]
         gone += self.tree.identities
+        if self.trailing_bn is not None:
+            gone.insert(0, self.trailing_bn)
         params = [v for n in gone for v in n.inputs[1:] if v is not None]
         for node in gone:
             graph.remove(node, safe=True)
@@ -109,9 +118,9 @@ def plan_branch_merge(node: ir.Node, ir_version: int, options: MatchOptions) -> 
         Refused: a precondition fails (see the module docstring).
     """
     tree = sum_tree(node, ir_version)
-    if tree is None or (not tree.identities and len(tree.convs) < 2):
+    if tree is None or (not tree.has_identity and len(tree.convs) < 2):
         return None
-    if _defers_to_reader(node, ir_version) or _left_to_join(tree):
+    if _defers_to_reader(node, ir_version):
         return None
     convs = [describe_linear(conv, ir_version, options) for conv in tree.convs]
     survivor = max(convs, key=lambda c: np.prod(c.weight_shape[2:]))
@@ -120,12 +129,40 @@ def plan_branch_merge(node: ir.Node, ir_version: int, options: MatchOptions) -> 
         weight, bias = _merged(tree, convs, survivor, ir_version)
     except LayoutError as err:
         raise Refused(Code.UNCENTRED_TAP, str(err)) from None
+    trailing = _trailing_bn(tree, survivor, ir_version)
+    if trailing is not None:
+        affine = trailing[1]
+        weight *= survivor.layout.expand(affine.scale, survivor.weight_shape)
+        bias = bias * affine.scale + affine.shift
     dtype = survivor.weight_array.dtype
     try:
         cast_weight, cast_bias = ExactBias.of(weight, dtype), ExactBias.of(bias, dtype)
     except Unfoldable as err:
         raise Refused(Code.BAD_VALUES, str(err)) from None
-    return BranchMerge(tree, survivor, cast_weight, cast_bias, _entries(tree, survivor))
+    bn_after = None if trailing is None else trailing[0]
+    entries = _entries(tree, survivor, bn_after)
+    return BranchMerge(tree, survivor, cast_weight, cast_bias, entries, bn_after)
+
+
+def _trailing_bn(
+    tree: SumTree, survivor: LinearOp, ir_version: int
+) -> tuple[ir.Node, Affine] | None:
+    """The inference BN reading the sum alone, and its affine; None if none can fold.
+
+    Folding it here rounds the merged kernel once; folding it after the merge
+    would round it again.
+    """
+    out = tree.top.outputs[0]
+    uses = list(out.uses())
+    if out.is_graph_output() or len(uses) != 1 or uses[0].idx != 0:
+        return None
+    bn = uses[0].node
+    if bn.op_type != "BatchNormalization" or bn.domain not in ("", "ai.onnx"):
+        return None
+    try:
+        return bn, batchnorm_affine(bn, survivor.channels, ir_version)
+    except Refused:
+        return None  # it stays, and says why when it is planned itself
 
 
 def _merged(
@@ -140,8 +177,11 @@ def _merged(
         weight += centred_kernel(conv.exact_weight(), kernel)
         conv_bias = conv.exact_bias()
         bias += 0.0 if conv_bias is None else conv_bias
-    if tree.identities:
+    if tree.has_identity:
         _require_identity_fits(survivor)
+    if tree.bare:
+        ones = np.full(survivor.channels, float(tree.bare))
+        weight += identity_kernel(ones, survivor.weight_shape[1], kernel)
     for bn in tree.identities:
         affine = batchnorm_affine(bn, survivor.channels, ir_version)
         weight += identity_kernel(affine.scale, survivor.weight_shape[1], kernel)
@@ -182,13 +222,15 @@ def sum_tree(add: ir.Node, ir_version: int, pending: bool = False) -> SumTree | 
     adds: list[ir.Node] = []
     leaves: list[ir.Node] = []
     shared: list[ir.Node] = []
-    if not _collect(add, ir_version, adds, leaves, shared):
-        return None
+    bare: list[ir.Value] = []
+    _collect(add, ir_version, adds, leaves, shared, bare)
     convs = tuple(n for n in leaves if n.op_type == "Conv")
-    if not convs and not pending:
+    if not leaves or (not convs and not pending):
         return None
     source = _source_of(leaves[0], pending)
     if source is None or any(_source_of(n, pending) is not source for n in leaves):
+        return None
+    if any(v is not source for v in bare):
         return None
     if shared:
         raise Refused(
@@ -196,7 +238,7 @@ def sum_tree(add: ir.Node, ir_version: int, pending: bool = False) -> SumTree | 
             f"{label(shared[0])}'s output is also read outside the sum at {label(add)}",
         )
     identities = tuple(n for n in leaves if n.op_type == "BatchNormalization")
-    return SumTree(tuple(adds), convs, identities, source)
+    return SumTree(tuple(adds), convs, identities, source, bare=len(bare))
 
 
 def _source_of(leaf: ir.Node, pending: bool) -> ir.Value | None:
@@ -229,27 +271,27 @@ def _collect(
     adds: list[ir.Node],
     leaves: list[ir.Node],
     shared: list[ir.Node],
-) -> bool:
-    """Walk the Adds below ``add``; False when a leaf is no Conv or BN.
+    bare: list[ir.Value],
+) -> None:
+    """Walk the Adds below ``add``: Conv and BN leaves to ``leaves``, other values to ``bare``.
 
-    Leaves whose output is also read elsewhere go to ``shared`` too.
+    Leaves whose output is also read elsewhere go to ``shared`` too. An Add that
+    another node reads too is a value of its own (so no branch sum).
     """
     adds.append(add)
     for value in add.inputs:
         assert value is not None
         producer = value.producer()
         if producer is None:
-            return False
-        if _is_sum(producer, ir_version) and _only_reader_is(value, add):
-            if not _collect(producer, ir_version, adds, leaves, shared):
-                return False
+            bare.append(value)
+        elif _is_sum(producer, ir_version) and _only_reader_is(value, add):
+            _collect(producer, ir_version, adds, leaves, shared, bare)
         elif producer.op_type in ("Conv", "BatchNormalization"):
             if not _only_reader_is(value, add):
                 shared.append(producer)
             leaves.append(producer)
         else:
-            return False
-    return True
+            bare.append(value)  # the sum's input itself, or no branch sum
 
 
 def _only_reader_is(value: ir.Value, node: ir.Node) -> bool:
@@ -273,15 +315,6 @@ def _defers_to_reader(add: ir.Node, ir_version: int) -> bool:
         return reader is not None and sum_tree(reader, ir_version, pending=True) is not None
     except Refused:  # the larger sum does not merge: this one may
         return False
-
-
-def _left_to_join(tree: SumTree) -> bool:
-    """A sum of two convs feeding a BN: the BN folds into both first (add_concat), so
-    that this merge then starts from their exact folded weights and rounds once."""
-    if tree.identities or len(tree.adds) != 1:
-        return False
-    uses = list(tree.top.outputs[0].uses())
-    return len(uses) == 1 and uses[0].node.op_type == "BatchNormalization"
 
 
 def _top_add(bn: ir.Node, ir_version: int) -> ir.Node | None:
@@ -379,15 +412,17 @@ def _require_centred_pads(survivor: LinearOp) -> None:
             )
 
 
-def _entries(tree: SumTree, survivor: LinearOp) -> list[Folded]:
+def _entries(tree: SumTree, survivor: LinearOp, bn_after: ir.Node | None) -> list[Folded]:
     conv = label(survivor.node)
     taps = [
         Folded(f"{label(bn)} -> {conv}", "BatchNormalization+Add", conv, label(bn),
                kind=FoldKind.IDENTITY_TAP)
         for bn in tree.identities
     ]  # fmt: skip
-    pattern = "+".join(
-        [*(n.op_type for n in tree.convs), *("BatchNormalization" for _ in tree.identities), "Add"]
-    )
+    if bn_after is not None:
+        site = f"{conv} -> {label(tree.top)} -> {label(bn_after)}"
+        taps.append(Folded(site, "Conv+Add+BatchNormalization", conv, label(bn_after)))
+    ops = [n.op_type for n in (*tree.convs, *tree.identities)]
+    pattern = "+".join([*ops, "Add"])
     merge = Folded(tree.site(), pattern, conv, label(tree.top), kind=FoldKind.REPARAM)
     return [*taps, merge]
