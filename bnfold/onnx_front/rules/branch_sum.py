@@ -124,12 +124,14 @@ def plan_branch_merge(node: ir.Node, ir_version: int, options: MatchOptions) -> 
         return None
     convs = [describe_linear(conv, ir_version, options) for conv in tree.convs]
     survivor = max(convs, key=lambda c: np.prod(c.weight_shape[2:]))
+    trailing = _trailing_bn(tree, survivor, ir_version)
+    if tree.bare and not tree.identities and trailing is None:
+        return None  # a plain residual around a conv: no BN to remove, left as built
     _require_same_geometry(convs, survivor)
     try:
         weight, bias = _merged(tree, convs, survivor, ir_version)
     except LayoutError as err:
         raise Refused(Code.UNCENTRED_TAP, str(err)) from None
-    trailing = _trailing_bn(tree, survivor, ir_version)
     if trailing is not None:
         affine = trailing[1]
         weight *= survivor.layout.expand(affine.scale, survivor.weight_shape)
