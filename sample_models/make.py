@@ -429,6 +429,17 @@ def repvgg_block(b: Builder) -> onnx.ModelProto:
     return finish(b)
 
 
+def repvit_dw_block(b: Builder) -> onnx.ModelProto:
+    """RepViT's RepVGGDW: BN(BN(dw conv 3x3(x)) + dw conv 1x1(x) + x)."""
+    x = b.input("input", [1, 4, 8, 8])
+    y = conv(b, "conv_kxk", x, 4, 4, [3, 3], bias=False, pads=[1, 1, 1, 1], group=4)
+    y = batchnorm(b, "bn_kxk", y, 4)
+    z = conv(b, "conv_small", x, 4, 4, [1, 1], group=4)
+    total = b.node("Add", [b.node("Add", [y, z], "add_branches"), x], "add_identity")
+    b.output(batchnorm(b, "bn_out", total, 4, out="output"))
+    return finish(b)
+
+
 def mobileone_dw_block(b: Builder) -> onnx.ModelProto:
     """MobileOne's depthwise block: 3x3 and 1x1 depthwise branches and an identity BN."""
     b.output(rep_block(b, b.input("input", [1, 4, 8, 8]), 4, small_group=4, group=4)[0])
@@ -711,6 +722,10 @@ SAMPLES: list[Sample] = [
            "0", "concat1 -> bn1: `not_linear_term`", neg_concat_pool_bn),
     Sample("neg_add_branching_bn.onnx", "as conv_add_bn, conv_a also feeds a Relu output",
            "0", "add1 -> bn1: `branching`", neg_add_branching_bn),
+    Sample("repvit_dw_block.onnx",
+           "RepViT block: BN(BN(depthwise Conv 3x3) + depthwise Conv 1x1 + x)",
+           "3: conv_kxk -> bn_kxk, conv_kxk -> add_identity -> bn_out (folded into the "
+           "merge), conv_kxk + conv_small + x (`reparam`): one Conv", NONE, repvit_dw_block),
     Sample("neg_branch_groups.onnx", "as repvgg_block, but the 1x1 conv has group 2",
            "2 (the branch BNs)", "bn_identity -> add_identity: `branch_mismatch`",
            neg_branch_groups),

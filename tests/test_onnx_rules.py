@@ -459,3 +459,11 @@ def test_a_residual_around_an_uncentred_conv_is_left_alone() -> None:
     result = bnfold.fold(m)
     assert result.report.folded == [] and result.report.refused == []
     assert op_types(to_proto(result.model)) == ["Conv", "Add"]
+
+
+def test_repvit_sample_becomes_one_conv() -> None:
+    result = fold_sample("repvit_dw_block.onnx")
+    assert [f.kind for f in result.report.folded] == [
+        FoldKind.ADJACENT, FoldKind.ADJACENT, FoldKind.REPARAM
+    ]  # fmt: skip
+    assert op_types(to_proto(result.model)) == ["Conv"]
