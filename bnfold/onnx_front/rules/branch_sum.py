@@ -25,7 +25,8 @@ Refuses (on each identity BN of the sum; a sum of convs alone is not a BN site):
   and the codes of reading a conv or BN (NOT_CONSTANT, BAD_VALUES, ...).
 
 The sum is planned at its top Add only: an Add whose one reader is the Add of
-a larger branch sum leaves the merge to it, so each block is merged once.
+a larger branch sum leaves the merge to it, so each block is merged once. A
+plain residual ``conv(x) + x`` with no BN in or after it is left as built.
 """
 
 from __future__ import annotations
