@@ -467,3 +467,23 @@ def test_repvit_sample_becomes_one_conv() -> None:
         FoldKind.ADJACENT, FoldKind.ADJACENT, FoldKind.REPARAM
     ]  # fmt: skip
     assert op_types(to_proto(result.model)) == ["Conv"]
+
+
+def test_crossed_kernels_do_not_merge() -> None:
+    # 3x1 and 1x3 with pads that would line up if a kernel could shrink: no merge.
+    nodes = [
+        helper.make_node("Conv", ["input", "wa"], ["a"], name="conv_a", pads=[1, 0, 1, 0]),
+        helper.make_node("Conv", ["input", "wb"], ["b"], name="conv_b", pads=[0, 1, 0, 1]),
+        helper.make_node("Add", ["a", "b"], ["s"], name="add"),
+        bn_node("bn", "input", "i"),
+        helper.make_node("Add", ["s", "i"], ["output"], name="add_identity"),
+    ]
+    inits = [
+        init("wa", RNG.normal(size=(3, 3, 3, 1)).astype(np.float32)),
+        init("wb", RNG.normal(size=(3, 3, 1, 3)).astype(np.float32)),
+        *bn_params("bn", 3),
+    ]
+    m = model(nodes, inits, [("input", [1, 3, 5, 5])], ["output"])
+    result = bnfold.fold(m)
+    assert result.report.codes == [Code.UNCENTRED_TAP]
+    assert_same_function(m, to_proto(result.model))

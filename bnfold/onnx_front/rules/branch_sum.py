@@ -373,8 +373,12 @@ def _require_centred(conv: LinearOp, survivor: LinearOp) -> None:
         zip(conv.weight_shape[2:], survivor.weight_shape[2:], strict=True)
     ):
         grow = (large - small) // 2 * dilations[axis]
-        centred = (large - small) % 2 == 0 and all(
-            pads[axis + side * rank] + grow == target[axis + side * rank] for side in (0, 1)
+        centred = (
+            small <= large
+            and (large - small) % 2 == 0
+            and all(
+                pads[axis + side * rank] + grow == target[axis + side * rank] for side in (0, 1)
+            )
         )
         if not centred:
             raise Refused(
