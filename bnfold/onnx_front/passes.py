@@ -113,6 +113,8 @@ class FoldAffinePass(ir.passes.InPlacePass):
                 folded_any = True
             elif outcome is not None:  # a merge, or a fold into several ops
                 outcome.apply(model)
+                for plan in outcome.plans:
+                    budget.charge(plan)
                 report.folded.extend(outcome.entries)
                 folded_any = True
         return folded_any, refused

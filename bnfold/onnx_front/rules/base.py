@@ -172,6 +172,11 @@ class Rewrite(Protocol):
         """What the report lists for it."""
         ...
 
+    @property
+    def plans(self) -> tuple[FoldPlan, ...]:
+        """The fold plans it applies: their held weights count against the pass's budget."""
+        ...
+
     def apply(self, model: ir.Model) -> None:
         """Make the rewrite in ``model``."""
         ...

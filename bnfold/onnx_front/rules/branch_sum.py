@@ -42,6 +42,7 @@ from bnfold.onnx_front.constants import is_constant, reads_data
 from bnfold.onnx_front.folded import ExactBias
 from bnfold.onnx_front.graph_edit import drop_if_dead, set_constant_input
 from bnfold.onnx_front.rules.base import (
+    FoldPlan,
     LinearOp,
     MatchOptions,
     Refused,
@@ -86,6 +87,11 @@ class BranchMerge:
     bias: ExactBias
     entries: list[Folded]
     trailing_bn: ir.Node | None = None  # a BN after the sum, folded into the merge
+
+    @property
+    def plans(self) -> tuple[FoldPlan, ...]:
+        # The merged kernel is computed here, not deferred: a block's few small kernels.
+        return ()
 
     def apply(self, model: ir.Model) -> None:
         """Write the merged weight and bias, hand the top Add's output over, remove the rest."""
