@@ -533,3 +533,51 @@ def _require_finite(arr: np.ndarray, name: str) -> None:
     if not np.all(np.isfinite(arr)):
         bad = int(np.flatnonzero(~np.isfinite(arr))[0])
         raise Unfoldable(f"{name} is not finite at channel {bad} ({arr[bad]!r})")
+
+
+# --- structural re-parameterisation: a sum of convs reading one input as one conv -----
+# Conv weights here are (C_out, C_in/g, *kernel). A smaller kernel padded with zeros
+# to a larger one, with its padding grown by dilation * (difference / 2) on each side,
+# reads the same input taps: the sum of such convs is one conv with the summed kernels.
+
+
+def centred_kernel(weight: np.ndarray, kernel: tuple[int, ...]) -> np.ndarray:
+    """``weight`` zero-padded symmetrically in its spatial axes to ``kernel``, in float64.
+
+    Raises:
+        LayoutError: a spatial size is larger than ``kernel``'s or differs from it by
+            an odd number (the small kernel would not sit centred).
+    """
+    spatial = tuple(weight.shape[2:])
+    if len(spatial) != len(kernel):
+        raise LayoutError(f"kernel rank {len(spatial)} is not {len(kernel)}")
+    widths = []
+    for small, large in zip(spatial, kernel, strict=True):
+        if small > large or (large - small) % 2:
+            raise LayoutError(f"a {spatial} kernel cannot be centred in {kernel}")
+        widths.append(((large - small) // 2,) * 2)
+    return np.pad(np.asarray(weight, dtype=np.float64), [(0, 0), (0, 0), *widths])
+
+
+def identity_kernel(scale: np.ndarray, in_per_group: int, kernel: tuple[int, ...]) -> np.ndarray:
+    """The conv weight of ``y[c] = scale[c] * x[c]``: one centred tap per channel.
+
+    With groups, input channel ``c`` is column ``c % in_per_group`` of output row
+    ``c`` (output and input channel counts are equal, so ``c`` is in the same group
+    on both sides).
+
+    Raises:
+        LayoutError: a kernel size is even (no centre tap), or the channels are not
+            whole groups of ``in_per_group``.
+    """
+    channels = scale.shape[0]
+    if any(k % 2 == 0 for k in kernel):
+        raise LayoutError(f"a {kernel} kernel has no centre tap")
+    if in_per_group < 1 or channels % in_per_group:
+        raise LayoutError(f"{channels} channels are not groups of {in_per_group}")
+    weight = np.zeros((channels, in_per_group, *kernel))
+    rows = np.arange(channels)
+    index: list[np.ndarray | int] = [rows, rows % in_per_group]
+    index += [k // 2 for k in kernel]  # the centre tap
+    weight[tuple(index)] = np.asarray(scale, dtype=np.float64)
+    return weight

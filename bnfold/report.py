@@ -58,6 +58,37 @@ class Code(str, enum.Enum):
     """The module has forward hooks that the fold would bypass or feed other values."""
     UNKNOWN_RANK = "unknown_rank"
     """Lowering: the BatchNorm's input rank is unknown, so no constant shape broadcasts safely."""
+    MERGE_MOVES_CHANNEL = "merge_moves_channel"
+    """A reshape merging the batch axis does not keep the linear op's channels last."""
+    BRANCH_MISMATCH = "branch_mismatch"
+    """Summed conv branches differ in strides, dilations, groups, channels or auto_pad."""
+    UNCENTRED_TAP = "uncentred_tap"
+    """A smaller kernel or identity tap cannot sit centred in the largest kernel of a sum."""
+    POOL_PADDING = "pool_padding"
+    """An AveragePool counts padded zeros, so a BN shift after it does not pass through."""
+    NEGATIVE_SCALE = "negative_scale"
+    """A BN after a MaxPool has a negative scale; max does not commute with it."""
+    NOT_LINEAR_TERM = "not_linear_term"
+    """An input of the Add/Concat before a BN is not a Conv/ConvTranspose/Gemm of its own."""
+
+
+class FoldKind(str, enum.Enum):
+    """What kind of rewrite removed an affine (``Folded.kind``)."""
+
+    ADJACENT = "adjacent"
+    """Into the linear op beside it (also through a shape-only op)."""
+    IDENTITY_TAP = "identity_tap"
+    """An identity BN branch of a sum, as a centred per-channel kernel tap."""
+    REPARAM = "reparam"
+    """Summed conv branches reading one input, merged into one Conv."""
+    BATCH_MERGE = "batch_merge"
+    """Through a reshape that merges the batch with other axes, channels last."""
+    THROUGH_POOL = "through_pool"
+    """Into the op before a pool that commutes with the BN."""
+    OVER_ADD = "over_add"
+    """After an Add of linear ops: the scale into each, the shift into one."""
+    OVER_CONCAT = "over_concat"
+    """After a channel Concat of linear ops: each takes its own channels."""
 
 
 @dataclass(frozen=True)
@@ -70,6 +101,7 @@ class Folded:
     affine: str  # name of the op that was removed
     finder: str = ""  # torch front: which graph finder found the pair
     bytes_added: int = 0  # weight bytes added by cloning a shared weight
+    kind: FoldKind = FoldKind.ADJACENT
 
 
 @dataclass(frozen=True)

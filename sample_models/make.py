@@ -378,6 +378,121 @@ def old_opset_bn(b: Builder) -> onnx.ModelProto:
     return finish(b, opset=7, ir_version=3, inits_as_inputs=True)
 
 
+def int_const(b: Builder, name: str, values: Sequence[int]) -> str:
+    b.inits.append(numpy_helper.from_array(np.array(values, dtype=np.int64), name))
+    return name
+
+
+def token_linear_bn(b: Builder) -> onnx.ModelProto:
+    """LeViT's LinearNorm: ``bn(linear(x).flatten(0, 1)).reshape_as(linear(x))``.
+
+    As torch exports it without constant folding: the weight is a Transpose of
+    nn.Linear's, and the reshape back reads the MatMul's Shape.
+    """
+    x = b.input("input", [2, 5, 16])
+    w = b.weight("fc1.weight", [8, 16], 16)
+    wt = b.node("Transpose", [w], "fc1.weight_t", perm=[1, 0])
+    y = b.node("MatMul", [x, wt], "fc1")
+    merged = b.node("Flatten", [y], "flatten1", axis=2)
+    z = batchnorm(b, "bn1", merged, 8)
+    shape = b.node("Shape", [y], "shape1")
+    b.output(b.node("Reshape", [z, shape], "unflatten1", out="output"))
+    return finish(b)
+
+
+def rep_block(
+    b: Builder,
+    x: str,
+    c: int,
+    kxk: tuple[int, list[int]] = (3, [1, 1, 1, 1]),
+    small: tuple[int, list[int]] = (1, [0, 0, 0, 0]),
+    small_group: int = 1,
+    group: int = 1,
+) -> tuple[str, str]:
+    """A RepVGG train-time block: BN(Conv_kxk(x)) + BN(Conv_small(x)) + BN(x), then Relu.
+
+    Returns the Relu's output and the small branch's BN output.
+    """
+    k, pads = kxk
+    y = conv(b, "conv_kxk", x, c, c, [k, k], bias=False, pads=pads, group=group)
+    y = batchnorm(b, "bn_kxk", y, c)
+    s_k, s_pads = small
+    z = conv(b, "conv_small", x, c, c, [s_k, s_k], bias=False, pads=s_pads, group=small_group)
+    z = batchnorm(b, "bn_small", z, c)
+    i = batchnorm(b, "bn_identity", x, c)
+    total = b.node("Add", [b.node("Add", [y, z], "add_branches"), i], "add_identity")
+    return relu(b, "relu", total, out="output"), z
+
+
+def repvgg_block(b: Builder) -> onnx.ModelProto:
+    b.output(rep_block(b, b.input("input", [1, 4, 8, 8]), 4)[0])
+    return finish(b)
+
+
+def repvit_dw_block(b: Builder) -> onnx.ModelProto:
+    """RepViT's RepVGGDW: BN(BN(dw conv 3x3(x)) + dw conv 1x1(x) + x)."""
+    x = b.input("input", [1, 4, 8, 8])
+    y = conv(b, "conv_kxk", x, 4, 4, [3, 3], bias=False, pads=[1, 1, 1, 1], group=4)
+    y = batchnorm(b, "bn_kxk", y, 4)
+    z = conv(b, "conv_small", x, 4, 4, [1, 1], group=4)
+    total = b.node("Add", [b.node("Add", [y, z], "add_branches"), x], "add_identity")
+    b.output(batchnorm(b, "bn_out", total, 4, out="output"))
+    return finish(b)
+
+
+def mobileone_dw_block(b: Builder) -> onnx.ModelProto:
+    """MobileOne's depthwise block: 3x3 and 1x1 depthwise branches and an identity BN."""
+    b.output(rep_block(b, b.input("input", [1, 4, 8, 8]), 4, small_group=4, group=4)[0])
+    return finish(b)
+
+
+def conv_pool_bn(b: Builder, pool: str, gamma_sign: float = 1.0, **attrs) -> onnx.ModelProto:
+    """Conv -> ``pool`` -> BN; ``gamma_sign`` -1 flips the BN scale of channel 0."""
+    x = b.input("input", [1, 3, 12, 12])
+    y = conv(b, "conv1", x, 3, 6, [3, 3], pads=[1, 1, 1, 1])
+    y = b.node(pool, [y], "pool1", **attrs)
+    z = batchnorm(b, "bn1", y, 6, out="output")
+    if gamma_sign != 1.0:
+        scale = next(t for t in b.inits if t.name == "bn1.scale")
+        values = numpy_helper.to_array(scale).copy()
+        values[0] *= gamma_sign
+        scale.CopyFrom(numpy_helper.from_array(values, "bn1.scale"))
+    b.output(z)
+    return finish(b)
+
+
+def conv_avgpool_bn(b: Builder) -> onnx.ModelProto:
+    return conv_pool_bn(
+        b, "AveragePool", kernel_shape=[3, 3], strides=[2, 2], pads=[1, 1, 1, 1],
+        count_include_pad=0,
+    )  # fmt: skip
+
+
+def conv_maxpool_bn(b: Builder) -> onnx.ModelProto:
+    return conv_pool_bn(b, "MaxPool", kernel_shape=[3, 3], strides=[2, 2], pads=[1, 1, 1, 1])
+
+
+def two_convs(b: Builder, c_a: int, c_b: int) -> tuple[str, str]:
+    """conv_a(input) and conv_b(Relu(input)): two linear ops on different inputs."""
+    x = b.input("input", [1, 3, 8, 8])
+    a = conv(b, "conv_a", x, 3, c_a, [3, 3], pads=[1, 1, 1, 1])
+    z = conv(b, "conv_b", relu(b, "relu_in", x), 3, c_b, [1, 1], bias=False)
+    return a, z
+
+
+def conv_add_bn(b: Builder) -> onnx.ModelProto:
+    a, z = two_convs(b, 6, 6)
+    b.output(batchnorm(b, "bn1", b.node("Add", [a, z], "add1"), 6, out="output"))
+    return finish(b)
+
+
+def conv_concat_bn(b: Builder) -> onnx.ModelProto:
+    a, z = two_convs(b, 3, 5)
+    y = b.node("Concat", [a, z], "concat1", axis=1)
+    b.output(batchnorm(b, "bn1", y, 8, out="output"))
+    return finish(b)
+
+
 # --------------------------------------------------------------------------- negatives
 
 
@@ -436,6 +551,60 @@ def neg_matmul_3d_bn(b: Builder) -> onnx.ModelProto:
     x = b.input("input", [2, 4, 16])
     y = matmul(b, "matmul1", x, 16, 8)  # [2, 4, 8]: MatMul's channels are the last axis
     b.output(batchnorm(b, "bn1", y, 4, out="output"))  # BN normalises axis 1 (4)
+    return finish(b)
+
+
+def neg_merge_moves_channel(b: Builder) -> onnx.ModelProto:
+    x = b.input("input", [2, 4, 16])
+    y = matmul(b, "matmul1", x, 16, 8)  # [2, 4, 8]
+    y = b.node("Reshape", [y, int_const(b, "shape1", [-1, 4])], "reshape1")  # [16, 4]
+    b.output(batchnorm(b, "bn1", y, 4, out="output"))  # each BN channel mixes 2 of the 8
+    return finish(b)
+
+
+def neg_avgpool_pad_bn(b: Builder) -> onnx.ModelProto:
+    return conv_pool_bn(
+        b, "AveragePool", kernel_shape=[3, 3], strides=[2, 2], pads=[1, 1, 1, 1],
+        count_include_pad=1,
+    )  # fmt: skip
+
+
+def neg_maxpool_negative_bn(b: Builder) -> onnx.ModelProto:
+    return conv_pool_bn(b, "MaxPool", gamma_sign=-1.0, kernel_shape=[2, 2], strides=[2, 2])
+
+
+def neg_concat_pool_bn(b: Builder) -> onnx.ModelProto:
+    """DenseNet's pattern: the block input (a pool) concatenated with a conv's features."""
+    x = b.input("input", [1, 4, 8, 8])
+    pooled = b.node("MaxPool", [x], "pool1", kernel_shape=[3, 3], pads=[1, 1, 1, 1])
+    a = conv(b, "conv_a", pooled, 4, 4, [3, 3], pads=[1, 1, 1, 1])
+    y = b.node("Concat", [pooled, a], "concat1", axis=1)
+    b.output(batchnorm(b, "bn1", y, 8, out="output"))
+    return finish(b)
+
+
+def neg_add_branching_bn(b: Builder) -> onnx.ModelProto:
+    a, z = two_convs(b, 6, 6)
+    b.output(batchnorm(b, "bn1", b.node("Add", [a, z], "add1"), 6, out="output"))
+    b.output(relu(b, "relu_a", a, out="a_output"))
+    return finish(b)
+
+
+def neg_branch_groups(b: Builder) -> onnx.ModelProto:
+    b.output(rep_block(b, b.input("input", [1, 4, 8, 8]), 4, small_group=2)[0])
+    return finish(b)
+
+
+def neg_branch_uncentred(b: Builder) -> onnx.ModelProto:
+    x = b.input("input", [1, 4, 8, 8])
+    b.output(rep_block(b, x, 4, small=(2, [0, 0, 1, 1]))[0])  # a 2x2 kernel has no centre
+    return finish(b)
+
+
+def neg_branch_shared(b: Builder) -> onnx.ModelProto:
+    out, small = rep_block(b, b.input("input", [1, 4, 8, 8]), 4)
+    b.output(out)
+    b.output(b.node("Identity", [small], "tap_small", out="small_output"))
     return finish(b)
 
 
@@ -518,6 +687,53 @@ SAMPLES: list[Sample] = [
     Sample("neg_matmul_3d_bn.onnx",
            "MatMul [2,4,16] @ [16,8] -> BN over axis 1 (C=4, not MatMul's output axis)",
            "0", "matmul1 -> bn1: `not_per_channel`", neg_matmul_3d_bn),
+    Sample("token_linear_bn.onnx",
+           "LeViT token MLP: MatMul [2,5,16] @ Transpose(W) -> Flatten(axis=2) [10,8] -> BN "
+           "-> Reshape back by the MatMul's Shape",
+           "1: fc1 -> flatten1 -> bn1 (the batch merge keeps C last; the shift becomes an Add)",
+           NONE, token_linear_bn),
+    Sample("neg_merge_moves_channel.onnx", "MatMul [2,4,16] @ [16,8] -> Reshape(-1, 4) -> BN(4)",
+           "0", "matmul1 -> reshape1 -> bn1: `merge_moves_channel`", neg_merge_moves_channel),
+    Sample("repvgg_block.onnx",
+           "RepVGG train-time block: BN(Conv 3x3 pad 1) + BN(Conv 1x1) + BN(x) -> Relu",
+           "4: conv_kxk -> bn_kxk, conv_small -> bn_small, then bn_identity as a centred tap "
+           "(`identity_tap`) and both convs merged into conv_kxk (`reparam`): one Conv, one Relu",
+           NONE, repvgg_block),
+    Sample("mobileone_dw_block.onnx",
+           "MobileOne depthwise block: BN(depthwise Conv 3x3) + BN(depthwise Conv 1x1) + BN(x)",
+           "4: as repvgg_block, with groups = 4", NONE, mobileone_dw_block),
+    Sample("conv_avgpool_bn.onnx",
+           "Conv -> AveragePool 3x3 s2 pad 1 (count_include_pad=0) -> BN",
+           "1: conv1 -> pool1 -> bn1 (the pool stays; the BN folds into the conv before it)",
+           NONE, conv_avgpool_bn),
+    Sample("conv_maxpool_bn.onnx", "Conv -> MaxPool 3x3 s2 pad 1 -> BN (all scales > 0)",
+           "1: conv1 -> pool1 -> bn1", NONE, conv_maxpool_bn),
+    Sample("neg_avgpool_pad_bn.onnx", "as conv_avgpool_bn, with count_include_pad=1", "0",
+           "conv1 -> pool1 -> bn1: `pool_padding`", neg_avgpool_pad_bn),
+    Sample("neg_maxpool_negative_bn.onnx", "Conv -> MaxPool 2x2 s2 -> BN with a negative scale",
+           "0", "conv1 -> pool1 -> bn1: `negative_scale`", neg_maxpool_negative_bn),
+    Sample("conv_add_bn.onnx", "Add(conv_a(x), conv_b(Relu(x))) -> BN",
+           "1: conv_a, conv_b -> add1 -> bn1 (scale into both, shift into conv_a's bias)",
+           NONE, conv_add_bn),
+    Sample("conv_concat_bn.onnx", "Concat(conv_a(x) [3 ch], conv_b(Relu(x)) [5 ch], axis=1) -> BN",
+           "1: conv_a, conv_b -> concat1 -> bn1 (channels 0-2 into conv_a, 3-7 into conv_b)",
+           NONE, conv_concat_bn),
+    Sample("neg_concat_pool_bn.onnx", "Concat(MaxPool(x), conv_a(MaxPool(x))) -> BN, as DenseNet",
+           "0", "concat1 -> bn1: `not_linear_term`", neg_concat_pool_bn),
+    Sample("neg_add_branching_bn.onnx", "as conv_add_bn, conv_a also feeds a Relu output",
+           "0", "add1 -> bn1: `branching`", neg_add_branching_bn),
+    Sample("repvit_dw_block.onnx",
+           "RepViT block: BN(BN(depthwise Conv 3x3) + depthwise Conv 1x1 + x)",
+           "3: conv_kxk -> bn_kxk, conv_kxk -> add_identity -> bn_out (folded into the "
+           "merge), conv_kxk + conv_small + x (`reparam`): one Conv", NONE, repvit_dw_block),
+    Sample("neg_branch_groups.onnx", "as repvgg_block, but the 1x1 conv has group 2",
+           "2 (the branch BNs)", "bn_identity -> add_identity: `branch_mismatch`",
+           neg_branch_groups),
+    Sample("neg_branch_uncentred.onnx", "as repvgg_block, but a 2x2 conv (pads 0,0,1,1) "
+           "instead of the 1x1", "2 (the branch BNs)",
+           "bn_identity -> add_identity: `uncentred_tap`", neg_branch_uncentred),
+    Sample("neg_branch_shared.onnx", "as repvgg_block, the 1x1 branch also a graph output",
+           "2 (the branch BNs)", "bn_identity -> add_identity: `branching`", neg_branch_shared),
 ]  # fmt: skip
 
 

@@ -336,12 +336,13 @@ def unannotated(nodes: list, inits: list, c: int) -> onnx.ModelProto:
     return m
 
 
-def test_rank_is_read_through_an_add_of_convs() -> None:
-    """Add(conv_a(x), conv_b(x)) -> BN (a RepVGG-style sum): the convs' weights give the rank."""
+def test_rank_is_read_through_a_difference_of_convs() -> None:
+    """Sub(conv_a(x), conv_b(x)) -> BN: the convs' weights give the rank. (A BN after
+    an Add of convs folds into both, so a Sub keeps this BN for the lowering.)"""
     nodes = [
         helper.make_node("Conv", ["input", "wa"], ["a"], name="conv_a", pads=[1, 1, 1, 1]),
         helper.make_node("Conv", ["input", "wb"], ["b"], name="conv_b"),
-        helper.make_node("Add", ["a", "b"], ["s"], name="add"),
+        helper.make_node("Sub", ["a", "b"], ["s"], name="sub"),
         bn_node("bn", "s", "output"),
     ]
     inits = [

@@ -147,6 +147,12 @@ def _squeeze(node: ir.Node, inputs: list) -> np.ndarray:
     return np.squeeze(inputs[0], axis=None if axes is None else tuple(axes))
 
 
+def _transpose(node: ir.Node, inputs: list) -> np.ndarray:
+    # torch's exporter without constant folding writes nn.Linear as MatMul(x, Transpose(W)).
+    perm = node.attributes.get_ints("perm")
+    return np.transpose(inputs[0], None if perm is None else tuple(perm))
+
+
 _EVALUATORS: dict[str, Callable[[ir.Node, list], np.ndarray | None]] = {
     "Constant": _constant,
     "ConstantOfShape": _constant_of_shape,
@@ -158,4 +164,5 @@ _EVALUATORS: dict[str, Callable[[ir.Node, list], np.ndarray | None]] = {
     "Reshape": _reshape,
     "Unsqueeze": _unsqueeze,
     "Squeeze": _squeeze,
+    "Transpose": _transpose,
 }

@@ -24,13 +24,8 @@ import onnx_ir as ir
 from bnfold.affine import Unfoldable, cast_checked
 from bnfold.onnx_front import match
 from bnfold.onnx_front.constants import constant_array
-from bnfold.onnx_front.passes import (
-    FoldPassResult,
-    left_codes,
-    new_initializer,
-    op_counts,
-    splice_out,
-)
+from bnfold.onnx_front.graph_edit import new_initializer, splice_out
+from bnfold.onnx_front.passes import FoldPassResult, left_codes, op_counts
 from bnfold.report import BatchNormCount, Code, Lowered, LowerForm, Refusal
 
 # Ops whose output rank is the largest of their inputs' (numpy broadcasting).
@@ -104,7 +99,7 @@ def lower_batchnorm(
     ranks: Ranks | None = None,
 ) -> Lowered | Refusal:
     """Lower one BatchNormalization that ``refusal`` kept from folding, or say why not."""
-    affine = match.batchnorm_affine(bn, model.ir_version)
+    affine = match.inference_affine(bn, model.ir_version)
     if isinstance(affine, Refusal):
         return refusal.not_lowered(affine.code, affine.detail)
     rank = (ranks or Ranks(model.ir_version)).of(bn.inputs[0])
@@ -136,7 +131,7 @@ def lower_batchnorm(
 class Ranks:
     """The rank of values, read through their producers where shapes are missing.
 
-    Extends :func:`match.rank` (what folding relies on) with producers whose
+    Extends :func:`match.rank_of` (what folding relies on) with producers whose
     output rank follows exactly from their inputs': a broadcasting op has the
     largest rank of its inputs (all must be known), Concat the rank of any input,
     a Conv or ConvTranspose the rank of its weight, pads, pools and resizes the
@@ -153,7 +148,7 @@ class Ranks:
         if value is None or depth > _MAX_DEPTH:
             return None
         if value not in self._known:
-            rank = match.rank(value)
+            rank = match.rank_of(value)
             self._known[value] = self._from_producer(value, depth) if rank is None else rank
         return self._known[value]
 

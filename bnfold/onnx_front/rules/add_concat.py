@@ -1,0 +1,153 @@
+"""Rule: a BatchNorm after an Add or a channel Concat of linear ops.
+
+Matches:  BatchNormalization(Add(L_a(x_a), L_b(x_b))) and
+          BatchNormalization(Concat(L_a(x_a), L_b(x_b), ..., axis=1)), each L a
+          Conv, ConvTranspose or Gemm with constant weights (inputs may differ).
+Produces: ``s * (a + b) + t = (s * a + t) + (s * b)``: the BN's scale folds into
+          every op of the Add and its shift into the first op's bias; for a
+          Concat, each op takes the BN channels it produces. The Add/Concat
+          stays and takes over the BN's output name.
+Refuses:
+  NOT_LINEAR_TERM  an input of the Add/Concat is not such a linear op (a pool,
+                   a graph input, a MatMul, which has no bias slot, or the same
+                   op twice)
+  BRANCHING        an op's output, or the Add/Concat's, has other readers
+  NOT_PER_CHANNEL  the Concat is not over axis 1 (or its rank is unknown)
+  BAD_SHAPE        the ops' channels do not add up to (or, for Add, equal) the BN's
+  and the codes of every after-fold (NOT_CONSTANT, BAD_VALUES, ...).
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import onnx_ir as ir
+
+from bnfold.affine import Affine
+from bnfold.onnx_front.constants import is_constant
+from bnfold.onnx_front.folded import DeferredWeight
+from bnfold.onnx_front.graph_edit import splice_out, write_linear_fold
+from bnfold.onnx_front.rules.base import (
+    Direction,
+    FoldPlan,
+    LinearOp,
+    MatchOptions,
+    Refused,
+    batchnorm_affine,
+    describe_linear,
+    label,
+    make_plan,
+    rank_of,
+    require_single_consumer,
+)
+from bnfold.report import Code, Folded, FoldKind
+
+JOIN_OPS = frozenset({"Add", "Concat"})
+# Ops whose bias slot takes the folded shift; channels on axis 1 like the BN's.
+TERM_OPS = frozenset({"Conv", "ConvTranspose", "Gemm"})
+
+
+@dataclass(frozen=True)
+class JoinFold:
+    """A checked fold of one BN into every linear op of an Add/Concat, ready to apply."""
+
+    bn: ir.Node
+    join: ir.Node
+    plans: tuple[FoldPlan, ...]
+
+    @property
+    def entries(self) -> list[Folded]:
+        ops = [p.linear.node for p in self.plans]
+        site = f"{', '.join(label(n) for n in ops)} -> {label(self.join)} -> {label(self.bn)}"
+        pattern = "+".join([*(n.op_type for n in ops), self.join.op_type, "BatchNormalization"])
+        kind = FoldKind.OVER_ADD if self.join.op_type == "Add" else FoldKind.OVER_CONCAT
+        added = sum(p.bytes_added for p in self.plans)
+        linear = ", ".join(label(n) for n in ops)
+        return [Folded(site, pattern, linear, label(self.bn), bytes_added=added, kind=kind)]
+
+    def apply(self, model: ir.Model) -> None:
+        """Write every op's weight and bias, then remove the BN."""
+        for plan in self.plans:
+            write_linear_fold(plan, model)
+        splice_out(self.bn, self.join.outputs[0])
+
+
+def plan_through_join(
+    bn: ir.Node, ir_version: int, options: MatchOptions, hold: Callable[[DeferredWeight], bool]
+) -> JoinFold | None:
+    """Plan the fold of ``bn`` into the ops of the Add/Concat feeding it; None if none does.
+
+    Raises:
+        Refused: a precondition fails (see the module docstring).
+    """
+    join = bn.inputs[0].producer() if bn.inputs[0] is not None else None
+    if join is None or join.op_type not in JOIN_OPS or join.domain not in ("", "ai.onnx"):
+        return None
+    if join.op_type == "Add" and any(v is None or is_constant(v, ir_version) for v in join.inputs):
+        return None  # a bias Add of a constant: the after rule's business
+    require_single_consumer(join)
+    if join.op_type == "Concat":
+        _require_channel_concat(join)
+    terms = _linear_terms(join, ir_version, options)
+    channels = [t.channels for t in terms]
+    bn_channels = sum(channels) if join.op_type == "Concat" else channels[0]
+    if join.op_type == "Add" and len(set(channels)) != 1:
+        raise Refused(Code.BAD_SHAPE, f"the Add's ops have {channels} channels")
+    affine = batchnorm_affine(bn, bn_channels, ir_version)
+    parts = (
+        concat_parts(affine, channels)
+        if join.op_type == "Concat"
+        else add_parts(affine, len(terms))
+    )
+    site = f"{label(join)} -> {label(bn)}"
+    plans = tuple(
+        make_plan(site, Direction.AFTER, term, bn, join, part, options.rounding, hold)
+        for term, part in zip(terms, parts, strict=True)
+    )
+    return JoinFold(bn, join, plans)
+
+
+def _require_channel_concat(concat: ir.Node) -> None:
+    axis = concat.attributes.get_int("axis", 1)
+    rank = rank_of(concat.outputs[0]) or rank_of(concat.inputs[0])
+    if axis == 1 or (rank is not None and axis == 1 - rank):
+        return
+    raise Refused(
+        Code.NOT_PER_CHANNEL, f"Concat {label(concat)!r} joins axis {axis}, not the channels"
+    )
+
+
+def _linear_terms(join: ir.Node, ir_version: int, options: MatchOptions) -> list[LinearOp]:
+    """The linear op behind every input of ``join``, each read by ``join`` alone."""
+    terms: list[LinearOp] = []
+    for value in join.inputs:
+        producer = None if value is None else value.producer()
+        if producer is None or producer.op_type not in TERM_OPS:
+            what = (
+                "a graph input" if producer is None else f"{producer.op_type} {label(producer)!r}"
+            )
+            raise Refused(
+                Code.NOT_LINEAR_TERM,
+                f"{join.op_type} {label(join)!r} reads {what}, not a Conv, ConvTranspose or Gemm",
+            )
+        if any(t.node is producer for t in terms):
+            raise Refused(Code.NOT_LINEAR_TERM, f"{label(producer)!r} is read twice")
+        linear = describe_linear(producer, ir_version, options)
+        require_single_consumer(producer)
+        terms.append(linear)
+    return terms
+
+
+def add_parts(affine: Affine, count: int) -> list[Affine]:
+    """The scale for every op of the sum, the shift for the first only."""
+    zero = np.zeros_like(affine.shift)
+    return [affine] + [Affine(affine.scale, zero) for _ in range(count - 1)]
+
+
+def concat_parts(affine: Affine, channels: list[int]) -> list[Affine]:
+    """The BN's channels split per op, in Concat order."""
+    bounds = np.cumsum([0, *channels])
+    return [Affine(affine.scale[a:b], affine.shift[a:b]) for a, b in itertools.pairwise(bounds)]
