@@ -9,13 +9,14 @@ from __future__ import annotations
 import os
 import sys
 from collections.abc import Mapping, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import onnx_ir as ir
 
 from bnfold.affine import Rounding
-from bnfold.compare import MAX_INPUT_BYTES, VerifyOptions, verify_onnx
+from bnfold.compare import MAX_INPUT_BYTES, SiteValue, VerifyOptions, verify_onnx
 from bnfold.errors import BnfoldError
 from bnfold.onnx_front import io
 from bnfold.onnx_front.match import MatchOptions
@@ -34,6 +35,7 @@ def fold(
     verify_options: VerifyOptions | None = None,
     clone_shared: bool = True,
     rounding: Rounding | str = Rounding.NEAREST,
+    inputs: str | os.PathLike[str] | None = None,
 ) -> FoldResult:
     """Fold every foldable BatchNorm / constant affine into its neighbouring linear op.
 
@@ -52,11 +54,14 @@ def fold(
             can proceed (reported as bytes_added); False refuses such sites.
         rounding: how folded weights are cast to the model's dtype: "nearest"
             (the exact float64 fold) or "balanced" (see :class:`bnfold.affine.Rounding`).
+        inputs: verify on this input file or folder (see :mod:`bnfold.feeds`)
+            instead of random inputs.
 
     Returns:
         FoldResult with ``.model`` (same kind as given; a path gives an onnx_ir.Model)
         and ``.report``.
     """
+    verify_options = with_inputs(verify_options, inputs)
     if _is_torch_module(model):
         from bnfold.torch_front import fold_module
 
@@ -84,8 +89,24 @@ def fold(
     out = FoldResult(result.model, result.report)  # type: ignore[attr-defined]
     if reference is not None:
         # A path was loaded (and checked) by _onnx_model already.
-        out.verification = verify_onnx(reference, out.model, verify_options)
+        out.verification = verify_onnx(
+            reference, out.model, verify_options, sites=site_values(out.report)
+        )
     return out
+
+
+def site_values(report: FoldReport) -> list[SiteValue]:
+    """The fold sites verification compares, from what the pass folded."""
+    return [SiteValue(f.value, f.site) for f in report.folded if f.value]
+
+
+def with_inputs(
+    options: VerifyOptions | None, inputs: str | os.PathLike[str] | None
+) -> VerifyOptions | None:
+    """``options`` that feed the user's input files ``inputs`` (None: as they are)."""
+    if inputs is None:
+        return options
+    return replace(options or VerifyOptions(), inputs=inputs)
 
 
 def inspect(model: Any, example_inputs: tuple[Any, ...] | None = None) -> FoldReport:
@@ -115,13 +136,17 @@ def verify(
     seed: int = 0,
     shapes: Mapping[str, Sequence[int]] | None = None,
     max_input_bytes: int = MAX_INPUT_BYTES,
+    inputs: str | os.PathLike[str] | None = None,
 ) -> VerifyResult:
     """Compare two ONNX models (paths or onnx_ir.Model) at ORT_DISABLE_ALL.
 
-    Not verified (status "not_verified") when the original cannot run or one
-    sample of random inputs would need more than ``max_input_bytes``.
+    ``inputs`` is an input file or folder (see :mod:`bnfold.feeds`); without it
+    ``samples`` random draws are fed. rtol None derives each tensor's bound
+    (:mod:`bnfold.tolerance`). Not verified (status "not_verified") when the
+    original cannot run or one sample of random inputs would need more than
+    ``max_input_bytes``.
     """
-    options = VerifyOptions(atol, rtol, samples, seed, shapes, max_input_bytes)
+    options = VerifyOptions(atol, rtol, samples, seed, shapes, max_input_bytes, inputs)
     return verify_models(original, folded, options)
 
 
@@ -143,6 +168,7 @@ def fold_file(
     clone_shared: bool = True,
     rounding: Rounding | str = Rounding.NEAREST,
     require_verified: bool = False,
+    inputs: str | os.PathLike[str] | None = None,
 ) -> tuple[FoldResult, bool]:
     """Fold an ONNX file and write the result atomically, verified before it is published.
 
@@ -157,6 +183,7 @@ def fold_file(
         clone_shared, rounding: as for :func:`fold`.
         require_verified: write only a verified fold (CLI ``--strict``); no
             effect with ``verify=False``, where nothing is compared.
+        inputs: verify on this input file or folder instead of random inputs.
 
     Returns:
         (result, written): written is False when verification failed, or was
@@ -167,6 +194,7 @@ def fold_file(
             unwritable output.
     """
     source, output = Path(source), Path(output)
+    options = with_inputs(verify_options, inputs)
     _require_distinct(source, output, in_place)
     model = io.load_model(source)
     keep_external = any(True for _ in io.external_tensors(model))  # before folds replace them
@@ -177,7 +205,9 @@ def fold_file(
         if verify:
             # source was loaded and checked above and staged is our own output:
             # hand both straight to the runtimes instead of parsing them again.
-            result.verification = verify_onnx(source, staged, verify_options)
+            result.verification = verify_onnx(
+                source, staged, options, sites=site_values(result.report)
+            )
         return result.publishable(require_verified)
 
     written = io.save_model(result.model, output, external_data=keep_external, accept=accept)

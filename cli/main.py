@@ -64,6 +64,17 @@ def verify_options(func: F) -> F:
                 f"larger: not verified.  [default: {MAX_INPUT_BYTES >> 20}]"
             ),
         ),
+        click.option(
+            "--inputs",
+            "inputs",
+            type=click.Path(),
+            metavar="FEEDS",
+            help=(
+                "Verify on these inputs instead of random ones: an .npz (one array per "
+                "input name), a folder of .npz files (one sample each), or an .npy "
+                "(single-input model)."
+            ),
+        ),
     ]
     for option in reversed(options):
         func = option(func)
@@ -77,12 +88,13 @@ def _verify_options(
     seed: int,
     shapes: tuple[str, ...],
     max_input_mib: int | None,
+    inputs: str | None = None,
 ) -> Any:
     from bnfold.api import VerifyOptions
     from bnfold.compare import parse_shapes
 
     max_bytes = MAX_INPUT_BYTES if max_input_mib is None else max_input_mib << 20
-    return VerifyOptions(atol, rtol, samples, seed, parse_shapes(shapes), max_bytes)
+    return VerifyOptions(atol, rtol, samples, seed, parse_shapes(shapes), max_bytes, inputs)
 
 
 def torch_options(func: F) -> F:
@@ -308,6 +320,7 @@ def _bench_after_fold(original: str, folded: str, options: Any) -> Any:
         BENCH_LEVELS_AFTER_FOLD,
         shapes=options.shapes,
         max_input_bytes=options.max_input_bytes,
+        inputs=options.inputs,
     )
 
 

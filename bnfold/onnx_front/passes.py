@@ -101,20 +101,25 @@ class FoldAffinePass(ir.passes.InPlacePass):
             if isinstance(outcome, Refusal):
                 refused.append(outcome)
             elif outcome is not None:
+                entry = _folded_entry(outcome)  # before apply_plan renames the values
                 apply_plan(outcome, model)
                 budget.charge(outcome)
-                report.folded.append(_folded_entry(outcome))
+                report.folded.append(entry)
                 folded_any = True
         return folded_any, refused
 
 
 def _folded_entry(plan: FoldPlan) -> Folded:
+    # The value the site's result keeps its name in: folding after, the affine's
+    # output passes to the op (see _splice_out); folding before, the op's own.
+    carrier = plan.affine_node if plan.direction is Direction.AFTER else plan.linear.node
     return Folded(
         plan.site,
         plan.pattern,
         match.label(plan.linear.node),
         match.label(plan.affine_node),
         bytes_added=plan.bytes_added,
+        value=carrier.outputs[0].name or "",
     )
 
 
