@@ -16,7 +16,14 @@ from typing import Any
 import onnx_ir as ir
 
 from bnfold.affine import Rounding
-from bnfold.compare import MAX_INPUT_BYTES, SiteValue, VerifyOptions, verify_onnx
+from bnfold.compare import (
+    MAX_INPUT_BYTES,
+    SiteValue,
+    VerifyOptions,
+    quiet_ir_logs,
+    require_well_formed,
+    verify_onnx,
+)
 from bnfold.errors import BnfoldError
 from bnfold.onnx_front import io
 from bnfold.onnx_front.match import MatchOptions
@@ -154,7 +161,8 @@ def verify_models(original: Any, folded: Any, options: VerifyOptions | None) -> 
     """:func:`verify` for files a user named: each is checked like a loaded model first."""
     for source in (original, folded):
         if isinstance(source, str | os.PathLike):
-            io.load_model(source)  # one-line errors for bad files, before onnxruntime sees them
+            with quiet_ir_logs():  # a malformed graph gets one line, from verify_onnx
+                io.load_model(source)  # one-line errors for bad files, before onnxruntime sees them
     return verify_onnx(original, folded, options)
 
 
@@ -196,7 +204,10 @@ def fold_file(
     source, output = Path(source), Path(output)
     options = with_inputs(verify_options, inputs)
     _require_distinct(source, output, in_place)
-    model = io.load_model(source)
+    with quiet_ir_logs():  # a malformed graph gets one line, from verification
+        model = io.load_model(source)
+    if verify:
+        require_well_formed(model.graph)  # bad input: refused before folding
     keep_external = any(True for _ in io.external_tensors(model))  # before folds replace them
     folded = FoldAffinePass(MatchOptions(clone_shared, _rounding(rounding)))(model)
     result = FoldResult(folded.model, folded.report)  # type: ignore[attr-defined]

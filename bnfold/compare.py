@@ -13,6 +13,7 @@ the sizes are checked before anything is allocated.
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import os
 import tempfile
@@ -72,7 +73,23 @@ class _RuntimeFailure(Exception):
 
 
 class _OriginalFailed(_RuntimeFailure):
-    """The original model failed on the random inputs: nothing to compare against."""
+    """The original model failed on the inputs: nothing to compare against."""
+
+
+class OriginalFails(BnfoldError):
+    """The original runs in no runtime that loaded it: bad input, not a fold to judge.
+
+    A model that onnxruntime (or the reference evaluator) loads but that fails
+    on its inputs is broken (a Conv weight of the wrong rank, parameters of the
+    wrong shape), or the random inputs are not ones it accepts; either way there
+    is nothing to compare a fold with, and publishing it would pass a broken
+    model on as checked.
+    """
+
+    def __init__(self, reason: str, random: bool) -> None:
+        hint = " (if the random inputs are the cause, pass --inputs with ones it accepts)"
+        text = reason.rstrip(".")
+        super().__init__(f"{text}; nothing to compare the fold with{hint if random else ''}")
 
 
 class _FoldedFailed(_RuntimeFailure):
@@ -176,16 +193,24 @@ def verify_onnx(
 
     Returns:
         A VerifyResult; status "not_verified" (with ``reason_code``) when no
-        runtime can run the original, or one sample of random inputs would
-        exceed ``options.max_input_bytes``.
+        runtime can load the original (a custom op, an opset neither knows),
+        or one sample of random inputs would exceed ``options.max_input_bytes``.
 
     Raises:
-        BnfoldError: the folded model cannot be run, the models' inputs differ,
+        OriginalFails: a runtime loaded the original but it failed on the inputs.
+        BnfoldError: the original is malformed (no outputs, an undefined input,
+            a cycle), the folded model cannot be run, the models' inputs differ,
             ``options.shapes`` names no input, or an input file does not fit.
     """
     o = options or VerifyOptions()
     with _as_path(original) as ref_path, _as_path(folded) as new_path:
-        compared = _comparable_sites(ref_path, new_path, sites)
+        # What the graphs say, read once and dropped before anything runs.
+        ref_model = _load_or_none(ref_path)
+        if ref_model is not None:
+            require_well_formed(ref_model.graph)
+        compared = _comparable_sites(ref_model, _load_or_none(new_path), sites)
+        cones = analyse(ref_model) if ref_model is not None else Cones()
+        del ref_model
         extra = [s.value for s in compared]
         try:
             ref, runtime_kind, level = _original_runtime(ref_path, extra)
@@ -203,7 +228,7 @@ def verify_onnx(
                     expected.append(_run(ref, wanted, feed, _OriginalFailed, "original"))
                     del feed
             except _OriginalFailed as err:
-                return _not_verified(NotVerified.ORIGINAL_FAILED, str(err), o)
+                raise OriginalFails(str(err), random=o.inputs is None) from None
             # One model in memory at a time: a multi-GB model and its fold would need twice.
             del ref
             new = _folded_runtime(runtime_kind, new_path, extra)
@@ -221,12 +246,58 @@ def verify_onnx(
                     "failed", o.atol, o.rtol or 0.0, feeds.count, reason=str(err),
                     inputs=feeds.describe(),
                 )  # fmt: skip
-        cones = analyse(ref_path)
     site_diffs = [(s, diffs[s.value]) for s in compared]
     return judge(
         [(n, diffs[n]) for n in names], site_diffs, cones, o, feeds.count, level, feeds.describe(),
         every_site=sites is None or len(compared) == len(sites),
     )  # fmt: skip
+
+
+def require_well_formed(graph: ir.Graph) -> None:
+    """Refuse an original whose main graph cannot be evaluated as written.
+
+    Raises:
+        BnfoldError: the graph has no outputs (nothing to compute or compare), a
+            node reads a value nothing defines, or reads one a later node computes
+            (a cycle, or nodes out of order).
+    """
+    if not graph.outputs:
+        raise BnfoldError("the original model has no graph outputs: nothing to compute")
+    defined = {v.name for v in graph.inputs} | set(graph.initializers)
+    later = {v.name for node in graph for v in node.outputs if v.name}
+    for node in graph:
+        for value in node.inputs:
+            if value is None or not value.name or value.name in defined:
+                continue
+            where = f"node {node.name or node.op_type!r} reads {value.name!r}"
+            if value.name in later:
+                raise BnfoldError(
+                    f"the original model is malformed: {where} before it is computed "
+                    "(a cycle, or nodes out of order)"
+                )
+            raise BnfoldError(f"the original model is malformed: {where}, which nothing defines")
+        defined.update(v.name for v in node.outputs if v.name)
+
+
+@contextlib.contextmanager
+def quiet_ir_logs() -> Iterator[None]:
+    """Silence onnx_ir's log lines: a malformed model gets one error line, from us."""
+    logger = logging.getLogger("onnx_ir")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+def _load_or_none(path: Path) -> ir.Model | None:
+    """The model at ``path`` (external data mapped), or None: the runtimes will say why."""
+    try:
+        with quiet_ir_logs():
+            return ir.load(path)
+    except Exception:  # onnx/protobuf raise assorted types
+        return None
 
 
 def _not_verified(code: NotVerified, reason: str, o: VerifyOptions) -> VerifyResult:
@@ -275,14 +346,6 @@ def _with_outputs(path: Path, extra: Sequence[str]) -> Any:
     return proto
 
 
-def _model_outputs(path: Path) -> list[str] | None:
-    """The declared outputs of the model at ``path`` (None if it cannot be read)."""
-    try:
-        return [o.name for o in ir.load(path).graph.outputs]
-    except Exception:  # the runtime's own error is clearer
-        return None
-
-
 class _OrtRuntime:
     """onnxruntime on CPU with every graph optimization off (and no memory arena).
 
@@ -301,7 +364,8 @@ class _OrtRuntime:
         source: str | bytes = str(path)
         self.declared: list[str] | None = None
         if extra:
-            self.declared = _model_outputs(path)
+            proto = _with_outputs(path, [])
+            self.declared = [o.name for o in proto.graph.output]
             source = _with_outputs(path, extra).SerializeToString()
             # Loaded from bytes, external data resolves against the model's folder only if told.
             options.add_session_config_entry(
@@ -615,14 +679,16 @@ def _max_finite(a: np.ndarray) -> float:
 
 
 def _comparable_sites(
-    ref_path: Path, new_path: Path, sites: Sequence[SiteValue] | None
+    ref: ir.Model | None, new: ir.Model | None, sites: Sequence[SiteValue] | None
 ) -> list[SiteValue]:
     """The sites whose value both main graphs compute (a later fold may have renamed one).
 
     Without a fold report (``sites`` None), a site is a BatchNormalization output
     of the original that the folded model computes with another op.
     """
-    original, folded = _producers(ref_path), _producers(new_path)
+    if ref is None or new is None:
+        return []
+    original, folded = _producers(ref.graph), _producers(new.graph)
     if sites is None:
         sites = [
             SiteValue(value, f"{node} (BatchNormalization)")
@@ -632,12 +698,8 @@ def _comparable_sites(
     return [s for s in sites if s.value in original and s.value in folded]
 
 
-def _producers(path: Path) -> dict[str, tuple[str, str]]:
+def _producers(graph: ir.Graph) -> dict[str, tuple[str, str]]:
     """Each value of the main graph, by name -> (op type, node name) computing it."""
-    try:
-        graph = ir.load(path).graph
-    except Exception:  # a model the runtimes will refuse with a clearer message
-        return {}
     out = {v.name: ("", "") for v in graph.inputs if v.name}
     for node in graph:
         out.update({v.name: (node.op_type, node.name or "") for v in node.outputs if v.name})

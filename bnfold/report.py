@@ -138,8 +138,6 @@ class NotVerified(str, enum.Enum):
 
     ORIGINAL_NOT_RUNNABLE = "original_not_runnable"
     """No runtime can load the original model (a custom op, an unknown opset)."""
-    ORIGINAL_FAILED = "original_failed"
-    """The original model failed on the random inputs: nothing to compare against."""
     INPUTS_TOO_LARGE = "inputs_too_large"
     """One sample of random inputs would exceed the byte cap; nothing was allocated."""
 

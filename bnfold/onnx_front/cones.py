@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import onnx_ir as ir
 
@@ -40,9 +39,8 @@ class Cones:
         return self.reductions.get(name, Reductions())
 
 
-def analyse(path: Path) -> Cones:
-    """Walk the model at ``path`` (external data stays on disk; shapes inferred if possible)."""
-    model = ir.load(path)
+def analyse(model: ir.Model) -> Cones:
+    """Walk ``model`` (shapes inferred first where onnx can; the model gains them)."""
     try:
         from onnx_ir.passes.common import ShapeInferencePass
 
