@@ -43,6 +43,10 @@ REFERENCE_MAX_BYTES = 64 << 20
 # cap verification does not run ("not_verified") instead of exhausting memory.
 # Verification holds `samples` such samples at once.
 MAX_INPUT_BYTES = 1 << 30
+# The original's results are held in memory up to this share of the input cap
+# (the rest wait on disk): with one sample's inputs (at most the cap) and the
+# runtime's own activations, verification's peak stays near the cap it prints.
+HELD_SHARE = 4
 # Elements drawn at a time: the float64/int64 draw behind a narrower input
 # dtype then takes one block beside the result, not a second full-size array.
 _DRAW_BLOCK = 1 << 20
@@ -141,8 +145,8 @@ class VerifyOptions:
         seed: seed for the draws.
         shapes: concrete shapes for inputs with dynamic dimensions (others use 1).
         max_input_bytes: cap on one sample's random inputs, all inputs together;
-            past it the result is "not_verified" (inputs_too_large). Also the
-            memory verification may hold the original's results in; beyond it
+            past it the result is "not_verified" (inputs_too_large). A quarter
+            of it is the memory the original's results are held in; past it
             they wait on disk.
         inputs: the user's input file or folder (see :mod:`bnfold.feeds`)
             instead of random inputs.
@@ -222,7 +226,7 @@ def verify_onnx(
             return _not_verified(NotVerified.INPUTS_TOO_LARGE, str(err), o)
         names = ref.output_names()
         wanted = names + [v for v in dict.fromkeys(extra) if v not in names]
-        with _Held(o.max_input_bytes) as expected:
+        with _Held(o.max_input_bytes // HELD_SHARE) as expected:
             try:
                 for feed in feeds.samples():
                     expected.append(_run(ref, wanted, feed, _OriginalFailed, "original"))
@@ -238,7 +242,7 @@ def verify_onnx(
                 for i, feed in enumerate(feeds.samples()):
                     got = _run(new, wanted, feed, _FoldedFailed, "folded")
                     del feed
-                    for name, r, n in zip(wanted, expected[i], got, strict=True):
+                    for name, r, n in zip(wanted, expected.pop(i), got, strict=True):
                         diffs[name].add(r, n)
                     del got
             except _FoldedFailed as err:
@@ -529,8 +533,10 @@ class _Held:
                 kept.append(value)  # a sequence or map output: small, kept as is
         self.samples.append(kept)
 
-    def __getitem__(self, i: int) -> list[Any]:
-        return [np.load(v, mmap_mode="r") if isinstance(v, Path) else v for v in self.samples[i]]
+    def pop(self, i: int) -> list[Any]:
+        """Sample ``i``'s results (spilled ones memory-mapped), no longer held here."""
+        values, self.samples[i] = self.samples[i], []
+        return [np.load(v, mmap_mode="r") if isinstance(v, Path) else v for v in values]
 
     def _spill(self, value: np.ndarray, name: str) -> Path:
         if self._tmp is None:

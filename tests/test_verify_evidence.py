@@ -399,9 +399,11 @@ def test_results_past_the_budget_wait_on_disk():
     with compare._Held(budget=100) as held:
         held.append(arrays)
         assert isinstance(held.samples[0][0], Path) and not isinstance(held.samples[0][1], Path)
-        back = held[0]
-        assert np.array_equal(back[0], arrays[0]) and np.array_equal(back[1], arrays[1])
         spill = held.samples[0][0]
+        back = held.pop(0)
+        assert np.array_equal(back[0], arrays[0]) and np.array_equal(back[1], arrays[1])
+        assert held.samples[0] == []
+        del back
     assert not spill.exists()
 
 
