@@ -82,6 +82,21 @@ class InputFiles:
             check_sample(file, sample, expected)
             yield sample
 
+    def samples_of(
+        self, file: Path, expected: Sequence[Expected], aliases: dict[str, str]
+    ) -> dict[str, np.ndarray]:
+        """One file's sample; a key in ``aliases`` (``arr_0``) stands for its value's name.
+
+        Raises:
+            BnfoldError: the file cannot be read or does not fit.
+        """
+        sample = read_sample(file, expected)
+        sample = {
+            aliases.get(k, k) if aliases.get(k) not in sample else k: v for k, v in sample.items()
+        }
+        check_sample(file, sample, expected)
+        return sample
+
 
 def read_sample(file: Path, expected: Sequence[Expected]) -> dict[str, np.ndarray]:
     """The arrays of one file; a ``.npy`` is the single input's value."""

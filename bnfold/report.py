@@ -191,6 +191,9 @@ class VerifyResult:
     inputs: str = ""  # what was fed: "random (3 samples, seed 0)", "file x.npz (1 sample)"
     sites: list[OutputDiff] = field(default_factory=list)
     derived: bool = False  # each tensor's rtol derived from its dtype and reductions
+    # ONNX: the continuous values feeding a discontinuous op (NonMaxSuppression,
+    # TopK...): with the sites, the evidence for an output that jumps.
+    frontier: list[OutputDiff] = field(default_factory=list)
 
     @property
     def passed(self) -> bool:
@@ -199,7 +202,7 @@ class VerifyResult:
     @property
     def worst_site(self) -> OutputDiff | None:
         """The site closest to (or furthest past) its bound."""
-        return max(self.sites, key=_margin, default=None)
+        return max(self.sites, key=lambda r: (_margin(r), r.max_rel), default=None)
 
     def to_dict(self) -> dict[str, Any]:
         return _jsonable(asdict(self))
@@ -218,6 +221,7 @@ class VerifyResult:
         )
         rows = [f"  {o.line()}" for o in self.outputs]
         rows += self._site_lines()
+        rows += _frontier_lines(self.frontier)
         return "\n".join([head, *rows] + ([f"  {self.reason}"] if self.reason else []))
 
     def _site_lines(self) -> list[str]:
@@ -231,6 +235,18 @@ class VerifyResult:
             return [f"  sites: {n} compared, all within their bounds; worst {worst.line()}"]
         lines = [f"  sites: {len(failed)} of {len(self.sites)} beyond their bounds:"]
         return lines + [f"    {s.line()}" for s in failed]
+
+
+def _frontier_lines(rows: list[OutputDiff]) -> list[str]:
+    if not rows:
+        return []
+    failed = [r for r in rows if not r.passed]
+    if not failed:
+        worst = max(rows, key=lambda r: (_margin(r), r.max_rel))
+        n = len(rows)
+        return [f"  before discontinuous ops: {n} values within their bounds; worst {worst.line()}"]
+    lines = [f"  before discontinuous ops: {len(failed)} of {len(rows)} beyond their bounds:"]
+    return lines + [f"    {r.line()}" for r in failed]
 
 
 def _margin(row: OutputDiff) -> float:

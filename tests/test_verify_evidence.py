@@ -255,6 +255,31 @@ def test_discontinuous_output_fails_when_a_site_is_beyond_its_bound():
     assert "1 of 1 beyond their bounds" in result.summary()
 
 
+def test_discontinuous_output_fails_when_a_value_feeding_the_jump_moved():
+    cones = Cones(discontinuous={"boxes"})
+    sites = [(SiteValue("s", "conv -> bn"), _diff(1e-8))]
+    frontier = [("scores", _diff(1e-3))]
+    result = judge(
+        [("boxes", _diff(3.0))], sites, cones, VerifyOptions(), 1, "ORT", "x", frontier=frontier
+    )
+    assert not result.passed and result.frontier[0].passed is False
+    assert "before discontinuous ops: 1 of 1 beyond their bounds" in result.summary()
+
+
+def test_change_before_nms_outside_any_fold_site_fails(tmp_path, cli):
+    """The box decoding's constant 0.5 off by 1e-3 in the fold: no site sees it, the boxes do."""
+    src, folded = _fold(tmp_path, "detector")
+    model = ir.load(folded)
+    half = model.graph.initializers["half"]
+    half.const_value = ir.tensor(np.array(0.5 * (1 + 1e-3), np.float32), name="half")
+    bad = tmp_path / "bad.onnx"
+    ir.save(model, bad)
+    payload = json.loads(cli(["verify", src, bad, "--json"]).stdout)
+    assert payload["status"] == "failed"
+    assert all(s["passed"] for s in payload["sites"])
+    assert [f["name"] for f in payload["frontier"] if not f["passed"]] == ["boxes"]
+
+
 def test_discontinuous_output_needs_every_site_compared():
     cones = Cones(discontinuous={"boxes"})
     sites = [(SiteValue("s", "conv -> bn"), _diff(1e-8))]
@@ -276,6 +301,7 @@ def test_nms_output_is_found_discontinuous(tmp_path):
     cones = analyse(ir.load(_save(tmp_path, "det", detection_net())))
     assert {"selected", "kept"} <= cones.discontinuous
     assert "boxes" not in cones.discontinuous
+    assert {"boxes", "scores"} <= cones.frontier
     assert cones.of("bb") == Reductions(27 + 72, 2)  # stem (3*3*3) then box head (8*3*3)
 
 

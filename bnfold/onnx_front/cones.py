@@ -34,6 +34,10 @@ class Cones:
 
     reductions: dict[str, Reductions] = field(default_factory=dict)
     discontinuous: set[str] = field(default_factory=set)
+    # Computed values that are continuous but feed a node whose output is not:
+    # the last tensors a rounding error moves smoothly, so the evidence that
+    # vouches for the jumps after them.
+    frontier: set[str] = field(default_factory=set)
 
     def of(self, name: str) -> Reductions:
         return self.reductions.get(name, Reductions())
@@ -64,7 +68,20 @@ def walk(graph: ir.Graph) -> Cones:
                 cones.reductions[out.name] = after
                 if jumps:
                     cones.discontinuous.add(out.name)
+        if jumps:
+            cones.frontier.update(
+                v.name  # type: ignore[misc]
+                for v in inputs
+                if v.name not in cones.discontinuous and _computed(v)
+            )
+    cones.frontier -= cones.discontinuous
     return cones
+
+
+def _computed(value: ir.Value) -> bool:
+    """Made by a node from the inputs (not a graph input, initializer or Constant)."""
+    producer = value.producer()
+    return producer is not None and producer.op_type != "Constant"
 
 
 def reduction_length(node: ir.Node) -> int:
