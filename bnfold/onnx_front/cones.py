@@ -87,24 +87,25 @@ def _computed(value: ir.Value) -> bool:
 def reduction_length(node: ir.Node) -> int:
     """Terms summed per output element of ``node`` (1 when unknown or elementwise)."""
     op = node.op_type
-    if op in ("Conv", "ConvTranspose"):
-        return _dims_product(_shape(node, 1), start=1) if op == "Conv" else _conv_transpose(node)
+    if op == "Conv":
+        return _product(_shape(node, 1)[1:])
+    if op == "ConvTranspose":
+        return _conv_transpose(node)
     if op == "Gemm":
         b = _shape(node, 1)
-        trans_b = node.attributes.get_int("transB", 0)
-        return int(b[1 if trans_b else 0]) if b and _known(b) else 1
+        axis = 1 if node.attributes.get_int("transB", 0) else 0
+        return max(1, b[axis]) if len(b) == 2 else 1
     if op == "MatMul":
         b = _shape(node, 1)
-        return int(b[-2]) if b and len(b) >= 2 and _known(b[-2:-1]) else 1
+        return max(1, b[-2]) if len(b) >= 2 else 1
     if op in ("AveragePool", "LpPool"):
-        kernel = node.attributes.get_ints("kernel_shape", ())
-        return math.prod(kernel) if kernel else 1
+        return math.prod(node.attributes.get_ints("kernel_shape", ())) or 1
     if op in ("GlobalAveragePool", "GlobalLpPool", "InstanceNormalization"):
-        return _dims_product(_shape(node, 0), start=2)
+        return _product(_shape(node, 0)[2:])
     if op in ("Softmax", "LogSoftmax", "LayerNormalization"):
         x = _shape(node, 0)
         axis = node.attributes.get_int("axis", -1)
-        return int(x[axis]) if x and -len(x) <= axis < len(x) and _known([x[axis]]) else 1
+        return max(1, x[axis]) if -len(x) <= axis < len(x) else 1
     if op in _REDUCE_OPS:
         return _reduced(node)
     if op == "Sum":
@@ -115,23 +116,21 @@ def reduction_length(node: ir.Node) -> int:
 def _conv_transpose(node: ir.Node) -> int:
     # W is (C_in, C_out/g, *k): each output sums at most C_in/g inputs over the kernel.
     w = _shape(node, 1)
-    if not w or not _known(w):
-        return 1
     groups = node.attributes.get_int("group", 1) or 1
-    return max(1, int(w[0]) // groups) * math.prod(int(d) for d in w[2:])
+    if len(w) < 2 or w[0] < 1:
+        return 1
+    return max(1, w[0] // groups) * _product(w[2:])
 
 
 def _reduced(node: ir.Node) -> int:
     x = _shape(node, 0)
-    if not x or not _known(x):
-        return 1
-    axes: list[int] | None = list(node.attributes.get_ints("axes", ())) or None
-    if axes is None and len(node.inputs) > 1 and node.inputs[1] is not None:
+    axes = list(node.attributes.get_ints("axes", ()))
+    if not axes and len(node.inputs) > 1 and node.inputs[1] is not None:
         const = node.inputs[1].const_value
-        axes = [int(a) for a in const.numpy().reshape(-1)] if const is not None else None
-    if axes is None:
-        return math.prod(int(d) for d in x)
-    return math.prod(int(x[a]) for a in axes if -len(x) <= a < len(x))
+        axes = [int(a) for a in const.numpy().reshape(-1)] if const is not None else []
+    if not axes:
+        return _product(x)
+    return _product([x[a] for a in axes if -len(x) <= a < len(x)])
 
 
 def _casts_to_integer(node: ir.Node) -> bool:
@@ -141,20 +140,16 @@ def _casts_to_integer(node: ir.Node) -> bool:
     return to != 0 and ir.DataType(to) in _INTEGER_TYPES
 
 
-def _shape(node: ir.Node, index: int) -> list[int | str | None] | None:
-    if index >= len(node.inputs) or node.inputs[index] is None:
-        return None
-    shape = node.inputs[index].shape  # type: ignore[union-attr]
-    if shape is None:
-        return None
-    return [d if isinstance(d, int) else None for d in shape]
+def _shape(node: ir.Node, index: int) -> list[int]:
+    """The dims of input ``index`` (-1 where unknown); [] when the shape is unknown."""
+    value = node.inputs[index] if index < len(node.inputs) else None
+    if value is None or value.shape is None:
+        return []
+    return [d if isinstance(d, int) else -1 for d in value.shape]
 
 
-def _known(dims: list[int | str | None]) -> bool:
-    return all(isinstance(d, int) and d >= 0 for d in dims)
-
-
-def _dims_product(dims: list[int | str | None] | None, start: int) -> int:
-    if not dims or not _known(dims[start:]):
+def _product(dims: list[int]) -> int:
+    """The product of ``dims``; 1 (unknown) when any is unknown or there are none."""
+    if not dims or any(d < 0 for d in dims):
         return 1
-    return max(1, math.prod(int(d) for d in dims[start:]))  # type: ignore[arg-type]
+    return max(1, math.prod(dims))
