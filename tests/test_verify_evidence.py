@@ -21,7 +21,7 @@ from onnx import TensorProto, helper, numpy_helper
 import bnfold
 from bnfold import compare
 from bnfold.compare import SiteValue, TensorDiff, VerifyOptions, judge
-from bnfold.onnx_front.cones import Cones
+from bnfold.onnx_front.cones import Cones, walk
 from bnfold.tolerance import Reductions, derived_rtol
 from tests.conftest import assert_one_line_error, snapshot
 
@@ -303,6 +303,29 @@ def test_nms_output_is_found_discontinuous(tmp_path):
     assert "boxes" not in cones.discontinuous
     assert {"boxes", "scores"} <= cones.frontier
     assert cones.of("bb") == Reductions(27 + 72, 2)  # stem (3*3*3) then box head (8*3*3)
+
+
+def test_a_jump_over_shapes_alone_marks_nothing_downstream():
+    """A resize whose size is computed by Floor over a Shape depends on shapes, not values."""
+    mk = helper.make_node
+    nodes = [
+        mk("Shape", ["x"], ["shape"]),
+        mk("Cast", ["shape"], ["shape_f"], to=TensorProto.FLOAT),
+        mk("Floor", ["shape_f"], ["floored"]),
+        mk("Cast", ["floored"], ["size"], to=TensorProto.INT64),
+        mk("Resize", ["x", "", "", "size"], ["y"], mode="nearest"),
+        mk("TopK", ["y", "k"], ["top", "idx"], axis=-1),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 1, 4, 4])],
+        [helper.make_tensor_value_info("top", TensorProto.FLOAT, None)],
+        initializer=[numpy_helper.from_array(np.array([2], np.int64), "k")],
+    )
+    cones = walk(ir.from_proto(helper.make_model(graph)).graph)
+    assert "y" not in cones.discontinuous and {"top", "idx"} <= cones.discontinuous
+    assert cones.frontier == {"y"}
 
 
 # --- derived bounds -------------------------------------------------------------------

@@ -19,6 +19,8 @@ from bnfold.tolerance import DISCONTINUOUS_OPS, Reductions
 _REDUCE_OPS = frozenset(
     {"ReduceSum", "ReduceMean", "ReduceL1", "ReduceL2", "ReduceSumSquare", "ReduceLogSumExp"}
 )
+# Ops whose output depends on the input's shape only, not its values.
+_SHAPE_ONLY_OPS = frozenset({"Shape", "Size", "EyeLike"})
 _INTEGER_TYPES = frozenset(
     {
         ir.DataType.INT8, ir.DataType.INT16, ir.DataType.INT32, ir.DataType.INT64,
@@ -55,23 +57,33 @@ def analyse(model: ir.Model) -> Cones:
 
 
 def walk(graph: ir.Graph) -> Cones:
-    """:class:`Cones` of every value of ``graph`` (subgraph bodies count as one op)."""
+    """:class:`Cones` of every value of ``graph`` (subgraph bodies count as one op).
+
+    Only values that depend on the inputs' *values* can jump: a Floor or Cast
+    over a Shape (a resize computing its output size, say) depends on shapes
+    alone, which both models share, so it marks nothing downstream.
+    """
     cones = Cones()
+    data = {v.name for v in graph.inputs if v.name and v.name not in graph.initializers}
     for node in graph:
         inputs = [v for v in node.inputs if v is not None and v.name]
         before = Reductions.widest(cones.of(v.name) for v in inputs)  # type: ignore[arg-type]
         after = before.then(reduction_length(node))
-        jumps = node.op_type in DISCONTINUOUS_OPS or _casts_to_integer(node)
+        fed = [v for v in inputs if v.name in data]
+        jumps = bool(fed) and (node.op_type in DISCONTINUOUS_OPS or _casts_to_integer(node))
         jumps = jumps or any(v.name in cones.discontinuous for v in inputs)
+        carries_data = bool(fed) and node.op_type not in _SHAPE_ONLY_OPS
         for out in node.outputs:
             if out.name:
                 cones.reductions[out.name] = after
+                if carries_data:
+                    data.add(out.name)
                 if jumps:
                     cones.discontinuous.add(out.name)
         if jumps:
             cones.frontier.update(
                 v.name  # type: ignore[misc]
-                for v in inputs
+                for v in fed
                 if v.name not in cones.discontinuous and _computed(v)
             )
     cones.frontier -= cones.discontinuous
