@@ -1,4 +1,4 @@
-"""Compare an original and a folded ONNX model on the same random inputs.
+"""Compare an original and a folded ONNX model on the same inputs: outputs and fold sites.
 
 Both run in onnxruntime with ``ORT_DISABLE_ALL``: at its default level
 onnxruntime fuses Conv+BatchNorm itself, so the "original" would already be
@@ -7,7 +7,14 @@ original at all (opsets below 7, say), both models run in ONNX's reference
 evaluator instead, if they are small enough for it; otherwise the result is
 "not_verified" with the reason. So is a model whose declared input shapes would
 need more than ``VerifyOptions.max_input_bytes`` of random inputs per sample:
-the sizes are checked before anything is allocated.
+the sizes are checked before anything is allocated. An original that a runtime
+loads but that fails on the inputs, or whose graph is malformed, is bad input
+(:class:`OriginalFails`, :func:`require_well_formed`).
+
+Inputs are random draws or the user's files (:mod:`bnfold.feeds`), made one
+sample at a time. Besides the outputs, each fold site and each continuous
+value feeding a discontinuous op is compared (extra graph outputs of both
+copies, in memory); each tensor's bound comes from :mod:`bnfold.tolerance`.
 """
 
 from __future__ import annotations
@@ -184,8 +191,9 @@ def verify_onnx(
     rtol derived per tensor unless given (:mod:`bnfold.tolerance`). An output
     downstream of a discontinuous op (NonMaxSuppression, TopK, ...) that differs
     beyond its bound passes when every fold site was compared and lies within its
-    own bound: a box kept or dropped by a rounding error says nothing about the
-    fold; a site beyond its bound fails.
+    own bound, and so does every continuous value feeding such an op: a box kept
+    or dropped by a rounding error says nothing about the fold (see :func:`judge`);
+    a site beyond its bound fails.
 
     Args:
         original: path or onnx_ir.Model of the unfolded model.
@@ -208,21 +216,9 @@ def verify_onnx(
     """
     o = options or VerifyOptions()
     with _as_path(original) as ref_path, _as_path(folded) as new_path:
-        # What the graphs say, read once and dropped before anything runs.
-        ref_model = _load_or_none(ref_path)
-        if ref_model is not None:
-            require_well_formed(ref_model.graph)
-        new_model = _load_or_none(new_path)
-        compared = _comparable_sites(ref_model, new_model, sites)
-        cones = analyse(ref_model) if ref_model is not None else Cones()
-        # A value the fold removed (a BN parameter the exporter passed through
-        # an Identity) has nothing to be compared with.
-        in_fold = _producers(new_model.graph) if new_model is not None else {}
-        frontier = sorted(v for v in cones.frontier if v in in_fold)
-        del ref_model, new_model
-        extra = [s.value for s in compared] + frontier
+        plan = _Plan.of(ref_path, new_path, sites)
         try:
-            ref, runtime_kind, level = _original_runtime(ref_path, extra)
+            ref, runtime_kind, level = _original_runtime(ref_path, plan.extra)
             inputs = ref.inputs()
             feeds = FeedSource.of(inputs, o)
         except _RuntimeFailure as err:
@@ -230,37 +226,79 @@ def verify_onnx(
         except InputsTooLarge as err:
             return _not_verified(NotVerified.INPUTS_TOO_LARGE, str(err), o)
         names = ref.output_names()
-        wanted = names + [v for v in dict.fromkeys(extra) if v not in names]
+        wanted = names + [v for v in dict.fromkeys(plan.extra) if v not in names]
         with _Held(o.max_input_bytes // HELD_SHARE) as expected:
-            try:
-                for feed in feeds.samples():
-                    expected.append(_run(ref, wanted, feed, _OriginalFailed, "original"))
-                    del feed
-            except _OriginalFailed as err:
-                raise OriginalFails(str(err), random=o.inputs is None) from None
+            _run_original(ref, wanted, feeds, expected)
             # One model in memory at a time: a multi-GB model and its fold would need twice.
             del ref
-            new = _folded_runtime(runtime_kind, new_path, extra)
+            new = _folded_runtime(runtime_kind, new_path, plan.extra)
             _require_same_inputs(inputs, new.inputs())
-            diffs = {name: TensorDiff() for name in wanted}
             try:
-                for i, feed in enumerate(feeds.samples()):
-                    got = _run(new, wanted, feed, _FoldedFailed, "folded")
-                    del feed
-                    for name, r, n in zip(wanted, expected.pop(i), got, strict=True):
-                        diffs[name].add(r, n)
-                    del got
+                diffs = _compare_folded(new, wanted, feeds, expected)
             except _FoldedFailed as err:
                 return VerifyResult(
                     "failed", o.atol, o.rtol or 0.0, feeds.count, reason=str(err),
                     inputs=feeds.describe(),
                 )  # fmt: skip
-    site_diffs = [(s, diffs[s.value]) for s in compared]
     return judge(
-        [(n, diffs[n]) for n in names], site_diffs, cones, o, feeds.count, level, feeds.describe(),
-        every_site=sites is None or len(compared) == len(sites),
-        frontier=[(n, diffs[n]) for n in frontier],
+        [(n, diffs[n]) for n in names], [(s, diffs[s.value]) for s in plan.sites], plan.cones,
+        o, feeds.count, level, feeds.describe(), every_site=plan.every_site,
+        frontier=[(n, diffs[n]) for n in plan.frontier],
     )  # fmt: skip
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """What the two graphs say is worth comparing, read before anything runs."""
+
+    sites: list[SiteValue]
+    cones: Cones
+    frontier: list[str]  # continuous values feeding a jump (see Cones.frontier)
+    every_site: bool  # every fold site is among ``sites``
+
+    @classmethod
+    def of(cls, ref_path: Path, new_path: Path, sites: Sequence[SiteValue] | None) -> _Plan:
+        """Read both models once; refuse a malformed original (see require_well_formed)."""
+        ref_model, new_model = _load_or_none(ref_path), _load_or_none(new_path)
+        if ref_model is not None:
+            require_well_formed(ref_model.graph)
+        compared = _comparable_sites(ref_model, new_model, sites)
+        cones = analyse(ref_model) if ref_model is not None else Cones()
+        # A value the fold removed (a BN parameter the exporter passed through
+        # an Identity) has nothing to be compared with.
+        in_fold = _producers(new_model.graph) if new_model is not None else {}
+        frontier = sorted(v for v in cones.frontier if v in in_fold)
+        every = sites is None or len(compared) == len(sites)
+        return cls(compared, cones, frontier, every)
+
+    @property
+    def extra(self) -> list[str]:
+        """The values both models must output besides their own outputs."""
+        return [s.value for s in self.sites] + self.frontier
+
+
+def _run_original(ref: Any, wanted: list[str], feeds: FeedSource, expected: _Held) -> None:
+    """Run the original on every sample, keeping its results in ``expected``."""
+    try:
+        for feed in feeds.samples():
+            expected.append(_run(ref, wanted, feed, _OriginalFailed, "original"))
+            del feed  # before the next sample is made
+    except _OriginalFailed as err:
+        raise OriginalFails(str(err), random=feeds.files is None) from None
+
+
+def _compare_folded(
+    new: Any, wanted: list[str], feeds: FeedSource, expected: _Held
+) -> dict[str, TensorDiff]:
+    """Run the fold on every sample and compare each result with the original's, then drop both."""
+    diffs = {name: TensorDiff() for name in wanted}
+    for i, feed in enumerate(feeds.samples()):
+        got = _run(new, wanted, feed, _FoldedFailed, "folded")
+        del feed
+        for name, r, n in zip(wanted, expected.pop(i), got, strict=True):
+            diffs[name].add(r, n)
+        del got
+    return diffs
 
 
 def require_well_formed(graph: ir.Graph) -> None:
