@@ -390,9 +390,11 @@ def inspect(model: str | None, as_json: bool, **torch_kw: Any) -> None:
 def verify(models: tuple[str, ...], as_json: bool, **kw: Any) -> None:
     """Compare FOLDED with ORIGINAL: `verify ORIGINAL FOLDED`, or `verify --module ... FOLDED`.
 
-    ONNX models run on random inputs at ORT_DISABLE_ALL; torch .pt2 programs run
-    eagerly on their example inputs and random draws. Exit 0 if every output is
-    within tolerance, 1 if not or if the original cannot be run, 2 on bad input.
+    ONNX models run on random inputs (or --inputs) at ORT_DISABLE_ALL; torch .pt2
+    programs run eagerly on their example inputs and random draws (or --inputs).
+    Outputs and fold sites are compared. Exit 0 if every one is within its bound,
+    1 if not or if no runtime can load the original, 2 on bad input (a broken
+    original among it).
     """
     torch_kw = {k: kw.pop(k) for k in ("module_spec", "weights", "trust_pickle", "input_shapes")}
     wanted = 1 if torch_kw["module_spec"] else 2
