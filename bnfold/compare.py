@@ -25,7 +25,7 @@ import math
 import os
 import tempfile
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -240,6 +240,7 @@ def verify_onnx(
                     "failed", o.atol, o.rtol or 0.0, feeds.count, reason=str(err),
                     inputs=feeds.describe(),
                 )  # fmt: skip
+    plan.rescale(diffs)
     return judge(
         [(n, diffs[n]) for n in names], [(s, diffs[s.value]) for s in plan.sites], plan.cones,
         o, feeds.count, level, feeds.describe(), every_site=plan.every_site,
@@ -255,6 +256,8 @@ class _Plan:
     cones: Cones
     frontier: list[str]  # continuous values feeding a jump (see Cones.frontier)
     every_site: bool  # every fold site is among ``sites``
+    # A compared tensor computed as a sum or difference -> its computed operands.
+    operands: dict[str, list[str]] = field(default_factory=dict)
 
     @classmethod
     def of(cls, ref_path: Path, new_path: Path, sites: Sequence[SiteValue] | None) -> _Plan:
@@ -269,12 +272,51 @@ class _Plan:
         in_fold = _producers(new_model.graph) if new_model is not None else {}
         frontier = sorted(v for v in cones.frontier if v in in_fold)
         every = sites is None or len(compared) == len(sites)
-        return cls(compared, cones, frontier, every)
+        operands = {}
+        if ref_model is not None:
+            compared_names = [v.name for v in ref_model.graph.outputs if v.name] + frontier
+            operands = _sum_operands(ref_model.graph, compared_names, set(in_fold))
+        return cls(compared, cones, frontier, every, operands)
 
     @property
     def extra(self) -> list[str]:
         """The values both models must output besides their own outputs."""
-        return [s.value for s in self.sites] + self.frontier
+        summed = [v for values in self.operands.values() for v in values]
+        return [s.value for s in self.sites] + self.frontier + summed
+
+    def rescale(self, diffs: dict[str, TensorDiff]) -> None:
+        """Scale each sum or difference by its largest operand, not by itself.
+
+        ``a - b`` of two large, nearly equal values carries the rounding errors
+        of ``a`` and ``b``, which are relative to ``max|a|, max|b|``; measured
+        against the small ``max|a - b|`` a correct fold would fail.
+        """
+        for name, values in self.operands.items():
+            diff = diffs[name]
+            largest = max(diffs[v].scale for v in values)
+            if largest > diff.scale:
+                diff.scale = largest
+                diff.scaled_by = values
+
+
+_SUM_OPS = frozenset({"Add", "Sub", "Sum"})
+
+
+def _sum_operands(graph: ir.Graph, names: Sequence[str], in_fold: set[str]) -> dict[str, list[str]]:
+    """For each of ``names`` made by Add/Sub/Sum: the operands both models compute."""
+    wanted = set(names)
+    out = {}
+    for node in graph:
+        if node.op_type not in _SUM_OPS or not node.outputs or node.outputs[0].name not in wanted:
+            continue
+        values = [
+            v.name
+            for v in node.inputs
+            if v is not None and v.name in in_fold and v.producer() is not None
+        ]
+        if len(values) >= 2:
+            out[node.outputs[0].name] = values  # type: ignore[index]
+    return out
 
 
 def _run_original(ref: Any, wanted: list[str], feeds: FeedSource, expected: _Held) -> None:
@@ -600,9 +642,10 @@ class TensorDiff:
     """The worst difference of one compared tensor over every sample."""
 
     max_abs: float = 0.0
-    scale: float = 0.0  # max |original| over finite values
+    scale: float = 0.0  # max |original| over finite values (of the operands: see _Plan.rescale)
     dtype: str = ""
     elements: int = 0
+    scaled_by: list[str] = field(default_factory=list)
 
     def add(self, ref: Any, new: Any) -> None:
         ref, new = np.asarray(ref), np.asarray(new)
@@ -665,6 +708,8 @@ def _row(
         basis = describe_basis(diff.dtype, reductions, diff.elements)
     else:
         rtol, basis = options.rtol, "--rtol"
+    if diff.scaled_by:
+        basis += f"; scale max|{', '.join(diff.scaled_by)}|"
     return measured(name, diff.max_abs, diff.scale, options.atol, rtol, basis, site)
 
 

@@ -32,10 +32,12 @@ The bound, relative to the tensor's scale ``max|original|``::
   ``c(M) = sqrt(2)·sqrt(2·ln M)/sqrt(3) = sqrt(4·ln M / 3)``: 4.3 for a
   million elements, 5.1 for 300 million.
 
-The scale is the tensor's own ``max|original|``; this assumes the tensor is not a
-small difference of much larger partial results (cancellation). Where it is,
-``--atol`` states the absolute error that is acceptable. Integer and boolean
-tensors have no rounding: their bound is exact equality.
+The scale is the tensor's own ``max|original|``, or for a sum or difference its
+largest operand's (:meth:`bnfold.compare._Plan.rescale`): the rounding errors of
+``a - b`` are relative to ``a`` and ``b``, not to a small difference. A
+cancellation further upstream is not seen; there ``--atol`` states the absolute
+error that is acceptable. Integer and boolean tensors have no rounding: their
+bound is exact equality.
 """
 
 from __future__ import annotations

@@ -346,6 +346,56 @@ def test_rtol_overrides_every_derived_bound(tmp_path):
     assert {o.basis for o in result.outputs + result.sites} == {"--rtol"}
 
 
+def difference_net() -> onnx.ModelProto:
+    """out = BN_a(conv(x)) - BN_b(conv'(x)): two branches near 1000 whose difference is ~0.01."""
+    f = np.float32
+    conv_a, w_a = _conv("conv_a", "input", 3, 4, "ca", f)
+    conv_b, w_b = _conv("conv_a", "input", 3, 4, "cb", f)  # same weights, own initializers
+    conv_b.name, conv_b.input[1:] = "conv_b", ["conv_b.w", "conv_b.b"]
+    w_b = [
+        numpy_helper.from_array(numpy_helper.to_array(t), t.name.replace("_a", "_b")) for t in w_b
+    ]
+    bn_a, p_a = _bn("bn_a", "ca", 4, "ya", f)
+    bn_b, p_b = _bn("bn_a", "cb", 4, "yb", f)
+    bn_b.name, bn_b.input[1:] = "bn_b", [f"bn_b.{k}" for k in ("scale", "bias", "mean", "var")]
+    params = {t.name: numpy_helper.to_array(t) for t in p_a}
+    params["bn_a.bias"] = params["bn_a.bias"] + 1000
+    p_a = [numpy_helper.from_array(v, k) for k, v in params.items()]
+    shifted = dict(params, **{"bn_a.mean": params["bn_a.mean"] + 0.01})
+    p_b = [numpy_helper.from_array(v, k.replace("bn_a", "bn_b")) for k, v in shifted.items()]
+    sub = helper.make_node("Sub", ["ya", "yb"], ["output"], name="sub")
+    graph = helper.make_graph(
+        [conv_a, conv_b, bn_a, bn_b, sub],
+        "difference",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, [1, 3, 8, 8])],
+        [helper.make_tensor_value_info("output", TensorProto.FLOAT, None)],
+        initializer=w_a + w_b + p_a + p_b,
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_small_difference_of_large_values_is_scaled_by_its_operands(tmp_path):
+    src = _save(tmp_path, "difference", difference_net())
+    out = tmp_path / "folded.onnx"
+    result, written = bnfold.api.fold_file(src, out)
+    assert written, result.verification.summary()
+    row = result.verification.outputs[0]
+    assert "scale max|ya, yb|" in row.basis
+    # Against its own scale (max|output| ~ 0.01) the same error would be far past the bound.
+    own_scale = np.abs(_run_onnx(src)).max()
+    assert row.max_abs / own_scale > 10 * row.rtol
+    planted = _plant(out, "conv_a", "scale", np.float32)
+    assert not bnfold.verify(src, planted).passed
+
+
+def _run_onnx(path: Path) -> np.ndarray:
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    x = np.random.default_rng(0).standard_normal((1, 3, 8, 8)).astype(np.float32)
+    return session.run(None, {"input": x})[0]
+
+
 # --- input files ------------------------------------------------------------------------
 
 
