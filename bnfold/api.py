@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import sys
 from collections.abc import Mapping, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +17,14 @@ import onnx_ir as ir
 
 from bnfold import paths
 from bnfold.affine import Rounding
-from bnfold.compare import MAX_INPUT_BYTES, VerifyOptions, verify_onnx
+from bnfold.compare import (
+    MAX_INPUT_BYTES,
+    SiteValue,
+    VerifyOptions,
+    quiet_ir_logs,
+    require_well_formed,
+    verify_onnx,
+)
 from bnfold.errors import BnfoldError, NotSupportedError
 from bnfold.onnx_front import io
 from bnfold.onnx_front.lower import lower_unfolded
@@ -37,6 +45,7 @@ def fold(
     clone_shared: bool = True,
     rounding: Rounding | str = Rounding.NEAREST,
     lower_standalone: bool | LowerForm | str | None = False,
+    inputs: str | os.PathLike[str] | None = None,
 ) -> FoldResult:
     """Fold every foldable BatchNorm / constant affine into its neighbouring linear op.
 
@@ -62,12 +71,15 @@ def fold(
             :func:`bnfold.torch_front.exported.lower_left`). False/None: no
             lowering. Reported in ``report.lowered``. An eager nn.Module raises
             NotSupportedError: export it first.
+        inputs: verify on this input file or folder (see :mod:`bnfold.feeds`)
+            instead of random inputs.
 
     Returns:
         FoldResult with ``.model`` (same kind as given; a path gives an onnx_ir.Model)
         and ``.report``.
     """
     lower = _lower_form(lower_standalone)
+    verify_options = with_inputs(verify_options, inputs)
     if _is_torch_module(model):
         from bnfold.torch_front import fold_module
 
@@ -98,8 +110,24 @@ def fold(
     out = FoldResult(result.model, result.report)
     if reference is not None:
         # A path was loaded (and checked) by _onnx_model already.
-        out.verification = verify_onnx(reference, out.model, verify_options)
+        out.verification = verify_onnx(
+            reference, out.model, verify_options, sites=site_values(out.report)
+        )
     return out
+
+
+def site_values(report: FoldReport) -> list[SiteValue]:
+    """The fold sites verification compares, from what the pass folded."""
+    return [SiteValue(f.value, f.site) for f in report.folded if f.value]
+
+
+def with_inputs(
+    options: VerifyOptions | None, inputs: str | os.PathLike[str] | None
+) -> VerifyOptions | None:
+    """``options`` that feed the user's input files ``inputs`` (None: as they are)."""
+    if inputs is None:
+        return options
+    return replace(options or VerifyOptions(), inputs=inputs)
 
 
 def inspect(model: Any, example_inputs: tuple[Any, ...] | None = None) -> FoldReport:
@@ -129,13 +157,17 @@ def verify(
     seed: int = 0,
     shapes: Mapping[str, Sequence[int]] | None = None,
     max_input_bytes: int = MAX_INPUT_BYTES,
+    inputs: str | os.PathLike[str] | None = None,
 ) -> VerifyResult:
     """Compare two ONNX models (paths or onnx_ir.Model) at ORT_DISABLE_ALL.
 
-    Not verified (status "not_verified") when the original cannot run or one
-    sample of random inputs would need more than ``max_input_bytes``.
+    ``inputs`` is an input file or folder (see :mod:`bnfold.feeds`); without it
+    ``samples`` random draws are fed. rtol None derives each tensor's bound
+    (:mod:`bnfold.tolerance`). Not verified (status "not_verified") when the
+    original cannot run or one sample of random inputs would need more than
+    ``max_input_bytes``.
     """
-    options = VerifyOptions(atol, rtol, samples, seed, shapes, max_input_bytes)
+    options = VerifyOptions(atol, rtol, samples, seed, shapes, max_input_bytes, inputs)
     return verify_models(original, folded, options)
 
 
@@ -143,7 +175,8 @@ def verify_models(original: Any, folded: Any, options: VerifyOptions | None) -> 
     """:func:`verify` for files a user named: each is checked like a loaded model first."""
     for source in (original, folded):
         if isinstance(source, str | os.PathLike):
-            io.load_model(source)  # one-line errors for bad files, before onnxruntime sees them
+            with quiet_ir_logs():  # a malformed graph gets one line, from verify_onnx
+                io.load_model(source)  # one-line errors for bad files, before onnxruntime sees them
     return verify_onnx(original, folded, options)
 
 
@@ -158,6 +191,7 @@ def fold_file(
     rounding: Rounding | str = Rounding.NEAREST,
     require_verified: bool = False,
     lower_standalone: bool | LowerForm | str | None = False,
+    inputs: str | os.PathLike[str] | None = None,
 ) -> tuple[FoldResult, bool]:
     """Fold an ONNX file and write the result atomically, verified before it is published.
 
@@ -172,6 +206,7 @@ def fold_file(
         clone_shared, rounding, lower_standalone: as for :func:`fold`.
         require_verified: write only a verified fold (CLI ``--strict``); no
             effect with ``verify=False``, where nothing is compared.
+        inputs: verify on this input file or folder instead of random inputs.
 
     Returns:
         (result, written): written is False when verification failed, or was
@@ -182,13 +217,16 @@ def fold_file(
             unwritable output.
     """
     source, output = Path(source), Path(output)
+    options = with_inputs(verify_options, inputs)
     paths.require_safe_outputs(
         [paths.Named("output", output)],
         [paths.Named("input", source)],
         in_place=(output, source) if in_place else None,
         offer_in_place=True,
     )
-    model = io.load_model(source)
+    with quiet_ir_logs():  # a malformed graph gets one line, from the check below
+        model = io.load_model(source)
+    require_well_formed(model.graph)  # bad input: refused before folding, verified or not
     keep_external = any(True for _ in io.external_tensors(model))  # before folds replace them
     lower = _lower_form(lower_standalone)
     folded = _fold_onnx(model, clone_shared, rounding, lower)
@@ -198,7 +236,9 @@ def fold_file(
         if verify:
             # source was loaded and checked above and staged is our own output:
             # hand both straight to the runtimes instead of parsing them again.
-            result.verification = verify_onnx(source, staged, verify_options)
+            result.verification = verify_onnx(
+                source, staged, options, sites=site_values(result.report)
+            )
         return result.publishable(require_verified)
 
     written = io.save_model(result.model, output, external_data=keep_external, accept=accept)

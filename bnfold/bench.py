@@ -255,6 +255,7 @@ def bench_onnx(
     shapes: Mapping[str, Sequence[int]] | None = None,
     max_input_bytes: int | None = None,
     progress: Progress | None = None,
+    inputs: str | os.PathLike[str] | None = None,
 ) -> BenchReport:
     """Time an ONNX model and its folded version in onnxruntime (CPU), interleaved.
 
@@ -271,11 +272,13 @@ def bench_onnx(
         max_input_bytes: cap on the random inputs, all together (None: the
             verifier's, ``bnfold.compare.MAX_INPUT_BYTES``).
         progress: called as ``progress(done, total)`` after every run.
+        inputs: time on the first sample of this input file or folder (see
+            :mod:`bnfold.feeds`) instead of random inputs.
 
     Raises:
         BnfoldError: an unknown level, bad counts, a model ORT cannot load, a
-            shape naming no input, or inputs over the cap (checked before any
-            is allocated).
+            shape naming no input, an input file that does not fit, or inputs
+            over the cap (checked before any is allocated).
     """
     _check_args(levels, threads, warmup, runs)
     folds = None
@@ -297,7 +300,10 @@ def bench_onnx(
         for level in levels:
             sess_a = make_session(src_a, level, threads)
             sess_b = make_session(src_b, level, threads)
-            feeds = random_feeds(sess_a, seed, shapes, max_input_bytes)
+            if inputs is None:
+                feeds = random_feeds(sess_a, seed, shapes, max_input_bytes)
+            else:
+                feeds = file_feeds(sess_a, inputs)
             report.inputs = {name: list(array.shape) for name, array in feeds.items()}
             run_a = _runner(sess_a, feeds)
             run_b = _runner(sess_b, _feeds_for(sess_b, feeds))
@@ -547,6 +553,15 @@ def random_feeds(
     specs = compare.ort_input_specs(session)
     limit = compare.MAX_INPUT_BYTES if max_bytes is None else max_bytes
     return compare.random_feeds(specs, np.random.default_rng(seed), shapes or {}, limit)
+
+
+def file_feeds(session: ort.InferenceSession, inputs: str | os.PathLike[str]) -> dict[str, Any]:
+    """The first sample of the user's input files, checked against the session's inputs."""
+    from bnfold import compare
+    from bnfold.feeds import InputFiles, expected_of
+
+    expected = expected_of(compare.ort_input_specs(session))
+    return next(InputFiles.open(inputs).samples(expected))
 
 
 def _feeds_for(session: ort.InferenceSession, feeds: dict[str, np.ndarray]) -> dict[str, Any]:

@@ -11,7 +11,6 @@ import enum
 # Default cap on one sample of random inputs (all inputs together). Shapes come
 # from the model, and a declared 64x3x8192x8192 input alone is 48 GiB: past the
 # cap verification does not run ("not_verified") instead of exhausting memory.
-# Verification holds `samples` such samples at once.
 MAX_INPUT_BYTES = 1 << 30
 
 

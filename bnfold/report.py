@@ -102,6 +102,10 @@ class Folded:
     finder: str = ""  # torch front: which graph finder found the pair
     bytes_added: int = 0  # weight bytes added by cloning a shared weight
     kind: FoldKind = FoldKind.ADJACENT
+    # ONNX: the value that carries the site's result in both models (the removed
+    # affine's output, which the linear op now computes; folding before, the op's
+    # own output). Verification compares it.
+    value: str = ""
 
 
 @dataclass(frozen=True)
@@ -236,21 +240,36 @@ class NotVerified(str, enum.Enum):
 
     ORIGINAL_NOT_RUNNABLE = "original_not_runnable"
     """No runtime can load the original model (a custom op, an unknown opset)."""
-    ORIGINAL_FAILED = "original_failed"
-    """The original model failed on the random inputs: nothing to compare against."""
     INPUTS_TOO_LARGE = "inputs_too_large"
     """One sample of random inputs would exceed the byte cap; nothing was allocated."""
 
 
 @dataclass(frozen=True)
 class OutputDiff:
-    """How far one output of the folded model is from the original."""
+    """How far one compared tensor of the fold (an output, a site's value) is from the original."""
 
     name: str
     max_abs: float
     max_rel: float  # max_abs / max|reference|: the error relative to the output's scale
     needed_rtol: float  # the smallest rtol (with the given atol) that would pass
     passed: bool
+    rtol: float = 0.0  # the bound it was held to (relative to max|reference|)
+    basis: str = ""  # how that bound came about: "float32, K=... over D reductions, M elements"
+    site: str = ""  # for a site: the fold, "conv1 -> bn1"
+    # "bound": within its own bound (or not); "sites": a discontinuous output
+    # (after NonMaxSuppression, TopK, ...) that differs, vouched for by every fold
+    # site lying within its bound.
+    judged_by: str = "bound"
+
+    def line(self) -> str:
+        verdict = "ok" if self.passed else "FAIL"
+        if self.judged_by == "sites":
+            verdict = "ok: differs after a discontinuous op, every fold site within its bound"
+        label = f"{self.name} ({self.site})" if self.site else self.name
+        return (
+            f"{label}: max_abs={self.max_abs:.3g} max_rel={self.max_rel:.3g}"
+            f" needed_rtol={self.needed_rtol:.3g} bound={self.rtol:.3g} [{self.basis}] {verdict}"
+        )
 
 
 @dataclass
@@ -258,7 +277,9 @@ class VerifyResult:
     """Outcome of comparing an original and a folded model.
 
     ``status`` is "passed", "failed" or "not_verified" (the models could not be
-    compared; ``reason_code`` says why, ``reason`` in words).
+    compared; ``reason_code`` says why, ``reason`` in words). ``outputs`` holds
+    every model output, ``sites`` every fold site compared (the value the folded
+    op now computes against the value the removed BatchNorm computed).
     """
 
     status: str
@@ -269,10 +290,21 @@ class VerifyResult:
     reason: str = ""
     optimization_level: str = "ORT_DISABLE_ALL"
     reason_code: NotVerified | None = None  # set with status "not_verified"
+    inputs: str = ""  # what was fed: "random (3 samples, seed 0)", "file x.npz (1 sample)"
+    sites: list[OutputDiff] = field(default_factory=list)
+    derived: bool = False  # each tensor's rtol derived from its dtype and reductions
+    # ONNX: the continuous values feeding a discontinuous op (NonMaxSuppression,
+    # TopK...): with the sites, the evidence for an output that jumps.
+    frontier: list[OutputDiff] = field(default_factory=list)
 
     @property
     def passed(self) -> bool:
         return self.status == "passed"
+
+    @property
+    def worst_site(self) -> OutputDiff | None:
+        """The site closest to (or furthest past) its bound."""
+        return max(self.sites, key=lambda r: (_margin(r), r.max_rel), default=None)
 
     def to_dict(self) -> dict[str, Any]:
         return _jsonable(asdict(self))
@@ -283,16 +315,47 @@ class VerifyResult:
     def summary(self) -> str:
         if self.status == "not_verified":
             return f"NOT VERIFIED: {self.reason}"
+        rtol = "rtol derived per tensor" if self.derived else f"rtol={self.rtol:g}"
+        fed = self.inputs or f"{self.samples} samples"
         head = (
-            f"verification {self.status.upper()} ({self.samples} samples, "
-            f"{self.optimization_level}, atol={self.atol:g}, rtol={self.rtol:g})"
+            f"verification {self.status.upper()} ({fed}, "
+            f"{self.optimization_level}, atol={self.atol:g}, {rtol})"
         )
-        rows = [
-            f"  {o.name}: max_abs={o.max_abs:.3g} max_rel={o.max_rel:.3g}"
-            f" needed_rtol={o.needed_rtol:.3g} {'ok' if o.passed else 'FAIL'}"
-            for o in self.outputs
-        ]
+        rows = [f"  {o.line()}" for o in self.outputs]
+        rows += self._site_lines()
+        rows += _frontier_lines(self.frontier)
         return "\n".join([head, *rows] + ([f"  {self.reason}"] if self.reason else []))
+
+    def _site_lines(self) -> list[str]:
+        if not self.sites:
+            return []
+        failed = [s for s in self.sites if not s.passed]
+        if not failed:
+            worst = self.worst_site
+            assert worst is not None
+            n = len(self.sites)
+            return [f"  sites: {n} compared, all within their bounds; worst {worst.line()}"]
+        lines = [f"  sites: {len(failed)} of {len(self.sites)} beyond their bounds:"]
+        return lines + [f"    {s.line()}" for s in failed]
+
+
+def _frontier_lines(rows: list[OutputDiff]) -> list[str]:
+    if not rows:
+        return []
+    failed = [r for r in rows if not r.passed]
+    if not failed:
+        worst = max(rows, key=lambda r: (_margin(r), r.max_rel))
+        n = len(rows)
+        return [f"  before discontinuous ops: {n} values within their bounds; worst {worst.line()}"]
+    lines = [f"  before discontinuous ops: {len(failed)} of {len(rows)} beyond their bounds:"]
+    return lines + [f"    {r.line()}" for r in failed]
+
+
+def _margin(row: OutputDiff) -> float:
+    """How much of its bound a tensor used (over 1: past it)."""
+    if row.rtol > 0:
+        return row.needed_rtol / row.rtol
+    return float("inf") if row.needed_rtol > 0 else 0.0
 
 
 @dataclass

@@ -48,6 +48,13 @@ _BAR_MIN_RUNS = 200  # fewer runs finish before a bar is worth drawing
         f"ONNX: cap on the random inputs, all together, in MiB.  [default: {MAX_INPUT_BYTES >> 20}]"
     ),
 )
+@click.option(
+    "--inputs",
+    "inputs",
+    type=click.Path(),
+    metavar="FEEDS",
+    help="ONNX: time on the first sample of this .npz, .npy or folder of .npz files.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @click.option("--plot", type=click.Path(dir_okay=False), help="Write a bar chart (PNG, SVG...).")
 @click.option(
@@ -66,6 +73,7 @@ def bench(
     seed: int,
     shapes: tuple[str, ...],
     max_input_mib: int | None,
+    inputs: str | None,
     as_json: bool,
     plot: str | None,
     trust_pickle: bool,
@@ -83,7 +91,7 @@ def bench(
     try:
         counts = {"threads": threads, "warmup": warmup, "runs": runs, "seed": seed}
         report = _run(
-            harness, original, folded, levels, shapes, max_input_mib, trust_pickle, counts
+            harness, original, folded, levels, shapes, max_input_mib, trust_pickle, counts, inputs
         )
         if plot:
             harness.plot_report(report, plot)
@@ -106,6 +114,7 @@ def _run(
     max_input_mib: int | None,
     trust_pickle: bool,
     counts: dict[str, int],
+    inputs: str | None = None,
 ) -> BenchReport:
     from bnfold.compare import parse_shapes
     from bnfold.errors import BnfoldError
@@ -116,8 +125,8 @@ def _run(
                 raise BnfoldError(
                     "a PyTorch model needs --shape per input, e.g. --shape 1,3,224,224"
                 )
-            if max_input_mib is not None:
-                raise BnfoldError("--max-input-mib is for ONNX models")
+            if max_input_mib is not None or inputs is not None:
+                raise BnfoldError("--max-input-mib/--inputs are for ONNX models")
             dims = [_parse_shape(s) for s in shapes]
             return harness.bench_torch_files(
                 original, folded, dims, trust_pickle, progress=progress, **counts
@@ -129,6 +138,7 @@ def _run(
             shapes=parse_shapes(shapes),
             max_input_bytes=None if max_input_mib is None else max_input_mib << 20,
             progress=progress,
+            inputs=inputs,
             **counts,
         )
 

@@ -65,6 +65,17 @@ def verify_options(func: F) -> F:
                 f"larger: not verified.  [default: {MAX_INPUT_BYTES >> 20}]"
             ),
         ),
+        click.option(
+            "--inputs",
+            "inputs",
+            type=click.Path(),
+            metavar="FEEDS",
+            help=(
+                "Verify on these inputs instead of random ones: an .npz (one array per "
+                "input name), a folder of .npz files (one sample each), or an .npy "
+                "(single-input model)."
+            ),
+        ),
     ]
     for option in reversed(options):
         func = option(func)
@@ -78,12 +89,13 @@ def _verify_options(
     seed: int,
     shapes: tuple[str, ...],
     max_input_mib: int | None,
+    inputs: str | None = None,
 ) -> Any:
     from bnfold.api import VerifyOptions
     from bnfold.compare import parse_shapes
 
     max_bytes = MAX_INPUT_BYTES if max_input_mib is None else max_input_mib << 20
-    return VerifyOptions(atol, rtol, samples, seed, parse_shapes(shapes), max_bytes)
+    return VerifyOptions(atol, rtol, samples, seed, parse_shapes(shapes), max_bytes, inputs)
 
 
 def torch_options(func: F) -> F:
@@ -331,6 +343,7 @@ def _bench_after_fold(original: str, folded: str, options: Any) -> Any:
         DEFAULT_BENCH_LEVELS,
         shapes=options.shapes,
         max_input_bytes=options.max_input_bytes,
+        inputs=options.inputs,
     )
 
 
@@ -400,9 +413,11 @@ def inspect(model: str | None, as_json: bool, **torch_kw: Any) -> None:
 def verify(models: tuple[str, ...], as_json: bool, **kw: Any) -> None:
     """Compare FOLDED with ORIGINAL: `verify ORIGINAL FOLDED`, or `verify --module ... FOLDED`.
 
-    ONNX models run on random inputs at ORT_DISABLE_ALL; torch .pt2 programs run
-    eagerly on their example inputs and random draws. Exit 0 if every output is
-    within tolerance, 1 if not or if the original cannot be run, 2 on bad input.
+    ONNX models run on random inputs (or --inputs) at ORT_DISABLE_ALL; torch .pt2
+    programs run eagerly on their example inputs and random draws (or --inputs).
+    Outputs and fold sites are compared. Exit 0 if every one is within its bound,
+    1 if not or if no runtime can load the original, 2 on bad input (a broken
+    original among it).
     """
     torch_kw = {k: kw.pop(k) for k in ("module_spec", "weights", "trust_pickle", "input_shapes")}
     wanted = 1 if torch_kw["module_spec"] else 2

@@ -504,16 +504,18 @@ def test_verify_accepts_identical_infinite_outputs(tmp_path):
 
 @pytest.mark.parametrize("c", [3, 5])
 def test_bn_parameters_of_wrong_shape_are_refused(cli, tmp_path, c):
-    """onnxruntime cannot run such a model either: refused, written, not verified."""
+    """The site is refused (inspect says so); the original does not run: fold is bad input."""
     rng = np.random.default_rng(0)
     bad = {k: rng.uniform(0.5, 1.5, c) for k in ("scale", "bias", "mean", "var")}
     model = _write(tmp_path / "model.onnx", conv_bn_model(**bad))
-    result = cli(["fold", model, "-o", tmp_path / "folded.onnx", "--json"])
-    assert result.exit_code == 0, result.output
-    payload = json.loads(result.stdout)
-    assert [r["code"] for r in payload["report"]["refused"]] == ["bad_shape"]
-    assert payload["report"]["folded"] == []
-    assert payload["verification"]["status"] == "not_verified"
+    report = cli(["inspect", model, "--json"])
+    assert report.exit_code == 0, report.output
+    payload = json.loads(report.stdout)
+    assert [r["code"] for r in payload["refused"]] == ["bad_shape"]
+    assert payload["folded"] == []
+    result = cli(["fold", model, "-o", tmp_path / "folded.onnx"])
+    assert_one_line_error(result, contains="nothing to compare the fold with")
+    assert not (tmp_path / "folded.onnx").exists()
 
 
 def test_bn_parameter_of_wrong_rank_is_refused(tmp_path):

@@ -120,6 +120,44 @@ def test_rep_block_merges_into_one_conv(name: str) -> None:
 
 
 @pytest.mark.parametrize(
+    ("name", "kind"),
+    [
+        ("repvgg_block.onnx", FoldKind.REPARAM),
+        ("conv_add_bn.onnx", FoldKind.OVER_ADD),
+        ("conv_concat_bn.onnx", FoldKind.OVER_CONCAT),
+    ],
+)
+def test_merges_and_join_folds_are_compared_at_their_sites(name: str, kind: FoldKind) -> None:
+    """The value a merged conv or a join now computes is a verification site, like an
+    adjacent fold's: the sum's (or the BN's) output, under the same name in both models."""
+    result = fold_sample(name)
+    [entry] = [f for f in result.report.folded if f.kind is kind]
+    assert entry.value
+    assert result.verification is not None
+    assert entry.site in [s.site for s in result.verification.sites]
+
+
+def test_a_planted_error_in_a_merged_conv_fails_at_its_site() -> None:
+    import onnx_ir as ir
+
+    from bnfold.api import site_values
+    from bnfold.compare import verify_onnx
+
+    original = SAMPLES / "repvgg_block.onnx"
+    result = bnfold.fold(original)
+    planted = to_proto(result.model)
+    [conv] = [n for n in planted.graph.node if n.op_type == "Conv"]
+    [weight] = [t for t in planted.graph.initializer if t.name == conv.input[1]]
+    w = onnx.numpy_helper.to_array(weight).copy()
+    w[1] *= 1 + 1e-3  # one output channel's scale off
+    weight.CopyFrom(onnx.numpy_helper.from_array(w, weight.name))
+    check = verify_onnx(original, ir.from_proto(planted), sites=site_values(result.report))
+    [merge] = [f for f in result.report.folded if f.kind is FoldKind.REPARAM]
+    assert not check.passed
+    assert [s.site for s in check.sites if not s.passed] == [merge.site]
+
+
+@pytest.mark.parametrize(
     ("name", "code"),
     [
         ("neg_branch_groups.onnx", Code.BRANCH_MISMATCH),

@@ -116,20 +116,25 @@ class FoldAffinePass(ir.passes.InPlacePass):
             if isinstance(outcome, Refusal):
                 refused[node] = outcome
             elif isinstance(outcome, FoldPlan):
+                entry = _folded_entry(outcome)  # before apply_plan renames the values
                 apply_plan(outcome, model)
                 budget.charge(outcome)
-                report.folded.append(_folded_entry(outcome))
+                report.folded.append(entry)
                 folded_any = True
             elif outcome is not None:  # a merge, or a fold into several ops
+                entries = outcome.entries  # before apply renames the values
                 outcome.apply(model)
                 for plan in outcome.plans:
                     budget.charge(plan)
-                report.folded.extend(outcome.entries)
+                report.folded.extend(entries)
                 folded_any = True
         return folded_any, refused
 
 
 def _folded_entry(plan: FoldPlan) -> Folded:
+    # The value the site's result keeps its name in: folding after, the affine's
+    # output passes to the op (see graph_edit.splice_out); folding before, the op's own.
+    carrier = plan.affine_node if plan.direction is Direction.AFTER else plan.linear.node
     return Folded(
         plan.site,
         plan.pattern,
@@ -137,6 +142,7 @@ def _folded_entry(plan: FoldPlan) -> Folded:
         match.label(plan.affine_node),
         bytes_added=plan.bytes_added,
         kind=plan.kind,
+        value=carrier.outputs[0].name or "",
     )
 
 

@@ -40,6 +40,7 @@ def fold(
         undos = _fold_to_fixpoint(work, args, first_scan, report, rounding)
         result = FoldResult(work, report)
         if check is not None:
+            check = check.at_sites(checking.site_paths([u.pair for u in undos]))
             result.verification, undos, failed = checking.verify_with_rollback(
                 check, work, undos, lambda u: eager.apply_fold(work, u.pair, rounding)
             )

@@ -66,7 +66,11 @@ class JoinFold:
         kind = FoldKind.OVER_ADD if self.join.op_type == "Add" else FoldKind.OVER_CONCAT
         added = sum(p.bytes_added for p in self.plans)
         linear = ", ".join(label(n) for n in ops)
-        return [Folded(site, pattern, linear, label(self.bn), bytes_added=added, kind=kind)]
+        # The BN's output name passes to the join: verification compares it.
+        value = self.bn.outputs[0].name or ""
+        return [
+            Folded(site, pattern, linear, label(self.bn), bytes_added=added, kind=kind, value=value)
+        ]
 
     def apply(self, model: ir.Model) -> None:
         """Write every op's weight and bias, then remove the BN."""

@@ -437,5 +437,8 @@ def _entries(tree: SumTree, survivor: LinearOp, bn_after: ir.Node | None) -> lis
         taps.append(Folded(site, "Conv+Add+BatchNormalization", conv, label(bn_after)))
     ops = [n.op_type for n in (*tree.convs, *tree.identities)]
     pattern = "+".join([*ops, "Add"])
-    merge = Folded(tree.site(), pattern, conv, label(tree.top), kind=FoldKind.REPARAM)
+    # The merged conv computes the sum (or the BN after it) under its name: the
+    # site verification compares. An identity tap's own value is gone in the fold.
+    value = (bn_after or tree.top).outputs[0].name or ""
+    merge = Folded(tree.site(), pattern, conv, label(tree.top), kind=FoldKind.REPARAM, value=value)
     return [*taps, merge]

@@ -1,0 +1,97 @@
+"""PyTorch verification: the user's input files, and each eager fold site compared by hooks."""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+from click.testing import CliRunner  # noqa: E402
+from torch import nn  # noqa: E402
+
+import bnfold  # noqa: E402
+from bnfold.cli.main import main  # noqa: E402
+from bnfold.compare import VerifyOptions  # noqa: E402
+from bnfold.torch_front import verify as checking  # noqa: E402
+from tests.test_torch_io import FACTORY, Net, randomize_bn, save_program  # noqa: E402
+
+
+def invoke(*args: object) -> object:
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+def conv_bn_relu() -> nn.Module:
+    torch.manual_seed(0)
+    return randomize_bn(nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU())).eval()
+
+
+def test_eager_fold_compares_each_site_and_reports_it():
+    result = bnfold.fold(conv_bn_relu(), example_inputs=(torch.randn(2, 3, 8, 8),))
+    v = result.verification
+    assert v.passed and [(s.name, s.site) for s in v.sites] == [("1", "0 -> 1")]
+    assert v.sites[0].basis.startswith("float32, K=27 over 1 reductions")
+    assert "sites: 1 compared, all within their bounds" in v.summary()
+
+
+@pytest.mark.parametrize("how", ["scale", "shift"])
+def test_planted_wrong_eager_fold_is_caught_at_its_site(how):
+    original, x = conv_bn_relu(), torch.randn(2, 3, 8, 8)
+    folded = bnfold.fold(original, example_inputs=(x,)).model
+    bad = copy.deepcopy(folded)
+    with torch.no_grad():
+        if how == "scale":
+            bad[0].weight[1] *= 1 + 1e-3
+            bad[0].bias[1] *= 1 + 1e-3
+        else:
+            bad[0].bias[[0, 1]] = bad[0].bias[[1, 0]].clone()
+    check = checking.Check.of(original, (x,), VerifyOptions()).at_sites([("1", "0 -> 1")])
+    assert check(folded).passed
+    result = check(bad)
+    assert not result.passed and not result.sites[0].passed
+    assert "1" in checking.describe_failure(result)
+
+
+def test_folded_before_is_compared_at_the_linear_module():
+    torch.manual_seed(0)
+    model = randomize_bn(nn.Sequential(nn.ReLU(), nn.BatchNorm2d(3), nn.Conv2d(3, 4, 1))).eval()
+    result = bnfold.fold(model, example_inputs=(torch.randn(2, 3, 5, 5),))
+    assert result.verification.passed
+    assert [s.name for s in result.verification.sites] == ["2"]
+
+
+def test_module_factory_verifies_on_an_input_file(tmp_path: Path, monkeypatch):
+    (tmp_path / "cli_factory.py").write_text(FACTORY)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    feeds = tmp_path / "x.npy"
+    np.save(feeds, np.random.default_rng(0).random((1, 3, 8, 8), dtype=np.float32))
+    out = tmp_path / "folded.pt"
+    common = ["--module", "cli_factory:make", "--input-shape", "1x3x8x8", "--inputs", feeds]
+    result = invoke("fold", *common, "-o", out, "--json")
+    assert result.exit_code == 0, result.output
+    verification = json.loads(result.output)["verification"]
+    assert verification["inputs"] == "1 sample from file x.npy" and verification["samples"] == 1
+    assert len(verification["sites"]) == 1
+    wrong = tmp_path / "wrong.npy"
+    np.save(wrong, np.zeros((1, 3, 9, 9), np.float32))
+    bad = invoke("fold", *common[:-1], wrong, "-o", tmp_path / "bad.pt")
+    assert bad.exit_code == 2 and "has shape 1x3x9x9, the model wants 1x3x8x8" in bad.output
+    assert not (tmp_path / "bad.pt").exists()
+
+
+def test_pt2_verifies_on_an_npz_named_by_forward_argument(tmp_path: Path):
+    source, out = tmp_path / "net.pt2", tmp_path / "folded.pt2"
+    save_program(randomize_bn(Net()), torch.randn(2, 3, 8, 8), source)
+    feeds = tmp_path / "feeds.npz"
+    np.savez(feeds, x=np.random.default_rng(1).random((2, 3, 8, 8), dtype=np.float32))
+    folded = invoke("fold", source, "-o", out, "--inputs", feeds)
+    assert folded.exit_code == 0, folded.output
+    assert "1 sample from file feeds.npz" in folded.output
+    check = invoke("verify", source, out, "--inputs", feeds)
+    assert check.exit_code == 0, check.output
+    positional = tmp_path / "positional.npz"
+    np.savez(positional, np.random.default_rng(2).random((2, 3, 8, 8), dtype=np.float32))
+    assert invoke("verify", source, out, "--inputs", positional).exit_code == 0
