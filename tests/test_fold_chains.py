@@ -13,7 +13,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from onnx import helper, numpy_helper
 
-from bnfold import affine, layouts
+from bnfold import Code, affine, layouts
+from bnfold.report import FoldKind
 from tests.builders import bn_node, bn_params, conv_bn, init, model
 
 EPS = float(np.float32(1e-5))  # the BN attribute's default, as stored (float32)
@@ -283,12 +284,9 @@ def test_planning_a_chain_on_a_recomputed_weight_computes_no_weight(monkeypatch)
 C = 4  # channels of the blocks below
 
 
-def _fp16_model(
-    nodes: list, inits: list, outputs: tuple[str, ...] = ("output",)
-) -> onnx.ModelProto:
-    return model(
-        nodes, inits, [("input", [1, C, 6, 6])], list(outputs), dtype=onnx.TensorProto.FLOAT16
-    )
+def _fp16_model(nodes: list, inits: list, inputs: tuple[str, ...] = ("input",)) -> onnx.ModelProto:
+    shapes = [(name, [1, C, 6, 6]) for name in inputs]
+    return model(nodes, inits, shapes, ["output"], dtype=onnx.TensorProto.FLOAT16)
 
 
 def _values(inits: list) -> dict[str, np.ndarray]:
@@ -355,6 +353,23 @@ def _repvgg_then_pool_bn() -> tuple[onnx.ModelProto, np.ndarray, np.ndarray]:
     return _fp16_model(nodes, inits), kernel * _per_out(scale), bias * scale + shift
 
 
+def _repvgg_plus_conv_then_bn() -> tuple[onnx.ModelProto, np.ndarray, np.ndarray]:
+    """Add(RepVGG block(x), conv_c(y)) -> BN: the BN folds through the Add into the merged
+    conv (the first term, so it takes the shift too) and into conv_c."""
+    nodes, inits, kernel, bias = _repvgg_block("block")
+    rng = np.random.default_rng(24)
+    nodes += [
+        helper.make_node("Conv", ["other", "wc"], ["c"], name="conv_c", pads=[1] * 4),
+        helper.make_node("Add", ["block", "c"], ["joined"], name="join"),
+        bn_node("bn_after", "joined", "output"),
+    ]
+    inits += [init("wc", rng.normal(size=(C, C, 3, 3)).astype(np.float16))]
+    inits += bn_params("bn_after", C, np.float16)
+    scale, shift = _bn_scale_shift(_values(inits), "bn_after")
+    proto = _fp16_model(nodes, inits, inputs=("input", "other"))
+    return proto, kernel * _per_out(scale), bias * scale + shift
+
+
 def _concat_bn_bn() -> tuple[onnx.ModelProto, np.ndarray, np.ndarray]:
     """fp16 Concat(conv_a(x), conv_b(x)) -> bn1 -> bn2: two folds through the Concat.
     Returns conv_a's kernel and bias in float64."""
@@ -397,6 +412,7 @@ def _conv_bn_pool_bn() -> tuple[onnx.ModelProto, np.ndarray, np.ndarray]:
 LANDING_CHAINS = {
     "repvgg-mul-add": (_repvgg_then_mul_add, "conv_k", 6),
     "repvgg-maxpool-bn": (_repvgg_then_pool_bn, "conv_k", 5),
+    "repvgg-add-conv-bn": (_repvgg_plus_conv_then_bn, "conv_k", 5),
     "concat-bn-bn": (_concat_bn_bn, "conv_a", 2),
     "conv-bn-maxpool-bn": (_conv_bn_pool_bn, "conv1", 2),
 }
@@ -492,3 +508,18 @@ def test_balanced_rounding_casts_a_merged_kernel_once_and_balanced(then: str) ->
     balanced = affine.cast_weight(weight, np.dtype(np.float16), layouts.conv())
     assert not np.array_equal(balanced, weight.astype(np.float16))  # the test tells them apart
     assert np.array_equal(got, balanced)
+
+
+@pytest.mark.parametrize("held_bytes", [1 << 30, 0], ids=["held", "recomputed"])
+def test_a_fold_that_overflows_a_merged_kernel_is_refused_alone(held_bytes: int) -> None:
+    """The merge folds; a Mul after it whose products overflow fp16 refuses with
+    BAD_VALUES (checked from the float64 kernel) and stays, the Add after it too."""
+    from bnfold.onnx_front.passes import FoldAffinePass
+
+    proto, _, _ = _repvgg_then_mul_add()
+    gain = next(t for t in proto.graph.initializer if t.name == "gain")
+    gain.CopyFrom(init("gain", np.full((1, C, 1, 1), 60000.0, np.float16)))
+    result = FoldAffinePass(held_bytes=held_bytes)(ir.serde.deserialize_model(proto))
+    assert [r.code for r in result.report.refused] == [Code.BAD_VALUES]
+    assert [f.kind for f in result.report.folded][-1] is FoldKind.REPARAM
+    assert [n.op_type for n in result.model.graph] == ["Conv", "Mul", "Add"]
