@@ -1,11 +1,13 @@
 """What a fold writes into a model, and the exact float64 value behind it.
 
 A folded weight is its original times one factor per fold (:class:`DeferredWeight`),
-computed when it is needed; a folded bias keeps its float64 value beside the
-cast one (:class:`ExactBias`). The tensors the pass puts into the graph carry
-both (:class:`FoldedTensor`, :class:`FoldedBias`), so a later fold of the same op
-(Conv -> BN -> Mul, BN -> Conv -> BN, or another pass over the folded model)
-starts from the exact values: every folded value is still rounded once.
+computed when it is needed; a merged kernel (:mod:`.rules.branch_sum`) is a
+weight whose original is itself a float64 value (:meth:`DeferredWeight.of_exact`).
+A folded bias keeps its float64 value beside the cast one (:class:`ExactBias`).
+The tensors the pass puts into the graph carry both (:class:`FoldedTensor`,
+:class:`FoldedBias`), so a later fold of the same op (Conv -> BN -> Mul,
+BN -> Conv -> BN, a Mul after a merged block, or another pass over the folded
+model) starts from the exact values: every folded value is still rounded once.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from bnfold.affine import (
     Factors,
     cannot_overflow,
     cast_checked,
+    cast_weight,
     product64,
     scaled,
     scaled_blocks,
@@ -55,6 +58,29 @@ class DeferredWeight:
     source: ir.TensorProtocol | None = None
     source_values: np.ndarray | None = None
     values: np.ndarray | None = None
+    # A weight the model never held in its dtype (a merged kernel): the float64
+    # original the factors multiply. ``source_values`` then holds it cast once,
+    # for what needs only W's shape and dtype (see :meth:`of_exact`).
+    exact_source: np.ndarray | None = None
+
+    @classmethod
+    def of_exact(
+        cls, exact: np.ndarray, dtype: np.dtype, balance: WeightLayout | None
+    ) -> DeferredWeight:
+        """A weight computed in float64 (a merged kernel), cast once and held.
+
+        A later fold of the same op multiplies ``exact``, not its rounding, so
+        the weight is still rounded once. Small by nature (a block's kernels),
+        so it is held, never streamed.
+
+        Raises:
+            Unfoldable: a value overflows ``dtype``.
+        """
+        values = cast_weight(exact, dtype, balance)
+        return cls(
+            (), values.dtype, tuple(values.shape), balance,
+            source_values=values, values=values, exact_source=exact,
+        )  # fmt: skip
 
     def then(self, factor: np.ndarray, balance: WeightLayout | None) -> DeferredWeight:
         """This weight folded once more: the same original times one more factor."""
@@ -66,17 +92,21 @@ class DeferredWeight:
         Raises:
             Unfoldable: a folded value overflows the dtype.
         """
-        return replace(self, values=scaled(original, self.factors, self.balance))
+        return replace(self, values=self._cast(original))
 
     def check(self, original: np.ndarray) -> None:
         """Prove the folded values finite, keeping none (``original``: W in hand).
 
         A bound on the products settles almost every weight; only one it cannot
-        clear has its values computed, block by block.
+        clear has its values computed, block by block. A merged kernel is small:
+        its values are computed.
 
         Raises:
             Unfoldable: a folded value overflows the dtype.
         """
+        if self.exact_source is not None:
+            self._cast(original)
+            return
         if cannot_overflow(original, self.factors):
             return
         for _ in scaled_blocks(original, self.factors):
@@ -87,9 +117,19 @@ class DeferredWeight:
         if self.values is not None:
             return self.values
         try:
-            return scaled(self.original(), self.factors, self.balance)
+            return self._cast(self.original())
         finally:
             evict_pages(self.source)
+
+    def _cast(self, original: np.ndarray) -> np.ndarray:
+        """The folded values from ``original`` (W in hand), cast once.
+
+        A merged kernel starts from its float64 value instead: ``original`` is
+        only that value's rounding.
+        """
+        if self.exact_source is not None:
+            return cast_weight(self.exact(), self.dtype, self.balance)
+        return scaled(original, self.factors, self.balance)
 
     def blocks(self, buffers: int = 1) -> Iterator[np.ndarray]:
         """The folded values as consecutive row blocks (see :func:`bnfold.affine.scaled_blocks`).
@@ -104,10 +144,13 @@ class DeferredWeight:
 
     def exact(self) -> np.ndarray:
         """The folded values in float64, before the cast (a whole float64 copy)."""
+        if self.exact_source is not None:
+            exact = self.exact_source
+            return product64(exact, self.factors) if self.factors else exact.copy()
         return product64(self.original(), self.factors)
 
     def original(self) -> np.ndarray:
-        """W before any fold."""
+        """W before any fold (a merged kernel's: its float64 value cast once)."""
         if self.source is not None:
             return self.source.numpy()
         assert self.source_values is not None
@@ -119,7 +162,10 @@ class DeferredWeight:
 
     @property
     def streamable(self) -> bool:
-        """:meth:`blocks` can compute it: no balanced output channel spans several rows."""
+        """:meth:`blocks` can compute it: W is the model's (no merged kernel) and no
+        balanced output channel spans several rows."""
+        if self.exact_source is not None:
+            return False
         return self.balance is None or self.balance.rows_are_out_channels
 
     @property

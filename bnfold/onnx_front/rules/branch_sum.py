@@ -13,7 +13,10 @@ Produces: one Conv (the first of the largest kernel, under its name) whose
           shifts, then times a BN after the sum; it takes over the output and
           name of the top Add (or of that BN). Reported as one ``reparam`` fold,
           one ``identity_tap`` fold per identity BN and an ``adjacent`` one for
-          a BN after the sum. Computed in float64, cast once.
+          a BN after the sum. Computed in float64, cast once (balanced with
+          ``--rounding balanced``); the merged kernel keeps its float64 value,
+          so a fold that lands on the merged conv later (a Mul after the
+          block, a BN through a pool, another pass) still rounds it once.
 Refuses (on each identity BN of the sum; a sum of convs alone is not a BN site):
   BRANCH_MISMATCH  the convs differ in strides, dilations, group or channel
                    counts, use auto_pad, or the identity term needs stride 1 and
@@ -36,10 +39,10 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_ir as ir
 
-from bnfold.affine import Affine, Unfoldable, centred_kernel, identity_kernel
+from bnfold.affine import Affine, Unfoldable, balanced_over, centred_kernel, identity_kernel
 from bnfold.layouts import LayoutError
 from bnfold.onnx_front.constants import is_constant, reads_data
-from bnfold.onnx_front.folded import ExactBias
+from bnfold.onnx_front.folded import DeferredWeight, ExactBias
 from bnfold.onnx_front.graph_edit import drop_if_dead, set_constant_input
 from bnfold.onnx_front.rules.base import (
     FoldPlan,
@@ -83,14 +86,15 @@ class BranchMerge:
 
     tree: SumTree
     survivor: LinearOp
-    weight: ExactBias  # the merged kernel: its float64 value and the one cast
+    weight: DeferredWeight  # the merged kernel: its float64 value and the one cast
     bias: ExactBias
     entries: list[Folded]
     trailing_bn: ir.Node | None = None  # a BN after the sum, folded into the merge
 
     @property
     def plans(self) -> tuple[FoldPlan, ...]:
-        # The merged kernel is computed here, not deferred: a block's few small kernels.
+        # The merged kernel is computed and held here (a block's few small kernels),
+        # not planned against the memory budget.
         return ()
 
     def apply(self, model: ir.Model) -> None:
@@ -144,8 +148,10 @@ def plan_branch_merge(node: ir.Node, ir_version: int, options: MatchOptions) -> 
         weight *= survivor.layout.expand(affine.scale, survivor.weight_shape)
         bias = bias * affine.scale + affine.shift
     dtype = survivor.weight_array.dtype
+    balance = balanced_over(survivor.layout, options.rounding)
     try:
-        cast_weight, cast_bias = ExactBias.of(weight, dtype), ExactBias.of(bias, dtype)
+        cast_weight = DeferredWeight.of_exact(weight, dtype, balance)
+        cast_bias = ExactBias.of(bias, dtype)
     except Unfoldable as err:
         raise Refused(Code.BAD_VALUES, str(err)) from None
     bn_after = None if trailing is None else trailing[0]
