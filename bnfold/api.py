@@ -224,9 +224,8 @@ def fold_file(
         in_place=(output, source) if in_place else None,
         offer_in_place=True,
     )
-    with quiet_ir_logs():  # a malformed graph gets one line, from the check below
+    with quiet_ir_logs():  # a malformed graph gets one line, from _fold_onnx's check
         model = io.load_model(source)
-    require_well_formed(model.graph)  # bad input: refused before folding, verified or not
     keep_external = any(True for _ in io.external_tensors(model))  # before folds replace them
     lower = _lower_form(lower_standalone)
     folded = _fold_onnx(model, clone_shared, rounding, lower)
@@ -248,7 +247,12 @@ def fold_file(
 def _fold_onnx(
     model: ir.Model, clone_shared: bool, rounding: Rounding | str, lower: LowerForm | None
 ) -> FoldPassResult:
-    """Fold to the fixpoint, then lower what is left when ``lower`` asks for it."""
+    """Fold to the fixpoint, then lower what is left when ``lower`` asks for it.
+
+    A graph that cannot be evaluated as written (no outputs, an undefined value, a
+    cycle) is bad input, refused before any rule walks it.
+    """
+    require_well_formed(model.graph)
     result = FoldAffinePass(MatchOptions(clone_shared, _rounding(rounding)))(model)
     assert isinstance(result, FoldPassResult)
     if lower is not None:

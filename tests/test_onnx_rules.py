@@ -525,3 +525,25 @@ def test_crossed_kernels_do_not_merge() -> None:
     result = bnfold.fold(m)
     assert result.report.codes == [Code.UNCENTRED_TAP]
     assert_same_function(m, to_proto(result.model))
+
+
+def test_adds_reading_each_other_in_a_cycle_are_no_branch_sum() -> None:
+    """A damaged graph where two Adds read each other's outputs: the branch-sum rule
+    must answer (the CLI refuses such a graph before folding; the rule must not loop
+    when handed one)."""
+    import onnx_ir as ir
+
+    from bnfold.onnx_front import match
+
+    nodes = [
+        bn_node("bn", "input", "b"),
+        helper.make_node("Add", ["b", "s2"], ["s1"], name="add1"),
+        helper.make_node("Add", ["s1", "input"], ["s2"], name="add2"),
+        helper.make_node("Relu", ["input"], ["output"], name="relu"),
+    ]  # each Add's output is the other's only reader
+    m = model(nodes, bn_params("bn", 3), [("input", [1, 3, 4, 4])], ["output"])
+    graph = ir.from_proto(m).graph
+    outcomes = [match.plan(node, m.ir_version) for node in graph]
+    assert all(not isinstance(o, match.FoldPlan) for o in outcomes)
+    with pytest.raises(bnfold.BnfoldError, match="before it is computed"):
+        bnfold.inspect(m)

@@ -297,7 +297,7 @@ def _collect(
     for value in add.inputs:
         assert value is not None
         producer = value.producer()
-        if producer is None:
+        if producer is None or producer in adds:  # a graph input, or Adds in a cycle
             bare.append(value)
         elif _is_sum(producer, ir_version) and _only_reader_is(value, add):
             _collect(producer, ir_version, adds, leaves, shared, bare)
@@ -338,7 +338,11 @@ def _top_add(bn: ir.Node, ir_version: int) -> ir.Node | None:
     if len(uses) != 1 or uses[0].node.op_type != "Add":
         return None
     add = uses[0].node
+    seen = {add}
     while (reader := _sole_add_reader(add, ir_version)) is not None:
+        if reader in seen:  # Adds reading each other in a cycle: no sum has a top
+            return None
+        seen.add(reader)
         add = reader
     return add
 
