@@ -192,6 +192,37 @@ def folder_rounds(folder: Path, rounds: int) -> dict[str, Any]:
     }
 
 
+def markdown(report: dict[str, Any]) -> str:
+    """The per-model table and the start-up and folder rows, for results/README.md."""
+
+    def fmt(s: dict[str, float]) -> str:
+        return f"{s['median']:.2f} [{s['min']:.2f}, {s['max']:.2f}]"
+
+    lines = [
+        "| model | MB | bnfold --no-verify s | ORT offline s | ratio (wall) | ratio (CPU) "
+        "| verification s | floor s |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for name, m in report["models"].items():
+        wall, summary = m["wall_s"], m["summary"]
+        lines.append(
+            f"| {name.removesuffix('.onnx')} | {m['mb']:.1f} "
+            f"| {wall['bnfold --no-verify']['median']:.2f} "
+            f"| {wall['ort offline basic']['median']:.2f} "
+            f"| {fmt(summary['no_verify / ort (wall)'])} | {fmt(summary['no_verify / ort (cpu)'])} "
+            f"| {summary['verify_s']['median']:.2f} | {summary['verify_floor_s']:.2f} |"
+        )
+    for name, s in report["startup"].items():
+        lines.append(f"\n`{name}`: wall {fmt(s['wall_s'])} s, CPU {fmt(s['cpu_s'])} s")
+    if "folder" in report:
+        f = report["folder"]
+        lines.append(
+            f"\nfolder mode, {f['models']} models: bnfold / ORT per model "
+            f"wall {fmt(f['bnfold / ort (wall)'])}, CPU {fmt(f['bnfold / ort (cpu)'])}"
+        )
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("paths", nargs="+", type=Path)
@@ -207,9 +238,8 @@ def main() -> None:
     report = run_rounds(models, args.rounds, args.samples)
     if args.folder:
         report["folder"] = folder_rounds(args.folder, args.rounds)
-        print(json.dumps(report["folder"], indent=1))
     report["environment"] = {"python": sys.version.split()[0], "cpus": os.cpu_count()}
-    print(json.dumps(report["startup"], indent=1))
+    print(markdown(report))
     if args.out:
         args.out.write_text(json.dumps(report, indent=2) + "\n")
 

@@ -21,7 +21,6 @@ from bnfold.compare import (
     MAX_INPUT_BYTES,
     SiteValue,
     VerifyOptions,
-    quiet_ir_logs,
     require_well_formed,
     verify_onnx,
 )
@@ -175,8 +174,7 @@ def verify_models(original: Any, folded: Any, options: VerifyOptions | None) -> 
     """:func:`verify` for files a user named: each is checked like a loaded model first."""
     for source in (original, folded):
         if isinstance(source, str | os.PathLike):
-            with quiet_ir_logs():  # a malformed graph gets one line, from verify_onnx
-                io.load_model(source)  # one-line errors for bad files, before onnxruntime sees them
+            io.load_model(source)  # one-line errors for bad files, before onnxruntime sees them
     return verify_onnx(original, folded, options)
 
 
@@ -224,8 +222,7 @@ def fold_file(
         in_place=(output, source) if in_place else None,
         offer_in_place=True,
     )
-    with quiet_ir_logs():  # a malformed graph gets one line, from _fold_onnx's check
-        model = io.load_model(source)
+    model = io.load_model(source)
     keep_external = any(True for _ in io.external_tensors(model))  # before folds replace them
     lower = _lower_form(lower_standalone)
     folded = _fold_onnx(model, clone_shared, rounding, lower)

@@ -20,7 +20,6 @@ copies, in memory); each tensor's bound comes from :mod:`bnfold.tolerance`.
 from __future__ import annotations
 
 import contextlib
-import logging
 import math
 import os
 import tempfile
@@ -36,6 +35,7 @@ import onnx_ir as ir
 from bnfold.errors import BnfoldError, first_line
 from bnfold.feeds import InputFiles, expected_of
 from bnfold.onnx_front.cones import Cones, analyse
+from bnfold.onnx_front.io import quiet_ir_logs
 from bnfold.options import MAX_INPUT_BYTES
 from bnfold.report import NotVerified, OutputDiff, VerifyResult
 from bnfold.tolerance import derived_rtol, describe_basis, dtype_name
@@ -363,18 +363,6 @@ def require_well_formed(graph: ir.Graph) -> None:
                 )
             raise BnfoldError(f"the original model is malformed: {where}, which nothing defines")
         defined.update(v.name for v in node.outputs if v.name)
-
-
-@contextlib.contextmanager
-def quiet_ir_logs() -> Iterator[None]:
-    """Silence onnx_ir's log lines: a malformed model gets one error line, from us."""
-    logger = logging.getLogger("onnx_ir")
-    level = logger.level
-    logger.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        logger.setLevel(level)
 
 
 def _load_or_none(path: Path) -> ir.Model | None:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import inspect
+import logging
 import mmap
 import os
 import re
@@ -45,6 +46,23 @@ _ALIGNED: dict[str, Any] = (
 )
 
 
+@contextlib.contextmanager
+def quiet_ir_logs() -> Iterator[None]:
+    """Hold back onnx_ir's warnings while it reads a model.
+
+    It logs what it finds wrong in a damaged graph ("Input ... cannot be found in
+    any scope"); with no logging configured Python prints that to stderr in front
+    of bnfold's own one-line error, which says it better.
+    """
+    logger = logging.getLogger("onnx_ir")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
 def load_model(path: str | os.PathLike[str]) -> ir.Model:
     """Load an ONNX model, external data memory-mapped, after checking it is safe to read.
 
@@ -55,7 +73,8 @@ def load_model(path: str | os.PathLike[str]) -> ir.Model:
     path = Path(path)
     _require_model_file(path)
     try:
-        model = ir.load(path)
+        with quiet_ir_logs():
+            model = ir.load(path)
     except RecursionError:
         raise BnfoldError(f"{path}: not a readable ONNX model (nested too deeply)") from None
     except Exception as err:  # onnx/protobuf/onnx_ir raise assorted types on corrupt input
@@ -76,7 +95,8 @@ def model_from_proto(proto: onnx.ModelProto, base_dir: str | os.PathLike[str] = 
     Raises:
         BnfoldError: as :func:`check_external_data`.
     """
-    model = ir.serde.deserialize_model(proto)
+    with quiet_ir_logs():
+        model = ir.serde.deserialize_model(proto)
     root = Path(base_dir)
     for tensor in external_tensors(model):
         tensor.base_dir = str(root)
