@@ -25,8 +25,8 @@ from bnfold.affine import (
     fold_after,
     fold_before,
 )
-from bnfold.layouts import channel_block
-from bnfold.report import Code, Refusal
+from bnfold.layouts import channel_block, merges_leading_axes
+from bnfold.report import Code, FoldKind, Refusal
 from bnfold.torch_front.graph import Pair
 from bnfold.torch_front.modules import (
     Calls,
@@ -60,6 +60,8 @@ def why_not(root: nn.Module, pair: Pair, roles: Roles, calls: Calls) -> Refusal 
                          reshape: a linear channel would span several BN channels
                          (see :func:`bnfold.layouts.channel_block`), or the
                          calls' shapes differ
+      MERGE_MOVES_CHANNEL  a Linear on ``(B, N, K)`` reshaped to 2-D for a BN,
+                         but not to ``(B*N, C)`` (see :func:`merges_batch`)
       ZERO_PADDING       before: a zero-padded Conv, or a ConvTranspose, with a
                          nonzero shift (the borders would change)
     """
@@ -168,7 +170,42 @@ def _reads_channels(pair: Pair, lin: nn.Module, calls: Calls) -> Found:
 def _feeds_channels(pair: Pair, lin: nn.Module, calls: Calls) -> Found:
     """After, through a reshape: each output channel of the linear op lies inside one BN channel."""
     lin_out, bn_in = calls.out_shape(pair.linear), calls.in_shape(pair.bn)
+    if merges_batch(pair, lin, calls):
+        return _merge_keeps_channels(pair, bn_in, lin_out)  # type: ignore[arg-type]
     return _channels_nest(pair, bn_in, lin_out, lin, out_channels(lin))
+
+
+def fold_kind(root: nn.Module, pair: Pair, calls: Calls) -> FoldKind:
+    """How a checked pair folds: BATCH_MERGE through a batch-merging reshape, else ADJACENT."""
+    return (
+        FoldKind.BATCH_MERGE
+        if merges_batch(pair, _module(root, pair.linear), calls)
+        else (FoldKind.ADJACENT)
+    )
+
+
+def merges_batch(pair: Pair, lin: nn.Module, calls: Calls) -> bool:
+    """An after pair ``Linear(x[B, N, K]) -> reshape to 2-D -> BN``: the batch-merge fold.
+
+    Only ``nn.Linear`` keeps its channels last; a conv's are on axis 1.
+    """
+    lin_out, bn_in = calls.out_shape(pair.linear), calls.in_shape(pair.bn)
+    if pair.before or not pair.between or not isinstance(lin, nn.Linear):
+        return False
+    if lin_out is None or bn_in is None:
+        return False
+    return merges_leading_axes(bn_in, lin_out) is not None
+
+
+def _merge_keeps_channels(pair: Pair, bn_side: tuple[int, ...], lin_side: tuple[int, ...]) -> Found:
+    """The 2-D reshape keeps the Linear's features as the BN's channels (last axis to axis 1)."""
+    if merges_leading_axes(bn_side, lin_side):
+        return None
+    detail = (
+        f"{pair.between} maps {pair.linear}'s {lin_side} to {bn_side}: the BN's "
+        f"{bn_side[1]} channels are not the {lin_side[-1]} features"
+    )
+    return Code.MERGE_MOVES_CHANNEL, detail
 
 
 def _channels_nest(

@@ -35,6 +35,7 @@ from bnfold.layouts import LayoutError
 from bnfold.report import (
     Code,
     Folded,
+    FoldKind,
     FoldReport,
     FoldResult,
     Lowered,
@@ -44,7 +45,7 @@ from bnfold.report import (
 )
 from bnfold.torch_front import verify as checking
 from bnfold.torch_front.census import batchnorm_count, refusal_naming
-from bnfold.torch_front.graph import explain_both, is_nonlinear, site_label
+from bnfold.torch_front.graph import explain_both, is_nonlinear, metadata_only_inputs, site_label
 from bnfold.torch_front.tensors import as_parameter, exact_values, to_float64
 
 aten = torch.ops.aten
@@ -91,6 +92,7 @@ class Site:
     bn: str
     before: bool = False
     between: str = ""  # "flatten", "view", "unsqueeze", ...
+    kind: FoldKind = FoldKind.ADJACENT
 
     @property
     def site(self) -> str:
@@ -114,6 +116,9 @@ def find_sites(gm: fx.GraphModule) -> tuple[list[Site], list[Refusal]]:
       NONLINEAR_INPUT / OP_BETWEEN / STANDALONE   the BN input is not a linear op
       NOT_PER_CHANNEL  the linear output's channels are not on axis 1, or the
                        reshape splits a linear channel over several BN channels
+      MERGE_MOVES_CHANNEL  linear(x[B, N, K]) reshaped to 2-D, but not to
+                       (B*N, C) (a batch merge folds, kind BATCH_MERGE:
+                       :func:`bnfold.layouts.merges_leading_axes`)
       UNSUPPORTED_DTYPE / BAD_SHAPE
       ZERO_PADDING     before: a zero-padded conv or a conv_transpose, nonzero shift
     """
@@ -140,14 +145,26 @@ def _match(gm: fx.GraphModule, bn: fx.Node) -> Site | Refusal:
     if not _is_linear_op(x):
         return _why_not_linear(bn_name, x)
     lin_name = _owner(x.args[1:3]) or x.name
-    site = Site(x.name, bn.name, lin_name, bn_name, between=between)
+    kind = FoldKind.BATCH_MERGE if _merges_batch(x, reader) else FoldKind.ADJACENT
+    site = Site(x.name, bn.name, lin_name, bn_name, between=between, kind=kind)
     if bn.target == aten.batch_norm.default and bn.args[5]:
         return Refusal(site.site, Code.TRAINING_MODE, "batch_norm called with training=True")
     if bn.args[3] is None or bn.args[4] is None:
         return Refusal(site.site, Code.NO_RUNNING_STATS, f"{bn_name} has no running statistics")
-    if found := _check_linear(gm, x, reader) or _check_bn(gm, x, bn, reader):
+    merge = kind is FoldKind.BATCH_MERGE
+    if found := _check_linear(gm, x, reader, merge) or _check_bn(gm, x, bn, reader, merge):
         return Refusal(site.site, *found)
     return site
+
+
+def _merges_batch(lin: fx.Node, reader: fx.Node) -> bool:
+    """``linear(x[B, N, K])`` reshaped to 2-D for the BN: the batch-merge fold.
+
+    Only ``aten.linear`` keeps its channels last; a conv's are on axis 1.
+    """
+    if reader.target not in _RESHAPE_OPS or lin.target != aten.linear.default:
+        return False
+    return layouts.merges_leading_axes(_shape(reader), _shape(lin)) is not None
 
 
 def _reshapes_linear(node: fx.Node) -> bool:
@@ -293,10 +310,14 @@ def _why_not_linear(bn_name: str, x: fx.Node) -> Refusal:
 Found = tuple[Code, str] | None
 
 
-def _check_linear(gm: fx.GraphModule, lin: fx.Node, reader: fx.Node) -> Found:
-    """The linear op: read only by ``reader`` (the BN or a reshape), constant weights."""
-    readers = [u for u in lin.users if u is not reader]
-    if readers or len(lin.users) != 1:
+def _check_linear(gm: fx.GraphModule, lin: fx.Node, reader: fx.Node, merge: bool) -> Found:
+    """The linear op: read only by ``reader`` (the BN or a reshape), constant weights.
+
+    Its channels must be on axis 1, unless ``merge`` (a batch-merging reshape
+    brings its last axis there; :func:`_check_bn` checks that).
+    """
+    readers = [u for u in lin.users if u is not reader and lin not in metadata_only_inputs(u)]
+    if readers:
         return Code.BRANCHING, f"{lin.name} output also read by {[u.name for u in readers]}"
     if reader.target in _RESHAPE_OPS and len(reader.users) != 1:
         return Code.BRANCHING, f"{reader.name} output also read by {len(reader.users) - 1} more"
@@ -307,13 +328,13 @@ def _check_linear(gm: fx.GraphModule, lin: fx.Node, reader: fx.Node) -> Found:
     if not weight.is_floating_point():
         return Code.UNSUPPORTED_DTYPE, f"weight is {weight.dtype}"
     out = lin.meta.get("val")
-    if out is None or out.ndim != weight.ndim:
+    if not merge and (out is None or out.ndim != weight.ndim):
         ndim = None if out is None else out.ndim
         return Code.NOT_PER_CHANNEL, f"{lin.name} output is {ndim}-D; channels must be on axis 1"
     return None
 
 
-def _check_bn(gm: fx.GraphModule, lin: fx.Node, bn: fx.Node, reader: fx.Node) -> Found:
+def _check_bn(gm: fx.GraphModule, lin: fx.Node, bn: fx.Node, reader: fx.Node, merge: bool) -> Found:
     """The BN: only its normalized output read, constant statistics of its channel count."""
     if bn.target != aten.batch_norm.default and any(
         u.target is not operator.getitem or u.args[1] != 0 for u in bn.users
@@ -324,6 +345,15 @@ def _check_bn(gm: fx.GraphModule, lin: fx.Node, bn: fx.Node, reader: fx.Node) ->
         return Code.NOT_CONSTANT, f"{bn.name} parameters are computed"
     if reader is bn:
         channels = layout_of(lin).out_channels(tuple(_fetch(gm, lin.args[1]).shape))
+    elif merge:
+        bn_in, lin_out = _shape(reader), _shape(lin)
+        if not layouts.merges_leading_axes(bn_in, lin_out):
+            detail = (
+                f"{reader.name} maps {lin_out} to {bn_in}: the BN's {bn_in[1]} channels "
+                f"are not the {lin_out[-1]} features"
+            )
+            return Code.MERGE_MOVES_CHANNEL, detail
+        channels = bn_in[1]
     else:
         bn_in, lin_out = _shape(reader), _shape(lin)
         if layouts.channel_block(bn_in, lin_out) is None:
@@ -547,7 +577,15 @@ def fold_graph_module(
                 lower_left(gm, report, lower)
                 verification = check(gm)
         report.folded = [
-            Folded(s.site, _pattern(original, s), s.linear, s.bn, "exported_program", bytes_added=n)
+            Folded(
+                s.site,
+                _pattern(original, s),
+                s.linear,
+                s.bn,
+                "exported_program",
+                bytes_added=n,
+                kind=s.kind,
+            )
             for s, n in added.items()
         ]
         report.ops_after = _op_counts(gm)

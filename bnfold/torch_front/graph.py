@@ -43,7 +43,7 @@ import torch
 from torch import fx, nn
 
 from bnfold.errors import first_line
-from bnfold.report import Code, Refusal
+from bnfold.report import Code, FoldKind, Refusal
 from bnfold.torch_front.modules import BN, LINEAR, Calls, Roles, eval_mode
 
 log = logging.getLogger(__name__)
@@ -59,6 +59,22 @@ _NONLINEAR_TOKENS = {"exp", "log", "abs", "pow", "clamp", "clip", "square", "max
 
 
 _RESHAPE_TOKENS = {"flatten", "unflatten", "view", "reshape", "unsqueeze", "squeeze"}
+# x.reshape_as(y) and friends read y's shape or dtype, never its values.
+_LIKE_OTHER_OPS = {"reshape_as", "view_as", "expand_as", "type_as"}
+
+
+def metadata_only_inputs(n: fx.Node) -> set[fx.Node]:
+    """The nodes ``n`` reads only the shape or dtype of: ``y`` in ``x.reshape_as(y)``.
+
+    LeViT ends ``bn(y.flatten(0, 1)).reshape_as(y)``: ``y`` reaching the
+    ``reshape_as`` is no second reader of its values, so a fold that keeps its
+    shape may change them.
+    """
+    name = n.target if isinstance(n.target, str) else str(n.target)
+    if not set(re.split(r"[^a-z0-9_]+", name.lower())) & _LIKE_OTHER_OPS or len(n.args) < 2:
+        return set()
+    source, other = n.args[0], n.args[1]
+    return {other} if isinstance(other, fx.Node) and other is not source else set()
 
 
 def site_label(linear: str, bn: str, between: str, before: bool) -> str:
@@ -76,6 +92,7 @@ class Pair:
     Either directly or through ``between``: a flatten/view/reshape/(un)squeeze,
     named for the report; whether channels survive it is checked on shapes.
     ``after_refusal`` says why the BN could not fold after (before pairs only).
+    ``kind`` is set once the pair is checked on shapes (a batch-merging reshape).
     """
 
     linear: str
@@ -84,6 +101,7 @@ class Pair:
     before: bool = False
     between: str = ""
     after_refusal: Refusal | None = field(default=None, compare=False)
+    kind: FoldKind = field(default=FoldKind.ADJACENT, compare=False)
 
     @property
     def site(self) -> str:
@@ -662,6 +680,8 @@ def _input_names(
     """Activation inputs of ``n``: earlier nodes we kept (weights/buffers were not kept)."""
     names: list[str] = []
     fx.node.map_arg((n.args, n.kwargs), lambda a: names.append(a.name) or a)  # type: ignore[func-returns-value]
+    shape_only = {a.name for a in metadata_only_inputs(n)}
+    names = [a for a in names if a not in shape_only]
     alias = alias or {}
     return [a for a in dict.fromkeys(alias.get(a, a) for a in names) if a in known]
 
