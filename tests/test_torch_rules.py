@@ -1,0 +1,177 @@
+"""The torch front's folds beyond adjacency: batch-merging reshapes (LeViT), ...
+
+Each fold is checked on an eager module (module-level: the BN becomes
+``nn.Identity``) and on its ``ExportedProgram`` (graph level), against the
+original outputs; each refusal code leaves the outputs as they were.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+torch = pytest.importorskip("torch")
+from torch import nn  # noqa: E402
+
+import bnfold  # noqa: E402
+from bnfold import layouts  # noqa: E402
+from bnfold.report import Code, FoldKind  # noqa: E402
+
+
+def randomize_bn(model: nn.Module, seed: int = 0) -> nn.Module:
+    """Non-trivial statistics and affine in every BN, eval mode."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                c = m.num_features
+                m.running_var.copy_(torch.rand(c, generator=gen) * 1.5 + 0.5)
+                m.running_mean.copy_(torch.randn(c, generator=gen) * 0.5)
+                m.weight.copy_(torch.rand(c, generator=gen) + 0.5)
+                m.bias.copy_(torch.rand(c, generator=gen) - 0.5)
+    return model.eval()
+
+
+def run(model: nn.Module | torch.export.ExportedProgram, x: torch.Tensor) -> torch.Tensor:
+    callable_ = model.module() if isinstance(model, torch.export.ExportedProgram) else model
+    with torch.no_grad():
+        return callable_(x)
+
+
+def fold_on(front: str, model: nn.Module, x: torch.Tensor) -> bnfold.FoldResult:
+    """Fold ``model`` as an eager module or as its ExportedProgram."""
+    if front == "eager":
+        return bnfold.fold(model, example_inputs=(x,))
+    return bnfold.fold(torch.export.export(model, (x,), strict=False))
+
+
+def batch_norms_left(result: bnfold.FoldResult) -> int:
+    model = result.model
+    if isinstance(model, torch.export.ExportedProgram):
+        return sum(1 for n in model.graph.nodes if "batch_norm" in str(n.target))
+    return sum(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
+
+
+FRONTS = ["eager", "exported"]
+
+
+# --- batch merge: Linear(x[B, N, K]) -> flatten(0, 1) -> BN1d(C) -------------------------
+
+
+class LinearNorm(nn.Module):
+    """timm LeViT's LinearNorm: ``bn(linear(x).flatten(0, 1)).reshape_as(x)``."""
+
+    def __init__(self, k: int = 6, c: int = 8, merge=lambda y: y.flatten(0, 1), bn_features=None):
+        super().__init__()
+        self.linear = nn.Linear(k, c, bias=False)
+        self.bn = nn.BatchNorm1d(bn_features or c)
+        self.merge = merge
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.linear(x)
+        return self.bn(self.merge(y)).reshape_as(y)
+
+
+MERGES = {
+    "flatten01": (lambda y: y.flatten(0, 1), (2, 5, 6)),
+    "view_minus1_c": (lambda y: y.view(-1, y.shape[-1]), (2, 5, 6)),
+    "reshape_4d": (lambda y: y.reshape(-1, 8), (2, 3, 4, 6)),
+}
+
+
+@pytest.mark.parametrize("front", FRONTS)
+@pytest.mark.parametrize("merge", list(MERGES), ids=list(MERGES))
+def test_batch_merging_reshape_before_bn1d_folds_into_the_linear(front: str, merge: str) -> None:
+    reshape, shape = MERGES[merge]
+    model, x = randomize_bn(LinearNorm(merge=reshape)), torch.randn(*shape)
+    expected = run(model, x)
+    result = fold_on(front, model, x)
+    assert [f.kind for f in result.report.folded] == [FoldKind.BATCH_MERGE]
+    assert result.report.folded[0].site.startswith("linear -> ")
+    assert result.report.refused == []
+    assert batch_norms_left(result) == 0
+    assert result.verification is not None and result.verification.passed
+    torch.testing.assert_close(run(result.model, x), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_eager_batch_merge_keeps_the_class_and_the_linear_names() -> None:
+    model, x = randomize_bn(LinearNorm()), torch.randn(2, 5, 6)
+    folded = fold_on("eager", model, x).model
+    assert type(folded) is LinearNorm and isinstance(folded.bn, nn.Identity)
+    assert set(folded.state_dict()) == {"linear.weight", "linear.bias"}
+    assert isinstance(model.bn, nn.BatchNorm1d)  # the original is left alone
+
+
+@pytest.mark.parametrize("front", FRONTS)
+def test_linear_on_3d_input_into_bn1d_without_a_merge_stays(front: str) -> None:
+    # BN1d on (B, N, C) normalizes axis 1, the tokens: not the Linear's features,
+    # even when N == C makes the statistics fit (the silent wrong fold).
+    class Direct(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.linear, self.bn = nn.Linear(6, 8), nn.BatchNorm1d(8)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.bn(self.linear(x))
+
+    model, x = randomize_bn(Direct()), torch.randn(2, 8, 6)
+    expected = run(model, x)
+    result = fold_on(front, model, x)
+    assert result.report.folded == []
+    assert [r.code for r in result.report.refused] == [Code.NOT_PER_CHANNEL]
+    torch.testing.assert_close(run(result.model, x), expected, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("front", FRONTS)
+def test_merge_that_moves_the_channel_axis_is_refused(front: str) -> None:
+    # (B, N, C) -> (B, N*C): each BN channel is one (token, feature), not one feature.
+    model = randomize_bn(LinearNorm(merge=lambda y: y.flatten(1), bn_features=5 * 8))
+    x = torch.randn(2, 5, 6)
+    expected = run(model, x)
+    result = fold_on(front, model, x)
+    assert result.report.folded == []
+    assert [r.code for r in result.report.refused] == [Code.MERGE_MOVES_CHANNEL]
+    torch.testing.assert_close(run(result.model, x), expected, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("front", FRONTS)
+def test_linear_output_read_besides_reshape_as_still_branches(front: str) -> None:
+    # reshape_as(y) reads y's shape only; a residual "+ y" reads its values.
+    class Residual(LinearNorm):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            y = self.linear(x)
+            return y + self.bn(y.flatten(0, 1)).reshape_as(y)
+
+    model, x = randomize_bn(Residual()), torch.randn(2, 5, 6)
+    expected = run(model, x)
+    result = fold_on(front, model, x)
+    assert [r.code for r in result.report.refused] == [Code.BRANCHING]
+    torch.testing.assert_close(run(result.model, x), expected, rtol=0, atol=0)
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    lead=st.lists(st.integers(1, 4), min_size=2, max_size=3),
+    c=st.integers(1, 5),
+    seed=st.integers(0, 2**16),
+)
+def test_merges_leading_axes_is_exact_when_it_says_so(lead: list[int], c: int, seed: int) -> None:
+    """A per-feature affine on (..., C) equals one on axis 1 of any 2-D reshape it accepts."""
+    rng = np.random.default_rng(seed)
+    y = rng.standard_normal((*lead, c))
+    scale, shift = rng.standard_normal(c), rng.standard_normal(c)
+    for x_dim in {c, y.size // lead[0]}:
+        merged = (y.size // x_dim, x_dim)
+        verdict = layouts.merges_leading_axes(merged, y.shape)
+        assert verdict is (x_dim == c)
+        if verdict:
+            via_merge = (y.reshape(merged) * scale + shift).reshape(y.shape)
+            np.testing.assert_allclose(via_merge, y * scale + shift)
+
+
+def test_merges_leading_axes_ignores_what_is_no_merge() -> None:
+    assert layouts.merges_leading_axes((10, 8), (10, 8)) is None  # already 2-D: adjacency
+    assert layouts.merges_leading_axes((2, 8, 5), (2, 5, 8)) is None  # not 2-D
+    assert layouts.merges_leading_axes((9, 8), (2, 5, 8)) is None  # other element count
