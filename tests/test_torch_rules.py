@@ -175,3 +175,86 @@ def test_merges_leading_axes_ignores_what_is_no_merge() -> None:
     assert layouts.merges_leading_axes((10, 8), (10, 8)) is None  # already 2-D: adjacency
     assert layouts.merges_leading_axes((2, 8, 5), (2, 5, 8)) is None  # not 2-D
     assert layouts.merges_leading_axes((9, 8), (2, 5, 8)) is None  # other element count
+
+
+# --- through a pool: BN(avg_pool(conv(x))) at graph level -------------------------------
+
+
+class ConvPoolBN(nn.Module):
+    def __init__(self, pool: nn.Module, dims: int = 2) -> None:
+        super().__init__()
+        conv = (nn.Conv1d, nn.Conv2d, nn.Conv3d)[dims - 1]
+        norm = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)[dims - 1]
+        self.conv, self.pool, self.bn = conv(3, 8, 3), pool, norm(8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.bn(self.pool(self.conv(x)))
+
+
+POOLS = {
+    "avg2": (lambda: nn.AvgPool2d(2), 2),
+    "avg3_padded_not_counted": (lambda: nn.AvgPool2d(3, padding=1, count_include_pad=False), 2),
+    "avg2_ceil_not_counted": (lambda: nn.AvgPool2d(3, ceil_mode=True, count_include_pad=False), 2),
+    "adaptive1": (lambda: nn.AdaptiveAvgPool2d(1), 2),
+    "adaptive_3x2": (lambda: nn.AdaptiveAvgPool2d((3, 2)), 2),
+    "avg1d": (lambda: nn.AvgPool1d(2), 1),
+    "adaptive3d": (lambda: nn.AdaptiveAvgPool3d(2), 3),
+}
+
+
+def pool_input(dims: int) -> torch.Tensor:
+    return torch.randn(2, 3, *([9] * dims))
+
+
+@pytest.mark.parametrize("pool", list(POOLS), ids=list(POOLS))
+def test_bn_after_an_average_pool_folds_into_the_conv_before_it(pool: str) -> None:
+    make, dims = POOLS[pool]
+    model, x = randomize_bn(ConvPoolBN(make(), dims)), pool_input(dims)
+    expected = run(model, x)
+    result = fold_on("exported", model, x)
+    assert [f.kind for f in result.report.folded] == [FoldKind.THROUGH_POOL]
+    assert result.report.refused == []
+    assert batch_norms_left(result) == 0
+    torch.testing.assert_close(run(result.model, x), expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "pool",
+    [
+        nn.AvgPool2d(3, padding=1),  # count_include_pad=True by default
+        nn.AvgPool2d(3, ceil_mode=True),
+        nn.AvgPool2d(2, divisor_override=3),
+    ],
+    ids=["counted_padding", "counted_ceil", "divisor_override"],
+)
+def test_pool_that_divides_by_more_than_its_elements_refuses_a_shift(pool: nn.Module) -> None:
+    model, x = randomize_bn(ConvPoolBN(pool)), pool_input(2)
+    expected = run(model, x)
+    result = fold_on("exported", model, x)
+    assert result.report.folded == []
+    assert [r.code for r in result.report.refused] == [Code.POOL_PADDING]
+    torch.testing.assert_close(run(result.model, x), expected, rtol=0, atol=0)
+
+
+def test_counted_padding_passes_a_pure_scale() -> None:
+    # Zeros padded in stay zeros under a scale: only a shift would be mis-averaged.
+    model = randomize_bn(ConvPoolBN(nn.AvgPool2d(3, padding=1)))
+    with torch.no_grad():
+        model.bn.bias.zero_()
+        model.bn.running_mean.zero_()
+    x = pool_input(2)
+    expected = run(model, x)
+    result = fold_on("exported", model, x)
+    assert [f.kind for f in result.report.folded] == [FoldKind.THROUGH_POOL]
+    torch.testing.assert_close(run(result.model, x), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_pooled_conv_output_read_elsewhere_branches() -> None:
+    class Both(ConvPoolBN):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            y = self.conv(x)
+            return self.bn(self.pool(y)), y
+
+    model, x = randomize_bn(Both(nn.AvgPool2d(2))), pool_input(2)
+    result = fold_on("exported", model, x)
+    assert [r.code for r in result.report.refused] == [Code.BRANCHING]

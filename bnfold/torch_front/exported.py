@@ -79,6 +79,19 @@ _RESHAPE_OPS: dict[Any, str] = {
     aten.squeeze.default: "squeeze",
 }
 
+# Pools a per-channel affine passes through: each window reads one channel and
+# averages it (a constant's average is that constant unless padded zeros count).
+_AVERAGE_POOLS: dict[Any, str] = {
+    aten.avg_pool1d.default: "avg_pool1d",
+    aten.avg_pool2d.default: "avg_pool2d",
+    aten.avg_pool3d.default: "avg_pool3d",
+    aten.adaptive_avg_pool1d.default: "adaptive_avg_pool1d",
+    aten.adaptive_avg_pool2d.default: "adaptive_avg_pool2d",
+    aten.adaptive_avg_pool3d.default: "adaptive_avg_pool3d",
+    aten._adaptive_avg_pool2d.default: "adaptive_avg_pool2d",
+    aten._adaptive_avg_pool3d.default: "adaptive_avg_pool3d",
+}
+
 
 @dataclass(frozen=True)
 class Site:
@@ -107,7 +120,9 @@ def find_sites(gm: fx.GraphModule) -> tuple[list[Site], list[Refusal]]:
               conv*/conv_transpose*/linear(batch_norm(x), W, B?). Either
               also through one reshape (view, flatten, (un)squeeze) when each
               linear channel lies inside one BN channel
-              (:func:`bnfold.layouts.channel_block`).
+              (:func:`bnfold.layouts.channel_block`). After: also
+              batch_norm(avg_pool*d | adaptive_avg_pool*d(conv*(x))), the pool
+              left in place and the BN folded into the conv before it.
     Refuses:
       TRAINING_MODE    batch_norm with training=True
       NO_RUNNING_STATS running_mean/var missing
@@ -116,6 +131,10 @@ def find_sites(gm: fx.GraphModule) -> tuple[list[Site], list[Refusal]]:
       NONLINEAR_INPUT / OP_BETWEEN / STANDALONE   the BN input is not a linear op
       NOT_PER_CHANNEL  the linear output's channels are not on axis 1, or the
                        reshape splits a linear channel over several BN channels
+      POOL_PADDING     through an average pool (kind THROUGH_POOL): it counts
+                       padded zeros (count_include_pad with padding or
+                       ceil_mode) or has a divisor_override, and the shift is
+                       nonzero; adaptive average pools always pass
       MERGE_MOVES_CHANNEL  linear(x[B, N, K]) reshaped to 2-D, but not to
                        (B*N, C) (a batch merge folds, kind BATCH_MERGE:
                        :func:`bnfold.layouts.merges_leading_axes`)
@@ -142,10 +161,12 @@ def _match(gm: fx.GraphModule, bn: fx.Node) -> Site | Refusal:
     reader, between = bn, ""  # reader: what reads the linear op's output
     if _reshapes_linear(x):
         reader, between, x = x, _RESHAPE_OPS[x.target], _arg_node(x.args[0])
+    elif _pools_conv(x):
+        reader, between, x = x, _AVERAGE_POOLS[x.target], _arg_node(x.args[0])
     if not _is_linear_op(x):
         return _why_not_linear(bn_name, x)
     lin_name = _owner(x.args[1:3]) or x.name
-    kind = FoldKind.BATCH_MERGE if _merges_batch(x, reader) else FoldKind.ADJACENT
+    kind = _fold_kind(x, reader)
     site = Site(x.name, bn.name, lin_name, bn_name, between=between, kind=kind)
     if bn.target == aten.batch_norm.default and bn.args[5]:
         return Refusal(site.site, Code.TRAINING_MODE, "batch_norm called with training=True")
@@ -155,6 +176,56 @@ def _match(gm: fx.GraphModule, bn: fx.Node) -> Site | Refusal:
     if found := _check_linear(gm, x, reader, merge) or _check_bn(gm, x, bn, reader, merge):
         return Refusal(site.site, *found)
     return site
+
+
+def _fold_kind(lin: fx.Node, reader: fx.Node) -> FoldKind:
+    if reader.target in _AVERAGE_POOLS:
+        return FoldKind.THROUGH_POOL
+    return FoldKind.BATCH_MERGE if _merges_batch(lin, reader) else FoldKind.ADJACENT
+
+
+def _pools_conv(node: fx.Node) -> bool:
+    """An average pool of a conv's output (channels on axis 1, which pools keep)."""
+    source = node.args[0] if node.args else None
+    return (
+        node.target in _AVERAGE_POOLS
+        and isinstance(source, fx.Node)
+        and _is_linear_op(source)
+        and source.target != aten.linear.default
+    )
+
+
+def _check_pool(gm: fx.GraphModule, pool: fx.Node, bn: fx.Node) -> Found:
+    """``pool(affine(y)) == affine(pool(y))``: always for the scale; the shift too
+    unless a window divides by more than its real elements (padded zeros counted,
+    or a ``divisor_override``)."""
+    if _AVERAGE_POOLS[pool.target].startswith("adaptive"):
+        return None
+    try:
+        shift = _bn_affine(gm, bn).shift
+    except Unfoldable:
+        return None  # apply_site reports it as BAD_VALUES
+    if not np.any(shift != 0):
+        return None
+    # avg_pool{1,2,3}d(x, kernel, stride=[], padding=0, ceil_mode=False,
+    # count_include_pad=True, divisor_override=None)
+    args = list(pool.args) + [None] * (7 - len(pool.args))
+    padding = args[3] if args[3] is not None else pool.kwargs.get("padding", 0)
+    ceil_mode = bool(args[4] if args[4] is not None else pool.kwargs.get("ceil_mode", False))
+    include = args[5] if args[5] is not None else pool.kwargs.get("count_include_pad", True)
+    divisor = args[6] if args[6] is not None else pool.kwargs.get("divisor_override")
+    padded = any(int(p) for p in (padding if isinstance(padding, list | tuple) else [padding]))
+    if divisor is not None:
+        return (
+            Code.POOL_PADDING,
+            f"{pool.name} divides by divisor_override={divisor}: the shift would scale",
+        )
+    if include and (padded or ceil_mode):
+        return Code.POOL_PADDING, (
+            f"{pool.name} counts padded zeros in its average (count_include_pad=True with "
+            "padding or ceil_mode): the shift would not pass"
+        )
+    return None
 
 
 def _merges_batch(lin: fx.Node, reader: fx.Node) -> bool:
@@ -319,7 +390,7 @@ def _check_linear(gm: fx.GraphModule, lin: fx.Node, reader: fx.Node, merge: bool
     readers = [u for u in lin.users if u is not reader and lin not in metadata_only_inputs(u)]
     if readers:
         return Code.BRANCHING, f"{lin.name} output also read by {[u.name for u in readers]}"
-    if reader.target in _RESHAPE_OPS and len(reader.users) != 1:
+    if reader.target not in _BN_OPS and len(reader.users) != 1:
         return Code.BRANCHING, f"{reader.name} output also read by {len(reader.users) - 1} more"
     params = [a for a in lin.args[1:3] if a is not None]
     if not all(isinstance(p, fx.Node) and p.op == "get_attr" for p in params):
@@ -343,8 +414,10 @@ def _check_bn(gm: fx.GraphModule, lin: fx.Node, bn: fx.Node, reader: fx.Node, me
     stats = bn.args[1:5]
     if not all(s is None or (isinstance(s, fx.Node) and s.op == "get_attr") for s in stats):
         return Code.NOT_CONSTANT, f"{bn.name} parameters are computed"
-    if reader is bn:
+    if reader is bn or reader.target in _AVERAGE_POOLS:  # a pool keeps every channel
         channels = layout_of(lin).out_channels(tuple(_fetch(gm, lin.args[1]).shape))
+        if reader is not bn and (found := _check_pool(gm, reader, bn)):
+            return found
     elif merge:
         bn_in, lin_out = _shape(reader), _shape(lin)
         if not layouts.merges_leading_axes(bn_in, lin_out):
