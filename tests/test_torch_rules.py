@@ -258,3 +258,112 @@ def test_pooled_conv_output_read_elsewhere_branches() -> None:
     model, x = randomize_bn(Both(nn.AvgPool2d(2))), pool_input(2)
     result = fold_on("exported", model, x)
     assert [r.code for r in result.report.refused] == [Code.BRANCHING]
+
+
+# --- over a join: BN(add(conv_a, conv_b)), BN(cat([conv_a, conv_b], 1)) at graph level ----
+
+
+class Join(nn.Module):
+    """Two convs on different inputs, summed or concatenated, then one BN."""
+
+    def __init__(self, join: str = "add", b_channels: int = 8, bn_channels: int | None = None):
+        super().__init__()
+        self.a = nn.Conv2d(3, 8, 3, padding=1)
+        self.b = nn.Conv2d(4, b_channels, 1, bias=False)
+        default = 8 + b_channels if join == "cat" else 8
+        self.bn = nn.BatchNorm2d(bn_channels or default)
+        self.join = join
+
+    def joined(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return torch.cat([a, b], 1) if self.join == "cat" else a + b
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return self.bn(self.joined(self.a(x), self.b(y)))
+
+
+JOIN_INPUTS = (torch.randn(2, 3, 6, 6), torch.randn(2, 4, 6, 6))
+
+
+def fold_program(model: nn.Module, args: tuple[torch.Tensor, ...]) -> bnfold.FoldResult:
+    return bnfold.fold(torch.export.export(model, args, strict=False))
+
+
+def run_program(result: bnfold.FoldResult, args: tuple[torch.Tensor, ...]) -> torch.Tensor:
+    with torch.no_grad():
+        return result.model.module()(*args)
+
+
+@pytest.mark.parametrize(
+    ("join", "b_channels", "kind"),
+    [
+        ("add", 8, FoldKind.OVER_ADD),
+        ("cat", 8, FoldKind.OVER_CONCAT),
+        ("cat", 5, FoldKind.OVER_CONCAT),
+    ],
+)
+def test_bn_after_a_join_of_two_convs_folds_into_both(join: str, b_channels: int, kind) -> None:
+    model = randomize_bn(Join(join, b_channels))
+    with torch.no_grad():
+        expected = model(*JOIN_INPUTS)
+    result = fold_program(model, JOIN_INPUTS)
+    assert [(f.kind, f.site) for f in result.report.folded] == [(kind, f"a, b -> {join} -> bn")]
+    assert result.report.refused == []
+    assert batch_norms_left(result) == 0
+    assert result.verification is not None and result.verification.passed
+    torch.testing.assert_close(run_program(result, JOIN_INPUTS), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_add_gives_the_shift_to_one_conv_only() -> None:
+    # The bias-free conv b gets a bias of zero (scale * 0), a the whole shift.
+    model = randomize_bn(Join("add"))
+    folded = fold_program(model, JOIN_INPUTS).model.module()
+    bias_b = dict(folded.named_parameters())["b.bias"]
+    assert torch.count_nonzero(bias_b) == 0
+
+
+def join_refusal(model: nn.Module, args: tuple[torch.Tensor, ...] = JOIN_INPUTS) -> list[Code]:
+    with torch.no_grad():
+        expected = model(*args)
+    result = fold_program(model, args)
+    assert result.report.folded == []
+    torch.testing.assert_close(run_program(result, args), expected, rtol=0, atol=0)
+    return [r.code for r in result.report.refused]
+
+
+def test_join_with_a_term_that_is_not_a_linear_op_is_refused() -> None:
+    class WithResidual(Join):
+        def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+            return self.bn(self.joined(self.a(x), torch.relu(self.b(y))))
+
+    assert join_refusal(randomize_bn(WithResidual())) == [Code.NOT_LINEAR_TERM]
+
+
+def test_join_of_one_conv_twice_is_refused() -> None:
+    class Twice(Join):
+        def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+            a = self.a(x)
+            return self.bn(self.joined(a, a))
+
+    assert join_refusal(randomize_bn(Twice())) == [Code.NOT_LINEAR_TERM]
+
+
+def test_conv_output_read_outside_the_join_branches() -> None:
+    class Leaky(Join):
+        def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+            a = self.a(x)
+            return self.bn(self.joined(a, self.b(y))), a
+
+    assert join_refusal(randomize_bn(Leaky())) == [Code.BRANCHING]
+
+
+def test_cat_over_another_axis_is_not_per_channel() -> None:
+    class Wide(Join):
+        def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+            return self.bn(torch.cat([self.a(x), self.b(y)], 3))
+
+    assert join_refusal(randomize_bn(Wide("add"))) == [Code.NOT_PER_CHANNEL]
+
+
+def test_sum_of_convs_of_other_widths_is_a_bad_shape() -> None:
+    # (N, 1, H, W) + (N, 8, H, W) broadcasts; one channel of b feeds eight BN channels.
+    assert join_refusal(randomize_bn(Join("add", b_channels=1))) == [Code.BAD_SHAPE]
