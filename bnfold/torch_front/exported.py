@@ -170,9 +170,9 @@ def find_sites(gm: fx.GraphModule) -> tuple[list[AnySite], list[Refusal]]:
       NOT_PER_CHANNEL  the linear output's channels are not on axis 1, or the
                        reshape splits a linear channel over several BN channels
       POOL_PADDING     through an average pool (kind THROUGH_POOL): it counts
-                       padded zeros (count_include_pad with padding or
-                       ceil_mode) or has a divisor_override, and the shift is
-                       nonzero; adaptive average pools always pass
+                       padded zeros (count_include_pad with padding) or has a
+                       divisor_override, and the shift is nonzero; adaptive
+                       average pools always pass
       MERGE_MOVES_CHANNEL  linear(x[B, N, K]) reshaped to 2-D, but not to
                        (B*N, C) (a batch merge folds, kind BATCH_MERGE:
                        :func:`bnfold.layouts.merges_leading_axes`)
@@ -247,25 +247,31 @@ def _check_pool(gm: fx.GraphModule, pool: fx.Node, bn: fx.Node) -> Found:
         return None  # apply_site reports it as BAD_VALUES
     if not np.any(shift != 0):
         return None
-    # avg_pool{1,2,3}d(x, kernel, stride=[], padding=0, ceil_mode=False,
-    # count_include_pad=True, divisor_override=None)
-    args = list(pool.args) + [None] * (7 - len(pool.args))
-    padding = args[3] if args[3] is not None else pool.kwargs.get("padding", 0)
-    ceil_mode = bool(args[4] if args[4] is not None else pool.kwargs.get("ceil_mode", False))
-    include = args[5] if args[5] is not None else pool.kwargs.get("count_include_pad", True)
-    divisor = args[6] if args[6] is not None else pool.kwargs.get("divisor_override")
-    padded = any(int(p) for p in (padding if isinstance(padding, list | tuple) else [padding]))
+    padding = _pool_arg(pool, 3, "padding", 0)
+    counts_pad = bool(_pool_arg(pool, 5, "count_include_pad", True))
+    divisor = _pool_arg(pool, 6, "divisor_override", None)
+    padded = any(int(p) for p in (padding if isinstance(padding, list | tuple) else [padding]))  # type: ignore[arg-type]
     if divisor is not None:
         return (
             Code.POOL_PADDING,
             f"{pool.name} divides by divisor_override={divisor}: the shift would scale",
         )
-    if include and (padded or ceil_mode):
+    # ceil_mode alone is harmless here: torch clips a window that overruns the
+    # padded input and divides by what is left (a constant averages to itself).
+    if counts_pad and padded:
         return Code.POOL_PADDING, (
-            f"{pool.name} counts padded zeros in its average (count_include_pad=True with "
-            "padding or ceil_mode): the shift would not pass"
+            f"{pool.name} counts padded zeros in its average (count_include_pad=True "
+            "with padding): the shift would not pass"
         )
     return None
+
+
+def _pool_arg(pool: fx.Node, index: int, name: str, default: Any) -> Any:
+    """An argument of ``avg_pool{1,2,3}d(x, kernel, stride=[], padding=0,
+    ceil_mode=False, count_include_pad=True, divisor_override=None)``."""
+    if len(pool.args) > index:
+        return pool.args[index]
+    return pool.kwargs.get(name, default)
 
 
 def _merges_batch(lin: fx.Node, reader: fx.Node) -> bool:
