@@ -384,3 +384,36 @@ def test_a_join_fold_that_changes_the_outputs_is_rolled_back(monkeypatch) -> Non
     assert [r.code for r in result.report.refused] == [Code.VERIFICATION_FAILED]
     assert result.verification is not None and result.verification.passed
     torch.testing.assert_close(run_program(result, JOIN_INPUTS), expected, rtol=0, atol=0)
+
+
+# --- eval-mode dropout between a BN and the Linear after it (timm's NormLinear) ----------
+
+
+class NormLinear(nn.Module):
+    """timm LeViT's head: ``linear(drop(bn(x.mean(1))))``; the mean leaves BN nothing before."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.bn, self.drop, self.linear = nn.BatchNorm1d(8), nn.Dropout(0.1), nn.Linear(8, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear(self.drop(self.bn(x.mean(1))))
+
+
+@pytest.mark.parametrize("front", FRONTS)
+def test_bn_folds_into_the_linear_after_an_eval_dropout(front: str) -> None:
+    model, x = randomize_bn(NormLinear()), torch.randn(2, 5, 8)
+    expected = run(model, x)
+    result = fold_on(front, model, x)
+    assert [f.site for f in result.report.folded] == ["bn -> linear"]
+    assert batch_norms_left(result) == 0
+    torch.testing.assert_close(run(result.model, x), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_a_dropout_left_training_is_not_looked_through() -> None:
+    # Dropout(s*x + t) drops the shift too: in training it is no identity.
+    model, x = randomize_bn(NormLinear()), torch.randn(2, 5, 8)
+    model.drop.train()
+    result = fold_on("eager", model, x)
+    assert result.report.folded == []
+    assert isinstance(result.model.bn, nn.BatchNorm1d)

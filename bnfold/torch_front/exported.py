@@ -47,7 +47,13 @@ from bnfold.report import (
 )
 from bnfold.torch_front import verify as checking
 from bnfold.torch_front.census import batchnorm_count, refusal_naming
-from bnfold.torch_front.graph import explain_both, is_nonlinear, metadata_only_inputs, site_label
+from bnfold.torch_front.graph import (
+    explain_both,
+    is_eval_dropout,
+    is_nonlinear,
+    metadata_only_inputs,
+    site_label,
+)
 from bnfold.torch_front.tensors import as_parameter, exact_values, to_float64
 
 aten = torch.ops.aten
@@ -374,7 +380,7 @@ def _match_before(gm: fx.GraphModule, bn: fx.Node) -> Site | Refusal | None:
     source, between = out, ""
     if reader.target in _RESHAPE_OPS and len(reader.users) == 1:
         source, between, reader = reader, _RESHAPE_OPS[reader.target], next(iter(reader.users))
-    elif _copies_values(reader) and len(reader.users) == 1:
+    elif (_copies_values(reader) or is_eval_dropout(reader)) and len(reader.users) == 1:
         source, reader = reader, next(iter(reader.users))
     if not _is_linear_op(reader) or reader.args[0] is not source or source in reader.args[1:]:
         return None

@@ -18,7 +18,7 @@ fold into the op before it (after a ReLU, say, as in pre-activation nets) may
 fold into the op after it: ``BN -> linear`` or ``BN -> flatten -> Linear``,
 when that op is the BN's only reader (a "before" pair). A pair that runs
 several times folds when every call is the same pair. ``nn.Identity`` (what a
-folded BN becomes) is looked through.
+folded BN becomes) and eval-mode dropout are looked through.
 
 Export and fx graphs are reduced to one small node graph (:class:`Node`), and
 one function (:func:`match_graph`) finds the pairs in it.
@@ -554,17 +554,39 @@ def _export_graph(root: nn.Module, args: tuple[Any, ...], roles: Roles) -> Trace
     params = dict(sig.inputs_to_parameters)
     traced = Traced({})
     nodes = traced.nodes
+    alias: dict[str, str] = {}  # eval-mode dropout -> the node it passes on
     for n in ep.graph.nodes:
         if n.op == "placeholder" and n.name in user_inputs:
             nodes[n.name] = Node(None, "input", [])
+        elif _eval_dropout_module(root, n) and len(ins := _input_names(n, nodes, alias)) == 1:
+            alias[n.name] = ins[0]
         elif n.op == "call_function":
             owner, call = _export_owner(n, roles)
-            nodes[n.name] = Node(owner, str(n.target), _input_names(n, nodes), call)
+            nodes[n.name] = Node(owner, str(n.target), _input_names(n, nodes, alias), call)
             traced.outside_reads |= _params_read_outside(n, owner, params, roles)
         elif n.op == "output":
-            _mark_outputs(n, nodes)
+            _mark_outputs(n, nodes, alias)
     _link_users(nodes)
     return traced
+
+
+_DROPOUTS = ("aten.dropout.default", "aten.feature_dropout.default", "aten.alpha_dropout.default")
+
+
+def is_eval_dropout(n: fx.Node) -> bool:
+    """A dropout traced with ``train=False``, the identity (timm NormLinear: BN, drop, fc)."""
+    return (
+        n.op == "call_function" and str(n.target) in _DROPOUTS and len(n.args) > 2 and not n.args[2]
+    )
+
+
+def _eval_dropout_module(root: nn.Module, n: fx.Node) -> bool:
+    """An eval dropout, and (export traces in eval mode) not from a module left training."""
+    if not is_eval_dropout(n):
+        return False
+    stack = list((n.meta.get("nn_module_stack") or {}).values())
+    owner = root.get_submodule(stack[-1][0]) if stack else None
+    return not (isinstance(owner, nn.modules.dropout._DropoutNd) and owner.training)
 
 
 def _params_read_outside(
@@ -671,7 +693,12 @@ def _fx_op_name(root: nn.Module, n: fx.Node) -> str:
 
 
 def _is_identity(root: nn.Module, n: fx.Node) -> bool:
-    return n.op == "call_module" and type(root.get_submodule(str(n.target))) is nn.Identity
+    """An ``nn.Identity`` (a folded BN) or a dropout module in eval mode."""
+    if n.op != "call_module":
+        return False
+    m = root.get_submodule(str(n.target))
+    dropout = isinstance(m, nn.modules.dropout._DropoutNd) and not m.training
+    return type(m) is nn.Identity or dropout
 
 
 def _input_names(
