@@ -417,3 +417,45 @@ def test_a_dropout_left_training_is_not_looked_through() -> None:
     result = fold_on("eager", model, x)
     assert result.report.folded == []
     assert isinstance(result.model.bn, nn.BatchNorm1d)
+
+
+# --- a BN subclass that does more than normalize (timm's BatchNormAct2d) -----------------
+
+
+class BatchNormAct2d(nn.BatchNorm2d):
+    """BN then an activation child, in one module, as timm builds its nets."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__(channels)
+        self.act = nn.ReLU()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act(super().forward(x))
+
+
+class ConvBnAct(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(3, 8, 3), BatchNormAct2d(8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.bn(self.conv(x))
+
+
+def test_eager_bn_subclass_with_an_activation_child_is_refused() -> None:
+    # As nn.Identity it would drop the ReLU: refused up front, not left to verification.
+    model, x = randomize_bn(ConvBnAct()), pool_input(2)
+    expected = run(model, x)
+    result = fold_on("eager", model, x)
+    assert [r.code for r in result.report.refused] == [Code.PARAMETRIZED]
+    assert "BatchNormAct2d overrides forward()" in result.report.refused[0].detail
+    torch.testing.assert_close(run(result.model, x), expected, rtol=0, atol=0)
+
+
+def test_exported_bn_subclass_with_an_activation_child_folds() -> None:
+    # In the aten graph it is batch_norm then relu: the batch_norm folds, the relu stays.
+    model, x = randomize_bn(ConvBnAct()), pool_input(2)
+    expected = run(model, x)
+    result = fold_on("exported", model, x)
+    assert [f.site for f in result.report.folded] == ["conv -> bn"]
+    torch.testing.assert_close(run(result.model, x), expected, rtol=1e-5, atol=1e-5)

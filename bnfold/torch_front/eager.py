@@ -50,6 +50,8 @@ def why_not(root: nn.Module, pair: Pair, roles: Roles, calls: Calls) -> Refusal 
       NO_RUNNING_STATS   track_running_stats=False or running_mean/var missing
       PARAMETRIZED       parametrized, tied or non-Parameter weight/bias, a module
                          registered at several paths, or an overridden forward()
+                         (of the linear module, or of a BN subclass with
+                         submodules such as timm's BatchNormAct2d)
       HOOKED             forward (pre-)hooks on either module
       UNSUPPORTED_DTYPE  the weight is not floating point
       BAD_SHAPE          BN statistics do not match the linear output channels
@@ -66,7 +68,7 @@ def why_not(root: nn.Module, pair: Pair, roles: Roles, calls: Calls) -> Refusal 
                          nonzero shift (the borders would change)
     """
     lin, bn = _module(root, pair.linear), _module(root, pair.bn)
-    for check in (_training, _running_stats, _parametrized, _hooks, _dtype):
+    for check in (_training, _running_stats, _parametrized, _bn_does_more, _hooks, _dtype):
         if found := check(pair, lin, bn, roles):
             return Refusal(pair.site, *found)
     if pair.before:
@@ -112,6 +114,21 @@ def _parametrized(pair: Pair, lin: nn.Module, bn: nn.Module, roles: Roles) -> Fo
         if name not in lin._parameters:
             return Code.PARAMETRIZED, f"{pair.linear}.{name} is computed, not a Parameter"
     return _tied(pair, lin, roles)
+
+
+def _bn_does_more(pair: Pair, _lin: nn.Module, bn: nn.Module, _roles: Roles) -> Found:
+    """A BatchNorm subclass with its own forward and submodules (timm's BatchNormAct2d:
+    BN, then its ``act``): becoming ``nn.Identity`` would drop what the children do."""
+    if not isinstance(bn, nn.modules.batchnorm._BatchNorm) or not any(True for _ in bn.children()):
+        return None
+    if type(bn).forward in (nn.modules.batchnorm._BatchNorm.forward, nn.SyncBatchNorm.forward):
+        return None
+    children = ", ".join(name for name, _ in bn.named_children())
+    detail = (
+        f"{type(bn).__name__} overrides forward() and has submodules ({children}); "
+        "fold it as an exported program (bnfold.fold(torch.export.export(model, args)))"
+    )
+    return Code.PARAMETRIZED, detail
 
 
 def _tied(pair: Pair, lin: nn.Module, roles: Roles) -> Found:

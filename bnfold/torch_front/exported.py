@@ -307,8 +307,10 @@ def _match_join(gm: fx.GraphModule, bn: fx.Node) -> JoinSite | Refusal | None:
     terms' channels do not make the BN's), and the checks of every after-fold.
     """
     join = _arg_node(bn.args[0])
-    if join.op != "call_function" or join.target not in _JOIN_OPS:
+    if join.op != "call_function" or join.target not in _JOIN_OPS or _uses_batch_stats(bn):
         return None
+    if bn.args[3] is None or bn.args[4] is None:
+        return None  # no statistics: the BN's own refusal says so
     kind = _JOIN_OPS[join.target]
     terms = _join_terms(join)
     if kind == "add" and (len(join.args) != 2 or join.kwargs.get("alpha", 1) != 1):
@@ -324,10 +326,6 @@ def _match_join(gm: fx.GraphModule, bn: fx.Node) -> JoinSite | Refusal | None:
         bn_name,
         kind,
     )
-    if bn.target == aten.batch_norm.default and bn.args[5]:
-        return Refusal(site.site, Code.TRAINING_MODE, "batch_norm called with training=True")
-    if bn.args[3] is None or bn.args[4] is None:
-        return Refusal(site.site, Code.NO_RUNNING_STATS, f"{bn_name} has no running statistics")
     if found := _check_join(gm, join, bn, terms):
         return Refusal(site.site, *found)
     return site
