@@ -425,18 +425,18 @@ def test_a_dropout_left_training_is_not_looked_through() -> None:
 class BatchNormAct2d(nn.BatchNorm2d):
     """BN then an activation child, in one module, as timm builds its nets."""
 
-    def __init__(self, channels: int) -> None:
+    def __init__(self, channels: int, act: bool = True) -> None:
         super().__init__(channels)
-        self.act = nn.ReLU()
+        self.act = nn.ReLU() if act else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.act(super().forward(x))
 
 
 class ConvBnAct(nn.Module):
-    def __init__(self) -> None:
+    def __init__(self, act: bool = True) -> None:
         super().__init__()
-        self.conv, self.bn = nn.Conv2d(3, 8, 3), BatchNormAct2d(8)
+        self.conv, self.bn = nn.Conv2d(3, 8, 3), BatchNormAct2d(8, act)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.bn(self.conv(x))
@@ -448,7 +448,7 @@ def test_eager_bn_subclass_with_an_activation_child_is_refused() -> None:
     expected = run(model, x)
     result = fold_on("eager", model, x)
     assert [r.code for r in result.report.refused] == [Code.PARAMETRIZED]
-    assert "BatchNormAct2d overrides forward()" in result.report.refused[0].detail
+    assert "BatchNormAct2d overrides forward() and runs act" in result.report.refused[0].detail
     torch.testing.assert_close(run(result.model, x), expected, rtol=0, atol=0)
 
 
@@ -457,5 +457,13 @@ def test_exported_bn_subclass_with_an_activation_child_folds() -> None:
     model, x = randomize_bn(ConvBnAct()), pool_input(2)
     expected = run(model, x)
     result = fold_on("exported", model, x)
+    assert [f.site for f in result.report.folded] == ["conv -> bn"]
+    torch.testing.assert_close(run(result.model, x), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_eager_bn_subclass_whose_children_are_identities_folds() -> None:
+    model, x = randomize_bn(ConvBnAct(act=False)), pool_input(2)
+    expected = run(model, x)
+    result = fold_on("eager", model, x)
     assert [f.site for f in result.report.folded] == ["conv -> bn"]
     torch.testing.assert_close(run(result.model, x), expected, rtol=1e-5, atol=1e-5)

@@ -117,16 +117,22 @@ def _parametrized(pair: Pair, lin: nn.Module, bn: nn.Module, roles: Roles) -> Fo
 
 
 def _bn_does_more(pair: Pair, _lin: nn.Module, bn: nn.Module, _roles: Roles) -> Found:
-    """A BatchNorm subclass with its own forward and submodules (timm's BatchNormAct2d:
-    BN, then its ``act``): becoming ``nn.Identity`` would drop what the children do."""
-    if not isinstance(bn, nn.modules.batchnorm._BatchNorm) or not any(True for _ in bn.children()):
+    """A BatchNorm subclass with its own forward and working submodules (timm's
+    BatchNormAct2d: BN, then its ``act``): as ``nn.Identity`` it would drop what they do.
+
+    Children that are ``nn.Identity`` (BatchNormAct2d with ``act=None``) do nothing;
+    such a BN folds, verified like every fold.
+    """
+    if not isinstance(bn, nn.modules.batchnorm._BatchNorm):
         return None
     if type(bn).forward in (nn.modules.batchnorm._BatchNorm.forward, nn.SyncBatchNorm.forward):
         return None
-    children = ", ".join(name for name, _ in bn.named_children())
+    working = [name for name, m in bn.named_children() if type(m) is not nn.Identity]
+    if not working:
+        return None
     detail = (
-        f"{type(bn).__name__} overrides forward() and has submodules ({children}); "
-        "fold it as an exported program (bnfold.fold(torch.export.export(model, args)))"
+        f"{type(bn).__name__} overrides forward() and runs {', '.join(working)}; fold it as "
+        "an exported program (bnfold.fold(torch.export.export(model, args)))"
     )
     return Code.PARAMETRIZED, detail
 
