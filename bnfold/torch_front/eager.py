@@ -193,18 +193,15 @@ def _reads_channels(pair: Pair, lin: nn.Module, calls: Calls) -> Found:
 def _feeds_channels(pair: Pair, lin: nn.Module, calls: Calls) -> Found:
     """After, through a reshape: each output channel of the linear op lies inside one BN channel."""
     lin_out, bn_in = calls.out_shape(pair.linear), calls.in_shape(pair.bn)
-    if merges_batch(pair, lin, calls):
-        return _merge_keeps_channels(pair, bn_in, lin_out)  # type: ignore[arg-type]
+    if bn_in is not None and lin_out is not None and merges_batch(pair, lin, calls):
+        return _merge_keeps_channels(pair, bn_in, lin_out)
     return _channels_nest(pair, bn_in, lin_out, lin, out_channels(lin))
 
 
 def fold_kind(root: nn.Module, pair: Pair, calls: Calls) -> FoldKind:
     """How a checked pair folds: BATCH_MERGE through a batch-merging reshape, else ADJACENT."""
-    return (
-        FoldKind.BATCH_MERGE
-        if merges_batch(pair, _module(root, pair.linear), calls)
-        else (FoldKind.ADJACENT)
-    )
+    merged = merges_batch(pair, _module(root, pair.linear), calls)
+    return FoldKind.BATCH_MERGE if merged else FoldKind.ADJACENT
 
 
 def merges_batch(pair: Pair, lin: nn.Module, calls: Calls) -> bool:

@@ -6,7 +6,9 @@ the eager front ("conv1 -> bn1"), from the weights' attribute paths.
 
 Each call of a module is its own node here, so a weight read by several nodes
 (a conv module called twice) is cloned for the folded node, which the eager
-front cannot do without changing forward().
+front cannot do without changing forward(). For the same reason only this
+front folds a BN past an average pool or an add/cat of convs (the pool or
+join stays, the BN node goes).
 """
 
 from __future__ import annotations
@@ -166,7 +168,8 @@ def find_sites(gm: fx.GraphModule) -> tuple[list[AnySite], list[Refusal]]:
               linear channel lies inside one BN channel
               (:func:`bnfold.layouts.channel_block`). After: also
               batch_norm(avg_pool*d | adaptive_avg_pool*d(conv*(x))), the pool
-              left in place and the BN folded into the conv before it.
+              left in place and the BN folded into the conv before it; and
+              batch_norm(add | cat(linear ops)) into every term (:class:`JoinSite`).
     Refuses:
       TRAINING_MODE    batch_norm with training=True
       NO_RUNNING_STATS running_mean/var missing
@@ -182,6 +185,8 @@ def find_sites(gm: fx.GraphModule) -> tuple[list[AnySite], list[Refusal]]:
       MERGE_MOVES_CHANNEL  linear(x[B, N, K]) reshaped to 2-D, but not to
                        (B*N, C) (a batch merge folds, kind BATCH_MERGE:
                        :func:`bnfold.layouts.merges_leading_axes`)
+      NOT_LINEAR_TERM  an add/cat term is no conv/conv_transpose/linear (or one
+                       op twice); see :func:`_match_join` for the join's other codes
       UNSUPPORTED_DTYPE / BAD_SHAPE
       ZERO_PADDING     before: a zero-padded conv or a conv_transpose, nonzero shift
     """
