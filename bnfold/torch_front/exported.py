@@ -6,9 +6,9 @@ the eager front ("conv1 -> bn1"), from the weights' attribute paths.
 
 Each call of a module is its own node here, so a weight read by several nodes
 (a conv module called twice) is cloned for the folded node, which the eager
-front cannot do without changing forward(). For the same reason only this
-front folds a BN past an average pool or an add/cat of convs (the pool or
-join stays, the BN node goes).
+front cannot do without changing forward(). Only this front folds a BN past
+an average pool or an add/cat of convs so far (the pool or join stays, the BN
+node goes); the eager front could too, with module-level weights, but does not yet.
 """
 
 from __future__ import annotations
