@@ -13,6 +13,7 @@ errors of each output channel cancel (:func:`balanced_cast`).
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -61,6 +62,22 @@ class Affine:
             raise LayoutError(f"{channels} channels are not whole blocks of {count}")
         block = channels // count
         return Affine(np.repeat(self.scale, block), np.repeat(self.shift, block))
+
+
+def add_parts(affine: Affine, count: int) -> list[Affine]:
+    """An affine after a sum of ``count`` linear terms, split over them.
+
+    ``s * (a + b) + t == (s * a + t) + s * b``: every term takes the scale, the
+    first also the shift.
+    """
+    zero = np.zeros_like(affine.shift)
+    return [affine] + [Affine(affine.scale, zero) for _ in range(count - 1)]
+
+
+def concat_parts(affine: Affine, channels: list[int]) -> list[Affine]:
+    """An affine after a channel concat, split into each input's own channels, in order."""
+    bounds = np.cumsum([0, *channels])
+    return [Affine(affine.scale[a:b], affine.shift[a:b]) for a, b in itertools.pairwise(bounds)]
 
 
 def bn_to_affine(

@@ -173,3 +173,27 @@ def channel_block(affine_side: tuple[int, ...], linear_side: tuple[int, ...]) ->
     if linear_run == 0 or affine_run % linear_run:
         return None
     return affine_run // linear_run
+
+
+def merges_leading_axes(affine_side: tuple[int, ...], linear_side: tuple[int, ...]) -> bool | None:
+    """Whether a reshape merging a channel-last op's leading axes keeps its channels.
+
+    ``linear_side`` is the output of an op whose channels are its *last* axis
+    (``nn.Linear``/MatMul on ``(B, N, C)``); ``affine_side`` is the same elements
+    reshaped to 2-D ``(M, X)`` for a per-channel affine on axis 1 (LeViT's
+    ``bn(linear(x).flatten(0, 1))``). A reshape keeps element order, so element
+    ``f`` is in column ``f % X`` there and in channel ``f % C`` here: ``X == C``
+    makes them agree for every element, whatever the batch and token axes were
+    (the ONNX rule ``batch_merge`` proves the same from the BN's channel count).
+
+    Returns:
+        None when this is no such merge (``linear_side`` not at least 3-D, or
+        ``affine_side`` not 2-D, or different element counts); True when
+        ``X == C``; False when the merge moves the channel axis
+        (``(B, N, C) -> (B, N*C)``: a channel would span several affine channels).
+    """
+    if len(linear_side) < 3 or len(affine_side) != 2:
+        return None
+    if math.prod(affine_side) != math.prod(linear_side):
+        return None
+    return affine_side[1] == linear_side[-1]

@@ -25,8 +25,8 @@ from bnfold.affine import (
     fold_after,
     fold_before,
 )
-from bnfold.layouts import channel_block
-from bnfold.report import Code, Refusal
+from bnfold.layouts import channel_block, merges_leading_axes
+from bnfold.report import Code, FoldKind, Refusal
 from bnfold.torch_front.graph import Pair
 from bnfold.torch_front.modules import (
     Calls,
@@ -50,6 +50,8 @@ def why_not(root: nn.Module, pair: Pair, roles: Roles, calls: Calls) -> Refusal 
       NO_RUNNING_STATS   track_running_stats=False or running_mean/var missing
       PARAMETRIZED       parametrized, tied or non-Parameter weight/bias, a module
                          registered at several paths, or an overridden forward()
+                         (of the linear module, or of a BN subclass with
+                         submodules such as timm's BatchNormAct2d)
       HOOKED             forward (pre-)hooks on either module
       UNSUPPORTED_DTYPE  the weight is not floating point
       BAD_SHAPE          BN statistics do not match the linear output channels
@@ -60,11 +62,13 @@ def why_not(root: nn.Module, pair: Pair, roles: Roles, calls: Calls) -> Refusal 
                          reshape: a linear channel would span several BN channels
                          (see :func:`bnfold.layouts.channel_block`), or the
                          calls' shapes differ
+      MERGE_MOVES_CHANNEL  a Linear on ``(B, N, K)`` reshaped to 2-D for a BN,
+                         but not to ``(B*N, C)`` (see :func:`merges_batch`)
       ZERO_PADDING       before: a zero-padded Conv, or a ConvTranspose, with a
                          nonzero shift (the borders would change)
     """
     lin, bn = _module(root, pair.linear), _module(root, pair.bn)
-    for check in (_training, _running_stats, _parametrized, _hooks, _dtype):
+    for check in (_training, _running_stats, _parametrized, _bn_does_more, _hooks, _dtype):
         if found := check(pair, lin, bn, roles):
             return Refusal(pair.site, *found)
     if pair.before:
@@ -110,6 +114,27 @@ def _parametrized(pair: Pair, lin: nn.Module, bn: nn.Module, roles: Roles) -> Fo
         if name not in lin._parameters:
             return Code.PARAMETRIZED, f"{pair.linear}.{name} is computed, not a Parameter"
     return _tied(pair, lin, roles)
+
+
+def _bn_does_more(pair: Pair, _lin: nn.Module, bn: nn.Module, _roles: Roles) -> Found:
+    """A BatchNorm subclass with its own forward and working submodules (timm's
+    BatchNormAct2d: BN, then its ``act``): as ``nn.Identity`` it would drop what they do.
+
+    Children that are ``nn.Identity`` (BatchNormAct2d with ``act=None``) do nothing;
+    such a BN folds, verified like every fold.
+    """
+    if not isinstance(bn, nn.modules.batchnorm._BatchNorm):
+        return None
+    if type(bn).forward in (nn.modules.batchnorm._BatchNorm.forward, nn.SyncBatchNorm.forward):
+        return None
+    working = [name for name, m in bn.named_children() if type(m) is not nn.Identity]
+    if not working:
+        return None
+    detail = (
+        f"{type(bn).__name__} overrides forward() and runs {', '.join(working)}; fold it as "
+        "an exported program (bnfold.fold(torch.export.export(model, args)))"
+    )
+    return Code.PARAMETRIZED, detail
 
 
 def _tied(pair: Pair, lin: nn.Module, roles: Roles) -> Found:
@@ -168,7 +193,39 @@ def _reads_channels(pair: Pair, lin: nn.Module, calls: Calls) -> Found:
 def _feeds_channels(pair: Pair, lin: nn.Module, calls: Calls) -> Found:
     """After, through a reshape: each output channel of the linear op lies inside one BN channel."""
     lin_out, bn_in = calls.out_shape(pair.linear), calls.in_shape(pair.bn)
+    if bn_in is not None and lin_out is not None and merges_batch(pair, lin, calls):
+        return _merge_keeps_channels(pair, bn_in, lin_out)
     return _channels_nest(pair, bn_in, lin_out, lin, out_channels(lin))
+
+
+def fold_kind(root: nn.Module, pair: Pair, calls: Calls) -> FoldKind:
+    """How a checked pair folds: BATCH_MERGE through a batch-merging reshape, else ADJACENT."""
+    merged = merges_batch(pair, _module(root, pair.linear), calls)
+    return FoldKind.BATCH_MERGE if merged else FoldKind.ADJACENT
+
+
+def merges_batch(pair: Pair, lin: nn.Module, calls: Calls) -> bool:
+    """An after pair ``Linear(x[B, N, K]) -> reshape to 2-D -> BN``: the batch-merge fold.
+
+    Only ``nn.Linear`` keeps its channels last; a conv's are on axis 1.
+    """
+    lin_out, bn_in = calls.out_shape(pair.linear), calls.in_shape(pair.bn)
+    if pair.before or not pair.between or not isinstance(lin, nn.Linear):
+        return False
+    if lin_out is None or bn_in is None:
+        return False
+    return merges_leading_axes(bn_in, lin_out) is not None
+
+
+def _merge_keeps_channels(pair: Pair, bn_side: tuple[int, ...], lin_side: tuple[int, ...]) -> Found:
+    """The 2-D reshape keeps the Linear's features as the BN's channels (last axis to axis 1)."""
+    if merges_leading_axes(bn_side, lin_side):
+        return None
+    detail = (
+        f"{pair.between} maps {pair.linear}'s {lin_side} to {bn_side}: the BN's "
+        f"{bn_side[1]} channels are not the {lin_side[-1]} features"
+    )
+    return Code.MERGE_MOVES_CHANNEL, detail
 
 
 def _channels_nest(

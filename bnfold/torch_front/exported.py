@@ -6,7 +6,9 @@ the eager front ("conv1 -> bn1"), from the weights' attribute paths.
 
 Each call of a module is its own node here, so a weight read by several nodes
 (a conv module called twice) is cloned for the folded node, which the eager
-front cannot do without changing forward().
+front cannot do without changing forward(). Only this front folds a BN past
+an average pool or an add/cat of convs so far (the pool or join stays, the BN
+node goes); the eager front could too, with module-level weights, but does not yet.
 """
 
 from __future__ import annotations
@@ -25,8 +27,10 @@ from bnfold.affine import (
     Affine,
     Rounding,
     Unfoldable,
+    add_parts,
     balanced_over,
     bn_to_affine,
+    concat_parts,
     fold_after,
     fold_before,
 )
@@ -35,6 +39,7 @@ from bnfold.layouts import LayoutError
 from bnfold.report import (
     Code,
     Folded,
+    FoldKind,
     FoldReport,
     FoldResult,
     Lowered,
@@ -44,7 +49,13 @@ from bnfold.report import (
 )
 from bnfold.torch_front import verify as checking
 from bnfold.torch_front.census import batchnorm_count, refusal_naming
-from bnfold.torch_front.graph import explain_both, is_nonlinear, site_label
+from bnfold.torch_front.graph import (
+    explain_both,
+    is_eval_dropout,
+    is_nonlinear,
+    metadata_only_inputs,
+    site_label,
+)
 from bnfold.torch_front.tensors import as_parameter, exact_values, to_float64
 
 aten = torch.ops.aten
@@ -78,6 +89,19 @@ _RESHAPE_OPS: dict[Any, str] = {
     aten.squeeze.default: "squeeze",
 }
 
+# Pools a per-channel affine passes through: each window reads one channel and
+# averages it (a constant's average is that constant unless padded zeros count).
+_AVERAGE_POOLS: dict[Any, str] = {
+    aten.avg_pool1d.default: "avg_pool1d",
+    aten.avg_pool2d.default: "avg_pool2d",
+    aten.avg_pool3d.default: "avg_pool3d",
+    aten.adaptive_avg_pool1d.default: "adaptive_avg_pool1d",
+    aten.adaptive_avg_pool2d.default: "adaptive_avg_pool2d",
+    aten.adaptive_avg_pool3d.default: "adaptive_avg_pool3d",
+    aten._adaptive_avg_pool2d.default: "adaptive_avg_pool2d",
+    aten._adaptive_avg_pool3d.default: "adaptive_avg_pool3d",
+}
+
 
 @dataclass(frozen=True)
 class Site:
@@ -91,13 +115,50 @@ class Site:
     bn: str
     before: bool = False
     between: str = ""  # "flatten", "view", "unsqueeze", ...
+    kind: FoldKind = FoldKind.ADJACENT
 
     @property
     def site(self) -> str:
         return site_label(self.linear, self.bn, self.between, self.before)
 
 
-def find_sites(gm: fx.GraphModule) -> tuple[list[Site], list[Refusal]]:
+_JOIN_OPS: dict[Any, str] = {aten.add.Tensor: "add", aten.cat.default: "cat"}
+
+
+@dataclass(frozen=True)
+class JoinSite:
+    """``BN(add(L_a(x), L_b(y)))`` or ``BN(cat([L_a(x), L_b(y), ...], 1))``, by node names.
+
+    Each L a conv*/conv_transpose*/linear node whose only reader is the join;
+    on an add every term takes the BN's scale and the first also its shift, on
+    a cat each term takes its own channels (:func:`bnfold.affine.add_parts`,
+    :func:`bnfold.affine.concat_parts`). The join stays; the BN goes.
+    """
+
+    linear_nodes: tuple[str, ...]
+    join_node: str
+    bn_node: str
+    linears: tuple[str, ...]  # module paths of the terms' weights
+    bn: str
+    join: str  # "add" or "cat"
+
+    @property
+    def linear(self) -> str:
+        return ", ".join(self.linears)
+
+    @property
+    def site(self) -> str:
+        return f"{self.linear} -> {self.join} -> {self.bn}"
+
+    @property
+    def kind(self) -> FoldKind:
+        return FoldKind.OVER_ADD if self.join == "add" else FoldKind.OVER_CONCAT
+
+
+AnySite = Site | JoinSite
+
+
+def find_sites(gm: fx.GraphModule) -> tuple[list[AnySite], list[Refusal]]:
     """Every BN node of ``gm``: a foldable site or a refusal.
 
     Matches:  batch_norm(conv{1,2,3}d | conv_transpose{1,2,3}d | linear(x, W, B?))
@@ -105,7 +166,10 @@ def find_sites(gm: fx.GraphModule) -> tuple[list[Site], list[Refusal]]:
               conv*/conv_transpose*/linear(batch_norm(x), W, B?). Either
               also through one reshape (view, flatten, (un)squeeze) when each
               linear channel lies inside one BN channel
-              (:func:`bnfold.layouts.channel_block`).
+              (:func:`bnfold.layouts.channel_block`). After: also
+              batch_norm(avg_pool*d | adaptive_avg_pool*d(conv*(x))), the pool
+              left in place and the BN folded into the conv before it; and
+              batch_norm(add | cat(linear ops)) into every term (:class:`JoinSite`).
     Refuses:
       TRAINING_MODE    batch_norm with training=True
       NO_RUNNING_STATS running_mean/var missing
@@ -114,17 +178,28 @@ def find_sites(gm: fx.GraphModule) -> tuple[list[Site], list[Refusal]]:
       NONLINEAR_INPUT / OP_BETWEEN / STANDALONE   the BN input is not a linear op
       NOT_PER_CHANNEL  the linear output's channels are not on axis 1, or the
                        reshape splits a linear channel over several BN channels
+      POOL_PADDING     through an average pool (kind THROUGH_POOL): it counts
+                       padded zeros (count_include_pad with padding) or has a
+                       divisor_override, and the shift is nonzero; adaptive
+                       average pools always pass
+      MERGE_MOVES_CHANNEL  linear(x[B, N, K]) reshaped to 2-D, but not to
+                       (B*N, C) (a batch merge folds, kind BATCH_MERGE:
+                       :func:`bnfold.layouts.merges_leading_axes`)
+      NOT_LINEAR_TERM  an add/cat term is no conv/conv_transpose/linear (or one
+                       op twice); see :func:`_match_join` for the join's other codes
       UNSUPPORTED_DTYPE / BAD_SHAPE
       ZERO_PADDING     before: a zero-padded conv or a conv_transpose, nonzero shift
     """
-    sites: list[Site] = []
+    sites: list[AnySite] = []
     refused: list[Refusal] = []
     for node in gm.graph.nodes:
         if node.op == "call_function" and node.target in _BN_OPS:
-            result = _match(gm, node)
+            result: AnySite | Refusal = _match(gm, node)
+            if isinstance(result, Refusal) and result.code not in _BN_ITSELF:
+                result = _match_join(gm, node) or result
             if isinstance(result, Refusal) and result.code not in _BN_ITSELF:
                 result = _prefer_before(result, _match_before(gm, node))
-            if isinstance(result, Site):
+            if isinstance(result, Site | JoinSite):
                 sites.append(result)
             else:
                 refused.append(result)
@@ -137,17 +212,87 @@ def _match(gm: fx.GraphModule, bn: fx.Node) -> Site | Refusal:
     reader, between = bn, ""  # reader: what reads the linear op's output
     if _reshapes_linear(x):
         reader, between, x = x, _RESHAPE_OPS[x.target], _arg_node(x.args[0])
+    elif _pools_conv(x):
+        reader, between, x = x, _AVERAGE_POOLS[x.target], _arg_node(x.args[0])
     if not _is_linear_op(x):
         return _why_not_linear(bn_name, x)
     lin_name = _owner(x.args[1:3]) or x.name
-    site = Site(x.name, bn.name, lin_name, bn_name, between=between)
+    kind = _fold_kind(x, reader)
+    site = Site(x.name, bn.name, lin_name, bn_name, between=between, kind=kind)
     if bn.target == aten.batch_norm.default and bn.args[5]:
         return Refusal(site.site, Code.TRAINING_MODE, "batch_norm called with training=True")
     if bn.args[3] is None or bn.args[4] is None:
         return Refusal(site.site, Code.NO_RUNNING_STATS, f"{bn_name} has no running statistics")
-    if found := _check_linear(gm, x, reader) or _check_bn(gm, x, bn, reader):
+    merge = kind is FoldKind.BATCH_MERGE
+    if found := _check_linear(gm, x, reader, merge) or _check_bn(gm, x, bn, reader, merge):
         return Refusal(site.site, *found)
     return site
+
+
+def _fold_kind(lin: fx.Node, reader: fx.Node) -> FoldKind:
+    if reader.target in _AVERAGE_POOLS:
+        return FoldKind.THROUGH_POOL
+    return FoldKind.BATCH_MERGE if _merges_batch(lin, reader) else FoldKind.ADJACENT
+
+
+def _pools_conv(node: fx.Node) -> bool:
+    """An average pool of a conv's output (channels on axis 1, which pools keep)."""
+    source = node.args[0] if node.args else None
+    return (
+        node.target in _AVERAGE_POOLS
+        and isinstance(source, fx.Node)
+        and _is_linear_op(source)
+        and source.target != aten.linear.default
+    )
+
+
+def _check_pool(gm: fx.GraphModule, pool: fx.Node, bn: fx.Node) -> Found:
+    """``pool(affine(y)) == affine(pool(y))``: always for the scale; the shift too
+    unless a window divides by more than its real elements (padded zeros counted,
+    or a ``divisor_override``)."""
+    if _AVERAGE_POOLS[pool.target].startswith("adaptive"):
+        return None
+    try:
+        shift = _bn_affine(gm, bn).shift
+    except Unfoldable:
+        return None  # apply_site reports it as BAD_VALUES
+    if not np.any(shift != 0):
+        return None
+    padding = _pool_arg(pool, 3, "padding", 0)
+    counts_pad = bool(_pool_arg(pool, 5, "count_include_pad", True))
+    divisor = _pool_arg(pool, 6, "divisor_override", None)
+    padded = any(int(p) for p in (padding if isinstance(padding, list | tuple) else [padding]))  # type: ignore[arg-type]
+    if divisor is not None:
+        return (
+            Code.POOL_PADDING,
+            f"{pool.name} divides by divisor_override={divisor}: the shift would scale",
+        )
+    # ceil_mode alone is harmless here: torch clips a window that overruns the
+    # padded input and divides by what is left (a constant averages to itself).
+    if counts_pad and padded:
+        return Code.POOL_PADDING, (
+            f"{pool.name} counts padded zeros in its average (count_include_pad=True "
+            "with padding): the shift would not pass"
+        )
+    return None
+
+
+def _pool_arg(pool: fx.Node, index: int, name: str, default: Any) -> Any:
+    """An argument of ``avg_pool{1,2,3}d(x, kernel, stride=[], padding=0,
+    ceil_mode=False, count_include_pad=True, divisor_override=None)``."""
+    if len(pool.args) > index:
+        return pool.args[index]
+    return pool.kwargs.get(name, default)
+
+
+def _merges_batch(lin: fx.Node, reader: fx.Node) -> bool:
+    """``linear(x[B, N, K])`` reshaped to 2-D for the BN: the batch-merge fold.
+
+    Only ``aten.linear`` keeps its channels last; a conv's are on axis 1.
+    """
+    if reader.target not in _RESHAPE_OPS or lin.target != aten.linear.default:
+        return False
+    return layouts.merges_leading_axes(_shape(reader), _shape(lin)) is not None
 
 
 def _reshapes_linear(node: fx.Node) -> bool:
@@ -157,6 +302,70 @@ def _reshapes_linear(node: fx.Node) -> bool:
 
 
 _BN_ITSELF = (Code.TRAINING_MODE, Code.NO_RUNNING_STATS)
+
+
+def _match_join(gm: fx.GraphModule, bn: fx.Node) -> JoinSite | Refusal | None:
+    """The BN after an add or channel cat of linear ops; None if its input is no join.
+
+    Refuses: NOT_LINEAR_TERM (a term is no conv/conv_transpose/linear, or the
+    same node twice), NOT_PER_CHANNEL (a cat not over axis 1), BAD_SHAPE (the
+    terms' channels do not make the BN's), and the checks of every after-fold.
+    """
+    join = _arg_node(bn.args[0])
+    if join.op != "call_function" or join.target not in _JOIN_OPS or _uses_batch_stats(bn):
+        return None
+    if bn.args[3] is None or bn.args[4] is None:
+        return None  # no statistics: the BN's own refusal says so
+    kind = _JOIN_OPS[join.target]
+    terms = _join_terms(join)
+    if kind == "add" and (len(join.args) != 2 or join.kwargs.get("alpha", 1) != 1):
+        return None  # x + alpha * y: not a plain sum
+    if any(not isinstance(t, fx.Node) or t.op == "get_attr" for t in terms):
+        return None  # add(x, 2.0), a constant bias: no join of activations
+    bn_name = _owner(bn.args[1:5]) or bn.name
+    site = JoinSite(
+        tuple(t.name for t in terms),
+        join.name,
+        bn.name,
+        tuple(_owner(t.args[1:3]) or t.name for t in terms),
+        bn_name,
+        kind,
+    )
+    if found := _check_join(gm, join, bn, terms):
+        return Refusal(site.site, *found)
+    return site
+
+
+def _join_terms(join: fx.Node) -> list[Any]:
+    """What an add sums, or the tensors a cat joins."""
+    if join.target == aten.cat.default:
+        return list(join.args[0])  # type: ignore[arg-type]
+    return list(join.args[:2])
+
+
+def _check_join(gm: fx.GraphModule, join: fx.Node, bn: fx.Node, terms: list[fx.Node]) -> Found:
+    for term in terms:
+        if not _is_linear_op(term):
+            return Code.NOT_LINEAR_TERM, f"{join.name} reads {term.target}, not a conv or linear op"
+        if terms.count(term) > 1:
+            return Code.NOT_LINEAR_TERM, f"{join.name} reads {term.name} twice"
+    for term in terms:
+        if found := _check_linear(gm, term, join, merge=False):
+            return found
+    if join.target == aten.cat.default:
+        dim = int(join.args[1]) if len(join.args) > 1 else int(join.kwargs.get("dim", 0))  # type: ignore[arg-type]
+        rank = len(_shape(join))
+        if dim not in (1, 1 - rank):
+            return Code.NOT_PER_CHANNEL, f"{join.name} joins axis {dim}, not the channels"
+    channels = [_out_channels(gm, t) for t in terms]
+    if join.target == aten.add.Tensor and len(set(channels)) != 1:
+        return Code.BAD_SHAPE, f"{join.name} sums ops of {channels} channels"
+    total = sum(channels) if join.target == aten.cat.default else channels[0]
+    return _check_bn_node(bn) or _check_stats(gm, bn, total)
+
+
+def _out_channels(gm: fx.GraphModule, lin: fx.Node) -> int:
+    return layout_of(lin).out_channels(tuple(_fetch(gm, lin.args[1]).shape))
 
 
 def _prefer_before(after: Refusal, before: Site | Refusal | None) -> Site | Refusal:
@@ -174,7 +383,7 @@ def _match_before(gm: fx.GraphModule, bn: fx.Node) -> Site | Refusal | None:
     source, between = out, ""
     if reader.target in _RESHAPE_OPS and len(reader.users) == 1:
         source, between, reader = reader, _RESHAPE_OPS[reader.target], next(iter(reader.users))
-    elif _copies_values(reader) and len(reader.users) == 1:
+    elif (_copies_values(reader) or is_eval_dropout(reader)) and len(reader.users) == 1:
         source, reader = reader, next(iter(reader.users))
     if not _is_linear_op(reader) or reader.args[0] is not source or source in reader.args[1:]:
         return None
@@ -293,12 +502,16 @@ def _why_not_linear(bn_name: str, x: fx.Node) -> Refusal:
 Found = tuple[Code, str] | None
 
 
-def _check_linear(gm: fx.GraphModule, lin: fx.Node, reader: fx.Node) -> Found:
-    """The linear op: read only by ``reader`` (the BN or a reshape), constant weights."""
-    readers = [u for u in lin.users if u is not reader]
-    if readers or len(lin.users) != 1:
+def _check_linear(gm: fx.GraphModule, lin: fx.Node, reader: fx.Node, merge: bool) -> Found:
+    """The linear op: read only by ``reader`` (the BN or a reshape), constant weights.
+
+    Its channels must be on axis 1, unless ``merge`` (a batch-merging reshape
+    brings its last axis there; :func:`_check_bn` checks that).
+    """
+    readers = [u for u in lin.users if u is not reader and lin not in metadata_only_inputs(u)]
+    if readers:
         return Code.BRANCHING, f"{lin.name} output also read by {[u.name for u in readers]}"
-    if reader.target in _RESHAPE_OPS and len(reader.users) != 1:
+    if reader.target not in _BN_OPS and len(reader.users) != 1:
         return Code.BRANCHING, f"{reader.name} output also read by {len(reader.users) - 1} more"
     params = [a for a in lin.args[1:3] if a is not None]
     if not all(isinstance(p, fx.Node) and p.op == "get_attr" for p in params):
@@ -307,23 +520,29 @@ def _check_linear(gm: fx.GraphModule, lin: fx.Node, reader: fx.Node) -> Found:
     if not weight.is_floating_point():
         return Code.UNSUPPORTED_DTYPE, f"weight is {weight.dtype}"
     out = lin.meta.get("val")
-    if out is None or out.ndim != weight.ndim:
+    if not merge and (out is None or out.ndim != weight.ndim):
         ndim = None if out is None else out.ndim
         return Code.NOT_PER_CHANNEL, f"{lin.name} output is {ndim}-D; channels must be on axis 1"
     return None
 
 
-def _check_bn(gm: fx.GraphModule, lin: fx.Node, bn: fx.Node, reader: fx.Node) -> Found:
+def _check_bn(gm: fx.GraphModule, lin: fx.Node, bn: fx.Node, reader: fx.Node, merge: bool) -> Found:
     """The BN: only its normalized output read, constant statistics of its channel count."""
-    if bn.target != aten.batch_norm.default and any(
-        u.target is not operator.getitem or u.args[1] != 0 for u in bn.users
-    ):
-        return Code.BRANCHING, f"{bn.name} mean/invstd outputs are read"
-    stats = bn.args[1:5]
-    if not all(s is None or (isinstance(s, fx.Node) and s.op == "get_attr") for s in stats):
-        return Code.NOT_CONSTANT, f"{bn.name} parameters are computed"
-    if reader is bn:
+    if found := _check_bn_node(bn):
+        return found
+    if reader is bn or reader.target in _AVERAGE_POOLS:  # a pool keeps every channel
         channels = layout_of(lin).out_channels(tuple(_fetch(gm, lin.args[1]).shape))
+        if reader is not bn and (found := _check_pool(gm, reader, bn)):
+            return found
+    elif merge:
+        bn_in, lin_out = _shape(reader), _shape(lin)
+        if not layouts.merges_leading_axes(bn_in, lin_out):
+            detail = (
+                f"{reader.name} maps {lin_out} to {bn_in}: the BN's {bn_in[1]} channels "
+                f"are not the {lin_out[-1]} features"
+            )
+            return Code.MERGE_MOVES_CHANNEL, detail
+        channels = bn_in[1]
     else:
         bn_in, lin_out = _shape(reader), _shape(lin)
         if layouts.channel_block(bn_in, lin_out) is None:
@@ -331,6 +550,18 @@ def _check_bn(gm: fx.GraphModule, lin: fx.Node, bn: fx.Node, reader: fx.Node) ->
             return Code.NOT_PER_CHANNEL, detail
         channels = bn_in[1]
     return _check_stats(gm, bn, channels)
+
+
+def _check_bn_node(bn: fx.Node) -> Found:
+    """Only the BN's normalized output is read, and its statistics are attributes."""
+    if bn.target != aten.batch_norm.default and any(
+        u.target is not operator.getitem or u.args[1] != 0 for u in bn.users
+    ):
+        return Code.BRANCHING, f"{bn.name} mean/invstd outputs are read"
+    stats = bn.args[1:5]
+    if not all(s is None or (isinstance(s, fx.Node) and s.op == "get_attr") for s in stats):
+        return Code.NOT_CONSTANT, f"{bn.name} parameters are computed"
+    return None
 
 
 def _check_stats(gm: fx.GraphModule, bn: fx.Node, channels: int) -> Found:
@@ -356,7 +587,7 @@ def layout_of(lin: fx.Node) -> layouts.WeightLayout:
     return layouts.conv(groups) if kind == "conv" else layouts.linear()
 
 
-def apply_site(gm: fx.GraphModule, site: Site, rounding: Rounding = Rounding.NEAREST) -> int:
+def apply_site(gm: fx.GraphModule, site: AnySite, rounding: Rounding = Rounding.NEAREST) -> int:
     """Fold one site in place: new weight/bias attributes, the BN node removed.
 
     The weight is cast to its dtype as ``rounding`` says.
@@ -372,26 +603,55 @@ def apply_site(gm: fx.GraphModule, site: Site, rounding: Rounding = Rounding.NEA
         Unfoldable: bad statistics or overflow.  LayoutError: bad groups.
     """
     nodes = {n.name: n for n in gm.graph.nodes}
-    lin, bn = nodes[site.linear_node], nodes[site.bn_node]
+    bn = nodes[site.bn_node]
     affine = _bn_affine(gm, bn)
+    if isinstance(site, JoinSite):
+        lins = [nodes[n] for n in site.linear_nodes]
+        parts = _join_parts(gm, site, lins, affine)
+        folds = [
+            _folded_params(gm, lin, part, False, rounding)
+            for lin, part in zip(lins, parts, strict=True)
+        ]
+        paths = site.linears
+    else:
+        lins = [nodes[site.linear_node]]
+        folds = [_folded_params(gm, lins[0], affine, site.before, rounding)]
+        paths = (site.linear,)
+    added = 0  # every value is computed above, before anything changes
+    for lin, (new_w, new_b), path in zip(lins, folds, paths, strict=True):
+        added += _replace_arg(gm, lin, 1, new_w, f"{path}.weight")
+        added += _replace_arg(gm, lin, 2, new_b, f"{path}.bias")
+    _remove_bn(gm, bn, _arg_node(bn.args[0]))  # the linear op, a reshape or pool of it, the join
+    gm.recompile()
+    return added
+
+
+def _join_parts(
+    gm: fx.GraphModule, site: JoinSite, lins: list[fx.Node], affine: Affine
+) -> list[Affine]:
+    if site.join == "add":
+        return add_parts(affine, len(lins))
+    return concat_parts(affine, [_out_channels(gm, lin) for lin in lins])
+
+
+def _folded_params(
+    gm: fx.GraphModule, lin: fx.Node, affine: Affine, before: bool, rounding: Rounding
+) -> tuple[nn.Parameter, nn.Parameter]:
+    """New weight and bias of ``lin`` with ``affine`` folded after (or before) it."""
     weight = _fetch(gm, lin.args[1])
     bias_node = lin.args[2] if len(lin.args) > 2 else None
     bias = None if bias_node is None else _fetch(gm, bias_node)
     b = None if bias is None else to_float64(bias)
     layout = layout_of(lin)
-    if site.before:
+    if before:
         per_input = affine.spread(layout.in_channels(tuple(weight.shape)))
         w64, b64 = fold_before(to_float64(weight), b, per_input, layout)
     else:
         per_output = affine.spread(layout.out_channels(tuple(weight.shape)))
         w64, b64 = fold_after(to_float64(weight), b, per_output, layout)
-    new_w = as_parameter(w64, weight, balanced_over(layout, rounding))
-    new_b = as_parameter(b64, weight if bias is None else bias)
-    added = _replace_arg(gm, lin, 1, new_w, f"{site.linear}.weight")
-    added += _replace_arg(gm, lin, 2, new_b, f"{site.linear}.bias")
-    _remove_bn(gm, bn, _arg_node(bn.args[0]))  # the linear op, or the reshape of it
-    gm.recompile()
-    return added
+    return as_parameter(w64, weight, balanced_over(layout, rounding)), as_parameter(
+        b64, weight if bias is None else bias
+    )
 
 
 def _bn_affine(gm: fx.GraphModule, bn: fx.Node) -> Affine:
@@ -547,7 +807,15 @@ def fold_graph_module(
                 lower_left(gm, report, lower)
                 verification = check(gm)
         report.folded = [
-            Folded(s.site, _pattern(original, s), s.linear, s.bn, "exported_program", bytes_added=n)
+            Folded(
+                s.site,
+                _pattern(original, s),
+                s.linear,
+                s.bn,
+                "exported_program",
+                bytes_added=n,
+                kind=s.kind,
+            )
             for s, n in added.items()
         ]
         report.ops_after = _op_counts(gm)
@@ -648,11 +916,11 @@ def graph_batchnorms(gm: fx.GraphModule) -> tuple[list[str], int]:
 
 def _fold_to_fixpoint(
     gm: fx.GraphModule, report: FoldReport, rounding: Rounding
-) -> dict[Site, int]:
+) -> dict[AnySite, int]:
     """Rounds of find and apply until no site is new; refusals of the last round are kept."""
-    added: dict[Site, int] = {}
+    added: dict[AnySite, int] = {}
     failed = FoldReport(front="torch")
-    tried: set[Site] = set()
+    tried: set[AnySite] = set()
     while True:
         sites, refused = find_sites(gm)
         fresh = [s for s in sites if s not in tried]
@@ -666,8 +934,8 @@ def _fold_to_fixpoint(
 
 
 def _apply_checked(
-    gm: fx.GraphModule, sites: list[Site], report: FoldReport, rounding: Rounding
-) -> dict[Site, int]:
+    gm: fx.GraphModule, sites: list[AnySite], report: FoldReport, rounding: Rounding
+) -> dict[AnySite, int]:
     """Apply each site, refusing those whose values cannot fold (nothing changes then).
 
     Returns the sites applied, in order, each with the bytes its clones added.
@@ -684,20 +952,20 @@ def _apply_checked(
 
 
 def _folded(
-    make: Callable[[], fx.GraphModule], sites: list[Site], rounding: Rounding
-) -> tuple[fx.GraphModule, dict[Site, int]]:
+    make: Callable[[], fx.GraphModule], sites: list[AnySite], rounding: Rounding
+) -> tuple[fx.GraphModule, dict[AnySite, int]]:
     gm = make()
     return gm, {s: apply_site(gm, s, rounding) for s in sites}
 
 
 def _rollback(
     make: Callable[[], fx.GraphModule],
-    sites: list[Site],
+    sites: list[AnySite],
     check: checking.Check,
     report: FoldReport,
     rounding: Rounding,
-) -> tuple[fx.GraphModule, VerifyResult, dict[Site, int]]:
-    kept: list[Site] = []
+) -> tuple[fx.GraphModule, VerifyResult, dict[AnySite, int]]:
+    kept: list[AnySite] = []
     for s in sites:
         trial = check(_folded(make, [*kept, s], rounding)[0])
         if trial.passed:
@@ -709,14 +977,21 @@ def _rollback(
     return gm, check(gm), added
 
 
-def _pattern(gm: fx.GraphModule, s: Site) -> str:
-    """ "conv2d+batch_norm", "linear+view+batch_norm"; before: "batch_norm+flatten+linear"."""
+def _pattern(gm: fx.GraphModule, s: AnySite) -> str:
+    """ "conv2d+batch_norm", "linear+view+batch_norm"; before: "batch_norm+flatten+linear";
+    a join: "conv2d+conv2d+add+batch_norm"."""
+    if isinstance(s, JoinSite):
+        return "+".join([*(_node_kind(gm, n) for n in s.linear_nodes), s.join, "batch_norm"])
     chain = ("batch_norm", s.between, _op_kind(gm, s))
     return "+".join(p for p in (reversed(chain) if not s.before else chain) if p)
 
 
 def _op_kind(gm: fx.GraphModule, s: Site) -> str:
-    node = next(n for n in gm.graph.nodes if n.name == s.linear_node)
+    return _node_kind(gm, s.linear_node)
+
+
+def _node_kind(gm: fx.GraphModule, linear_node: str) -> str:
+    node = next(n for n in gm.graph.nodes if n.name == linear_node)
     name = str(node.target).split(".")[1]
     return str(layout_of(node).op) if name == "convolution" else name
 

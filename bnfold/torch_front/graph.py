@@ -18,7 +18,7 @@ fold into the op before it (after a ReLU, say, as in pre-activation nets) may
 fold into the op after it: ``BN -> linear`` or ``BN -> flatten -> Linear``,
 when that op is the BN's only reader (a "before" pair). A pair that runs
 several times folds when every call is the same pair. ``nn.Identity`` (what a
-folded BN becomes) is looked through.
+folded BN becomes) and eval-mode dropout are looked through.
 
 Export and fx graphs are reduced to one small node graph (:class:`Node`), and
 one function (:func:`match_graph`) finds the pairs in it.
@@ -43,7 +43,7 @@ import torch
 from torch import fx, nn
 
 from bnfold.errors import first_line
-from bnfold.report import Code, Refusal
+from bnfold.report import Code, FoldKind, Refusal
 from bnfold.torch_front.modules import BN, LINEAR, Calls, Roles, eval_mode
 
 log = logging.getLogger(__name__)
@@ -59,6 +59,22 @@ _NONLINEAR_TOKENS = {"exp", "log", "abs", "pow", "clamp", "clip", "square", "max
 
 
 _RESHAPE_TOKENS = {"flatten", "unflatten", "view", "reshape", "unsqueeze", "squeeze"}
+# x.reshape_as(y) and friends read y's shape or dtype, never its values.
+_LIKE_OTHER_OPS = {"reshape_as", "view_as", "expand_as", "type_as"}
+
+
+def metadata_only_inputs(n: fx.Node) -> set[fx.Node]:
+    """The nodes ``n`` reads only the shape or dtype of: ``y`` in ``x.reshape_as(y)``.
+
+    LeViT ends ``bn(y.flatten(0, 1)).reshape_as(y)``: ``y`` reaching the
+    ``reshape_as`` is no second reader of its values, so a fold that keeps its
+    shape may change them.
+    """
+    name = n.target if isinstance(n.target, str) else str(n.target)
+    if not set(re.split(r"[^a-z0-9_]+", name.lower())) & _LIKE_OTHER_OPS or len(n.args) < 2:
+        return set()
+    source, other = n.args[0], n.args[1]
+    return {other} if isinstance(other, fx.Node) and other is not source else set()
 
 
 def site_label(linear: str, bn: str, between: str, before: bool) -> str:
@@ -76,6 +92,7 @@ class Pair:
     Either directly or through ``between``: a flatten/view/reshape/(un)squeeze,
     named for the report; whether channels survive it is checked on shapes.
     ``after_refusal`` says why the BN could not fold after (before pairs only).
+    ``kind`` is set once the pair is checked on shapes (a batch-merging reshape).
     """
 
     linear: str
@@ -84,6 +101,7 @@ class Pair:
     before: bool = False
     between: str = ""
     after_refusal: Refusal | None = field(default=None, compare=False)
+    kind: FoldKind = field(default=FoldKind.ADJACENT, compare=False)
 
     @property
     def site(self) -> str:
@@ -536,17 +554,39 @@ def _export_graph(root: nn.Module, args: tuple[Any, ...], roles: Roles) -> Trace
     params = dict(sig.inputs_to_parameters)
     traced = Traced({})
     nodes = traced.nodes
+    alias: dict[str, str] = {}  # eval-mode dropout -> the node it passes on
     for n in ep.graph.nodes:
         if n.op == "placeholder" and n.name in user_inputs:
             nodes[n.name] = Node(None, "input", [])
+        elif _eval_dropout_module(root, n) and len(ins := _input_names(n, nodes, alias)) == 1:
+            alias[n.name] = ins[0]
         elif n.op == "call_function":
             owner, call = _export_owner(n, roles)
-            nodes[n.name] = Node(owner, str(n.target), _input_names(n, nodes), call)
+            nodes[n.name] = Node(owner, str(n.target), _input_names(n, nodes, alias), call)
             traced.outside_reads |= _params_read_outside(n, owner, params, roles)
         elif n.op == "output":
-            _mark_outputs(n, nodes)
+            _mark_outputs(n, nodes, alias)
     _link_users(nodes)
     return traced
+
+
+_DROPOUTS = ("aten.dropout.default", "aten.feature_dropout.default", "aten.alpha_dropout.default")
+
+
+def is_eval_dropout(n: fx.Node) -> bool:
+    """A dropout traced with ``train=False``, the identity (timm NormLinear: BN, drop, fc)."""
+    return (
+        n.op == "call_function" and str(n.target) in _DROPOUTS and len(n.args) > 2 and not n.args[2]
+    )
+
+
+def _eval_dropout_module(root: nn.Module, n: fx.Node) -> bool:
+    """An eval dropout, and (export traces in eval mode) not from a module left training."""
+    if not is_eval_dropout(n):
+        return False
+    stack = list((n.meta.get("nn_module_stack") or {}).values())
+    owner = root.get_submodule(stack[-1][0]) if stack else None
+    return not (isinstance(owner, nn.modules.dropout._DropoutNd) and owner.training)
 
 
 def _params_read_outside(
@@ -653,7 +693,12 @@ def _fx_op_name(root: nn.Module, n: fx.Node) -> str:
 
 
 def _is_identity(root: nn.Module, n: fx.Node) -> bool:
-    return n.op == "call_module" and type(root.get_submodule(str(n.target))) is nn.Identity
+    """An ``nn.Identity`` (a folded BN) or a dropout module in eval mode."""
+    if n.op != "call_module":
+        return False
+    m = root.get_submodule(str(n.target))
+    dropout = isinstance(m, nn.modules.dropout._DropoutNd) and not m.training
+    return type(m) is nn.Identity or dropout
 
 
 def _input_names(
@@ -662,6 +707,8 @@ def _input_names(
     """Activation inputs of ``n``: earlier nodes we kept (weights/buffers were not kept)."""
     names: list[str] = []
     fx.node.map_arg((n.args, n.kwargs), lambda a: names.append(a.name) or a)  # type: ignore[func-returns-value]
+    shape_only = {a.name for a in metadata_only_inputs(n)}
+    names = [a for a in names if a not in shape_only]
     alias = alias or {}
     return [a for a in dict.fromkeys(alias.get(a, a) for a in names) if a in known]
 

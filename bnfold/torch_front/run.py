@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+from dataclasses import replace
 from typing import Any
 
 from torch import nn
@@ -109,7 +110,7 @@ def _checked_pairs(
         if refusal := eager.why_not(work, pair, roles, calls):
             refused.append(_explained(pair, refusal))
         else:
-            pairs.append(pair)
+            pairs.append(replace(pair, kind=eager.fold_kind(work, pair, calls)))
     return pairs, refused
 
 
@@ -145,7 +146,7 @@ def _folded(undo: eager.Undo) -> Folded:
     between = _between_label(undo.root, pair.between) if pair.between else ""
     chain = (bn, between, lin) if pair.before else (lin, between, bn)
     pattern = "+".join(p for p in chain if p)
-    return Folded(pair.site, pattern, pair.linear, pair.bn, pair.finder)
+    return Folded(pair.site, pattern, pair.linear, pair.bn, pair.finder, kind=pair.kind)
 
 
 def _between_label(root: nn.Module, between: str) -> str:

@@ -19,14 +19,12 @@ Refuses:
 
 from __future__ import annotations
 
-import itertools
 from collections.abc import Callable
 from dataclasses import dataclass
 
-import numpy as np
 import onnx_ir as ir
 
-from bnfold.affine import Affine
+from bnfold.affine import add_parts, concat_parts
 from bnfold.onnx_front.constants import is_constant
 from bnfold.onnx_front.folded import DeferredWeight
 from bnfold.onnx_front.graph_edit import splice_out, write_linear_fold
@@ -143,15 +141,3 @@ def _linear_terms(join: ir.Node, ir_version: int, options: MatchOptions) -> list
         require_single_consumer(producer)
         terms.append(linear)
     return terms
-
-
-def add_parts(affine: Affine, count: int) -> list[Affine]:
-    """The scale for every op of the sum, the shift for the first only."""
-    zero = np.zeros_like(affine.shift)
-    return [affine] + [Affine(affine.scale, zero) for _ in range(count - 1)]
-
-
-def concat_parts(affine: Affine, channels: list[int]) -> list[Affine]:
-    """The BN's channels split per op, in Concat order."""
-    bounds = np.cumsum([0, *channels])
-    return [Affine(affine.scale[a:b], affine.shift[a:b]) for a, b in itertools.pairwise(bounds)]

@@ -1,0 +1,469 @@
+"""The torch front's folds beyond adjacency: batch-merging reshapes (LeViT), ...
+
+Each fold is checked on an eager module (module-level: the BN becomes
+``nn.Identity``) and on its ``ExportedProgram`` (graph level), against the
+original outputs; each refusal code leaves the outputs as they were.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+torch = pytest.importorskip("torch")
+from torch import nn  # noqa: E402
+
+import bnfold  # noqa: E402
+from bnfold import layouts  # noqa: E402
+from bnfold.report import Code, FoldKind  # noqa: E402
+
+
+def randomize_bn(model: nn.Module, seed: int = 0) -> nn.Module:
+    """Non-trivial statistics and affine in every BN, eval mode."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                c = m.num_features
+                m.running_var.copy_(torch.rand(c, generator=gen) * 1.5 + 0.5)
+                m.running_mean.copy_(torch.randn(c, generator=gen) * 0.5)
+                m.weight.copy_(torch.rand(c, generator=gen) + 0.5)
+                m.bias.copy_(torch.rand(c, generator=gen) - 0.5)
+    return model.eval()
+
+
+def run(model: nn.Module | torch.export.ExportedProgram, x: torch.Tensor) -> torch.Tensor:
+    callable_ = model.module() if isinstance(model, torch.export.ExportedProgram) else model
+    with torch.no_grad():
+        return callable_(x)
+
+
+def fold_on(front: str, model: nn.Module, x: torch.Tensor) -> bnfold.FoldResult:
+    """Fold ``model`` as an eager module or as its ExportedProgram."""
+    if front == "eager":
+        return bnfold.fold(model, example_inputs=(x,))
+    return bnfold.fold(torch.export.export(model, (x,), strict=False))
+
+
+def batch_norms_left(result: bnfold.FoldResult) -> int:
+    model = result.model
+    if isinstance(model, torch.export.ExportedProgram):
+        return sum(1 for n in model.graph.nodes if "batch_norm" in str(n.target))
+    return sum(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
+
+
+FRONTS = ["eager", "exported"]
+
+
+# --- batch merge: Linear(x[B, N, K]) -> flatten(0, 1) -> BN1d(C) -------------------------
+
+
+class LinearNorm(nn.Module):
+    """timm LeViT's LinearNorm: ``bn(linear(x).flatten(0, 1)).reshape_as(x)``."""
+
+    def __init__(self, k: int = 6, c: int = 8, merge=lambda y: y.flatten(0, 1), bn_features=None):
+        super().__init__()
+        self.linear = nn.Linear(k, c, bias=False)
+        self.bn = nn.BatchNorm1d(bn_features or c)
+        self.merge = merge
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.linear(x)
+        return self.bn(self.merge(y)).reshape_as(y)
+
+
+MERGES = {
+    "flatten01": (lambda y: y.flatten(0, 1), (2, 5, 6)),
+    "view_minus1_c": (lambda y: y.view(-1, y.shape[-1]), (2, 5, 6)),
+    "reshape_4d": (lambda y: y.reshape(-1, 8), (2, 3, 4, 6)),
+}
+
+
+@pytest.mark.parametrize("front", FRONTS)
+@pytest.mark.parametrize("merge", list(MERGES), ids=list(MERGES))
+def test_batch_merging_reshape_before_bn1d_folds_into_the_linear(front: str, merge: str) -> None:
+    reshape, shape = MERGES[merge]
+    model, x = randomize_bn(LinearNorm(merge=reshape)), torch.randn(*shape)
+    expected = run(model, x)
+    result = fold_on(front, model, x)
+    assert [f.kind for f in result.report.folded] == [FoldKind.BATCH_MERGE]
+    assert result.report.folded[0].site.startswith("linear -> ")
+    assert result.report.refused == []
+    assert batch_norms_left(result) == 0
+    assert result.verification is not None and result.verification.passed
+    torch.testing.assert_close(run(result.model, x), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_eager_batch_merge_keeps_the_class_and_the_linear_names() -> None:
+    model, x = randomize_bn(LinearNorm()), torch.randn(2, 5, 6)
+    folded = fold_on("eager", model, x).model
+    assert type(folded) is LinearNorm and isinstance(folded.bn, nn.Identity)
+    assert set(folded.state_dict()) == {"linear.weight", "linear.bias"}
+    assert isinstance(model.bn, nn.BatchNorm1d)  # the original is left alone
+
+
+@pytest.mark.parametrize("front", FRONTS)
+def test_linear_on_3d_input_into_bn1d_without_a_merge_stays(front: str) -> None:
+    # BN1d on (B, N, C) normalizes axis 1, the tokens: not the Linear's features,
+    # even when N == C makes the statistics fit (the silent wrong fold).
+    class Direct(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.linear, self.bn = nn.Linear(6, 8), nn.BatchNorm1d(8)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.bn(self.linear(x))
+
+    model, x = randomize_bn(Direct()), torch.randn(2, 8, 6)
+    expected = run(model, x)
+    result = fold_on(front, model, x)
+    assert result.report.folded == []
+    assert [r.code for r in result.report.refused] == [Code.NOT_PER_CHANNEL]
+    torch.testing.assert_close(run(result.model, x), expected, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("front", FRONTS)
+def test_merge_that_moves_the_channel_axis_is_refused(front: str) -> None:
+    # (B, N, C) -> (B, N*C): each BN channel is one (token, feature), not one feature.
+    model = randomize_bn(LinearNorm(merge=lambda y: y.flatten(1), bn_features=5 * 8))
+    x = torch.randn(2, 5, 6)
+    expected = run(model, x)
+    result = fold_on(front, model, x)
+    assert result.report.folded == []
+    assert [r.code for r in result.report.refused] == [Code.MERGE_MOVES_CHANNEL]
+    torch.testing.assert_close(run(result.model, x), expected, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("front", FRONTS)
+def test_linear_output_read_besides_reshape_as_still_branches(front: str) -> None:
+    # reshape_as(y) reads y's shape only; a residual "+ y" reads its values.
+    class Residual(LinearNorm):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            y = self.linear(x)
+            return y + self.bn(y.flatten(0, 1)).reshape_as(y)
+
+    model, x = randomize_bn(Residual()), torch.randn(2, 5, 6)
+    expected = run(model, x)
+    result = fold_on(front, model, x)
+    assert [r.code for r in result.report.refused] == [Code.BRANCHING]
+    torch.testing.assert_close(run(result.model, x), expected, rtol=0, atol=0)
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    lead=st.lists(st.integers(1, 4), min_size=2, max_size=3),
+    c=st.integers(1, 5),
+    seed=st.integers(0, 2**16),
+)
+def test_merges_leading_axes_is_exact_when_it_says_so(lead: list[int], c: int, seed: int) -> None:
+    """A per-feature affine on (..., C) equals one on axis 1 of any 2-D reshape it accepts."""
+    rng = np.random.default_rng(seed)
+    y = rng.standard_normal((*lead, c))
+    scale, shift = rng.standard_normal(c), rng.standard_normal(c)
+    for x_dim in {c, y.size // lead[0]}:
+        merged = (y.size // x_dim, x_dim)
+        verdict = layouts.merges_leading_axes(merged, y.shape)
+        assert verdict is (x_dim == c)
+        if verdict:
+            via_merge = (y.reshape(merged) * scale + shift).reshape(y.shape)
+            np.testing.assert_allclose(via_merge, y * scale + shift)
+
+
+def test_merges_leading_axes_ignores_what_is_no_merge() -> None:
+    assert layouts.merges_leading_axes((10, 8), (10, 8)) is None  # already 2-D: adjacency
+    assert layouts.merges_leading_axes((2, 8, 5), (2, 5, 8)) is None  # not 2-D
+    assert layouts.merges_leading_axes((9, 8), (2, 5, 8)) is None  # other element count
+
+
+# --- through a pool: BN(avg_pool(conv(x))) at graph level -------------------------------
+
+
+class ConvPoolBN(nn.Module):
+    def __init__(self, pool: nn.Module, dims: int = 2) -> None:
+        super().__init__()
+        conv = (nn.Conv1d, nn.Conv2d, nn.Conv3d)[dims - 1]
+        norm = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)[dims - 1]
+        self.conv, self.pool, self.bn = conv(3, 8, 3), pool, norm(8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.bn(self.pool(self.conv(x)))
+
+
+POOLS = {
+    "avg2": (lambda: nn.AvgPool2d(2), 2),
+    "avg3_padded_not_counted": (lambda: nn.AvgPool2d(3, padding=1, count_include_pad=False), 2),
+    "avg2_ceil_not_counted": (lambda: nn.AvgPool2d(3, ceil_mode=True, count_include_pad=False), 2),
+    # torch divides an overrunning ceil_mode window by its elements inside the input
+    "avg3_ceil_counted": (lambda: nn.AvgPool2d(3, ceil_mode=True), 2),
+    "adaptive1": (lambda: nn.AdaptiveAvgPool2d(1), 2),
+    "adaptive_3x2": (lambda: nn.AdaptiveAvgPool2d((3, 2)), 2),
+    "avg1d": (lambda: nn.AvgPool1d(2), 1),
+    "adaptive3d": (lambda: nn.AdaptiveAvgPool3d(2), 3),
+}
+
+
+def pool_input(dims: int) -> torch.Tensor:
+    return torch.randn(2, 3, *([9] * dims))
+
+
+@pytest.mark.parametrize("pool", list(POOLS), ids=list(POOLS))
+def test_bn_after_an_average_pool_folds_into_the_conv_before_it(pool: str) -> None:
+    make, dims = POOLS[pool]
+    model, x = randomize_bn(ConvPoolBN(make(), dims)), pool_input(dims)
+    expected = run(model, x)
+    result = fold_on("exported", model, x)
+    assert [f.kind for f in result.report.folded] == [FoldKind.THROUGH_POOL]
+    assert result.report.refused == []
+    assert batch_norms_left(result) == 0
+    torch.testing.assert_close(run(result.model, x), expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "pool",
+    [
+        nn.AvgPool2d(3, padding=1),  # count_include_pad=True by default
+        nn.AvgPool2d(2, divisor_override=3),
+    ],
+    ids=["counted_padding", "divisor_override"],
+)
+def test_pool_that_divides_by_more_than_its_elements_refuses_a_shift(pool: nn.Module) -> None:
+    model, x = randomize_bn(ConvPoolBN(pool)), pool_input(2)
+    expected = run(model, x)
+    result = fold_on("exported", model, x)
+    assert result.report.folded == []
+    assert [r.code for r in result.report.refused] == [Code.POOL_PADDING]
+    torch.testing.assert_close(run(result.model, x), expected, rtol=0, atol=0)
+
+
+def test_counted_padding_passes_a_pure_scale() -> None:
+    # Zeros padded in stay zeros under a scale: only a shift would be mis-averaged.
+    model = randomize_bn(ConvPoolBN(nn.AvgPool2d(3, padding=1)))
+    with torch.no_grad():
+        model.bn.bias.zero_()
+        model.bn.running_mean.zero_()
+    x = pool_input(2)
+    expected = run(model, x)
+    result = fold_on("exported", model, x)
+    assert [f.kind for f in result.report.folded] == [FoldKind.THROUGH_POOL]
+    torch.testing.assert_close(run(result.model, x), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_pooled_conv_output_read_elsewhere_branches() -> None:
+    class Both(ConvPoolBN):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            y = self.conv(x)
+            return self.bn(self.pool(y)), y
+
+    model, x = randomize_bn(Both(nn.AvgPool2d(2))), pool_input(2)
+    result = fold_on("exported", model, x)
+    assert [r.code for r in result.report.refused] == [Code.BRANCHING]
+
+
+# --- over a join: BN(add(conv_a, conv_b)), BN(cat([conv_a, conv_b], 1)) at graph level ----
+
+
+class Join(nn.Module):
+    """Two convs on different inputs, summed or concatenated, then one BN."""
+
+    def __init__(self, join: str = "add", b_channels: int = 8, bn_channels: int | None = None):
+        super().__init__()
+        self.a = nn.Conv2d(3, 8, 3, padding=1)
+        self.b = nn.Conv2d(4, b_channels, 1, bias=False)
+        default = 8 + b_channels if join == "cat" else 8
+        self.bn = nn.BatchNorm2d(bn_channels or default)
+        self.join = join
+
+    def joined(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return torch.cat([a, b], 1) if self.join == "cat" else a + b
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return self.bn(self.joined(self.a(x), self.b(y)))
+
+
+JOIN_INPUTS = (torch.randn(2, 3, 6, 6), torch.randn(2, 4, 6, 6))
+
+
+def fold_program(model: nn.Module, args: tuple[torch.Tensor, ...]) -> bnfold.FoldResult:
+    return bnfold.fold(torch.export.export(model, args, strict=False))
+
+
+def run_program(result: bnfold.FoldResult, args: tuple[torch.Tensor, ...]) -> torch.Tensor:
+    with torch.no_grad():
+        return result.model.module()(*args)
+
+
+@pytest.mark.parametrize(
+    ("join", "b_channels", "kind"),
+    [
+        ("add", 8, FoldKind.OVER_ADD),
+        ("cat", 8, FoldKind.OVER_CONCAT),
+        ("cat", 5, FoldKind.OVER_CONCAT),
+    ],
+)
+def test_bn_after_a_join_of_two_convs_folds_into_both(join: str, b_channels: int, kind) -> None:
+    model = randomize_bn(Join(join, b_channels))
+    with torch.no_grad():
+        expected = model(*JOIN_INPUTS)
+    result = fold_program(model, JOIN_INPUTS)
+    assert [(f.kind, f.site) for f in result.report.folded] == [(kind, f"a, b -> {join} -> bn")]
+    assert result.report.refused == []
+    assert batch_norms_left(result) == 0
+    assert result.verification is not None and result.verification.passed
+    torch.testing.assert_close(run_program(result, JOIN_INPUTS), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_add_gives_the_shift_to_one_conv_only() -> None:
+    # The bias-free conv b gets a bias of zero (scale * 0), a the whole shift.
+    model = randomize_bn(Join("add"))
+    folded = fold_program(model, JOIN_INPUTS).model.module()
+    bias_b = dict(folded.named_parameters())["b.bias"]
+    assert torch.count_nonzero(bias_b) == 0
+
+
+def join_refusal(model: nn.Module, args: tuple[torch.Tensor, ...] = JOIN_INPUTS) -> list[Code]:
+    with torch.no_grad():
+        expected = model(*args)
+    result = fold_program(model, args)
+    assert result.report.folded == []
+    torch.testing.assert_close(run_program(result, args), expected, rtol=0, atol=0)
+    return [r.code for r in result.report.refused]
+
+
+def test_join_with_a_term_that_is_not_a_linear_op_is_refused() -> None:
+    class WithResidual(Join):
+        def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+            return self.bn(self.joined(self.a(x), torch.relu(self.b(y))))
+
+    assert join_refusal(randomize_bn(WithResidual())) == [Code.NOT_LINEAR_TERM]
+
+
+def test_join_of_one_conv_twice_is_refused() -> None:
+    class Twice(Join):
+        def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+            a = self.a(x)
+            return self.bn(self.joined(a, a))
+
+    assert join_refusal(randomize_bn(Twice())) == [Code.NOT_LINEAR_TERM]
+
+
+def test_conv_output_read_outside_the_join_branches() -> None:
+    class Leaky(Join):
+        def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+            a = self.a(x)
+            return self.bn(self.joined(a, self.b(y))), a
+
+    assert join_refusal(randomize_bn(Leaky())) == [Code.BRANCHING]
+
+
+def test_cat_over_another_axis_is_not_per_channel() -> None:
+    class Wide(Join):
+        def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+            return self.bn(torch.cat([self.a(x), self.b(y)], 3))
+
+    assert join_refusal(randomize_bn(Wide("add"))) == [Code.NOT_PER_CHANNEL]
+
+
+def test_sum_of_convs_of_other_widths_is_a_bad_shape() -> None:
+    # (N, 1, H, W) + (N, 8, H, W) broadcasts; one channel of b feeds eight BN channels.
+    assert join_refusal(randomize_bn(Join("add", b_channels=1))) == [Code.BAD_SHAPE]
+
+
+def test_a_join_fold_that_changes_the_outputs_is_rolled_back(monkeypatch) -> None:
+    # Verification guards the new kinds like every fold: a wrong split (the
+    # shift given to every term) is measured, refused and undone.
+    from bnfold.torch_front import exported
+
+    monkeypatch.setattr(exported, "add_parts", lambda affine, count: [affine] * count)
+    model = randomize_bn(Join("add"))
+    with torch.no_grad():
+        expected = model(*JOIN_INPUTS)
+    result = fold_program(model, JOIN_INPUTS)
+    assert result.report.folded == []
+    assert [r.code for r in result.report.refused] == [Code.VERIFICATION_FAILED]
+    assert result.verification is not None and result.verification.passed
+    torch.testing.assert_close(run_program(result, JOIN_INPUTS), expected, rtol=0, atol=0)
+
+
+# --- eval-mode dropout between a BN and the Linear after it (timm's NormLinear) ----------
+
+
+class NormLinear(nn.Module):
+    """timm LeViT's head: ``linear(drop(bn(x.mean(1))))``; the mean leaves BN nothing before."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.bn, self.drop, self.linear = nn.BatchNorm1d(8), nn.Dropout(0.1), nn.Linear(8, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear(self.drop(self.bn(x.mean(1))))
+
+
+@pytest.mark.parametrize("front", FRONTS)
+def test_bn_folds_into_the_linear_after_an_eval_dropout(front: str) -> None:
+    model, x = randomize_bn(NormLinear()), torch.randn(2, 5, 8)
+    expected = run(model, x)
+    result = fold_on(front, model, x)
+    assert [f.site for f in result.report.folded] == ["bn -> linear"]
+    assert batch_norms_left(result) == 0
+    torch.testing.assert_close(run(result.model, x), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_a_dropout_left_training_is_not_looked_through() -> None:
+    # Dropout(s*x + t) drops the shift too: in training it is no identity.
+    model, x = randomize_bn(NormLinear()), torch.randn(2, 5, 8)
+    model.drop.train()
+    result = fold_on("eager", model, x)
+    assert result.report.folded == []
+    assert isinstance(result.model.bn, nn.BatchNorm1d)
+
+
+# --- a BN subclass that does more than normalize (timm's BatchNormAct2d) -----------------
+
+
+class BatchNormAct2d(nn.BatchNorm2d):
+    """BN then an activation child, in one module, as timm builds its nets."""
+
+    def __init__(self, channels: int, act: bool = True) -> None:
+        super().__init__(channels)
+        self.act = nn.ReLU() if act else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act(super().forward(x))
+
+
+class ConvBnAct(nn.Module):
+    def __init__(self, act: bool = True) -> None:
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(3, 8, 3), BatchNormAct2d(8, act)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.bn(self.conv(x))
+
+
+def test_eager_bn_subclass_with_an_activation_child_is_refused() -> None:
+    # As nn.Identity it would drop the ReLU: refused up front, not left to verification.
+    model, x = randomize_bn(ConvBnAct()), pool_input(2)
+    expected = run(model, x)
+    result = fold_on("eager", model, x)
+    assert [r.code for r in result.report.refused] == [Code.PARAMETRIZED]
+    assert "BatchNormAct2d overrides forward() and runs act" in result.report.refused[0].detail
+    torch.testing.assert_close(run(result.model, x), expected, rtol=0, atol=0)
+
+
+def test_exported_bn_subclass_with_an_activation_child_folds() -> None:
+    # In the aten graph it is batch_norm then relu: the batch_norm folds, the relu stays.
+    model, x = randomize_bn(ConvBnAct()), pool_input(2)
+    expected = run(model, x)
+    result = fold_on("exported", model, x)
+    assert [f.site for f in result.report.folded] == ["conv -> bn"]
+    torch.testing.assert_close(run(result.model, x), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_eager_bn_subclass_whose_children_are_identities_folds() -> None:
+    model, x = randomize_bn(ConvBnAct(act=False)), pool_input(2)
+    expected = run(model, x)
+    result = fold_on("eager", model, x)
+    assert [f.site for f in result.report.folded] == ["conv -> bn"]
+    torch.testing.assert_close(run(result.model, x), expected, rtol=1e-5, atol=1e-5)
