@@ -63,9 +63,15 @@ __version__ = "0.1.0"
 
 def __getattr__(name: str) -> Any:
     home = _HOMES.get(name)
-    if home is None:
-        raise AttributeError(f"module 'bnfold' has no attribute {name!r}")
-    value = getattr(importlib.import_module(home), name)
+    if home is not None:
+        value = getattr(importlib.import_module(home), name)
+    else:  # a submodule (bnfold.api, ...), as an eager package would have bound it
+        try:
+            value = importlib.import_module(f"bnfold.{name}")
+        except ModuleNotFoundError as err:
+            if err.name != f"bnfold.{name}":
+                raise
+            raise AttributeError(f"module 'bnfold' has no attribute {name!r}") from None
     globals()[name] = value  # later lookups skip this function
     return value
 

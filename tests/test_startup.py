@@ -70,3 +70,9 @@ def test_unknown_package_attribute_is_an_attribute_error() -> None:
 
     with pytest.raises(AttributeError, match="no attribute 'nonexistent'"):
         _ = bnfold.nonexistent  # type: ignore[attr-defined]
+
+
+def test_submodules_are_attributes_of_the_package_as_when_it_loaded_eagerly() -> None:
+    probe = "import bnfold; print(bnfold.api.__name__, bnfold.compare.__name__)"
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["bnfold.api", "bnfold.compare"]
