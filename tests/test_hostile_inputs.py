@@ -363,6 +363,22 @@ def test_weights_file_is_never_the_output(cli, tmp_path, monkeypatch):
     assert snapshot(tmp_path) == before
 
 
+def test_the_factory_source_file_is_never_the_output(cli, tmp_path, monkeypatch):
+    """`--module tiny_net:make -o tiny_net.py` would replace the model's own code."""
+    source = tmp_path / "tiny_net2.py"
+    source.write_text(
+        "from torch import nn\n\ndef make():\n"
+        "    return nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4))\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    before = snapshot(tmp_path)
+    for out in ("tiny_net2.py", "./tiny_net2.py"):
+        monkeypatch.chdir(tmp_path)
+        args = ["fold", "--module", "tiny_net2:make", "--input-shape", "1x3x8x8", "-o", out]
+        assert_one_line_error(cli(args), contains="--module source")
+    assert snapshot(tmp_path) == before
+
+
 def test_in_place_keeps_a_data_file_another_model_uses(cli, tmp_path):
     a = _onnx_model(tmp_path / "a.onnx", external="a.onnx.data")
     shutil.copy(a, tmp_path / "b.onnx")  # b.onnx reads a.onnx.data too

@@ -38,6 +38,7 @@ from bnfold.torch_front.io import (
     example_args,
     example_inputs_from_shapes,
     export_onnx,
+    factory_source_file,
     load_exported_program,
     load_module_factory,
     user_code,
@@ -150,11 +151,13 @@ def _require_safe_outputs(
     to_onnx: str | os.PathLike[str] | None,
 ) -> None:
     """Refuse outputs that are an input (any spelling) or unwritable, before folding."""
-    inputs = [
-        paths.Named.of("--weights file", source.weights)
-        if isinstance(source, ModuleSource)
-        else paths.Named.of("input", source)
-    ]
+    if isinstance(source, ModuleSource):
+        inputs = [
+            paths.Named.of("--weights file", source.weights),
+            paths.Named.of("--module source", factory_source_file(source.factory)),
+        ]
+    else:
+        inputs = [paths.Named.of("input", source)]
     outputs = [paths.Named.of("output", output), paths.Named.of("--to-onnx output", to_onnx)]
     paths.require_safe_outputs(outputs, inputs)
 

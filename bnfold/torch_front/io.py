@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import importlib.util
 import os
 import pickle
 import tempfile
@@ -57,6 +58,22 @@ def user_code(what: str) -> Iterator[None]:
         yield
     except SystemExit as e:
         raise BnfoldError(f"{what} called sys.exit({e.code!r})") from None
+
+
+def factory_source_file(spec: str) -> str | None:
+    """The file defining the module of a ``pkg.mod:factory`` spec, if it has one.
+
+    It is an input too: an output path naming it must be refused like any other.
+    Finding a dotted module imports its parent packages (user code, hence
+    :func:`user_code`); one that cannot be found is left for the load to report.
+    """
+    module = spec.partition(":")[0]
+    try:
+        with user_code(f"importing {module!r}"):
+            found = importlib.util.find_spec(module) if module else None
+    except (ImportError, ValueError):
+        return None
+    return found.origin if found is not None and found.has_location else None
 
 
 def _call_factory(spec: str) -> nn.Module:
