@@ -93,6 +93,41 @@ def test_bn_before_flatten_then_gemm_scales_contiguous_feature_blocks() -> None:
     assert [f.pattern for f in result.report.folded] == ["BatchNormalization+Flatten+Gemm"]
 
 
+def bn_reshape_matmul(target: list[int], batch: int | None) -> onnx.ModelProto:
+    """Relu -> BN -> Reshape(target) -> MatMul on a (batch?, 4, 2, 2) input, the
+    Reshape's output annotated (batch?, 16): an unknown batch dim proves nothing."""
+    nodes = [
+        helper.make_node("Relu", ["input"], ["r"], name="relu"),
+        bn_node("bn", "r", "b"),
+        helper.make_node("Reshape", ["b", "target"], ["f"], name="reshape"),
+        helper.make_node("MatMul", ["f", "W"], ["output"], name="fc"),
+    ]
+    inits = [init("target", np.array(target, np.int64)), init("W", weight(16, 5))]
+    inits += bn_params("bn", 4)
+    dims = [batch if batch is not None else "", 4, 2, 2]
+    m = model(nodes, inits, [("input", dims)], ["output"], output_shapes=[[batch or "", 5]])
+    for name, shape in (("b", [batch, 4, 2, 2]), ("f", [batch, 16])):
+        info = helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, shape)
+        m.graph.value_info.append(info)
+    return m
+
+
+def test_reshape_with_unknown_batch_dims_is_not_taken_for_a_flatten() -> None:
+    """Reshape(x, [-1, 16]) of an (?, 4, 2, 2) input annotated (?, 16): the two unknown
+    batch dims compare equal in onnx_ir, but -1 may merge batch and channels. Folding
+    the BN over the 16 features as blocks of 4 would then be wrong (it was)."""
+    result = bnfold.fold(bn_reshape_matmul([-1, 16], batch=None))
+    assert [r.code for r in result.report.refused] == [Code.NOT_PER_CHANNEL]
+    assert not result.report.folded
+
+
+@pytest.mark.parametrize(("target", "batch"), [([0, -1], None), ([-1, 16], 2)])
+def test_reshape_that_provably_keeps_the_batch_folds_like_a_flatten(target, batch) -> None:
+    """A constant [0, -1] copies the batch dim; a known batch dim on both sides shows it."""
+    result = fold_and_check(bn_reshape_matmul(target, batch))
+    assert [f.pattern for f in result.report.folded] == ["BatchNormalization+Reshape+MatMul"]
+
+
 def conv_then(
     shape_nodes: list[onnx.NodeProto], inits: list, bn_channels: int = 4
 ) -> onnx.ModelProto:

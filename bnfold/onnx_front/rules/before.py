@@ -65,7 +65,7 @@ def plan_before(
     try:
         linear = describe_linear(linear_node, ir_version, options)
         per_channel = batchnorm_affine(bn, bn_channels(bn, ir_version), ir_version)
-        affine = _spread_to_input_features(per_channel, linear, between)
+        affine = _spread_to_input_features(per_channel, linear, between, ir_version)
         _require_exact_before(linear, affine)
         gain = linear.input_gain / linear.bias_gain
         affine = Affine(affine.scale, affine.shift * gain)
@@ -76,7 +76,9 @@ def plan_before(
         return Refusal(site, refused.code, refused.detail)
 
 
-def _spread_to_input_features(affine: Affine, linear: LinearOp, between: ir.Node | None) -> Affine:
+def _spread_to_input_features(
+    affine: Affine, linear: LinearOp, between: ir.Node | None, ir_version: int
+) -> Affine:
     """Map the BN's per-channel affine onto the linear op's input features.
 
     Directly, channel c is input channel c. Through a Flatten of ``(N, C, *rest)``
@@ -99,7 +101,7 @@ def _spread_to_input_features(affine: Affine, linear: LinearOp, between: ir.Node
         if features != channels:
             raise Refused(Code.BAD_SHAPE, f"BatchNorm has {channels} channels, op reads {features}")
         return affine
-    require_flattens_batch(between)
+    require_flattens_batch(between, ir_version)
     if channels == 0 or features % channels:
         raise Refused(Code.BAD_SHAPE, f"{features} features are not a multiple of {channels}")
     return affine.spread(features)

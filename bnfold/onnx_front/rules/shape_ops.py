@@ -68,12 +68,8 @@ def _annotated_sample(shape_op: ir.Node) -> tuple[int, ...] | None:
     before, after = shape_op.inputs[0].shape, shape_op.outputs[0].shape  # type: ignore[union-attr]
     if before is None or after is None or len(before) < 1 or len(after) < 2:
         return None
-    batch_before, batch_after = before.dims[0], after.dims[0]
-    same_batch = batch_before == batch_after and (
-        isinstance(batch_before, int) or getattr(batch_before, "value", None) is not None
-    )
     rest = list(after.dims[1:])
-    if not same_batch or not all(isinstance(d, int) for d in rest):
+    if not same_known_batch(before, after) or not all(isinstance(d, int) for d in rest):
         return None
     return tuple(rest)  # type: ignore[arg-type]
 
@@ -145,15 +141,40 @@ def _static_product(dims: object) -> int | None:
     return math.prod(values)
 
 
-def require_flattens_batch(node: ir.Node) -> None:
-    out_shape = node.outputs[0].shape
+def same_known_batch(before: ir.Shape, after: ir.Shape) -> bool:
+    """Both shapes provably start with the same batch dim: one integer, or one named
+    symbol. Two unknown dims compare equal in onnx_ir but prove nothing: a Reshape
+    to ``[-1, F]`` may merge the batch with the channels."""
+    if len(before) < 1 or len(after) < 1:
+        return False
+    batch = before.dims[0]
+    known = isinstance(batch, int) or getattr(batch, "value", None) is not None
+    return known and batch == after.dims[0]
+
+
+def require_flattens_batch(node: ir.Node, ir_version: int) -> None:
+    """Refuse (NOT_PER_CHANNEL) a shape op that is not provably ``(N, C, ...) -> (N, -1)``.
+
+    Proven by Flatten(axis=1), a Reshape to a constant ``[0, -1]`` (0 copies the
+    batch dim), or a 2-D Reshape whose annotations show the same known batch dim.
+    """
     if node.op_type == "Flatten" and node.attributes.get_int("axis", 1) == 1:
         return
+    if node.op_type == "Reshape" and _copies_batch_flattens_rest(node, ir_version):
+        return
+    out_shape = node.outputs[0].shape
     if node.op_type == "Reshape" and out_shape is not None and len(out_shape) == 2:
         in_shape = node.inputs[0].shape if node.inputs[0] is not None else None
-        if in_shape is not None and len(in_shape) >= 1 and out_shape.dims[0] == in_shape.dims[0]:
+        if in_shape is not None and same_known_batch(in_shape, out_shape):
             return
     raise Refused(
         Code.NOT_PER_CHANNEL,
         f"{node.op_type} {label(node)!r} does not flatten (N, C, ...) to (N, -1)",
     )
+
+
+def _copies_batch_flattens_rest(reshape: ir.Node, ir_version: int) -> bool:
+    if reshape.attributes.get_int("allowzero", 0) != 0:
+        return False
+    target = constant_array(reshape.inputs[1] if len(reshape.inputs) > 1 else None, ir_version)
+    return target is not None and target.ndim == 1 and [int(d) for d in target] == [0, -1]
