@@ -275,6 +275,10 @@ def fold(
     torch_source = _torch_source(model, module_spec, weights, trust_pickle, input_shapes)
     if run_bench and (torch_source is not None or (model and os.path.isdir(model))):
         raise InputError("--bench times one ONNX model; for torch or folders use `bnfold bench`")
+    if in_place and output is not None:
+        raise InputError("-o and --in-place are exclusive: --in-place writes MODEL itself")
+    if in_place and (torch_source is not None or (model and os.path.isdir(model))):
+        raise InputError("--in-place folds one ONNX file; torch models and folders take -o")
     if run_bench and in_place:
         # The output would be timed against itself: the original is gone.
         raise InputError(
@@ -283,8 +287,11 @@ def fold(
     if torch_source is not None:
         if output is None:
             raise InputError("missing -o/--output")
-        _require_safe_report(report_path, [output, to_onnx], [model, weights])
         from bnfold.torch_front.files import fold_torch
+        from bnfold.torch_front.io import factory_source_file
+
+        module_file = factory_source_file(module_spec) if module_spec else None
+        _require_safe_report(report_path, [output, to_onnx], [model, weights, module_file])
 
         options = _torch_verify_options(no_verify, verify_kw)
         result, written = fold_torch(
@@ -465,7 +472,7 @@ def _require_safe_report(
 
 
 def _require_safe_folder_report(report_path: str | None, model_dir: str, out_dir: str) -> None:
-    """Folder mode: --report must not be one of the models found or their outputs.
+    """Folder mode: --report must not be one of the models found, their data or their outputs.
 
     Its folder may be OUTDIR, created by the run: then only the names are compared.
     """
@@ -473,10 +480,16 @@ def _require_safe_folder_report(report_path: str | None, model_dir: str, out_dir
         return
     from bnfold import paths
     from bnfold.batch import find_models
+    from bnfold.onnx_front.io import external_data_files
 
     report = paths.Named("--report", Path(report_path))
     models = find_models(Path(model_dir), Path(out_dir))
     reads = [paths.Named("input", Path(model_dir) / rel) for rel in models]
+    reads += [
+        paths.Named("input's external data", data)
+        for rel in models
+        for data in external_data_files(Path(model_dir) / rel)
+    ]
     writes = [paths.Named("output", Path(out_dir) / rel) for rel in models]
     for other in (*reads, *writes):
         if paths.same_file(report.path, other.path):

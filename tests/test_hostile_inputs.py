@@ -571,3 +571,43 @@ def test_only_plain_shape_expressions_reach_sympify(text, plain):
     from bnfold.torch_front.archive import _is_plain_expression
 
     assert _is_plain_expression(text) is plain
+
+
+def test_report_over_the_module_source_file_is_refused(cli, tmp_path, monkeypatch):
+    """--report tiny_net3.py would replace the factory's own code with JSON."""
+    (tmp_path / "tiny_net3.py").write_text(
+        "from torch import nn\n\ndef make():\n"
+        "    return nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4))\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.chdir(tmp_path)
+    before = snapshot(tmp_path)
+    args = ["fold", "--module", "tiny_net3:make", "--input-shape", "1x3x8x8", "-o", "out.pt",
+            "--report", "tiny_net3.py"]  # fmt: skip
+    assert_one_line_error(cli(args), contains="tiny_net3.py")
+    assert snapshot(tmp_path) == before
+
+
+def test_folder_report_over_a_models_external_data_is_refused(cli, tmp_path):
+    models = tmp_path / "models"
+    models.mkdir()
+    _onnx_model(models / "m.onnx", external="w.bin")
+    before = snapshot(tmp_path)
+    result = cli(["fold", models, "-o", tmp_path / "out", "--report", models / "w.bin"])
+    assert_one_line_error(result, contains="external data")
+    assert snapshot(tmp_path) == before
+
+
+@pytest.mark.parametrize("extra", [["-o", "other.onnx"], []])
+def test_in_place_takes_no_output_and_no_folder(cli, tmp_path, monkeypatch, extra):
+    """-o with --in-place used to be ignored (MODEL replaced, -o never written); a folder
+    or a torch model with --in-place was folded to -o as if the flag were not there."""
+    monkeypatch.chdir(tmp_path)
+    model = _onnx_model(tmp_path / "a.onnx")
+    folder = tmp_path / "d"
+    folder.mkdir()
+    before = snapshot(tmp_path)
+    target = model if extra else folder
+    result = cli(["fold", target, "--in-place", *extra])
+    assert_one_line_error(result, contains="--in-place")
+    assert snapshot(tmp_path) == before
