@@ -80,18 +80,18 @@ def fold(
     lower = _lower_form(lower_standalone)
     verify_options = with_inputs(verify_options, inputs)
     if _is_torch_module(model):
-        from bnfold.torch_front import fold_module
-
         if example_inputs is None:
             raise BnfoldError("folding a torch module needs example_inputs=(x,)")
         if lower is not None:
             from bnfold.torch_front.files import EAGER_LOWERING_UNSUPPORTED
 
             raise NotSupportedError(EAGER_LOWERING_UNSUPPORTED)
-        o = verify_options or VerifyOptions()
-        return fold_module(
-            model, example_inputs, inplace=inplace, rtol=o.rtol, atol=o.atol, samples=o.samples,
-            seed=o.seed, rounding=_rounding(rounding),
+        from bnfold.torch_front import run
+
+        # Every verify option reaches the torch front, the user's input files too.
+        return run.fold(
+            model, example_inputs, inplace=inplace, verify=verify_options or VerifyOptions(),
+            rounding=_rounding(rounding),
         )  # fmt: skip
     if _is_exported_program(model):
         from bnfold.torch_front.files import fold_program

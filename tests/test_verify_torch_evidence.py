@@ -95,3 +95,14 @@ def test_pt2_verifies_on_an_npz_named_by_forward_argument(tmp_path: Path):
     positional = tmp_path / "positional.npz"
     np.savez(positional, np.random.default_rng(2).random((2, 3, 8, 8), dtype=np.float32))
     assert invoke("verify", source, out, "--inputs", positional).exit_code == 0
+
+
+def test_the_python_api_verifies_a_module_on_the_users_inputs(tmp_path):
+    """bnfold.fold(module, inputs=...) passed only the tolerances on, so the file was
+    ignored and random draws verified instead."""
+    feeds = tmp_path / "feeds.npz"
+    np.savez(feeds, arr_0=np.random.default_rng(0).random((2, 3, 8, 8), dtype=np.float32))
+    model = conv_bn_relu()
+    result = bnfold.fold(model, (torch.randn(2, 3, 8, 8),), inputs=feeds)
+    assert result.verification is not None and result.verification.passed
+    assert "feeds.npz" in result.verification.inputs
