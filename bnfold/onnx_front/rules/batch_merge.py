@@ -23,7 +23,7 @@ from __future__ import annotations
 import onnx_ir as ir
 
 from bnfold.onnx_front.constants import constant_array
-from bnfold.onnx_front.rules.base import LinearOp, Refused, label
+from bnfold.onnx_front.rules.base import LinearOp, Refused, bn_channels, label
 from bnfold.report import Code
 
 
@@ -40,14 +40,15 @@ def merges_leading_axes(shape_op: ir.Node, bn: ir.Node, linear: LinearOp, ir_ver
         return False
     if not _to_two_dims(shape_op, ir_version):
         return False
-    bn_channels = _bn_channel_count(bn, ir_version)
-    if bn_channels is None:
+    try:
+        channels = bn_channels(bn, ir_version)
+    except Refused:
         return False  # the BN's own check reports its non-constant parameters
-    if bn_channels != linear.channels:
+    if channels != linear.channels:
         raise Refused(
             Code.MERGE_MOVES_CHANNEL,
             f"{shape_op.op_type} {label(shape_op)!r} makes {linear.node.op_type}'s output 2-D "
-            f"with {bn_channels} BatchNorm channels, not its {linear.channels} output channels",
+            f"with {channels} BatchNorm channels, not its {linear.channels} output channels",
         )
     return True
 
@@ -60,8 +61,3 @@ def _to_two_dims(shape_op: ir.Node, ir_version: int) -> bool:
         return False
     target = constant_array(shape_op.inputs[1] if len(shape_op.inputs) > 1 else None, ir_version)
     return target is not None and target.ndim == 1 and len(target) == 2
-
-
-def _bn_channel_count(bn: ir.Node, ir_version: int) -> int | None:
-    scale = constant_array(bn.inputs[1] if len(bn.inputs) > 1 else None, ir_version)
-    return None if scale is None or scale.ndim != 1 else int(scale.shape[0])
