@@ -540,3 +540,45 @@ def test_broken_original_is_bad_input_and_nothing_is_written(tmp_path, cli, kind
     assert_one_line_error(cli(["fold", src, "-o", out, "--json"]), contains=message)
     assert_one_line_error(cli(["verify", src, src]), contains=message)
     assert snapshot(tmp_path) == before
+
+
+def test_without_a_fold_report_a_bn_the_fold_no_longer_names_leaves_the_sites_incomplete(
+    tmp_path,
+):
+    """`verify ORIGINAL FOLDED` finds sites from the original's BN outputs. A BN folded
+    into the Conv after it leaves no value of its own, so it cannot be compared; then
+    the sites must not count as every fold's evidence for an output that jumps."""
+    c = 3
+    nodes = [
+        helper.make_node("Relu", ["input"], ["r"], name="relu"),
+        helper.make_node(
+            "BatchNormalization", ["r", "g", "b", "m", "v"], ["n"], name="bn", epsilon=1e-5
+        ),
+        helper.make_node("Conv", ["n", "w"], ["output"], name="conv"),
+    ]
+    rng = np.random.default_rng(0)
+    params = {
+        "g": rng.uniform(0.5, 1.5, c), "b": rng.normal(0, 0.1, c),
+        "m": rng.normal(0, 0.1, c), "v": rng.uniform(0.5, 2, c),
+        "w": rng.normal(size=(4, c, 1, 1)),
+    }  # fmt: skip
+    inits = [numpy_helper.from_array(a.astype(np.float32), n) for n, a in params.items()]
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, [1, c, 4, 4])],
+        [helper.make_tensor_value_info("output", TensorProto.FLOAT, None)],
+        initializer=inits,
+    )
+    original = tmp_path / "m.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), original)
+    result = bnfold.fold(original)
+    assert [f.pattern for f in result.report.folded] == ["BatchNormalization+Conv"]
+    folded = tmp_path / "f.onnx"
+    ir.save(result.model, folded)
+    from bnfold.api import site_values
+
+    with_report = compare._Plan.of(original, folded, site_values(result.report))
+    without = compare._Plan.of(original, folded, None)
+    assert with_report.every_site
+    assert without.sites == [] and not without.every_site
