@@ -129,19 +129,32 @@ def with_inputs(
     return replace(options or VerifyOptions(), inputs=inputs)
 
 
-def inspect(model: Any, example_inputs: tuple[Any, ...] | None = None) -> FoldReport:
-    """Report every fold bnfold would make and every refusal, without changing ``model``."""
+def inspect(
+    model: Any,
+    example_inputs: tuple[Any, ...] | None = None,
+    *,
+    lower_standalone: bool | LowerForm | str | None = False,
+) -> FoldReport:
+    """Report every fold bnfold would make and every refusal, without changing ``model``.
+
+    ``lower_standalone`` (as for :func:`fold`) previews the lowering too: the
+    report's ``lowered`` entries and BN counts are those ``fold`` would give.
+    """
+    lower = _lower_form(lower_standalone)
     if _is_torch_module(model):
         from bnfold.torch_front import inspect_module
+        from bnfold.torch_front.files import EAGER_LOWERING_UNSUPPORTED
 
+        if lower is not None:
+            raise NotSupportedError(EAGER_LOWERING_UNSUPPORTED)
         if example_inputs is None:
             raise BnfoldError("inspecting a torch module needs example_inputs=(x,)")
         return inspect_module(model, example_inputs)
     if _is_exported_program(model):
         from bnfold.torch_front.files import inspect_program
 
-        return inspect_program(model)
-    report = fold(model, inplace=False).report
+        return inspect_program(model, lower)
+    report = fold(model, inplace=False, lower_standalone=lower).report
     report.dry_run = True
     return report
 

@@ -150,7 +150,7 @@ class BatchNormCount:
             ("BatchNorm (inference)", ""),
             ("found", str(self.found)),
             ("would fold" if dry_run else "folded", str(self.folded)),
-            ("lowered", str(self.lowered)),
+            ("would lower" if dry_run else "lowered", str(self.lowered)),
             ("left", str(self.left)),
         ]
         rows += [(f"  {code}", str(n)) for code, n in self.left_by_code.items()]
@@ -199,9 +199,10 @@ class FoldReport:
 
     def summary(self) -> str:
         verb = "would fold" if self.dry_run else "folded"
+        lower_verb = "would lower" if self.dry_run else "lowered"
         counts = f"{verb} {len(self.folded)}, refused {len(self.refused)}"
         if self.lowered:
-            counts += f", lowered {len(self.lowered)}"
+            counts += f", {lower_verb} {len(self.lowered)}"
         head = f"{counts} ({self.front})"
         if self.rounding is not Rounding.NEAREST:
             head += f", {self.rounding.value} rounding"
@@ -209,7 +210,7 @@ class FoldReport:
         lines += [f"  {verb}  {f.site}  [{f.pattern}]" for f in self.folded]
         lines += [f"  refused {r.site}  {r.code.value}: {r.detail}" for r in self.refused]
         lines += [
-            f"  lowered {lo.site}  [{lo.form.value}] {lo.code.value}: {lo.detail}"
+            f"  {lower_verb} {lo.site}  [{lo.form.value}] {lo.code.value}: {lo.detail}"
             + (f" ({lo.note})" if lo.note else "")
             for lo in self.lowered
         ]

@@ -98,6 +98,24 @@ def _verify_options(
     return VerifyOptions(atol, rtol, samples, seed, parse_shapes(shapes), max_bytes, inputs)
 
 
+def lower_option(func: F) -> F:
+    """``--lower-standalone[=mul-add|conv]``, shared by fold and inspect (its preview)."""
+    return click.option(
+        "--lower-standalone",
+        "lower",
+        type=click.Choice([f.value for f in LowerForm]),
+        is_flag=False,
+        flag_value=LowerForm.MUL_ADD.value,
+        default=None,
+        callback=lambda _ctx, _param, value: None if value is None else LowerForm(value),
+        help=(
+            "ONNX and .pt2: after folding, rewrite every inference BatchNorm that could not "
+            "fold as Mul+Add (alone, or =mul-add) or a 1x1 depthwise Conv (=conv). Before "
+            "MODEL, write it with '='."
+        ),
+    )(func)
+
+
 def torch_options(func: F) -> F:
     """Options that name a torch model built by a factory, shared by every command."""
     options = [
@@ -211,20 +229,7 @@ main.add_command(bench)
         "fold), or balanced (each output channel's rounding errors cancel; for fp16/bf16)."
     ),
 )
-@click.option(
-    "--lower-standalone",
-    "lower",
-    type=click.Choice([f.value for f in LowerForm]),
-    is_flag=False,
-    flag_value=LowerForm.MUL_ADD.value,
-    default=None,
-    callback=lambda _ctx, _param, value: None if value is None else LowerForm(value),
-    help=(
-        "ONNX and .pt2: after folding, rewrite every inference BatchNorm that could not "
-        "fold as Mul+Add (alone, or =mul-add) or a 1x1 depthwise Conv (=conv). Before "
-        "MODEL, write it with '='."
-    ),
-)
+@lower_option
 @click.option("--jobs", type=click.IntRange(1), default=1, help="Folder mode: parallel processes.")
 @click.option(
     "--to-onnx",
@@ -393,21 +398,26 @@ def _fold_exit_code(written: bool) -> int:
 @main.command()
 @click.argument("model", type=click.Path(), required=False)
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+@lower_option
 @torch_options
 @one_line_errors
-def inspect(model: str | None, as_json: bool, **torch_kw: Any) -> None:
-    """List every fold bnfold would make in MODEL, and every refusal with its reason."""
+def inspect(model: str | None, as_json: bool, lower: LowerForm | None, **torch_kw: Any) -> None:
+    """List every fold bnfold would make in MODEL, and every refusal with its reason.
+
+    With --lower-standalone, also what the lowering would rewrite and what would
+    still be left: the table ``fold --lower-standalone`` would end with.
+    """
     torch_source = _torch_source(model, **torch_kw)
     if torch_source is not None:
         from bnfold.torch_front.files import inspect_torch
 
-        report = inspect_torch(torch_source, trust_pickle=torch_kw["trust_pickle"])
+        report = inspect_torch(torch_source, trust_pickle=torch_kw["trust_pickle"], lower=lower)
     elif model is None:
         raise InputError("missing MODEL (or --module for a torch factory)")
     else:
         from bnfold.api import inspect as inspect_model
 
-        report = inspect_model(model)
+        report = inspect_model(model, lower_standalone=lower)
     click.echo(report.to_json() if as_json else report.summary())
 
 

@@ -477,6 +477,20 @@ def test_inspect_reports_what_would_be_left() -> None:
     assert any(line.split() == ["nonlinear_input", "1"] for line in table)
 
 
+@pytest.mark.parametrize("form", list(LowerForm))
+def test_inspect_previews_the_lowering_fold_would_make(form: LowerForm) -> None:
+    model = mixed_model()
+    preview = bnfold.inspect(model, lower_standalone=form)
+    done = bnfold.fold(model, lower_standalone=form, verify=False).report
+    assert preview.batchnorm == done.batchnorm and preview.batchnorm.left == 0
+    assert [(lo.site, lo.form) for lo in preview.lowered] == [
+        (lo.site, lo.form) for lo in done.lowered
+    ]
+    lines = preview.summary().splitlines()
+    assert any(line.split() == ["would", "lower", "1"] for line in lines)
+    assert "BatchNormalization" in {n.op_type for n in model.graph.node}  # left unchanged
+
+
 def test_unknown_lower_form_is_a_user_error() -> None:
     with pytest.raises(bnfold.BnfoldError, match="mul-add, conv"):
         bnfold.fold(relu_bn_relu(), lower_standalone="depthwise")
@@ -513,6 +527,17 @@ def test_cli_inspect_prints_the_batchnorm_table() -> None:
     result = invoke("inspect", SAMPLES / "neg_standalone_bn.onnx")
     assert result.exit_code == 0, result.output
     assert ["standalone", "1"] in [line.split() for line in result.output.splitlines()]
+
+
+@pytest.mark.parametrize(
+    ("flag", "form"), [("--lower-standalone", "mul-add"), ("--lower-standalone=conv", "conv")]
+)
+def test_cli_inspect_previews_the_lowering(flag: str, form: str) -> None:
+    result = invoke("inspect", SAMPLES / "neg_standalone_bn.onnx", flag, "--json")
+    assert result.exit_code == 0, result.output
+    payload = json.loads(result.output)
+    assert payload["dry_run"] and payload["batchnorm"]["left"] == 0
+    assert [lo["form"] for lo in payload["lowered"]] == [form]
 
 
 def test_cli_lower_standalone_before_model_is_a_usage_error(tmp_path: Path) -> None:
@@ -645,6 +670,32 @@ def test_eager_module_with_lower_standalone_is_refused_clearly() -> None:
     torch = pytest.importorskip("torch")
     with pytest.raises(NotSupportedError, match="exported programs only"):
         bnfold.fold(relu_bn_net(), (torch.randn(1, 3, 4, 4),), lower_standalone=True)
+
+
+def test_inspecting_a_program_previews_its_lowering_and_keeps_it() -> None:
+    torch = pytest.importorskip("torch")
+    net, args = mixed_net()
+    program = torch.export.export(net, args, strict=False)
+    preview = bnfold.inspect(program, lower_standalone=True)
+    assert preview.dry_run and preview.batchnorm == bnfold.BatchNormCount(
+        found=4, folded=2, lowered=2, left=0, left_by_code={}, training=2
+    )
+    assert any("batch_norm" in o for o in aten_ops(program))
+
+
+def test_inspecting_an_eager_module_with_lowering_is_refused_clearly() -> None:
+    torch = pytest.importorskip("torch")
+    with pytest.raises(NotSupportedError, match="exported programs only"):
+        bnfold.inspect(relu_bn_net(), (torch.randn(1, 3, 4, 4),), lower_standalone=True)
+
+
+def test_cli_inspect_pt2_previews_the_lowering(tmp_path: Path) -> None:
+    torch = pytest.importorskip("torch")
+    source = tmp_path / "in.pt2"
+    torch.export.save(torch.export.export(relu_bn_net(), (torch.randn(1, 3, 4, 4),)), source)
+    result = invoke("inspect", source, "--lower-standalone=conv", "--json")
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.output)["batchnorm"]["lowered"] == 1
 
 
 def test_cli_pt2_lowers_and_writes_a_program_without_batch_norm(tmp_path: Path) -> None:

@@ -224,18 +224,26 @@ def _save(
             export_onnx(module, args, to_onnx)
 
 
-def inspect_torch(source: ModuleSource | str, trust_pickle: bool = False) -> FoldReport:
-    """What :func:`fold_torch` would fold and refuse, without writing anything."""
+def inspect_torch(
+    source: ModuleSource | str, trust_pickle: bool = False, lower: LowerForm | None = None
+) -> FoldReport:
+    """What :func:`fold_torch` would fold, lower and refuse, without writing anything.
+
+    A factory module is inspected as the eager module ``fold`` would write by
+    default, so ``lower`` is refused for it as ``fold`` refuses it.
+    """
     with user_code("the model's code"):
         if isinstance(source, ModuleSource):
+            if lower is not None:
+                raise NotSupportedError(EAGER_LOWERING_UNSUPPORTED)
             module, args = source.load()
             return inspect_module(module, args)
-        return inspect_program(load_exported_program(source, trust_pickle))
+        return inspect_program(load_exported_program(source, trust_pickle), lower)
 
 
-def inspect_program(ep: torch.export.ExportedProgram) -> FoldReport:
-    """What :func:`fold_program` would fold and refuse; ``ep`` is untouched."""
-    report = fold_graph_module(ep.module, example_args(ep), verify=None).report
+def inspect_program(ep: torch.export.ExportedProgram, lower: LowerForm | None = None) -> FoldReport:
+    """What :func:`fold_program` would fold, lower and refuse; ``ep`` is untouched."""
+    report = fold_graph_module(ep.module, example_args(ep), verify=None, lower=lower).report
     report.dry_run = True
     return report
 
