@@ -8,8 +8,9 @@ first plan, or the refusal that explains best why none applies. Planning never
 modifies the graph; :mod:`bnfold.onnx_front.passes` applies plans.
 
 The names other modules import from here (``MatchOptions``, ``FoldPlan``,
-``LinearOp``, ``Direction``, ``label``, ``readers``, ...) live in
-:mod:`bnfold.onnx_front.rules.base` and are re-exported.
+``LinearOp``, ``Direction``, ``label``, ``rank_of``, ...) live in
+:mod:`bnfold.onnx_front.rules.base` and are re-exported; a rule's own helpers
+are imported from its module.
 """
 
 from __future__ import annotations
@@ -26,8 +27,6 @@ from bnfold.onnx_front.rules.after import plan_after
 from bnfold.onnx_front.rules.base import (
     AFFINE_OPS,
     DEFAULT_BN_EPSILON,
-    LINEAR_OPS,
-    NONLINEAR_OPS,
     RANK_PRESERVING_OPS,
     Direction,
     FoldPlan,
@@ -37,25 +36,18 @@ from bnfold.onnx_front.rules.base import (
     Rewrite,
     batchnorm_affine,
     bn_channels,
-    describe_linear,
     label,
-    per_channel_vector,
     rank_of,
-    readers,
     require_inference,
 )
 from bnfold.onnx_front.rules.before import linear_reader, plan_before
 from bnfold.onnx_front.rules.branch_sum import BranchMerge, plan_branch_merge, why_not_tap
-from bnfold.onnx_front.rules.shape_ops import SHAPE_OPS
 from bnfold.report import Code, Refusal
 
 __all__ = [
     "AFFINE_OPS",
     "DEFAULT_BN_EPSILON",
-    "LINEAR_OPS",
-    "NONLINEAR_OPS",
     "RANK_PRESERVING_OPS",
-    "SHAPE_OPS",
     "BranchMerge",
     "Direction",
     "FoldPlan",
@@ -63,14 +55,11 @@ __all__ = [
     "LinearOp",
     "MatchOptions",
     "Rewrite",
-    "describe_linear",
     "inference_affine",
     "is_inference_batchnorm",
     "label",
-    "per_channel_vector",
     "plan",
     "rank_of",
-    "readers",
 ]
 
 
