@@ -18,7 +18,13 @@ fold into the op before it (after a ReLU, say, as in pre-activation nets) may
 fold into the op after it: ``BN -> linear`` or ``BN -> flatten -> Linear``,
 when that op is the BN's only reader (a "before" pair). A pair that runs
 several times folds when every call is the same pair. ``nn.Identity`` (what a
-folded BN becomes) and eval-mode dropout are looked through.
+folded BN becomes), eval-mode dropout and ``t + 0`` are looked through.
+
+Beyond a pair, the export and fx graphs also show (the ``sequential`` finder
+does not): a BN after a pool of a linear module's output (a :class:`Pair`
+with ``pool``), after an add or channel cat of linear modules
+(:class:`JoinPair`), and an identity BN summed with a conv reading the same
+input (:class:`TapPair`).
 
 Export and fx graphs are reduced to one small node graph (:class:`Node`), and
 one function (:func:`match_graph`) finds the pairs in it.
