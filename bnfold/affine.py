@@ -598,3 +598,28 @@ def identity_kernel(scale: np.ndarray, in_per_group: int, kernel: tuple[int, ...
     index += [k // 2 for k in kernel]  # the centre tap
     weight[tuple(index)] = np.asarray(scale, dtype=np.float64)
     return weight
+
+
+def absorb_identity(
+    weight: np.ndarray, bias: np.ndarray | None, affine: Affine, sign: int = 1
+) -> tuple[np.ndarray, np.ndarray]:
+    """Conv weight and bias (float64) equal to ``conv(x) + sign * (affine(x) - x)``.
+
+    An identity BN term of a branch sum, ``conv(x) + bn(x)``, can become a bare
+    ``x`` when a conv reading the same ``x`` takes the rest: ``(scale - 1) * x``
+    as one centred tap per channel (:func:`identity_kernel`) and ``shift`` in
+    its bias; ``sign`` -1 for ``conv(x) - bn(x)``. The conv must compute ``x``
+    itself with a centred tap (stride 1, centred padding; the caller checks),
+    so this is exact.
+
+    Raises:
+        LayoutError: the conv does not map the affine's channels onto themselves
+            (other output channels, no centre tap, channels not whole groups).
+    """
+    channels = affine.scale.shape[0]
+    if weight.ndim < 3 or weight.shape[0] != channels:
+        raise LayoutError(f"conv weight {weight.shape} cannot take a tap over {channels} channels")
+    rest = sign * (affine.scale - 1.0)
+    tap = identity_kernel(rest, weight.shape[1], tuple(weight.shape[2:]))
+    b64 = np.zeros(channels) if bias is None else np.asarray(bias, dtype=np.float64)
+    return np.asarray(weight, dtype=np.float64) + tap, b64 + sign * affine.shift

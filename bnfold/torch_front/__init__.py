@@ -49,12 +49,18 @@ def fold_module(
               module. Either also through one view/flatten/unflatten/(un)squeeze
               when each channel of the linear module lies inside one BN channel
               (Linear -> view(N, C, H, W) -> BN2d; BN -> flatten -> Linear).
+              Also conv -> avg/adaptive avg/max pool -> BN (the pool kept),
+              BN(L_a(x) + L_b(y)) and BN(cat([L_a, L_b, ...], 1)) into every
+              term, and an identity BN of a branch sum, conv(x) + ... + bn(x),
+              as a centred tap into that conv (:mod:`bnfold.torch_front.graph`).
               A pair that runs together on every call (a block in a loop) folds.
               Folds repeat until none is new: Conv -> BN -> BN and
-              BN -> Conv -> BN fold completely.
-    Produces: the linear module with the BN's affine in its weight and bias (a
-              bias Parameter is created where there was none) and the BN
-              replaced by ``nn.Identity``; every other state_dict key unchanged.
+              BN -> Conv -> BN fold completely, and an identity BN taps a
+              conv once that conv's own BN has folded.
+    Produces: the linear modules with the BN's affine in their weights and
+              biases (a bias Parameter is created where there was none) and the
+              BN replaced by ``nn.Identity``; every other state_dict key
+              unchanged, and forward unchanged (no branch is merged).
               The math runs in float64 and is cast once to each parameter's dtype.
     Refuses (site unchanged): TRAINING_MODE, NO_RUNNING_STATS, REUSED_MODULE
       (a linear module that also runs apart from its BN has one weight for all
@@ -62,7 +68,10 @@ def fold_module(
       BRANCHING, NONLINEAR_INPUT, OP_BETWEEN, STANDALONE, UNTRACEABLE, HOOKED,
       PARAMETRIZED, UNSUPPORTED_DTYPE, BAD_SHAPE, NOT_PER_CHANNEL, BAD_VALUES,
       BAD_GROUPS, ZERO_PADDING (BN -> zero-padded Conv or ConvTranspose with a
-      nonzero shift), and VERIFICATION_FAILED (folded, measured, rolled back).
+      nonzero shift), POOL_PADDING / NEGATIVE_SCALE (a pool the BN does not
+      commute with), NOT_LINEAR_TERM (a join term that is no linear module),
+      BRANCH_MISMATCH / UNCENTRED_TAP (a conv that cannot take an identity
+      tap), and VERIFICATION_FAILED (folded, measured, rolled back).
 
     Args:
         module: the model; not changed unless ``inplace``.

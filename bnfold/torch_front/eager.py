@@ -1,10 +1,13 @@
 """Check and apply one fold on eager modules.
 
 A pair ``linear -> bn`` (or ``bn -> linear``, either possibly through a view,
-flatten or (un)squeeze) becomes ``linear'`` with the BN's affine in its weight
-and bias, and the BN is replaced by ``nn.Identity``. New ``nn.Parameter``
-objects are assigned (the old tensors are never written), so a fold is undone
-by putting the old objects back.
+flatten or (un)squeeze; after, also through a pool) becomes ``linear'`` with
+the BN's affine in its weight and bias, and the BN is replaced by
+``nn.Identity``. A BN after a join (:class:`~bnfold.torch_front.graph.JoinPair`)
+folds into every linear module of it; an identity BN of a branch sum
+(:class:`~bnfold.torch_front.graph.TapPair`) leaves ``x`` and puts the rest
+into a sibling conv. New ``nn.Parameter`` objects are assigned (the old
+tensors are never written), so a fold is undone by putting the old objects back.
 """
 
 from __future__ import annotations
@@ -20,14 +23,17 @@ from bnfold.affine import (
     Affine,
     Rounding,
     Unfoldable,
+    absorb_identity,
+    add_parts,
     balanced_over,
     bn_to_affine,
+    concat_parts,
     fold_after,
     fold_before,
 )
 from bnfold.layouts import channel_block, merges_leading_axes
 from bnfold.report import Code, FoldKind, Refusal
-from bnfold.torch_front.graph import Pair
+from bnfold.torch_front.graph import AnyPair, JoinPair, Pair, TapPair
 from bnfold.torch_front.modules import (
     Calls,
     Roles,
@@ -39,11 +45,15 @@ from bnfold.torch_front.modules import (
     out_channels,
     zero_padded,
 )
+from bnfold.torch_front.pools import commute_refusal
 from bnfold.torch_front.tensors import as_parameter, to_float64
 
 
-def why_not(root: nn.Module, pair: Pair, roles: Roles, calls: Calls) -> Refusal | None:
+def why_not(root: nn.Module, pair: AnyPair, roles: Roles, calls: Calls) -> Refusal | None:
     """Module-level reasons a structurally valid pair must not fold.
+
+    The module checks (training mode to dtype) apply to the BN and to every
+    linear module of the pair; the shape checks to its kind.
 
     Refuses:
       TRAINING_MODE      the linear module or the BN is in training mode
@@ -66,18 +76,39 @@ def why_not(root: nn.Module, pair: Pair, roles: Roles, calls: Calls) -> Refusal 
                          but not to ``(B*N, C)`` (see :func:`merges_batch`)
       ZERO_PADDING       before: a zero-padded Conv, or a ConvTranspose, with a
                          nonzero shift (the borders would change)
+      POOL_PADDING       through an average pool that counts padded zeros or
+                         has a divisor_override, and a nonzero shift
+      NEGATIVE_SCALE     through a max pool, a negative scale in some channel
+                         (see :func:`bnfold.torch_front.pools.commute_refusal`)
+      NOT_PER_CHANNEL    also: a pool of a Linear's output, a cat not over axis 1
+      BAD_SHAPE          also: an add of linear modules of different widths, or
+                         their channels (summed for a cat) not the BN's
     """
-    lin, bn = _module(root, pair.linear), _module(root, pair.bn)
-    for check in (_training, _running_stats, _parametrized, _bn_does_more, _hooks, _dtype):
-        if found := check(pair, lin, bn, roles):
-            return Refusal(pair.site, *found)
-    if pair.before:
-        found = _bn_shape(pair, bn) or _reads_channels(pair, lin, calls) or _exact_before(lin, bn)
-    elif pair.between:
-        found = _bn_shape(pair, bn) or _feeds_channels(pair, lin, calls)
-    else:
-        found = _shape(pair, lin, bn, roles) or _out_rank(pair, lin, calls)
+    bn = _module(root, pair.bn)
+    for linear in pair.linears:
+        one, lin = Pair(linear, pair.bn, pair.finder), _module(root, linear)
+        for check in (_training, _running_stats, _parametrized, _bn_does_more, _hooks, _dtype):
+            if found := check(one, lin, bn, roles):
+                return Refusal(pair.site, *found)
+    found = _shape_refusal(root, pair, bn, roles, calls)
     return Refusal(pair.site, *found) if found else None
+
+
+def _shape_refusal(root: nn.Module, pair: AnyPair, bn: Any, roles: Roles, calls: Calls) -> Found:
+    """The checks of shapes and values each kind of pair needs."""
+    if isinstance(pair, JoinPair):
+        return _join_shapes(root, pair, bn, calls)
+    lin = _module(root, pair.linear)
+    one = Pair(pair.linear, pair.bn, pair.finder)
+    if isinstance(pair, TapPair):  # the conv's geometry was checked when it was chosen
+        return _shape(one, lin, bn, roles) or _out_rank(one, lin, calls)
+    if pair.before:
+        return _bn_shape(pair, bn) or _reads_channels(pair, lin, calls) or _exact_before(lin, bn)
+    if pair.pool is not None:
+        return _through_pool(pair, lin, bn, roles, calls)
+    if pair.between:
+        return _bn_shape(pair, bn) or _feeds_channels(pair, lin, calls)
+    return _shape(pair, lin, bn, roles) or _out_rank(pair, lin, calls)
 
 
 Found = tuple[Code, str] | None
@@ -152,12 +183,49 @@ def _dtype(pair: Pair, lin: Any, _bn: nn.Module, _roles: Roles) -> Found:
 
 
 def _shape(pair: Pair, lin: nn.Module, bn: nn.Module, _roles: Roles) -> Found:
-    c = out_channels(lin)
+    return _stats_fit(pair.bn, bn, out_channels(lin))
+
+
+def _stats_fit(path: str, bn: nn.Module, c: int) -> Found:
+    """The BN's parameters and statistics have ``c`` channels."""
     for name in ("weight", "bias", "running_mean", "running_var"):
         t = getattr(bn, name, None)
         if t is not None and tuple(t.shape) != (c,):
-            return Code.BAD_SHAPE, f"{pair.bn}.{name} has shape {tuple(t.shape)}, want ({c},)"
+            return Code.BAD_SHAPE, f"{path}.{name} has shape {tuple(t.shape)}, want ({c},)"
     return None
+
+
+def _through_pool(pair: Pair, lin: nn.Module, bn: Any, roles: Roles, calls: Calls) -> Found:
+    """Conv -> pool -> BN: the pool keeps the conv's channels and commutes with the BN."""
+    assert pair.pool is not None
+    if isinstance(lin, nn.Linear):
+        return Code.NOT_PER_CHANNEL, (
+            f"{pair.between} pools {pair.linear}'s output along its last axis, the features"
+        )
+    if found := _shape(pair, lin, bn, roles) or _out_rank(pair, lin, calls):
+        return found
+    try:
+        affine = bn_affine(bn)
+    except Unfoldable:
+        return None  # apply_fold reports it as BAD_VALUES
+    return commute_refusal(pair.pool, affine)
+
+
+def _join_shapes(root: nn.Module, pair: JoinPair, bn: Any, calls: Calls) -> Found:
+    """Every term has its channels on axis 1; an add's widths agree, a cat joins axis 1."""
+    lins = [_module(root, linear) for linear in pair.linears]
+    for linear, lin in zip(pair.linears, lins, strict=True):
+        if found := _out_rank(Pair(linear, pair.bn, pair.finder), lin, calls):
+            return found
+    channels = [out_channels(lin) for lin in lins]
+    if pair.join == "cat":
+        rank = channel_rank(lins[0])
+        if pair.dim not in (1, 1 - rank):
+            return Code.NOT_PER_CHANNEL, f"the cat before {pair.bn} joins axis {pair.dim}"
+        return _stats_fit(pair.bn, bn, sum(channels))
+    if len(set(channels)) != 1:
+        return Code.BAD_SHAPE, f"the add before {pair.bn} sums outputs of {channels} channels"
+    return _stats_fit(pair.bn, bn, channels[0])
 
 
 def _bn_shape(pair: Pair, bn: Any) -> Found:
@@ -199,7 +267,10 @@ def _feeds_channels(pair: Pair, lin: nn.Module, calls: Calls) -> Found:
 
 
 def fold_kind(root: nn.Module, pair: Pair, calls: Calls) -> FoldKind:
-    """How a checked pair folds: BATCH_MERGE through a batch-merging reshape, else ADJACENT."""
+    """How a checked pair folds: THROUGH_POOL through a pool, BATCH_MERGE through a
+    batch-merging reshape, else ADJACENT."""
+    if pair.pool is not None:
+        return FoldKind.THROUGH_POOL
     merged = merges_batch(pair, _module(root, pair.linear), calls)
     return FoldKind.BATCH_MERGE if merged else FoldKind.ADJACENT
 
@@ -210,7 +281,7 @@ def merges_batch(pair: Pair, lin: nn.Module, calls: Calls) -> bool:
     Only ``nn.Linear`` keeps its channels last; a conv's are on axis 1.
     """
     lin_out, bn_in = calls.out_shape(pair.linear), calls.in_shape(pair.bn)
-    if pair.before or not pair.between or not isinstance(lin, nn.Linear):
+    if pair.before or not pair.between or pair.pool or not isinstance(lin, nn.Linear):
         return False
     if lin_out is None or bn_in is None:
         return False
@@ -277,20 +348,23 @@ def _exact_before(lin: nn.Module, bn: Any) -> Found:
     return None
 
 
+# (module path, weight, bias) of one linear module a fold changed.
+Params = tuple[str, nn.Parameter, nn.Parameter | None]
+
+
 @dataclass
 class Undo:
     """The objects a fold replaced; calling it puts them back."""
 
     root: nn.Module
-    pair: Pair
-    weight: nn.Parameter
-    bias: nn.Parameter | None
+    pair: AnyPair
+    params: tuple[Params, ...]  # before the fold, per linear module it changed
     bn: nn.Module
 
     def __call__(self) -> None:
-        lin = _module(self.root, self.pair.linear)
-        lin.weight = self.weight
-        lin.bias = self.bias
+        for path, weight, bias in self.params:
+            lin = _module(self.root, path)
+            lin.weight, lin.bias = weight, bias
         _replace(self.root, self.pair.bn, self.bn)
 
 
@@ -309,36 +383,73 @@ def bn_affine(bn: Any) -> Affine:
     return bn_to_affine(gamma, beta, mean, var, float(bn.eps))
 
 
-def apply_fold(root: nn.Module, pair: Pair, rounding: Rounding = Rounding.NEAREST) -> Undo:
-    """Fold ``pair.bn`` into ``pair.linear`` inside ``root`` (after or before it).
+def apply_fold(root: nn.Module, pair: AnyPair, rounding: Rounding = Rounding.NEAREST) -> Undo:
+    """Fold ``pair.bn`` into the linear modules of ``pair`` inside ``root``.
 
-    The math runs in float64 and each result is cast once to the dtype of the
-    parameter it replaces (a created bias takes the weight's dtype); the weight
-    as ``rounding`` says.
+    After or before one linear module (:class:`Pair`), into every term of a
+    join (:class:`JoinPair`: the shares of :func:`bnfold.affine.add_parts` or
+    :func:`bnfold.affine.concat_parts`), or as an identity tap into a conv
+    (:class:`TapPair`, :func:`bnfold.affine.absorb_identity`). The math runs in
+    float64 and each result is cast once to the dtype of the parameter it
+    replaces (a created bias takes the weight's dtype); the weight as
+    ``rounding`` says. Every value is computed before anything changes, so a
+    raise leaves ``root`` as it was.
 
     Raises:
         Unfoldable: bad statistics, or folded values overflow the dtype.
-        LayoutError: the channel count does not fit the weight (ConvTranspose groups).
+        LayoutError: the channel count does not fit the weight (ConvTranspose
+            groups), or a conv cannot take the tap.
     """
-    lin, bn = _module(root, pair.linear), _module(root, pair.bn)
-    weight, bias = lin.weight, lin.bias
-    b = None if bias is None else to_float64(bias)
+    bn = _module(root, pair.bn)
     affine = bn_affine(bn)
-    layout = layout_of(lin)
-    if pair.before:
+    if isinstance(pair, JoinPair):
+        lins = [_module(root, linear) for linear in pair.linears]
+        parts = (
+            add_parts(affine, len(lins))
+            if pair.join == "add"
+            else concat_parts(affine, [out_channels(lin) for lin in lins])
+        )
+        exact = [_folded_after(lin, part) for lin, part in zip(lins, parts, strict=True)]
+    elif isinstance(pair, TapPair):
+        lin = _module(root, pair.linear)
+        exact = [absorb_identity(to_float64(lin.weight), _bias64(lin), affine, pair.sign)]
+    elif pair.before:
+        lin = _module(root, pair.linear)
         per_input = affine.spread(in_channels(lin))
-        w64, b64 = fold_before(to_float64(weight), b, per_input, layout)
+        exact = [fold_before(to_float64(lin.weight), _bias64(lin), per_input, layout_of(lin))]
     else:
-        per_output = affine.spread(out_channels(lin))
-        w64, b64 = fold_after(to_float64(weight), b, per_output, layout)
-    new_w = as_parameter(w64, like=weight, balance=balanced_over(layout, rounding))
-    new_b = as_parameter(b64, like=weight if bias is None else bias)
-    undo = Undo(root, pair, weight, bias, bn)
-    lin.weight, lin.bias = new_w, new_b
+        exact = [_folded_after(_module(root, pair.linear), affine)]
+    paths = pair.linears
+    new = [_cast(_module(root, p), *vals, rounding) for p, vals in zip(paths, exact, strict=True)]
+    old = tuple((p, _module(root, p).weight, _module(root, p).bias) for p in paths)
+    for path, (weight, bias) in zip(paths, new, strict=True):
+        lin = _module(root, path)
+        lin.weight, lin.bias = weight, bias
     identity = nn.Identity()
     identity.train(bn.training)
     _replace(root, pair.bn, identity)
-    return undo
+    return Undo(root, pair, old, bn)
+
+
+def _folded_after(lin: Any, affine: Affine) -> tuple[np.ndarray, np.ndarray]:
+    """Exact float64 weight and bias of ``affine(lin(x))``."""
+    per_output = affine.spread(out_channels(lin))
+    return fold_after(to_float64(lin.weight), _bias64(lin), per_output, layout_of(lin))
+
+
+def _bias64(lin: Any) -> np.ndarray | None:
+    return None if lin.bias is None else to_float64(lin.bias)
+
+
+def _cast(
+    lin: Any, w64: np.ndarray, b64: np.ndarray, rounding: Rounding
+) -> tuple[nn.Parameter, nn.Parameter]:
+    """The one cast of a folded weight and bias to the parameters' dtypes."""
+    weight, bias = lin.weight, lin.bias
+    balance = balanced_over(layout_of(lin), rounding)
+    return as_parameter(w64, like=weight, balance=balance), as_parameter(
+        b64, like=weight if bias is None else bias
+    )
 
 
 def _module(root: nn.Module, path: str) -> Any:

@@ -6,9 +6,9 @@ the eager front ("conv1 -> bn1"), from the weights' attribute paths.
 
 Each call of a module is its own node here, so a weight read by several nodes
 (a conv module called twice) is cloned for the folded node, which the eager
-front cannot do without changing forward(). Only this front folds a BN past
-an average pool or an add/cat of convs so far (the pool or join stays, the BN
-node goes); the eager front could too, with module-level weights, but does not yet.
+front cannot do without changing forward(). A BN past an average pool or an
+add/cat of convs folds here as on the eager front (the pool or join stays, the
+BN node goes); the pool rule is :func:`bnfold.torch_front.pools.commute_refusal`.
 """
 
 from __future__ import annotations
@@ -56,6 +56,7 @@ from bnfold.torch_front.graph import (
     metadata_only_inputs,
     site_label,
 )
+from bnfold.torch_front.pools import commute_refusal, pool_of_call
 from bnfold.torch_front.tensors import as_parameter, exact_values, to_float64
 
 aten = torch.ops.aten
@@ -249,40 +250,14 @@ def _pools_conv(node: fx.Node) -> bool:
 def _check_pool(gm: fx.GraphModule, pool: fx.Node, bn: fx.Node) -> Found:
     """``pool(affine(y)) == affine(pool(y))``: always for the scale; the shift too
     unless a window divides by more than its real elements (padded zeros counted,
-    or a ``divisor_override``)."""
-    if _AVERAGE_POOLS[pool.target].startswith("adaptive"):
-        return None
+    or a ``divisor_override``; :func:`bnfold.torch_front.pools.commute_refusal`)."""
+    spec = pool_of_call(str(pool.target), pool.args, dict(pool.kwargs))
+    assert spec is not None  # pool is one of _AVERAGE_POOLS
     try:
-        shift = _bn_affine(gm, bn).shift
+        affine = _bn_affine(gm, bn)
     except Unfoldable:
         return None  # apply_site reports it as BAD_VALUES
-    if not np.any(shift != 0):
-        return None
-    padding = _pool_arg(pool, 3, "padding", 0)
-    counts_pad = bool(_pool_arg(pool, 5, "count_include_pad", True))
-    divisor = _pool_arg(pool, 6, "divisor_override", None)
-    padded = any(int(p) for p in (padding if isinstance(padding, list | tuple) else [padding]))  # type: ignore[arg-type]
-    if divisor is not None:
-        return (
-            Code.POOL_PADDING,
-            f"{pool.name} divides by divisor_override={divisor}: the shift would scale",
-        )
-    # ceil_mode alone is harmless here: torch clips a window that overruns the
-    # padded input and divides by what is left (a constant averages to itself).
-    if counts_pad and padded:
-        return Code.POOL_PADDING, (
-            f"{pool.name} counts padded zeros in its average (count_include_pad=True "
-            "with padding): the shift would not pass"
-        )
-    return None
-
-
-def _pool_arg(pool: fx.Node, index: int, name: str, default: Any) -> Any:
-    """An argument of ``avg_pool{1,2,3}d(x, kernel, stride=[], padding=0,
-    ceil_mode=False, count_include_pad=True, divisor_override=None)``."""
-    if len(pool.args) > index:
-        return pool.args[index]
-    return pool.kwargs.get(name, default)
+    return commute_refusal(spec, affine)
 
 
 def _merges_batch(lin: fx.Node, reader: fx.Node) -> bool:

@@ -18,7 +18,13 @@ fold into the op before it (after a ReLU, say, as in pre-activation nets) may
 fold into the op after it: ``BN -> linear`` or ``BN -> flatten -> Linear``,
 when that op is the BN's only reader (a "before" pair). A pair that runs
 several times folds when every call is the same pair. ``nn.Identity`` (what a
-folded BN becomes) and eval-mode dropout are looked through.
+folded BN becomes), eval-mode dropout and ``t + 0`` are looked through.
+
+Beyond a pair, the export and fx graphs also show (the ``sequential`` finder
+does not): a BN after a pool of a linear module's output (a :class:`Pair`
+with ``pool``), after an add or channel cat of linear modules
+(:class:`JoinPair`), and an identity BN summed with a conv reading the same
+input (:class:`TapPair`).
 
 Export and fx graphs are reduced to one small node graph (:class:`Node`), and
 one function (:func:`match_graph`) finds the pairs in it.
@@ -33,18 +39,28 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
+import math
 import operator
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Any, ClassVar, TypeVar
 
 import torch
 from torch import fx, nn
 
 from bnfold.errors import first_line
 from bnfold.report import Code, FoldKind, Refusal
-from bnfold.torch_front.modules import BN, LINEAR, Calls, Roles, eval_mode
+from bnfold.torch_front.modules import (
+    BN,
+    LINEAR,
+    Calls,
+    Roles,
+    eval_mode,
+    identity_tap_misfit,
+    is_plain_conv,
+)
+from bnfold.torch_front.pools import Pool, pool_of_call, pool_of_module
 
 log = logging.getLogger(__name__)
 
@@ -91,6 +107,8 @@ class Pair:
     Before (``before=True``): the BN's only output goes into the linear.
     Either directly or through ``between``: a flatten/view/reshape/(un)squeeze,
     named for the report; whether channels survive it is checked on shapes.
+    After, ``between`` may also be a pool (``pool`` says which; the fold passes
+    through it, see :mod:`bnfold.torch_front.pools`).
     ``after_refusal`` says why the BN could not fold after (before pairs only).
     ``kind`` is set once the pair is checked on shapes (a batch-merging reshape).
     """
@@ -102,10 +120,99 @@ class Pair:
     between: str = ""
     after_refusal: Refusal | None = field(default=None, compare=False)
     kind: FoldKind = field(default=FoldKind.ADJACENT, compare=False)
+    pool: Pool | None = None
 
     @property
     def site(self) -> str:
         return site_label(self.linear, self.bn, self.between, self.before)
+
+    @property
+    def linears(self) -> tuple[str, ...]:
+        """The linear modules whose weights the fold changes."""
+        return (self.linear,)
+
+    @property
+    def result_at(self) -> str:
+        """The module whose output carries the fold's result in both models.
+
+        After: the BN's place (its ``nn.Identity`` passes the linear output on);
+        before: the linear module itself.
+        """
+        return self.linear if self.before else self.bn
+
+
+@dataclass(frozen=True)
+class JoinPair:
+    """``BN(L_a(x) + L_b(y))`` or ``BN(torch.cat([L_a(x), L_b(y), ...], dim))``.
+
+    Each ``L`` a linear module whose output only the join reads. On an add every
+    term takes the BN's scale and the first also its shift, on a cat each term
+    its own channels (:func:`bnfold.affine.add_parts`,
+    :func:`bnfold.affine.concat_parts`). The join stays; the BN goes.
+    """
+
+    linears: tuple[str, ...]
+    bn: str
+    finder: str
+    join: str  # "add" or "cat"
+    dim: int = 1  # a cat's axis, as written (maybe negative)
+    before: ClassVar[bool] = False
+
+    @property
+    def linear(self) -> str:
+        return ", ".join(self.linears)
+
+    @property
+    def site(self) -> str:
+        return f"{self.linear} -> {self.join} -> {self.bn}"
+
+    @property
+    def kind(self) -> FoldKind:
+        return FoldKind.OVER_ADD if self.join == "add" else FoldKind.OVER_CONCAT
+
+    @property
+    def result_at(self) -> str:
+        return self.bn
+
+
+@dataclass(frozen=True)
+class TapPair:
+    """An identity BN of a branch sum and a sibling conv reading the same ``x``.
+
+    ``conv(x) + ... + bn(x)`` with ``bn(x) = s * x + t``: the BN becomes
+    ``nn.Identity`` (its term is ``x``) and the conv takes the rest, ``(s - 1) * x``
+    as a centred per-channel tap and ``t`` in its bias
+    (:func:`bnfold.affine.absorb_identity`); in ``conv(x) - bn(x)`` the negated
+    rest (``sign`` -1). The sum, and so forward, is unchanged.
+    """
+
+    linear: str  # the conv that takes the tap
+    bn: str
+    finder: str
+    sign: int = 1  # -1 when the sum counts one of the BN's and the conv's terms negated
+    before: ClassVar[bool] = False
+    kind: ClassVar[FoldKind] = FoldKind.IDENTITY_TAP
+
+    @property
+    def site(self) -> str:
+        return f"{self.bn} -> {self.linear}"
+
+    @property
+    def linears(self) -> tuple[str, ...]:
+        return (self.linear,)
+
+    @property
+    def result_at(self) -> None:
+        """None: the fold's result is a term of a functional sum, which no module outputs.
+
+        The BN's place now passes ``x`` on and the conv's output carries the
+        tap, so neither equals its value in the original; outputs still compare.
+        """
+        return None
+
+
+AnyPair = Pair | JoinPair | TapPair
+_P = TypeVar("_P", Pair, JoinPair, TapPair)
 
 
 @dataclass
@@ -113,7 +220,7 @@ class Scan:
     """What a finder saw: candidate pairs, refusals, and why earlier finders failed."""
 
     finder: str
-    pairs: list[Pair] = field(default_factory=list)
+    pairs: list[AnyPair] = field(default_factory=list)
     refused: list[Refusal] = field(default_factory=list)
     failures: list[str] = field(default_factory=list)
 
@@ -129,6 +236,8 @@ class Node:
         inputs: names of the activation nodes it reads (weights and buffers left out).
         users: names of the nodes reading it.
         is_output: it is (part of) the module's output.
+        join: outside modules, the plain sum or concat it is, if any.
+        pool: outside modules, the pooling op it is, if any.
     """
 
     owner: str | None
@@ -137,6 +246,20 @@ class Node:
     call: int = 0
     users: list[str] = field(default_factory=list)
     is_output: bool = False
+    join: Join | None = None
+    pool: Pool | None = None
+
+
+@dataclass(frozen=True)
+class Join:
+    """``a + b``, ``a - b`` (alpha 1) or ``cat([a, b, ...], dim)`` of activations, in order.
+
+    ``terms`` are node names, repeated where the op reads one twice.
+    """
+
+    kind: str  # "add", "sub" or "cat"
+    terms: tuple[str, ...]
+    dim: int = 1
 
 
 CallSite = tuple[str, int]  # (module path, call index)
@@ -181,7 +304,7 @@ def find_pairs(root: nn.Module, args: tuple[Any, ...], roles: Roles, calls: Call
             failures.append(f"{name}: {type(e).__name__}: {first_line(e)}")
             log.info("torch front: %s could not trace the module: %s", name, e)
             continue
-        scan = match_graph(traced, roles, calls, name)
+        scan = match_graph(traced, roles, calls, name, root)
         scan.failures = failures
         return scan
     scan = match_sequential(root, roles, calls)
@@ -189,13 +312,28 @@ def find_pairs(root: nn.Module, args: tuple[Any, ...], roles: Roles, calls: Call
     return scan
 
 
-def match_graph(traced: Traced, roles: Roles, calls: Calls, finder: str) -> Scan:
-    """Pairs and refusals for every BN in a traced graph."""
+def match_graph(traced: Traced, roles: Roles, calls: Calls, finder: str, root: nn.Module) -> Scan:
+    """Pairs and refusals for every BN in a traced graph (``root``: the modules traced)."""
     scan = Scan(finder)
-    groups = _call_groups(traced.nodes)
+    graph = _Graph(traced, _call_groups(traced.nodes), roles, finder, root)
     for bn in roles.bns():
-        _add(scan, _match_bn(bn, traced, groups, roles, calls, finder))
+        _add(scan, _match_bn(bn, graph, calls))
     return scan
+
+
+@dataclass(frozen=True)
+class _Graph:
+    """What every matcher reads: the traced nodes, each module call's ops, the modules."""
+
+    traced: Traced
+    groups: dict[CallSite, list[str]]
+    roles: Roles
+    finder: str
+    root: nn.Module
+
+    @property
+    def nodes(self) -> dict[str, Node]:
+        return self.traced.nodes
 
 
 def _call_groups(nodes: dict[str, Node]) -> dict[CallSite, list[str]]:
@@ -228,41 +366,49 @@ def explain_both(after: Refusal, before: Refusal) -> Refusal:
     return replace(after, detail=f"{after.detail}; nor before {last}: {before.detail}")
 
 
-def _match_bn(
-    bn: str,
-    traced: Traced,
-    groups: dict[CallSite, list[str]],
-    roles: Roles,
-    calls: Calls,
-    finder: str,
-) -> Pair | Refusal:
+def _match_bn(bn: str, graph: _Graph, calls: Calls) -> AnyPair | Refusal:
     """One pair or refusal for a BN module, whichever number of times it ran.
 
-    Each call of the BN is matched on its own, after the op feeding it, else
-    before the op reading it; the module folds only if every call is the same
-    pair (see :func:`_same_pair_every_call`).
+    Each call of the BN is matched on its own: after the op feeding it (also
+    through a pool), else after a join of linear ops (:func:`_match_join`), else
+    as the identity term of a branch sum (:func:`_match_tap`), else before the
+    op reading it. The module folds only if every call is the same pair (see
+    :func:`_same_pair_every_call`).
     """
     if refusal := _bn_call_refusal(bn, calls):
         return refusal
-    bn_calls = [site for site in groups if site[0] == bn]
+    bn_calls = [site for site in graph.groups if site[0] == bn]
     if not bn_calls:
-        return Refusal(bn, Code.UNTRACEABLE, f"{finder} graph has no op inside {bn}")
+        return Refusal(bn, Code.UNTRACEABLE, f"{graph.finder} graph has no op inside {bn}")
     if len(bn_calls) != calls.of(bn):
-        detail = f"{bn} ran {calls.of(bn)} times, the {finder} graph shows {len(bn_calls)} calls"
+        detail = (
+            f"{bn} ran {calls.of(bn)} times, the {graph.finder} graph shows {len(bn_calls)} calls"
+        )
         return Refusal(bn, Code.UNTRACEABLE, detail)
-    afters = [_match_after(site, traced, groups, roles, finder) for site in bn_calls]
+    afters: list[AnyPair | Refusal] = [_match_after(site, graph) for site in bn_calls]
     after = _same_pair_every_call(bn, afters, calls)
-    if isinstance(after, Pair):
+    if not isinstance(after, Refusal):
         return after
-    befores = [_match_before(site, traced, groups, roles, finder) for site in bn_calls]
-    found = [b for b in befores if b is not None]
+    # A refusal of a later matcher explains more: an identity BN of a branch sum
+    # often reads a join (a residual) too, and then is best told as a tap.
+    for matcher in (_match_join, _match_tap):
+        results = [matcher(site, graph) for site in bn_calls]
+        if all(r is not None for r in results):  # every call is such a site
+            beyond = _same_pair_every_call(bn, [r for r in results if r is not None], calls)
+            if not isinstance(beyond, Refusal):
+                return beyond
+            after = beyond
+    befores = [_match_before(site, graph) for site in bn_calls]
+    found: list[AnyPair | Refusal] = [b for b in befores if b is not None]
     if len(found) < len(befores):  # some call has no linear op reading it alone
         return after
-    return prefer_before(after, _same_pair_every_call(bn, found, calls))
+    return prefer_before(after, _same_pair_every_call(bn, found, calls))  # type: ignore[arg-type]
 
 
-def _same_pair_every_call(bn: str, results: list[Pair | Refusal], calls: Calls) -> Pair | Refusal:
-    """The pair if each of the BN's calls is that pair and the linear module runs only there.
+def _same_pair_every_call(
+    bn: str, results: list[AnyPair | Refusal], calls: Calls
+) -> AnyPair | Refusal:
+    """The pair if each of the BN's calls is that pair and its linear modules run only there.
 
     An eager module has one weight for all its calls. A block applied in a loop
     (``for _: x = bn(conv(x))``) folds exactly: every conv call feeds a bn call.
@@ -271,15 +417,16 @@ def _same_pair_every_call(bn: str, results: list[Pair | Refusal], calls: Calls) 
     refusals = [r for r in results if isinstance(r, Refusal)]
     if refusals:
         return refusals[0]
-    pairs = list(dict.fromkeys(r for r in results if isinstance(r, Pair)))
+    pairs = list(dict.fromkeys(r for r in results if not isinstance(r, Refusal)))
     if len(pairs) > 1:
         sites = "; ".join(p.site for p in pairs)
         detail = f"{bn} ran {len(results)} times beside different modules ({sites})"
         return Refusal(bn, Code.REUSED_MODULE, detail)
     pair = pairs[0]
-    if calls.of(pair.linear) != len(results):
-        detail = reused_detail(pair.linear, calls.of(pair.linear), pair.bn, len(results))
-        return Refusal(pair.site, Code.REUSED_MODULE, detail)
+    for linear in pair.linears:
+        if calls.of(linear) != len(results):
+            detail = reused_detail(linear, calls.of(linear), pair.bn, len(results))
+            return Refusal(pair.site, Code.REUSED_MODULE, detail)
     return pair
 
 
@@ -293,30 +440,213 @@ def reused_detail(linear: str, count: int, bn: str, paired: int) -> str:
     )
 
 
-def _match_after(
-    site: CallSite,
-    traced: Traced,
-    groups: dict[CallSite, list[str]],
-    roles: Roles,
-    finder: str,
-) -> Pair | Refusal:
-    """``linear -> BN`` or ``linear -> reshape -> BN`` for one call of the BN."""
-    bn, nodes = site[0], traced.nodes
-    group = set(groups[site])
-    entries = sorted({i for n in group for i in nodes[n].inputs if i not in group})
+def _match_after(site: CallSite, graph: _Graph) -> Pair | Refusal:
+    """``linear -> BN``, ``linear -> reshape -> BN`` or ``conv -> pool -> BN`` for one BN call."""
+    bn, nodes, roles = site[0], graph.nodes, graph.roles
+    group = set(graph.groups[site])
+    entries = _entries(group, nodes)
     if len(entries) != 1:
         return Refusal(bn, Code.STANDALONE, f"{bn} reads {len(entries)} activations, not one")
     producer, between = nodes[entries[0]], ""
-    if _single_input_reshape(producer, group):
+    if _single_input_reshape(producer, group) or _pools_linear(producer, nodes, roles):
         between, producer = entries[0], nodes[producer.inputs[0]]
     if producer.owner is None or roles.of(producer.owner) != LINEAR:
         return _why_no_linear(bn, entries[0], nodes, roles)
     linear = producer.owner
-    pair = Pair(linear, bn, finder, between=_reshape_label(nodes[between].op) if between else "")
+    pool = nodes[between].pool if between else None
+    label = (pool.label if pool else _reshape_label(nodes[between].op)) if between else ""
+    pair = Pair(linear, bn, graph.finder, between=label, pool=pool)
+    if pool is not None and (others := _other_consumers([between], group, nodes)):
+        return Refusal(pair.site, Code.BRANCHING, f"{label} output is also read by {others}")
     readers = group | ({between} if between else set())
-    if others := _other_consumers(groups[(linear, producer.call)], readers, nodes):
+    if others := _other_consumers(graph.groups[(linear, producer.call)], readers, nodes):
         return Refusal(pair.site, Code.BRANCHING, f"{linear} output is also read by {others}")
-    return _weights_private(pair, traced, roles)
+    return _weights_private(pair, graph.traced, roles)
+
+
+def _entries(group: set[str], nodes: dict[str, Node]) -> list[str]:
+    """The activations a module call reads from outside it, by name."""
+    return sorted({i for n in group for i in nodes[n].inputs if i not in group})
+
+
+def _pools_linear(node: Node, nodes: dict[str, Node], roles: Roles) -> bool:
+    """A pool (outside any module) of one linear module's output.
+
+    Looked through even when something else reads the pool too: the pair is
+    then refused ``branching``, which says more than the op between.
+    """
+    if node.owner is not None or node.pool is None or len(node.inputs) != 1:
+        return False
+    source = nodes[node.inputs[0]]
+    return source.owner is not None and roles.of(source.owner) == LINEAR
+
+
+def _match_join(site: CallSite, graph: _Graph) -> JoinPair | Refusal | None:
+    """``BN(L_a(x) + L_b(y))`` or ``BN(cat([L_a, L_b, ...]))`` for one BN call.
+
+    None when the BN's input is no join. Channel counts and the cat's axis are
+    checked on the modules (:func:`bnfold.torch_front.eager.why_not`).
+    Refuses: NOT_LINEAR_TERM (a term is no linear module's output, or one output
+    twice), REUSED_MODULE (one module makes two terms: one weight cannot take
+    two parts), BRANCHING (a term or the join is also read elsewhere),
+    SHARED_WEIGHT.
+    """
+    bn, nodes = site[0], graph.nodes
+    group = set(graph.groups[site])
+    entries = _entries(group, nodes)
+    join = nodes[entries[0]].join if len(entries) == 1 else None
+    if join is None or join.kind == "sub" or nodes[entries[0]].owner is not None:
+        return None
+    terms = [nodes[t] for t in join.terms]
+    owners = [t.owner if t.owner and graph.roles.of(t.owner) == LINEAR else None for t in terms]
+    pair = JoinPair(tuple(o or t for o, t in zip(owners, join.terms, strict=True)), bn,
+                    graph.finder, join.kind, join.dim)  # fmt: skip
+    if None in owners:
+        term = terms[owners.index(None)]
+        detail = f"the {join.kind} before {bn} reads {term.op}, not a conv or linear module"
+        return Refusal(pair.site, Code.NOT_LINEAR_TERM, detail)
+    if len(set(join.terms)) < len(join.terms):
+        detail = f"the {join.kind} before {bn} reads one output of {pair.linear} twice"
+        return Refusal(pair.site, Code.NOT_LINEAR_TERM, detail)
+    if len(set(owners)) < len(owners):
+        detail = f"one module makes two terms of the {join.kind} before {bn}: one weight, two parts"
+        return Refusal(pair.site, Code.REUSED_MODULE, detail)
+    if others := _other_consumers([entries[0]], group, nodes):
+        return Refusal(pair.site, Code.BRANCHING, f"the {join.kind} is also read by {others}")
+    for term, owner in zip(terms, owners, strict=True):
+        assert owner is not None
+        calls = graph.groups[(owner, term.call)]
+        if others := _other_consumers(calls, {entries[0]}, nodes):
+            return Refusal(pair.site, Code.BRANCHING, f"{owner} output is also read by {others}")
+    return _weights_private(pair, graph.traced, graph.roles)
+
+
+def _match_tap(site: CallSite, graph: _Graph) -> TapPair | Refusal | None:
+    """One call of an identity BN, ``bn(x)``, summed with a conv reading the same ``x``.
+
+    Matches a tree of plain adds and subtractions (each inner one read only by
+    the next) whose terms include ``bn(x)`` and the output of a conv call whose
+    only input is ``x``: RepVGG's ``conv_1x1(x) + conv_kxk(x) + identity(x)``,
+    MobileOne, RepGhost's ``cheap(x1) + fusion_bn(x1)``, FastViT's RepMixer
+    ``mixer(x) - norm(x)`` (each a MobileOne block; a term subtracted counts
+    with sign -1). Of several such convs, the one with the largest kernel that
+    can take the tap. None when the BN is no such term. Branch BNs must have
+    folded first: a conv whose output goes through a BN into the sum is no
+    sibling (a later round finds it).
+    Refuses:
+      BRANCHING        the BN's output, or the conv's, is also read outside the
+                       sum (or counted in it twice)
+      BRANCH_MISMATCH  the conv has stride != 1 or other than as many input as
+                       output channels (:func:`bnfold.torch_front.modules.identity_tap_misfit`)
+      UNCENTRED_TAP    the conv's kernel has no centre tap at its padding
+      SHARED_WEIGHT    the conv's weight or bias is also read outside it
+    """
+    bn, nodes = site[0], graph.nodes
+    group = set(graph.groups[site])
+    entries = _entries(group, nodes)
+    outside = sorted({u for n in group for u in nodes[n].users if u not in group})
+    sums = [u for u in outside if _is_plain_sum(nodes[u])]
+    if len(entries) != 1 or not sums:
+        return None
+    terms = _sum_terms(_top_of_sum(sums[0], nodes), nodes)
+    convs = [t for t in terms if _conv_reading(t.name, entries[0], graph)]
+    mine = [t for t in terms if nodes[t.name].owner == bn]
+    if not convs or not mine:
+        return None
+    ranked = sorted(convs, key=lambda t: -_kernel_size(graph, _owner_of(t, nodes)))
+    first = f"{bn} -> {_owner_of(ranked[0], nodes)}"
+    if others := _other_consumers(list(group), {mine[0].reader}, nodes):
+        return Refusal(first, Code.BRANCHING, f"{bn} output is also read by {others}")
+    if len(mine) != 1:
+        return Refusal(first, Code.BRANCHING, f"the sum counts {bn}'s output {len(mine)} times")
+    refusals = []
+    for term in ranked:
+        conv = _owner_of(term, nodes)
+        pair = TapPair(conv, bn, graph.finder, sign=term.sign * mine[0].sign)
+        found = _tap_misfit(term, terms, graph)
+        if found is None:
+            return _weights_private(pair, graph.traced, graph.roles)
+        refusals.append(Refusal(pair.site, *found))
+    return refusals[0]
+
+
+@dataclass(frozen=True)
+class _Term:
+    """One term of a tree of sums: the value, the sign it is counted with, the op reading it."""
+
+    name: str
+    sign: int
+    reader: str
+
+
+def _is_plain_sum(node: Node) -> bool:
+    return node.owner is None and node.join is not None and node.join.kind in ("add", "sub")
+
+
+def _sole_sum_reader(name: str, nodes: dict[str, Node]) -> str | None:
+    """The plain add or subtraction that alone reads ``name``'s value, if one does."""
+    node = nodes[name]
+    if node.is_output or len(node.users) != 1 or not _is_plain_sum(nodes[node.users[0]]):
+        return None
+    return node.users[0]
+
+
+def _top_of_sum(name: str, nodes: dict[str, Node]) -> str:
+    """The last sum of the chain of sums each read only by the next."""
+    while (reader := _sole_sum_reader(name, nodes)) is not None:
+        name = reader
+    return name
+
+
+def _sum_terms(top: str, nodes: dict[str, Node], sign: int = 1) -> list[_Term]:
+    """The terms of a tree of sums, one entry per time the sum counts one.
+
+    An inner sum read only by its parent belongs to the tree; anything else
+    (a conv's output, the BN's, a sum read elsewhere) is a term.
+    """
+    join = nodes[top].join
+    assert join is not None
+    signs = (1, -1) if join.kind == "sub" else (1, 1)
+    terms = []
+    for name, own in zip(join.terms, signs, strict=True):
+        if _is_plain_sum(nodes[name]) and _sole_sum_reader(name, nodes) == top:
+            terms += _sum_terms(name, nodes, sign * own)
+        else:
+            terms.append(_Term(name, sign * own, top))
+    return terms
+
+
+def _owner_of(term: _Term, nodes: dict[str, Node]) -> str:
+    owner = nodes[term.name].owner
+    assert owner is not None
+    return owner
+
+
+def _conv_reading(leaf: str, x: str, graph: _Graph) -> bool:
+    """Whether ``leaf`` is the output of a plain conv's call whose only input is ``x``."""
+    node = graph.nodes[leaf]
+    if node.owner is None or graph.roles.of(node.owner) != LINEAR:
+        return False
+    if not is_plain_conv(graph.root.get_submodule(node.owner)):
+        return False
+    return _entries(set(graph.groups[(node.owner, node.call)]), graph.nodes) == [x]
+
+
+def _kernel_size(graph: _Graph, conv: str) -> int:
+    module: Any = graph.root.get_submodule(conv)
+    return math.prod(module.kernel_size)
+
+
+def _tap_misfit(term: _Term, terms: list[_Term], graph: _Graph) -> tuple[Code, str] | None:
+    """Why the conv making the sum's term ``term`` cannot take the identity tap (None: it can)."""
+    nodes, conv = graph.nodes, _owner_of(term, graph.nodes)
+    count = sum(1 for t in terms if t.name == term.name)
+    if count != 1:
+        return Code.BRANCHING, f"the sum counts {conv}'s output {count} times"
+    call = graph.groups[(conv, nodes[term.name].call)]
+    if others := _other_consumers(call, {term.reader}, nodes):
+        return Code.BRANCHING, f"{conv} output is also read by {others}"
+    return identity_tap_misfit(graph.root.get_submodule(conv), conv)
 
 
 def _single_input_reshape(node: Node, readers: set[str]) -> bool:
@@ -330,18 +660,12 @@ def _single_input_reshape(node: Node, readers: set[str]) -> bool:
     )
 
 
-def _match_before(
-    site: CallSite,
-    traced: Traced,
-    groups: dict[CallSite, list[str]],
-    roles: Roles,
-    finder: str,
-) -> Pair | Refusal | None:
+def _match_before(site: CallSite, graph: _Graph) -> Pair | Refusal | None:
     """``BN -> linear`` or ``BN -> reshape -> linear`` for one call of the BN.
 
     None if no linear op reads that call's output alone.
     """
-    bn, nodes = site[0], traced.nodes
+    bn, nodes, groups, roles = site[0], graph.nodes, graph.groups, graph.roles
     group = set(groups[site])
     if any(nodes[n].is_output for n in group):
         return None
@@ -359,17 +683,18 @@ def _match_before(
     lin_group = set(groups[(linear, reader.call)])
     if len({i for n in lin_group for i in nodes[n].inputs if i not in lin_group}) != 1:
         return None
-    return _weights_private(Pair(linear, bn, finder, before=True, between=between), traced, roles)
+    pair = Pair(linear, bn, graph.finder, before=True, between=between)
+    return _weights_private(pair, graph.traced, roles)
 
 
-def _weights_private(pair: Pair, traced: Traced, roles: Roles) -> Pair | Refusal:
-    """The pair, unless an op outside the linear module reads its weight or bias."""
-    linear = pair.linear
-    own = {f"{a}.{p}" for a in roles.aliases[linear] for p in ("weight", "bias")}
-    if shared := sorted(traced.outside_reads & own):
-        return Refusal(
-            pair.site, Code.SHARED_WEIGHT, f"{', '.join(shared)} also read outside {linear}"
-        )
+def _weights_private(pair: _P, traced: Traced, roles: Roles) -> _P | Refusal:
+    """The pair, unless an op outside a linear module of it reads its weight or bias."""
+    for linear in pair.linears:
+        own = {f"{a}.{p}" for a in roles.aliases[linear] for p in ("weight", "bias")}
+        if shared := sorted(traced.outside_reads & own):
+            return Refusal(
+                pair.site, Code.SHARED_WEIGHT, f"{', '.join(shared)} also read outside {linear}"
+            )
     return pair
 
 
@@ -382,11 +707,11 @@ def _reshape_label(op: str) -> str:
     return next(t for t in tokens if t in _RESHAPE_TOKENS)
 
 
-def _add(scan: Scan, result: Pair | Refusal) -> None:
-    if isinstance(result, Pair):
-        scan.pairs.append(result)
-    else:
+def _add(scan: Scan, result: AnyPair | Refusal) -> None:
+    if isinstance(result, Refusal):
         scan.refused.append(result)
+    else:
+        scan.pairs.append(result)
 
 
 def _bn_call_refusal(bn: str, calls: Calls) -> Refusal | None:
@@ -558,11 +883,17 @@ def _export_graph(root: nn.Module, args: tuple[Any, ...], roles: Roles) -> Trace
     for n in ep.graph.nodes:
         if n.op == "placeholder" and n.name in user_inputs:
             nodes[n.name] = Node(None, "input", [])
-        elif _eval_dropout_module(root, n) and len(ins := _input_names(n, nodes, alias)) == 1:
+        elif (_eval_dropout_module(root, n) or adds_zero(n)) and len(
+            ins := _input_names(n, nodes, alias)
+        ) == 1:
             alias[n.name] = ins[0]
         elif n.op == "call_function":
             owner, call = _export_owner(n, roles)
-            nodes[n.name] = Node(owner, str(n.target), _input_names(n, nodes, alias), call)
+            node = Node(owner, str(n.target), _input_names(n, nodes, alias), call)
+            if owner is None:
+                node.join = join_of(n, nodes, alias)
+                node.pool = pool_of_call(str(n.target), n.args, n.kwargs)
+            nodes[n.name] = node
             traced.outside_reads |= _params_read_outside(n, owner, params, roles)
         elif n.op == "output":
             _mark_outputs(n, nodes, alias)
@@ -658,7 +989,9 @@ def _fx_graph(root: nn.Module, args: tuple[Any, ...], roles: Roles) -> Traced:
             shape_reads.add(n.name)
         elif n.op == "placeholder":
             nodes[n.name] = Node(None, "input", [])
-        elif _is_identity(root, n) and len(ins := _input_names(n, nodes, alias)) == 1:
+        elif (_is_identity(root, n) or adds_zero(n)) and len(
+            ins := _input_names(n, nodes, alias)
+        ) == 1:
             alias[n.name] = ins[0]
         elif n.op in ("call_module", "call_function", "call_method"):
             owner = roles.canonical.get(str(n.target)) if n.op == "call_module" else None
@@ -667,11 +1000,93 @@ def _fx_graph(root: nn.Module, args: tuple[Any, ...], roles: Roles) -> Traced:
             call = 0
             if owner is not None:
                 call = calls_so_far[owner] = calls_so_far.get(owner, -1) + 1
-            nodes[n.name] = Node(owner, _fx_op_name(root, n), _input_names(n, nodes, alias), call)
+            node = Node(owner, _fx_op_name(root, n), _input_names(n, nodes, alias), call)
+            if owner is None:
+                node.join = join_of(n, nodes, alias)
+                node.pool = _fx_pool(root, n)
+            nodes[n.name] = node
         elif n.op == "output":
             _mark_outputs(n, nodes, alias)
     _link_users(nodes)
     return traced
+
+
+def _fx_pool(root: nn.Module, n: fx.Node) -> Pool | None:
+    """A pooling module or ``torch.nn.functional`` pool call of an fx graph, if ``n`` is one."""
+    if n.op == "call_module":
+        return pool_of_module(root.get_submodule(str(n.target)))
+    if n.op == "call_function":
+        return pool_of_call(getattr(n.target, "__name__", ""), n.args, dict(n.kwargs))
+    return None
+
+
+# Plain sums and channel concats, as export's aten ops and as fx records Python calls.
+_JOIN_OPS = {
+    "aten.add.Tensor": "add",
+    "aten.add_.Tensor": "add",
+    "aten.sub.Tensor": "sub",
+    "aten.sub_.Tensor": "sub",
+    "aten.cat.default": "cat",
+}
+_JOIN_FUNCTIONS = (
+    (operator.add, "add"), (operator.iadd, "add"), (torch.add, "add"),
+    (operator.sub, "sub"), (operator.isub, "sub"), (torch.sub, "sub"),
+    (torch.cat, "cat"), (torch.concat, "cat"), (torch.concatenate, "cat"),
+)  # fmt: skip
+_JOIN_METHODS = {"add": "add", "add_": "add", "sub": "sub", "sub_": "sub"}
+
+
+def join_of(n: fx.Node, known: dict[str, Node], alias: dict[str, str]) -> Join | None:
+    """``a + b`` or ``a - b`` with alpha 1, or ``cat([a, ...], dim)``, of activations
+    ``known`` holds.
+
+    None for anything else: a sum with a constant (a bias add), ``x + 2 * y``.
+    """
+    kind = _join_kind(n)
+    tensors: Any
+    dim: Any
+    if kind in ("add", "sub"):
+        extra = {k: v for k, v in n.kwargs.items() if k != "alpha"}
+        if len(n.args) != 2 or extra or n.kwargs.get("alpha", 1) != 1:
+            return None
+        tensors, dim = list(n.args), 1
+    elif kind == "cat":
+        tensors = n.args[0] if n.args else n.kwargs.get("tensors")
+        dim = n.args[1] if len(n.args) > 1 else n.kwargs.get("dim", n.kwargs.get("axis", 0))
+        if not isinstance(tensors, list | tuple) or not isinstance(dim, int):
+            return None
+    else:
+        return None
+    names = [alias.get(t.name, t.name) if isinstance(t, fx.Node) else None for t in tensors]
+    if not names or any(name not in known for name in names):
+        return None
+    return Join(kind, tuple(names), dim)  # type: ignore[arg-type]
+
+
+def _join_kind(n: fx.Node) -> str | None:
+    """ "add", "sub" or "cat" for an op that could be a join, else None."""
+    if n.op == "call_method":
+        return _JOIN_METHODS.get(str(n.target))
+    if n.op != "call_function":
+        return None
+    return _JOIN_OPS.get(str(n.target)) or next(
+        (kind for f, kind in _JOIN_FUNCTIONS if n.target is f), None
+    )
+
+
+def adds_zero(n: fx.Node) -> bool:
+    """``t + 0``, ``0 + t`` or ``t - 0`` with a Python zero: ``t`` itself, looked through.
+
+    timm's MobileOne blocks start their sums from ``0`` (``out = 0; out += conv(x)``).
+    """
+    kind = _join_kind(n)
+    if kind not in ("add", "sub") or len(n.args) != 2:
+        return False
+    zeros = [isinstance(a, int | float) and not isinstance(a, bool) and a == 0 for a in n.args]
+    tensors = [isinstance(a, fx.Node) for a in n.args]
+    if kind == "sub":
+        return tensors[0] and zeros[1]
+    return (tensors[0] and zeros[1]) or (zeros[0] and tensors[1])
 
 
 def _reads_shape(n: fx.Node, shape_reads: set[str]) -> bool:

@@ -71,7 +71,7 @@ def as_args(example_inputs: Any) -> tuple[Any, ...]:
 def _fold_to_fixpoint(
     work: nn.Module,
     args: tuple[Any, ...],
-    scan: tuple[list[graph.Pair], list[Refusal]],
+    scan: tuple[list[graph.AnyPair], list[Refusal]],
     report: FoldReport,
     rounding: Rounding,
 ) -> list[eager.Undo]:
@@ -84,7 +84,7 @@ def _fold_to_fixpoint(
     """
     undos: list[eager.Undo] = []
     failed: list[Refusal] = []
-    tried: set[graph.Pair] = set()
+    tried: set[graph.AnyPair] = set()
     pairs, refused = scan
     for _ in range(len(list(work.modules())) + 1):  # each round folds >= 1 BN, or stops
         fresh = [p for p in pairs if p not in tried]
@@ -100,23 +100,25 @@ def _fold_to_fixpoint(
 
 def _checked_pairs(
     work: nn.Module, args: tuple[Any, ...]
-) -> tuple[list[graph.Pair], list[Refusal]]:
+) -> tuple[list[graph.AnyPair], list[Refusal]]:
     roles = find_roles(work)
     calls = observe(work, args, _watched(work, roles))
     scan = graph.find_pairs(work, args, roles, calls)
     refused = list(scan.refused)
-    pairs = []
+    pairs: list[graph.AnyPair] = []
     for pair in scan.pairs:
         if refusal := eager.why_not(work, pair, roles, calls):
             refused.append(_explained(pair, refusal))
-        else:
+        elif isinstance(pair, graph.Pair):
             pairs.append(replace(pair, kind=eager.fold_kind(work, pair, calls)))
+        else:
+            pairs.append(pair)
     return pairs, refused
 
 
-def _explained(pair: graph.Pair, refusal: Refusal) -> Refusal:
+def _explained(pair: graph.AnyPair, refusal: Refusal) -> Refusal:
     """A refused before pair, reported with why the BN could not fold after either."""
-    after = pair.after_refusal
+    after = pair.after_refusal if isinstance(pair, graph.Pair) else None
     return refusal if after is None else graph.prefer_before(after, refusal)  # type: ignore[return-value]
 
 
@@ -127,7 +129,7 @@ def _watched(root: nn.Module, roles: Roles) -> list[str]:
 
 
 def _apply_all(
-    work: nn.Module, pairs: list[graph.Pair], refused: list[Refusal], rounding: Rounding
+    work: nn.Module, pairs: list[graph.AnyPair], refused: list[Refusal], rounding: Rounding
 ) -> list[eager.Undo]:
     undos = []
     for pair in pairs:
@@ -142,11 +144,23 @@ def _apply_all(
 
 def _folded(undo: eager.Undo) -> Folded:
     pair = undo.pair
-    lin, bn = type(undo.root.get_submodule(pair.linear)).__name__, type(undo.bn).__name__
-    between = _between_label(undo.root, pair.between) if pair.between else ""
-    chain = (bn, between, lin) if pair.before else (lin, between, bn)
-    pattern = "+".join(p for p in chain if p)
-    return Folded(pair.site, pattern, pair.linear, pair.bn, pair.finder, kind=pair.kind)
+    return Folded(pair.site, _pattern(undo), pair.linear, pair.bn, pair.finder, kind=pair.kind)
+
+
+def _pattern(undo: eager.Undo) -> str:
+    """Module types in data-flow order: "Conv2d+BatchNorm2d", "Conv2d+Conv2d+cat+BatchNorm2d",
+    "Conv2d+avg_pool2d+BatchNorm2d"; an identity tap: "BatchNorm2d+add+Conv2d"."""
+    pair, bn = undo.pair, type(undo.bn).__name__
+    lins = [type(undo.root.get_submodule(p)).__name__ for p in pair.linears]
+    if isinstance(pair, graph.JoinPair):
+        return "+".join([*lins, pair.join, bn])
+    if isinstance(pair, graph.TapPair):
+        return "+".join([bn, "add", *lins])
+    between = pair.between
+    if between and pair.pool is None:
+        between = _between_label(undo.root, between)
+    chain = (bn, between, lins[0]) if pair.before else (lins[0], between, bn)
+    return "+".join(p for p in chain if p)
 
 
 def _between_label(root: nn.Module, between: str) -> str:

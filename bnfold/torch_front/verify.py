@@ -337,13 +337,22 @@ def site_paths(pairs: Sequence[Any]) -> list[tuple[str, str]]:
     Folding after, the last BN folded into the module (Conv -> BN1 -> BN2: BN2)
     leaves the ``nn.Identity`` whose output is the whole chain's; an earlier
     BN's place now carries the later folds too, so it is no evidence. A module
-    with only folds before it (BN -> Conv) is compared at its own output.
+    with only folds before it (BN -> Conv) is compared at its own output. A
+    fold into several modules (a join) is evidence only while it is the last
+    on each of them; an identity tap is none (``result_at`` None: its value is
+    a term of a functional sum) and retires the conv's earlier sites.
     """
-    chosen: dict[str, Any] = {}
+    latest: dict[str, Any] = {}
     for pair in pairs:  # in the order the folds were applied
-        if pair.linear not in chosen or not pair.before:  # a fold after supersedes
-            chosen[pair.linear] = pair
-    return [(p.linear if p.before else p.bn, p.site) for p in chosen.values()]
+        for linear in pair.linears:
+            if linear not in latest or not pair.before:  # a fold after supersedes
+                latest[linear] = pair
+    chosen = dict.fromkeys(latest.values())
+    return [
+        (p.result_at, p.site)
+        for p in chosen
+        if p.result_at is not None and all(latest[linear] == p for linear in p.linears)
+    ]
 
 
 def _excess(row: OutputDiff) -> float:
