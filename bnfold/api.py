@@ -24,7 +24,7 @@ from bnfold.compare import (
     require_well_formed,
     verify_onnx,
 )
-from bnfold.errors import BnfoldError, NotSupportedError
+from bnfold.errors import BnfoldError
 from bnfold.onnx_front import io
 from bnfold.onnx_front.lower import lower_unfolded
 from bnfold.onnx_front.match import MatchOptions
@@ -67,9 +67,10 @@ def fold(
             that could not fold as plain ops: True or "mul-add" for Mul + Add,
             "conv" for a 1x1 depthwise Conv (see :mod:`bnfold.onnx_front.lower`);
             an ExportedProgram gets aten mul/add or a conv (see
-            :func:`bnfold.torch_front.exported.lower_left`). False/None: no
-            lowering. Reported in ``report.lowered``. An eager nn.Module raises
-            NotSupportedError: export it first.
+            :func:`bnfold.torch_front.exported.lower_left`), an eager nn.Module
+            a LoweredBatchNorm or 1x1 depthwise Conv module at each BN's path
+            (see :mod:`bnfold.torch_front.lower_modules`). False/None: no
+            lowering. Reported in ``report.lowered``.
         inputs: verify on this input file or folder (see :mod:`bnfold.feeds`)
             instead of random inputs.
 
@@ -82,16 +83,12 @@ def fold(
     if _is_torch_module(model):
         if example_inputs is None:
             raise BnfoldError("folding a torch module needs example_inputs=(x,)")
-        if lower is not None:
-            from bnfold.torch_front.files import EAGER_LOWERING_UNSUPPORTED
-
-            raise NotSupportedError(EAGER_LOWERING_UNSUPPORTED)
         from bnfold.torch_front import run
 
         # Every verify option reaches the torch front, the user's input files too.
         return run.fold(
             model, example_inputs, inplace=inplace, verify=verify_options or VerifyOptions(),
-            rounding=_rounding(rounding),
+            rounding=_rounding(rounding), lower=lower,
         )  # fmt: skip
     if _is_exported_program(model):
         from bnfold.torch_front.files import fold_program
@@ -143,13 +140,10 @@ def inspect(
     lower = _lower_form(lower_standalone)
     if _is_torch_module(model):
         from bnfold.torch_front import inspect_module
-        from bnfold.torch_front.files import EAGER_LOWERING_UNSUPPORTED
 
-        if lower is not None:
-            raise NotSupportedError(EAGER_LOWERING_UNSUPPORTED)
         if example_inputs is None:
             raise BnfoldError("inspecting a torch module needs example_inputs=(x,)")
-        return inspect_module(model, example_inputs)
+        return inspect_module(model, example_inputs, lower)
     if _is_exported_program(model):
         from bnfold.torch_front.files import inspect_program
 

@@ -18,7 +18,6 @@ import bnfold
 from bnfold import Code, LowerForm
 from bnfold.api import fold_file
 from bnfold.cli.main import main
-from bnfold.errors import NotSupportedError
 from bnfold.onnx_front import lower
 from bnfold.onnx_front.match import DEFAULT_BN_EPSILON
 from tests.builders import RNG, bn_node, bn_params, init, model
@@ -666,10 +665,84 @@ def test_exported_lowering_survives_the_rollback_of_a_wrong_fold(
     ]
 
 
-def test_eager_module_with_lower_standalone_is_refused_clearly() -> None:
+@pytest.mark.parametrize(
+    ("form", "module_type"), [("mul-add", "LoweredBatchNorm"), ("conv", "Conv2d")]
+)
+def test_eager_module_lowers_each_bn_left_at_its_path(form: str, module_type: str) -> None:
     torch = pytest.importorskip("torch")
-    with pytest.raises(NotSupportedError, match="exported programs only"):
-        bnfold.fold(relu_bn_net(), (torch.randn(1, 3, 4, 4),), lower_standalone=True)
+    net, x = relu_bn_net(), torch.randn(2, 3, 5, 5)
+    result = bnfold.fold(net, (x,), lower_standalone=form)
+    assert result.verification is not None and result.verification.passed
+    assert type(result.model[1]).__name__ == module_type
+    assert [(lo.site, lo.form.value, lo.code) for lo in result.report.lowered] == [
+        ("1", form, Code.NONLINEAR_INPUT)
+    ]
+    assert result.report.refused == [] and result.report.batchnorm.left == 0
+    torch.testing.assert_close(result.model(x), net(x))
+    assert isinstance(net[1], torch.nn.BatchNorm2d)  # the original is untouched
+
+
+def test_eager_lowering_counts_match_the_exported_front() -> None:
+    torch = pytest.importorskip("torch")
+    net, args = mixed_net()
+    result = bnfold.fold(net, args, lower_standalone=True)
+    assert result.report.batchnorm == bnfold.BatchNormCount(
+        found=4, folded=2, lowered=2, left=0, left_by_code={}, training=2
+    )
+    assert sorted(lo.site for lo in result.report.lowered) == ["bn2", "bn4"]
+    assert type(result.model.bnt) is torch.nn.BatchNorm2d  # training mode: untouched
+    torch.testing.assert_close(result.model(*args), net(*args))
+
+
+def test_eager_conv_form_on_rank_2_input_falls_back_to_mul_add_and_says_why() -> None:
+    torch = pytest.importorskip("torch")
+    net = relu_bn_net("BatchNorm1d")
+    result = bnfold.fold(net, (torch.randn(4, 3),), lower_standalone="conv")
+    (lowered,) = result.report.lowered
+    assert lowered.form is LowerForm.MUL_ADD and "no spatial axis" in lowered.note
+    assert result.verification is not None and result.verification.passed
+
+
+def test_eager_lowering_keeps_the_dtype() -> None:
+    torch = pytest.importorskip("torch")
+    net = relu_bn_net().half()
+    result = bnfold.fold(net, (torch.randn(1, 3, 4, 4).half(),), lower_standalone="conv")
+    assert {v.dtype for v in result.model.state_dict().values()} == {torch.float16}
+
+
+def test_eager_bn_subclass_that_runs_an_activation_is_not_lowered() -> None:
+    torch = pytest.importorskip("torch")
+    from torch import nn
+
+    class BatchNormAct(nn.BatchNorm2d):  # timm's BatchNormAct2d, in short
+        def __init__(self, c: int) -> None:
+            super().__init__(c)
+            self.act = nn.ReLU()
+
+        def forward(self, x):  # type: ignore[no-untyped-def]
+            return self.act(super().forward(x))
+
+    net = nn.Sequential(nn.ReLU(), BatchNormAct(3)).eval()
+    result = bnfold.fold(net, (torch.randn(1, 3, 4, 4),), lower_standalone=True)
+    assert result.report.lowered == [] and type(result.model[1]) is BatchNormAct
+    (refusal,) = result.report.refused
+    assert refusal.code is Code.PARAMETRIZED and "runs act" in refusal.detail
+
+
+def test_a_wrong_eager_lowering_fails_verification(monkeypatch: pytest.MonkeyPatch) -> None:
+    torch = pytest.importorskip("torch")
+    from bnfold.affine import Affine
+    from bnfold.torch_front import lower_modules
+
+    real = lower_modules.bn_affine
+
+    def off_by_a_bit(bn):  # type: ignore[no-untyped-def]
+        affine = real(bn)
+        return Affine.of(affine.scale * (1 + 1e-3), affine.shift, channels=len(affine.scale))
+
+    monkeypatch.setattr(lower_modules, "bn_affine", off_by_a_bit)
+    result = bnfold.fold(relu_bn_net(), (torch.randn(1, 3, 4, 4),), lower_standalone=True)
+    assert result.verification is not None and not result.verification.passed
 
 
 def test_inspecting_a_program_previews_its_lowering_and_keeps_it() -> None:
@@ -683,10 +756,12 @@ def test_inspecting_a_program_previews_its_lowering_and_keeps_it() -> None:
     assert any("batch_norm" in o for o in aten_ops(program))
 
 
-def test_inspecting_an_eager_module_with_lowering_is_refused_clearly() -> None:
+def test_inspecting_an_eager_module_previews_its_lowering() -> None:
     torch = pytest.importorskip("torch")
-    with pytest.raises(NotSupportedError, match="exported programs only"):
-        bnfold.inspect(relu_bn_net(), (torch.randn(1, 3, 4, 4),), lower_standalone=True)
+    net, args = relu_bn_net(), (torch.randn(1, 3, 4, 4),)
+    preview = bnfold.inspect(net, args, lower_standalone=True)
+    assert preview.dry_run and [lo.site for lo in preview.lowered] == ["1"]
+    assert isinstance(net[1], torch.nn.BatchNorm2d)
 
 
 def test_cli_inspect_pt2_previews_the_lowering(tmp_path: Path) -> None:
@@ -708,21 +783,37 @@ def test_cli_pt2_lowers_and_writes_a_program_without_batch_norm(tmp_path: Path) 
     assert not any("batch_norm" in o for o in aten_ops(torch.export.load(out)))
 
 
-def test_cli_factory_to_state_dict_with_lower_standalone_exits_2_with_one_line(
+def test_cli_factory_lowers_into_the_state_dict_and_the_onnx_export(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    pytest.importorskip("torch")
-    from tests.test_torch_io import FACTORY
-
-    (tmp_path / "lower_factory.py").write_text(FACTORY)
+    torch = pytest.importorskip("torch")
+    (tmp_path / "lower_factory.py").write_text(RELU_BN_FACTORY)
     monkeypatch.syspath_prepend(str(tmp_path))
+    out, exported = tmp_path / "o.pt", tmp_path / "o.onnx"
     result = invoke(
         "fold", "--module", "lower_factory:make", "--input-shape", "1x3x8x8",
-        "-o", tmp_path / "o.pt", "--lower-standalone",
+        "-o", out, "--to-onnx", exported, "--lower-standalone", "--json",
     )  # fmt: skip
-    assert result.exit_code == 2
-    assert result.output.strip().count("\n") == 0
-    assert "exported programs only" in result.output
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.output)["report"]["batchnorm"]["lowered"] == 1
+    keys = set(torch.load(out, weights_only=True))
+    assert {"1.lowered_scale", "1.lowered_shift"} <= keys and "1.running_mean" not in keys
+    assert "BatchNormalization" not in {n.op_type for n in onnx.load(exported).graph.node}
+
+
+RELU_BN_FACTORY = """
+import torch
+from torch import nn
+
+
+def make():
+    torch.manual_seed(0)
+    bn = nn.BatchNorm2d(3)
+    with torch.no_grad():
+        bn.running_mean.normal_(0, 0.5)
+        bn.running_var.uniform_(0.5, 2.0)
+    return nn.Sequential(nn.ReLU(), bn).eval()
+"""
 
 
 def mixed_net():  # type: ignore[no-untyped-def]

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 from bnfold.affine import Rounding
 from bnfold.errors import NotSupportedError
-from bnfold.report import FoldReport, FoldResult
+from bnfold.report import FoldReport, FoldResult, LowerForm
 
 if TYPE_CHECKING:
     from torch import nn
@@ -101,12 +101,18 @@ def fold_module(
     return run.fold(module, example_inputs, inplace=inplace, verify=options, rounding=rounding)
 
 
-def inspect_module(module: nn.Module, example_inputs: Any) -> FoldReport:
+def inspect_module(
+    module: nn.Module, example_inputs: Any, lower: LowerForm | None = None
+) -> FoldReport:
     """Report the folds :func:`fold_module` would make and every refusal; ``module`` is untouched.
 
     Folds a copy without verification, so values that cannot fold (BAD_VALUES,
     BAD_GROUPS) are reported too; only VERIFICATION_FAILED needs :func:`fold_module`.
+    With ``lower``, the copy is lowered too (what ``lower_standalone`` would do).
     """
-    report = fold_module(module, example_inputs, inplace=False, verify=False).report
+    require_torch()
+    from bnfold.torch_front import run
+
+    report = run.fold(module, example_inputs, inplace=False, verify=None, lower=lower).report
     report.dry_run = True
     return report

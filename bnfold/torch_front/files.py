@@ -28,7 +28,7 @@ import torch
 from bnfold import paths
 from bnfold.affine import Rounding
 from bnfold.compare import DEFAULT_VERIFY, VerifyOptions
-from bnfold.errors import BnfoldError, NotSupportedError, first_line
+from bnfold.errors import BnfoldError, first_line
 from bnfold.report import FoldReport, FoldResult, LowerForm, VerifyResult
 from bnfold.torch_front import inspect_module, run
 from bnfold.torch_front import verify as checking
@@ -45,12 +45,6 @@ from bnfold.torch_front.io import (
 )
 
 STATE_DICT_SUFFIXES = (".pt", ".pth")
-# Lowering rewrites batch_norm calls of a program; an eager module's BN is a
-# module whose state_dict keys a lowering would have to change.
-EAGER_LOWERING_UNSUPPORTED = (
-    "lower_standalone (--lower-standalone) works on exported programs only, not eager "
-    "modules; pass torch.export.export(model, args) (CLI: -o OUT.pt2)"
-)
 
 
 @dataclass(frozen=True)
@@ -92,8 +86,9 @@ def fold_torch(
         require_verified: write only a verified fold (CLI ``--strict``): a
             "not_verified" result is kept back like a failed one.
         rounding: how folded weights are cast to their dtype.
-        lower: lower the BNs left after folding (see
-            :func:`bnfold.torch_front.exported.lower_left`); programs only.
+        lower: lower the BNs left after folding (a program:
+            :func:`bnfold.torch_front.exported.lower_left`; an eager module:
+            :func:`bnfold.torch_front.lower_modules.lower_left`).
         trust_pickle: load a ``.pt2`` source as torch would, running any code it
             carries (pickles, shape expressions); without it such a file is
             refused (see :mod:`bnfold.torch_front.archive`).
@@ -126,14 +121,14 @@ def _fold_torch(
 ) -> tuple[FoldResult, bool]:
     as_program = Path(output).suffix == ".pt2"
     if isinstance(source, ModuleSource):
-        if lower is not None and not as_program:
-            raise NotSupportedError(EAGER_LOWERING_UNSUPPORTED)
         module, args = source.load()
         if as_program:
             make = _export(module, args, "the module").module
             result = fold_graph_module(make, args, verify=verify, rounding=rounding, lower=lower)
         else:
-            result = run.fold(module, args, inplace=False, verify=verify, rounding=rounding)
+            result = run.fold(
+                module, args, inplace=False, verify=verify, rounding=rounding, lower=lower
+            )
     else:
         ep = _load_program_file(Path(source), trust_pickle)
         args = example_args(ep)
@@ -229,15 +224,12 @@ def inspect_torch(
 ) -> FoldReport:
     """What :func:`fold_torch` would fold, lower and refuse, without writing anything.
 
-    A factory module is inspected as the eager module ``fold`` would write by
-    default, so ``lower`` is refused for it as ``fold`` refuses it.
+    A factory module is inspected as the eager module ``fold`` writes by default.
     """
     with user_code("the model's code"):
         if isinstance(source, ModuleSource):
-            if lower is not None:
-                raise NotSupportedError(EAGER_LOWERING_UNSUPPORTED)
             module, args = source.load()
-            return inspect_module(module, args)
+            return inspect_module(module, args, lower)
         return inspect_program(load_exported_program(source, trust_pickle), lower)
 
 

@@ -13,8 +13,8 @@ from bnfold.affine import Rounding, Unfoldable
 from bnfold.compare import VerifyOptions
 from bnfold.errors import BnfoldError
 from bnfold.layouts import LayoutError
-from bnfold.report import Code, Folded, FoldReport, FoldResult, Refusal
-from bnfold.torch_front import eager, graph
+from bnfold.report import Code, Folded, FoldReport, FoldResult, LowerForm, Refusal
+from bnfold.torch_front import eager, graph, lower_modules
 from bnfold.torch_front import verify as checking
 from bnfold.torch_front.census import batchnorm_count, module_batchnorms, modules_left
 from bnfold.torch_front.modules import Roles, find_roles, leaf_type_counts, observe
@@ -28,8 +28,14 @@ def fold(
     inplace: bool,
     verify: VerifyOptions | None,
     rounding: Rounding = Rounding.NEAREST,
+    lower: LowerForm | None = None,
 ) -> FoldResult:
-    """See :func:`bnfold.torch_front.fold_module`; ``verify`` None skips verification."""
+    """See :func:`bnfold.torch_front.fold_module`; ``verify`` None skips verification.
+
+    With ``lower``, the BN modules left once folding reaches its fixpoint are
+    lowered (:func:`bnfold.torch_front.lower_modules.lower_left`) before the
+    whole module is verified, so a wrong lowering fails verification too.
+    """
     with exact_values():  # a module folded twice is still rounded once
         args = as_args(example_inputs)
         work = module if inplace else _copy(module)
@@ -39,6 +45,12 @@ def fold(
         # Reference outputs before any fold: with inplace=True the module itself changes.
         check = None if verify is None else checking.Check.of(module, args, verify)
         undos = _fold_to_fixpoint(work, args, first_scan, report, rounding)
+        if lower is not None:
+            left = modules_left(work, bns)
+            calls = observe(work, args, left)  # the input ranks a conv form needs
+            report.lowered, report.refused = lower_modules.lower_left(
+                work, left, report.refused, lower, calls
+            )
         result = FoldResult(work, report)
         if check is not None:
             check = check.at_sites(checking.site_paths([u.pair for u in undos]))
@@ -49,7 +61,7 @@ def fold(
         report.folded = [_folded(u) for u in undos]
         report.ops_after = leaf_type_counts(work)
         report.batchnorm = batchnorm_count(
-            len(bns), training, modules_left(work, bns), report.refused
+            len(bns), training, modules_left(work, bns), report.refused, len(report.lowered)
         )
         return result
 
