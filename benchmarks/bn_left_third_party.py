@@ -126,9 +126,7 @@ def fold_with_cli(name: str, front: str, source: Path, out: Path, lower: bool) -
 def fold_eager(name: str, model: Any, x: Any, lower: bool) -> Row:
     import bnfold
 
-    if lower:
-        return Row(name, "eager", error="lowering is for exported programs only")
-    result = bnfold.fold(model, (x,))
+    result = bnfold.fold(model, (x,), lower_standalone=lower)
     report = json.loads(result.report.to_json())
     verification = None if result.verification is None else result.verification.to_dict()
     return row_of(name, "eager", report, verification)
