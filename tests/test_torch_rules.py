@@ -261,6 +261,101 @@ def test_pooled_conv_output_read_elsewhere_branches() -> None:
     assert [r.code for r in result.report.refused] == [Code.BRANCHING]
 
 
+MAX_POOLS = {  # name: (pool, dims, its aten name in the site)
+    "max2": (lambda: nn.MaxPool2d(2), 2, "max_pool2d"),
+    # -inf padding, dilation and ceil_mode change which elements a window holds,
+    # never that it holds one channel's real elements only
+    "max3_padded_dilated_ceil": (
+        lambda: nn.MaxPool2d(3, stride=2, padding=1, dilation=2, ceil_mode=True),
+        2,
+        "max_pool2d",
+    ),
+    "max1d": (lambda: nn.MaxPool1d(3, padding=1), 1, "max_pool1d"),
+    "max3d": (lambda: nn.MaxPool3d(2), 3, "max_pool3d"),
+    "adaptive_max": (lambda: nn.AdaptiveMaxPool2d((3, 2)), 2, "adaptive_max_pool2d"),
+    "global_max": (lambda: nn.AdaptiveMaxPool2d(1), 2, "adaptive_max_pool2d"),
+}
+
+
+def fold_max_pool(pool: str, decompose: bool = False, gamma=None) -> tuple:
+    make, dims, _ = MAX_POOLS[pool]
+    model, x = randomize_bn(ConvPoolBN(make(), dims)), pool_input(dims)
+    if gamma is not None:
+        with torch.no_grad():
+            model.bn.weight.copy_(gamma(model.bn.weight))
+    expected = run(model, x)
+    program = torch.export.export(model, (x,), strict=False)
+    if decompose:  # max_pool2d_with_indices + getitem, _native_batch_norm_legit_no_training
+        program = program.run_decompositions()
+    return bnfold.fold(program), x, expected
+
+
+@pytest.mark.parametrize("pool", list(MAX_POOLS), ids=list(MAX_POOLS))
+def test_bn_after_a_max_pool_folds_into_the_conv_before_it(pool: str) -> None:
+    result, x, expected = fold_max_pool(pool)
+    assert [(f.kind, f.site) for f in result.report.folded] == [
+        (FoldKind.THROUGH_POOL, f"conv -> {MAX_POOLS[pool][2]} -> bn")
+    ]
+    assert result.report.refused == []
+    assert batch_norms_left(result) == 0
+    assert result.verification is not None and result.verification.passed
+    torch.testing.assert_close(run(result.model, x), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_bn_after_a_decomposed_max_pool_with_indices_folds() -> None:
+    result, x, expected = fold_max_pool("max3_padded_dilated_ceil", decompose=True)
+    assert [f.kind for f in result.report.folded] == [FoldKind.THROUGH_POOL]
+    assert batch_norms_left(result) == 0
+    torch.testing.assert_close(run(result.model, x), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_a_zero_scale_passes_a_max_pool() -> None:
+    # max(0 * y + t) == t == 0 * max(y) + t: only a negative scale flips the max.
+    result, x, expected = fold_max_pool("max2", gamma=lambda g: g * (torch.arange(8) % 2))
+    assert [f.kind for f in result.report.folded] == [FoldKind.THROUGH_POOL]
+    torch.testing.assert_close(run(result.model, x), expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("decompose", [False, True], ids=["max_pool2d", "with_indices"])
+def test_a_negative_scale_after_a_max_pool_is_refused(decompose: bool) -> None:
+    negate_one = lambda g: g * torch.tensor([1.0] * 7 + [-1.0])  # noqa: E731
+    result, x, expected = fold_max_pool("max2", decompose, gamma=negate_one)
+    assert result.report.folded == []
+    assert [r.code for r in result.report.refused] == [Code.NEGATIVE_SCALE]
+    assert "channel 7" in result.report.refused[0].detail
+    torch.testing.assert_close(run(result.model, x), expected, rtol=0, atol=0)
+
+
+def test_a_max_pool_whose_indices_are_read_is_refused() -> None:
+    class WithIndices(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv, self.bn = nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8)
+
+        def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            values, indices = nn.functional.max_pool2d(self.conv(x), 2, return_indices=True)
+            return self.bn(values), indices
+
+    model, x = randomize_bn(WithIndices()), pool_input(2)
+    expected = run(model, x)
+    result = fold_on("exported", model, x)
+    assert result.report.folded == []
+    assert [r.code for r in result.report.refused] == [Code.TRAINING_MODE]
+    for got, want in zip(run(result.model, x), expected, strict=True):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+def test_max_pooled_conv_output_read_elsewhere_branches() -> None:
+    class Both(ConvPoolBN):
+        def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            pooled = self.pool(self.conv(x))
+            return self.bn(pooled), pooled
+
+    model, x = randomize_bn(Both(nn.MaxPool2d(2))), pool_input(2)
+    result = fold_on("exported", model, x)
+    assert [r.code for r in result.report.refused] == [Code.BRANCHING]
+
+
 # --- over a join: BN(add(conv_a, conv_b)), BN(cat([conv_a, conv_b], 1)) at graph level ----
 
 
