@@ -66,6 +66,7 @@ from bnfold.torch_front.aten_graph import (
     traced_shape,
     uses_batch_stats,
 )
+from bnfold.torch_front.branch_sum import MergeSite, apply_merge, find_merges, why_not_tap
 from bnfold.torch_front.census import batchnorm_count, refusal_naming
 from bnfold.torch_front.graph import (
     explain_both,
@@ -144,7 +145,7 @@ class JoinSite:
         return FoldKind.OVER_ADD if self.join == "add" else FoldKind.OVER_CONCAT
 
 
-AnySite = Site | JoinSite
+AnySite = Site | JoinSite | MergeSite
 
 
 def find_sites(gm: fx.GraphModule) -> tuple[list[AnySite], list[Refusal]]:
@@ -182,11 +183,15 @@ def find_sites(gm: fx.GraphModule) -> tuple[list[AnySite], list[Refusal]]:
       UNSUPPORTED_DTYPE / BAD_SHAPE
       ZERO_PADDING     before: a zero-padded conv or a conv_transpose, nonzero shift
     """
-    sites: list[AnySite] = []
+    merges = find_merges(gm)
+    merged = {name for merge in merges for name in merge.bn_nodes}  # they go with the merge
+    sites: list[AnySite] = list(merges)
     refused: list[Refusal] = []
     for node in gm.graph.nodes:
-        if node.op == "call_function" and node.target in BN_OPS:
+        if node.op == "call_function" and node.target in BN_OPS and node.name not in merged:
             result: AnySite | Refusal = _match(gm, node)
+            if isinstance(result, Refusal) and result.code in _NO_LINEAR_BESIDE:
+                result = why_not_tap(gm, node) or result
             if isinstance(result, Refusal) and result.code not in _BN_ITSELF:
                 result = _match_join(gm, node) or result
             if isinstance(result, Refusal) and result.code not in _BN_ITSELF:
@@ -263,6 +268,8 @@ def _reshapes_linear(node: fx.Node) -> bool:
 
 
 _BN_ITSELF = (Code.TRAINING_MODE, Code.NO_RUNNING_STATS)
+# An identity BN of a branch sum has no linear op beside it; the sum's refusal says more.
+_NO_LINEAR_BESIDE = (Code.STANDALONE, Code.NONLINEAR_INPUT)
 
 
 def _match_join(gm: fx.GraphModule, bn: fx.Node) -> JoinSite | Refusal | None:
@@ -507,6 +514,8 @@ def apply_site(gm: fx.GraphModule, site: AnySite, rounding: Rounding = Rounding.
     Raises:
         Unfoldable: bad statistics or overflow.  LayoutError: bad groups.
     """
+    if isinstance(site, MergeSite):
+        return apply_merge(gm, site, rounding)
     nodes = {n.name: n for n in gm.graph.nodes}
     bn = nodes[site.bn_node]
     affine = bn_affine(gm, bn)
@@ -595,18 +604,7 @@ def fold_graph_module(
             if lower is not None:  # the rollback refolded fresh copies: lower those again
                 lower_left(gm, report, lower)
                 verification = check(gm)
-        report.folded = [
-            Folded(
-                s.site,
-                _pattern(original, s),
-                s.linear,
-                s.bn,
-                "exported_program",
-                bytes_added=n,
-                kind=s.kind,
-            )
-            for s, n in added.items()
-        ]
+        report.folded = [entry for s, n in added.items() for entry in _entries(original, s, n)]
         report.ops_after = _op_counts(gm)
         found, training = graph_batchnorms(original)
         report.batchnorm = batchnorm_count(
@@ -712,7 +710,7 @@ def _fold_to_fixpoint(
         tried.update(fresh)
         done = _apply_checked(gm, fresh, failed, rounding)
         added.update(done)
-        if not done or not refused:  # only a refused BN can become a site
+        if not done:  # a refused BN, or an add whose branch BNs folded, may be a site now
             break
     report.refused += refused + failed.refused
     return added
@@ -730,9 +728,9 @@ def _apply_checked(
         try:
             kept[s] = apply_site(gm, s, rounding)
         except Unfoldable as e:
-            report.refused.append(Refusal(s.site, Code.BAD_VALUES, str(e)))
+            report.refused += _refusals(s, Code.BAD_VALUES, str(e))
         except LayoutError as e:
-            report.refused.append(Refusal(s.site, Code.BAD_GROUPS, str(e)))
+            report.refused += _refusals(s, Code.BAD_GROUPS, str(e))
     return kept
 
 
@@ -752,17 +750,34 @@ def _rollback(
 ) -> tuple[fx.GraphModule, VerifyResult, dict[AnySite, int]]:
     kept: list[AnySite] = []
     for s in sites:
-        trial = check(_folded(make, [*kept, s], rounding)[0])
+        try:
+            trial = check(_folded(make, [*kept, s], rounding)[0])
+        except Unfoldable as e:  # a merge whose branch folds were rolled back
+            report.refused += _refusals(s, Code.VERIFICATION_FAILED, str(e))
+            continue
         if trial.passed:
             kept.append(s)
         else:
             detail = checking.describe_failure(trial)
-            report.refused.append(Refusal(s.site, Code.VERIFICATION_FAILED, detail))
+            report.refused += _refusals(s, Code.VERIFICATION_FAILED, detail)
     gm, added = _folded(make, kept, rounding)
     return gm, check(gm), added
 
 
-def _pattern(gm: fx.GraphModule, s: AnySite) -> str:
+def _refusals(s: AnySite, code: Code, detail: str) -> list[Refusal]:
+    """A site not folded: one refusal, or for a merge one per BN it would remove."""
+    return s.refusals(code, detail) if isinstance(s, MergeSite) else [Refusal(s.site, code, detail)]
+
+
+def _entries(gm: fx.GraphModule, s: AnySite, bytes_added: int) -> list[Folded]:
+    """The report's entries for one applied site (a merge makes several)."""
+    if isinstance(s, MergeSite):
+        return s.entries(bytes_added)
+    pattern = _pattern(gm, s)
+    return [Folded(s.site, pattern, s.linear, s.bn, "exported_program", bytes_added, s.kind)]
+
+
+def _pattern(gm: fx.GraphModule, s: Site | JoinSite) -> str:
     """ "conv2d+batch_norm", "linear+view+batch_norm"; before: "batch_norm+flatten+linear";
     a join: "conv2d+conv2d+add+batch_norm"."""
     if isinstance(s, JoinSite):
