@@ -586,6 +586,18 @@ def test_repvgg_block_merges_into_one_conv(decompose: bool) -> None:
     assert result.report.batchnorm is not None and result.report.batchnorm.folded == 3
 
 
+def test_a_re_exported_decomposed_program_still_folds() -> None:
+    # Exporting a decomposed program again keeps the getitems of every BN's mean and
+    # invstd, unread: they are no readers of the BN (every BN was refused branching).
+    model, x = randomize_bn(RepVGGBlock()), block_input()
+    decomposed = torch.export.export(model, (x,), strict=False).run_decompositions()
+    program = torch.export.export(decomposed.module(), (x,), strict=False)
+    result = bnfold.fold(program)
+    assert result.report.refused == []
+    assert [f.kind for f in result.report.folded][-1] is FoldKind.REPARAM
+    torch.testing.assert_close(run(result.model, x), run(model, x), rtol=1e-5, atol=1e-5)
+
+
 def test_repvgg_stride_two_block_without_identity_merges_its_convs() -> None:
     # No BN is left once the branch BNs fold: the merge must still be looked for.
     model, x = randomize_bn(RepVGGBlock(stride=2, identity=False)), block_input()

@@ -74,7 +74,6 @@ from bnfold.torch_front.aten_graph import (
     traced_shape,
     uses_batch_stats,
 )
-from bnfold.torch_front.graph import metadata_only_inputs
 from bnfold.torch_front.tensors import as_parameter, to_float64
 
 aten = torch.ops.aten
@@ -446,9 +445,11 @@ def _is_plain_conv(node: fx.Node) -> bool:
 
 
 def _only_reader_is(value: fx.Node, reader: fx.Node) -> bool:
-    """``reader`` alone reads ``value``, once (a graph output is read by the output node)."""
-    readers = [u for u in value.users if value not in metadata_only_inputs(u)]
-    return readers == [reader] and reader.args.count(value) == 1
+    """``reader`` alone reads ``value``, once (a graph output is read by the output node).
+
+    A shape read (``reshape_as``) counts too: the merge removes the value it reads.
+    """
+    return list(value.users) == [reader] and reader.args.count(value) == 1
 
 
 def _source_of(leaf: fx.Node, pending: bool) -> fx.Node | None:
@@ -464,7 +465,7 @@ def _source_of(leaf: fx.Node, pending: bool) -> fx.Node | None:
 
 
 def _sole_add_reader(add: fx.Node) -> fx.Node | None:
-    readers = [u for u in add.users if add not in metadata_only_inputs(u)]
+    readers = list(add.users)
     if len(readers) != 1 or not _only_reader_is(add, readers[0]):
         return None
     return readers[0] if _is_sum(readers[0]) else None
@@ -517,7 +518,7 @@ def _trailing_bn(
     Folding it here rounds the merged kernel once; folding it after the merge
     would round it again.
     """
-    readers = [u for u in top.users if top not in metadata_only_inputs(u)]
+    readers = list(top.users)
     if len(readers) != 1 or readers[0].target not in BN_OPS:
         return None
     bn = readers[0]
