@@ -149,7 +149,9 @@ AnySite = Site | JoinSite | MergeSite
 
 
 def find_sites(gm: fx.GraphModule) -> tuple[list[AnySite], list[Refusal]]:
-    """Every BN node of ``gm``: a foldable site or a refusal.
+    """Every BN node of ``gm``: a foldable site or a refusal; and every branch sum
+    that merges into one conv (:class:`~bnfold.torch_front.branch_sum.MergeSite`,
+    which takes its identity BNs and a BN after the sum along).
 
     Matches:  batch_norm(conv{1,2,3}d | conv_transpose{1,2,3}d | linear(x, W, B?))
               with W, B and the BN statistics read by get_attr; else (before)
@@ -182,6 +184,8 @@ def find_sites(gm: fx.GraphModule) -> tuple[list[AnySite], list[Refusal]]:
                        op twice); see :func:`_match_join` for the join's other codes
       UNSUPPORTED_DTYPE / BAD_SHAPE
       ZERO_PADDING     before: a zero-padded conv or a conv_transpose, nonzero shift
+      BRANCH_MISMATCH / UNCENTRED_TAP / BRANCHING   an identity BN's branch sum does
+                       not merge (:mod:`bnfold.torch_front.branch_sum`)
     """
     merges = find_merges(gm)
     merged = {name for merge in merges for name in merge.bn_nodes}  # they go with the merge
@@ -189,7 +193,7 @@ def find_sites(gm: fx.GraphModule) -> tuple[list[AnySite], list[Refusal]]:
     refused: list[Refusal] = []
     for node in gm.graph.nodes:
         if node.op == "call_function" and node.target in BN_OPS and node.name not in merged:
-            result: AnySite | Refusal = _match(gm, node)
+            result: Site | JoinSite | Refusal = _match(gm, node)
             if isinstance(result, Refusal) and result.code in _NO_LINEAR_BESIDE:
                 result = why_not_tap(gm, node) or result
             if isinstance(result, Refusal) and result.code not in _BN_ITSELF:
