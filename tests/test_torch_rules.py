@@ -684,6 +684,25 @@ def test_float64_block_merges_exactly() -> None:
     torch.testing.assert_close(run(result.model, x), run(model, x), rtol=0, atol=1e-12)
 
 
+def test_fp16_block_merges_in_fp16() -> None:
+    # The merged kernel is summed in float64 from the branches' exact folded values
+    # and cast once: against the float64 model it stays within fp16 rounding, as
+    # close as the fp16 model itself (both 6e-4 of the largest output here).
+    torch.manual_seed(0)
+    model, x = randomize_bn(RepVGGBlock(c=8)), torch.randn(2, 8, 9, 9)
+    exact = run(model.double(), x.double())
+    half = model.half()
+    original = run(half, x.half()).double()
+    result = bnfold.fold(torch.export.export(half, (x.half(),), strict=False))
+    assert count_nodes(result, "conv") == 1
+    assert result.verification is not None and result.verification.passed
+    folded = run(result.model, x.half())
+    assert folded.dtype == torch.float16
+    scale = exact.abs().max()
+    assert (original - exact).abs().max() <= 2e-3 * scale
+    assert (folded.double() - exact).abs().max() <= 2e-3 * scale
+
+
 def test_a_plain_residual_around_a_conv_is_left_as_built() -> None:
     class Residual(nn.Module):
         def __init__(self) -> None:
