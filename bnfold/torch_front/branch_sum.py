@@ -162,7 +162,7 @@ class _Tree:
         return bool(self.identities) or self.bare > 0
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # holds tensors: never compared
 class _Merge:
     """A checked merge: the site, its nodes and the merged parameters, cast."""
 
@@ -235,6 +235,7 @@ def apply_merge(gm: fx.GraphModule, site: MergeSite, rounding: Rounding) -> int:
 
 
 def _rewrite(gm: fx.GraphModule, merge: _Merge) -> int:
+    """The survivor computes the sum (or the BN after it); the rest of the tree goes."""
     tree, survivor = merge.tree, merge.survivor
     if merge.trailing is not None:
         remove_bn(gm, merge.trailing, survivor)
