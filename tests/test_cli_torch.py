@@ -205,11 +205,14 @@ def test_factory_written_as_pt2_folds_a_conv_that_runs_twice(tmp_path: Path, mon
     result = invoke("fold", *common, "-o", out, "--json")
     assert result.exit_code == 0, result.output
     payload = json.loads(result.output)
-    (folded,) = payload["report"]["folded"]
+    folded, merge = payload["report"]["folded"]
     assert folded["site"] == "conv -> bn" and folded["bytes_added"] == (27 * 3 + 3) * 4
+    # then bn(conv(x)) + conv(x) is a sum of two convs of x: one conv (a branch merge)
+    assert merge["kind"] == "reparam" and merge["site"].startswith("conv + conv -> ")
     assert payload["verification"]["status"] == "passed" and not payload["report"]["refused"]
     program = torch.export.load(out)
-    assert "aten.batch_norm.default" not in {str(n.target) for n in program.graph.nodes}
+    targets = [str(n.target) for n in program.graph.nodes if n.op == "call_function"]
+    assert "aten.batch_norm.default" not in targets and targets.count("aten.conv2d.default") == 1
     check = invoke("verify", *common, out, "--json")
     assert check.exit_code == 0 and json.loads(check.output)["status"] == "passed"
 

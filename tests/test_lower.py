@@ -624,13 +624,13 @@ def test_a_wrong_exported_lowering_fails_verification_and_nothing_is_written(
     from bnfold.torch_front import exported
     from bnfold.torch_front.files import fold_torch
 
-    real = exported._bn_affine
+    real = exported.bn_affine
 
     def planted(gm, bn):  # type: ignore[no-untyped-def]
         affine = real(gm, bn)
         return Affine(affine.scale, affine.shift + 0.01)
 
-    monkeypatch.setattr(exported, "_bn_affine", planted)
+    monkeypatch.setattr(exported, "bn_affine", planted)
     source, out = tmp_path / "in.pt2", tmp_path / "out.pt2"
     torch.export.save(torch.export.export(relu_bn_net(), (torch.randn(1, 3, 4, 4),)), source)
     result, written = fold_torch(str(source), out, lower=LowerForm.MUL_ADD)

@@ -14,7 +14,7 @@ from torch import nn  # noqa: E402
 from bnfold.compare import VerifyOptions  # noqa: E402
 from bnfold.errors import BnfoldError  # noqa: E402
 from bnfold.report import Code  # noqa: E402
-from bnfold.torch_front import exported, io  # noqa: E402
+from bnfold.torch_front import aten_graph, io  # noqa: E402
 from bnfold.torch_front.files import fold_torch  # noqa: E402
 
 FACTORY = """
@@ -215,7 +215,7 @@ def test_exported_program_in_training_mode_is_refused(tmp_path):
 
 
 def test_exported_program_corrupted_fold_is_rolled_back(tmp_path, monkeypatch):
-    real = exported.bn_to_affine
+    real = aten_graph.bn_to_affine
 
     def corrupt_four_channels(gamma, beta, mean, var, eps):
         affine = real(gamma, beta, mean, var, eps)
@@ -223,7 +223,7 @@ def test_exported_program_corrupted_fold_is_rolled_back(tmp_path, monkeypatch):
             return type(affine)(affine.scale * 2.0, affine.shift)
         return affine
 
-    monkeypatch.setattr(exported, "bn_to_affine", corrupt_four_channels)
+    monkeypatch.setattr(aten_graph, "bn_to_affine", corrupt_four_channels)
     model = randomize_bn(Net())
     src, dst = tmp_path / "in.pt2", tmp_path / "out.pt2"
     save_program(model, torch.randn(2, 3, 8, 8), src)

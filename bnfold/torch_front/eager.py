@@ -45,7 +45,7 @@ from bnfold.torch_front.modules import (
     out_channels,
     zero_padded,
 )
-from bnfold.torch_front.pools import commute_refusal
+from bnfold.torch_front.pool_rules import commute_refusal
 from bnfold.torch_front.tensors import as_parameter, to_float64
 
 
@@ -79,7 +79,7 @@ def why_not(root: nn.Module, pair: AnyPair, roles: Roles, calls: Calls) -> Refus
       POOL_PADDING       through an average pool that counts padded zeros or
                          has a divisor_override, and a nonzero shift
       NEGATIVE_SCALE     through a max pool, a negative scale in some channel
-                         (see :func:`bnfold.torch_front.pools.commute_refusal`)
+                         (see :func:`bnfold.torch_front.pool_rules.commute_refusal`)
       NOT_PER_CHANNEL    also: a pool of a Linear's output, a cat not over axis 1
       BAD_SHAPE          also: an add of linear modules of different widths, or
                          their channels (summed for a cat) not the BN's

@@ -6,14 +6,14 @@ the eager front ("conv1 -> bn1"), from the weights' attribute paths.
 
 Each call of a module is its own node here, so a weight read by several nodes
 (a conv module called twice) is cloned for the folded node, which the eager
-front cannot do without changing forward(). A BN past an average pool or an
-add/cat of convs folds here as on the eager front (the pool or join stays, the
-BN node goes); the pool rule is :func:`bnfold.torch_front.pools.commute_refusal`.
+front cannot do without changing forward(). Only this front folds a BN past
+an average or max pool or an add/cat of convs so far (the pool or join stays, the
+BN node goes); the eager front could too, with module-level weights, but does not yet.
+The node helpers live in :mod:`.aten_graph`, the pools in :mod:`.pools`.
 """
 
 from __future__ import annotations
 
-import operator
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -29,7 +29,6 @@ from bnfold.affine import (
     Unfoldable,
     add_parts,
     balanced_over,
-    bn_to_affine,
     concat_parts,
     fold_after,
     fold_before,
@@ -47,7 +46,27 @@ from bnfold.report import (
     Refusal,
     VerifyResult,
 )
+from bnfold.torch_front import pools
 from bnfold.torch_front import verify as checking
+from bnfold.torch_front.aten_graph import (
+    BN_OPS,
+    Found,
+    arg_node,
+    bn_affine,
+    bn_output,
+    check_bn_node,
+    check_stats,
+    fetch,
+    is_linear_op,
+    layout_of,
+    new_attr,
+    owner_path,
+    remove_bn,
+    replace_arg,
+    traced_shape,
+    uses_batch_stats,
+)
+from bnfold.torch_front.branch_sum import MergeSite, apply_merge, find_merges, why_not_tap
 from bnfold.torch_front.census import batchnorm_count, refusal_naming
 from bnfold.torch_front.graph import (
     explain_both,
@@ -56,27 +75,10 @@ from bnfold.torch_front.graph import (
     metadata_only_inputs,
     site_label,
 )
-from bnfold.torch_front.pools import commute_refusal, pool_of_call
 from bnfold.torch_front.tensors import as_parameter, exact_values, to_float64
 
 aten = torch.ops.aten
 
-# op -> (kind, index of `groups` in args; absent means 1)
-_CONV_OPS: dict[Any, tuple[str, int]] = {
-    aten.conv1d.default: ("conv", 6),
-    aten.conv2d.default: ("conv", 6),
-    aten.conv3d.default: ("conv", 6),
-    aten.conv1d.padding: ("conv", 6),
-    aten.conv2d.padding: ("conv", 6),
-    aten.conv3d.padding: ("conv", 6),
-    aten.conv_transpose1d.default: ("conv_transpose", 6),
-    aten.conv_transpose2d.input: ("conv_transpose", 6),
-    aten.conv_transpose3d.input: ("conv_transpose", 6),
-    aten.linear.default: ("linear", -1),
-    # run_decompositions(): convolution(x, w, b, stride, pad, dil, transposed, out_pad, groups)
-    aten.convolution.default: ("convolution", 8),
-}
-_BN_OPS = (aten.batch_norm.default, aten._native_batch_norm_legit_no_training.default)
 # Ops that keep the elements and their order, only regrouping axes.
 _RESHAPE_OPS: dict[Any, str] = {
     aten.flatten.using_ints: "flatten",
@@ -88,19 +90,6 @@ _RESHAPE_OPS: dict[Any, str] = {
     aten.squeeze.dim: "squeeze",
     aten.squeeze.dims: "squeeze",
     aten.squeeze.default: "squeeze",
-}
-
-# Pools a per-channel affine passes through: each window reads one channel and
-# averages it (a constant's average is that constant unless padded zeros count).
-_AVERAGE_POOLS: dict[Any, str] = {
-    aten.avg_pool1d.default: "avg_pool1d",
-    aten.avg_pool2d.default: "avg_pool2d",
-    aten.avg_pool3d.default: "avg_pool3d",
-    aten.adaptive_avg_pool1d.default: "adaptive_avg_pool1d",
-    aten.adaptive_avg_pool2d.default: "adaptive_avg_pool2d",
-    aten.adaptive_avg_pool3d.default: "adaptive_avg_pool3d",
-    aten._adaptive_avg_pool2d.default: "adaptive_avg_pool2d",
-    aten._adaptive_avg_pool3d.default: "adaptive_avg_pool3d",
 }
 
 
@@ -156,11 +145,13 @@ class JoinSite:
         return FoldKind.OVER_ADD if self.join == "add" else FoldKind.OVER_CONCAT
 
 
-AnySite = Site | JoinSite
+AnySite = Site | JoinSite | MergeSite
 
 
 def find_sites(gm: fx.GraphModule) -> tuple[list[AnySite], list[Refusal]]:
-    """Every BN node of ``gm``: a foldable site or a refusal.
+    """Every BN node of ``gm``: a foldable site or a refusal; and every branch sum
+    that merges into one conv (:class:`~bnfold.torch_front.branch_sum.MergeSite`,
+    which takes its identity BNs and a BN after the sum along).
 
     Matches:  batch_norm(conv{1,2,3}d | conv_transpose{1,2,3}d | linear(x, W, B?))
               with W, B and the BN statistics read by get_attr; else (before)
@@ -168,8 +159,9 @@ def find_sites(gm: fx.GraphModule) -> tuple[list[AnySite], list[Refusal]]:
               also through one reshape (view, flatten, (un)squeeze) when each
               linear channel lies inside one BN channel
               (:func:`bnfold.layouts.channel_block`). After: also
-              batch_norm(avg_pool*d | adaptive_avg_pool*d(conv*(x))), the pool
-              left in place and the BN folded into the conv before it; and
+              batch_norm(avg_pool*d | adaptive_avg_pool*d | max_pool*d |
+              adaptive_max_pool*d(conv*(x))) (:mod:`.pools`), the pool left in
+              place and the BN folded into the conv before it; and
               batch_norm(add | cat(linear ops)) into every term (:class:`JoinSite`).
     Refuses:
       TRAINING_MODE    batch_norm with training=True
@@ -183,6 +175,8 @@ def find_sites(gm: fx.GraphModule) -> tuple[list[AnySite], list[Refusal]]:
                        padded zeros (count_include_pad with padding) or has a
                        divisor_override, and the shift is nonzero; adaptive
                        average pools always pass
+      NEGATIVE_SCALE   through a max pool: a BN scale is negative
+      TRAINING_MODE    also: through a max pool whose indices are read
       MERGE_MOVES_CHANNEL  linear(x[B, N, K]) reshaped to 2-D, but not to
                        (B*N, C) (a batch merge folds, kind BATCH_MERGE:
                        :func:`bnfold.layouts.merges_leading_axes`)
@@ -190,12 +184,18 @@ def find_sites(gm: fx.GraphModule) -> tuple[list[AnySite], list[Refusal]]:
                        op twice); see :func:`_match_join` for the join's other codes
       UNSUPPORTED_DTYPE / BAD_SHAPE
       ZERO_PADDING     before: a zero-padded conv or a conv_transpose, nonzero shift
+      BRANCH_MISMATCH / UNCENTRED_TAP / BRANCHING   an identity BN's branch sum does
+                       not merge (:mod:`bnfold.torch_front.branch_sum`)
     """
-    sites: list[AnySite] = []
+    merges = find_merges(gm)
+    merged = {name for merge in merges for name in merge.bn_nodes}  # they go with the merge
+    sites: list[AnySite] = list(merges)
     refused: list[Refusal] = []
     for node in gm.graph.nodes:
-        if node.op == "call_function" and node.target in _BN_OPS:
-            result: AnySite | Refusal = _match(gm, node)
+        if node.op == "call_function" and node.target in BN_OPS and node.name not in merged:
+            result: Site | JoinSite | Refusal = _match(gm, node)
+            if isinstance(result, Refusal) and result.code in _NO_LINEAR_BESIDE:
+                result = why_not_tap(gm, node) or result
             if isinstance(result, Refusal) and result.code not in _BN_ITSELF:
                 result = _match_join(gm, node) or result
             if isinstance(result, Refusal) and result.code not in _BN_ITSELF:
@@ -208,16 +208,16 @@ def find_sites(gm: fx.GraphModule) -> tuple[list[AnySite], list[Refusal]]:
 
 
 def _match(gm: fx.GraphModule, bn: fx.Node) -> Site | Refusal:
-    bn_name = _owner(bn.args[1:5]) or bn.name
-    x = _arg_node(bn.args[0])
+    bn_name = owner_path(bn.args[1:5]) or bn.name
+    x = arg_node(bn.args[0])
     reader, between = bn, ""  # reader: what reads the linear op's output
     if _reshapes_linear(x):
-        reader, between, x = x, _RESHAPE_OPS[x.target], _arg_node(x.args[0])
-    elif _pools_conv(x):
-        reader, between, x = x, _AVERAGE_POOLS[x.target], _arg_node(x.args[0])
-    if not _is_linear_op(x):
+        reader, between, x = x, _RESHAPE_OPS[x.target], arg_node(x.args[0])
+    elif (pool := _pooled_conv(x)) is not None:
+        reader, between, x = pool, pools.pool_name(pool), arg_node(pool.args[0])
+    if not is_linear_op(x):
         return _why_not_linear(bn_name, x)
-    lin_name = _owner(x.args[1:3]) or x.name
+    lin_name = owner_path(x.args[1:3]) or x.name
     kind = _fold_kind(x, reader)
     site = Site(x.name, bn.name, lin_name, bn_name, between=between, kind=kind)
     if bn.target == aten.batch_norm.default and bn.args[5]:
@@ -231,33 +231,28 @@ def _match(gm: fx.GraphModule, bn: fx.Node) -> Site | Refusal:
 
 
 def _fold_kind(lin: fx.Node, reader: fx.Node) -> FoldKind:
-    if reader.target in _AVERAGE_POOLS:
+    if pools.is_pool(reader):
         return FoldKind.THROUGH_POOL
     return FoldKind.BATCH_MERGE if _merges_batch(lin, reader) else FoldKind.ADJACENT
 
 
-def _pools_conv(node: fx.Node) -> bool:
-    """An average pool of a conv's output (channels on axis 1, which pools keep)."""
-    source = node.args[0] if node.args else None
-    return (
-        node.target in _AVERAGE_POOLS
-        and isinstance(source, fx.Node)
-        and _is_linear_op(source)
-        and source.target != aten.linear.default
-    )
+def _pooled_conv(value: fx.Node) -> fx.Node | None:
+    """The pool whose values ``value`` is, when it pools a conv's output (channels
+    on axis 1, which pools keep); None otherwise."""
+    pool = pools.pool_of(value)
+    source = None if pool is None or not pool.args else pool.args[0]
+    if not isinstance(source, fx.Node) or not is_linear_op(source):
+        return None
+    return pool if source.target != aten.linear.default else None
 
 
 def _check_pool(gm: fx.GraphModule, pool: fx.Node, bn: fx.Node) -> Found:
-    """``pool(affine(y)) == affine(pool(y))``: always for the scale; the shift too
-    unless a window divides by more than its real elements (padded zeros counted,
-    or a ``divisor_override``; :func:`bnfold.torch_front.pools.commute_refusal`)."""
-    spec = pool_of_call(str(pool.target), pool.args, dict(pool.kwargs))
-    assert spec is not None  # pool is one of _AVERAGE_POOLS
+    """``pool(BN(y)) == BN(pool(y))`` (:func:`bnfold.torch_front.pools.check_pool`)."""
     try:
-        affine = _bn_affine(gm, bn)
+        affine = bn_affine(gm, bn)
     except Unfoldable:
         return None  # apply_site reports it as BAD_VALUES
-    return commute_refusal(spec, affine)
+    return pools.check_pool(pool, affine)
 
 
 def _merges_batch(lin: fx.Node, reader: fx.Node) -> bool:
@@ -267,16 +262,18 @@ def _merges_batch(lin: fx.Node, reader: fx.Node) -> bool:
     """
     if reader.target not in _RESHAPE_OPS or lin.target != aten.linear.default:
         return False
-    return layouts.merges_leading_axes(_shape(reader), _shape(lin)) is not None
+    return layouts.merges_leading_axes(traced_shape(reader), traced_shape(lin)) is not None
 
 
 def _reshapes_linear(node: fx.Node) -> bool:
     """A reshape whose input is a linear op's output (then the BN may fold through it)."""
     source = node.args[0] if node.args else None
-    return node.target in _RESHAPE_OPS and isinstance(source, fx.Node) and _is_linear_op(source)
+    return node.target in _RESHAPE_OPS and isinstance(source, fx.Node) and is_linear_op(source)
 
 
 _BN_ITSELF = (Code.TRAINING_MODE, Code.NO_RUNNING_STATS)
+# An identity BN of a branch sum has no linear op beside it; the sum's refusal says more.
+_NO_LINEAR_BESIDE = (Code.STANDALONE, Code.NONLINEAR_INPUT)
 
 
 def _match_join(gm: fx.GraphModule, bn: fx.Node) -> JoinSite | Refusal | None:
@@ -286,8 +283,8 @@ def _match_join(gm: fx.GraphModule, bn: fx.Node) -> JoinSite | Refusal | None:
     same node twice), NOT_PER_CHANNEL (a cat not over axis 1), BAD_SHAPE (the
     terms' channels do not make the BN's), and the checks of every after-fold.
     """
-    join = _arg_node(bn.args[0])
-    if join.op != "call_function" or join.target not in _JOIN_OPS or _uses_batch_stats(bn):
+    join = arg_node(bn.args[0])
+    if join.op != "call_function" or join.target not in _JOIN_OPS or uses_batch_stats(bn):
         return None
     if bn.args[3] is None or bn.args[4] is None:
         return None  # no statistics: the BN's own refusal says so
@@ -297,12 +294,12 @@ def _match_join(gm: fx.GraphModule, bn: fx.Node) -> JoinSite | Refusal | None:
         return None  # x + alpha * y: not a plain sum
     if any(not isinstance(t, fx.Node) or t.op == "get_attr" for t in terms):
         return None  # add(x, 2.0), a constant bias: no join of activations
-    bn_name = _owner(bn.args[1:5]) or bn.name
+    bn_name = owner_path(bn.args[1:5]) or bn.name
     site = JoinSite(
         tuple(t.name for t in terms),
         join.name,
         bn.name,
-        tuple(_owner(t.args[1:3]) or t.name for t in terms),
+        tuple(owner_path(t.args[1:3]) or t.name for t in terms),
         bn_name,
         kind,
     )
@@ -320,7 +317,7 @@ def _join_terms(join: fx.Node) -> list[Any]:
 
 def _check_join(gm: fx.GraphModule, join: fx.Node, bn: fx.Node, terms: list[fx.Node]) -> Found:
     for term in terms:
-        if not _is_linear_op(term):
+        if not is_linear_op(term):
             return Code.NOT_LINEAR_TERM, f"{join.name} reads {term.target}, not a conv or linear op"
         if terms.count(term) > 1:
             return Code.NOT_LINEAR_TERM, f"{join.name} reads {term.name} twice"
@@ -329,18 +326,18 @@ def _check_join(gm: fx.GraphModule, join: fx.Node, bn: fx.Node, terms: list[fx.N
             return found
     if join.target == aten.cat.default:
         dim = int(join.args[1]) if len(join.args) > 1 else int(join.kwargs.get("dim", 0))  # type: ignore[arg-type]
-        rank = len(_shape(join))
+        rank = len(traced_shape(join))
         if dim not in (1, 1 - rank):
             return Code.NOT_PER_CHANNEL, f"{join.name} joins axis {dim}, not the channels"
     channels = [_out_channels(gm, t) for t in terms]
     if join.target == aten.add.Tensor and len(set(channels)) != 1:
         return Code.BAD_SHAPE, f"{join.name} sums ops of {channels} channels"
     total = sum(channels) if join.target == aten.cat.default else channels[0]
-    return _check_bn_node(bn) or _check_stats(gm, bn, total)
+    return check_bn_node(bn) or check_stats(gm, bn, total)
 
 
 def _out_channels(gm: fx.GraphModule, lin: fx.Node) -> int:
-    return layout_of(lin).out_channels(tuple(_fetch(gm, lin.args[1]).shape))
+    return layout_of(lin).out_channels(tuple(fetch(gm, lin.args[1]).shape))
 
 
 def _prefer_before(after: Refusal, before: Site | Refusal | None) -> Site | Refusal:
@@ -351,7 +348,7 @@ def _prefer_before(after: Refusal, before: Site | Refusal | None) -> Site | Refu
 
 def _match_before(gm: fx.GraphModule, bn: fx.Node) -> Site | Refusal | None:
     """``linear(bn(x))`` or ``linear(flatten(bn(x)))``; None if no linear op alone reads the BN."""
-    out = _bn_output(bn)
+    out = bn_output(bn)
     if out is None or len(out.users) != 1:
         return None
     (reader,) = out.users
@@ -360,10 +357,10 @@ def _match_before(gm: fx.GraphModule, bn: fx.Node) -> Site | Refusal | None:
         source, between, reader = reader, _RESHAPE_OPS[reader.target], next(iter(reader.users))
     elif (_copies_values(reader) or is_eval_dropout(reader)) and len(reader.users) == 1:
         source, reader = reader, next(iter(reader.users))
-    if not _is_linear_op(reader) or reader.args[0] is not source or source in reader.args[1:]:
+    if not is_linear_op(reader) or reader.args[0] is not source or source in reader.args[1:]:
         return None
-    bn_name = _owner(bn.args[1:5]) or bn.name
-    lin_name = _owner(reader.args[1:3]) or reader.name
+    bn_name = owner_path(bn.args[1:5]) or bn.name
+    lin_name = owner_path(reader.args[1:3]) or reader.name
     site = Site(reader.name, bn.name, lin_name, bn_name, before=True, between=between)
     if found := _check_before(gm, reader, bn, out, site):
         return Refusal(site.site, *found)
@@ -379,16 +376,6 @@ def _copies_values(pad: fx.Node) -> bool:
     return pad.target == aten.pad.default and mode in ("reflect", "replicate", "circular")
 
 
-def _bn_output(bn: fx.Node) -> fx.Node | None:
-    """The node carrying the BN's normalized output (item 0 of the no-training op)."""
-    if bn.target == aten.batch_norm.default:
-        return bn
-    items = list(bn.users)
-    if len(items) != 1 or items[0].target is not operator.getitem or items[0].args[1] != 0:
-        return None
-    return items[0]
-
-
 def _check_before(gm: fx.GraphModule, lin: fx.Node, bn: fx.Node, out: fx.Node, site: Site) -> Found:
     params = [a for a in lin.args[1:3] if a is not None]
     if not all(isinstance(p, fx.Node) and p.op == "get_attr" for p in params):
@@ -396,7 +383,7 @@ def _check_before(gm: fx.GraphModule, lin: fx.Node, bn: fx.Node, out: fx.Node, s
     stats = bn.args[1:5]
     if not all(s is None or (isinstance(s, fx.Node) and s.op == "get_attr") for s in stats):
         return Code.NOT_CONSTANT, f"{bn.name} parameters are computed"
-    weight = _fetch(gm, lin.args[1])
+    weight = fetch(gm, lin.args[1])
     if not weight.is_floating_point():
         return Code.UNSUPPORTED_DTYPE, f"weight is {weight.dtype}"
     return _check_before_shapes(gm, lin, bn, out, site) or _check_exact_before(gm, lin, bn)
@@ -405,11 +392,11 @@ def _check_before(gm: fx.GraphModule, lin: fx.Node, bn: fx.Node, out: fx.Node, s
 def _check_before_shapes(
     gm: fx.GraphModule, lin: fx.Node, bn: fx.Node, out: fx.Node, site: Site
 ) -> Found:
-    shape = _shape(out)
+    shape = traced_shape(out)
     # Directly (or through a reflect pad, which keeps channels) the op reads the BN's
     # output as is; through a reshape, compare with what the op reads.
-    lin_in = _shape(_arg_node(lin.args[0])) if site.between else shape
-    weight_shape = tuple(_fetch(gm, lin.args[1]).shape)
+    lin_in = traced_shape(arg_node(lin.args[0])) if site.between else shape
+    weight_shape = tuple(fetch(gm, lin.args[1]).shape)
     if len(shape) < 2:
         return Code.NOT_PER_CHANNEL, f"{bn.name} output shape {shape} has no channel axis"
     if len(lin_in) != len(weight_shape):
@@ -421,13 +408,13 @@ def _check_before_shapes(
     if layouts.channel_block(shape, lin_in) is None:
         detail = f"{site.between} maps {shape} to {lin_in}: a channel would span BN channels"
         return Code.NOT_PER_CHANNEL, detail
-    return _check_stats(gm, bn, shape[1])
+    return check_stats(gm, bn, shape[1])
 
 
 def _check_exact_before(gm: fx.GraphModule, lin: fx.Node, bn: fx.Node) -> Found:
     """The shift reaches the bias through every tap; zeros padded in never see it."""
     try:
-        shift = _bn_affine(gm, bn).shift
+        shift = bn_affine(gm, bn).shift
     except Unfoldable:
         return None  # apply_site reports it as BAD_VALUES
     if not np.any(shift != 0):
@@ -448,33 +435,21 @@ def _zero_padded(conv: fx.Node) -> bool:
     return any(int(p) != 0 for p in values)  # type: ignore[arg-type]
 
 
-def _arg_node(a: Any) -> fx.Node:
-    assert isinstance(a, fx.Node)
-    return a
-
-
-def _is_linear_op(n: fx.Node) -> bool:
-    return n.op == "call_function" and n.target in _CONV_OPS
-
-
 def _why_not_linear(bn_name: str, x: fx.Node) -> Refusal:
     chain: list[str] = []
     node = x
     while node.op == "call_function" and len(chain) < 16:
-        if _is_linear_op(node):
-            lin = _owner(node.args[1:3]) or node.name
+        if is_linear_op(node):
+            lin = owner_path(node.args[1:3]) or node.name
             code = Code.NONLINEAR_INPUT if any(map(is_nonlinear, chain)) else Code.OP_BETWEEN
             return Refusal(f"{lin} -> {bn_name}", code, f"{' -> '.join(reversed(chain))} between")
         inputs = [a for a in node.all_input_nodes if a.op != "get_attr"]
-        if len(inputs) != 1 or node.target in _BN_OPS:
+        if len(inputs) != 1 or node.target in BN_OPS:
             break
         chain.append(str(node.target))
         node = inputs[0]
     code = Code.NONLINEAR_INPUT if is_nonlinear(str(x.target)) else Code.STANDALONE
     return Refusal(bn_name, code, f"{bn_name} is fed by {x.target}")
-
-
-Found = tuple[Code, str] | None
 
 
 def _check_linear(gm: fx.GraphModule, lin: fx.Node, reader: fx.Node, merge: bool) -> Found:
@@ -486,12 +461,13 @@ def _check_linear(gm: fx.GraphModule, lin: fx.Node, reader: fx.Node, merge: bool
     readers = [u for u in lin.users if u is not reader and lin not in metadata_only_inputs(u)]
     if readers:
         return Code.BRANCHING, f"{lin.name} output also read by {[u.name for u in readers]}"
-    if reader.target not in _BN_OPS and len(reader.users) != 1:
-        return Code.BRANCHING, f"{reader.name} output also read by {len(reader.users) - 1} more"
+    values_read = pools.value_readers(reader)  # a max pool's indices are not its values
+    if reader.target not in BN_OPS and len(values_read) != 1:
+        return Code.BRANCHING, f"{reader.name} output also read by {len(values_read) - 1} more"
     params = [a for a in lin.args[1:3] if a is not None]
     if not all(isinstance(p, fx.Node) and p.op == "get_attr" for p in params):
         return Code.NOT_CONSTANT, f"{lin.name} weight or bias is computed"
-    weight = _fetch(gm, lin.args[1])
+    weight = fetch(gm, lin.args[1])
     if not weight.is_floating_point():
         return Code.UNSUPPORTED_DTYPE, f"weight is {weight.dtype}"
     out = lin.meta.get("val")
@@ -503,14 +479,14 @@ def _check_linear(gm: fx.GraphModule, lin: fx.Node, reader: fx.Node, merge: bool
 
 def _check_bn(gm: fx.GraphModule, lin: fx.Node, bn: fx.Node, reader: fx.Node, merge: bool) -> Found:
     """The BN: only its normalized output read, constant statistics of its channel count."""
-    if found := _check_bn_node(bn):
+    if found := check_bn_node(bn):
         return found
-    if reader is bn or reader.target in _AVERAGE_POOLS:  # a pool keeps every channel
-        channels = layout_of(lin).out_channels(tuple(_fetch(gm, lin.args[1]).shape))
+    if reader is bn or pools.is_pool(reader):  # a pool keeps every channel
+        channels = layout_of(lin).out_channels(tuple(fetch(gm, lin.args[1]).shape))
         if reader is not bn and (found := _check_pool(gm, reader, bn)):
             return found
     elif merge:
-        bn_in, lin_out = _shape(reader), _shape(lin)
+        bn_in, lin_out = traced_shape(reader), traced_shape(lin)
         if not layouts.merges_leading_axes(bn_in, lin_out):
             detail = (
                 f"{reader.name} maps {lin_out} to {bn_in}: the BN's {bn_in[1]} channels "
@@ -519,47 +495,12 @@ def _check_bn(gm: fx.GraphModule, lin: fx.Node, bn: fx.Node, reader: fx.Node, me
             return Code.MERGE_MOVES_CHANNEL, detail
         channels = bn_in[1]
     else:
-        bn_in, lin_out = _shape(reader), _shape(lin)
+        bn_in, lin_out = traced_shape(reader), traced_shape(lin)
         if layouts.channel_block(bn_in, lin_out) is None:
             detail = f"{reader.name} maps {lin_out} to {bn_in}: a channel would span BN channels"
             return Code.NOT_PER_CHANNEL, detail
         channels = bn_in[1]
-    return _check_stats(gm, bn, channels)
-
-
-def _check_bn_node(bn: fx.Node) -> Found:
-    """Only the BN's normalized output is read, and its statistics are attributes."""
-    if bn.target != aten.batch_norm.default and any(
-        u.target is not operator.getitem or u.args[1] != 0 for u in bn.users
-    ):
-        return Code.BRANCHING, f"{bn.name} mean/invstd outputs are read"
-    stats = bn.args[1:5]
-    if not all(s is None or (isinstance(s, fx.Node) and s.op == "get_attr") for s in stats):
-        return Code.NOT_CONSTANT, f"{bn.name} parameters are computed"
-    return None
-
-
-def _check_stats(gm: fx.GraphModule, bn: fx.Node, channels: int) -> Found:
-    for s in bn.args[1:5]:
-        if s is not None and tuple(_fetch(gm, s).shape) != (channels,):
-            return Code.BAD_SHAPE, f"{s} has shape {tuple(_fetch(gm, s).shape)}, want ({channels},)"
-    return None
-
-
-def _shape(node: fx.Node) -> tuple[int, ...]:
-    """The traced shape of a node's value (() if unknown)."""
-    return tuple(getattr(node.meta.get("val"), "shape", ()))
-
-
-def layout_of(lin: fx.Node) -> layouts.WeightLayout:
-    """Weight layout of a linear aten node (its groups read from the args)."""
-    kind, groups_at = _CONV_OPS[lin.target]
-    if kind == "convolution":
-        kind = "conv_transpose" if lin.args[6] else "conv"
-    groups = int(lin.args[groups_at]) if 0 <= groups_at < len(lin.args) else 1  # type: ignore[arg-type]
-    if kind == "conv_transpose":
-        return layouts.conv_transpose(groups)
-    return layouts.conv(groups) if kind == "conv" else layouts.linear()
+    return check_stats(gm, bn, channels)
 
 
 def apply_site(gm: fx.GraphModule, site: AnySite, rounding: Rounding = Rounding.NEAREST) -> int:
@@ -577,9 +518,11 @@ def apply_site(gm: fx.GraphModule, site: AnySite, rounding: Rounding = Rounding.
     Raises:
         Unfoldable: bad statistics or overflow.  LayoutError: bad groups.
     """
+    if isinstance(site, MergeSite):
+        return apply_merge(gm, site, rounding)
     nodes = {n.name: n for n in gm.graph.nodes}
     bn = nodes[site.bn_node]
-    affine = _bn_affine(gm, bn)
+    affine = bn_affine(gm, bn)
     if isinstance(site, JoinSite):
         lins = [nodes[n] for n in site.linear_nodes]
         parts = _join_parts(gm, site, lins, affine)
@@ -594,9 +537,9 @@ def apply_site(gm: fx.GraphModule, site: AnySite, rounding: Rounding = Rounding.
         paths = (site.linear,)
     added = 0  # every value is computed above, before anything changes
     for lin, (new_w, new_b), path in zip(lins, folds, paths, strict=True):
-        added += _replace_arg(gm, lin, 1, new_w, f"{path}.weight")
-        added += _replace_arg(gm, lin, 2, new_b, f"{path}.bias")
-    _remove_bn(gm, bn, _arg_node(bn.args[0]))  # the linear op, a reshape or pool of it, the join
+        added += replace_arg(gm, lin, 1, new_w, f"{path}.weight")
+        added += replace_arg(gm, lin, 2, new_b, f"{path}.bias")
+    remove_bn(gm, bn, arg_node(bn.args[0]))  # the linear op, a reshape or pool of it, the join
     gm.recompile()
     return added
 
@@ -613,9 +556,9 @@ def _folded_params(
     gm: fx.GraphModule, lin: fx.Node, affine: Affine, before: bool, rounding: Rounding
 ) -> tuple[nn.Parameter, nn.Parameter]:
     """New weight and bias of ``lin`` with ``affine`` folded after (or before) it."""
-    weight = _fetch(gm, lin.args[1])
+    weight = fetch(gm, lin.args[1])
     bias_node = lin.args[2] if len(lin.args) > 2 else None
-    bias = None if bias_node is None else _fetch(gm, bias_node)
+    bias = None if bias_node is None else fetch(gm, bias_node)
     b = None if bias is None else to_float64(bias)
     layout = layout_of(lin)
     if before:
@@ -627,122 +570,6 @@ def _folded_params(
     return as_parameter(w64, weight, balanced_over(layout, rounding)), as_parameter(
         b64, weight if bias is None else bias
     )
-
-
-def _bn_affine(gm: fx.GraphModule, bn: fx.Node) -> Affine:
-    """The affine of a batch_norm node, from its get_attr statistics, in float64."""
-    gamma, beta = (_f64(gm, a) for a in bn.args[1:3])
-    mean, var = (to_float64(_fetch(gm, a)) for a in bn.args[3:5])
-    eps = float(bn.args[7] if bn.target == aten.batch_norm.default else bn.args[6])  # type: ignore[arg-type]
-    c = mean.shape[0]
-    return bn_to_affine(
-        np.ones(c) if gamma is None else gamma,
-        np.zeros(c) if beta is None else beta,
-        mean,
-        var,
-        eps,
-    )
-
-
-def _replace_arg(
-    gm: fx.GraphModule, lin: fx.Node, index: int, value: nn.Parameter, name: str
-) -> int:
-    """Give ``lin`` ``value`` as argument ``index``: in place, or as a new attribute.
-
-    Returns the bytes of a clone made because another node reads the old attribute.
-    """
-    old = lin.args[index] if len(lin.args) > index else None
-    if not isinstance(old, fx.Node):  # no bias: create one
-        old_target = None
-    elif not _shared(gm, old):
-        _set_attr(gm, str(old.target), value)
-        return 0
-    else:
-        old_target = str(old.target)
-    node = _new_attr(gm, lin, old_target or name, value)
-    args = list(lin.args) + [None] * (index + 1 - len(lin.args))
-    args[index] = node
-    lin.args = tuple(args)
-    return 0 if old_target is None else value.numel() * value.element_size()
-
-
-def _shared(gm: fx.GraphModule, attr: fx.Node) -> bool:
-    """Read by another node, directly or through another get_attr of the same target."""
-    return len(attr.users) != 1 or _attr_readers(gm, str(attr.target)) != 1
-
-
-def _remove_bn(gm: fx.GraphModule, bn: fx.Node, value: fx.Node) -> None:
-    """Let the BN's readers read ``value`` instead; drop the BN and its unread statistics."""
-    if bn.target == aten.batch_norm.default:
-        bn.replace_all_uses_with(value)
-    else:  # returns (out, mean, invstd): only item 0 may be read
-        for user in list(bn.users):
-            user.replace_all_uses_with(value)
-            gm.graph.erase_node(user)
-    stats = [a for a in bn.args[1:5] if isinstance(a, fx.Node)]
-    gm.graph.erase_node(bn)
-    prefix = _owner(stats)
-    for n in list(gm.graph.nodes):
-        target = str(n.target)
-        if n.op == "get_attr" and not n.users and prefix and target.startswith(prefix + "."):
-            alone = _attr_readers(gm, target) == 1
-            gm.graph.erase_node(n)
-            if alone:
-                _del_attr(gm, target)
-
-
-def _new_attr(gm: fx.GraphModule, before: fx.Node, name: str, value: nn.Parameter) -> fx.Node:
-    while _has_attr(gm, name):
-        name += "_folded"
-    _set_attr(gm, name, value)
-    with gm.graph.inserting_before(before):
-        return gm.graph.get_attr(name)
-
-
-def _owner(args: Any) -> str | None:
-    """Module path shared by the get_attr args ("layer1.bn1.weight" -> "layer1.bn1")."""
-    for a in args:
-        if isinstance(a, fx.Node) and a.op == "get_attr":
-            return str(a.target).rpartition(".")[0] or str(a.target)
-    return None
-
-
-def _attr_readers(gm: fx.GraphModule, target: str) -> int:
-    return sum(1 for n in gm.graph.nodes if n.op == "get_attr" and n.target == target)
-
-
-def _fetch(gm: fx.GraphModule, node: Any) -> torch.Tensor:
-    return _get(gm, str(node.target))
-
-
-def _f64(gm: fx.GraphModule, node: Any) -> np.ndarray | None:
-    return None if node is None else to_float64(_fetch(gm, node))
-
-
-def _get(gm: nn.Module, target: str) -> torch.Tensor:
-    parent, _, name = target.rpartition(".")
-    return getattr(gm.get_submodule(parent), name)
-
-
-def _has_attr(gm: nn.Module, target: str) -> bool:
-    parent, _, name = target.rpartition(".")
-    try:
-        return hasattr(gm.get_submodule(parent), name)
-    except AttributeError:
-        return False
-
-
-def _set_attr(gm: nn.Module, target: str, value: nn.Parameter) -> None:
-    parent, _, name = target.rpartition(".")
-    owner = gm.get_submodule(parent)
-    if name in owner._buffers:
-        del owner._buffers[name]
-    setattr(owner, name, value)
-
-
-def _del_attr(gm: nn.Module, target: str) -> None:
-    parent, _, name = target.rpartition(".")
-    delattr(gm.get_submodule(parent), name)
 
 
 def fold_graph_module(
@@ -781,18 +608,7 @@ def fold_graph_module(
             if lower is not None:  # the rollback refolded fresh copies: lower those again
                 lower_left(gm, report, lower)
                 verification = check(gm)
-        report.folded = [
-            Folded(
-                s.site,
-                _pattern(original, s),
-                s.linear,
-                s.bn,
-                "exported_program",
-                bytes_added=n,
-                kind=s.kind,
-            )
-            for s, n in added.items()
-        ]
+        report.folded = [entry for s, n in added.items() for entry in _entries(original, s, n)]
         report.ops_after = _op_counts(gm)
         found, training = graph_batchnorms(original)
         report.batchnorm = batchnorm_count(
@@ -819,10 +635,10 @@ def lower_left(gm: fx.GraphModule, report: FoldReport, form: LowerForm) -> None:
     attributes), UNKNOWN_RANK (no traced shape), BAD_VALUES.
     The BN's refusal moves from ``report.refused`` to ``report.lowered``.
     """
-    for bn in [n for n in gm.graph.nodes if n.op == "call_function" and n.target in _BN_OPS]:
-        if _uses_batch_stats(bn):
+    for bn in [n for n in gm.graph.nodes if n.op == "call_function" and n.target in BN_OPS]:
+        if uses_batch_stats(bn):
             continue
-        owner = _owner(bn.args[1:5]) or bn.name
+        owner = owner_path(bn.args[1:5]) or bn.name
         refusal = refusal_naming(owner, report.refused) or Refusal(
             owner, Code.UNTRACEABLE, "no finder reported this BatchNorm"
         )
@@ -834,10 +650,6 @@ def lower_left(gm: fx.GraphModule, report: FoldReport, form: LowerForm) -> None:
         else:
             report.lowered.append(outcome)
     gm.recompile()
-
-
-def _uses_batch_stats(bn: fx.Node) -> bool:
-    return bool(bn.target == aten.batch_norm.default and bn.args[5])
 
 
 def _lower_one(
@@ -852,19 +664,19 @@ def _lower_one(
         return refusal.not_lowered(Code.UNKNOWN_RANK, "the BatchNorm carries no traced shape")
     rank = traced.dim()
     conv = _CONV_OF_RANK.get(rank) if form is LowerForm.CONV else None
-    like = torch.empty(0, dtype=traced.dtype, device=_fetch(gm, stats[0]).device)
+    like = torch.empty(0, dtype=traced.dtype, device=fetch(gm, stats[0]).device)
     try:
-        affine = _bn_affine(gm, bn)
+        affine = bn_affine(gm, bn)
         channels = affine.scale.shape[0]
         s_shape = (channels, 1) + (1,) * (rank - 2) if conv else (channels,) + (1,) * (rank - 2)
         scale = as_parameter(affine.scale.reshape(s_shape), like)
         shift = as_parameter(affine.shift.reshape((channels,) if conv else s_shape), like)
     except Unfoldable as err:
         return refusal.not_lowered(Code.BAD_VALUES, str(err))
-    owner = _owner(stats) or bn.name
-    s = _new_attr(gm, bn, f"{owner}.lowered_scale", scale)
-    t = _new_attr(gm, bn, f"{owner}.lowered_shift", shift)
-    x = _arg_node(bn.args[0])
+    owner = owner_path(stats) or bn.name
+    s = new_attr(gm, bn, f"{owner}.lowered_scale", scale)
+    t = new_attr(gm, bn, f"{owner}.lowered_shift", shift)
+    x = arg_node(bn.args[0])
     with gm.graph.inserting_before(bn):
         if conv is not None:
             ones, zeros = [1] * (rank - 2), [0] * (rank - 2)
@@ -872,7 +684,7 @@ def _lower_one(
         else:
             product = gm.graph.call_function(aten.mul.Tensor, (x, s))
             out = gm.graph.call_function(aten.add.Tensor, (product, t))
-    _remove_bn(gm, bn, out)
+    remove_bn(gm, bn, out)
     used = LowerForm.CONV if conv is not None else LowerForm.MUL_ADD
     note = "" if used is form else f"rank-{rank} input has no spatial axis for a conv: mul-add"
     return Lowered(owner, used, refusal.code, refusal.detail, note)
@@ -880,9 +692,9 @@ def _lower_one(
 
 def graph_batchnorms(gm: fx.GraphModule) -> tuple[list[str], int]:
     """(module path of each inference batch_norm node, number of training-mode ones)."""
-    bns = [n for n in gm.graph.nodes if n.op == "call_function" and n.target in _BN_OPS]
+    bns = [n for n in gm.graph.nodes if n.op == "call_function" and n.target in BN_OPS]
     inference = [
-        _owner(n.args[1:5]) or n.name
+        owner_path(n.args[1:5]) or n.name
         for n in bns
         if not (n.target == aten.batch_norm.default and n.args[5])
     ]
@@ -902,7 +714,7 @@ def _fold_to_fixpoint(
         tried.update(fresh)
         done = _apply_checked(gm, fresh, failed, rounding)
         added.update(done)
-        if not done or not refused:  # only a refused BN can become a site
+        if not done:  # a refused BN, or an add whose branch BNs folded, may be a site now
             break
     report.refused += refused + failed.refused
     return added
@@ -920,9 +732,9 @@ def _apply_checked(
         try:
             kept[s] = apply_site(gm, s, rounding)
         except Unfoldable as e:
-            report.refused.append(Refusal(s.site, Code.BAD_VALUES, str(e)))
+            report.refused += _refusals(s, Code.BAD_VALUES, str(e))
         except LayoutError as e:
-            report.refused.append(Refusal(s.site, Code.BAD_GROUPS, str(e)))
+            report.refused += _refusals(s, Code.BAD_GROUPS, str(e))
     return kept
 
 
@@ -942,17 +754,34 @@ def _rollback(
 ) -> tuple[fx.GraphModule, VerifyResult, dict[AnySite, int]]:
     kept: list[AnySite] = []
     for s in sites:
-        trial = check(_folded(make, [*kept, s], rounding)[0])
+        try:
+            trial = check(_folded(make, [*kept, s], rounding)[0])
+        except Unfoldable as e:  # a merge whose branch folds were rolled back
+            report.refused += _refusals(s, Code.VERIFICATION_FAILED, str(e))
+            continue
         if trial.passed:
             kept.append(s)
         else:
             detail = checking.describe_failure(trial)
-            report.refused.append(Refusal(s.site, Code.VERIFICATION_FAILED, detail))
+            report.refused += _refusals(s, Code.VERIFICATION_FAILED, detail)
     gm, added = _folded(make, kept, rounding)
     return gm, check(gm), added
 
 
-def _pattern(gm: fx.GraphModule, s: AnySite) -> str:
+def _refusals(s: AnySite, code: Code, detail: str) -> list[Refusal]:
+    """A site not folded: one refusal, or for a merge one per BN it would remove."""
+    return s.refusals(code, detail) if isinstance(s, MergeSite) else [Refusal(s.site, code, detail)]
+
+
+def _entries(gm: fx.GraphModule, s: AnySite, bytes_added: int) -> list[Folded]:
+    """The report's entries for one applied site (a merge makes several)."""
+    if isinstance(s, MergeSite):
+        return s.entries(bytes_added)
+    pattern = _pattern(gm, s)
+    return [Folded(s.site, pattern, s.linear, s.bn, "exported_program", bytes_added, s.kind)]
+
+
+def _pattern(gm: fx.GraphModule, s: Site | JoinSite) -> str:
     """ "conv2d+batch_norm", "linear+view+batch_norm"; before: "batch_norm+flatten+linear";
     a join: "conv2d+conv2d+add+batch_norm"."""
     if isinstance(s, JoinSite):

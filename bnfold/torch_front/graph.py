@@ -60,7 +60,7 @@ from bnfold.torch_front.modules import (
     identity_tap_misfit,
     is_plain_conv,
 )
-from bnfold.torch_front.pools import Pool, pool_of_call, pool_of_module
+from bnfold.torch_front.pool_rules import Pool, pool_of_call, pool_of_module
 
 log = logging.getLogger(__name__)
 
@@ -108,7 +108,7 @@ class Pair:
     Either directly or through ``between``: a flatten/view/reshape/(un)squeeze,
     named for the report; whether channels survive it is checked on shapes.
     After, ``between`` may also be a pool (``pool`` says which; the fold passes
-    through it, see :mod:`bnfold.torch_front.pools`).
+    through it, see :mod:`bnfold.torch_front.pool_rules`).
     ``after_refusal`` says why the BN could not fold after (before pairs only).
     ``kind`` is set once the pair is checked on shapes (a batch-merging reshape).
     """

@@ -40,6 +40,7 @@ import numpy as np
 import onnx_ir as ir
 
 from bnfold.affine import Affine, Unfoldable, balanced_over, centred_kernel, identity_kernel
+from bnfold.conv_geometry import off_centre_axis
 from bnfold.layouts import LayoutError
 from bnfold.onnx_front.constants import is_constant, reads_data
 from bnfold.onnx_front.folded import DeferredWeight, ExactBias
@@ -384,25 +385,13 @@ def _require_centred(conv: LinearOp, survivor: LinearOp) -> None:
     """Padding ``conv``'s kernel to the survivor's must grow its pads to the survivor's."""
     dilations = _ints(survivor.node, "dilations", 1, len(survivor.weight_shape) - 2)
     pads, target = _pads(conv), _pads(survivor)
-    rank = len(dilations)
-    for axis, (small, large) in enumerate(
-        zip(conv.weight_shape[2:], survivor.weight_shape[2:], strict=True)
-    ):
-        grow = (large - small) // 2 * dilations[axis]
-        centred = (
-            small <= large
-            and (large - small) % 2 == 0
-            and all(
-                pads[axis + side * rank] + grow == target[axis + side * rank] for side in (0, 1)
-            )
+    small, large = conv.weight_shape[2:], survivor.weight_shape[2:]
+    if off_centre_axis(small, pads, large, target, dilations) is not None:
+        raise Refused(
+            Code.UNCENTRED_TAP,
+            f"{label(conv.node)} (kernel {small}, pads {pads}) does not sit "
+            f"centred in {label(survivor.node)} (kernel {large}, pads {target})",
         )
-        if not centred:
-            raise Refused(
-                Code.UNCENTRED_TAP,
-                f"{label(conv.node)} (kernel {conv.weight_shape[2:]}, pads {pads}) does not sit "
-                f"centred in {label(survivor.node)} (kernel {survivor.weight_shape[2:]}, "
-                f"pads {target})",
-            )
 
 
 def _require_identity_fits(survivor: LinearOp) -> None:
@@ -424,15 +413,15 @@ def _require_identity_fits(survivor: LinearOp) -> None:
 def _require_centred_pads(survivor: LinearOp) -> None:
     rank = len(survivor.weight_shape) - 2
     dilations = _ints(survivor.node, "dilations", 1, rank)
-    target = _pads(survivor)
-    for axis, large in enumerate(survivor.weight_shape[2:]):
-        grow = (large - 1) // 2 * dilations[axis]
-        if target[axis] != grow or target[axis + rank] != grow:
-            raise Refused(
-                Code.UNCENTRED_TAP,
-                f"an identity tap needs pads {grow} on axis {axis}; "
-                f"{label(survivor.node)} has pads {target}",
-            )
+    target, kernel = _pads(survivor), survivor.weight_shape[2:]
+    axis = off_centre_axis((1,) * rank, (0,) * 2 * rank, kernel, target, dilations)
+    if axis is not None:
+        grow = (kernel[axis] - 1) // 2 * dilations[axis]
+        raise Refused(
+            Code.UNCENTRED_TAP,
+            f"an identity tap needs pads {grow} on axis {axis}; "
+            f"{label(survivor.node)} has pads {target}",
+        )
 
 
 def _entries(tree: SumTree, survivor: LinearOp, bn_after: ir.Node | None) -> list[Folded]:
