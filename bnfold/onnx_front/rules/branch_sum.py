@@ -528,12 +528,15 @@ def _defers_to_reader(top: ir.Node, ir_version: int) -> bool:
 
 
 def _top_of(bn: ir.Node, ir_version: int) -> ir.Node | None:
-    """The top Add or Sub of the tree the BN's one reader belongs to, or None."""
-    out = bn.outputs[0]
-    uses = list(out.uses())
-    if len(uses) != 1 or not _is_tree_op(uses[0].node, ir_version):
+    """The top Add or Sub of the tree a reader of the BN belongs to, or None.
+
+    A BN with other readers too is still that tree's term: the tree then
+    refuses it as BRANCHING, which says more than "standalone".
+    """
+    tree_readers = [u.node for u in bn.outputs[0].uses() if _is_tree_op(u.node, ir_version)]
+    if not tree_readers:
         return None
-    node = uses[0].node
+    node = tree_readers[0]
     top = node if _is_sum(node, ir_version) else _parent_top(node, ir_version)
     seen = set()
     while top is not None and (parent := _parent_top(top, ir_version)) is not None:
