@@ -319,6 +319,9 @@ def linear_tree(combine: str, scale_shape: tuple[int, ...] = (4, 1, 1)) -> onnx.
         # x + 0.5 * (conv_k(x) - BN(x)) + conv_1(x): a scalar, the constant first
         "scalar_layer_scale": [("Sub", "k", "i", "d"), ("Mul", "half", "d", "m"),
                                ("Add", "input", "m", "t"), ("Add", "t", "one", "output")],
+        # x + g * (conv_k(x) + conv_1(x)): no BN, so a plain residual around a conv sum
+        "residual_of_scaled_convs": [("Add", "k", "one", "s"), ("Mul", "s", "g", "m"),
+                                     ("Add", "input", "m", "output")],
         # x + g * (conv_k(x) - BN(x)): RepMixer's shape, with any g
         "layer_scale": [("Sub", "k", "i", "d"), ("Mul", "d", "g", "m"),
                         ("Add", "input", "m", "output")],
@@ -357,6 +360,12 @@ def test_scale_not_per_channel_stays_and_the_sub_below_it_merges(
     [merge] = [f for f in result.report.folded if f.kind is FoldKind.REPARAM]
     assert merge.site == "conv_k - bn -> sub_d"
     assert sorted(op_types(to_proto(result.model))) == ["Add", "Conv", "Mul"]
+
+
+def test_plain_residual_over_a_scaled_conv_sum_keeps_its_add_and_merges_the_sum() -> None:
+    result = fold_and_check(linear_tree("residual_of_scaled_convs"))
+    assert [f.kind for f in result.report.folded] == [FoldKind.REPARAM, FoldKind.ADJACENT]
+    assert sorted(op_types(to_proto(result.model))) == ["Add", "Conv"]
 
 
 def test_layer_scale_of_the_wrong_channel_count_is_refused() -> None:

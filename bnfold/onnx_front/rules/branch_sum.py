@@ -522,9 +522,20 @@ def _defers_to_reader(top: ir.Node, ir_version: int) -> bool:
     """``top`` is an inner node of a larger tree, which merges it."""
     parent = _parent_top(top, ir_version)
     try:
-        return parent is not None and sum_tree(parent, ir_version, pending=True) is not None
+        tree = None if parent is None else sum_tree(parent, ir_version, pending=True)
     except Refused:  # the larger tree does not merge: this one may
         return False
+    return tree is not None and not _is_plain_residual(tree)
+
+
+def _is_plain_residual(tree: SumTree) -> bool:
+    """A bare source and no BN of it in or after the tree: merging would remove no BN, so
+    the tree is left as built (``x + layer_scale * (conv_a(x) + conv_b(x))``: the
+    sum below still merges on its own)."""
+    if not tree.bare or any(bn.inputs[0] is tree.source for bn in tree.identities):
+        return False
+    uses = list(tree.top.outputs[0].uses())
+    return not (len(uses) == 1 and uses[0].node.op_type == "BatchNormalization")
 
 
 def _top_of(bn: ir.Node, ir_version: int) -> ir.Node | None:
