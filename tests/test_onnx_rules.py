@@ -362,6 +362,26 @@ def test_scale_not_per_channel_stays_and_the_sub_below_it_merges(
     assert sorted(op_types(to_proto(result.model))) == ["Add", "Conv", "Mul"]
 
 
+def test_bn_after_a_difference_of_convs_folds_into_the_merge() -> None:
+    nodes = [
+        helper.make_node("Conv", ["input", "wa"], ["a"], name="conv_a", pads=[1, 1, 1, 1]),
+        helper.make_node("Conv", ["input", "wb"], ["b"], name="conv_b"),
+        helper.make_node("Sub", ["a", "b"], ["s"], name="sub"),
+        bn_node("bn", "s", "output"),
+    ]
+    inits = [
+        init("wa", RNG.normal(size=(4, 4, 3, 3)).astype(np.float32)),
+        init("wb", RNG.normal(size=(4, 4, 1, 1)).astype(np.float32)),
+        *bn_params("bn", 4),
+    ]
+    result = fold_and_check(model(nodes, inits, [("input", [1, 4, 5, 5])], ["output"]))
+    assert [(f.site, f.kind) for f in result.report.folded] == [
+        ("conv_a -> sub -> bn", FoldKind.ADJACENT),
+        ("conv_a - conv_b -> sub", FoldKind.REPARAM),
+    ]
+    assert op_types(to_proto(result.model)) == ["Conv"]
+
+
 def test_plain_residual_over_a_scaled_conv_sum_keeps_its_add_and_merges_the_sum() -> None:
     result = fold_and_check(linear_tree("residual_of_scaled_convs"))
     assert [f.kind for f in result.report.folded] == [FoldKind.REPARAM, FoldKind.ADJACENT]
