@@ -446,6 +446,43 @@ def mobileone_dw_block(b: Builder) -> onnx.ModelProto:
     return finish(b)
 
 
+def rep_mixer(b: Builder, x: str, c: int, scale: str) -> tuple[str, str]:
+    """FastViT's train-time RepMixer: ``x + scale * (mixer(x) - norm(x))``.
+
+    ``mixer`` is a MobileOne depthwise block (BN(dw 3x3) + BN(dw 1x1) + BN(x)), ``norm``
+    an identity-only one (BN(x)). Returns the output and the norm BN's output.
+    """
+    y = conv(b, "conv_kxk", x, c, c, [3, 3], bias=False, pads=[1, 1, 1, 1], group=c)
+    z = conv(b, "conv_small", x, c, c, [1, 1], bias=False, group=c)
+    branches = b.node("Add", [batchnorm(b, "bn_kxk", y, c), batchnorm(b, "bn_small", z, c)],
+                      "add_branches")  # fmt: skip
+    mixer = b.node("Add", [branches, batchnorm(b, "bn_mixer", x, c)], "add_mixer")
+    norm = batchnorm(b, "bn_norm", x, c)
+    diff = b.node("Sub", [mixer, norm], "sub_norm")
+    scaled = b.node("Mul", [diff, scale], "layer_scale")
+    return b.node("Add", [x, scaled], "add_residual", out="output"), norm
+
+
+def layer_scale(b: Builder, c: int) -> str:
+    # Random, not timm's 1e-5 init: a wrong coefficient must show in the outputs.
+    return b.const("layer_scale.gamma", b.rng.uniform(0.5, 1.5, size=(c, 1, 1)))
+
+
+def repmixer_block(b: Builder) -> onnx.ModelProto:
+    b.output(rep_mixer(b, b.input("input", [1, 4, 8, 8]), 4, layer_scale(b, 4))[0])
+    return finish(b)
+
+
+def mobileone_1x1_block(b: Builder) -> onnx.ModelProto:
+    """MobileOne's kernel-1 block as exported: ``(BN(x) + 0) + BN(Conv 1x1(x))``."""
+    x = b.input("input", [1, 4, 8, 8])
+    zero = b.node("Add", [batchnorm(b, "bn_identity", x, 4), b.const("zero", np.array(0.0))],
+                  "add_zero")  # fmt: skip
+    y = batchnorm(b, "bn_conv", conv(b, "conv_1x1", x, 4, 4, [1, 1], bias=False), 4)
+    b.output(b.node("Add", [zero, y], "add_conv", out="output"))
+    return finish(b)
+
+
 def conv_pool_bn(b: Builder, pool: str, gamma_sign: float = 1.0, **attrs) -> onnx.ModelProto:
     """Conv -> ``pool`` -> BN; ``gamma_sign`` -1 flips the BN scale of channel 0."""
     x = b.input("input", [1, 3, 12, 12])
@@ -590,6 +627,18 @@ def neg_add_branching_bn(b: Builder) -> onnx.ModelProto:
     return finish(b)
 
 
+def neg_repmixer_shared(b: Builder) -> onnx.ModelProto:
+    out, norm = rep_mixer(b, b.input("input", [1, 4, 8, 8]), 4, layer_scale(b, 4))
+    b.output(out)
+    b.output(b.node("Identity", [norm], "tap_norm", out="norm_output"))
+    return finish(b)
+
+
+def neg_repmixer_dynamic_scale(b: Builder) -> onnx.ModelProto:
+    b.output(rep_mixer(b, b.input("input", [1, 4, 8, 8]), 4, b.input("scale", [4, 1, 1]))[0])
+    return finish(b)
+
+
 def neg_branch_groups(b: Builder) -> onnx.ModelProto:
     b.output(rep_block(b, b.input("input", [1, 4, 8, 8]), 4, small_group=2)[0])
     return finish(b)
@@ -726,6 +775,23 @@ SAMPLES: list[Sample] = [
            "RepViT block: BN(BN(depthwise Conv 3x3) + depthwise Conv 1x1 + x)",
            "3: conv_kxk -> bn_kxk, conv_kxk -> add_identity -> bn_out (folded into the "
            "merge), conv_kxk + conv_small + x (`reparam`): one Conv", NONE, repvit_dw_block),
+    Sample("mobileone_1x1_block.onnx",
+           "MobileOne kernel-1 block as exported: (BN(x) + 0) + BN(Conv 1x1(x))",
+           "2: conv_1x1 -> bn_conv, then bn_identity as a tap (`identity_tap`, the constant "
+           "0 to the bias) into conv_1x1 (`reparam`): one Conv", NONE, mobileone_1x1_block),
+    Sample("repmixer_block.onnx",
+           "FastViT RepMixer: x + gamma * (mixer(x) - BN(x)), mixer = BN(dw Conv 3x3) + "
+           "BN(dw Conv 1x1) + BN(x), gamma a [4,1,1] constant",
+           "4: conv_kxk -> bn_kxk, conv_small -> bn_small, bn_mixer and bn_norm as taps "
+           "(gamma and -gamma), everything merged into conv_kxk (`reparam`): one Conv", NONE,
+           repmixer_block),
+    Sample("neg_repmixer_shared.onnx", "as repmixer_block, bn_norm also a graph output",
+           "3: the branch BNs, bn_mixer (the mixer merges on its own, `reparam`)",
+           "bn_norm -> add_residual: `branching`", neg_repmixer_shared),
+    Sample("neg_repmixer_dynamic_scale.onnx",
+           "as repmixer_block, gamma a graph input (a Mul by a value computed at run time)",
+           "4: as repmixer_block, but only mixer(x) - BN(x) merges (`reparam` at sub_norm); "
+           "the Mul and the residual Add stay", NONE, neg_repmixer_dynamic_scale),
     Sample("neg_branch_groups.onnx", "as repvgg_block, but the 1x1 conv has group 2",
            "2 (the branch BNs)", "bn_identity -> add_identity: `branch_mismatch`",
            neg_branch_groups),

@@ -216,6 +216,188 @@ def test_branch_sum_merges_in_fp16_from_float64() -> None:
     np.testing.assert_allclose(new, ref, rtol=0, atol=1e-2 * float(np.abs(ref).max()))
 
 
+# --- linear trees: Sub, Mul by a constant, constants added (FastViT's RepMixer) --------
+
+
+def test_repmixer_block_merges_into_one_conv() -> None:
+    result = fold_sample("repmixer_block.onnx")
+    kinds = [f.kind for f in result.report.folded]
+    assert kinds == [FoldKind.ADJACENT] * 2 + [FoldKind.IDENTITY_TAP] * 2 + [FoldKind.REPARAM]
+    assert result.report.folded[-1].site == (
+        "conv_kxk + conv_small + bn_mixer - bn_norm + x -> add_residual"
+    )
+    assert op_types(to_proto(result.model)) == ["Conv"]
+    assert result.report.refused == []
+
+
+def _bn(inits: dict[str, np.ndarray], name: str) -> tuple[np.ndarray, np.ndarray]:
+    eps = float(np.float32(1e-5))
+    scale = inits[f"{name}.scale"] / np.sqrt(inits[f"{name}.var"] + eps)
+    return scale, inits[f"{name}.bias"] - inits[f"{name}.mean"] * scale
+
+
+def test_repmixer_kernel_is_timms_reparameterisation_rounded_once() -> None:
+    """kernel = gamma * (K_mixer + tap(s_mixer) - tap(s_norm)) + tap(1), bias likewise,
+    each weight the float32 nearest its float64 value."""
+    original = onnx.load(str(SAMPLES / "repmixer_block.onnx"))
+    inits = {
+        t.name: onnx.numpy_helper.to_array(t).astype(np.float64) for t in original.graph.initializer
+    }
+    s_k, t_k = _bn(inits, "bn_kxk")
+    s_1, t_1 = _bn(inits, "bn_small")
+    s_m, t_m = _bn(inits, "bn_mixer")
+    s_n, t_n = _bn(inits, "bn_norm")
+    gamma = inits["layer_scale.gamma"].reshape(4)
+    mixer = inits["conv_kxk.weight"] * s_k[:, None, None, None]
+    mixer[:, :, 1, 1] += inits["conv_small.weight"][:, :, 0, 0] * s_1[:, None]
+    mixer[:, 0, 1, 1] += s_m - s_n
+    kernel = gamma[:, None, None, None] * mixer
+    kernel[:, 0, 1, 1] += 1.0
+    bias = gamma * (t_k + t_1 + t_m - t_n)
+
+    folded = to_proto(bnfold.fold(original).model)
+    [conv] = folded.graph.node
+    weights = {t.name: onnx.numpy_helper.to_array(t) for t in folded.graph.initializer}
+    for got, exact in ((weights[conv.input[1]], kernel), (weights[conv.input[2]], bias)):
+        assert got.dtype == np.float32
+        error = np.abs(got.astype(np.float64) - exact)
+        assert (error <= np.spacing(np.abs(got)) / 2).all()  # nearest: one rounding
+
+
+def test_constant_added_in_a_tree_goes_to_the_bias() -> None:
+    result = fold_sample("mobileone_1x1_block.onnx")
+    kinds = [f.kind for f in result.report.folded]
+    assert kinds == [FoldKind.ADJACENT, FoldKind.IDENTITY_TAP, FoldKind.REPARAM]
+    assert op_types(to_proto(result.model)) == ["Conv"]
+
+
+def test_shared_term_under_a_sub_is_refused_and_the_mixer_merges_alone() -> None:
+    assert_refused_unchanged(
+        "neg_repmixer_shared.onnx", Code.BRANCHING, site="bn_norm -> add_residual"
+    )
+    result = fold_sample("neg_repmixer_shared.onnx")
+    assert [f.kind for f in result.report.folded][-1] is FoldKind.REPARAM
+    ops = op_types(to_proto(result.model))
+    assert sorted(ops) == ["Add", "BatchNormalization", "Conv", "Identity", "Mul", "Sub"]
+
+
+def test_mul_by_a_runtime_value_stays_and_the_sub_below_it_merges() -> None:
+    original = onnx.load(str(SAMPLES / "neg_repmixer_dynamic_scale.onnx"))
+    result = fold_sample("neg_repmixer_dynamic_scale.onnx")
+    [merge] = [f for f in result.report.folded if f.kind is FoldKind.REPARAM]
+    assert merge.site.endswith("-> sub_norm")
+    assert sorted(op_types(to_proto(result.model))) == ["Add", "Conv", "Mul"]
+    assert_same_function(original, to_proto(result.model))
+
+
+def linear_tree(combine: str, scale_shape: tuple[int, ...] = (4, 1, 1)) -> onnx.ModelProto:
+    """input [1, 4, 7, 7] -> conv_k (3x3 pad 1, bias), conv_1 (1x1) and bn of it,
+    combined by ``combine`` with constants ``g`` (of ``scale_shape``), ``c`` and ``half``."""
+    c = 4
+    rng = np.random.default_rng(11)
+    nodes = [
+        helper.make_node("Conv", ["input", "wk", "bk"], ["k"], name="conv_k", pads=[1] * 4),
+        helper.make_node("Conv", ["input", "w1"], ["one"], name="conv_1"),
+        bn_node("bn", "input", "i"),
+    ]
+    inits = [
+        init("wk", rng.normal(size=(c, c, 3, 3)).astype(np.float32)),
+        init("bk", rng.normal(size=c).astype(np.float32)),
+        init("w1", rng.normal(size=(c, c, 1, 1)).astype(np.float32)),
+        init("g", rng.uniform(-1.5, 1.5, size=scale_shape).astype(np.float32)),
+        init("c", rng.normal(size=(c, 1, 1)).astype(np.float32)),
+        init("half", np.array(0.5, dtype=np.float32)),
+        *bn_params("bn", c),
+    ]
+    steps = {
+        # g * (conv_1(x) + BN(x)) - conv_k(x): a Mul over a sum, a Sub negating a conv
+        "scaled_sum_minus_conv": [("Add", "one", "i", "s"), ("Mul", "s", "g", "m"),
+                                  ("Sub", "m", "k", "output")],
+        # (c - conv_k(x)) + BN(x) + conv_1(x): a constant minuend goes to the bias
+        "constant_minus_conv": [("Sub", "c", "k", "d"), ("Add", "d", "i", "e"),
+                                ("Add", "e", "one", "output")],
+        # x + 0.5 * (conv_k(x) - BN(x)) + conv_1(x): a scalar, the constant first
+        "scalar_layer_scale": [("Sub", "k", "i", "d"), ("Mul", "half", "d", "m"),
+                               ("Add", "input", "m", "t"), ("Add", "t", "one", "output")],
+        # x + g * (conv_k(x) + conv_1(x)): no BN, so a plain residual around a conv sum
+        "residual_of_scaled_convs": [("Add", "k", "one", "s"), ("Mul", "s", "g", "m"),
+                                     ("Add", "input", "m", "output")],
+        # x + g * (conv_k(x) - BN(x)): RepMixer's shape, with any g
+        "layer_scale": [("Sub", "k", "i", "d"), ("Mul", "d", "g", "m"),
+                        ("Add", "input", "m", "output")],
+    }[combine]  # fmt: skip
+    for op, a, b, out in steps:
+        nodes.append(helper.make_node(op, [a, b], [out], name=f"{op.lower()}_{out}"))
+    read = {name for node in nodes for name in node.input}
+    nodes = [n for n in nodes if n.output[0] in read | {"output"}]
+    read = {name for node in nodes for name in node.input}
+    inits = [t for t in inits if t.name in read]
+    return model(nodes, inits, [("input", [1, c, 7, 7])], ["output"])
+
+
+@pytest.mark.parametrize(
+    "combine", ["scaled_sum_minus_conv", "constant_minus_conv", "scalar_layer_scale"]
+)
+def test_linear_trees_merge_into_one_conv(combine: str) -> None:
+    result = fold_and_check(linear_tree(combine))
+    kinds = [f.kind for f in result.report.folded]
+    assert kinds == [FoldKind.IDENTITY_TAP, FoldKind.REPARAM]
+    assert op_types(to_proto(result.model)) == ["Conv"]
+
+
+@pytest.mark.parametrize("scale_shape", [(4, 1, 1), (1, 4, 1, 1), (1,), ()])
+def test_per_channel_and_scalar_layer_scales_merge(scale_shape: tuple[int, ...]) -> None:
+    result = fold_and_check(linear_tree("layer_scale", scale_shape))
+    assert op_types(to_proto(result.model)) == ["Conv"]
+
+
+@pytest.mark.parametrize("scale_shape", [(1, 1, 7), (1, 1, 1, 1, 1)])
+def test_scale_not_per_channel_stays_and_the_sub_below_it_merges(
+    scale_shape: tuple[int, ...],
+) -> None:
+    """A Mul over a spatial axis, or one that broadcasts to rank 5, is no tree node."""
+    result = fold_and_check(linear_tree("layer_scale", scale_shape))
+    [merge] = [f for f in result.report.folded if f.kind is FoldKind.REPARAM]
+    assert merge.site == "conv_k - bn -> sub_d"
+    assert sorted(op_types(to_proto(result.model))) == ["Add", "Conv", "Mul"]
+
+
+def test_bn_after_a_difference_of_convs_folds_into_the_merge() -> None:
+    nodes = [
+        helper.make_node("Conv", ["input", "wa"], ["a"], name="conv_a", pads=[1, 1, 1, 1]),
+        helper.make_node("Conv", ["input", "wb"], ["b"], name="conv_b"),
+        helper.make_node("Sub", ["a", "b"], ["s"], name="sub"),
+        bn_node("bn", "s", "output"),
+    ]
+    inits = [
+        init("wa", RNG.normal(size=(4, 4, 3, 3)).astype(np.float32)),
+        init("wb", RNG.normal(size=(4, 4, 1, 1)).astype(np.float32)),
+        *bn_params("bn", 4),
+    ]
+    result = fold_and_check(model(nodes, inits, [("input", [1, 4, 5, 5])], ["output"]))
+    assert [(f.site, f.kind) for f in result.report.folded] == [
+        ("conv_a -> sub -> bn", FoldKind.ADJACENT),
+        ("conv_a - conv_b -> sub", FoldKind.REPARAM),
+    ]
+    assert op_types(to_proto(result.model)) == ["Conv"]
+
+
+def test_plain_residual_over_a_scaled_conv_sum_keeps_its_add_and_merges_the_sum() -> None:
+    result = fold_and_check(linear_tree("residual_of_scaled_convs"))
+    assert [f.kind for f in result.report.folded] == [FoldKind.REPARAM, FoldKind.ADJACENT]
+    assert sorted(op_types(to_proto(result.model))) == ["Add", "Conv"]
+
+
+def test_layer_scale_of_the_wrong_channel_count_is_refused() -> None:
+    # Not a model a runtime runs (a [3] scale on 4 channels): planning alone refuses it.
+    m = linear_tree("layer_scale", (3, 1, 1))
+    result = bnfold.fold(m, verify=False)
+    assert [(r.site, r.code) for r in result.report.refused] == [
+        ("bn -> add_output", Code.BAD_SHAPE)
+    ]
+    assert op_types(to_proto(result.model)) == op_types(m)
+
+
 def conv2d(x: np.ndarray, w: np.ndarray, pad: int, groups: int = 1) -> np.ndarray:
     """Reference stride-1 Conv in float64: x (C, H, W), w (C_out, C/g, k, k)."""
     xp = np.pad(x, [(0, 0), (pad, pad), (pad, pad)])

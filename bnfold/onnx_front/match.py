@@ -79,7 +79,8 @@ def plan(
     Matches (before): Conv | ConvTranspose | Gemm | MatMul(BatchNormalization(x), W, B?),
                       possibly through a Flatten/Reshape into Gemm/MatMul; only
                       tried when the BN cannot fold after.
-    Matches (sum):    Add(Conv(x), ..., BatchNormalization(x)) trees, merged into one
+    Matches (sum):    Add/Sub trees of Conv(x), BatchNormalization(x) and x, also
+                      scaled by constant Muls (FastViT's RepMixer), merged into one
                       Conv (see :mod:`bnfold.onnx_front.rules.branch_sum`).
     Matches (join):   BatchNormalization(Add | Concat(axis=1) of Conv/ConvTranspose/Gemm)
                       (see :mod:`bnfold.onnx_front.rules.add_concat`).
@@ -117,6 +118,8 @@ def plan(
     memory; if not, they are checked block by block and recomputed when read.
     """
     options = options or MatchOptions()
+    if node.op_type == "Sub" and node.domain in ("", "ai.onnx"):
+        return _plan_sum(node, ir_version, options)  # a tree's top; never an affine site
     if node.op_type not in AFFINE_OPS or node.domain not in ("", "ai.onnx"):
         return None
     after = plan_after(node, ir_version, options, hold)

@@ -1,40 +1,57 @@
-"""Rule: a sum of conv branches and identity BNs reading one input, as one Conv.
+"""Rule: a linear tree of conv branches and identity BNs reading one input, as one Conv.
 
-Matches:  Add(... Add(Conv_a(x), Conv_b(x)) ..., BN(x)), any tree of Adds whose
-          leaves are Convs reading ``x``, BatchNormalizations of ``x`` itself, or
-          ``x`` itself, as in RepVGG, MobileOne and RepGhost train-time blocks and
-          RepViT's ``BN(conv(x) + conv1(x) + x)``. The branch BNs after each conv
-          fold first (the after rule), so here every conv term is a plain Conv
-          with a constant weight. A BN reading the sum folds into the merge.
+Matches:  Add(... Add(Conv_a(x), Conv_b(x)) ..., BN(x)), any tree of Add, Sub and
+          Mul-by-a-constant nodes whose leaves are Convs reading ``x``,
+          BatchNormalizations of ``x`` itself, or ``x`` itself, as in RepVGG,
+          MobileOne and RepGhost train-time blocks, RepViT's
+          ``BN(conv(x) + conv1(x) + x)`` and FastViT's RepMixer
+          ``x + layer_scale * (mixer(x) - BN(x))``. Each leaf carries the
+          per-output-channel coefficient of its path: a Sub negates its
+          subtrahend's leaves, a Mul by a scalar or per-channel constant scales
+          its operand's. A constant added (or subtracted) inside the tree, scalar
+          or per channel, goes to the bias (MobileOne's ``0 + BN(x)``). The
+          branch BNs after each conv fold first (the after rule), so here every
+          conv term is a plain Conv with a constant weight. A BN reading the
+          tree's top folds into the merge.
 Produces: one Conv (the first of the largest kernel, under its name) whose
           weight is the sum of every conv's kernel zero-padded, centred, to the
           largest, plus one centred tap per channel for each identity BN (its
-          scale; 1 for a bare ``x``), and whose bias sums the biases and the BNs'
-          shifts, then times a BN after the sum; it takes over the output and
-          name of the top Add (or of that BN). Reported as one ``reparam`` fold,
-          one ``identity_tap`` fold per identity BN and an ``adjacent`` one for
-          a BN after the sum. Computed in float64, cast once (balanced with
-          ``--rounding balanced``); the merged kernel keeps its float64 value,
-          so a fold that lands on the merged conv later (a Mul after the
-          block, a BN through a pool, another pass) still rounds it once.
-Refuses (on each identity BN of the sum; a sum of convs alone is not a BN site):
+          scale; 1 for a bare ``x``), each times its coefficient, and whose bias
+          sums the biases, the BNs' shifts and the constants, each times its
+          coefficient, then times a BN after the tree; it takes over the output
+          and name of the top Add or Sub (or of that BN). Reported as one
+          ``reparam`` fold, one ``identity_tap`` fold per identity BN and an
+          ``adjacent`` one for a BN after the tree. Computed in float64, cast
+          once (balanced with ``--rounding balanced``); the merged kernel keeps
+          its float64 value, so a fold that lands on the merged conv later (a
+          Mul after the block, a BN through a pool, another pass) still rounds
+          it once.
+Refuses (on each identity BN of the tree; a tree of convs alone is not a BN site):
   BRANCH_MISMATCH  the convs differ in strides, dilations, group or channel
                    counts, use auto_pad, or the identity term needs stride 1 and
                    as many input as output channels
   UNCENTRED_TAP    a smaller kernel or the identity tap would not sit centred
                    in the largest kernel with the padding it has (an odd size
                    difference, an even kernel, asymmetric or unequal padding)
-  BRANCHING        a term is also read outside the sum
+  BRANCHING        a term is also read outside the tree
+  BAD_SHAPE        a Mul's or an added constant's channel count is not the convs'
   and the codes of reading a conv or BN (NOT_CONSTANT, BAD_VALUES, ...).
 
-The sum is planned at its top Add only: an Add whose one reader is the Add of
-a larger branch sum leaves the merge to it, so each block is merged once. A
-plain residual ``conv(x) + x`` with no BN in or after it is left as built.
+A Mul by a value computed at run time, or by a constant that is not per
+channel (one varying over a spatial axis, one that would broadcast the tree to
+a larger shape), is no node of the tree: its result is a value of its own, so
+the tree above it does not match and the sums below it merge on their own. A
+tree op whose output another node reads too is likewise a value of its own.
+
+The tree is planned at its top Add or Sub only: a node whose one reader leads,
+through Muls and constant Adds, to the Add or Sub of a larger tree leaves the
+merge to it, so each block is merged once. A plain residual ``conv(x) + x``
+with no BN in or after it is left as built.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import onnx_ir as ir
@@ -42,7 +59,7 @@ import onnx_ir as ir
 from bnfold.affine import Affine, Unfoldable, balanced_over, centred_kernel, identity_kernel
 from bnfold.conv_geometry import off_centre_axis
 from bnfold.layouts import LayoutError
-from bnfold.onnx_front.constants import is_constant, reads_data
+from bnfold.onnx_front.constants import constant_array, is_constant, reads_data
 from bnfold.onnx_front.folded import DeferredWeight, ExactBias
 from bnfold.onnx_front.graph_edit import drop_if_dead, set_constant_input
 from bnfold.onnx_front.rules.base import (
@@ -52,33 +69,94 @@ from bnfold.onnx_front.rules.base import (
     Refused,
     batchnorm_affine,
     describe_linear,
+    is_float,
     label,
+    per_channel_vector,
+    rank_of,
     readers,
 )
 from bnfold.report import Code, Folded, FoldKind, Refusal
 
 
 @dataclass(frozen=True)
-class SumTree:
-    """The Adds of one sum and its leaves, grouped by kind, all reading ``source``."""
+class Term:
+    """One leaf of a tree, times the coefficient of its path from the top.
 
-    adds: tuple[ir.Node, ...]  # top first
-    convs: tuple[ir.Node, ...]
-    identities: tuple[ir.Node, ...]  # BatchNormalization(source)
+    ``node`` is a Conv of the source, a BatchNormalization of it, or None for
+    the source itself. ``constant`` is set instead for a constant the tree adds.
+    The coefficient is ``sign`` (-1 under an odd number of Sub subtrahends)
+    times every Mul constant on the path (``factors``, as stored: each becomes a
+    per-channel vector once the merged conv's channels are known).
+    """
+
+    node: ir.Node | None
+    sign: float = 1.0
+    factors: tuple[np.ndarray, ...] = ()
+    constant: np.ndarray | None = None
+
+    @property
+    def is_bare(self) -> bool:
+        return self.node is None and self.constant is None
+
+    def coefficient(self, survivor: LinearOp) -> np.ndarray:
+        """The ``(C,)`` float64 coefficient of this term on ``survivor``'s output channels.
+
+        Raises:
+            Refused: BAD_SHAPE, a factor's channel count is not the survivor's.
+        """
+        coefficient = np.full(survivor.channels, self.sign)
+        for factor in self.factors:
+            coefficient = coefficient * _channel_vector(factor, survivor, "Mul")
+        return coefficient
+
+
+@dataclass(frozen=True)
+class SumTree:
+    """The Add/Sub/Mul nodes of one tree and its terms, all reading ``source``."""
+
+    ops: tuple[ir.Node, ...]  # top first
+    terms: tuple[Term, ...]  # Conv and BN leaves and bare sources, in walk order
+    offsets: tuple[Term, ...]  # the constants the tree adds
     source: ir.Value
-    bare: int = 0  # terms that are ``source`` itself, an identity of scale 1
 
     @property
     def top(self) -> ir.Node:
-        return self.adds[0]
+        return self.ops[0]
+
+    @property
+    def conv_terms(self) -> tuple[Term, ...]:
+        return tuple(t for t in self.terms if t.node is not None and t.node.op_type == "Conv")
+
+    @property
+    def identity_terms(self) -> tuple[Term, ...]:
+        """The BN leaves and bare sources, BNs first: taps on the merged kernel."""
+        bns = [t for t in self.terms if t.node is not None and t.node.op_type != "Conv"]
+        return (*bns, *(t for t in self.terms if t.is_bare))
+
+    @property
+    def convs(self) -> tuple[ir.Node, ...]:
+        return tuple(t.node for t in self.conv_terms)  # type: ignore[misc]
+
+    @property
+    def identities(self) -> tuple[ir.Node, ...]:
+        """The BatchNormalization(source) leaves."""
+        return tuple(t.node for t in self.identity_terms if t.node is not None)
+
+    @property
+    def bare(self) -> int:
+        """How many terms are ``source`` itself."""
+        return sum(1 for t in self.terms if t.is_bare)
 
     def site(self) -> str:
-        terms = [label(n) for n in (*self.convs, *self.identities)] + ["x"] * self.bare
-        return " + ".join(terms) + f" -> {label(self.top)}"
+        ordered = [*self.conv_terms, *self.identity_terms]
+        names = [("x" if t.is_bare else label(t.node), t.sign < 0) for t in ordered]
+        text = ("-" if names[0][1] else "") + names[0][0]
+        text += "".join((" - " if negative else " + ") + name for name, negative in names[1:])
+        return text + f" -> {label(self.top)}"
 
     @property
     def has_identity(self) -> bool:
-        return bool(self.identities) or self.bare > 0
+        return any(t.node is None or t.node.op_type != "Conv" for t in self.terms)
 
 
 @dataclass(frozen=True)
@@ -90,7 +168,7 @@ class BranchMerge:
     weight: DeferredWeight  # the merged kernel: its float64 value and the one cast
     bias: ExactBias
     entries: list[Folded]
-    trailing_bn: ir.Node | None = None  # a BN after the sum, folded into the merge
+    trailing_bn: ir.Node | None = None  # a BN after the tree, folded into the merge
 
     @property
     def plans(self) -> tuple[FoldPlan, ...]:
@@ -99,7 +177,7 @@ class BranchMerge:
         return ()
 
     def apply(self, model: ir.Model) -> None:
-        """Write the merged weight and bias, hand the top Add's output over, remove the rest."""
+        """Write the merged weight and bias, hand the top's output over, remove the rest."""
         conv = self.survivor.node
         set_constant_input(conv, 1, self.weight, model)
         set_constant_input(conv, 2, self.bias, model, suffix="_bias")
@@ -110,21 +188,22 @@ class BranchMerge:
         name = top_out.name
         ir.convenience.replace_all_uses_with(top_out, conv.outputs[0], replace_graph_outputs=True)
         conv.outputs[0].shape, conv.outputs[0].type = top_out.shape, top_out.type
-        gone = [*self.tree.adds, *(n for n in self.tree.convs if n is not conv)]
+        gone = [*self.tree.ops, *(n for n in self.tree.convs if n is not conv)]
         gone += self.tree.identities
         if self.trailing_bn is not None:
             gone.insert(0, self.trailing_bn)
-        params = [v for n in gone for v in n.inputs[1:] if v is not None]
+        # Every input, not only parameters: a Mul's constant may be its first input.
+        inputs = [v for n in gone for v in n.inputs if v is not None]
         for node in gone:
             graph.remove(node, safe=True)
         top_out.name = None
         conv.outputs[0].name = name
-        for value in params:
+        for value in inputs:
             drop_if_dead(value)
 
 
 def plan_branch_merge(node: ir.Node, ir_version: int, options: MatchOptions) -> BranchMerge | None:
-    """Plan the merge of the branch sum topped by the Add ``node``; None if it is none.
+    """Plan the merge of the tree topped by the Add or Sub ``node``; None if it is none.
 
     Raises:
         Refused: a precondition fails (see the module docstring).
@@ -163,7 +242,7 @@ def plan_branch_merge(node: ir.Node, ir_version: int, options: MatchOptions) -> 
 def _trailing_bn(
     tree: SumTree, survivor: LinearOp, ir_version: int
 ) -> tuple[ir.Node, Affine] | None:
-    """The inference BN reading the sum alone, and its affine; None if none can fold.
+    """The inference BN reading the tree alone, and its affine; None if none can fold.
 
     Folding it here rounds the merged kernel once; folding it after the merge
     would round it again.
@@ -184,34 +263,58 @@ def _trailing_bn(
 def _merged(
     tree: SumTree, convs: list[LinearOp], survivor: LinearOp, ir_version: int
 ) -> tuple[np.ndarray, np.ndarray]:
-    """The merged kernel and bias in float64: padded kernels and identity taps summed."""
+    """The merged kernel and bias in float64: padded kernels and identity taps, each
+    times its term's coefficient, summed; the tree's constants added to the bias."""
     kernel = survivor.weight_shape[2:]
     weight = np.zeros(survivor.weight_shape)
     bias = np.zeros(survivor.channels)
-    for conv in convs:
+    for term, conv in zip(tree.conv_terms, convs, strict=True):
         _require_centred(conv, survivor)
-        weight += centred_kernel(conv.exact_weight(), kernel)
+        coefficient = term.coefficient(survivor)
+        padded = centred_kernel(conv.exact_weight(), kernel)
+        weight += survivor.layout.expand(coefficient, survivor.weight_shape) * padded
         conv_bias = conv.exact_bias()
-        bias += 0.0 if conv_bias is None else conv_bias
+        bias += 0.0 if conv_bias is None else coefficient * conv_bias
     if tree.has_identity:
         _require_identity_fits(survivor)
-    if tree.bare:
-        ones = np.full(survivor.channels, float(tree.bare))
-        weight += identity_kernel(ones, survivor.weight_shape[1], kernel)
-    for bn in tree.identities:
-        affine = batchnorm_affine(bn, survivor.channels, ir_version)
-        weight += identity_kernel(affine.scale, survivor.weight_shape[1], kernel)
-        bias += affine.shift
+    in_per_group = survivor.weight_shape[1]
+    for term in tree.identity_terms:
+        coefficient = term.coefficient(survivor)
+        if term.node is None:  # the source itself: a tap of 1
+            weight += identity_kernel(coefficient, in_per_group, kernel)
+            continue
+        affine = batchnorm_affine(term.node, survivor.channels, ir_version)
+        weight += identity_kernel(coefficient * affine.scale, in_per_group, kernel)
+        bias += coefficient * affine.shift
+    for offset in tree.offsets:
+        assert offset.constant is not None
+        bias += offset.coefficient(survivor) * _channel_vector(offset.constant, survivor, "Add")
     return weight, bias
 
 
-def why_not_tap(bn: ir.Node, ir_version: int, options: MatchOptions) -> Refusal | None:
-    """The refusal of the branch sum an identity BN is a term of, or None.
+def _channel_vector(array: np.ndarray, survivor: LinearOp, op: str) -> np.ndarray:
+    """A tree constant as ``(C,)`` float64 values on ``survivor``'s output channels.
 
-    None when the BN is no identity term of a branch sum, or when the sum merges
-    (then the BN goes with it when its top Add is planned).
+    Raises:
+        Refused: BAD_SHAPE, its channel axis is neither 1 nor the survivor's C.
     """
-    top = _top_add(bn, ir_version)
+    vector = per_channel_vector(array, survivor)
+    if vector is None:
+        raise Refused(
+            Code.BAD_SHAPE,
+            f"a {op} constant of shape {list(array.shape)} in the tree is not per channel of "
+            f"{label(survivor.node)}'s {survivor.channels}",
+        )
+    return vector
+
+
+def why_not_tap(bn: ir.Node, ir_version: int, options: MatchOptions) -> Refusal | None:
+    """The refusal of the tree an identity BN is a term of, or None.
+
+    None when the BN is no identity term of a tree, or when the tree merges
+    (then the BN goes with it when its top is planned).
+    """
+    top = _top_of(bn, ir_version)
     if top is None:
         return None
     try:
@@ -223,38 +326,94 @@ def why_not_tap(bn: ir.Node, ir_version: int, options: MatchOptions) -> Refusal 
     return None
 
 
-def sum_tree(add: ir.Node, ir_version: int, pending: bool = False) -> SumTree | None:
-    """The branch sum topped by ``add``, or None when its leaves do not all read one input.
+@dataclass
+class _Walk:
+    """What :func:`_collect` gathers below a top."""
+
+    ops: list[ir.Node] = field(default_factory=list)
+    terms: list[Term] = field(default_factory=list)
+    offsets: list[Term] = field(default_factory=list)
+    shared: list[ir.Node] = field(default_factory=list)  # leaves also read elsewhere
+    bare: list[ir.Value] = field(default_factory=list)  # the values of the bare terms
+
+
+def sum_tree(top: ir.Node, ir_version: int, pending: bool = False) -> SumTree | None:
+    """The tree topped by the Add or Sub ``top``, or None when its leaves do not all
+    read one input.
 
     With ``pending``, a leaf may still be ``BN(Conv(x))`` whose BN the after rule
-    folds later this round: that is how an inner Add sees that a larger sum will
+    folds later this round: that is how an inner node sees that a larger tree will
     merge it (graph order can visit it before a sibling branch's BN folds).
 
     Raises:
         Refused: BRANCHING, the leaves read one input but one is also read elsewhere.
     """
-    if not _is_sum(add, ir_version):
+    if not _is_sum(top, ir_version):
         return None
-    adds: list[ir.Node] = []
-    leaves: list[ir.Node] = []
-    shared: list[ir.Node] = []
-    bare: list[ir.Value] = []
-    _collect(add, ir_version, adds, leaves, shared, bare)
-    convs = tuple(n for n in leaves if n.op_type == "Conv")
+    walk = _Walk()
+    _collect(top, ir_version, walk, 1.0, ())
+    leaves = [t.node for t in walk.terms if t.node is not None]
+    convs = [n for n in leaves if n.op_type == "Conv"]
     if not leaves or (not convs and not pending):
         return None
     source = _source_of(leaves[0], pending)
     if source is None or any(_source_of(n, pending) is not source for n in leaves):
         return None
-    if any(v is not source for v in bare):
+    if any(v is not source for v in walk.bare):
         return None
-    if shared:
+    rank = _tree_rank(leaves, source)
+    constants = [c for t in (*walk.terms, *walk.offsets) for c in t.factors]
+    constants += [t.constant for t in walk.offsets if t.constant is not None]
+    if not all(_fits_channels(c, rank) for c in constants):
+        return None  # a constant over other axes: not one affine per channel
+    if walk.shared:
         raise Refused(
             Code.BRANCHING,
-            f"{label(shared[0])}'s output is also read outside the sum at {label(add)}",
+            f"{label(walk.shared[0])}'s output is also read outside the tree at {label(top)}",
         )
-    identities = tuple(n for n in leaves if n.op_type == "BatchNormalization")
-    return SumTree(tuple(adds), convs, identities, source, bare=len(bare))
+    return SumTree(tuple(walk.ops), tuple(walk.terms), tuple(walk.offsets), source)
+
+
+def _collect(node: ir.Node, ir_version: int, walk: _Walk, sign: float, factors: tuple) -> None:
+    """Walk the tree ops below ``node``, each operand with the coefficient of its path.
+
+    Conv and BN leaves become terms (and go to ``shared`` too when their output
+    is also read elsewhere), constants offsets, any other value a bare term
+    (the source itself, or no tree). A tree op that another node reads too is a
+    value of its own.
+    """
+    walk.ops.append(node)
+    scaled = _scaled_operand(node, ir_version)
+    if scaled is not None:
+        operand, scale = scaled
+        _visit(operand, node, ir_version, walk, sign, (*factors, scale))
+        return
+    for index, operand in enumerate(node.inputs):
+        assert operand is not None
+        operand_sign = -sign if node.op_type == "Sub" and index == 1 else sign
+        constant = constant_array(operand, ir_version)
+        if constant is not None:
+            walk.offsets.append(Term(None, operand_sign, factors, constant=constant))
+        else:
+            _visit(operand, node, ir_version, walk, operand_sign, factors)
+
+
+def _visit(
+    value: ir.Value, reader: ir.Node, ir_version: int, walk: _Walk, sign: float, factors: tuple
+) -> None:
+    producer = value.producer()
+    if producer is None or producer in walk.ops:  # a graph input, or tree ops in a cycle
+        walk.terms.append(Term(None, sign, factors))
+        walk.bare.append(value)
+    elif _is_tree_op(producer, ir_version) and _only_reader_is(value, reader):
+        _collect(producer, ir_version, walk, sign, factors)
+    elif producer.op_type in ("Conv", "BatchNormalization"):
+        if not _only_reader_is(value, reader):
+            walk.shared.append(producer)
+        walk.terms.append(Term(producer, sign, factors))
+    else:  # the tree's input itself, or no tree
+        walk.terms.append(Term(None, sign, factors))
+        walk.bare.append(value)
 
 
 def _source_of(leaf: ir.Node, pending: bool) -> ir.Value | None:
@@ -272,42 +431,64 @@ def _source_of(leaf: ir.Node, pending: bool) -> ir.Value | None:
 
 
 def _is_sum(node: ir.Node, ir_version: int) -> bool:
-    """An Add of two computed values (not a bias Add of a constant)."""
+    """An Add or Sub of two computed values (not a bias Add of a constant): a tree's top."""
     return (
-        node.op_type == "Add"
+        node.op_type in ("Add", "Sub")
         and node.domain in ("", "ai.onnx")
         and len(node.inputs) == 2
         and all(v is not None and not is_constant(v, ir_version) for v in node.inputs)
     )
 
 
-def _collect(
-    add: ir.Node,
-    ir_version: int,
-    adds: list[ir.Node],
-    leaves: list[ir.Node],
-    shared: list[ir.Node],
-    bare: list[ir.Value],
-) -> None:
-    """Walk the Adds below ``add``: Conv and BN leaves to ``leaves``, other values to ``bare``.
+def _is_tree_op(node: ir.Node, ir_version: int) -> bool:
+    """A node a tree may hold: a sum, an Add/Sub of a constant, or a Mul by a constant."""
+    if node.op_type not in ("Add", "Sub", "Mul") or node.domain not in ("", "ai.onnx"):
+        return False
+    if len(node.inputs) != 2 or any(v is None for v in node.inputs):
+        return False
+    constant = [is_constant(v, ir_version) for v in node.inputs]
+    if node.op_type == "Mul":
+        return constant.count(True) == 1
+    return not all(constant)
 
-    Leaves whose output is also read elsewhere go to ``shared`` too. An Add that
-    another node reads too is a value of its own (so no branch sum).
-    """
-    adds.append(add)
-    for value in add.inputs:
-        assert value is not None
-        producer = value.producer()
-        if producer is None or producer in adds:  # a graph input, or Adds in a cycle
-            bare.append(value)
-        elif _is_sum(producer, ir_version) and _only_reader_is(value, add):
-            _collect(producer, ir_version, adds, leaves, shared, bare)
-        elif producer.op_type in ("Conv", "BatchNormalization"):
-            if not _only_reader_is(value, add):
-                shared.append(producer)
-            leaves.append(producer)
-        else:
-            bare.append(value)  # the sum's input itself, or no branch sum
+
+def _scaled_operand(node: ir.Node, ir_version: int) -> tuple[ir.Value, np.ndarray] | None:
+    """A Mul's computed operand and its constant factor; None for an Add or Sub."""
+    if node.op_type != "Mul":
+        return None
+    a, b = node.inputs
+    constant_a = constant_array(a, ir_version)
+    if constant_a is not None:
+        return b, constant_a  # type: ignore[return-value]
+    return a, constant_array(b, ir_version)  # type: ignore[return-value]
+
+
+def _tree_rank(leaves: list[ir.Node], source: ir.Value) -> int | None:
+    """The rank of the tree's values: a conv's weight rank, else the source's; None if unknown."""
+    for leaf in leaves:
+        conv = leaf if leaf.op_type == "Conv" else leaf.inputs[0].producer()  # type: ignore[union-attr]
+        weight = None if conv is None or conv.op_type != "Conv" else conv.inputs[1]
+        if weight is None:
+            continue
+        if weight.const_value is not None:
+            return len(weight.const_value.shape)
+        if weight.shape is not None:
+            return len(weight.shape)
+    return rank_of(source)
+
+
+def _fits_channels(array: np.ndarray | None, rank: int | None) -> bool:
+    """A float constant that broadcasts onto the tree's values per channel (axis 1) without
+    growing them: at most their rank, every axis 1 but the channel axis. Of unknown
+    rank, only a single value of rank 0 or 1 surely does."""
+    if array is None or not is_float(array):
+        return False
+    if rank is None:
+        return array.size == 1 and array.ndim <= 1
+    channel = array.ndim - (rank - 1)
+    return array.ndim <= rank and all(
+        size == 1 for axis, size in enumerate(array.shape) if axis != channel
+    )
 
 
 def _only_reader_is(value: ir.Value, node: ir.Node) -> bool:
@@ -315,37 +496,67 @@ def _only_reader_is(value: ir.Value, node: ir.Node) -> bool:
     return not value.is_graph_output() and len(uses) == 1 and uses[0].node is node
 
 
-def _sole_add_reader(add: ir.Node, ir_version: int) -> ir.Node | None:
-    out = add.outputs[0]
+def _sole_tree_reader(node: ir.Node, ir_version: int) -> ir.Node | None:
+    out = node.outputs[0]
     uses = list(out.uses())
     if out.is_graph_output() or len(uses) != 1 or readers(out) != 1:
         return None
     reader = uses[0].node
-    return reader if _is_sum(reader, ir_version) else None
+    return reader if _is_tree_op(reader, ir_version) else None
 
 
-def _defers_to_reader(add: ir.Node, ir_version: int) -> bool:
-    """``add`` is an inner Add of a larger branch sum, which merges it."""
-    reader = _sole_add_reader(add, ir_version)
-    try:
-        return reader is not None and sum_tree(reader, ir_version, pending=True) is not None
-    except Refused:  # the larger sum does not merge: this one may
-        return False
-
-
-def _top_add(bn: ir.Node, ir_version: int) -> ir.Node | None:
-    out = bn.outputs[0]
-    uses = list(out.uses())
-    if len(uses) != 1 or uses[0].node.op_type != "Add":
-        return None
-    add = uses[0].node
-    seen = {add}
-    while (reader := _sole_add_reader(add, ir_version)) is not None:
-        if reader in seen:  # Adds reading each other in a cycle: no sum has a top
+def _parent_top(node: ir.Node, ir_version: int) -> ir.Node | None:
+    """The Add or Sub that ``node``'s output reaches as the one reader of each node on the
+    way (Muls by constants, constant Adds), or None."""
+    seen = {node}
+    while (reader := _sole_tree_reader(node, ir_version)) is not None:
+        if reader in seen:  # tree ops reading each other in a cycle: no tree has a top
             return None
+        if _is_sum(reader, ir_version):
+            return reader
         seen.add(reader)
-        add = reader
-    return add
+        node = reader
+    return None
+
+
+def _defers_to_reader(top: ir.Node, ir_version: int) -> bool:
+    """``top`` is an inner node of a larger tree, which merges it."""
+    parent = _parent_top(top, ir_version)
+    try:
+        tree = None if parent is None else sum_tree(parent, ir_version, pending=True)
+    except Refused:  # the larger tree does not merge: this one may
+        return False
+    return tree is not None and not _is_plain_residual(tree)
+
+
+def _is_plain_residual(tree: SumTree) -> bool:
+    """A bare source and no BN of it in or after the tree: merging would remove no BN, so
+    the tree is left as built (``x + layer_scale * (conv_a(x) + conv_b(x))``: the
+    sum below still merges on its own)."""
+    if not tree.bare or any(bn.inputs[0] is tree.source for bn in tree.identities):
+        return False
+    uses = list(tree.top.outputs[0].uses())
+    return not (len(uses) == 1 and uses[0].node.op_type == "BatchNormalization")
+
+
+def _top_of(bn: ir.Node, ir_version: int) -> ir.Node | None:
+    """The top Add or Sub of the tree a reader of the BN belongs to, or None.
+
+    A BN with other readers too is still that tree's term: the tree then
+    refuses it as BRANCHING, which says more than "standalone".
+    """
+    tree_readers = [u.node for u in bn.outputs[0].uses() if _is_tree_op(u.node, ir_version)]
+    if not tree_readers:
+        return None
+    node = tree_readers[0]
+    top = node if _is_sum(node, ir_version) else _parent_top(node, ir_version)
+    seen = set()
+    while top is not None and (parent := _parent_top(top, ir_version)) is not None:
+        if parent in seen:
+            return None
+        seen.add(parent)
+        top = parent
+    return top
 
 
 def _ints(node: ir.Node, name: str, default: int, rank: int) -> tuple[int, ...]:
@@ -427,16 +638,18 @@ def _require_centred_pads(survivor: LinearOp) -> None:
 def _entries(tree: SumTree, survivor: LinearOp, bn_after: ir.Node | None) -> list[Folded]:
     conv = label(survivor.node)
     taps = [
-        Folded(f"{label(bn)} -> {conv}", "BatchNormalization+Add", conv, label(bn),
-               kind=FoldKind.IDENTITY_TAP)
+        Folded(f"{label(bn)} -> {conv}", f"BatchNormalization+{tree.top.op_type}", conv,
+               label(bn), kind=FoldKind.IDENTITY_TAP)
         for bn in tree.identities
     ]  # fmt: skip
     if bn_after is not None:
         site = f"{conv} -> {label(tree.top)} -> {label(bn_after)}"
-        taps.append(Folded(site, "Conv+Add+BatchNormalization", conv, label(bn_after)))
+        pattern = f"Conv+{tree.top.op_type}+BatchNormalization"
+        taps.append(Folded(site, pattern, conv, label(bn_after)))
     ops = [n.op_type for n in (*tree.convs, *tree.identities)]
-    pattern = "+".join([*ops, "Add"])
-    # The merged conv computes the sum (or the BN after it) under its name: the
+    tree_ops = list(dict.fromkeys(n.op_type for n in tree.ops))  # each kind once, top first
+    pattern = "+".join([*ops, *tree_ops])
+    # The merged conv computes the tree (or the BN after it) under its name: the
     # site verification compares. An identity tap's own value is gone in the fold.
     value = (bn_after or tree.top).outputs[0].name or ""
     merge = Folded(tree.site(), pattern, conv, label(tree.top), kind=FoldKind.REPARAM, value=value)
