@@ -337,8 +337,8 @@ def unannotated(nodes: list, inits: list, c: int) -> onnx.ModelProto:
 
 def test_rank_is_read_through_a_difference_of_convs() -> None:
     """Sub(conv_a(x), conv_b(Relu(x))) -> BN: the convs' weights give the rank. (A BN
-    after an Add of convs folds into both, and a Sub of convs of one x merges into one
-    conv with it; convs of two inputs under a Sub keep this BN for the lowering.)"""
+    after an Add of convs folds into both; a Sub of convs of two inputs keeps this BN
+    for the lowering.)"""
     nodes = [
         helper.make_node("Conv", ["input", "wa"], ["a"], name="conv_a", pads=[1, 1, 1, 1]),
         helper.make_node("Relu", ["input"], ["r"], name="relu"),

@@ -118,8 +118,6 @@ def plan(
     memory; if not, they are checked block by block and recomputed when read.
     """
     options = options or MatchOptions()
-    if node.op_type == "Sub" and node.domain in ("", "ai.onnx"):
-        return _plan_sum(node, ir_version, options)  # a tree's top; never an affine site
     if node.op_type not in AFFINE_OPS or node.domain not in ("", "ai.onnx"):
         return None
     after = plan_after(node, ir_version, options, hold)

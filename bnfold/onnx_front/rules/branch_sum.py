@@ -431,9 +431,14 @@ def _source_of(leaf: ir.Node, pending: bool) -> ir.Value | None:
 
 
 def _is_sum(node: ir.Node, ir_version: int) -> bool:
-    """An Add or Sub of two computed values (not a bias Add of a constant): a tree's top."""
+    """An Add of two computed values (not a bias Add of a constant): a tree's top.
+
+    A Sub only ever sits inside a tree: merged at the top, ``a - b`` of two large
+    values would leave verification no operand to scale its bound by (it judges
+    a difference against its operands' size), so an exact merge could fail.
+    """
     return (
-        node.op_type in ("Add", "Sub")
+        node.op_type == "Add"
         and node.domain in ("", "ai.onnx")
         and len(node.inputs) == 2
         and all(v is not None and not is_constant(v, ir_version) for v in node.inputs)
