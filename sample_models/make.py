@@ -790,8 +790,9 @@ SAMPLES: list[Sample] = [
            "bn_norm -> add_residual: `branching`", neg_repmixer_shared),
     Sample("neg_repmixer_dynamic_scale.onnx",
            "as repmixer_block, gamma a graph input (a Mul by a value computed at run time)",
-           "4: as repmixer_block, but only mixer(x) - BN(x) merges (`reparam` at sub_norm); "
-           "the Mul and the residual Add stay", NONE, neg_repmixer_dynamic_scale),
+           "4: the mixer's own sum merges (`reparam` at add_mixer); the Sub under the "
+           "run-time Mul tops no tree (only an Add does), so the Mul and the residual Add stay",
+           "bn_norm: `standalone`", neg_repmixer_dynamic_scale),
     Sample("neg_branch_groups.onnx", "as repvgg_block, but the 1x1 conv has group 2",
            "2 (the branch BNs)", "bn_identity -> add_identity: `branch_mismatch`",
            neg_branch_groups),
