@@ -203,11 +203,17 @@ def export_onnx(module: Any, example_inputs: Any, path: str | os.PathLike[str]) 
     Raises:
         BnfoldError: the export fails or the output cannot be written.
     """
+    from bnfold.logs import quiet_loggers
     from bnfold.onnx_front.io import save_model
     from bnfold.torch_front.run import as_args
 
     try:
-        program = torch.onnx.export(module, as_args(example_inputs), dynamo=True, verbose=False)
+        # The exporter warns on stderr about torchvision ops it cannot register when
+        # torchvision is absent (torch >= 2.14): noise for a model that uses none.
+        with quiet_loggers("torch.onnx"):
+            program = torch.onnx.export(
+                module, as_args(example_inputs), dynamo=True, verbose=False
+            )
     except Exception as e:
         raise BnfoldError(f"ONNX export failed: {type(e).__name__}: {first_line(e)}") from None
     if program is None:
