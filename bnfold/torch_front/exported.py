@@ -68,13 +68,9 @@ from bnfold.torch_front.aten_graph import (
 )
 from bnfold.torch_front.branch_sum import MergeSite, apply_merge, find_merges, why_not_tap
 from bnfold.torch_front.census import batchnorm_count, refusal_naming
-from bnfold.torch_front.graph import (
-    explain_both,
-    is_eval_dropout,
-    is_nonlinear,
-    metadata_only_inputs,
-    site_label,
-)
+from bnfold.torch_front.eager_match import explain_both
+from bnfold.torch_front.eager_pairs import site_label
+from bnfold.torch_front.site_graph import is_eval_dropout, is_nonlinear, metadata_only_inputs
 from bnfold.torch_front.tensors import as_parameter, exact_values, to_float64
 
 aten = torch.ops.aten

@@ -14,11 +14,14 @@ from bnfold.compare import VerifyOptions
 from bnfold.errors import BnfoldError
 from bnfold.layouts import LayoutError
 from bnfold.report import Code, Folded, FoldReport, FoldResult, LowerForm, Refusal
-from bnfold.torch_front import eager, graph, lower_modules
+from bnfold.torch_front import eager, lower_modules
 from bnfold.torch_front import verify as checking
 from bnfold.torch_front.census import batchnorm_count, module_batchnorms, modules_left
+from bnfold.torch_front.eager_match import prefer_before
+from bnfold.torch_front.eager_pairs import AnyPair, JoinPair, Pair, TapPair
 from bnfold.torch_front.modules import Roles, find_roles, leaf_type_counts, observe
 from bnfold.torch_front.tensors import exact_values
+from bnfold.torch_front.trace import find_pairs
 
 
 def fold(
@@ -83,7 +86,7 @@ def as_args(example_inputs: Any) -> tuple[Any, ...]:
 def _fold_to_fixpoint(
     work: nn.Module,
     args: tuple[Any, ...],
-    scan: tuple[list[graph.AnyPair], list[Refusal]],
+    scan: tuple[list[AnyPair], list[Refusal]],
     report: FoldReport,
     rounding: Rounding,
 ) -> list[eager.Undo]:
@@ -96,7 +99,7 @@ def _fold_to_fixpoint(
     """
     undos: list[eager.Undo] = []
     failed: list[Refusal] = []
-    tried: set[graph.AnyPair] = set()
+    tried: set[AnyPair] = set()
     pairs, refused = scan
     for _ in range(len(list(work.modules())) + 1):  # each round folds >= 1 BN, or stops
         fresh = [p for p in pairs if p not in tried]
@@ -112,26 +115,26 @@ def _fold_to_fixpoint(
 
 def _checked_pairs(
     work: nn.Module, args: tuple[Any, ...]
-) -> tuple[list[graph.AnyPair], list[Refusal]]:
+) -> tuple[list[AnyPair], list[Refusal]]:
     roles = find_roles(work)
     calls = observe(work, args, _watched(work, roles))
-    scan = graph.find_pairs(work, args, roles, calls)
+    scan = find_pairs(work, args, roles, calls)
     refused = list(scan.refused)
-    pairs: list[graph.AnyPair] = []
+    pairs: list[AnyPair] = []
     for pair in scan.pairs:
         if refusal := eager.why_not(work, pair, roles, calls):
             refused.append(_explained(pair, refusal))
-        elif isinstance(pair, graph.Pair):
+        elif isinstance(pair, Pair):
             pairs.append(replace(pair, kind=eager.fold_kind(work, pair, calls)))
         else:
             pairs.append(pair)
     return pairs, refused
 
 
-def _explained(pair: graph.AnyPair, refusal: Refusal) -> Refusal:
+def _explained(pair: AnyPair, refusal: Refusal) -> Refusal:
     """A refused before pair, reported with why the BN could not fold after either."""
-    after = pair.after_refusal if isinstance(pair, graph.Pair) else None
-    return refusal if after is None else graph.prefer_before(after, refusal)  # type: ignore[return-value]
+    after = pair.after_refusal if isinstance(pair, Pair) else None
+    return refusal if after is None else prefer_before(after, refusal)  # type: ignore[return-value]
 
 
 def _watched(root: nn.Module, roles: Roles) -> list[str]:
@@ -141,7 +144,7 @@ def _watched(root: nn.Module, roles: Roles) -> list[str]:
 
 
 def _apply_all(
-    work: nn.Module, pairs: list[graph.AnyPair], refused: list[Refusal], rounding: Rounding
+    work: nn.Module, pairs: list[AnyPair], refused: list[Refusal], rounding: Rounding
 ) -> list[eager.Undo]:
     undos = []
     for pair in pairs:
@@ -164,9 +167,9 @@ def _pattern(undo: eager.Undo) -> str:
     "Conv2d+avg_pool2d+BatchNorm2d"; an identity tap: "BatchNorm2d+add+Conv2d"."""
     pair, bn = undo.pair, type(undo.bn).__name__
     lins = [type(undo.root.get_submodule(p)).__name__ for p in pair.linears]
-    if isinstance(pair, graph.JoinPair):
+    if isinstance(pair, JoinPair):
         return "+".join([*lins, pair.join, bn])
-    if isinstance(pair, graph.TapPair):
+    if isinstance(pair, TapPair):
         return "+".join([bn, "add", *lins])
     between = pair.between
     if between and pair.pool is None:
