@@ -12,8 +12,8 @@ from torch import nn  # noqa: E402
 
 from bnfold.report import Code  # noqa: E402
 from bnfold.torch_front import fold_module, trace  # noqa: E402
-from bnfold.torch_front.exported import fold_graph_module  # noqa: E402
 from bnfold.torch_front.files import fold_torch  # noqa: E402
+from bnfold.torch_front.program.run import fold_graph_module  # noqa: E402
 
 
 def randomize_bn(model: nn.Module, seed: int = 0, shift: bool = True) -> nn.Module:

@@ -3,7 +3,7 @@ a BN after a join of linear modules (:class:`JoinPair`), an identity BN of a bra
 sum (:class:`TapPair`), and a finder's :class:`Scan` of them.
 
 Named by module paths, they are the eager twins of the ``.pt2`` front's ``Site``
-and ``JoinSite`` (:mod:`bnfold.torch_front.exported`), which also name aten nodes.
+and ``JoinSite`` (:mod:`bnfold.torch_front.program.match`), which also name aten nodes.
 The matchers of :mod:`bnfold.torch_front.eager_match` make them.
 """
 
