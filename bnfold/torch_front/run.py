@@ -9,10 +9,10 @@ from typing import Any
 
 from torch import nn
 
-from bnfold.affine import Rounding, Unfoldable
+from bnfold.affine import Rounding
 from bnfold.compare import VerifyOptions
 from bnfold.errors import BnfoldError
-from bnfold.layouts import LayoutError
+from bnfold.fixpoint import fold_rounds
 from bnfold.report import Code, Folded, FoldReport, FoldResult, LowerForm, Refusal
 from bnfold.torch_front import eager, lower_modules
 from bnfold.torch_front import verify as checking
@@ -90,32 +90,27 @@ def _fold_to_fixpoint(
     report: FoldReport,
     rounding: Rounding,
 ) -> list[eager.Undo]:
-    """Find and apply pairs in rounds until a round folds nothing new.
+    """Find and apply pairs in rounds until a round folds nothing new
+    (:func:`bnfold.fixpoint.fold_rounds`, from the first ``scan``).
 
     A fold can create a pair: in ``Conv -> BN1 -> BN2`` BN2 follows the conv
-    directly once BN1 is an ``nn.Identity``. Only refusals of the last scan are
-    reported (earlier ones may have been folded since); a pair that failed to
-    apply is not tried again.
+    directly once BN1 is an ``nn.Identity``. Only a refused BN can become a
+    pair, so a scan that refused nothing is the last. Only refusals of the last
+    scan are reported (earlier ones may have been folded since); a pair that
+    failed to apply is not tried again.
     """
-    undos: list[eager.Undo] = []
-    failed: list[Refusal] = []
-    tried: set[AnyPair] = set()
-    pairs, refused = scan
-    for _ in range(len(list(work.modules())) + 1):  # each round folds >= 1 BN, or stops
-        fresh = [p for p in pairs if p not in tried]
-        tried.update(fresh)
-        done = _apply_all(work, fresh, failed, rounding)
-        undos += done
-        if not done or not refused:  # only a refused BN can become a pair
-            break
-        pairs, refused = _checked_pairs(work, args)
-    report.refused += refused + failed
-    return undos
+    rounds = fold_rounds(
+        lambda: _checked_pairs(work, args),
+        lambda pair: eager.apply_fold(work, pair, rounding),
+        _refusal,
+        first=scan,
+        only_refused_become_sites=True,
+    )
+    report.refused += rounds.refused + rounds.failed
+    return [undo for _, undo in rounds.applied]
 
 
-def _checked_pairs(
-    work: nn.Module, args: tuple[Any, ...]
-) -> tuple[list[AnyPair], list[Refusal]]:
+def _checked_pairs(work: nn.Module, args: tuple[Any, ...]) -> tuple[list[AnyPair], list[Refusal]]:
     roles = find_roles(work)
     calls = observe(work, args, _watched(work, roles))
     scan = find_pairs(work, args, roles, calls)
@@ -143,18 +138,8 @@ def _watched(root: nn.Module, roles: Roles) -> list[str]:
     return list(roles.kind) + seqs
 
 
-def _apply_all(
-    work: nn.Module, pairs: list[AnyPair], refused: list[Refusal], rounding: Rounding
-) -> list[eager.Undo]:
-    undos = []
-    for pair in pairs:
-        try:
-            undos.append(eager.apply_fold(work, pair, rounding))
-        except Unfoldable as e:
-            refused.append(Refusal(pair.site, Code.BAD_VALUES, str(e)))
-        except LayoutError as e:
-            refused.append(Refusal(pair.site, Code.BAD_GROUPS, str(e)))
-    return undos
+def _refusal(pair: AnyPair, code: Code, detail: str) -> list[Refusal]:
+    return [Refusal(pair.site, code, detail)]
 
 
 def _folded(undo: eager.Undo) -> Folded:

@@ -12,7 +12,7 @@ from torch import fx
 
 from bnfold.affine import Rounding, Unfoldable
 from bnfold.compare import DEFAULT_VERIFY, VerifyOptions
-from bnfold.layouts import LayoutError
+from bnfold.fixpoint import fold_rounds, keep_passing
 from bnfold.report import (
     Code,
     Folded,
@@ -93,38 +93,13 @@ def graph_batchnorms(gm: fx.GraphModule) -> tuple[list[str], int]:
 def _fold_to_fixpoint(
     gm: fx.GraphModule, report: FoldReport, rounding: Rounding
 ) -> dict[AnySite, int]:
-    """Rounds of find and apply until no site is new; refusals of the last round are kept."""
-    added: dict[AnySite, int] = {}
-    failed = FoldReport(front="torch")
-    tried: set[AnySite] = set()
-    while True:
-        sites, refused = find_sites(gm)
-        fresh = [s for s in sites if s not in tried]
-        tried.update(fresh)
-        done = _apply_checked(gm, fresh, failed, rounding)
-        added.update(done)
-        if not done:  # a refused BN, or an add whose branch BNs folded, may be a site now
-            break
-    report.refused += refused + failed.refused
-    return added
-
-
-def _apply_checked(
-    gm: fx.GraphModule, sites: list[AnySite], report: FoldReport, rounding: Rounding
-) -> dict[AnySite, int]:
-    """Apply each site, refusing those whose values cannot fold (nothing changes then).
+    """Rounds of find and apply until no site is new (:func:`bnfold.fixpoint.fold_rounds`).
 
     Returns the sites applied, in order, each with the bytes its clones added.
     """
-    kept = {}
-    for s in sites:
-        try:
-            kept[s] = apply_site(gm, s, rounding)
-        except Unfoldable as e:
-            report.refused += _refusals(s, Code.BAD_VALUES, str(e))
-        except LayoutError as e:
-            report.refused += _refusals(s, Code.BAD_GROUPS, str(e))
-    return kept
+    rounds = fold_rounds(lambda: find_sites(gm), lambda s: apply_site(gm, s, rounding), _refusals)
+    report.refused += rounds.refused + rounds.failed
+    return dict(rounds.applied)
 
 
 def _folded(
@@ -141,18 +116,18 @@ def _rollback(
     report: FoldReport,
     rounding: Rounding,
 ) -> tuple[fx.GraphModule, VerifyResult, dict[AnySite, int]]:
-    kept: list[AnySite] = []
-    for s in sites:
+    """Refold fresh copies, keeping each site that verifies with those kept before it."""
+
+    def failure(kept: list[AnySite], site: AnySite) -> str | None:
         try:
-            trial = check(_folded(make, [*kept, s], rounding)[0])
+            trial = check(_folded(make, [*kept, site], rounding)[0])
         except Unfoldable as e:  # a merge whose branch folds were rolled back
-            report.refused += _refusals(s, Code.VERIFICATION_FAILED, str(e))
-            continue
-        if trial.passed:
-            kept.append(s)
-        else:
-            detail = checking.describe_failure(trial)
-            report.refused += _refusals(s, Code.VERIFICATION_FAILED, detail)
+            return str(e)
+        return None if trial.passed else checking.describe_failure(trial)
+
+    kept, dropped = keep_passing(sites, failure)
+    for site, detail in dropped:
+        report.refused += _refusals(site, Code.VERIFICATION_FAILED, detail)
     gm, added = _folded(make, kept, rounding)
     return gm, check(gm), added
 
