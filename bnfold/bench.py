@@ -406,8 +406,8 @@ def _fold_in_memory(
 ) -> Any:
     """A .pt2 folds at the graph level (its module has no nn.Conv2d to fold into)."""
     if os.fspath(path).endswith(".pt2"):
-        from bnfold.torch_front.exported import fold_graph_module
         from bnfold.torch_front.io import load_exported_program
+        from bnfold.torch_front.program.run import fold_graph_module
 
         program = load_exported_program(path, trust_pickle)
         return fold_graph_module(program.module, inputs)

@@ -623,16 +623,16 @@ def test_a_wrong_exported_lowering_fails_verification_and_nothing_is_written(
 ) -> None:
     torch = pytest.importorskip("torch")
     from bnfold.affine import Affine
-    from bnfold.torch_front import exported
     from bnfold.torch_front.files import fold_torch
+    from bnfold.torch_front.program import lower as program_lower
 
-    real = exported.bn_affine
+    real = program_lower.bn_affine
 
     def planted(gm, bn):  # type: ignore[no-untyped-def]
         affine = real(gm, bn)
         return Affine(affine.scale, affine.shift + 0.01)
 
-    monkeypatch.setattr(exported, "bn_affine", planted)
+    monkeypatch.setattr(program_lower, "bn_affine", planted)
     source, out = tmp_path / "in.pt2", tmp_path / "out.pt2"
     torch.export.save(torch.export.export(relu_bn_net(), (torch.randn(1, 3, 4, 4),)), source)
     result, written = fold_torch(str(source), out, lower=LowerForm.MUL_ADD)
@@ -646,15 +646,15 @@ def test_exported_lowering_survives_the_rollback_of_a_wrong_fold(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     torch = pytest.importorskip("torch")
-    from bnfold.torch_front import exported
+    from bnfold.torch_front.program import apply as program_apply
 
-    real = exported.fold_after
+    real = program_apply.fold_after
 
     def planted(*args, **kwargs):  # type: ignore[no-untyped-def]
         weight, bias = real(*args, **kwargs)
         return weight, bias + 0.1
 
-    monkeypatch.setattr(exported, "fold_after", planted)
+    monkeypatch.setattr(program_apply, "fold_after", planted)
     net = torch.nn.Sequential(torch.nn.Conv2d(3, 3, 1), relu_bn_net()[1], *relu_bn_net()).eval()
     program = torch.export.export(net, (torch.randn(1, 3, 4, 4),))
     result = bnfold.fold(program, lower_standalone=True)

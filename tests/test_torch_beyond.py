@@ -11,9 +11,9 @@ torch = pytest.importorskip("torch")
 from torch import nn  # noqa: E402
 
 from bnfold.report import Code  # noqa: E402
-from bnfold.torch_front import fold_module, graph  # noqa: E402
-from bnfold.torch_front.exported import fold_graph_module  # noqa: E402
+from bnfold.torch_front import fold_module, trace  # noqa: E402
 from bnfold.torch_front.files import fold_torch  # noqa: E402
+from bnfold.torch_front.program.run import fold_graph_module  # noqa: E402
 
 
 def randomize_bn(model: nn.Module, seed: int = 0, shift: bool = True) -> nn.Module:
@@ -229,9 +229,9 @@ def test_prefold_with_other_finders(finder, monkeypatch):
     def broken(*_args):
         raise RuntimeError("no trace")
 
-    monkeypatch.setattr(graph, "_export_graph", broken)
+    monkeypatch.setattr(trace, "_export_graph", broken)
     if finder == "sequential":
-        monkeypatch.setattr(graph, "_fx_graph", broken)
+        monkeypatch.setattr(trace, "_fx_graph", broken)
     model = randomize_bn(
         nn.Sequential(
             nn.BatchNorm2d(3), nn.Conv2d(3, 4, 3), nn.ReLU(),
@@ -409,9 +409,9 @@ def test_conv_bn_bn_folds_to_a_fixpoint(finder, monkeypatch):
         raise RuntimeError("no trace")
 
     if finder != "export":
-        monkeypatch.setattr(graph, "_export_graph", broken)
+        monkeypatch.setattr(trace, "_export_graph", broken)
     if finder == "sequential":
-        monkeypatch.setattr(graph, "_fx_graph", broken)
+        monkeypatch.setattr(trace, "_fx_graph", broken)
     model = randomize_bn(
         nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.BatchNorm2d(4), nn.BatchNorm2d(4))
     )
@@ -633,9 +633,9 @@ def _break(monkeypatch, finder: str) -> None:
         raise RuntimeError("no trace")
 
     if finder in ("fx", "sequential"):
-        monkeypatch.setattr(graph, "_export_graph", broken)
+        monkeypatch.setattr(trace, "_export_graph", broken)
     if finder == "sequential":
-        monkeypatch.setattr(graph, "_fx_graph", broken)
+        monkeypatch.setattr(trace, "_fx_graph", broken)
 
 
 @pytest.mark.parametrize(

@@ -21,7 +21,7 @@ from torch.nn import functional as F  # noqa: E402
 import bnfold  # noqa: E402
 from bnfold.affine import Affine, absorb_identity  # noqa: E402
 from bnfold.report import Code, FoldKind  # noqa: E402
-from bnfold.torch_front import eager, graph  # noqa: E402
+from bnfold.torch_front import eager, trace  # noqa: E402
 from tests.test_torch_rules import POOLS, ConvPoolBN, Join, pool_input, randomize_bn  # noqa: E402
 
 
@@ -74,7 +74,7 @@ def use(finder: str, monkeypatch: pytest.MonkeyPatch) -> None:
         raise RuntimeError("no trace")
 
     if finder == "fx":
-        monkeypatch.setattr(graph, "_export_graph", broken)
+        monkeypatch.setattr(trace, "_export_graph", broken)
 
 
 FINDERS = ["export", "fx"]

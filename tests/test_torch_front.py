@@ -14,7 +14,7 @@ from torch import nn  # noqa: E402
 
 from bnfold.errors import BnfoldError  # noqa: E402
 from bnfold.report import Code  # noqa: E402
-from bnfold.torch_front import eager, fold_module, graph, inspect_module  # noqa: E402
+from bnfold.torch_front import eager, fold_module, inspect_module, trace  # noqa: E402
 
 
 def randomize_bn(model: nn.Module, seed: int = 0) -> nn.Module:
@@ -398,7 +398,7 @@ class FunctionalReuse(nn.Module):
 @pytest.mark.parametrize("finder", ["export", "fx"])
 def test_refuses_weight_read_outside_its_module(finder, monkeypatch):
     if finder == "fx":
-        monkeypatch.setattr(graph, "_export_graph", lambda *a: 1 / 0)
+        monkeypatch.setattr(trace, "_export_graph", lambda *a: 1 / 0)
     model = randomize_bn(FunctionalReuse())
     x = torch.randn(1, 3, 6, 6)
     result = fold_module(model, (x,))
@@ -476,8 +476,8 @@ def test_data_dependent_forward_folds_via_sequential_fallback():
 
 
 def test_sequential_fallback_folds_root_and_checks_linear_rank(monkeypatch):
-    monkeypatch.setattr(graph, "_export_graph", lambda *a: 1 / 0)
-    monkeypatch.setattr(graph, "_fx_graph", lambda *a: 1 / 0)
+    monkeypatch.setattr(trace, "_export_graph", lambda *a: 1 / 0)
+    monkeypatch.setattr(trace, "_fx_graph", lambda *a: 1 / 0)
     model = randomize_bn(nn.Sequential(nn.Conv1d(6, 6, 1), nn.BatchNorm1d(6)))
     x = torch.randn(2, 6, 6)
     result = fold_module(model, (x,))
@@ -490,7 +490,7 @@ def test_fx_finder_is_used_when_export_fails(monkeypatch):
     def no_export(*_args):
         raise RuntimeError("export unavailable")
 
-    monkeypatch.setattr(graph, "_export_graph", no_export)
+    monkeypatch.setattr(trace, "_export_graph", no_export)
     model = randomize_bn(ReusedConv())
     x = torch.randn(1, 4, 5, 5)
     result = fold_module(model, (x,))
@@ -501,7 +501,7 @@ def test_fx_finder_is_used_when_export_fails(monkeypatch):
 
 
 def test_fx_finder_sees_op_between(monkeypatch):
-    monkeypatch.setattr(graph, "_export_graph", lambda *a: 1 / 0)
+    monkeypatch.setattr(trace, "_export_graph", lambda *a: 1 / 0)
     model = randomize_bn(Pair(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), between=nn.GELU()))
     result = fold_module(model, (torch.randn(1, 3, 6, 6),))
     assert codes_at(result, "linear -> bn") == [Code.NONLINEAR_INPUT]

@@ -10,7 +10,7 @@ from hypothesis import strategies as st  # noqa: E402
 from torch import nn  # noqa: E402
 
 from bnfold.torch_front import fold_module  # noqa: E402
-from bnfold.torch_front.exported import fold_graph_module  # noqa: E402
+from bnfold.torch_front.program.run import fold_graph_module  # noqa: E402
 
 SETTINGS = settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 BN = {1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d}

@@ -52,7 +52,7 @@ def fold_module(
               Also conv -> avg/adaptive avg/max pool -> BN (the pool kept),
               BN(L_a(x) + L_b(y)) and BN(cat([L_a, L_b, ...], 1)) into every
               term, and an identity BN of a branch sum, conv(x) + ... + bn(x),
-              as a centred tap into that conv (:mod:`bnfold.torch_front.graph`).
+              as a centred tap into that conv (:mod:`bnfold.torch_front.eager_match`).
               A pair that runs together on every call (a block in a loop) folds.
               Folds repeat until none is new: Conv -> BN -> BN and
               BN -> Conv -> BN fold completely, and an identity BN taps a

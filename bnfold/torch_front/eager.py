@@ -33,7 +33,7 @@ from bnfold.affine import (
 )
 from bnfold.layouts import channel_block, merges_leading_axes
 from bnfold.report import Code, FoldKind, Refusal
-from bnfold.torch_front.graph import AnyPair, JoinPair, Pair, TapPair
+from bnfold.torch_front.eager_pairs import AnyPair, JoinPair, Pair, TapPair
 from bnfold.torch_front.modules import (
     Calls,
     Roles,

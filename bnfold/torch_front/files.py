@@ -32,7 +32,6 @@ from bnfold.errors import BnfoldError, first_line
 from bnfold.report import FoldReport, FoldResult, LowerForm, VerifyResult
 from bnfold.torch_front import inspect_module, run
 from bnfold.torch_front import verify as checking
-from bnfold.torch_front.exported import fold_graph_module
 from bnfold.torch_front.io import (
     atomic_target,
     example_args,
@@ -43,6 +42,7 @@ from bnfold.torch_front.io import (
     load_module_factory,
     user_code,
 )
+from bnfold.torch_front.program.run import fold_graph_module
 
 STATE_DICT_SUFFIXES = (".pt", ".pth")
 
@@ -87,7 +87,7 @@ def fold_torch(
             "not_verified" result is kept back like a failed one.
         rounding: how folded weights are cast to their dtype.
         lower: lower the BNs left after folding (a program:
-            :func:`bnfold.torch_front.exported.lower_left`; an eager module:
+            :func:`bnfold.torch_front.program.lower.lower_left`; an eager module:
             :func:`bnfold.torch_front.lower_modules.lower_left`).
         trust_pickle: load a ``.pt2`` source as torch would, running any code it
             carries (pickles, shape expressions); without it such a file is

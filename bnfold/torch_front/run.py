@@ -9,16 +9,19 @@ from typing import Any
 
 from torch import nn
 
-from bnfold.affine import Rounding, Unfoldable
+from bnfold.affine import Rounding
 from bnfold.compare import VerifyOptions
 from bnfold.errors import BnfoldError
-from bnfold.layouts import LayoutError
+from bnfold.fixpoint import fold_rounds
 from bnfold.report import Code, Folded, FoldReport, FoldResult, LowerForm, Refusal
-from bnfold.torch_front import eager, graph, lower_modules
+from bnfold.torch_front import eager, lower_modules
 from bnfold.torch_front import verify as checking
 from bnfold.torch_front.census import batchnorm_count, module_batchnorms, modules_left
+from bnfold.torch_front.eager_match import prefer_before
+from bnfold.torch_front.eager_pairs import AnyPair, JoinPair, Pair, TapPair
 from bnfold.torch_front.modules import Roles, find_roles, leaf_type_counts, observe
 from bnfold.torch_front.tensors import exact_values
+from bnfold.torch_front.trace import find_pairs
 
 
 def fold(
@@ -83,55 +86,50 @@ def as_args(example_inputs: Any) -> tuple[Any, ...]:
 def _fold_to_fixpoint(
     work: nn.Module,
     args: tuple[Any, ...],
-    scan: tuple[list[graph.AnyPair], list[Refusal]],
+    scan: tuple[list[AnyPair], list[Refusal]],
     report: FoldReport,
     rounding: Rounding,
 ) -> list[eager.Undo]:
-    """Find and apply pairs in rounds until a round folds nothing new.
+    """Find and apply pairs in rounds until a round folds nothing new
+    (:func:`bnfold.fixpoint.fold_rounds`, from the first ``scan``).
 
     A fold can create a pair: in ``Conv -> BN1 -> BN2`` BN2 follows the conv
-    directly once BN1 is an ``nn.Identity``. Only refusals of the last scan are
-    reported (earlier ones may have been folded since); a pair that failed to
-    apply is not tried again.
+    directly once BN1 is an ``nn.Identity``. Only a refused BN can become a
+    pair, so a scan that refused nothing is the last. Only refusals of the last
+    scan are reported (earlier ones may have been folded since); a pair that
+    failed to apply is not tried again.
     """
-    undos: list[eager.Undo] = []
-    failed: list[Refusal] = []
-    tried: set[graph.AnyPair] = set()
-    pairs, refused = scan
-    for _ in range(len(list(work.modules())) + 1):  # each round folds >= 1 BN, or stops
-        fresh = [p for p in pairs if p not in tried]
-        tried.update(fresh)
-        done = _apply_all(work, fresh, failed, rounding)
-        undos += done
-        if not done or not refused:  # only a refused BN can become a pair
-            break
-        pairs, refused = _checked_pairs(work, args)
-    report.refused += refused + failed
-    return undos
+    rounds = fold_rounds(
+        lambda: _checked_pairs(work, args),
+        lambda pair: eager.apply_fold(work, pair, rounding),
+        _refusal,
+        first=scan,
+        only_refused_become_sites=True,
+    )
+    report.refused += rounds.refused + rounds.failed
+    return [undo for _, undo in rounds.applied]
 
 
-def _checked_pairs(
-    work: nn.Module, args: tuple[Any, ...]
-) -> tuple[list[graph.AnyPair], list[Refusal]]:
+def _checked_pairs(work: nn.Module, args: tuple[Any, ...]) -> tuple[list[AnyPair], list[Refusal]]:
     roles = find_roles(work)
     calls = observe(work, args, _watched(work, roles))
-    scan = graph.find_pairs(work, args, roles, calls)
+    scan = find_pairs(work, args, roles, calls)
     refused = list(scan.refused)
-    pairs: list[graph.AnyPair] = []
+    pairs: list[AnyPair] = []
     for pair in scan.pairs:
         if refusal := eager.why_not(work, pair, roles, calls):
             refused.append(_explained(pair, refusal))
-        elif isinstance(pair, graph.Pair):
+        elif isinstance(pair, Pair):
             pairs.append(replace(pair, kind=eager.fold_kind(work, pair, calls)))
         else:
             pairs.append(pair)
     return pairs, refused
 
 
-def _explained(pair: graph.AnyPair, refusal: Refusal) -> Refusal:
+def _explained(pair: AnyPair, refusal: Refusal) -> Refusal:
     """A refused before pair, reported with why the BN could not fold after either."""
-    after = pair.after_refusal if isinstance(pair, graph.Pair) else None
-    return refusal if after is None else graph.prefer_before(after, refusal)  # type: ignore[return-value]
+    after = pair.after_refusal if isinstance(pair, Pair) else None
+    return refusal if after is None else prefer_before(after, refusal)  # type: ignore[return-value]
 
 
 def _watched(root: nn.Module, roles: Roles) -> list[str]:
@@ -140,18 +138,8 @@ def _watched(root: nn.Module, roles: Roles) -> list[str]:
     return list(roles.kind) + seqs
 
 
-def _apply_all(
-    work: nn.Module, pairs: list[graph.AnyPair], refused: list[Refusal], rounding: Rounding
-) -> list[eager.Undo]:
-    undos = []
-    for pair in pairs:
-        try:
-            undos.append(eager.apply_fold(work, pair, rounding))
-        except Unfoldable as e:
-            refused.append(Refusal(pair.site, Code.BAD_VALUES, str(e)))
-        except LayoutError as e:
-            refused.append(Refusal(pair.site, Code.BAD_GROUPS, str(e)))
-    return undos
+def _refusal(pair: AnyPair, code: Code, detail: str) -> list[Refusal]:
+    return [Refusal(pair.site, code, detail)]
 
 
 def _folded(undo: eager.Undo) -> Folded:
@@ -164,9 +152,9 @@ def _pattern(undo: eager.Undo) -> str:
     "Conv2d+avg_pool2d+BatchNorm2d"; an identity tap: "BatchNorm2d+add+Conv2d"."""
     pair, bn = undo.pair, type(undo.bn).__name__
     lins = [type(undo.root.get_submodule(p)).__name__ for p in pair.linears]
-    if isinstance(pair, graph.JoinPair):
+    if isinstance(pair, JoinPair):
         return "+".join([*lins, pair.join, bn])
-    if isinstance(pair, graph.TapPair):
+    if isinstance(pair, TapPair):
         return "+".join([bn, "add", *lins])
     between = pair.between
     if between and pair.pool is None:

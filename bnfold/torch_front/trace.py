@@ -1,0 +1,254 @@
+"""Find (linear module, BatchNorm module) pairs whose output feeds straight into the BN.
+
+Three finders, tried in order; the first that traces the module decides:
+
+1. ``export``: ``torch.export.export(strict=False)``; each aten node is owned by
+   the innermost linear/BN module in its ``nn_module_stack``, and by that
+   module's call (``"...conv@1"`` is the second).
+2. ``fx``: ``torch.fx`` symbolic tracing with linear and BN modules as leaves
+   (one node per call).
+3. ``sequential``: a linear module directly followed by a BN (or with an
+   ``nn.Flatten``/``nn.Unflatten`` between) inside an ``nn.Sequential`` whose
+   forward is not overridden (:mod:`bnfold.torch_front.sequential`). Works when
+   forward() has data-dependent control flow that neither tracer can follow.
+
+Export and fx graphs are reduced here to one small node graph
+(:class:`~bnfold.torch_front.site_graph.Traced`): ``nn.Identity`` (what a folded
+BN becomes), eval-mode dropout and ``t + 0`` are looked through, weights are left
+out, and a parameter read outside its own module is noted. One function
+(:func:`bnfold.torch_front.eager_match.match_graph`) then finds the pairs in it.
+
+Limitation: the wiring is read from one trace at the example inputs' shapes. A
+forward that wires conv and BN differently for other shapes (branching on
+``x.shape``) is checked only for the example's shapes, as verification is.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import operator
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from torch import fx, nn
+
+from bnfold.errors import first_line
+from bnfold.torch_front.eager_match import match_graph
+from bnfold.torch_front.eager_pairs import Scan
+from bnfold.torch_front.modules import Calls, Roles, eval_mode
+from bnfold.torch_front.pool_rules import Pool, pool_of_call, pool_of_module
+from bnfold.torch_front.sequential import match_sequential
+from bnfold.torch_front.site_graph import (
+    Node,
+    Traced,
+    adds_zero,
+    input_names,
+    is_eval_dropout,
+    join_of,
+    link_users,
+    mark_outputs,
+)
+
+log = logging.getLogger(__name__)
+
+
+def find_pairs(root: nn.Module, args: tuple[Any, ...], roles: Roles, calls: Calls) -> Scan:
+    """Find candidate pairs with the first finder that can trace ``root``.
+
+    Matches:  linear -> BN (after); else BN -> linear (before); either directly
+              or through one flatten/view/reshape/(un)squeeze. A module pair that
+              runs several times (a block in a loop) matches if every call does.
+    Refuses:
+      REUSED_MODULE   the linear module also runs where it does not feed (or is not
+                      fed by) the BN, or the BN runs beside different modules: an
+                      eager module has one weight for every call (a .pt2 folds per call)
+      BRANCHING       the linear op's output is read by something besides the BN
+      SHARED_WEIGHT   the linear weight or bias is also read outside the module
+      NONLINEAR_INPUT a nonlinearity sits between the linear op and the BN
+      OP_BETWEEN      another op sits between them
+      STANDALONE      nothing linear feeds the BN
+      UNTRACEABLE     the BN did not run, or no finder can see its input
+    """
+    failures = []
+    for name, tracer in (("export", _export_graph), ("fx", _fx_graph)):
+        try:
+            traced = tracer(root, args, roles)
+        except Exception as e:  # tracers fail in many ways; the next finder may work
+            failures.append(f"{name}: {type(e).__name__}: {first_line(e)}")
+            log.info("torch front: %s could not trace the module: %s", name, e)
+            continue
+        scan = match_graph(traced, roles, calls, name, root)
+        scan.failures = failures
+        return scan
+    scan = match_sequential(root, roles, calls)
+    scan.failures = failures
+    return scan
+
+
+def _export_graph(root: nn.Module, args: tuple[Any, ...], roles: Roles) -> Traced:
+    with eval_mode(root), _quiet(_EXPORT_LOGGERS), contextlib.redirect_stderr(io.StringIO()):
+        ep = torch.export.export(root, args, strict=False)
+    sig = ep.graph_signature
+    user_inputs = set(sig.user_inputs)
+    params = dict(sig.inputs_to_parameters)
+    traced = Traced({})
+    nodes = traced.nodes
+    alias: dict[str, str] = {}  # eval-mode dropout -> the node it passes on
+    for n in ep.graph.nodes:
+        if n.op == "placeholder" and n.name in user_inputs:
+            nodes[n.name] = Node(None, "input", [])
+        elif (_eval_dropout_module(root, n) or adds_zero(n)) and len(
+            ins := input_names(n, nodes, alias)
+        ) == 1:
+            alias[n.name] = ins[0]
+        elif n.op == "call_function":
+            owner, call = _export_owner(n, roles)
+            node = Node(owner, str(n.target), input_names(n, nodes, alias), call)
+            if owner is None:
+                node.join = join_of(n, nodes, alias)
+                node.pool = pool_of_call(str(n.target), n.args, n.kwargs)
+            nodes[n.name] = node
+            traced.outside_reads |= _params_read_outside(n, owner, params, roles)
+        elif n.op == "output":
+            mark_outputs(n, nodes, alias)
+    link_users(nodes)
+    return traced
+
+
+def _eval_dropout_module(root: nn.Module, n: fx.Node) -> bool:
+    """An eval dropout, and (export traces in eval mode) not from a module left training."""
+    if not is_eval_dropout(n):
+        return False
+    stack = list((n.meta.get("nn_module_stack") or {}).values())
+    owner = root.get_submodule(stack[-1][0]) if stack else None
+    return not (isinstance(owner, nn.modules.dropout._DropoutNd) and owner.training)
+
+
+def _params_read_outside(
+    n: fx.Node, owner: str | None, params: dict[str, str], roles: Roles
+) -> set[str]:
+    read = [params[a.name] for a in n.all_input_nodes if a.name in params]
+    return {p for p in read if roles.canonical.get(p.rpartition(".")[0]) != owner}
+
+
+# A failed export (the fallback then takes over) logs a warning and prints the
+# partial graph to stderr; neither helps someone whose model still folds.
+_EXPORT_LOGGERS = ("torch.fx.experimental.symbolic_shapes", "torch._export", "torch.export")
+
+
+@contextlib.contextmanager
+def _quiet(names: tuple[str, ...]) -> Iterator[None]:
+    loggers = [logging.getLogger(n) for n in names]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        for lg, level in zip(loggers, levels, strict=True):
+            lg.setLevel(level)
+
+
+def _export_owner(n: fx.Node, roles: Roles) -> tuple[str | None, int]:
+    """The innermost linear/BN module an aten op ran in, and which call of it.
+
+    Export keys the module stack by call: the second call of ``conv`` is
+    ``"L__self___conv@1"``.
+    """
+    stack = n.meta.get("nn_module_stack") or {}
+    for key, (path, _type) in reversed(list(stack.items())):
+        if roles.of(path) is not None:
+            _, at, index = str(key).rpartition("@")
+            return roles.canonical[path], int(index) if at and index.isdigit() else 0
+    return None, 0
+
+
+class _LeafTracer(fx.Tracer):
+    """fx tracer that stops at linear and BN modules, so each is one call_module node."""
+
+    def __init__(self, leaves: set[str]) -> None:
+        super().__init__()
+        self.leaves = leaves
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        return module_qualified_name in self.leaves or super().is_leaf_module(
+            m, module_qualified_name
+        )
+
+
+def _fx_graph(root: nn.Module, args: tuple[Any, ...], roles: Roles) -> Traced:
+    leaves = {p for p in roles.canonical if roles.of(p) is not None}
+    graph = _LeafTracer(leaves).trace(root)
+    traced = Traced({})
+    nodes = traced.nodes
+    alias: dict[str, str] = {}  # nn.Identity node -> the node it passes on
+    calls_so_far: dict[str, int] = {}  # owner -> call_module nodes seen (a node is one call)
+    shape_reads: set[str] = set()
+    for n in graph.nodes:
+        if n.op == "get_attr":  # leaf modules read their own weights without get_attr
+            traced.outside_reads.add(str(n.target))
+        elif _reads_shape(n, shape_reads):
+            # x.shape[0] / x.size(1) in y.view(x.shape[0], -1): metadata, not a reader
+            # of x's values, so neither an input of the view nor a second consumer.
+            shape_reads.add(n.name)
+        elif n.op == "placeholder":
+            nodes[n.name] = Node(None, "input", [])
+        elif (_is_identity(root, n) or adds_zero(n)) and len(
+            ins := input_names(n, nodes, alias)
+        ) == 1:
+            alias[n.name] = ins[0]
+        elif n.op in ("call_module", "call_function", "call_method"):
+            owner = roles.canonical.get(str(n.target)) if n.op == "call_module" else None
+            if owner is not None and roles.of(owner) is None:
+                owner = None
+            call = 0
+            if owner is not None:
+                call = calls_so_far[owner] = calls_so_far.get(owner, -1) + 1
+            node = Node(owner, _fx_op_name(root, n), input_names(n, nodes, alias), call)
+            if owner is None:
+                node.join = join_of(n, nodes, alias)
+                node.pool = _fx_pool(root, n)
+            nodes[n.name] = node
+        elif n.op == "output":
+            mark_outputs(n, nodes, alias)
+    link_users(nodes)
+    return traced
+
+
+def _fx_pool(root: nn.Module, n: fx.Node) -> Pool | None:
+    """A pooling module or ``torch.nn.functional`` pool call of an fx graph, if ``n`` is one."""
+    if n.op == "call_module":
+        return pool_of_module(root.get_submodule(str(n.target)))
+    if n.op == "call_function":
+        return pool_of_call(getattr(n.target, "__name__", ""), n.args, dict(n.kwargs))
+    return None
+
+
+def _reads_shape(n: fx.Node, shape_reads: set[str]) -> bool:
+    """``x.shape``, ``x.size(...)``, ``x.dim()``, or an item of one of those."""
+    if n.op == "call_method" and n.target in ("size", "dim"):
+        return True
+    if n.op != "call_function" or not n.args or not isinstance(n.args[0], fx.Node):
+        return False
+    if n.target is getattr:
+        return n.args[1] in ("shape", "ndim")
+    return n.target is operator.getitem and n.args[0].name in shape_reads
+
+
+def _fx_op_name(root: nn.Module, n: fx.Node) -> str:
+    if n.op == "call_module":
+        return type(root.get_submodule(str(n.target))).__name__
+    target: Any = n.target
+    return target if isinstance(target, str) else getattr(target, "__name__", str(target))
+
+
+def _is_identity(root: nn.Module, n: fx.Node) -> bool:
+    """An ``nn.Identity`` (a folded BN) or a dropout module in eval mode."""
+    if n.op != "call_module":
+        return False
+    m = root.get_submodule(str(n.target))
+    dropout = isinstance(m, nn.modules.dropout._DropoutNd) and not m.training
+    return type(m) is nn.Identity or dropout
