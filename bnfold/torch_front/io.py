@@ -11,7 +11,6 @@ import importlib
 import importlib.util
 import os
 import pickle
-import tempfile
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -20,6 +19,7 @@ import torch
 from torch import nn
 
 from bnfold.errors import BnfoldError, NotSupportedError, first_line, quoted
+from bnfold.paths import staged_file
 
 
 def load_module_factory(spec: str, weights: str | None, trust_pickle: bool) -> nn.Module:
@@ -217,21 +217,15 @@ def export_onnx(module: Any, example_inputs: Any, path: str | os.PathLike[str]) 
 
 @contextlib.contextmanager
 def atomic_target(path: str | os.PathLike[str]) -> Iterator[str]:
-    """Yield a temp file name beside ``path``; on success it replaces ``path``."""
+    """Yield a temp file name beside ``path``; on success it replaces ``path``.
+
+    See :func:`bnfold.paths.staged_file`: the file is published with the mode
+    the umask gives a new file, never a partial one.
+    """
     target = Path(path)
     if not target.parent.is_dir():
         raise BnfoldError(f"output folder {str(target.parent)!r} does not exist")
     if target.is_dir():
         raise BnfoldError(f"output {str(target)!r} is a folder")
-    fd, tmp = tempfile.mkstemp(
-        dir=target.parent, prefix=f".{target.name}.", suffix=f".tmp{target.suffix}"
-    )
-    os.close(fd)
-    try:
-        yield tmp
-        os.replace(tmp, target)
-    except OSError as e:
-        raise BnfoldError(f"cannot write {str(target)!r}: {e.strerror or e}") from None
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    with staged_file(target) as tmp:
+        yield str(tmp)
