@@ -13,13 +13,16 @@ import os
 import pickle
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
 from bnfold.errors import BnfoldError, NotSupportedError, first_line, quoted
 from bnfold.paths import staged_file
+
+if TYPE_CHECKING:
+    from bnfold.onnx_front.io import SavedModel
 
 
 def load_module_factory(spec: str, weights: str | None, trust_pickle: bool) -> nn.Module:
@@ -193,17 +196,21 @@ def example_args(ep: torch.export.ExportedProgram) -> tuple[Any, ...]:
     return tuple(torch.randn(tuple(v.shape), generator=gen).to(v.dtype) for v in vals)
 
 
-def export_onnx(module: Any, example_inputs: Any, path: str | os.PathLike[str]) -> None:
+def export_onnx(module: Any, example_inputs: Any, path: str | os.PathLike[str]) -> SavedModel:
     """Export a (folded) module or ExportedProgram to ONNX with torch's exporter, atomically.
 
     torch's ONNX exporter folds Conv+BatchNorm by itself when optimizing; after
     bnfold's fold there is nothing left for it to fold, and bnfold's report
     plus verification are what tell you the fold was right.
 
+    Returns:
+        The files written: the model, and ``<path>.data`` if it is too big for
+        one protobuf (see :func:`bnfold.onnx_front.io.save_model_files`).
+
     Raises:
         BnfoldError: the export fails or the output cannot be written.
     """
-    from bnfold.onnx_front.io import save_model
+    from bnfold.onnx_front.io import save_model_files
     from bnfold.torch_front.run import as_args
 
     try:
@@ -212,7 +219,9 @@ def export_onnx(module: Any, example_inputs: Any, path: str | os.PathLike[str]) 
         raise BnfoldError(f"ONNX export failed: {type(e).__name__}: {first_line(e)}") from None
     if program is None:
         raise BnfoldError("ONNX export returned nothing")
-    save_model(program.model, path)
+    saved = save_model_files(program.model, path)
+    assert saved is not None  # only a rejecting ``accept`` writes nothing
+    return saved
 
 
 @contextlib.contextmanager
