@@ -24,6 +24,7 @@ if TYPE_CHECKING:
         Refusal,
         VerifyResult,
     )
+    from bnfold.torch_front.folded_state import load_folded, save_folded
 
 _HOMES = {
     "fold": "bnfold.api",
@@ -40,6 +41,8 @@ _HOMES = {
     "LowerForm": "bnfold.options",
     "Refusal": "bnfold.report",
     "VerifyResult": "bnfold.report",
+    "load_folded": "bnfold.torch_front.folded_state",
+    "save_folded": "bnfold.torch_front.folded_state",
 }
 
 __all__ = [
@@ -56,6 +59,8 @@ __all__ = [
     "VerifyResult",
     "fold",
     "inspect",
+    "load_folded",
+    "save_folded",
     "verify",
 ]
 __version__ = "0.1.0"
