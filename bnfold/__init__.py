@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from bnfold.api import fold, inspect, verify
     from bnfold.errors import BnfoldError, NotSupportedError
+    from bnfold.onnx_front.passes import FoldBatchNormPass, FoldPassResult
     from bnfold.report import (
         BatchNormCount,
         Code,
@@ -31,6 +32,8 @@ _HOMES = {
     "inspect": "bnfold.api",
     "verify": "bnfold.api",
     "BnfoldError": "bnfold.errors",
+    "FoldBatchNormPass": "bnfold.onnx_front.passes",
+    "FoldPassResult": "bnfold.onnx_front.passes",
     "NotSupportedError": "bnfold.errors",
     "BatchNormCount": "bnfold.report",
     "Code": "bnfold.report",
@@ -49,6 +52,8 @@ __all__ = [
     "BatchNormCount",
     "BnfoldError",
     "Code",
+    "FoldBatchNormPass",
+    "FoldPassResult",
     "FoldReport",
     "FoldResult",
     "Folded",
