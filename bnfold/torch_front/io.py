@@ -20,7 +20,6 @@ from torch import nn
 
 from bnfold.errors import BnfoldError, NotSupportedError, first_line, quoted
 from bnfold.paths import staged_file
-from bnfold.torch_front.folded_state import FoldRecord, load_into, mismatch
 
 if TYPE_CHECKING:
     from bnfold.onnx_front.io import SavedModel
@@ -119,6 +118,8 @@ def _load_weights(module: nn.Module, path: str, trust_pickle: bool) -> None:
         ) from None
     except Exception as e:
         raise BnfoldError(f"cannot load {path!r}: {type(e).__name__}: {first_line(e)}") from None
+    from bnfold.torch_front.folded_state import FoldRecord, load_into, mismatch
+
     state = _state_dict_of(obj, path)
     if FoldRecord.of_state(state) is not None:  # a folded .pt: the module takes its fold first
         load_into(module, state, repr(path))
