@@ -63,6 +63,17 @@ def test_inline_save_lists_only_the_model(tmp_path):
     assert io.save_model_files(_model(1.0), out, external_data=False) == io.SavedModel(out)
 
 
+def test_a_model_without_tensors_gets_no_data_file(tmp_path):
+    x = ir.Value(name="x", shape=ir.Shape([2]), type=ir.TensorType(ir.DataType.FLOAT))
+    relu = ir.Node("", "Relu", [x])
+    graph = ir.Graph([x], relu.outputs, nodes=[relu], opset_imports={"": 17})
+    out = tmp_path / "out.onnx"
+    assert io.save_model_files(ir.Model(graph, ir_version=8), out, external_data=True) == (
+        io.SavedModel(out)
+    )
+    assert list(tmp_path.iterdir()) == [out]
+
+
 def test_a_rejected_save_returns_none(tmp_path):
     assert io.save_model_files(_model(1.0), tmp_path / "o.onnx", accept=lambda _: False) is None
     assert list(tmp_path.iterdir()) == []

@@ -250,7 +250,9 @@ def save_model_files(
     previous = _require_writable_target(model, path)
     if external_data is None:
         external_data = any(True for _ in external_tensors(model)) or _too_big_for_protobuf(model)
-    data_name = data_file_name(path.name) if external_data else None
+    # A model without tensors has no data to put anywhere: no empty data file beside it.
+    has_tensors = any(True for _ in all_tensors(model))
+    data_name = data_file_name(path.name) if external_data and has_tensors else None
     try:
         reads = _files_read(model)
         _remove_stale_staging(path.parent)
