@@ -1,4 +1,4 @@
-"""Tiny ONNX graphs for tests, built with onnx.helper, and a reference runner."""
+"""Tiny ONNX graphs for tests, built with onnx.helper (or onnx_ir), and a reference runner."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ from collections.abc import Sequence
 
 import numpy as np
 import onnx
+import onnx_ir as ir
 import onnxruntime as ort
 from onnx import helper, numpy_helper
 
@@ -95,3 +96,18 @@ def run(m: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
 
 def op_types(m: onnx.ModelProto) -> list[str]:
     return [n.op_type for n in m.graph.node]
+
+
+def weight_add_model(value: float, n: int = 1000) -> ir.Model:
+    """``y = x + w``, ``w`` an initializer of ``n`` floats all equal to ``value`` (onnx_ir)."""
+    x = ir.Value(name="x", shape=ir.Shape([n]), type=ir.TensorType(ir.DataType.FLOAT))
+    w = ir.Value(
+        name="w",
+        shape=ir.Shape([n]),
+        type=ir.TensorType(ir.DataType.FLOAT),
+        const_value=ir.tensor(np.full(n, value, np.float32), name="w"),
+    )
+    node = ir.Node("", "Add", [x, w], name="add")
+    node.outputs[0].name = "y"
+    graph = ir.Graph([x], node.outputs, nodes=[node], initializers=[w], opset_imports={"": 17})
+    return ir.Model(graph, ir_version=8)

@@ -16,11 +16,11 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-import onnx_ir as ir
 import pytest
 
 from bnfold.api import verify as verify_models
 from bnfold.onnx_front import io
+from tests.builders import weight_add_model
 from tests.conftest import snapshot
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -122,26 +122,12 @@ def _full_save(target: Path, value: float, external: bool) -> None:
     assert _weight_values(target) == {value}
 
 
-def _tiny_model(value: float, n: int = 1000) -> ir.Model:
-    x = ir.Value(name="x", shape=ir.Shape([n]), type=ir.TensorType(ir.DataType.FLOAT))
-    w = ir.Value(
-        name="w",
-        shape=ir.Shape([n]),
-        type=ir.TensorType(ir.DataType.FLOAT),
-        const_value=ir.tensor(np.full(n, value, np.float32), name="w"),
-    )
-    node = ir.Node("", "Add", [x, w], name="add")
-    node.outputs[0].name = "y"
-    graph = ir.Graph([x], node.outputs, nodes=[node], initializers=[w], opset_imports={"": 17})
-    return ir.Model(graph, ir_version=8)
-
-
 def test_rejected_save_leaves_previous_output_and_no_leftovers(tmp_path):
     target = tmp_path / "m.onnx"
-    assert io.save_model(_tiny_model(1.0), target, external_data=True)
+    assert io.save_model(weight_add_model(1.0), target, external_data=True)
     before = snapshot(tmp_path)
     seen = []
-    assert not io.save_model(_tiny_model(2.0), target, external_data=True, accept=seen.append)
+    assert not io.save_model(weight_add_model(2.0), target, external_data=True, accept=seen.append)
     assert len(seen) == 1 and seen[0].parent != tmp_path  # staged beside, not in place
     assert snapshot(tmp_path) == before
 
@@ -149,7 +135,7 @@ def test_rejected_save_leaves_previous_output_and_no_leftovers(tmp_path):
 def test_external_data_is_beside_the_output_with_a_relative_location(tmp_path):
     target = tmp_path / "out" / "m.onnx"
     target.parent.mkdir()
-    io.save_model(_tiny_model(1.0), target, external_data=True)
+    io.save_model(weight_add_model(1.0), target, external_data=True)
     proto = onnx.load(str(target), load_external_data=False)
     (location,) = {e.value for e in proto.graph.initializer[0].external_data if e.key == "location"}
     assert "/" not in location and not os.path.isabs(location)
@@ -163,7 +149,7 @@ def test_replacing_an_output_removes_its_own_old_data_but_not_shared_data(tmp_pa
     """The data file keeps the name torch's exporter gives it, ``<model>.data``, on every save."""
     target = tmp_path / "m.onnx"
     for value in (1.0, 2.0):
-        io.save_model(_tiny_model(value), target, external_data=True)
+        io.save_model(weight_add_model(value), target, external_data=True)
         assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx", "m.onnx.data"]
         assert io.external_data_files(target) == [tmp_path / "m.onnx.data"]
         assert _weight_values(target) == {value}
@@ -173,7 +159,7 @@ def test_replacing_an_output_removes_its_own_old_data_but_not_shared_data(tmp_pa
         onnx.load(str(target)), str(target), save_as_external_data=True, location="weights.bin",
         size_threshold=0,
     )  # fmt: skip
-    io.save_model(_tiny_model(3.0), target, external_data=True)
+    io.save_model(weight_add_model(3.0), target, external_data=True)
     assert shared.exists()
     assert _weight_values(target) == {3.0}
 
@@ -181,7 +167,7 @@ def test_replacing_an_output_removes_its_own_old_data_but_not_shared_data(tmp_pa
 def test_a_previous_output_is_parsed_once(tmp_path, monkeypatch):
     """Checking it is a model and finding its data files share one parse."""
     target = tmp_path / "m.onnx"
-    io.save_model(_tiny_model(1.0), target, external_data=True)
+    io.save_model(weight_add_model(1.0), target, external_data=True)
     parsed = []
     real_load = io.onnx.load
 
@@ -191,7 +177,7 @@ def test_a_previous_output_is_parsed_once(tmp_path, monkeypatch):
         return real_load(f, *args, **kwargs)
 
     monkeypatch.setattr(io.onnx, "load", counting_load)
-    io.save_model(_tiny_model(2.0), target, external_data=True)
+    io.save_model(weight_add_model(2.0), target, external_data=True)
     assert len(parsed) == 1
     assert sorted(p.name for p in tmp_path.glob("m.onnx*.data")) == ["m.onnx.data"]
 

@@ -18,20 +18,7 @@ import onnx_ir as ir
 import pytest
 
 from bnfold.onnx_front import io
-
-
-def _model(value: float, n: int = 1000) -> ir.Model:
-    x = ir.Value(name="x", shape=ir.Shape([n]), type=ir.TensorType(ir.DataType.FLOAT))
-    w = ir.Value(
-        name="w",
-        shape=ir.Shape([n]),
-        type=ir.TensorType(ir.DataType.FLOAT),
-        const_value=ir.tensor(np.full(n, value, np.float32), name="w"),
-    )
-    node = ir.Node("", "Add", [x, w], name="add")
-    node.outputs[0].name = "y"
-    graph = ir.Graph([x], node.outputs, nodes=[node], initializers=[w], opset_imports={"": 17})
-    return ir.Model(graph, ir_version=8)
+from tests.builders import weight_add_model as _model
 
 
 def _values_on_disk(model_file: Path) -> set[float]:
