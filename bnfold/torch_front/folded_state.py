@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import os
 import pickle
-from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -106,7 +105,7 @@ class FoldRecord:
         return cls(dict(replaced), tuple(biased))
 
 
-def folded_state_dict(result: FoldResult) -> OrderedDict[str, torch.Tensor]:
+def folded_state_dict(result: FoldResult) -> dict[str, Any]:
     """The folded module's state_dict, carrying the record :func:`load_folded` needs.
 
     Raises:
@@ -245,7 +244,7 @@ def _apply(
                 f"{shown} folded a BatchNorm at {path!r}; the model has a {type(old).__name__}"
             )
         swaps.append((path, old, _replacement(kind, path, old, state, shown)))
-    biases: list[tuple[nn.Module, nn.Parameter]] = []
+    biases: list[tuple[Any, nn.Parameter]] = []  # Conv/Linear modules, duck-typed
     for path in record.biased:
         linear = _submodule(model, path, shown)
         if getattr(linear, "bias", 0) is None and f"{path}.bias" in state:
@@ -273,13 +272,14 @@ def _kind_of(module: nn.Module) -> str | None:
     return DEPTHWISE_CONV if type(module) in _CONV_OF_RANK.values() else None
 
 
-def _replacement(
-    kind: str, path: str, bn: nn.Module, state: Mapping[str, Any], shown: str
-) -> nn.Module:
-    """The module the fold left at ``path``, shaped from the saved tensors, on ``bn``'s device."""
-    device = bn.running_mean.device  # type: ignore[union-attr]
+def _replacement(kind: str, path: str, bn: Any, state: Mapping[str, Any], shown: str) -> nn.Module:
+    """The module the fold left at ``path``, shaped from the saved tensors, on ``bn``'s device.
+
+    ``bn`` is read duck-typed: a BatchNorm or a frozen-BN style module.
+    """
+    device = bn.running_mean.device
     weight = getattr(bn, "weight", None)
-    dtype = weight.dtype if isinstance(weight, torch.Tensor) else bn.running_mean.dtype  # type: ignore[union-attr]
+    dtype = weight.dtype if isinstance(weight, torch.Tensor) else bn.running_mean.dtype
     new: nn.Module
     if kind == IDENTITY:
         new = nn.Identity()
