@@ -112,7 +112,7 @@ def folded_state_dict(result: FoldResult) -> dict[str, Any]:
         BnfoldError: ``result`` is not the fold of an eager ``nn.Module``.
     """
     module = result.model
-    if not isinstance(module, nn.Module) or isinstance(module, torch.fx.GraphModule):
+    if not isinstance(module, nn.Module):
         raise BnfoldError(
             f"save_folded writes the fold of an eager nn.Module, not a {type(module).__name__}; "
             "save an ExportedProgram with torch.export.save (.pt2)"
@@ -216,7 +216,13 @@ def _read(path: str | os.PathLike[str]) -> Mapping[str, Any]:
 
 def _kind_at(module: nn.Module, path: str) -> str:
     """What a fold left at a BatchNorm's path, as the record names it."""
-    found = module.get_submodule(path)
+    try:
+        found = module.get_submodule(path)
+    except AttributeError:  # a graph-level fold names aten nodes, not modules
+        raise BnfoldError(
+            f"the fold's report names {path!r}, no module of the folded model: "
+            "save_folded writes eager folds (save a graph-level fold as .pt2)"
+        ) from None
     kind = _kind_of(found)
     if kind is not None:
         return kind
