@@ -17,12 +17,18 @@ def init(name: str, array: np.ndarray) -> onnx.TensorProto:
     return numpy_helper.from_array(np.asarray(array), name)
 
 
-def bn_params(prefix: str, c: int, dtype: type = np.float32, **overrides: np.ndarray) -> list:
+def bn_params(
+    prefix: str,
+    c: int,
+    dtype: type = np.float32,
+    rng: np.random.Generator = RNG,
+    **overrides: np.ndarray,
+) -> list:
     values = {
-        "scale": RNG.uniform(0.5, 1.5, c),
-        "bias": RNG.normal(0, 0.5, c),
-        "mean": RNG.normal(0, 0.5, c),
-        "var": RNG.uniform(0.5, 2.0, c),
+        "scale": rng.uniform(0.5, 1.5, c),
+        "bias": rng.normal(0, 0.5, c),
+        "mean": rng.normal(0, 0.5, c),
+        "var": rng.uniform(0.5, 2.0, c),
     }
     values.update(overrides)
     return [init(f"{prefix}.{k}", np.asarray(v).astype(dtype)) for k, v in values.items()]

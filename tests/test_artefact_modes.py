@@ -81,20 +81,21 @@ def test_staged_file_error_is_one_line(tmp_path):
 
 
 def test_torch_artefacts_follow_the_umask(cli, tmp_path, monkeypatch):
-    pytest.importorskip("torch")
+    torch = pytest.importorskip("torch")
     from tests.test_torch_io import FACTORY
 
     (tmp_path / "modes_factory.py").write_text(FACTORY)
     monkeypatch.syspath_prepend(str(tmp_path))
+    common = ["fold", "--module", "modes_factory:make", "--input-shape", "1x3x8x8"]
     old = os.umask(0o022)
     try:
-        common = ["fold", "--module", "modes_factory:make", "--input-shape", "1x3x8x8"]
-        for args in (
-            ["-o", tmp_path / "f.pt"],
-            ["-o", tmp_path / "f.pt2", "--to-onnx", tmp_path / "f.onnx"],
-        ):
-            result = cli([*common, *args])
-            assert result.exit_code == 0, result.output
+        with torch.random.fork_rng():  # the factory seeds torch's global generator
+            for args in (
+                ["-o", tmp_path / "f.pt"],
+                ["-o", tmp_path / "f.pt2", "--to-onnx", tmp_path / "f.onnx"],
+            ):
+                result = cli([*common, *args])
+                assert result.exit_code == 0, result.output
     finally:
         os.umask(old)
     modes = {p.name: _mode(p) for p in tmp_path.iterdir() if p.suffix != ".py"}

@@ -16,7 +16,9 @@ from tests.builders import bn_node, bn_params, init, model
 def _conv_bn_with_constant_nodes() -> onnx.ModelProto:
     """conv -> bn whose statistics are Constant nodes, as some exporters write them."""
     rng = np.random.default_rng(0)
-    stats = [helper.make_node("Constant", [], [p.name], value=p) for p in bn_params("bn", 4)]
+    stats = [
+        helper.make_node("Constant", [], [p.name], value=p) for p in bn_params("bn", 4, rng=rng)
+    ]
     nodes = [
         *stats,
         helper.make_node("Conv", ["input", "w", "b"], ["c"], name="conv"),

@@ -61,8 +61,9 @@ class Net(nn.Module):
 
 
 def _trained(seed: int) -> Net:
-    torch.manual_seed(seed)
-    net = randomize_bn(Net())
+    with torch.random.fork_rng():  # the other tests' draws stay as they were
+        torch.manual_seed(seed)
+        net = randomize_bn(Net())
     gen = torch.Generator().manual_seed(seed)
     frozen = net.frozen
     for name in ("weight", "bias", "running_mean"):
@@ -165,20 +166,20 @@ def test_an_onnx_fold_is_not_saved_as_a_pt(tmp_path, samples):
 
 
 def test_cli_pt_output_loads_with_load_folded_and_as_weights(cli, tmp_path, monkeypatch):
-    (tmp_path / "pt_factory.py").write_text(FACTORY)
-    monkeypatch.syspath_prepend(str(tmp_path))
-    import pt_factory  # type: ignore[import-not-found]
+    with torch.random.fork_rng():  # the factory seeds torch's global generator
+        (tmp_path / "pt_factory.py").write_text(FACTORY)
+        monkeypatch.syspath_prepend(str(tmp_path))
+        import pt_factory  # type: ignore[import-not-found]
 
-    weights, out = tmp_path / "w.pt", tmp_path / "folded.pt"
-    original = randomize_bn(pt_factory.make())
-    torch.save(original.state_dict(), weights)
-    common = ["--module", "pt_factory:make", "--input-shape", "1x3x8x8"]
-    assert cli(["fold", *common, "--weights", weights, "-o", out]).exit_code == 0
-    fresh = bnfold.load_folded(pt_factory.make(), out)
-    x = torch.randn(2, 3, 8, 8)
-    with torch.no_grad():
-        torch.testing.assert_close(fresh(x), original(x), rtol=1e-5, atol=1e-5)
-    # --weights takes the folded file too: the factory's module gets the fold first.
-    inspected = cli(["inspect", *common, "--weights", out, "--json"])
-    assert inspected.exit_code == 0, inspected.output
-    assert json.loads(inspected.output)["batchnorm"]["found"] == 0
+        weights, out = tmp_path / "w.pt", tmp_path / "folded.pt"
+        original = randomize_bn(pt_factory.make())
+        torch.save(original.state_dict(), weights)
+        common = ["--module", "pt_factory:make", "--input-shape", "1x3x8x8"]
+        assert cli(["fold", *common, "--weights", weights, "-o", out]).exit_code == 0
+        fresh = bnfold.load_folded(pt_factory.make(), out)
+        with torch.no_grad():
+            torch.testing.assert_close(fresh(X), original(X), rtol=1e-5, atol=1e-5)
+        # --weights takes the folded file too: the factory's module gets the fold first.
+        inspected = cli(["inspect", *common, "--weights", out, "--json"])
+        assert inspected.exit_code == 0, inspected.output
+        assert json.loads(inspected.output)["batchnorm"]["found"] == 0
