@@ -16,7 +16,11 @@ in place reads data that belongs to it. Publishing happens under a lock on the
 folder. It never replaces or deletes a data file that another model in the
 folder names (the data then stays under the interim name, and the save says
 so), and afterwards removes only files of those two forms that no model in the
-folder names: bnfold never deletes a data file named otherwise.
+folder names: bnfold never deletes a data file named otherwise. As with any
+stable name, a reader that opens the model just before a save replaces both
+and the data file just after can pair the old model with the new data: a
+process that reads outputs while bnfold may be writing them can hold a shared
+``flock`` on the folder, which every save takes exclusively to publish.
 """
 
 from __future__ import annotations
@@ -330,6 +334,9 @@ def _publish_with_data(
     os.replace(interim_model, path)  # the output reads the interim name: whole at every instant
     if blocked is not None:
         return SavedModel(path, folder / interim, f"{data_name} {blocked}; data in {interim}")
+    # From the link to the unlink the data has two names, and onnx_ir refuses to
+    # read a file with two links: a save killed within these few calls leaves
+    # an output onnxruntime reads and the next save tidies (_interim_files).
     try:
         os.link(folder / interim, stage / data_name)
     except OSError as err:  # EPERM, ENOTSUP, EMLINK: no hard links on this file system
