@@ -277,7 +277,8 @@ def save_model_files(
 
 def _files_read(model: ir.Model) -> frozenset[Path]:
     """The external data files ``model`` reads, resolved (an in-place save reads its output's)."""
-    return frozenset(Path(tensor.path).resolve() for tensor in external_tensors(model))
+    paths = {tensor.path for tensor in external_tensors(model)}  # thousands of tensors, few files
+    return frozenset(Path(path).resolve() for path in paths)
 
 
 def _publish(
