@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from bnfold.api import fold, inspect, verify
     from bnfold.errors import BnfoldError, NotSupportedError
+    from bnfold.onnx_front.passes import FoldBatchNormPass, FoldPassResult
     from bnfold.report import (
         BatchNormCount,
         Code,
@@ -24,12 +25,15 @@ if TYPE_CHECKING:
         Refusal,
         VerifyResult,
     )
+    from bnfold.torch_front.folded_state import load_folded, save_folded
 
 _HOMES = {
     "fold": "bnfold.api",
     "inspect": "bnfold.api",
     "verify": "bnfold.api",
     "BnfoldError": "bnfold.errors",
+    "FoldBatchNormPass": "bnfold.onnx_front.passes",
+    "FoldPassResult": "bnfold.onnx_front.passes",
     "NotSupportedError": "bnfold.errors",
     "BatchNormCount": "bnfold.report",
     "Code": "bnfold.report",
@@ -40,12 +44,16 @@ _HOMES = {
     "LowerForm": "bnfold.options",
     "Refusal": "bnfold.report",
     "VerifyResult": "bnfold.report",
+    "load_folded": "bnfold.torch_front.folded_state",
+    "save_folded": "bnfold.torch_front.folded_state",
 }
 
 __all__ = [
     "BatchNormCount",
     "BnfoldError",
     "Code",
+    "FoldBatchNormPass",
+    "FoldPassResult",
     "FoldReport",
     "FoldResult",
     "Folded",
@@ -56,6 +64,8 @@ __all__ = [
     "VerifyResult",
     "fold",
     "inspect",
+    "load_folded",
+    "save_folded",
     "verify",
 ]
 __version__ = "0.1.0"

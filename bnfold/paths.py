@@ -8,20 +8,26 @@ an input, whatever the spelling: ``./m.pt2``, a symlink or a hard link of the
 input all count (resolved paths are compared, and device/inode where the file
 exists). The one exception is the model written over its own input with
 ``--in-place``.
+
+Every file is then written by :func:`staged_file`: to a temp file beside it,
+fsynced, renamed into place, with the mode the umask gives a new file.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
-import tempfile
-from collections.abc import Iterable
+import secrets
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from bnfold.errors import BnfoldError, quoted
+from bnfold.errors import BnfoldError, first_line, quoted
 
 PathArg = str | os.PathLike[str]
+# What open(..., "w") asks for: the umask (and a default ACL) then decide.
+NEW_FILE_MODE = 0o666
 
 
 @dataclass(frozen=True)
@@ -100,22 +106,70 @@ def _require_writable(out: Named) -> None:
 
 
 def write_text_atomic(path: PathArg, text: str, role: str = "report") -> None:
-    """Write ``text`` to a temp file beside ``path``, fsync it, rename it into place.
+    """Write ``text`` to ``path`` atomically (see :func:`staged_file`).
 
     Raises:
         BnfoldError: the file cannot be written (nothing is left behind).
     """
+    with staged_file(path, role) as tmp, open(tmp, "w", encoding="utf-8") as fh:
+        fh.write(text)
+
+
+@contextlib.contextmanager
+def staged_file(path: PathArg, role: str = "output") -> Iterator[Path]:
+    """A new temp file beside ``path`` to write; on success it is fsynced and renamed over it.
+
+    The temp file is created as any new file is (mode 0666 less the umask, and
+    a folder's default ACL), so the published file is as readable as one the
+    user's own tools would write; ``tempfile.mkstemp`` would make it 0600,
+    which another user or container picking the artefact up cannot read.
+    The name is hidden (``.<name>.<token>.tmp<suffix>``, the suffix kept for
+    writers that go by it) and removed if the body raises.
+
+    Raises:
+        BnfoldError: the temp file cannot be created, written, or renamed
+            (nothing is left behind).
+    """
     target = Path(path)
-    tmp = None
+    tmp: Path | None = None
     try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
+        tmp = _create_beside(target)
+        yield tmp
+        _fsync(tmp)
         os.replace(tmp, target)
+        tmp = None
     except OSError as err:
+        raise BnfoldError(f"cannot write {role} {quoted(target)}: {os_reason(err)}") from None
+    finally:
         if tmp is not None:
             with contextlib.suppress(OSError):
                 os.unlink(tmp)
-        raise BnfoldError(f"cannot write {role} {quoted(target)}: {err.strerror or err}") from None
+
+
+def _create_beside(target: Path) -> Path:
+    for _ in range(100):
+        tmp = target.with_name(f".{target.name}.{secrets.token_hex(6)}.tmp{target.suffix}")
+        try:
+            os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, NEW_FILE_MODE))
+        except FileExistsError:
+            continue
+        return tmp
+    raise FileExistsError(errno.EEXIST, "no free temporary name", str(target.parent))
+
+
+def _fsync(path: Path) -> None:
+    with open(path, "rb") as fh:
+        os.fsync(fh.fileno())
+
+
+def os_reason(err: OSError) -> str:
+    """A short reason for a failed write: the disk-full family by name, else strerror."""
+    if err.errno in (errno.ENOSPC, errno.EDQUOT):
+        return "no space left on device"
+    if err.errno == errno.EFBIG:
+        return "file too large (file size limit reached)"
+    if err.errno == errno.EROFS:
+        return "read-only file system"
+    if err.errno in (errno.EACCES, errno.EPERM):
+        return "permission denied"
+    return err.strerror or first_line(err)

@@ -1,4 +1,4 @@
-"""Tiny ONNX graphs for tests, built with onnx.helper, and a reference runner."""
+"""Tiny ONNX graphs for tests, built with onnx.helper (or onnx_ir), and a reference runner."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ from collections.abc import Sequence
 
 import numpy as np
 import onnx
+import onnx_ir as ir
 import onnxruntime as ort
 from onnx import helper, numpy_helper
 
@@ -16,12 +17,18 @@ def init(name: str, array: np.ndarray) -> onnx.TensorProto:
     return numpy_helper.from_array(np.asarray(array), name)
 
 
-def bn_params(prefix: str, c: int, dtype: type = np.float32, **overrides: np.ndarray) -> list:
+def bn_params(
+    prefix: str,
+    c: int,
+    dtype: type = np.float32,
+    rng: np.random.Generator = RNG,
+    **overrides: np.ndarray,
+) -> list:
     values = {
-        "scale": RNG.uniform(0.5, 1.5, c),
-        "bias": RNG.normal(0, 0.5, c),
-        "mean": RNG.normal(0, 0.5, c),
-        "var": RNG.uniform(0.5, 2.0, c),
+        "scale": rng.uniform(0.5, 1.5, c),
+        "bias": rng.normal(0, 0.5, c),
+        "mean": rng.normal(0, 0.5, c),
+        "var": rng.uniform(0.5, 2.0, c),
     }
     values.update(overrides)
     return [init(f"{prefix}.{k}", np.asarray(v).astype(dtype)) for k, v in values.items()]
@@ -95,3 +102,18 @@ def run(m: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
 
 def op_types(m: onnx.ModelProto) -> list[str]:
     return [n.op_type for n in m.graph.node]
+
+
+def weight_add_model(value: float, n: int = 1000) -> ir.Model:
+    """``y = x + w``, ``w`` an initializer of ``n`` floats all equal to ``value`` (onnx_ir)."""
+    x = ir.Value(name="x", shape=ir.Shape([n]), type=ir.TensorType(ir.DataType.FLOAT))
+    w = ir.Value(
+        name="w",
+        shape=ir.Shape([n]),
+        type=ir.TensorType(ir.DataType.FLOAT),
+        const_value=ir.tensor(np.full(n, value, np.float32), name="w"),
+    )
+    node = ir.Node("", "Add", [x, w], name="add")
+    node.outputs[0].name = "y"
+    graph = ir.Graph([x], node.outputs, nodes=[node], initializers=[w], opset_imports={"": 17})
+    return ir.Model(graph, ir_version=8)

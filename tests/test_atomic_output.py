@@ -16,11 +16,11 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-import onnx_ir as ir
 import pytest
 
 from bnfold.api import verify as verify_models
 from bnfold.onnx_front import io
+from tests.builders import weight_add_model
 from tests.conftest import snapshot
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -86,7 +86,7 @@ def test_sigkill_mid_save_leaves_previous_output_whole(tmp_path, external):
         # Nothing but the model, its data file(s) and hidden staging folders of the dead child.
         visible = {p.name for p in tmp_path.iterdir() if not p.name.startswith(".")}
         referenced = {str(t.location) for t in io.external_tensors(io.load_model(target))}
-        assert visible - referenced - {"model.onnx"} <= _orphan_data(tmp_path), visible
+        assert visible - referenced - {"model.onnx"} <= _orphan_data(tmp_path, referenced), visible
         if values == {2.0}:
             _full_save(target, 1.0, external)  # back to the old version for the next kill
     print(f"kill delays {[round(d, 3) for d in delays]}: saw versions {sorted(seen)}")
@@ -98,14 +98,22 @@ def test_sigkill_mid_save_leaves_previous_output_whole(tmp_path, external):
         proc.kill()
         proc.wait(timeout=60)
         assert not fresh.exists() or _weight_values(fresh) == {5.0}
-    # The next save cleans the dead children's staging folders.
+    # The next save cleans the dead children's staging folders and interim data files.
     _full_save(target, 4.0, external)
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".bnfold-")]
+    if external:
+        assert {p.name for p in tmp_path.glob("model.onnx*")} == {"model.onnx", "model.onnx.data"}
 
 
-def _orphan_data(folder: Path) -> set[str]:
-    """Data files whose model rename never happened: allowed leftovers, never referenced."""
-    return {p.name for p in folder.glob("model.onnx.*.data")}
+def _orphan_data(folder: Path, referenced: set[str]) -> set[str]:
+    """Data files a killed save may leave unreferenced, all removed by the next save.
+
+    Interim ``model.onnx.<token>.data`` files whose model rename never happened,
+    and ``model.onnx.data`` while the model in place reads an interim file (the
+    save was killed between publishing the interim model and linking its data).
+    """
+    interim = {p.name for p in folder.glob("model.onnx.*.data")}
+    return interim | ({"model.onnx.data"} if referenced & interim else set())
 
 
 def _full_save(target: Path, value: float, external: bool) -> None:
@@ -114,26 +122,12 @@ def _full_save(target: Path, value: float, external: bool) -> None:
     assert _weight_values(target) == {value}
 
 
-def _tiny_model(value: float, n: int = 1000) -> ir.Model:
-    x = ir.Value(name="x", shape=ir.Shape([n]), type=ir.TensorType(ir.DataType.FLOAT))
-    w = ir.Value(
-        name="w",
-        shape=ir.Shape([n]),
-        type=ir.TensorType(ir.DataType.FLOAT),
-        const_value=ir.tensor(np.full(n, value, np.float32), name="w"),
-    )
-    node = ir.Node("", "Add", [x, w], name="add")
-    node.outputs[0].name = "y"
-    graph = ir.Graph([x], node.outputs, nodes=[node], initializers=[w], opset_imports={"": 17})
-    return ir.Model(graph, ir_version=8)
-
-
 def test_rejected_save_leaves_previous_output_and_no_leftovers(tmp_path):
     target = tmp_path / "m.onnx"
-    assert io.save_model(_tiny_model(1.0), target, external_data=True)
+    assert io.save_model(weight_add_model(1.0), target, external_data=True)
     before = snapshot(tmp_path)
     seen = []
-    assert not io.save_model(_tiny_model(2.0), target, external_data=True, accept=seen.append)
+    assert not io.save_model(weight_add_model(2.0), target, external_data=True, accept=seen.append)
     assert len(seen) == 1 and seen[0].parent != tmp_path  # staged beside, not in place
     assert snapshot(tmp_path) == before
 
@@ -141,7 +135,7 @@ def test_rejected_save_leaves_previous_output_and_no_leftovers(tmp_path):
 def test_external_data_is_beside_the_output_with_a_relative_location(tmp_path):
     target = tmp_path / "out" / "m.onnx"
     target.parent.mkdir()
-    io.save_model(_tiny_model(1.0), target, external_data=True)
+    io.save_model(weight_add_model(1.0), target, external_data=True)
     proto = onnx.load(str(target), load_external_data=False)
     (location,) = {e.value for e in proto.graph.initializer[0].external_data if e.key == "location"}
     assert "/" not in location and not os.path.isabs(location)
@@ -152,19 +146,20 @@ def test_external_data_is_beside_the_output_with_a_relative_location(tmp_path):
 
 
 def test_replacing_an_output_removes_its_own_old_data_but_not_shared_data(tmp_path):
+    """The data file keeps the name torch's exporter gives it, ``<model>.data``, on every save."""
     target = tmp_path / "m.onnx"
-    io.save_model(_tiny_model(1.0), target, external_data=True)
-    (old_data,) = tmp_path.glob("m.onnx.*.data")
-    io.save_model(_tiny_model(2.0), target, external_data=True)
-    (new_data,) = tmp_path.glob("m.onnx.*.data")
-    assert new_data != old_data and not old_data.exists()
+    for value in (1.0, 2.0):
+        io.save_model(weight_add_model(value), target, external_data=True)
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx", "m.onnx.data"]
+        assert io.external_data_files(target) == [tmp_path / "m.onnx.data"]
+        assert _weight_values(target) == {value}
     # A data file not named after the model may be shared: never deleted.
     shared = tmp_path / "weights.bin"
     onnx.save_model(
         onnx.load(str(target)), str(target), save_as_external_data=True, location="weights.bin",
         size_threshold=0,
     )  # fmt: skip
-    io.save_model(_tiny_model(3.0), target, external_data=True)
+    io.save_model(weight_add_model(3.0), target, external_data=True)
     assert shared.exists()
     assert _weight_values(target) == {3.0}
 
@@ -172,7 +167,7 @@ def test_replacing_an_output_removes_its_own_old_data_but_not_shared_data(tmp_pa
 def test_a_previous_output_is_parsed_once(tmp_path, monkeypatch):
     """Checking it is a model and finding its data files share one parse."""
     target = tmp_path / "m.onnx"
-    io.save_model(_tiny_model(1.0), target, external_data=True)
+    io.save_model(weight_add_model(1.0), target, external_data=True)
     parsed = []
     real_load = io.onnx.load
 
@@ -182,9 +177,9 @@ def test_a_previous_output_is_parsed_once(tmp_path, monkeypatch):
         return real_load(f, *args, **kwargs)
 
     monkeypatch.setattr(io.onnx, "load", counting_load)
-    io.save_model(_tiny_model(2.0), target, external_data=True)
+    io.save_model(weight_add_model(2.0), target, external_data=True)
     assert len(parsed) == 1
-    assert len(list(tmp_path.glob("m.onnx.*.data"))) == 1  # the old data file is gone
+    assert sorted(p.name for p in tmp_path.glob("m.onnx*.data")) == ["m.onnx.data"]
 
 
 def test_in_place_is_atomic_and_verified(cli, tmp_path, samples):
@@ -339,8 +334,8 @@ def test_300mb_external_data_model_folds_without_loading_unchanged_weights(tmp_p
           f"(tiny-model baseline {baseline / 1e6:.0f} MB)")  # fmt: skip
     assert rss < size
     assert rss < baseline + size / 2  # copying the unchanged weights would add >= size
-    (data,) = out.parent.glob("model.onnx.*.data")
-    assert data.stat().st_size >= size - (1 << 20)
+    (data,) = out.parent.glob("model.onnx*.data")
+    assert data.name == "model.onnx.data" and data.stat().st_size >= size - (1 << 20)
     assert verify_models(str(model), str(out)).passed
 
 

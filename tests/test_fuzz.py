@@ -52,7 +52,7 @@ def check_cli_contract(cli, model: Path, out: Path) -> None:
             assert out.exists() == written, result.output
             if written:
                 out.unlink()
-                for data_file in out.parent.glob(f"{out.name}.*.data"):
+                for data_file in out.parent.glob(f"{out.name}*.data"):
                     data_file.unlink()
             assert list(out.parent.iterdir()) == [], "leftovers beside the output"
     assert model.read_bytes() == before

@@ -388,18 +388,25 @@ def test_in_place_keeps_a_data_file_another_model_uses(cli, tmp_path):
 
 
 def test_own_data_file_a_copy_still_uses_is_kept(cli, tmp_path):
+    """A copy of the output reads out.onnx.data: refolds leave it and use an interim name."""
     model = _onnx_model(tmp_path / "m.onnx", external="m.onnx.data")
     out = tmp_path / "out.onnx"
     assert cli(["fold", model, "-o", out]).exit_code == 0
-    (first,) = tmp_path.glob("out.onnx.*.data")
+    first = tmp_path / "out.onnx.data"
+    assert onnx_io.external_data_files(out) == [first]
     shutil.copy(out, tmp_path / "copy.onnx")
     assert cli(["fold", model, "-o", out]).exit_code == 0
     assert first.exists()  # copy.onnx still names it
     assert cli(["verify", model, tmp_path / "copy.onnx"]).exit_code == 0
-    (second,) = set(tmp_path.glob("out.onnx.*.data")) - {first}
+    (second,) = onnx_io.external_data_files(out)
+    assert second != first and second.exists()
     assert cli(["fold", model, "-o", out]).exit_code == 0
     assert first.exists() and not second.exists()  # no other model named the second
-    assert len(list(tmp_path.glob("out.onnx.*.data"))) == 2
+    assert len(list(tmp_path.glob("out.onnx*.data"))) == 2
+    (tmp_path / "copy.onnx").unlink()
+    assert cli(["fold", model, "-o", out]).exit_code == 0  # nothing else reads out.onnx.data
+    assert sorted(p.name for p in tmp_path.glob("out.onnx*")) == ["out.onnx", "out.onnx.data"]
+    assert cli(["verify", model, out]).exit_code == 0
 
 
 def test_a_save_overtaken_by_another_leaves_no_orphan_data(tmp_path):
@@ -414,10 +421,8 @@ def test_a_save_overtaken_by_another_leaves_no_orphan_data(tmp_path):
         return True
 
     assert onnx_io.save_model(model, out, external_data=True, accept=overtaken)
-    data = list(tmp_path.glob("folded.onnx.*.data"))
-    assert [p.name for p in data] == [
-        loc.name for loc in onnx_io.external_data_files(out)
-    ]  # exactly the one the published model names
+    data = list(tmp_path.glob("folded.onnx*.data"))
+    assert data == onnx_io.external_data_files(out) == [tmp_path / "folded.onnx.data"]
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".bnfold-")]
 
 
@@ -428,8 +433,8 @@ def test_concurrent_folds_into_one_output_leave_only_its_data(tmp_path):
     for _ in range(3):
         runs = [subprocess.Popen(command, stdout=subprocess.DEVNULL) for _ in range(2)]
         assert [run.wait() for run in runs] == [0, 0]
-        names = sorted(p.name for p in tmp_path.glob("folded.onnx.*.data"))
-        assert names == [p.name for p in onnx_io.external_data_files(out)]
+        data = sorted(tmp_path.glob("folded.onnx*.data"))
+        assert data == onnx_io.external_data_files(out) == [tmp_path / "folded.onnx.data"]
 
 
 # --- one-line errors ---------------------------------------------------------------

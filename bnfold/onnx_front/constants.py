@@ -2,10 +2,19 @@
 
 Exporters do not always write parameters as initializers: torch's dynamo
 exporter with ``optimize=False`` emits a missing conv bias as
-``Expand(CastLike(Constant))``, others use ``ConstantOfShape`` or ``Cast``.
+``Expand(CastLike(Constant))``, others use ``ConstantOfShape`` or ``Cast``; with
+constant folding off, torch's TorchScript exporter writes torchvision's
+``FrozenBatchNorm2d`` as the arithmetic of its forward,
+``Reshape(w * 1 / Sqrt(rv + eps))`` and ``Reshape(b - rm * scale)``.
 :func:`constant_array` evaluates such small pure subexpressions with numpy so the
 fold sees through them; :func:`is_pure_constant_op` tells the rewriter which
 producers may be deleted once nothing reads them.
+
+Arithmetic is evaluated in the operands' own dtype, as the runtime computes it
+(no promotion: operands of two dtypes are no valid ONNX and are not evaluated).
+Add, Sub, Mul, Div and Sqrt are correctly rounded in IEEE arithmetic, so numpy
+gets the runtime's bits; integer arithmetic stops at Add, Sub, Mul and Neg,
+which wrap alike everywhere (ONNX's integer Div truncates, numpy's floors).
 """
 
 from __future__ import annotations
@@ -147,6 +156,28 @@ def _squeeze(node: ir.Node, inputs: list) -> np.ndarray:
     return np.squeeze(inputs[0], axis=None if axes is None else tuple(axes))
 
 
+def _elementwise(
+    compute: Callable[..., np.ndarray], integers: bool = False
+) -> Callable[[ir.Node, list], np.ndarray | None]:
+    """An evaluator of an elementwise op with numpy broadcasting (ONNX's multidirectional)."""
+
+    def evaluate(node: ir.Node, inputs: list) -> np.ndarray | None:
+        arrays = [np.asarray(a) for a in inputs]
+        dtypes = {a.dtype for a in arrays}
+        if len(dtypes) != 1:
+            return None
+        kind = dtypes.pop().kind
+        if kind != "f" and not (integers and kind in "iu"):
+            return None
+        shape = np.broadcast_shapes(*(a.shape for a in arrays))
+        if int(np.prod(shape, dtype=np.int64)) > MAX_ELEMENTS:
+            raise ValueError("too large")
+        with np.errstate(all="ignore"):  # inf and nan are values too; the fold judges them
+            return np.asarray(compute(*arrays)).astype(arrays[0].dtype, copy=False)
+
+    return evaluate
+
+
 def _transpose(node: ir.Node, inputs: list) -> np.ndarray:
     # torch's exporter without constant folding writes nn.Linear as MatMul(x, Transpose(W)).
     perm = node.attributes.get_ints("perm")
@@ -165,4 +196,11 @@ _EVALUATORS: dict[str, Callable[[ir.Node, list], np.ndarray | None]] = {
     "Unsqueeze": _unsqueeze,
     "Squeeze": _squeeze,
     "Transpose": _transpose,
+    "Add": _elementwise(np.add, integers=True),
+    "Sub": _elementwise(np.subtract, integers=True),
+    "Mul": _elementwise(np.multiply, integers=True),
+    "Neg": _elementwise(np.negative, integers=True),
+    "Div": _elementwise(np.divide),
+    "Sqrt": _elementwise(np.sqrt),
+    "Reciprocal": _elementwise(np.reciprocal),
 }

@@ -7,17 +7,25 @@ memory-mapped: only the tensors a fold rewrites are ever copied into memory.
 Saving is atomic: the model and its external data are written into a temporary
 folder beside the target, fsynced, then renamed into place, so a crash leaves
 either the previous output or the new one, never a partial one. The external
-data file gets a fresh name on every save (``<model>.<token>.data``) so the new
-data never overwrites the file the previous output (or the input, with
-``--in-place``) still points at. Publishing happens under a lock on the folder
-and then removes only the replaced model's data files of that form that no
-other model in the folder names: bnfold never deletes a file it did not write.
+data goes where torch's exporter puts it, ``<model>.data`` beside the model
+(``out.onnx`` -> ``out.onnx.data``). When the replaced output already reads
+that file, the new data is first published under an interim name
+(``<model>.<token>.data``) with a model naming it, then linked to
+``<model>.data`` and the final model renamed in, so at every instant the model
+in place reads data that belongs to it. Publishing happens under a lock on the
+folder. It never replaces or deletes a data file that another model in the
+folder names (the data then stays under the interim name, and the save says
+so), and afterwards removes only files of those two forms that no model in the
+folder names: bnfold never deletes a data file named otherwise. As with any
+stable name, a reader that opens the model just before a save replaces both
+and the data file just after can pair the old model with the new data: a
+process that reads outputs while bnfold may be writing them can hold a shared
+``flock`` on the folder, which every save takes exclusively to publish.
 """
 
 from __future__ import annotations
 
 import contextlib
-import errno
 import inspect
 import logging
 import mmap
@@ -36,9 +44,10 @@ import onnx
 import onnx_ir as ir
 
 from bnfold.errors import BnfoldError, first_line
+from bnfold.paths import os_reason
 
 STAGING_PREFIX = ".bnfold-"
-DATA_TOKEN_BYTES = 6  # <model>.<12 hex digits>.data: the data file names bnfold writes
+DATA_TOKEN_BYTES = 6  # <model>.<12 hex digits>.data: the interim data file name
 # Tensors over 1 MB start at 64 KiB offsets, so onnxruntime can memory-map them
 # instead of copying (onnx_ir >= 1.1 packs densely unless told otherwise).
 _ALIGNED: dict[str, Any] = (
@@ -184,6 +193,24 @@ def all_tensors(model: ir.Model) -> Iterator[ir.TensorProtocol]:
                 yield from attr.value
 
 
+@dataclass(frozen=True)
+class SavedModel:
+    """The files one save published: the model, then its external data file if any."""
+
+    path: Path
+    data: Path | None = None  # ``<model>.data``, or the interim name (see ``note``)
+    note: str = ""  # why the data is not at ``<model>.data``, when it is not
+
+    @property
+    def files(self) -> tuple[Path, ...]:
+        return (self.path,) if self.data is None else (self.path, self.data)
+
+
+def data_file_name(model_name: str) -> str:
+    """The external data file of a model named ``model_name``: torch's exporter's name."""
+    return f"{model_name}.data"
+
+
 def save_model(
     model: ir.Model,
     path: str | os.PathLike[str],
@@ -191,13 +218,24 @@ def save_model(
     external_data: bool | None = None,
     accept: Callable[[Path], bool] | None = None,
 ) -> bool:
-    """Write ``model`` to ``path`` atomically.
+    """:func:`save_model_files`, answering only whether the model was written."""
+    return save_model_files(model, path, external_data=external_data, accept=accept) is not None
+
+
+def save_model_files(
+    model: ir.Model,
+    path: str | os.PathLike[str],
+    *,
+    external_data: bool | None = None,
+    accept: Callable[[Path], bool] | None = None,
+) -> SavedModel | None:
+    """Write ``model`` to ``path`` atomically; return the files written.
 
     Args:
         model: the model to save.
         path: target file; its folder must exist and be writable.
-        external_data: write initializers to ``<name>.<token>.data`` beside the
-            model, referenced by a relative location. None keeps them external
+        external_data: write initializers to ``<name>.data`` beside the model,
+            referenced by a relative location. None keeps them external
             only if the model already had external data (or is too big for one
             protobuf).
         accept: called with the fully written staged file before it replaces
@@ -205,7 +243,8 @@ def save_model(
             bytes that would be published).
 
     Returns:
-        True if the file was written, False if ``accept`` rejected it.
+        The model and data file published (``SavedModel.files`` lists them),
+        or None if ``accept`` rejected the model and nothing was written.
 
     Raises:
         BnfoldError: the folder is missing or not writable, the disk is full, or
@@ -215,43 +254,133 @@ def save_model(
     previous = _require_writable_target(model, path)
     if external_data is None:
         external_data = any(True for _ in external_tensors(model)) or _too_big_for_protobuf(model)
-    data_name = f"{path.name}.{secrets.token_hex(DATA_TOKEN_BYTES)}.data" if external_data else None
+    # A model without tensors has no data to put anywhere: no empty data file beside it.
+    has_tensors = any(True for _ in all_tensors(model))
+    data_name = data_file_name(path.name) if external_data and has_tensors else None
     try:
+        reads = _files_read(model)
         _remove_stale_staging(path.parent)
         with _staging_dir(path.parent) as stage:
             staged = stage / path.name
             ir.save(model, staged, external_data=data_name, **_ALIGNED)
             _fsync_files(stage)
             if accept is not None and not accept(staged):
-                return False
-            _publish(stage, path, data_name, previous)
+                return None
+            return _publish(stage, path, data_name, previous, reads)
     except BnfoldError:
         raise
     except PermissionError:
         raise BnfoldError(f"cannot write to {str(path.parent)!r}: permission denied") from None
     except OSError as err:
-        raise BnfoldError(f"cannot write {str(path)!r}: {_os_reason(err)}") from None
-    return True
+        raise BnfoldError(f"cannot write {str(path)!r}: {os_reason(err)}") from None
 
 
-def _publish(stage: Path, path: Path, data_name: str | None, previous: _Previous | None) -> None:
+def _files_read(model: ir.Model) -> frozenset[Path]:
+    """The external data files ``model`` reads, resolved (an in-place save reads its output's)."""
+    paths = {tensor.path for tensor in external_tensors(model)}  # thousands of tensors, few files
+    return frozenset(Path(path).resolve() for path in paths)
+
+
+def _publish(
+    stage: Path,
+    path: Path,
+    data_name: str | None,
+    previous: _Previous | None,
+    reads: frozenset[Path],
+) -> SavedModel:
     """Rename the staged model (and its data file) into place; drop the replaced output's data.
 
     Under a lock on the folder, so that concurrent saves to one target publish
-    one after the other: each removes the data of the model it actually
-    replaces, the previous run's or a concurrent writer's, and no data file is
-    left without its model.
+    one after the other: each sees the model it actually replaces, the previous
+    run's or a concurrent writer's, and removes that model's data files (and
+    interim files a killed save left) once no model names them.
     """
     with _folder_lock(path.parent):
         now = _Previous.of(path, seen=previous)  # a concurrent save may have replaced it
-        replaced = (now.own_data if now else frozenset()) - {data_name}
-        if data_name:
-            # The fresh name means this replaces nothing: a crash before the
-            # model's rename leaves the previous output whole (plus an orphan).
-            os.replace(stage / data_name, path.parent / data_name)
-        os.replace(stage / path.name, path)
+        if data_name is None:
+            os.replace(stage / path.name, path)
+            saved = SavedModel(path)
+        else:
+            named_now = now.locations if now else frozenset()
+            saved = _publish_with_data(stage, path, data_name, named_now, reads)
         _fsync_dir(path.parent)
-        _remove_unused_data(path, replaced)
+        kept = {saved.data.name} if saved.data else set()
+        replaced = (now.own_data if now else frozenset()) | _interim_files(path)
+        _remove_unused_data(path, replaced - kept)
+    return saved
+
+
+def _publish_with_data(
+    stage: Path, path: Path, data_name: str, named_now: frozenset[str], reads: frozenset[Path]
+) -> SavedModel:
+    """Publish the staged model and ``<model>.data``, never pairing a model with another's data.
+
+    Free name (absent, or no model reads it): data, then model, renamed in.
+    Otherwise an interim model naming ``<model>.<token>.data`` is published
+    first; the data is then hard-linked over ``<model>.data`` and the final
+    model renamed in. Unless some other model reads ``<model>.data``, or hard
+    links are not available: the interim pair is then the output.
+    """
+    folder, staged = path.parent, stage / path.name
+    data = folder / data_name
+    blocked = _why_data_name_taken(path, data, named_now, reads)
+    if blocked is None and data_name not in named_now:
+        os.replace(stage / data_name, data)
+        os.replace(staged, path)
+        return SavedModel(path, data)
+    interim = f"{path.name}.{secrets.token_hex(DATA_TOKEN_BYTES)}.data"
+    interim_model = stage / f"{path.name}.interim"
+    _write_with_location(staged, data_name, interim, interim_model)
+    os.replace(stage / data_name, folder / interim)
+    os.replace(interim_model, path)  # the output reads the interim name: whole at every instant
+    if blocked is not None:
+        return SavedModel(path, folder / interim, f"{data_name} {blocked}; data in {interim}")
+    # From the link to the unlink the data has two names, and onnx_ir refuses to
+    # read a file with two links: a save killed within these few calls leaves
+    # an output onnxruntime reads and the next save tidies (_interim_files).
+    try:
+        os.link(folder / interim, stage / data_name)
+    except OSError as err:  # EPERM, ENOTSUP, EMLINK: no hard links on this file system
+        note = f"cannot hard-link {interim} to {data_name} ({os_reason(err)}); data in {interim}"
+        return SavedModel(path, folder / interim, note)
+    os.replace(stage / data_name, data)
+    os.replace(staged, path)
+    os.unlink(folder / interim)
+    return SavedModel(path, data)
+
+
+def _why_data_name_taken(
+    path: Path, data: Path, named_now: frozenset[str], reads: frozenset[Path]
+) -> str | None:
+    """Why ``data`` must not be replaced: a folder, or data another model reads; else None.
+
+    The replaced output itself may read it (that is what an in-place save
+    replaces); any other model in the folder, or the file the model being
+    saved was loaded from, must keep it.
+    """
+    if not os.path.lexists(data):
+        return None
+    if data.is_dir() and not data.is_symlink():
+        return "is a folder"
+    if data.name not in named_now and data.resolve() in reads:
+        return "is the data the saved model was read from"
+    readers = _models_naming(path, {data.name})
+    if readers:
+        return f"is read by {readers[0].name}"
+    return None
+
+
+def _write_with_location(model_file: Path, old: str, new: str, target: Path) -> None:
+    """Write ``model_file`` to ``target`` with external data location ``old`` renamed ``new``."""
+    proto = onnx.load(str(model_file), load_external_data=False)
+    for tensor in _tensor_protos(proto.graph):
+        for entry in tensor.external_data:
+            if entry.key == "location" and entry.value == old:
+                entry.value = new
+    with open(target, "wb") as fh:
+        fh.write(proto.SerializeToString())
+        fh.flush()
+        os.fsync(fh.fileno())
 
 
 @contextlib.contextmanager
@@ -372,19 +501,20 @@ def _host_tag() -> str:
 
 @dataclass(frozen=True)
 class _Previous:
-    """The model a save replaces: which file it was, and the data files bnfold named for it."""
+    """The model a save replaces: which file it was, and the data files it names."""
 
     identity: tuple[int, int, int, int]  # device, inode, size, mtime
+    locations: frozenset[str]
     own_data: frozenset[str]
 
     @classmethod
     def of(cls, path: Path, seen: _Previous | None = None) -> _Previous | None:
         """The model now at ``path`` (None if none); ``seen`` is reused if it is still that file.
 
-        Only ``<name>.<12 hex digits>.data`` beside it count as its own, the
-        form :func:`save_model` writes: a data file named otherwise
-        (``model.onnx.data`` from torch's exporter, say) was not created by
-        bnfold and is never deleted.
+        Its own data files are those it names in the two forms :func:`save_model`
+        writes, ``<name>.data`` and ``<name>.<12 hex digits>.data``: a data file
+        named otherwise (``weights.bin``, say) was not written for this output
+        and is never deleted.
         """
         try:
             info = path.stat()
@@ -396,9 +526,29 @@ class _Previous:
         proto = _parse_model(path)
         if proto is None:
             return None
-        own = re.compile(re.escape(path.name) + rf"\.[0-9a-f]{{{2 * DATA_TOKEN_BYTES}}}\.data")
-        names = frozenset(loc for loc in _data_locations(proto) if own.fullmatch(loc))
-        return cls(identity, names)
+        names = frozenset(_data_locations(proto))
+        own = frozenset(n for n in names if n == data_file_name(path.name) or _is_interim(path, n))
+        return cls(identity, names, own)
+
+
+def _is_interim(path: Path, name: str) -> bool:
+    """Whether ``name`` has the form of the interim data file of a save to ``path``."""
+    token = rf"\.[0-9a-f]{{{2 * DATA_TOKEN_BYTES}}}\.data"
+    return re.fullmatch(re.escape(path.name) + token, name) is not None
+
+
+def _interim_files(path: Path) -> frozenset[str]:
+    """Interim data files of ``path`` in its folder: a save killed mid-publish leaves them.
+
+    Called under the folder lock, where no save is between its renames.
+    """
+    with contextlib.suppress(OSError), os.scandir(path.parent) as entries:
+        return frozenset(
+            e.name
+            for e in entries
+            if _is_interim(path, e.name) and e.is_file(follow_symlinks=False)
+        )
+    return frozenset()
 
 
 def _tensor_protos(graph: onnx.GraphProto) -> Iterator[onnx.TensorProto]:
@@ -415,29 +565,52 @@ def _tensor_protos(graph: onnx.GraphProto) -> Iterator[onnx.TensorProto]:
 
 
 def _remove_unused_data(path: Path, names: Iterable[str]) -> None:
-    """Delete the replaced output's own data files that no other model in the folder names.
+    """Delete the data files ``names`` beside ``path`` unless another model in the folder names one.
 
     A copy of the output (``cp folded.onnx b.onnx``) still points at the same
-    data file: any ``*.onnx`` beside it whose bytes contain the file's name
-    keeps it (a false match only keeps a file).
+    data file: any ``*.onnx`` beside it that names the file keeps it.
     """
     names = set(names)
     if not names:
         return
-    for other in path.parent.glob("*.onnx"):
-        if other.name != path.name:
-            names -= _names_mentioned(other, names)
+    names -= {n for other in _other_models(path) for n in _names_in(other, names)}
     for name in names:
         with contextlib.suppress(OSError):
             os.remove(path.parent / name)
 
 
-def _names_mentioned(model_file: Path, names: set[str]) -> set[str]:
+def _models_naming(path: Path, names: set[str]) -> list[Path]:
+    """The ``*.onnx`` files beside ``path`` (not ``path``) that name one of ``names`` as data."""
+    return [other for other in _other_models(path) if _names_in(other, names)]
+
+
+def _other_models(path: Path) -> list[Path]:
+    return sorted(other for other in path.parent.glob("*.onnx") if other.name != path.name)
+
+
+def _names_in(model_file: Path, names: set[str]) -> set[str]:
+    """Which of ``names`` the model file names as an external data location.
+
+    Searched for as the serialized location value (the field tag, the length,
+    the name), so ``b.onnx.data`` is not mistaken for a mention of
+    ``a.onnx.data`` inside ``ba.onnx.data``; a false match only keeps a file.
+    """
     try:
         with open(model_file, "rb") as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as m:
-            return {name for name in names if m.find(name.encode()) != -1}
+            return {name for name in names if m.find(_location_bytes(name)) != -1}
     except (OSError, ValueError):  # unreadable or empty: it cannot name anything we can see
         return set()
+
+
+def _location_bytes(name: str) -> bytes:
+    """``name`` as the value of a StringStringEntryProto (field 2, length-delimited)."""
+    raw = name.encode()
+    length, varint = len(raw), bytearray()
+    while True:
+        byte, length = length & 0x7F, length >> 7
+        varint.append(byte | (0x80 if length else 0))
+        if not length:
+            return bytes([0x12]) + bytes(varint) + raw
 
 
 def _require_model_file(path: Path) -> None:
@@ -453,7 +626,7 @@ def _require_model_file(path: Path) -> None:
     except PermissionError:
         raise BnfoldError(f"{path}: permission denied") from None
     except OSError as err:
-        raise BnfoldError(f"{path}: {_os_reason(err)}") from None
+        raise BnfoldError(f"{path}: {os_reason(err)}") from None
     except ValueError as err:  # embedded NUL byte in the name
         raise BnfoldError(f"bad model path ({first_line(err)})") from None
 
@@ -489,16 +662,6 @@ def _fsync_dir(folder: Path) -> None:
             os.fsync(fd)
         finally:
             os.close(fd)
-
-
-def _os_reason(err: OSError) -> str:
-    if err.errno in (errno.ENOSPC, errno.EDQUOT):
-        return "no space left on device"
-    if err.errno == errno.EFBIG:
-        return "file too large (file size limit reached)"
-    if err.errno == errno.EROFS:
-        return "read-only file system"
-    return err.strerror or first_line(err)
 
 
 def evict_pages(tensor: ir.TensorProtocol | None) -> None:

@@ -59,7 +59,7 @@ class FoldPassResult(ir.passes.PassResult):
     unfolded: dict[ir.Node, Refusal] = field(default_factory=dict)
 
 
-class FoldAffinePass(ir.passes.InPlacePass):
+class FoldBatchNormPass(ir.passes.InPlacePass):
     """Fold inference BatchNormalization and constant Mul/Add into a neighbouring linear op.
 
     Matches:  BatchNormalization | Mul(·, c) | Add(·, c)
@@ -78,6 +78,35 @@ class FoldAffinePass(ir.passes.InPlacePass):
              site is left exactly as it was.
     Reports each fold and refusal, and in ``report.batchnorm`` how many inference
     BatchNorms were found, folded and left (by refusal code).
+
+    An ``onnx_ir`` pass like any other (``bnfold.FoldBatchNormPass``), for
+    pipelines of passes::
+
+        import onnx_ir as ir
+        import onnx_ir.passes.common as common_passes
+        import bnfold
+
+        fold = bnfold.FoldBatchNormPass()
+        pipeline = ir.passes.PassManager([
+            common_passes.LiftConstantsToInitializersPass(),
+            fold,
+            common_passes.RemoveUnusedNodesPass(),
+        ])
+        pipeline(model)
+        print(fold.report.summary())
+
+    Called alone it returns a :class:`FoldPassResult` with the report; a
+    PassManager returns only a plain PassResult, so the pass also keeps the
+    report of its last call in ``report``. It folds to a fixpoint in one call:
+    in a PassManager with ``steps > 1`` a later step finds nothing new and its
+    report lists no folds, so nest the other passes in their own PassManager if
+    they need several steps. The pass changes the model in place and verifies
+    nothing: compare the result with a copy of the original (``bnfold.verify``).
+
+    Args:
+        options: clone shared weights (default) or refuse them, and the rounding
+            of folded weights (:class:`bnfold.onnx_front.match.MatchOptions`).
+        held_bytes: how many bytes of folded weights stay in memory until the save.
     """
 
     def __init__(
@@ -86,6 +115,7 @@ class FoldAffinePass(ir.passes.InPlacePass):
         super().__init__()
         self.options = options or MatchOptions()
         self.held_bytes = held_bytes
+        self.report: FoldReport | None = None  # of the last call
 
     def call(self, model: ir.Model) -> FoldPassResult:
         report = FoldReport(
@@ -100,6 +130,7 @@ class FoldAffinePass(ir.passes.InPlacePass):
         report.refused = list(refused.values())
         report.ops_after = op_counts(model)
         report.batchnorm = BatchNormCount.of(found, training, 0, left_codes(refused))
+        self.report = report
         return FoldPassResult(model, bool(report.folded), report, refused)
 
     @staticmethod
@@ -129,6 +160,10 @@ class FoldAffinePass(ir.passes.InPlacePass):
                 report.folded.extend(entries)
                 folded_any = True
         return folded_any, refused
+
+
+# The name the pass had before it was public; api.py and the tests still use it.
+FoldAffinePass = FoldBatchNormPass
 
 
 def _folded_entry(plan: FoldPlan) -> Folded:

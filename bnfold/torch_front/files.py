@@ -6,10 +6,14 @@ Two kinds of input:
   * a module factory ``pkg.mod:factory`` with optional ``--weights`` (a
     state_dict loaded with ``weights_only=True`` unless the user trusts the
     pickle). ``-o x.pt`` folds it eagerly and writes the folded state_dict (keys
-    of unfolded modules unchanged, folded BNs gone). ``-o x.pt2`` exports it and
-    folds the program like a ``.pt2`` input: the output keeps no class anyway,
-    and at graph level a module that runs in several roles gets a folded copy
-    for the call beside the BN, which an eager module cannot.
+    of unfolded modules unchanged, folded BNs gone) with the record of the fold
+    that :func:`bnfold.load_folded` applies to a freshly built model before
+    loading it (see :mod:`bnfold.torch_front.folded_state`). ``-o x.pt2``
+    exports it and folds the program like a ``.pt2`` input: it loads without
+    the model's code (``torch.export.load(path).module()``), and at graph level
+    a module that runs in several roles gets a folded copy for the call beside
+    the BN, which an eager module cannot. Prefer ``.pt2`` unless the folded
+    weights go back into the model's own class (fine-tuning, a training codebase).
 ``to_onnx`` also exports the folded model to ONNX (torch's exporter would fold
 BatchNorm itself; after bnfold there is nothing left for it to fold).
 Both kinds are written only when :meth:`FoldResult.publishable` allows it, the
@@ -32,6 +36,7 @@ from bnfold.errors import BnfoldError, first_line
 from bnfold.report import FoldReport, FoldResult, LowerForm, VerifyResult
 from bnfold.torch_front import inspect_module, run
 from bnfold.torch_front import verify as checking
+from bnfold.torch_front.folded_state import folded_state_dict
 from bnfold.torch_front.io import (
     atomic_target,
     example_args,
@@ -74,11 +79,31 @@ def fold_torch(
     lower: LowerForm | None = None,
     trust_pickle: bool = False,
 ) -> tuple[FoldResult, bool]:
+    """:func:`fold_torch_files`, answering only whether anything was written."""
+    result, written = fold_torch_files(
+        source, output, verify, to_onnx, require_verified=require_verified,
+        rounding=rounding, lower=lower, trust_pickle=trust_pickle,
+    )  # fmt: skip
+    return result, bool(written)
+
+
+def fold_torch_files(
+    source: ModuleSource | str,
+    output: str | os.PathLike[str],
+    verify: VerifyOptions | None = DEFAULT_VERIFY,
+    to_onnx: str | os.PathLike[str] | None = None,
+    *,
+    require_verified: bool = False,
+    rounding: Rounding = Rounding.NEAREST,
+    lower: LowerForm | None = None,
+    trust_pickle: bool = False,
+) -> tuple[FoldResult, tuple[Path, ...]]:
     """Fold a ``.pt2`` path or a factory-built module and write the result atomically.
 
     A ``.pt2`` source, or a factory module written to a ``.pt2``, is folded as
     an exported program at graph level; a factory module written to ``.pt``
-    is folded eagerly and saved as its state_dict.
+    is folded eagerly and saved as its state_dict with the fold's record
+    (:func:`bnfold.torch_front.folded_state.save_folded`).
 
     Args:
         verify: tolerances and draws (``--shape`` / input caps are ONNX-only and
@@ -94,9 +119,11 @@ def fold_torch(
             refused (see :mod:`bnfold.torch_front.archive`).
 
     Returns:
-        (result, written): ``result.model`` is the folded module. written is
-        False, and neither ``output`` nor ``to_onnx`` touched, when verification
-        failed after rollback, or was not possible and ``require_verified`` is set.
+        (result, files): ``result.model`` is the folded module; ``files`` every
+        file written, ``output`` first, then ``to_onnx`` and its external data
+        if any. Empty, and neither ``output`` nor ``to_onnx`` touched, when
+        verification failed after rollback, or was not possible and
+        ``require_verified`` is set.
 
     Raises:
         BnfoldError: bad input or output path, a state_dict without --module,
@@ -118,7 +145,7 @@ def _fold_torch(
     rounding: Rounding,
     lower: LowerForm | None,
     trust_pickle: bool,
-) -> tuple[FoldResult, bool]:
+) -> tuple[FoldResult, tuple[Path, ...]]:
     as_program = Path(output).suffix == ".pt2"
     if isinstance(source, ModuleSource):
         module, args = source.load()
@@ -135,9 +162,8 @@ def _fold_torch(
         result = fold_graph_module(ep.module, args, verify=verify, rounding=rounding, lower=lower)
         as_program = True  # a program is written back as a program, whatever the suffix
     if not result.publishable(require_verified):
-        return result, False
-    _save(result.model, args, Path(output), as_program, to_onnx)
-    return result, True
+        return result, ()
+    return result, _save(result, args, Path(output), as_program, to_onnx)
 
 
 def _require_safe_outputs(
@@ -198,25 +224,29 @@ def _export(module: torch.nn.Module, args: tuple[Any, ...], what: str) -> Any:
 
 
 def _save(
-    module: torch.nn.Module,
+    result: FoldResult,
     args: tuple[Any, ...],
     output: Path,
     as_program: bool,
     to_onnx: str | os.PathLike[str] | None,
-) -> None:
-    """Write ``module`` to ``output`` (exported with ``args``, or its state_dict) and ``to_onnx``.
+) -> tuple[Path, ...]:
+    """Write the folded module to ``output`` (exported with ``args``, or its state_dict and
+    fold record) and to ``to_onnx``; return the files written.
 
     Both are staged first: the ONNX export runs while ``output`` is still a
     temp file, so a failed export leaves neither written.
     """
+    module = result.model
     program = _export(module, args, "the folded module") if as_program else None
+    exported: tuple[Path, ...] = ()
     with atomic_target(output) as tmp:
         if program is None:
-            torch.save(module.state_dict(), tmp)
+            torch.save(folded_state_dict(result), tmp)
         else:
             torch.export.save(program, tmp)
         if to_onnx is not None:
-            export_onnx(module, args, to_onnx)
+            exported = export_onnx(module, args, to_onnx).files
+    return (output, *exported)
 
 
 def inspect_torch(

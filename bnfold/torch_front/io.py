@@ -11,15 +11,18 @@ import importlib
 import importlib.util
 import os
 import pickle
-import tempfile
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
 from bnfold.errors import BnfoldError, NotSupportedError, first_line, quoted
+from bnfold.paths import staged_file
+
+if TYPE_CHECKING:
+    from bnfold.onnx_front.io import SavedModel
 
 
 def load_module_factory(spec: str, weights: str | None, trust_pickle: bool) -> nn.Module:
@@ -115,11 +118,16 @@ def _load_weights(module: nn.Module, path: str, trust_pickle: bool) -> None:
         ) from None
     except Exception as e:
         raise BnfoldError(f"cannot load {path!r}: {type(e).__name__}: {first_line(e)}") from None
+    from bnfold.torch_front.folded_state import FoldRecord, load_into, mismatch
+
     state = _state_dict_of(obj, path)
+    if FoldRecord.of_state(state) is not None:  # a folded .pt: the module takes its fold first
+        load_into(module, state, repr(path))
+        return
     try:
         module.load_state_dict(state)
     except RuntimeError as e:
-        raise BnfoldError(f"{path!r} does not fit the module: {first_line(e)}") from None
+        raise BnfoldError(f"{path!r} does not fit the module: {mismatch(e)}") from None
 
 
 def _state_dict_of(obj: Any, path: str) -> Mapping[str, Any]:
@@ -193,18 +201,22 @@ def example_args(ep: torch.export.ExportedProgram) -> tuple[Any, ...]:
     return tuple(torch.randn(tuple(v.shape), generator=gen).to(v.dtype) for v in vals)
 
 
-def export_onnx(module: Any, example_inputs: Any, path: str | os.PathLike[str]) -> None:
+def export_onnx(module: Any, example_inputs: Any, path: str | os.PathLike[str]) -> SavedModel:
     """Export a (folded) module or ExportedProgram to ONNX with torch's exporter, atomically.
 
     torch's ONNX exporter folds Conv+BatchNorm by itself when optimizing; after
     bnfold's fold there is nothing left for it to fold, and bnfold's report
     plus verification are what tell you the fold was right.
 
+    Returns:
+        The files written: the model, and ``<path>.data`` if it is too big for
+        one protobuf (see :func:`bnfold.onnx_front.io.save_model_files`).
+
     Raises:
         BnfoldError: the export fails or the output cannot be written.
     """
     from bnfold.logs import quiet_loggers
-    from bnfold.onnx_front.io import save_model
+    from bnfold.onnx_front.io import save_model_files
     from bnfold.torch_front.run import as_args
 
     try:
@@ -218,26 +230,22 @@ def export_onnx(module: Any, example_inputs: Any, path: str | os.PathLike[str]) 
         raise BnfoldError(f"ONNX export failed: {type(e).__name__}: {first_line(e)}") from None
     if program is None:
         raise BnfoldError("ONNX export returned nothing")
-    save_model(program.model, path)
+    saved = save_model_files(program.model, path)
+    assert saved is not None  # only a rejecting ``accept`` writes nothing
+    return saved
 
 
 @contextlib.contextmanager
 def atomic_target(path: str | os.PathLike[str]) -> Iterator[str]:
-    """Yield a temp file name beside ``path``; on success it replaces ``path``."""
+    """Yield a temp file name beside ``path``; on success it replaces ``path``.
+
+    See :func:`bnfold.paths.staged_file`: the file is published with the mode
+    the umask gives a new file, never a partial one.
+    """
     target = Path(path)
     if not target.parent.is_dir():
         raise BnfoldError(f"output folder {str(target.parent)!r} does not exist")
     if target.is_dir():
         raise BnfoldError(f"output {str(target)!r} is a folder")
-    fd, tmp = tempfile.mkstemp(
-        dir=target.parent, prefix=f".{target.name}.", suffix=f".tmp{target.suffix}"
-    )
-    os.close(fd)
-    try:
-        yield tmp
-        os.replace(tmp, target)
-    except OSError as e:
-        raise BnfoldError(f"cannot write {str(target)!r}: {e.strerror or e}") from None
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    with staged_file(target) as tmp:
+        yield str(tmp)
