@@ -1,0 +1,178 @@
+"""Coefficients of an affine map in float64, with what bounds their errors.
+
+Every coefficient the prover compares carries three arrays of one shape:
+
+``val``
+    its value, computed in float64 from the model's stored values.
+``mag``
+    the sum of the magnitudes of the terms it was computed from. Each float64
+    operation rounds once, so the computed value is within ``depth * 2**-53 * mag``
+    of the real value of the same expression (``depth`` bounds the operations on
+    any path; a dot product of n terms counts n). :meth:`Coefs.error` is that bound.
+``unit``
+    how far the coefficient moves, to first order, when every stored value it was
+    computed from moves by one ulp of its own dtype (an L1 sum of
+    ``|d coef / d stored| * ulp(stored)``). ``None`` means zero: exact constants
+    (attributes, structural ones) and the side whose units are not needed.
+
+A folded model is correct when its stored values are the exact fold rounded once,
+so each coefficient of its map lies within one ``unit`` of the exact coefficient:
+the prover measures deviations in these units ("ulps").
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+
+U64 = 2.0**-53
+"""Unit roundoff of float64."""
+
+
+def _finfo(dtype: np.dtype) -> tuple[int, int]:
+    """(mantissa bits, min exponent) of a float dtype, bf16 included."""
+    if dtype.kind == "f":
+        info = np.finfo(dtype)
+        return int(info.nmant), int(info.minexp)
+    import ml_dtypes  # onnx_ir depends on it: bf16 and the fp8 types
+
+    ml_info = ml_dtypes.finfo(dtype)  # type: ignore[no-untyped-call]
+    return int(ml_info.nmant), int(ml_info.minexp)
+
+
+def ulp(values: np.ndarray, dtype: np.dtype) -> np.ndarray:
+    """The spacing of ``dtype`` at each of ``values`` (above it at a power of two)."""
+    if dtype.kind in "iub":
+        return np.zeros(np.shape(values))
+    nmant, minexp = _finfo(dtype)
+    _, exponent = np.frexp(np.asarray(values, dtype=np.float64))
+    spacing: np.ndarray = np.ldexp(1.0, np.maximum(exponent - 1, minexp) - nmant)
+    return spacing
+
+
+def _opt_add(a: np.ndarray | None, b: np.ndarray | None) -> np.ndarray | None:
+    if a is None:
+        return b
+    if b is None:
+        return a
+    total: np.ndarray = a + b
+    return total
+
+
+def _opt_scale(a: np.ndarray | None, factor: np.ndarray) -> np.ndarray | None:
+    return None if a is None else a * factor
+
+
+@dataclass
+class Coefs:
+    """A float64 array of coefficients with its error and ulp bookkeeping."""
+
+    val: np.ndarray
+    mag: np.ndarray
+    unit: np.ndarray | None = None
+    depth: int = 0
+
+    @classmethod
+    def stored(cls, array: np.ndarray, track_units: bool) -> Coefs:
+        """A tensor as the model stores it: exact in float64, ``unit`` = its ulps."""
+        val = np.asarray(array, dtype=np.float64)
+        unit = ulp(val, array.dtype) if track_units else None
+        return cls(val, np.abs(val), unit, 0)
+
+    @classmethod
+    def exact(cls, array: np.ndarray | float) -> Coefs:
+        """A value with no rounding in it (an attribute, a structural 0 or 1)."""
+        val = np.asarray(array, dtype=np.float64)
+        return cls(val, np.abs(val), None, 0)
+
+    @classmethod
+    def zeros(cls, shape: tuple[int, ...]) -> Coefs:
+        return cls.exact(np.zeros(shape))
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.val.shape)
+
+    def error(self) -> np.ndarray:
+        """Bound on ``|val - real value of the same expression|``."""
+        return (self.depth + 1) * U64 * 1.01 * self.mag
+
+    # -- arithmetic (numpy broadcasting) -------------------------------------------
+
+    def __mul__(self, other: Coefs) -> Coefs:
+        unit = _opt_add(
+            _opt_scale(self.unit, np.abs(other.val)), _opt_scale(other.unit, np.abs(self.val))
+        )
+        return Coefs(self.val * other.val, self.mag * other.mag, unit, self.depth + other.depth + 1)
+
+    def __add__(self, other: Coefs) -> Coefs:
+        return Coefs(
+            self.val + other.val,
+            self.mag + other.mag,
+            _opt_add(self.unit, other.unit),
+            max(self.depth, other.depth) + 1,
+        )
+
+    def __neg__(self) -> Coefs:
+        return Coefs(-self.val, self.mag, self.unit, self.depth)
+
+    def __sub__(self, other: Coefs) -> Coefs:
+        return self + (-other)
+
+    def recip(self) -> Coefs:
+        """``1 / self`` (callers check for zeros)."""
+        inv = 1.0 / self.val
+        return Coefs(inv, self.mag * inv * inv, _opt_scale(self.unit, inv * inv), self.depth + 1)
+
+    def __truediv__(self, other: Coefs) -> Coefs:
+        return self * other.recip()
+
+    def sqrt(self) -> Coefs:
+        """``sqrt(self)`` (callers check the sign)."""
+        root = np.sqrt(self.val)
+        half_inv = np.divide(0.5, root, out=np.zeros_like(root), where=root > 0)
+        return Coefs(
+            root, self.mag * half_inv + root, _opt_scale(self.unit, half_inv), self.depth + 1
+        )
+
+    def matmul(self, other: Coefs) -> Coefs:
+        """``self @ other`` over the last two axes (batched over the leading ones)."""
+        n = self.val.shape[-1]
+        unit = _opt_add(
+            None if self.unit is None else self.unit @ np.abs(other.val),
+            None if other.unit is None else np.abs(self.val) @ other.unit,
+        )
+        return Coefs(self.val @ other.val, self.mag @ other.mag, unit, self.depth + other.depth + n)
+
+    # -- shape -------------------------------------------------------------------------
+
+    def map(self, fn: Callable[[np.ndarray], np.ndarray]) -> Coefs:
+        """Apply one shape-only numpy function (reshape, transpose, index) to all arrays."""
+        return Coefs(
+            fn(self.val), fn(self.mag), None if self.unit is None else fn(self.unit), self.depth
+        )
+
+    def reshape(self, shape: tuple[int, ...]) -> Coefs:
+        return self.map(lambda a: a.reshape(shape))
+
+    def broadcast_to(self, shape: tuple[int, ...]) -> Coefs:
+        return self.map(lambda a: np.broadcast_to(a, shape))
+
+
+def concat(parts: list[Coefs], axis: int) -> Coefs:
+    """Concatenate coefficient arrays along ``axis``."""
+    units = [p.unit for p in parts]
+    unit = None
+    if any(u is not None for u in units):
+        unit = np.concatenate(
+            [np.zeros(p.shape) if u is None else u for p, u in zip(parts, units, strict=True)],
+            axis=axis,
+        )
+    return Coefs(
+        np.concatenate([p.val for p in parts], axis=axis),
+        np.concatenate([p.mag for p in parts], axis=axis),
+        unit,
+        max(p.depth for p in parts),
+    )

@@ -1,0 +1,386 @@
+"""Prove one changed region: both pieces, evaluated as maps of the region's inputs.
+
+Each side of a region (the original's changed nodes, the folded model's) is evaluated
+over the prover's values (:mod:`bnfold.proof.ops`) from the region's boundary inputs,
+each an identity map on a layout read off how the region uses it. A value both sides
+compute under one name is compared as soon as it is reached; when equal it becomes a
+boundary input for what follows ("a cut"), so a region holding two folds in series
+(Conv -> BN -> Conv -> BN) is proven fold by fold. The region is proven when every value
+read outside it (by an unchanged node or as a graph output) is proven equal.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+import onnx_ir as ir
+
+from bnfold.proof import dims
+from bnfold.proof.certificate import SiteProof
+from bnfold.proof.coefs import Coefs
+from bnfold.proof.diff import Region
+from bnfold.proof.dims import Dim
+from bnfold.proof.equivalence import Verdict, compare
+from bnfold.proof.graphs import Scope, Shapes
+from bnfold.proof.ops import OPS, Arg, Opaque, OpContext
+from bnfold.proof.stencil import Stencil
+from bnfold.proof.values import (
+    Affine,
+    Axis,
+    Const,
+    Layout,
+    Pooled,
+    Role,
+    Unsupported,
+    Value,
+    feature_count,
+)
+
+LINEAR_OPS = frozenset({"Conv", "ConvTranspose", "Gemm", "MatMul"})
+POOL_OPS = frozenset({"AveragePool", "MaxPool", "GlobalAveragePool", "GlobalMaxPool"})
+
+
+class FoldedLike(Protocol):
+    """What the prover reads of one ``report.Folded`` (names only)."""
+
+    site: str
+    linear: str
+    affine: str
+    value: str
+
+    @property
+    def kind(self) -> object: ...
+
+
+class LoweredLike(Protocol):
+    site: str
+
+
+class ReportLike(Protocol):
+    """A fold report, read for site names only, never trusted for correctness."""
+
+    @property
+    def folded(self) -> Sequence[FoldedLike]: ...
+
+    @property
+    def lowered(self) -> Sequence[LoweredLike]: ...
+
+
+# -- boundary inputs --------------------------------------------------------------------
+
+
+@dataclass
+class _Need:
+    """What one reader requires of an input: a rank, and roles/sizes of some axes."""
+
+    rank: int | None
+    axes: dict[int, tuple[Role, int | None]]
+
+
+def _const_shape(scope: Scope, value: ir.Value | None) -> tuple[int, ...] | None:
+    if value is None or not value.name or not scope.is_const(value.name):
+        return None
+    tensor = scope.stored_tensor(value.name)
+    if tensor is not None:
+        return tuple(int(d) for d in tensor.shape.numpy())
+    return tuple(scope.const_array(value.name).shape)
+
+
+def _reader_need(node: ir.Node, index: int, scope: Scope, rank: int | None) -> _Need:
+    """How ``node`` reads its input ``index`` (the roles its semantics give each axis)."""
+    op = node.op_type
+    ins = list(node.inputs)
+    if op in ("Conv", "ConvTranspose") and index == 0:
+        w = _const_shape(scope, ins[1] if len(ins) > 1 else None)
+        if w is None:
+            return _Need(rank, {})
+        groups = int(node.attributes["group"].value) if "group" in node.attributes else 1
+        channels = w[1] * groups if op == "Conv" else w[0]
+        spatial = {a: (Role.SPACE, None) for a in range(2, len(w))}
+        return _Need(len(w), {0: (Role.BATCH, None), 1: (Role.FEATURE, channels), **spatial})
+    if op in POOL_OPS and index == 0 and rank is not None:
+        spatial = {a: (Role.SPACE, None) for a in range(2, rank)}
+        return _Need(rank, {0: (Role.BATCH, None), 1: (Role.FEATURE, None), **spatial})
+    if op == "BatchNormalization" and index == 0:
+        scale = _const_shape(scope, ins[1] if len(ins) > 1 else None)
+        size = scale[0] if scale else None
+        return _Need(rank, {0: (Role.BATCH, None), 1: (Role.FEATURE, size)})
+    if op == "Gemm" and index == 0:
+        b = _const_shape(scope, ins[1])
+        trans = "transB" in node.attributes and node.attributes["transB"].value
+        k = None if b is None or len(b) != 2 else (b[1] if trans else b[0])
+        return _Need(2, {0: (Role.BATCH, None), 1: (Role.FEATURE, k)})
+    if op == "MatMul" and index == 0 and rank is not None:
+        b = _const_shape(scope, ins[1])
+        if b is not None and len(b) == 2:
+            batch = {a: (Role.BATCH, None) for a in range(rank - 1)}
+            return _Need(rank, {**batch, rank - 1: (Role.FEATURE, b[0])})
+    if op in ("Add", "Sub", "Mul", "Div") and rank is not None:
+        other = _const_shape(scope, ins[1 - index] if len(ins) == 2 else None)
+        if other is not None:
+            full = (1,) * (rank - len(other)) + other[-rank:] if rank else ()
+            return _Need(rank, {a: (Role.FEATURE, n) for a, n in enumerate(full) if n > 1})
+    return _Need(rank, {})
+
+
+def _merge_role(name: str, axis: int, roles: set[Role]) -> Role | None:
+    if not roles:
+        return None
+    if len(roles) == 1:
+        return roles.pop()
+    if roles == {Role.BATCH, Role.SPACE}:
+        return Role.BATCH if axis == 0 else Role.SPACE
+    names = "/".join(sorted(r.value for r in roles))
+    raise Unsupported(f"input {name!r} is read with axis {axis} as {names}")
+
+
+def input_layout(
+    name: str, readers: list[tuple[ir.Node, int, Scope]], known: tuple[Dim | None, ...] | None
+) -> Layout:
+    """The layout of a boundary input: each axis's role from the ops that read it.
+
+    Axes no reader constrains: axis 0 is BATCH, a static axis FEATURE (a map may mix
+    it), a dynamic one SPACE (pointwise, with the identity window).
+    """
+    rank = None if known is None else len(known)
+    needs = [_reader_need(node, i, scope, rank) for node, i, scope in readers]
+    if rank is None:
+        ranks = {n.rank for n in needs if n.rank is not None}
+        if len(ranks) != 1:
+            raise Unsupported(f"the rank of input {name!r} is unknown")
+        rank = ranks.pop()
+    sizes: list[Dim | None] = list(known) if known is not None else [None] * rank
+    axes: list[Axis] = []
+    frame = 0
+    for axis in range(rank):
+        roles = {n.axes[axis][0] for n in needs if axis in n.axes}
+        hinted = [n.axes[axis][1] for n in needs if axis in n.axes and n.axes[axis][1] is not None]
+        size: Dim | None = (
+            sizes[axis] if sizes[axis] is not None else (hinted[0] if hinted else None)
+        )
+        role = _merge_role(name, axis, roles)
+        if role is None:
+            role = (
+                Role.BATCH if axis == 0 else Role.FEATURE if isinstance(size, int) else Role.SPACE
+            )
+        if size is None:
+            size = dims.named(f"{name}:{axis}")
+        if role is Role.SPACE:
+            axes.append(Axis(role, size, frame))
+            frame += 1
+        else:
+            axes.append(Axis(role, size))
+    return tuple(axes)
+
+
+def _identity_source(name: str, layout: Layout) -> Affine:
+    features = feature_count(layout)
+    rank = sum(a.role is Role.SPACE for a in layout)
+    return Affine(layout, {name: Stencil.identity(features, rank)}, Coefs.zeros((features,)))
+
+
+def _as_source(name: str, value: Value) -> Value:
+    """A proven-equal value as a fresh boundary input (its own spatial frames)."""
+    if isinstance(value, Affine | Pooled):
+        frame = 0
+        axes = []
+        for a in value.layout:
+            if a.role is Role.SPACE:
+                axes.append(Axis(a.role, a.size, frame))
+                frame += 1
+            else:
+                axes.append(Axis(a.role, a.size))
+        return _identity_source(name, tuple(axes))
+    return value
+
+
+# -- evaluating one side -----------------------------------------------------------------
+
+
+class _Side:
+    """One side of a region, evaluated lazily, value by value."""
+
+    def __init__(self, scope: Scope, nodes: list[ir.Node], track_units: bool) -> None:
+        self.scope = scope
+        self.producers = {v.name: n for n in nodes for v in n.outputs if v.name}
+        self.sources: dict[str, Value] = {}
+        self.memo: dict[str, Arg] = {}
+        self.ctx = OpContext(track_units, scope.opset)
+
+    def value(self, name: str) -> Value:
+        got = self._arg(name)
+        if isinstance(got, Opaque):
+            raise Unsupported(got.reason)
+        assert got is not None
+        return got
+
+    def _arg(self, name: str) -> Arg:
+        if name in self.sources:
+            return self.sources[name]
+        if name in self.memo:
+            return self.memo[name]
+        if self.scope.is_const(name):
+            return Const(self.scope.const_array(name))
+        node = self.producers.get(name)
+        if node is None:
+            raise Unsupported(f"{name!r} is not computed here")
+        self._run(node)
+        return self.memo[name]
+
+    def _run(self, node: ir.Node) -> None:
+        label = f"{node.op_type} {node.name!r}" if node.name else node.op_type
+        if node.domain not in ("", "ai.onnx"):
+            raise Unsupported(
+                f"{label}: custom op {node.domain}::{node.op_type} in a changed region"
+            )
+        transfer = OPS.get(node.op_type)
+        if transfer is None:
+            raise Unsupported(f"{label}: the prover has no semantics for {node.op_type}")
+        args = [self._arg(v.name) if v is not None and v.name else None for v in node.inputs]
+        results = transfer(node, args, self.ctx)
+        for out, result in zip(node.outputs, results, strict=False):
+            if out.name:
+                self.memo[out.name] = result
+
+
+# -- one region -----------------------------------------------------------------------------
+
+
+def _readers(name: str, nodes: list[ir.Node]) -> list[tuple[ir.Node, int]]:
+    return [
+        (node, i)
+        for node in nodes
+        for i, v in enumerate(node.inputs)
+        if v is not None and v.name == name
+    ]
+
+
+def _known_dims(name: str, scope: Scope, shapes: Shapes) -> tuple[Dim | None, ...] | None:
+    s: Scope | None = scope
+    while s is not None:
+        table = shapes.get(s.path, {})
+        if name in table:
+            return table[name]
+        if s.defines(name):
+            break
+        s = s.parent
+    return None
+
+
+@dataclass
+class _Outcome:
+    verdict: Verdict
+    compared: list[str]
+
+
+def _prove(region: Region, original: Scope, folded: Scope, shapes: Shapes) -> _Outcome:
+    side_o = _Side(original, region.original, track_units=False)
+    side_f = _Side(folded, region.folded, track_units=True)
+    for name in region.inputs:
+        readers = [(n, i, original) for n, i in _readers(name, region.original)]
+        readers += [(n, i, folded) for n, i in _readers(name, region.folded)]
+        try:
+            layout = input_layout(name, readers, _known_dims(name, original, shapes))
+        except Unsupported as exc:
+            return _Outcome(Verdict.failed(str(exc)), [])
+        side_o.sources[name] = side_f.sources[name] = _identity_source(name, layout)
+    both = {v.name for n in region.folded for v in n.outputs if v.name}
+    order = [v.name for n in region.original for v in n.outputs if v.name]
+    candidates = [n for n in order if n in both or n in region.outputs]
+    candidates += [n for n in region.outputs if n not in candidates]
+    verdict = Verdict(True)
+    for name in candidates:
+        try:
+            result = compare(side_o.value(name), side_f.value(name))
+        except Unsupported as exc:
+            result = Verdict.failed(str(exc))
+        if name in region.outputs:
+            if not result.proven:
+                result.reason = f"{name}: {result.reason}"
+            verdict = verdict.merged(result)
+        elif result.proven:
+            verdict.worst_ulp = max(verdict.worst_ulp, result.worst_ulp)
+            verdict.coefficients += result.coefficients
+            verdict.notes += result.notes
+        if result.proven:
+            source = _as_source(name, side_o.value(name))
+            side_o.sources[name] = side_f.sources[name] = source
+    return _Outcome(verdict, list(region.outputs))
+
+
+def prove_region(
+    region: Region,
+    original: Scope,
+    folded: Scope,
+    shapes: Shapes,
+    report: ReportLike | None = None,
+) -> SiteProof:
+    """Prove that both sides of ``region`` compute the same values for every input."""
+    outcome = _prove(region, original, folded, shapes)
+    name, kind = site_name(region, report)
+    prefix = f"{original.path.lstrip('/')}: " if original.path else ""
+    verdict = outcome.verdict
+    if not region.outputs:
+        verdict.notes.append("nothing outside the region reads it")
+    return SiteProof(
+        name=prefix + name,
+        kind=kind,
+        proven=verdict.proven,
+        worst_ulp=verdict.worst_ulp,
+        reason=verdict.reason,
+        coefficients=verdict.coefficients,
+        original_nodes=[_node_name(n) for n in region.original],
+        folded_nodes=[_node_name(n) for n in region.folded],
+        values=outcome.compared,
+        notes=verdict.notes,
+    )
+
+
+# -- names -----------------------------------------------------------------------------------
+
+
+def _node_name(node: ir.Node) -> str:
+    return node.name or f"{node.op_type}({', '.join(v.name or '' for v in node.outputs)})"
+
+
+def site_name(region: Region, report: ReportLike | None) -> tuple[str, str]:
+    """A name and kind for the region: the report's site labels if it names its nodes,
+    else the original's changed nodes in order."""
+    names = {n.name for n in region.original} | {n.name for n in region.folded}
+    if report is not None:
+        labels: list[str] = []
+        kinds: list[str] = []
+        for f in report.folded:
+            if f.affine in names or f.linear in names or (f.value and f.value in region.outputs):
+                labels.append(f.site)
+                kind = getattr(f.kind, "value", f.kind)
+                kinds.append(str(kind))
+        for lowered in report.lowered:
+            if lowered.site in names:
+                labels.append(f"{lowered.site} (lowered)")
+                kinds.append("lowered")
+        if labels:
+            return "; ".join(dict.fromkeys(labels)), ", ".join(dict.fromkeys(kinds))
+    nodes = region.original or region.folded
+    return " -> ".join(_node_name(n) for n in nodes), _infer_kind(region)
+
+
+def _infer_kind(region: Region) -> str:
+    ops_o = [n.op_type for n in region.original]
+    ops_f = [n.op_type for n in region.folded]
+    linear_o = sum(op in LINEAR_OPS for op in ops_o)
+    if not linear_o and "BatchNormalization" in ops_o:
+        return "lowered"
+    if any(op in POOL_OPS for op in ops_o):
+        return "through_pool"
+    if "Concat" in ops_o:
+        return "over_concat"
+    if linear_o > sum(op in LINEAR_OPS for op in ops_f):
+        return "reparam"
+    if linear_o >= 2 and ("Add" in ops_o or "Sum" in ops_o):
+        return "over_add"
+    if linear_o == 0:
+        return "changed"
+    return "adjacent"
