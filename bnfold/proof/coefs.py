@@ -67,10 +67,15 @@ def _opt_scale(a: np.ndarray | None, factor: np.ndarray) -> np.ndarray | None:
 
 @dataclass
 class Coefs:
-    """A float64 array of coefficients with its error and ulp bookkeeping."""
+    """A float64 array of coefficients with its error and ulp bookkeeping.
+
+    ``magnitude`` None means ``|val|``: true of stored values and of products of such
+    (``|a| * |b| == |a * b|``), which are most of what a fold site holds, so the common
+    path never materialises it.
+    """
 
     val: np.ndarray
-    mag: np.ndarray
+    magnitude: np.ndarray | None = None
     unit: np.ndarray | None = None
     depth: int = 0
 
@@ -78,14 +83,18 @@ class Coefs:
     def stored(cls, array: np.ndarray, track_units: bool) -> Coefs:
         """A tensor as the model stores it: exact in float64, ``unit`` = its ulps."""
         val = np.asarray(array, dtype=np.float64)
-        unit = ulp(val, array.dtype) if track_units else None
-        return cls(val, np.abs(val), unit, 0)
+        if not track_units:
+            return cls(val)
+        if array.dtype.kind == "f":  # numpy's own floats: spacing in their dtype is exact
+            unit = np.spacing(np.abs(array)).astype(np.float64)
+        else:
+            unit = ulp(val, array.dtype)
+        return cls(val, None, unit)
 
     @classmethod
     def exact(cls, array: np.ndarray | float) -> Coefs:
         """A value with no rounding in it (an attribute, a structural 0 or 1)."""
-        val = np.asarray(array, dtype=np.float64)
-        return cls(val, np.abs(val), None, 0)
+        return cls(np.asarray(array, dtype=np.float64))
 
     @classmethod
     def zeros(cls, shape: tuple[int, ...]) -> Coefs:
@@ -95,9 +104,23 @@ class Coefs:
     def shape(self) -> tuple[int, ...]:
         return tuple(self.val.shape)
 
+    @property
+    def mag(self) -> np.ndarray:
+        if self.magnitude is None:
+            absolute: np.ndarray = np.abs(self.val)
+            return absolute
+        return self.magnitude
+
     def error(self) -> np.ndarray:
-        """Bound on ``|val - real value of the same expression|``."""
-        return (self.depth + 1) * U64 * 1.01 * self.mag
+        """Bound on ``|val - real value of the same expression|`` (0 for stored values)."""
+        if self.depth == 0:
+            return np.zeros(self.val.shape)
+        bound: np.ndarray = self.depth * U64 * 1.01 * self.mag
+        return bound
+
+    def is_exact_ones(self) -> bool:
+        """All ones, no rounding, no unit: multiplying by it changes nothing."""
+        return self.depth == 0 and self.unit is None and bool((self.val == 1).all())
 
     # -- arithmetic (numpy broadcasting) -------------------------------------------
 
@@ -105,7 +128,10 @@ class Coefs:
         unit = _opt_add(
             _opt_scale(self.unit, np.abs(other.val)), _opt_scale(other.unit, np.abs(self.val))
         )
-        return Coefs(self.val * other.val, self.mag * other.mag, unit, self.depth + other.depth + 1)
+        magnitude = None
+        if self.magnitude is not None or other.magnitude is not None:
+            magnitude = self.mag * other.mag
+        return Coefs(self.val * other.val, magnitude, unit, self.depth + other.depth + 1)
 
     def __add__(self, other: Coefs) -> Coefs:
         return Coefs(
@@ -116,7 +142,7 @@ class Coefs:
         )
 
     def __neg__(self) -> Coefs:
-        return Coefs(-self.val, self.mag, self.unit, self.depth)
+        return Coefs(-self.val, self.magnitude, self.unit, self.depth)
 
     def __sub__(self, other: Coefs) -> Coefs:
         return self + (-other)
@@ -124,7 +150,8 @@ class Coefs:
     def recip(self) -> Coefs:
         """``1 / self`` (callers check for zeros)."""
         inv = 1.0 / self.val
-        return Coefs(inv, self.mag * inv * inv, _opt_scale(self.unit, inv * inv), self.depth + 1)
+        magnitude = None if self.magnitude is None else self.magnitude * inv * inv
+        return Coefs(inv, magnitude, _opt_scale(self.unit, inv * inv), self.depth + 1)
 
     def __truediv__(self, other: Coefs) -> Coefs:
         return self * other.recip()
@@ -151,7 +178,10 @@ class Coefs:
     def map(self, fn: Callable[[np.ndarray], np.ndarray]) -> Coefs:
         """Apply one shape-only numpy function (reshape, transpose, index) to all arrays."""
         return Coefs(
-            fn(self.val), fn(self.mag), None if self.unit is None else fn(self.unit), self.depth
+            fn(self.val),
+            None if self.magnitude is None else fn(self.magnitude),
+            None if self.unit is None else fn(self.unit),
+            self.depth,
         )
 
     def reshape(self, shape: tuple[int, ...]) -> Coefs:
@@ -159,20 +189,3 @@ class Coefs:
 
     def broadcast_to(self, shape: tuple[int, ...]) -> Coefs:
         return self.map(lambda a: np.broadcast_to(a, shape))
-
-
-def concat(parts: list[Coefs], axis: int) -> Coefs:
-    """Concatenate coefficient arrays along ``axis``."""
-    units = [p.unit for p in parts]
-    unit = None
-    if any(u is not None for u in units):
-        unit = np.concatenate(
-            [np.zeros(p.shape) if u is None else u for p, u in zip(parts, units, strict=True)],
-            axis=axis,
-        )
-    return Coefs(
-        np.concatenate([p.val for p in parts], axis=axis),
-        np.concatenate([p.mag for p in parts], axis=axis),
-        unit,
-        max(p.depth for p in parts),
-    )

@@ -880,9 +880,9 @@ def _scatter_vectors(parts: list[tuple[np.ndarray, Coefs]], size: int) -> Coefs:
         return out
 
     val = gather(lambda c: c.val)
-    mag = gather(lambda c: c.mag)
-    assert val is not None and mag is not None
-    return Coefs(val, mag, gather(lambda c: c.unit), max(c.depth for _, c in parts))
+    assert val is not None
+    magnitude = gather(lambda c: c.mag) if any(c.magnitude is not None for _, c in parts) else None
+    return Coefs(val, magnitude, gather(lambda c: c.unit), max(c.depth for _, c in parts))
 
 
 # -- pools --------------------------------------------------------------------------------

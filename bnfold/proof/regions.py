@@ -22,7 +22,7 @@ from bnfold.proof.certificate import SiteProof
 from bnfold.proof.coefs import Coefs
 from bnfold.proof.diff import Region
 from bnfold.proof.dims import Dim
-from bnfold.proof.equivalence import Verdict, compare
+from bnfold.proof.equivalence import ULP_LIMIT, Verdict, compare
 from bnfold.proof.graphs import Scope, Shapes
 from bnfold.proof.ops import OPS, Arg, Opaque, OpContext
 from bnfold.proof.stencil import Stencil
@@ -248,13 +248,28 @@ class _Side:
 # -- one region -----------------------------------------------------------------------------
 
 
+ELEMENTWISE = frozenset(
+    {"BatchNormalization", "Add", "Sub", "Mul", "Div", "Neg", "Identity", "Dropout", "Sum"}
+)
+"""Ops that keep their input's axes: who reads their output reads the input's layout."""
+
+
 def _readers(name: str, nodes: list[ir.Node]) -> list[tuple[ir.Node, int]]:
-    return [
-        (node, i)
-        for node in nodes
-        for i, v in enumerate(node.inputs)
-        if v is not None and v.name == name
-    ]
+    """The nodes reading ``name``, and through elementwise ops, those reading their output."""
+    found: list[tuple[ir.Node, int]] = []
+    pending, seen = [name], {name}
+    while pending:
+        current = pending.pop()
+        for node in nodes:
+            for i, v in enumerate(node.inputs):
+                if v is None or v.name != current:
+                    continue
+                found.append((node, i))
+                out = node.outputs[0].name if node.outputs else ""
+                if node.op_type in ELEMENTWISE and out and out not in seen:
+                    seen.add(out)
+                    pending.append(out)
+    return found
 
 
 def _known_dims(name: str, scope: Scope, shapes: Shapes) -> tuple[Dim | None, ...] | None:
@@ -275,7 +290,45 @@ class _Outcome:
     compared: list[str]
 
 
+def _signature(node: ir.Node) -> tuple[object, ...]:
+    """A node as the fold may not change it: op, name, wiring, attributes (not constants)."""
+    attrs = tuple(sorted((k, repr(a.value)) for k, a in node.attributes.items()))
+    wiring = tuple(v.name if v is not None else None for v in node.inputs)
+    return (
+        node.domain,
+        node.op_type,
+        node.name,
+        wiring,
+        tuple(v.name for v in node.outputs),
+        attrs,
+    )
+
+
+def nothing_folded(region: Region) -> bool:
+    """Both sides are the same nodes, only constants differ: no op was removed or added."""
+    return sorted(map(repr, map(_signature, region.original))) == sorted(
+        map(repr, map(_signature, region.folded))
+    )
+
+
+def replaced_ops(region: Region) -> list[str]:
+    """Nodes computing the same outputs with another op or other attributes."""
+    by_outputs = {tuple(v.name for v in n.outputs): n for n in region.original}
+    found = []
+    for node in region.folded:
+        twin = by_outputs.get(tuple(v.name for v in node.outputs))
+        # The fold itself hands an affine's output to the linear op: only ops outside
+        # what a fold rewrites are suspicious when swapped.
+        if twin is None or twin.op_type in OPS or node.op_type in OPS:
+            continue
+        if twin.op_type != node.op_type:
+            found.append(f"{_node_name(twin)}: {twin.op_type} became {node.op_type}")
+    return found
+
+
 def _prove(region: Region, original: Scope, folded: Scope, shapes: Shapes) -> _Outcome:
+    # Rounding excuses only values a fold computed: where no op was folded, exactly equal.
+    limit = 0.0 if nothing_folded(region) else ULP_LIMIT
     side_o = _Side(original, region.original, track_units=False)
     side_f = _Side(folded, region.folded, track_units=True)
     for name in region.inputs:
@@ -293,7 +346,7 @@ def _prove(region: Region, original: Scope, folded: Scope, shapes: Shapes) -> _O
     verdict = Verdict(True)
     for name in candidates:
         try:
-            result = compare(side_o.value(name), side_f.value(name))
+            result = compare(side_o.value(name), side_f.value(name), limit)
         except Unsupported as exc:
             result = Verdict.failed(str(exc))
         if name in region.outputs:
@@ -307,6 +360,10 @@ def _prove(region: Region, original: Scope, folded: Scope, shapes: Shapes) -> _O
         if result.proven:
             source = _as_source(name, side_o.value(name))
             side_o.sources[name] = side_f.sources[name] = source
+    if not verdict.proven and (replaced := replaced_ops(region)):
+        verdict.reason = f"{'; '.join(replaced)} ({verdict.reason})"
+    if limit == 0.0 and verdict.proven and verdict.coefficients:
+        verdict.notes.append("no op folded here: the maps are equal exactly")
     return _Outcome(verdict, list(region.outputs))
 
 
@@ -338,6 +395,29 @@ def prove_region(
     )
 
 
+def evaluate(
+    model: ir.Model, output: str, track_units: bool = False
+) -> tuple[Value, dict[str, Layout]]:
+    """What ``output`` computes, as the prover's value over the graph's inputs.
+
+    For tests and debugging: the whole main graph is treated as one region whose
+    boundary inputs are the graph inputs. Returns the value and each input's layout.
+    """
+    from bnfold.proof.graphs import infer_shapes, main_scope
+
+    scope = main_scope(model)
+    shapes = infer_shapes(model)
+    nodes = [n for n in scope.graph if not all(scope.is_const(v.name) for v in n.outputs if v.name)]
+    side = _Side(scope, nodes, track_units)
+    layouts: dict[str, Layout] = {}
+    for value in scope.true_inputs():
+        name = value.name or ""
+        readers = [(n, i, scope) for n, i in _readers(name, nodes)]
+        layouts[name] = input_layout(name, readers, _known_dims(name, scope, shapes))
+        side.sources[name] = _identity_source(name, layouts[name])
+    return side.value(output), layouts
+
+
 # -- names -----------------------------------------------------------------------------------
 
 
@@ -350,13 +430,11 @@ def site_name(region: Region, report: ReportLike | None) -> tuple[str, str]:
     else the original's changed nodes in order."""
     names = {n.name for n in region.original} | {n.name for n in region.folded}
     if report is not None:
-        labels: list[str] = []
-        kinds: list[str] = []
-        for f in report.folded:
-            if f.affine in names or f.linear in names or (f.value and f.value in region.outputs):
-                labels.append(f.site)
-                kind = getattr(f.kind, "value", f.kind)
-                kinds.append(str(kind))
+        by_node = [f for f in report.folded if f.affine in names or f.linear in names]
+        # A value name is a weaker key (bodies reuse names like "output"): a fallback.
+        entries = by_node or [f for f in report.folded if f.value and f.value in region.outputs]
+        labels = [f.site for f in entries]
+        kinds = [str(getattr(f.kind, "value", f.kind)) for f in entries]
         for lowered in report.lowered:
             if lowered.site in names:
                 labels.append(f"{lowered.site} (lowered)")
@@ -367,7 +445,20 @@ def site_name(region: Region, report: ReportLike | None) -> tuple[str, str]:
     return " -> ".join(_node_name(n) for n in nodes), _infer_kind(region)
 
 
+def _feeds_linear(node: ir.Node, region: Region) -> bool:
+    outputs = {v.name for v in node.outputs}
+    return any(
+        n.op_type in LINEAR_OPS
+        and n.inputs
+        and n.inputs[0] is not None
+        and n.inputs[0].name in outputs
+        for n in region.original
+    )
+
+
 def _infer_kind(region: Region) -> str:
+    if nothing_folded(region):
+        return "not a fold"
     ops_o = [n.op_type for n in region.original]
     ops_f = [n.op_type for n in region.folded]
     linear_o = sum(op in LINEAR_OPS for op in ops_o)
@@ -383,4 +474,6 @@ def _infer_kind(region: Region) -> str:
         return "over_add"
     if linear_o == 0:
         return "changed"
+    if any(n.op_type == "BatchNormalization" and _feeds_linear(n, region) for n in region.original):
+        return "before"
     return "adjacent"
