@@ -22,8 +22,8 @@ the prover measures deviations in these units ("ulps").
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -69,27 +69,38 @@ def _opt_scale(a: np.ndarray | None, factor: np.ndarray) -> np.ndarray | None:
 class Coefs:
     """A float64 array of coefficients with its error and ulp bookkeeping.
 
+    ``raw`` holds the values exactly, in a float dtype of the model (a stored tensor
+    is kept as stored) or in float64; ``val`` is them in float64. ``factor``, when set,
+    is a small float64 array that ``raw`` is still to be multiplied by (a BN scale per
+    row of a weight): a fold site's weights are scaled lazily and materialised a block
+    at a time where they are compared, never as whole float64 copies.
+
     ``magnitude`` None means ``|val|``: true of stored values and of products of such
-    (``|a| * |b| == |a * b|``), which are most of what a fold site holds, so the common
-    path never materialises it.
+    (``|a| * |b| == |a * b|``), which are most of what a fold site holds.
     """
 
-    val: np.ndarray
+    raw: np.ndarray
     magnitude: np.ndarray | None = None
     unit: np.ndarray | None = None
     depth: int = 0
+    factor: np.ndarray | None = None
+    mag_factor: np.ndarray | None = None  # with ``factor``: magnitude = |raw| * mag_factor
+    _val: np.ndarray | None = field(default=None, repr=False, compare=False)
 
     @classmethod
     def stored(cls, array: np.ndarray, track_units: bool) -> Coefs:
-        """A tensor as the model stores it: exact in float64, ``unit`` = its ulps."""
-        val = np.asarray(array, dtype=np.float64)
+        """A tensor as the model stores it (exact), ``unit`` = its ulps."""
+        raw = np.asarray(array)
+        if raw.dtype.kind not in "f" or raw.dtype.itemsize > 8:
+            raw = raw.astype(np.float64)  # ints, bf16 and friends: float64 is exact
         if not track_units:
-            return cls(val)
-        if array.dtype.kind == "f":  # numpy's own floats: spacing in their dtype is exact
-            unit = np.spacing(np.abs(array)).astype(np.float64)
+            return cls(raw)
+        if array.dtype.kind == "f":
+            # numpy's own floats: their spacing, kept in their dtype (exact; half the memory)
+            unit = np.spacing(np.abs(array))
         else:
-            unit = ulp(val, array.dtype)
-        return cls(val, None, unit)
+            unit = ulp(raw, array.dtype)
+        return cls(raw, None, unit)
 
     @classmethod
     def exact(cls, array: np.ndarray | float) -> Coefs:
@@ -101,11 +112,24 @@ class Coefs:
         return cls.exact(np.zeros(shape))
 
     @property
+    def val(self) -> np.ndarray:
+        """The coefficients in float64 (materialised once)."""
+        if self._val is None:
+            value = np.asarray(self.raw, dtype=np.float64)
+            if self.factor is not None:
+                value = value * self.factor
+            self._val = value
+        return self._val
+
+    @property
     def shape(self) -> tuple[int, ...]:
-        return tuple(self.val.shape)
+        return tuple(self.raw.shape)
 
     @property
     def mag(self) -> np.ndarray:
+        if self.mag_factor is not None:
+            lazy: np.ndarray = np.abs(self.raw) * self.mag_factor
+            return lazy
         if self.magnitude is None:
             absolute: np.ndarray = np.abs(self.val)
             return absolute
@@ -114,7 +138,7 @@ class Coefs:
     def error(self) -> np.ndarray:
         """Bound on ``|val - real value of the same expression|`` (0 for stored values)."""
         if self.depth == 0:
-            return np.zeros(self.val.shape)
+            return np.zeros(self.shape)
         bound: np.ndarray = self.depth * U64 * 1.01 * self.mag
         return bound
 
@@ -122,9 +146,30 @@ class Coefs:
         """All ones, no rounding, no unit: multiplying by it changes nothing."""
         return self.depth == 0 and self.unit is None and bool((self.val == 1).all())
 
+    def _scaled_lazily(self, small: Coefs) -> Coefs | None:
+        """``self * small`` kept as a factor, when ``small`` is a broadcast vector."""
+        if self.unit is not None or small.unit is not None or self.magnitude is not None:
+            return None
+        if 4 * small.raw.size > self.raw.size:
+            return None
+        factor = small.val if self.factor is None else self.factor * small.val
+        if np.broadcast_shapes(factor.shape, self.shape) != self.shape:
+            return None
+        mag_factor = None
+        if small.magnitude is not None or self.mag_factor is not None:
+            mine = self.mag_factor
+            if mine is None:
+                mine = np.ones(1) if self.factor is None else np.abs(self.factor)
+            mag_factor = mine * small.mag
+        depth = self.depth + small.depth + 1
+        return Coefs(self.raw, None, None, depth, factor, mag_factor)
+
     # -- arithmetic (numpy broadcasting) -------------------------------------------
 
     def __mul__(self, other: Coefs) -> Coefs:
+        lazy = self._scaled_lazily(other) or other._scaled_lazily(self)
+        if lazy is not None:
+            return lazy
         unit = _opt_add(
             _opt_scale(self.unit, np.abs(other.val)), _opt_scale(other.unit, np.abs(self.val))
         )
@@ -142,7 +187,7 @@ class Coefs:
         )
 
     def __neg__(self) -> Coefs:
-        return Coefs(-self.val, self.magnitude, self.unit, self.depth)
+        return Coefs(-self.raw, self.magnitude, self.unit, self.depth, self.factor, self.mag_factor)
 
     def __sub__(self, other: Coefs) -> Coefs:
         return self + (-other)
@@ -166,7 +211,7 @@ class Coefs:
 
     def matmul(self, other: Coefs) -> Coefs:
         """``self @ other`` over the last two axes (batched over the leading ones)."""
-        n = self.val.shape[-1]
+        n = self.shape[-1]
         unit = _opt_add(
             None if self.unit is None else self.unit @ np.abs(other.val),
             None if other.unit is None else np.abs(self.val) @ other.unit,
@@ -177,8 +222,9 @@ class Coefs:
 
     def map(self, fn: Callable[[np.ndarray], np.ndarray]) -> Coefs:
         """Apply one shape-only numpy function (reshape, transpose, index) to all arrays."""
+        raw = self.raw if self.factor is None else self.val
         return Coefs(
-            fn(self.val),
+            fn(raw),
             None if self.magnitude is None else fn(self.magnitude),
             None if self.unit is None else fn(self.unit),
             self.depth,
@@ -189,3 +235,23 @@ class Coefs:
 
     def broadcast_to(self, shape: tuple[int, ...]) -> Coefs:
         return self.map(lambda a: np.broadcast_to(a, shape))
+
+    def blocks(self, axis: int, step: int) -> Iterator[tuple[tuple[slice, ...], np.ndarray]]:
+        """``val`` a block of ``step`` indices along ``axis`` at a time (fresh float64)."""
+        factor = None if self.factor is None else np.broadcast_to(self.factor, self.shape)
+        for start in range(0, self.shape[axis], step):
+            index = tuple(
+                slice(start, start + step) if i == axis else slice(None)
+                for i in range(len(self.shape))
+            )
+            block = np.array(self.raw[index], dtype=np.float64)
+            if factor is not None:
+                block *= factor[index]
+            yield index, block
+
+    def outer_axis(self) -> int:
+        """The axis of ``raw`` that is outermost in memory (blocks along it are contiguous)."""
+        strides = [
+            abs(st) if n > 1 else -1 for st, n in zip(self.raw.strides, self.shape, strict=True)
+        ]
+        return int(np.argmax(strides)) if strides else 0

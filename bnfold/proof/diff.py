@@ -197,7 +197,7 @@ def _regions(
                 producer[(side, v.name)] = i
                 by_output.setdefault(v.name, []).append(i)
     for i, (side, node) in enumerate(nodes):
-        for name in _reads(node):
+        for name in _reads(node):  # few changed nodes: no index needed
             j = producer.get((side, name))
             if j is not None:
                 uf.union(i, j)
@@ -208,12 +208,13 @@ def _regions(
     for i in range(len(nodes)):
         groups.setdefault(uf.find(i), []).append(i)
     regions = []
+    index = {"o": _ReadIndex(original), "f": _ReadIndex(folded)}
     for members in groups.values():
         region = Region(
             [nodes[i][1] for i in members if nodes[i][0] == "o"],
             [nodes[i][1] for i in members if nodes[i][0] == "f"],
         )
-        _boundaries(region, original, folded)
+        _boundaries(region, original, folded, index)
         regions.append(region)
     order = {id(n): i for i, n in enumerate(original.graph)}
     regions.sort(
@@ -240,7 +241,17 @@ def _outer_reads(graph: ir.Graph) -> list[str]:
     return found
 
 
-def _boundaries(region: Region, original: Scope, folded: Scope) -> None:
+class _ReadIndex:
+    """For one graph: the names each node reads (bodies' outer references included)."""
+
+    def __init__(self, scope: Scope) -> None:
+        self.reads = {id(n): _reads(n) for n in scope.graph}
+        self.outputs = {v.name for v in scope.graph.outputs}
+
+
+def _boundaries(
+    region: Region, original: Scope, folded: Scope, index: dict[str, _ReadIndex]
+) -> None:
     inside = {
         side: {v.name for n in nodes for v in n.outputs if v.name}
         for side, nodes in (("o", region.original), ("f", region.folded))
@@ -248,20 +259,17 @@ def _boundaries(region: Region, original: Scope, folded: Scope) -> None:
     inputs: list[str] = []
     for side, nodes, scope in (("o", region.original, original), ("f", region.folded, folded)):
         for node in nodes:
-            for name in _reads(node):
+            for name in index[side].reads[id(node)]:
                 if name not in inside[side] and not scope.is_const(name) and name not in inputs:
                     inputs.append(name)
     region.inputs = inputs
     region_nodes = {id(n) for n in region.original} | {id(n) for n in region.folded}
     produced = inside["o"] | inside["f"]
     needed: list[str] = []
-    for scope in (original, folded):
-        graph_outputs = {v.name for v in scope.graph.outputs}
-        for node in scope.graph:
-            if id(node) in region_nodes:
+    for side in ("o", "f"):
+        for node_id, names in index[side].reads.items():
+            if node_id in region_nodes:
                 continue
-            for name in _reads(node):
-                if name in produced and name not in needed:
-                    needed.append(name)
-        needed.extend(n for n in graph_outputs if n in produced and n not in needed)
+            needed.extend(n for n in names if n in produced and n not in needed)
+        needed.extend(n for n in index[side].outputs if n in produced and n not in needed)
     region.outputs = needed

@@ -357,20 +357,26 @@ def _coefficients(
     offsets: tuple[tuple[int, ...], ...] = (),
 ) -> Verdict:
     """Each folded coefficient within ``limit`` units (+ float64 slack) of the original."""
+    worst = _blockwise_pass(original, folded, limit)
+    if worst is not None:
+        return Verdict(True, worst, int(np.prod(original.shape)))
     shape = np.broadcast_shapes(original.shape, folded.shape)
     o, f = original.broadcast_to(shape), folded.broadcast_to(shape)
     if o.val.size == 0:
         return Verdict(True)
-    diff = np.abs(f.val - o.val)
+    diff = np.subtract(f.val, o.val)
+    np.abs(diff, out=diff)
     unit = np.zeros(shape) if f.unit is None else f.unit
-    passes = diff <= limit * unit
+    passes = diff <= (unit if limit == 1.0 else limit * unit)
     if not passes.all():  # only then is the float64 slack worth computing
         slack = o.error() + f.error()
         passes = np.maximum(diff - slack, 0.0) <= limit * unit
     with np.errstate(divide="ignore", invalid="ignore"):
-        ulps = np.divide(diff, unit, out=np.zeros(shape), where=unit > 0)
+        ulps = np.divide(diff, unit, dtype=np.float64)  # 0/0 (exact, no unit) is nan
     if passes.all():
-        return Verdict(True, float(ulps.max()), int(diff.size))
+        worst = float(np.fmax.reduce(ulps, axis=None))  # fmax skips the nans
+        return Verdict(True, 0.0 if np.isnan(worst) else worst, int(diff.size))
+    np.nan_to_num(ulps, copy=False, nan=0.0)
     ulps[(unit == 0) & ~passes] = np.inf
     excess = np.maximum(diff - o.error() - f.error(), 0.0)
     bad = np.unravel_index(_worst_failure(passes, excess, unit), shape)
@@ -382,6 +388,38 @@ def _coefficients(
         f"({_ulp_text(float(ulps[bad]))}; {int((~passes).sum())} of {diff.size} beyond "
         f"{limit:g} ulp)",
     )
+
+
+BLOCK = 1 << 17
+"""Coefficients compared at a time on the fast path (a block stays in cache)."""
+
+
+def _blockwise_pass(original: Coefs, folded: Coefs, limit: float) -> float | None:
+    """The worst ulp if every coefficient is within ``limit`` units, else None.
+
+    The common case, computed a block at a time without the float64 slack (which only
+    a coefficient beyond its units needs); None sends the caller down the full path.
+    """
+    shape = original.shape
+    if folded.shape != shape or not shape or folded.unit is None:
+        return None
+    axis = original.outer_axis()
+    step = max(1, BLOCK * shape[axis] // max(1, int(np.prod(shape))))
+    worst = 0.0
+    for (index, o), (_, f) in zip(
+        original.blocks(axis, step), folded.blocks(axis, step), strict=True
+    ):
+        diff = np.subtract(f, o, out=f)
+        np.abs(diff, out=diff)
+        unit = folded.unit[index]
+        if not (diff <= (unit if limit == 1.0 else limit * unit)).all():
+            return None
+        with np.errstate(divide="ignore", invalid="ignore"):
+            ratio = np.divide(diff, unit, out=diff)  # 0/0 (exact, no unit) is nan
+        block_worst = float(np.fmax.reduce(ratio, axis=None))
+        if block_worst > worst:
+            worst = block_worst
+    return worst
 
 
 def _worst_failure(passes: np.ndarray, excess: np.ndarray, unit: np.ndarray) -> int:
