@@ -95,11 +95,9 @@ class Coefs:
             raw = raw.astype(np.float64)  # ints, bf16 and friends: float64 is exact
         if not track_units:
             return cls(raw)
-        if array.dtype.kind == "f":
-            # numpy's own floats: their spacing, kept in their dtype (exact; half the memory)
-            unit = np.spacing(np.abs(array))
-        else:
-            unit = ulp(raw, array.dtype)
+        # numpy's own floats: their spacing, kept in their dtype (exact; half the memory)
+        native = array.dtype.kind == "f"
+        unit = np.spacing(np.abs(array)) if native else ulp(raw, array.dtype)
         return cls(raw, None, unit)
 
     @classmethod

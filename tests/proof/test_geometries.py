@@ -67,13 +67,16 @@ def conv_bn(draw: st.DrawFn) -> tuple[onnx.ModelProto, int]:
         ),
         bn_node("bn", "c", "output"),
     ]  # fmt: skip
-    shape: list[int | str] = ["N", c_in, *[f"S{i}" for i in range(rank)]] if dynamic else [1, c_in, *[6] * rank]
+    spatial: list[int | str] = [f"S{i}" for i in range(rank)] if dynamic else [6] * rank
+    shape: list[int | str] = ["N" if dynamic else 1, c_in, *spatial]
     return _model(nodes, [init("w", w), *bn_params("bn", c_out)], shape), seed
 
 
 @SETTINGS
 @given(conv_bn())
-def test_conv_bn_fold_is_proven_and_a_moved_weight_is_not(case: tuple[onnx.ModelProto, int]) -> None:
+def test_conv_bn_fold_is_proven_and_a_moved_weight_is_not(
+    case: tuple[onnx.ModelProto, int],
+) -> None:
     model, seed = case
     _proven_then_broken(model, "conv", seed)
 
@@ -126,7 +129,9 @@ def test_gemm_bn_fold_is_proven_and_a_moved_weight_is_not(
         inits.append(init("c", rng.normal(size=6).astype(np.float32)))
         ins.append("c")
     nodes = [
-        helper.make_node("Gemm", ins, ["g"], name="gemm", transB=int(trans_b), alpha=alpha, beta=beta),
+        helper.make_node(
+            "Gemm", ins, ["g"], name="gemm", transB=int(trans_b), alpha=alpha, beta=beta
+        ),
         bn_node("bn", "g", "output"),
     ]
     _proven_then_broken(_model(nodes, inits, ["N", 5]), "gemm", seed)
@@ -153,12 +158,15 @@ def test_bn_folded_before_a_linear_op_is_proven(linear: str) -> None:
     assert [f.linear for f in report.folded] == ["lin"], report.summary()
     certificate = prove_onnx(model, folded, report)
     assert certificate.holds, certificate.summary()
-    assert certificate.sites[0].original_nodes == ["bn", "lin"] or "bn" in certificate.sites[0].original_nodes
+    assert "bn" in certificate.sites[0].original_nodes
 
 
 def test_matmul_folded_into_gemm_is_proven() -> None:
     rng = np.random.default_rng(6)
-    nodes = [helper.make_node("MatMul", ["input", "w"], ["m"], name="mm"), bn_node("bn", "m", "output")]
+    nodes = [
+        helper.make_node("MatMul", ["input", "w"], ["m"], name="mm"),
+        bn_node("bn", "m", "output"),
+    ]
     inits = [init("w", rng.normal(size=(5, 4)).astype(np.float32)), *bn_params("bn", 4)]
     model = _model(nodes, inits, ["N", 5])
     folded, report = fold(model)
@@ -169,12 +177,17 @@ def test_matmul_folded_into_gemm_is_proven() -> None:
 def test_fp16_fold_is_proven_in_fp16_ulps() -> None:
     rng = np.random.default_rng(8)
     w = rng.normal(size=(4, 3, 3, 3)).astype(np.float16)
-    nodes = [helper.make_node("Conv", ["input", "w"], ["c"], name="conv", pads=[1, 1, 1, 1]), bn_node("bn", "c", "output")]
+    nodes = [
+        helper.make_node("Conv", ["input", "w"], ["c"], name="conv", pads=[1, 1, 1, 1]),
+        bn_node("bn", "c", "output"),
+    ]
     graph = helper.make_graph(
-        nodes, "g", [helper.make_tensor_value_info("input", TensorProto.FLOAT16, ["N", 3, "H", "W"])],
+        nodes,
+        "g",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT16, ["N", 3, "H", "W"])],
         [helper.make_tensor_value_info("output", TensorProto.FLOAT16, None)],
         initializer=[init("w", w), *bn_params("bn", 4, np.float16)],
-    )  # fmt: skip
+    )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8
     folded, report = fold(model)
@@ -182,6 +195,7 @@ def test_fp16_fold_is_proven_in_fp16_ulps() -> None:
     assert certificate.holds, certificate.summary()
     assert 0 < certificate.worst_ulp <= 1
     w2 = initializer(folded, "w")
-    w2[0, 0, 0, 0] = np.nextafter(w2[0, 0, 0, 0], np.float16(np.inf) * np.sign(w2[0, 0, 0, 0]))
-    w2[0, 0, 0, 0] = np.nextafter(w2[0, 0, 0, 0], np.float16(np.inf) * np.sign(w2[0, 0, 0, 0]))
+    away = np.float16(np.inf) * np.sign(w2[0, 0, 0, 0])
+    for _ in range(2):
+        w2[0, 0, 0, 0] = np.nextafter(w2[0, 0, 0, 0], away)
     assert not prove_onnx(as_ir(model), with_initializer(folded, "w", w2), report).holds
