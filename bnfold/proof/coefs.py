@@ -81,24 +81,23 @@ class Coefs:
 
     raw: np.ndarray
     magnitude: np.ndarray | None = None
-    unit: np.ndarray | None = None
+    units: np.ndarray | None = None
     depth: int = 0
     factor: np.ndarray | None = None
     mag_factor: np.ndarray | None = None  # with ``factor``: magnitude = |raw| * mag_factor
+    spacing: bool = False  # units are the spacing of ``raw`` in its own dtype, on demand
     _val: np.ndarray | None = field(default=None, repr=False, compare=False)
 
     @classmethod
     def stored(cls, array: np.ndarray, track_units: bool) -> Coefs:
         """A tensor as the model stores it (exact), ``unit`` = its ulps."""
         raw = np.asarray(array)
-        if raw.dtype.kind not in "f" or raw.dtype.itemsize > 8:
+        if raw.dtype.kind != "f" or raw.dtype.itemsize > 8:
             raw = raw.astype(np.float64)  # ints, bf16 and friends: float64 is exact
-        if not track_units:
-            return cls(raw)
-        # numpy's own floats: their spacing, kept in their dtype (exact; half the memory)
-        native = array.dtype.kind == "f"
-        unit = np.spacing(np.abs(array)) if native else ulp(raw, array.dtype)
-        return cls(raw, None, unit)
+            units = ulp(raw, array.dtype) if track_units else None
+            return cls(raw, None, units)
+        # numpy's own floats: their spacing, computed where needed (a block at a time)
+        return cls(raw, spacing=track_units)
 
     @classmethod
     def exact(cls, array: np.ndarray | float) -> Coefs:
@@ -124,6 +123,25 @@ class Coefs:
         return tuple(self.raw.shape)
 
     @property
+    def unit(self) -> np.ndarray | None:
+        """Units in which this coefficient is judged (None: none, it is exact)."""
+        if self.units is None and self.spacing:
+            spacing: np.ndarray = np.spacing(np.abs(self.raw))
+            return spacing
+        return self.units
+
+    @property
+    def has_units(self) -> bool:
+        return self.units is not None or self.spacing
+
+    def unit_block(self, index: tuple[slice, ...]) -> np.ndarray | None:
+        """``unit[index]``, computing no more than that block."""
+        if self.units is None and self.spacing:
+            spacing: np.ndarray = np.spacing(np.abs(self.raw[index]))
+            return spacing
+        return None if self.units is None else self.units[index]
+
+    @property
     def mag(self) -> np.ndarray:
         if self.mag_factor is not None:
             lazy: np.ndarray = np.abs(self.raw) * self.mag_factor
@@ -142,11 +160,11 @@ class Coefs:
 
     def is_exact_ones(self) -> bool:
         """All ones, no rounding, no unit: multiplying by it changes nothing."""
-        return self.depth == 0 and self.unit is None and bool((self.val == 1).all())
+        return self.depth == 0 and not self.has_units and bool((self.val == 1).all())
 
     def _scaled_lazily(self, small: Coefs) -> Coefs | None:
         """``self * small`` kept as a factor, when ``small`` is a broadcast vector."""
-        if self.unit is not None or small.unit is not None or self.magnitude is not None:
+        if self.has_units or small.has_units or self.magnitude is not None:
             return None
         if 4 * small.raw.size > self.raw.size:
             return None
@@ -185,7 +203,10 @@ class Coefs:
         )
 
     def __neg__(self) -> Coefs:
-        return Coefs(-self.raw, self.magnitude, self.unit, self.depth, self.factor, self.mag_factor)
+        return Coefs(
+            -self.raw, self.magnitude, self.units, self.depth, self.factor, self.mag_factor,
+            self.spacing,
+        )  # fmt: skip
 
     def __sub__(self, other: Coefs) -> Coefs:
         return self + (-other)
@@ -220,12 +241,16 @@ class Coefs:
 
     def map(self, fn: Callable[[np.ndarray], np.ndarray]) -> Coefs:
         """Apply one shape-only numpy function (reshape, transpose, index) to all arrays."""
-        raw = self.raw if self.factor is None else self.val
+        if self.factor is not None:
+            return Coefs(
+                fn(self.val), fn(self.mag), None if self.unit is None else fn(self.unit), self.depth
+            )
         return Coefs(
-            fn(raw),
+            fn(self.raw),
             None if self.magnitude is None else fn(self.magnitude),
-            None if self.unit is None else fn(self.unit),
+            None if self.units is None else fn(self.units),
             self.depth,
+            spacing=self.spacing,  # the spacing of an entry goes where the entry goes
         )
 
     def reshape(self, shape: tuple[int, ...]) -> Coefs:

@@ -401,7 +401,7 @@ def _blockwise_pass(original: Coefs, folded: Coefs, limit: float) -> float | Non
     a coefficient beyond its units needs); None sends the caller down the full path.
     """
     shape = original.shape
-    if folded.shape != shape or not shape or folded.unit is None:
+    if folded.shape != shape or not shape or not folded.has_units:
         return None
     axis = original.outer_axis()
     step = max(1, BLOCK * shape[axis] // max(1, int(np.prod(shape))))
@@ -411,7 +411,8 @@ def _blockwise_pass(original: Coefs, folded: Coefs, limit: float) -> float | Non
     ):
         diff = np.subtract(f, o, out=f)
         np.abs(diff, out=diff)
-        unit = folded.unit[index]
+        unit = folded.unit_block(index)
+        assert unit is not None
         if not (diff <= (unit if limit == 1.0 else limit * unit)).all():
             return None
         with np.errstate(divide="ignore", invalid="ignore"):

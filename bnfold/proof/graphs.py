@@ -170,6 +170,12 @@ class Scope:
     def defines(self, name: str) -> bool:
         return name in self._locals
 
+    def value(self, name: str) -> ir.Value | None:
+        """The value named ``name`` here or in an enclosing scope."""
+        if name in self._locals:
+            return self._locals[name]
+        return None if self.parent is None else self.parent.value(name)
+
     def true_inputs(self) -> list[ir.Value]:
         """Graph inputs that are not constants (IR < 4 lists initializers as inputs)."""
         return [v for v in self.graph.inputs if not self.is_const(v.name or "")]
@@ -236,7 +242,11 @@ class Scope:
 
 
 def _run_node(node: ir.Node, scope: Scope) -> dict[str, np.ndarray]:
-    """Evaluate one constant-foldable node with onnx's reference evaluator."""
+    """Evaluate one constant-foldable node (plain numpy for shape-only ops, else onnx's
+    reference evaluator)."""
+    simple = _shape_only(node, scope)
+    if simple is not None:
+        return {node.outputs[0].name or "": simple}
     from onnx.reference import ReferenceEvaluator
 
     feeds = {v.name: scope.const_array(v.name) for v in node.inputs if v is not None and v.name}
@@ -254,6 +264,28 @@ def _run_node(node: ir.Node, scope: Scope) -> dict[str, np.ndarray]:
     results = ReferenceEvaluator(model).run(None, feeds)
     names = [v.name for v in node.outputs if v.name]
     return {name: np.asarray(r) for name, r in zip(names, results, strict=True)}
+
+
+def _shape_only(node: ir.Node, scope: Scope) -> np.ndarray | None:
+    """Identity, Transpose and Flatten of a constant, which move values without arithmetic."""
+    if len(node.outputs) != 1 or not node.inputs or node.inputs[0] is None:
+        return None
+    source = node.inputs[0].name
+    if not source:
+        return None
+    if node.op_type == "Identity":
+        return scope.const_array(source)
+    if node.op_type == "Transpose":
+        perm = node.attributes.get("perm")
+        array = scope.const_array(source)
+        return np.transpose(array, None if perm is None else list(perm.value))
+    if node.op_type == "Flatten":
+        array = scope.const_array(source)
+        attr = node.attributes.get("axis")
+        axis = 1 if attr is None else int(attr.value)
+        axis = axis + array.ndim if axis < 0 else axis
+        return array.reshape(int(np.prod(array.shape[:axis])), -1)
+    return None
 
 
 def default_opset(model: ir.Model) -> int:
@@ -277,11 +309,52 @@ def subgraphs(node: ir.Node) -> list[tuple[str, ir.Graph]]:
 
 # -- shapes -------------------------------------------------------------------------------
 
-Shapes = dict[str, dict[str, tuple[Dim | None, ...]]]
+DimsTable = dict[str, dict[str, tuple[Dim | None, ...]]]
 """scope path -> value name -> dims (None: that dim is unknown)."""
 
 
-def infer_shapes(model: ir.Model) -> Shapes:
+class Shapes:
+    """The dims of a model's values: as the model declares them, else inferred.
+
+    onnx shape inference runs once, on a weightless copy, and only when some value the
+    prover needs has no complete declared shape.
+    """
+
+    def __init__(self, model: ir.Model) -> None:
+        self.model = model
+        self._inferred: DimsTable | None = None
+
+    def dims(self, name: str, scope: Scope) -> tuple[Dim | None, ...] | None:
+        declared = _declared(name, scope)
+        if declared is not None and all(d is not None for d in declared):
+            return declared
+        if self._inferred is None:
+            self._inferred = infer_shapes(self.model)
+        s: Scope | None = scope
+        while s is not None:
+            table = self._inferred.get(s.path, {})
+            if name in table:
+                return table[name]
+            if s.defines(name):
+                break
+            s = s.parent
+        return declared
+
+
+def _declared(name: str, scope: Scope) -> tuple[Dim | None, ...] | None:
+    value = scope.value(name)
+    if value is None or value.shape is None:
+        return None
+    found: list[Dim | None] = []
+    for d in value.shape:
+        if isinstance(d, int):
+            found.append(d)
+        else:
+            found.append(dims.named(d.value) if d.value else None)
+    return tuple(found)
+
+
+def infer_shapes(model: ir.Model) -> DimsTable:
     """Shapes of every value of ``model`` (onnx shape inference on a weightless copy).
 
     Large float initializers become typed graph inputs so that the copy stays small;
@@ -291,7 +364,7 @@ def infer_shapes(model: ir.Model) -> Shapes:
     # An op onnx does not know, a broken annotation: keep the shapes the model declares.
     with contextlib.suppress(Exception):
         proto = onnx.shape_inference.infer_shapes(proto, strict_mode=False, data_prop=True)
-    shapes: Shapes = {}
+    shapes: DimsTable = {}
     _collect(proto.graph, "", shapes)
     return shapes
 
@@ -335,7 +408,7 @@ def _annotated(graph: ir.Graph) -> Iterator[ir.Value]:
                 yield out
 
 
-def _collect(graph: onnx.GraphProto, path: str, shapes: Shapes) -> None:
+def _collect(graph: onnx.GraphProto, path: str, shapes: DimsTable) -> None:
     table = shapes.setdefault(path, {})
     for info in [*graph.input, *graph.value_info, *graph.output]:
         if info.type.HasField("tensor_type") and info.type.tensor_type.HasField("shape"):

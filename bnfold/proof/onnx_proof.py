@@ -10,7 +10,7 @@ import onnx_ir as ir
 
 from bnfold.proof.certificate import Certificate
 from bnfold.proof.diff import GraphDiff, diff_graphs
-from bnfold.proof.graphs import Scope, Shapes, infer_shapes, main_scope, open_model
+from bnfold.proof.graphs import Scope, Shapes, main_scope, open_model
 from bnfold.proof.regions import ReportLike, prove_region
 
 ModelSource = str | os.PathLike[str] | ir.Model | onnx.ModelProto
@@ -52,7 +52,7 @@ def prove_onnx(
     certificate.differences.extend(_model_differences(model_o, model_f))
     if int(model_o.ir_version or 0) < 4 and model_o.graph.initializers:
         certificate.assumptions.append(IR3_ASSUMPTION)
-    shapes = infer_shapes(model_o)
+    shapes = Shapes(model_o)
     _prove_graph(main_scope(model_o), main_scope(model_f), shapes, report, certificate)
     certificate.rest_unchanged = not certificate.differences
     certificate.seconds = time.perf_counter() - start

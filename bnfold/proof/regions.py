@@ -272,18 +272,6 @@ def _readers(name: str, nodes: list[ir.Node]) -> list[tuple[ir.Node, int]]:
     return found
 
 
-def _known_dims(name: str, scope: Scope, shapes: Shapes) -> tuple[Dim | None, ...] | None:
-    s: Scope | None = scope
-    while s is not None:
-        table = shapes.get(s.path, {})
-        if name in table:
-            return table[name]
-        if s.defines(name):
-            break
-        s = s.parent
-    return None
-
-
 @dataclass
 class _Outcome:
     verdict: Verdict
@@ -335,7 +323,7 @@ def _prove(region: Region, original: Scope, folded: Scope, shapes: Shapes) -> _O
         readers = [(n, i, original) for n, i in _readers(name, region.original)]
         readers += [(n, i, folded) for n, i in _readers(name, region.folded)]
         try:
-            layout = input_layout(name, readers, _known_dims(name, original, shapes))
+            layout = input_layout(name, readers, shapes.dims(name, original))
         except Unsupported as exc:
             return _Outcome(Verdict.failed(str(exc)), [])
         side_o.sources[name] = side_f.sources[name] = _identity_source(name, layout)
@@ -360,6 +348,11 @@ def _prove(region: Region, original: Scope, folded: Scope, shapes: Shapes) -> _O
         if result.proven:
             source = _as_source(name, side_o.value(name))
             side_o.sources[name] = side_f.sources[name] = source
+            # What led here is proven: free its weights (memory stays one site's worth).
+            side_o.memo.clear()
+            side_f.memo.clear()
+            original.forget_all()
+            folded.forget_all()
     if not verdict.proven and (replaced := replaced_ops(region)):
         verdict.reason = f"{'; '.join(replaced)} ({verdict.reason})"
     if limit == 0.0 and verdict.proven and verdict.coefficients:
@@ -403,17 +396,17 @@ def evaluate(
     For tests and debugging: the whole main graph is treated as one region whose
     boundary inputs are the graph inputs. Returns the value and each input's layout.
     """
-    from bnfold.proof.graphs import infer_shapes, main_scope
+    from bnfold.proof.graphs import main_scope
 
     scope = main_scope(model)
-    shapes = infer_shapes(model)
+    shapes = Shapes(model)
     nodes = [n for n in scope.graph if not all(scope.is_const(v.name) for v in n.outputs if v.name)]
     side = _Side(scope, nodes, track_units)
     layouts: dict[str, Layout] = {}
     for value in scope.true_inputs():
         name = value.name or ""
         readers = [(n, i, scope) for n, i in _readers(name, nodes)]
-        layouts[name] = input_layout(name, readers, _known_dims(name, scope, shapes))
+        layouts[name] = input_layout(name, readers, shapes.dims(name, scope))
         side.sources[name] = _identity_source(name, layouts[name])
     return side.value(output), layouts
 
