@@ -14,5 +14,14 @@ Entry points: :func:`prove_onnx` (ONNX models), :func:`prove_eager` (PyTorch mod
 from bnfold.proof.certificate import Certificate, SiteProof, Uncovered
 from bnfold.proof.graphs import ModelError
 from bnfold.proof.onnx_proof import prove_onnx
+from bnfold.proof.torch_proof import prove_eager, prove_program
 
-__all__ = ["Certificate", "ModelError", "SiteProof", "Uncovered", "prove_onnx"]
+__all__ = [
+    "Certificate",
+    "ModelError",
+    "SiteProof",
+    "Uncovered",
+    "prove_eager",
+    "prove_onnx",
+    "prove_program",
+]

@@ -51,6 +51,62 @@ class GraphDiff:
     regions: list[Region] = field(default_factory=list)
     differences: list[str] = field(default_factory=list)
     bodies: list[BodyPair] = field(default_factory=list)
+    twins: list[tuple[ir.Node, ir.Node]] = field(default_factory=list)  # unchanged pairs
+    index: dict[str, _ReadIndex] = field(default_factory=dict)
+
+    def grown(
+        self, region: Region, failed: list[str], original: Scope, folded: Scope
+    ) -> Region | None:
+        """``region`` grown over the unchanged nodes that read ``failed`` outputs.
+
+        A fold can change a value that an unchanged node reads under the same name (a
+        flatten after a conv whose BN folded behind it; a partial sum of branches that
+        only add up to the same map): the region then has to take those readers in,
+        with every region they connect to, and be proven as one. Returns None when
+        nothing modelled reads the failed outputs. The grown region takes ``region``'s
+        place in ``regions``; the regions merged into it leave the list.
+        """
+        from bnfold.proof.ops import OPS
+
+        absorbed = [
+            (o, f)
+            for o, f in self.twins
+            if o.op_type in OPS and o.domain in ("", "ai.onnx")
+            and any(v is not None and v.name in failed for v in o.inputs)
+        ]  # fmt: skip
+        if not absorbed:
+            return None
+        grown = Region(
+            region.original + [o for o, _ in absorbed], region.folded + [f for _, f in absorbed]
+        )
+        self.twins = [t for t in self.twins if t not in absorbed]
+        self.regions[self.regions.index(region)] = grown
+        self._merge_connected(grown)
+        order_o = {id(n): i for i, n in enumerate(original.graph)}
+        order_f = {id(n): i for i, n in enumerate(folded.graph)}
+        grown.original.sort(key=lambda n: order_o[id(n)])
+        grown.folded.sort(key=lambda n: order_f[id(n)])
+        _boundaries(grown, original, folded, self.index)
+        return grown
+
+    def _merge_connected(self, grown: Region) -> None:
+        """Fold into ``grown`` every other region it reads from or feeds."""
+        while True:
+            produced = {v.name for n in grown.original + grown.folded for v in n.outputs}
+            reads = {
+                name for side, nodes in (("o", grown.original), ("f", grown.folded))
+                for n in nodes for name in self.index[side].reads[id(n)]
+            }  # fmt: skip
+            connected = [
+                r for r in self.regions
+                if r is not grown and (set(r.inputs) & produced or set(r.outputs) & reads)
+            ]  # fmt: skip
+            if not connected:
+                return
+            for r in connected:
+                grown.original.extend(n for n in r.original if n not in grown.original)
+                grown.folded.extend(n for n in r.folded if n not in grown.folded)
+                self.regions.remove(r)
 
 
 def _where(path: str) -> str:
@@ -63,7 +119,8 @@ def diff_graphs(original: Scope, folded: Scope) -> GraphDiff:
     _compare_interface(original, folded, result)
     matcher = _Matcher(original, folded, result)
     changed_o, changed_f = matcher.run()
-    result.regions = _regions(original, folded, changed_o, changed_f)
+    result.index = {"o": _ReadIndex(original), "f": _ReadIndex(folded)}
+    result.regions = _regions(original, folded, changed_o, changed_f, result.index)
     return result
 
 
@@ -123,6 +180,7 @@ class _Matcher:
         ]
 
     def run(self) -> tuple[list[ir.Node], list[ir.Node]]:
+        """Match every compute node; return the changed ones of each side."""
         by_outputs = {
             tuple(v.name for v in n.outputs): n for n in self.compute_nodes(self.original)
         }
@@ -133,6 +191,7 @@ class _Matcher:
             if twin is not None and self.same(twin, node):
                 matched.add(id(twin))
                 self.result.unchanged += 1
+                self.result.twins.append((twin, node))
             else:
                 changed_f.append(node)
         changed_o = [n for n in self.compute_nodes(self.original) if id(n) not in matched]
@@ -183,7 +242,11 @@ class _UnionFind:
 
 
 def _regions(
-    original: Scope, folded: Scope, changed_o: list[ir.Node], changed_f: list[ir.Node]
+    original: Scope,
+    folded: Scope,
+    changed_o: list[ir.Node],
+    changed_f: list[ir.Node],
+    index: dict[str, _ReadIndex],
 ) -> list[Region]:
     """Group changed nodes into connected regions; find each region's inputs and outputs."""
     nodes = [("o", n) for n in changed_o] + [("f", n) for n in changed_f]
@@ -208,7 +271,6 @@ def _regions(
     for i in range(len(nodes)):
         groups.setdefault(uf.find(i), []).append(i)
     regions = []
-    index = {"o": _ReadIndex(original), "f": _ReadIndex(folded)}
     for members in groups.values():
         region = Region(
             [nodes[i][1] for i in members if nodes[i][0] == "o"],

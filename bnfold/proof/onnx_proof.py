@@ -8,7 +8,7 @@ import time
 import onnx
 import onnx_ir as ir
 
-from bnfold.proof.certificate import Certificate
+from bnfold.proof.certificate import Certificate, SiteProof
 from bnfold.proof.diff import GraphDiff, diff_graphs
 from bnfold.proof.graphs import Scope, Shapes, main_scope, open_model
 from bnfold.proof.regions import ReportLike, prove_region
@@ -76,6 +76,10 @@ def _model_differences(a: ir.Model, b: ir.Model) -> list[str]:
     return found
 
 
+MAX_GROWTH = 8
+"""How many times a failing region may grow over unchanged readers of its outputs."""
+
+
 def _prove_graph(
     original: Scope,
     folded: Scope,
@@ -84,11 +88,25 @@ def _prove_graph(
     certificate: Certificate,
 ) -> None:
     diff: GraphDiff = diff_graphs(original, folded)
-    certificate.unchanged_nodes += diff.unchanged
     certificate.differences.extend(diff.differences)
-    for region in diff.regions:
-        certificate.sites.append(prove_region(region, original, folded, shapes, report))
+    proofs: dict[int, SiteProof] = {}
+    for region in list(diff.regions):
+        if region not in diff.regions:  # merged into a region that grew
+            continue
+        proof = prove_region(region, original, folded, shapes, report)
+        steps = 0
+        while not proof.site.proven and proof.failed and steps < MAX_GROWTH:
+            grown = diff.grown(region, proof.failed, original, folded)
+            if grown is None:
+                break
+            region, steps = grown, steps + 1
+            proof = prove_region(region, original, folded, shapes, report)
+        if steps:
+            proof.site.notes.append(f"grown {steps} time(s) over unchanged readers of its outputs")
+        proofs[id(region)] = proof.site
         original.forget_all()
         folded.forget_all()
+    certificate.sites.extend(proofs[id(r)] for r in diff.regions if id(r) in proofs)
+    certificate.unchanged_nodes += len(diff.twins)
     for body in diff.bodies:
         _prove_graph(body.original, body.folded, shapes, report, certificate)

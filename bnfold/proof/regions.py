@@ -276,6 +276,7 @@ def _readers(name: str, nodes: list[ir.Node]) -> list[tuple[ir.Node, int]]:
 class _Outcome:
     verdict: Verdict
     compared: list[str]
+    failed: list[str]
 
 
 def _signature(node: ir.Node) -> tuple[object, ...]:
@@ -325,13 +326,14 @@ def _prove(region: Region, original: Scope, folded: Scope, shapes: Shapes) -> _O
         try:
             layout = input_layout(name, readers, shapes.dims(name, original))
         except Unsupported as exc:
-            return _Outcome(Verdict.failed(str(exc)), [])
+            return _Outcome(Verdict.failed(str(exc)), [], [])
         side_o.sources[name] = side_f.sources[name] = _identity_source(name, layout)
     both = {v.name for n in region.folded for v in n.outputs if v.name}
     order = [v.name for n in region.original for v in n.outputs if v.name]
     candidates = [n for n in order if n in both or n in region.outputs]
     candidates += [n for n in region.outputs if n not in candidates]
     verdict = Verdict(True)
+    failed: list[str] = []
     for name in candidates:
         try:
             result = compare(side_o.value(name), side_f.value(name), limit)
@@ -340,6 +342,7 @@ def _prove(region: Region, original: Scope, folded: Scope, shapes: Shapes) -> _O
         if name in region.outputs:
             if not result.proven:
                 result.reason = f"{name}: {result.reason}"
+                failed.append(name)
             verdict = verdict.merged(result)
         elif result.proven:
             verdict.worst_ulp = max(verdict.worst_ulp, result.worst_ulp)
@@ -357,7 +360,15 @@ def _prove(region: Region, original: Scope, folded: Scope, shapes: Shapes) -> _O
         verdict.reason = f"{'; '.join(replaced)} ({verdict.reason})"
     if limit == 0.0 and verdict.proven and verdict.coefficients:
         verdict.notes.append("no op folded here: the maps are equal exactly")
-    return _Outcome(verdict, list(region.outputs))
+    return _Outcome(verdict, list(region.outputs), failed)
+
+
+@dataclass
+class RegionProof:
+    """A region's site record, and which of its outputs failed (to grow it over)."""
+
+    site: SiteProof
+    failed: list[str]
 
 
 def prove_region(
@@ -366,7 +377,7 @@ def prove_region(
     folded: Scope,
     shapes: Shapes,
     report: ReportLike | None = None,
-) -> SiteProof:
+) -> RegionProof:
     """Prove that both sides of ``region`` compute the same values for every input."""
     outcome = _prove(region, original, folded, shapes)
     name, kind = site_name(region, report)
@@ -374,7 +385,7 @@ def prove_region(
     verdict = outcome.verdict
     if not region.outputs:
         verdict.notes.append("nothing outside the region reads it")
-    return SiteProof(
+    site = SiteProof(
         name=prefix + name,
         kind=kind,
         proven=verdict.proven,
@@ -386,6 +397,7 @@ def prove_region(
         values=outcome.compared,
         notes=verdict.notes,
     )
+    return RegionProof(site, outcome.failed)
 
 
 def evaluate(
@@ -421,7 +433,9 @@ def _node_name(node: ir.Node) -> str:
 def site_name(region: Region, report: ReportLike | None) -> tuple[str, str]:
     """A name and kind for the region: the report's site labels if it names its nodes,
     else the original's changed nodes in order."""
-    names = {n.name for n in region.original} | {n.name for n in region.folded}
+    names = {n.name or "" for n in region.original} | {n.name or "" for n in region.folded}
+    # Programs from torch name calls "module.path/op#k": a report names modules.
+    names |= {n.split("/")[0] for n in names if "/" in n}
     if report is not None:
         by_node = [f for f in report.folded if f.affine in names or f.linear in names]
         # A value name is a weaker key (bodies reuse names like "output"): a fallback.
