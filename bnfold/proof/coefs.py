@@ -259,18 +259,22 @@ class Coefs:
     def broadcast_to(self, shape: tuple[int, ...]) -> Coefs:
         return self.map(lambda a: np.broadcast_to(a, shape))
 
-    def blocks(self, axis: int, step: int) -> Iterator[tuple[tuple[slice, ...], np.ndarray]]:
-        """``val`` a block of ``step`` indices along ``axis`` at a time (fresh float64)."""
-        factor = None if self.factor is None else np.broadcast_to(self.factor, self.shape)
+    def block(self, index: tuple[slice, ...]) -> np.ndarray:
+        """``val[index]`` as a fresh float64 array, computing no more than that block."""
+        if self.factor is None:
+            return np.array(self.raw[index], dtype=np.float64)
+        factor = np.broadcast_to(self.factor, self.shape)
+        # one pass: the stored dtype times the float64 factor, in float64
+        product: np.ndarray = np.multiply(self.raw[index], factor[index], dtype=np.float64)
+        return product
+
+    def block_indices(self, axis: int, step: int) -> Iterator[tuple[slice, ...]]:
+        """Index tuples covering the array, ``step`` indices of ``axis`` at a time."""
         for start in range(0, self.shape[axis], step):
-            index = tuple(
+            yield tuple(
                 slice(start, start + step) if i == axis else slice(None)
                 for i in range(len(self.shape))
             )
-            block = np.array(self.raw[index], dtype=np.float64)
-            if factor is not None:
-                block *= factor[index]
-            yield index, block
 
     def outer_axis(self) -> int:
         """The axis of ``raw`` that is outermost in memory (blocks along it are contiguous)."""

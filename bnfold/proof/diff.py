@@ -134,6 +134,15 @@ def _compare_interface(original: Scope, folded: Scope, result: GraphDiff) -> Non
     ins_f = [(v.name, _type_text(v)) for v in folded.true_inputs()]
     if ins_o != ins_f:
         result.differences.append(f"{where}graph inputs differ: {ins_o} vs {ins_f}")
+    for value in original.true_inputs():
+        name = value.name or ""
+        default_o, default_f = original.stored_tensor(name), folded.stored_tensor(name)
+        if (default_o is None) != (default_f is None) or (
+            default_o is not None
+            and default_f is not None
+            and not same_tensor(default_o, default_f)
+        ):
+            result.differences.append(f"{where}the default value of input {name!r} differs")
     outs_o = [(v.name, _type_text(v)) for v in original.graph.outputs]
     outs_f = [(v.name, _type_text(v)) for v in folded.graph.outputs]
     if outs_o != outs_f:

@@ -58,12 +58,17 @@ def open_model(source: str | os.PathLike[str] | ir.Model | onnx.ModelProto) -> i
 
 
 def read_array(tensor: ir.TensorProtocol) -> np.ndarray:
-    """A tensor's values in fresh memory (external data read with one ``pread``)."""
+    """A tensor's values; external data as a read-only memory map of just that tensor.
+
+    The map shares the page cache (no copy, no anonymous memory) and is unmapped when
+    the site that read it is done and drops it.
+    """
     if isinstance(tensor, ir.ExternalTensor) and tensor.dtype.bitwidth >= 8:
         dtype = np.dtype(tensor.dtype.numpy()).newbyteorder("<")
-        count = int(np.prod(tensor.shape.numpy(), dtype=np.int64))
-        array = np.fromfile(tensor.path, dtype=dtype, count=count, offset=tensor.offset or 0)
-        return array.reshape(tensor.shape.numpy())
+        shape = tuple(int(d) for d in tensor.shape.numpy())
+        if not shape or 0 in shape:
+            return np.zeros(shape, dtype=dtype)
+        return np.memmap(tensor.path, dtype=dtype, mode="r", offset=tensor.offset or 0, shape=shape)
     return np.asarray(tensor.numpy())
 
 
@@ -93,8 +98,15 @@ def same_tensor(a: ir.TensorProtocol, b: ir.TensorProtocol) -> bool:
         return True
     if a.dtype.bitwidth < 8:
         return a.tobytes() == b.tobytes()
+    if not isinstance(a, ir.ExternalTensor) and not isinstance(b, ir.ExternalTensor):
+        return _memory(a) == _memory(b)  # memcmp of both buffers, nothing copied
     left, right = _rechunk(_chunks(a)), _rechunk(_chunks(b))
     return all(x == y for x, y in zip(left, right, strict=True))
+
+
+def _memory(tensor: ir.TensorProtocol) -> memoryview:
+    flat = np.ascontiguousarray(tensor.numpy()).reshape(-1).view(np.uint8)
+    return memoryview(flat.data)
 
 
 def _same_location(a: ir.TensorProtocol, b: ir.TensorProtocol) -> bool:
@@ -208,6 +220,7 @@ class Scope:
             return None if self.parent is None else self.parent.stored_tensor(name)
         value = self._locals[name]
         if value.const_value is not None and name in self.graph.initializers:
+            # Also the default of an IR >= 4 initializer that is a graph input.
             return value.const_value
         node = self._producers.get(name)
         if node is not None and node.op_type == "Constant":

@@ -321,6 +321,8 @@ def _prove(region: Region, original: Scope, folded: Scope, shapes: Shapes) -> _O
     side_o = _Side(original, region.original, track_units=False)
     side_f = _Side(folded, region.folded, track_units=True)
     for name in region.inputs:
+        if original.is_const(name) != folded.is_const(name):
+            return _Outcome(Verdict.failed(f"{name!r} is a constant in only one model"), [], [])
         readers = [(n, i, original) for n, i in _readers(name, region.original)]
         readers += [(n, i, folded) for n, i in _readers(name, region.folded)]
         try:

@@ -12,13 +12,23 @@ offset 0 and ``down = up = 1``. ``T_k`` is a matrix over the flattened feature a
 stored per group (``[groups, rows/groups, cols/groups]``): a depthwise or diagonal map
 costs what its weight costs, not a dense channels x channels matrix.
 
-Why this form: for a given (down, up, output-length rule) every coefficient of the map
-at every input size, at every output position, is one tap entry or zero (a pair of
-positions determines the offset), so two stencils with the same geometry and taps
-within one ulp are maps within one ulp at every size. A window op applied to a
-pointwise map stays a stencil; a window after a window does not (border rows of the
-composition are not restrictions of its interior rows), and the prover cuts regions so
-that it never needs one.
+Why this form, and what it says about input sizes the model was never run at: the
+stencil is a description of the map that does not mention the input size. At input
+size S (per spatial axis), the coefficient linking output position p to input position
+q is the entry of the one tap whose offset is ``q * up - p * down`` (a pair of
+positions determines the offset), and zero when no tap has that offset or q lies
+outside [0, S). So if two stencils have the same geometry (down, up, output-length
+rule) and their taps agree within one ulp, then at *every* size S, batch size and
+token count, every coefficient of the two maps agrees within one ulp: the proof covers
+dynamic shapes without choosing a patch. The constant part is the other half: a bias
+is the same at every position, and a shift that entered a zero-padded window is a term
+from the all-ones field, whose value at a border position is a partial sum of taps;
+:func:`bnfold.proof.equivalence.border_patterns` enumerates every partial sum that any
+(p, S) can produce and shows why finitely many sizes produce them all.
+
+A window applied to a pointwise map stays a stencil; a window after a window does not
+(border rows of the composition are not restrictions of its interior rows), and the
+prover cuts regions at proven values so that it never needs one.
 """
 
 from __future__ import annotations

@@ -319,3 +319,27 @@ def test_max_pool_fold_states_why_it_commutes() -> None:
     certificate = prove_onnx(path, folded, report)
     assert certificate.holds
     assert any("scale after it is >= 0" in n for n in certificate.sites[0].notes)
+
+
+def test_changed_default_of_an_overridable_input_is_a_difference() -> None:
+    """IR >= 4: an initializer that is also a graph input is a default the caller may
+    override; folding must not change it."""
+    nodes = [helper.make_node("Add", ["input", "k"], ["output"], name="add")]
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        [
+            helper.make_tensor_value_info("input", TensorProto.FLOAT, [2]),
+            helper.make_tensor_value_info("k", TensorProto.FLOAT, [2]),
+        ],
+        [helper.make_tensor_value_info("output", TensorProto.FLOAT, [2])],
+        initializer=[init("k", np.array([1.0, 2.0], dtype=np.float32))],
+    )
+    m = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    m.ir_version = 8
+    original = as_ir(m)
+    assert prove_onnx(original, copy(original)).holds
+    changed = with_initializer(original, "k", np.array([1.0, 3.0], dtype=np.float32))
+    certificate = prove_onnx(original, changed)
+    assert not certificate.holds
+    assert any("default value of input 'k'" in d for d in certificate.differences)
