@@ -1,0 +1,117 @@
+"""The proof's result: a certificate per model pair, a record per changed region."""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+
+@dataclass
+class SiteProof:
+    """One changed region: what it replaced, and whether both sides compute one map.
+
+    ``worst_ulp`` is the largest deviation of a folded coefficient from the exact one,
+    in units of the folded model's stored dtype (see :mod:`bnfold.proof.coefs`);
+    ``inf`` when a coefficient differs where no rounding of a stored value could move
+    it. ``reason`` says why a site is not proven.
+    """
+
+    name: str
+    kind: str
+    proven: bool
+    worst_ulp: float
+    reason: str = ""
+    coefficients: int = 0
+    original_nodes: list[str] = field(default_factory=list)
+    folded_nodes: list[str] = field(default_factory=list)
+    values: list[str] = field(default_factory=list)  # the region's outputs, compared
+    notes: list[str] = field(default_factory=list)
+
+    def line(self) -> str:
+        if self.proven:
+            extra = f"; {'; '.join(self.notes)}" if self.notes else ""
+            return f"  proven      {self.name}  [{self.kind}] worst {_ulp(self.worst_ulp)}{extra}"
+        return f"  NOT PROVEN  {self.name}  [{self.kind}] {self.reason}"
+
+
+@dataclass
+class Uncovered:
+    """Something the proof does not cover, and why (never silently skipped)."""
+
+    what: str
+    reason: str
+
+
+@dataclass
+class Certificate:
+    """Whether the folded model computes the original's function for all inputs.
+
+    ``holds`` is True only when every changed region is proven and everything else is
+    unchanged (``rest_unchanged``; ``differences`` lists what is not) and nothing was
+    left uncovered.
+    """
+
+    front: str  # "onnx", "torch eager", "torch program"
+    sites: list[SiteProof] = field(default_factory=list)
+    rest_unchanged: bool = True
+    differences: list[str] = field(default_factory=list)
+    uncovered: list[Uncovered] = field(default_factory=list)
+    unchanged_nodes: int = 0
+    assumptions: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+
+    @property
+    def holds(self) -> bool:
+        return self.rest_unchanged and not self.uncovered and all(s.proven for s in self.sites)
+
+    @property
+    def proven(self) -> int:
+        return sum(s.proven for s in self.sites)
+
+    @property
+    def worst_ulp(self) -> float:
+        return max((s.worst_ulp for s in self.sites if s.proven), default=0.0)
+
+    def headline(self) -> str:
+        """``proven for all inputs: N of N sites, worst 0.5 ulp`` (or what fails)."""
+        n = len(self.sites)
+        if self.holds:
+            if not n:
+                return "proven for all inputs: nothing changed"
+            return f"proven for all inputs: {n} of {n} sites, worst {_ulp(self.worst_ulp)}"
+        parts = [f"NOT proven for all inputs: {self.proven} of {n} sites proven"]
+        if not self.rest_unchanged:
+            parts.append(f"{len(self.differences)} difference(s) outside the sites")
+        if self.uncovered:
+            parts.append(f"{len(self.uncovered)} part(s) not covered")
+        return ", ".join(parts)
+
+    def summary(self) -> str:
+        lines = [self.headline()]
+        lines += [s.line() for s in self.sites if not (self.holds and len(self.sites) > 20)]
+        lines += [f"  differs     {d}" for d in self.differences]
+        lines += [f"  not covered {u.what}: {u.reason}" for u in self.uncovered]
+        lines += [f"  assumes     {a}" for a in self.assumptions]
+        return "\n".join(lines)
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["holds"] = self.holds
+        data["headline"] = self.headline()
+        data["worst_ulp"] = _json_number(self.worst_ulp)
+        for site in data["sites"]:
+            site["worst_ulp"] = _json_number(site["worst_ulp"])
+        return data
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
+
+
+def _json_number(x: float) -> float | str:
+    return "inf" if math.isinf(x) else round(x, 4)
+
+
+def _ulp(x: float) -> str:
+    return "inf" if math.isinf(x) else f"{x:.2g} ulp"
