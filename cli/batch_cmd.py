@@ -1,37 +1,23 @@
 """``bnfold fold DIR -o OUTDIR [--jobs N]``: fold a folder, show progress and a summary.
 
 Routed here by :func:`bnfold.cli.main.fold` when MODEL is a folder; the work is
-done by :func:`bnfold.batch.fold_directory`.
+done by :func:`bnfold.api.fold_path` (:func:`bnfold.batch.fold_directory`).
 """
 
 from __future__ import annotations
 
 import json
 import sys
-from typing import Any
 
 import click
 
 from bnfold.batch import ERROR, NOT_VERIFIED, OK, VERIFY_FAILED, BatchReport, ModelOutcome
-from bnfold.options import LowerForm, Rounding
+from bnfold.options import FoldOptions
 
 _STYLE = {OK: "green", NOT_VERIFIED: "yellow", VERIFY_FAILED: "red", ERROR: "red"}
 
 
-def fold_directory(
-    model_dir: str,
-    out_dir: str,
-    *,
-    jobs: int,
-    verify: bool,
-    strict: bool,
-    verify_options: Any,
-    as_json: bool,
-    report_path: str | None,
-    clone_shared: bool = True,
-    rounding: Rounding = Rounding.NEAREST,
-    lower_standalone: LowerForm | None = None,
-) -> int:
+def fold_directory(model_dir: str, out_dir: str | None, options: FoldOptions, as_json: bool) -> int:
     """Fold every model under ``model_dir`` into ``out_dir``; return the exit code.
 
     Exit code: 0 if every model was folded and written (verified, or not
@@ -46,7 +32,7 @@ def fold_directory(
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
-    from bnfold import batch
+    from bnfold import api
 
     err_console = Console(file=sys.stderr)
     progress = Progress(
@@ -60,20 +46,12 @@ def fold_directory(
     )
     task_id = progress.add_task("", total=None)
 
-    def started(total: int) -> None:
-        progress.update(task_id, total=total)
-
-    def finished(outcome: ModelOutcome) -> None:
-        progress.update(task_id, advance=1, description=outcome.source)
+    def tell(text: str, done: int = 0, total: int = 0) -> None:
+        progress.update(task_id, completed=done, total=total or None, description=text)
 
     with progress:
-        report = batch.fold_directory(
-            model_dir, out_dir, jobs=jobs, verify=verify, verify_options=verify_options,
-            require_verified=strict, clone_shared=clone_shared, rounding=rounding,
-            lower_standalone=lower_standalone, on_start=started, on_done=finished,
-        )  # fmt: skip
-    if report_path:
-        batch.write_report(report, report_path)
+        report = api.fold_path(model_dir, out_dir, options, progress=tell)
+    assert isinstance(report, BatchReport)
     if as_json:
         click.echo(json.dumps({**report.to_dict(), "exit_code": report.exit_code()}, indent=2))
     else:

@@ -8,9 +8,7 @@ output exactly when it exits 0.
 from __future__ import annotations
 
 import json
-import os
 import sys
-from pathlib import Path
 from typing import Any
 
 import click
@@ -24,7 +22,13 @@ from bnfold.cli.errors import (
     OneLineUsageGroup,
     one_line_errors,
 )
-from bnfold.options import DEFAULT_BENCH_LEVELS, MAX_INPUT_BYTES, LowerForm, Rounding
+from bnfold.options import (
+    DEFAULT_BENCH_LEVELS,
+    MAX_INPUT_BYTES,
+    FoldOptions,
+    LowerForm,
+    Rounding,
+)
 
 
 def verify_options(func: F) -> F:
@@ -147,30 +151,6 @@ def torch_options(func: F) -> F:
     return func
 
 
-def _torch_source(
-    path: str | None,
-    module_spec: str | None,
-    weights: str | None,
-    trust_pickle: bool,
-    input_shapes: tuple[str, ...],
-) -> Any:
-    """A ModuleSource for --module, the path for a torch file, None for ONNX input."""
-    from bnfold.api import TORCH_SUFFIXES
-
-    if module_spec is None and (path is None or not path.endswith(TORCH_SUFFIXES)):
-        if weights or trust_pickle or input_shapes:
-            raise InputError("--weights/--trust-pickle/--input-shape need --module")
-        return None
-    from bnfold.torch_front import require_torch
-
-    require_torch()
-    from bnfold.torch_front.files import ModuleSource
-
-    if module_spec is None:
-        return path
-    return ModuleSource(module_spec, weights, trust_pickle, _parse_dims(input_shapes))
-
-
 def _parse_dims(specs: tuple[str, ...]) -> tuple[tuple[int, ...], ...]:
     try:
         return tuple(tuple(int(d) for d in spec.lower().split("x")) for spec in specs)
@@ -178,13 +158,30 @@ def _parse_dims(specs: tuple[str, ...]) -> tuple[tuple[int, ...], ...]:
         raise InputError(f"bad --input-shape in {list(specs)}; expected 1x3x224x224") from None
 
 
-def _torch_verify_options(no_verify: bool, verify_kw: dict[str, Any]) -> Any:
-    """The verify options for a torch model, or None with --no-verify."""
-    if verify_kw.get("shapes") or verify_kw.get("max_input_mib") is not None:
+def _source(
+    path: str | None,
+    module_spec: str | None,
+    weights: str | None,
+    trust_pickle: bool,
+    input_shapes: tuple[str, ...],
+) -> Any:
+    """MODEL and the torch flags as the model the API folds: a path or a module factory."""
+    from bnfold.api import model_source
+
+    return model_source(path, module_spec, weights, trust_pickle, _parse_dims(input_shapes))
+
+
+def _verify_options_for(source: Any, verify_kw: dict[str, Any]) -> Any:
+    """The verify flags as VerifyOptions; the ONNX-only ones are refused for a torch model."""
+    from bnfold.api import kind_of
+
+    if kind_of(source).is_torch and (
+        verify_kw.get("shapes") or verify_kw.get("max_input_mib") is not None
+    ):
         raise InputError(
             "--shape/--max-input-mib are for ONNX inputs; torch models take --input-shape"
         )
-    return None if no_verify else _verify_options(**verify_kw)
+    return _verify_options(**verify_kw)
 
 
 @click.group(cls=OneLineUsageGroup, context_settings={"help_option_names": ["-h", "--help"]})
@@ -273,126 +270,31 @@ def fold(
     MODEL is an .onnx file, a folder (every *.onnx in it is folded into the
     folder -o), a torch .pt2 file, or omitted with --module for a torch factory.
     """
-    from bnfold.api import fold_file
+    from bnfold import api
 
-    if strict and no_verify:  # --strict asks for a verified output; nothing would be verified
-        raise InputError("--strict needs verification; drop --no-verify")
-    torch_source = _torch_source(model, module_spec, weights, trust_pickle, input_shapes)
-    if run_bench and (torch_source is not None or (model and os.path.isdir(model))):
-        raise InputError("--bench times one ONNX model; for torch or folders use `bnfold bench`")
-    if in_place and output is not None:
-        raise InputError("-o and --in-place are exclusive: --in-place writes MODEL itself")
-    if in_place and (torch_source is not None or (model and os.path.isdir(model))):
-        raise InputError("--in-place folds one ONNX file; torch models and folders take -o")
-    if run_bench and in_place:
-        # The output would be timed against itself: the original is gone.
-        raise InputError(
-            "--bench times the output against MODEL, which --in-place replaces; use -o"
-        )
-    if torch_source is not None:
-        if output is None:
-            raise InputError("missing -o/--output")
-        from bnfold.torch_front.files import fold_torch
-        from bnfold.torch_front.io import factory_source_file
-
-        module_file = factory_source_file(module_spec) if module_spec else None
-        _require_safe_report(report_path, [output, to_onnx], [model, weights, module_file])
-
-        options = _torch_verify_options(no_verify, verify_kw)
-        result, written = fold_torch(
-            torch_source, output, options, to_onnx, require_verified=strict, rounding=rounding,
-            lower=lower,
-            trust_pickle=trust_pickle,
-        )  # fmt: skip
-        _print_fold(result, written, output, as_json, report_path)
-        sys.exit(_fold_exit_code(written))
-    if model is None:
-        raise InputError("missing MODEL (or --module for a torch factory)")
-    if to_onnx is not None:
-        raise InputError("--to-onnx is for torch models; the ONNX output is -o")
-    if os.path.isdir(model):
-        from bnfold.cli.batch_cmd import fold_directory
-
-        if output is None:
-            raise InputError("folder mode needs -o/--output OUTDIR")
-        _require_safe_folder_report(report_path, model, output)
-        code = fold_directory(
-            model, output, jobs=jobs, verify=not no_verify, strict=strict,
-            verify_options=_verify_options(**verify_kw), as_json=as_json,
-            report_path=report_path, clone_shared=not no_clone_shared, rounding=rounding,
-            lower_standalone=lower,
-        )  # fmt: skip
-        sys.exit(code)
-    if output is None and not in_place:
-        raise InputError("missing -o/--output (or --in-place to overwrite MODEL)")
-    target = model if in_place else output
-    assert target is not None
-    _require_safe_report(report_path, [target], [model], in_place=in_place)
-    options = _verify_options(**verify_kw)
-    result, written = fold_file(
-        model,
-        target,
+    source = _source(model, module_spec, weights, trust_pickle, input_shapes)
+    options = FoldOptions(
         verify=not no_verify,
-        verify_options=options,
-        in_place=in_place,
+        verify_options=_verify_options_for(source, verify_kw),
+        require_verified=strict,
         clone_shared=not no_clone_shared,
         rounding=rounding,
-        require_verified=strict,
-        lower_standalone=lower,
+        lower=lower,
+        in_place=in_place,
+        to_onnx=to_onnx,
+        trust_pickle=trust_pickle,
+        jobs=jobs,
+        report_path=report_path,
+        bench_levels=DEFAULT_BENCH_LEVELS if run_bench else (),
     )
-    timing = _bench_after_fold(model, target, options) if run_bench and written else None
-    _print_fold(result, written, target, as_json, report_path, timing)
-    sys.exit(_fold_exit_code(written))
+    if api.kind_of(source) is api.SourceKind.FOLDER:
+        from bnfold.cli.batch_cmd import fold_directory
 
-
-def _bench_after_fold(original: str, folded: str, options: Any) -> Any:
-    """Time the written output against MODEL on inputs of the shapes verification used."""
-    from bnfold import bench as harness
-
-    return harness.bench_onnx(
-        original,
-        folded,
-        DEFAULT_BENCH_LEVELS,
-        shapes=options.shapes,
-        max_input_bytes=options.max_input_bytes,
-        inputs=options.inputs,
-    )
-
-
-def _print_fold(
-    result: Any,
-    written: bool,
-    target: str,
-    as_json: bool,
-    report_path: str | None,
-    timing: Any = None,
-) -> None:
-    payload = {**result.to_dict(), "output": target, "written": written}
-    if timing is not None:
-        payload["bench"] = timing.to_dict()
-    _write_report(report_path, payload)
-    if as_json:
-        click.echo(json.dumps(payload, indent=2))
-        return
-    click.echo(result.report.summary())
-    if result.verification is not None:
-        click.echo(result.verification.summary())
-    click.echo(f"wrote {target}" if written else _nothing_written(result.verification))
-    if timing is not None:
-        click.echo(timing.summary())
-
-
-def _nothing_written(verification: Any) -> str:
-    """Why the library kept the output back: a failed or (with --strict) a missing verification."""
-    if verification.status == "not_verified":
-        return f"not verified ({verification.reason}); --strict: nothing written"
-    return "verification FAILED: nothing written"
-
-
-def _fold_exit_code(written: bool) -> int:
-    # The library writes only a publishable fold (FoldResult.publishable): a
-    # pipeline can rely on "exit 0" and "output written" meaning the same.
-    return EXIT_OK if written else EXIT_VERIFY_FAILED
+        sys.exit(fold_directory(source, output, options, as_json))
+    outcome = api.fold_path(source, output, options)
+    assert isinstance(outcome, api.FoldOutcome)  # one model, not a folder
+    click.echo(json.dumps(outcome.to_dict(), indent=2) if as_json else outcome.summary())
+    sys.exit(outcome.exit_code())
 
 
 @main.command()
@@ -407,17 +309,10 @@ def inspect(model: str | None, as_json: bool, lower: LowerForm | None, **torch_k
     With --lower-standalone, also what the lowering would rewrite and what would
     still be left: the table ``fold --lower-standalone`` would end with.
     """
-    torch_source = _torch_source(model, **torch_kw)
-    if torch_source is not None:
-        from bnfold.torch_front.files import inspect_torch
+    from bnfold import api
 
-        report = inspect_torch(torch_source, trust_pickle=torch_kw["trust_pickle"], lower=lower)
-    elif model is None:
-        raise InputError("missing MODEL (or --module for a torch factory)")
-    else:
-        from bnfold.api import inspect as inspect_model
-
-        report = inspect_model(model, lower_standalone=lower)
+    source = _source(model, **torch_kw)
+    report = api.inspect(source, lower_standalone=lower, trust_pickle=torch_kw["trust_pickle"])
     click.echo(report.to_json() if as_json else report.summary())
 
 
@@ -440,80 +335,13 @@ def verify(models: tuple[str, ...], as_json: bool, **kw: Any) -> None:
     wanted = 1 if torch_kw["module_spec"] else 2
     if len(models) != wanted:
         raise InputError("expected ORIGINAL FOLDED (or --module ... FOLDED)")
-    original = models[0] if wanted == 2 else None
-    torch_source = _torch_source(original, **torch_kw)
-    if torch_source is not None:
-        from bnfold.torch_front.files import verify_torch
+    from bnfold import api
 
-        options = _torch_verify_options(False, kw)
-        result = verify_torch(torch_source, models[-1], options, torch_kw["trust_pickle"])
-    else:
-        from bnfold.api import verify_models
-
-        result = verify_models(models[0], models[1], _verify_options(**kw))
+    source = _source(models[0] if wanted == 2 else None, **torch_kw)
+    options = _verify_options_for(source, kw)
+    result = api.verify_models(source, models[-1], options, torch_kw["trust_pickle"])
     click.echo(result.to_json() if as_json else result.summary())
     sys.exit(EXIT_OK if result.passed else EXIT_VERIFY_FAILED)
-
-
-def _require_safe_report(
-    report_path: str | None,
-    outputs: list[str | None],
-    inputs: list[str | None],
-    in_place: bool = False,
-) -> None:
-    """Before folding: --report must be writable and none of the other files (any spelling).
-
-    The library checks the model outputs against the inputs itself; this adds
-    the report, which only the CLI writes, and the input's external data files.
-    """
-    if report_path is None:
-        return
-    from bnfold import paths
-    from bnfold.onnx_front.io import external_data_files
-
-    reads = [paths.Named.of("input", path) for path in inputs]
-    for path in inputs:
-        if path is not None and path.endswith(".onnx"):
-            reads += [paths.Named("input's external data", p) for p in external_data_files(path)]
-    writes = [paths.Named.of("output", path) for path in outputs]
-    report = paths.Named("--report", Path(report_path))
-    pair = (outputs[0], inputs[0]) if in_place else None
-    paths.require_safe_outputs([*writes, report], reads, in_place=pair)  # type: ignore[arg-type]
-
-
-def _require_safe_folder_report(report_path: str | None, model_dir: str, out_dir: str) -> None:
-    """Folder mode: --report must not be one of the models found, their data or their outputs.
-
-    Its folder may be OUTDIR, created by the run: then only the names are compared.
-    """
-    if report_path is None:
-        return
-    from bnfold import paths
-    from bnfold.batch import find_models
-    from bnfold.onnx_front.io import external_data_files
-
-    report = paths.Named("--report", Path(report_path))
-    models = find_models(Path(model_dir), Path(out_dir))
-    reads = [paths.Named("input", Path(model_dir) / rel) for rel in models]
-    reads += [
-        paths.Named("input's external data", data)
-        for rel in models
-        for data in external_data_files(Path(model_dir) / rel)
-    ]
-    writes = [paths.Named("output", Path(out_dir) / rel) for rel in models]
-    for other in (*reads, *writes):
-        if paths.same_file(report.path, other.path):
-            raise InputError(f"--report {report_path!r} is the {other.role} {str(other.path)!r}")
-    if not paths.same_file(report.path.parent, out_dir):  # OUTDIR may not exist yet
-        paths.require_safe_outputs([report], [])
-
-
-def _write_report(path: str | None, payload: dict[str, Any]) -> None:
-    if path is None:
-        return
-    from bnfold.paths import write_text_atomic
-
-    write_text_atomic(path, json.dumps(payload, indent=2), "report")
 
 
 if __name__ == "__main__":
