@@ -11,8 +11,9 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from bnfold.api import fold, inspect, verify
+    from bnfold.api import fold, fold_path, inspect, verify
     from bnfold.errors import BnfoldError, NotSupportedError
+    from bnfold.options import FoldOptions
     from bnfold.report import (
         BatchNormCount,
         Code,
@@ -27,6 +28,8 @@ if TYPE_CHECKING:
 
 _HOMES = {
     "fold": "bnfold.api",
+    "fold_path": "bnfold.api",
+    "FoldOptions": "bnfold.options",
     "inspect": "bnfold.api",
     "verify": "bnfold.api",
     "BnfoldError": "bnfold.errors",
@@ -46,6 +49,7 @@ __all__ = [
     "BatchNormCount",
     "BnfoldError",
     "Code",
+    "FoldOptions",
     "FoldReport",
     "FoldResult",
     "Folded",
@@ -55,6 +59,7 @@ __all__ = [
     "Refusal",
     "VerifyResult",
     "fold",
+    "fold_path",
     "inspect",
     "verify",
 ]

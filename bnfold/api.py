@@ -11,13 +11,11 @@ torch object, file or factory is passed, so the ONNX path works without it.
 
 from __future__ import annotations
 
-import enum
 import os
-import sys
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any
 
 import onnx_ir as ir
 
@@ -36,82 +34,47 @@ from bnfold.onnx_front.lower import lower_unfolded
 from bnfold.onnx_front.match import MatchOptions
 from bnfold.onnx_front.passes import FoldAffinePass, FoldPassResult
 from bnfold.options import FoldOptions, lower_form_of, rounding_of
+from bnfold.outcomes import FoldOutcome, Inspection, InspectRun, Progress, tell
+from bnfold.outputs import (
+    require_safe_folder_report,
+    require_safe_report,
+    write_report,
+    written_data_files,
+)
 from bnfold.report import FoldReport, FoldResult, LowerForm, VerifyResult
+from bnfold.sources import (
+    TORCH_SUFFIXES,
+    SourceKind,
+    checked_target,
+    importable_factory,
+    is_onnx_model,
+    kind_of,
+)
 
 if TYPE_CHECKING:
     from bnfold.batch import BatchReport
     from bnfold.bench import BenchReport
 
-TORCH_SUFFIXES = (".pt2", ".pt", ".pth")
-
-
-class SourceKind(str, enum.Enum):
-    """What a fold starts from; :func:`kind_of` tells them apart, the router acts on it."""
-
-    ONNX_FILE = "onnx_file"
-    FOLDER = "folder"  # every *.onnx under it
-    TORCH_FILE = "torch_file"  # a .pt2 program (a .pt/.pth state_dict is refused with the fix)
-    FACTORY = "factory"  # a module factory with its weights: torch_front.files.ModuleSource
-    ONNX_MODEL = "onnx_model"  # an onnx_ir.Model or onnx.ModelProto
-    TORCH_MODULE = "torch_module"
-    TORCH_PROGRAM = "torch_program"  # a torch.export.ExportedProgram
-
-    @property
-    def is_torch(self) -> bool:
-        return self in _TORCH_KINDS
-
-
-_TORCH_KINDS = frozenset(
-    {SourceKind.TORCH_FILE, SourceKind.FACTORY, SourceKind.TORCH_MODULE, SourceKind.TORCH_PROGRAM}
-)
-
-
-class Progress(Protocol):
-    """Told what a long run is doing: a step (``total`` 0) or ``done`` of ``total`` items."""
-
-    def __call__(self, text: str, done: int = 0, total: int = 0) -> None: ...
-
-
-@dataclass
-class FoldOutcome:
-    """What :func:`fold_path` did with one model: the fold, and whether it was written.
-
-    ``written`` is False exactly when the library kept the output back: the
-    verification failed, or could not be made and verified folds were required.
-    """
-
-    result: FoldResult
-    output: str
-    written: bool
-    bench: BenchReport | None = None  # FoldOptions.bench_levels: the written output timed
-
-    def exit_code(self) -> int:
-        """0 when written, 1 when kept back: "exit 0" and "output written" mean the same."""
-        return 0 if self.written else 1
-
-    def to_dict(self) -> dict[str, Any]:
-        payload = {**self.result.to_dict(), "output": self.output, "written": self.written}
-        if self.bench is not None:
-            payload["bench"] = self.bench.to_dict()
-        return payload
-
-    def summary(self) -> str:
-        """The report, the verification, what was written (or why not) and the timing."""
-        lines = [self.result.report.summary()]
-        verification = self.result.verification
-        if verification is not None:
-            lines.append(verification.summary())
-        lines.append(f"wrote {self.output}" if self.written else _nothing_written(verification))
-        if self.bench is not None:
-            lines.append(self.bench.summary())
-        return "\n".join(lines)
-
-
-def _nothing_written(verification: VerifyResult | None) -> str:
-    """Why an output was kept back: a failed or (with --strict) a missing verification."""
-    if verification is not None and verification.status == "not_verified":
-        return f"not verified ({verification.reason}); --strict: nothing written"
-    return "verification FAILED: nothing written"
+__all__ = [
+    "TORCH_SUFFIXES",
+    "FoldOptions",
+    "FoldOutcome",
+    "InspectRun",
+    "Inspection",
+    "Progress",
+    "SourceKind",
+    "VerifyOptions",
+    "fold",
+    "fold_file",
+    "fold_path",
+    "inspect",
+    "inspect_each",
+    "kind_of",
+    "model_source",
+    "module_source",
+    "verify",
+    "verify_models",
+]
 
 
 def fold_path(
@@ -151,7 +114,7 @@ def fold_path(
     """
     options = options or FoldOptions()
     kind = kind_of(source)
-    target = _target(kind, source, output, options)
+    target = checked_target(kind, source, output, options)
     if kind is SourceKind.FOLDER:
         return _fold_folder(Path(source), Path(target), options, progress)
     if kind.is_torch:
@@ -163,27 +126,10 @@ def fold_path(
         outcome = api_torch.fold_to(source, kind, target, options, example_inputs, progress)
     else:
         outcome = _fold_onnx_to(source, target, options, progress)
-    write_report(options.report_path, outcome.to_dict())
+    if options.report_path is not None:
+        outcome.files.append(os.fspath(options.report_path))
+        write_report(options.report_path, outcome.to_dict())
     return outcome
-
-
-def kind_of(source: Any) -> SourceKind:
-    """Which front folds ``source``: a path by its suffix (or being a folder), an object by type."""
-    if isinstance(source, str | os.PathLike):
-        path = Path(source)
-        if path.is_dir():
-            return SourceKind.FOLDER
-        return SourceKind.TORCH_FILE if path.suffix in TORCH_SUFFIXES else SourceKind.ONNX_FILE
-    if _is_torch_module(source):
-        return SourceKind.TORCH_MODULE
-    if _is_exported_program(source):
-        return SourceKind.TORCH_PROGRAM
-    files = sys.modules.get("bnfold.torch_front.files")
-    if files is not None and isinstance(source, files.ModuleSource):
-        return SourceKind.FACTORY
-    if isinstance(source, ir.Model) or _is_model_proto(source):
-        return SourceKind.ONNX_MODEL
-    raise BnfoldError(f"cannot fold a {type(source).__name__}")
 
 
 def model_source(
@@ -231,38 +177,8 @@ def module_source(
     from bnfold.torch_front.files import ModuleSource
 
     shapes = tuple(tuple(int(d) for d in shape) for shape in input_shapes)
-    return ModuleSource(
-        factory, None if weights is None else os.fspath(weights), trust_pickle, shapes
-    )
-
-
-def _target(
-    kind: SourceKind, source: Any, output: str | os.PathLike[str] | None, options: FoldOptions
-) -> str | os.PathLike[str]:
-    """The path to write, after refusing the options this kind of source cannot honour."""
-    one_onnx_file = kind is SourceKind.ONNX_FILE
-    if options.bench_levels and not (one_onnx_file or kind is SourceKind.ONNX_MODEL):
-        raise BnfoldError("--bench times one ONNX model; for torch or folders use `bnfold bench`")
-    if options.in_place:
-        if not one_onnx_file:
-            raise BnfoldError("--in-place folds one ONNX file; torch models and folders take -o")
-        if output is not None and not paths.same_file(output, source):
-            raise BnfoldError("-o and --in-place are exclusive: --in-place writes MODEL itself")
-        if options.bench_levels:
-            # The output would be timed against itself: the original is gone.
-            raise BnfoldError(
-                "--bench times the output against MODEL, which --in-place replaces; use -o"
-            )
-        return source  # type: ignore[no-any-return]
-    if output is None:
-        if kind is SourceKind.FOLDER:
-            raise BnfoldError("folder mode needs -o/--output OUTDIR")
-        if one_onnx_file:
-            raise BnfoldError("missing -o/--output (or --in-place to overwrite MODEL)")
-        raise BnfoldError("missing -o/--output")
-    if options.to_onnx is not None and not kind.is_torch:
-        raise BnfoldError("--to-onnx is for torch models; the ONNX output is -o")
-    return output
+    spec = importable_factory(factory)
+    return ModuleSource(spec, None if weights is None else os.fspath(weights), trust_pickle, shapes)
 
 
 def _fold_onnx_to(
@@ -275,15 +191,15 @@ def _fold_onnx_to(
     in_place = (output, source) if options.in_place else None
     require_safe_report(options.report_path, writes, reads, in_place)
     paths.require_safe_outputs(writes, reads, in_place=in_place, offer_in_place=True)
-    _tell(progress, "loading")
+    tell(progress, "loading")
     model = io.load_model(source) if from_file else _onnx_model(source, copy=True)
     # The untouched original, for verification: the file, or the object given.
     reference = source if from_file or isinstance(source, ir.Model) else model.clone()
-    _tell(progress, "folding")
-    result, written = _fold_and_save(model, reference, output, options, progress)
-    outcome = FoldOutcome(result, os.fspath(output), written)
-    if options.bench_levels and written:
-        _tell(progress, "timing")
+    tell(progress, "folding")
+    result, files = _fold_and_save(model, reference, output, options, progress)
+    outcome = FoldOutcome(result, os.fspath(output), bool(files), files)
+    if options.bench_levels and outcome.written:
+        tell(progress, "timing")
         outcome.bench = _bench_against(reference, output, options)
     return outcome
 
@@ -294,8 +210,12 @@ def _fold_and_save(
     output: str | os.PathLike[str],
     options: FoldOptions,
     progress: Progress | None,
-) -> tuple[FoldResult, bool]:
-    """Fold ``model`` and save it atomically, publishing only what ``options`` accepts."""
+) -> tuple[FoldResult, list[str]]:
+    """Fold ``model`` and save it atomically, publishing only what ``options`` accepts.
+
+    Returns the result and the files written: the model and its external data,
+    or none when the output was kept back.
+    """
     keep_external = any(True for _ in io.external_tensors(model))  # before folds replace them
     folded = _fold_onnx(model, options)
     result = FoldResult(folded.model, folded.report)
@@ -303,7 +223,7 @@ def _fold_and_save(
 
     def accept(staged: Path) -> bool:
         if options.verify:
-            _tell(progress, "verifying")
+            tell(progress, "verifying")
             # reference was checked when it was loaded and staged is our own
             # output: hand both straight to the runtimes instead of parsing them again.
             result.verification = verify_onnx(
@@ -311,9 +231,10 @@ def _fold_and_save(
             )
         return result.publishable(options.require_verified)
 
-    _tell(progress, "writing")
-    written = io.save_model(result.model, output, external_data=keep_external, accept=accept)
-    return result, written
+    tell(progress, "writing")
+    if not io.save_model(result.model, output, external_data=keep_external, accept=accept):
+        return result, []
+    return result, [os.fspath(output), *written_data_files(output, keep_external)]
 
 
 def _bench_against(
@@ -338,91 +259,26 @@ def _fold_folder(
 ) -> BatchReport:
     from bnfold import batch
 
-    _require_safe_folder_report(options.report_path, model_dir, out_dir)
+    require_safe_folder_report(options.report_path, model_dir, out_dir)
     total = 0
 
     def started(count: int) -> None:
         nonlocal total
         total = count
-        _tell(progress, "", 0, count)
+        tell(progress, "", 0, count)
 
     done = 0
 
     def finished(outcome: batch.ModelOutcome) -> None:
         nonlocal done
         done += 1
-        _tell(progress, outcome.source, done, total)
+        tell(progress, outcome.source, done, total)
 
     report = batch.fold_directory(model_dir, out_dir, options, on_start=started, on_done=finished)
     if options.report_path is not None:
+        report.report_path = os.fspath(options.report_path)
         batch.write_report(report, options.report_path)
     return report
-
-
-def _tell(progress: Progress | None, text: str, done: int = 0, total: int = 0) -> None:
-    if progress is not None:
-        progress(text, done, total)
-
-
-def write_report(path: str | os.PathLike[str] | None, payload: Mapping[str, Any]) -> None:
-    """Write ``payload`` as JSON to ``path`` atomically (nothing when ``path`` is None)."""
-    if path is None:
-        return
-    import json
-
-    paths.write_text_atomic(path, json.dumps(payload, indent=2), "report")
-
-
-def require_safe_report(
-    report_path: str | os.PathLike[str] | None,
-    writes: Sequence[paths.Named | None],
-    reads: Sequence[paths.Named | None],
-    in_place: tuple[paths.PathArg, paths.PathArg] | None = None,
-) -> None:
-    """Before folding: the report must be writable and none of the other files (any spelling).
-
-    The fronts check their model outputs against their inputs themselves; this
-    adds the report, and the ONNX inputs' external data, which it must not replace.
-    """
-    if report_path is None:
-        return
-    data = [
-        paths.Named("input's external data", path)
-        for named in reads
-        if named is not None and named.path.suffix == ".onnx"
-        for path in io.external_data_files(named.path)
-    ]
-    report = paths.Named("--report", Path(report_path))
-    paths.require_safe_outputs([*writes, report], [*reads, *data], in_place=in_place)
-
-
-def _require_safe_folder_report(
-    report_path: str | os.PathLike[str] | None, model_dir: Path, out_dir: Path
-) -> None:
-    """Folder mode: the report must not be one of the models found, their data or outputs.
-
-    Its folder may be OUTDIR, created by the run: then only the names are compared.
-    """
-    if report_path is None:
-        return
-    from bnfold.batch import find_models
-
-    report = paths.Named("--report", Path(report_path))
-    models = find_models(model_dir, out_dir)
-    reads = [paths.Named("input", model_dir / rel) for rel in models]
-    reads += [
-        paths.Named("input's external data", data)
-        for rel in models
-        for data in io.external_data_files(model_dir / rel)
-    ]
-    writes = [paths.Named("output", out_dir / rel) for rel in models]
-    for other in (*reads, *writes):
-        if paths.same_file(report.path, other.path):
-            raise BnfoldError(
-                f"--report {os.fspath(report_path)!r} is the {other.role} {str(other.path)!r}"
-            )
-    if not paths.same_file(report.path.parent, out_dir):  # OUTDIR may not exist yet
-        paths.require_safe_outputs([report], [])
 
 
 def fold(
@@ -565,6 +421,36 @@ def inspect(
     return report
 
 
+def inspect_each(
+    sources: Sequence[Any],
+    *,
+    lower_standalone: bool | LowerForm | str | None = False,
+    trust_pickle: bool = False,
+    max_left: int | None = None,
+    progress: Progress | None = None,
+) -> InspectRun:
+    """:func:`inspect` each source (paths, a module factory), past models that fail.
+
+    A model that cannot be inspected (bad input) is recorded with its one-line
+    error and the others are still inspected; ``max_left`` gates each model.
+    """
+    run = InspectRun([])
+    for done, source in enumerate(sources):
+        path = isinstance(source, str | os.PathLike)
+        name = os.fspath(source) if path else getattr(source, "factory", type(source).__name__)
+        if len(sources) > 1:
+            tell(progress, name, done, len(sources))
+        inspection = Inspection(name, max_left=max_left)
+        try:
+            inspection.report = inspect(
+                source, lower_standalone=lower_standalone, trust_pickle=trust_pickle
+            )
+        except BnfoldError as err:
+            inspection.error = str(err)
+        run.inspections.append(inspection)
+    return run
+
+
 def verify(
     original: Any,
     folded: Any,
@@ -677,25 +563,8 @@ def _onnx_model(model: Any, copy: bool) -> ir.Model:
         return io.load_model(path)
     if isinstance(model, ir.Model):
         return model.clone() if copy else model
-    if _is_model_proto(model):
+    if is_onnx_model(model):
         # External data of an in-memory proto resolves against the current
         # folder and must stay inside it, like a file's.
         return io.model_from_proto(model)
     raise BnfoldError(f"cannot fold a {type(model).__name__}")
-
-
-def _is_model_proto(obj: Any) -> bool:
-    import onnx
-
-    return isinstance(obj, onnx.ModelProto)
-
-
-def _is_torch_module(obj: Any) -> bool:
-    # Only an already-imported torch can have made obj: never import it here.
-    torch = sys.modules.get("torch")
-    return torch is not None and isinstance(obj, torch.nn.Module)
-
-
-def _is_exported_program(obj: Any) -> bool:
-    torch = sys.modules.get("torch")
-    return torch is not None and isinstance(obj, torch.export.ExportedProgram)

@@ -12,10 +12,12 @@ from dataclasses import dataclass
 from typing import Any
 
 from bnfold import paths
-from bnfold.api import FoldOutcome, Progress, SourceKind, require_safe_report
 from bnfold.compare import VerifyOptions
 from bnfold.errors import BnfoldError
 from bnfold.options import FoldOptions
+from bnfold.outcomes import FoldOutcome, Progress
+from bnfold.outputs import require_safe_report, written_data_files
+from bnfold.sources import SourceKind
 from bnfold.torch_front.files import ModuleSource, fold_torch
 from bnfold.torch_front.io import example_args, factory_source_file
 from bnfold.torch_front.run import as_args
@@ -52,7 +54,10 @@ def fold_to(
         require_verified=options.require_verified, rounding=options.rounding,
         lower=options.lower, trust_pickle=options.trust_pickle,
     )  # fmt: skip
-    return FoldOutcome(result, os.fspath(output), written)
+    files = [os.fspath(output)] if written else []
+    if written and options.to_onnx is not None:
+        files += [os.fspath(options.to_onnx), *written_data_files(options.to_onnx)]
+    return FoldOutcome(result, os.fspath(output), written, files)
 
 
 def _file_source(

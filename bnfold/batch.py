@@ -22,7 +22,9 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from bnfold import quiet
 from bnfold.errors import BnfoldError
+from bnfold.json_report import envelope
 from bnfold.options import FoldOptions
 
 MODEL_SUFFIX = ".onnx"
@@ -44,6 +46,7 @@ class ModelOutcome:
     lowered: int = 0  # BNs that could not fold, lowered (lower_standalone)
     bn_left: int = 0  # inference BNs still in the output
     written: bool = False
+    files: list[str] = field(default_factory=list)  # every file written for this model
     error: str = ""  # one line, for status "error"
     seconds: float = 0.0
     result: dict[str, Any] | None = None  # FoldResult.to_dict() when the fold ran
@@ -63,6 +66,12 @@ class BatchReport:
     jobs: int
     outcomes: list[ModelOutcome] = field(default_factory=list)
     seconds: float = 0.0
+    report_path: str | None = None  # where the report itself is saved, if it is
+
+    def files(self) -> list[str]:
+        """Every file the run wrote: each model's, in folder order, then the report."""
+        written = [path for outcome in self.outcomes for path in outcome.files]
+        return written + ([self.report_path] if self.report_path else [])
 
     def exit_code(self) -> int:
         """0 if every model was written, 1 if any failed or lacked verification, 2 if any erred."""
@@ -75,7 +84,9 @@ class BatchReport:
         return counts
 
     def to_dict(self) -> dict[str, Any]:
-        return {**asdict(self), "counts": self.counts()}
+        """The JSON report (docs/json-report.md): what ``--json`` prints and ``--report`` saves."""
+        body = {**asdict(self), "counts": self.counts(), "files": self.files()}
+        return envelope("fold", self.exit_code(), body)
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2)
@@ -126,6 +137,7 @@ def fold_one(
         counts = result.report.batchnorm
         outcome.bn_left = counts.left if counts is not None else 0
         outcome.written = folded.written
+        outcome.files = folded.files
         outcome.result = result.to_dict()
         status = result.verification.status if result.verification else "passed"
         outcome.status = {"passed": OK, "not_verified": NOT_VERIFIED}.get(status, VERIFY_FAILED)
@@ -247,7 +259,8 @@ def _pool_pass(
     # BLAS) the parent started, and may deadlock on their locks.
     context = multiprocessing.get_context("spawn")
     lost = []
-    with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
+    pool = ProcessPoolExecutor(workers, context, initializer=quiet.for_worker())
+    with pool:
         futures: dict[Future[ModelOutcome], Task] = {
             pool.submit(fold_one, *task): task for task in tasks
         }
