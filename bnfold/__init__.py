@@ -11,9 +11,10 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from bnfold.api import fold, inspect, verify
+    from bnfold.api import fold, fold_path, inspect, verify
     from bnfold.errors import BnfoldError, NotSupportedError
     from bnfold.onnx_front.passes import FoldBatchNormPass, FoldPassResult
+    from bnfold.options import FoldOptions
     from bnfold.report import (
         BatchNormCount,
         Code,
@@ -29,6 +30,8 @@ if TYPE_CHECKING:
 
 _HOMES = {
     "fold": "bnfold.api",
+    "fold_path": "bnfold.api",
+    "FoldOptions": "bnfold.options",
     "inspect": "bnfold.api",
     "verify": "bnfold.api",
     "BnfoldError": "bnfold.errors",
@@ -53,6 +56,7 @@ __all__ = [
     "BnfoldError",
     "Code",
     "FoldBatchNormPass",
+    "FoldOptions",
     "FoldPassResult",
     "FoldReport",
     "FoldResult",
@@ -63,6 +67,7 @@ __all__ = [
     "Refusal",
     "VerifyResult",
     "fold",
+    "fold_path",
     "inspect",
     "load_folded",
     "save_folded",

@@ -1,17 +1,21 @@
 """The Python API: fold, inspect and verify, for ONNX files/models and torch modules.
 
-Every entry point dispatches on what it is given; torch is imported only when a
-torch object or file is passed, so the ONNX path works without it.
+:func:`fold_path` is the one entry point that writes: it takes a path (an ONNX
+file, a folder of them, a ``.pt2`` program, a module factory) or a model object
+and a :class:`~bnfold.options.FoldOptions`, and routes them to the front that
+folds that kind of model. :func:`fold` folds in memory, :func:`inspect` reports
+without changing anything and :func:`verify` compares two models; each
+dispatches on what it is given the same way. torch is imported only when a
+torch object, file or factory is passed, so the ONNX path works without it.
 """
 
 from __future__ import annotations
 
 import os
-import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import onnx_ir as ir
 
@@ -29,9 +33,252 @@ from bnfold.onnx_front import io
 from bnfold.onnx_front.lower import lower_unfolded
 from bnfold.onnx_front.match import MatchOptions
 from bnfold.onnx_front.passes import FoldAffinePass, FoldPassResult
+from bnfold.options import FoldOptions, lower_form_of, rounding_of
+from bnfold.outcomes import FoldOutcome, Inspection, InspectRun, Progress, tell
+from bnfold.outputs import (
+    require_safe_folder_report,
+    require_safe_report,
+    write_report,
+    written_data_files,
+)
 from bnfold.report import FoldReport, FoldResult, LowerForm, VerifyResult
+from bnfold.sources import (
+    TORCH_SUFFIXES,
+    SourceKind,
+    checked_target,
+    importable_factory,
+    is_onnx_model,
+    kind_of,
+)
 
-TORCH_SUFFIXES = (".pt2", ".pt", ".pth")
+if TYPE_CHECKING:
+    from bnfold.batch import BatchReport
+    from bnfold.bench import BenchReport
+
+__all__ = [
+    "TORCH_SUFFIXES",
+    "FoldOptions",
+    "FoldOutcome",
+    "InspectRun",
+    "Inspection",
+    "Progress",
+    "SourceKind",
+    "VerifyOptions",
+    "fold",
+    "fold_file",
+    "fold_path",
+    "inspect",
+    "inspect_each",
+    "kind_of",
+    "model_source",
+    "module_source",
+    "verify",
+    "verify_models",
+]
+
+
+def fold_path(
+    source: Any,
+    output: str | os.PathLike[str] | None,
+    options: FoldOptions | None = None,
+    *,
+    example_inputs: tuple[Any, ...] | None = None,
+    progress: Progress | None = None,
+) -> FoldOutcome | BatchReport:
+    """Fold ``source`` and write the result to ``output``: the entry point the CLI calls.
+
+    Every output is verified before it is published (unless ``options.verify`` is
+    off) and written atomically; what is not written leaves ``output`` untouched.
+
+    Args:
+        source: an ONNX file; a folder (every ``*.onnx`` under it is folded into
+            the same relative path under the folder ``output``); a ``.pt2``
+            program; a module factory (:func:`module_source`); or an object: an
+            ``onnx_ir.Model`` / ``onnx.ModelProto`` (written as ONNX), an
+            ``nn.Module`` (``example_inputs`` required; ``.pt`` writes its
+            state_dict, ``.pt2`` the exported program) or an ExportedProgram
+            (written as ``.pt2``).
+        output: the file (or folder) to write; None only with
+            ``options.in_place``, which writes an ONNX source over itself.
+        options: how to fold, verify and what else to write.
+        example_inputs: a torch module's inputs, to trace and verify it.
+        progress: told what a long run is doing.
+
+    Returns:
+        A :class:`FoldOutcome` for one model, a :class:`bnfold.batch.BatchReport`
+        for a folder; either has ``exit_code()`` and ``to_dict()``.
+
+    Raises:
+        BnfoldError: bad input, an option the source's front cannot honour, an
+            output that is an input or cannot be written, a folder without models.
+    """
+    options = options or FoldOptions()
+    kind = kind_of(source)
+    target = checked_target(kind, source, output, options)
+    if kind is SourceKind.FOLDER:
+        return _fold_folder(Path(source), Path(target), options, progress)
+    if kind.is_torch:
+        from bnfold.torch_front import require_torch
+
+        require_torch()
+        from bnfold import api_torch
+
+        outcome = api_torch.fold_to(source, kind, target, options, example_inputs, progress)
+    else:
+        outcome = _fold_onnx_to(source, target, options, progress)
+    if options.report_path is not None:
+        outcome.files.append(os.fspath(options.report_path))
+        write_report(options.report_path, outcome.to_dict())
+    return outcome
+
+
+def model_source(
+    path: str | os.PathLike[str] | None,
+    module: str | None = None,
+    weights: str | os.PathLike[str] | None = None,
+    trust_pickle: bool = False,
+    input_shapes: Sequence[Sequence[int]] = (),
+) -> Any:
+    """The model a command names: a path (MODEL), or a module factory (``--module``).
+
+    Raises:
+        BnfoldError: neither or both given, or factory options without a factory.
+    """
+    if module is not None:
+        if path is not None:
+            raise BnfoldError("give MODEL or --module, not both")
+        return module_source(module, weights, trust_pickle, input_shapes)
+    torch_file = path is not None and os.fspath(path).endswith(TORCH_SUFFIXES)
+    if weights is not None or input_shapes or (trust_pickle and not torch_file):
+        raise BnfoldError("--weights/--trust-pickle/--input-shape need --module")
+    if path is None:
+        raise BnfoldError("missing MODEL (or --module for a torch factory)")
+    return path
+
+
+def module_source(
+    factory: str,
+    weights: str | os.PathLike[str] | None = None,
+    trust_pickle: bool = False,
+    input_shapes: Sequence[Sequence[int]] = (),
+) -> Any:
+    """A torch model built by calling ``factory`` (``"pkg.mod:make"``), for :func:`fold_path`.
+
+    Returns a :class:`bnfold.torch_front.files.ModuleSource`; ``weights`` is a
+    state_dict file loaded into the module, ``input_shapes`` one shape per
+    positional input (random float32 example inputs).
+
+    Raises:
+        NotSupportedError: torch is not installed.
+    """
+    from bnfold.torch_front import require_torch
+
+    require_torch()
+    from bnfold.torch_front.files import ModuleSource
+
+    shapes = tuple(tuple(int(d) for d in shape) for shape in input_shapes)
+    spec = importable_factory(factory)
+    return ModuleSource(spec, None if weights is None else os.fspath(weights), trust_pickle, shapes)
+
+
+def _fold_onnx_to(
+    source: Any, output: str | os.PathLike[str], options: FoldOptions, progress: Progress | None
+) -> FoldOutcome:
+    """An ONNX file or model object, folded and written to ``output`` (verified first)."""
+    from_file = isinstance(source, str | os.PathLike)
+    writes = [paths.Named("output", Path(output))]
+    reads = [paths.Named("input", Path(source))] if from_file else []
+    in_place = (output, source) if options.in_place else None
+    require_safe_report(options.report_path, writes, reads, in_place)
+    paths.require_safe_outputs(writes, reads, in_place=in_place, offer_in_place=True)
+    tell(progress, "loading")
+    model = io.load_model(source) if from_file else _onnx_model(source, copy=True)
+    # The untouched original, for verification: the file, or the object given.
+    reference = source if from_file or isinstance(source, ir.Model) else model.clone()
+    tell(progress, "folding")
+    result, files = _fold_and_save(model, reference, output, options, progress)
+    outcome = FoldOutcome(result, os.fspath(output), bool(files), files)
+    if options.bench_levels and outcome.written:
+        tell(progress, "timing")
+        outcome.bench = _bench_against(reference, output, options)
+    return outcome
+
+
+def _fold_and_save(
+    model: ir.Model,
+    reference: Any,
+    output: str | os.PathLike[str],
+    options: FoldOptions,
+    progress: Progress | None,
+) -> tuple[FoldResult, list[str]]:
+    """Fold ``model`` and save it atomically, publishing only what ``options`` accepts.
+
+    Returns the result and the files written: the model and its external data,
+    or none when the output was kept back.
+    """
+    keep_external = any(True for _ in io.external_tensors(model))  # before folds replace them
+    folded = _fold_onnx(model, options)
+    result = FoldResult(folded.model, folded.report)
+    verify_options = options.verify_options
+
+    def accept(staged: Path) -> bool:
+        if options.verify:
+            tell(progress, "verifying")
+            # reference was checked when it was loaded and staged is our own
+            # output: hand both straight to the runtimes instead of parsing them again.
+            result.verification = verify_onnx(
+                reference, staged, verify_options, sites=site_values(result.report)
+            )
+        return result.publishable(options.require_verified)
+
+    tell(progress, "writing")
+    if not io.save_model(result.model, output, external_data=keep_external, accept=accept):
+        return result, []
+    return result, [os.fspath(output), *written_data_files(output, keep_external)]
+
+
+def _bench_against(
+    original: Any, folded: str | os.PathLike[str], options: FoldOptions
+) -> BenchReport:
+    """Time the written output against the original on the inputs verification used."""
+    from bnfold import bench as harness
+
+    verify_options = options.verify_options or VerifyOptions()
+    return harness.bench_onnx(
+        original,
+        os.fspath(folded),
+        options.bench_levels,
+        shapes=verify_options.shapes,
+        max_input_bytes=verify_options.max_input_bytes,
+        inputs=verify_options.inputs,
+    )
+
+
+def _fold_folder(
+    model_dir: Path, out_dir: Path, options: FoldOptions, progress: Progress | None
+) -> BatchReport:
+    from bnfold import batch
+
+    require_safe_folder_report(options.report_path, model_dir, out_dir)
+    total = 0
+
+    def started(count: int) -> None:
+        nonlocal total
+        total = count
+        tell(progress, "", 0, count)
+
+    done = 0
+
+    def finished(outcome: batch.ModelOutcome) -> None:
+        nonlocal done
+        done += 1
+        tell(progress, outcome.source, done, total)
+
+    report = batch.fold_directory(model_dir, out_dir, options, on_start=started, on_done=finished)
+    if options.report_path is not None:
+        report.report_path = os.fspath(options.report_path)
+        batch.write_report(report, options.report_path)
+    return report
 
 
 def fold(
@@ -78,22 +325,31 @@ def fold(
         FoldResult with ``.model`` (same kind as given; a path gives an onnx_ir.Model)
         and ``.report``.
     """
-    lower = _lower_form(lower_standalone)
-    verify_options = with_inputs(verify_options, inputs)
-    if _is_torch_module(model):
+    options = FoldOptions(
+        verify=verify,
+        verify_options=with_inputs(verify_options, inputs),
+        clone_shared=clone_shared,
+        rounding=rounding_of(rounding),
+        lower=lower_form_of(lower_standalone),
+    )
+    kind = kind_of(model)
+    if kind is SourceKind.TORCH_MODULE:
         if example_inputs is None:
             raise BnfoldError("folding a torch module needs example_inputs=(x,)")
         from bnfold.torch_front import run
 
         # Every verify option reaches the torch front, the user's input files too.
         return run.fold(
-            model, example_inputs, inplace=inplace, verify=verify_options or VerifyOptions(),
-            rounding=_rounding(rounding), lower=lower,
+            model, example_inputs, inplace=inplace,
+            verify=options.verify_options or VerifyOptions(),
+            rounding=options.rounding, lower=options.lower,
         )  # fmt: skip
-    if _is_exported_program(model):
+    if kind is SourceKind.TORCH_PROGRAM:
         from bnfold.torch_front.files import fold_program
 
-        return fold_program(model, verify_options or VerifyOptions(), _rounding(rounding), lower)
+        return fold_program(
+            model, options.verify_options or VerifyOptions(), options.rounding, options.lower
+        )
     reference = None
     if verify:
         # The untouched input is the reference; with inplace=True it is about to
@@ -102,12 +358,12 @@ def fold(
             isinstance(model, ir.Model) and not inplace
         )
         reference = model if untouched else _onnx_model(model, copy=True)
-    result = _fold_onnx(_onnx_model(model, copy=not inplace), clone_shared, rounding, lower)
+    result = _fold_onnx(_onnx_model(model, copy=not inplace), options)
     out = FoldResult(result.model, result.report)
     if reference is not None:
         # A path was loaded (and checked) by _onnx_model already.
         out.verification = verify_onnx(
-            reference, out.model, verify_options, sites=site_values(out.report)
+            reference, out.model, options.verify_options, sites=site_values(out.report)
         )
     return out
 
@@ -131,26 +387,68 @@ def inspect(
     example_inputs: tuple[Any, ...] | None = None,
     *,
     lower_standalone: bool | LowerForm | str | None = False,
+    trust_pickle: bool = False,
 ) -> FoldReport:
     """Report every fold bnfold would make and every refusal, without changing ``model``.
 
+    ``model`` is anything :func:`fold` takes, or a ``.pt2`` path or module
+    factory (:func:`module_source`) as :func:`fold_path` takes them;
+    ``trust_pickle`` as in :class:`~bnfold.options.FoldOptions`.
     ``lower_standalone`` (as for :func:`fold`) previews the lowering too: the
     report's ``lowered`` entries and BN counts are those ``fold`` would give.
     """
-    lower = _lower_form(lower_standalone)
-    if _is_torch_module(model):
+    lower = lower_form_of(lower_standalone)
+    kind = kind_of(model)
+    if kind is SourceKind.TORCH_MODULE:
         from bnfold.torch_front import inspect_module
 
         if example_inputs is None:
             raise BnfoldError("inspecting a torch module needs example_inputs=(x,)")
         return inspect_module(model, example_inputs, lower)
-    if _is_exported_program(model):
+    if kind is SourceKind.TORCH_PROGRAM:
         from bnfold.torch_front.files import inspect_program
 
         return inspect_program(model, lower)
+    if kind in (SourceKind.TORCH_FILE, SourceKind.FACTORY):
+        from bnfold.torch_front import require_torch
+
+        require_torch()
+        from bnfold.torch_front.files import inspect_torch
+
+        return inspect_torch(model, trust_pickle=trust_pickle, lower=lower)
     report = fold(model, inplace=False, lower_standalone=lower).report
     report.dry_run = True
     return report
+
+
+def inspect_each(
+    sources: Sequence[Any],
+    *,
+    lower_standalone: bool | LowerForm | str | None = False,
+    trust_pickle: bool = False,
+    max_left: int | None = None,
+    progress: Progress | None = None,
+) -> InspectRun:
+    """:func:`inspect` each source (paths, a module factory), past models that fail.
+
+    A model that cannot be inspected (bad input) is recorded with its one-line
+    error and the others are still inspected; ``max_left`` gates each model.
+    """
+    run = InspectRun([])
+    for done, source in enumerate(sources):
+        path = isinstance(source, str | os.PathLike)
+        name = os.fspath(source) if path else getattr(source, "factory", type(source).__name__)
+        if len(sources) > 1:
+            tell(progress, name, done, len(sources))
+        inspection = Inspection(name, max_left=max_left)
+        try:
+            inspection.report = inspect(
+                source, lower_standalone=lower_standalone, trust_pickle=trust_pickle
+            )
+        except BnfoldError as err:
+            inspection.error = str(err)
+        run.inspections.append(inspection)
+    return run
 
 
 def verify(
@@ -177,8 +475,22 @@ def verify(
     return verify_models(original, folded, options)
 
 
-def verify_models(original: Any, folded: Any, options: VerifyOptions | None) -> VerifyResult:
-    """:func:`verify` for files a user named: each is checked like a loaded model first."""
+def verify_models(
+    original: Any, folded: Any, options: VerifyOptions | None, trust_pickle: bool = False
+) -> VerifyResult:
+    """:func:`verify` for files a user named: each is checked like a loaded model first.
+
+    A ``.pt2`` original or a module factory (:func:`module_source`) is compared
+    with a folded ``.pt2`` by the torch front, eagerly; ``trust_pickle`` as in
+    :class:`~bnfold.options.FoldOptions`.
+    """
+    if kind_of(original) in (SourceKind.TORCH_FILE, SourceKind.FACTORY):
+        from bnfold.torch_front import require_torch
+
+        require_torch()
+        from bnfold.torch_front.files import verify_torch
+
+        return verify_torch(original, folded, options or VerifyOptions(), trust_pickle)
     for source in (original, folded):
         if isinstance(source, str | os.PathLike):
             io.load_model(source)  # one-line errors for bad files, before onnxruntime sees them
@@ -200,18 +512,13 @@ def fold_file(
 ) -> tuple[FoldResult, bool]:
     """Fold an ONNX file and write the result atomically, verified before it is published.
 
-    The staged output is compared with ``source``; if verification fails nothing
-    is written. If the models cannot be compared (onnxruntime cannot run the
-    original, the inputs would be too large), the verification result says
-    "not_verified" with the reason, and the output is written unless
+    :func:`fold_path` with these keywords as its :class:`FoldOptions`, for one
+    ONNX file. The staged output is compared with ``source``; if verification
+    fails nothing is written. If the models cannot be compared (onnxruntime
+    cannot run the original, the inputs would be too large), the verification
+    result says "not_verified" with the reason, and the output is written unless
     ``require_verified``. Whatever is not written leaves ``output`` (and with
     ``in_place`` the input) untouched.
-
-    Args:
-        clone_shared, rounding, lower_standalone: as for :func:`fold`.
-        require_verified: write only a verified fold (CLI ``--strict``); no
-            effect with ``verify=False``, where nothing is compared.
-        inputs: verify on this input file or folder instead of random inputs.
 
     Returns:
         (result, written): written is False when verification failed, or was
@@ -221,68 +528,31 @@ def fold_file(
         BnfoldError: bad input, output equal to input without ``in_place``,
             unwritable output.
     """
-    source, output = Path(source), Path(output)
-    options = with_inputs(verify_options, inputs)
-    paths.require_safe_outputs(
-        [paths.Named("output", output)],
-        [paths.Named("input", source)],
-        in_place=(output, source) if in_place else None,
-        offer_in_place=True,
+    options = FoldOptions(
+        verify=verify,
+        verify_options=with_inputs(verify_options, inputs),
+        require_verified=require_verified,
+        clone_shared=clone_shared,
+        rounding=rounding_of(rounding),
+        lower=lower_form_of(lower_standalone),
+        in_place=in_place,
     )
-    model = io.load_model(source)
-    keep_external = any(True for _ in io.external_tensors(model))  # before folds replace them
-    lower = _lower_form(lower_standalone)
-    folded = _fold_onnx(model, clone_shared, rounding, lower)
-    result = FoldResult(folded.model, folded.report)
-
-    def accept(staged: Path) -> bool:
-        if verify:
-            # source was loaded and checked above and staged is our own output:
-            # hand both straight to the runtimes instead of parsing them again.
-            result.verification = verify_onnx(
-                source, staged, options, sites=site_values(result.report)
-            )
-        return result.publishable(require_verified)
-
-    written = io.save_model(result.model, output, external_data=keep_external, accept=accept)
-    return result, written
+    outcome = _fold_onnx_to(source, output, options, progress=None)
+    return outcome.result, outcome.written
 
 
-def _fold_onnx(
-    model: ir.Model, clone_shared: bool, rounding: Rounding | str, lower: LowerForm | None
-) -> FoldPassResult:
-    """Fold to the fixpoint, then lower what is left when ``lower`` asks for it.
+def _fold_onnx(model: ir.Model, options: FoldOptions) -> FoldPassResult:
+    """Fold to the fixpoint, then lower what is left when ``options.lower`` asks for it.
 
     A graph that cannot be evaluated as written (no outputs, an undefined value, a
     cycle) is bad input, refused before any rule walks it.
     """
     require_well_formed(model.graph)
-    result = FoldAffinePass(MatchOptions(clone_shared, _rounding(rounding)))(model)
+    result = FoldAffinePass(MatchOptions(options.clone_shared, options.rounding))(model)
     assert isinstance(result, FoldPassResult)
-    if lower is not None:
-        lower_unfolded(result, lower)
+    if options.lower is not None:
+        lower_unfolded(result, options.lower)
     return result
-
-
-def _lower_form(value: bool | LowerForm | str | None) -> LowerForm | None:
-    """``lower_standalone`` as a LowerForm: True is mul-add, False/None no lowering."""
-    if value is None or value is False:
-        return None
-    if value is True:
-        return LowerForm.MUL_ADD
-    try:
-        return LowerForm(value)
-    except ValueError:
-        choices = ", ".join(f.value for f in LowerForm)
-        raise BnfoldError(f"unknown lower_standalone {value!r}; choose from {choices}") from None
-
-
-def _rounding(value: Rounding | str) -> Rounding:
-    try:
-        return Rounding(value)
-    except ValueError:
-        choices = ", ".join(r.value for r in Rounding)
-        raise BnfoldError(f"unknown rounding {value!r}; choose from {choices}") from None
 
 
 def _onnx_model(model: Any, copy: bool) -> ir.Model:
@@ -293,21 +563,8 @@ def _onnx_model(model: Any, copy: bool) -> ir.Model:
         return io.load_model(path)
     if isinstance(model, ir.Model):
         return model.clone() if copy else model
-    import onnx
-
-    if isinstance(model, onnx.ModelProto):
+    if is_onnx_model(model):
         # External data of an in-memory proto resolves against the current
         # folder and must stay inside it, like a file's.
         return io.model_from_proto(model)
     raise BnfoldError(f"cannot fold a {type(model).__name__}")
-
-
-def _is_torch_module(obj: Any) -> bool:
-    # Only an already-imported torch can have made obj: never import it here.
-    torch = sys.modules.get("torch")
-    return torch is not None and isinstance(obj, torch.nn.Module)
-
-
-def _is_exported_program(obj: Any) -> bool:
-    torch = sys.modules.get("torch")
-    return torch is not None and isinstance(obj, torch.export.ExportedProgram)

@@ -1,6 +1,6 @@
 """Fold every ONNX model in a folder, in parallel processes, past individual failures.
 
-Each model is folded by :func:`bnfold.api.fold_file` (atomic, verified save), so
+Each model is folded by :func:`bnfold.api.fold_path` (atomic, verified save), so
 two runs writing into the same output folder never leave a mixed or partial
 file: the last rename wins, whole. A model that fails (bad file, verification
 failure, even a crashed worker) is recorded and the others carry on; so is one
@@ -18,14 +18,14 @@ import time
 from collections.abc import Callable, Iterable
 from concurrent.futures import Future, ProcessPoolExecutor, as_completed
 from concurrent.futures.process import BrokenProcessPool
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from bnfold.affine import Rounding
-from bnfold.api import VerifyOptions
+from bnfold import quiet
 from bnfold.errors import BnfoldError
-from bnfold.report import LowerForm
+from bnfold.json_report import envelope
+from bnfold.options import FoldOptions
 
 MODEL_SUFFIX = ".onnx"
 
@@ -46,6 +46,7 @@ class ModelOutcome:
     lowered: int = 0  # BNs that could not fold, lowered (lower_standalone)
     bn_left: int = 0  # inference BNs still in the output
     written: bool = False
+    files: list[str] = field(default_factory=list)  # every file written for this model
     error: str = ""  # one line, for status "error"
     seconds: float = 0.0
     result: dict[str, Any] | None = None  # FoldResult.to_dict() when the fold ran
@@ -65,6 +66,12 @@ class BatchReport:
     jobs: int
     outcomes: list[ModelOutcome] = field(default_factory=list)
     seconds: float = 0.0
+    report_path: str | None = None  # where the report itself is saved, if it is
+
+    def files(self) -> list[str]:
+        """Every file the run wrote: each model's, in folder order, then the report."""
+        written = [path for outcome in self.outcomes for path in outcome.files]
+        return written + ([self.report_path] if self.report_path else [])
 
     def exit_code(self) -> int:
         """0 if every model was written, 1 if any failed or lacked verification, 2 if any erred."""
@@ -77,7 +84,9 @@ class BatchReport:
         return counts
 
     def to_dict(self) -> dict[str, Any]:
-        return {**asdict(self), "counts": self.counts()}
+        """The JSON report (docs/json-report.md): what ``--json`` prints and ``--report`` saves."""
+        body = {**asdict(self), "counts": self.counts(), "files": self.files()}
+        return envelope("fold", self.exit_code(), body)
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2)
@@ -103,23 +112,17 @@ def find_models(model_dir: Path, out_dir: Path | None = None) -> list[Path]:
 
 
 def fold_one(
-    source: str, output: str, rel_source: str, rel_output: str, verify: bool,
-    options: VerifyOptions | None, require_verified: bool = False,
-    clone_shared: bool = True, rounding: Rounding = Rounding.NEAREST,
-    lower_standalone: LowerForm | None = None,
-) -> ModelOutcome:  # fmt: skip
+    source: str, output: str, rel_source: str, rel_output: str, options: FoldOptions
+) -> ModelOutcome:
     """Fold one model file; never raises: failures become an outcome with one line."""
-    from bnfold.api import fold_file
+    from bnfold.api import FoldOutcome, fold_path
 
     start = time.perf_counter()
     outcome = ModelOutcome(rel_source, rel_output, ERROR)
     try:
         Path(output).parent.mkdir(parents=True, exist_ok=True)
-        result, written = fold_file(
-            source, output, verify=verify, verify_options=options,
-            require_verified=require_verified, clone_shared=clone_shared, rounding=rounding,
-            lower_standalone=lower_standalone,
-        )  # fmt: skip
+        folded = fold_path(source, output, options)
+        assert isinstance(folded, FoldOutcome)  # a file, not a folder
     except PermissionError:
         outcome.error = f"cannot write to {str(Path(output).parent)!r}: permission denied"
     except BnfoldError as err:
@@ -127,12 +130,14 @@ def fold_one(
     except Exception as err:  # a bug or onnxruntime failure must not stop the batch
         outcome.error = _one_line(f"{type(err).__name__}: {err}")
     else:
+        result = folded.result
         outcome.folded = len(result.report.folded)
         outcome.refused = len(result.report.refused)
         outcome.lowered = len(result.report.lowered)
         counts = result.report.batchnorm
         outcome.bn_left = counts.left if counts is not None else 0
-        outcome.written = written
+        outcome.written = folded.written
+        outcome.files = folded.files
         outcome.result = result.to_dict()
         status = result.verification.status if result.verification else "passed"
         outcome.status = {"passed": OK, "not_verified": NOT_VERIFIED}.get(status, VERIFY_FAILED)
@@ -143,14 +148,8 @@ def fold_one(
 def fold_directory(
     model_dir: str | os.PathLike[str],
     out_dir: str | os.PathLike[str],
+    options: FoldOptions | None = None,
     *,
-    jobs: int = 1,
-    verify: bool = True,
-    verify_options: VerifyOptions | None = None,
-    require_verified: bool = False,
-    clone_shared: bool = True,
-    rounding: Rounding = Rounding.NEAREST,
-    lower_standalone: LowerForm | None = None,
     on_start: Callable[[int], None] | None = None,
     on_done: Callable[[ModelOutcome], None] | None = None,
 ) -> BatchReport:
@@ -159,13 +158,12 @@ def fold_directory(
     Args:
         model_dir: folder searched (recursively) for ``*.onnx``.
         out_dir: where folded models go; created if its parent exists.
-        jobs: worker processes; 1 folds in this process.
-        verify: verify each model before it is written (see fold_file).
-        verify_options: tolerances etc. for every model.
-        require_verified: write only verified folds; a model that could not be
-            verified is reported "not_verified" with ``written`` False, the
-            others are still written.
-        clone_shared, rounding, lower_standalone: as for :func:`bnfold.api.fold`.
+        options: how every model is folded, verified and written
+            (:func:`bnfold.api.fold_path`); ``jobs`` worker processes (1 folds
+            in this process). With ``require_verified`` a model that could not
+            be verified is reported "not_verified" with ``written`` False, the
+            others are still written. The report is not written here:
+            :func:`write_report`.
         on_start: called once with the number of models found.
         on_done: called after each model, in completion order (progress bars).
 
@@ -175,22 +173,25 @@ def fold_directory(
     Raises:
         BnfoldError: the folders are unusable or no model was found.
     """
+    options = options or FoldOptions()
     src, dst = Path(model_dir), Path(out_dir)
     _require_folders(src, dst)
     models = find_models(src, dst)
     if not models:
         raise BnfoldError(f"no *{MODEL_SUFFIX} models in {str(src)!r}")
     _create_out_dir(dst)
-    report = BatchReport(str(src), str(dst), jobs)
+    report = BatchReport(str(src), str(dst), options.jobs)
     if on_start is not None:
         on_start(len(models))
-    tasks = []
-    for rel in models:
-        tasks.append((str(src / rel), str(dst / rel), rel.as_posix(), rel.as_posix(), verify,
-                      verify_options, require_verified, clone_shared, rounding,
-                      lower_standalone))  # fmt: skip
+    each = replace(options, report_path=None)  # one report, for the folder
+    tasks = [
+        (str(src / rel), str(dst / rel), rel.as_posix(), rel.as_posix(), each) for rel in models
+    ]
     start = time.perf_counter()
-    done = _run_serial(tasks, on_done) if jobs <= 1 else _run_pool(tasks, jobs, on_done)
+    if options.jobs <= 1:
+        done = _run_serial(tasks, on_done)
+    else:
+        done = _run_pool(tasks, options.jobs, on_done)
     report.outcomes = [done[task[2]] for task in tasks]
     report.seconds = time.perf_counter() - start
     return report
@@ -212,9 +213,7 @@ def write_report(report: BatchReport, path: str | os.PathLike[str]) -> None:
         raise BnfoldError(f"cannot write report {str(target)!r}: {err.strerror or err}") from None
 
 
-Task = tuple[
-    str, str, str, str, bool, "VerifyOptions | None", bool, bool, Rounding, "LowerForm | None"
-]
+Task = tuple[str, str, str, str, FoldOptions]  # source, output, both relative, options
 
 
 def _run_serial(
@@ -260,7 +259,8 @@ def _pool_pass(
     # BLAS) the parent started, and may deadlock on their locks.
     context = multiprocessing.get_context("spawn")
     lost = []
-    with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
+    pool = ProcessPoolExecutor(workers, context, initializer=quiet.for_worker())
+    with pool:
         futures: dict[Future[ModelOutcome], Task] = {
             pool.submit(fold_one, *task): task for task in tasks
         }

@@ -1,135 +1,94 @@
-"""``bnfold fold DIR -o OUTDIR [--jobs N]``: fold a folder, show progress and a summary.
+"""The table ``bnfold fold DIR -o OUTDIR`` prints: one row per model, then the counts.
 
-Routed here by :func:`bnfold.cli.main.fold` when MODEL is a folder; the work is
-done by :func:`bnfold.batch.fold_directory`.
+On a terminal a rich table; anywhere else (a CI log, a file) plain aligned text
+with one line per model, never wrapped: a log viewer of ~100 columns must not
+break a model's name in the middle.
 """
 
 from __future__ import annotations
 
-import json
 import sys
-from typing import Any
-
-import click
 
 from bnfold.batch import ERROR, NOT_VERIFIED, OK, VERIFY_FAILED, BatchReport, ModelOutcome
-from bnfold.options import LowerForm, Rounding
+from bnfold.cli.errors import one_line
 
 _STYLE = {OK: "green", NOT_VERIFIED: "yellow", VERIFY_FAILED: "red", ERROR: "red"}
+_COLUMNS = (
+    ("model", "left"),
+    ("status", "left"),
+    ("folded", "right"),
+    ("refused", "right"),
+    ("lowered", "right"),
+    ("BN left", "right"),
+    ("seconds", "right"),
+    ("detail", "left"),
+)
 
 
-def fold_directory(
-    model_dir: str,
-    out_dir: str,
-    *,
-    jobs: int,
-    verify: bool,
-    strict: bool,
-    verify_options: Any,
-    as_json: bool,
-    report_path: str | None,
-    clone_shared: bool = True,
-    rounding: Rounding = Rounding.NEAREST,
-    lower_standalone: LowerForm | None = None,
-) -> int:
-    """Fold every model under ``model_dir`` into ``out_dir``; return the exit code.
-
-    Exit code: 0 if every model was folded and written (verified, or not
-    verifiable without --strict), 1 if any failed verification (or was not
-    verified with --strict: that model is not written, the others are), 2 if
-    any model could not be folded at all.
-    Progress goes to stderr; the table (or --json) to stdout.
-
-    Raises:
-        BnfoldError: unusable folders or no model found (the CLI prints one line).
-    """
+def print_table(report: BatchReport) -> None:
+    """Every model's outcome and the counts, on stdout."""
     from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
-    from bnfold import batch
-
-    err_console = Console(file=sys.stderr)
-    progress = Progress(
-        TextColumn("folding"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("{task.description}"),
-        console=err_console,
-        transient=True,
-        disable=not err_console.is_terminal,
-    )
-    task_id = progress.add_task("", total=None)
-
-    def started(total: int) -> None:
-        progress.update(task_id, total=total)
-
-    def finished(outcome: ModelOutcome) -> None:
-        progress.update(task_id, advance=1, description=outcome.source)
-
-    with progress:
-        report = batch.fold_directory(
-            model_dir, out_dir, jobs=jobs, verify=verify, verify_options=verify_options,
-            require_verified=strict, clone_shared=clone_shared, rounding=rounding,
-            lower_standalone=lower_standalone, on_start=started, on_done=finished,
-        )  # fmt: skip
-    if report_path:
-        batch.write_report(report, report_path)
-    if as_json:
-        click.echo(json.dumps({**report.to_dict(), "exit_code": report.exit_code()}, indent=2))
+    console = Console(file=sys.stdout, highlight=False)
+    if console.is_terminal:
+        _print_rich(report, console)
     else:
-        _print_table(report)
-    return report.exit_code()
+        for line in plain_table(report):
+            console.print(line, markup=False, soft_wrap=True)
+    console.print(_counts_line(report), markup=False, soft_wrap=True)
 
 
-def _print_table(report: BatchReport) -> None:
-    from rich.console import Console
+def plain_table(report: BatchReport) -> list[str]:
+    """The table as lines of aligned plain text, one per model after the title and header."""
+    rows = [[name for name, _ in _COLUMNS]] + [_cells(o) for o in report.outcomes]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(_COLUMNS))]
+    lines = [f"bnfold: {one_line(report.model_dir)} -> {one_line(report.out_dir)}"]
+    for row in rows:
+        cells = [
+            cell.rjust(width) if justify == "right" else cell.ljust(width)
+            for cell, width, (_, justify) in zip(row, widths, _COLUMNS, strict=True)
+        ]
+        lines.append("  ".join(cells).rstrip())
+    return lines
+
+
+def _cells(o: ModelOutcome) -> list[str]:
+    counts = [o.folded, o.refused, o.lowered, o.bn_left]
+    numbers = [str(n) if o.status != ERROR else "-" for n in counts]
+    return [one_line(o.source), o.status, *numbers, f"{o.seconds:.2f}", _detail(o)]
+
+
+def _print_rich(report: BatchReport, console: object) -> None:
+    from rich.markup import escape
     from rich.table import Table
 
     table = Table(title=f"bnfold: {report.model_dir} -> {report.out_dir}", title_justify="left")
-    for column, justify in (
-        ("model", "left"),
-        ("status", "left"),
-        ("folded", "right"),
-        ("refused", "right"),
-        ("lowered", "right"),
-        ("BN left", "right"),
-        ("seconds", "right"),
-        ("detail", "left"),
-    ):
-        table.add_column(column, justify=justify, overflow="fold")  # type: ignore[arg-type]  # fmt: skip
+    for column, justify in _COLUMNS:
+        table.add_column(column, justify=justify, overflow="fold")  # type: ignore[arg-type]
     for o in report.outcomes:
-        table.add_row(
-            o.source,
-            f"[{_STYLE[o.status]}]{o.status}[/]",
-            str(o.folded) if o.status != ERROR else "-",
-            str(o.refused) if o.status != ERROR else "-",
-            str(o.lowered) if o.status != ERROR else "-",
-            str(o.bn_left) if o.status != ERROR else "-",
-            f"{o.seconds:.2f}",
-            _detail(o),
-        )
-    console = Console(file=sys.stdout, width=max(100, Console().width))
-    console.print(table)
+        cells = _cells(o)
+        cells[1] = f"[{_STYLE[o.status]}]{o.status}[/]"
+        table.add_row(escape(cells[0]), cells[1], *cells[2:-1], escape(cells[-1]))
+    console.print(table)  # type: ignore[attr-defined]
+
+
+def _counts_line(report: BatchReport) -> str:
     counts = report.counts()
-    console.print(
+    return (
         f"{len(report.outcomes)} models in {report.seconds:.1f}s: {counts[OK]} ok, "
         f"{counts[NOT_VERIFIED]} not verified, {counts[VERIFY_FAILED]} failed verification, "
-        f"{counts[ERROR]} errors",
-        markup=False,
-        highlight=False,
+        f"{counts[ERROR]} errors"
     )
 
 
 def _detail(outcome: ModelOutcome) -> str:
-    from rich.markup import escape
-
     if outcome.status == ERROR:
-        return escape(outcome.error)
+        return one_line(outcome.error)
     verification = (outcome.result or {}).get("verification") or {}
     if outcome.status == NOT_VERIFIED:
         reason = verification.get("reason", "")[:120]
         # First, not after the reason: the table wraps long reasons.
-        return escape(reason if outcome.written else f"nothing written (--strict): {reason}")
+        return one_line(reason if outcome.written else f"nothing written (--strict): {reason}")
     if outcome.status == VERIFY_FAILED:
         return "verification failed: nothing written"
     return "written" if outcome.written else ""

@@ -2,17 +2,19 @@
 
 from __future__ import annotations
 
+import json
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import click
 
 from bnfold.cli.errors import InputError, one_line_errors
+from bnfold.cli.progress import progress, quiet_option
+from bnfold.json_report import envelope
 from bnfold.options import BENCH_LEVEL_NAMES, DEFAULT_BENCH_LEVELS, MAX_INPUT_BYTES
 
 if TYPE_CHECKING:
     from bnfold.bench import BenchReport
-
-_BAR_MIN_RUNS = 200  # fewer runs finish before a bar is worth drawing
 
 
 @click.command()
@@ -56,6 +58,7 @@ _BAR_MIN_RUNS = 200  # fewer runs finish before a bar is worth drawing
     help="ONNX: time on the first sample of this .npz, .npy or folder of .npz files.",
 )
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+@quiet_option
 @click.option("--plot", type=click.Path(dir_okay=False), help="Write a bar chart (PNG, SVG...).")
 @click.option(
     "--trust-pickle",
@@ -75,6 +78,7 @@ def bench(
     max_input_mib: int | None,
     inputs: str | None,
     as_json: bool,
+    quiet: bool,
     plot: str | None,
     trust_pickle: bool,
 ) -> None:
@@ -90,15 +94,18 @@ def bench(
 
     try:
         counts = {"threads": threads, "warmup": warmup, "runs": runs, "seed": seed}
-        report = _run(
-            harness, original, folded, levels, shapes, max_input_mib, trust_pickle, counts, inputs
-        )
+        with progress("timing", quiet=quiet or as_json) as tell:
+            runs_done = None if tell is None else lambda done, total: tell("runs", done, total)
+            report = _run(
+                harness, original, folded, levels, shapes, max_input_mib, trust_pickle, counts,
+                inputs, runs_done,
+            )  # fmt: skip
         if plot:
             harness.plot_report(report, plot)
     except BnfoldError as err:
         raise InputError(str(err)) from None
     if as_json:
-        click.echo(report.to_json())
+        click.echo(json.dumps(envelope("bench", 0, report.to_dict()), indent=2))
     else:
         print_report(report)
         if plot:
@@ -114,33 +121,31 @@ def _run(
     max_input_mib: int | None,
     trust_pickle: bool,
     counts: dict[str, int],
-    inputs: str | None = None,
+    inputs: str | None,
+    progress: Callable[[int, int], None] | None,
 ) -> BenchReport:
     from bnfold.compare import parse_shapes
     from bnfold.errors import BnfoldError
 
-    with _ProgressBar(counts["runs"] >= _BAR_MIN_RUNS) as progress:
-        if original.endswith(harness.TORCH_SUFFIXES):
-            if not shapes:
-                raise BnfoldError(
-                    "a PyTorch model needs --shape per input, e.g. --shape 1,3,224,224"
-                )
-            if max_input_mib is not None or inputs is not None:
-                raise BnfoldError("--max-input-mib/--inputs are for ONNX models")
-            dims = [_parse_shape(s) for s in shapes]
-            return harness.bench_torch_files(
-                original, folded, dims, trust_pickle, progress=progress, **counts
-            )
-        return harness.bench_onnx(
-            original,
-            folded,
-            levels or DEFAULT_BENCH_LEVELS,
-            shapes=parse_shapes(shapes),
-            max_input_bytes=None if max_input_mib is None else max_input_mib << 20,
-            progress=progress,
-            inputs=inputs,
-            **counts,
+    if original.endswith(harness.TORCH_SUFFIXES):
+        if not shapes:
+            raise BnfoldError("a PyTorch model needs --shape per input, e.g. --shape 1,3,224,224")
+        if max_input_mib is not None or inputs is not None:
+            raise BnfoldError("--max-input-mib/--inputs are for ONNX models")
+        dims = [_parse_shape(s) for s in shapes]
+        return harness.bench_torch_files(
+            original, folded, dims, trust_pickle, progress=progress, **counts
         )
+    return harness.bench_onnx(
+        original,
+        folded,
+        levels or DEFAULT_BENCH_LEVELS,
+        shapes=parse_shapes(shapes),
+        max_input_bytes=None if max_input_mib is None else max_input_mib << 20,
+        progress=progress,
+        inputs=inputs,
+        **counts,
+    )
 
 
 def _parse_shape(text: str) -> list[int]:
@@ -153,36 +158,6 @@ def _parse_shape(text: str) -> list[int]:
     if not dims or min(dims) < 1:
         raise BnfoldError(f"bad --shape {text!r}: want positive integers like 1,3,224,224")
     return dims
-
-
-class _ProgressBar:
-    """A rich progress bar on stderr for long runs; yields the harness callback."""
-
-    def __init__(self, enabled: bool) -> None:
-        self.enabled = enabled
-        self.bar: Any = None
-
-    def __enter__(self) -> Any:
-        if not self.enabled:
-            return None
-        from rich.console import Console
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
-
-        self.bar = Progress(
-            "timing",
-            BarColumn(),
-            MofNCompleteColumn(),
-            TimeRemainingColumn(),
-            console=Console(stderr=True),
-            transient=True,
-        )
-        self.bar.start()
-        task = self.bar.add_task("runs", total=None)
-        return lambda done, total: self.bar.update(task, completed=done, total=total)
-
-    def __exit__(self, *exc: object) -> None:
-        if self.bar is not None:
-            self.bar.stop()
 
 
 def _cell(stats: Any) -> str:

@@ -307,3 +307,40 @@ def test_fold_bench_reports_the_three_levels(tmp_path: Path) -> None:
         "all-minus-fusions",
     ]
     assert all(level["original"]["runs"] == 100 for level in bench["levels"])
+
+
+@pytest.mark.parametrize("command", ["fold", "inspect"])
+def test_lower_standalone_is_a_flag_and_lower_form_picks_the_form(
+    tmp_path: Path, command: str
+) -> None:
+    """`--lower-standalone MODEL` read MODEL as its value; the form is now its own option."""
+    model = SAMPLES / "neg_standalone_bn.onnx"
+    out = ["-o", tmp_path / "o.onnx"] if command == "fold" else []
+    forms = {}
+    for extra in ([], ["--lower-form", "conv"], ["--lower-form", "mul-add"]):
+        result = invoke(command, "--lower-standalone", *extra, model, *out, "--json")
+        assert result.exit_code == 0, result.output
+        payload = json.loads(result.output)
+        report = payload["report"] if command == "fold" else payload
+        forms[tuple(extra)] = [lowered["form"] for lowered in report["lowered"]]
+    assert list(forms.values()) == [["mul-add"], ["conv"], ["mul-add"]]
+
+
+def test_lower_form_alone_is_a_usage_error(tmp_path: Path) -> None:
+    out = tmp_path / "o.onnx"
+    result = invoke("fold", SAMPLES / "neg_standalone_bn.onnx", "-o", out, "--lower-form", "conv")
+    assert result.exit_code == 2
+    assert "--lower-form chooses what --lower-standalone writes" in result.output
+    assert not out.exists()
+
+
+def test_the_old_lower_spelling_still_works(tmp_path: Path) -> None:
+    """`--lower-standalone=conv`, documented before --lower-form, reads as both flags."""
+    out = tmp_path / "o.onnx"
+    model = SAMPLES / "neg_standalone_bn.onnx"
+    result = invoke("fold", "--lower-standalone=conv", model, "-o", out)
+    assert result.exit_code == 0, result.output
+    assert next(n.op_type for n in onnx.load(out).graph.node) == "Conv"
+    after_dashes = invoke("inspect", "--", "--lower-standalone=conv")
+    assert after_dashes.exit_code == 2  # after --, a file name, not the option
+    assert "--lower-standalone=conv: no such file" in after_dashes.output

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -229,3 +231,62 @@ def test_rounding_reaches_both_torch_routes(factory, tmp_path: Path, suffix: str
         runs[rounding] = json.loads(result.output)
     assert [r["report"]["rounding"] for r in runs.values()] == ["nearest", "balanced"]
     assert all(r["verification"]["status"] == "passed" for r in runs.values())
+
+
+# --- --module as a newcomer writes it (issue 20) ----------------------------------------
+
+
+@pytest.fixture
+def workdir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    """The working folder holds the factory's file; nothing puts it on sys.path."""
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", ".")])
+    monkeypatch.chdir(tmp_path)
+    yield tmp_path
+    for name in [m for m in sys.modules if m.startswith("bnfold_cli_")]:
+        del sys.modules[name]
+
+
+@pytest.mark.parametrize(
+    ("file", "spec"),
+    [
+        ("bnfold_cli_here.py", "bnfold_cli_here:make"),
+        ("bnfold_cli_dot.py", "./bnfold_cli_dot.py:make"),
+        ("models/bnfold_cli_sub.py", "models/bnfold_cli_sub.py:Zoo.small"),
+    ],
+)
+def test_module_spec_from_the_working_folder(workdir: Path, file: str, spec: str) -> None:
+    (workdir / file).parent.mkdir(exist_ok=True)
+    (workdir / file).write_text(FACTORY)
+    result = invoke("fold", "--module", spec, "--input-shape", SHAPE, "-o", "out.pt", "--json")
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["files"] == ["out.pt"]
+
+
+@pytest.mark.parametrize("spec", ["./bnfold_cli_bad:make", "bnfold_cli_bad", "nope.py:make"])
+def test_a_bad_module_spec_is_one_line(workdir: Path, spec: str) -> None:
+    (workdir / "bnfold_cli_bad.py").write_text(FACTORY)
+    result = invoke("fold", "--module", spec, "--input-shape", SHAPE, "-o", "out.pt")
+    assert result.exit_code == 2
+    assert "TypeError" not in result.output and len(result.output.strip().splitlines()) == 1
+    assert not (workdir / "out.pt").exists()
+
+
+def test_console_script_from_the_models_folder_is_quiet(tmp_path: Path) -> None:
+    """`bnfold fold --module mynets:make ... --to-onnx` in mynets.py's folder, no PYTHONPATH.
+
+    The run exports to ONNX, where torch warns and logs by itself: stderr stays empty,
+    and the JSON lists both files.
+    """
+    import os
+    import shutil
+    import subprocess
+
+    (tmp_path / "mynets.py").write_text(FACTORY)
+    exe = shutil.which("bnfold") or str(Path(sys.executable).parent / "bnfold")
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "BNFOLD_DEBUG")}
+    argv = [exe, "fold", "--module", "mynets:make", "--input-shape", SHAPE,
+            "-o", "folded.pt2", "--to-onnx", "folded.onnx", "--json"]  # fmt: skip
+    run = subprocess.run(argv, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr
+    assert run.stderr == ""
+    assert json.loads(run.stdout)["files"] == ["folded.pt2", "folded.onnx"]

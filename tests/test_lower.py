@@ -541,11 +541,12 @@ def test_cli_inspect_previews_the_lowering(flag: str, form: str) -> None:
     assert [lo["form"] for lo in payload["lowered"]] == [form]
 
 
-def test_cli_lower_standalone_before_model_is_a_usage_error(tmp_path: Path) -> None:
-    model_path = SAMPLES / "neg_standalone_bn.onnx"
-    result = invoke("fold", "--lower-standalone", model_path, "-o", tmp_path / "o.onnx")
-    assert result.exit_code == 2
-    assert "is not one of 'mul-add', 'conv'" in result.output
+def test_cli_lower_standalone_before_model_is_a_plain_flag(tmp_path: Path) -> None:
+    """It used to take an optional value and read MODEL as it (issue 20)."""
+    model_path, out = SAMPLES / "neg_standalone_bn.onnx", tmp_path / "o.onnx"
+    result = invoke("fold", "--lower-standalone", model_path, "-o", out)
+    assert result.exit_code == 0, result.output
+    assert next(n.op_type for n in onnx.load(out).graph.node) == "Mul"
 
 
 @pytest.mark.parametrize("flag", ["--lower-standalone", "--lower-standalone=conv"])

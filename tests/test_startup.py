@@ -76,3 +76,9 @@ def test_submodules_are_attributes_of_the_package_as_when_it_loaded_eagerly() ->
     probe = "import bnfold; print(bnfold.api.__name__, bnfold.compare.__name__)"
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
     assert out.stdout.split() == ["bnfold.api", "bnfold.compare"]
+
+
+def test_a_usage_error_under_json_loads_no_heavy_library() -> None:
+    """The JSON error object is built from the standard library alone."""
+    loaded = _loaded_by("fold", "--json", "--samples", "0", "m.onnx")
+    assert loaded == {"code": 2, "heavy": []}

@@ -1,0 +1,84 @@
+"""The files a fold writes besides its model, and the checks before any is written.
+
+The fronts check their model outputs against their inputs; the API adds the
+JSON report (never over an input, an input's external data or another output)
+and lists the external data each saved model names.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from bnfold import paths
+from bnfold.errors import BnfoldError
+from bnfold.onnx_front import io
+
+
+def written_data_files(model_file: str | os.PathLike[str], external: bool = True) -> list[str]:
+    """The external data files the model just written to ``model_file`` names, beside it."""
+    if not external:  # saved without external data: nothing to parse the model for
+        return []
+    return [os.fspath(path) for path in io.external_data_files(model_file)]
+
+
+def write_report(path: str | os.PathLike[str] | None, payload: Mapping[str, Any]) -> None:
+    """Write ``payload`` as JSON to ``path`` atomically (nothing when ``path`` is None)."""
+    if path is None:
+        return
+    paths.write_text_atomic(path, json.dumps(payload, indent=2), "report")
+
+
+def require_safe_report(
+    report_path: str | os.PathLike[str] | None,
+    writes: Sequence[paths.Named | None],
+    reads: Sequence[paths.Named | None],
+    in_place: tuple[paths.PathArg, paths.PathArg] | None = None,
+) -> None:
+    """Before folding: the report must be writable and none of the other files (any spelling).
+
+    The fronts check their model outputs against their inputs themselves; this
+    adds the report, and the ONNX inputs' external data, which it must not replace.
+    """
+    if report_path is None:
+        return
+    data = [
+        paths.Named("input's external data", path)
+        for named in reads
+        if named is not None and named.path.suffix == ".onnx"
+        for path in io.external_data_files(named.path)
+    ]
+    report = paths.Named("--report", Path(report_path))
+    paths.require_safe_outputs([*writes, report], [*reads, *data], in_place=in_place)
+
+
+def require_safe_folder_report(
+    report_path: str | os.PathLike[str] | None, model_dir: Path, out_dir: Path
+) -> None:
+    """Folder mode: the report must not be one of the models found, their data or outputs.
+
+    Its folder may be OUTDIR, created by the run: then only the names are compared.
+    """
+    if report_path is None:
+        return
+    from bnfold.batch import find_models
+
+    report = paths.Named("--report", Path(report_path))
+    models = find_models(model_dir, out_dir)
+    reads = [paths.Named("input", model_dir / rel) for rel in models]
+    reads += [
+        paths.Named("input's external data", data)
+        for rel in models
+        for data in io.external_data_files(model_dir / rel)
+    ]
+    writes = [paths.Named("output", out_dir / rel) for rel in models]
+    for other in (*reads, *writes):
+        if paths.same_file(report.path, other.path):
+            raise BnfoldError(
+                f"--report {os.fspath(report_path)!r} is the {other.role} {str(other.path)!r}"
+            )
+    if not paths.same_file(report.path.parent, out_dir):  # OUTDIR may not exist yet
+        paths.require_safe_outputs([report], [])
