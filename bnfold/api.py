@@ -36,10 +36,10 @@ from bnfold.onnx_front.passes import FoldAffinePass, FoldPassResult
 from bnfold.options import FoldOptions, lower_form_of, rounding_of
 from bnfold.outcomes import FoldOutcome, Inspection, InspectRun, Progress, tell
 from bnfold.outputs import (
+    data_file_of,
     require_safe_folder_report,
     require_safe_report,
     write_report,
-    written_data_files,
 )
 from bnfold.report import FoldReport, FoldResult, LowerForm, VerifyResult
 from bnfold.sources import (
@@ -186,7 +186,7 @@ def _fold_onnx_to(
 ) -> FoldOutcome:
     """An ONNX file or model object, folded and written to ``output`` (verified first)."""
     from_file = isinstance(source, str | os.PathLike)
-    writes = [paths.Named("output", Path(output))]
+    writes = [paths.Named("output", Path(output)), data_file_of(output)]
     reads = [paths.Named("input", Path(source))] if from_file else []
     in_place = (output, source) if options.in_place else None
     require_safe_report(options.report_path, writes, reads, in_place)
@@ -196,8 +196,10 @@ def _fold_onnx_to(
     # The untouched original, for verification: the file, or the object given.
     reference = source if from_file or isinstance(source, ir.Model) else model.clone()
     tell(progress, "folding")
-    result, files = _fold_and_save(model, reference, output, options, progress)
-    outcome = FoldOutcome(result, os.fspath(output), bool(files), files)
+    result, saved = _fold_and_save(model, reference, output, options, progress)
+    files = [] if saved is None else [os.fspath(path) for path in saved.files]
+    notes = [saved.note] if saved is not None and saved.note else []
+    outcome = FoldOutcome(result, os.fspath(output), saved is not None, files, notes=notes)
     if options.bench_levels and outcome.written:
         tell(progress, "timing")
         outcome.bench = _bench_against(reference, output, options)
@@ -210,11 +212,11 @@ def _fold_and_save(
     output: str | os.PathLike[str],
     options: FoldOptions,
     progress: Progress | None,
-) -> tuple[FoldResult, list[str]]:
+) -> tuple[FoldResult, io.SavedModel | None]:
     """Fold ``model`` and save it atomically, publishing only what ``options`` accepts.
 
-    Returns the result and the files written: the model and its external data,
-    or none when the output was kept back.
+    Returns the result and the files saved (the model and its external data),
+    or None when the output was kept back.
     """
     keep_external = any(True for _ in io.external_tensors(model))  # before folds replace them
     folded = _fold_onnx(model, options)
@@ -232,9 +234,8 @@ def _fold_and_save(
         return result.publishable(options.require_verified)
 
     tell(progress, "writing")
-    if not io.save_model(result.model, output, external_data=keep_external, accept=accept):
-        return result, []
-    return result, [os.fspath(output), *written_data_files(output, keep_external)]
+    saved = io.save_model_files(result.model, output, external_data=keep_external, accept=accept)
+    return result, saved
 
 
 def _bench_against(

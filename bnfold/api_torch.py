@@ -1,7 +1,7 @@
 """The torch routes of :func:`bnfold.api.fold_path`: a torch source folded and written.
 
 Imported only when a torch file, factory or object is folded, since it imports
-torch. The fold itself is :func:`bnfold.torch_front.files.fold_torch`'s; this
+torch. The fold itself is :func:`bnfold.torch_front.files.fold_torch_files`'s; this
 adapts what the API accepts to what it takes and checks the report path.
 """
 
@@ -16,9 +16,9 @@ from bnfold.compare import VerifyOptions
 from bnfold.errors import BnfoldError
 from bnfold.options import FoldOptions
 from bnfold.outcomes import FoldOutcome, Progress
-from bnfold.outputs import require_safe_report, written_data_files
+from bnfold.outputs import data_file_of, require_safe_report
 from bnfold.sources import SourceKind
-from bnfold.torch_front.files import ModuleSource, fold_torch
+from bnfold.torch_front.files import ModuleSource, fold_torch_files
 from bnfold.torch_front.io import example_args, factory_source_file
 from bnfold.torch_front.run import as_args
 
@@ -45,19 +45,19 @@ def fold_to(
     """Fold a torch source of ``kind`` and write it to ``output`` (and ``options.to_onnx``)."""
     torch_source = _file_source(source, kind, output, example_inputs)
     writes = [paths.Named.of("output", output), paths.Named.of("output", options.to_onnx)]
+    if options.to_onnx is not None:
+        writes.append(data_file_of(options.to_onnx))
     require_safe_report(options.report_path, writes, _reads(torch_source))
     verify = (options.verify_options or VerifyOptions()) if options.verify else None
     if progress is not None:
         progress("folding and verifying" if verify is not None else "folding")
-    result, written = fold_torch(
+    result, written = fold_torch_files(
         torch_source, output, verify, options.to_onnx,
         require_verified=options.require_verified, rounding=options.rounding,
         lower=options.lower, trust_pickle=options.trust_pickle,
     )  # fmt: skip
-    files = [os.fspath(output)] if written else []
-    if written and options.to_onnx is not None:
-        files += [os.fspath(options.to_onnx), *written_data_files(options.to_onnx)]
-    return FoldOutcome(result, os.fspath(output), written, files)
+    files = [os.fspath(path) for path in written]
+    return FoldOutcome(result, os.fspath(output), bool(written), files)
 
 
 def _file_source(
@@ -66,7 +66,7 @@ def _file_source(
     output: str | os.PathLike[str],
     example_inputs: tuple[Any, ...] | None,
 ) -> ModuleSource | str:
-    """What ``fold_torch`` takes: a ``.pt2`` path or a ModuleSource (a built module is one)."""
+    """What ``fold_torch_files`` takes: a ``.pt2`` path or a ModuleSource (a built module is)."""
     if kind is SourceKind.TORCH_FILE:
         return os.fspath(source)
     if kind is SourceKind.FACTORY:

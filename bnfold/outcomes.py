@@ -39,6 +39,8 @@ class FoldOutcome:
     # it was kept back; the report is written either way.
     files: list[str] = field(default_factory=list)
     bench: BenchReport | None = None  # FoldOptions.bench_levels: the written output timed
+    # Why a file is not where users expect it (external data kept at an interim name).
+    notes: list[str] = field(default_factory=list)
 
     def exit_code(self) -> int:
         """0 when written, 1 when kept back: "exit 0" and "output written" mean the same."""
@@ -48,6 +50,7 @@ class FoldOutcome:
         """The JSON report (docs/json-report.md): what ``--json`` prints and ``--report`` saves."""
         body = {**self.result.to_dict(), "output": self.output, "written": self.written}
         body["files"] = list(self.files)
+        body["notes"] = list(self.notes)
         if self.bench is not None:
             body["bench"] = self.bench.to_dict()
         return envelope("fold", self.exit_code(), body)
@@ -61,6 +64,7 @@ class FoldOutcome:
         if not self.written:
             lines.append(_nothing_written(verification))
         lines += [f"wrote {path}" for path in self.files]
+        lines += [f"note: {note}" for note in self.notes]
         if self.bench is not None:
             lines.append(self.bench.summary())
         return "\n".join(lines)

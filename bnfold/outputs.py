@@ -18,11 +18,14 @@ from bnfold.errors import BnfoldError
 from bnfold.onnx_front import io
 
 
-def written_data_files(model_file: str | os.PathLike[str], external: bool = True) -> list[str]:
-    """The external data files the model just written to ``model_file`` names, beside it."""
-    if not external:  # saved without external data: nothing to parse the model for
-        return []
-    return [os.fspath(path) for path in io.external_data_files(model_file)]
+def data_file_of(model_file: str | os.PathLike[str]) -> paths.Named:
+    """The external data file a saved ONNX model may write beside itself.
+
+    Its name is predictable (``<model>.data``), so a ``--report`` there would
+    replace the data of the model just written: it counts as an output.
+    """
+    path = Path(model_file)
+    return paths.Named("output's external data", path.with_name(io.data_file_name(path.name)))
 
 
 def write_report(path: str | os.PathLike[str] | None, payload: Mapping[str, Any]) -> None:

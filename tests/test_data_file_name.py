@@ -9,6 +9,7 @@ model names is never replaced (the save then reports the interim name it used).
 from __future__ import annotations
 
 import errno
+import json
 import shutil
 from pathlib import Path
 
@@ -19,6 +20,7 @@ import pytest
 
 from bnfold.onnx_front import io
 from tests.builders import weight_add_model as _model
+from tests.conftest import assert_one_line_error
 
 
 def _values_on_disk(model_file: Path) -> set[float]:
@@ -178,3 +180,21 @@ def test_resave_removes_the_previous_outputs_own_data(tmp_path, external):
     io.save_model(_model(2.0), out, external_data=external)
     expected = ["out.onnx", "out.onnx.data"] if external else ["out.onnx"]
     assert sorted(p.name for p in tmp_path.iterdir()) == expected
+
+
+def test_report_may_not_replace_the_outputs_data_file(cli, tmp_path, samples):
+    """The data name is predictable, so --report there would break the model just written."""
+    out = tmp_path / "out.onnx"
+    model = samples / "external_data" / "conv_bn_ext.onnx"
+    result = cli(["fold", model, "-o", out, "--report", tmp_path / "out.onnx.data"])
+    assert_one_line_error(result, contains="external data")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_json_lists_the_data_file_the_fold_wrote(cli, tmp_path, samples):
+    out = tmp_path / "out.onnx"
+    result = cli(["fold", samples / "external_data" / "conv_bn_ext.onnx", "-o", out, "--json"])
+    assert result.exit_code == 0, result.output
+    body = json.loads(result.stdout)
+    assert body["files"] == [str(out), str(tmp_path / "out.onnx.data")]
+    assert body["notes"] == []
