@@ -36,6 +36,24 @@ def quiet_libraries() -> Iterator[None]:
             logging.disable(previous)
 
 
+@contextlib.contextmanager
+def quiet_loggers(*names: str) -> Iterator[None]:
+    """Raise the named loggers to ERROR for the block, then restore their levels.
+
+    For library calls whose warnings never concern the user, with or without the
+    CLI around them (a failed export attempt, the exporter's torchvision notice).
+    """
+    loggers = [logging.getLogger(name) for name in names]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        for logger, level in zip(loggers, levels, strict=True):
+            logger.setLevel(level)
+
+
 def for_worker() -> Callable[[], None] | None:
     """The initializer that makes a worker process as quiet as this one is (None: not quiet)."""
     return _silence if _active else None

@@ -215,8 +215,8 @@ def export_onnx(module: Any, example_inputs: Any, path: str | os.PathLike[str]) 
     Raises:
         BnfoldError: the export fails or the output cannot be written.
     """
-    from bnfold.logs import quiet_loggers
     from bnfold.onnx_front.io import save_model_files
+    from bnfold.quiet import quiet_loggers
     from bnfold.torch_front.run import as_args
 
     try:

@@ -29,13 +29,13 @@ import contextlib
 import io
 import logging
 import operator
-from collections.abc import Iterator
 from typing import Any
 
 import torch
 from torch import fx, nn
 
 from bnfold.errors import first_line
+from bnfold.quiet import quiet_loggers
 from bnfold.torch_front.eager_match import match_graph
 from bnfold.torch_front.eager_pairs import Scan
 from bnfold.torch_front.modules import Calls, Roles, eval_mode
@@ -89,7 +89,8 @@ def find_pairs(root: nn.Module, args: tuple[Any, ...], roles: Roles, calls: Call
 
 
 def _export_graph(root: nn.Module, args: tuple[Any, ...], roles: Roles) -> Traced:
-    with eval_mode(root), _quiet(_EXPORT_LOGGERS), contextlib.redirect_stderr(io.StringIO()):
+    quiet = quiet_loggers(*_EXPORT_LOGGERS)
+    with eval_mode(root), quiet, contextlib.redirect_stderr(io.StringIO()):
         ep = torch.export.export(root, args, strict=False)
     sig = ep.graph_signature
     user_inputs = set(sig.user_inputs)
@@ -137,19 +138,6 @@ def _params_read_outside(
 # A failed export (the fallback then takes over) logs a warning and prints the
 # partial graph to stderr; neither helps someone whose model still folds.
 _EXPORT_LOGGERS = ("torch.fx.experimental.symbolic_shapes", "torch._export", "torch.export")
-
-
-@contextlib.contextmanager
-def _quiet(names: tuple[str, ...]) -> Iterator[None]:
-    loggers = [logging.getLogger(n) for n in names]
-    levels = [lg.level for lg in loggers]
-    for lg in loggers:
-        lg.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        for lg, level in zip(loggers, levels, strict=True):
-            lg.setLevel(level)
 
 
 def _export_owner(n: fx.Node, roles: Roles) -> tuple[str | None, int]:
