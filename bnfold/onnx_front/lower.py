@@ -21,7 +21,7 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
-from bnfold.affine import Unfoldable, cast_checked
+from bnfold.core.cast import Unfoldable, cast_checked
 from bnfold.onnx_front import match
 from bnfold.onnx_front.constants import constant_array
 from bnfold.onnx_front.graph_edit import new_initializer, splice_out

@@ -20,7 +20,7 @@ from dataclasses import replace
 
 import onnx_ir as ir
 
-from bnfold.affine import Affine
+from bnfold.core.affine import Affine
 from bnfold.onnx_front.folded import DeferredWeight
 from bnfold.onnx_front.rules.add_concat import JoinFold, plan_through_join
 from bnfold.onnx_front.rules.after import plan_after

@@ -17,8 +17,8 @@ import numpy as np
 import torch
 from torch import fx, nn
 
-from bnfold import layouts
-from bnfold.affine import Affine, bn_to_affine
+from bnfold.core import layouts
+from bnfold.core.affine import Affine, bn_to_affine
 from bnfold.report import Code
 from bnfold.torch_front.tensors import to_float64
 

@@ -46,17 +46,12 @@ import numpy as np
 import torch
 from torch import fx, nn
 
-from bnfold.affine import (
-    Affine,
-    Rounding,
-    Unfoldable,
-    balanced_over,
-    centred_kernel,
-    fold_after,
-    identity_kernel,
-)
-from bnfold.conv_geometry import first_mismatch, off_centre_axis, same_pads, symmetric_pads
-from bnfold.layouts import LayoutError
+from bnfold.core.affine import Affine
+from bnfold.core.cast import Unfoldable, balanced_over
+from bnfold.core.geometry import first_mismatch, off_centre_axis, same_pads, symmetric_pads
+from bnfold.core.layouts import LayoutError
+from bnfold.core.reparam import Branch, Tap, merge_branches
+from bnfold.options import Rounding
 from bnfold.report import Code, Folded, FoldKind, Refusal
 from bnfold.torch_front.aten_graph import (
     BN_OPS,
@@ -276,12 +271,10 @@ def _plan(gm: fx.GraphModule, top: fx.Node, rounding: Rounding) -> _Merge | None
         return None  # a plain residual around a conv: no BN to remove, left as built
     _require_same_geometry(gm, tree, survivor)
     try:
-        weight, bias = _merged(gm, tree, survivor)
+        weight, bias = _merged(gm, tree, survivor, None if trailing is None else trailing[1])
     except LayoutError as err:
         raise _Refused(Code.UNCENTRED_TAP, str(err)) from None
     layout = layout_of(survivor)
-    if trailing is not None:
-        weight, bias = fold_after(weight, bias, trailing[1], layout)
     like_w = fetch(gm, survivor.args[1])
     like_b = like_w if _bias(survivor) is None else fetch(gm, _bias(survivor))
     try:
@@ -547,30 +540,31 @@ def _identity_affine(gm: fx.GraphModule, bn: fx.Node, channels: int) -> Affine:
         raise _Refused(Code.BAD_VALUES, str(err)) from None
 
 
-def _merged(gm: fx.GraphModule, tree: _Tree, survivor: fx.Node) -> tuple[np.ndarray, np.ndarray]:
-    """The merged kernel and bias in float64: padded kernels and identity taps summed.
+def _merged(
+    gm: fx.GraphModule, tree: _Tree, survivor: fx.Node, after: Affine | None
+) -> tuple[np.ndarray, np.ndarray]:
+    """The merged kernel and bias in float64 (:func:`bnfold.core.reparam.merge_branches`):
+    padded kernels and identity taps summed, ``after`` (a BN reading the sum) folded in.
 
     Raises:
-        LayoutError: a kernel cannot be centred (:func:`bnfold.affine.centred_kernel`).
+        LayoutError: a kernel cannot be centred (:func:`bnfold.core.reparam.centred_kernel`).
     """
     shape = tuple(fetch(gm, survivor.args[1]).shape)
-    kernel, channels = shape[2:], shape[0]
-    weight = np.zeros(shape)
-    bias = np.zeros(channels)
+    channels = shape[0]
+    branches = []
     for conv in tree.convs:
         _require_centred(gm, conv, survivor)
-        weight += centred_kernel(to_float64(fetch(gm, conv.args[1])), kernel)
-        if (conv_bias := _bias(conv)) is not None:
-            bias += to_float64(fetch(gm, conv_bias))
+        conv_bias = _bias(conv)
+        bias = None if conv_bias is None else to_float64(fetch(gm, conv_bias))
+        branches.append(Branch(to_float64(fetch(gm, conv.args[1])), bias, np.ones(channels)))
     if tree.has_identity:
         _require_identity_fits(gm, survivor)
-    if tree.bare:
-        weight += identity_kernel(np.full(channels, float(tree.bare)), shape[1], kernel)
+    # The bare terms first, as one tap: the order these merges have always summed in.
+    taps = [Tap(np.full(channels, float(tree.bare)))] if tree.bare else []
     for bn in tree.identities:
         affine = _identity_affine(gm, bn, channels)
-        weight += identity_kernel(affine.scale, shape[1], kernel)
-        bias += affine.shift
-    return weight, bias
+        taps.append(Tap(affine.scale, affine.shift))
+    return merge_branches(shape, branches, taps, after=after)
 
 
 def _bias(conv: fx.Node) -> fx.Node | None:

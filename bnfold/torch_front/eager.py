@@ -19,19 +19,18 @@ import numpy as np
 from torch import nn
 from torch.nn.utils import parametrize
 
-from bnfold.affine import (
+from bnfold.core.affine import (
     Affine,
-    Rounding,
-    Unfoldable,
-    absorb_identity,
     add_parts,
-    balanced_over,
     bn_to_affine,
     concat_parts,
     fold_after,
     fold_before,
 )
-from bnfold.layouts import channel_block, merges_leading_axes
+from bnfold.core.cast import Unfoldable, balanced_over
+from bnfold.core.layouts import channel_block, merges_leading_axes
+from bnfold.core.reparam import absorb_identity
+from bnfold.options import Rounding
 from bnfold.report import Code, FoldKind, Refusal
 from bnfold.torch_front.graph import AnyPair, JoinPair, Pair, TapPair
 from bnfold.torch_front.modules import (

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from bnfold.affine import Unfoldable
+from bnfold.core.cast import Unfoldable
 from bnfold.report import Code, Lowered, LowerForm, Refusal
 from bnfold.torch_front.census import refusal_naming
 from bnfold.torch_front.eager import bn_affine

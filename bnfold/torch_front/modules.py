@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from bnfold import layouts
+from bnfold.core import layouts
 from bnfold.errors import BnfoldError
 from bnfold.report import Code, count_ops
 

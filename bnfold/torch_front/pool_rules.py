@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 from torch import nn
 
-from bnfold.affine import Affine
+from bnfold.core.affine import Affine
 from bnfold.report import Code
 
 AVERAGE = "average"

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from torch import fx
 
-from bnfold.affine import Affine
+from bnfold.core.affine import Affine
 from bnfold.report import Code
 from bnfold.torch_front.aten_graph import Found
 

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import onnx_ir as ir
 
-from bnfold.affine import add_parts, concat_parts
+from bnfold.core.affine import add_parts, concat_parts
 from bnfold.onnx_front.constants import is_constant
 from bnfold.onnx_front.folded import DeferredWeight
 from bnfold.onnx_front.graph_edit import splice_out, write_linear_fold

@@ -15,7 +15,7 @@ from dataclasses import replace
 
 import onnx_ir as ir
 
-from bnfold.affine import Affine
+from bnfold.core.affine import Affine
 from bnfold.onnx_front.constants import constant_array
 from bnfold.onnx_front.folded import DeferredWeight
 from bnfold.onnx_front.rules.base import (

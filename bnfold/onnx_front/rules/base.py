@@ -18,22 +18,21 @@ import ml_dtypes
 import numpy as np
 import onnx_ir as ir
 
-from bnfold import layouts
-from bnfold.affine import (
+from bnfold.core import layouts
+from bnfold.core.affine import (
     Affine,
-    Rounding,
-    Unfoldable,
     after_factor,
-    balanced_over,
     before_factor,
     bn_to_affine,
     exact_after_bias,
     exact_before_bias,
 )
-from bnfold.layouts import LayoutError, WeightLayout
+from bnfold.core.cast import Unfoldable, balanced_over
+from bnfold.core.layouts import LayoutError, WeightLayout
 from bnfold.onnx_front.constants import constant_array, is_constant, reads_data
 from bnfold.onnx_front.folded import DeferredWeight, ExactBias, earlier_bias, earlier_weight
 from bnfold.onnx_front.io import evict_pages
+from bnfold.options import Rounding
 from bnfold.report import Code, Folded, FoldKind
 
 LINEAR_OPS = frozenset({"Conv", "ConvTranspose", "Gemm", "MatMul"})

@@ -15,7 +15,7 @@ from collections.abc import Callable
 import numpy as np
 import onnx_ir as ir
 
-from bnfold.affine import Affine
+from bnfold.core.affine import Affine
 from bnfold.onnx_front.folded import DeferredWeight
 from bnfold.onnx_front.rules.base import (
     LINEAR_OPS,

@@ -56,9 +56,11 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx_ir as ir
 
-from bnfold.affine import Affine, Unfoldable, balanced_over, centred_kernel, identity_kernel
-from bnfold.conv_geometry import off_centre_axis
-from bnfold.layouts import LayoutError
+from bnfold.core.affine import Affine
+from bnfold.core.cast import Unfoldable, balanced_over
+from bnfold.core.geometry import off_centre_axis
+from bnfold.core.layouts import LayoutError
+from bnfold.core.reparam import Branch, Tap, merge_branches
 from bnfold.onnx_front.constants import constant_array, is_constant, reads_data
 from bnfold.onnx_front.folded import DeferredWeight, ExactBias
 from bnfold.onnx_front.graph_edit import drop_if_dead, set_constant_input
@@ -220,13 +222,10 @@ def plan_branch_merge(node: ir.Node, ir_version: int, options: MatchOptions) -> 
         return None  # a plain residual around a conv: no BN to remove, left as built
     _require_same_geometry(convs, survivor)
     try:
-        weight, bias = _merged(tree, convs, survivor, ir_version)
+        after = None if trailing is None else trailing[1]
+        weight, bias = _merged(tree, convs, survivor, ir_version, after)
     except LayoutError as err:
         raise Refused(Code.UNCENTRED_TAP, str(err)) from None
-    if trailing is not None:
-        affine = trailing[1]
-        weight *= survivor.layout.expand(affine.scale, survivor.weight_shape)
-        bias = bias * affine.scale + affine.shift
     dtype = survivor.weight_array.dtype
     balance = balanced_over(survivor.layout, options.rounding)
     try:
@@ -261,35 +260,32 @@ def _trailing_bn(
 
 
 def _merged(
-    tree: SumTree, convs: list[LinearOp], survivor: LinearOp, ir_version: int
+    tree: SumTree, convs: list[LinearOp], survivor: LinearOp, ir_version: int, after: Affine | None
 ) -> tuple[np.ndarray, np.ndarray]:
-    """The merged kernel and bias in float64: padded kernels and identity taps, each
-    times its term's coefficient, summed; the tree's constants added to the bias."""
-    kernel = survivor.weight_shape[2:]
-    weight = np.zeros(survivor.weight_shape)
-    bias = np.zeros(survivor.channels)
+    """The merged kernel and bias in float64 (:func:`bnfold.core.reparam.merge_branches`):
+    padded kernels and identity taps, each times its term's coefficient, summed; the
+    tree's constants added to the bias; ``after`` (a BN reading the tree) folded in."""
+    branches = []
     for term, conv in zip(tree.conv_terms, convs, strict=True):
         _require_centred(conv, survivor)
         coefficient = term.coefficient(survivor)
-        padded = centred_kernel(conv.exact_weight(), kernel)
-        weight += survivor.layout.expand(coefficient, survivor.weight_shape) * padded
-        conv_bias = conv.exact_bias()
-        bias += 0.0 if conv_bias is None else coefficient * conv_bias
+        branches.append(Branch(conv.exact_weight(), conv.exact_bias(), coefficient))
     if tree.has_identity:
         _require_identity_fits(survivor)
-    in_per_group = survivor.weight_shape[1]
+    taps = []
     for term in tree.identity_terms:
         coefficient = term.coefficient(survivor)
         if term.node is None:  # the source itself: a tap of 1
-            weight += identity_kernel(coefficient, in_per_group, kernel)
+            taps.append(Tap(coefficient))
             continue
         affine = batchnorm_affine(term.node, survivor.channels, ir_version)
-        weight += identity_kernel(coefficient * affine.scale, in_per_group, kernel)
-        bias += coefficient * affine.shift
+        taps.append(Tap(coefficient * affine.scale, coefficient * affine.shift))
+    offsets = []
     for offset in tree.offsets:
         assert offset.constant is not None
-        bias += offset.coefficient(survivor) * _channel_vector(offset.constant, survivor, "Add")
-    return weight, bias
+        coefficient = offset.coefficient(survivor)
+        offsets.append(coefficient * _channel_vector(offset.constant, survivor, "Add"))
+    return merge_branches(survivor.weight_shape, branches, taps, offsets, after)
 
 
 def _channel_vector(array: np.ndarray, survivor: LinearOp, op: str) -> np.ndarray:

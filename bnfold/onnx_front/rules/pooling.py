@@ -24,7 +24,7 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
-from bnfold.affine import Affine
+from bnfold.core.affine import Affine
 from bnfold.onnx_front.rules.base import LinearOp, Refused, label
 from bnfold.report import Code
 

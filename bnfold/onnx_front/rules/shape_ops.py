@@ -11,7 +11,7 @@ import math
 
 import onnx_ir as ir
 
-from bnfold import layouts
+from bnfold.core import layouts
 from bnfold.onnx_front.constants import constant_array
 from bnfold.onnx_front.rules.base import LinearOp, Refused, label
 from bnfold.report import Code
