@@ -27,6 +27,7 @@ from bnfold.onnx_front.constants import constant_array
 from bnfold.onnx_front.graph_edit import new_initializer, splice_out
 from bnfold.onnx_front.passes import FoldPassResult, left_codes, op_counts
 from bnfold.report import BatchNormCount, Code, Lowered, LowerForm, Refusal
+from bnfold.rules.lower import ONNX_TERMS, conv_form_note
 
 # Ops whose output rank is the largest of their inputs' (numpy broadcasting).
 BROADCASTING_OPS = frozenset(
@@ -44,12 +45,6 @@ _SAME_TYPE_OPS = (
     | {"Concat", "Gemm", "MatMul", "Flatten", "Reshape", "Transpose", "Squeeze", "Unsqueeze"}
 )
 _MAX_DEPTH = 256
-
-# Conv's type constraint has no bfloat16 before opset 22. float64 Conv is valid
-# ONNX, but onnxruntime has no kernel for it, so the output could not even be
-# verified: such a BN is lowered to Mul + Add, which every runtime runs.
-_CONV_BF16_OPSET = 22
-_CONV_DTYPES = frozenset({np.dtype(np.float16), np.dtype(np.float32)})
 
 
 def lower_unfolded(result: FoldPassResult, form: LowerForm) -> None:
@@ -119,7 +114,7 @@ def lower_batchnorm(
         shift = cast_checked(affine.shift, dtype, "shift")
     except Unfoldable as err:
         return refusal.not_lowered(Code.BAD_VALUES, str(err))
-    note = _why_not_conv(rank, dtype, opset) if form is LowerForm.CONV else ""
+    note = conv_form_note({rank}, ONNX_TERMS, dtype, opset) if form is LowerForm.CONV else ""
     if form is LowerForm.CONV and not note:
         _write_conv(bn, scale, shift, rank, model)
     else:
@@ -212,17 +207,6 @@ def _element_type(value: ir.Value | None, ir_version: int) -> np.dtype | None:
         else:
             return None
     return None
-
-
-def _why_not_conv(rank: int, dtype: np.dtype, opset: int) -> str:
-    """Why a 1x1 depthwise Conv cannot replace this BN ("" when it can)."""
-    if rank < 3:
-        return f"rank-{rank} input has no spatial axis for a Conv: lowered to mul-add"
-    if dtype == np.float64:
-        return "onnxruntime has no float64 Conv: lowered to mul-add"
-    if dtype not in _CONV_DTYPES and not (dtype.name == "bfloat16" and opset >= _CONV_BF16_OPSET):
-        return f"Conv takes no {dtype.name} at opset {opset}: lowered to mul-add"
-    return ""
 
 
 def _write_mul_add(

@@ -16,7 +16,6 @@ are imported from its module.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import replace
 
 import onnx_ir as ir
 
@@ -42,7 +41,8 @@ from bnfold.onnx_front.rules.base import (
 )
 from bnfold.onnx_front.rules.before import linear_reader, plan_before
 from bnfold.onnx_front.rules.branch_sum import BranchMerge, plan_branch_merge, why_not_tap
-from bnfold.report import Code, Refusal
+from bnfold.report import Refusal
+from bnfold.rules import precedence
 
 __all__ = [
     "AFFINE_OPS",
@@ -126,7 +126,7 @@ def plan(
     if after is None or isinstance(after, FoldPlan) or node.op_type != "BatchNormalization":
         return after
     joined = None
-    if after.code in (Code.STANDALONE, Code.NONLINEAR_INPUT):
+    if precedence.nothing_beside(after.code):
         tap = why_not_tap(node, ir_version, options)
         if tap is not None:
             return tap
@@ -141,11 +141,9 @@ def plan(
     before = plan_before(node, consumer, ir_version, options, hold)
     if isinstance(before, FoldPlan):
         return before
-    if after.code in (Code.STANDALONE, Code.NONLINEAR_INPUT) or joined is not None:
-        return replace(before, detail=f"{before.detail} (and {after.detail})")
-    return replace(
-        after, detail=f"{after.detail}; nor before {label(consumer[-1])}: {before.detail}"
-    )
+    # A join's refusal says what the BN's input is; the before refusal leads it.
+    lead_after = joined is None and precedence.after_leads(after.code)
+    return precedence.explain_both(after, before, label(consumer[-1]), lead_after)
 
 
 def _plan_sum(node: ir.Node, ir_version: int, options: MatchOptions) -> BranchMerge | None:

@@ -20,11 +20,10 @@ Refuses:
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import onnx_ir as ir
 
-from bnfold.core.affine import add_parts, concat_parts
 from bnfold.onnx_front.constants import is_constant
 from bnfold.onnx_front.folded import DeferredWeight
 from bnfold.onnx_front.graph_edit import splice_out, write_linear_fold
@@ -42,6 +41,7 @@ from bnfold.onnx_front.rules.base import (
     require_single_consumer,
 )
 from bnfold.report import Code, Folded, FoldKind
+from bnfold.rules.join import JoinSpec, axis_refusal
 
 JOIN_OPS = frozenset({"Add", "Concat"})
 # Ops whose bias slot takes the folded shift; channels on axis 1 like the BN's.
@@ -91,19 +91,13 @@ def plan_through_join(
     if join.op_type == "Add" and any(v is None or is_constant(v, ir_version) for v in join.inputs):
         return None  # a bias Add of a constant: the after rule's business
     require_single_consumer(join)
-    if join.op_type == "Concat":
-        _require_channel_concat(join)
+    shape = _join_shape(join)
+    Refused.check(axis_refusal(shape))
     terms = _linear_terms(join, ir_version, options)
-    channels = [t.channels for t in terms]
-    bn_channels = sum(channels) if join.op_type == "Concat" else channels[0]
-    if join.op_type == "Add" and len(set(channels)) != 1:
-        raise Refused(Code.BAD_SHAPE, f"the Add's ops have {channels} channels")
-    affine = batchnorm_affine(bn, bn_channels, ir_version)
-    parts = (
-        concat_parts(affine, channels)
-        if join.op_type == "Concat"
-        else add_parts(affine, len(terms))
-    )
+    spec = replace(shape, channels=tuple(t.channels for t in terms))
+    if not spec.widths_agree():
+        raise Refused(Code.BAD_SHAPE, f"the Add's ops have {list(spec.channels)} channels")
+    parts = spec.parts(batchnorm_affine(bn, spec.bn_channels, ir_version))
     site = f"{label(join)} -> {label(bn)}"
     plans = tuple(
         make_plan(site, Direction.AFTER, term, bn, join, part, options.rounding, hold)
@@ -112,14 +106,13 @@ def plan_through_join(
     return JoinFold(bn, join, plans)
 
 
-def _require_channel_concat(concat: ir.Node) -> None:
-    axis = concat.attributes.get_int("axis", 1)
-    rank = rank_of(concat.outputs[0]) or rank_of(concat.inputs[0])
-    if axis == 1 or (rank is not None and axis == 1 - rank):
-        return
-    raise Refused(
-        Code.NOT_PER_CHANNEL, f"Concat {label(concat)!r} joins axis {axis}, not the channels"
-    )
+def _join_shape(join: ir.Node) -> JoinSpec:
+    """The join as the join rule reads it, before its terms' channels are known."""
+    if join.op_type == "Add":
+        return JoinSpec(f"Add {label(join)!r}", "add", ())
+    rank = rank_of(join.outputs[0]) or rank_of(join.inputs[0])
+    axis = join.attributes.get_int("axis", 1)
+    return JoinSpec(f"Concat {label(join)!r}", "cat", (), axis, rank)
 
 
 def _linear_terms(join: ir.Node, ir_version: int, options: MatchOptions) -> list[LinearOp]:

@@ -41,6 +41,7 @@ from bnfold.onnx_front.rules.batch_merge import merges_leading_axes
 from bnfold.onnx_front.rules.pooling import POOL_OPS, require_pool_commutes
 from bnfold.onnx_front.rules.shape_ops import SHAPE_OPS, channel_block_through
 from bnfold.report import Code, FoldKind, Refusal
+from bnfold.rules.adjacent import Feed, why_unpaired
 
 
 def plan_after(
@@ -89,16 +90,12 @@ def plan_after(
 
 
 def _refuse_unpaired(node: ir.Node, producer: ir.Node | None) -> Refusal | None:
+    """Why a BN fed by no linear op cannot fold after it (:func:`why_unpaired`)."""
     if node.op_type != "BatchNormalization":
         return None  # a Mul/Add by a constant elsewhere is simply not our business
-    if producer is not None and producer.op_type in NONLINEAR_OPS:
-        raise Refused(
-            Code.NONLINEAR_INPUT,
-            f"input comes from {producer.op_type} {label(producer)!r}; "
-            "a BatchNorm cannot be folded across a nonlinearity",
-        )
     source = "a graph input" if producer is None else f"{producer.op_type} {label(producer)!r}"
-    raise Refused(Code.STANDALONE, f"input comes from {source}, not a linear op; left as is")
+    nonlinear = producer is not None and producer.op_type in NONLINEAR_OPS
+    raise Refused(*why_unpaired(Feed(source, nonlinear)))
 
 
 def _linear_for_after(

@@ -14,7 +14,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Protocol
 
-import ml_dtypes
 import numpy as np
 import onnx_ir as ir
 
@@ -34,6 +33,8 @@ from bnfold.onnx_front.folded import DeferredWeight, ExactBias, earlier_bias, ea
 from bnfold.onnx_front.io import evict_pages
 from bnfold.options import Rounding
 from bnfold.report import Code, Folded, FoldKind
+from bnfold.rules.adjacent import channel_vector, is_float
+from bnfold.rules.family import Refused
 
 LINEAR_OPS = frozenset({"Conv", "ConvTranspose", "Gemm", "MatMul"})
 
@@ -196,14 +197,6 @@ def pattern_of(*nodes: ir.Node | None) -> str:
     return "+".join(n.op_type for n in nodes if n is not None)
 
 
-class Refused(Exception):
-    """Internal control flow: planning stopped at the first refusal."""
-
-    def __init__(self, code: Code, detail: str) -> None:
-        super().__init__(detail)
-        self.code, self.detail = code, detail
-
-
 def producer_op(node: ir.Node) -> str | None:
     data = node.inputs[0] if node.inputs else None
     producer = data.producer() if data is not None else None
@@ -327,10 +320,6 @@ def _linear_of_kind(
 def readers(value: ir.Value) -> int:
     """How many inputs read the data of ``value`` (a Shape or CastLike of it does not)."""
     return sum(1 for use in value.uses() if reads_data(use.node, use.idx))
-
-
-def is_float(array: np.ndarray) -> bool:
-    return array.dtype.kind == "f" or array.dtype == ml_dtypes.bfloat16
 
 
 def bn_channels(bn: ir.Node, ir_version: int) -> int:
@@ -460,31 +449,13 @@ def checked(make: object) -> Affine:
 
 
 def per_channel_vector(array: np.ndarray | None, linear: LinearOp) -> np.ndarray | None:
-    """The ``(C,)`` vector a Mul/Add constant applies per output channel, else None.
-
-    The constant must broadcast onto the linear op's output without growing it:
-    rank at most the output's, every axis 1 except the channel axis, which is 1
-    or C. A scalar (or all-ones shape) applies the same value to every channel.
-    """
-    if array is None or not is_float(array):
-        return None
+    """The ``(C,)`` vector a Mul/Add constant applies per output channel of ``linear``, else
+    None (:func:`bnfold.rules.adjacent.channel_vector`). Of a MatMul of unknown rank, the
+    output is at least 2-D with its channels last."""
     if linear.out_rank is None:
-        max_rank = 2  # any MatMul output has rank >= 2
-        channel_from_end = 1
-    else:
-        max_rank = linear.out_rank
-        channel_from_end = linear.out_rank - linear.channel_axis()  # type: ignore[operator]
-    if array.ndim > max_rank:
-        return None
-    channel_pos = array.ndim - channel_from_end
-    for axis, size in enumerate(array.shape):
-        if axis != channel_pos and size != 1:
-            return None
-    if channel_pos < 0 or array.shape[channel_pos] == 1:
-        return np.full(linear.channels, float(array.reshape(-1)[0]))
-    if array.shape[channel_pos] != linear.channels:
-        return None
-    return array.reshape(linear.channels).astype(np.float64)
+        return channel_vector(array, linear.channels, 2, 1)
+    channel_from_end = linear.out_rank - linear.channel_axis()  # type: ignore[operator]
+    return channel_vector(array, linear.channels, linear.out_rank, channel_from_end)
 
 
 def require_constant(value: ir.Value | None, what: str, ir_version: int) -> np.ndarray:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-import numpy as np
 import onnx_ir as ir
 
 from bnfold.core.affine import Affine
@@ -33,6 +32,7 @@ from bnfold.onnx_front.rules.base import (
 )
 from bnfold.onnx_front.rules.shape_ops import require_flattens_batch
 from bnfold.report import Code, Refusal
+from bnfold.rules.before import exact_before
 
 
 def linear_reader(bn: ir.Node) -> tuple[ir.Node, ...] | None:
@@ -108,20 +108,11 @@ def _spread_to_input_features(
 
 
 def _require_exact_before(linear: LinearOp, affine: Affine) -> None:
-    """Zero padding reads zeros at the borders, never the shift: exact only if shift is 0."""
-    if not np.any(affine.shift != 0):
-        return
+    """Zero padding reads zeros at the borders, never the shift (:func:`exact_before`)."""
     node = linear.node
-    if node.op_type == "ConvTranspose":
-        raise Refused(
-            Code.ZERO_PADDING,
-            "ConvTranspose: border outputs receive fewer taps, so a nonzero shift changes them",
-        )
-    if node.op_type == "Conv":
-        pads = node.attributes.get_ints("pads", ())
-        auto_pad = node.attributes.get_string("auto_pad", "NOTSET")
-        if any(pads) or auto_pad in ("SAME_UPPER", "SAME_LOWER"):
-            raise Refused(
-                Code.ZERO_PADDING,
-                "Conv pads with zeros: the borders would see the BatchNorm's shift, not zeros",
-            )
+    pads = node.attributes.get_ints("pads", ())
+    auto_pad = node.attributes.get_string("auto_pad", "NOTSET")
+    padded = node.op_type == "Conv" and (any(pads) or auto_pad in ("SAME_UPPER", "SAME_LOWER"))
+    transposed = node.op_type == "ConvTranspose"
+    found = exact_before(affine.shift, node.op_type, transposed=transposed, zero_padded=padded)
+    Refused.check(found)
