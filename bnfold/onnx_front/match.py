@@ -21,7 +21,7 @@ import onnx_ir as ir
 
 from bnfold.core.affine import Affine
 from bnfold.onnx_front.folded import DeferredWeight
-from bnfold.onnx_front.rules.add_concat import JoinFold, plan_through_join
+from bnfold.onnx_front.rules.add_concat import JoinFold, join_site, plan_through_join
 from bnfold.onnx_front.rules.after import plan_after
 from bnfold.onnx_front.rules.base import (
     AFFINE_OPS,
@@ -41,8 +41,9 @@ from bnfold.onnx_front.rules.base import (
 )
 from bnfold.onnx_front.rules.before import linear_reader, plan_before
 from bnfold.onnx_front.rules.branch_sum import BranchMerge, plan_branch_merge, why_not_tap
-from bnfold.report import Refusal
+from bnfold.report import FoldKind, Refusal
 from bnfold.rules import precedence
+from bnfold.sites import Site
 
 __all__ = [
     "AFFINE_OPS",
@@ -161,8 +162,9 @@ def _plan_join(
     try:
         return plan_through_join(bn, ir_version, options, hold)
     except Refused as refused:
-        join = bn.inputs[0].producer()  # type: ignore[union-attr]
-        return Refusal(f"{label(join)} -> {label(bn)}", refused.code, refused.detail)
+        join = None if bn.inputs[0] is None else bn.inputs[0].producer()
+        assert join is not None  # plan_through_join refuses only a join's BN
+        return join_site(join, bn).refusal(refused.code, refused.detail)
 
 
 def is_inference_batchnorm(node: ir.Node) -> bool:
@@ -185,4 +187,4 @@ def inference_affine(node: ir.Node, ir_version: int) -> Affine | Refusal:
     try:
         return batchnorm_affine(node, bn_channels(node, ir_version), ir_version)
     except Refused as refused:
-        return Refusal(label(node), refused.code, refused.detail)
+        return Site(FoldKind.ADJACENT, bn=label(node)).refusal(refused.code, refused.detail)

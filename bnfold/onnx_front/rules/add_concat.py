@@ -37,11 +37,13 @@ from bnfold.onnx_front.rules.base import (
     describe_linear,
     label,
     make_plan,
+    names,
     rank_of,
     require_single_consumer,
 )
 from bnfold.report import Code, Folded, FoldKind
 from bnfold.rules.join import JoinSpec, axis_refusal
+from bnfold.sites import Site
 
 JOIN_OPS = frozenset({"Add", "Concat"})
 # Ops whose bias slot takes the folded shift; channels on axis 1 like the BN's.
@@ -59,16 +61,11 @@ class JoinFold:
     @property
     def entries(self) -> list[Folded]:
         ops = [p.linear.node for p in self.plans]
-        site = f"{', '.join(label(n) for n in ops)} -> {label(self.join)} -> {label(self.bn)}"
+        site = replace(join_site(self.join, self.bn), linears=names(*ops))
         pattern = "+".join([*(n.op_type for n in ops), self.join.op_type, "BatchNormalization"])
-        kind = FoldKind.OVER_ADD if self.join.op_type == "Add" else FoldKind.OVER_CONCAT
         added = sum(p.bytes_added for p in self.plans)
-        linear = ", ".join(label(n) for n in ops)
         # The BN's output name passes to the join: verification compares it.
-        value = self.bn.outputs[0].name or ""
-        return [
-            Folded(site, pattern, linear, label(self.bn), bytes_added=added, kind=kind, value=value)
-        ]
+        return [site.folded(pattern, added, value=self.bn.outputs[0].name or "")]
 
     def apply(self, model: ir.Model) -> None:
         """Write every op's weight and bias, then remove the BN."""
@@ -98,12 +95,18 @@ def plan_through_join(
     if not spec.widths_agree():
         raise Refused(Code.BAD_SHAPE, f"the Add's ops have {list(spec.channels)} channels")
     parts = spec.parts(batchnorm_affine(bn, spec.bn_channels, ir_version))
-    site = f"{label(join)} -> {label(bn)}"
+    site = join_site(join, bn)
     plans = tuple(
         make_plan(site, Direction.AFTER, term, bn, join, part, options.rounding, hold)
         for term, part in zip(terms, parts, strict=True)
     )
     return JoinFold(bn, join, plans)
+
+
+def join_site(join: ir.Node, bn: ir.Node) -> Site:
+    """The site of a BN after ``join``, before its linear ops are known ("join -> bn")."""
+    kind = FoldKind.OVER_ADD if join.op_type == "Add" else FoldKind.OVER_CONCAT
+    return Site(kind, bn=label(bn), join=label(join))
 
 
 def _join_shape(join: ir.Node) -> JoinSpec:

@@ -32,16 +32,18 @@ from bnfold.onnx_front.rules.base import (
     describe_linear,
     label,
     make_plan,
+    name_of,
+    names,
     per_channel_vector,
     producer_op,
     require_single_consumer,
-    site_label,
 )
 from bnfold.onnx_front.rules.batch_merge import merges_leading_axes
 from bnfold.onnx_front.rules.pooling import POOL_OPS, require_pool_commutes
 from bnfold.onnx_front.rules.shape_ops import SHAPE_OPS, channel_block_through
 from bnfold.report import Code, FoldKind, Refusal
 from bnfold.rules.adjacent import Feed, why_unpaired
+from bnfold.sites import Site
 
 
 def plan_after(
@@ -60,7 +62,7 @@ def plan_after(
     ):
         between, producer = producer, producer.inputs[0].producer()  # type: ignore[union-attr]
     linear_node = producer if producer is not None and producer.op_type in LINEAR_OPS else None
-    site = site_label(linear_node, between, node)
+    site = Site(FoldKind.ADJACENT, names(linear_node), label(node), name_of(between))
     try:
         if linear_node is None:
             return _refuse_unpaired(node, producer)
@@ -80,13 +82,13 @@ def plan_after(
             return None
         if pool is not None:
             require_pool_commutes(pool, linear, affine)
-        plan = make_plan(
+        kind = FoldKind.BATCH_MERGE if merged else FoldKind.ADJACENT
+        site = replace(site, kind=FoldKind.THROUGH_POOL if pool is not None else kind)
+        return make_plan(
             site, Direction.AFTER, linear, node, between, affine, options.rounding, hold
         )
-        kind = FoldKind.BATCH_MERGE if merged else FoldKind.ADJACENT
-        return replace(plan, kind=FoldKind.THROUGH_POOL if pool is not None else kind)
     except Refused as refused:
-        return Refusal(site, refused.code, refused.detail)
+        return site.refusal(refused.code, refused.detail)
 
 
 def _refuse_unpaired(node: ir.Node, producer: ir.Node | None) -> Refusal | None:

@@ -32,9 +32,10 @@ from bnfold.onnx_front.constants import constant_array, is_constant, reads_data
 from bnfold.onnx_front.folded import DeferredWeight, ExactBias, earlier_bias, earlier_weight
 from bnfold.onnx_front.io import evict_pages
 from bnfold.options import Rounding
-from bnfold.report import Code, Folded, FoldKind
+from bnfold.report import Code, Folded
 from bnfold.rules.adjacent import channel_vector, is_float
 from bnfold.rules.family import Refused
+from bnfold.sites import Site
 
 LINEAR_OPS = frozenset({"Conv", "ConvTranspose", "Gemm", "MatMul"})
 
@@ -152,7 +153,7 @@ class LinearOp:
 class FoldPlan:
     """A checked fold, ready to apply: the new bias is computed, the weight deferred."""
 
-    site: str
+    site: Site
     pattern: str
     direction: Direction
     linear: LinearOp
@@ -161,7 +162,6 @@ class FoldPlan:
     new_weight: DeferredWeight
     new_bias: ExactBias | None  # None: the op has no bias and the fold needs none
     bytes_added: int = 0  # weight bytes copied because another node shares them
-    kind: FoldKind = FoldKind.ADJACENT
 
 
 class Rewrite(Protocol):
@@ -189,8 +189,14 @@ def label(node: ir.Node | None) -> str:
     return node.name or f"{node.op_type}({node.outputs[0].name})"
 
 
-def site_label(*nodes: ir.Node | None) -> str:
-    return " -> ".join(label(n) for n in nodes if n is not None)
+def name_of(node: ir.Node | None) -> str:
+    """A node's label, "" for no node (a site's optional parts)."""
+    return "" if node is None else label(node)
+
+
+def names(*nodes: ir.Node | None) -> tuple[str, ...]:
+    """The labels of the nodes given, the absent ones left out."""
+    return tuple(label(n) for n in nodes if n is not None)
 
 
 def pattern_of(*nodes: ir.Node | None) -> str:
@@ -365,7 +371,7 @@ def require_inference(node: ir.Node) -> None:
 
 
 def make_plan(
-    site: str,
+    site: Site,
     direction: Direction,
     linear: LinearOp,
     node: ir.Node,

@@ -26,13 +26,16 @@ from bnfold.onnx_front.rules.base import (
     batchnorm_affine,
     bn_channels,
     describe_linear,
+    label,
     make_plan,
+    name_of,
+    names,
     rank_of,
-    site_label,
 )
 from bnfold.onnx_front.rules.shape_ops import require_flattens_batch
-from bnfold.report import Code, Refusal
+from bnfold.report import Code, FoldKind, Refusal
 from bnfold.rules.before import exact_before
+from bnfold.sites import Site
 
 
 def linear_reader(bn: ir.Node) -> tuple[ir.Node, ...] | None:
@@ -61,7 +64,7 @@ def plan_before(
     hold: Callable[[DeferredWeight], bool],
 ) -> FoldPlan | Refusal:
     linear_node, between = chain[-1], (chain[0] if len(chain) == 2 else None)
-    site = site_label(bn, between, linear_node)
+    site = Site(FoldKind.ADJACENT, names(linear_node), label(bn), name_of(between), before=True)
     try:
         linear = describe_linear(linear_node, ir_version, options)
         per_channel = batchnorm_affine(bn, bn_channels(bn, ir_version), ir_version)
@@ -73,7 +76,7 @@ def plan_before(
             site, Direction.BEFORE, linear, bn, between, affine, options.rounding, hold
         )
     except Refused as refused:
-        return Refusal(site, refused.code, refused.detail)
+        return site.refusal(refused.code, refused.detail)
 
 
 def _spread_to_input_features(

@@ -79,6 +79,7 @@ from bnfold.onnx_front.rules.base import (
 from bnfold.report import Code, Folded, FoldKind, Refusal
 from bnfold.rules import branch_sum as rule
 from bnfold.rules.branch_sum import SumTree, TreeOp
+from bnfold.sites import Site
 
 Tree = SumTree[ir.Node, ir.Value]
 
@@ -304,7 +305,8 @@ def why_not_tap(bn: ir.Node, ir_version: int, options: MatchOptions) -> Refusal 
         if tree is not None and bn in tree.identities:
             plan_branch_merge(top, ir_version, options)
     except Refused as refused:
-        return Refusal(f"{label(bn)} -> {label(top)}", refused.code, refused.detail)
+        site = Site(FoldKind.IDENTITY_TAP, bn=label(bn), between=label(top))
+        return site.refusal(refused.code, refused.detail)
     return None
 
 
@@ -358,32 +360,21 @@ def _require_identity_fits(survivor: LinearOp) -> None:
     Refused.check(rule.identity_tap_misfit(geometry_of(survivor), label(survivor.node)))
 
 
-def tree_site(tree: Tree) -> str:
-    """ "conv_a + conv_b - bn + x -> top": every term, signed, and the tree's top."""
-    terms = tree.signed_terms(label)
-    text = ("-" if terms[0][1] < 0 else "") + terms[0][0]
-    text += "".join((" - " if sign < 0 else " + ") + name for name, sign in terms[1:])
-    return text + f" -> {label(tree.top)}"
-
-
 def _entries(tree: Tree, survivor: LinearOp, bn_after: ir.Node | None) -> list[Folded]:
-    conv = label(survivor.node)
+    conv, top = label(survivor.node), label(tree.top)
+    tap_pattern = f"BatchNormalization+{tree.top.op_type}"
     taps = [
-        Folded(f"{label(bn)} -> {conv}", f"BatchNormalization+{tree.top.op_type}", conv,
-               label(bn), kind=FoldKind.IDENTITY_TAP)
+        Site(FoldKind.IDENTITY_TAP, (conv,), label(bn)).folded(tap_pattern)
         for bn in tree.identities
-    ]  # fmt: skip
+    ]
     if bn_after is not None:
-        site = f"{conv} -> {label(tree.top)} -> {label(bn_after)}"
-        pattern = f"Conv+{tree.top.op_type}+BatchNormalization"
-        taps.append(Folded(site, pattern, conv, label(bn_after)))
+        after = Site(FoldKind.ADJACENT, (conv,), label(bn_after), between=top)
+        taps.append(after.folded(f"Conv+{tree.top.op_type}+BatchNormalization"))
     ops = [n.op_type for n in (*tree.convs, *tree.identities)]
     tree_ops = list(dict.fromkeys(n.op_type for n in tree.ops))  # each kind once, top first
     pattern = "+".join([*ops, *tree_ops])
     # The merged conv computes the tree (or the BN after it) under its name: the
     # site verification compares. An identity tap's own value is gone in the fold.
     value = (bn_after or tree.top).outputs[0].name or ""
-    merge = Folded(
-        tree_site(tree), pattern, conv, label(tree.top), kind=FoldKind.REPARAM, value=value
-    )
-    return [*taps, merge]
+    merge = Site(FoldKind.REPARAM, (conv,), top, join=top, terms=tree.signed_terms(label))
+    return [*taps, merge.folded(pattern, value=value)]
