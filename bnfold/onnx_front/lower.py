@@ -11,7 +11,8 @@ for toolchains that reject BatchNormalization (or fuse only Conv). ``s`` and
 ``t`` are computed in float64 and cast once to the BN's dtype. The constants
 are shaped to broadcast on axis 1, the BN's channel axis, which needs the
 input's rank. Exported models often carry no shapes for intermediate values,
-so the rank is read through what produced the input (:class:`Ranks`); an input
+so the rank is read through what produced the input
+(:class:`~bnfold.onnx_front.shapes.Shapes`); an input
 whose rank still cannot be known is refused (``unknown_rank``) rather than
 guessed, because ``[C]`` alone would broadcast on the *last* axis.
 """
@@ -26,25 +27,9 @@ from bnfold.onnx_front import match
 from bnfold.onnx_front.constants import constant_array
 from bnfold.onnx_front.graph_edit import new_initializer, splice_out
 from bnfold.onnx_front.passes import FoldPassResult, left_codes, op_counts
+from bnfold.onnx_front.shapes import Shapes
 from bnfold.report import BatchNormCount, Code, Lowered, LowerForm, Refusal
 from bnfold.rules.lower import ONNX_TERMS, conv_form_note
-
-# Ops whose output rank is the largest of their inputs' (numpy broadcasting).
-BROADCASTING_OPS = frozenset(
-    {"Add", "Sub", "Mul", "Div", "Pow", "Max", "Min", "Sum", "Mean", "Where", "PRelu"}
-)
-# Ops whose output has the rank of their first input, beyond match.RANK_PRESERVING_OPS.
-_MORE_RANK_PRESERVING = frozenset(
-    {"GlobalAveragePool", "GlobalMaxPool", "LpPool", "Pad", "Resize", "Upsample", "Slice"}
-)
-# Ops whose output has the element type of their first input.
-_SAME_TYPE_OPS = (
-    (match.RANK_PRESERVING_OPS - {"Cast", "CastLike"})
-    | (BROADCASTING_OPS - {"Where"})
-    | _MORE_RANK_PRESERVING
-    | {"Concat", "Gemm", "MatMul", "Flatten", "Reshape", "Transpose", "Squeeze", "Unsqueeze"}
-)
-_MAX_DEPTH = 256
 
 
 def lower_unfolded(result: FoldPassResult, form: LowerForm) -> None:
@@ -67,11 +52,14 @@ def lower_unfolded(result: FoldPassResult, form: LowerForm) -> None:
     """
     model, report, unfolded = result.model, result.report, result.unfolded
     opset = model.opset_imports.get("", 1)
-    ranks = Ranks(model.ir_version)
+    # One reader for every BN: a lowering keeps each value's rank and type, so what
+    # was found for one BN stays true for the next (residual chains reach the same
+    # values by many paths).
+    shapes = Shapes(model.ir_version)
     for node, refusal in list(unfolded.items()):
         if node.graph is None or not match.is_inference_batchnorm(node):
             continue
-        outcome = lower_batchnorm(node, refusal, form, model, opset, ranks)
+        outcome = lower_batchnorm(node, refusal, form, model, opset, shapes)
         if isinstance(outcome, Lowered):
             report.lowered.append(outcome)
             del unfolded[node]
@@ -91,13 +79,14 @@ def lower_batchnorm(
     form: LowerForm,
     model: ir.Model,
     opset: int,
-    ranks: Ranks | None = None,
+    shapes: Shapes | None = None,
 ) -> Lowered | Refusal:
     """Lower one BatchNormalization that ``refusal`` kept from folding, or say why not."""
     affine = match.inference_affine(bn, model.ir_version)
     if isinstance(affine, Refusal):
         return refusal.not_lowered(affine.code, affine.detail)
-    rank = (ranks or Ranks(model.ir_version)).of(bn.inputs[0])
+    shapes = shapes or Shapes(model.ir_version)
+    rank = shapes.rank(bn.inputs[0])
     if rank is None and bn.outputs[0].shape is not None:
         rank = len(bn.outputs[0].shape)
     if rank is None:
@@ -108,7 +97,7 @@ def lower_batchnorm(
         )
     if rank < 2:
         return refusal.not_lowered(Code.BAD_SHAPE, f"rank-{rank} input has no channel axis")
-    dtype = _batchnorm_dtype(bn, model.ir_version)
+    dtype = _batchnorm_dtype(bn, model.ir_version, shapes)
     try:
         scale = cast_checked(affine.scale, dtype, "scale")
         shift = cast_checked(affine.shift, dtype, "shift")
@@ -123,51 +112,7 @@ def lower_batchnorm(
     return Lowered(match.label(bn), form, refusal.code, refusal.detail, note)
 
 
-class Ranks:
-    """The rank of values, read through their producers where shapes are missing.
-
-    Extends :func:`match.rank_of` (what folding relies on) with producers whose
-    output rank follows exactly from their inputs': a broadcasting op has the
-    largest rank of its inputs (all must be known), Concat the rank of any input,
-    a Conv or ConvTranspose the rank of its weight, pads, pools and resizes the
-    rank of their input, a constant (a Constant node, say) its own. Remembers
-    what it found: producers form a DAG, and residual chains reach the same
-    value by many paths.
-    """
-
-    def __init__(self, ir_version: int) -> None:
-        self._ir_version = ir_version
-        self._known: dict[ir.Value, int | None] = {}
-
-    def of(self, value: ir.Value | None, depth: int = 0) -> int | None:
-        if value is None or depth > _MAX_DEPTH:
-            return None
-        if value not in self._known:
-            rank = match.rank_of(value)
-            self._known[value] = self._from_producer(value, depth) if rank is None else rank
-        return self._known[value]
-
-    def _from_producer(self, value: ir.Value, depth: int) -> int | None:
-        producer = value.producer()
-        if producer is None:
-            return None
-        array = constant_array(value, self._ir_version)
-        if array is not None:
-            return array.ndim
-        op, inputs = producer.op_type, [v for v in producer.inputs if v is not None]
-        if op in ("Conv", "ConvTranspose") and len(inputs) > 1:
-            return self.of(inputs[1], depth + 1)
-        if op == "Concat":
-            return next((r for v in inputs if (r := self.of(v, depth + 1)) is not None), None)
-        if op in BROADCASTING_OPS:
-            found = [self.of(v, depth + 1) for v in inputs]
-            return None if not found or None in found else max(found)  # type: ignore[type-var]
-        if (op in match.RANK_PRESERVING_OPS or op in _MORE_RANK_PRESERVING) and inputs:
-            return self.of(inputs[0], depth + 1)
-        return None
-
-
-def _batchnorm_dtype(bn: ir.Node, ir_version: int) -> np.dtype:
+def _batchnorm_dtype(bn: ir.Node, ir_version: int, shapes: Shapes) -> np.dtype:
     """The dtype of the BN's input (the Mul's operands must match it exactly).
 
     Read from the annotations, else from what produced the input (a typed graph
@@ -177,36 +122,12 @@ def _batchnorm_dtype(bn: ir.Node, ir_version: int) -> np.dtype:
     """
     if bn.outputs[0].type is not None:
         return np.dtype(bn.outputs[0].type.dtype.numpy())
-    found = _element_type(bn.inputs[0], ir_version)
+    found = shapes.dtype(bn.inputs[0])
     if found is not None:
         return found
     scale = constant_array(bn.inputs[1], ir_version)
     assert scale is not None  # batchnorm_affine read it
     return scale.dtype
-
-
-def _element_type(value: ir.Value | None, ir_version: int) -> np.dtype | None:
-    """The element type of ``value``, followed back through ops that keep their input's."""
-    for _ in range(_MAX_DEPTH):
-        if value is None:
-            return None
-        if value.type is not None:
-            return np.dtype(value.type.dtype.numpy())
-        array = constant_array(value, ir_version)
-        if array is not None:
-            return array.dtype
-        producer = value.producer()
-        if producer is None or not producer.inputs:
-            return None
-        if producer.op_type == "Cast":
-            return np.dtype(ir.DataType(producer.attributes.get_int("to", 0)).numpy())
-        if producer.op_type == "CastLike" and len(producer.inputs) > 1:
-            value = producer.inputs[1]
-        elif producer.op_type in _SAME_TYPE_OPS:
-            value = producer.inputs[0]
-        else:
-            return None
-    return None
 
 
 def _write_mul_add(

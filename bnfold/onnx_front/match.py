@@ -26,7 +26,6 @@ from bnfold.onnx_front.rules.after import plan_after
 from bnfold.onnx_front.rules.base import (
     AFFINE_OPS,
     DEFAULT_BN_EPSILON,
-    RANK_PRESERVING_OPS,
     Direction,
     FoldPlan,
     LinearOp,
@@ -41,6 +40,7 @@ from bnfold.onnx_front.rules.base import (
 )
 from bnfold.onnx_front.rules.before import linear_reader, plan_before
 from bnfold.onnx_front.rules.branch_sum import BranchMerge, plan_branch_merge, why_not_tap
+from bnfold.onnx_front.shapes import RANK_PRESERVING_OPS
 from bnfold.report import FoldKind, Refusal
 from bnfold.rules import precedence
 from bnfold.sites import Site

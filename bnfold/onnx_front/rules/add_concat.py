@@ -38,9 +38,9 @@ from bnfold.onnx_front.rules.base import (
     label,
     make_plan,
     names,
-    rank_of,
     require_single_consumer,
 )
+from bnfold.onnx_front.shapes import Shapes
 from bnfold.report import Code, Folded, FoldKind
 from bnfold.rules.join import JoinSpec, axis_refusal
 from bnfold.sites import Site
@@ -88,7 +88,7 @@ def plan_through_join(
     if join.op_type == "Add" and any(v is None or is_constant(v, ir_version) for v in join.inputs):
         return None  # a bias Add of a constant: the after rule's business
     require_single_consumer(join)
-    shape = _join_shape(join)
+    shape = _join_shape(join, ir_version)
     Refused.check(axis_refusal(shape))
     terms = _linear_terms(join, ir_version, options)
     spec = replace(shape, channels=tuple(t.channels for t in terms))
@@ -109,11 +109,12 @@ def join_site(join: ir.Node, bn: ir.Node) -> Site:
     return Site(kind, bn=label(bn), join=label(join))
 
 
-def _join_shape(join: ir.Node) -> JoinSpec:
+def _join_shape(join: ir.Node, ir_version: int) -> JoinSpec:
     """The join as the join rule reads it, before its terms' channels are known."""
     if join.op_type == "Add":
         return JoinSpec(f"Add {label(join)!r}", "add", ())
-    rank = rank_of(join.outputs[0]) or rank_of(join.inputs[0])
+    shapes = Shapes(ir_version)
+    rank = shapes.rank(join.outputs[0]) or shapes.rank(join.inputs[0])
     axis = join.attributes.get_int("axis", 1)
     return JoinSpec(f"Concat {label(join)!r}", "cat", (), axis, rank)
 

@@ -20,7 +20,6 @@ from bnfold.onnx_front.constants import constant_array
 from bnfold.onnx_front.folded import DeferredWeight
 from bnfold.onnx_front.rules.base import (
     LINEAR_OPS,
-    NONLINEAR_OPS,
     Direction,
     FoldPlan,
     LinearOp,
@@ -41,6 +40,7 @@ from bnfold.onnx_front.rules.base import (
 from bnfold.onnx_front.rules.batch_merge import merges_leading_axes
 from bnfold.onnx_front.rules.pooling import POOL_OPS, require_pool_commutes
 from bnfold.onnx_front.rules.shape_ops import SHAPE_OPS, channel_block_through
+from bnfold.onnx_front.shapes import NONLINEAR_OPS
 from bnfold.report import Code, FoldKind, Refusal
 from bnfold.rules.adjacent import Feed, why_unpaired
 from bnfold.sites import Site

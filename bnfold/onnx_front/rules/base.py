@@ -31,6 +31,7 @@ from bnfold.core.layouts import LayoutError, WeightLayout
 from bnfold.onnx_front.constants import constant_array, is_constant, reads_data
 from bnfold.onnx_front.folded import DeferredWeight, ExactBias, earlier_bias, earlier_weight
 from bnfold.onnx_front.io import evict_pages
+from bnfold.onnx_front.shapes import Shapes
 from bnfold.options import Rounding
 from bnfold.report import Code, Folded
 from bnfold.rules.adjacent import channel_vector, is_float
@@ -41,17 +42,6 @@ LINEAR_OPS = frozenset({"Conv", "ConvTranspose", "Gemm", "MatMul"})
 
 
 AFFINE_OPS = frozenset({"BatchNormalization", "Mul", "Add"})
-
-
-# Ops that commonly sit between a linear op and a BatchNorm and make a fold
-# impossible; named in the refusal so users see why nothing folded.
-NONLINEAR_OPS = frozenset(
-    {
-        "Relu", "LeakyRelu", "PRelu", "Elu", "Selu", "Celu", "Gelu", "Sigmoid", "HardSigmoid",
-        "HardSwish", "Tanh", "Softplus", "Softsign", "Mish", "Clip", "Softmax", "LogSoftmax",
-        "Abs", "Exp", "Log", "Sqrt", "Pow", "Max", "Min", "ThresholdedRelu", "Swish",
-    }
-)  # fmt: skip
 
 
 DEFAULT_BN_EPSILON = float(np.float32(1e-5))
@@ -236,36 +226,11 @@ def require_single_consumer(node: ir.Node) -> None:
         raise Refused(Code.BRANCHING, f"output {out.name!r} is read by {', '.join(readers_)}")
 
 
-# Ops whose output has the rank of their first input (no broadcasting binary ops:
-# a wrong rank here could let a BN fold over the wrong axis).
-RANK_PRESERVING_OPS = (NONLINEAR_OPS - {"Max", "Min", "Pow"}) | {
-    "BatchNormalization", "Dropout", "Identity", "Neg", "Reciprocal", "Erf", "Floor", "Ceil",
-    "Round", "Sign", "Cast", "CastLike", "Softmax", "LRN", "InstanceNormalization",
-    "LayerNormalization", "Conv", "ConvTranspose", "MaxPool", "AveragePool",
-}  # fmt: skip
-
-
-def rank_of(value: ir.Value | None, depth: int = 0) -> int | None:
-    """The rank of ``value``, from its shape or, unannotated, from what produced it.
-
-    Models without shape inference leave intermediate values bare; the rank of
-    a Relu's output is still the rank of its input, and a Gemm's is 2.
-    """
-    if value is None:
-        return None
-    if value.shape is not None:
-        return len(value.shape)
-    producer = value.producer()
-    if producer is None or depth > 64:
-        return None
-    if producer.op_type in ("Gemm", "Flatten"):
-        return 2
-    if producer.op_type in RANK_PRESERVING_OPS and producer.inputs:
-        return rank_of(producer.inputs[0], depth + 1)
-    if producer.op_type == "MatMul" and len(producer.inputs) == 2:
-        ranks = [rank_of(v, depth + 1) for v in producer.inputs]
-        return None if None in ranks else max(2, *ranks)  # type: ignore[type-var]
-    return None
+def rank_of(value: ir.Value | None, ir_version: int) -> int | None:
+    """The rank of ``value``, from its shape or, unannotated, from what produced it
+    (:class:`~bnfold.onnx_front.shapes.Shapes`, asked afresh: planning sees the graph
+    as the folds so far left it)."""
+    return Shapes(ir_version).rank(value)
 
 
 def describe_linear(node: ir.Node, ir_version: int, options: MatchOptions) -> LinearOp:
@@ -287,7 +252,7 @@ def describe_linear(node: ir.Node, ir_version: int, options: MatchOptions) -> Li
     if shared and not options.clone_shared:
         raise Refused(Code.SHARED_WEIGHT, f"{shared[0]!r} is also read by another node")
     assert weight is not None
-    linear = _linear_of_kind(node, weight, w, bias, b)
+    linear = _linear_of_kind(node, weight, w, bias, b, ir_version)
     return replace(
         linear,
         shared=shared,
@@ -297,7 +262,12 @@ def describe_linear(node: ir.Node, ir_version: int, options: MatchOptions) -> Li
 
 
 def _linear_of_kind(
-    node: ir.Node, weight: ir.Value, w: np.ndarray, bias: ir.Value | None, b: np.ndarray | None
+    node: ir.Node,
+    weight: ir.Value,
+    w: np.ndarray,
+    bias: ir.Value | None,
+    b: np.ndarray | None,
+    ir_version: int,
 ) -> LinearOp:
     op, w_shape = node.op_type, tuple(w.shape)
     groups = node.attributes.get_int("group", 1)
@@ -318,7 +288,7 @@ def _linear_of_kind(
             )
         return LinearOp(node, weight, bias, w, b, layout, 2, bias_gain=beta, input_gain=alpha)
     # MatMul: the constant is the right operand, so output features are the last axis.
-    left_rank = rank_of(node.inputs[0])
+    left_rank = rank_of(node.inputs[0], ir_version)
     rank = None if left_rank is None else max(left_rank, 2)
     return LinearOp(node, weight, None, w, None, layouts.matmul(), rank, channel_last=True)
 

@@ -94,7 +94,7 @@ def _spread_to_input_features(
     features = linear.in_channels
     channels = affine.scale.shape[0]
     if between is None:
-        data_rank = rank_of(linear.node.inputs[0])
+        data_rank = rank_of(linear.node.inputs[0], ir_version)
         if op == "MatMul" and data_rank != 2:
             raise Refused(
                 Code.NOT_PER_CHANNEL,

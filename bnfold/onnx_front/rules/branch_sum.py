@@ -73,9 +73,9 @@ from bnfold.onnx_front.rules.base import (
     batchnorm_affine,
     describe_linear,
     label,
-    rank_of,
     readers,
 )
+from bnfold.onnx_front.shapes import Shapes
 from bnfold.report import Code, Folded, FoldKind, Refusal
 from bnfold.rules import branch_sum as rule
 from bnfold.rules.branch_sum import SumTree, TreeOp
@@ -89,6 +89,7 @@ class OnnxSums:
 
     def __init__(self, ir_version: int) -> None:
         self.ir_version = ir_version
+        self.shapes = Shapes(ir_version)
 
     def label(self, node: ir.Node) -> str:
         return label(node)
@@ -142,13 +143,9 @@ class OnnxSums:
         for leaf in leaves:
             conv = leaf if leaf.op_type == "Conv" else leaf.inputs[0].producer()  # type: ignore[union-attr]
             weight = None if conv is None or conv.op_type != "Conv" else conv.inputs[1]
-            if weight is None:
-                continue
-            if weight.const_value is not None:
-                return len(weight.const_value.shape)
-            if weight.shape is not None:
-                return len(weight.shape)
-        return rank_of(source)
+            if (rank := self.shapes.rank(weight)) is not None:
+                return rank
+        return self.shapes.rank(source)
 
 
 _TREE_OPS: dict[str, TreeOp] = {"Add": "add", "Sub": "sub", "Mul": "mul"}
