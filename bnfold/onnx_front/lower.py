@@ -134,13 +134,10 @@ def _write_mul_add(
     bn: ir.Node, scale: np.ndarray, shift: np.ndarray, rank: int, model: ir.Model
 ) -> None:
     """Replace ``bn`` with ``Add(Mul(x, s), t)``; the Add takes the BN's names."""
-    graph = bn.graph
-    assert graph is not None
-    name = match.label(bn)
     shape = (scale.shape[0],) + (1,) * (rank - 2)
-    s = new_initializer(graph, f"{name}_scale", scale.reshape(shape), model)
-    t = new_initializer(graph, f"{name}_shift", shift.reshape(shape), model)
-    mul = ir.Node("", "Mul", [bn.inputs[0], s], name=_unique_node_name(graph, f"{name}_mul"))
+    graph, s, t = _affine_constants(bn, scale.reshape(shape), shift.reshape(shape), model)
+    mul_name = _unique_node_name(graph, f"{match.label(bn)}_mul")
+    mul = ir.Node("", "Mul", [bn.inputs[0], s], name=mul_name)
     add = ir.Node("", "Add", [mul.outputs[0], t], name=bn.name)
     _annotate_like(mul.outputs[0], bn.outputs[0])
     graph.insert_before(bn, [mul, add])
@@ -151,26 +148,25 @@ def _write_conv(
     bn: ir.Node, scale: np.ndarray, shift: np.ndarray, rank: int, model: ir.Model
 ) -> None:
     """Replace ``bn`` with a 1x1 depthwise Conv (weight ``s`` as ``[C, 1, 1...]``, bias ``t``)."""
+    channels, spatial = scale.shape[0], rank - 2
+    weight = scale.reshape((channels, 1) + (1,) * spatial)
+    graph, w, b = _affine_constants(bn, weight, shift, model)
+    attributes = [ir.AttrInt64("group", channels), ir.AttrInt64s("kernel_shape", [1] * spatial)]
+    conv = ir.Node("", "Conv", [bn.inputs[0], w, b], attributes=attributes, name=bn.name)
+    graph.insert_before(bn, conv)
+    splice_out(bn, conv.outputs[0])
+
+
+def _affine_constants(
+    bn: ir.Node, scale: np.ndarray, shift: np.ndarray, model: ir.Model
+) -> tuple[ir.Graph, ir.Value, ir.Value]:
+    """The BN's graph and new initializers ``<bn>_scale`` and ``<bn>_shift`` in it."""
     graph = bn.graph
     assert graph is not None
     name = match.label(bn)
-    channels, spatial = scale.shape[0], rank - 2
-    w = new_initializer(
-        graph, f"{name}_scale", scale.reshape((channels, 1) + (1,) * spatial), model
-    )
-    b = new_initializer(graph, f"{name}_shift", shift, model)
-    conv = ir.Node(
-        "",
-        "Conv",
-        [bn.inputs[0], w, b],
-        attributes=[
-            ir.AttrInt64("group", channels),
-            ir.AttrInt64s("kernel_shape", [1] * spatial),
-        ],
-        name=bn.name,
-    )
-    graph.insert_before(bn, conv)
-    splice_out(bn, conv.outputs[0])
+    s = new_initializer(graph, f"{name}_scale", scale, model)
+    t = new_initializer(graph, f"{name}_shift", shift, model)
+    return graph, s, t
 
 
 def _annotate_like(value: ir.Value, like: ir.Value) -> None:

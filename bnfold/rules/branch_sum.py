@@ -18,12 +18,18 @@ Produces: one conv (the first of the largest kernel) whose kernel and bias are
 Refuses (on each identity BN of the tree; a tree of convs alone is not a BN site):
   BRANCH_MISMATCH  the convs differ in strides, dilations, groups or channel counts
                    (:func:`same_geometry`), or an identity term needs stride 1 and
-                   as many input as output channels (:func:`identity_tap_misfit`)
+                   as many input as output channels (:func:`tap_misfit`)
   UNCENTRED_TAP    a smaller kernel or the identity tap would not sit centred in
                    the largest kernel with the padding it has (:func:`centred_in`)
   BRANCHING        a term is also read outside the tree
   BAD_SHAPE        a layer scale or an added constant is not per channel of the convs
   and the codes of reading a conv or BN.
+
+A multiplication by a value computed at run time, or by a constant that is not
+per channel (one varying over a spatial axis, one that would broadcast the tree
+to a larger shape), is no node of a tree: its result is a value of its own, so
+the tree above it does not match and the sums below it merge on their own. A
+tree op whose output another node reads too is likewise a value of its own.
 
 A node whose one reader leads, through multiplications and constant adds, to the
 top of a larger tree leaves the merge to it (:func:`defers_to_reader`), so each
@@ -505,6 +511,10 @@ class TapMisfit(enum.Enum):
     NO_CENTRE = "no_centre"  # an even kernel: UNCENTRED_TAP
     OFF_CENTRE = "off_centre"  # its padding does not centre the tap: UNCENTRED_TAP
 
+    @property
+    def code(self) -> Code:
+        return Code.BRANCH_MISMATCH if self is TapMisfit.STRIDE_OR_CHANNELS else Code.UNCENTRED_TAP
+
 
 def tap_misfit(conv: ConvGeometry) -> tuple[TapMisfit, int] | None:
     """Why ``conv`` cannot compute ``x`` itself with one centred tap per channel, and on
@@ -523,44 +533,41 @@ def tap_misfit(conv: ConvGeometry) -> tuple[TapMisfit, int] | None:
     return None if axis is None else (TapMisfit.OFF_CENTRE, axis)
 
 
-def identity_tap_misfit(conv: ConvGeometry, label: str) -> Found:
-    """:func:`tap_misfit` worded in a graph's terms: strides and ONNX-ordered pads."""
+_NEEDS = "an identity term needs stride 1 and equal channel counts; {label} has "
+_CHANNELS = ", {cin} -> {cout} channels"
+# The details, in a graph's terms (strides, ONNX-ordered pads)...
+_GRAPH_WORDS = {
+    TapMisfit.STRIDE_OR_CHANNELS: _NEEDS + "strides {strides}" + _CHANNELS,
+    TapMisfit.NO_CENTRE: "{label}'s kernel has no centre tap",
+    TapMisfit.OFF_CENTRE: (
+        "an identity tap needs pads {pad} on axis {axis}; {label} has pads {pads}"
+    ),
+}
+# ...and in an eager module's (its stride, kernel and torch padding as written).
+_MODULE_WORDS = {
+    TapMisfit.STRIDE_OR_CHANNELS: _NEEDS + "stride {strides}" + _CHANNELS,
+    TapMisfit.NO_CENTRE: "{label}'s kernel {kernel} has no centre tap",
+    TapMisfit.OFF_CENTRE: (
+        "an identity tap needs padding {centred} in {label}'s kernel {kernel}; it has {padding}"
+    ),
+}
+
+
+def identity_tap_misfit(conv: ConvGeometry, label: str, padding: object = None) -> Found:
+    """:func:`tap_misfit` as a refusal, worded in a graph's terms (strides, ONNX-ordered
+    pads), or, given an eager module's torch ``padding`` (per axis, "same" or
+    "valid"), in that module's."""
     misfit = tap_misfit(conv)
     if misfit is None:
         return None
     reason, axis = misfit
-    if reason is TapMisfit.STRIDE_OR_CHANNELS:
-        return Code.BRANCH_MISMATCH, (
-            f"an identity term needs stride 1 and equal channel counts; {label} has strides "
-            f"{conv.strides}, {conv.in_channels} -> {conv.out_channels} channels"
-        )
-    if reason is TapMisfit.NO_CENTRE:
-        return Code.UNCENTRED_TAP, f"{label}'s kernel has no centre tap"
-    return Code.UNCENTRED_TAP, (
-        f"an identity tap needs pads {conv.centre_pad(axis)} on axis {axis}; "
-        f"{label} has pads {conv.pads}"
-    )
-
-
-def module_tap_misfit(conv: ConvGeometry, label: str, padding: object) -> Found:
-    """:func:`tap_misfit` worded in an eager module's terms: its stride, kernel and
-    torch ``padding`` (as written: per axis, ``"same"`` or ``"valid"``)."""
-    misfit = tap_misfit(conv)
-    if misfit is None:
-        return None
-    reason, _ = misfit
-    if reason is TapMisfit.STRIDE_OR_CHANNELS:
-        return Code.BRANCH_MISMATCH, (
-            f"an identity term needs stride 1 and equal channel counts; {label} has stride "
-            f"{conv.strides}, {conv.in_channels} -> {conv.out_channels} channels"
-        )
-    if reason is TapMisfit.NO_CENTRE:
-        return Code.UNCENTRED_TAP, f"{label}'s kernel {conv.kernel} has no centre tap"
-    centred = tuple(conv.centre_pad(axis) for axis in range(conv.rank))
-    return Code.UNCENTRED_TAP, (
-        f"an identity tap needs padding {centred} in {label}'s kernel {conv.kernel}; "
-        f"it has {padding}"
-    )
+    words = _GRAPH_WORDS if padding is None else _MODULE_WORDS
+    detail = words[reason].format(
+        label=label, strides=conv.strides, cin=conv.in_channels, cout=conv.out_channels,
+        kernel=conv.kernel, pads=conv.pads, axis=axis, pad=conv.centre_pad(axis),
+        centred=tuple(conv.centre_pad(a) for a in range(conv.rank)), padding=padding,
+    )  # fmt: skip
+    return reason.code, detail
 
 
 _CODES = frozenset({Code.BRANCH_MISMATCH, Code.UNCENTRED_TAP, Code.BRANCHING})

@@ -48,11 +48,13 @@ from torch import fx, nn
 
 from bnfold.core.affine import Affine
 from bnfold.core.cast import Unfoldable, balanced_over
-from bnfold.core.geometry import first_mismatch, off_centre_axis, same_pads, symmetric_pads
+from bnfold.core.geometry import ConvGeometry, per_axis, torch_pads
 from bnfold.core.layouts import LayoutError
 from bnfold.core.reparam import Branch, Tap, merge_branches
 from bnfold.options import Rounding
 from bnfold.report import Code, Folded, FoldKind, Refusal
+from bnfold.rules.branch_sum import centred_in, identity_tap_misfit, same_geometry
+from bnfold.rules.family import Refused as _Refused
 from bnfold.torch_front.aten_graph import (
     BN_OPS,
     CONV_OPS,
@@ -62,6 +64,7 @@ from bnfold.torch_front.aten_graph import (
     drop_unread_attrs,
     fetch,
     is_linear_op,
+    item_source,
     layout_of,
     owner_path,
     remove_bn,
@@ -74,14 +77,6 @@ from bnfold.torch_front.tensors import as_parameter, to_float64
 aten = torch.ops.aten
 
 _ADDS = (aten.add.Tensor, aten.add_.Tensor)
-
-
-class _Refused(Exception):
-    """Planning stopped at the first failed precondition."""
-
-    def __init__(self, code: Code, detail: str) -> None:
-        super().__init__(detail)
-        self.code, self.detail = code, detail
 
 
 @dataclass(frozen=True)
@@ -412,11 +407,7 @@ def _bn_of(value: fx.Node) -> fx.Node | None:
     """The BN node whose normalized output ``value`` is, or None."""
     if value.op == "call_function" and value.target == aten.batch_norm.default:
         return value
-    if value.target is operator.getitem and value.args[1] == 0:
-        source = value.args[0]
-        if isinstance(source, fx.Node) and source.target in BN_OPS:
-            return source
-    return None
+    return item_source(value, BN_OPS)
 
 
 def _normalized(bn: fx.Node) -> fx.Node | None:
@@ -580,70 +571,48 @@ def _channels(gm: fx.GraphModule, conv: fx.Node) -> int:
     return int(fetch(gm, conv.args[1]).shape[0])
 
 
-@dataclass(frozen=True)
-class _ConvArgs:
-    """A conv node's geometry, per spatial axis; pads in ONNX order (begins, then ends)."""
-
-    strides: tuple[int, ...]
-    pads: tuple[int, ...]
-    dilations: tuple[int, ...]
-    groups: int
-
-
-def _conv_args(gm: fx.GraphModule, conv: fx.Node) -> _ConvArgs:
+def _geometry(gm: fx.GraphModule, conv: fx.Node) -> ConvGeometry:
     """conv*d(x, w, b, stride=1, padding=0, dilation=1, groups=1) (padding may be
     "same"/"valid"), or convolution(x, w, b, stride, padding, dilation, transposed,
     output_padding, groups)."""
-    kernel = _kernel(gm, conv)
-    rank = len(kernel)
+    shape = tuple(fetch(gm, conv.args[1]).shape)
+    kernel = shape[2:]
 
     def arg(index: int, default: object) -> object:
         return conv.args[index] if len(conv.args) > index else default
 
-    strides = _per_axis(arg(3, 1), rank)
-    dilations = _per_axis(arg(5, 1), rank)
+    dilations = per_axis(arg(5, 1), len(kernel))
     groups = int(arg(8 if CONV_OPS[conv.target][0] == "convolution" else 6, 1))  # type: ignore[call-overload]
-    padding = arg(4, 0)
-    if padding == "same":
-        pads = same_pads(kernel, dilations)
-    elif padding == "valid":
-        pads = (0,) * 2 * rank
-    else:
-        pads = symmetric_pads(_per_axis(padding, rank))
-    return _ConvArgs(strides, pads, dilations, groups)
+    return ConvGeometry(
+        kernel=kernel,
+        pads=torch_pads(arg(4, 0), kernel, dilations),
+        strides=per_axis(arg(3, 1), len(kernel)),
+        dilations=dilations,
+        groups=groups,
+        in_channels=shape[1] * groups,
+        out_channels=shape[0],
+    )
 
 
-def _per_axis(value: object, rank: int) -> tuple[int, ...]:
-    """An int or int list argument as one int per spatial axis (``[1]`` broadcasts)."""
-    values = [value] if isinstance(value, int) else list(value)  # type: ignore[call-overload]
-    if len(values) == 1:
-        values = values * rank
-    return tuple(int(v) for v in values)
-
-
-def _geometry(gm: fx.GraphModule, conv: fx.Node) -> dict[str, object]:
-    args, weight = _conv_args(gm, conv), fetch(gm, conv.args[1])
+def _properties(gm: fx.GraphModule, conv: fx.Node) -> dict[str, object]:
+    """What every conv of a sum must share, as this front names it."""
+    geometry, weight = _geometry(gm, conv), fetch(gm, conv.args[1])
     return {
-        "strides": args.strides,
-        "dilations": args.dilations,
-        "groups": args.groups,
+        "strides": geometry.strides,
+        "dilations": geometry.dilations,
+        "groups": geometry.groups,
         "weight rows and columns": tuple(weight.shape[:2]),
         "weight dtype": weight.dtype,
     }
 
 
 def _require_same_geometry(gm: fx.GraphModule, tree: _Tree, survivor: fx.Node) -> None:
-    expected = _geometry(gm, survivor)
-    for conv in tree.convs:
-        if differs := first_mismatch(expected, _geometry(gm, conv)):
-            key, value, want = differs
-            raise _Refused(
-                Code.BRANCH_MISMATCH, f"{conv.name} has {key} {value}, {survivor.name} {want}"
-            )
+    terms = [(conv.name, _properties(gm, conv)) for conv in tree.convs]
+    _Refused.check(same_geometry(terms, (survivor.name, _properties(gm, survivor))))
     shape = traced_shape(tree.adds[0])
     # a BN keeps its input's shape (and a decomposed one's node is a tuple)
-    terms = [*tree.convs] + [tree.source] * tree.has_identity
-    for term in terms:
+    terms_read = [*tree.convs] + [tree.source] * tree.has_identity
+    for term in terms_read:
         if not shape or traced_shape(term) != shape:
             raise _Refused(
                 Code.BRANCH_MISMATCH,
@@ -653,36 +622,10 @@ def _require_same_geometry(gm: fx.GraphModule, tree: _Tree, survivor: fx.Node) -
 
 def _require_centred(gm: fx.GraphModule, conv: fx.Node, survivor: fx.Node) -> None:
     """Padding ``conv``'s kernel to the survivor's must grow its pads to the survivor's."""
-    small, large = _kernel(gm, conv), _kernel(gm, survivor)
-    pads, target = _conv_args(gm, conv).pads, _conv_args(gm, survivor).pads
-    dilations = _conv_args(gm, survivor).dilations
-    if off_centre_axis(small, pads, large, target, dilations) is not None:
-        raise _Refused(
-            Code.UNCENTRED_TAP,
-            f"{conv.name} (kernel {small}, pads {pads}) does not sit centred in "
-            f"{survivor.name} (kernel {large}, pads {target})",
-        )
+    small, large = _geometry(gm, conv), _geometry(gm, survivor)
+    _Refused.check(centred_in(small, large, conv.name, survivor.name))
 
 
 def _require_identity_fits(gm: fx.GraphModule, survivor: fx.Node) -> None:
     """The identity reads x unpadded at stride 1 with as many inputs as outputs."""
-    args, shape = _conv_args(gm, survivor), tuple(fetch(gm, survivor.args[1]).shape)
-    in_channels = shape[1] * args.groups
-    if any(s != 1 for s in args.strides) or in_channels != shape[0]:
-        raise _Refused(
-            Code.BRANCH_MISMATCH,
-            f"an identity term needs stride 1 and equal channel counts; {survivor.name} has "
-            f"strides {args.strides}, {in_channels} -> {shape[0]} channels",
-        )
-    kernel = shape[2:]
-    if any(k % 2 == 0 for k in kernel):
-        raise _Refused(Code.UNCENTRED_TAP, f"{survivor.name}'s kernel has no centre tap")
-    rank = len(kernel)
-    axis = off_centre_axis((1,) * rank, (0,) * 2 * rank, kernel, args.pads, args.dilations)
-    if axis is not None:
-        grow = (kernel[axis] - 1) // 2 * args.dilations[axis]
-        raise _Refused(
-            Code.UNCENTRED_TAP,
-            f"an identity tap needs pads {grow} on axis {axis}; {survivor.name} has "
-            f"pads {args.pads}",
-        )
+    _Refused.check(identity_tap_misfit(_geometry(gm, survivor), survivor.name))

@@ -2,9 +2,10 @@
 
 A rule (one module of this package) looks at one node and returns a
 :class:`FoldPlan` (or another rewrite), a :class:`~bnfold.report.Refusal`, or
-None when the node is not its business. Checks raise :class:`Refused` at the first
-failed precondition; the rule turns that into a Refusal for its site. Nothing
-here modifies the graph.
+None when the node is not its business. Checks raise
+:class:`~bnfold.rules.family.Refused` at the first failed precondition; the rule
+turns that into a Refusal for its :class:`~bnfold.sites.Site`. Nothing here
+modifies the graph.
 """
 
 from __future__ import annotations

@@ -1,52 +1,24 @@
-"""Rule: a linear tree of conv branches and identity BNs reading one input, as one Conv.
+"""Rule: an ONNX branch sum merged into one Conv (the tree: :mod:`bnfold.rules.branch_sum`).
 
-Matches:  Add(... Add(Conv_a(x), Conv_b(x)) ..., BN(x)), any tree of Add, Sub and
-          Mul-by-a-constant nodes whose leaves are Convs reading ``x``,
-          BatchNormalizations of ``x`` itself, or ``x`` itself, as in RepVGG,
-          MobileOne and RepGhost train-time blocks, RepViT's
-          ``BN(conv(x) + conv1(x) + x)`` and FastViT's RepMixer
-          ``x + layer_scale * (mixer(x) - BN(x))``. Each leaf carries the
-          per-output-channel coefficient of its path: a Sub negates its
-          subtrahend's leaves, a Mul by a scalar or per-channel constant scales
-          its operand's. A constant added (or subtracted) inside the tree, scalar
-          or per channel, goes to the bias (MobileOne's ``0 + BN(x)``). The
-          branch BNs after each conv fold first (the after rule), so here every
-          conv term is a plain Conv with a constant weight. A BN reading the
-          tree's top folds into the merge.
-Produces: one Conv (the first of the largest kernel, under its name) whose
-          weight is the sum of every conv's kernel zero-padded, centred, to the
-          largest, plus one centred tap per channel for each identity BN (its
-          scale; 1 for a bare ``x``), each times its coefficient, and whose bias
-          sums the biases, the BNs' shifts and the constants, each times its
-          coefficient, then times a BN after the tree; it takes over the output
-          and name of the top Add or Sub (or of that BN). Reported as one
-          ``reparam`` fold, one ``identity_tap`` fold per identity BN and an
-          ``adjacent`` one for a BN after the tree. Computed in float64, cast
-          once (balanced with ``--rounding balanced``); the merged kernel keeps
-          its float64 value, so a fold that lands on the merged conv later (a
-          Mul after the block, a BN through a pool, another pass) still rounds
+Matches:  the trees of :mod:`bnfold.rules.branch_sum` as ONNX Add, Sub and
+          Mul-by-a-constant nodes over Conv, BatchNormalization and the input,
+          read through :class:`OnnxSums`: RepVGG, MobileOne, RepGhost, RepViT's
+          ``BN(conv(x) + conv1(x) + x)``, FastViT's RepMixer
+          ``x + layer_scale * (mixer(x) - BN(x))``. The branch BNs after each
+          conv fold first (the after rule), so every conv term is a plain Conv
+          with a constant weight. A BN reading the tree's top folds into the merge.
+Produces: one Conv (the first of the largest kernel, under its name) with the
+          merged kernel and bias (:func:`bnfold.core.reparam.merge_branches`),
+          taking over the output and name of the top Add (or of that BN).
+          Reported as one ``reparam`` fold, one ``identity_tap`` fold per identity
+          BN and an ``adjacent`` one for a BN after the tree. Computed in float64,
+          cast once (balanced with ``--rounding balanced``); the merged kernel
+          keeps its float64 value, so a fold that lands on the merged conv later
+          (a Mul after the block, a BN through a pool, another pass) still rounds
           it once.
-Refuses (on each identity BN of the tree; a tree of convs alone is not a BN site):
-  BRANCH_MISMATCH  the convs differ in strides, dilations, group or channel
-                   counts, use auto_pad, or the identity term needs stride 1 and
-                   as many input as output channels
-  UNCENTRED_TAP    a smaller kernel or the identity tap would not sit centred
-                   in the largest kernel with the padding it has (an odd size
-                   difference, an even kernel, asymmetric or unequal padding)
-  BRANCHING        a term is also read outside the tree
-  BAD_SHAPE        a Mul's or an added constant's channel count is not the convs'
-  and the codes of reading a conv or BN (NOT_CONSTANT, BAD_VALUES, ...).
-
-A Mul by a value computed at run time, or by a constant that is not per
-channel (one varying over a spatial axis, one that would broadcast the tree to
-a larger shape), is no node of the tree: its result is a value of its own, so
-the tree above it does not match and the sums below it merge on their own. A
-tree op whose output another node reads too is likewise a value of its own.
-
-The tree is planned at its top Add or Sub only: a node whose one reader leads,
-through Muls and constant Adds, to the Add or Sub of a larger tree leaves the
-merge to it, so each block is merged once. A plain residual ``conv(x) + x``
-with no BN in or after it is left as built.
+Refuses (on each identity BN of the tree): the codes of
+          :mod:`bnfold.rules.branch_sum`, BRANCH_MISMATCH also for a Conv using
+          auto_pad, and the codes of reading a conv or BN (NOT_CONSTANT, BAD_VALUES, ...).
 """
 
 from __future__ import annotations

@@ -13,10 +13,8 @@ Refuses (:mod:`bnfold.rules.pool`):
   TRAINING_MODE   MaxPool's Indices output is used (they would not change, but
                   bnfold does not reason about them)
 
-Why it is exact: every window of a pool reads one channel. An average is
-linear, so the scale passes through; the shift passes when the window's average
-of a constant is that constant, which holds unless padded zeros count in the
-divisor. A max commutes with ``s*y + t`` for every ``s >= 0``.
+Why it is exact, and the checks themselves: :mod:`bnfold.rules.pool`; this
+module reads an ONNX pool into its :class:`~bnfold.rules.pool.PoolSpec`.
 """
 
 from __future__ import annotations
