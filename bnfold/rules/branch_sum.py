@@ -578,7 +578,7 @@ FAMILY = Family(
     {
         "onnx": _CODES | {Code.BAD_SHAPE},
         "eager": _CODES | {Code.SHARED_WEIGHT},
-        "pt2": _CODES | {Code.BAD_SHAPE},
+        "pt2": _CODES,  # a traced constant broadcasts: its channels are the convs'
     },
     __doc__ or "",
 )
