@@ -1,60 +1,6 @@
 """The fold math under its first name; it lives in :mod:`bnfold.core` now."""
 
-from bnfold.core.affine import (
-    Affine,
-    add_parts,
-    after_bias,
-    after_factor,
-    before_bias,
-    before_factor,
-    bn_to_affine,
-    concat_parts,
-    exact_after_bias,
-    exact_before_bias,
-    fold_after,
-    fold_before,
-)
-from bnfold.core.cast import (
-    Factors,
-    Unfoldable,
-    balanced_cast,
-    balanced_over,
-    cannot_overflow,
-    cast_checked,
-    cast_weight,
-    product64,
-    scaled,
-    scaled_blocks,
-)
-from bnfold.core.reparam import absorb_identity, centred_kernel, identity_kernel, merge_branches
-from bnfold.options import Rounding
-
-__all__ = [
-    "Affine",
-    "Factors",
-    "Rounding",
-    "Unfoldable",
-    "absorb_identity",
-    "add_parts",
-    "after_bias",
-    "after_factor",
-    "balanced_cast",
-    "balanced_over",
-    "before_bias",
-    "before_factor",
-    "bn_to_affine",
-    "cannot_overflow",
-    "cast_checked",
-    "cast_weight",
-    "centred_kernel",
-    "concat_parts",
-    "exact_after_bias",
-    "exact_before_bias",
-    "fold_after",
-    "fold_before",
-    "identity_kernel",
-    "merge_branches",
-    "product64",
-    "scaled",
-    "scaled_blocks",
-]
+from bnfold.core.affine import *  # noqa: F403
+from bnfold.core.cast import *  # noqa: F403
+from bnfold.core.reparam import *  # noqa: F403
+from bnfold.options import Rounding as Rounding

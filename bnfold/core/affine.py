@@ -18,6 +18,21 @@ from bnfold.core.cast import Unfoldable, balanced_over, cast_checked, scaled
 from bnfold.core.layouts import LayoutError, WeightLayout
 from bnfold.options import Rounding
 
+__all__ = [
+    "Affine",
+    "add_parts",
+    "after_bias",
+    "after_factor",
+    "before_bias",
+    "before_factor",
+    "bn_to_affine",
+    "concat_parts",
+    "exact_after_bias",
+    "exact_before_bias",
+    "fold_after",
+    "fold_before",
+]
+
 
 @dataclass(frozen=True)
 class Affine:

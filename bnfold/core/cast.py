@@ -18,6 +18,21 @@ import numpy as np
 from bnfold.core.layouts import WeightLayout
 from bnfold.options import Rounding
 
+# The block sizes (CHUNK_BYTES, ...) are tunables of this module, not exported:
+# patch them here.
+__all__ = [
+    "Factors",
+    "Unfoldable",
+    "balanced_cast",
+    "balanced_over",
+    "cannot_overflow",
+    "cast_checked",
+    "cast_weight",
+    "product64",
+    "scaled",
+    "scaled_blocks",
+]
+
 
 class Unfoldable(ValueError):
     """The values make a fold impossible (NaN, inf, var + eps <= 0, overflow)."""

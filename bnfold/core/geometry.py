@@ -15,6 +15,16 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
+__all__ = [
+    "ConvGeometry",
+    "first_mismatch",
+    "off_centre_axis",
+    "per_axis",
+    "same_pads",
+    "symmetric_pads",
+    "torch_pads",
+]
+
 
 @dataclass(frozen=True)
 class ConvGeometry:

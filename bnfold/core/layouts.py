@@ -16,6 +16,18 @@ from dataclasses import dataclass
 
 import numpy as np
 
+__all__ = [
+    "LayoutError",
+    "WeightLayout",
+    "channel_block",
+    "conv",
+    "conv_transpose",
+    "gemm",
+    "linear",
+    "matmul",
+    "merges_leading_axes",
+]
+
 
 class LayoutError(ValueError):
     """The weight shape does not fit the op's layout (e.g. bad group count)."""

@@ -19,6 +19,15 @@ import numpy as np
 from bnfold.core.affine import Affine
 from bnfold.core.layouts import LayoutError
 
+__all__ = [
+    "Branch",
+    "Tap",
+    "absorb_identity",
+    "centred_kernel",
+    "identity_kernel",
+    "merge_branches",
+]
+
 
 def centred_kernel(weight: np.ndarray, kernel: tuple[int, ...]) -> np.ndarray:
     """``weight`` zero-padded symmetrically in its spatial axes to ``kernel``, in float64.

@@ -30,7 +30,6 @@ from bnfold.onnx_front.rules.base import (
     FoldPlan,
     LinearOp,
     MatchOptions,
-    Refused,
     Rewrite,
     batchnorm_affine,
     bn_channels,
@@ -43,6 +42,7 @@ from bnfold.onnx_front.rules.branch_sum import BranchMerge, plan_branch_merge, w
 from bnfold.onnx_front.shapes import RANK_PRESERVING_OPS
 from bnfold.report import FoldKind, Refusal
 from bnfold.rules import precedence
+from bnfold.rules.family import Refused
 from bnfold.sites import Site
 
 __all__ = [

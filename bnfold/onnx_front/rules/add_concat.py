@@ -32,7 +32,6 @@ from bnfold.onnx_front.rules.base import (
     FoldPlan,
     LinearOp,
     MatchOptions,
-    Refused,
     batchnorm_affine,
     describe_linear,
     label,
@@ -42,6 +41,7 @@ from bnfold.onnx_front.rules.base import (
 )
 from bnfold.onnx_front.shapes import Shapes
 from bnfold.report import Code, Folded, FoldKind
+from bnfold.rules.family import Refused
 from bnfold.rules.join import JoinSpec, axis_refusal
 from bnfold.sites import Site
 

@@ -24,7 +24,6 @@ from bnfold.onnx_front.rules.base import (
     FoldPlan,
     LinearOp,
     MatchOptions,
-    Refused,
     batchnorm_affine,
     checked,
     data_input,
@@ -43,6 +42,7 @@ from bnfold.onnx_front.rules.shape_ops import SHAPE_OPS, channel_block_through
 from bnfold.onnx_front.shapes import NONLINEAR_OPS
 from bnfold.report import Code, FoldKind, Refusal
 from bnfold.rules.adjacent import Feed, why_unpaired
+from bnfold.rules.family import Refused
 from bnfold.sites import Site
 
 

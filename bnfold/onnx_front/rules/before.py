@@ -22,7 +22,6 @@ from bnfold.onnx_front.rules.base import (
     FoldPlan,
     LinearOp,
     MatchOptions,
-    Refused,
     batchnorm_affine,
     bn_channels,
     describe_linear,
@@ -35,6 +34,7 @@ from bnfold.onnx_front.rules.base import (
 from bnfold.onnx_front.rules.shape_ops import require_flattens_batch
 from bnfold.report import Code, FoldKind, Refusal
 from bnfold.rules.before import exact_before
+from bnfold.rules.family import Refused
 from bnfold.sites import Site
 
 

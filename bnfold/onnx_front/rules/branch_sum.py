@@ -41,7 +41,6 @@ from bnfold.onnx_front.rules.base import (
     FoldPlan,
     LinearOp,
     MatchOptions,
-    Refused,
     batchnorm_affine,
     describe_linear,
     label,
@@ -51,6 +50,7 @@ from bnfold.onnx_front.shapes import Shapes
 from bnfold.report import Code, Folded, FoldKind, Refusal
 from bnfold.rules import branch_sum as rule
 from bnfold.rules.branch_sum import SumTree, TreeOp
+from bnfold.rules.family import Refused
 from bnfold.sites import Site
 
 Tree = SumTree[ir.Node, ir.Value]

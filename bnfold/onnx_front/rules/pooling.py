@@ -22,8 +22,9 @@ from __future__ import annotations
 import onnx_ir as ir
 
 from bnfold.core.affine import Affine
-from bnfold.onnx_front.rules.base import LinearOp, Refused, label
+from bnfold.onnx_front.rules.base import LinearOp, label
 from bnfold.report import Code
+from bnfold.rules.family import Refused
 from bnfold.rules.pool import AVERAGE, MAX, PoolSpec, commute_refusal
 
 AVERAGE_POOLS = frozenset({"AveragePool", "GlobalAveragePool"})
