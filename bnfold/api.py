@@ -315,7 +315,7 @@ def fold(
             that could not fold as plain ops: True or "mul-add" for Mul + Add,
             "conv" for a 1x1 depthwise Conv (see :mod:`bnfold.onnx_front.lower`);
             an ExportedProgram gets aten mul/add or a conv (see
-            :func:`bnfold.torch_front.exported.lower_left`), an eager nn.Module
+            :func:`bnfold.torch_front.program.lower.lower_left`), an eager nn.Module
             a LoweredBatchNorm or 1x1 depthwise Conv module at each BN's path
             (see :mod:`bnfold.torch_front.lower_modules`). False/None: no
             lowering. Reported in ``report.lowered``.

@@ -223,17 +223,17 @@ def test_fold_of_zero_size_or_small_weights_keeps_the_shape(shape: tuple[int, ..
 
 def test_weights_bigger_than_one_block_fold_exactly() -> None:
     """Rows are scaled and checked a block at a time; blocks must not mix."""
-    import bnfold.affine as affine_module
+    from bnfold.core import cast as cast_module
 
     rng = np.random.default_rng(3)
     w = rng.normal(size=(300, 7, 3, 3)).astype(np.float32)
     scale = rng.uniform(0.5, 2.0, 300)
-    old = affine_module.CHUNK_BYTES
-    affine_module.CHUNK_BYTES = 4 * 7 * 9 * 16  # 16 rows per block: 19 blocks
+    old = cast_module.CHUNK_BYTES
+    cast_module.CHUNK_BYTES = 4 * 7 * 9 * 16  # 16 rows per block: 19 blocks
     try:
         new_w, _ = fold_after(w, None, Affine.of(scale, 0.0, 300), layouts.conv())
     finally:
-        affine_module.CHUNK_BYTES = old
+        cast_module.CHUNK_BYTES = old
     expected = (w.astype(np.float64) * scale[:, None, None, None]).astype(np.float32)
     np.testing.assert_array_equal(new_w, expected)
 
@@ -242,62 +242,62 @@ def test_weights_bigger_than_one_block_fold_exactly() -> None:
 @given(seed=st.integers(0, 2**16), rows=st.integers(1, 40))
 def test_scaled_rounds_the_float64_product_once(dtype: type, seed: int, rows: int) -> None:
     """Bit for bit what a float64 copy of the weight, scaled and cast back, gives."""
-    import bnfold.affine as affine_module
+    from bnfold.core import cast as cast_module
 
     rng = np.random.default_rng(seed)
     w = rng.normal(size=(rows, 3, 5)).astype(dtype)
     factor = rng.uniform(1e-3, 1e3, rows).reshape(-1, 1, 1)
     expected = (w.astype(np.float64) * factor).astype(dtype)
-    got = affine_module.scaled(w, factor)
+    got = cast_module.scaled(w, factor)
     assert got.dtype == w.dtype and got.tobytes() == expected.tobytes()
 
 
 @pytest.mark.parametrize("shape", [(300, 7, 3, 3), (5, 40000), (0, 3), (3, 0, 2)])
 def test_scaled_blocks_join_to_scaled(shape: tuple[int, ...]) -> None:
     """The streamed fold writes exactly the bytes of the whole one, rows in order."""
-    import bnfold.affine as affine_module
+    from bnfold.core import cast as cast_module
 
     rng = np.random.default_rng(4)
     w = rng.normal(size=shape).astype(np.float16)
     factor = rng.uniform(0.5, 2.0, shape[0]).reshape(-1, *[1] * (len(shape) - 1))
-    old = affine_module.CHUNK_BYTES
-    affine_module.CHUNK_BYTES = 2 * 7 * 9 * 16  # several blocks; a 40000-element row exceeds one
+    old = cast_module.CHUNK_BYTES
+    cast_module.CHUNK_BYTES = 2 * 7 * 9 * 16  # several blocks; a 40000-element row exceeds one
     try:
-        streamed = b"".join(block.tobytes() for block in affine_module.scaled_blocks(w, factor))
+        streamed = b"".join(block.tobytes() for block in cast_module.scaled_blocks(w, factor))
     finally:
-        affine_module.CHUNK_BYTES = old
-    assert streamed == affine_module.scaled(w, factor).tobytes()
+        cast_module.CHUNK_BYTES = old
+    assert streamed == cast_module.scaled(w, factor).tobytes()
 
 
 def test_scaled_blocks_with_two_buffers_keep_the_previous_block_intact() -> None:
     """With buffers=2 a block survives the computing of the next one (write-behind)."""
-    import bnfold.affine as affine_module
+    from bnfold.core import cast as cast_module
 
     rng = np.random.default_rng(5)
     w = rng.normal(size=(64, 3, 3)).astype(np.float32)
     factor = rng.uniform(0.5, 2.0, (64, 1, 1))
-    old = affine_module.CHUNK_BYTES
-    affine_module.CHUNK_BYTES = 4 * 9 * 5  # 5 rows a block: 13 blocks
+    old = cast_module.CHUNK_BYTES
+    cast_module.CHUNK_BYTES = 4 * 9 * 5  # 5 rows a block: 13 blocks
     try:
         previous: np.ndarray | None = None
         joined = []
-        for block in affine_module.scaled_blocks(w, factor, buffers=2):
+        for block in cast_module.scaled_blocks(w, factor, buffers=2):
             if previous is not None:
                 joined.append(previous.tobytes())  # read only after the next was made
             previous = block
         assert previous is not None
         joined.append(previous.tobytes())
     finally:
-        affine_module.CHUNK_BYTES = old
-    assert b"".join(joined) == affine_module.scaled(w, factor).tobytes()
+        cast_module.CHUNK_BYTES = old
+    assert b"".join(joined) == cast_module.scaled(w, factor).tobytes()
 
 
 def test_scaled_blocks_refuse_an_overflow() -> None:
-    import bnfold.affine as affine_module
+    from bnfold.core import cast as cast_module
 
     w = np.full((4, 3), 60000, dtype=np.float16)
     with pytest.raises(Unfoldable, match="overflows float16"):
-        list(affine_module.scaled_blocks(w, np.full((4, 1), 2.0)))
+        list(cast_module.scaled_blocks(w, np.full((4, 1), 2.0)))
 
 
 # --- channels across a reshape ------------------------------------------------------------
@@ -368,7 +368,7 @@ def test_cannot_overflow_is_the_whole_array_bound_and_sound(
 ) -> None:
     """It answers max|W| * max|factor| <= the dtype's largest value, computed over
     the whole array (not just one block), and when it says True the fold is finite."""
-    import bnfold.affine as affine_module
+    from bnfold.core import cast as cast_module
 
     rng = np.random.default_rng(seed)
     largest = float(np.finfo(dtype).max)
@@ -376,64 +376,64 @@ def test_cannot_overflow_is_the_whole_array_bound_and_sound(
         w = (rng.normal(size=(rows, 5, 3)) * min(10.0**magnitude, largest / 4)).astype(dtype)
     w = np.where(np.isfinite(w), w, 0).astype(dtype)
     factor = (rng.uniform(-1, 1, rows) * 10.0**factor_magnitude).reshape(-1, 1, 1)
-    old = affine_module.CHUNK_BYTES
-    affine_module.CHUNK_BYTES = 64  # one row per block: the maximum must span the blocks
+    old = cast_module.CHUNK_BYTES
+    cast_module.CHUNK_BYTES = 64  # one row per block: the maximum must span the blocks
     try:
-        proven = affine_module.cannot_overflow(w, factor)
+        proven = cast_module.cannot_overflow(w, factor)
     finally:
-        affine_module.CHUNK_BYTES = old
+        cast_module.CHUNK_BYTES = old
     w_max = float(np.abs(w.astype(np.float64)).max(initial=0.0))
     assert proven == (w_max * float(np.abs(factor).max(initial=0.0)) <= largest)
     if proven:
-        assert np.isfinite(affine_module.scaled(w, factor)).all()
+        assert np.isfinite(cast_module.scaled(w, factor)).all()
 
 
 def test_cannot_overflow_holds_at_the_exact_edge() -> None:
     """65504 = 32752 * 2 is float16's largest value: proven, and indeed finite."""
-    import bnfold.affine as affine_module
+    from bnfold.core import cast as cast_module
 
     w = np.array([[32752.0, -1.0]], dtype=np.float16)
-    assert affine_module.cannot_overflow(w, np.array([[2.0]]))
-    assert np.isfinite(affine_module.scaled(w, np.array([[2.0]]))).all()
-    assert not affine_module.cannot_overflow(w, np.array([[2.001]]))
+    assert cast_module.cannot_overflow(w, np.array([[2.0]]))
+    assert np.isfinite(cast_module.scaled(w, np.array([[2.0]]))).all()
+    assert not cast_module.cannot_overflow(w, np.array([[2.001]]))
 
 
 @pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
 def test_cannot_overflow_proves_nothing_for_non_finite_weights(bad: float) -> None:
-    import bnfold.affine as affine_module
+    from bnfold.core import cast as cast_module
 
     w = np.array([[1.0, bad], [2.0, 3.0]], dtype=np.float32)
-    assert not affine_module.cannot_overflow(w, np.array([[1.0], [1.0]]))
+    assert not cast_module.cannot_overflow(w, np.array([[1.0], [1.0]]))
     with pytest.raises(Unfoldable):
-        affine_module.scaled(w, np.array([[1.0], [1.0]]))
+        cast_module.scaled(w, np.array([[1.0], [1.0]]))
 
 
 def test_cannot_overflow_bounds_bfloat16_at_its_own_largest_value() -> None:
     """bfloat16 is bounded by its own largest finite value, whichever ml_dtypes
     is installed (numpy's finfo knows it only from ml_dtypes 0.7 on)."""
-    import bnfold.affine as affine_module
+    from bnfold.core import cast as cast_module
 
     largest = float(ml_dtypes.finfo(ml_dtypes.bfloat16).max)
     w = np.array([[1.0, -largest / 4]], dtype=ml_dtypes.bfloat16)
-    assert affine_module.cannot_overflow(w, np.array([[4.0]]))
-    assert not affine_module.cannot_overflow(w, np.array([[4.1]]))
+    assert cast_module.cannot_overflow(w, np.array([[4.0]]))
+    assert not cast_module.cannot_overflow(w, np.array([[4.1]]))
     assert np.isinf((w.astype(np.float64) * 4.1).astype(ml_dtypes.bfloat16)).any()
 
 
 def test_cannot_overflow_leaves_dtypes_without_finfo_to_the_exact_check() -> None:
-    import bnfold.affine as affine_module
+    from bnfold.core import cast as cast_module
 
     w = np.ones((2, 2), dtype=np.float32)
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(affine_module, "_largest_finite", lambda dtype: None)
-        assert not affine_module.cannot_overflow(w, np.ones((2, 1)))
+        patch.setattr(cast_module, "_largest_finite", lambda dtype: None)
+        assert not cast_module.cannot_overflow(w, np.ones((2, 1)))
 
 
 @pytest.mark.parametrize("largest_row, bad_row", [(39, None), (0, None), (5, 0), (5, 39)])
 def test_the_two_thread_bound_answers_as_one_thread(largest_row: int, bad_row: int | None) -> None:
     """Past PARALLEL_BOUND_BYTES each half of the rows is bounded on its own
     thread: the largest value, or a NaN, counts in either half."""
-    import bnfold.affine as affine_module
+    from bnfold.core import cast as cast_module
 
     w = np.random.default_rng(9).uniform(-1, 1, (40, 5, 3)).astype(np.float16)
     w[largest_row, 2, 1] = -30000.0
@@ -441,7 +441,7 @@ def test_the_two_thread_bound_answers_as_one_thread(largest_row: int, bad_row: i
         w[bad_row, 0, 0] = np.nan
     fits, overflows = np.array([[[2.0]]]), np.array([[[2.2]]])  # 65504 / 30000 = 2.18
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(affine_module, "CHUNK_BYTES", 2 * 15)  # a block per row
-        patch.setattr(affine_module, "PARALLEL_BOUND_BYTES", 0)
-        answers = [affine_module.cannot_overflow(w, f) for f in (fits, overflows)]
+        patch.setattr(cast_module, "CHUNK_BYTES", 2 * 15)  # a block per row
+        patch.setattr(cast_module, "PARALLEL_BOUND_BYTES", 0)
+        answers = [cast_module.cannot_overflow(w, f) for f in (fits, overflows)]
     assert answers == [bad_row is None, False]

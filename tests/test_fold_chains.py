@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 from onnx import helper, numpy_helper
 
 from bnfold import Code, affine, layouts
+from bnfold.core import cast
 from bnfold.report import FoldKind
 from tests.builders import bn_node, bn_params, conv_bn, init, model
 
@@ -84,7 +85,7 @@ def test_several_factors_are_multiplied_in_float64_and_cast_once(
     conv = layouts.conv() if balanced else None
     whole = affine.cast_weight(weight.astype(np.float64) * per_row * per_column, weight.dtype, conv)
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(affine, "CHUNK_BYTES", 2 * 15 * 4)  # 4 rows a block
+        patch.setattr(cast, "CHUNK_BYTES", 2 * 15 * 4)  # 4 rows a block
         assert np.array_equal(affine.scaled(weight, (per_row, per_column), conv), whole)
         blocks = affine.scaled_blocks(weight, (per_row, per_column), buffers=2, balance=conv)
         assert np.array_equal(np.concatenate([b.copy() for b in blocks]), whole)

@@ -440,27 +440,27 @@ def test_weight_not_held_is_still_checked_for_overflow(gamma: float, folds: bool
 def test_write_behind_writes_every_block_in_order_and_reports_a_failed_write() -> None:
     import io as stdio
 
-    import bnfold.affine as affine_module
+    from bnfold.core import cast as cast_module
     from bnfold.onnx_front.folded import _write_behind
 
     rng = np.random.default_rng(6)
     w = rng.normal(size=(300, 7)).astype(np.float16)
     factor = rng.uniform(0.5, 2.0, (300, 1))
-    old = affine_module.CHUNK_BYTES
-    affine_module.CHUNK_BYTES = 2 * 7 * 11  # 11 rows a block: 28 blocks
+    old = cast_module.CHUNK_BYTES
+    cast_module.CHUNK_BYTES = 2 * 7 * 11  # 11 rows a block: 28 blocks
     try:
         sink = stdio.BytesIO()
-        _write_behind(affine_module.scaled_blocks(w, factor, buffers=2), sink)
-        assert sink.getvalue() == affine_module.scaled(w, factor).tobytes()
+        _write_behind(cast_module.scaled_blocks(w, factor, buffers=2), sink)
+        assert sink.getvalue() == cast_module.scaled(w, factor).tobytes()
 
         class DiskFull(stdio.BytesIO):
             def write(self, data: object) -> int:
                 raise OSError(28, "No space left on device")
 
         with pytest.raises(OSError, match="No space left"):
-            _write_behind(affine_module.scaled_blocks(w, factor, buffers=2), DiskFull())
+            _write_behind(cast_module.scaled_blocks(w, factor, buffers=2), DiskFull())
     finally:
-        affine_module.CHUNK_BYTES = old
+        cast_module.CHUNK_BYTES = old
 
 
 def test_write_behind_sends_each_written_range_to_disk_once(tmp_path: Path, monkeypatch) -> None:
@@ -469,21 +469,21 @@ def test_write_behind_sends_each_written_range_to_disk_once(tmp_path: Path, monk
     import itertools
     import os
 
-    import bnfold.affine as affine_module
+    from bnfold.core import cast as cast_module
     from bnfold.onnx_front import folded
 
     advised: list[tuple[int, int]] = []
     monkeypatch.setattr(os, "posix_fadvise", lambda fd, off, n, how: advised.append((off, n)))
     monkeypatch.setattr(folded, "WRITEBACK_BYTES", 1000)
-    monkeypatch.setattr(affine_module, "CHUNK_BYTES", 2 * 7 * 11)
+    monkeypatch.setattr(cast_module, "CHUNK_BYTES", 2 * 7 * 11)
     rng = np.random.default_rng(7)
     w = rng.normal(size=(300, 7)).astype(np.float16)
     factor = rng.uniform(0.5, 2.0, (300, 1))
     with open(tmp_path / "data", "wb") as file:
         file.write(b"x" * 100)  # the tensor starts at an offset, as in a shared data file
-        folded._write_behind(affine_module.scaled_blocks(w, factor, buffers=2), file)
+        folded._write_behind(cast_module.scaled_blocks(w, factor, buffers=2), file)
     written = (tmp_path / "data").read_bytes()
-    assert written[100:] == affine_module.scaled(w, factor).tobytes()
+    assert written[100:] == cast_module.scaled(w, factor).tobytes()
     assert advised and advised[0][0] == 100
     assert all(a + n == b for (a, n), (b, _) in itertools.pairwise(advised))
     assert advised[-1][0] + advised[-1][1] <= len(written)

@@ -18,8 +18,8 @@ from onnx import helper
 import bnfold
 from bnfold import Code
 from bnfold.affine import Affine, centred_kernel, identity_kernel
+from bnfold.core.affine import add_parts, concat_parts
 from bnfold.layouts import LayoutError
-from bnfold.onnx_front.rules.add_concat import add_parts, concat_parts
 from bnfold.report import FoldKind
 from tests.builders import RNG, bn_node, bn_params, init, model, op_types, run
 from tests.test_onnx_front import assert_same_function, fold_and_check, random_feeds, to_proto

@@ -17,6 +17,7 @@ from onnx import helper
 
 from bnfold import affine, layouts
 from bnfold.affine import Affine, Rounding, Unfoldable, balanced_cast, cast_weight, fold_after
+from bnfold.core import cast
 from tests.builders import bn_node, bn_params, conv_bn, init, model
 
 HALF_FLOATS = [np.dtype(np.float16), np.dtype(ml_dtypes.bfloat16), np.dtype(np.float32)]
@@ -155,7 +156,7 @@ def test_blocks_whole_and_streamed_give_the_same_bytes(monkeypatch: pytest.Monke
     factor = rng.uniform(0.5, 2.0, (40, 1, 1, 1))
     conv = layouts.conv()
     whole = cast_weight(weight.astype(np.float64) * factor, weight.dtype, conv)
-    monkeypatch.setattr(affine, "CHUNK_BYTES", 2 * 72 * 3)  # 3 rows a block
+    monkeypatch.setattr(cast, "CHUNK_BYTES", 2 * 72 * 3)  # 3 rows a block
     assert np.array_equal(affine.scaled(weight, factor, conv), whole)
     streamed = np.concatenate(
         [b.copy() for b in affine.scaled_blocks(weight, factor, buffers=2, balance=conv)]

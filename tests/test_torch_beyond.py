@@ -256,7 +256,7 @@ class ReusedConv(nn.Module):
         self.bn, self.bn2 = nn.BatchNorm2d(3), nn.BatchNorm2d(3)
 
     def forward(self, x):
-        return self.bn(self.conv(x)) + self.conv(x) * 0.5
+        return self.bn(self.conv(x)) + torch.relu(self.conv(x))
 
 
 def test_eager_reused_module_is_refused_and_points_to_pt2():

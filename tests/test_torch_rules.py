@@ -811,10 +811,10 @@ def test_training_mode_identity_bn_is_never_merged() -> None:
 def test_a_merge_that_changes_the_outputs_is_rolled_back(monkeypatch) -> None:
     # A wrong identity tap (twice the BN's scale) is measured, refused at the BN it
     # would have removed, and undone; the branch folds it built on stay.
-    from bnfold.torch_front import branch_sum
+    from bnfold.core import reparam
 
-    real = branch_sum.identity_kernel
-    monkeypatch.setattr(branch_sum, "identity_kernel", lambda scale, *args: real(2 * scale, *args))
+    real = reparam.identity_kernel
+    monkeypatch.setattr(reparam, "identity_kernel", lambda scale, *args: real(2 * scale, *args))
     model, x = randomize_bn(RepVGGBlock()), block_input()
     expected = run(model, x)
     result = bnfold.fold(torch.export.export(model, (x,), strict=False))

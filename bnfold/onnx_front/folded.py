@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 import onnx_ir as ir
 
-from bnfold.affine import (
+from bnfold.core.cast import (
     Factors,
     cannot_overflow,
     cast_checked,
@@ -30,7 +30,7 @@ from bnfold.affine import (
     scaled,
     scaled_blocks,
 )
-from bnfold.layouts import WeightLayout
+from bnfold.core.layouts import WeightLayout
 from bnfold.onnx_front.io import evict_pages, start_writeback
 
 

@@ -11,7 +11,8 @@ for toolchains that reject BatchNormalization (or fuse only Conv). ``s`` and
 ``t`` are computed in float64 and cast once to the BN's dtype. The constants
 are shaped to broadcast on axis 1, the BN's channel axis, which needs the
 input's rank. Exported models often carry no shapes for intermediate values,
-so the rank is read through what produced the input (:class:`Ranks`); an input
+so the rank is read through what produced the input
+(:class:`~bnfold.onnx_front.shapes.Shapes`); an input
 whose rank still cannot be known is refused (``unknown_rank``) rather than
 guessed, because ``[C]`` alone would broadcast on the *last* axis.
 """
@@ -21,35 +22,14 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
-from bnfold.affine import Unfoldable, cast_checked
+from bnfold.core.cast import Unfoldable, cast_checked
 from bnfold.onnx_front import match
 from bnfold.onnx_front.constants import constant_array
 from bnfold.onnx_front.graph_edit import new_initializer, splice_out
 from bnfold.onnx_front.passes import FoldPassResult, left_codes, op_counts
+from bnfold.onnx_front.shapes import Shapes
 from bnfold.report import BatchNormCount, Code, Lowered, LowerForm, Refusal
-
-# Ops whose output rank is the largest of their inputs' (numpy broadcasting).
-BROADCASTING_OPS = frozenset(
-    {"Add", "Sub", "Mul", "Div", "Pow", "Max", "Min", "Sum", "Mean", "Where", "PRelu"}
-)
-# Ops whose output has the rank of their first input, beyond match.RANK_PRESERVING_OPS.
-_MORE_RANK_PRESERVING = frozenset(
-    {"GlobalAveragePool", "GlobalMaxPool", "LpPool", "Pad", "Resize", "Upsample", "Slice"}
-)
-# Ops whose output has the element type of their first input.
-_SAME_TYPE_OPS = (
-    (match.RANK_PRESERVING_OPS - {"Cast", "CastLike"})
-    | (BROADCASTING_OPS - {"Where"})
-    | _MORE_RANK_PRESERVING
-    | {"Concat", "Gemm", "MatMul", "Flatten", "Reshape", "Transpose", "Squeeze", "Unsqueeze"}
-)
-_MAX_DEPTH = 256
-
-# Conv's type constraint has no bfloat16 before opset 22. float64 Conv is valid
-# ONNX, but onnxruntime has no kernel for it, so the output could not even be
-# verified: such a BN is lowered to Mul + Add, which every runtime runs.
-_CONV_BF16_OPSET = 22
-_CONV_DTYPES = frozenset({np.dtype(np.float16), np.dtype(np.float32)})
+from bnfold.rules.lower import ONNX_TERMS, conv_form_note
 
 
 def lower_unfolded(result: FoldPassResult, form: LowerForm) -> None:
@@ -72,11 +52,14 @@ def lower_unfolded(result: FoldPassResult, form: LowerForm) -> None:
     """
     model, report, unfolded = result.model, result.report, result.unfolded
     opset = model.opset_imports.get("", 1)
-    ranks = Ranks(model.ir_version)
+    # One reader for every BN: a lowering keeps each value's rank and type, so what
+    # was found for one BN stays true for the next (residual chains reach the same
+    # values by many paths).
+    shapes = Shapes(model.ir_version)
     for node, refusal in list(unfolded.items()):
         if node.graph is None or not match.is_inference_batchnorm(node):
             continue
-        outcome = lower_batchnorm(node, refusal, form, model, opset, ranks)
+        outcome = lower_batchnorm(node, refusal, form, model, opset, shapes)
         if isinstance(outcome, Lowered):
             report.lowered.append(outcome)
             del unfolded[node]
@@ -96,13 +79,14 @@ def lower_batchnorm(
     form: LowerForm,
     model: ir.Model,
     opset: int,
-    ranks: Ranks | None = None,
+    shapes: Shapes | None = None,
 ) -> Lowered | Refusal:
     """Lower one BatchNormalization that ``refusal`` kept from folding, or say why not."""
     affine = match.inference_affine(bn, model.ir_version)
     if isinstance(affine, Refusal):
         return refusal.not_lowered(affine.code, affine.detail)
-    rank = (ranks or Ranks(model.ir_version)).of(bn.inputs[0])
+    shapes = shapes or Shapes(model.ir_version)
+    rank = shapes.rank(bn.inputs[0])
     if rank is None and bn.outputs[0].shape is not None:
         rank = len(bn.outputs[0].shape)
     if rank is None:
@@ -113,13 +97,13 @@ def lower_batchnorm(
         )
     if rank < 2:
         return refusal.not_lowered(Code.BAD_SHAPE, f"rank-{rank} input has no channel axis")
-    dtype = _batchnorm_dtype(bn, model.ir_version)
+    dtype = _batchnorm_dtype(bn, model.ir_version, shapes)
     try:
         scale = cast_checked(affine.scale, dtype, "scale")
         shift = cast_checked(affine.shift, dtype, "shift")
     except Unfoldable as err:
         return refusal.not_lowered(Code.BAD_VALUES, str(err))
-    note = _why_not_conv(rank, dtype, opset) if form is LowerForm.CONV else ""
+    note = conv_form_note({rank}, ONNX_TERMS, dtype, opset) if form is LowerForm.CONV else ""
     if form is LowerForm.CONV and not note:
         _write_conv(bn, scale, shift, rank, model)
     else:
@@ -128,51 +112,7 @@ def lower_batchnorm(
     return Lowered(match.label(bn), form, refusal.code, refusal.detail, note)
 
 
-class Ranks:
-    """The rank of values, read through their producers where shapes are missing.
-
-    Extends :func:`match.rank_of` (what folding relies on) with producers whose
-    output rank follows exactly from their inputs': a broadcasting op has the
-    largest rank of its inputs (all must be known), Concat the rank of any input,
-    a Conv or ConvTranspose the rank of its weight, pads, pools and resizes the
-    rank of their input, a constant (a Constant node, say) its own. Remembers
-    what it found: producers form a DAG, and residual chains reach the same
-    value by many paths.
-    """
-
-    def __init__(self, ir_version: int) -> None:
-        self._ir_version = ir_version
-        self._known: dict[ir.Value, int | None] = {}
-
-    def of(self, value: ir.Value | None, depth: int = 0) -> int | None:
-        if value is None or depth > _MAX_DEPTH:
-            return None
-        if value not in self._known:
-            rank = match.rank_of(value)
-            self._known[value] = self._from_producer(value, depth) if rank is None else rank
-        return self._known[value]
-
-    def _from_producer(self, value: ir.Value, depth: int) -> int | None:
-        producer = value.producer()
-        if producer is None:
-            return None
-        array = constant_array(value, self._ir_version)
-        if array is not None:
-            return array.ndim
-        op, inputs = producer.op_type, [v for v in producer.inputs if v is not None]
-        if op in ("Conv", "ConvTranspose") and len(inputs) > 1:
-            return self.of(inputs[1], depth + 1)
-        if op == "Concat":
-            return next((r for v in inputs if (r := self.of(v, depth + 1)) is not None), None)
-        if op in BROADCASTING_OPS:
-            found = [self.of(v, depth + 1) for v in inputs]
-            return None if not found or None in found else max(found)  # type: ignore[type-var]
-        if (op in match.RANK_PRESERVING_OPS or op in _MORE_RANK_PRESERVING) and inputs:
-            return self.of(inputs[0], depth + 1)
-        return None
-
-
-def _batchnorm_dtype(bn: ir.Node, ir_version: int) -> np.dtype:
+def _batchnorm_dtype(bn: ir.Node, ir_version: int, shapes: Shapes) -> np.dtype:
     """The dtype of the BN's input (the Mul's operands must match it exactly).
 
     Read from the annotations, else from what produced the input (a typed graph
@@ -182,7 +122,7 @@ def _batchnorm_dtype(bn: ir.Node, ir_version: int) -> np.dtype:
     """
     if bn.outputs[0].type is not None:
         return np.dtype(bn.outputs[0].type.dtype.numpy())
-    found = _element_type(bn.inputs[0], ir_version)
+    found = shapes.dtype(bn.inputs[0])
     if found is not None:
         return found
     scale = constant_array(bn.inputs[1], ir_version)
@@ -190,52 +130,14 @@ def _batchnorm_dtype(bn: ir.Node, ir_version: int) -> np.dtype:
     return scale.dtype
 
 
-def _element_type(value: ir.Value | None, ir_version: int) -> np.dtype | None:
-    """The element type of ``value``, followed back through ops that keep their input's."""
-    for _ in range(_MAX_DEPTH):
-        if value is None:
-            return None
-        if value.type is not None:
-            return np.dtype(value.type.dtype.numpy())
-        array = constant_array(value, ir_version)
-        if array is not None:
-            return array.dtype
-        producer = value.producer()
-        if producer is None or not producer.inputs:
-            return None
-        if producer.op_type == "Cast":
-            return np.dtype(ir.DataType(producer.attributes.get_int("to", 0)).numpy())
-        if producer.op_type == "CastLike" and len(producer.inputs) > 1:
-            value = producer.inputs[1]
-        elif producer.op_type in _SAME_TYPE_OPS:
-            value = producer.inputs[0]
-        else:
-            return None
-    return None
-
-
-def _why_not_conv(rank: int, dtype: np.dtype, opset: int) -> str:
-    """Why a 1x1 depthwise Conv cannot replace this BN ("" when it can)."""
-    if rank < 3:
-        return f"rank-{rank} input has no spatial axis for a Conv: lowered to mul-add"
-    if dtype == np.float64:
-        return "onnxruntime has no float64 Conv: lowered to mul-add"
-    if dtype not in _CONV_DTYPES and not (dtype.name == "bfloat16" and opset >= _CONV_BF16_OPSET):
-        return f"Conv takes no {dtype.name} at opset {opset}: lowered to mul-add"
-    return ""
-
-
 def _write_mul_add(
     bn: ir.Node, scale: np.ndarray, shift: np.ndarray, rank: int, model: ir.Model
 ) -> None:
     """Replace ``bn`` with ``Add(Mul(x, s), t)``; the Add takes the BN's names."""
-    graph = bn.graph
-    assert graph is not None
-    name = match.label(bn)
     shape = (scale.shape[0],) + (1,) * (rank - 2)
-    s = new_initializer(graph, f"{name}_scale", scale.reshape(shape), model)
-    t = new_initializer(graph, f"{name}_shift", shift.reshape(shape), model)
-    mul = ir.Node("", "Mul", [bn.inputs[0], s], name=_unique_node_name(graph, f"{name}_mul"))
+    graph, s, t = _affine_constants(bn, scale.reshape(shape), shift.reshape(shape), model)
+    mul_name = _unique_node_name(graph, f"{match.label(bn)}_mul")
+    mul = ir.Node("", "Mul", [bn.inputs[0], s], name=mul_name)
     add = ir.Node("", "Add", [mul.outputs[0], t], name=bn.name)
     _annotate_like(mul.outputs[0], bn.outputs[0])
     graph.insert_before(bn, [mul, add])
@@ -246,26 +148,25 @@ def _write_conv(
     bn: ir.Node, scale: np.ndarray, shift: np.ndarray, rank: int, model: ir.Model
 ) -> None:
     """Replace ``bn`` with a 1x1 depthwise Conv (weight ``s`` as ``[C, 1, 1...]``, bias ``t``)."""
+    channels, spatial = scale.shape[0], rank - 2
+    weight = scale.reshape((channels, 1) + (1,) * spatial)
+    graph, w, b = _affine_constants(bn, weight, shift, model)
+    attributes = [ir.AttrInt64("group", channels), ir.AttrInt64s("kernel_shape", [1] * spatial)]
+    conv = ir.Node("", "Conv", [bn.inputs[0], w, b], attributes=attributes, name=bn.name)
+    graph.insert_before(bn, conv)
+    splice_out(bn, conv.outputs[0])
+
+
+def _affine_constants(
+    bn: ir.Node, scale: np.ndarray, shift: np.ndarray, model: ir.Model
+) -> tuple[ir.Graph, ir.Value, ir.Value]:
+    """The BN's graph and new initializers ``<bn>_scale`` and ``<bn>_shift`` in it."""
     graph = bn.graph
     assert graph is not None
     name = match.label(bn)
-    channels, spatial = scale.shape[0], rank - 2
-    w = new_initializer(
-        graph, f"{name}_scale", scale.reshape((channels, 1) + (1,) * spatial), model
-    )
-    b = new_initializer(graph, f"{name}_shift", shift, model)
-    conv = ir.Node(
-        "",
-        "Conv",
-        [bn.inputs[0], w, b],
-        attributes=[
-            ir.AttrInt64("group", channels),
-            ir.AttrInt64s("kernel_shape", [1] * spatial),
-        ],
-        name=bn.name,
-    )
-    graph.insert_before(bn, conv)
-    splice_out(bn, conv.outputs[0])
+    s = new_initializer(graph, f"{name}_scale", scale, model)
+    t = new_initializer(graph, f"{name}_shift", shift, model)
+    return graph, s, t
 
 
 def _annotate_like(value: ir.Value, like: ir.Value) -> None:

@@ -16,23 +16,20 @@ are imported from its module.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import replace
 
 import onnx_ir as ir
 
-from bnfold.affine import Affine
+from bnfold.core.affine import Affine
 from bnfold.onnx_front.folded import DeferredWeight
-from bnfold.onnx_front.rules.add_concat import JoinFold, plan_through_join
+from bnfold.onnx_front.rules.add_concat import JoinFold, join_site, plan_through_join
 from bnfold.onnx_front.rules.after import plan_after
 from bnfold.onnx_front.rules.base import (
     AFFINE_OPS,
     DEFAULT_BN_EPSILON,
-    RANK_PRESERVING_OPS,
     Direction,
     FoldPlan,
     LinearOp,
     MatchOptions,
-    Refused,
     Rewrite,
     batchnorm_affine,
     bn_channels,
@@ -42,7 +39,11 @@ from bnfold.onnx_front.rules.base import (
 )
 from bnfold.onnx_front.rules.before import linear_reader, plan_before
 from bnfold.onnx_front.rules.branch_sum import BranchMerge, plan_branch_merge, why_not_tap
-from bnfold.report import Code, Refusal
+from bnfold.onnx_front.shapes import RANK_PRESERVING_OPS
+from bnfold.report import FoldKind, Refusal
+from bnfold.rules import precedence
+from bnfold.rules.family import Refused
+from bnfold.sites import Site
 
 __all__ = [
     "AFFINE_OPS",
@@ -126,7 +127,7 @@ def plan(
     if after is None or isinstance(after, FoldPlan) or node.op_type != "BatchNormalization":
         return after
     joined = None
-    if after.code in (Code.STANDALONE, Code.NONLINEAR_INPUT):
+    if precedence.nothing_beside(after.code):
         tap = why_not_tap(node, ir_version, options)
         if tap is not None:
             return tap
@@ -141,11 +142,9 @@ def plan(
     before = plan_before(node, consumer, ir_version, options, hold)
     if isinstance(before, FoldPlan):
         return before
-    if after.code in (Code.STANDALONE, Code.NONLINEAR_INPUT) or joined is not None:
-        return replace(before, detail=f"{before.detail} (and {after.detail})")
-    return replace(
-        after, detail=f"{after.detail}; nor before {label(consumer[-1])}: {before.detail}"
-    )
+    # A join's refusal says what the BN's input is; the before refusal leads it.
+    lead_after = joined is None and precedence.after_leads(after.code)
+    return precedence.explain_both(after, before, label(consumer[-1]), lead_after)
 
 
 def _plan_sum(node: ir.Node, ir_version: int, options: MatchOptions) -> BranchMerge | None:
@@ -163,8 +162,9 @@ def _plan_join(
     try:
         return plan_through_join(bn, ir_version, options, hold)
     except Refused as refused:
-        join = bn.inputs[0].producer()  # type: ignore[union-attr]
-        return Refusal(f"{label(join)} -> {label(bn)}", refused.code, refused.detail)
+        join = None if bn.inputs[0] is None else bn.inputs[0].producer()
+        assert join is not None  # plan_through_join refuses only a join's BN
+        return join_site(join, bn).refusal(refused.code, refused.detail)
 
 
 def is_inference_batchnorm(node: ir.Node) -> bool:
@@ -187,4 +187,4 @@ def inference_affine(node: ir.Node, ir_version: int) -> Affine | Refusal:
     try:
         return batchnorm_affine(node, bn_channels(node, ir_version), ir_version)
     except Refused as refused:
-        return Refusal(label(node), refused.code, refused.detail)
+        return Site(FoldKind.ADJACENT, bn=label(node)).refusal(refused.code, refused.detail)

@@ -170,15 +170,7 @@ def _folded_entry(plan: FoldPlan) -> Folded:
     # The value the site's result keeps its name in: folding after, the affine's
     # output passes to the op (see graph_edit.splice_out); folding before, the op's own.
     carrier = plan.affine_node if plan.direction is Direction.AFTER else plan.linear.node
-    return Folded(
-        plan.site,
-        plan.pattern,
-        match.label(plan.linear.node),
-        match.label(plan.affine_node),
-        bytes_added=plan.bytes_added,
-        kind=plan.kind,
-        value=carrier.outputs[0].name or "",
-    )
+    return plan.site.folded(plan.pattern, plan.bytes_added, value=carrier.outputs[0].name or "")
 
 
 def all_nodes(model: ir.Model) -> Iterator[ir.Node]:

@@ -17,9 +17,11 @@ import numpy as np
 import torch
 from torch import fx, nn
 
-from bnfold import layouts
-from bnfold.affine import Affine, bn_to_affine
+from bnfold.core import layouts
+from bnfold.core.affine import Affine, bn_to_affine
 from bnfold.report import Code
+from bnfold.rules.adjacent import stats_fit
+from bnfold.rules.family import Found
 from bnfold.torch_front.tensors import to_float64
 
 aten = torch.ops.aten
@@ -54,6 +56,15 @@ def bn_output(bn: fx.Node) -> fx.Node | None:
     return items[0]
 
 
+def item_source(value: fx.Node, targets: Iterable[Any]) -> fx.Node | None:
+    """The op among ``targets`` whose item 0 ``value`` is (a decomposed BN's normalized
+    output, a max pool's values), else None."""
+    if value.target is not operator.getitem or value.args[1] != 0:
+        return None
+    source = value.args[0]
+    return source if isinstance(source, fx.Node) and source.target in targets else None
+
+
 def arg_node(a: Any) -> fx.Node:
     assert isinstance(a, fx.Node)
     return a
@@ -61,9 +72,6 @@ def arg_node(a: Any) -> fx.Node:
 
 def is_linear_op(n: fx.Node) -> bool:
     return n.op == "call_function" and n.target in CONV_OPS
-
-
-Found = tuple[Code, str] | None
 
 
 def check_bn_node(bn: fx.Node) -> Found:
@@ -82,10 +90,9 @@ def check_bn_node(bn: fx.Node) -> Found:
 
 
 def check_stats(gm: fx.GraphModule, bn: fx.Node, channels: int) -> Found:
-    for s in bn.args[1:5]:
-        if s is not None and tuple(fetch(gm, s).shape) != (channels,):
-            return Code.BAD_SHAPE, f"{s} has shape {tuple(fetch(gm, s).shape)}, want ({channels},)"
-    return None
+    """The BN's parameters and statistics have ``channels`` values (:func:`stats_fit`)."""
+    stats = [s for s in bn.args[1:5] if s is not None]
+    return stats_fit(((str(s), tuple(fetch(gm, s).shape)) for s in stats), channels)
 
 
 def traced_shape(node: fx.Node) -> tuple[int, ...]:

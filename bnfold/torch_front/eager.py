@@ -3,9 +3,9 @@
 A pair ``linear -> bn`` (or ``bn -> linear``, either possibly through a view,
 flatten or (un)squeeze; after, also through a pool) becomes ``linear'`` with
 the BN's affine in its weight and bias, and the BN is replaced by
-``nn.Identity``. A BN after a join (:class:`~bnfold.torch_front.graph.JoinPair`)
+``nn.Identity``. A BN after a join (:class:`~bnfold.torch_front.eager_pairs.JoinPair`)
 folds into every linear module of it; an identity BN of a branch sum
-(:class:`~bnfold.torch_front.graph.TapPair`) leaves ``x`` and puts the rest
+(:class:`~bnfold.torch_front.eager_pairs.TapPair`) leaves ``x`` and puts the rest
 into a sibling conv. New ``nn.Parameter`` objects are assigned (the old
 tensors are never written), so a fold is undone by putting the old objects back.
 """
@@ -13,26 +13,31 @@ tensors are never written), so a fold is undone by putting the old objects back.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 from torch import nn
 from torch.nn.utils import parametrize
 
-from bnfold.affine import (
+from bnfold.core.affine import (
     Affine,
-    Rounding,
-    Unfoldable,
-    absorb_identity,
     add_parts,
-    balanced_over,
     bn_to_affine,
     concat_parts,
     fold_after,
     fold_before,
 )
-from bnfold.layouts import channel_block, merges_leading_axes
+from bnfold.core.cast import Unfoldable, balanced_over
+from bnfold.core.layouts import channel_block, merges_leading_axes
+from bnfold.core.reparam import absorb_identity
+from bnfold.options import Rounding
 from bnfold.report import Code, FoldKind, Refusal
+from bnfold.rules import batch_merge
+from bnfold.rules.adjacent import stats_fit
+from bnfold.rules.before import exact_before
+from bnfold.rules.family import Found
+from bnfold.rules.join import JoinSpec
+from bnfold.rules.pool import commute_refusal
 from bnfold.torch_front.eager_pairs import AnyPair, JoinPair, Pair, TapPair
 from bnfold.torch_front.modules import (
     Calls,
@@ -45,7 +50,6 @@ from bnfold.torch_front.modules import (
     out_channels,
     zero_padded,
 )
-from bnfold.torch_front.pool_rules import commute_refusal
 from bnfold.torch_front.tensors import as_parameter, to_float64
 
 
@@ -79,7 +83,7 @@ def why_not(root: nn.Module, pair: AnyPair, roles: Roles, calls: Calls) -> Refus
       POOL_PADDING       through an average pool that counts padded zeros or
                          has a divisor_override, and a nonzero shift
       NEGATIVE_SCALE     through a max pool, a negative scale in some channel
-                         (see :func:`bnfold.torch_front.pool_rules.commute_refusal`)
+                         (see :func:`bnfold.rules.pool.commute_refusal`)
       NOT_PER_CHANNEL    also: a pool of a Linear's output, a cat not over axis 1
       BAD_SHAPE          also: an add of linear modules of different widths, or
                          their channels (summed for a cat) not the BN's
@@ -109,9 +113,6 @@ def _shape_refusal(root: nn.Module, pair: AnyPair, bn: Any, roles: Roles, calls:
     if pair.between:
         return _bn_shape(pair, bn) or _feeds_channels(pair, lin, calls)
     return _shape(pair, lin, bn, roles) or _out_rank(pair, lin, calls)
-
-
-Found = tuple[Code, str] | None
 
 
 def _training(pair: Pair, lin: nn.Module, bn: nn.Module, _roles: Roles) -> Found:
@@ -187,12 +188,12 @@ def _shape(pair: Pair, lin: nn.Module, bn: nn.Module, _roles: Roles) -> Found:
 
 
 def _stats_fit(path: str, bn: nn.Module, c: int) -> Found:
-    """The BN's parameters and statistics have ``c`` channels."""
-    for name in ("weight", "bias", "running_mean", "running_var"):
-        t = getattr(bn, name, None)
-        if t is not None and tuple(t.shape) != (c,):
-            return Code.BAD_SHAPE, f"{path}.{name} has shape {tuple(t.shape)}, want ({c},)"
-    return None
+    """The BN's parameters and statistics have ``c`` channels (:func:`stats_fit`)."""
+    tensors = ((name, getattr(bn, name, None)) for name in _BN_TENSORS)
+    return stats_fit(((f"{path}.{n}", tuple(t.shape)) for n, t in tensors if t is not None), c)
+
+
+_BN_TENSORS = ("weight", "bias", "running_mean", "running_var")
 
 
 def _through_pool(pair: Pair, lin: nn.Module, bn: Any, roles: Roles, calls: Calls) -> Found:
@@ -217,24 +218,21 @@ def _join_shapes(root: nn.Module, pair: JoinPair, bn: Any, calls: Calls) -> Foun
     for linear, lin in zip(pair.linears, lins, strict=True):
         if found := _out_rank(Pair(linear, pair.bn, pair.finder), lin, calls):
             return found
-    channels = [out_channels(lin) for lin in lins]
-    if pair.join == "cat":
-        rank = channel_rank(lins[0])
-        if pair.dim not in (1, 1 - rank):
-            return Code.NOT_PER_CHANNEL, f"the cat before {pair.bn} joins axis {pair.dim}"
-        return _stats_fit(pair.bn, bn, sum(channels))
-    if len(set(channels)) != 1:
-        return Code.BAD_SHAPE, f"the add before {pair.bn} sums outputs of {channels} channels"
-    return _stats_fit(pair.bn, bn, channels[0])
+    channels = tuple(out_channels(lin) for lin in lins)
+    kind: Literal["add", "cat"] = "cat" if pair.join == "cat" else "add"
+    rank = channel_rank(lins[0])
+    join = JoinSpec(f"the {kind} before {pair.bn}", kind, channels, pair.dim, rank)
+    if not join.joins_channels():
+        return Code.NOT_PER_CHANNEL, f"the cat before {pair.bn} joins axis {pair.dim}"
+    if not join.widths_agree():
+        detail = f"the add before {pair.bn} sums outputs of {list(channels)} channels"
+        return Code.BAD_SHAPE, detail
+    return _stats_fit(pair.bn, bn, join.bn_channels)
 
 
 def _bn_shape(pair: Pair, bn: Any) -> Found:
-    c = int(bn.running_mean.shape[0])
-    for name in ("weight", "bias", "running_mean", "running_var"):
-        t = getattr(bn, name, None)
-        if t is not None and tuple(t.shape) != (c,):
-            return Code.BAD_SHAPE, f"{pair.bn}.{name} has shape {tuple(t.shape)}, want ({c},)"
-    return None
+    """The BN's tensors all have as many channels as its running mean."""
+    return _stats_fit(pair.bn, bn, int(bn.running_mean.shape[0]))
 
 
 def _out_rank(pair: Pair, lin: nn.Module, calls: Calls) -> Found:
@@ -290,13 +288,9 @@ def merges_batch(pair: Pair, lin: nn.Module, calls: Calls) -> bool:
 
 def _merge_keeps_channels(pair: Pair, bn_side: tuple[int, ...], lin_side: tuple[int, ...]) -> Found:
     """The 2-D reshape keeps the Linear's features as the BN's channels (last axis to axis 1)."""
-    if merges_leading_axes(bn_side, lin_side):
-        return None
-    detail = (
-        f"{pair.between} maps {pair.linear}'s {lin_side} to {bn_side}: the BN's "
-        f"{bn_side[1]} channels are not the {lin_side[-1]} features"
+    return batch_merge.shapes_refusal(
+        bn_side, lin_side, pair.between, f"{pair.linear}'s {lin_side}"
     )
-    return Code.MERGE_MOVES_CHANNEL, detail
 
 
 def _channels_nest(
@@ -329,23 +323,16 @@ def _channels_nest(
 
 
 def _exact_before(lin: nn.Module, bn: Any) -> Found:
-    """The shift enters the bias through every tap; zeros padded in never see it."""
+    """The shift enters the bias through every tap; zeros padded in never see it
+    (:func:`bnfold.rules.before.exact_before`)."""
     try:
         shift = bn_affine(bn).shift
     except Unfoldable:
         return None  # apply_fold reports it as BAD_VALUES
-    if not np.any(shift != 0):
-        return None
-    if is_conv_transpose(lin):
-        return Code.ZERO_PADDING, (
-            f"{type(lin).__name__}: border outputs receive fewer taps, "
-            "so a nonzero shift changes them"
-        )
-    if zero_padded(lin):
-        return Code.ZERO_PADDING, (
-            f"{type(lin).__name__} pads with zeros: the borders would see the BN's shift, not zeros"
-        )
-    return None
+    name, transposed = type(lin).__name__, is_conv_transpose(lin)
+    return exact_before(
+        shift, name, transposed=transposed, zero_padded=zero_padded(lin), affine_name="BN"
+    )
 
 
 # (module path, weight, bias) of one linear module a fold changed.

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import ClassVar
 
 from bnfold.report import FoldKind, Refusal
-from bnfold.torch_front.pool_rules import Pool
+from bnfold.torch_front.pools import Pool
 
 
 def site_label(linear: str, bn: str, between: str, before: bool) -> str:
@@ -31,7 +31,7 @@ class Pair:
     Either directly or through ``between``: a flatten/view/reshape/(un)squeeze,
     named for the report; whether channels survive it is checked on shapes.
     After, ``between`` may also be a pool (``pool`` says which; the fold passes
-    through it, see :mod:`bnfold.torch_front.pool_rules`).
+    through it, see :mod:`bnfold.torch_front.pools`).
     ``after_refusal`` says why the BN could not fold after (before pairs only).
     ``kind`` is set once the pair is checked on shapes (a batch-merging reshape).
     """

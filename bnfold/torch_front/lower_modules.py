@@ -25,8 +25,9 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from bnfold.affine import Unfoldable
+from bnfold.core.cast import Unfoldable
 from bnfold.report import Code, Lowered, LowerForm, Refusal
+from bnfold.rules.lower import TORCH_TERMS, conv_form_note
 from bnfold.torch_front.census import refusal_naming
 from bnfold.torch_front.eager import bn_affine
 from bnfold.torch_front.modules import Calls
@@ -67,7 +68,8 @@ def lower_left(
     Returns the lowered entries and the refusals, ``refused`` with each lowered
     BN's refusal removed and each kept one's extended.
     """
-    lowered, still = [], list(refused)
+    lowered: list[Lowered] = []
+    still = list(refused)
     for path in paths:
         refusal = refusal_naming(path, still) or Refusal(
             path, Code.UNTRACEABLE, "no finder reported this BatchNorm"
@@ -92,13 +94,13 @@ def _lower_one(
     like = bn.weight if bn.weight is not None else bn.running_mean
     scale, shift = as_parameter(affine.scale, like), as_parameter(affine.shift, like)
     ranks = {len(shape) for shape in calls.in_shapes.get(path, set())}
-    conv_type = _CONV_OF_RANK.get(next(iter(ranks))) if len(ranks) == 1 else None
-    if form is LowerForm.CONV and conv_type is not None:
-        new: nn.Module = _depthwise(conv_type, scale, shift)
-        used, note = LowerForm.CONV, ""
+    note = conv_form_note(ranks, TORCH_TERMS)  # "" when one rank of 3 to 5 has a conv
+    if form is LowerForm.CONV and not note:
+        new: nn.Module = _depthwise(next(iter(ranks)), scale, shift)
+        used = LowerForm.CONV
     else:
         new, used = LoweredBatchNorm(scale, shift), LowerForm.MUL_ADD
-        note = "" if form is used else _why_not_conv(ranks)
+        note = "" if form is used else note
     new.train(False)
     parent, _, name = path.rpartition(".")
     setattr(root.get_submodule(parent), name, new)
@@ -126,18 +128,11 @@ def _why_not_lowerable(bn: Any) -> tuple[Code, str] | None:
     return None
 
 
-def _depthwise(conv_type: type[nn.Module], scale: nn.Parameter, shift: nn.Parameter) -> Any:
+def _depthwise(rank: int, scale: nn.Parameter, shift: nn.Parameter) -> Any:
+    """A 1x1 depthwise conv for inputs of ``rank`` (3 to 5): weight ``s``, bias ``t``."""
     channels = scale.shape[0]
-    conv: Any = conv_type(channels, channels, 1, groups=channels, bias=True)
-    rank = {nn.Conv1d: 1, nn.Conv2d: 2, nn.Conv3d: 3}[conv_type]
-    conv.weight = nn.Parameter(scale.detach().reshape(channels, 1, *[1] * rank), False)
+    conv: Any = _CONV_OF_RANK[rank](channels, channels, 1, groups=channels, bias=True)
+    spatial = [1] * (rank - 2)
+    conv.weight = nn.Parameter(scale.detach().reshape(channels, 1, *spatial), False)
     conv.bias = shift
     return conv
-
-
-def _why_not_conv(ranks: set[int]) -> str:
-    if not ranks:
-        return "the BatchNorm was not called on the example inputs: mul-add"
-    if len(ranks) > 1:
-        return f"called with inputs of ranks {sorted(ranks)}: mul-add"
-    return f"rank-{next(iter(ranks))} input has no spatial axis for a conv: mul-add"

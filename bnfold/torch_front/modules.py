@@ -15,9 +15,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from bnfold import layouts
+from bnfold.core import layouts
+from bnfold.core.geometry import ConvGeometry, torch_pads
 from bnfold.errors import BnfoldError
-from bnfold.report import Code, count_ops
+from bnfold.report import count_ops
+from bnfold.rules.branch_sum import identity_tap_misfit as tap_refusal
+from bnfold.rules.family import Found
 
 LINEAR = "linear"
 BN = "bn"
@@ -88,35 +91,28 @@ def is_plain_conv(m: nn.Module) -> bool:
     return isinstance(m, _CONV)
 
 
-def identity_tap_misfit(conv: Any, path: str) -> tuple[Code, str] | None:
-    """Why ``conv`` cannot compute ``x`` itself with one centred tap per channel (None: it can).
-
-    The tap ``y[c] = x[c]`` needs every output to read its own input position:
-    stride 1, as many input as output channels, and on each axis an odd kernel
-    whose centre sits at the padding, ``padding == dilation * (k - 1) / 2``
-    (``padding="same"`` with odd kernels pads so). The centre tap never reads
-    padding, so the padding mode does not matter.
+def identity_tap_misfit(conv: Any, path: str) -> Found:
+    """Why ``conv`` cannot compute ``x`` itself with one centred tap per channel (None: it can):
+    :func:`bnfold.rules.branch_sum.identity_tap_misfit` of its geometry, in its own terms.
 
     Returns:
         BRANCH_MISMATCH (stride, channels) or UNCENTRED_TAP (kernel, padding).
     """
-    strides, kernel = tuple(conv.stride), tuple(conv.kernel_size)
-    if any(s != 1 for s in strides) or conv.in_channels != conv.out_channels:
-        return Code.BRANCH_MISMATCH, (
-            f"an identity term needs stride 1 and equal channel counts; {path} has stride "
-            f"{strides}, {conv.in_channels} -> {conv.out_channels} channels"
-        )
-    if any(k % 2 == 0 for k in kernel):
-        return Code.UNCENTRED_TAP, f"{path}'s kernel {kernel} has no centre tap"
-    centred = tuple(d * (k - 1) // 2 for d, k in zip(conv.dilation, kernel, strict=True))
-    padding = conv.padding
-    if padding == "same" or (padding == "valid" and all(k == 1 for k in kernel)):
-        return None
-    if isinstance(padding, str) or tuple(padding) != centred:
-        return Code.UNCENTRED_TAP, (
-            f"an identity tap needs padding {centred} in {path}'s kernel {kernel}; it has {padding}"
-        )
-    return None
+    return tap_refusal(conv_geometry(conv), path, padding=conv.padding)
+
+
+def conv_geometry(conv: Any) -> ConvGeometry:
+    """A Conv module's geometry, its ``padding`` (per axis, "same" or "valid") as ONNX pads."""
+    kernel, dilations = tuple(conv.kernel_size), tuple(conv.dilation)
+    return ConvGeometry(
+        kernel=kernel,
+        pads=torch_pads(conv.padding, kernel, dilations),
+        strides=tuple(conv.stride),
+        dilations=dilations,
+        groups=int(conv.groups),
+        in_channels=int(conv.in_channels),
+        out_channels=int(conv.out_channels),
+    )
 
 
 def channel_rank(m: nn.Module) -> int:

@@ -23,7 +23,7 @@ from torch import fx, nn
 from bnfold.report import Code, Refusal
 from bnfold.torch_front.eager_pairs import JoinPair, Pair, TapPair
 from bnfold.torch_front.modules import Roles
-from bnfold.torch_front.pool_rules import Pool
+from bnfold.torch_front.pools import Pool
 
 # Matched against the tokens of an op or module type name: "aten.leaky_relu.default"
 # -> leaky, relu. Short names match whole tokens only ("exp" is not "expand").

@@ -39,7 +39,7 @@ from bnfold.quiet import quiet_loggers
 from bnfold.torch_front.eager_match import match_graph
 from bnfold.torch_front.eager_pairs import Scan
 from bnfold.torch_front.modules import Calls, Roles, eval_mode
-from bnfold.torch_front.pool_rules import Pool, pool_of_call, pool_of_module
+from bnfold.torch_front.pools import Pool, pool_of_call, pool_of_module
 from bnfold.torch_front.sequential import match_sequential
 from bnfold.torch_front.site_graph import (
     Node,

@@ -20,11 +20,10 @@ Refuses:
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import onnx_ir as ir
 
-from bnfold.affine import add_parts, concat_parts
 from bnfold.onnx_front.constants import is_constant
 from bnfold.onnx_front.folded import DeferredWeight
 from bnfold.onnx_front.graph_edit import splice_out, write_linear_fold
@@ -33,15 +32,18 @@ from bnfold.onnx_front.rules.base import (
     FoldPlan,
     LinearOp,
     MatchOptions,
-    Refused,
     batchnorm_affine,
     describe_linear,
     label,
     make_plan,
-    rank_of,
+    names,
     require_single_consumer,
 )
+from bnfold.onnx_front.shapes import Shapes
 from bnfold.report import Code, Folded, FoldKind
+from bnfold.rules.family import Refused
+from bnfold.rules.join import JoinSpec, axis_refusal
+from bnfold.sites import Site
 
 JOIN_OPS = frozenset({"Add", "Concat"})
 # Ops whose bias slot takes the folded shift; channels on axis 1 like the BN's.
@@ -59,16 +61,11 @@ class JoinFold:
     @property
     def entries(self) -> list[Folded]:
         ops = [p.linear.node for p in self.plans]
-        site = f"{', '.join(label(n) for n in ops)} -> {label(self.join)} -> {label(self.bn)}"
+        site = replace(join_site(self.join, self.bn), linears=names(*ops))
         pattern = "+".join([*(n.op_type for n in ops), self.join.op_type, "BatchNormalization"])
-        kind = FoldKind.OVER_ADD if self.join.op_type == "Add" else FoldKind.OVER_CONCAT
         added = sum(p.bytes_added for p in self.plans)
-        linear = ", ".join(label(n) for n in ops)
         # The BN's output name passes to the join: verification compares it.
-        value = self.bn.outputs[0].name or ""
-        return [
-            Folded(site, pattern, linear, label(self.bn), bytes_added=added, kind=kind, value=value)
-        ]
+        return [site.folded(pattern, added, value=self.bn.outputs[0].name or "")]
 
     def apply(self, model: ir.Model) -> None:
         """Write every op's weight and bias, then remove the BN."""
@@ -91,20 +88,14 @@ def plan_through_join(
     if join.op_type == "Add" and any(v is None or is_constant(v, ir_version) for v in join.inputs):
         return None  # a bias Add of a constant: the after rule's business
     require_single_consumer(join)
-    if join.op_type == "Concat":
-        _require_channel_concat(join)
+    shape = _join_shape(join, ir_version)
+    Refused.check(axis_refusal(shape))
     terms = _linear_terms(join, ir_version, options)
-    channels = [t.channels for t in terms]
-    bn_channels = sum(channels) if join.op_type == "Concat" else channels[0]
-    if join.op_type == "Add" and len(set(channels)) != 1:
-        raise Refused(Code.BAD_SHAPE, f"the Add's ops have {channels} channels")
-    affine = batchnorm_affine(bn, bn_channels, ir_version)
-    parts = (
-        concat_parts(affine, channels)
-        if join.op_type == "Concat"
-        else add_parts(affine, len(terms))
-    )
-    site = f"{label(join)} -> {label(bn)}"
+    spec = replace(shape, channels=tuple(t.channels for t in terms))
+    if not spec.widths_agree():
+        raise Refused(Code.BAD_SHAPE, f"the Add's ops have {list(spec.channels)} channels")
+    parts = spec.parts(batchnorm_affine(bn, spec.bn_channels, ir_version))
+    site = join_site(join, bn)
     plans = tuple(
         make_plan(site, Direction.AFTER, term, bn, join, part, options.rounding, hold)
         for term, part in zip(terms, parts, strict=True)
@@ -112,14 +103,20 @@ def plan_through_join(
     return JoinFold(bn, join, plans)
 
 
-def _require_channel_concat(concat: ir.Node) -> None:
-    axis = concat.attributes.get_int("axis", 1)
-    rank = rank_of(concat.outputs[0]) or rank_of(concat.inputs[0])
-    if axis == 1 or (rank is not None and axis == 1 - rank):
-        return
-    raise Refused(
-        Code.NOT_PER_CHANNEL, f"Concat {label(concat)!r} joins axis {axis}, not the channels"
-    )
+def join_site(join: ir.Node, bn: ir.Node) -> Site:
+    """The site of a BN after ``join``, before its linear ops are known ("join -> bn")."""
+    kind = FoldKind.OVER_ADD if join.op_type == "Add" else FoldKind.OVER_CONCAT
+    return Site(kind, bn=label(bn), join=label(join))
+
+
+def _join_shape(join: ir.Node, ir_version: int) -> JoinSpec:
+    """The join as the join rule reads it, before its terms' channels are known."""
+    if join.op_type == "Add":
+        return JoinSpec(f"Add {label(join)!r}", "add", ())
+    shapes = Shapes(ir_version)
+    rank = shapes.rank(join.outputs[0]) or shapes.rank(join.inputs[0])
+    axis = join.attributes.get_int("axis", 1)
+    return JoinSpec(f"Concat {label(join)!r}", "cat", (), axis, rank)
 
 
 def _linear_terms(join: ir.Node, ir_version: int, options: MatchOptions) -> list[LinearOp]:

@@ -15,32 +15,35 @@ from dataclasses import replace
 
 import onnx_ir as ir
 
-from bnfold.affine import Affine
+from bnfold.core.affine import Affine
 from bnfold.onnx_front.constants import constant_array
 from bnfold.onnx_front.folded import DeferredWeight
 from bnfold.onnx_front.rules.base import (
     LINEAR_OPS,
-    NONLINEAR_OPS,
     Direction,
     FoldPlan,
     LinearOp,
     MatchOptions,
-    Refused,
     batchnorm_affine,
     checked,
     data_input,
     describe_linear,
     label,
     make_plan,
+    name_of,
+    names,
     per_channel_vector,
     producer_op,
     require_single_consumer,
-    site_label,
 )
 from bnfold.onnx_front.rules.batch_merge import merges_leading_axes
 from bnfold.onnx_front.rules.pooling import POOL_OPS, require_pool_commutes
 from bnfold.onnx_front.rules.shape_ops import SHAPE_OPS, channel_block_through
+from bnfold.onnx_front.shapes import NONLINEAR_OPS
 from bnfold.report import Code, FoldKind, Refusal
+from bnfold.rules.adjacent import Feed, why_unpaired
+from bnfold.rules.family import Refused
+from bnfold.sites import Site
 
 
 def plan_after(
@@ -59,7 +62,7 @@ def plan_after(
     ):
         between, producer = producer, producer.inputs[0].producer()  # type: ignore[union-attr]
     linear_node = producer if producer is not None and producer.op_type in LINEAR_OPS else None
-    site = site_label(linear_node, between, node)
+    site = Site(FoldKind.ADJACENT, names(linear_node), label(node), name_of(between))
     try:
         if linear_node is None:
             return _refuse_unpaired(node, producer)
@@ -79,26 +82,22 @@ def plan_after(
             return None
         if pool is not None:
             require_pool_commutes(pool, linear, affine)
-        plan = make_plan(
+        kind = FoldKind.BATCH_MERGE if merged else FoldKind.ADJACENT
+        site = replace(site, kind=FoldKind.THROUGH_POOL if pool is not None else kind)
+        return make_plan(
             site, Direction.AFTER, linear, node, between, affine, options.rounding, hold
         )
-        kind = FoldKind.BATCH_MERGE if merged else FoldKind.ADJACENT
-        return replace(plan, kind=FoldKind.THROUGH_POOL if pool is not None else kind)
     except Refused as refused:
-        return Refusal(site, refused.code, refused.detail)
+        return site.refusal(refused.code, refused.detail)
 
 
 def _refuse_unpaired(node: ir.Node, producer: ir.Node | None) -> Refusal | None:
+    """Why a BN fed by no linear op cannot fold after it (:func:`why_unpaired`)."""
     if node.op_type != "BatchNormalization":
         return None  # a Mul/Add by a constant elsewhere is simply not our business
-    if producer is not None and producer.op_type in NONLINEAR_OPS:
-        raise Refused(
-            Code.NONLINEAR_INPUT,
-            f"input comes from {producer.op_type} {label(producer)!r}; "
-            "a BatchNorm cannot be folded across a nonlinearity",
-        )
     source = "a graph input" if producer is None else f"{producer.op_type} {label(producer)!r}"
-    raise Refused(Code.STANDALONE, f"input comes from {source}, not a linear op; left as is")
+    nonlinear = producer is not None and producer.op_type in NONLINEAR_OPS
+    raise Refused(*why_unpaired(Feed(source, nonlinear)))
 
 
 def _linear_for_after(

@@ -2,9 +2,10 @@
 
 A rule (one module of this package) looks at one node and returns a
 :class:`FoldPlan` (or another rewrite), a :class:`~bnfold.report.Refusal`, or
-None when the node is not its business. Checks raise :class:`Refused` at the first
-failed precondition; the rule turns that into a Refusal for its site. Nothing
-here modifies the graph.
+None when the node is not its business. Checks raise
+:class:`~bnfold.rules.family.Refused` at the first failed precondition; the rule
+turns that into a Refusal for its :class:`~bnfold.sites.Site`. Nothing here
+modifies the graph.
 """
 
 from __future__ import annotations
@@ -14,43 +15,34 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Protocol
 
-import ml_dtypes
 import numpy as np
 import onnx_ir as ir
 
-from bnfold import layouts
-from bnfold.affine import (
+from bnfold.core import layouts
+from bnfold.core.affine import (
     Affine,
-    Rounding,
-    Unfoldable,
     after_factor,
-    balanced_over,
     before_factor,
     bn_to_affine,
     exact_after_bias,
     exact_before_bias,
 )
-from bnfold.layouts import LayoutError, WeightLayout
+from bnfold.core.cast import Unfoldable, balanced_over
+from bnfold.core.layouts import LayoutError, WeightLayout
 from bnfold.onnx_front.constants import constant_array, is_constant, reads_data
 from bnfold.onnx_front.folded import DeferredWeight, ExactBias, earlier_bias, earlier_weight
 from bnfold.onnx_front.io import evict_pages
-from bnfold.report import Code, Folded, FoldKind
+from bnfold.onnx_front.shapes import Shapes
+from bnfold.options import Rounding
+from bnfold.report import Code, Folded
+from bnfold.rules.adjacent import channel_vector, is_float
+from bnfold.rules.family import Refused
+from bnfold.sites import Site
 
 LINEAR_OPS = frozenset({"Conv", "ConvTranspose", "Gemm", "MatMul"})
 
 
 AFFINE_OPS = frozenset({"BatchNormalization", "Mul", "Add"})
-
-
-# Ops that commonly sit between a linear op and a BatchNorm and make a fold
-# impossible; named in the refusal so users see why nothing folded.
-NONLINEAR_OPS = frozenset(
-    {
-        "Relu", "LeakyRelu", "PRelu", "Elu", "Selu", "Celu", "Gelu", "Sigmoid", "HardSigmoid",
-        "HardSwish", "Tanh", "Softplus", "Softsign", "Mish", "Clip", "Softmax", "LogSoftmax",
-        "Abs", "Exp", "Log", "Sqrt", "Pow", "Max", "Min", "ThresholdedRelu", "Swish",
-    }
-)  # fmt: skip
 
 
 DEFAULT_BN_EPSILON = float(np.float32(1e-5))
@@ -152,7 +144,7 @@ class LinearOp:
 class FoldPlan:
     """A checked fold, ready to apply: the new bias is computed, the weight deferred."""
 
-    site: str
+    site: Site
     pattern: str
     direction: Direction
     linear: LinearOp
@@ -161,7 +153,6 @@ class FoldPlan:
     new_weight: DeferredWeight
     new_bias: ExactBias | None  # None: the op has no bias and the fold needs none
     bytes_added: int = 0  # weight bytes copied because another node shares them
-    kind: FoldKind = FoldKind.ADJACENT
 
 
 class Rewrite(Protocol):
@@ -189,20 +180,18 @@ def label(node: ir.Node | None) -> str:
     return node.name or f"{node.op_type}({node.outputs[0].name})"
 
 
-def site_label(*nodes: ir.Node | None) -> str:
-    return " -> ".join(label(n) for n in nodes if n is not None)
+def name_of(node: ir.Node | None) -> str:
+    """A node's label, "" for no node (a site's optional parts)."""
+    return "" if node is None else label(node)
+
+
+def names(*nodes: ir.Node | None) -> tuple[str, ...]:
+    """The labels of the nodes given, the absent ones left out."""
+    return tuple(label(n) for n in nodes if n is not None)
 
 
 def pattern_of(*nodes: ir.Node | None) -> str:
     return "+".join(n.op_type for n in nodes if n is not None)
-
-
-class Refused(Exception):
-    """Internal control flow: planning stopped at the first refusal."""
-
-    def __init__(self, code: Code, detail: str) -> None:
-        super().__init__(detail)
-        self.code, self.detail = code, detail
 
 
 def producer_op(node: ir.Node) -> str | None:
@@ -238,36 +227,11 @@ def require_single_consumer(node: ir.Node) -> None:
         raise Refused(Code.BRANCHING, f"output {out.name!r} is read by {', '.join(readers_)}")
 
 
-# Ops whose output has the rank of their first input (no broadcasting binary ops:
-# a wrong rank here could let a BN fold over the wrong axis).
-RANK_PRESERVING_OPS = (NONLINEAR_OPS - {"Max", "Min", "Pow"}) | {
-    "BatchNormalization", "Dropout", "Identity", "Neg", "Reciprocal", "Erf", "Floor", "Ceil",
-    "Round", "Sign", "Cast", "CastLike", "Softmax", "LRN", "InstanceNormalization",
-    "LayerNormalization", "Conv", "ConvTranspose", "MaxPool", "AveragePool",
-}  # fmt: skip
-
-
-def rank_of(value: ir.Value | None, depth: int = 0) -> int | None:
-    """The rank of ``value``, from its shape or, unannotated, from what produced it.
-
-    Models without shape inference leave intermediate values bare; the rank of
-    a Relu's output is still the rank of its input, and a Gemm's is 2.
-    """
-    if value is None:
-        return None
-    if value.shape is not None:
-        return len(value.shape)
-    producer = value.producer()
-    if producer is None or depth > 64:
-        return None
-    if producer.op_type in ("Gemm", "Flatten"):
-        return 2
-    if producer.op_type in RANK_PRESERVING_OPS and producer.inputs:
-        return rank_of(producer.inputs[0], depth + 1)
-    if producer.op_type == "MatMul" and len(producer.inputs) == 2:
-        ranks = [rank_of(v, depth + 1) for v in producer.inputs]
-        return None if None in ranks else max(2, *ranks)  # type: ignore[type-var]
-    return None
+def rank_of(value: ir.Value | None, ir_version: int) -> int | None:
+    """The rank of ``value``, from its shape or, unannotated, from what produced it
+    (:class:`~bnfold.onnx_front.shapes.Shapes`, asked afresh: planning sees the graph
+    as the folds so far left it)."""
+    return Shapes(ir_version).rank(value)
 
 
 def describe_linear(node: ir.Node, ir_version: int, options: MatchOptions) -> LinearOp:
@@ -289,7 +253,7 @@ def describe_linear(node: ir.Node, ir_version: int, options: MatchOptions) -> Li
     if shared and not options.clone_shared:
         raise Refused(Code.SHARED_WEIGHT, f"{shared[0]!r} is also read by another node")
     assert weight is not None
-    linear = _linear_of_kind(node, weight, w, bias, b)
+    linear = _linear_of_kind(node, weight, w, bias, b, ir_version)
     return replace(
         linear,
         shared=shared,
@@ -299,7 +263,12 @@ def describe_linear(node: ir.Node, ir_version: int, options: MatchOptions) -> Li
 
 
 def _linear_of_kind(
-    node: ir.Node, weight: ir.Value, w: np.ndarray, bias: ir.Value | None, b: np.ndarray | None
+    node: ir.Node,
+    weight: ir.Value,
+    w: np.ndarray,
+    bias: ir.Value | None,
+    b: np.ndarray | None,
+    ir_version: int,
 ) -> LinearOp:
     op, w_shape = node.op_type, tuple(w.shape)
     groups = node.attributes.get_int("group", 1)
@@ -320,7 +289,7 @@ def _linear_of_kind(
             )
         return LinearOp(node, weight, bias, w, b, layout, 2, bias_gain=beta, input_gain=alpha)
     # MatMul: the constant is the right operand, so output features are the last axis.
-    left_rank = rank_of(node.inputs[0])
+    left_rank = rank_of(node.inputs[0], ir_version)
     rank = None if left_rank is None else max(left_rank, 2)
     return LinearOp(node, weight, None, w, None, layouts.matmul(), rank, channel_last=True)
 
@@ -328,10 +297,6 @@ def _linear_of_kind(
 def readers(value: ir.Value) -> int:
     """How many inputs read the data of ``value`` (a Shape or CastLike of it does not)."""
     return sum(1 for use in value.uses() if reads_data(use.node, use.idx))
-
-
-def is_float(array: np.ndarray) -> bool:
-    return array.dtype.kind == "f" or array.dtype == ml_dtypes.bfloat16
 
 
 def bn_channels(bn: ir.Node, ir_version: int) -> int:
@@ -377,7 +342,7 @@ def require_inference(node: ir.Node) -> None:
 
 
 def make_plan(
-    site: str,
+    site: Site,
     direction: Direction,
     linear: LinearOp,
     node: ir.Node,
@@ -461,31 +426,13 @@ def checked(make: object) -> Affine:
 
 
 def per_channel_vector(array: np.ndarray | None, linear: LinearOp) -> np.ndarray | None:
-    """The ``(C,)`` vector a Mul/Add constant applies per output channel, else None.
-
-    The constant must broadcast onto the linear op's output without growing it:
-    rank at most the output's, every axis 1 except the channel axis, which is 1
-    or C. A scalar (or all-ones shape) applies the same value to every channel.
-    """
-    if array is None or not is_float(array):
-        return None
+    """The ``(C,)`` vector a Mul/Add constant applies per output channel of ``linear``, else
+    None (:func:`bnfold.rules.adjacent.channel_vector`). Of a MatMul of unknown rank, the
+    output is at least 2-D with its channels last."""
     if linear.out_rank is None:
-        max_rank = 2  # any MatMul output has rank >= 2
-        channel_from_end = 1
-    else:
-        max_rank = linear.out_rank
-        channel_from_end = linear.out_rank - linear.channel_axis()  # type: ignore[operator]
-    if array.ndim > max_rank:
-        return None
-    channel_pos = array.ndim - channel_from_end
-    for axis, size in enumerate(array.shape):
-        if axis != channel_pos and size != 1:
-            return None
-    if channel_pos < 0 or array.shape[channel_pos] == 1:
-        return np.full(linear.channels, float(array.reshape(-1)[0]))
-    if array.shape[channel_pos] != linear.channels:
-        return None
-    return array.reshape(linear.channels).astype(np.float64)
+        return channel_vector(array, linear.channels, 2, 1)
+    channel_from_end = linear.out_rank - linear.channel_axis()  # type: ignore[operator]
+    return channel_vector(array, linear.channels, linear.out_rank, channel_from_end)
 
 
 def require_constant(value: ir.Value | None, what: str, ir_version: int) -> np.ndarray:

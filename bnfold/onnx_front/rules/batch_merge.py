@@ -23,8 +23,9 @@ from __future__ import annotations
 import onnx_ir as ir
 
 from bnfold.onnx_front.constants import constant_array
-from bnfold.onnx_front.rules.base import LinearOp, Refused, bn_channels, label
+from bnfold.onnx_front.rules.base import LinearOp, bn_channels, label
 from bnfold.report import Code
+from bnfold.rules.family import Refused
 
 
 def merges_leading_axes(shape_op: ir.Node, bn: ir.Node, linear: LinearOp, ir_version: int) -> bool:

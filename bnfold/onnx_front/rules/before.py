@@ -12,10 +12,9 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-import numpy as np
 import onnx_ir as ir
 
-from bnfold.affine import Affine
+from bnfold.core.affine import Affine
 from bnfold.onnx_front.folded import DeferredWeight
 from bnfold.onnx_front.rules.base import (
     LINEAR_OPS,
@@ -23,16 +22,20 @@ from bnfold.onnx_front.rules.base import (
     FoldPlan,
     LinearOp,
     MatchOptions,
-    Refused,
     batchnorm_affine,
     bn_channels,
     describe_linear,
+    label,
     make_plan,
+    name_of,
+    names,
     rank_of,
-    site_label,
 )
 from bnfold.onnx_front.rules.shape_ops import require_flattens_batch
-from bnfold.report import Code, Refusal
+from bnfold.report import Code, FoldKind, Refusal
+from bnfold.rules.before import exact_before
+from bnfold.rules.family import Refused
+from bnfold.sites import Site
 
 
 def linear_reader(bn: ir.Node) -> tuple[ir.Node, ...] | None:
@@ -61,7 +64,7 @@ def plan_before(
     hold: Callable[[DeferredWeight], bool],
 ) -> FoldPlan | Refusal:
     linear_node, between = chain[-1], (chain[0] if len(chain) == 2 else None)
-    site = site_label(bn, between, linear_node)
+    site = Site(FoldKind.ADJACENT, names(linear_node), label(bn), name_of(between), before=True)
     try:
         linear = describe_linear(linear_node, ir_version, options)
         per_channel = batchnorm_affine(bn, bn_channels(bn, ir_version), ir_version)
@@ -73,7 +76,7 @@ def plan_before(
             site, Direction.BEFORE, linear, bn, between, affine, options.rounding, hold
         )
     except Refused as refused:
-        return Refusal(site, refused.code, refused.detail)
+        return site.refusal(refused.code, refused.detail)
 
 
 def _spread_to_input_features(
@@ -91,7 +94,7 @@ def _spread_to_input_features(
     features = linear.in_channels
     channels = affine.scale.shape[0]
     if between is None:
-        data_rank = rank_of(linear.node.inputs[0])
+        data_rank = rank_of(linear.node.inputs[0], ir_version)
         if op == "MatMul" and data_rank != 2:
             raise Refused(
                 Code.NOT_PER_CHANNEL,
@@ -108,20 +111,11 @@ def _spread_to_input_features(
 
 
 def _require_exact_before(linear: LinearOp, affine: Affine) -> None:
-    """Zero padding reads zeros at the borders, never the shift: exact only if shift is 0."""
-    if not np.any(affine.shift != 0):
-        return
+    """Zero padding reads zeros at the borders, never the shift (:func:`exact_before`)."""
     node = linear.node
-    if node.op_type == "ConvTranspose":
-        raise Refused(
-            Code.ZERO_PADDING,
-            "ConvTranspose: border outputs receive fewer taps, so a nonzero shift changes them",
-        )
-    if node.op_type == "Conv":
-        pads = node.attributes.get_ints("pads", ())
-        auto_pad = node.attributes.get_string("auto_pad", "NOTSET")
-        if any(pads) or auto_pad in ("SAME_UPPER", "SAME_LOWER"):
-            raise Refused(
-                Code.ZERO_PADDING,
-                "Conv pads with zeros: the borders would see the BatchNorm's shift, not zeros",
-            )
+    pads = node.attributes.get_ints("pads", ())
+    auto_pad = node.attributes.get_string("auto_pad", "NOTSET")
+    padded = node.op_type == "Conv" and (any(pads) or auto_pad in ("SAME_UPPER", "SAME_LOWER"))
+    transposed = node.op_type == "ConvTranspose"
+    found = exact_before(affine.shift, node.op_type, transposed=transposed, zero_padded=padded)
+    Refused.check(found)

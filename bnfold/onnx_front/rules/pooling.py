@@ -5,7 +5,7 @@ Matches:  Conv | ConvTranspose -> AveragePool | GlobalAveragePool | MaxPool |
           pooled heads). The pool is left in place; the BN folds into the op
           before it, so ``pool(BN(y))`` replaces ``BN(pool(y))``.
 Produces: the after-fold of :mod:`.after`, through the pool.
-Refuses:
+Refuses (:mod:`bnfold.rules.pool`):
   POOL_PADDING    AveragePool with count_include_pad=1 and padding (or ceil_mode=1),
                   and a nonzero shift: a border window averages the shift with the
                   padding's zeros, so it no longer passes through unchanged
@@ -13,20 +13,19 @@ Refuses:
   TRAINING_MODE   MaxPool's Indices output is used (they would not change, but
                   bnfold does not reason about them)
 
-Why it is exact: every window of a pool reads one channel. An average is
-linear, so the scale passes through; the shift passes when the window's average
-of a constant is that constant, which holds unless padded zeros count in the
-divisor. A max commutes with ``s*y + t`` for every ``s >= 0``.
+Why it is exact, and the checks themselves: :mod:`bnfold.rules.pool`; this
+module reads an ONNX pool into its :class:`~bnfold.rules.pool.PoolSpec`.
 """
 
 from __future__ import annotations
 
-import numpy as np
 import onnx_ir as ir
 
-from bnfold.affine import Affine
-from bnfold.onnx_front.rules.base import LinearOp, Refused, label
+from bnfold.core.affine import Affine
+from bnfold.onnx_front.rules.base import LinearOp, label
 from bnfold.report import Code
+from bnfold.rules.family import Refused
+from bnfold.rules.pool import AVERAGE, MAX, PoolSpec, commute_refusal
 
 AVERAGE_POOLS = frozenset({"AveragePool", "GlobalAveragePool"})
 MAX_POOLS = frozenset({"MaxPool", "GlobalMaxPool"})
@@ -34,7 +33,8 @@ POOL_OPS = AVERAGE_POOLS | MAX_POOLS
 
 
 def require_pool_commutes(pool: ir.Node, linear: LinearOp, affine: Affine) -> None:
-    """Refuse unless ``pool(affine(y)) == affine(pool(y))`` for the linear op's output y.
+    """Refuse unless ``pool(affine(y)) == affine(pool(y))`` for the linear op's output y
+    (:func:`bnfold.rules.pool.commute_refusal`).
 
     Raises:
         Refused: POOL_PADDING, NEGATIVE_SCALE, TRAINING_MODE or NOT_PER_CHANNEL.
@@ -44,27 +44,22 @@ def require_pool_commutes(pool: ir.Node, linear: LinearOp, affine: Affine) -> No
             Code.NOT_PER_CHANNEL,
             f"{linear.node.op_type}'s channels are not axis 1, which {pool.op_type} keeps",
         )
+    Refused.check(commute_refusal(pool_spec(pool), affine))
+
+
+def pool_spec(pool: ir.Node) -> PoolSpec:
+    """An ONNX pooling node as the pool rule reads it."""
+    name = f"{pool.op_type} {label(pool)!r}"
     if pool.op_type in MAX_POOLS:
-        _require_max_commutes(pool, affine)
-    elif np.any(affine.shift != 0) and _padding_counts(pool):
-        raise Refused(
-            Code.POOL_PADDING,
-            f"{pool.op_type} {label(pool)!r} counts padded zeros in its average "
-            "(count_include_pad=1 with padding or ceil_mode): the shift would not pass",
-        )
-
-
-def _require_max_commutes(pool: ir.Node, affine: Affine) -> None:
-    if np.any(affine.scale < 0):
-        channel = int(np.flatnonzero(affine.scale < 0)[0])
-        raise Refused(
-            Code.NEGATIVE_SCALE,
-            f"{pool.op_type} {label(pool)!r}: BN scale is negative at channel {channel}, "
-            "and the max of a negated window is its negated min",
-        )
-    for extra in pool.outputs[1:]:
-        if extra.uses() or extra.is_graph_output():
-            raise Refused(Code.TRAINING_MODE, f"{label(pool)!r}'s Indices output is used")
+        used = any(extra.uses() or extra.is_graph_output() for extra in pool.outputs[1:])
+        indices = f"{label(pool)!r}'s Indices output is used" if used else ""
+        return PoolSpec(name, MAX, indices_read=indices)
+    return PoolSpec(
+        name,
+        AVERAGE,
+        divides_by_padding=_padding_counts(pool),
+        padding_cause="count_include_pad=1 with padding or ceil_mode",
+    )
 
 
 def _padding_counts(pool: ir.Node) -> bool:

@@ -11,10 +11,11 @@ import math
 
 import onnx_ir as ir
 
-from bnfold import layouts
+from bnfold.core import layouts
 from bnfold.onnx_front.constants import constant_array
-from bnfold.onnx_front.rules.base import LinearOp, Refused, label
+from bnfold.onnx_front.rules.base import LinearOp, label
 from bnfold.report import Code
+from bnfold.rules.family import Refused
 
 # Ops that only move elements around; a per-channel affine can pass them when the
 # channel axis provably stays a channel axis (see channel_block_through).
