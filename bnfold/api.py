@@ -36,7 +36,6 @@ from bnfold.onnx_front.passes import FoldAffinePass, FoldPassResult
 from bnfold.options import FoldOptions, lower_form_of, rounding_of
 from bnfold.outcomes import FoldOutcome, Inspection, InspectRun, Progress, tell
 from bnfold.outputs import (
-    data_file_of,
     require_safe_folder_report,
     require_safe_report,
     write_report,
@@ -186,7 +185,7 @@ def _fold_onnx_to(
 ) -> FoldOutcome:
     """An ONNX file or model object, folded and written to ``output`` (verified first)."""
     from_file = isinstance(source, str | os.PathLike)
-    writes = [paths.Named("output", Path(output)), data_file_of(output)]
+    writes = [paths.Named("output", Path(output))]
     reads = [paths.Named("input", Path(source))] if from_file else []
     in_place = (output, source) if options.in_place else None
     require_safe_report(options.report_path, writes, reads, in_place)

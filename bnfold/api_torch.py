@@ -16,7 +16,7 @@ from bnfold.compare import VerifyOptions
 from bnfold.errors import BnfoldError
 from bnfold.options import FoldOptions
 from bnfold.outcomes import FoldOutcome, Progress
-from bnfold.outputs import data_file_of, require_safe_report
+from bnfold.outputs import require_safe_report
 from bnfold.sources import SourceKind
 from bnfold.torch_front.files import ModuleSource, fold_torch_files
 from bnfold.torch_front.io import example_args, factory_source_file
@@ -45,8 +45,6 @@ def fold_to(
     """Fold a torch source of ``kind`` and write it to ``output`` (and ``options.to_onnx``)."""
     torch_source = _file_source(source, kind, output, example_inputs)
     writes = [paths.Named.of("output", output), paths.Named.of("output", options.to_onnx)]
-    if options.to_onnx is not None:
-        writes.append(data_file_of(options.to_onnx))
     require_safe_report(options.report_path, writes, _reads(torch_source))
     verify = (options.verify_options or VerifyOptions()) if options.verify else None
     if progress is not None:

@@ -56,6 +56,16 @@ def require_safe_report(
     ]
     report = paths.Named("--report", Path(report_path))
     paths.require_safe_outputs([*writes, report], [*reads, *data], in_place=in_place)
+    for named in writes:
+        if named is not None and named.path.suffix == ".onnx":
+            _require_not_the_data_of(report, named.path)
+
+
+def _require_not_the_data_of(report: paths.Named, model_file: Path) -> None:
+    """The report must not take the name the model's external data will be saved under."""
+    data = data_file_of(model_file)
+    if paths.same_file(report.path, data.path):
+        raise BnfoldError(f"--report {str(report.path)!r} is the {data.role} {str(data.path)!r}")
 
 
 def require_safe_folder_report(
