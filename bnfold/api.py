@@ -17,19 +17,14 @@ import onnx_ir as ir
 
 from bnfold import paths
 from bnfold.affine import Rounding
-from bnfold.compare import (
-    MAX_INPUT_BYTES,
-    SiteValue,
-    VerifyOptions,
-    require_well_formed,
-    verify_onnx,
-)
 from bnfold.errors import BnfoldError
 from bnfold.onnx_front import io
 from bnfold.onnx_front.lower import lower_unfolded
 from bnfold.onnx_front.match import MatchOptions
 from bnfold.onnx_front.passes import FoldAffinePass, FoldPassResult
+from bnfold.options import MAX_INPUT_BYTES, VerifyOptions
 from bnfold.report import FoldReport, FoldResult, LowerForm, VerifyResult
+from bnfold.verification import SiteValue, require_well_formed, verify_onnx
 
 TORCH_SUFFIXES = (".pt2", ".pt", ".pth")
 

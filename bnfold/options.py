@@ -7,6 +7,9 @@ import time, and ``bnfold --help`` must not wait for numpy, onnx or onnx_ir.
 from __future__ import annotations
 
 import enum
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 
 # Default cap on one sample of random inputs (all inputs together). Shapes come
 # from the model, and a declared 64x3x8192x8192 input alone is 48 GiB: past the
@@ -47,3 +50,35 @@ class LowerForm(str, enum.Enum):
 
     MUL_ADD = "mul-add"
     CONV = "conv"
+
+
+@dataclass(frozen=True)
+class VerifyOptions:
+    """How two models are compared.
+
+    Attributes:
+        atol: absolute tolerance.
+        rtol: relative tolerance (of max |original|) for every compared tensor;
+            None derives one per tensor from its dtype and the reductions behind
+            it (:mod:`bnfold.verification.tolerance`).
+        samples: how many random input draws (unused with ``inputs``).
+        seed: seed for the draws.
+        shapes: concrete shapes for inputs with dynamic dimensions (others use 1).
+        max_input_bytes: cap on one sample's random inputs, all inputs together;
+            past it the result is "not_verified" (inputs_too_large). A quarter
+            of it is the memory the original's results are held in; past it
+            they wait on disk.
+        inputs: the user's input file or folder (see :mod:`bnfold.verification.files`)
+            instead of random inputs.
+    """
+
+    atol: float = 0.0
+    rtol: float | None = None
+    samples: int = 3
+    seed: int = 0
+    shapes: Mapping[str, Sequence[int]] | None = None
+    max_input_bytes: int = MAX_INPUT_BYTES
+    inputs: str | os.PathLike[str] | None = None
+
+
+DEFAULT_VERIFY = VerifyOptions()

@@ -116,8 +116,8 @@ def _run(
     counts: dict[str, int],
     inputs: str | None = None,
 ) -> BenchReport:
-    from bnfold.compare import parse_shapes
     from bnfold.errors import BnfoldError
+    from bnfold.verification.inputs import parse_shapes
 
     with _ProgressBar(counts["runs"] >= _BAR_MIN_RUNS) as progress:
         if original.endswith(harness.TORCH_SUFFIXES):

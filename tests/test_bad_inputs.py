@@ -21,10 +21,11 @@ import pytest
 from onnx import helper, numpy_helper
 
 import bnfold
-from bnfold import BnfoldError, Code, compare
+from bnfold import BnfoldError, Code
 from bnfold.api import verify as verify_models
 from bnfold.onnx_front import io
 from bnfold.report import NotVerified
+from bnfold.verification import inputs as feeding
 from tests.conftest import assert_one_line_error, conv_bn_model, snapshot
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -189,18 +190,18 @@ def test_opset_onnxruntime_cannot_run_folds_but_is_not_verified(
 # --- inputs too large to verify ----------------------------------------------------
 
 
-def _spec(name: str, dims: list[int | None], dtype: type = np.float32) -> compare.InputSpec:
-    return compare.InputSpec(name, dtype, dims, "tensor(float)")
+def _spec(name: str, dims: list[int | None], dtype: type = np.float32) -> feeding.InputSpec:
+    return feeding.InputSpec(name, dtype, dims, "tensor(float)")
 
 
 def test_random_feeds_over_the_cap_raise_before_allocating(monkeypatch):
     def no_allocation(*args):
         raise AssertionError("random inputs were allocated")
 
-    monkeypatch.setattr(compare, "_random_array", no_allocation)
+    monkeypatch.setattr(feeding, "_random_array", no_allocation)
     inputs = [_spec("small", [1, 8]), _spec("image", [64, 3, 8192, 8192])]
-    with pytest.raises(compare.InputsTooLarge) as caught:
-        compare.random_feeds(inputs, np.random.default_rng(0), {}, max_bytes=1 << 30)
+    with pytest.raises(feeding.InputsTooLarge) as caught:
+        feeding.random_feeds(inputs, np.random.default_rng(0), {}, max_bytes=1 << 30)
     assert caught.value.largest.name == "image"
     assert caught.value.total == 64 * 3 * 8192 * 8192 * 4 + 8 * 4
     assert "all inputs of one sample" in str(caught.value)
@@ -209,14 +210,14 @@ def test_random_feeds_over_the_cap_raise_before_allocating(monkeypatch):
 def test_random_feeds_cap_counts_shape_overrides_and_dynamic_dims():
     inputs = [_spec("x", [None, 3, 1024, 1024])]  # dynamic batch: 1 -> 12 MiB
     rng = np.random.default_rng(0)
-    assert compare.random_feeds(inputs, rng, {}, max_bytes=12 << 20)["x"].shape == (
+    assert feeding.random_feeds(inputs, rng, {}, max_bytes=12 << 20)["x"].shape == (
         1,
         3,
         1024,
         1024,
     )
-    with pytest.raises(compare.InputsTooLarge, match="2x3x1024x1024"):
-        compare.random_feeds(inputs, rng, {"x": [2, 3, 1024, 1024]}, max_bytes=12 << 20)
+    with pytest.raises(feeding.InputsTooLarge, match="2x3x1024x1024"):
+        feeding.random_feeds(inputs, rng, {"x": [2, 3, 1024, 1024]}, max_bytes=12 << 20)
 
 
 @pytest.mark.parametrize(
@@ -239,22 +240,22 @@ def test_random_feeds_cap_counts_shape_overrides_and_dynamic_dims():
 )
 def test_a_shape_the_input_cannot_take_is_refused_by_name(dims, shape, message):
     with pytest.raises(BnfoldError) as caught:
-        compare.plan_feeds([_spec("x", dims)], {"x": shape})
+        feeding.plan_feeds([_spec("x", dims)], {"x": shape})
     assert str(caught.value) == f"--shape x: {message}"
 
 
 @pytest.mark.parametrize("dims", [[None, 3, None, None], []])
 def test_a_shape_that_fits_dynamic_or_unknown_dims_is_taken(dims):
     """onnxruntime reports an unknown rank as [] (like a scalar): any positive shape goes."""
-    plans = compare.plan_feeds([_spec("x", dims)], {"x": [2, 3, 5, 7]})
+    plans = feeding.plan_feeds([_spec("x", dims)], {"x": [2, 3, 5, 7]})
     assert plans[0].shape == (2, 3, 5, 7)
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float16, ml_dtypes.bfloat16, np.int64, np.bool_])
 def test_random_inputs_drawn_in_blocks_equal_one_draw(monkeypatch, dtype):
     """Blockwise drawing bounds memory but must not change what a seed gives."""
-    monkeypatch.setattr(compare, "_DRAW_BLOCK", 7)
-    got = compare.random_feeds([_spec("x", [3, 5, 4], dtype)], np.random.default_rng(5), {})["x"]
+    monkeypatch.setattr(feeding, "_DRAW_BLOCK", 7)
+    got = feeding.random_feeds([_spec("x", [3, 5, 4], dtype)], np.random.default_rng(5), {})["x"]
     rng = np.random.default_rng(5)
     if np.dtype(dtype).kind in "biu":
         want = rng.integers(0, 2, (3, 5, 4)).astype(dtype)

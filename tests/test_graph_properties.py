@@ -6,7 +6,7 @@ constant Mul/Add, in float32, float16 or float64 (onnxruntime's CPU Conv has no
 float64 kernel, so float64 graphs are the dense kind), with tiny shapes. Each
 one is folded with ``bnfold.fold`` and both models run in onnxruntime at
 ORT_DISABLE_ALL on the same input; the outputs must agree within
-``bnfold.compare.DEFAULT_RTOL`` of the output's scale, the default the CLI uses.
+``bnfold.verification.verdict.DEFAULT_RTOL`` of the output's scale, the default the CLI uses.
 
 Examples: 100 by default, 1000 with the "ci" profile (CI=true or
 HYPOTHESIS_PROFILE=ci, see conftest.py).
@@ -30,8 +30,8 @@ from hypothesis import strategies as st
 from onnx import helper, numpy_helper
 
 import bnfold
-from bnfold.compare import DEFAULT_RTOL
 from bnfold.report import Code
+from bnfold.verification.verdict import DEFAULT_RTOL
 
 DTYPES = {"float32": np.float32, "float16": np.float16, "float64": np.float64}
 ONNX_DTYPE = {"float32": onnx.TensorProto.FLOAT, "float16": onnx.TensorProto.FLOAT16,

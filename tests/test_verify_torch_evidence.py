@@ -15,7 +15,7 @@ from torch import nn  # noqa: E402
 
 import bnfold  # noqa: E402
 from bnfold.cli.main import main  # noqa: E402
-from bnfold.compare import VerifyOptions  # noqa: E402
+from bnfold.options import VerifyOptions  # noqa: E402
 from bnfold.torch_front import verify as checking  # noqa: E402
 from tests.test_torch_io import FACTORY, Net, randomize_bn, save_program  # noqa: E402
 

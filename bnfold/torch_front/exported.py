@@ -33,8 +33,8 @@ from bnfold.affine import (
     fold_after,
     fold_before,
 )
-from bnfold.compare import DEFAULT_VERIFY, VerifyOptions
 from bnfold.layouts import LayoutError
+from bnfold.options import DEFAULT_VERIFY, VerifyOptions
 from bnfold.report import (
     Code,
     Folded,

@@ -3,13 +3,13 @@
 Both run in eval mode under ``no_grad`` on the example inputs plus a few random
 draws of the same shapes, or on the user's input files. An output passes when
 ``max|folded - original| <= atol + rtol * max|original|`` (the rule of
-:mod:`bnfold.compare`), with rtol taken from the output dtype unless given.
+:mod:`bnfold.verification.verdict`), with rtol taken from the output dtype unless given.
 
 Each eager fold site is compared too, with forward hooks: the output of the
 module that now carries the fold (the ``nn.Identity`` left in the BN's place,
 which passes the linear module's output on; folding before, the linear module
 itself) against the same module path's output in the original. Its bound is
-derived as in :mod:`bnfold.tolerance`, with the reductions of every reducing
+derived as in :mod:`bnfold.verification.tolerance`, with the reductions of every reducing
 module that ran before it (an upper bound of those on its path).
 """
 
@@ -28,13 +28,14 @@ import torch
 from torch import nn
 from torch.utils import _pytree as pytree
 
-from bnfold.compare import VerifyOptions, abs_error, measured, summarize
-from bnfold.feeds import Expected, InputFiles
+from bnfold.options import VerifyOptions
 from bnfold.report import Code, OutputDiff, Refusal, VerifyResult
-from bnfold.tolerance import Reductions, derived_rtol, describe_basis
 from bnfold.torch_front.eager import Undo
 from bnfold.torch_front.modules import eval_mode
 from bnfold.torch_front.tensors import to_float64
+from bnfold.verification.files import Expected, InputFiles
+from bnfold.verification.tolerance import Reductions, derived_rtol, describe_basis, dtype_name
+from bnfold.verification.verdict import abs_error, measured, summarize
 
 EAGER_LEVEL = "eager"
 
@@ -290,11 +291,6 @@ def _errors(want: torch.Tensor, got: torch.Tensor | None) -> tuple[float, float]
     if got is None or got.shape != want.shape:
         return float("inf"), abs_error(ref, ref)[1]
     return abs_error(ref, to_float64(got))
-
-
-def dtype_name(dtype: torch.dtype) -> str:
-    """``torch.float32`` -> ``"float32"``: the key of :data:`bnfold.compare.DEFAULT_RTOL`."""
-    return str(dtype).removeprefix("torch.")
 
 
 def verify_with_rollback(

@@ -33,7 +33,7 @@ The bound, relative to the tensor's scale ``max|original|``::
   million elements, 5.1 for 300 million.
 
 The scale is the tensor's own ``max|original|``, or for a sum or difference its
-largest operand's (:meth:`bnfold.compare._Plan.rescale`): the rounding errors of
+largest operand's (:meth:`bnfold.verification.plan.Plan.rescale`): the rounding errors of
 ``a - b`` are relative to ``a`` and ``b``, not to a small difference. A
 cancellation further upstream is not seen; there ``--atol`` states the absolute
 error that is acceptable. Integer and boolean tensors have no rounding: their
@@ -45,6 +45,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Any
 
 import ml_dtypes
 import numpy as np
@@ -94,8 +95,15 @@ class Reductions:
         return f"K={self.length} over {self.depth} reductions"
 
 
-def dtype_name(dtype: np.dtype | type) -> str:
-    """``np.float32`` -> ``"float32"``, ``ml_dtypes.bfloat16`` -> ``"bfloat16"``."""
+def dtype_name(dtype: Any) -> str:
+    """The key of :data:`UNIT_ROUNDOFF` for a numpy or torch dtype.
+
+    ``np.float32`` -> ``"float32"``, ``ml_dtypes.bfloat16`` -> ``"bfloat16"``,
+    ``torch.float16`` -> ``"float16"``.
+    """
+    text = str(dtype)
+    if text.startswith("torch."):  # numpy cannot read torch dtypes; their names agree
+        return text.removeprefix("torch.")
     dt = np.dtype(dtype)
     return "bfloat16" if dt == ml_dtypes.bfloat16 else dt.name
 

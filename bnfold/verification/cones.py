@@ -1,7 +1,7 @@
 """What leads to each value of an ONNX graph: its reductions, and whether a discontinuous op does.
 
 Verification derives each compared tensor's tolerance from the reductions behind
-it (:mod:`bnfold.tolerance`) and judges a tensor downstream of a discontinuous
+it (:mod:`bnfold.verification.tolerance`) and judges a tensor downstream of a discontinuous
 op (NonMaxSuppression, TopK, a comparison...) by the fold sites instead of by
 its own difference. Both are one walk over the main graph in topological order.
 """
@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 import onnx_ir as ir
 
-from bnfold.tolerance import DISCONTINUOUS_OPS, Reductions
+from bnfold.verification.tolerance import DISCONTINUOUS_OPS, Reductions
 
 # Ops that sum over listed axes (all without axes); others are sized below.
 _REDUCE_OPS = frozenset(
