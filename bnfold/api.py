@@ -24,7 +24,7 @@ from bnfold.onnx_front.match import MatchOptions
 from bnfold.onnx_front.passes import FoldAffinePass, FoldPassResult
 from bnfold.options import MAX_INPUT_BYTES, VerifyOptions
 from bnfold.report import FoldReport, FoldResult, LowerForm, VerifyResult
-from bnfold.verification import SiteValue, require_well_formed, verify_onnx
+from bnfold.verification import require_well_formed, verify_fold, verify_onnx
 
 TORCH_SUFFIXES = (".pt2", ".pt", ".pth")
 
@@ -101,15 +101,8 @@ def fold(
     out = FoldResult(result.model, result.report)
     if reference is not None:
         # A path was loaded (and checked) by _onnx_model already.
-        out.verification = verify_onnx(
-            reference, out.model, verify_options, sites=site_values(out.report)
-        )
+        out.verification = verify_fold(reference, out.model, out.report, verify_options)
     return out
-
-
-def site_values(report: FoldReport) -> list[SiteValue]:
-    """The fold sites verification compares, from what the pass folded."""
-    return [SiteValue(f.value, f.site) for f in report.folded if f.value]
 
 
 def with_inputs(
@@ -234,9 +227,7 @@ def fold_file(
         if verify:
             # source was loaded and checked above and staged is our own output:
             # hand both straight to the runtimes instead of parsing them again.
-            result.verification = verify_onnx(
-                source, staged, options, sites=site_values(result.report)
-            )
+            result.verification = verify_fold(source, staged, result.report, options)
         return result.publishable(require_verified)
 
     written = io.save_model(result.model, output, external_data=keep_external, accept=accept)

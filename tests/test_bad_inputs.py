@@ -150,28 +150,43 @@ def _ir3(proto: onnx.ModelProto) -> onnx.ModelProto:
     return proto
 
 
+def _old_opset_model(tmp_path: Path, opset: int, ir_version: int, bn_attrs: dict) -> Path:
+    proto = conv_bn_model(opset=opset, ir_version=ir_version)
+    for key, value in bn_attrs.items():
+        proto.graph.node[1].attribute.append(helper.make_attribute(key, value))
+    if ir_version < 4:
+        _ir3(proto)
+    return _write(tmp_path / "model.onnx", proto)
+
+
 @pytest.mark.parametrize(
     ("opset", "ir_version", "bn_attrs"),
     [
         (1, 3, {"is_test": 1, "consumed_inputs": [0, 0, 0, 1, 1]}),
         (5, 3, {"is_test": 1}),
-        (99, 8, {}),
     ],
-    ids=["opset1", "opset5", "opset99"],
+    ids=["opset1", "opset5"],
 )
-def test_opset_onnxruntime_cannot_run_folds_but_is_not_verified(
+def test_opset_onnxruntime_cannot_run_is_verified_by_the_reference_evaluator(
+    cli, tmp_path, opset, ir_version, bn_attrs
+):
+    model = _old_opset_model(tmp_path, opset, ir_version, bn_attrs)
+    result = cli(["fold", model, "-o", tmp_path / "folded.onnx", "--json"])
+    assert result.exit_code == 0, result.output
+    verification = json.loads(result.stdout)["verification"]
+    assert verification["status"] == "passed", verification
+    assert verification["optimization_level"].startswith("onnx.reference")
+
+
+@pytest.mark.parametrize(("opset", "ir_version", "bn_attrs"), [(99, 8, {})], ids=["opset99"])
+def test_opset_no_runtime_knows_folds_but_is_not_verified(
     cli, tmp_path, opset, ir_version, bn_attrs
 ):
     """Fold still works; verification says "not verified" with onnxruntime's reason.
 
     Exit 0 and the fold is written; with --strict exit 1 and nothing written.
     """
-    proto = conv_bn_model(opset=opset, ir_version=ir_version)
-    for key, value in bn_attrs.items():
-        proto.graph.node[1].attribute.append(helper.make_attribute(key, value))
-    if ir_version < 4:
-        _ir3(proto)
-    model = _write(tmp_path / "model.onnx", proto)
+    model = _old_opset_model(tmp_path, opset, ir_version, bn_attrs)
     before = model.read_bytes()
     out = tmp_path / "folded.onnx"
     result = cli(["fold", model, "-o", out, "--json"])
@@ -462,11 +477,22 @@ def test_nan_or_inf_refuses_that_fold_and_folds_the_rest(cli, tmp_path, field, v
     assert cli_result.exit_code == 0, cli_result.output
     payload = json.loads(cli_result.stdout)
     assert payload["report"]["refused"][0]["code"] == "bad_values"
-    assert payload["verification"]["status"] == "passed"
+    if field == "var" and np.isinf(values).any():  # that channel is its bias: still finite
+        assert payload["verification"]["status"] == "passed"
+    else:
+        _assert_no_evidence(payload["verification"])
     folded_ops = [n.op_type for n in onnx.load(out).graph.node]
     assert folded_ops == ["Conv", "BatchNormalization", "Conv"]
     after = snapshot(tmp_path)
     assert {k: v for k, v in after.items() if k != "folded.onnx"} == before
+
+
+def _assert_no_evidence(verification: dict) -> None:
+    """bn1's non-finite channel reaches every value conv2 computes: each compared tensor
+    is NaN or infinite throughout, in both models, so agreeing proves nothing."""
+    assert verification["status"] == "not_verified", verification
+    assert verification["reason_code"] == "no_evidence"
+    assert not any(r["evidence"] for r in verification["outputs"] + verification["sites"])
 
 
 def _with_epsilon(proto: onnx.ModelProto, eps: float) -> onnx.ModelProto:
@@ -485,7 +511,7 @@ def test_var_plus_eps_not_positive_refuses_that_fold(cli, tmp_path, var, eps):
     model = _write(tmp_path / "model.onnx", proto)
     result = cli(["fold", model, "-o", tmp_path / "folded.onnx", "--json"])
     assert result.exit_code == 0, result.output
-    assert json.loads(result.stdout)["verification"]["status"] == "passed"
+    _assert_no_evidence(json.loads(result.stdout)["verification"])
     report = json.loads(result.stdout)["report"]
     assert [r["code"] for r in report["refused"]] == ["bad_values"]
     assert [f["site"] for f in report["folded"]] == ["conv2 -> bn2"]
@@ -531,12 +557,15 @@ def test_bn_parameter_of_wrong_rank_is_refused(tmp_path):
     ("c_in", "c_out"), [(0, 4), (3, 0)], ids=["no_in_channels", "no_out_channels"]
 )
 def test_zero_size_tensors_fold_and_verify(cli, tmp_path, c_in, c_out):
+    """No input channels: the output is the bias whatever the input. No output channels:
+    nothing is computed. Either way the comparison carries no evidence."""
     model = _write(tmp_path / "model.onnx", conv_bn_model(c_in=c_in, c_out=c_out))
     result = cli(["fold", model, "-o", tmp_path / "folded.onnx", "--json"])
     assert result.exit_code == 0, result.output
     payload = json.loads(result.stdout)
     assert len(payload["report"]["folded"]) == 1
-    assert payload["verification"]["status"] == "passed"
+    verification = payload["verification"]
+    assert (verification["status"], verification["reason_code"]) == ("not_verified", "no_evidence")
 
 
 def test_zero_size_spatial_input_folds(cli, tmp_path):

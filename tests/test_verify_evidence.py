@@ -237,7 +237,8 @@ def test_fold_json_names_the_value_each_site_is_compared_at(tmp_path):
 
 
 def _diff(max_abs: float, scale: float = 1.0, dtype: str = "float32") -> TensorDiff:
-    return TensorDiff(max_abs, scale, dtype, 100)
+    """A compared tensor whose original values spanned [-scale, scale]."""
+    return TensorDiff(max_abs, scale, dtype, 100, lowest=-scale, highest=scale)
 
 
 def test_discontinuous_output_that_differs_is_vouched_for_by_sites_within_bounds():
@@ -577,7 +578,7 @@ def test_without_a_fold_report_a_bn_the_fold_no_longer_names_leaves_the_sites_in
     assert [f.pattern for f in result.report.folded] == ["BatchNormalization+Conv"]
     folded = tmp_path / "f.onnx"
     ir.save(result.model, folded)
-    from bnfold.api import site_values
+    from bnfold.verification import site_values
 
     with_report = plan.Plan.of(original, folded, site_values(result.report))
     without = plan.Plan.of(original, folded, None)

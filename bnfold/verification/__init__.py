@@ -10,19 +10,22 @@ The torch front compares with the same verdict (:mod:`bnfold.torch_front.verify`
 from __future__ import annotations
 
 from bnfold.options import DEFAULT_VERIFY, VerifyOptions
-from bnfold.verification.driver import verify_onnx
+from bnfold.verification.driver import site_values, verify_fold, verify_onnx
 from bnfold.verification.inputs import InputsTooLarge, parse_shapes
 from bnfold.verification.runtimes import OriginalFails
-from bnfold.verification.verdict import SiteValue
+from bnfold.verification.verdict import Certificate, SiteValue
 from bnfold.verification.wellformed import require_well_formed
 
 __all__ = [
     "DEFAULT_VERIFY",
+    "Certificate",
     "InputsTooLarge",
     "OriginalFails",
     "SiteValue",
     "VerifyOptions",
     "parse_shapes",
     "require_well_formed",
+    "site_values",
+    "verify_fold",
     "verify_onnx",
 ]

@@ -20,7 +20,9 @@ import numpy as np
 
 from bnfold.errors import BnfoldError
 from bnfold.options import VerifyOptions
+from bnfold.report import FedInput
 from bnfold.verification.files import InputFiles, expected_of
+from bnfold.verification.tolerance import dtype_name
 
 # Elements drawn at a time: the float64/int64 draw behind a narrower input
 # dtype then takes one block beside the result, not a second full-size array.
@@ -29,12 +31,17 @@ _DRAW_BLOCK = 1 << 20
 
 @dataclass(frozen=True)
 class InputSpec:
-    """One input a caller must feed: name, numpy dtype (None if unsupported), dims."""
+    """One input a caller must feed: name, numpy dtype (None if unsupported), dims.
+
+    ``symbols`` names each dynamic dimension (its ``dim_param``; None where the
+    model gives none): dimensions named alike are fed one size.
+    """
 
     name: str
     dtype: Any
     dims: list[int | None]
     type_name: str
+    symbols: tuple[str | None, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -156,21 +163,43 @@ class FeedSource:
     seed and come out the same.
     """
 
-    def __init__(self, inputs: list[InputSpec], options: VerifyOptions) -> None:
+    def __init__(
+        self,
+        inputs: list[InputSpec],
+        options: VerifyOptions,
+        shapes: Mapping[str, Sequence[int]] | None = None,
+        note: str = "",
+    ) -> None:
         self.options = options
         self.files: InputFiles | None = None
+        self.note = note
+        self._seen: dict[str, FedInput] = {}
         if options.inputs is not None:
             if options.shapes:
                 raise BnfoldError("--shape sets the shapes of random inputs; --inputs has its own")
             self.files = InputFiles.open(options.inputs)
             self.expected = expected_of(inputs)
         else:
-            self.plans = plan_feeds(inputs, options.shapes or {})
+            self.plans = plan_feeds(inputs, (options.shapes or {}) if shapes is None else shapes)
             require_within(self.plans, options.max_input_bytes)
 
     @classmethod
-    def of(cls, inputs: list[InputSpec], options: VerifyOptions) -> FeedSource:
-        return cls(inputs, options)
+    def of(
+        cls,
+        inputs: list[InputSpec],
+        options: VerifyOptions,
+        shapes: Mapping[str, Sequence[int]] | None = None,
+        note: str = "",
+    ) -> FeedSource:
+        """The samples of ``options`` (files, or draws of ``shapes``: by default ``--shape``)."""
+        return cls(inputs, options, shapes, note)
+
+    @property
+    def fed(self) -> list[FedInput]:
+        """Each input's shapes as fed so far (random: as planned)."""
+        if self.files is None:
+            return [FedInput(p.name, dtype_name(p.dtype), [list(p.shape)]) for p in self.plans]
+        return list(self._seen.values())
 
     @property
     def count(self) -> int:
@@ -185,11 +214,19 @@ class FeedSource:
 
     def samples(self) -> Iterator[dict[str, np.ndarray]]:
         if self.files is not None:
-            yield from self.files.samples(self.expected)
+            for sample in self.files.samples(self.expected):
+                self._record(sample)
+                yield sample
             return
         rng = np.random.default_rng(self.options.seed)
         for _ in range(self.options.samples):
             yield {p.name: _random_array(rng, p.shape, p.dtype) for p in self.plans}
+
+    def _record(self, sample: dict[str, np.ndarray]) -> None:
+        for name, array in sample.items():
+            entry = self._seen.setdefault(name, FedInput(name, dtype_name(array.dtype), []))
+            if list(array.shape) not in entry.shapes:
+                entry.shapes.append(list(array.shape))
 
 
 def _random_array(rng: np.random.Generator, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:

@@ -9,13 +9,15 @@ values is measured against.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import onnx_ir as ir
 
+from bnfold.errors import BnfoldError
 from bnfold.onnx_front.io import quiet_ir_logs
 from bnfold.verification.cones import Cones, analyse
+from bnfold.verification.tolerance import dtype_name
 from bnfold.verification.verdict import SiteValue, TensorDiff
 from bnfold.verification.wellformed import require_well_formed
 
@@ -37,6 +39,8 @@ class Plan:
         ref_model, new_model = load_or_none(ref_path), load_or_none(new_path)
         if ref_model is not None:
             require_well_formed(ref_model.graph)
+        if ref_model is not None and new_model is not None:
+            require_same_interface(ref_model.graph, new_model.graph)
         compared = _comparable_sites(ref_model, new_model, sites)
         cones = analyse(ref_model) if ref_model is not None else Cones()
         # A value the fold removed (a BN parameter the exporter passed through
@@ -112,7 +116,80 @@ def _comparable_sites(
             for value, (op, node) in original.items()
             if op == "BatchNormalization" and folded.get(value, (op, ""))[0] != op
         ]
-    return [s for s in sites if s.value in original and s.value in folded]
+    return [
+        replace(s, channel_axis=_channel_axis(new.graph, s.value))
+        for s in sites
+        if s.value in original and s.value in folded
+    ]
+
+
+# Where the output channels of the op now carrying a fold lie.
+_CHANNEL_AXIS = {"Conv": 1, "ConvTranspose": 1, "Gemm": 1, "MatMul": -1, "BatchNormalization": 1}
+
+
+def _channel_axis(graph: ir.Graph, value: str) -> int | None:
+    """The output-channel axis of the op computing ``value`` in ``graph`` (None: unknown)."""
+    for node in graph:
+        if any(v.name == value for v in node.outputs):
+            return _CHANNEL_AXIS.get(node.op_type)
+    return None
+
+
+def require_same_interface(original: ir.Graph, folded: ir.Graph) -> None:
+    """Refuse two models whose inputs or outputs differ in name, dtype or rank.
+
+    Comparing them numerically would report a meaningless FAILED: this is a
+    mistake in what was given (two unrelated models, say), so it is bad input.
+
+    Raises:
+        BnfoldError: "the interfaces differ: ..." naming each difference.
+    """
+    problems = _differences(
+        "input", _interface(original.inputs, original), _interface(folded.inputs, folded)
+    )
+    problems += _differences("output", _interface(original.outputs), _interface(folded.outputs))
+    if problems:
+        raise BnfoldError(f"the interfaces differ: {'; '.join(problems)}")
+
+
+def _interface(
+    values: Sequence[ir.Value], graph: ir.Graph | None = None
+) -> dict[str, tuple[str | None, int | None]]:
+    """name -> (dtype, rank) of each value, None where unknown (initializers listed as
+    inputs left out)."""
+    skip = set(graph.initializers) if graph is not None else set()
+    return {
+        v.name: (
+            _dtype_name(v.dtype) if v.dtype is not None else None,
+            len(v.shape) if v.shape is not None else None,
+        )
+        for v in values
+        if v.name and v.name not in skip
+    }
+
+
+def _dtype_name(dtype: ir.DataType) -> str:
+    """``FLOAT`` -> ``"float32"``, as verification names dtypes elsewhere."""
+    try:
+        return dtype_name(dtype.numpy())
+    except TypeError:  # strings and other types numpy has no dtype for
+        return dtype.name.lower()
+
+
+def _differences(
+    kind: str,
+    a: dict[str, tuple[str | None, int | None]],
+    b: dict[str, tuple[str | None, int | None]],
+) -> list[str]:
+    out = [f"{kind} {n!r} only in the original" for n in a if n not in b]
+    out += [f"{kind} {n!r} only in the folded model" for n in b if n not in a]
+    for name in (n for n in a if n in b):
+        (dtype_a, rank_a), (dtype_b, rank_b) = a[name], b[name]
+        if None not in (dtype_a, dtype_b) and dtype_a != dtype_b:
+            out.append(f"{kind} {name!r} is {dtype_a} vs {dtype_b}")
+        if None not in (rank_a, rank_b) and rank_a != rank_b:
+            out.append(f"{kind} {name!r} has rank {rank_a} vs {rank_b}")
+    return out
 
 
 def _removed_batchnorms(ref: ir.Model | None, new: ir.Model | None) -> int:

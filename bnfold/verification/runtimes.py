@@ -144,7 +144,9 @@ class _OrtRuntime:
 
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-        options.log_severity_level = 3
+        # Fatal only: a kernel that fails logs an ANSI-coloured error line of its own,
+        # and the exception it raises says the same in the one line bnfold prints.
+        options.log_severity_level = 4
         options.enable_cpu_mem_arena = False
         source: str | bytes = str(path)
         self.declared: list[str] | None = None
@@ -183,14 +185,18 @@ class _ReferenceRuntime:
             self.proto = onnx.load(str(path))
         except Exception as err:
             raise RuntimeFailure(first_line(err)) from None
+        _drop_absent_outputs(self.proto.graph)
         self.outputs = [o.name for o in self.proto.graph.output]
         newest = onnx.defs.onnx_opset_version()
         for opset in self.proto.opset_import:
             if opset.domain in ("", "ai.onnx") and opset.version > newest:
                 # Unknown future semantics: running it with today's kernels proves nothing.
                 raise RuntimeFailure(f"opset {opset.version} is newer than onnx knows ({newest})")
+        from bnfold.verification.reference_ops import batch_normalization, read_values
+
         try:
-            self.evaluator = ReferenceEvaluator(self.proto)
+            new_ops = [batch_normalization(read_values(self.proto.graph))]
+            self.evaluator = ReferenceEvaluator(self.proto, new_ops=new_ops)
         except Exception as err:  # the evaluator raises assorted types
             raise RuntimeFailure(first_line(err)) from None
 
@@ -208,7 +214,8 @@ class _ReferenceRuntime:
                 onnx.helper.tensor_dtype_to_np_dtype(tensor.elem_type) if tensor.elem_type else None
             )
             dims = [d.dim_value if d.HasField("dim_value") else None for d in tensor.shape.dim]
-            specs.append(InputSpec(value.name, dtype, dims, str(tensor.elem_type)))
+            symbols = tuple(d.dim_param or None for d in tensor.shape.dim)
+            specs.append(InputSpec(value.name, dtype, dims, str(tensor.elem_type), symbols))
         return specs
 
     def output_names(self) -> list[str]:
@@ -219,16 +226,36 @@ class _ReferenceRuntime:
         return list(self.evaluator.run(names, feeds))
 
 
+def _drop_absent_outputs(graph: Any) -> None:
+    """Drop the trailing empty output names of every node, subgraphs included.
+
+    An empty name is an optional output left out (old exporters write a
+    BatchNormalization's as ``["Y", ""]``), but the reference evaluator counts
+    it: a BatchNormalization with two outputs runs in training mode there.
+    """
+    for node in graph.node:
+        while node.output and not node.output[-1]:
+            node.output.pop()
+        for attr in node.attribute:
+            for sub in [attr.g] if attr.HasField("g") else list(attr.graphs):
+                _drop_absent_outputs(sub)
+
+
 def ort_input_specs(session: Any) -> list[InputSpec]:
     """What an onnxruntime session wants fed: name, numpy dtype, dims (None if dynamic)."""
     return [
-        InputSpec(i.name, _ORT_TYPES.get(i.type), _dims(i.shape), i.type)
+        InputSpec(i.name, _ORT_TYPES.get(i.type), _dims(i.shape), i.type, _symbols(i.shape))
         for i in session.get_inputs()
     ]
 
 
 def _dims(shape: Sequence[Any]) -> list[int | None]:
     return [d if isinstance(d, int) and d >= 0 else None for d in shape]
+
+
+def _symbols(shape: Sequence[Any]) -> tuple[str | None, ...]:
+    # onnxruntime names an unnamed dynamic dim "unk__N": unique, like no name at all.
+    return tuple(d if isinstance(d, str) and d else None for d in shape)
 
 
 def _model_bytes(path: Path) -> int:
@@ -245,7 +272,7 @@ class Held:
     """
 
     def __init__(self, budget: int) -> None:
-        self.budget = budget
+        self.budget = self._whole = budget
         self.samples: list[list[Any]] = []
         self._tmp: tempfile.TemporaryDirectory[str] | None = None
 
@@ -273,6 +300,15 @@ class Held:
         """Sample ``i``'s results (spilled ones memory-mapped), no longer held here."""
         values, self.samples[i] = self.samples[i], []
         return [np.load(v, mmap_mode="r") if isinstance(v, Path) else v for v in values]
+
+    def get(self, i: int) -> list[Any]:
+        """Sample ``i``'s results (spilled ones memory-mapped), still held for a later reader."""
+        return [np.load(v, mmap_mode="r") if isinstance(v, Path) else v for v in self.samples[i]]
+
+    def clear(self) -> None:
+        """Forget every sample (a failed run's partial results); the budget is whole again."""
+        self.samples.clear()
+        self.budget = self._whole
 
     def _spill(self, value: np.ndarray, name: str) -> Path:
         if self._tmp is None:
