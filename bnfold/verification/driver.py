@@ -242,7 +242,7 @@ def _feed_original(
         _Unusable: a well-formed original failed on every shape tried.
     """
     if options.inputs is not None:
-        feeds = FeedSource.of(inputs, options)
+        feeds = FeedSource(inputs, options)
         try:
             _run_all(ref, wanted, feeds, expected)
         except OriginalFailed as err:
@@ -253,7 +253,7 @@ def _feed_original(
     too_large: InputsTooLarge | None = None
     for choice in choices(inputs, options.shapes or {}, proto.when_needed(inputs, options)):
         try:
-            feeds = FeedSource.of(inputs, options, choice.shapes, choice.note)
+            feeds = FeedSource(inputs, options, choice.shapes, choice.note)
         except InputsTooLarge as err:
             too_large = too_large or err
             continue

@@ -183,17 +183,6 @@ class FeedSource:
             self.plans = plan_feeds(inputs, (options.shapes or {}) if shapes is None else shapes)
             require_within(self.plans, options.max_input_bytes)
 
-    @classmethod
-    def of(
-        cls,
-        inputs: list[InputSpec],
-        options: VerifyOptions,
-        shapes: Mapping[str, Sequence[int]] | None = None,
-        note: str = "",
-    ) -> FeedSource:
-        """The samples of ``options`` (files, or draws of ``shapes``: by default ``--shape``)."""
-        return cls(inputs, options, shapes, note)
-
     @property
     def fed(self) -> list[FedInput]:
         """Each input's shapes as fed so far (random: as planned)."""
