@@ -59,15 +59,15 @@ def nudged(values: np.ndarray, rng: np.random.Generator, ulps: int = 1) -> np.nd
 
     Works on the bit pattern (one step of the integer view is one ulp of the
     magnitude), so it serves float16, bfloat16, float32 and float64 alike.
-    Zeros, non-finite values, values within ``ulps`` steps of zero and a step
-    that would overflow stay as they are.
+    Zeros, non-finite values, values fewer than ``ulps`` steps from zero (the step
+    would cross it) and a step that would overflow stay as they are.
     """
     unsigned = np.ascontiguousarray(values).view(_UNSIGNED[values.dtype.itemsize])
     magnitude = unsigned & ~_sign_bit(unsigned.dtype)
     step = (rng.integers(0, 2, unsigned.shape, dtype=np.int64) * 2 - 1) * ulps
     moved = (unsigned.astype(np.int64) + step).astype(unsigned.dtype).view(values.dtype)
     with np.errstate(invalid="ignore", over="ignore"):
-        keep = ~np.isfinite(values) | ~np.isfinite(moved) | (magnitude <= ulps)
+        keep = ~np.isfinite(values) | ~np.isfinite(moved) | (values == 0) | (magnitude < ulps)
     return np.where(keep, values, moved).astype(values.dtype)
 
 
