@@ -24,7 +24,6 @@ float64 copy of every activation cost more than the forwards.
 from __future__ import annotations
 
 import contextlib
-import copy
 import inspect as pyinspect
 import os
 from collections.abc import Callable, Iterator, Sequence
@@ -41,11 +40,12 @@ from bnfold.options import VerifyOptions
 from bnfold.report import Code, FedInput, OutputDiff, Refusal, VerifyResult
 from bnfold.torch_front.eager import Undo
 from bnfold.torch_front.modules import eval_mode
-from bnfold.verification.calibrate import SEED, nudged
+from bnfold.verification.calibrate import SEED
 from bnfold.verification.cones import Cones
 from bnfold.verification.files import Expected, InputFiles
 from bnfold.verification.tolerance import dtype_name
 from bnfold.verification.torch_flow import Captured, Flow, FlowTracer, RoundingNudger
+from bnfold.verification.torch_measure import Known, difference, known_of, nudged_copy
 from bnfold.verification.verdict import (
     Measure,
     SiteValue,
@@ -74,17 +74,17 @@ class Reference:
     frontier: list[list[Captured]] = field(default_factory=list)
     inputs: str = ""
     fed: list[FedInput] = field(default_factory=list)
-    _known: dict[tuple[int, str], _Known] = field(default_factory=dict)
+    _known: dict[tuple[int, str], Known] = field(default_factory=dict)
 
     def known(
         self, sample: int, name: str, want: torch.Tensor, channel_axis: int | None = None
-    ) -> _Known:
+    ) -> Known:
         """What sample ``sample``'s original ``want`` (called ``name``) says by itself,
         worked out once for every check against this reference."""
         key = (sample, name)
         if key not in self._known:
             first = self._first(name) if sample else None
-            self._known[key] = _known(want, first, sample, channel_axis)
+            self._known[key] = known_of(want, first, sample, channel_axis)
         return self._known[key]
 
     def _first(self, name: str) -> torch.Tensor | None:
@@ -370,34 +370,6 @@ def _state_of(module: nn.Module) -> tuple[tuple[str, int, int], ...]:
     return tuple((name, id(t), t._version) for name, t in tensors)
 
 
-def nudged_copy(module: nn.Module, seed: int = SEED) -> nn.Module:
-    """A copy of ``module`` with every floating parameter and buffer nudged by one ulp."""
-    shadow = copy.deepcopy(module)
-    rng = np.random.default_rng(seed)
-    with torch.no_grad():
-        for t in [*shadow.parameters(), *shadow.buffers()]:
-            if t.is_floating_point() and t.numel():
-                t.copy_(_nudged_tensor(t, rng))
-    return shadow
-
-
-_INT_VIEWS = {2: torch.int16, 4: torch.int32, 8: torch.int64}
-
-
-def _nudged_tensor(t: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
-    """:func:`~bnfold.verification.calibrate.nudged` of a tensor of any float dtype."""
-    bits = t.detach().cpu().contiguous().view(_INT_VIEWS[t.element_size()]).numpy()
-    like = np.dtype(f"f{t.element_size()}") if t.dtype != torch.bfloat16 else _bfloat16()
-    moved = nudged(bits.view(like), rng).view(bits.dtype)
-    return torch.from_numpy(moved.copy()).view(t.dtype).to(t.device)
-
-
-def _bfloat16() -> np.dtype:
-    import ml_dtypes
-
-    return np.dtype(ml_dtypes.bfloat16)
-
-
 # Frontier values are named "frontier <op>#<call>[<input>]".
 _FRONTIER = "frontier "
 
@@ -454,86 +426,10 @@ def _include(
     """Add sample ``sample`` of one compared tensor to its row."""
     known = ref.known(sample, name, want, channel_axis)
     diff = diffs.setdefault(name, TensorDiff(channel_axis=channel_axis))
-    measured = Measure(_difference(want, got, known), known.scale, known.lowest, known.highest)
+    measured = Measure(difference(want, got, known), known.scale, known.lowest, known.highest)
     diff.include(measured, dtype_name(want.dtype), want.numel(), known.peaks)
     if known.changed is not None:
         diff.note_sample(known.changed)
-
-
-@dataclass(frozen=True)
-class _Known:
-    """What one sample's original tensor says by itself, whatever the fold."""
-
-    finite: bool
-    scale: float
-    lowest: float
-    highest: float
-    changed: bool | None  # differs from the first sample's (None: it is the first)
-    peaks: np.ndarray | None  # max |value| per channel, for a site
-
-
-def _known(
-    want: torch.Tensor, first: torch.Tensor | None, sample: int, channel_axis: int | None
-) -> _Known:
-    r = _widened(want)
-    finite = bool(torch.isfinite(r).all())
-    if r.numel() == 0:
-        lowest, highest, scale = float("inf"), float("-inf"), 0.0
-    elif finite:
-        lo, hi = torch.aminmax(r)
-        lowest, highest = float(lo), float(hi)
-        scale = max(abs(lowest), abs(highest))
-    else:
-        lowest, highest, scale = _finite_range(r)
-    changed = None
-    if sample:
-        changed = first is None or first.shape != want.shape or not torch.equal(first, want)
-    peaks = _channel_peaks(want, channel_axis) if channel_axis is not None else None
-    return _Known(finite, scale, lowest, highest, changed, peaks)
-
-
-def _difference(want: torch.Tensor, got: torch.Tensor | None, known: _Known) -> float:
-    """max |got - want| in the tensors' own precision (fp16/bf16 widened to float32).
-
-    The difference of two nearly equal floats is exact; a NaN where the original
-    has none, a missing tensor or another shape count as infinite.
-    """
-    if got is None or got.shape != want.shape:
-        return float("inf")
-    if want.numel() == 0:
-        return 0.0
-    r, n = _widened(want), _widened(got)
-    if known.finite:
-        worst = float((r - n).abs().max())
-        return worst if worst == worst else float("inf")
-    agree = (r == n) | (torch.isnan(r) & torch.isnan(n))  # also equal infinities
-    return float(torch.where(agree, 0, (r - n).abs()).nan_to_num(nan=float("inf")).max())
-
-
-def _finite_range(r: torch.Tensor) -> tuple[float, float, float]:
-    """(lowest, highest, max |value|) over the finite values of ``r``."""
-    finite = torch.isfinite(r)
-    if not bool(finite.any()):
-        return float("inf"), float("-inf"), 0.0
-    lowest = float(torch.where(finite, r, float("inf")).min())
-    highest = float(torch.where(finite, r, float("-inf")).max())
-    return lowest, highest, max(abs(lowest), abs(highest))
-
-
-def _widened(t: torch.Tensor) -> torch.Tensor:
-    t = t.detach()
-    return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
-
-
-def _channel_peaks(want: torch.Tensor, axis: int) -> np.ndarray | None:
-    """max |want| per index of ``axis`` over finite values (None: no such axis)."""
-    if want.dim() <= axis or want.numel() == 0:
-        return None
-    r = _widened(want).abs()
-    if not bool(torch.isfinite(r).all()):
-        r = torch.where(torch.isfinite(r), r, 0)
-    others = [d for d in range(r.dim()) if d != axis]
-    return r.amax(dim=others).double().cpu().numpy() if others else None
 
 
 def verify_with_rollback(

@@ -205,11 +205,17 @@ class RoundingNudger(TorchDispatchMode):
         return ref is not None and ref() is t
 
     def _moved(self, t: Any) -> Any:
-        if not isinstance(t, torch.Tensor) or t.dtype not in _INT_VIEWS or t._is_view():
+        if not isinstance(t, torch.Tensor) or t._is_view():
             return t
-        if t.numel() == 0 or t.device.type != "cpu":
-            return t
-        step = torch.randint(0, 2, t.shape, generator=self._gen, dtype=_INT_VIEWS[t.dtype]) * 2 - 1
-        moved = (t.contiguous().view(_INT_VIEWS[t.dtype]) + step).view(t.dtype)
-        keep = (t == 0) | ~torch.isfinite(t) | ~torch.isfinite(moved)
-        return torch.where(keep, t, moved)
+        return nudged_tensor(t, self._gen)
+
+
+def nudged_tensor(t: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """``t`` with every nonzero finite element moved one ulp up or down at random (a new
+    tensor; other dtypes, empty and non-CPU tensors come back as they are)."""
+    if t.dtype not in _INT_VIEWS or t.numel() == 0 or t.device.type != "cpu":
+        return t
+    step = torch.randint(0, 2, t.shape, generator=gen, dtype=_INT_VIEWS[t.dtype]) * 2 - 1
+    moved = (t.contiguous().view(_INT_VIEWS[t.dtype]) + step).view(t.dtype)
+    keep = (t == 0) | ~torch.isfinite(t) | ~torch.isfinite(moved)
+    return torch.where(keep, t, moved)
