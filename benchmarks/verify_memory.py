@@ -30,7 +30,7 @@ CHILD = """
 import sys
 sys.path.insert(0, {root!r})
 import bnfold.api as api
-from bnfold.compare import VerifyOptions
+from bnfold.options import VerifyOptions
 assert api.__file__.startswith({root!r}), api.__file__
 result, written = api.fold_file({src!r}, {out!r}, verify={verify},
                                 verify_options=VerifyOptions(samples={samples}))

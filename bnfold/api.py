@@ -21,19 +21,12 @@ import onnx_ir as ir
 
 from bnfold import paths
 from bnfold.affine import Rounding
-from bnfold.compare import (
-    MAX_INPUT_BYTES,
-    SiteValue,
-    VerifyOptions,
-    require_well_formed,
-    verify_onnx,
-)
 from bnfold.errors import BnfoldError
 from bnfold.onnx_front import io
 from bnfold.onnx_front.lower import lower_unfolded
 from bnfold.onnx_front.match import MatchOptions
 from bnfold.onnx_front.passes import FoldAffinePass, FoldPassResult
-from bnfold.options import FoldOptions, lower_form_of, rounding_of
+from bnfold.options import MAX_INPUT_BYTES, FoldOptions, VerifyOptions, lower_form_of, rounding_of
 from bnfold.outcomes import FoldOutcome, Inspection, InspectRun, Progress, tell
 from bnfold.outputs import (
     require_safe_folder_report,
@@ -49,6 +42,7 @@ from bnfold.sources import (
     is_onnx_model,
     kind_of,
 )
+from bnfold.verification import require_well_formed, verify_fold, verify_onnx
 
 if TYPE_CHECKING:
     from bnfold.batch import BatchReport
@@ -227,9 +221,7 @@ def _fold_and_save(
             tell(progress, "verifying")
             # reference was checked when it was loaded and staged is our own
             # output: hand both straight to the runtimes instead of parsing them again.
-            result.verification = verify_onnx(
-                reference, staged, verify_options, sites=site_values(result.report)
-            )
+            result.verification = verify_fold(reference, staged, result.report, verify_options)
         return result.publishable(options.require_verified)
 
     tell(progress, "writing")
@@ -362,15 +354,8 @@ def fold(
     out = FoldResult(result.model, result.report)
     if reference is not None:
         # A path was loaded (and checked) by _onnx_model already.
-        out.verification = verify_onnx(
-            reference, out.model, options.verify_options, sites=site_values(out.report)
-        )
+        out.verification = verify_fold(reference, out.model, out.report, options.verify_options)
     return out
-
-
-def site_values(report: FoldReport) -> list[SiteValue]:
-    """The fold sites verification compares, from what the pass folded."""
-    return [SiteValue(f.value, f.site) for f in report.folded if f.value]
 
 
 def with_inputs(

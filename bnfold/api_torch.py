@@ -12,9 +12,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from bnfold import paths
-from bnfold.compare import VerifyOptions
 from bnfold.errors import BnfoldError
-from bnfold.options import FoldOptions
+from bnfold.options import FoldOptions, VerifyOptions
 from bnfold.outcomes import FoldOutcome, Progress
 from bnfold.outputs import require_safe_report
 from bnfold.sources import SourceKind

@@ -270,10 +270,10 @@ def bench_onnx(
             dynamic dimensions set to 1 unless ``shapes`` names them).
         shapes: input name -> shape, for inputs with dynamic dimensions.
         max_input_bytes: cap on the random inputs, all together (None: the
-            verifier's, ``bnfold.compare.MAX_INPUT_BYTES``).
+            verifier's, ``bnfold.options.MAX_INPUT_BYTES``).
         progress: called as ``progress(done, total)`` after every run.
         inputs: time on the first sample of this input file or folder (see
-            :mod:`bnfold.feeds`) instead of random inputs.
+            :mod:`bnfold.verification.files`) instead of random inputs.
 
     Raises:
         BnfoldError: an unknown level, bad counts, a model ORT cannot load, a
@@ -548,19 +548,21 @@ def random_feeds(
             a shape naming no input, or inputs over ``max_bytes`` (default: the
             verifier's cap), checked before any is allocated.
     """
-    from bnfold import compare
+    from bnfold.options import MAX_INPUT_BYTES
+    from bnfold.verification.inputs import random_feeds
+    from bnfold.verification.runtimes import ort_input_specs
 
-    specs = compare.ort_input_specs(session)
-    limit = compare.MAX_INPUT_BYTES if max_bytes is None else max_bytes
-    return compare.random_feeds(specs, np.random.default_rng(seed), shapes or {}, limit)
+    specs = ort_input_specs(session)
+    limit = MAX_INPUT_BYTES if max_bytes is None else max_bytes
+    return random_feeds(specs, np.random.default_rng(seed), shapes or {}, limit)
 
 
 def file_feeds(session: ort.InferenceSession, inputs: str | os.PathLike[str]) -> dict[str, Any]:
     """The first sample of the user's input files, checked against the session's inputs."""
-    from bnfold import compare
-    from bnfold.feeds import InputFiles, expected_of
+    from bnfold.verification.files import InputFiles, expected_of
+    from bnfold.verification.runtimes import ort_input_specs
 
-    expected = expected_of(compare.ort_input_specs(session))
+    expected = expected_of(ort_input_specs(session))
     return next(InputFiles.open(inputs).samples(expected))
 
 

@@ -8,13 +8,10 @@ from __future__ import annotations
 
 import enum
 import os
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 from bnfold.errors import BnfoldError
-
-if TYPE_CHECKING:
-    from bnfold.compare import VerifyOptions
 
 # Default cap on one sample of random inputs (all inputs together). Shapes come
 # from the model, and a declared 64x3x8192x8192 input alone is 48 GiB: past the
@@ -57,6 +54,38 @@ class LowerForm(str, enum.Enum):
     CONV = "conv"
 
 
+@dataclass(frozen=True)
+class VerifyOptions:
+    """How two models are compared.
+
+    Attributes:
+        atol: absolute tolerance.
+        rtol: relative tolerance (of max |original|) for every compared tensor;
+            None derives one per tensor from its dtype and the reductions behind
+            it (:mod:`bnfold.verification.tolerance`).
+        samples: how many random input draws (unused with ``inputs``).
+        seed: seed for the draws.
+        shapes: concrete shapes for inputs with dynamic dimensions (others use 1).
+        max_input_bytes: cap on one sample's random inputs, all inputs together;
+            past it the result is "not_verified" (inputs_too_large). A quarter
+            of it is the memory the original's results are held in; past it
+            they wait on disk.
+        inputs: the user's input file or folder (see :mod:`bnfold.verification.files`)
+            instead of random inputs.
+    """
+
+    atol: float = 0.0
+    rtol: float | None = None
+    samples: int = 3
+    seed: int = 0
+    shapes: Mapping[str, Sequence[int]] | None = None
+    max_input_bytes: int = MAX_INPUT_BYTES
+    inputs: str | os.PathLike[str] | None = None
+
+
+DEFAULT_VERIFY = VerifyOptions()
+
+
 # --- how a fold runs -------------------------------------------------------------------
 
 
@@ -96,7 +125,7 @@ class FoldOptions:
         verify: compare the folded model with the original before it is written;
             a failed comparison writes nothing.
         verify_options: tolerances, draws, input shapes and files
-            (``bnfold.compare.VerifyOptions``); None: its defaults.
+            (:class:`VerifyOptions`); None: its defaults.
         require_verified: write only a verified fold (CLI ``--strict``): a result
             that could not be verified is kept back like a failed one.
         clone_shared: ONNX: copy a weight other nodes also read so its site can

@@ -218,6 +218,8 @@ class FoldReport:
             lines.append(op_count_table(self.ops_before, self.ops_after))
         if self.batchnorm is not None:
             lines.append(self.batchnorm.table(self.dry_run))
+        if not (self.dry_run or self.folded or self.lowered):
+            lines.append("  nothing folded or lowered: the model is unchanged")
         return "\n".join(lines)
 
 
@@ -243,6 +245,27 @@ class NotVerified(str, enum.Enum):
     """No runtime can load the original model (a custom op, an unknown opset)."""
     INPUTS_TOO_LARGE = "inputs_too_large"
     """One sample of random inputs would exceed the byte cap; nothing was allocated."""
+    INPUTS_UNUSABLE = "inputs_unusable"
+    """The original failed on every input bnfold made; ``--shape`` or ``--inputs`` can fix that."""
+    NO_EVIDENCE = "no_evidence"
+    """Every compared tensor was constant over the samples: their agreement proves nothing."""
+
+
+# The relative error a sensitivity figure plants in one output channel of a fold site.
+PLANTED_ERROR = 1e-3
+
+
+@dataclass(frozen=True)
+class FedInput:
+    """One model input as verification fed it: name, dtype and each distinct shape."""
+
+    name: str
+    dtype: str
+    shapes: list[list[int]]
+
+    def line(self) -> str:
+        dims = ", ".join("x".join(map(str, s)) or "scalar" for s in self.shapes)
+        return f"{self.name} {dims} {self.dtype}"
 
 
 @dataclass(frozen=True)
@@ -259,13 +282,25 @@ class OutputDiff:
     site: str = ""  # for a site: the fold, "conv1 -> bn1"
     # "bound": within its own bound (or not); "sites": a discontinuous output
     # (after NonMaxSuppression, TopK, ...) that differs, vouched for by every fold
-    # site lying within its bound.
+    # site lying within its bound; "proof": beyond its bound but within the
+    # rounding envelope of folds a certificate proves.
     judged_by: str = "bound"
+    # False when the original's values were one constant over every sample (all
+    # zeros, say): agreement there proves nothing about the fold.
+    evidence: bool = True
+    # Sites: output channels, and in how many of them a planted relative error of
+    # PLANTED_ERROR would have gone past the bound on these inputs.
+    channels: int = 0
+    catches: int = 0
 
     def line(self) -> str:
         verdict = "ok" if self.passed else "FAIL"
         if self.judged_by == "sites":
             verdict = "ok: differs after a discontinuous op, every fold site within its bound"
+        elif self.judged_by == "proof":
+            verdict = "ok: within the rounding envelope of proven folds"
+        if not self.evidence:
+            verdict += " (no evidence: constant over the samples)"
         label = f"{self.name} ({self.site})" if self.site else self.name
         return (
             f"{label}: max_abs={self.max_abs:.3g} max_rel={self.max_rel:.3g}"
@@ -297,6 +332,9 @@ class VerifyResult:
     # ONNX: the continuous values feeding a discontinuous op (NonMaxSuppression,
     # TopK...): with the sites, the evidence for an output that jumps.
     frontier: list[OutputDiff] = field(default_factory=list)
+    fed: list[FedInput] = field(default_factory=list)  # each input's shapes, as fed
+    shapes_note: str = ""  # how dynamic dimensions were sized, for random inputs
+    proven: bool = False  # a certificate proved every fold site (see judged_by "proof")
 
     @property
     def passed(self) -> bool:
@@ -314,18 +352,46 @@ class VerifyResult:
         return json.dumps(self.to_dict(), indent=2)
 
     def summary(self) -> str:
-        if self.status == "not_verified":
-            return f"NOT VERIFIED: {self.reason}"
+        compared = [*self.outputs, *self.sites, *self.frontier]
+        if self.status == "not_verified" and not compared:
+            return "\n".join([f"NOT VERIFIED: {self.reason}", *self._fed_lines()])
         rtol = "rtol derived per tensor" if self.derived else f"rtol={self.rtol:g}"
         fed = self.inputs or f"{self.samples} samples"
+        status = "NOT VERIFIED" if self.status == "not_verified" else self.status.upper()
         head = (
-            f"verification {self.status.upper()} ({fed}, "
-            f"{self.optimization_level}, atol={self.atol:g}, {rtol})"
+            f"verification {status} ({fed}, {self.optimization_level}, atol={self.atol:g}, {rtol})"
         )
-        rows = [f"  {o.line()}" for o in self.outputs]
+        rows = self._fed_lines() + [f"  {o.line()}" for o in self.outputs]
         rows += self._site_lines()
         rows += _frontier_lines(self.frontier)
+        rows += self._sensitivity_lines()
         return "\n".join([head, *rows] + ([f"  {self.reason}"] if self.reason else []))
+
+    def _fed_lines(self) -> list[str]:
+        if not self.fed:
+            return []
+        note = f" ({self.shapes_note})" if self.shapes_note else ""
+        return [f"  fed: {'; '.join(i.line() for i in self.fed)}{note}"]
+
+    @property
+    def sensitivity(self) -> tuple[int, int]:
+        """(sites where a PLANTED_ERROR in any one channel goes past the bound, sites measured)."""
+        measured = [s for s in self.sites if s.channels]
+        return sum(s.catches == s.channels for s in measured), len(measured)
+
+    def _sensitivity_lines(self) -> list[str]:
+        every, measured = self.sensitivity
+        if not measured:
+            return []
+        line = (
+            f"  sensitivity: a {PLANTED_ERROR:g} relative error in any one output channel "
+            f"would be caught at {every} of {measured} sites"
+        )
+        partial = [s for s in self.sites if s.channels and s.catches < s.channels]
+        if partial:
+            worst = min(partial, key=lambda s: s.catches / s.channels)
+            line += f"; worst {worst.site or worst.name}: in {worst.catches} of {worst.channels}"
+        return [line]
 
     def _site_lines(self) -> list[str]:
         if not self.sites:

@@ -124,8 +124,8 @@ def _run(
     inputs: str | None,
     progress: Callable[[int, int], None] | None,
 ) -> BenchReport:
-    from bnfold.compare import parse_shapes
     from bnfold.errors import BnfoldError
+    from bnfold.verification.inputs import parse_shapes
 
     if original.endswith(harness.TORCH_SUFFIXES):
         if not shapes:

@@ -81,7 +81,7 @@ def _verify_options(
     inputs: str | None = None,
 ) -> Any:
     from bnfold.api import VerifyOptions
-    from bnfold.compare import parse_shapes
+    from bnfold.verification.inputs import parse_shapes
 
     max_bytes = MAX_INPUT_BYTES if max_input_mib is None else max_input_mib << 20
     return VerifyOptions(atol, rtol, samples, seed, parse_shapes(shapes), max_bytes, inputs)

@@ -21,10 +21,11 @@ import pytest
 from onnx import helper, numpy_helper
 
 import bnfold
-from bnfold import BnfoldError, Code, compare
+from bnfold import BnfoldError, Code
 from bnfold.api import verify as verify_models
 from bnfold.onnx_front import io
 from bnfold.report import NotVerified
+from bnfold.verification import inputs as feeding
 from tests.conftest import assert_one_line_error, conv_bn_model, snapshot
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -149,28 +150,43 @@ def _ir3(proto: onnx.ModelProto) -> onnx.ModelProto:
     return proto
 
 
+def _old_opset_model(tmp_path: Path, opset: int, ir_version: int, bn_attrs: dict) -> Path:
+    proto = conv_bn_model(opset=opset, ir_version=ir_version)
+    for key, value in bn_attrs.items():
+        proto.graph.node[1].attribute.append(helper.make_attribute(key, value))
+    if ir_version < 4:
+        _ir3(proto)
+    return _write(tmp_path / "model.onnx", proto)
+
+
 @pytest.mark.parametrize(
     ("opset", "ir_version", "bn_attrs"),
     [
         (1, 3, {"is_test": 1, "consumed_inputs": [0, 0, 0, 1, 1]}),
         (5, 3, {"is_test": 1}),
-        (99, 8, {}),
     ],
-    ids=["opset1", "opset5", "opset99"],
+    ids=["opset1", "opset5"],
 )
-def test_opset_onnxruntime_cannot_run_folds_but_is_not_verified(
+def test_opset_onnxruntime_cannot_run_is_verified_by_the_reference_evaluator(
+    cli, tmp_path, opset, ir_version, bn_attrs
+):
+    model = _old_opset_model(tmp_path, opset, ir_version, bn_attrs)
+    result = cli(["fold", model, "-o", tmp_path / "folded.onnx", "--json"])
+    assert result.exit_code == 0, result.output
+    verification = json.loads(result.stdout)["verification"]
+    assert verification["status"] == "passed", verification
+    assert verification["optimization_level"].startswith("onnx.reference")
+
+
+@pytest.mark.parametrize(("opset", "ir_version", "bn_attrs"), [(99, 8, {})], ids=["opset99"])
+def test_opset_no_runtime_knows_folds_but_is_not_verified(
     cli, tmp_path, opset, ir_version, bn_attrs
 ):
     """Fold still works; verification says "not verified" with onnxruntime's reason.
 
     Exit 0 and the fold is written; with --strict exit 1 and nothing written.
     """
-    proto = conv_bn_model(opset=opset, ir_version=ir_version)
-    for key, value in bn_attrs.items():
-        proto.graph.node[1].attribute.append(helper.make_attribute(key, value))
-    if ir_version < 4:
-        _ir3(proto)
-    model = _write(tmp_path / "model.onnx", proto)
+    model = _old_opset_model(tmp_path, opset, ir_version, bn_attrs)
     before = model.read_bytes()
     out = tmp_path / "folded.onnx"
     result = cli(["fold", model, "-o", out, "--json"])
@@ -189,18 +205,18 @@ def test_opset_onnxruntime_cannot_run_folds_but_is_not_verified(
 # --- inputs too large to verify ----------------------------------------------------
 
 
-def _spec(name: str, dims: list[int | None], dtype: type = np.float32) -> compare.InputSpec:
-    return compare.InputSpec(name, dtype, dims, "tensor(float)")
+def _spec(name: str, dims: list[int | None], dtype: type = np.float32) -> feeding.InputSpec:
+    return feeding.InputSpec(name, dtype, dims, "tensor(float)")
 
 
 def test_random_feeds_over_the_cap_raise_before_allocating(monkeypatch):
     def no_allocation(*args):
         raise AssertionError("random inputs were allocated")
 
-    monkeypatch.setattr(compare, "_random_array", no_allocation)
+    monkeypatch.setattr(feeding, "_random_array", no_allocation)
     inputs = [_spec("small", [1, 8]), _spec("image", [64, 3, 8192, 8192])]
-    with pytest.raises(compare.InputsTooLarge) as caught:
-        compare.random_feeds(inputs, np.random.default_rng(0), {}, max_bytes=1 << 30)
+    with pytest.raises(feeding.InputsTooLarge) as caught:
+        feeding.random_feeds(inputs, np.random.default_rng(0), {}, max_bytes=1 << 30)
     assert caught.value.largest.name == "image"
     assert caught.value.total == 64 * 3 * 8192 * 8192 * 4 + 8 * 4
     assert "all inputs of one sample" in str(caught.value)
@@ -209,14 +225,14 @@ def test_random_feeds_over_the_cap_raise_before_allocating(monkeypatch):
 def test_random_feeds_cap_counts_shape_overrides_and_dynamic_dims():
     inputs = [_spec("x", [None, 3, 1024, 1024])]  # dynamic batch: 1 -> 12 MiB
     rng = np.random.default_rng(0)
-    assert compare.random_feeds(inputs, rng, {}, max_bytes=12 << 20)["x"].shape == (
+    assert feeding.random_feeds(inputs, rng, {}, max_bytes=12 << 20)["x"].shape == (
         1,
         3,
         1024,
         1024,
     )
-    with pytest.raises(compare.InputsTooLarge, match="2x3x1024x1024"):
-        compare.random_feeds(inputs, rng, {"x": [2, 3, 1024, 1024]}, max_bytes=12 << 20)
+    with pytest.raises(feeding.InputsTooLarge, match="2x3x1024x1024"):
+        feeding.random_feeds(inputs, rng, {"x": [2, 3, 1024, 1024]}, max_bytes=12 << 20)
 
 
 @pytest.mark.parametrize(
@@ -239,22 +255,22 @@ def test_random_feeds_cap_counts_shape_overrides_and_dynamic_dims():
 )
 def test_a_shape_the_input_cannot_take_is_refused_by_name(dims, shape, message):
     with pytest.raises(BnfoldError) as caught:
-        compare.plan_feeds([_spec("x", dims)], {"x": shape})
+        feeding.plan_feeds([_spec("x", dims)], {"x": shape})
     assert str(caught.value) == f"--shape x: {message}"
 
 
 @pytest.mark.parametrize("dims", [[None, 3, None, None], []])
 def test_a_shape_that_fits_dynamic_or_unknown_dims_is_taken(dims):
     """onnxruntime reports an unknown rank as [] (like a scalar): any positive shape goes."""
-    plans = compare.plan_feeds([_spec("x", dims)], {"x": [2, 3, 5, 7]})
+    plans = feeding.plan_feeds([_spec("x", dims)], {"x": [2, 3, 5, 7]})
     assert plans[0].shape == (2, 3, 5, 7)
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float16, ml_dtypes.bfloat16, np.int64, np.bool_])
 def test_random_inputs_drawn_in_blocks_equal_one_draw(monkeypatch, dtype):
     """Blockwise drawing bounds memory but must not change what a seed gives."""
-    monkeypatch.setattr(compare, "_DRAW_BLOCK", 7)
-    got = compare.random_feeds([_spec("x", [3, 5, 4], dtype)], np.random.default_rng(5), {})["x"]
+    monkeypatch.setattr(feeding, "_DRAW_BLOCK", 7)
+    got = feeding.random_feeds([_spec("x", [3, 5, 4], dtype)], np.random.default_rng(5), {})["x"]
     rng = np.random.default_rng(5)
     if np.dtype(dtype).kind in "biu":
         want = rng.integers(0, 2, (3, 5, 4)).astype(dtype)
@@ -461,11 +477,22 @@ def test_nan_or_inf_refuses_that_fold_and_folds_the_rest(cli, tmp_path, field, v
     assert cli_result.exit_code == 0, cli_result.output
     payload = json.loads(cli_result.stdout)
     assert payload["report"]["refused"][0]["code"] == "bad_values"
-    assert payload["verification"]["status"] == "passed"
+    if field == "var" and np.isinf(values).any():  # that channel is its bias: still finite
+        assert payload["verification"]["status"] == "passed"
+    else:
+        _assert_no_evidence(payload["verification"])
     folded_ops = [n.op_type for n in onnx.load(out).graph.node]
     assert folded_ops == ["Conv", "BatchNormalization", "Conv"]
     after = snapshot(tmp_path)
     assert {k: v for k, v in after.items() if k != "folded.onnx"} == before
+
+
+def _assert_no_evidence(verification: dict) -> None:
+    """bn1's non-finite channel reaches every value conv2 computes: each compared tensor
+    is NaN or infinite throughout, in both models, so agreeing proves nothing."""
+    assert verification["status"] == "not_verified", verification
+    assert verification["reason_code"] == "no_evidence"
+    assert not any(r["evidence"] for r in verification["outputs"] + verification["sites"])
 
 
 def _with_epsilon(proto: onnx.ModelProto, eps: float) -> onnx.ModelProto:
@@ -484,7 +511,7 @@ def test_var_plus_eps_not_positive_refuses_that_fold(cli, tmp_path, var, eps):
     model = _write(tmp_path / "model.onnx", proto)
     result = cli(["fold", model, "-o", tmp_path / "folded.onnx", "--json"])
     assert result.exit_code == 0, result.output
-    assert json.loads(result.stdout)["verification"]["status"] == "passed"
+    _assert_no_evidence(json.loads(result.stdout)["verification"])
     report = json.loads(result.stdout)["report"]
     assert [r["code"] for r in report["refused"]] == ["bad_values"]
     assert [f["site"] for f in report["folded"]] == ["conv2 -> bn2"]
@@ -530,12 +557,15 @@ def test_bn_parameter_of_wrong_rank_is_refused(tmp_path):
     ("c_in", "c_out"), [(0, 4), (3, 0)], ids=["no_in_channels", "no_out_channels"]
 )
 def test_zero_size_tensors_fold_and_verify(cli, tmp_path, c_in, c_out):
+    """No input channels: the output is the bias whatever the input. No output channels:
+    nothing is computed. Either way the comparison carries no evidence."""
     model = _write(tmp_path / "model.onnx", conv_bn_model(c_in=c_in, c_out=c_out))
     result = cli(["fold", model, "-o", tmp_path / "folded.onnx", "--json"])
     assert result.exit_code == 0, result.output
     payload = json.loads(result.stdout)
     assert len(payload["report"]["folded"]) == 1
-    assert payload["verification"]["status"] == "passed"
+    verification = payload["verification"]
+    assert (verification["status"], verification["reason_code"]) == ("not_verified", "no_evidence")
 
 
 def test_zero_size_spatial_input_folds(cli, tmp_path):

@@ -205,12 +205,12 @@ def test_inputs_over_the_cap_are_not_verified_and_not_allocated(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A declared 64x3x8192x8192 float input is 48 GiB: refused before any array exists."""
-    from bnfold import compare
+    from bnfold.verification import inputs as feeding
 
     def no_allocation(*args: object) -> None:
         raise AssertionError("random inputs were allocated")
 
-    monkeypatch.setattr(compare, "_random_array", no_allocation)
+    monkeypatch.setattr(feeding, "_random_array", no_allocation)
     src, out = huge_input_model(tmp_path, [64, 3, 8192, 8192]), tmp_path / "out.onnx"
     result = invoke("fold", src, "-o", out, "--json")
     assert result.exit_code == 0, result.output

@@ -179,7 +179,8 @@ def test_no_sample_model_keeps_an_inference_bn(path: str) -> None:
     counts = result.report.batchnorm
     assert counts.left == 0 and counts.found == counts.folded + counts.lowered
     assert op_types(result.model).count("BatchNormalization") == counts.training
-    assert result.verification is not None and result.verification.passed
+    # A model the run left unchanged has no fold to verify (issue 23).
+    assert result.verification.passed if result.modified else result.verification is None
 
 
 def test_ir3_lists_the_new_constants_as_graph_inputs() -> None:

@@ -140,8 +140,7 @@ def test_merges_and_join_folds_are_compared_at_their_sites(name: str, kind: Fold
 def test_a_planted_error_in_a_merged_conv_fails_at_its_site() -> None:
     import onnx_ir as ir
 
-    from bnfold.api import site_values
-    from bnfold.compare import verify_onnx
+    from bnfold.verification import site_values, verify_onnx
 
     original = SAMPLES / "repvgg_block.onnx"
     result = bnfold.fold(original)

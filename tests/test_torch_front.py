@@ -234,7 +234,7 @@ def test_tolerance_comes_from_output_dtype_and_is_reported():
     v64 = fold_module(model, (x,)).verification
     v32 = fold_module(model.float(), (x.float(),)).verification
     assert v64.rtol < v32.rtol
-    assert f"rtol={v32.rtol:g}" in v32.summary()
+    assert v32.derived and v32.outputs[0].basis.startswith("float32, K=27 over 1 reductions")
     assert v32.samples == 4 and v32.optimization_level == "eager"
 
 

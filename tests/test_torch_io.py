@@ -11,8 +11,8 @@ import pytest
 torch = pytest.importorskip("torch")
 from torch import nn  # noqa: E402
 
-from bnfold.compare import VerifyOptions  # noqa: E402
 from bnfold.errors import BnfoldError  # noqa: E402
+from bnfold.options import VerifyOptions  # noqa: E402
 from bnfold.report import Code  # noqa: E402
 from bnfold.torch_front import aten_graph, io  # noqa: E402
 from bnfold.torch_front.files import fold_torch  # noqa: E402

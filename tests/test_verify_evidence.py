@@ -19,10 +19,11 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 import bnfold
-from bnfold import compare
-from bnfold.compare import SiteValue, TensorDiff, VerifyOptions, judge
-from bnfold.onnx_front.cones import Cones, walk
-from bnfold.tolerance import Reductions, derived_rtol
+from bnfold.options import VerifyOptions
+from bnfold.verification import plan, runtimes, verdict
+from bnfold.verification.cones import Cones, walk
+from bnfold.verification.tolerance import Reductions, derived_rtol
+from bnfold.verification.verdict import SiteValue, TensorDiff, judge
 from tests.conftest import assert_one_line_error, snapshot
 
 RNG = np.random.default_rng(7)
@@ -236,7 +237,8 @@ def test_fold_json_names_the_value_each_site_is_compared_at(tmp_path):
 
 
 def _diff(max_abs: float, scale: float = 1.0, dtype: str = "float32") -> TensorDiff:
-    return TensorDiff(max_abs, scale, dtype, 100)
+    """A compared tensor whose original values spanned [-scale, scale]."""
+    return TensorDiff(max_abs, scale, dtype, 100, lowest=-scale, highest=scale)
 
 
 def test_discontinuous_output_that_differs_is_vouched_for_by_sites_within_bounds():
@@ -296,7 +298,7 @@ def test_continuous_output_is_held_to_its_own_bound_whatever_the_sites():
 
 
 def test_nms_output_is_found_discontinuous(tmp_path):
-    from bnfold.onnx_front.cones import analyse
+    from bnfold.verification.cones import analyse
 
     cones = analyse(ir.load(_save(tmp_path, "det", detection_net())))
     assert {"selected", "kept"} <= cones.discontinuous
@@ -463,7 +465,7 @@ def test_bad_inputs_path_is_one_line(tmp_path, cli, make, message):
 
 
 def test_npy_for_a_model_with_two_inputs_is_refused(tmp_path):
-    from bnfold.feeds import Expected, InputFiles
+    from bnfold.verification.files import Expected, InputFiles
 
     np.save(tmp_path / "x.npy", np.zeros(3, np.float32))
     two = [Expected("a", np.dtype(np.float32), (3,)), Expected("b", np.dtype(np.float32), (3,))]
@@ -485,7 +487,7 @@ def test_comparison_makes_no_float64_copy_of_a_whole_output():
     ref = RNG.random(4 << 20, dtype=np.float32)  # 16 MiB; a float64 copy is 32 MiB
     new = ref + np.float32(1e-3)
     tracemalloc.start()
-    max_abs, scale = compare.abs_error(ref, new)
+    max_abs, scale = verdict.abs_error(ref, new)
     _, peak = tracemalloc.get_traced_memory()
     tracemalloc.stop()
     assert max_abs == pytest.approx(1e-3, rel=1e-2) and scale > 0.99
@@ -495,7 +497,7 @@ def test_comparison_makes_no_float64_copy_of_a_whole_output():
 
 def test_results_past_the_budget_wait_on_disk():
     arrays = [np.arange(1000, dtype=np.float32), np.arange(10, dtype=np.int64)]
-    with compare._Held(budget=100) as held:
+    with runtimes.Held(budget=100) as held:
         held.append(arrays)
         assert isinstance(held.samples[0][0], Path) and not isinstance(held.samples[0][1], Path)
         spill = held.samples[0][0]
@@ -576,9 +578,9 @@ def test_without_a_fold_report_a_bn_the_fold_no_longer_names_leaves_the_sites_in
     assert [f.pattern for f in result.report.folded] == ["BatchNormalization+Conv"]
     folded = tmp_path / "f.onnx"
     ir.save(result.model, folded)
-    from bnfold.api import site_values
+    from bnfold.verification import site_values
 
-    with_report = compare._Plan.of(original, folded, site_values(result.report))
-    without = compare._Plan.of(original, folded, None)
+    with_report = plan.Plan.of(original, folded, site_values(result.report))
+    without = plan.Plan.of(original, folded, None)
     assert with_report.every_site
     assert without.sites == [] and not without.every_site

@@ -15,7 +15,8 @@ from torch import nn  # noqa: E402
 
 import bnfold  # noqa: E402
 from bnfold.cli.main import main  # noqa: E402
-from bnfold.compare import VerifyOptions  # noqa: E402
+from bnfold.options import VerifyOptions  # noqa: E402
+from bnfold.report import NotVerified  # noqa: E402
 from bnfold.torch_front import verify as checking  # noqa: E402
 from tests.test_torch_io import FACTORY, Net, randomize_bn, save_program  # noqa: E402
 
@@ -106,3 +107,135 @@ def test_the_python_api_verifies_a_module_on_the_users_inputs(tmp_path):
     result = bnfold.fold(model, (torch.randn(2, 3, 8, 8),), inputs=feeds)
     assert result.verification is not None and result.verification.passed
     assert "feeds.npz" in result.verification.inputs
+
+
+# --- issue 23 on the torch front: shapes, evidence, bounds, jumps ---------------------
+
+
+def _folded_linear_bn(model: nn.Module) -> nn.Module:
+    """``model`` with its Linear + BN1d folded as bnfold folds: in float64, rounded once."""
+    folded = copy.deepcopy(model)
+    bn, lin = model.bn1d, model.linear
+    scale = bn.weight.double() / torch.sqrt(bn.running_var.double() + bn.eps)
+    with torch.no_grad():
+        folded.linear.weight.copy_((lin.weight.double() * scale[:, None]).float())
+        bias = (lin.bias.double() - bn.running_mean.double()) * scale + bn.bias.double()
+        folded.linear.bias.copy_(bias.float())
+    folded.bn1d = nn.Identity()
+    return folded
+
+
+class LinearBN(nn.Module):
+    """PyTorch's own test_fuse_linear_bn_eval net."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = nn.Linear(1, 1)
+        self.bn1d = nn.BatchNorm1d(1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.bn1d(self.linear(x))
+
+
+def test_a_correct_fold_of_a_1x1_linear_bn_passes_on_200_seeds():
+    """The derived bound shrank below one rounding step here: 3 seeds in 200 rolled back."""
+    failed = []
+    for seed in range(200):
+        torch.manual_seed(seed)
+        model = randomize_bn(LinearBN()) if seed % 2 else LinearBN().eval()
+        check = checking.Check.of(model, (torch.randn(4, 1),), VerifyOptions())
+        result = check.at_sites([("bn1d", "linear -> bn1d")])(_folded_linear_bn(model))
+        if not result.passed:
+            failed.append((seed, result.summary()))
+    assert failed == []
+
+
+def test_eager_fold_reports_the_shapes_fed():
+    result = bnfold.fold(conv_bn_relu(), example_inputs=(torch.randn(2, 3, 8, 8),))
+    (fed,) = result.verification.fed
+    assert (fed.name, fed.dtype, fed.shapes) == ("input", "float32", [[2, 3, 8, 8]])
+    assert "fed: input 2x3x8x8 float32" in result.verification.summary()
+
+
+class Constant(nn.Module):
+    """Conv -> BN -> ReLU of ones shaped like the input: nothing depends on its values."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = conv_bn_relu()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(torch.ones_like(x))
+
+
+def test_constant_outputs_are_no_evidence_and_the_folds_stay():
+    result = bnfold.fold(Constant(), example_inputs=(torch.randn(2, 3, 8, 8),))
+    v = result.verification
+    assert (v.status, v.reason_code) == ("not_verified", NotVerified.NO_EVIDENCE)
+    assert [f.site for f in result.report.folded] == ["body.0 -> body.1"]
+    assert not any(r.evidence for r in v.outputs + v.sites)
+
+
+class Ranker(nn.Module):
+    """Scores from conv -> BN, then the positions of the ten best: with integer inputs and
+    weights the scores tie, and a rounding difference decides their order."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(1, 1, 3, bias=False)
+        self.bn = nn.BatchNorm2d(1)
+        with torch.no_grad():
+            self.conv.weight.copy_(torch.randint(-2, 3, self.conv.weight.shape).float())
+            self.bn.running_var.fill_(0.7)
+            self.bn.weight.fill_(1.3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        scores = self.bn(self.conv(x)).flatten(1)
+        return scores.topk(10).indices.float()
+
+
+def test_an_output_behind_topk_that_reorders_is_judged_by_the_sites():
+    """A copy of the ranker nudged by one ulp (what a correct fold's rounding does)
+    reorders tied scores: the output jumps, the site and topk's input hold."""
+    torch.manual_seed(0)
+    model = Ranker().eval()
+    x = torch.randint(0, 2, (2, 1, 8, 8)).float()
+    check = checking.Check.of(model, (x,), VerifyOptions()).at_sites([("bn", "conv -> bn")])
+    assert check.reference.cones.discontinuous == {"output"}
+    result = check(checking.nudged_copy(model, seed=3))
+    assert result.passed, result.summary()
+    assert result.outputs[0].judged_by == "sites" and result.outputs[0].max_abs >= 1
+    assert [r.name for r in result.frontier] == ["frontier aten::topk#0[0]"]
+    bad = copy.deepcopy(model)
+    with torch.no_grad():
+        bad.bn.weight.mul_(1 + 1e-3)
+    failed = check(bad)
+    assert not failed.passed and not failed.sites[0].passed
+
+
+def test_a_correct_eager_fold_of_a_ranker_is_kept():
+    torch.manual_seed(0)
+    result = bnfold.fold(
+        Ranker().eval(), example_inputs=(torch.randint(0, 2, (2, 1, 8, 8)).float(),)
+    )
+    assert result.verification.passed and [f.site for f in result.report.folded] == ["conv -> bn"]
+
+
+class Saturated(nn.Module):
+    """conv -> BN -> relu deep into a sigmoid's tail: outputs near 1e-6, where torch's
+    sigmoid rounds relative to 1, not to the output."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = conv_bn_relu()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(self.body(x) - 14.0)
+
+
+def test_a_correct_fold_past_its_derived_bound_is_calibrated_not_rolled_back():
+    torch.manual_seed(0)
+    result = bnfold.fold(Saturated(), example_inputs=(torch.randn(2, 3, 8, 8),))
+    v = result.verification
+    assert v.passed, v.summary()
+    assert [f.site for f in result.report.folded] == ["body.0 -> body.1"]

@@ -94,7 +94,7 @@ def fold_module(
         BnfoldError: the module cannot run on ``example_inputs``.
     """
     require_torch()
-    from bnfold.compare import VerifyOptions
+    from bnfold.options import VerifyOptions
     from bnfold.torch_front import run
 
     options = VerifyOptions(0.0 if atol is None else atol, rtol, samples, seed) if verify else None

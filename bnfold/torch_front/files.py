@@ -31,8 +31,8 @@ import torch
 
 from bnfold import paths
 from bnfold.affine import Rounding
-from bnfold.compare import DEFAULT_VERIFY, VerifyOptions
 from bnfold.errors import BnfoldError, first_line
+from bnfold.options import DEFAULT_VERIFY, VerifyOptions
 from bnfold.report import FoldReport, FoldResult, LowerForm, VerifyResult
 from bnfold.torch_front import inspect_module, run
 from bnfold.torch_front import verify as checking

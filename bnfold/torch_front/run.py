@@ -10,9 +10,9 @@ from typing import Any
 from torch import nn
 
 from bnfold.affine import Rounding
-from bnfold.compare import VerifyOptions
 from bnfold.errors import BnfoldError
 from bnfold.fixpoint import fold_rounds
+from bnfold.options import VerifyOptions
 from bnfold.report import Code, Folded, FoldReport, FoldResult, LowerForm, Refusal
 from bnfold.torch_front import eager, lower_modules
 from bnfold.torch_front import verify as checking

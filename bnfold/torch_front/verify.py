@@ -1,22 +1,30 @@
 """Compare the original and the folded module, and roll back folds that broke outputs.
 
 Both run in eval mode under ``no_grad`` on the example inputs plus a few random
-draws of the same shapes, or on the user's input files. An output passes when
-``max|folded - original| <= atol + rtol * max|original|`` (the rule of
-:mod:`bnfold.compare`), with rtol taken from the output dtype unless given.
+draws of the same shapes, or on the user's input files. Every output, each eager
+fold site and each continuous value feeding a discontinuous op is judged as on the
+ONNX front (:func:`bnfold.verification.verdict.judge`): a bound derived from its
+dtype and the reductions behind it, which a :class:`~bnfold.verification.torch_flow.FlowTracer`
+reads from the original's run, widened to the rounding noise the original shows
+where a tensor goes past it (calibration, computed once per check); an output
+behind a jump (NMS, topk, sort, a comparison) that differs passes when the sites
+and the values feeding the jump hold; a constant output is no evidence.
 
-Each eager fold site is compared too, with forward hooks: the output of the
-module that now carries the fold (the ``nn.Identity`` left in the BN's place,
-which passes the linear module's output on; folding before, the linear module
-itself) against the same module path's output in the original. Its bound is
-derived as in :mod:`bnfold.tolerance`, with the reductions of every reducing
-module that ran before it (an upper bound of those on its path).
+Each eager fold site is read with forward hooks: the output of the module that
+now carries the fold (the ``nn.Identity`` left in the BN's place, which passes
+the linear module's output on; folding before, the linear module itself) against
+the same module path's output in the original.
+
+Cost: the original runs once per sample (traced), the fold once per sample per
+check. Differences are measured in torch in each tensor's own precision (fp16 and
+bf16 in float32): the difference of two nearly equal floats is exact, and a
+float64 copy of every activation cost more than the forwards.
 """
 
 from __future__ import annotations
 
+import contextlib
 import inspect as pyinspect
-import math
 import os
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -28,31 +36,76 @@ import torch
 from torch import nn
 from torch.utils import _pytree as pytree
 
-from bnfold.compare import VerifyOptions, abs_error, measured, summarize
-from bnfold.feeds import Expected, InputFiles
-from bnfold.report import Code, OutputDiff, Refusal, VerifyResult
-from bnfold.tolerance import Reductions, derived_rtol, describe_basis
+from bnfold.fixpoint import keep_passing
+from bnfold.options import VerifyOptions
+from bnfold.report import Code, FedInput, OutputDiff, Refusal, VerifyResult
 from bnfold.torch_front.eager import Undo
 from bnfold.torch_front.modules import eval_mode
-from bnfold.torch_front.tensors import to_float64
+from bnfold.verification.calibrate import SEED
+from bnfold.verification.cones import Cones
+from bnfold.verification.files import Expected, InputFiles
+from bnfold.verification.tolerance import dtype_name
+from bnfold.verification.torch_flow import Captured, Flow, FlowTracer, RoundingNudger
+from bnfold.verification.torch_measure import Known, difference, known_of, nudged_copy
+from bnfold.verification.verdict import (
+    Measure,
+    SiteValue,
+    TensorDiff,
+    judge,
+    needs_calibration,
+)
 
 EAGER_LEVEL = "eager"
 
 
 @dataclass(frozen=True)
 class Reference:
-    """The original module's outputs on each sample, computed once.
+    """The original module's results on each sample, computed once.
 
     ``taps`` holds, per sample, the output of every BN and linear module by
-    path (a fold site is one of them); ``reductions`` the reductions run
-    before each path's output, for its bound.
+    path (a fold site is one of them); ``flows`` what led to each output and
+    tap (reductions, a jump upstream); ``frontier`` per sample the continuous
+    inputs of each discontinuous call, in call order.
     """
 
     samples: list[tuple[Any, ...]]
     outputs: list[list[tuple[str, torch.Tensor]]]
     taps: list[dict[str, torch.Tensor]] = field(default_factory=list)
-    reductions: dict[str, Reductions] = field(default_factory=dict)
+    flows: dict[str, Flow] = field(default_factory=dict)
+    frontier: list[list[Captured]] = field(default_factory=list)
     inputs: str = ""
+    fed: list[FedInput] = field(default_factory=list)
+    _known: dict[tuple[int, str], Known] = field(default_factory=dict)
+
+    def known(
+        self, sample: int, name: str, want: torch.Tensor, channel_axis: int | None = None
+    ) -> Known:
+        """What sample ``sample``'s original ``want`` (called ``name``) says by itself,
+        worked out once for every check against this reference."""
+        key = (sample, name)
+        if key not in self._known:
+            first = self._first(name) if sample else None
+            self._known[key] = known_of(want, first, sample, channel_axis)
+        return self._known[key]
+
+    def _first(self, name: str) -> torch.Tensor | None:
+        """The first sample's original value of an output, tap or frontier value."""
+        for output, value in self.outputs[0]:
+            if output == name:
+                return value
+        if name in self.taps[0]:
+            return self.taps[0][name]
+        return next(
+            (w for n, w, _ in _paired(self.frontier[0], self.frontier[0]) if n == name), None
+        )
+
+    @property
+    def cones(self) -> Cones:
+        """The flows as the verdict reads them: reductions, and which names lie behind a jump."""
+        return Cones(
+            reductions={n: f.reductions for n, f in self.flows.items()},
+            discontinuous={n for n, f in self.flows.items() if f.jump},
+        )
 
 
 def make_samples(args: tuple[Any, ...], draws: int, seed: int) -> list[tuple[Any, ...]]:
@@ -81,7 +134,7 @@ def reference(
     seed: int,
     inputs: str | os.PathLike[str] | None = None,
 ) -> Reference:
-    """Run the original on ``args`` and random draws (or on the files ``inputs``).
+    """Run the original on ``args`` and random draws (or on the files ``inputs``), traced.
 
     Random draws the original cannot run are dropped; a file it cannot run is
     the user's to know about, and raises.
@@ -93,19 +146,43 @@ def reference(
     else:
         candidates = make_samples(args, draws, seed)
         described = f"example inputs and {draws} random draws (seed {seed})"
-    samples, outputs, taps = [], [], []
-    reductions: dict[str, Reductions] = {}
+    samples, outputs, taps, frontier = [], [], [], []
+    flows: dict[str, Flow] = {}
+    paths = _tap_paths(module)
     for i, sample in enumerate(candidates):
         try:
-            with tapped(module, _tap_paths(module)) as (taken, reductions):
-                outputs.append(run(module, sample))
+            with FlowTracer(sample) as tracer, tapped(module, paths, tracer) as (taken, seen):
+                got = run(module, sample)
+                flows.update({name: tracer.flow(t) or Flow() for name, t in got})
         except Exception:
             if i == 0 or inputs is not None:
                 raise
             continue
+        flows.update(seen)
+        for k, captured in enumerate(tracer.frontier):
+            flows.update(
+                {frontier_name(captured.op, k, j): f for j, f in enumerate(captured.flows)}
+            )
+        outputs.append(got)
         taps.append(taken)
+        frontier.append(tracer.frontier)
         samples.append(sample)
-    return Reference(samples, outputs, taps, reductions, described)
+    fed = _fed(module, samples)
+    return Reference(samples, outputs, taps, flows, frontier, described, fed)
+
+
+def _fed(module: nn.Module, samples: list[tuple[Any, ...]]) -> list[FedInput]:
+    """Each positional tensor argument as fed: its name, dtype and distinct shapes."""
+    if not samples:
+        return []
+    names = _argument_names(module, len(samples[0]))
+    fed = []
+    for k, name in enumerate(names):
+        tensors = [s[k] for s in samples if isinstance(s[k], torch.Tensor)]
+        if tensors:
+            shapes = list(dict.fromkeys(tuple(t.shape) for t in tensors))
+            fed.append(FedInput(name, dtype_name(tensors[0].dtype), [list(x) for x in shapes]))
+    return fed
 
 
 def file_samples(
@@ -153,43 +230,30 @@ def _tap_paths(module: nn.Module) -> list[str]:
     ]
 
 
-def _reduction_length(m: nn.Module) -> int:
-    if isinstance(m, nn.Linear):
-        return int(m.in_features)
-    if isinstance(m, nn.modules.conv._ConvNd):
-        return int(m.in_channels // m.groups) * math.prod(m.kernel_size)
-    return 1
-
-
 @contextmanager
 def tapped(
-    module: nn.Module, paths: Sequence[str]
-) -> Iterator[tuple[dict[str, torch.Tensor], dict[str, Reductions]]]:
+    module: nn.Module, paths: Sequence[str], tracer: FlowTracer | None = None
+) -> Iterator[tuple[dict[str, torch.Tensor], dict[str, Flow]]]:
     """Record the outputs of the modules at ``paths`` during the runs inside the block.
 
-    Also counts, per path, the reductions of every reducing module that
-    finished before it (call order): an upper bound of those on its path.
+    With ``tracer`` active in the block, also what led to each (its flow).
     """
     taken: dict[str, torch.Tensor] = {}
-    reductions: dict[str, Reductions] = {}
-    wanted = set(paths)
-    so_far = [Reductions()]
-    handles = []
+    flows: dict[str, Flow] = {}
 
     def hook(name: str) -> Callable[..., None]:
-        def record(mod: nn.Module, _args: Any, out: Any) -> None:
-            so_far[0] = so_far[0].then(_reduction_length(mod))
-            if name in wanted and isinstance(out, torch.Tensor):
+        def record(_mod: nn.Module, _args: Any, out: Any) -> None:
+            if isinstance(out, torch.Tensor):
                 taken[name] = out.detach().clone()  # an in-place ReLU after it would change it
-                reductions[name] = so_far[0]
+                if tracer is not None:
+                    flows[name] = tracer.flow(out) or Flow()
 
         return record
 
-    for name, m in module.named_modules():
-        if name and not list(m.children()):
-            handles.append(m.register_forward_hook(hook(name)))
+    modules = dict(module.named_modules())
+    handles = [modules[p].register_forward_hook(hook(p)) for p in paths if p in modules]
     try:
-        yield taken, reductions
+        yield taken, flows
     finally:
         for h in handles:
             h.remove()
@@ -209,92 +273,164 @@ def run(module: nn.Module, sample: tuple[Any, ...]) -> list[tuple[str, torch.Ten
 
 @dataclass(frozen=True)
 class Check:
-    """The original's outputs and the tolerances a folded module is held to."""
+    """The original's results and the bounds a folded module is held to.
+
+    ``original`` is kept for calibration, which runs a nudged copy of it once,
+    the first time a tensor goes past its derived bound; a module that changed
+    since (folded in place) is not calibrated against.
+    """
 
     reference: Reference
     options: VerifyOptions
     # (module path, fold site): where each eager fold's result is read in both models.
     sites: tuple[tuple[str, str], ...] = ()
+    every_site: bool = True  # every fold is compared at one of ``sites``
+    original: nn.Module | None = None
+    _state: tuple[tuple[str, int, int], ...] = ()
+    _noise: dict[str, float] = field(default_factory=dict)  # filled once, shared by copies
+    _calibrated: list[bool] = field(default_factory=lambda: [False])
 
     @classmethod
     def of(cls, original: nn.Module, args: tuple[Any, ...], options: VerifyOptions) -> Check:
         """Run ``original`` once on ``args`` and ``options.samples`` random draws (or the files)."""
         ref = reference(original, args, options.samples, options.seed, options.inputs)
-        return cls(ref, options)
+        return cls(ref, options, original=original, _state=_state_of(original))
 
-    def at_sites(self, sites: Sequence[tuple[str, str]]) -> Check:
+    def at_sites(self, sites: Sequence[tuple[str, str]] | SitePaths) -> Check:
         """The same check, also comparing these fold sites."""
+        if isinstance(sites, SitePaths):
+            return replace(self, sites=sites.paths, every_site=sites.every)
         return replace(self, sites=tuple(sites))
 
     def __call__(self, folded: nn.Module) -> VerifyResult:
-        o = self.options
-        return compare(self.reference, folded, o.rtol, o.atol, self.sites)
+        ref, paths = self.reference, self._paths()
+        try:
+            diffs = _measured(ref, folded, paths)
+        except Exception as e:  # a fold that breaks forward() is a failed fold
+            return VerifyResult(
+                "failed", self.options.atol, self.options.rtol or 0.0, len(ref.samples),
+                reason=f"{e!r}", inputs=ref.inputs, fed=ref.fed,
+            )  # fmt: skip
+        result = self._judge(diffs)
+        if needs_calibration(result):
+            result = self._judge(diffs, self._rounding_noise())
+        return result
 
+    def _paths(self) -> list[str]:
+        taps = self.reference.taps
+        return [p for p, _ in self.sites if taps and p in taps[0]]
 
-def compare(
-    ref: Reference,
-    module: nn.Module,
-    rtol: float | None,
-    atol: float,
-    sites: Sequence[tuple[str, str]] = (),
-) -> VerifyResult:
-    """Worst error per output (and per fold site) of ``module`` against ``ref`` over all samples."""
-    worst: dict[str, tuple[float, float, str]] = {}
-    at_sites: dict[str, list[float]] = {}
-    paths = [p for p, _ in sites if ref.taps and p in ref.taps[0]]
-    try:
-        for sample, expected, taps in zip(ref.samples, ref.outputs, ref.taps, strict=True):
-            with tapped(module, paths) as (taken, _):
-                got = dict(run(module, sample))
-            for name, want in expected:
-                err, scale = _errors(want, got.get(name))
-                old = worst.get(name, (0.0, 0.0, dtype_name(want.dtype)))
-                worst[name] = (max(old[0], err), max(old[1], scale), dtype_name(want.dtype))
-            for path in paths:
-                err, scale = _errors(taps[path], taken.get(path))
-                old_site = at_sites.get(path, [0.0, 0.0, 0])
-                at_sites[path] = [
-                    max(old_site[0], err),
-                    max(old_site[1], scale),
-                    taps[path].numel(),
+    def _judge(
+        self, diffs: dict[str, TensorDiff], noise: dict[str, float] | None = None
+    ) -> VerifyResult:
+        ref, labels = self.reference, dict(self.sites)
+        outputs = [(name, diffs[name]) for name, _ in ref.outputs[0]] if ref.outputs else []
+        sites = [(SiteValue(p, labels[p], 1), diffs[p]) for p in self._paths()]
+        frontier = [(n, d) for n, d in diffs.items() if n.startswith(_FRONTIER)]
+        result = judge(
+            outputs, sites, ref.cones, self.options, len(ref.samples), EAGER_LEVEL, ref.inputs,
+            every_site=self.every_site, frontier=frontier, noise=noise,
+        )  # fmt: skip
+        result.fed = ref.fed
+        return result
+
+    def _rounding_noise(self) -> dict[str, float]:
+        """How far the original moves when each parameter and each intermediate result is
+        moved by one ulp (a correct fold's roundings, done another way)."""
+        if not self._calibrated[0]:
+            self._calibrated[0] = True
+            original = self.original
+            if original is not None and _state_of(original) == self._state:
+                if not _reproduces(original, self.reference):
+                    return self._noise  # its own reruns differ: no rounding to measure
+                shadow = nudged_copy(original)
+                paths = [
+                    p
+                    for p in _tap_paths(original)
+                    if self.reference.taps and p in self.reference.taps[0]
                 ]
-    except Exception as e:  # a fold that breaks forward() is a failed fold
-        return VerifyResult("failed", atol, rtol or 0.0, len(ref.samples), reason=f"{e!r}")
-    result = summarize(worst, atol, rtol, len(ref.samples), EAGER_LEVEL)
-    labels = dict(sites)
-    result.sites = [_site_row(ref, p, labels[p], at_sites[p], rtol, atol) for p in paths]
-    result.inputs = ref.inputs
-    if not all(s.passed for s in result.sites):
-        result.status = "failed"
-    return result
+                with contextlib.suppress(Exception):  # calibration only widens bounds
+                    moved = _measured(self.reference, shadow, paths, nudge=True)
+                    self._noise.update({n: d.max_abs for n, d in moved.items()})
+        return self._noise
 
 
-def _site_row(
-    ref: Reference, path: str, site: str, seen: list[float], rtol: float | None, atol: float
-) -> OutputDiff:
-    max_abs, scale, elements = seen[0], seen[1], int(seen[2])
-    dtype = dtype_name(ref.taps[0][path].dtype)
-    reductions = ref.reductions.get(path, Reductions())
-    if rtol is None:
-        bound, basis = (
-            derived_rtol(dtype, reductions, elements),
-            describe_basis(dtype, reductions, elements),
-        )
-    else:
-        bound, basis = rtol, "--rtol"
-    return measured(path, max_abs, scale, atol, bound, basis, site)
+def _reproduces(module: nn.Module, ref: Reference) -> bool:
+    """Whether ``module`` gives the first sample's outputs again, bit for bit.
+
+    A module that does not (dropout left on, ``torch.rand`` in forward) would pass
+    its own noise off as rounding.
+    """
+    got = dict(run(module, ref.samples[0]))
+    return all(name in got and torch.equal(got[name], want) for name, want in ref.outputs[0])
 
 
-def _errors(want: torch.Tensor, got: torch.Tensor | None) -> tuple[float, float]:
-    ref = to_float64(want)
-    if got is None or got.shape != want.shape:
-        return float("inf"), abs_error(ref, ref)[1]
-    return abs_error(ref, to_float64(got))
+def _state_of(module: nn.Module) -> tuple[tuple[str, int, int], ...]:
+    """Which tensors the module holds and their versions: a fold in place changes them."""
+    tensors = [*module.named_parameters(), *module.named_buffers()]
+    return tuple((name, id(t), t._version) for name, t in tensors)
 
 
-def dtype_name(dtype: torch.dtype) -> str:
-    """``torch.float32`` -> ``"float32"``: the key of :data:`bnfold.compare.DEFAULT_RTOL`."""
-    return str(dtype).removeprefix("torch.")
+# Frontier values are named "frontier <op>#<call>[<input>]".
+_FRONTIER = "frontier "
+
+
+def _measured(
+    ref: Reference, module: nn.Module, paths: Sequence[str], nudge: bool = False
+) -> dict[str, TensorDiff]:
+    """Run ``module`` on every sample: each output, tap at ``paths`` and frontier value
+    against the reference's. ``nudge`` rounds every intermediate result another way
+    (:class:`~bnfold.verification.torch_flow.RoundingNudger`), for calibration."""
+    diffs: dict[str, TensorDiff] = {}
+    capture = any(ref.frontier)
+    for i, sample in enumerate(ref.samples):
+        tracer = FlowTracer(sample) if capture else contextlib.nullcontext()
+        nudger = RoundingNudger(sample, SEED + i) if nudge else contextlib.nullcontext()
+        with tracer, nudger, tapped(module, paths) as (taken, _):
+            got = dict(run(module, sample))
+        for name, want in ref.outputs[i]:
+            _include(diffs, ref, i, name, want, got.get(name))
+        for path in paths:
+            _include(diffs, ref, i, path, ref.taps[i][path], taken.get(path), channel_axis=1)
+        if capture:
+            assert isinstance(tracer, FlowTracer)
+            for name, want, new in _paired(ref.frontier[i], tracer.frontier):
+                _include(diffs, ref, i, name, want, new)
+    return diffs
+
+
+def _paired(
+    want: list[Captured], got: list[Captured]
+) -> Iterator[tuple[str, torch.Tensor, torch.Tensor]]:
+    """The frontier values of both runs, call by call, while the calls still match."""
+    for k, (a, b) in enumerate(zip(want, got, strict=False)):
+        if a.op != b.op or [x.shape for x in a.values] != [y.shape for y in b.values]:
+            return  # the runs took different paths after an earlier jump
+        for j, (x, y) in enumerate(zip(a.values, b.values, strict=True)):
+            yield frontier_name(a.op, k, j), x, y
+
+
+def frontier_name(op: str, call: int, index: int) -> str:
+    """``"frontier aten::topk#0[0]"``: input ``index`` of the ``call``-th discontinuous call."""
+    return f"{_FRONTIER}{op}#{call}[{index}]"
+
+
+def _include(
+    diffs: dict[str, TensorDiff],
+    ref: Reference,
+    sample: int,
+    name: str,
+    want: torch.Tensor,
+    got: torch.Tensor | None,
+    channel_axis: int | None = None,
+) -> None:
+    """Add sample ``sample`` of one compared tensor to its row."""
+    known = ref.known(sample, name, want, channel_axis)
+    diff = diffs.setdefault(name, TensorDiff(channel_axis=channel_axis))
+    measured = Measure(difference(want, got, known), known.scale, known.lowest, known.highest)
+    diff.include(measured, dtype_name(want.dtype), want.numel(), known.peaks)
+    if known.changed is not None:
+        diff.note_sample(known.changed)
 
 
 def verify_with_rollback(
@@ -313,25 +449,35 @@ def verify_with_rollback(
         difference measured with that fold applied).
     """
     result = check(folded)
-    if result.passed:
+    if result.status != "failed":  # passed, or nothing to judge by (no evidence): keep
         return result, undos, []
     for undo in reversed(undos):
         undo()
-    kept, refused = [], []
-    for undo in undos:
+    redone: dict[int, Undo] = {}  # id of each fold kept -> the undo of its re-application
+
+    def failure(_kept: list[Undo], undo: Undo) -> str | None:
         again = redo(undo)
         trial = check(folded)
-        if trial.passed:
-            kept.append(again)
-        else:
+        if trial.status == "failed":
             again()
-            refused.append(
-                Refusal(undo.pair.site, Code.VERIFICATION_FAILED, describe_failure(trial))
-            )
-    return check(folded), kept, refused
+            return describe_failure(trial)
+        redone[id(undo)] = again
+        return None
+
+    kept, dropped = keep_passing(undos, failure)
+    refused = [Refusal(u.pair.site, Code.VERIFICATION_FAILED, why) for u, why in dropped]
+    return check(folded), [redone[id(u)] for u in kept], refused
 
 
-def site_paths(pairs: Sequence[Any]) -> list[tuple[str, str]]:
+@dataclass(frozen=True)
+class SitePaths:
+    """Where fold sites are compared: (module path, site) pairs, and whether every fold is."""
+
+    paths: tuple[tuple[str, str], ...]
+    every: bool
+
+
+def site_paths(pairs: Sequence[Any]) -> SitePaths:
     """(module path, site) at which each linear module's folds are compared.
 
     Folding after, the last BN folded into the module (Conv -> BN1 -> BN2: BN2)
@@ -340,19 +486,22 @@ def site_paths(pairs: Sequence[Any]) -> list[tuple[str, str]]:
     with only folds before it (BN -> Conv) is compared at its own output. A
     fold into several modules (a join) is evidence only while it is the last
     on each of them; an identity tap is none (``result_at`` None: its value is
-    a term of a functional sum) and retires the conv's earlier sites.
+    a term of a functional sum) and retires the conv's earlier sites. ``every``
+    is False when some module's last fold is compared nowhere: then the sites
+    cannot vouch for an output behind a jump.
     """
     latest: dict[str, Any] = {}
     for pair in pairs:  # in the order the folds were applied
         for linear in pair.linears:
             if linear not in latest or not pair.before:  # a fold after supersedes
                 latest[linear] = pair
-    chosen = dict.fromkeys(latest.values())
-    return [
-        (p.result_at, p.site)
-        for p in chosen
+    chosen = [
+        p
+        for p in dict.fromkeys(latest.values())
         if p.result_at is not None and all(latest[linear] == p for linear in p.linears)
     ]
+    every = all(latest[linear] in chosen for linear in latest)
+    return SitePaths(tuple((p.result_at, p.site) for p in chosen), every)
 
 
 def _excess(row: OutputDiff) -> float:

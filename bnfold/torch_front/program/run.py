@@ -11,8 +11,8 @@ import torch
 from torch import fx
 
 from bnfold.affine import Rounding, Unfoldable
-from bnfold.compare import DEFAULT_VERIFY, VerifyOptions
 from bnfold.fixpoint import fold_rounds, keep_passing
+from bnfold.options import DEFAULT_VERIFY, VerifyOptions
 from bnfold.report import (
     Code,
     Folded,
@@ -64,7 +64,9 @@ def fold_graph_module(
         if lower is not None:
             lower_left(gm, report, lower)
         verification = None if check is None else check(gm)
-        if check is not None and verification is not None and not verification.passed:
+        # Only a failed comparison undoes folds: no_evidence or inputs_unusable says
+        # nothing against them (issue 23).
+        if check is not None and verification is not None and verification.status == "failed":
             report.refused, report.lowered = fold_refusals, []
             gm, verification, added = _rollback(make, list(added), check, report, rounding)
             if lower is not None:  # the rollback refolded fresh copies: lower those again
@@ -123,7 +125,7 @@ def _rollback(
             trial = check(_folded(make, [*kept, site], rounding)[0])
         except Unfoldable as e:  # a merge whose branch folds were rolled back
             return str(e)
-        return None if trial.passed else checking.describe_failure(trial)
+        return checking.describe_failure(trial) if trial.status == "failed" else None
 
     kept, dropped = keep_passing(sites, failure)
     for site, detail in dropped:

@@ -1,19 +1,22 @@
 """What leads to each value of an ONNX graph: its reductions, and whether a discontinuous op does.
 
 Verification derives each compared tensor's tolerance from the reductions behind
-it (:mod:`bnfold.tolerance`) and judges a tensor downstream of a discontinuous
+it (:mod:`bnfold.verification.tolerance`) and judges a tensor downstream of a discontinuous
 op (NonMaxSuppression, TopK, a comparison...) by the fold sites instead of by
 its own difference. Both are one walk over the main graph in topological order.
 """
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import onnx_ir as ir
 
-from bnfold.tolerance import DISCONTINUOUS_OPS, Reductions
+from bnfold.verification.tolerance import DISCONTINUOUS_OPS, Reductions
 
 # Ops that sum over listed axes (all without axes); others are sized below.
 _REDUCE_OPS = frozenset(
@@ -40,6 +43,8 @@ class Cones:
     # the last tensors a rounding error moves smoothly, so the evidence that
     # vouches for the jumps after them.
     frontier: set[str] = field(default_factory=set)
+    # Values computed from the inputs' values (not from shapes or constants alone).
+    data: set[str] = field(default_factory=set)
 
     def of(self, name: str) -> Reductions:
         return self.reductions.get(name, Reductions())
@@ -47,13 +52,25 @@ class Cones:
 
 def analyse(model: ir.Model) -> Cones:
     """Walk ``model`` (shapes inferred first where onnx can; the model gains them)."""
-    try:
-        from onnx_ir.passes.common import ShapeInferencePass
+    from onnx_ir.passes.common import ShapeInferencePass
 
+    # Shapes only refine the bound: a model onnx cannot infer keeps its own, and
+    # the pass's logged traceback would stand before bnfold's own one line.
+    with contextlib.suppress(Exception), _silent("onnx_ir"):
         ShapeInferencePass(strict_mode=False)(model)
-    except Exception:  # shapes only refine the bound; a model onnx cannot infer keeps its own
-        pass
     return walk(model.graph)
+
+
+@contextlib.contextmanager
+def _silent(name: str) -> Iterator[None]:
+    """No log records from logger ``name`` or its children inside the block."""
+    logger = logging.getLogger(name)
+    level = logger.level
+    logger.setLevel(logging.CRITICAL + 1)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
 
 
 def walk(graph: ir.Graph) -> Cones:
@@ -87,6 +104,7 @@ def walk(graph: ir.Graph) -> Cones:
                 if v.name not in cones.discontinuous and _computed(v)
             )
     cones.frontier -= cones.discontinuous
+    cones.data = data
     return cones
 
 

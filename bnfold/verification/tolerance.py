@@ -27,13 +27,21 @@ The bound, relative to the tensor's scale ``max|original|``::
   in ``[-u, u]`` (standard deviation ``u/sqrt(3)``): they add in quadrature,
   hence the square roots (the worst case, linear in ``K``, is never reached by
   rounding to nearest over thousands of terms). The difference of two models'
-  errors has ``sqrt(2)`` times that deviation, and the largest of ``M`` compared
-  elements lies within ``sqrt(2·ln M)`` deviations (Gaussian tail), so
-  ``c(M) = sqrt(2)·sqrt(2·ln M)/sqrt(3) = sqrt(4·ln M / 3)``: 4.3 for a
-  million elements, 5.1 for 300 million.
+  errors has ``sqrt(2)`` times that deviation. The largest of ``M`` compared
+  elements exceeds ``sqrt(2·ln(M/p))`` deviations with probability below ``p``
+  (Gaussian tail, ``p`` = :data:`FALSE_ALARM`), so
+  ``c(M) = sqrt(2/3)·sqrt(2·ln(M/p)) = sqrt(4·ln(M/p) / 3)``: 3.0 for one element,
+  5.3 for a million, 5.9 for 300 million. A tail bound, not the expected largest
+  error: on a 1x1 Linear the expected largest is below one rounding step, and a
+  correct fold went past it on 3 seeds in 200.
+
+This is the floor. Real networks also amplify an error on its way through the
+layers, which no count of reductions sees: where a tensor goes past this bound,
+:mod:`bnfold.verification.calibrate` measures how far rounding-level nudges of the
+original's own weights move it, and the bound widens to a multiple of that.
 
 The scale is the tensor's own ``max|original|``, or for a sum or difference its
-largest operand's (:meth:`bnfold.compare._Plan.rescale`): the rounding errors of
+largest operand's (:meth:`bnfold.verification.plan.Plan.rescale`): the rounding errors of
 ``a - b`` are relative to ``a`` and ``b``, not to a small difference. A
 cancellation further upstream is not seen; there ``--atol`` states the absolute
 error that is acceptable. Integer and boolean tensors have no rounding: their
@@ -45,6 +53,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Any
 
 import ml_dtypes
 import numpy as np
@@ -94,15 +103,27 @@ class Reductions:
         return f"K={self.length} over {self.depth} reductions"
 
 
-def dtype_name(dtype: np.dtype | type) -> str:
-    """``np.float32`` -> ``"float32"``, ``ml_dtypes.bfloat16`` -> ``"bfloat16"``."""
+def dtype_name(dtype: Any) -> str:
+    """The key of :data:`UNIT_ROUNDOFF` for a numpy or torch dtype.
+
+    ``np.float32`` -> ``"float32"``, ``ml_dtypes.bfloat16`` -> ``"bfloat16"``,
+    ``torch.float16`` -> ``"float16"``.
+    """
+    text = str(dtype)
+    if text.startswith("torch."):  # numpy cannot read torch dtypes; their names agree
+        return text.removeprefix("torch.")
     dt = np.dtype(dtype)
     return "bfloat16" if dt == ml_dtypes.bfloat16 else dt.name
 
 
+# How often a correct fold may go past its derived bound, per compared tensor.
+FALSE_ALARM = 1e-3
+
+
 def elements_factor(elements: int) -> float:
-    """``c(M) = sqrt(4 ln M / 3)``: the largest of M two-model errors, in deviations of one."""
-    return math.sqrt(4.0 * math.log(max(elements, 2)) / 3.0)
+    """``c(M) = sqrt(4 ln(M/p) / 3)``: M two-model errors stay below c(M) deviations of one,
+    but with probability p (:data:`FALSE_ALARM`)."""
+    return math.sqrt(4.0 * math.log(max(elements, 1) / FALSE_ALARM) / 3.0)
 
 
 def derived_rtol(dtype: str, reductions: Reductions, elements: int) -> float:

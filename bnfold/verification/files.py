@@ -152,7 +152,7 @@ def _check_array(file: Path, e: Expected, array: np.ndarray) -> None:
 
 
 def expected_of(specs: Sequence[Any]) -> list[Expected]:
-    """:class:`Expected` entries from :class:`bnfold.compare.InputSpec`-like objects.
+    """:class:`Expected` entries from :class:`bnfold.verification.inputs.InputSpec`-like objects.
 
     onnxruntime reports an unknown rank and a scalar alike, as ``[]``: an empty
     dims list accepts any shape.
