@@ -328,7 +328,7 @@ def _prove(region: Region, original: Scope, folded: Scope, shapes: Shapes) -> _O
         try:
             layout = input_layout(name, readers, shapes.dims(name, original))
         except Unsupported as exc:
-            return _Outcome(Verdict.failed(str(exc)), [], [])
+            return _Outcome(Verdict.unmodelled(str(exc)), [], [])
         side_o.sources[name] = side_f.sources[name] = _identity_source(name, layout)
     both = {v.name for n in region.folded for v in n.outputs if v.name}
     order = [v.name for n in region.original for v in n.outputs if v.name]
@@ -340,7 +340,7 @@ def _prove(region: Region, original: Scope, folded: Scope, shapes: Shapes) -> _O
         try:
             result = compare(side_o.value(name), side_f.value(name), limit)
         except Unsupported as exc:
-            result = Verdict.failed(str(exc))
+            result = Verdict.unmodelled(str(exc))
         if name in region.outputs:
             if not result.proven:
                 result.reason = f"{name}: {result.reason}"
@@ -359,7 +359,9 @@ def _prove(region: Region, original: Scope, folded: Scope, shapes: Shapes) -> _O
             original.forget_all()
             folded.forget_all()
     if not verdict.proven and (replaced := replaced_ops(region)):
+        # An op swapped for another is a difference, whether or not either is modelled.
         verdict.reason = f"{'; '.join(replaced)} ({verdict.reason})"
+        verdict.unsupported = False
     if limit == 0.0 and verdict.proven and verdict.coefficients:
         verdict.notes.append("no op folded here: the maps are equal exactly")
     return _Outcome(verdict, list(region.outputs), failed)
@@ -393,6 +395,7 @@ def prove_region(
         proven=verdict.proven,
         worst_ulp=verdict.worst_ulp,
         reason=verdict.reason,
+        unsupported=verdict.unsupported,
         coefficients=verdict.coefficients,
         original_nodes=[_node_name(n) for n in region.original],
         folded_nodes=[_node_name(n) for n in region.folded],
