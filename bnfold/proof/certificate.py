@@ -85,6 +85,13 @@ class Certificate:
         """The sites whose maps differ."""
         return [s for s in self.sites if s.differs]
 
+    def refutation(self) -> str:
+        """Where the proof found a difference, in one line; empty when it found none."""
+        found = [f"at {s.name}" for s in self.differing]
+        found += [f"outside the sites: {d}" for d in self.differences]
+        more = f"; and {len(found) - 3} more" if len(found) > 3 else ""
+        return "; ".join(found[:3]) + more
+
     @property
     def proven(self) -> int:
         return sum(s.proven for s in self.sites)
@@ -113,10 +120,12 @@ class Certificate:
             parts.append(f"{len(self.uncovered)} part(s) not covered")
         return ", ".join(parts)
 
-    def summary(self) -> str:
-        """The headline, then one row per site (past 20 sites, only those not proven)."""
+    def summary(self, proven_rows: bool = True) -> str:
+        """The headline, then one row per site (past 20 sites, or without ``proven_rows``,
+        only those not proven), what differs outside them, and what the proof assumes."""
         lines = [self.headline()]
-        lines += [s.line() for s in self.sites if not s.proven or len(self.sites) <= 20]
+        rows = proven_rows and len(self.sites) <= 20
+        lines += [s.line() for s in self.sites if not s.proven or rows]
         lines += [f"  differs     {d}" for d in self.differences]
         lines += [f"  not covered {u.what}: {u.reason}" for u in self.uncovered]
         lines += [f"  assumes     {a}" for a in self.assumptions]

@@ -282,6 +282,19 @@ def test_changed_weight_elsewhere_in_the_graph_fails() -> None:
     assert sum(s.proven for s in certificate.sites) == len(report.folded)
 
 
+def test_wrong_fold_inside_a_residual_block_is_a_difference_at_its_site() -> None:
+    """The BN's output meets the block's skip input in an Add: the region grows over it,
+    and the skip input lines up with the conv's output, so the difference is found."""
+    path = sample("resnet_tiny.onnx")
+    folded, report = fold(path)
+    w = initializer(folded, "layer1.2.conv.weight")
+    w[1] *= np.float32(1.001)
+    certificate = prove_onnx(path, with_initializer(folded, "layer1.2.conv.weight", w), report)
+    _fails(certificate, "layer1.2.conv -> layer1.2.bn", "row 1")
+    assert [s.name for s in certificate.differing] == ["layer1.2.conv -> layer1.2.bn"]
+    assert certificate.proven == len(report.folded) - 1
+
+
 def test_changed_op_elsewhere_in_the_graph_fails() -> None:
     path = sample("resnet_tiny.onnx")
     folded, report = fold(path)

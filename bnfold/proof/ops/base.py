@@ -27,6 +27,7 @@ from bnfold.proof.values import (
     feature_count,
     feature_dims,
     layout_text,
+    roles_text,
 )
 
 
@@ -203,8 +204,8 @@ def added(a: Affine, b: Affine, node: ir.Node) -> Affine:
     """``a + b`` of two affine values of one layout."""
     if not same_layout(a.layout, b.layout):
         raise Unsupported(
-            f"{label(node)} adds {layout_text(a.layout)} and {layout_text(b.layout)}, "
-            "which the prover cannot show to have one shape"
+            f"{label(node)} adds {roles_text(a.layout)} and {roles_text(b.layout)}, "
+            "which the prover cannot show to line up axis for axis"
         )
     terms = dict(a.terms)
     for key, stencil in b.terms.items():
