@@ -42,7 +42,7 @@ from bnfold.sources import (
     is_onnx_model,
     kind_of,
 )
-from bnfold.verification import require_well_formed, verify_fold, verify_onnx
+from bnfold.verification import not_sampled, require_well_formed, verify_fold, verify_onnx
 
 if TYPE_CHECKING:
     from bnfold.batch import BatchReport
@@ -81,7 +81,10 @@ def fold_path(
     """Fold ``source`` and write the result to ``output``: the entry point the CLI calls.
 
     Every output is verified before it is published (unless ``options.verify`` is
-    off) and written atomically; what is not written leaves ``output`` untouched.
+    off): an ONNX fold is proven for all inputs first (unless ``options.prove`` is
+    off; torch folds are proven after they are written: :mod:`bnfold.api_torch`),
+    then compared on samples. It is written atomically; what is not written leaves
+    ``output`` untouched.
 
     Args:
         source: an ONNX file; a folder (every ``*.onnx`` under it is folded into
@@ -214,19 +217,40 @@ def _fold_and_save(
     keep_external = any(True for _ in io.external_tensors(model))  # before folds replace them
     folded = _fold_onnx(model, options)
     result = FoldResult(folded.model, folded.report)
-    verify_options = options.verify_options
 
     def accept(staged: Path) -> bool:
         if options.verify:
-            tell(progress, "verifying")
             # reference was checked when it was loaded and staged is our own
-            # output: hand both straight to the runtimes instead of parsing them again.
-            result.verification = verify_fold(reference, staged, result.report, verify_options)
+            # output: hand both straight to the prover and the runtimes.
+            result.verification = _verified(reference, staged, result, options, progress)
         return result.publishable(options.require_verified)
 
     tell(progress, "writing")
     saved = io.save_model_files(result.model, output, external_data=keep_external, accept=accept)
     return result, saved
+
+
+def _verified(
+    original: Any,
+    folded: Any,
+    result: FoldResult,
+    options: FoldOptions,
+    progress: Progress | None = None,
+) -> VerifyResult | None:
+    """Proof first, sampling second: ``folded`` against the untouched ``original``.
+
+    The proof (unless ``options.prove`` is off, or nothing changed) reads both as
+    they are: paths are memory-mapped, never loaded twice. None when the run
+    changed nothing (see :func:`~bnfold.verification.verify_fold`).
+    """
+    certificate = None
+    if options.prove and result.modified:
+        from bnfold.verification.proving import prove_fold
+
+        tell(progress, "proving")
+        certificate = prove_fold(original, folded, result.report)
+    tell(progress, "verifying")
+    return verify_fold(original, folded, result.report, options.verify_options, certificate)
 
 
 def _bench_against(
@@ -279,6 +303,7 @@ def fold(
     *,
     inplace: bool = False,
     verify: bool = False,
+    prove: bool = True,
     verify_options: VerifyOptions | None = None,
     clone_shared: bool = True,
     rounding: Rounding | str = Rounding.NEAREST,
@@ -297,6 +322,11 @@ def fold(
         verify: ONNX: compare the folded model with the original at ORT_DISABLE_ALL
             and attach the result. torch modules and programs are always verified,
             fold by fold, with rollback of any fold that changes the outputs.
+        prove: ONNX, with ``verify``: prove the fold for all inputs first
+            (:mod:`bnfold.proof`); the certificate is ``verification.proof``, and a
+            difference it finds fails the verification. torch folds in memory are
+            not proven here: :func:`bnfold.proof.prove_eager` /
+            :func:`~bnfold.proof.prove_program` take the result.
         verify_options: tolerances, samples, seed and (ONNX) input shapes.
         clone_shared: ONNX: copy a weight that other nodes also read so the fold
             can proceed (reported as bytes_added); False refuses such sites.
@@ -319,6 +349,7 @@ def fold(
     """
     options = FoldOptions(
         verify=verify,
+        prove=prove,
         verify_options=with_inputs(verify_options, inputs),
         clone_shared=clone_shared,
         rounding=rounding_of(rounding),
@@ -354,7 +385,7 @@ def fold(
     out = FoldResult(result.model, result.report)
     if reference is not None:
         # A path was loaded (and checked) by _onnx_model already.
-        out.verification = verify_fold(reference, out.model, out.report, options.verify_options)
+        out.verification = _verified(reference, out.model, out, options)
     return out
 
 
@@ -447,6 +478,8 @@ def verify(
     shapes: Mapping[str, Sequence[int]] | None = None,
     max_input_bytes: int = MAX_INPUT_BYTES,
     inputs: str | os.PathLike[str] | None = None,
+    prove: bool = False,
+    sample: bool = True,
 ) -> VerifyResult:
     """Compare two ONNX models (paths or onnx_ir.Model) at ORT_DISABLE_ALL.
 
@@ -455,31 +488,58 @@ def verify(
     (:mod:`bnfold.tolerance`). Not verified (status "not_verified") when the
     original cannot run or one sample of random inputs would need more than
     ``max_input_bytes``.
+
+    ``prove`` first proves the pair for all inputs (:mod:`bnfold.proof`), without
+    running either model; the certificate is the result's ``proof``. A difference
+    it finds fails the result, a proof that holds passes a pair no runtime can
+    run, and a region it cannot model leaves the verdict to sampling.
+    ``sample=False`` (with ``prove``) runs neither model: the proof alone judges.
     """
     options = VerifyOptions(atol, rtol, samples, seed, shapes, max_input_bytes, inputs)
-    return verify_models(original, folded, options)
+    return verify_models(original, folded, options, prove=prove, sample=sample)
 
 
 def verify_models(
-    original: Any, folded: Any, options: VerifyOptions | None, trust_pickle: bool = False
+    original: Any,
+    folded: Any,
+    options: VerifyOptions | None,
+    trust_pickle: bool = False,
+    *,
+    prove: bool = False,
+    sample: bool = True,
 ) -> VerifyResult:
     """:func:`verify` for files a user named: each is checked like a loaded model first.
 
     A ``.pt2`` original or a module factory (:func:`module_source`) is compared
-    with a folded ``.pt2`` by the torch front, eagerly; ``trust_pickle`` as in
-    :class:`~bnfold.options.FoldOptions`.
+    with a folded ``.pt2`` by the torch front, eagerly, and proven as programs;
+    ``trust_pickle`` as in :class:`~bnfold.options.FoldOptions`.
+
+    Raises:
+        BnfoldError: bad input, a model the prover cannot read, or ``sample``
+            off without ``prove`` (nothing would be checked).
     """
+    if not (sample or prove):
+        raise BnfoldError("not sampling checks nothing: --no-sample needs --prove")
     if kind_of(original) in (SourceKind.TORCH_FILE, SourceKind.FACTORY):
         from bnfold.torch_front import require_torch
 
         require_torch()
-        from bnfold.torch_front.files import verify_torch
+        from bnfold import api_torch
 
-        return verify_torch(original, folded, options or VerifyOptions(), trust_pickle)
+        return api_torch.verify_programs(
+            original, folded, options, trust_pickle, prove=prove, sample=sample
+        )
     for source in (original, folded):
         if isinstance(source, str | os.PathLike):
             io.load_model(source)  # one-line errors for bad files, before onnxruntime sees them
-    return verify_onnx(original, folded, options)
+    certificate = None
+    if prove:
+        from bnfold.verification.proving import prove_models
+
+        certificate = prove_models(original, folded)
+    if not sample:
+        return not_sampled(options, certificate)
+    return verify_onnx(original, folded, options, certificate=certificate)
 
 
 def fold_file(
@@ -487,6 +547,7 @@ def fold_file(
     output: str | os.PathLike[str],
     *,
     verify: bool = True,
+    prove: bool = True,
     verify_options: VerifyOptions | None = None,
     in_place: bool = False,
     clone_shared: bool = True,
@@ -498,12 +559,13 @@ def fold_file(
     """Fold an ONNX file and write the result atomically, verified before it is published.
 
     :func:`fold_path` with these keywords as its :class:`FoldOptions`, for one
-    ONNX file. The staged output is compared with ``source``; if verification
-    fails nothing is written. If the models cannot be compared (onnxruntime
-    cannot run the original, the inputs would be too large), the verification
-    result says "not_verified" with the reason, and the output is written unless
-    ``require_verified``. Whatever is not written leaves ``output`` (and with
-    ``in_place`` the input) untouched.
+    ONNX file. The staged output is proven for all inputs against ``source``
+    (unless ``prove`` is off), then compared on samples; if the proof finds a
+    difference or the comparison fails, nothing is written. If the models cannot
+    be compared (onnxruntime cannot run the original, the inputs would be too
+    large) and no proof holds, the verification result says "not_verified" with
+    the reason, and the output is written unless ``require_verified``. Whatever
+    is not written leaves ``output`` (and with ``in_place`` the input) untouched.
 
     Returns:
         (result, written): written is False when verification failed, or was
@@ -515,6 +577,7 @@ def fold_file(
     """
     options = FoldOptions(
         verify=verify,
+        prove=prove,
         verify_options=with_inputs(verify_options, inputs),
         require_verified=require_verified,
         clone_shared=clone_shared,
