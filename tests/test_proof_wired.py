@@ -17,14 +17,14 @@ import onnx
 import onnx_ir as ir
 import pytest
 from click.testing import CliRunner
-from onnx import helper, numpy_helper
+from onnx import numpy_helper
 
 import bnfold
 from bnfold import api
 from bnfold.cli.main import main
 from bnfold.core.affine import Affine, bn_to_affine
 from bnfold.options import FoldOptions
-from tests.builders import conv_bn, model
+from tests.test_cli import unrunnable_model
 
 SAMPLES = Path(__file__).resolve().parent.parent / "sample_models"
 RESNET = SAMPLES / "resnet_tiny.onnx"
@@ -207,20 +207,8 @@ def test_verify_prove_catches_what_sampling_passes(tmp_path: Path) -> None:
     assert invoke("verify", "--prove", RESNET, wrong).exit_code == 1
 
 
-def _custom_op_model(tmp_path: Path) -> Path:
-    """Conv -> BN, then an op of a domain no runtime knows (outside the fold site)."""
-    nodes, inits = conv_bn()
-    nodes[1].output[0] = "bn_out"
-    nodes.append(helper.make_node("Mystery", ["bn_out"], ["output"], domain="com.example"))
-    m = model(nodes, inits, [("input", [1, 3, 8, 8])], ["output"], output_shapes=[[1, 4, 8, 8]])
-    m.opset_import.append(helper.make_opsetid("com.example", 1))
-    path = tmp_path / "custom.onnx"
-    onnx.save(m, path)
-    return path
-
-
 def test_no_sample_proves_a_model_no_runtime_can_load(tmp_path: Path) -> None:
-    original, folded = _custom_op_model(tmp_path), tmp_path / "folded.onnx"
+    original, folded = unrunnable_model(tmp_path), tmp_path / "folded.onnx"
     assert invoke("fold", original, "-o", folded, "--no-verify").exit_code == 0
     code, payload = run_json("verify", "--prove", "--no-sample", original, folded)
     assert code == 0
