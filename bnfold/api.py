@@ -12,7 +12,7 @@ torch object, file or factory is passed, so the ONNX path works without it.
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -21,12 +21,13 @@ import onnx_ir as ir
 
 from bnfold import paths
 from bnfold.affine import Rounding
+from bnfold.api_verify import verify, verify_models
 from bnfold.errors import BnfoldError
 from bnfold.onnx_front import io
 from bnfold.onnx_front.lower import lower_unfolded
 from bnfold.onnx_front.match import MatchOptions
 from bnfold.onnx_front.passes import FoldAffinePass, FoldPassResult
-from bnfold.options import MAX_INPUT_BYTES, FoldOptions, VerifyOptions, lower_form_of, rounding_of
+from bnfold.options import FoldOptions, VerifyOptions, lower_form_of, rounding_of
 from bnfold.outcomes import FoldOutcome, Inspection, InspectRun, Progress, tell
 from bnfold.outputs import (
     require_safe_folder_report,
@@ -42,7 +43,7 @@ from bnfold.sources import (
     is_onnx_model,
     kind_of,
 )
-from bnfold.verification import not_sampled, require_well_formed, verify_fold, verify_onnx
+from bnfold.verification import require_well_formed, verify_fold
 
 if TYPE_CHECKING:
     from bnfold.batch import BatchReport
@@ -465,81 +466,6 @@ def inspect_each(
             inspection.error = str(err)
         run.inspections.append(inspection)
     return run
-
-
-def verify(
-    original: Any,
-    folded: Any,
-    *,
-    atol: float = 0.0,
-    rtol: float | None = None,
-    samples: int = 3,
-    seed: int = 0,
-    shapes: Mapping[str, Sequence[int]] | None = None,
-    max_input_bytes: int = MAX_INPUT_BYTES,
-    inputs: str | os.PathLike[str] | None = None,
-    prove: bool = False,
-    sample: bool = True,
-) -> VerifyResult:
-    """Compare two ONNX models (paths or onnx_ir.Model) at ORT_DISABLE_ALL.
-
-    ``inputs`` is an input file or folder (see :mod:`bnfold.feeds`); without it
-    ``samples`` random draws are fed. rtol None derives each tensor's bound
-    (:mod:`bnfold.tolerance`). Not verified (status "not_verified") when the
-    original cannot run or one sample of random inputs would need more than
-    ``max_input_bytes``.
-
-    ``prove`` first proves the pair for all inputs (:mod:`bnfold.proof`), without
-    running either model; the certificate is the result's ``proof``. A difference
-    it finds fails the result, a proof that holds passes a pair no runtime can
-    run, and a region it cannot model leaves the verdict to sampling.
-    ``sample=False`` (with ``prove``) runs neither model: the proof alone judges.
-    """
-    options = VerifyOptions(atol, rtol, samples, seed, shapes, max_input_bytes, inputs)
-    return verify_models(original, folded, options, prove=prove, sample=sample)
-
-
-def verify_models(
-    original: Any,
-    folded: Any,
-    options: VerifyOptions | None,
-    trust_pickle: bool = False,
-    *,
-    prove: bool = False,
-    sample: bool = True,
-) -> VerifyResult:
-    """:func:`verify` for files a user named: each is checked like a loaded model first.
-
-    A ``.pt2`` original or a module factory (:func:`module_source`) is compared
-    with a folded ``.pt2`` by the torch front, eagerly, and proven as programs;
-    ``trust_pickle`` as in :class:`~bnfold.options.FoldOptions`.
-
-    Raises:
-        BnfoldError: bad input, a model the prover cannot read, or ``sample``
-            off without ``prove`` (nothing would be checked).
-    """
-    if not (sample or prove):
-        raise BnfoldError("not sampling checks nothing: --no-sample needs --prove")
-    if kind_of(original) in (SourceKind.TORCH_FILE, SourceKind.FACTORY):
-        from bnfold.torch_front import require_torch
-
-        require_torch()
-        from bnfold import api_torch
-
-        return api_torch.verify_programs(
-            original, folded, options, trust_pickle, prove=prove, sample=sample
-        )
-    for source in (original, folded):
-        if isinstance(source, str | os.PathLike):
-            io.load_model(source)  # one-line errors for bad files, before onnxruntime sees them
-    certificate = None
-    if prove:
-        from bnfold.verification.proving import prove_models
-
-        certificate = prove_models(original, folded)
-    if not sample:
-        return not_sampled(options, certificate)
-    return verify_onnx(original, folded, options, certificate=certificate)
 
 
 def fold_file(
