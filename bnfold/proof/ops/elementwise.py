@@ -26,6 +26,9 @@ from bnfold.proof.ops.base import (
 )
 from bnfold.proof.values import Affine, Const, Pooled, Unsupported, Value
 
+DEFAULT_EPSILON = float(np.float32(1e-5))
+"""BatchNormalization's default ``epsilon``: 1e-5 as the float32 the attribute is."""
+
 
 def _elementwise_const(
     node: ir.Node, value: Affine | Pooled, const: np.ndarray, ctx: OpContext
@@ -124,7 +127,9 @@ def op_batchnorm(node: ir.Node, args: list[Arg], ctx: OpContext) -> list[Arg]:
         stored(constant(args[i], node, what), ctx)
         for i, what in ((1, "scale"), (2, "bias"), (3, "mean"), (4, "var"))
     )
-    eps = Coefs.exact(attr_float(node, "epsilon", 1e-5))
+    # An ONNX float attribute is a float32: the default is 1e-5f, which a float64 model
+    # sees as 9.99999974737875e-06, as every runtime adds it.
+    eps = Coefs.exact(attr_float(node, "epsilon", DEFAULT_EPSILON))
     denom = var + eps
     if (denom.val <= 0).any():
         raise Unsupported(f"{label(node)}: var + epsilon <= 0")
