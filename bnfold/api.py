@@ -12,7 +12,7 @@ torch object, file or factory is passed, so the ONNX path works without it.
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -21,12 +21,13 @@ import onnx_ir as ir
 
 from bnfold import paths
 from bnfold.affine import Rounding
+from bnfold.api_verify import verify, verify_models
 from bnfold.errors import BnfoldError
 from bnfold.onnx_front import io
 from bnfold.onnx_front.lower import lower_unfolded
 from bnfold.onnx_front.match import MatchOptions
 from bnfold.onnx_front.passes import FoldAffinePass, FoldPassResult
-from bnfold.options import MAX_INPUT_BYTES, FoldOptions, VerifyOptions, lower_form_of, rounding_of
+from bnfold.options import FoldOptions, VerifyOptions, lower_form_of, rounding_of
 from bnfold.outcomes import FoldOutcome, Inspection, InspectRun, Progress, tell
 from bnfold.outputs import (
     require_safe_folder_report,
@@ -42,7 +43,7 @@ from bnfold.sources import (
     is_onnx_model,
     kind_of,
 )
-from bnfold.verification import require_well_formed, verify_fold, verify_onnx
+from bnfold.verification import require_well_formed, verify_fold
 
 if TYPE_CHECKING:
     from bnfold.batch import BatchReport
@@ -81,7 +82,10 @@ def fold_path(
     """Fold ``source`` and write the result to ``output``: the entry point the CLI calls.
 
     Every output is verified before it is published (unless ``options.verify`` is
-    off) and written atomically; what is not written leaves ``output`` untouched.
+    off): an ONNX fold is proven for all inputs first (unless ``options.prove`` is
+    off; torch folds are proven after they are written: :mod:`bnfold.api_torch`),
+    then compared on samples. It is written atomically; what is not written leaves
+    ``output`` untouched.
 
     Args:
         source: an ONNX file; a folder (every ``*.onnx`` under it is folded into
@@ -214,19 +218,40 @@ def _fold_and_save(
     keep_external = any(True for _ in io.external_tensors(model))  # before folds replace them
     folded = _fold_onnx(model, options)
     result = FoldResult(folded.model, folded.report)
-    verify_options = options.verify_options
 
     def accept(staged: Path) -> bool:
         if options.verify:
-            tell(progress, "verifying")
             # reference was checked when it was loaded and staged is our own
-            # output: hand both straight to the runtimes instead of parsing them again.
-            result.verification = verify_fold(reference, staged, result.report, verify_options)
+            # output: hand both straight to the prover and the runtimes.
+            result.verification = _verified(reference, staged, result, options, progress)
         return result.publishable(options.require_verified)
 
     tell(progress, "writing")
     saved = io.save_model_files(result.model, output, external_data=keep_external, accept=accept)
     return result, saved
+
+
+def _verified(
+    original: Any,
+    folded: Any,
+    result: FoldResult,
+    options: FoldOptions,
+    progress: Progress | None = None,
+) -> VerifyResult | None:
+    """Proof first, sampling second: ``folded`` against the untouched ``original``.
+
+    The proof (unless ``options.prove`` is off, or nothing changed) reads both as
+    they are: paths are memory-mapped, never loaded twice. None when the run
+    changed nothing (see :func:`~bnfold.verification.verify_fold`).
+    """
+    certificate = None
+    if options.prove and result.modified:
+        from bnfold.verification.proving import prove_fold
+
+        tell(progress, "proving")
+        certificate = prove_fold(original, folded, result.report)
+    tell(progress, "verifying")
+    return verify_fold(original, folded, result.report, options.verify_options, certificate)
 
 
 def _bench_against(
@@ -279,6 +304,7 @@ def fold(
     *,
     inplace: bool = False,
     verify: bool = False,
+    prove: bool = True,
     verify_options: VerifyOptions | None = None,
     clone_shared: bool = True,
     rounding: Rounding | str = Rounding.NEAREST,
@@ -297,6 +323,11 @@ def fold(
         verify: ONNX: compare the folded model with the original at ORT_DISABLE_ALL
             and attach the result. torch modules and programs are always verified,
             fold by fold, with rollback of any fold that changes the outputs.
+        prove: ONNX, with ``verify``: prove the fold for all inputs first
+            (:mod:`bnfold.proof`); the certificate is ``verification.proof``, and a
+            difference it finds fails the verification. torch folds in memory are
+            not proven here: :func:`bnfold.proof.prove_eager` /
+            :func:`~bnfold.proof.prove_program` take the result.
         verify_options: tolerances, samples, seed and (ONNX) input shapes.
         clone_shared: ONNX: copy a weight that other nodes also read so the fold
             can proceed (reported as bytes_added); False refuses such sites.
@@ -319,6 +350,7 @@ def fold(
     """
     options = FoldOptions(
         verify=verify,
+        prove=prove,
         verify_options=with_inputs(verify_options, inputs),
         clone_shared=clone_shared,
         rounding=rounding_of(rounding),
@@ -354,7 +386,7 @@ def fold(
     out = FoldResult(result.model, result.report)
     if reference is not None:
         # A path was loaded (and checked) by _onnx_model already.
-        out.verification = verify_fold(reference, out.model, out.report, options.verify_options)
+        out.verification = _verified(reference, out.model, out, options)
     return out
 
 
@@ -436,57 +468,12 @@ def inspect_each(
     return run
 
 
-def verify(
-    original: Any,
-    folded: Any,
-    *,
-    atol: float = 0.0,
-    rtol: float | None = None,
-    samples: int = 3,
-    seed: int = 0,
-    shapes: Mapping[str, Sequence[int]] | None = None,
-    max_input_bytes: int = MAX_INPUT_BYTES,
-    inputs: str | os.PathLike[str] | None = None,
-) -> VerifyResult:
-    """Compare two ONNX models (paths or onnx_ir.Model) at ORT_DISABLE_ALL.
-
-    ``inputs`` is an input file or folder (see :mod:`bnfold.feeds`); without it
-    ``samples`` random draws are fed. rtol None derives each tensor's bound
-    (:mod:`bnfold.tolerance`). Not verified (status "not_verified") when the
-    original cannot run or one sample of random inputs would need more than
-    ``max_input_bytes``.
-    """
-    options = VerifyOptions(atol, rtol, samples, seed, shapes, max_input_bytes, inputs)
-    return verify_models(original, folded, options)
-
-
-def verify_models(
-    original: Any, folded: Any, options: VerifyOptions | None, trust_pickle: bool = False
-) -> VerifyResult:
-    """:func:`verify` for files a user named: each is checked like a loaded model first.
-
-    A ``.pt2`` original or a module factory (:func:`module_source`) is compared
-    with a folded ``.pt2`` by the torch front, eagerly; ``trust_pickle`` as in
-    :class:`~bnfold.options.FoldOptions`.
-    """
-    if kind_of(original) in (SourceKind.TORCH_FILE, SourceKind.FACTORY):
-        from bnfold.torch_front import require_torch
-
-        require_torch()
-        from bnfold.torch_front.files import verify_torch
-
-        return verify_torch(original, folded, options or VerifyOptions(), trust_pickle)
-    for source in (original, folded):
-        if isinstance(source, str | os.PathLike):
-            io.load_model(source)  # one-line errors for bad files, before onnxruntime sees them
-    return verify_onnx(original, folded, options)
-
-
 def fold_file(
     source: str | os.PathLike[str],
     output: str | os.PathLike[str],
     *,
     verify: bool = True,
+    prove: bool = True,
     verify_options: VerifyOptions | None = None,
     in_place: bool = False,
     clone_shared: bool = True,
@@ -498,12 +485,13 @@ def fold_file(
     """Fold an ONNX file and write the result atomically, verified before it is published.
 
     :func:`fold_path` with these keywords as its :class:`FoldOptions`, for one
-    ONNX file. The staged output is compared with ``source``; if verification
-    fails nothing is written. If the models cannot be compared (onnxruntime
-    cannot run the original, the inputs would be too large), the verification
-    result says "not_verified" with the reason, and the output is written unless
-    ``require_verified``. Whatever is not written leaves ``output`` (and with
-    ``in_place`` the input) untouched.
+    ONNX file. The staged output is proven for all inputs against ``source``
+    (unless ``prove`` is off), then compared on samples; if the proof finds a
+    difference or the comparison fails, nothing is written. If the models cannot
+    be compared (onnxruntime cannot run the original, the inputs would be too
+    large) and no proof holds, the verification result says "not_verified" with
+    the reason, and the output is written unless ``require_verified``. Whatever
+    is not written leaves ``output`` (and with ``in_place`` the input) untouched.
 
     Returns:
         (result, written): written is False when verification failed, or was
@@ -515,6 +503,7 @@ def fold_file(
     """
     options = FoldOptions(
         verify=verify,
+        prove=prove,
         verify_options=with_inputs(verify_options, inputs),
         require_verified=require_verified,
         clone_shared=clone_shared,

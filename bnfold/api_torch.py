@@ -1,25 +1,44 @@
-"""The torch routes of :func:`bnfold.api.fold_path`: a torch source folded and written.
+"""The torch routes of :func:`bnfold.api.fold_path` and :func:`bnfold.api.verify`.
 
-Imported only when a torch file, factory or object is folded, since it imports
-torch. The fold itself is :func:`bnfold.torch_front.files.fold_torch_files`'s; this
-adapts what the API accepts to what it takes and checks the report path.
+Imported only when a torch file, factory or object is folded or verified, since it
+imports torch. The fold itself is :func:`bnfold.torch_front.files.fold_torch_files`'s;
+this adapts what the API accepts to what it takes and checks the report path.
+
+The proof for all inputs (:mod:`bnfold.proof`) is made here, at the API layer: a
+written ``.pt2`` is proven against the original program, a written eager module
+against the original module on its example inputs, and the certificate joins the
+verification (:func:`~bnfold.verification.verdict.with_proof`). It comes after the
+write: a difference it finds fails the run (exit 1) but cannot keep the output back,
+and it does not yet judge the fronts' per-fold rollback (proof first, sampling
+second, as ONNX folds have it).
 """
 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields
+from pathlib import Path
 from typing import Any
 
+import torch
+
 from bnfold import paths
-from bnfold.errors import BnfoldError
+from bnfold.errors import BnfoldError, first_line
 from bnfold.options import FoldOptions, VerifyOptions
 from bnfold.outcomes import FoldOutcome, Progress
 from bnfold.outputs import require_safe_report
+from bnfold.report import FoldResult, VerifyResult
 from bnfold.sources import SourceKind
-from bnfold.torch_front.files import ModuleSource, fold_torch_files
-from bnfold.torch_front.io import example_args, factory_source_file
+from bnfold.torch_front.files import ModuleSource, fold_torch_files, verify_torch
+from bnfold.torch_front.io import (
+    example_args,
+    factory_source_file,
+    load_exported_program,
+    user_code,
+)
 from bnfold.torch_front.run import as_args
+from bnfold.verification import not_sampled, with_proof
+from bnfold.verification.proving import attempt
 
 
 @dataclass(frozen=True)
@@ -31,6 +50,29 @@ class GivenModule(ModuleSource):
 
     def load(self) -> tuple[Any, tuple[Any, ...]]:
         return self.module, self.args
+
+
+@dataclass(frozen=True)
+class _Remembered(ModuleSource):
+    """A module source that keeps what it loaded: the untouched original, for the proof.
+
+    A factory without weights builds other random parameters on every call, so the
+    original cannot be built again; the fold does not change the module it loads.
+    """
+
+    source: ModuleSource | None = None
+    loaded: list[tuple[Any, tuple[Any, ...]]] = field(default_factory=list)
+
+    @classmethod
+    def of(cls, source: ModuleSource) -> _Remembered:
+        given = {f.name: getattr(source, f.name) for f in fields(ModuleSource)}
+        return cls(**given, source=source)
+
+    def load(self) -> tuple[Any, tuple[Any, ...]]:
+        assert self.source is not None
+        module, args = self.source.load()
+        self.loaded.append((module, args))
+        return module, args
 
 
 def fold_to(
@@ -48,13 +90,101 @@ def fold_to(
     verify = (options.verify_options or VerifyOptions()) if options.verify else None
     if progress is not None:
         progress("folding and verifying" if verify is not None else "folding")
+    remembered = _Remembered.of(torch_source) if isinstance(torch_source, ModuleSource) else None
     result, written = fold_torch_files(
-        torch_source, output, verify, options.to_onnx,
+        remembered or torch_source, output, verify, options.to_onnx,
         require_verified=options.require_verified, rounding=options.rounding,
         lower=options.lower, trust_pickle=options.trust_pickle,
     )  # fmt: skip
+    if written and options.prove and result.modified and result.verification is not None:
+        if progress is not None:
+            progress("proving")
+        original = remembered.loaded[0] if remembered is not None else str(torch_source)
+        certificate = _prove_written(original, Path(output), result, options.trust_pickle)
+        result.verification = with_proof(result.verification, certificate)
     files = [os.fspath(path) for path in written]
     return FoldOutcome(result, os.fspath(output), bool(written), files)
+
+
+def _prove_written(original: Any, output: Path, result: FoldResult, trust_pickle: bool) -> Any:
+    """The certificate of a written fold; never raises (a prover failure is "not proven").
+
+    ``original`` is the ``.pt2`` path folded, or the (module, args) a factory built.
+    A ``.pt2`` output is proven as programs (the file as written, read back), a
+    ``.pt`` state_dict as the eager module in memory, traced on its example inputs.
+    """
+    from bnfold.proof import prove_eager, prove_program
+
+    def prove() -> Any:
+        with user_code("the model's code"):
+            if output.suffix == ".pt2":
+                folded = load_exported_program(output)  # our own file: plain data only
+                return prove_program(_program(original, trust_pickle), folded, result.report)
+            module, args = original
+            return prove_eager(module, result.model, result.report, example_inputs=args)
+
+    front = "torch program" if output.suffix == ".pt2" else "torch eager"
+    return attempt(prove, front)
+
+
+def _program(original: Any, trust_pickle: bool) -> torch.export.ExportedProgram:
+    """The original as a program: a ``.pt2`` read back, or a factory's module exported."""
+    if isinstance(original, str):
+        return load_exported_program(original, trust_pickle)
+    module, args = original
+    try:
+        return torch.export.export(module, args, strict=False)
+    except Exception as err:  # torch.export raises many types
+        raise BnfoldError(f"exporting the original module failed: {first_line(err)}") from None
+
+
+def verify_programs(
+    original: ModuleSource | str,
+    folded: str,
+    options: VerifyOptions | None,
+    trust_pickle: bool,
+    *,
+    prove: bool,
+    sample: bool,
+) -> VerifyResult:
+    """``verify`` of a folded ``.pt2``: proven as programs, then compared eagerly.
+
+    ``original`` is a ``.pt2`` path or a module factory (exported on its example
+    inputs). A model the prover cannot read is bad input, as for ONNX.
+
+    Raises:
+        BnfoldError: a file cannot be loaded, a module cannot be exported, or the
+            prover cannot read a program.
+    """
+    # One module for both checks: a factory without weights builds another on every call.
+    remembered = _Remembered.of(original) if isinstance(original, ModuleSource) else None
+    sampled = None
+    if sample:
+        options = options or VerifyOptions()
+        sampled = verify_torch(remembered or original, folded, options, trust_pickle)
+    certificate = None
+    if prove:
+        with user_code("the model's code"):
+            if remembered is not None and not remembered.loaded:
+                remembered.load()
+            source = remembered.loaded[0] if remembered is not None else original
+            certificate = _prove_files(source, folded, trust_pickle)
+    if sampled is None:
+        return not_sampled(options, certificate)
+    return with_proof(sampled, certificate)
+
+
+def _prove_files(original: Any, folded: str, trust_pickle: bool) -> Any:
+    """Prove a folded ``.pt2`` against ``original`` (a ``.pt2`` path or (module, args))."""
+    from bnfold.proof import ModelError, prove_program
+
+    if Path(folded).suffix != ".pt2":
+        raise BnfoldError(f"{folded}: torch verification compares .pt2 programs; export it first")
+    folded_program = load_exported_program(folded, trust_pickle)
+    try:
+        return prove_program(_program(original, trust_pickle), folded_program)
+    except ModelError as err:
+        raise BnfoldError(str(err)) from None
 
 
 def _file_source(

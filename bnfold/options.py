@@ -124,6 +124,9 @@ class FoldOptions:
     Attributes:
         verify: compare the folded model with the original before it is written;
             a failed comparison writes nothing.
+        prove: with ``verify``, first prove the fold for all inputs
+            (:mod:`bnfold.proof`): a difference the proof finds writes nothing,
+            a proof that holds verifies a fold sampling cannot check.
         verify_options: tolerances, draws, input shapes and files
             (:class:`VerifyOptions`); None: its defaults.
         require_verified: write only a verified fold (CLI ``--strict``): a result
@@ -144,6 +147,7 @@ class FoldOptions:
     """
 
     verify: bool = True
+    prove: bool = True
     verify_options: VerifyOptions | None = None
     require_verified: bool = False
     clone_shared: bool = True

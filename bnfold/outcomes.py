@@ -27,8 +27,10 @@ class Progress(Protocol):
 class FoldOutcome:
     """What :func:`bnfold.api.fold_path` did with one model: the fold, and every file it wrote.
 
-    ``written`` is False exactly when the library kept the output back: the
-    verification failed, or could not be made and verified folds were required.
+    ``written`` is False when the library kept the output back: the verification
+    (the proof for all inputs, then the sampled check) failed, or could not be made
+    and verified folds were required. One case is written and fails all the same:
+    a torch fold whose proof, made after the write, found a difference.
     """
 
     result: FoldResult
@@ -43,8 +45,9 @@ class FoldOutcome:
     notes: list[str] = field(default_factory=list)
 
     def exit_code(self) -> int:
-        """0 when written, 1 when kept back: "exit 0" and "output written" mean the same."""
-        return 0 if self.written else 1
+        """0 when written and verified (or not verifiable), 1 when kept back or failed."""
+        failed = self.result.verification is not None and self.result.verification.failed
+        return 0 if self.written and not failed else 1
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON report (docs/json-report.md): what ``--json`` prints and ``--report`` saves."""
@@ -60,9 +63,11 @@ class FoldOutcome:
         lines = [self.result.report.summary()]
         verification = self.result.verification
         if verification is not None:
-            lines.append(verification.summary())
+            lines.append(verification.summary(proven_rows=False))
         if not self.written:
             lines.append(_nothing_written(verification))
+        elif verification is not None and verification.failed:
+            lines.append("the proof found a difference after the fold was written: do not use it")
         lines += [f"wrote {path}" for path in self.files]
         lines += [f"note: {note}" for note in self.notes]
         if self.bench is not None:
@@ -74,6 +79,9 @@ def _nothing_written(verification: VerifyResult | None) -> str:
     """Why an output was kept back: a failed or (with --strict) a missing verification."""
     if verification is not None and verification.status == "not_verified":
         return f"not verified ({verification.reason}); --strict: nothing written"
+    proof = verification.proof if verification is not None else None
+    if proof is not None and proof.refuted:
+        return f"the proof found a difference {proof.refutation()}: nothing written"
     return "verification FAILED: nothing written"
 
 

@@ -9,8 +9,8 @@ from __future__ import annotations
 import enum
 import json
 from collections import Counter
-from dataclasses import asdict, dataclass, field
-from typing import Any
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any, Protocol
 
 from bnfold.options import LowerForm, Rounding
 
@@ -249,6 +249,8 @@ class NotVerified(str, enum.Enum):
     """The original failed on every input bnfold made; ``--shape`` or ``--inputs`` can fix that."""
     NO_EVIDENCE = "no_evidence"
     """Every compared tensor was constant over the samples: their agreement proves nothing."""
+    NOT_SAMPLED = "not_sampled"
+    """The models were not run (``verify --prove --no-sample``): only the proof judges."""
 
 
 # The relative error a sensitivity figure plants in one output channel of a fold site.
@@ -308,14 +310,35 @@ class OutputDiff:
         )
 
 
+class Proof(Protocol):
+    """What a report needs of a proof for all inputs (:class:`bnfold.proof.Certificate`)."""
+
+    @property
+    def holds(self) -> bool: ...
+
+    @property
+    def refuted(self) -> bool: ...
+
+    def headline(self) -> str: ...
+
+    def refutation(self) -> str: ...
+
+    def summary(self, proven_rows: bool = True) -> str: ...
+
+    def to_dict(self) -> dict[str, Any]: ...
+
+
 @dataclass
 class VerifyResult:
-    """Outcome of comparing an original and a folded model.
+    """Outcome of comparing an original and a folded model: the proof, then sampling.
 
-    ``status`` is "passed", "failed" or "not_verified" (the models could not be
-    compared; ``reason_code`` says why, ``reason`` in words). ``outputs`` holds
-    every model output, ``sites`` every fold site compared (the value the folded
-    op now computes against the value the removed BatchNorm computed).
+    ``status`` is "passed", "failed" or "not_verified" (nothing established: the
+    models could not be compared and no proof holds; ``reason_code`` says why,
+    ``reason`` in words). ``outputs`` holds every model output, ``sites`` every
+    fold site compared (the value the folded op now computes against the value the
+    removed BatchNorm computed). ``proof``, when one was made, decides first
+    (:func:`bnfold.verification.verdict.with_proof`): a difference it found fails
+    the result, and a proof that holds passes a fold sampling could not check.
     """
 
     status: str
@@ -335,10 +358,15 @@ class VerifyResult:
     fed: list[FedInput] = field(default_factory=list)  # each input's shapes, as fed
     shapes_note: str = ""  # how dynamic dimensions were sized, for random inputs
     proven: bool = False  # a certificate proved every fold site (see judged_by "proof")
+    proof: Proof | None = None  # the proof for all inputs this result was judged with
 
     @property
     def passed(self) -> bool:
         return self.status == "passed"
+
+    @property
+    def failed(self) -> bool:
+        return self.status == "failed"
 
     @property
     def worst_site(self) -> OutputDiff | None:
@@ -346,15 +374,32 @@ class VerifyResult:
         return max(self.sites, key=lambda r: (_margin(r), r.max_rel), default=None)
 
     def to_dict(self) -> dict[str, Any]:
-        return _jsonable(asdict(self))
+        data: dict[str, Any] = _jsonable(asdict(replace(self, proof=None)))
+        data["proof"] = self.proof.to_dict() if self.proof is not None else None
+        return data
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2)
 
-    def summary(self) -> str:
+    def summary(self, proven_rows: bool = True) -> str:
+        """The proof's summary (if one was made), then the sampled comparison.
+
+        ``proven_rows`` False lists only the sites the proof did not prove (a fold's
+        report already lists every site).
+        """
+        sampled = self._sampled_summary()
+        if self.proof is None:
+            return sampled
+        return f"{self.proof.summary(proven_rows)}\n{sampled}"
+
+    def _sampled_summary(self) -> str:
         compared = [*self.outputs, *self.sites, *self.frontier]
-        if self.status == "not_verified" and not compared:
-            return "\n".join([f"NOT VERIFIED: {self.reason}", *self._fed_lines()])
+        if not compared:
+            if self.status == "not_verified":
+                return "\n".join([f"NOT VERIFIED: {self.reason}", *self._fed_lines()])
+            # Decided by the proof alone: the reason says what sampling could not do.
+            status = self.status.upper()
+            return "\n".join([f"verification {status}: {self.reason}", *self._fed_lines()])
         rtol = "rtol derived per tensor" if self.derived else f"rtol={self.rtol:g}"
         fed = self.inputs or f"{self.samples} samples"
         status = "NOT VERIFIED" if self.status == "not_verified" else self.status.upper()

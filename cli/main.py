@@ -53,7 +53,14 @@ main.add_command(bench)
 @click.argument("model", type=click.Path(), required=False)
 @click.option("-o", "--output", type=click.Path(), help="Folded model (or folder) to write.")
 @click.option("--in-place", is_flag=True, help="Overwrite MODEL (still atomic and verified).")
-@click.option("--no-verify", is_flag=True, help="Skip the comparison with the original.")
+@click.option(
+    "--no-verify", is_flag=True, help="Skip the proof and the comparison with the original."
+)
+@click.option(
+    "--no-prove",
+    is_flag=True,
+    help="Skip the proof for all inputs that verification makes first (sampling only).",
+)
 @click.option(
     "--strict",
     is_flag=True,
@@ -107,6 +114,7 @@ def fold(
     output: str | None,
     in_place: bool,
     no_verify: bool,
+    no_prove: bool,
     strict: bool,
     report_path: str | None,
     as_json: bool,
@@ -134,6 +142,7 @@ def fold(
     source = model_source(model, module_spec, weights, trust_pickle, input_shapes)
     options = FoldOptions(
         verify=not no_verify,
+        prove=not no_prove,
         verify_options=verify_options_for(source, verify_kw),
         require_verified=strict,
         clone_shared=not no_clone_shared,
@@ -226,18 +235,33 @@ def _print_inspections(inspections: list[Any]) -> None:
 @main.command()
 @click.argument("models", nargs=-1, type=click.Path())
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@click.option(
+    "--prove",
+    is_flag=True,
+    help="First prove FOLDED computes ORIGINAL's function for all inputs, without running them.",
+)
+@click.option(
+    "--no-sample",
+    is_flag=True,
+    help="With --prove: run neither model (for models no runtime can load); the proof decides.",
+)
 @quiet_option
 @torch_options
 @verify_options
 @one_line_errors
-def verify(models: tuple[str, ...], as_json: bool, quiet: bool, **kw: Any) -> None:
+def verify(
+    models: tuple[str, ...], as_json: bool, prove: bool, no_sample: bool, quiet: bool, **kw: Any
+) -> None:
     """Compare FOLDED with ORIGINAL: `verify ORIGINAL FOLDED`, or `verify --module ... FOLDED`.
 
     ONNX models run on random inputs (or --inputs) at ORT_DISABLE_ALL; torch .pt2
     programs run eagerly on their example inputs and random draws (or --inputs).
-    Outputs and fold sites are compared. Exit 0 if every one is within its bound,
-    1 if not or if no runtime can load the original, 2 on bad input (a broken
-    original among it).
+    Outputs and fold sites are compared. With --prove the pair is first proven
+    for all inputs from the graphs: a difference it finds fails, a proof that
+    holds passes models no runtime can load, and a region it cannot model is left
+    to the sampled check. Exit 0 if verified, 1 if the proof or a tensor fails or
+    nothing could be checked (no runtime can load the original and no proof
+    holds), 2 on bad input (a broken original among it).
     """
     torch_kw = {k: kw.pop(k) for k in ("module_spec", "weights", "trust_pickle", "input_shapes")}
     wanted = 1 if torch_kw["module_spec"] else 2
@@ -250,7 +274,9 @@ def verify(models: tuple[str, ...], as_json: bool, quiet: bool, **kw: Any) -> No
     with progress("verifying", quiet=quiet or as_json) as tell:
         if tell is not None:
             tell(models[-1])
-        result = api.verify_models(source, models[-1], options, torch_kw["trust_pickle"])
+        result = api.verify_models(
+            source, models[-1], options, torch_kw["trust_pickle"], prove=prove, sample=not no_sample
+        )
     code = EXIT_OK if result.passed else EXIT_VERIFY_FAILED
     if as_json:
         click.echo(json.dumps(envelope("verify", code, result.to_dict()), indent=2))

@@ -340,7 +340,8 @@ def test_300mb_external_data_model_folds_without_loading_unchanged_weights(tmp_p
 
 
 def test_folder_mode_strict_skips_only_the_unverified_model(cli, tmp_path, samples):
-    """--strict: the model onnxruntime cannot run is not written (exit 1); the others are."""
+    """--strict without the proof: the model onnxruntime cannot run is not written (exit 1);
+    the others are. With the proof (the default) its fold is verified and written."""
     import json
 
     from tests.test_cli import unrunnable_model
@@ -354,7 +355,7 @@ def test_folder_mode_strict_skips_only_the_unverified_model(cli, tmp_path, sampl
     previous = out / "unrunnable.onnx"
     shutil.copy(samples / "resnet_tiny.onnx", previous)
     before = previous.read_bytes()
-    result = cli(["fold", models, "-o", out, "--strict", "--json"])
+    result = cli(["fold", models, "-o", out, "--strict", "--json", "--no-prove"])
     assert result.exit_code == 1, result.output
     payload = json.loads(result.stdout)
     outcomes = {o["source"]: (o["status"], o["written"]) for o in payload["outcomes"]}
@@ -365,8 +366,11 @@ def test_folder_mode_strict_skips_only_the_unverified_model(cli, tmp_path, sampl
     assert payload["exit_code"] == 1
     assert previous.read_bytes() == before
     assert sorted(p.name for p in out.iterdir()) == ["conv2d_bn.onnx", "unrunnable.onnx"]
+    proven = json.loads(cli(["fold", models, "-o", out, "--strict", "--json"]).stdout)
+    assert [(o["status"], o["written"]) for o in proven["outcomes"]] == [("ok", True)] * 2
+    assert previous.read_bytes() != before
 
-    table = cli(["fold", models, "-o", tmp_path / "out_table", "--strict"])
+    table = cli(["fold", models, "-o", tmp_path / "out_table", "--strict", "--no-prove"])
     assert table.exit_code == 1
     assert "nothing written (--strict)" in table.stdout
     assert sorted(p.name for p in (tmp_path / "out_table").iterdir()) == ["conv2d_bn.onnx"]

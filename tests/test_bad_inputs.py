@@ -182,24 +182,30 @@ def test_opset_onnxruntime_cannot_run_is_verified_by_the_reference_evaluator(
 def test_opset_no_runtime_knows_folds_but_is_not_verified(
     cli, tmp_path, opset, ir_version, bn_attrs
 ):
-    """Fold still works; verification says "not verified" with onnxruntime's reason.
+    """Fold still works; sampling says "not verified" with onnxruntime's reason.
 
-    Exit 0 and the fold is written; with --strict exit 1 and nothing written.
+    Without the proof: exit 0 and the fold is written; with --strict exit 1 and nothing
+    written. The proof needs no runtime: it verifies the fold, and --strict writes it.
     """
     model = _old_opset_model(tmp_path, opset, ir_version, bn_attrs)
     before = model.read_bytes()
     out = tmp_path / "folded.onnx"
-    result = cli(["fold", model, "-o", out, "--json"])
+    result = cli(["fold", model, "-o", out, "--json", "--no-prove"])
     assert result.exit_code == 0, result.output
     payload = json.loads(result.stdout)
     assert payload["verification"]["status"] == "not_verified"
     assert "onnxruntime cannot run the original" in payload["verification"]["reason"]
     assert len(payload["report"]["folded"]) == 1
     assert out.is_file() and model.read_bytes() == before
-    strict = cli(["fold", model, "-o", tmp_path / "strict.onnx", "--strict"])
+    strict = cli(["fold", model, "-o", tmp_path / "strict.onnx", "--strict", "--no-prove"])
     assert strict.exit_code == 1 and "Traceback" not in strict.output
     assert "NOT VERIFIED" in strict.stdout and "--strict: nothing written" in strict.stdout
     assert not (tmp_path / "strict.onnx").exists() and model.read_bytes() == before
+    proven = cli(["fold", model, "-o", tmp_path / "strict.onnx", "--strict", "--json"])
+    assert proven.exit_code == 0, proven.output
+    verification = json.loads(proven.stdout)["verification"]
+    assert verification["status"] == "passed" and verification["proof"]["holds"]
+    assert "onnxruntime cannot run the original" in verification["reason"]
 
 
 # --- inputs too large to verify ----------------------------------------------------
@@ -489,10 +495,12 @@ def test_nan_or_inf_refuses_that_fold_and_folds_the_rest(cli, tmp_path, field, v
 
 def _assert_no_evidence(verification: dict) -> None:
     """bn1's non-finite channel reaches every value conv2 computes: each compared tensor
-    is NaN or infinite throughout, in both models, so agreeing proves nothing."""
-    assert verification["status"] == "not_verified", verification
+    is NaN or infinite throughout, in both models, so agreeing proves nothing. The fold
+    of conv2 -> bn2 is proven for all inputs all the same: that verifies it."""
     assert verification["reason_code"] == "no_evidence"
     assert not any(r["evidence"] for r in verification["outputs"] + verification["sites"])
+    assert verification["proof"]["holds"], verification["proof"]["headline"]
+    assert verification["status"] == "passed", verification
 
 
 def _with_epsilon(proto: onnx.ModelProto, eps: float) -> onnx.ModelProto:
@@ -565,7 +573,12 @@ def test_zero_size_tensors_fold_and_verify(cli, tmp_path, c_in, c_out):
     payload = json.loads(result.stdout)
     assert len(payload["report"]["folded"]) == 1
     verification = payload["verification"]
-    assert (verification["status"], verification["reason_code"]) == ("not_verified", "no_evidence")
+    assert verification["reason_code"] == "no_evidence" and verification["proof"]["holds"]
+    assert verification["status"] == "passed"  # by the proof: sampling has no evidence
+    sampled = json.loads(
+        cli(["fold", model, "-o", tmp_path / "s.onnx", "--json", "--no-prove"]).stdout
+    )
+    assert sampled["verification"]["status"] == "not_verified"
 
 
 def test_zero_size_spatial_input_folds(cli, tmp_path):

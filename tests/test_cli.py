@@ -145,23 +145,41 @@ def unrunnable_model(tmp_path: Path) -> Path:
 
 def test_unrunnable_original_still_folds_but_says_not_verified(tmp_path: Path) -> None:
     src, out = unrunnable_model(tmp_path), tmp_path / "out.onnx"
-    result = invoke("fold", src, "-o", out, "--json")
+    result = invoke("fold", src, "-o", out, "--json", "--no-prove")
     assert result.exit_code == 0, result.output
     payload = json.loads(result.output)
     assert payload["verification"]["status"] == "not_verified"
     assert payload["verification"]["reason_code"] == "original_not_runnable"
+    assert payload["verification"]["proof"] is None
     assert payload["written"] is True and out.exists()
+
+
+def test_unrunnable_original_is_verified_by_the_proof(tmp_path: Path) -> None:
+    """No runtime loads it, but its fold site is standard: proven for all inputs, so the
+    fold is verified (--strict writes it), and the JSON says why sampling did not run."""
+    src, out = unrunnable_model(tmp_path), tmp_path / "out.onnx"
+    result = invoke("fold", src, "-o", out, "--json", "--strict")
+    assert result.exit_code == 0, result.output
+    verification = json.loads(result.output)["verification"]
+    assert verification["status"] == "passed" and verification["proven"] is True
+    assert verification["reason_code"] == "original_not_runnable"
+    assert verification["proof"]["holds"] is True
+    assert verification["proof"]["headline"] == "proven for all inputs: 1 of 1 sites, worst 0.5 ulp"
+    assert out.exists()
+    text = invoke("fold", src, "-o", out)
+    assert "proven for all inputs: 1 of 1 sites" in text.output
+    assert "verification PASSED: proven for all inputs; sampling did not verify" in text.output
 
 
 def test_strict_writes_nothing_when_not_verified(tmp_path: Path) -> None:
     src, out = unrunnable_model(tmp_path), tmp_path / "strict.onnx"
-    result = invoke("fold", src, "-o", out, "--strict")
+    result = invoke("fold", src, "-o", out, "--strict", "--no-prove")
     assert result.exit_code == 1, result.output
     assert "not verified (onnxruntime cannot run the original" in result.output
     assert "--strict: nothing written" in result.output
     assert not out.exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["unrunnable.onnx"]  # no staging left
-    as_json = invoke("fold", src, "-o", out, "--strict", "--json")
+    as_json = invoke("fold", src, "-o", out, "--strict", "--json", "--no-prove")
     assert as_json.exit_code == 1
     payload = json.loads(as_json.output)
     assert payload["written"] is False and payload["verification"]["status"] == "not_verified"
@@ -172,7 +190,7 @@ def test_strict_leaves_an_existing_output_untouched(tmp_path: Path) -> None:
     src, out = unrunnable_model(tmp_path), tmp_path / "out.onnx"
     shutil.copy(RESNET, out)
     before = out.read_bytes()
-    result = invoke("fold", src, "-o", out, "--strict")
+    result = invoke("fold", src, "-o", out, "--strict", "--no-prove")
     assert result.exit_code == 1, result.output
     assert out.read_bytes() == before
 
@@ -180,7 +198,7 @@ def test_strict_leaves_an_existing_output_untouched(tmp_path: Path) -> None:
 def test_strict_in_place_leaves_the_input_untouched(tmp_path: Path) -> None:
     src = unrunnable_model(tmp_path)
     before, inode = src.read_bytes(), src.stat().st_ino
-    result = invoke("fold", src, "--in-place", "--strict")
+    result = invoke("fold", src, "--in-place", "--strict", "--no-prove")
     assert result.exit_code == 1, result.output
     assert src.read_bytes() == before and src.stat().st_ino == inode
     assert sorted(p.name for p in tmp_path.iterdir()) == ["unrunnable.onnx"]
@@ -212,7 +230,7 @@ def test_inputs_over_the_cap_are_not_verified_and_not_allocated(
 
     monkeypatch.setattr(feeding, "_random_array", no_allocation)
     src, out = huge_input_model(tmp_path, [64, 3, 8192, 8192]), tmp_path / "out.onnx"
-    result = invoke("fold", src, "-o", out, "--json")
+    result = invoke("fold", src, "-o", out, "--json", "--no-prove")
     assert result.exit_code == 0, result.output
     payload = json.loads(result.output)
     verification = payload["verification"]
@@ -221,7 +239,7 @@ def test_inputs_over_the_cap_are_not_verified_and_not_allocated(
     for part in ("'input'", "64x3x8192x8192", "48.0 GiB", "1.0 GiB", "--shape input:"):
         assert part in verification["reason"], part
     assert payload["written"] is True and out.exists()
-    strict = invoke("fold", src, "-o", tmp_path / "strict.onnx", "--strict")
+    strict = invoke("fold", src, "-o", tmp_path / "strict.onnx", "--strict", "--no-prove")
     assert strict.exit_code == 1, strict.output
     assert "not verified (input 'input' of shape 64x3x8192x8192" in strict.output
     assert not (tmp_path / "strict.onnx").exists()

@@ -155,9 +155,15 @@ def test_strict_pt2_fold_writes_nothing_when_not_verified(tmp_path: Path, unveri
     assert strict.exit_code == 1, strict.output
     assert "not verified (no runtime); --strict: nothing written" in strict.output
     assert sorted(p.name for p in tmp_path.iterdir()) == ["net.pt2"]
-    lenient = invoke("fold", source, "-o", out)
+    lenient = invoke("fold", source, "-o", out, "--no-prove")
     assert lenient.exit_code == 0, lenient.output
     assert "NOT VERIFIED" in lenient.output and out.is_file()
+    # The proof of what was written verifies it after the fact (torch proves after writing).
+    proven = invoke("fold", source, "-o", out, "--json")
+    assert proven.exit_code == 0, proven.output
+    verification = json.loads(proven.output)["verification"]
+    assert verification["status"] == "passed" and verification["proof"]["holds"]
+    assert verification["reason"].startswith("proven for all inputs; sampling did not verify")
 
 
 def test_max_input_mib_is_refused_for_torch_models(factory, tmp_path: Path) -> None:
@@ -290,3 +296,65 @@ def test_console_script_from_the_models_folder_is_quiet(tmp_path: Path) -> None:
     assert run.returncode == 0, run.stderr
     assert run.stderr == ""
     assert json.loads(run.stdout)["files"] == ["folded.pt2", "folded.onnx"]
+
+
+# -- the proof for all inputs, at the API layer ----------------------------------------------
+
+
+def test_torch_folds_carry_their_certificate(factory, tmp_path: Path) -> None:
+    """An eager fold (.pt) is proven as modules on its example inputs, a .pt2 as programs."""
+    common = ["fold", "--module", f"{factory}:make", "--input-shape", SHAPE]
+    for suffix, front in ((".pt", "torch eager"), (".pt2", "torch program")):
+        result = invoke(*common, "-o", tmp_path / f"folded{suffix}", "--json")
+        assert result.exit_code == 0, result.output
+        proof = json.loads(result.output)["verification"]["proof"]
+        assert proof["front"] == front and proof["holds"], proof["headline"]
+        assert [s["name"] for s in proof["sites"]] == ["0 -> 1"]
+    skipped = invoke(*common, "-o", tmp_path / "skipped.pt", "--json", "--no-prove")
+    assert json.loads(skipped.output)["verification"]["proof"] is None
+
+
+def test_verify_prove_of_a_pt2_pair(factory, tmp_path: Path) -> None:
+    source, out = tmp_path / "net.pt2", tmp_path / "folded.pt2"
+    save_program(randomize_bn(Net()), torch.randn(2, 3, 8, 8), source)
+    assert invoke("fold", source, "-o", out, "--no-verify").exit_code == 0
+    for flags in ([], ["--no-sample"]):
+        result = invoke("verify", "--prove", *flags, source, out, "--json")
+        assert result.exit_code == 0, result.output
+        payload = json.loads(result.output)
+        assert payload["status"] == "passed" and payload["proof"]["holds"]
+        assert payload["proof"]["front"] == "torch program"
+    pt2 = tmp_path / "factory.pt2"
+    assert (
+        invoke("fold", "--module", f"{factory}:make", "--input-shape", SHAPE, "-o", pt2).exit_code
+        == 0
+    )
+    check = invoke("verify", "--prove", "--module", f"{factory}:make", "--input-shape", SHAPE, pt2)
+    assert check.exit_code == 0, check.output
+    assert check.output.startswith("proven for all inputs: 1 of 1 sites")
+
+
+def test_a_torch_proof_that_finds_a_difference_after_the_write_fails_the_run(
+    factory, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """torch folds are proven after they are written: a difference is exit 1, said so."""
+    from bnfold import api_torch
+    from bnfold.proof import Certificate, SiteProof
+
+    def refuting(*args: Any) -> Certificate:
+        site = SiteProof("0 -> 1", "adjacent", False, float("inf"), reason="row 2 differs")
+        return Certificate(front="torch eager", sites=[site])
+
+    monkeypatch.setattr(api_torch, "_prove_written", refuting)
+    out = tmp_path / "folded.pt"
+    result = invoke("fold", "--module", f"{factory}:make", "--input-shape", SHAPE, "-o", out)
+    assert result.exit_code == 1, result.output
+    assert "DIFFERS     0 -> 1" in result.output
+    assert "the proof found a difference after the fold was written" in result.output
+    payload = json.loads(
+        invoke(
+            "fold", "--module", f"{factory}:make", "--input-shape", SHAPE, "-o", out, "--json"
+        ).output
+    )
+    assert payload["exit_code"] == 1 and payload["written"] is True
+    assert payload["verification"]["status"] == "failed"

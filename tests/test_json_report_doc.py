@@ -123,7 +123,11 @@ def objects(tmp_path_factory: pytest.TempPathFactory) -> dict[str, list[tuple[st
         "BatchReport": [("fold", models, "-o", tmp / "out", "--lower-standalone")],
         "Inspection": [("inspect", SAMPLES / "neg_branching.onnx", "--max-left", "0")],
         "InspectRun": [("inspect", SAMPLES / "resnet_tiny.onnx", bad, "--max-left", "0")],
-        "Verification": [("verify", SAMPLES / "conv2d_bn.onnx", SAMPLES / "conv2d_bn.onnx")],
+        "Verification": [
+            ("verify", SAMPLES / "conv2d_bn.onnx", SAMPLES / "conv2d_bn.onnx"),
+            ("verify", "--prove", ext, tmp / "e.onnx"),  # the fold above wrote it
+            ("verify", "--prove", "--no-sample", ext, tmp / "e.onnx"),
+        ],
         "BenchRun": [("bench", SAMPLES / "conv2d_bn.onnx", "--runs", "3", "--warmup", "1")],
         "Error": [("fold", tmp / "missing.onnx", "-o", tmp / "x.onnx"), ("fold", "--samples", "0")],
     }
@@ -166,6 +170,13 @@ def test_the_samples_exercise_the_nested_parts(objects: dict[str, Any]) -> None:
     assert inspected["refused"] and inspected["gate"]["passed"] is False
     ((_, many),) = objects["InspectRun"]
     assert [m["exit_code"] for m in many["models"]] == [0, 2]
+    # The proof rides with every verification that folds, and with verify --prove.
+    (_, folded), _ = objects["FoldOutcome"]
+    assert folded["verification"]["proof"]["holds"] is True
+    assert all(r["verification"]["proof"]["sites"] for r in results if r["verification"])
+    _, (_, proven), (_, not_sampled) = objects["Verification"]
+    assert proven["proof"]["holds"] and proven["status"] == "passed"
+    assert not_sampled["reason_code"] == "not_sampled" and not_sampled["samples"] == 0
 
 
 def test_the_report_file_is_the_printed_object(tmp_path: Path) -> None:

@@ -33,9 +33,10 @@ from tests.test_verify_evidence import _plant, conv_net
 
 @dataclass(frozen=True)
 class StubCertificate:
-    """Stands in for bnfold.proof's Certificate: the verdict reads only ``holds``."""
+    """Stands in for bnfold.proof's Certificate: the verdict reads ``holds`` and ``refuted``."""
 
     holds: bool
+    refuted: bool = False
 
 
 def _diff(max_abs: float, scale: float = 1.0) -> TensorDiff:

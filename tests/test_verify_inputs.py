@@ -153,7 +153,7 @@ def test_nothing_folded_is_written_unchanged_whatever_the_inputs(tmp_path, cli):
 
 def test_random_inputs_the_model_refuses_are_not_verified_not_bad_input(tmp_path, cli):
     src, out = _save(tmp_path, "padded", padded_sequence_net(pad=1000)), tmp_path / "out.onnx"
-    code, payload = _fold_json(cli, src, out)
+    code, payload = _fold_json(cli, src, out, "--no-prove")
     assert code == 0 and payload["written"] is True
     verification = payload["verification"]
     assert (verification["status"], verification["reason_code"]) == (
@@ -162,8 +162,13 @@ def test_random_inputs_the_model_refuses_are_not_verified_not_bad_input(tmp_path
     )
     assert "--shape" in verification["reason"] and "--inputs" in verification["reason"]
     assert verification["fed"]  # what was tried first is still said
-    strict = cli(["fold", src, "-o", tmp_path / "strict.onnx", "--strict"])
+    strict = cli(["fold", src, "-o", tmp_path / "strict.onnx", "--strict", "--no-prove"])
     assert strict.exit_code == 1 and not (tmp_path / "strict.onnx").exists()
+    # The fold is proven for all inputs: sampling's unusable inputs no longer matter.
+    code, payload = _fold_json(cli, src, out)
+    verification = payload["verification"]
+    assert (verification["status"], verification["reason_code"]) == ("passed", "inputs_unusable")
+    assert verification["proof"]["holds"]
     given = cli(["fold", src, "-o", out, "--shape", "audio:1x1500", "--json"])
     assert json.loads(given.stdout)["verification"]["status"] == "passed"
 
@@ -200,7 +205,7 @@ def test_runtime_log_lines_do_not_reach_stderr(tmp_path):
 
 def test_constant_outputs_and_sites_are_not_verified_never_passed(tmp_path, cli):
     src, out = _save(tmp_path, "constant", constant_net()), tmp_path / "out.onnx"
-    code, payload = _fold_json(cli, src, out)
+    code, payload = _fold_json(cli, src, out, "--no-prove")
     verification = payload["verification"]
     assert code == 0 and payload["written"] is True
     assert (verification["status"], verification["reason_code"]) == ("not_verified", "no_evidence")
@@ -210,7 +215,12 @@ def test_constant_outputs_and_sites_are_not_verified_never_passed(tmp_path, cli)
     ]
     text = cli(["verify", src, out])
     assert text.exit_code == 1 and "no evidence: constant over the samples" in text.stdout
-    assert cli(["fold", src, "-o", tmp_path / "s.onnx", "--strict"]).exit_code == 1
+    assert cli(["fold", src, "-o", tmp_path / "s.onnx", "--strict", "--no-prove"]).exit_code == 1
+    # Evidence of another kind: the proof holds for all inputs, so the fold is verified.
+    code, payload = _fold_json(cli, src, out, "--strict")
+    assert code == 0 and payload["verification"]["status"] == "passed"
+    assert payload["verification"]["reason_code"] == "no_evidence"
+    assert cli(["verify", "--prove", src, out]).exit_code == 0
 
 
 def test_sensitivity_counts_the_channels_a_planted_error_would_show_in(tmp_path, cli):

@@ -47,25 +47,46 @@ ULP_LIMIT = 1.0
 
 @dataclass
 class Verdict:
-    """The comparison of one value in both models."""
+    """The comparison of one value in both models.
+
+    Not proven either because the two maps differ (``unsupported`` False: a
+    difference was found) or because a piece could not be modelled (``unsupported``
+    True: nothing is known either way, so sampled verification decides).
+    """
 
     proven: bool
     worst_ulp: float = 0.0
     coefficients: int = 0
     reason: str = ""
     notes: list[str] = field(default_factory=list)
+    unsupported: bool = False
 
     @classmethod
     def failed(cls, reason: str) -> Verdict:
+        """The maps differ, and ``reason`` says where."""
         return cls(False, math.inf, 0, reason)
 
+    @classmethod
+    def unmodelled(cls, reason: str) -> Verdict:
+        """The prover cannot model a piece (``reason``): no difference was found."""
+        return cls(False, math.inf, 0, reason, unsupported=True)
+
+    @property
+    def differs(self) -> bool:
+        return not self.proven and not self.unsupported
+
     def merged(self, other: Verdict) -> Verdict:
+        # A difference found anywhere outweighs a piece that could not be modelled.
+        differing = [v for v in (self, other) if v.differs]
+        unmodelled = [v for v in (self, other) if v.unsupported]
+        reasons = [v.reason for v in differing + unmodelled if v.reason]
         return Verdict(
             self.proven and other.proven,
             max(self.worst_ulp, other.worst_ulp),
             self.coefficients + other.coefficients,
-            self.reason or other.reason,
+            reasons[0] if reasons else "",
             self.notes + other.notes,
+            unsupported=bool(unmodelled) and not differing,
         )
 
 

@@ -94,6 +94,7 @@ def _prove_graph(
         if region not in diff.regions:  # merged into a region that grew
             continue
         proof = prove_region(region, original, folded, shapes, report)
+        first = proof.site
         steps = 0
         while not proof.site.proven and proof.failed and steps < MAX_GROWTH:
             grown = diff.grown(region, proof.failed, original, folded)
@@ -103,6 +104,10 @@ def _prove_graph(
             proof = prove_region(region, original, folded, shapes, report)
         if steps:
             proof.site.notes.append(f"grown {steps} time(s) over unchanged readers of its outputs")
+        if proof.site.unsupported and first.differs:
+            # Growing may reconcile a difference downstream (branches that only add up to
+            # the same map), so the first finding is no verdict; it is the lead to follow.
+            proof.site.reason += f"; before growing, {first.reason}"
         proofs[id(region)] = proof.site
         original.forget_all()
         folded.forget_all()

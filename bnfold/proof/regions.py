@@ -43,19 +43,28 @@ POOL_OPS = frozenset({"AveragePool", "MaxPool", "GlobalAveragePool", "GlobalMaxP
 
 
 class FoldedLike(Protocol):
-    """What the prover reads of one ``report.Folded`` (names only)."""
+    """What the prover reads of one ``report.Folded`` (names only; read-only, as a frozen
+    record has them)."""
 
-    site: str
-    linear: str
-    affine: str
-    value: str
+    @property
+    def site(self) -> str: ...
+
+    @property
+    def linear(self) -> str: ...
+
+    @property
+    def affine(self) -> str: ...
+
+    @property
+    def value(self) -> str: ...
 
     @property
     def kind(self) -> object: ...
 
 
 class LoweredLike(Protocol):
-    site: str
+    @property
+    def site(self) -> str: ...
 
 
 class ReportLike(Protocol):
@@ -118,11 +127,42 @@ def _reader_need(node: ir.Node, index: int, scope: Scope, rank: int | None) -> _
             batch = {a: (Role.BATCH, None) for a in range(rank - 1)}
             return _Need(rank, {**batch, rank - 1: (Role.FEATURE, b[0])})
     if op in ("Add", "Sub", "Mul", "Div") and rank is not None:
-        other = _const_shape(scope, ins[1 - index] if len(ins) == 2 else None)
+        partner = ins[1 - index] if len(ins) == 2 else None
+        other = _const_shape(scope, partner)
         if other is not None:
             full = (1,) * (rank - len(other)) + other[-rank:] if rank else ()
             return _Need(rank, {a: (Role.FEATURE, n) for a, n in enumerate(full) if n > 1})
+        if op in ("Add", "Sub") and partner is not None and _windowed(partner, scope):
+            # A residual sum: the input takes the roles of the window output it is added to.
+            spatial = {a: (Role.SPACE, None) for a in range(2, rank)}
+            return _Need(rank, {0: (Role.BATCH, None), 1: (Role.FEATURE, None), **spatial})
     return _Need(rank, {})
+
+
+WINDOWED_OPS = frozenset({"Conv", "ConvTranspose", "AveragePool", "MaxPool"})
+"""Ops whose output is ``[batch, channels, space...]`` with the spatial axes a window slid over."""
+
+# The per-channel ops a windowed value may pass through and keep its axes.
+_CHANNEL_OPS = frozenset({"BatchNormalization", "Add", "Sub", "Mul", "Div", "Identity"})
+
+
+def _windowed(value: ir.Value, scope: Scope, depth: int = 8) -> bool:
+    """Whether ``value`` is a window's output, through per-channel ops (a few at most)."""
+    node = scope.producer(value.name) if value.name else None
+    for _ in range(depth):
+        if node is None or node.domain not in ("", "ai.onnx"):
+            return False
+        if node.op_type in WINDOWED_OPS:
+            return True
+        if node.op_type not in _CHANNEL_OPS:
+            return False
+        computed = [
+            v for v in node.inputs if v is not None and v.name and not scope.is_const(v.name)
+        ]
+        if not computed:
+            return False
+        node = scope.producer(computed[0].name or "")
+    return False
 
 
 def _merge_role(name: str, axis: int, roles: set[Role]) -> Role | None:
@@ -328,7 +368,7 @@ def _prove(region: Region, original: Scope, folded: Scope, shapes: Shapes) -> _O
         try:
             layout = input_layout(name, readers, shapes.dims(name, original))
         except Unsupported as exc:
-            return _Outcome(Verdict.failed(str(exc)), [], [])
+            return _Outcome(Verdict.unmodelled(str(exc)), [], [])
         side_o.sources[name] = side_f.sources[name] = _identity_source(name, layout)
     both = {v.name for n in region.folded for v in n.outputs if v.name}
     order = [v.name for n in region.original for v in n.outputs if v.name]
@@ -340,7 +380,7 @@ def _prove(region: Region, original: Scope, folded: Scope, shapes: Shapes) -> _O
         try:
             result = compare(side_o.value(name), side_f.value(name), limit)
         except Unsupported as exc:
-            result = Verdict.failed(str(exc))
+            result = Verdict.unmodelled(str(exc))
         if name in region.outputs:
             if not result.proven:
                 result.reason = f"{name}: {result.reason}"
@@ -359,7 +399,9 @@ def _prove(region: Region, original: Scope, folded: Scope, shapes: Shapes) -> _O
             original.forget_all()
             folded.forget_all()
     if not verdict.proven and (replaced := replaced_ops(region)):
+        # An op swapped for another is a difference, whether or not either is modelled.
         verdict.reason = f"{'; '.join(replaced)} ({verdict.reason})"
+        verdict.unsupported = False
     if limit == 0.0 and verdict.proven and verdict.coefficients:
         verdict.notes.append("no op folded here: the maps are equal exactly")
     return _Outcome(verdict, list(region.outputs), failed)
@@ -393,6 +435,7 @@ def prove_region(
         proven=verdict.proven,
         worst_ulp=verdict.worst_ulp,
         reason=verdict.reason,
+        unsupported=verdict.unsupported,
         coefficients=verdict.coefficients,
         original_nodes=[_node_name(n) for n in region.original],
         folded_nodes=[_node_name(n) for n in region.folded],

@@ -205,7 +205,7 @@ def _module_site(
     )
     site.name, site.kind = entry.site, kind
     if not proof.rest_unchanged:
-        site.proven = False
+        site.proven, site.unsupported = False, False
         site.reason = "; ".join(proof.differences)
     return site
 

@@ -83,6 +83,11 @@ def layout_text(layout: Layout) -> str:
     return dims.text([a.size for a in layout])
 
 
+def roles_text(layout: Layout) -> str:
+    """``[batch 1, feature 16, space 32]``: each axis's size and what it is to the map."""
+    return "[" + ", ".join(f"{a.role.value} {a.size}" for a in layout) + "]"
+
+
 @dataclass
 class Const:
     """A constant tensor, exactly as the model computes it (its own dtype)."""

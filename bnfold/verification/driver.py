@@ -53,6 +53,7 @@ from bnfold.verification.verdict import (
     judge,
     needs_calibration,
     same_values,
+    with_proof,
 )
 
 
@@ -83,8 +84,10 @@ def verify_onnx(
         sites: the fold sites to compare (from the fold report); None finds
             them: BatchNormalization outputs of the original that the folded
             model still names.
-        certificate: a proof of the folds (see :class:`Certificate`): where it
-            holds, differences within a rounding envelope do not fail.
+        certificate: a proof of the folds (see :class:`Certificate`), judged
+            first (:func:`~bnfold.verification.verdict.with_proof`): a difference
+            it found fails the result; where it holds, differences within a
+            rounding envelope do not fail, and a fold that cannot be sampled passes.
 
     Returns:
         A VerifyResult; status "not_verified" (with ``reason_code``) when no
@@ -101,6 +104,28 @@ def verify_onnx(
             cannot be run, the models' interfaces differ, ``options.shapes``
             names no input, or an input file does not fit.
     """
+    return with_proof(_sampled(original, folded, options, sites, certificate), certificate)
+
+
+def not_sampled(options: VerifyOptions | None, certificate: Certificate | None) -> VerifyResult:
+    """The result when the models are not run at all: the proof alone judges.
+
+    Passed when ``certificate`` holds, failed when it found a difference, else
+    "not_verified" (``not_sampled``): nothing was established.
+    """
+    o = options or VerifyOptions()
+    reason = "not sampled (the models were not run)"
+    return with_proof(_not_verified(NotVerified.NOT_SAMPLED, reason, o), certificate)
+
+
+def _sampled(
+    original: Any,
+    folded: Any,
+    options: VerifyOptions | None,
+    sites: Sequence[SiteValue] | None,
+    certificate: Certificate | None,
+) -> VerifyResult:
+    """:func:`verify_onnx` before the proof's own verdict is applied."""
     o = options or VerifyOptions()
     with _as_path(original) as ref_path, _as_path(folded) as new_path:
         plan = Plan.of(ref_path, new_path, sites)

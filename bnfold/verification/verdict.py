@@ -22,13 +22,13 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any, Protocol
+from typing import Any
 
 import ml_dtypes
 import numpy as np
 
 from bnfold.options import VerifyOptions
-from bnfold.report import PLANTED_ERROR, NotVerified, OutputDiff, VerifyResult
+from bnfold.report import PLANTED_ERROR, NotVerified, OutputDiff, Proof, VerifyResult
 from bnfold.verification.cones import Cones
 from bnfold.verification.tolerance import derived_rtol, describe_basis, dtype_name
 
@@ -40,15 +40,12 @@ CALIBRATED_MARGIN = 4.0
 PROOF_ENVELOPE = 100.0
 
 
-class Certificate(Protocol):
-    """What the verdict needs of a proof (:func:`bnfold.proof.prove_onnx`'s result).
+Certificate = Proof
+"""What the verdict needs of a proof (:func:`bnfold.proof.prove_onnx`'s result).
 
-    ``holds`` is True only when every fold site is proven and the rest of the
-    graph is unchanged.
-    """
-
-    @property
-    def holds(self) -> bool: ...
+``holds`` is True only when every fold site is proven and the rest of the graph is
+unchanged; ``refuted`` when the proof found a difference.
+"""
 
 
 @dataclass(frozen=True)
@@ -171,6 +168,32 @@ def judge(
         derived=options.rtol is None, frontier=edge_rows, proven=proven,
     )  # fmt: skip
     return without_evidence(result)
+
+
+def with_proof(result: VerifyResult, certificate: Certificate | None) -> VerifyResult:
+    """``result`` judged proof first, sampling second; the certificate attached to it.
+
+    A proof that found a difference (a site whose maps differ, a change outside the
+    sites) fails the result, whatever sampling saw. A proof that holds verifies a
+    fold sampling could not check (no runtime loads the original, no evidence, not
+    sampled). Otherwise (a region the prover cannot model) sampling decides alone.
+    Sampled differences within rounding of a holding proof were already judged by
+    :func:`judge`.
+    """
+    if certificate is None:
+        return result
+    result.proof, result.proven = certificate, certificate.holds
+    if certificate.refuted:
+        result.status = "failed"
+        result.reason = _joined(f"the proof found a difference {certificate.refutation()}", result)
+    elif certificate.holds and result.status == "not_verified":
+        result.status = "passed"
+        result.reason = _joined("proven for all inputs; sampling did not verify", result)
+    return result
+
+
+def _joined(verdict: str, result: VerifyResult) -> str:
+    return f"{verdict}: {result.reason}" if result.reason else verdict
 
 
 def without_evidence(result: VerifyResult) -> VerifyResult:

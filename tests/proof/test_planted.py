@@ -29,7 +29,9 @@ RNG = np.random.default_rng(22)
 
 
 def _fails(certificate: Certificate, *words: str) -> None:
+    """Not proven because the proof found a difference, not for want of a model."""
     assert not certificate.holds, certificate.summary()
+    assert certificate.refuted, certificate.summary()
     text = certificate.summary()
     for word in words:
         assert word in text, text
@@ -59,6 +61,12 @@ def test_one_channel_scale_off_by_1000_ulp_fails() -> None:
     certificate = prove_onnx(path, with_initializer(folded, "conv1.weight", w), report)
     _fails(certificate, "weights from input 'input'", "row 3")
     assert certificate.sites[0].worst_ulp > 100
+    # What a user reads: the site that differs, by name, in the headline and its row.
+    assert certificate.headline().endswith("1 differ (conv1 -> bn1)")
+    assert "  DIFFERS     conv1 -> bn1" in certificate.summary()
+    data = certificate.to_dict()
+    assert data["refuted"] is True and data["holds"] is False
+    assert data["sites"][0]["unsupported"] is False
 
 
 @pytest.mark.parametrize(("ulps", "holds"), [(0, True), (3, False)])
@@ -212,7 +220,13 @@ def test_wrong_batch_merge_axis_fails() -> None:
     )
     wrong = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     wrong.ir_version = 8
-    _fails(prove_onnx(original, as_ir(wrong)), "merges")
+    # The prover cannot model a Flatten that merges tokens with channels: the site is not
+    # proven (sampling decides), and not reported as a difference it did not find.
+    certificate = prove_onnx(original, as_ir(wrong))
+    assert not certificate.holds and not certificate.refuted, certificate.summary()
+    (site,) = certificate.sites
+    assert site.unsupported and "merges" in site.reason
+    assert "NOT PROVEN" in certificate.summary() and "cannot model" in certificate.headline()
 
 
 def test_correct_batch_merge_is_proven() -> None:
@@ -266,6 +280,19 @@ def test_changed_weight_elsewhere_in_the_graph_fails() -> None:
     _fails(certificate, "fc")
     assert sum(not s.proven for s in certificate.sites) == 1
     assert sum(s.proven for s in certificate.sites) == len(report.folded)
+
+
+def test_wrong_fold_inside_a_residual_block_is_a_difference_at_its_site() -> None:
+    """The BN's output meets the block's skip input in an Add: the region grows over it,
+    and the skip input lines up with the conv's output, so the difference is found."""
+    path = sample("resnet_tiny.onnx")
+    folded, report = fold(path)
+    w = initializer(folded, "layer1.2.conv.weight")
+    w[1] *= np.float32(1.001)
+    certificate = prove_onnx(path, with_initializer(folded, "layer1.2.conv.weight", w), report)
+    _fails(certificate, "layer1.2.conv -> layer1.2.bn", "row 1")
+    assert [s.name for s in certificate.differing] == ["layer1.2.conv -> layer1.2.bn"]
+    assert certificate.proven == len(report.folded) - 1
 
 
 def test_changed_op_elsewhere_in_the_graph_fails() -> None:

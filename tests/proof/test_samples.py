@@ -54,3 +54,20 @@ def test_ir3_initializer_inputs_are_stated_as_an_assumption() -> None:
     certificate = prove_onnx(path, folded, report)
     assert certificate.holds
     assert any("IR < 4" in a for a in certificate.assumptions)
+
+
+def test_default_epsilon_is_the_float32_one() -> None:
+    """A BatchNormalization without ``epsilon`` adds 1e-5 as the float32 attribute holds
+    it, as runtimes and the fold do; in float64 the difference shows (1e8 ulp at var 1e-6)."""
+    import numpy as np
+    import onnx
+
+    from tests.builders import conv_bn, model
+
+    nodes, inits = conv_bn(dtype=np.float64, var=np.full(4, 1e-6))
+    assert not nodes[1].attribute
+    m = model(nodes, inits, [("input", [1, 3, 8, 8])], ["output"], dtype=onnx.TensorProto.DOUBLE)
+    folded, report = fold(m)
+    certificate = prove_onnx(m, folded, report)
+    assert certificate.holds, certificate.summary()
+    assert certificate.worst_ulp < 10  # float64 evaluation slack; the old default: 1e8
