@@ -11,7 +11,7 @@ torch = pytest.importorskip("torch")
 from torch import nn  # noqa: E402
 
 from bnfold.report import Code  # noqa: E402
-from bnfold.torch_front import fold_module, trace  # noqa: E402
+from bnfold.torch_front import fold_module, recorded, trace  # noqa: E402
 from bnfold.torch_front.files import fold_torch  # noqa: E402
 from bnfold.torch_front.program.run import fold_graph_module  # noqa: E402
 
@@ -224,14 +224,9 @@ def test_refusal_after_and_before_explains_both():
     assert refusal.code == Code.ZERO_PADDING and "relu" in refusal.detail
 
 
-@pytest.mark.parametrize("finder", ["fx", "sequential"])
+@pytest.mark.parametrize("finder", ["fx", "recorded", "sequential"])
 def test_prefold_with_other_finders(finder, monkeypatch):
-    def broken(*_args):
-        raise RuntimeError("no trace")
-
-    monkeypatch.setattr(trace, "_export_graph", broken)
-    if finder == "sequential":
-        monkeypatch.setattr(trace, "_fx_graph", broken)
+    _break(monkeypatch, finder)
     model = randomize_bn(
         nn.Sequential(
             nn.BatchNorm2d(3), nn.Conv2d(3, 4, 3), nn.ReLU(),
@@ -403,15 +398,9 @@ def test_bn_conv_bn_folds_both_sides():
     assert same_outputs(model, result.model, torch.randn(2, 3, 7, 7))
 
 
-@pytest.mark.parametrize("finder", ["export", "fx", "sequential"])
+@pytest.mark.parametrize("finder", ["export", "fx", "recorded", "sequential"])
 def test_conv_bn_bn_folds_to_a_fixpoint(finder, monkeypatch):
-    def broken(*_args):
-        raise RuntimeError("no trace")
-
-    if finder != "export":
-        monkeypatch.setattr(trace, "_export_graph", broken)
-    if finder == "sequential":
-        monkeypatch.setattr(trace, "_fx_graph", broken)
+    _break(monkeypatch, finder)
     model = randomize_bn(
         nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.BatchNorm2d(4), nn.BatchNorm2d(4))
     )
@@ -632,10 +621,12 @@ def _break(monkeypatch, finder: str) -> None:
     def broken(*_args):
         raise RuntimeError("no trace")
 
-    if finder in ("fx", "sequential"):
+    if finder in ("fx", "recorded", "sequential"):
         monkeypatch.setattr(trace, "_export_graph", broken)
-    if finder == "sequential":
+    if finder in ("recorded", "sequential"):
         monkeypatch.setattr(trace, "_fx_graph", broken)
+    if finder == "sequential":
+        monkeypatch.setattr(recorded, "record_run", broken)
 
 
 @pytest.mark.parametrize(
@@ -643,11 +634,21 @@ def _break(monkeypatch, finder: str) -> None:
     [
         (LoopedBlock, "conv -> bn", "export"),
         (LoopedBlock, "conv -> bn", "fx"),
+        (LoopedBlock, "conv -> bn", "recorded"),
         (SharedHead, "conv -> bn", "export"),
+        (SharedHead, "conv -> bn", "recorded"),
         (SequentialTwice, "block.0 -> block.1", "export"),
         (SequentialTwice, "block.0 -> block.1", "sequential"),
     ],
-    ids=["loop-export", "loop-fx", "shared_head", "sequential-export", "sequential-adjacency"],
+    ids=[
+        "loop-export",
+        "loop-fx",
+        "loop-recorded",
+        "shared_head",
+        "shared_head-recorded",
+        "sequential-export",
+        "sequential-adjacency",
+    ],
 )
 def test_a_pair_that_runs_together_every_time_folds(make, site, finder, monkeypatch):
     _break(monkeypatch, finder)
@@ -677,7 +678,7 @@ class ConvTwiceBnOnce(nn.Module):
         return self.bn(self.conv(x)) + self.conv(self.conv(x))
 
 
-@pytest.mark.parametrize("finder", ["export", "fx"])
+@pytest.mark.parametrize("finder", ["export", "fx", "recorded"])
 @pytest.mark.parametrize(
     ("make", "site", "words"),
     [
@@ -736,7 +737,7 @@ AFTER_THROUGH_A_RESHAPE = [
 AFTER_IDS = ["linear_view_chw", "linear_unsqueeze", "conv_1x1_out_flatten"]
 
 
-@pytest.mark.parametrize("finder", ["export", "fx"])
+@pytest.mark.parametrize("finder", ["export", "fx", "recorded"])
 @pytest.mark.parametrize(
     ("model", "shape", "site", "pattern"), AFTER_THROUGH_A_RESHAPE, ids=AFTER_IDS
 )
@@ -794,7 +795,7 @@ class ReusedConvThenConv(nn.Module):
         return self.conv2(self.bn(self.conv(x))) + self.conv(x)[:, :2]
 
 
-@pytest.mark.parametrize("finder", ["export", "fx"])
+@pytest.mark.parametrize("finder", ["export", "fx", "recorded"])
 def test_a_bn_after_a_reused_conv_folds_into_the_op_after_it(finder, monkeypatch):
     _break(monkeypatch, finder)
     model = randomize_bn(ReusedConvThenConv())
@@ -826,7 +827,7 @@ def test_api_folds_an_exported_program_with_a_copy_for_the_bns_call():
     assert bn_nodes(ep.module()) == 1  # the program given is untouched
 
 
-@pytest.mark.parametrize("finder", ["export", "fx", "sequential"])
+@pytest.mark.parametrize("finder", ["export", "fx", "recorded", "sequential"])
 def test_sequential_linear_unflatten_bn_folds_with_every_finder(finder, monkeypatch):
     _break(monkeypatch, finder)
     model = randomize_bn(

@@ -73,11 +73,13 @@ def use(finder: str, monkeypatch: pytest.MonkeyPatch) -> None:
     def broken(*_args: object) -> None:
         raise RuntimeError("no trace")
 
-    if finder == "fx":
+    if finder in ("fx", "recorded"):
         monkeypatch.setattr(trace, "_export_graph", broken)
+    if finder == "recorded":
+        monkeypatch.setattr(trace, "_fx_graph", broken)
 
 
-FINDERS = ["export", "fx"]
+FINDERS = ["export", "fx", "recorded"]
 
 
 # --- identity BN of a branch sum: a centred tap into a sibling conv -------------------------

@@ -14,7 +14,7 @@ from torch import nn  # noqa: E402
 
 from bnfold.errors import BnfoldError  # noqa: E402
 from bnfold.report import Code  # noqa: E402
-from bnfold.torch_front import eager, fold_module, inspect_module, trace  # noqa: E402
+from bnfold.torch_front import eager, fold_module, inspect_module, recorded, trace  # noqa: E402
 
 
 def randomize_bn(model: nn.Module, seed: int = 0) -> nn.Module:
@@ -395,10 +395,12 @@ class FunctionalReuse(nn.Module):
         return self.bn(self.conv(x)) + nn.functional.conv2d(x, self.conv.weight)
 
 
-@pytest.mark.parametrize("finder", ["export", "fx"])
+@pytest.mark.parametrize("finder", ["export", "fx", "recorded"])
 def test_refuses_weight_read_outside_its_module(finder, monkeypatch):
-    if finder == "fx":
+    if finder != "export":
         monkeypatch.setattr(trace, "_export_graph", lambda *a: 1 / 0)
+    if finder == "recorded":
+        monkeypatch.setattr(trace, "_fx_graph", lambda *a: 1 / 0)
     model = randomize_bn(FunctionalReuse())
     x = torch.randn(1, 3, 6, 6)
     result = fold_module(model, (x,))
@@ -464,12 +466,12 @@ class DataDependent(nn.Module):
         return self.b(x)
 
 
-def test_data_dependent_forward_folds_via_sequential_fallback():
+def test_data_dependent_forward_folds_via_the_recorded_run():
     model = randomize_bn(DataDependent())
     x = torch.randn(2, 3, 6, 6).abs()
     result = fold_module(model, (x,))
     assert folded_sites(result) == ["a.0 -> a.1"]
-    assert result.report.folded[0].finder == "sequential"
+    assert result.report.folded[0].finder == "recorded"
     # b did not run on x: it is reported, not silently skipped
     assert codes_at(result, "b.1") == [Code.UNTRACEABLE]
     assert outputs_match(model, result.model, x)
@@ -478,6 +480,7 @@ def test_data_dependent_forward_folds_via_sequential_fallback():
 def test_sequential_fallback_folds_root_and_checks_linear_rank(monkeypatch):
     monkeypatch.setattr(trace, "_export_graph", lambda *a: 1 / 0)
     monkeypatch.setattr(trace, "_fx_graph", lambda *a: 1 / 0)
+    monkeypatch.setattr(recorded, "record_run", lambda *a: 1 / 0)
     model = randomize_bn(nn.Sequential(nn.Conv1d(6, 6, 1), nn.BatchNorm1d(6)))
     x = torch.randn(2, 6, 6)
     result = fold_module(model, (x,))

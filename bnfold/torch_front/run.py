@@ -11,17 +11,19 @@ from torch import nn
 
 from bnfold.affine import Rounding
 from bnfold.compare import VerifyOptions
-from bnfold.errors import BnfoldError
+from bnfold.errors import BnfoldError, first_line
 from bnfold.fixpoint import fold_rounds
 from bnfold.report import Code, Folded, FoldReport, FoldResult, LowerForm, Refusal
-from bnfold.torch_front import eager, lower_modules
+from bnfold.torch_front import eager, lower_modules, recorded
 from bnfold.torch_front import verify as checking
 from bnfold.torch_front.census import batchnorm_count, module_batchnorms, modules_left
 from bnfold.torch_front.eager_match import prefer_before
 from bnfold.torch_front.eager_pairs import AnyPair, JoinPair, Pair, TapPair
-from bnfold.torch_front.modules import Roles, find_roles, leaf_type_counts, observe
+from bnfold.torch_front.modules import Calls, Roles, find_roles, leaf_type_counts, observe
+from bnfold.torch_front.recorded import FINDER as RECORDED
+from bnfold.torch_front.site_graph import Traced
 from bnfold.torch_front.tensors import exact_values
-from bnfold.torch_front.trace import find_pairs
+from bnfold.torch_front.trace import Tracers, find_pairs
 
 
 def fold(
@@ -44,10 +46,11 @@ def fold(
         work = module if inplace else _copy(module)
         report = FoldReport(front="torch", ops_before=leaf_type_counts(work), rounding=rounding)
         bns, training = module_batchnorms(work)
-        first_scan = _checked_pairs(work, args)  # a module that cannot run fails here, clearly
+        tracers = Tracers()  # shared by every round: a tracer that failed is not tried again
+        first_scan = _checked_pairs(work, args, tracers)  # a module that cannot run fails here
         # Reference outputs before any fold: with inplace=True the module itself changes.
         check = None if verify is None else checking.Check.of(module, args, verify)
-        undos = _fold_to_fixpoint(work, args, first_scan, report, rounding)
+        undos = _fold_to_fixpoint(work, args, tracers, first_scan, report, rounding)
         if lower is not None:
             left = modules_left(work, bns)
             calls = observe(work, args, left)  # the input ranks a conv form needs
@@ -86,6 +89,7 @@ def as_args(example_inputs: Any) -> tuple[Any, ...]:
 def _fold_to_fixpoint(
     work: nn.Module,
     args: tuple[Any, ...],
+    tracers: Tracers,
     scan: tuple[list[AnyPair], list[Refusal]],
     report: FoldReport,
     rounding: Rounding,
@@ -100,7 +104,7 @@ def _fold_to_fixpoint(
     failed to apply is not tried again.
     """
     rounds = fold_rounds(
-        lambda: _checked_pairs(work, args),
+        lambda: _checked_pairs(work, args, tracers),
         lambda pair: eager.apply_fold(work, pair, rounding),
         _refusal,
         first=scan,
@@ -110,10 +114,12 @@ def _fold_to_fixpoint(
     return [undo for _, undo in rounds.applied]
 
 
-def _checked_pairs(work: nn.Module, args: tuple[Any, ...]) -> tuple[list[AnyPair], list[Refusal]]:
+def _checked_pairs(
+    work: nn.Module, args: tuple[Any, ...], tracers: Tracers
+) -> tuple[list[AnyPair], list[Refusal]]:
     roles = find_roles(work)
-    calls = observe(work, args, _watched(work, roles))
-    scan = find_pairs(work, args, roles, calls)
+    calls, recording = _run_once(work, args, roles, tracers)
+    scan = find_pairs(work, args, roles, calls, tracers, recording)
     refused = list(scan.refused)
     pairs: list[AnyPair] = []
     for pair in scan.pairs:
@@ -124,6 +130,28 @@ def _checked_pairs(work: nn.Module, args: tuple[Any, ...]) -> tuple[list[AnyPair
         else:
             pairs.append(pair)
     return pairs, refused
+
+
+def _run_once(
+    work: nn.Module, args: tuple[Any, ...], roles: Roles, tracers: Tracers
+) -> tuple[Calls, Traced | None]:
+    """One forward that counts module calls, recorded op by op for the ``recorded`` finder.
+
+    A forward that fails under the recorder (and did not fail plainly) is run
+    without it from then on, and the finders that need no record decide.
+
+    Raises:
+        BnfoldError: the module cannot run on the example inputs.
+    """
+    watched = _watched(work, roles)
+    if RECORDED not in tracers.failed:
+        try:
+            recording = recorded.record_run(work, args, roles, watched)
+        except Exception as e:  # the plain run below says whether the module itself fails
+            tracers.failed[RECORDED] = f"{type(e).__name__}: {first_line(e)}"
+        else:
+            return recording.calls, recording.traced
+    return observe(work, args, watched), None
 
 
 def _explained(pair: AnyPair, refusal: Refusal) -> Refusal:

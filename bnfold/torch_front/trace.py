@@ -1,16 +1,24 @@
 """Find (linear module, BatchNorm module) pairs whose output feeds straight into the BN.
 
-Three finders, tried in order; the first that traces the module decides:
+Four finders, tried in order; the first that sees the module decides:
 
 1. ``export``: ``torch.export.export(strict=False)``; each aten node is owned by
    the innermost linear/BN module in its ``nn_module_stack``, and by that
    module's call (``"...conv@1"`` is the second).
 2. ``fx``: ``torch.fx`` symbolic tracing with linear and BN modules as leaves
    (one node per call).
-3. ``sequential``: a linear module directly followed by a BN (or with an
+3. ``recorded``: the ops of one eager run, recorded with module hooks and a
+   ``TorchFunctionMode`` (:mod:`bnfold.torch_front.recorded`). It follows what
+   neither tracer can: data-dependent control flow, ``.tolist()``, NMS and
+   sorting around a conv+BN backbone, as in detectors.
+4. ``sequential``: a linear module directly followed by a BN (or with an
    ``nn.Flatten``/``nn.Unflatten`` between) inside an ``nn.Sequential`` whose
-   forward is not overridden (:mod:`bnfold.torch_front.sequential`). Works when
-   forward() has data-dependent control flow that neither tracer can follow.
+   forward is not overridden (:mod:`bnfold.torch_front.sequential`), when even
+   the recorded run failed (a forward that cannot run under a torch function mode).
+
+A tracer that failed on a module is not tried again on it (:class:`Tracers`):
+folds change weights and turn BNs into ``nn.Identity``, not the code that could
+not be traced, and a failed export costs as much as several forwards.
 
 Export and fx graphs are reduced here to one small node graph
 (:class:`~bnfold.torch_front.site_graph.Traced`): ``nn.Identity`` (what a folded
@@ -30,6 +38,7 @@ import io
 import logging
 import operator
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -40,6 +49,7 @@ from bnfold.torch_front.eager_match import match_graph
 from bnfold.torch_front.eager_pairs import Scan
 from bnfold.torch_front.modules import Calls, Roles, eval_mode
 from bnfold.torch_front.pool_rules import Pool, pool_of_call, pool_of_module
+from bnfold.torch_front.recorded import FINDER as RECORDED
 from bnfold.torch_front.sequential import match_sequential
 from bnfold.torch_front.site_graph import (
     Node,
@@ -55,8 +65,32 @@ from bnfold.torch_front.site_graph import (
 log = logging.getLogger(__name__)
 
 
-def find_pairs(root: nn.Module, args: tuple[Any, ...], roles: Roles, calls: Calls) -> Scan:
-    """Find candidate pairs with the first finder that can trace ``root``.
+@dataclass
+class Tracers:
+    """The whole-model tracers that failed on one module, with why: skipped from then on.
+
+    One per fold run: every round of :func:`find_pairs` shares it.
+    """
+
+    failed: dict[str, str] = field(default_factory=dict)
+
+    def failures(self) -> list[str]:
+        return [f"{name}: {why}" for name, why in self.failed.items()]
+
+
+def find_pairs(
+    root: nn.Module,
+    args: tuple[Any, ...],
+    roles: Roles,
+    calls: Calls,
+    tracers: Tracers | None = None,
+    recorded: Traced | None = None,
+) -> Scan:
+    """Find candidate pairs with the first finder that can see ``root``.
+
+    ``recorded`` is the graph of the run that counted ``calls``
+    (:func:`bnfold.torch_front.recorded.record_run`), None if that run could
+    not be recorded; ``tracers`` remembers the tracers that failed in earlier rounds.
 
     Matches:  linear -> BN (after); else BN -> linear (before); either directly
               or through one flatten/view/reshape/(un)squeeze. A module pair that
@@ -72,19 +106,24 @@ def find_pairs(root: nn.Module, args: tuple[Any, ...], roles: Roles, calls: Call
       STANDALONE      nothing linear feeds the BN
       UNTRACEABLE     the BN did not run, or no finder can see its input
     """
-    failures = []
+    tracers = Tracers() if tracers is None else tracers
     for name, tracer in (("export", _export_graph), ("fx", _fx_graph)):
+        if name in tracers.failed:
+            continue
         try:
             traced = tracer(root, args, roles)
         except Exception as e:  # tracers fail in many ways; the next finder may work
-            failures.append(f"{name}: {type(e).__name__}: {first_line(e)}")
+            tracers.failed[name] = f"{type(e).__name__}: {first_line(e)}"
             log.info("torch front: %s could not trace the module: %s", name, e)
             continue
-        scan = match_graph(traced, roles, calls, name, root)
-        scan.failures = failures
-        return scan
-    scan = match_sequential(root, roles, calls)
-    scan.failures = failures
+        return _scan(match_graph(traced, roles, calls, name, root), tracers)
+    if recorded is not None:
+        return _scan(match_graph(recorded, roles, calls, RECORDED, root), tracers)
+    return _scan(match_sequential(root, roles, calls), tracers)
+
+
+def _scan(scan: Scan, tracers: Tracers) -> Scan:
+    scan.failures = tracers.failures()
     return scan
 
 
