@@ -3,16 +3,18 @@
 A pair ``linear -> bn`` (or ``bn -> linear``, either possibly through a view,
 flatten or (un)squeeze; after, also through a pool) becomes ``linear'`` with
 the BN's affine in its weight and bias, and the BN is replaced by
-``nn.Identity``. A BN after a join (:class:`~bnfold.torch_front.graph.JoinPair`)
+``nn.Identity`` (or, for a BN that runs an activation or drop-out after its
+affine, timm's ``BatchNormAct2d``, by those children: :mod:`bnfold.torch_front.norms`).
+A BN after a join (:class:`~bnfold.torch_front.eager_pairs.JoinPair`)
 folds into every linear module of it; an identity BN of a branch sum
-(:class:`~bnfold.torch_front.graph.TapPair`) leaves ``x`` and puts the rest
+(:class:`~bnfold.torch_front.eager_pairs.TapPair`) leaves ``x`` and puts the rest
 into a sibling conv. New ``nn.Parameter`` objects are assigned (the old
 tensors are never written), so a fold is undone by putting the old objects back.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -45,7 +47,9 @@ from bnfold.torch_front.modules import (
     out_channels,
     zero_padded,
 )
+from bnfold.torch_front.norms import After, after_affine, kept_part
 from bnfold.torch_front.pool_rules import commute_refusal
+from bnfold.torch_front.site_graph import is_nonlinear
 from bnfold.torch_front.tensors import as_parameter, to_float64
 
 
@@ -59,9 +63,12 @@ def why_not(root: nn.Module, pair: AnyPair, roles: Roles, calls: Calls) -> Refus
       TRAINING_MODE      the linear module or the BN is in training mode
       NO_RUNNING_STATS   track_running_stats=False or running_mean/var missing
       PARAMETRIZED       parametrized, tied or non-Parameter weight/bias, a module
-                         registered at several paths, or an overridden forward()
-                         (of the linear module, or of a BN subclass with
-                         submodules such as timm's BatchNormAct2d)
+                         registered at several paths, an overridden forward()
+                         of the linear module, or a BN-like module with working
+                         children whose forward is not its affine followed by
+                         them, each once (:func:`bnfold.torch_front.norms.after_affine`)
+      NONLINEAR_INPUT    before, or as an identity tap: the BN runs an activation
+                         after its affine (OP_BETWEEN for other children)
       HOOKED             forward (pre-)hooks on either module
       UNSUPPORTED_DTYPE  the weight is not floating point
       BAD_SHAPE          BN statistics do not match the linear output channels
@@ -87,11 +94,51 @@ def why_not(root: nn.Module, pair: AnyPair, roles: Roles, calls: Calls) -> Refus
     bn = _module(root, pair.bn)
     for linear in pair.linears:
         one, lin = Pair(linear, pair.bn, pair.finder), _module(root, linear)
-        for check in (_training, _running_stats, _parametrized, _bn_does_more, _hooks, _dtype):
+        for check in (_training, _running_stats, _parametrized, _hooks, _dtype):
             if found := check(one, lin, bn, roles):
                 return Refusal(pair.site, *found)
-    found = _shape_refusal(root, pair, bn, roles, calls)
+    kept = kept_children(root, pair, calls)
+    found = kept if isinstance(kept, tuple) else _shape_refusal(root, pair, bn, roles, calls)
     return Refusal(pair.site, *found) if found else None
+
+
+def settled(root: nn.Module, pair: AnyPair, calls: Calls) -> AnyPair:
+    """A pair :func:`why_not` let through, with how it folds: its ``kind`` (a pair
+    through a pool or a batch-merging reshape) and the BN children it ``kept``."""
+    if isinstance(pair, TapPair):
+        return pair
+    kept = kept_children(root, pair, calls)
+    children = kept.children if isinstance(kept, After) else ()
+    if isinstance(pair, Pair):
+        return replace(pair, kind=fold_kind(root, pair, calls), kept=children)
+    return replace(pair, kept=children)
+
+
+def kept_children(root: nn.Module, pair: AnyPair, calls: Calls) -> After | tuple[Code, str]:
+    """The BN's children that stay in its place when ``pair`` folds (timm's act and drop).
+
+    They run after the BN's affine, so only a fold into the op before the BN
+    keeps the forward: before the op after it, or as a term of a sum, they
+    would sit between the affine and that op.
+    """
+    bn = _module(root, pair.bn)
+    try:
+        affine = bn_affine(bn)
+    except Unfoldable:
+        return After()  # apply_fold reports it as BAD_VALUES
+    after = after_affine(bn, affine, calls.in_shape(pair.bn))
+    if isinstance(after, tuple) or not after.children:
+        return after
+    if pair.before or isinstance(pair, TapPair):
+        types = [type(bn.get_submodule(c)).__name__ for c in after.children]
+        code = Code.NONLINEAR_INPUT if any(map(is_nonlinear, types)) else Code.OP_BETWEEN
+        where = f"before {pair.linear}" if pair.before else "as a term of the sum"
+        detail = (
+            f"{pair.bn} runs {', '.join(types)} after its affine: {where}, they would "
+            "sit between the affine and what reads it"
+        )
+        return code, detail
+    return after
 
 
 def _shape_refusal(root: nn.Module, pair: AnyPair, bn: Any, roles: Roles, calls: Calls) -> Found:
@@ -145,27 +192,6 @@ def _parametrized(pair: Pair, lin: nn.Module, bn: nn.Module, roles: Roles) -> Fo
         if name not in lin._parameters:
             return Code.PARAMETRIZED, f"{pair.linear}.{name} is computed, not a Parameter"
     return _tied(pair, lin, roles)
-
-
-def _bn_does_more(pair: Pair, _lin: nn.Module, bn: nn.Module, _roles: Roles) -> Found:
-    """A BatchNorm subclass with its own forward and working submodules (timm's
-    BatchNormAct2d: BN, then its ``act``): as ``nn.Identity`` it would drop what they do.
-
-    Children that are ``nn.Identity`` (BatchNormAct2d with ``act=None``) do nothing;
-    such a BN folds, verified like every fold.
-    """
-    if not isinstance(bn, nn.modules.batchnorm._BatchNorm):
-        return None
-    if type(bn).forward in (nn.modules.batchnorm._BatchNorm.forward, nn.SyncBatchNorm.forward):
-        return None
-    working = [name for name, m in bn.named_children() if type(m) is not nn.Identity]
-    if not working:
-        return None
-    detail = (
-        f"{type(bn).__name__} overrides forward() and runs {', '.join(working)}; fold it as "
-        "an exported program (bnfold.fold(torch.export.export(model, args)))"
-    )
-    return Code.PARAMETRIZED, detail
 
 
 def _tied(pair: Pair, lin: nn.Module, roles: Roles) -> Found:
@@ -425,9 +451,7 @@ def apply_fold(root: nn.Module, pair: AnyPair, rounding: Rounding = Rounding.NEA
     for path, (weight, bias) in zip(paths, new, strict=True):
         lin = _module(root, path)
         lin.weight, lin.bias = weight, bias
-    identity = nn.Identity()
-    identity.train(bn.training)
-    _replace(root, pair.bn, identity)
+    _replace(root, pair.bn, kept_part(bn, After(pair.kept)))
     return Undo(root, pair, old, bn)
 
 

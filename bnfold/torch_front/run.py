@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-from dataclasses import replace
 from typing import Any
 
 from torch import nn
@@ -125,10 +124,8 @@ def _checked_pairs(
     for pair in scan.pairs:
         if refusal := eager.why_not(work, pair, roles, calls):
             refused.append(_explained(pair, refusal))
-        elif isinstance(pair, Pair):
-            pairs.append(replace(pair, kind=eager.fold_kind(work, pair, calls)))
         else:
-            pairs.append(pair)
+            pairs.append(eager.settled(work, pair, calls))
     return pairs, refused
 
 

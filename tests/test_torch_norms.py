@@ -1,0 +1,269 @@
+"""Every BatchNorm kind users have, on the eager front: stock, frozen (torchvision and
+detectron2 style), and timm's BN-with-activation modules, whose activation and drop-out
+stay in place when the BN's affine folds."""
+
+from __future__ import annotations
+
+import pytest
+
+torch = pytest.importorskip("torch")
+from torch import nn  # noqa: E402
+from torch.nn import functional as F  # noqa: E402
+
+from bnfold.report import Code  # noqa: E402
+from bnfold.torch_front import fold_module, trace  # noqa: E402
+from bnfold.torch_front.census import modules_left  # noqa: E402
+
+FINDERS = ["export", "fx", "recorded"]
+
+
+def use(finder: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Make the finders before ``finder`` fail, so ``finder`` is the one used."""
+    if finder in ("fx", "recorded"):
+        monkeypatch.setattr(trace, "_export_graph", lambda *a: 1 / 0)
+    if finder == "recorded":
+        monkeypatch.setattr(trace, "_fx_graph", lambda *a: 1 / 0)
+
+
+def trained_like(model: nn.Module, seed: int = 0) -> nn.Module:
+    """Random statistics and affine in every BN-like module (frozen ones too); eval mode."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if getattr(m, "running_var", None) is not None:
+                c = m.running_var.shape[0]
+                m.running_var.copy_(torch.rand(c, generator=gen) * 1.5 + 0.1)
+                m.running_mean.copy_(torch.randn(c, generator=gen) * 0.5)
+                m.weight.copy_(torch.rand(c, generator=gen) + 0.5)
+                m.bias.copy_(torch.randn(c, generator=gen) * 0.3)
+    return model.eval()
+
+
+def run(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return model(x)
+
+
+# --- the BN kinds, rebuilt from torch.nn (no torchvision, timm or detectron2 here) -------
+
+
+class FrozenBatchNorm2d(nn.Module):
+    """torchvision.ops.FrozenBatchNorm2d: buffers, eps, ``x * scale + shift``."""
+
+    def __init__(self, c: int, eps: float = 1e-5) -> None:
+        super().__init__()
+        for name, value in (("weight", 1.0), ("bias", 0.0), ("running_mean", 0.0)):
+            self.register_buffer(name, torch.full((c,), value))
+        self.register_buffer("running_var", torch.ones(c))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        scale = self.weight * (self.running_var + self.eps).rsqrt()
+        shift = self.bias - self.running_mean * scale
+        return x * scale.reshape(1, -1, 1, 1) + shift.reshape(1, -1, 1, 1)
+
+
+class Detectron2FrozenBN(FrozenBatchNorm2d):
+    """detectron2's FrozenBatchNorm2d: the same buffers, ``F.batch_norm`` at inference."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.batch_norm(
+            x, self.running_mean, self.running_var, self.weight, self.bias, False, eps=self.eps
+        )
+
+
+class BatchNormAct2d(nn.BatchNorm2d):
+    """timm's BatchNormAct2d: a BatchNorm2d subclass that runs ``drop`` then ``act``."""
+
+    def __init__(self, c: int, act: nn.Module | None = None, drop: float = 0.0) -> None:
+        super().__init__(c)
+        self.drop = nn.Dropout(drop) if drop else nn.Identity()
+        self.act = act if act is not None else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.batch_norm(
+            x, self.running_mean, self.running_var, self.weight, self.bias,
+            self.training, 0.1, self.eps,
+        )  # fmt: skip
+        return self.act(self.drop(x))
+
+
+class FrozenBatchNormAct2d(FrozenBatchNorm2d):
+    """timm's FrozenBatchNormAct2d: frozen buffers, then ``act(drop(x))``."""
+
+    def __init__(self, c: int, act: nn.Module) -> None:
+        super().__init__(c)
+        self.drop, self.act = nn.Identity(), act
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act(self.drop(super().forward(x)))
+
+
+class ActFirst(BatchNormAct2d):
+    """Looks like BatchNormAct2d, but activates first: its affine cannot leave the act behind."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.batch_norm(
+            self.act(x), self.running_mean, self.running_var, self.weight, self.bias,
+            False, 0.1, self.eps,
+        )  # fmt: skip
+
+
+class ConvNorm(nn.Module):
+    def __init__(self, norm: nn.Module, conv: nn.Module | None = None) -> None:
+        super().__init__()
+        self.conv = conv if conv is not None else nn.Conv2d(3, 8, 3, padding=1, bias=False)
+        self.bn = norm
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.bn(self.conv(x))
+
+
+NORMS = {
+    "batchnorm2d": lambda: nn.BatchNorm2d(8),
+    "frozen": lambda: FrozenBatchNorm2d(8),
+    "detectron2_frozen": lambda: Detectron2FrozenBN(8),
+    "bn_act_leaky": lambda: BatchNormAct2d(8, nn.LeakyReLU(0.1)),
+    "bn_act_silu_drop": lambda: BatchNormAct2d(8, nn.SiLU(), drop=0.2),
+    "bn_act_inplace_relu": lambda: BatchNormAct2d(8, nn.ReLU(inplace=True)),
+    "bn_act_prelu": lambda: BatchNormAct2d(8, nn.PReLU(8)),
+    "bn_act_none": lambda: BatchNormAct2d(8),
+    "frozen_bn_act": lambda: FrozenBatchNormAct2d(8, nn.Hardswish()),
+}
+
+
+@pytest.mark.parametrize("finder", FINDERS)
+@pytest.mark.parametrize("kind", list(NORMS))
+def test_every_bn_kind_folds_into_the_conv_before_it(kind, finder, monkeypatch):
+    use(finder, monkeypatch)
+    model, x = trained_like(ConvNorm(NORMS[kind]())), torch.randn(2, 3, 7, 7)
+    expected = run(model, x)
+    result = fold_module(model, (x,))
+    assert [(f.site, f.finder) for f in result.report.folded] == [("conv -> bn", finder)]
+    assert result.report.refused == [] and result.verification.passed
+    assert modules_left(result.model, ["bn"]) == []
+    torch.testing.assert_close(run(result.model, x), expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["bn_act_leaky", "bn_act_silu_drop", "frozen_bn_act"])
+def test_the_activation_and_drop_stay_in_the_bn_place(kind):
+    model, x = trained_like(ConvNorm(NORMS[kind]())), torch.randn(2, 3, 7, 7)
+    folded = fold_module(model, (x,)).model
+    kept = folded.bn
+    assert isinstance(kept, nn.Sequential)
+    assert [name for name, _ in kept.named_children()] == ["drop", "act"]
+    assert type(kept.act) is type(model.bn.act) and type(kept.drop) is type(model.bn.drop)
+    # Trained further, the kept drop-out still drops: only the affine went into the conv.
+    assert kept.training is False and kept.drop.training is False
+
+
+def test_a_kept_activation_keeps_its_parameters_under_their_keys():
+    model = trained_like(ConvNorm(BatchNormAct2d(8, nn.PReLU(8))))
+    with torch.no_grad():
+        model.bn.act.weight.uniform_(0.05, 0.3)
+    x = torch.randn(2, 3, 7, 7)
+    result = fold_module(model, (x,))
+    before, after = model.state_dict(), result.model.state_dict()
+    assert set(after) - set(before) == {"conv.bias"}  # the conv had none
+    assert "bn.act.weight" in after and torch.equal(after["bn.act.weight"], before["bn.act.weight"])
+    assert set(before) - set(after) == {
+        "bn.weight", "bn.bias", "bn.running_mean", "bn.running_var", "bn.num_batches_tracked",
+    }  # fmt: skip
+
+
+class JoinThenBnAct(nn.Module):
+    """``act(bn(conv_a(x) + conv_b(x)))`` in one BatchNormAct2d."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(3, 8, 1)
+        self.bn = BatchNormAct2d(8, nn.ReLU())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.bn(self.a(x) + self.b(x))
+
+
+@pytest.mark.parametrize("finder", FINDERS)
+def test_a_bn_act_after_a_join_folds_into_each_term_and_keeps_its_act(finder, monkeypatch):
+    use(finder, monkeypatch)
+    model, x = trained_like(JoinThenBnAct()), torch.randn(2, 3, 6, 6)
+    expected = run(model, x)
+    result = fold_module(model, (x,))
+    assert [f.site for f in result.report.folded] == ["a, b -> add -> bn"]
+    assert [type(m) for m in result.model.bn] == [nn.Identity, nn.ReLU]  # drop, act
+    torch.testing.assert_close(run(result.model, x), expected, rtol=1e-5, atol=1e-5)
+
+
+class ReluBnActConv(nn.Module):
+    """``conv(act(bn(relu(x))))``: only a fold before the conv could take the BN."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.bn, self.conv = BatchNormAct2d(3, nn.GELU()), nn.Conv2d(3, 4, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(self.bn(torch.relu(x)))
+
+
+@pytest.mark.parametrize("finder", FINDERS)
+def test_a_bn_act_does_not_fold_into_the_op_after_its_act(finder, monkeypatch):
+    use(finder, monkeypatch)
+    model, x = trained_like(ReluBnActConv()), torch.randn(2, 3, 5, 5)
+    expected = run(model, x)
+    result = fold_module(model, (x,))
+    assert result.report.folded == []
+    (refusal,) = result.report.refused
+    assert refusal.code == Code.NONLINEAR_INPUT and "GELU after its affine" in refusal.detail
+    torch.testing.assert_close(run(result.model, x), expected, rtol=0, atol=0)
+
+
+def test_a_bn_lookalike_that_activates_first_is_refused_before_folding():
+    model, x = trained_like(ConvNorm(ActFirst(8, nn.ReLU()))), torch.randn(2, 3, 7, 7)
+    expected = run(model, x)
+    result = fold_module(model, (x,))
+    (refusal,) = result.report.refused
+    assert refusal.code == Code.PARAMETRIZED
+    assert "it is not its affine then act" in refusal.detail
+    assert isinstance(result.model.bn, ActFirst)
+    torch.testing.assert_close(run(result.model, x), expected, rtol=0, atol=0)
+
+
+class TwiceAct(BatchNormAct2d):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act(self.act(super().forward(x)))
+
+
+class IdleChild(BatchNormAct2d):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return nn.BatchNorm2d.forward(self, x)
+
+
+@pytest.mark.parametrize(
+    ("norm", "words"),
+    [(TwiceAct(8, nn.ReLU()), "runs act more than once"),
+     (IdleChild(8, nn.ReLU()), "holds act but did not run it")],
+    ids=["twice", "idle"],
+)  # fmt: skip
+def test_a_bn_whose_children_do_not_run_once_each_is_refused(norm, words):
+    model, x = trained_like(ConvNorm(norm)), torch.randn(2, 3, 7, 7)
+    result = fold_module(model, (x,))
+    (refusal,) = result.report.refused
+    assert refusal.code == Code.PARAMETRIZED and words in refusal.detail
+
+
+@pytest.mark.parametrize(
+    ("norm", "conv", "shape"),
+    [
+        (nn.BatchNorm1d(6), nn.Conv1d(3, 6, 3), (2, 3, 9)),
+        (nn.BatchNorm1d(6), nn.Linear(3, 6), (4, 3)),
+        (nn.BatchNorm3d(6), nn.Conv3d(3, 6, 3), (2, 3, 5, 5, 5)),
+    ],
+    ids=["bn1d_conv1d", "bn1d_linear", "bn3d_conv3d"],
+)
+def test_bn_1d_and_3d_fold_with_the_recorded_run(norm, conv, shape, monkeypatch):
+    use("recorded", monkeypatch)
+    model, x = trained_like(ConvNorm(norm, conv)), torch.randn(shape)
+    expected = run(model, x)
+    result = fold_module(model, (x,))
+    assert [(f.site, f.finder) for f in result.report.folded] == [("conv -> bn", "recorded")]
+    torch.testing.assert_close(run(result.model, x), expected, rtol=1e-5, atol=1e-5)
