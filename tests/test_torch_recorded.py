@@ -265,3 +265,74 @@ def test_a_forward_that_cannot_run_under_the_recorder_falls_back(monkeypatch):
     model = trained_like(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)))
     result = fold_module(model, (torch.randn(1, 3, 6, 6),))
     assert [f.finder for f in result.report.folded] == ["fx"]
+
+
+# --- traced once: later rounds of the fixpoint reuse the first graph ----------------------
+
+
+class ConvBnBnAct(nn.Module):
+    """Conv -> BN -> BN (two rounds) beside conv -> BatchNormAct (its act stays)."""
+
+    def __init__(self, act: bool) -> None:
+        super().__init__()
+        self.conv, self.bn1, self.bn2 = nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.BatchNorm2d(4)
+        self.conv2 = nn.Conv2d(3, 4, 3)
+        self.bn3 = BatchNormAct(4) if act else nn.BatchNorm2d(4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.bn2(self.bn1(self.conv(x))) * self.bn3(self.conv2(x))
+
+
+class BatchNormAct(nn.BatchNorm2d):
+    def __init__(self, c: int) -> None:
+        super().__init__(c)
+        self.act = nn.SiLU()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act(super().forward(x))
+
+
+@pytest.mark.parametrize(("act", "traces"), [(False, 1), (True, 2)], ids=["identity", "kept_act"])
+def test_later_rounds_reuse_the_first_trace_while_folds_leave_identities(act, traces, monkeypatch):
+    # A fold that leaves an activation in the BN's place changes what a trace sees
+    # there: the next round traces again.
+    tried = untraceable(monkeypatch)
+    model, x = trained_like(ConvBnBnAct(act)), torch.randn(2, 3, 6, 6)
+    result = fold_module(model, (x,))
+    assert sorted(f.site for f in result.report.folded) == [
+        "conv -> bn1", "conv -> bn2", "conv2 -> bn3",
+    ]  # fmt: skip
+    assert tried == ["_export_graph"] * traces
+    assert_same(model, result.model, x)
+
+
+def _blocks() -> dict[str, nn.Module]:
+    from tests.test_torch_eager_rules import MobileOne, RepMixer, RepVgg
+
+    return {
+        "repvgg": RepVgg(),
+        "mobileone": MobileOne(),
+        "repmixer": RepMixer(),
+        "conv_bn_bn": ConvBnBnAct(act=False),
+        "bn_conv_bn": nn.Sequential(
+            nn.ReLU(), nn.BatchNorm2d(4), nn.Conv2d(4, 4, 1), nn.BatchNorm2d(4), nn.BatchNorm2d(4)
+        ),
+    }
+
+
+@pytest.mark.parametrize("finder", ["export", "fx", "recorded"])
+@pytest.mark.parametrize("block", ["repvgg", "mobileone", "repmixer", "conv_bn_bn", "bn_conv_bn"])
+def test_a_reused_trace_finds_what_a_fresh_trace_finds(block, finder, monkeypatch):
+    if finder != "export":
+        monkeypatch.setattr(trace, "_export_graph", lambda *a: 1 / 0)
+    if finder == "recorded":
+        monkeypatch.setattr(trace, "_fx_graph", lambda *a: 1 / 0)
+    model = trained_like(_blocks()[block])
+    x = torch.randn(2, 3 if block == "conv_bn_bn" else 4, 6, 6)
+    reused = fold_module(model, (x,)).report
+    monkeypatch.setattr(trace.Finders, "_seen_again", lambda *a: None)
+    fresh = fold_module(model, (x,)).report
+    assert [(f.site, f.kind, f.finder) for f in reused.folded] == [
+        (f.site, f.kind, f.finder) for f in fresh.folded
+    ]
+    assert reused.refused == fresh.refused

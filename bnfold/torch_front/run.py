@@ -10,19 +10,17 @@ from torch import nn
 
 from bnfold.affine import Rounding
 from bnfold.compare import VerifyOptions
-from bnfold.errors import BnfoldError, first_line
+from bnfold.errors import BnfoldError
 from bnfold.fixpoint import fold_rounds
 from bnfold.report import Code, Folded, FoldReport, FoldResult, LowerForm, Refusal
-from bnfold.torch_front import eager, lower_modules, recorded
+from bnfold.torch_front import eager, lower_modules
 from bnfold.torch_front import verify as checking
 from bnfold.torch_front.census import batchnorm_count, module_batchnorms, modules_left
 from bnfold.torch_front.eager_match import prefer_before
 from bnfold.torch_front.eager_pairs import AnyPair, JoinPair, Pair, TapPair
-from bnfold.torch_front.modules import Calls, Roles, find_roles, leaf_type_counts, observe
-from bnfold.torch_front.recorded import FINDER as RECORDED
-from bnfold.torch_front.site_graph import Traced
+from bnfold.torch_front.modules import find_roles, leaf_type_counts, observe
 from bnfold.torch_front.tensors import exact_values
-from bnfold.torch_front.trace import Tracers, find_pairs
+from bnfold.torch_front.trace import Finders
 
 
 def fold(
@@ -45,11 +43,11 @@ def fold(
         work = module if inplace else _copy(module)
         report = FoldReport(front="torch", ops_before=leaf_type_counts(work), rounding=rounding)
         bns, training = module_batchnorms(work)
-        tracers = Tracers()  # shared by every round: a tracer that failed is not tried again
-        first_scan = _checked_pairs(work, args, tracers)  # a module that cannot run fails here
+        finders = Finders()  # shared by every round: what was traced is not traced again
+        first_scan = _checked_pairs(work, args, finders)  # a module that cannot run fails here
         # Reference outputs before any fold: with inplace=True the module itself changes.
         check = None if verify is None else checking.Check.of(module, args, verify)
-        undos = _fold_to_fixpoint(work, args, tracers, first_scan, report, rounding)
+        undos = _fold_to_fixpoint(work, args, finders, first_scan, report, rounding)
         if lower is not None:
             left = modules_left(work, bns)
             calls = observe(work, args, left)  # the input ranks a conv form needs
@@ -88,7 +86,7 @@ def as_args(example_inputs: Any) -> tuple[Any, ...]:
 def _fold_to_fixpoint(
     work: nn.Module,
     args: tuple[Any, ...],
-    tracers: Tracers,
+    finders: Finders,
     scan: tuple[list[AnyPair], list[Refusal]],
     report: FoldReport,
     rounding: Rounding,
@@ -103,7 +101,7 @@ def _fold_to_fixpoint(
     failed to apply is not tried again.
     """
     rounds = fold_rounds(
-        lambda: _checked_pairs(work, args, tracers),
+        lambda: _checked_pairs(work, args, finders),
         lambda pair: eager.apply_fold(work, pair, rounding),
         _refusal,
         first=scan,
@@ -114,11 +112,10 @@ def _fold_to_fixpoint(
 
 
 def _checked_pairs(
-    work: nn.Module, args: tuple[Any, ...], tracers: Tracers
+    work: nn.Module, args: tuple[Any, ...], finders: Finders
 ) -> tuple[list[AnyPair], list[Refusal]]:
     roles = find_roles(work)
-    calls, recording = _run_once(work, args, roles, tracers)
-    scan = find_pairs(work, args, roles, calls, tracers, recording)
+    scan, calls = finders.search(work, args, roles)
     refused = list(scan.refused)
     pairs: list[AnyPair] = []
     for pair in scan.pairs:
@@ -129,38 +126,10 @@ def _checked_pairs(
     return pairs, refused
 
 
-def _run_once(
-    work: nn.Module, args: tuple[Any, ...], roles: Roles, tracers: Tracers
-) -> tuple[Calls, Traced | None]:
-    """One forward that counts module calls, recorded op by op for the ``recorded`` finder.
-
-    A forward that fails under the recorder (and did not fail plainly) is run
-    without it from then on, and the finders that need no record decide.
-
-    Raises:
-        BnfoldError: the module cannot run on the example inputs.
-    """
-    watched = _watched(work, roles)
-    if RECORDED not in tracers.failed:
-        try:
-            recording = recorded.record_run(work, args, roles, watched)
-        except Exception as e:  # the plain run below says whether the module itself fails
-            tracers.failed[RECORDED] = f"{type(e).__name__}: {first_line(e)}"
-        else:
-            return recording.calls, recording.traced
-    return observe(work, args, watched), None
-
-
 def _explained(pair: AnyPair, refusal: Refusal) -> Refusal:
     """A refused before pair, reported with why the BN could not fold after either."""
     after = pair.after_refusal if isinstance(pair, Pair) else None
     return refusal if after is None else prefer_before(after, refusal)  # type: ignore[return-value]
-
-
-def _watched(root: nn.Module, roles: Roles) -> list[str]:
-    """Paths whose calls are counted: linear and BN modules, and plain Sequentials."""
-    seqs = [p for p, m in root.named_modules() if isinstance(m, nn.Sequential)]
-    return list(roles.kind) + seqs
 
 
 def _refusal(pair: AnyPair, code: Code, detail: str) -> list[Refusal]:

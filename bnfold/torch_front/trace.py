@@ -38,16 +38,17 @@ import io
 import logging
 import operator
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
 from torch import fx, nn
 
 from bnfold.errors import first_line
+from bnfold.torch_front import recorded
 from bnfold.torch_front.eager_match import match_graph
 from bnfold.torch_front.eager_pairs import Scan
-from bnfold.torch_front.modules import Calls, Roles, eval_mode
+from bnfold.torch_front.modules import BN, Calls, Roles, eval_mode, observe
 from bnfold.torch_front.pool_rules import Pool, pool_of_call, pool_of_module
 from bnfold.torch_front.recorded import FINDER as RECORDED
 from bnfold.torch_front.sequential import match_sequential
@@ -60,37 +61,111 @@ from bnfold.torch_front.site_graph import (
     join_of,
     link_users,
     mark_outputs,
+    without_calls_of,
 )
 
 log = logging.getLogger(__name__)
 
 
-@dataclass
-class Tracers:
-    """The whole-model tracers that failed on one module, with why: skipped from then on.
+@dataclass(frozen=True)
+class _Seen:
+    """The graph a search matched in, by whom, with the calls and BN modules it saw."""
 
-    One per fold run: every round of :func:`find_pairs` shares it.
+    finder: str
+    traced: Traced
+    calls: Calls
+    bns: frozenset[str]
+
+
+@dataclass
+class Finders:
+    """The finders of one fold run, and what each search leaves the next.
+
+    A fold changes weights and turns a BN into ``nn.Identity``; it never changes
+    the code of forward(). So a tracer that failed is not tried again
+    (``failed``), and the graph of the last search is used again, its folded BNs
+    passed through (:func:`~bnfold.torch_front.site_graph.without_calls_of`), as
+    long as every BN folded since became an ``nn.Identity``: a later round of
+    the fixpoint neither traces nor runs the module. A BN that kept its children
+    in its place (timm's act) makes the next search start afresh.
     """
 
     failed: dict[str, str] = field(default_factory=dict)
+    seen: _Seen | None = None
 
-    def failures(self) -> list[str]:
-        return [f"{name}: {why}" for name, why in self.failed.items()]
+    def search(self, root: nn.Module, args: tuple[Any, ...], roles: Roles) -> tuple[Scan, Calls]:
+        """Candidate pairs and refusals (:func:`find_pairs`) and the module calls they read."""
+        if (again := self._seen_again(root, roles)) is not None:
+            self.seen = again
+            scan = match_graph(again.traced, roles, again.calls, again.finder, root)
+            return self._scan(scan), again.calls
+        calls, recording = self._run(root, args, roles)
+        found = self._trace(root, args, roles, recording)
+        if found is None:
+            self.seen = None
+            return self._scan(match_sequential(root, roles, calls)), calls
+        finder, traced = found
+        self.seen = _Seen(finder, traced, calls, frozenset(roles.bns()))
+        return self._scan(match_graph(traced, roles, calls, finder, root)), calls
+
+    def _seen_again(self, root: nn.Module, roles: Roles) -> _Seen | None:
+        """The last search's graph with the BNs folded since passed through, if it can be."""
+        seen = self.seen
+        if seen is None:
+            return None
+        folded = {bn for bn in seen.bns if roles.of(bn) != BN}
+        if not folded:
+            return seen
+        if any(type(root.get_submodule(bn)) is not nn.Identity for bn in folded):
+            return None
+        traced = without_calls_of(seen.traced, folded)
+        return None if traced is None else replace(seen, traced=traced, bns=seen.bns - folded)
+
+    def _run(
+        self, root: nn.Module, args: tuple[Any, ...], roles: Roles
+    ) -> tuple[Calls, Traced | None]:
+        """One forward that counts module calls, recorded op by op for the ``recorded`` finder.
+
+        A forward that fails under the recorder (and not plainly) is run without
+        it from then on, and the finders that need no record decide.
+
+        Raises:
+            BnfoldError: the module cannot run on the example inputs.
+        """
+        seqs = [p for p, m in root.named_modules() if isinstance(m, nn.Sequential)]
+        watched = list(roles.kind) + seqs
+        if RECORDED not in self.failed:
+            try:
+                recording = recorded.record_run(root, args, roles, watched)
+            except Exception as e:  # the plain run below says whether the module itself fails
+                self.failed[RECORDED] = f"{type(e).__name__}: {first_line(e)}"
+            else:
+                return recording.calls, recording.traced
+        return observe(root, args, watched), None
+
+    def _trace(
+        self, root: nn.Module, args: tuple[Any, ...], roles: Roles, recording: Traced | None
+    ) -> tuple[str, Traced] | None:
+        """The first finder's graph: export's, else fx's, else the recorded run's."""
+        for name, tracer in (("export", _export_graph), ("fx", _fx_graph)):
+            if name in self.failed:
+                continue
+            try:
+                return name, tracer(root, args, roles)
+            except Exception as e:  # tracers fail in many ways; the next finder may work
+                self.failed[name] = f"{type(e).__name__}: {first_line(e)}"
+                log.info("torch front: %s could not trace the module: %s", name, e)
+        return None if recording is None else (RECORDED, recording)
+
+    def _scan(self, scan: Scan) -> Scan:
+        scan.failures = [f"{name}: {why}" for name, why in self.failed.items()]
+        return scan
 
 
-def find_pairs(
-    root: nn.Module,
-    args: tuple[Any, ...],
-    roles: Roles,
-    calls: Calls,
-    tracers: Tracers | None = None,
-    recorded: Traced | None = None,
-) -> Scan:
+def find_pairs(root: nn.Module, args: tuple[Any, ...], roles: Roles) -> Scan:
     """Find candidate pairs with the first finder that can see ``root``.
 
-    ``recorded`` is the graph of the run that counted ``calls``
-    (:func:`bnfold.torch_front.recorded.record_run`), None if that run could
-    not be recorded; ``tracers`` remembers the tracers that failed in earlier rounds.
+    One search of a fresh :class:`Finders`; a fold run keeps one for all its rounds.
 
     Matches:  linear -> BN (after); else BN -> linear (before); either directly
               or through one flatten/view/reshape/(un)squeeze. A module pair that
@@ -106,25 +181,7 @@ def find_pairs(
       STANDALONE      nothing linear feeds the BN
       UNTRACEABLE     the BN did not run, or no finder can see its input
     """
-    tracers = Tracers() if tracers is None else tracers
-    for name, tracer in (("export", _export_graph), ("fx", _fx_graph)):
-        if name in tracers.failed:
-            continue
-        try:
-            traced = tracer(root, args, roles)
-        except Exception as e:  # tracers fail in many ways; the next finder may work
-            tracers.failed[name] = f"{type(e).__name__}: {first_line(e)}"
-            log.info("torch front: %s could not trace the module: %s", name, e)
-            continue
-        return _scan(match_graph(traced, roles, calls, name, root), tracers)
-    if recorded is not None:
-        return _scan(match_graph(recorded, roles, calls, RECORDED, root), tracers)
-    return _scan(match_sequential(root, roles, calls), tracers)
-
-
-def _scan(scan: Scan, tracers: Tracers) -> Scan:
-    scan.failures = tracers.failures()
-    return scan
+    return Finders().search(root, args, roles)[0]
 
 
 def _export_graph(root: nn.Module, args: tuple[Any, ...], roles: Roles) -> Traced:
