@@ -27,11 +27,15 @@ from bnfold.affine import (
     Unfoldable,
     absorb_identity,
     add_parts,
+    after_factor,
     balanced_over,
     bn_to_affine,
     concat_parts,
+    exact_after_bias,
     fold_after,
     fold_before,
+    product64,
+    scaled,
 )
 from bnfold.layouts import channel_block, merges_leading_axes
 from bnfold.report import Code, FoldKind, Refusal
@@ -50,7 +54,12 @@ from bnfold.torch_front.modules import (
 from bnfold.torch_front.norms import After, after_affine, kept_part
 from bnfold.torch_front.pool_rules import commute_refusal
 from bnfold.torch_front.site_graph import is_nonlinear
-from bnfold.torch_front.tensors import as_parameter, to_float64
+from bnfold.torch_front.tensors import (
+    as_parameter,
+    rounded_parameter,
+    stored_values,
+    to_float64,
+)
 
 
 def why_not(root: nn.Module, pair: AnyPair, roles: Roles, calls: Calls) -> Refusal | None:
@@ -435,18 +444,19 @@ def apply_fold(root: nn.Module, pair: AnyPair, rounding: Rounding = Rounding.NEA
             if pair.join == "add"
             else concat_parts(affine, [out_channels(lin) for lin in lins])
         )
-        exact = [_folded_after(lin, part) for lin, part in zip(lins, parts, strict=True)]
+        new = [_after(lin, part, rounding) for lin, part in zip(lins, parts, strict=True)]
     elif isinstance(pair, TapPair):
         lin = _module(root, pair.linear)
-        exact = [absorb_identity(to_float64(lin.weight), _bias64(lin), affine, pair.sign)]
+        exact = absorb_identity(to_float64(lin.weight), _bias64(lin), affine, pair.sign)
+        new = [_cast(lin, *exact, rounding)]
     elif pair.before:
         lin = _module(root, pair.linear)
         per_input = affine.spread(in_channels(lin))
-        exact = [fold_before(to_float64(lin.weight), _bias64(lin), per_input, layout_of(lin))]
+        exact = fold_before(to_float64(lin.weight), _bias64(lin), per_input, layout_of(lin))
+        new = [_cast(lin, *exact, rounding)]
     else:
-        exact = [_folded_after(_module(root, pair.linear), affine)]
+        new = [_after(_module(root, pair.linear), affine, rounding)]
     paths = pair.linears
-    new = [_cast(_module(root, p), *vals, rounding) for p, vals in zip(paths, exact, strict=True)]
     old = tuple((p, _module(root, p).weight, _module(root, p).bias) for p in paths)
     for path, (weight, bias) in zip(paths, new, strict=True):
         lin = _module(root, path)
@@ -455,10 +465,29 @@ def apply_fold(root: nn.Module, pair: AnyPair, rounding: Rounding = Rounding.NEA
     return Undo(root, pair, old, bn)
 
 
-def _folded_after(lin: Any, affine: Affine) -> tuple[np.ndarray, np.ndarray]:
-    """Exact float64 weight and bias of ``affine(lin(x))``."""
+def _after(lin: Any, affine: Affine, rounding: Rounding) -> tuple[nn.Parameter, nn.Parameter]:
+    """The weight and bias of ``affine(lin(x))``, each rounded once to its dtype.
+
+    The weight is scaled straight from its stored values in numpy's float64
+    loop, rounding each product once into the weight's dtype: the same values
+    as a float64 copy scaled and cast afterwards, without the copy or the
+    cast. Its exact float64 value is computed only if a later fold of the same
+    module asks (:func:`bnfold.torch_front.tensors.to_float64`). A weight a fold
+    wrote before (its exact value is the one to start from) and a bfloat16 one
+    take the float64 path.
+    """
     per_output = affine.spread(out_channels(lin))
-    return fold_after(to_float64(lin.weight), _bias64(lin), per_output, layout_of(lin))
+    layout, weight = layout_of(lin), lin.weight
+    stored = stored_values(weight)
+    if stored is None:
+        exact = fold_after(to_float64(weight), _bias64(lin), per_output, layout)
+        return _cast(lin, *exact, rounding)
+    factor = after_factor(per_output, layout, tuple(stored.shape))
+    new_weight = scaled(stored, factor, balanced_over(layout, rounding))
+    bias = as_parameter(
+        exact_after_bias(_bias64(lin), per_output), like=weight if lin.bias is None else lin.bias
+    )
+    return rounded_parameter(new_weight, weight, lambda: product64(stored, factor)), bias
 
 
 def _bias64(lin: Any) -> np.ndarray | None:
