@@ -50,7 +50,8 @@ def fold(
         undos = _fold_to_fixpoint(work, args, finders, first_scan, report, rounding)
         if lower is not None:
             left = modules_left(work, bns)
-            calls = observe(work, args, left)  # the input ranks a conv form needs
+            # the input ranks a conv form needs: seen by the search, else one more run
+            calls = finders.calls or observe(work, args, left)
             report.lowered, report.refused = lower_modules.lower_left(
                 work, left, report.refused, lower, calls
             )

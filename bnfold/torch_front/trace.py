@@ -92,6 +92,7 @@ class Finders:
 
     failed: dict[str, str] = field(default_factory=dict)
     seen: _Seen | None = None
+    calls: Calls | None = None  # the module calls the last search read (shapes do not change)
 
     def search(self, root: nn.Module, args: tuple[Any, ...], roles: Roles) -> tuple[Scan, Calls]:
         """Candidate pairs and refusals (:func:`find_pairs`) and the module calls they read."""
@@ -100,6 +101,7 @@ class Finders:
             scan = match_graph(again.traced, roles, again.calls, again.finder, root)
             return self._scan(scan), again.calls
         calls, recording = self._run(root, args, roles)
+        self.calls = calls
         found = self._trace(root, args, roles, recording)
         if found is None:
             self.seen = None
