@@ -22,8 +22,10 @@ Per model:
   (not a verification sample): the largest difference relative to the output's largest
   magnitude; detector outputs compared as box sets (each folded box's distance to the
   nearest original box of its label) and sorted scores, since near-tied scores may
-  reorder boxes, and their backbone's feature maps too (random weights saturate
-  scores or leave no box, so the detections alone can prove little).
+  reorder boxes, and their backbone's feature maps and one-stage heads' outputs (the
+  scores and box deltas before the box selection) too: random weights saturate
+  scores, leave no box or make near-ties whose selection flips, so the detections
+  alone can prove little.
 - ``unverified`` (detectors): the eager fold without verification, compared the same
   way: whether folds that verification rolls back were correct.
 
@@ -262,13 +264,18 @@ def checked(entry: dict[str, Any], model: Any, folded: Any, fresh: Any) -> dict[
 
 
 def compare_features(model: Any, folded: Any, images: list[torch.Tensor]) -> float:
-    """The worst relative difference of a detector's backbone feature maps."""
+    """The worst relative difference of a detector's backbone feature maps and, for a
+    one-stage detector, of its head's outputs: the values that feed its box selection."""
     with torch.no_grad():
         batch = model.transform(images)[0].tensors
         want, got = model.backbone(batch), folded.backbone(batch)
-    if isinstance(want, torch.Tensor):
-        want, got = {"0": want}, {"0": got}
-    return max(compare(want[k], got[k])["max_rel"] for k in want)
+        if isinstance(want, torch.Tensor):
+            want, got = {"0": want}, {"0": got}
+        worst = max(compare(want[k], got[k])["max_rel"] for k in want)
+        if hasattr(model, "head"):  # SSD, RetinaNet, FCOS: scores and box deltas, pre-NMS
+            heads = model.head(list(want.values())), folded.head(list(got.values()))
+            worst = max(worst, *(compare(heads[0][k], heads[1][k])["max_rel"] for k in heads[0]))
+    return worst
 
 
 def fold_pt2(model: nn.Module, x: Any, fresh: Any) -> dict[str, Any]:
@@ -322,7 +329,7 @@ def cell(entry: dict[str, Any] | None) -> str:
     text += f"; {entry.get('verification', '-')}, {entry['seconds']} s"
     text += "" if rel is None else f"; fresh {rel:.1e}"
     if (features := fresh.get("features_rel")) is not None:
-        text += f" (features {features:.1e}, boxes {fresh.get('boxes')})"
+        text += f" (features/head {features:.1e}, boxes {fresh.get('boxes')})"
     return text
 
 
