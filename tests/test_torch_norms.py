@@ -267,3 +267,25 @@ def test_bn_1d_and_3d_fold_with_the_recorded_run(norm, conv, shape, monkeypatch)
     result = fold_module(model, (x,))
     assert [(f.site, f.finder) for f in result.report.folded] == [("conv -> bn", "recorded")]
     torch.testing.assert_close(run(result.model, x), expected, rtol=1e-5, atol=1e-5)
+
+
+class SharedHead(nn.Module):
+    """One conv -> BatchNormAct2d head run on two feature maps of different sizes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(3, 8, 3, padding=1), BatchNormAct2d(8, nn.SiLU())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        small = F.avg_pool2d(x, 2)
+        return self.bn(self.conv(x)).mean((2, 3)) + self.bn(self.conv(small)).mean((2, 3))
+
+
+@pytest.mark.parametrize("finder", FINDERS)
+def test_a_bn_act_called_on_several_shapes_folds(finder, monkeypatch):
+    use(finder, monkeypatch)
+    model, x = trained_like(SharedHead()), torch.randn(2, 3, 8, 8)
+    expected = run(model, x)
+    result = fold_module(model, (x,))
+    assert [f.site for f in result.report.folded] == ["conv -> bn"]
+    torch.testing.assert_close(run(result.model, x), expected, rtol=1e-5, atol=1e-5)

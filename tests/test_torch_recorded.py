@@ -239,6 +239,26 @@ def test_what_the_recorded_run_sees_between_a_conv_and_its_bn(step, code, monkey
     assert_same(model, result.model, x)
 
 
+class OneValue(nn.Module):
+    """A conv with one output value, which Python reads with ``bool`` before the BN does."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(3, 1, 6), nn.BatchNorm2d(1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.conv(x)
+        return self.bn(y) if bool(y) or True else y
+
+
+def test_a_value_read_into_python_is_a_reader_and_leaves_the_tensor_as_it_was(monkeypatch):
+    monkeypatch.setattr(trace, "_export_graph", lambda *a: 1 / 0)
+    monkeypatch.setattr(trace, "_fx_graph", lambda *a: 1 / 0)
+    model = trained_like(OneValue())
+    result = fold_module(model, (torch.randn(1, 3, 6, 6),))
+    assert [r.code for r in result.report.refused] == [Code.BRANCHING]  # not an op between
+
+
 def test_the_recorded_graph_knows_owners_calls_and_outputs():
     model = trained_like(Between(lambda y: y))
     roles = find_roles(model)

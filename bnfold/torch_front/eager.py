@@ -14,6 +14,7 @@ tensors are never written), so a fold is undone by putting the old objects back.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -135,7 +136,9 @@ def kept_children(root: nn.Module, pair: AnyPair, calls: Calls) -> After | tuple
         affine = bn_affine(bn)
     except Unfoldable:
         return After()  # apply_fold reports it as BAD_VALUES
-    after = after_affine(bn, affine, calls.in_shape(pair.bn))
+    shapes = calls.in_shapes.get(pair.bn) or set()  # any call shows what the module computes
+    probe = min(shapes, key=lambda shape: (math.prod(shape), shape), default=None)
+    after = after_affine(bn, affine, probe)
     if isinstance(after, tuple) or not after.children:
         return after
     if pair.before or isinstance(pair, TapPair):

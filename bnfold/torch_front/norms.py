@@ -54,7 +54,8 @@ def working_children(bn: nn.Module) -> list[str]:
 def after_affine(
     bn: Any, affine: Affine, in_shape: tuple[int, ...] | None
 ) -> After | tuple[Code, str]:
-    """What ``bn`` runs after ``affine``, its own, checked on a probe of ``in_shape``; else why not.
+    """What ``bn`` runs after ``affine``, its own, checked on a probe of ``in_shape``
+    (the input shape of one of its calls); else why not.
 
     A module without working children is its affine (a stock BN, a frozen BN, a
     BN subclass whose extra forward code verification judges, as before): no
@@ -70,8 +71,8 @@ def after_affine(
     kind = type(bn).__name__
     if in_shape is None:
         return Code.PARAMETRIZED, (
-            f"{kind} runs {', '.join(working_children(bn))}; its calls had different input "
-            "shapes, so what it computes was not checked"
+            f"{kind} runs {', '.join(working_children(bn))}; no call showed its input shape, "
+            "so what it computes was not checked"
         )
     probe = _probe(bn, in_shape)
     try:

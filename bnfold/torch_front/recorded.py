@@ -177,7 +177,7 @@ class _Recorder(TorchFunctionMode):
         if not results:
             if op in _METADATA:
                 return
-            if op == "__setitem__" or op.endswith("_"):  # wrote into its first argument
+            if _writes_first_argument(op):
                 results = given[:1]
         if (op in _EVAL_DROPOUTS and not _training_flag(args, kwargs)) or _adds_zero(op, args):
             self._alias(results, given[0])
@@ -278,6 +278,11 @@ def _tensors(value: Any) -> Iterator[torch.Tensor]:
     elif isinstance(value, dict):
         for v in value.values():
             yield from _tensors(v)
+
+
+def _writes_first_argument(op: str) -> bool:
+    """``x[i] = v`` or an in-place method that returns nothing (``add_``, not ``__bool__``)."""
+    return op == "__setitem__" or (op.endswith("_") and not op.endswith("__"))
 
 
 def _training_flag(args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
