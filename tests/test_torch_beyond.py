@@ -11,9 +11,10 @@ torch = pytest.importorskip("torch")
 from torch import nn  # noqa: E402
 
 from bnfold.report import Code  # noqa: E402
-from bnfold.torch_front import fold_module, recorded, trace  # noqa: E402
+from bnfold.torch_front import fold_module  # noqa: E402
 from bnfold.torch_front.files import fold_torch  # noqa: E402
 from bnfold.torch_front.program.run import fold_graph_module  # noqa: E402
+from tests.torch_standins import use  # noqa: E402
 
 
 def randomize_bn(model: nn.Module, seed: int = 0, shift: bool = True) -> nn.Module:
@@ -226,7 +227,7 @@ def test_refusal_after_and_before_explains_both():
 
 @pytest.mark.parametrize("finder", ["fx", "recorded", "sequential"])
 def test_prefold_with_other_finders(finder, monkeypatch):
-    _break(monkeypatch, finder)
+    use(finder, monkeypatch)
     model = randomize_bn(
         nn.Sequential(
             nn.BatchNorm2d(3), nn.Conv2d(3, 4, 3), nn.ReLU(),
@@ -400,7 +401,7 @@ def test_bn_conv_bn_folds_both_sides():
 
 @pytest.mark.parametrize("finder", ["export", "fx", "recorded", "sequential"])
 def test_conv_bn_bn_folds_to_a_fixpoint(finder, monkeypatch):
-    _break(monkeypatch, finder)
+    use(finder, monkeypatch)
     model = randomize_bn(
         nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.BatchNorm2d(4), nn.BatchNorm2d(4))
     )
@@ -615,20 +616,6 @@ class SharedHead(nn.Module):
         return self.bn(self.conv(x)).mean((2, 3)) + self.bn(self.conv(small)).mean((2, 3))
 
 
-def _break(monkeypatch, finder: str) -> None:
-    """Make the finders before ``finder`` fail, so ``finder`` is the one used."""
-
-    def broken(*_args):
-        raise RuntimeError("no trace")
-
-    if finder in ("fx", "recorded", "sequential"):
-        monkeypatch.setattr(trace, "_export_graph", broken)
-    if finder in ("recorded", "sequential"):
-        monkeypatch.setattr(trace, "_fx_graph", broken)
-    if finder == "sequential":
-        monkeypatch.setattr(recorded, "record_run", broken)
-
-
 @pytest.mark.parametrize(
     ("make", "site", "finder"),
     [
@@ -651,7 +638,7 @@ def _break(monkeypatch, finder: str) -> None:
     ],
 )
 def test_a_pair_that_runs_together_every_time_folds(make, site, finder, monkeypatch):
-    _break(monkeypatch, finder)
+    use(finder, monkeypatch)
     model = randomize_bn(make())
     x = torch.randn(2, 4, 6, 6)
     result = fold_module(model, (x,))
@@ -690,7 +677,7 @@ class ConvTwiceBnOnce(nn.Module):
 def test_a_pair_that_does_not_always_run_together_is_refused(
     make, site, words, finder, monkeypatch
 ):
-    _break(monkeypatch, finder)
+    use(finder, monkeypatch)
     model = randomize_bn(make())
     x = torch.randn(2, 3, 4, 4)
     result = fold_module(model, (x,))
@@ -743,7 +730,7 @@ AFTER_IDS = ["linear_view_chw", "linear_unsqueeze", "conv_1x1_out_flatten"]
 )
 def test_bn_folds_through_a_reshape_after_the_op(model, shape, site, pattern, finder, monkeypatch):
     # fx sees y.view(y.shape[0], ...) read y's shape too: that is no second consumer.
-    _break(monkeypatch, finder)
+    use(finder, monkeypatch)
     model = randomize_bn(model)
     result = fold_module(model, (torch.randn(shape),))
     assert [(f.site, f.pattern, f.finder) for f in result.report.folded] == [
@@ -797,7 +784,7 @@ class ReusedConvThenConv(nn.Module):
 
 @pytest.mark.parametrize("finder", ["export", "fx", "recorded"])
 def test_a_bn_after_a_reused_conv_folds_into_the_op_after_it(finder, monkeypatch):
-    _break(monkeypatch, finder)
+    use(finder, monkeypatch)
     model = randomize_bn(ReusedConvThenConv())
     x = torch.randn(2, 3, 4, 4)
     result = fold_module(model, (x,))
@@ -829,7 +816,7 @@ def test_api_folds_an_exported_program_with_a_copy_for_the_bns_call():
 
 @pytest.mark.parametrize("finder", ["export", "fx", "recorded", "sequential"])
 def test_sequential_linear_unflatten_bn_folds_with_every_finder(finder, monkeypatch):
-    _break(monkeypatch, finder)
+    use(finder, monkeypatch)
     model = randomize_bn(
         nn.Sequential(nn.Linear(5, 12), nn.Unflatten(1, (3, 2, 2)), nn.BatchNorm2d(3), nn.ReLU())
     )

@@ -11,20 +11,7 @@ from torch.nn import functional as F  # noqa: E402
 from bnfold.report import Code  # noqa: E402
 from bnfold.torch_front import fold_module, recorded, trace  # noqa: E402
 from bnfold.torch_front.modules import find_roles  # noqa: E402
-
-
-def trained_like(model: nn.Module, seed: int = 0) -> nn.Module:
-    """Random statistics and affine in every BN-like module (frozen ones too); eval mode."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in model.modules():
-            if getattr(m, "running_var", None) is not None:
-                c = m.running_var.shape[0]
-                m.running_var.copy_(torch.rand(c, generator=gen) * 1.5 + 0.1)
-                m.running_mean.copy_(torch.randn(c, generator=gen) * 0.3)
-                m.weight.copy_(torch.rand(c, generator=gen) + 0.5)
-                m.bias.copy_(torch.randn(c, generator=gen) * 0.2)
-    return model.eval()
+from tests.torch_standins import BatchNormAct2d, FrozenBatchNorm2d, trained_like  # noqa: E402
 
 
 def outputs(model: nn.Module, x: torch.Tensor) -> list[torch.Tensor]:
@@ -40,23 +27,6 @@ def assert_same(a: nn.Module, b: nn.Module, x: torch.Tensor) -> None:
 
 def refusals(result) -> dict[str, Code]:
     return {r.site: r.code for r in result.report.refused}
-
-
-class FrozenBatchNorm2d(nn.Module):
-    """torchvision's frozen BN, rebuilt: four buffers, eps, and x * scale + shift."""
-
-    def __init__(self, c: int, eps: float = 1e-5) -> None:
-        super().__init__()
-        self.register_buffer("weight", torch.ones(c))
-        self.register_buffer("bias", torch.zeros(c))
-        self.register_buffer("running_mean", torch.zeros(c))
-        self.register_buffer("running_var", torch.ones(c))
-        self.eps = eps
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        scale = self.weight * (self.running_var + self.eps).rsqrt()
-        shift = self.bias - self.running_mean * scale
-        return x * scale.reshape(1, -1, 1, 1) + shift.reshape(1, -1, 1, 1)
 
 
 def conv_bn(cin: int, cout: int, stride: int = 1, norm: type[nn.Module] = nn.BatchNorm2d) -> list:
@@ -297,19 +267,10 @@ class ConvBnBnAct(nn.Module):
         super().__init__()
         self.conv, self.bn1, self.bn2 = nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.BatchNorm2d(4)
         self.conv2 = nn.Conv2d(3, 4, 3)
-        self.bn3 = BatchNormAct(4) if act else nn.BatchNorm2d(4)
+        self.bn3 = BatchNormAct2d(4, nn.SiLU()) if act else nn.BatchNorm2d(4)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.bn2(self.bn1(self.conv(x))) * self.bn3(self.conv2(x))
-
-
-class BatchNormAct(nn.BatchNorm2d):
-    def __init__(self, c: int) -> None:
-        super().__init__(c)
-        self.act = nn.SiLU()
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.act(super().forward(x))
 
 
 @pytest.mark.parametrize(("act", "traces"), [(False, 1), (True, 2)], ids=["identity", "kept_act"])
