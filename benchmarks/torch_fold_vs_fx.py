@@ -278,7 +278,11 @@ def cell(row: dict[str, Any], tool: str) -> str:
 
 def ratio_cell(row: dict[str, Any], key: str) -> str:
     r = row["ratios"].get(key)
-    return "-" if r is None else f"{r['median']:.2f}x [{r['min']:.2f}, {r['max']:.2f}]"
+    if r is None:
+        return "-"
+    if "share" in key:
+        return f"{r['median']:.0%} [{r['min']:.0%}, {r['max']:.0%}]"
+    return f"{r['median']:.2f}x [{r['min']:.2f}, {r['max']:.2f}]"
 
 
 def markdown(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
