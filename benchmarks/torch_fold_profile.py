@@ -56,7 +56,7 @@ BUCKETS = (
     ("match: nn.Sequential", "torch_front/sequential.py", "match_sequential"),
     ("recorded run (counts calls)", "torch_front/recorded.py", "record_run"),
     ("plain run counting calls", "torch_front/modules.py", "observe"),
-    ("checks (eager.why_not)", "torch_front/eager.py", "why_not"),
+    ("checks (eager.checked)", "torch_front/eager.py", "checked"),
     ("apply folds", "torch_front/eager.py", "apply_fold"),
     ("verify: reference forwards", "torch_front/verify.py", "reference"),
     ("verify: folded forwards", "torch_front/verify.py", "compare"),

@@ -209,12 +209,17 @@ class ClippedRunningNorm(nn.Module):
         return y.clamp(-0.1, 0.1)
 
 
-def test_duck_typed_module_with_other_semantics_is_rolled_back():
+def test_duck_typed_module_with_other_semantics_is_refused_before_folding():
+    # Its forward is run once on a probe and is not the affine of its buffers: refused
+    # before any fold, so also where nothing verifies (inspect).
     x = torch.randn(2, 3, 6, 6)
     model, result = fold_pair(nn.Conv2d(3, 4, 3), ClippedRunningNorm(4), x)
-    assert codes_at(result, "linear -> bn") == [Code.VERIFICATION_FAILED]
+    assert codes_at(result, "linear -> bn") == [Code.PARAMETRIZED]
+    assert "not the affine of its buffers" in result.report.refused[0].detail
     assert isinstance(result.model.bn, ClippedRunningNorm)
     assert outputs_match(model, result.model, x)
+    report = inspect_module(model, (x,))
+    assert report.folded == [] and [r.code for r in report.refused] == [Code.PARAMETRIZED]
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])

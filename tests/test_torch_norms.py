@@ -153,7 +153,7 @@ def test_a_bn_lookalike_that_activates_first_is_refused_before_folding():
     result = fold_module(model, (x,))
     (refusal,) = result.report.refused
     assert refusal.code == Code.PARAMETRIZED
-    assert "it is not its affine then act" in refusal.detail
+    assert "it is not the affine of its buffers then act" in refusal.detail
     assert isinstance(result.model.bn, ActFirst)
     torch.testing.assert_close(run(result.model, x), expected, rtol=0, atol=0)
 

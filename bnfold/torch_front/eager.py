@@ -63,8 +63,11 @@ from bnfold.torch_front.tensors import (
 )
 
 
-def why_not(root: nn.Module, pair: AnyPair, roles: Roles, calls: Calls) -> Refusal | None:
-    """Module-level reasons a structurally valid pair must not fold.
+def checked(root: nn.Module, pair: AnyPair, roles: Roles, calls: Calls) -> AnyPair | Refusal:
+    """A structurally valid pair as it will fold, or the module-level reason it must not.
+
+    The pair comes back with its ``kind`` (through a pool or a batch-merging
+    reshape) and the BN children it ``kept`` (timm's act and drop, which stay).
 
     The module checks (training mode to dtype) apply to the BN and to every
     linear module of the pair; the shape checks to its kind.
@@ -108,20 +111,15 @@ def why_not(root: nn.Module, pair: AnyPair, roles: Roles, calls: Calls) -> Refus
             if found := check(one, lin, bn, roles):
                 return Refusal(pair.site, *found)
     kept = kept_children(root, pair, calls)
-    found = kept if isinstance(kept, tuple) else _shape_refusal(root, pair, bn, roles, calls)
-    return Refusal(pair.site, *found) if found else None
-
-
-def settled(root: nn.Module, pair: AnyPair, calls: Calls) -> AnyPair:
-    """A pair :func:`why_not` let through, with how it folds: its ``kind`` (a pair
-    through a pool or a batch-merging reshape) and the BN children it ``kept``."""
+    if isinstance(kept, tuple):
+        return Refusal(pair.site, *kept)
+    if found := _shape_refusal(root, pair, bn, roles, calls):
+        return Refusal(pair.site, *found)
     if isinstance(pair, TapPair):
         return pair
-    kept = kept_children(root, pair, calls)
-    children = kept.children if isinstance(kept, After) else ()
     if isinstance(pair, Pair):
-        return replace(pair, kind=fold_kind(root, pair, calls), kept=children)
-    return replace(pair, kept=children)
+        return replace(pair, kind=fold_kind(root, pair, calls), kept=kept.children)
+    return replace(pair, kept=kept.children)
 
 
 def kept_children(root: nn.Module, pair: AnyPair, calls: Calls) -> After | tuple[Code, str]:

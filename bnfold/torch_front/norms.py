@@ -1,9 +1,9 @@
 """What a BatchNorm-like module computes beyond its affine, and what stays when the affine folds.
 
 A stock ``nn.BatchNorm{1,2,3}d`` and a frozen BN (torchvision's ``FrozenBatchNorm2d``,
-detectron2's, any module with ``weight``/``bias``/``running_mean``/``running_var`` and
-``eps`` and no working children) compute the per-channel affine ``s * x + t`` and
-nothing else: folded, they become ``nn.Identity``.
+detectron2's: a module with ``weight``/``bias``/``running_mean``/``running_var`` and
+``eps`` whose forward computes their affine) compute the per-channel affine
+``s * x + t`` and nothing else: folded, they become ``nn.Identity``.
 
 timm's ``BatchNormAct2d`` (a ``BatchNorm2d`` subclass) and ``FrozenBatchNormAct2d``
 (a frozen BN) run children after the affine: ``act(drop(bn(x)))``. Folding the affine
@@ -11,10 +11,11 @@ into the conv before it must keep them: the module is replaced by an ``nn.Sequen
 of those children, in the order they ran, under their own names (so their
 state_dict keys stay where they were, and the folded model needs nothing but torch).
 
-Which children run, and in which order, is not read from the class: the module is run
+What a module with its own forward computes is not read from its class: it is run
 once on a probe of the input shape it saw, with hooks on its children, and its output
-must equal the children applied in that order to the BN's affine of the probe
-(within rounding). A module whose forward does anything else is refused.
+must equal the children that ran, in that order, applied to the affine of its buffers
+(within rounding). A module whose forward does anything else is refused, before any
+fold (so also where nothing verifies, ``inspect`` or ``verify=False``).
 """
 
 from __future__ import annotations
@@ -57,22 +58,22 @@ def after_affine(
     """What ``bn`` runs after ``affine``, its own, checked on a probe of ``in_shape``
     (the input shape of one of its calls); else why not.
 
-    A module without working children is its affine (a stock BN, a frozen BN, a
-    BN subclass whose extra forward code verification judges, as before): no
-    probe. One with working children is run on a normal draw of ``in_shape`` with
-    hooks on its children.
+    A stock BatchNorm's forward is its affine: no probe. Any other (a frozen BN, a
+    subclass with a forward of its own) is run on a normal draw of ``in_shape``
+    with hooks on its children.
 
     Returns:
-        The children to keep, or PARAMETRIZED: a child ran twice, a working child
-        did not run, or the output is not the children applied to the affine.
+        The children to keep (none for a frozen BN), or PARAMETRIZED: a child ran
+        twice, a working child did not run, or the output is not the children
+        applied to the affine.
     """
-    if type(bn).forward in _STOCK_FORWARDS or not working_children(bn):
+    if type(bn).forward in _STOCK_FORWARDS:
         return After()
     kind = type(bn).__name__
     if in_shape is None:
         return Code.PARAMETRIZED, (
-            f"{kind} runs {', '.join(working_children(bn))}; no call showed its input shape, "
-            "so what it computes was not checked"
+            f"{kind} has a forward of its own, and no call showed its input shape: "
+            "what it computes was not checked"
         )
     probe = _probe(bn, in_shape)
     try:
@@ -95,10 +96,16 @@ def kept_part(bn: nn.Module, after: After) -> nn.Module:
     return kept
 
 
+# A probe keeps the input's rank and channels and at most this many of every other axis:
+# what a per-channel affine and an activation compute does not depend on the extent.
+_PROBE_EXTENT = 4
+
+
 def _probe(bn: Any, in_shape: tuple[int, ...]) -> torch.Tensor:
     like = bn.running_mean
+    shape = [min(n, _PROBE_EXTENT) if axis != 1 else n for axis, n in enumerate(in_shape)]
     gen = torch.Generator().manual_seed(0)
-    x = torch.randn(in_shape, generator=gen, dtype=torch.float64)
+    x = torch.randn(shape, generator=gen, dtype=torch.float64)
     return x.to(dtype=like.dtype if like.is_floating_point() else torch.float32, device=like.device)
 
 
@@ -149,10 +156,10 @@ def _computes_affine_then(
     bound = _ROUNDING_UNITS * torch.finfo(x.dtype).eps * float(terms + shift.abs().amax())
     gap = float((_cpu64(out) - _cpu64(expected)).abs().amax())
     if not gap <= bound:
-        steps = " then ".join(["its affine", *ran])
+        steps = " then ".join(["the affine of its buffers", *ran])
         return Code.PARAMETRIZED, (
-            f"{kind} overrides forward(), and it is not {steps}: they differ by {gap:.3g} "
-            f"on a probe (rounding allows {bound:.3g})"
+            f"{kind} has a forward of its own, and it is not {steps}: they differ by "
+            f"{gap:.3g} on a probe (rounding allows {bound:.3g})"
         )
     return None
 

@@ -120,10 +120,11 @@ def _checked_pairs(
     refused = list(scan.refused)
     pairs: list[AnyPair] = []
     for pair in scan.pairs:
-        if refusal := eager.why_not(work, pair, roles, calls):
-            refused.append(_explained(pair, refusal))
+        result = eager.checked(work, pair, roles, calls)
+        if isinstance(result, Refusal):
+            refused.append(_explained(pair, result))
         else:
-            pairs.append(eager.settled(work, pair, calls))
+            pairs.append(result)
     return pairs, refused
 
 
