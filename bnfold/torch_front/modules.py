@@ -37,9 +37,9 @@ def is_bn_like(m: nn.Module) -> bool:
 
     Frozen BNs (weight, bias, running_mean, running_var buffers and eps) count,
     with children too (timm's FrozenBatchNormAct2d runs ``drop`` and ``act``
-    after the affine; whether a forward is that is checked before a fold, see
-    :mod:`bnfold.torch_front.norms`); InstanceNorm has the same attributes but
-    other semantics.
+    after the affine); whether a forward computes that is checked on a probe
+    before a fold (:mod:`bnfold.torch_front.norms`). InstanceNorm has the same
+    attributes but other semantics.
     """
     if isinstance(m, nn.modules.batchnorm._BatchNorm):
         return True
