@@ -28,6 +28,9 @@ Per model:
   alone can prove little.
 - ``unverified`` (detectors): the eager fold without verification, compared the same
   way: whether folds that verification rolls back were correct.
+- ``recorded = export`` (models export traces, ``--parity``): the eager fold path
+  with only the ``recorded`` finder against the same with ``export``: the same folds
+  and, per BN, the same refusal code.
 
 Usage:
   python benchmarks/torch_real_models.py [--models a,b] [--det-size 512] [--threads 1]
@@ -292,7 +295,29 @@ def fold_pt2(model: nn.Module, x: Any, fresh: Any) -> dict[str, Any]:
     return entry
 
 
-def measure(name: str, fronts: list[str], det_size: int) -> dict[str, Any]:
+def parity(model: nn.Module, x: Any) -> str:
+    """Whether the ``recorded`` finder finds what ``export`` finds: folds, and each BN's code."""
+    from torch_fold_vs_fx import recorded_finder_only
+
+    from bnfold.torch_front import fold_module
+
+    def seen(report: Any) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
+        folds = sorted((f.site, f.kind.value) for f in report.folded)
+        codes = sorted((r.site.rpartition(" -> ")[2], r.code.value) for r in report.refused)
+        return folds, codes
+
+    traced = fold_module(model, (x,), verify=False).report
+    if {f.finder for f in traced.folded} - {"export"}:
+        return "-"  # export did not trace it: the recorded finder decided already
+    with recorded_finder_only():
+        recorded = fold_module(model, (x,), verify=False).report
+    (folds_a, codes_a), (folds_b, codes_b) = seen(traced), seen(recorded)
+    if (folds_a, codes_a) == (folds_b, codes_b):
+        return "same"
+    return f"differs: {sorted(set(folds_a) ^ set(folds_b))} {sorted(set(codes_a) ^ set(codes_b))}"
+
+
+def measure(name: str, fronts: list[str], det_size: int, check_parity: bool) -> dict[str, Any]:
     model, x = build(name, det_size)
     fresh = fresh_input(x)
     row: dict[str, Any] = {
@@ -300,6 +325,8 @@ def measure(name: str, fronts: list[str], det_size: int) -> dict[str, Any]:
         "bn": bn_kinds(model),
         "after_linear": bns_after_linear(model, x),
     }
+    if check_parity and name not in DETECTORS:
+        row["recorded = export"] = parity(model, x)
     if name in DETECTORS:
         fronts = [*fronts, "unverified"]
     folds = {"eager": fold_eager, "pt2": fold_pt2, "unverified": fold_unverified}
@@ -344,14 +371,15 @@ def markdown(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
         "largest magnitude (detections: boxes as sets, scores sorted).",
         "",
         "| model | BN (kinds) | after a conv/linear in the run | eager: folded/found "
-        "(finder); left; verification; fresh | .pt2 | eager, unverified |",
-        "|---|---|---|---|---|---|",
+        "(finder); left; verification; fresh | .pt2 | eager, unverified | recorded = export |",
+        "|---|---|---|---|---|---|---|",
     ]
     for row in rows:
         kinds = ", ".join(f"{k} {n}" for k, n in row["bn"].items())
         lines.append(
             f"| {row['model']} | {kinds} | {row['after_linear']} | {cell(row.get('eager'))} | "
-            f"{cell(row.get('pt2'))} | {cell(row.get('unverified'))} |"
+            f"{cell(row.get('pt2'))} | {cell(row.get('unverified'))} | "
+            f"{row.get('recorded = export', '')} |"
         )
     return "\n".join(lines) + "\n"
 
@@ -362,6 +390,7 @@ def main() -> None:
     parser.add_argument("--front", action="append", choices=("eager", "pt2"))
     parser.add_argument("--det-size", type=int, default=512)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--parity", action="store_true", help="recorded finder against export")
     parser.add_argument("--json", type=Path)
     parser.add_argument("--md", type=Path)
     args = parser.parse_args()
@@ -376,7 +405,9 @@ def main() -> None:
     meta = {
         "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
         "command": "python benchmarks/torch_real_models.py --det-size "
-        f"{args.det_size} --threads {args.threads} " + " ".join(f"--front {f}" for f in fronts),
+        f"{args.det_size} --threads {args.threads} "
+        + " ".join(f"--front {f}" for f in fronts)
+        + (" --parity" if args.parity else ""),
         "torch": torch.__version__,
         "torchvision": torchvision.__version__,
         "timm": timm.__version__,
@@ -385,7 +416,7 @@ def main() -> None:
     }
     rows = []
     for name in args.models.split(","):
-        rows.append(measure(name, fronts, args.det_size))
+        rows.append(measure(name, fronts, args.det_size, args.parity))
         print(json.dumps(rows[-1], indent=1), flush=True)
     text = markdown(rows, meta)
     print(text)

@@ -197,7 +197,7 @@ class _Recorder(TorchFunctionMode):
     ) -> None:
         read = given[:1] if op in _LIKE_OTHER else given
         owner, call = self.running[-1] if self.running else (None, 0)
-        name = f"{op}_{len(self.traced.nodes)}"
+        name = f"{op.strip('_')}_{len(self.traced.nodes)}"  # "getitem_7", not "__getitem___7"
         inputs = [n for t in read if (n := self._node_of(t)) is not None]
         node = Node(owner, op, list(dict.fromkeys(inputs)), call)
         if owner is None:
