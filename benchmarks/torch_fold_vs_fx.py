@@ -63,16 +63,17 @@ def trained_like(model: nn.Module, seed: int = 0) -> nn.Module:
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for m in model.modules():
-            var = getattr(m, "running_var", None)
+            module: Any = m
+            var = getattr(module, "running_var", None)
             if not isinstance(var, torch.Tensor):
                 continue
             c = var.shape[0]
             var.copy_(torch.rand(c, generator=gen) * 1.5 + 0.1)
-            m.running_mean.copy_(torch.randn(c, generator=gen) * 0.2)
+            module.running_mean.copy_(torch.randn(c, generator=gen) * 0.2)
             for name, draw in (("weight", torch.rand(c, generator=gen) + 0.5),
                                ("bias", torch.randn(c, generator=gen) * 0.1)):  # fmt: skip
-                if isinstance(getattr(m, name, None), torch.Tensor):
-                    getattr(m, name).copy_(draw)
+                if isinstance(getattr(module, name, None), torch.Tensor):
+                    getattr(module, name).copy_(draw)
     return model.eval()
 
 
@@ -144,12 +145,13 @@ def recorded_finder_only() -> Iterator[None]:
     def off(*_args: Any) -> Any:
         raise RuntimeError("switched off by the benchmark")
 
-    saved = trace._export_graph, trace._fx_graph
-    trace._export_graph, trace._fx_graph = off, off
+    tracers: Any = trace  # the module's two tracer functions, switched for the block
+    saved = tracers._export_graph, tracers._fx_graph
+    tracers._export_graph, tracers._fx_graph = off, off
     try:
         yield
     finally:
-        trace._export_graph, trace._fx_graph = saved
+        tracers._export_graph, tracers._fx_graph = saved
 
 
 def fold_recorded(model: nn.Module, x: Any) -> Any:
@@ -202,7 +204,7 @@ def measure(name: str, rounds: int, det_size: int) -> dict[str, Any]:
             if tool in failures:
                 continue
             try:
-                seconds, result = timed(lambda t=tool: TOOLS[t](model, x))
+                seconds, result = timed(lambda t=tool: TOOLS[t](model, x))  # type: ignore[misc]
             except Exception as e:  # fx cannot trace a detector: that is the measurement
                 failures[tool] = f"{type(e).__name__}: {str(e).splitlines()[0][:120]}"
                 continue
@@ -333,7 +335,7 @@ def main() -> None:
 
     first = warm_up()
     meta = {
-        "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "command": "python benchmarks/torch_fold_vs_fx.py "
         f"--models {args.models} --rounds {args.rounds} --threads {args.threads} "
         f"--det-size {args.det_size}",

@@ -111,7 +111,7 @@ def build(name: str, det_size: int) -> tuple[nn.Module, Any]:
         import timm
 
         model = timm.create_model(name.removeprefix("timm_"), pretrained=False)
-        side = model.default_cfg["input_size"][-1]
+        side = int(model.default_cfg["input_size"][-1])  # type: ignore[index]
         return trained_like(model), torch.randn(1, 3, side, side, generator=gen)
     side = 320 if name == "ssdlite" else det_size
     return trained_like(model), [torch.rand(3, side, side, generator=gen)]
@@ -148,12 +148,14 @@ def bns_after_linear(model: nn.Module, x: Any) -> int:
         if isinstance(out, torch.Tensor):
             made[id(out)] = (weakref.ref(out), out._version)
 
+    def made_unchanged(t: torch.Tensor) -> bool:
+        entry = made.get(id(t))
+        return entry is not None and entry[0]() is t and entry[1] == t._version
+
     def bn_in(path: str) -> Any:
         def hook(_m: nn.Module, inputs: tuple[Any, ...]) -> None:
             t = inputs[0] if inputs else None
-            entry = made.get(id(t)) if isinstance(t, torch.Tensor) else None
-            fresh = entry is not None and entry[0]() is t and entry[1] == t._version
-            verdicts.setdefault(path, []).append(fresh)
+            verdicts.setdefault(path, []).append(isinstance(t, torch.Tensor) and made_unchanged(t))
 
         return hook
 
@@ -403,7 +405,7 @@ def main() -> None:
 
     fronts = args.front or ["eager", "pt2"]
     meta = {
-        "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "command": "python benchmarks/torch_real_models.py --det-size "
         f"{args.det_size} --threads {args.threads} "
         + " ".join(f"--front {f}" for f in fronts)

@@ -223,6 +223,8 @@ class _Recorder(TorchFunctionMode):
 
     def _join(self, op: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Join | None:
         """``a + b`` or ``a - b`` (alpha 1), or ``cat([a, ...], dim)``, of recorded tensors."""
+        tensors: Any
+        dim: Any
         if op in _ADDS or op in _SUBS:
             extra = {k: v for k, v in kwargs.items() if k != "alpha"}
             if len(args) != 2 or extra or kwargs.get("alpha", 1) != 1:
