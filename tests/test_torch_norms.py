@@ -81,10 +81,20 @@ def test_the_activation_and_drop_stay_in_the_bn_place(kind):
     folded = fold_module(model, (x,)).model
     kept = folded.bn
     assert isinstance(kept, nn.Sequential)
+    working = [n for n, m in model.bn.named_children() if type(m) is not nn.Identity]
+    assert [name for name, _ in kept.named_children()] == working  # in the order they ran
+    assert all(type(getattr(kept, n)) is type(getattr(model.bn, n)) for n in working)
+    assert kept.training is False
+
+
+def test_a_kept_drop_out_still_drops_in_training():
+    # Only the affine went into the conv: trained further, the drop-out drops as before.
+    model = trained_like(ConvNorm(BatchNormAct2d(8, nn.SiLU(), drop=0.5)))
+    kept = fold_module(model, (torch.randn(2, 3, 7, 7),)).model.bn
     assert [name for name, _ in kept.named_children()] == ["drop", "act"]
-    assert type(kept.act) is type(model.bn.act) and type(kept.drop) is type(model.bn.drop)
-    # Trained further, the kept drop-out still drops: only the affine went into the conv.
-    assert kept.training is False and kept.drop.training is False
+    kept.train()
+    out = kept(torch.ones(64, 8, 4, 4))
+    assert (out == 0).any() and (out > nn.functional.silu(torch.ones(1))).any()
 
 
 def test_a_kept_activation_keeps_its_parameters_under_their_keys():
@@ -120,7 +130,7 @@ def test_a_bn_act_after_a_join_folds_into_each_term_and_keeps_its_act(finder, mo
     expected = run(model, x)
     result = fold_module(model, (x,))
     assert [f.site for f in result.report.folded] == ["a, b -> add -> bn"]
-    assert [type(m) for m in result.model.bn] == [nn.Identity, nn.ReLU]  # drop, act
+    assert [name for name, _ in result.model.bn.named_children()] == ["act"]  # drop did nothing
     torch.testing.assert_close(run(result.model, x), expected, rtol=1e-5, atol=1e-5)
 
 
@@ -218,4 +228,29 @@ def test_a_bn_act_called_on_several_shapes_folds(finder, monkeypatch):
     expected = run(model, x)
     result = fold_module(model, (x,))
     assert [f.site for f in result.report.folded] == ["conv -> bn"]
+    torch.testing.assert_close(run(result.model, x), expected, rtol=1e-5, atol=1e-5)
+
+
+class RepVggIdentityBnAct(nn.Module):
+    """timm's RepVggBlock: its identity branch is a BatchNormAct2d without activation."""
+
+    def __init__(self, c: int = 4) -> None:
+        super().__init__()
+        self.conv_kxk = nn.Conv2d(c, c, 3, padding=1, bias=False)
+        self.identity = BatchNormAct2d(c)  # drop and act are nn.Identity
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.relu(self.conv_kxk(x) + self.identity(x))
+
+
+@pytest.mark.parametrize("finder", FINDERS)
+def test_a_bn_act_without_activation_is_an_identity_term_and_folds_as_a_tap(finder, monkeypatch):
+    use(finder, monkeypatch)
+    model, x = trained_like(RepVggIdentityBnAct()), torch.randn(2, 4, 6, 6)
+    expected = run(model, x)
+    result = fold_module(model, (x,))
+    assert [(f.site, f.kind.value) for f in result.report.folded] == [
+        ("identity -> conv_kxk", "identity_tap")
+    ]
+    assert type(result.model.identity) is nn.Identity
     torch.testing.assert_close(run(result.model, x), expected, rtol=1e-5, atol=1e-5)

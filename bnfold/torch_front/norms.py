@@ -42,7 +42,8 @@ _ROUNDING_UNITS = 64
 
 @dataclass(frozen=True)
 class After:
-    """The children a BN-like module runs after its affine, by name, in the order they ran."""
+    """The children a BN-like module runs after its affine that do something (not
+    ``nn.Identity``), by name, in the order they ran."""
 
     children: tuple[str, ...] = ()
 
@@ -82,7 +83,9 @@ def after_affine(
         return Code.PARAMETRIZED, f"{kind} could not be run on a probe: {type(e).__name__}: {e}"
     if found := _each_working_child_once(bn, kind, ran):
         return found
-    return _computes_affine_then(bn, affine, kind, probe, out, ran) or After(tuple(ran))
+    if found := _computes_affine_then(bn, affine, kind, probe, out, ran):
+        return found
+    return After(tuple(name for name in ran if name in working_children(bn)))
 
 
 def kept_part(bn: nn.Module, after: After) -> nn.Module:
