@@ -8,18 +8,19 @@ Two models, built here from ``torch.nn`` (torchvision does not import on this ma
   traces whole: every BN folds with the ``export`` finder.
 - ``untraceable``: the same backbone under a detector-like head whose forward()
   branches in Python on a value it computed and reads scores with ``.tolist()``.
-  Neither export nor fx traces it whole, so only the BNs inside a plain
-  ``nn.Sequential`` (the stem, the downsamples, the head) are reached, as with
-  the detectors of issue 24.
+  Neither export nor fx traces it whole; the ``recorded`` finder (one eager run,
+  op by op) finds its pairs, as in the detectors of issue 24.
 
 Each model is folded once under cProfile (after a warm-up fold of a tiny model,
 so one-time imports and torch's lazy initialisation are not counted; they are
 printed apart), and the fold's wall time is split by the cumulative time of the
 functions that do the work: tracing attempts, the forward that counts module
 calls, the reference and folded forwards of verification, the checks, the
-folds, the deep copy. Beside it, as yardsticks from the same process: one fp32
-forward (median of 3) and ``torch.fx.experimental.optimization.fuse`` on the
-same model (none for the untraceable one: fx cannot trace it).
+folds, the deep copy. The run that counts module calls is the recorded run
+(:mod:`bnfold.torch_front.recorded`) unless recording failed. Beside it, as
+yardsticks from the same process: one fp32 forward (median of 3) and
+``torch.fx.experimental.optimization.fuse`` on the same model (none for the
+untraceable one: fx cannot trace it).
 
 Threads are pinned (``--threads``, default 1). The machine is shared: read the
 shares and ratios, not the absolute seconds.
@@ -53,8 +54,9 @@ BUCKETS = (
     ("trace: fx attempts", "torch_front/trace.py", "_fx_graph"),
     ("match: traced graph", "torch_front/eager_match.py", "match_graph"),
     ("match: nn.Sequential", "torch_front/sequential.py", "match_sequential"),
-    ("forward counting calls", "torch_front/modules.py", "observe"),
-    ("checks (eager.why_not)", "torch_front/eager.py", "why_not"),
+    ("recorded run (counts calls)", "torch_front/recorded.py", "record_run"),
+    ("plain run counting calls", "torch_front/modules.py", "observe"),
+    ("checks (eager.checked)", "torch_front/eager.py", "checked"),
     ("apply folds", "torch_front/eager.py", "apply_fold"),
     ("verify: reference forwards", "torch_front/verify.py", "reference"),
     ("verify: folded forwards", "torch_front/verify.py", "compare"),

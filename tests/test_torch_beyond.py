@@ -11,9 +11,10 @@ torch = pytest.importorskip("torch")
 from torch import nn  # noqa: E402
 
 from bnfold.report import Code  # noqa: E402
-from bnfold.torch_front import fold_module, trace  # noqa: E402
+from bnfold.torch_front import fold_module  # noqa: E402
 from bnfold.torch_front.files import fold_torch  # noqa: E402
 from bnfold.torch_front.program.run import fold_graph_module  # noqa: E402
+from tests.torch_standins import use  # noqa: E402
 
 
 def randomize_bn(model: nn.Module, seed: int = 0, shift: bool = True) -> nn.Module:
@@ -224,14 +225,9 @@ def test_refusal_after_and_before_explains_both():
     assert refusal.code == Code.ZERO_PADDING and "relu" in refusal.detail
 
 
-@pytest.mark.parametrize("finder", ["fx", "sequential"])
+@pytest.mark.parametrize("finder", ["fx", "recorded", "sequential"])
 def test_prefold_with_other_finders(finder, monkeypatch):
-    def broken(*_args):
-        raise RuntimeError("no trace")
-
-    monkeypatch.setattr(trace, "_export_graph", broken)
-    if finder == "sequential":
-        monkeypatch.setattr(trace, "_fx_graph", broken)
+    use(finder, monkeypatch)
     model = randomize_bn(
         nn.Sequential(
             nn.BatchNorm2d(3), nn.Conv2d(3, 4, 3), nn.ReLU(),
@@ -403,15 +399,9 @@ def test_bn_conv_bn_folds_both_sides():
     assert same_outputs(model, result.model, torch.randn(2, 3, 7, 7))
 
 
-@pytest.mark.parametrize("finder", ["export", "fx", "sequential"])
+@pytest.mark.parametrize("finder", ["export", "fx", "recorded", "sequential"])
 def test_conv_bn_bn_folds_to_a_fixpoint(finder, monkeypatch):
-    def broken(*_args):
-        raise RuntimeError("no trace")
-
-    if finder != "export":
-        monkeypatch.setattr(trace, "_export_graph", broken)
-    if finder == "sequential":
-        monkeypatch.setattr(trace, "_fx_graph", broken)
+    use(finder, monkeypatch)
     model = randomize_bn(
         nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.BatchNorm2d(4), nn.BatchNorm2d(4))
     )
@@ -626,31 +616,29 @@ class SharedHead(nn.Module):
         return self.bn(self.conv(x)).mean((2, 3)) + self.bn(self.conv(small)).mean((2, 3))
 
 
-def _break(monkeypatch, finder: str) -> None:
-    """Make the finders before ``finder`` fail, so ``finder`` is the one used."""
-
-    def broken(*_args):
-        raise RuntimeError("no trace")
-
-    if finder in ("fx", "sequential"):
-        monkeypatch.setattr(trace, "_export_graph", broken)
-    if finder == "sequential":
-        monkeypatch.setattr(trace, "_fx_graph", broken)
-
-
 @pytest.mark.parametrize(
     ("make", "site", "finder"),
     [
         (LoopedBlock, "conv -> bn", "export"),
         (LoopedBlock, "conv -> bn", "fx"),
+        (LoopedBlock, "conv -> bn", "recorded"),
         (SharedHead, "conv -> bn", "export"),
+        (SharedHead, "conv -> bn", "recorded"),
         (SequentialTwice, "block.0 -> block.1", "export"),
         (SequentialTwice, "block.0 -> block.1", "sequential"),
     ],
-    ids=["loop-export", "loop-fx", "shared_head", "sequential-export", "sequential-adjacency"],
+    ids=[
+        "loop-export",
+        "loop-fx",
+        "loop-recorded",
+        "shared_head",
+        "shared_head-recorded",
+        "sequential-export",
+        "sequential-adjacency",
+    ],
 )
 def test_a_pair_that_runs_together_every_time_folds(make, site, finder, monkeypatch):
-    _break(monkeypatch, finder)
+    use(finder, monkeypatch)
     model = randomize_bn(make())
     x = torch.randn(2, 4, 6, 6)
     result = fold_module(model, (x,))
@@ -677,7 +665,7 @@ class ConvTwiceBnOnce(nn.Module):
         return self.bn(self.conv(x)) + self.conv(self.conv(x))
 
 
-@pytest.mark.parametrize("finder", ["export", "fx"])
+@pytest.mark.parametrize("finder", ["export", "fx", "recorded"])
 @pytest.mark.parametrize(
     ("make", "site", "words"),
     [
@@ -689,7 +677,7 @@ class ConvTwiceBnOnce(nn.Module):
 def test_a_pair_that_does_not_always_run_together_is_refused(
     make, site, words, finder, monkeypatch
 ):
-    _break(monkeypatch, finder)
+    use(finder, monkeypatch)
     model = randomize_bn(make())
     x = torch.randn(2, 3, 4, 4)
     result = fold_module(model, (x,))
@@ -736,13 +724,13 @@ AFTER_THROUGH_A_RESHAPE = [
 AFTER_IDS = ["linear_view_chw", "linear_unsqueeze", "conv_1x1_out_flatten"]
 
 
-@pytest.mark.parametrize("finder", ["export", "fx"])
+@pytest.mark.parametrize("finder", ["export", "fx", "recorded"])
 @pytest.mark.parametrize(
     ("model", "shape", "site", "pattern"), AFTER_THROUGH_A_RESHAPE, ids=AFTER_IDS
 )
 def test_bn_folds_through_a_reshape_after_the_op(model, shape, site, pattern, finder, monkeypatch):
     # fx sees y.view(y.shape[0], ...) read y's shape too: that is no second consumer.
-    _break(monkeypatch, finder)
+    use(finder, monkeypatch)
     model = randomize_bn(model)
     result = fold_module(model, (torch.randn(shape),))
     assert [(f.site, f.pattern, f.finder) for f in result.report.folded] == [
@@ -794,9 +782,9 @@ class ReusedConvThenConv(nn.Module):
         return self.conv2(self.bn(self.conv(x))) + self.conv(x)[:, :2]
 
 
-@pytest.mark.parametrize("finder", ["export", "fx"])
+@pytest.mark.parametrize("finder", ["export", "fx", "recorded"])
 def test_a_bn_after_a_reused_conv_folds_into_the_op_after_it(finder, monkeypatch):
-    _break(monkeypatch, finder)
+    use(finder, monkeypatch)
     model = randomize_bn(ReusedConvThenConv())
     x = torch.randn(2, 3, 4, 4)
     result = fold_module(model, (x,))
@@ -826,9 +814,9 @@ def test_api_folds_an_exported_program_with_a_copy_for_the_bns_call():
     assert bn_nodes(ep.module()) == 1  # the program given is untouched
 
 
-@pytest.mark.parametrize("finder", ["export", "fx", "sequential"])
+@pytest.mark.parametrize("finder", ["export", "fx", "recorded", "sequential"])
 def test_sequential_linear_unflatten_bn_folds_with_every_finder(finder, monkeypatch):
-    _break(monkeypatch, finder)
+    use(finder, monkeypatch)
     model = randomize_bn(
         nn.Sequential(nn.Linear(5, 12), nn.Unflatten(1, (3, 2, 2)), nn.BatchNorm2d(3), nn.ReLU())
     )

@@ -21,8 +21,9 @@ from torch.nn import functional as F  # noqa: E402
 import bnfold  # noqa: E402
 from bnfold.affine import Affine, absorb_identity  # noqa: E402
 from bnfold.report import Code, FoldKind  # noqa: E402
-from bnfold.torch_front import eager, trace  # noqa: E402
+from bnfold.torch_front import eager  # noqa: E402
 from tests.test_torch_rules import POOLS, ConvPoolBN, Join, pool_input, randomize_bn  # noqa: E402
+from tests.torch_standins import FINDERS, use  # noqa: E402
 
 
 def fold(model: nn.Module, *args: torch.Tensor) -> bnfold.FoldResult:
@@ -65,19 +66,6 @@ def assert_keeps_names(model: nn.Module, folded: nn.Module) -> None:
     gone = {k for k in before - after if k.rpartition(".")[0] in batch_norms(model)}
     assert before - after == gone
     assert all(k.endswith(".bias") for k in after - before)
-
-
-def use(finder: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Make the finders before ``finder`` fail, so ``finder`` is the one used."""
-
-    def broken(*_args: object) -> None:
-        raise RuntimeError("no trace")
-
-    if finder == "fx":
-        monkeypatch.setattr(trace, "_export_graph", broken)
-
-
-FINDERS = ["export", "fx"]
 
 
 # --- identity BN of a branch sum: a centred tap into a sibling conv -------------------------

@@ -14,7 +14,7 @@ from torch import nn  # noqa: E402
 
 from bnfold.errors import BnfoldError  # noqa: E402
 from bnfold.report import Code  # noqa: E402
-from bnfold.torch_front import eager, fold_module, inspect_module, trace  # noqa: E402
+from bnfold.torch_front import eager, fold_module, inspect_module, recorded, trace  # noqa: E402
 
 
 def randomize_bn(model: nn.Module, seed: int = 0) -> nn.Module:
@@ -209,12 +209,17 @@ class ClippedRunningNorm(nn.Module):
         return y.clamp(-0.1, 0.1)
 
 
-def test_duck_typed_module_with_other_semantics_is_rolled_back():
+def test_duck_typed_module_with_other_semantics_is_refused_before_folding():
+    # Its forward is run once on a probe and is not the affine of its buffers: refused
+    # before any fold, so also where nothing verifies (inspect).
     x = torch.randn(2, 3, 6, 6)
     model, result = fold_pair(nn.Conv2d(3, 4, 3), ClippedRunningNorm(4), x)
-    assert codes_at(result, "linear -> bn") == [Code.VERIFICATION_FAILED]
+    assert codes_at(result, "linear -> bn") == [Code.PARAMETRIZED]
+    assert "not the affine of its buffers" in result.report.refused[0].detail
     assert isinstance(result.model.bn, ClippedRunningNorm)
     assert outputs_match(model, result.model, x)
+    report = inspect_module(model, (x,))
+    assert report.folded == [] and [r.code for r in report.refused] == [Code.PARAMETRIZED]
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
@@ -395,10 +400,12 @@ class FunctionalReuse(nn.Module):
         return self.bn(self.conv(x)) + nn.functional.conv2d(x, self.conv.weight)
 
 
-@pytest.mark.parametrize("finder", ["export", "fx"])
+@pytest.mark.parametrize("finder", ["export", "fx", "recorded"])
 def test_refuses_weight_read_outside_its_module(finder, monkeypatch):
-    if finder == "fx":
+    if finder != "export":
         monkeypatch.setattr(trace, "_export_graph", lambda *a: 1 / 0)
+    if finder == "recorded":
+        monkeypatch.setattr(trace, "_fx_graph", lambda *a: 1 / 0)
     model = randomize_bn(FunctionalReuse())
     x = torch.randn(1, 3, 6, 6)
     result = fold_module(model, (x,))
@@ -464,12 +471,12 @@ class DataDependent(nn.Module):
         return self.b(x)
 
 
-def test_data_dependent_forward_folds_via_sequential_fallback():
+def test_data_dependent_forward_folds_via_the_recorded_run():
     model = randomize_bn(DataDependent())
     x = torch.randn(2, 3, 6, 6).abs()
     result = fold_module(model, (x,))
     assert folded_sites(result) == ["a.0 -> a.1"]
-    assert result.report.folded[0].finder == "sequential"
+    assert result.report.folded[0].finder == "recorded"
     # b did not run on x: it is reported, not silently skipped
     assert codes_at(result, "b.1") == [Code.UNTRACEABLE]
     assert outputs_match(model, result.model, x)
@@ -478,6 +485,7 @@ def test_data_dependent_forward_folds_via_sequential_fallback():
 def test_sequential_fallback_folds_root_and_checks_linear_rank(monkeypatch):
     monkeypatch.setattr(trace, "_export_graph", lambda *a: 1 / 0)
     monkeypatch.setattr(trace, "_fx_graph", lambda *a: 1 / 0)
+    monkeypatch.setattr(recorded, "record_run", lambda *a: 1 / 0)
     model = randomize_bn(nn.Sequential(nn.Conv1d(6, 6, 1), nn.BatchNorm1d(6)))
     x = torch.randn(2, 6, 6)
     result = fold_module(model, (x,))

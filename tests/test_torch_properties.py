@@ -107,3 +107,41 @@ def test_exported_program_fold_matches_eager(case, seed):
     result = fold_graph_module(ep.module, (x,), verify=None)
     assert len(result.report.folded) == 1
     assert_same(model, result.model, torch.randn(shape, dtype=torch.float64))
+
+
+@SETTINGS
+@given(
+    case=conv_cases(),
+    seed=st.integers(0, 2**16),
+    dtype=st.sampled_from([torch.float16, torch.float32, torch.float64]),
+    rounding=st.sampled_from(["nearest", "balanced"]),
+)
+def test_folding_from_the_stored_weight_gives_the_float64_path_bit_for_bit(
+    case, seed, dtype, rounding
+):
+    # The adjacent fold scales the weight as stored (numpy's float64 loop, one
+    # rounding); the other folds round a float64 copy. Both round the same products.
+    from bnfold.affine import Rounding, fold_after
+    from bnfold.torch_front import eager
+    from bnfold.torch_front.modules import layout_of, out_channels
+    from bnfold.torch_front.tensors import exact_values, to_float64
+
+    conv, _bn, _shape = case
+    gen = torch.Generator().manual_seed(seed)
+    conv = conv.to(dtype)
+    with torch.no_grad():
+        conv.weight.copy_(torch.randn(conv.weight.shape, generator=gen) * 3)
+    bn = BN[len(conv.kernel_size)](out_channels(conv)).eval()
+    with torch.no_grad():
+        bn.running_var.copy_(torch.rand(bn.num_features, generator=gen) * 2 + 1e-3)
+        bn.running_mean.copy_(torch.randn(bn.num_features, generator=gen))
+        bn.weight.copy_(torch.randn(bn.num_features, generator=gen))
+    affine = eager.bn_affine(bn).spread(out_channels(conv))
+    mode = Rounding(rounding)
+    with exact_values():
+        weight, bias = eager._after(conv, affine, mode)
+        bias64 = None if conv.bias is None else to_float64(conv.bias)
+        exact = fold_after(to_float64(conv.weight), bias64, affine, layout_of(conv))
+        want_weight, want_bias = eager._cast(conv, *exact, mode)
+        assert torch.equal(weight, want_weight) and torch.equal(bias, want_bias)
+        assert (to_float64(weight) == exact[0]).all()  # the exact value, for a later fold

@@ -884,14 +884,16 @@ class ConvBnAct(nn.Module):
         return self.bn(self.conv(x))
 
 
-def test_eager_bn_subclass_with_an_activation_child_is_refused() -> None:
-    # As nn.Identity it would drop the ReLU: refused up front, not left to verification.
+def test_eager_bn_subclass_with_an_activation_child_folds_and_keeps_it() -> None:
+    # The affine goes into the conv; the ReLU stays in the BN's place (as nn.Identity
+    # it would be lost).
     model, x = randomize_bn(ConvBnAct()), pool_input(2)
     expected = run(model, x)
     result = fold_on("eager", model, x)
-    assert [r.code for r in result.report.refused] == [Code.PARAMETRIZED]
-    assert "BatchNormAct2d overrides forward() and runs act" in result.report.refused[0].detail
-    torch.testing.assert_close(run(result.model, x), expected, rtol=0, atol=0)
+    assert [f.site for f in result.report.folded] == ["conv -> bn"]
+    assert isinstance(result.model.bn, nn.Sequential)
+    assert [type(m) for m in result.model.bn] == [nn.ReLU]
+    torch.testing.assert_close(run(result.model, x), expected, rtol=1e-5, atol=1e-5)
 
 
 def test_exported_bn_subclass_with_an_activation_child_folds() -> None:

@@ -44,7 +44,9 @@ def fold_module(
     """Fold every foldable BatchNorm of ``module`` into the linear module feeding it.
 
     Matches:  Conv{1,2,3}d | ConvTranspose{1,2,3}d | Linear (2-D input)
-              -> BatchNorm{1,2,3}d, a subclass, or a frozen-BN style module;
+              -> BatchNorm{1,2,3}d, a subclass, a frozen-BN style module (matched
+              by its weight/bias/running_mean/running_var/eps), or one that runs
+              children after its affine (timm's BatchNormAct2d, FrozenBatchNormAct2d);
               for a BN that cannot fold so (after a ReLU, say), BN -> that linear
               module. Either also through one view/flatten/unflatten/(un)squeeze
               when each channel of the linear module lies inside one BN channel
@@ -59,8 +61,12 @@ def fold_module(
               conv once that conv's own BN has folded.
     Produces: the linear modules with the BN's affine in their weights and
               biases (a bias Parameter is created where there was none) and the
-              BN replaced by ``nn.Identity``; every other state_dict key
-              unchanged, and forward unchanged (no branch is merged).
+              BN replaced by ``nn.Identity``, or by an ``nn.Sequential`` of the
+              children it ran after its affine (an activation, a drop-out), under
+              their names; every other state_dict key unchanged, and forward
+              unchanged (no branch is merged). Pairs are found in a trace of the
+              whole module (export, fx) or, where none can follow forward(), in
+              one recorded eager run (:mod:`bnfold.torch_front.recorded`).
               The math runs in float64 and is cast once to each parameter's dtype.
     Refuses (site unchanged): TRAINING_MODE, NO_RUNNING_STATS, REUSED_MODULE
       (a linear module that also runs apart from its BN has one weight for all

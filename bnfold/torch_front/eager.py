@@ -3,7 +3,9 @@
 A pair ``linear -> bn`` (or ``bn -> linear``, either possibly through a view,
 flatten or (un)squeeze; after, also through a pool) becomes ``linear'`` with
 the BN's affine in its weight and bias, and the BN is replaced by
-``nn.Identity``. A BN after a join (:class:`~bnfold.torch_front.eager_pairs.JoinPair`)
+``nn.Identity`` (or, for a BN that runs an activation or drop-out after its
+affine, timm's ``BatchNormAct2d``, by those children: :mod:`bnfold.torch_front.norms`).
+A BN after a join (:class:`~bnfold.torch_front.eager_pairs.JoinPair`)
 folds into every linear module of it; an identity BN of a branch sum
 (:class:`~bnfold.torch_front.eager_pairs.TapPair`) leaves ``x`` and puts the rest
 into a sibling conv. New ``nn.Parameter`` objects are assigned (the old
@@ -12,7 +14,8 @@ tensors are never written), so a fold is undone by putting the old objects back.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, replace
 from typing import Any, Literal
 
 import numpy as np
@@ -22,12 +25,14 @@ from torch.nn.utils import parametrize
 from bnfold.core.affine import (
     Affine,
     add_parts,
+    after_factor,
     bn_to_affine,
     concat_parts,
+    exact_after_bias,
     fold_after,
     fold_before,
 )
-from bnfold.core.cast import Unfoldable, balanced_over
+from bnfold.core.cast import Unfoldable, balanced_over, product64, scaled
 from bnfold.core.layouts import channel_block, merges_leading_axes
 from bnfold.core.reparam import absorb_identity
 from bnfold.options import Rounding
@@ -50,11 +55,21 @@ from bnfold.torch_front.modules import (
     out_channels,
     zero_padded,
 )
-from bnfold.torch_front.tensors import as_parameter, to_float64
+from bnfold.torch_front.norms import After, after_affine, kept_part
+from bnfold.torch_front.site_graph import is_nonlinear
+from bnfold.torch_front.tensors import (
+    as_parameter,
+    rounded_parameter,
+    stored_values,
+    to_float64,
+)
 
 
-def why_not(root: nn.Module, pair: AnyPair, roles: Roles, calls: Calls) -> Refusal | None:
-    """Module-level reasons a structurally valid pair must not fold.
+def checked(root: nn.Module, pair: AnyPair, roles: Roles, calls: Calls) -> AnyPair | Refusal:
+    """A structurally valid pair as it will fold, or the module-level reason it must not.
+
+    The pair comes back with its ``kind`` (through a pool or a batch-merging
+    reshape) and the BN children it ``kept`` (timm's act and drop, which stay).
 
     The module checks (training mode to dtype) apply to the BN and to every
     linear module of the pair; the shape checks to its kind.
@@ -63,9 +78,12 @@ def why_not(root: nn.Module, pair: AnyPair, roles: Roles, calls: Calls) -> Refus
       TRAINING_MODE      the linear module or the BN is in training mode
       NO_RUNNING_STATS   track_running_stats=False or running_mean/var missing
       PARAMETRIZED       parametrized, tied or non-Parameter weight/bias, a module
-                         registered at several paths, or an overridden forward()
-                         (of the linear module, or of a BN subclass with
-                         submodules such as timm's BatchNormAct2d)
+                         registered at several paths, an overridden forward()
+                         of the linear module, or a BN-like module with working
+                         children whose forward is not its affine followed by
+                         them, each once (:func:`bnfold.torch_front.norms.after_affine`)
+      NONLINEAR_INPUT    before, or as an identity tap: the BN runs an activation
+                         after its affine (OP_BETWEEN for other children)
       HOOKED             forward (pre-)hooks on either module
       UNSUPPORTED_DTYPE  the weight is not floating point
       BAD_SHAPE          BN statistics do not match the linear output channels
@@ -91,11 +109,48 @@ def why_not(root: nn.Module, pair: AnyPair, roles: Roles, calls: Calls) -> Refus
     bn = _module(root, pair.bn)
     for linear in pair.linears:
         one, lin = Pair(linear, pair.bn, pair.finder), _module(root, linear)
-        for check in (_training, _running_stats, _parametrized, _bn_does_more, _hooks, _dtype):
+        for check in (_training, _running_stats, _parametrized, _hooks, _dtype):
             if found := check(one, lin, bn, roles):
                 return Refusal(pair.site, *found)
-    found = _shape_refusal(root, pair, bn, roles, calls)
-    return Refusal(pair.site, *found) if found else None
+    kept = kept_children(root, pair, calls)
+    if isinstance(kept, tuple):
+        return Refusal(pair.site, *kept)
+    if found := _shape_refusal(root, pair, bn, roles, calls):
+        return Refusal(pair.site, *found)
+    if isinstance(pair, TapPair):
+        return pair
+    if isinstance(pair, Pair):
+        return replace(pair, kind=fold_kind(root, pair, calls), kept=kept.children)
+    return replace(pair, kept=kept.children)
+
+
+def kept_children(root: nn.Module, pair: AnyPair, calls: Calls) -> After | tuple[Code, str]:
+    """The BN's children that stay in its place when ``pair`` folds (timm's act and drop).
+
+    They run after the BN's affine, so only a fold into the op before the BN
+    keeps the forward: before the op after it, or as a term of a sum, they
+    would sit between the affine and that op.
+    """
+    bn = _module(root, pair.bn)
+    try:
+        affine = bn_affine(bn)
+    except Unfoldable:
+        return After()  # apply_fold reports it as BAD_VALUES
+    shapes = calls.in_shapes.get(pair.bn) or set()  # any call shows what the module computes
+    probe = min(shapes, key=lambda shape: (math.prod(shape), shape), default=None)
+    after = after_affine(bn, affine, probe)
+    if isinstance(after, tuple) or not after.children:
+        return after
+    if pair.before or isinstance(pair, TapPair):
+        types = [type(bn.get_submodule(c)).__name__ for c in after.children]
+        code = Code.NONLINEAR_INPUT if any(map(is_nonlinear, types)) else Code.OP_BETWEEN
+        where = f"before {pair.linear}" if pair.before else "as a term of the sum"
+        detail = (
+            f"{pair.bn} runs {', '.join(types)} after its affine: {where}, they would "
+            "sit between the affine and what reads it"
+        )
+        return code, detail
+    return after
 
 
 def _shape_refusal(root: nn.Module, pair: AnyPair, bn: Any, roles: Roles, calls: Calls) -> Found:
@@ -146,27 +201,6 @@ def _parametrized(pair: Pair, lin: nn.Module, bn: nn.Module, roles: Roles) -> Fo
         if name not in lin._parameters:
             return Code.PARAMETRIZED, f"{pair.linear}.{name} is computed, not a Parameter"
     return _tied(pair, lin, roles)
-
-
-def _bn_does_more(pair: Pair, _lin: nn.Module, bn: nn.Module, _roles: Roles) -> Found:
-    """A BatchNorm subclass with its own forward and working submodules (timm's
-    BatchNormAct2d: BN, then its ``act``): as ``nn.Identity`` it would drop what they do.
-
-    Children that are ``nn.Identity`` (BatchNormAct2d with ``act=None``) do nothing;
-    such a BN folds, verified like every fold.
-    """
-    if not isinstance(bn, nn.modules.batchnorm._BatchNorm):
-        return None
-    if type(bn).forward in (nn.modules.batchnorm._BatchNorm.forward, nn.SyncBatchNorm.forward):
-        return None
-    working = [name for name, m in bn.named_children() if type(m) is not nn.Identity]
-    if not working:
-        return None
-    detail = (
-        f"{type(bn).__name__} overrides forward() and runs {', '.join(working)}; fold it as "
-        "an exported program (bnfold.fold(torch.export.export(model, args)))"
-    )
-    return Code.PARAMETRIZED, detail
 
 
 def _tied(pair: Pair, lin: nn.Module, roles: Roles) -> Found:
@@ -396,32 +430,50 @@ def apply_fold(root: nn.Module, pair: AnyPair, rounding: Rounding = Rounding.NEA
             if pair.join == "add"
             else concat_parts(affine, [out_channels(lin) for lin in lins])
         )
-        exact = [_folded_after(lin, part) for lin, part in zip(lins, parts, strict=True)]
+        new = [_after(lin, part, rounding) for lin, part in zip(lins, parts, strict=True)]
     elif isinstance(pair, TapPair):
         lin = _module(root, pair.linear)
-        exact = [absorb_identity(to_float64(lin.weight), _bias64(lin), affine, pair.sign)]
+        exact = absorb_identity(to_float64(lin.weight), _bias64(lin), affine, pair.sign)
+        new = [_cast(lin, *exact, rounding)]
     elif pair.before:
         lin = _module(root, pair.linear)
         per_input = affine.spread(in_channels(lin))
-        exact = [fold_before(to_float64(lin.weight), _bias64(lin), per_input, layout_of(lin))]
+        exact = fold_before(to_float64(lin.weight), _bias64(lin), per_input, layout_of(lin))
+        new = [_cast(lin, *exact, rounding)]
     else:
-        exact = [_folded_after(_module(root, pair.linear), affine)]
+        new = [_after(_module(root, pair.linear), affine, rounding)]
     paths = pair.linears
-    new = [_cast(_module(root, p), *vals, rounding) for p, vals in zip(paths, exact, strict=True)]
     old = tuple((p, _module(root, p).weight, _module(root, p).bias) for p in paths)
     for path, (weight, bias) in zip(paths, new, strict=True):
         lin = _module(root, path)
         lin.weight, lin.bias = weight, bias
-    identity = nn.Identity()
-    identity.train(bn.training)
-    _replace(root, pair.bn, identity)
+    _replace(root, pair.bn, kept_part(bn, After(pair.kept)))
     return Undo(root, pair, old, bn)
 
 
-def _folded_after(lin: Any, affine: Affine) -> tuple[np.ndarray, np.ndarray]:
-    """Exact float64 weight and bias of ``affine(lin(x))``."""
+def _after(lin: Any, affine: Affine, rounding: Rounding) -> tuple[nn.Parameter, nn.Parameter]:
+    """The weight and bias of ``affine(lin(x))``, each rounded once to its dtype.
+
+    The weight is scaled straight from its stored values in numpy's float64
+    loop, rounding each product once into the weight's dtype: the same values
+    as a float64 copy scaled and cast afterwards, without the copy or the
+    cast. Its exact float64 value is computed only if a later fold of the same
+    module asks (:func:`bnfold.torch_front.tensors.to_float64`). A weight a fold
+    wrote before (its exact value is the one to start from) and a bfloat16 one
+    take the float64 path.
+    """
     per_output = affine.spread(out_channels(lin))
-    return fold_after(to_float64(lin.weight), _bias64(lin), per_output, layout_of(lin))
+    layout, weight = layout_of(lin), lin.weight
+    stored = stored_values(weight)
+    if stored is None:
+        exact = fold_after(to_float64(weight), _bias64(lin), per_output, layout)
+        return _cast(lin, *exact, rounding)
+    factor = after_factor(per_output, layout, tuple(stored.shape))
+    new_weight = scaled(stored, factor, balanced_over(layout, rounding))
+    bias = as_parameter(
+        exact_after_bias(_bias64(lin), per_output), like=weight if lin.bias is None else lin.bias
+    )
+    return rounded_parameter(new_weight, weight, lambda: product64(stored, factor)), bias
 
 
 def _bias64(lin: Any) -> np.ndarray | None:

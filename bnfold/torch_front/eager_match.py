@@ -180,7 +180,7 @@ def _match_join(site: CallSite, graph: SiteGraph) -> JoinPair | Refusal | None:
     """``BN(L_a(x) + L_b(y))`` or ``BN(cat([L_a, L_b, ...]))`` for one BN call.
 
     None when the BN's input is no join. Channel counts and the cat's axis are
-    checked on the modules (:func:`bnfold.torch_front.eager.why_not`).
+    checked on the modules (:func:`bnfold.torch_front.eager.checked`).
     Refuses: NOT_LINEAR_TERM (a term is no linear module's output, or one output
     twice), REUSED_MODULE (one module makes two terms: one weight cannot take
     two parts), BRANCHING (a term or the join is also read elsewhere),

@@ -33,7 +33,9 @@ class Pair:
     After, ``between`` may also be a pool (``pool`` says which; the fold passes
     through it, see :mod:`bnfold.torch_front.pools`).
     ``after_refusal`` says why the BN could not fold after (before pairs only).
-    ``kind`` is set once the pair is checked on shapes (a batch-merging reshape).
+    ``kind`` is set once the pair is checked on shapes (a batch-merging reshape),
+    and ``kept`` once the BN is checked: the children it runs after its affine
+    (timm's ``drop``, ``act``), which stay in its place.
     """
 
     linear: str
@@ -44,6 +46,7 @@ class Pair:
     after_refusal: Refusal | None = field(default=None, compare=False)
     kind: FoldKind = field(default=FoldKind.ADJACENT, compare=False)
     pool: Pool | None = None
+    kept: tuple[str, ...] = field(default=(), compare=False)
 
     @property
     def site(self) -> str:
@@ -71,7 +74,8 @@ class JoinPair:
     Each ``L`` a linear module whose output only the join reads. On an add every
     term takes the BN's scale and the first also its shift, on a cat each term
     its own channels (:func:`bnfold.affine.add_parts`,
-    :func:`bnfold.affine.concat_parts`). The join stays; the BN goes.
+    :func:`bnfold.affine.concat_parts`). The join stays; the BN goes, but for the
+    children it runs after its affine (``kept``, as in :class:`Pair`).
     """
 
     linears: tuple[str, ...]
@@ -79,6 +83,7 @@ class JoinPair:
     finder: str
     join: str  # "add" or "cat"
     dim: int = 1  # a cat's axis, as written (maybe negative)
+    kept: tuple[str, ...] = field(default=(), compare=False)
     before: ClassVar[bool] = False
 
     @property
@@ -115,6 +120,7 @@ class TapPair:
     sign: int = 1  # -1 when the sum counts one of the BN's and the conv's terms negated
     before: ClassVar[bool] = False
     kind: ClassVar[FoldKind] = FoldKind.IDENTITY_TAP
+    kept: ClassVar[tuple[str, ...]] = ()  # a BN running more than its affine is no identity term
 
     @property
     def site(self) -> str:

@@ -114,9 +114,7 @@ def _why_not_lowerable(bn: Any) -> tuple[Code, str] | None:
     BatchNormAct2d runs its ``act``) would lose them; children that are
     ``nn.Identity`` do nothing.
     """
-    custom = isinstance(bn, nn.modules.batchnorm._BatchNorm) and type(bn).forward not in (
-        _STOCK_FORWARDS
-    )
+    custom = type(bn).forward not in _STOCK_FORWARDS  # a frozen BN with children too
     working = [name for name, m in bn.named_children() if type(m) is not nn.Identity]
     if custom and working:
         runs = ", ".join(working)

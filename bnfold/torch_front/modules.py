@@ -38,14 +38,17 @@ def is_linear_module(m: nn.Module) -> bool:
 def is_bn_like(m: nn.Module) -> bool:
     """A BatchNorm, a subclass, or a frozen-BN style module, read duck-typed.
 
-    Frozen BNs (weight, bias, running_mean, running_var buffers and eps, no
-    children) count; InstanceNorm has the same attributes but other semantics.
+    Frozen BNs (weight, bias, running_mean, running_var buffers and eps) count,
+    with children too (timm's FrozenBatchNormAct2d runs ``drop`` and ``act``
+    after the affine); whether a forward computes that is checked on a probe
+    before a fold (:mod:`bnfold.torch_front.norms`). InstanceNorm has the same
+    attributes but other semantics.
     """
     if isinstance(m, nn.modules.batchnorm._BatchNorm):
         return True
     if isinstance(m, nn.modules.instancenorm._InstanceNorm):
         return False
-    if not all(hasattr(m, a) for a in _BN_ATTRS) or any(True for _ in m.children()):
+    if not all(hasattr(m, a) for a in _BN_ATTRS):
         return False
     stats = (m.running_mean, m.running_var)
     affine = (getattr(m, "weight", None), getattr(m, "bias", None))

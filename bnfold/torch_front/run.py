@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-from dataclasses import replace
 from typing import Any
 
 from torch import nn
@@ -19,9 +18,9 @@ from bnfold.torch_front import verify as checking
 from bnfold.torch_front.census import batchnorm_count, module_batchnorms, modules_left
 from bnfold.torch_front.eager_match import prefer_before
 from bnfold.torch_front.eager_pairs import AnyPair, JoinPair, Pair, TapPair
-from bnfold.torch_front.modules import Roles, find_roles, leaf_type_counts, observe
+from bnfold.torch_front.modules import find_roles, leaf_type_counts, observe
 from bnfold.torch_front.tensors import exact_values
-from bnfold.torch_front.trace import find_pairs
+from bnfold.torch_front.trace import Finders
 
 
 def fold(
@@ -44,13 +43,15 @@ def fold(
         work = module if inplace else _copy(module)
         report = FoldReport(front="torch", ops_before=leaf_type_counts(work), rounding=rounding)
         bns, training = module_batchnorms(work)
-        first_scan = _checked_pairs(work, args)  # a module that cannot run fails here, clearly
+        finders = Finders()  # shared by every round: what was traced is not traced again
+        first_scan = _checked_pairs(work, args, finders)  # a module that cannot run fails here
         # Reference outputs before any fold: with inplace=True the module itself changes.
         check = None if verify is None else checking.Check.of(module, args, verify)
-        undos = _fold_to_fixpoint(work, args, first_scan, report, rounding)
+        undos = _fold_to_fixpoint(work, args, finders, first_scan, report, rounding)
         if lower is not None:
             left = modules_left(work, bns)
-            calls = observe(work, args, left)  # the input ranks a conv form needs
+            # the input ranks a conv form needs: seen by the search, else one more run
+            calls = finders.calls or observe(work, args, left)
             report.lowered, report.refused = lower_modules.lower_left(
                 work, left, report.refused, lower, calls
             )
@@ -86,6 +87,7 @@ def as_args(example_inputs: Any) -> tuple[Any, ...]:
 def _fold_to_fixpoint(
     work: nn.Module,
     args: tuple[Any, ...],
+    finders: Finders,
     scan: tuple[list[AnyPair], list[Refusal]],
     report: FoldReport,
     rounding: Rounding,
@@ -100,7 +102,7 @@ def _fold_to_fixpoint(
     failed to apply is not tried again.
     """
     rounds = fold_rounds(
-        lambda: _checked_pairs(work, args),
+        lambda: _checked_pairs(work, args, finders),
         lambda pair: eager.apply_fold(work, pair, rounding),
         _refusal,
         first=scan,
@@ -110,19 +112,19 @@ def _fold_to_fixpoint(
     return [undo for _, undo in rounds.applied]
 
 
-def _checked_pairs(work: nn.Module, args: tuple[Any, ...]) -> tuple[list[AnyPair], list[Refusal]]:
+def _checked_pairs(
+    work: nn.Module, args: tuple[Any, ...], finders: Finders
+) -> tuple[list[AnyPair], list[Refusal]]:
     roles = find_roles(work)
-    calls = observe(work, args, _watched(work, roles))
-    scan = find_pairs(work, args, roles, calls)
+    scan, calls = finders.search(work, args, roles)
     refused = list(scan.refused)
     pairs: list[AnyPair] = []
     for pair in scan.pairs:
-        if refusal := eager.why_not(work, pair, roles, calls):
-            refused.append(_explained(pair, refusal))
-        elif isinstance(pair, Pair):
-            pairs.append(replace(pair, kind=eager.fold_kind(work, pair, calls)))
+        result = eager.checked(work, pair, roles, calls)
+        if isinstance(result, Refusal):
+            refused.append(_explained(pair, result))
         else:
-            pairs.append(pair)
+            pairs.append(result)
     return pairs, refused
 
 
@@ -130,12 +132,6 @@ def _explained(pair: AnyPair, refusal: Refusal) -> Refusal:
     """A refused before pair, reported with why the BN could not fold after either."""
     after = pair.after_refusal if isinstance(pair, Pair) else None
     return refusal if after is None else prefer_before(after, refusal)  # type: ignore[return-value]
-
-
-def _watched(root: nn.Module, roles: Roles) -> list[str]:
-    """Paths whose calls are counted: linear and BN modules, and plain Sequentials."""
-    seqs = [p for p, m in root.named_modules() if isinstance(m, nn.Sequential)]
-    return list(roles.kind) + seqs
 
 
 def _refusal(pair: AnyPair, code: Code, detail: str) -> list[Refusal]:

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import operator
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, TypeVar
 
 import torch
@@ -164,6 +164,38 @@ def call_groups(nodes: dict[str, Node]) -> dict[CallSite, list[str]]:
         if node.owner is not None:
             groups.setdefault((node.owner, node.call), []).append(name)
     return groups
+
+
+def without_calls_of(traced: Traced, modules: set[str]) -> Traced | None:
+    """``traced`` as a trace would see it once the modules at ``modules`` are ``nn.Identity``.
+
+    Each call of those modules passes its one input on: its ops go, and their
+    readers (and the graph's outputs) read that input instead. None when a call
+    reads other than exactly one activation (it was never a fold's BN).
+    """
+    alias: dict[str, str] = {}
+    for (owner, _call), names in call_groups(traced.nodes).items():
+        if owner not in modules:
+            continue
+        entries = outside_inputs(set(names), traced.nodes)
+        if len(entries) != 1:
+            return None
+        source = alias.get(entries[0], entries[0])  # graph order: an earlier call is resolved
+        alias.update(dict.fromkeys(names, source))
+    nodes: dict[str, Node] = {}
+    for name, node in traced.nodes.items():
+        if name in alias:
+            continue
+        join = node.join
+        if join is not None:
+            join = replace(join, terms=tuple(alias.get(t, t) for t in join.terms))
+        inputs = list(dict.fromkeys(alias.get(i, i) for i in node.inputs))
+        nodes[name] = replace(node, inputs=inputs, users=[], join=join)
+    for name, source in alias.items():
+        if traced.nodes[name].is_output:
+            nodes[source].is_output = True
+    link_users(nodes)
+    return Traced(nodes, set(traced.outside_reads))
 
 
 def outside_inputs(group: set[str], nodes: dict[str, Node]) -> list[str]:

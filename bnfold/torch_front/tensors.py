@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import weakref
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import ml_dtypes
 import numpy as np
@@ -25,9 +25,10 @@ _NUMPY_DTYPES = {
 
 
 # Inside :func:`exact_values`: the float64 value behind each Parameter that
-# :func:`as_parameter` made, by id (checked through a weak reference, so a
-# recycled id never matches). None outside.
-_EXACT: contextvars.ContextVar[dict[int, tuple[weakref.ref[torch.Tensor], np.ndarray]] | None] = (
+# :func:`as_parameter` or :func:`rounded_parameter` made, by id (checked through
+# a weak reference, so a recycled id never matches), or how to compute it. None outside.
+_Exact = np.ndarray | Callable[[], np.ndarray]
+_EXACT: contextvars.ContextVar[dict[int, tuple[weakref.ref[torch.Tensor], _Exact]] | None] = (
     contextvars.ContextVar("bnfold_exact_values", default=None)
 )
 
@@ -55,9 +56,47 @@ def to_float64(t: torch.Tensor) -> np.ndarray:
     """
     remembered = _EXACT.get()
     entry = None if remembered is None else remembered.get(id(t))
-    if entry is not None and entry[0]() is t:
-        return entry[1]
-    return t.detach().to(device="cpu", dtype=torch.float64).numpy()
+    if entry is None or entry[0]() is not t:
+        return t.detach().to(device="cpu", dtype=torch.float64).numpy()
+    exact = entry[1]
+    if callable(exact):  # computed when first asked (a second fold of the same module)
+        exact = _read_only(exact())
+        remembered[id(t)] = (entry[0], exact)  # type: ignore[index]
+    return exact
+
+
+# Float dtypes whose numpy twin torch.from_numpy shares memory with (not bfloat16).
+_SHARED_DTYPES = (torch.float16, torch.float32, torch.float64)
+
+
+def stored_values(t: torch.Tensor) -> np.ndarray | None:
+    """``t``'s values as they are stored, in its own dtype, or None when that is not the
+    value to fold from.
+
+    None inside :func:`exact_values` for a Parameter a fold wrote (its float64
+    value is the one to fold from, :func:`to_float64`) and for a dtype numpy does
+    not share with torch (bfloat16).
+    """
+    remembered = _EXACT.get()
+    entry = None if remembered is None else remembered.get(id(t))
+    if (entry is not None and entry[0]() is t) or t.dtype not in _SHARED_DTYPES:
+        return None
+    return t.detach().cpu().numpy()
+
+
+def rounded_parameter(
+    values: np.ndarray, like: torch.Tensor, exact: Callable[[], np.ndarray]
+) -> nn.Parameter:
+    """A Parameter of ``values``, already rounded to ``like``'s dtype, on its device.
+
+    Inside :func:`exact_values` it reads back (:func:`to_float64`) as ``exact()``,
+    computed only if something asks: most folded weights are never folded again.
+    """
+    parameter = nn.Parameter(
+        torch.from_numpy(values).to(device=like.device), requires_grad=like.requires_grad
+    )
+    _remember(parameter, exact)
+    return parameter
 
 
 def as_parameter(
@@ -87,12 +126,17 @@ def as_parameter(
     return parameter
 
 
-def _remember(parameter: torch.Tensor, exact: np.ndarray) -> None:
+def _remember(parameter: torch.Tensor, exact: _Exact) -> None:
     remembered = _EXACT.get()
     if remembered is not None:
-        exact = exact.view()
-        exact.flags.writeable = False
-        remembered[id(parameter)] = (weakref.ref(parameter), exact)
+        kept = exact if callable(exact) else _read_only(exact)
+        remembered[id(parameter)] = (weakref.ref(parameter), kept)
+
+
+def _read_only(exact: np.ndarray) -> np.ndarray:
+    view = exact.view()
+    view.flags.writeable = False
+    return view
 
 
 def _rounded(values: np.ndarray, dtype: torch.dtype) -> torch.Tensor:

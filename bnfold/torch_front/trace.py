@@ -1,16 +1,24 @@
 """Find (linear module, BatchNorm module) pairs whose output feeds straight into the BN.
 
-Three finders, tried in order; the first that traces the module decides:
+Four finders, tried in order; the first that sees the module decides:
 
 1. ``export``: ``torch.export.export(strict=False)``; each aten node is owned by
    the innermost linear/BN module in its ``nn_module_stack``, and by that
    module's call (``"...conv@1"`` is the second).
 2. ``fx``: ``torch.fx`` symbolic tracing with linear and BN modules as leaves
    (one node per call).
-3. ``sequential``: a linear module directly followed by a BN (or with an
+3. ``recorded``: the ops of one eager run, recorded with module hooks and a
+   ``TorchFunctionMode`` (:mod:`bnfold.torch_front.recorded`). It follows what
+   neither tracer can: data-dependent control flow, ``.tolist()``, NMS and
+   sorting around a conv+BN backbone, as in detectors.
+4. ``sequential``: a linear module directly followed by a BN (or with an
    ``nn.Flatten``/``nn.Unflatten`` between) inside an ``nn.Sequential`` whose
-   forward is not overridden (:mod:`bnfold.torch_front.sequential`). Works when
-   forward() has data-dependent control flow that neither tracer can follow.
+   forward is not overridden (:mod:`bnfold.torch_front.sequential`), when even
+   the recorded run failed (a forward that cannot run under a torch function mode).
+
+A tracer that failed on a module is not tried again on it (:class:`Tracers`):
+folds change weights and turn BNs into ``nn.Identity``, not the code that could
+not be traced, and a failed export costs as much as several forwards.
 
 Export and fx graphs are reduced here to one small node graph
 (:class:`~bnfold.torch_front.site_graph.Traced`): ``nn.Identity`` (what a folded
@@ -29,6 +37,7 @@ import contextlib
 import io
 import logging
 import operator
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -36,10 +45,12 @@ from torch import fx, nn
 
 from bnfold.errors import first_line
 from bnfold.quiet import quiet_loggers
+from bnfold.torch_front import recorded
 from bnfold.torch_front.eager_match import match_graph
 from bnfold.torch_front.eager_pairs import Scan
-from bnfold.torch_front.modules import Calls, Roles, eval_mode
+from bnfold.torch_front.modules import BN, Calls, Roles, eval_mode, observe
 from bnfold.torch_front.pools import Pool, pool_of_call, pool_of_module
+from bnfold.torch_front.recorded import FINDER as RECORDED
 from bnfold.torch_front.sequential import match_sequential
 from bnfold.torch_front.site_graph import (
     Node,
@@ -50,13 +61,113 @@ from bnfold.torch_front.site_graph import (
     join_of,
     link_users,
     mark_outputs,
+    without_calls_of,
 )
 
 log = logging.getLogger(__name__)
 
 
-def find_pairs(root: nn.Module, args: tuple[Any, ...], roles: Roles, calls: Calls) -> Scan:
-    """Find candidate pairs with the first finder that can trace ``root``.
+@dataclass(frozen=True)
+class _Seen:
+    """The graph a search matched in, by whom, with the calls and BN modules it saw."""
+
+    finder: str
+    traced: Traced
+    calls: Calls
+    bns: frozenset[str]
+
+
+@dataclass
+class Finders:
+    """The finders of one fold run, and what each search leaves the next.
+
+    A fold changes weights and turns a BN into ``nn.Identity``; it never changes
+    the code of forward(). So a tracer that failed is not tried again
+    (``failed``), and the graph of the last search is used again, its folded BNs
+    passed through (:func:`~bnfold.torch_front.site_graph.without_calls_of`), as
+    long as every BN folded since became an ``nn.Identity``: a later round of
+    the fixpoint neither traces nor runs the module. A BN that kept its children
+    in its place (timm's act) makes the next search start afresh.
+    """
+
+    failed: dict[str, str] = field(default_factory=dict)
+    seen: _Seen | None = None
+    calls: Calls | None = None  # the module calls the last search read (shapes do not change)
+
+    def search(self, root: nn.Module, args: tuple[Any, ...], roles: Roles) -> tuple[Scan, Calls]:
+        """Candidate pairs and refusals (:func:`find_pairs`) and the module calls they read."""
+        if (again := self._seen_again(root, roles)) is not None:
+            self.seen = again
+            scan = match_graph(again.traced, roles, again.calls, again.finder, root)
+            return self._scan(scan), again.calls
+        calls, recording = self._run(root, args, roles)
+        self.calls = calls
+        found = self._trace(root, args, roles, recording)
+        if found is None:
+            self.seen = None
+            return self._scan(match_sequential(root, roles, calls)), calls
+        finder, traced = found
+        self.seen = _Seen(finder, traced, calls, frozenset(roles.bns()))
+        return self._scan(match_graph(traced, roles, calls, finder, root)), calls
+
+    def _seen_again(self, root: nn.Module, roles: Roles) -> _Seen | None:
+        """The last search's graph with the BNs folded since passed through, if it can be."""
+        seen = self.seen
+        if seen is None:
+            return None
+        folded = {bn for bn in seen.bns if roles.of(bn) != BN}
+        if not folded:
+            return seen
+        if any(type(root.get_submodule(bn)) is not nn.Identity for bn in folded):
+            return None
+        traced = without_calls_of(seen.traced, folded)
+        return None if traced is None else replace(seen, traced=traced, bns=seen.bns - folded)
+
+    def _run(
+        self, root: nn.Module, args: tuple[Any, ...], roles: Roles
+    ) -> tuple[Calls, Traced | None]:
+        """One forward that counts module calls, recorded op by op for the ``recorded`` finder.
+
+        A forward that fails under the recorder (and not plainly) is run without
+        it from then on, and the finders that need no record decide.
+
+        Raises:
+            BnfoldError: the module cannot run on the example inputs.
+        """
+        seqs = [p for p, m in root.named_modules() if isinstance(m, nn.Sequential)]
+        watched = list(roles.kind) + seqs
+        if RECORDED not in self.failed:
+            try:
+                recording = recorded.record_run(root, args, roles, watched)
+            except Exception as e:  # the plain run below says whether the module itself fails
+                self.failed[RECORDED] = f"{type(e).__name__}: {first_line(e)}"
+            else:
+                return recording.calls, recording.traced
+        return observe(root, args, watched), None
+
+    def _trace(
+        self, root: nn.Module, args: tuple[Any, ...], roles: Roles, recording: Traced | None
+    ) -> tuple[str, Traced] | None:
+        """The first finder's graph: export's, else fx's, else the recorded run's."""
+        for name, tracer in (("export", _export_graph), ("fx", _fx_graph)):
+            if name in self.failed:
+                continue
+            try:
+                return name, tracer(root, args, roles)
+            except Exception as e:  # tracers fail in many ways; the next finder may work
+                self.failed[name] = f"{type(e).__name__}: {first_line(e)}"
+                log.info("torch front: %s could not trace the module: %s", name, e)
+        return None if recording is None else (RECORDED, recording)
+
+    def _scan(self, scan: Scan) -> Scan:
+        scan.failures = [f"{name}: {why}" for name, why in self.failed.items()]
+        return scan
+
+
+def find_pairs(root: nn.Module, args: tuple[Any, ...], roles: Roles) -> Scan:
+    """Find candidate pairs with the first finder that can see ``root``.
+
+    One search of a fresh :class:`Finders`; a fold run keeps one for all its rounds.
 
     Matches:  linear -> BN (after); else BN -> linear (before); either directly
               or through one flatten/view/reshape/(un)squeeze. A module pair that
@@ -72,20 +183,7 @@ def find_pairs(root: nn.Module, args: tuple[Any, ...], roles: Roles, calls: Call
       STANDALONE      nothing linear feeds the BN
       UNTRACEABLE     the BN did not run, or no finder can see its input
     """
-    failures = []
-    for name, tracer in (("export", _export_graph), ("fx", _fx_graph)):
-        try:
-            traced = tracer(root, args, roles)
-        except Exception as e:  # tracers fail in many ways; the next finder may work
-            failures.append(f"{name}: {type(e).__name__}: {first_line(e)}")
-            log.info("torch front: %s could not trace the module: %s", name, e)
-            continue
-        scan = match_graph(traced, roles, calls, name, root)
-        scan.failures = failures
-        return scan
-    scan = match_sequential(root, roles, calls)
-    scan.failures = failures
-    return scan
+    return Finders().search(root, args, roles)[0]
 
 
 def _export_graph(root: nn.Module, args: tuple[Any, ...], roles: Roles) -> Traced:

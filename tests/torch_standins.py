@@ -1,0 +1,93 @@
+"""Stand-ins for the BatchNorm kinds users have, rebuilt from ``torch.nn`` (the tests
+need no torchvision, timm or detectron2), and helpers the torch front's tests share."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from bnfold.torch_front import recorded, trace
+
+FINDERS = ["export", "fx", "recorded"]
+
+
+def use(finder: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Make the finders before ``finder`` fail, so ``finder`` is the one used."""
+
+    def broken(*_args: object) -> None:
+        raise RuntimeError("no trace")
+
+    if finder in ("fx", "recorded", "sequential"):
+        monkeypatch.setattr(trace, "_export_graph", broken)
+    if finder in ("recorded", "sequential"):
+        monkeypatch.setattr(trace, "_fx_graph", broken)
+    if finder == "sequential":
+        monkeypatch.setattr(recorded, "record_run", broken)
+
+
+def trained_like(model: nn.Module, seed: int = 0) -> nn.Module:
+    """Random statistics and affine in every BN-like module (frozen ones too); eval mode."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if getattr(m, "running_var", None) is not None:
+                c = m.running_var.shape[0]
+                m.running_var.copy_(torch.rand(c, generator=gen) * 1.5 + 0.1)
+                m.running_mean.copy_(torch.randn(c, generator=gen) * 0.5)
+                m.weight.copy_(torch.rand(c, generator=gen) + 0.5)
+                m.bias.copy_(torch.randn(c, generator=gen) * 0.3)
+    return model.eval()
+
+
+class FrozenBatchNorm2d(nn.Module):
+    """torchvision.ops.FrozenBatchNorm2d: buffers, eps, ``x * scale + shift``."""
+
+    def __init__(self, c: int, eps: float = 1e-5) -> None:
+        super().__init__()
+        for name, value in (("weight", 1.0), ("bias", 0.0), ("running_mean", 0.0)):
+            self.register_buffer(name, torch.full((c,), value))
+        self.register_buffer("running_var", torch.ones(c))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        scale = self.weight * (self.running_var + self.eps).rsqrt()
+        shift = self.bias - self.running_mean * scale
+        return x * scale.reshape(1, -1, 1, 1) + shift.reshape(1, -1, 1, 1)
+
+
+class Detectron2FrozenBN(FrozenBatchNorm2d):
+    """detectron2's FrozenBatchNorm2d: the same buffers, ``F.batch_norm`` at inference."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.batch_norm(
+            x, self.running_mean, self.running_var, self.weight, self.bias, False, eps=self.eps
+        )
+
+
+class BatchNormAct2d(nn.BatchNorm2d):
+    """timm's BatchNormAct2d: a BatchNorm2d subclass that runs ``drop`` then ``act``."""
+
+    def __init__(self, c: int, act: nn.Module | None = None, drop: float = 0.0) -> None:
+        super().__init__(c)
+        self.drop = nn.Dropout(drop) if drop else nn.Identity()
+        self.act = act if act is not None else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.batch_norm(
+            x, self.running_mean, self.running_var, self.weight, self.bias,
+            self.training, 0.1, self.eps,
+        )  # fmt: skip
+        return self.act(self.drop(x))
+
+
+class FrozenBatchNormAct2d(FrozenBatchNorm2d):
+    """timm's FrozenBatchNormAct2d: frozen buffers, then ``act(drop(x))``."""
+
+    def __init__(self, c: int, act: nn.Module) -> None:
+        super().__init__(c)
+        self.drop, self.act = nn.Identity(), act
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act(self.drop(super().forward(x)))
