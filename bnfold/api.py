@@ -298,7 +298,7 @@ def _fold_folder(
     return report
 
 
-def fold(
+def fold(  # noqa: PLR0913 -- public API: keyword options, one per CLI flag
     model: Any,
     example_inputs: tuple[Any, ...] | None = None,
     *,
@@ -468,7 +468,7 @@ def inspect_each(
     return run
 
 
-def fold_file(
+def fold_file(  # noqa: PLR0913 -- public API: keyword options, one per CLI flag
     source: str | os.PathLike[str],
     output: str | os.PathLike[str],
     *,

@@ -243,7 +243,7 @@ def format_paired(paired: PairedRatio) -> str:
     return f"{paired.median:.3f}, 95% CI [{paired.low:.3f}, {paired.high:.3f}]"
 
 
-def bench_onnx(
+def bench_onnx(  # noqa: PLR0913 -- public API: keyword options, one per CLI flag
     original: Any,
     folded: Any = None,
     levels: Sequence[str] = DEFAULT_LEVELS,
