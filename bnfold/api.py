@@ -47,7 +47,7 @@ from bnfold.verification import require_well_formed, verify_fold
 
 if TYPE_CHECKING:
     from bnfold.batch import BatchReport
-    from bnfold.bench import BenchReport
+    from bnfold.bench_report import BenchReport
 
 __all__ = [
     "TORCH_SUFFIXES",
