@@ -68,25 +68,6 @@ class ModuleSource:
         return module, example_inputs_from_shapes(self.input_shapes)
 
 
-def fold_torch(
-    source: ModuleSource | str,
-    output: str | os.PathLike[str],
-    verify: VerifyOptions | None = DEFAULT_VERIFY,
-    to_onnx: str | os.PathLike[str] | None = None,
-    *,
-    require_verified: bool = False,
-    rounding: Rounding = Rounding.NEAREST,
-    lower: LowerForm | None = None,
-    trust_pickle: bool = False,
-) -> tuple[FoldResult, bool]:
-    """:func:`fold_torch_files`, answering only whether anything was written."""
-    result, written = fold_torch_files(
-        source, output, verify, to_onnx, require_verified=require_verified,
-        rounding=rounding, lower=lower, trust_pickle=trust_pickle,
-    )  # fmt: skip
-    return result, bool(written)
-
-
 def fold_torch_files(
     source: ModuleSource | str,
     output: str | os.PathLike[str],
@@ -252,7 +233,7 @@ def _save(
 def inspect_torch(
     source: ModuleSource | str, trust_pickle: bool = False, lower: LowerForm | None = None
 ) -> FoldReport:
-    """What :func:`fold_torch` would fold, lower and refuse, without writing anything.
+    """What :func:`fold_torch_files` would fold, lower and refuse, without writing anything.
 
     A factory module is inspected as the eager module ``fold`` writes by default.
     """
@@ -278,7 +259,7 @@ def verify_torch(
 ) -> VerifyResult:
     """Compare a folded ``.pt2`` with the original (a ``.pt2`` or a factory module), eagerly.
 
-    ``trust_pickle`` applies to both ``.pt2`` files, as in :func:`fold_torch`.
+    ``trust_pickle`` applies to both ``.pt2`` files, as in :func:`fold_torch_files`.
     """
     if Path(folded).suffix != ".pt2":
         raise BnfoldError(f"{folded}: torch verification compares .pt2 programs; export it first")
