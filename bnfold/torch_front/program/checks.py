@@ -68,7 +68,7 @@ def _join_spec(gm: fx.GraphModule, join: fx.Node, terms: list[fx.Node]) -> JoinS
     if join.target != aten.cat.default:
         return JoinSpec(join.name, "add", channels)
     dim = join.args[1] if len(join.args) > 1 else join.kwargs.get("dim", 0)
-    return JoinSpec(join.name, "cat", channels, int(dim), len(traced_shape(join)))  # type: ignore[call-overload]
+    return JoinSpec(join.name, "cat", channels, int(dim), len(traced_shape(join)))  # type: ignore[arg-type]
 
 
 def out_channels(gm: fx.GraphModule, lin: fx.Node) -> int:
