@@ -468,9 +468,9 @@ def test_sum_of_convs_of_other_widths_is_a_bad_shape() -> None:
 def test_a_join_fold_that_changes_the_outputs_is_rolled_back(monkeypatch) -> None:
     # Verification guards the new kinds like every fold: a wrong split (the
     # shift given to every term) is measured, refused and undone.
-    from bnfold.torch_front.program import apply as program_apply
+    from bnfold.rules import join
 
-    monkeypatch.setattr(program_apply, "add_parts", lambda affine, count: [affine] * count)
+    monkeypatch.setattr(join, "add_parts", lambda affine, count: [affine] * count)
     model = randomize_bn(Join("add"))
     with torch.no_grad():
         expected = model(*JOIN_INPUTS)
