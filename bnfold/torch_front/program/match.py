@@ -15,6 +15,8 @@ from torch import fx
 
 from bnfold import layouts
 from bnfold.report import Code, FoldKind, Refusal
+from bnfold.rules.precedence import explain_both
+from bnfold.sites import site_label
 from bnfold.torch_front import pools
 from bnfold.torch_front.aten_graph import (
     BN_OPS,
@@ -26,8 +28,6 @@ from bnfold.torch_front.aten_graph import (
     uses_batch_stats,
 )
 from bnfold.torch_front.branch_sum import MergeSite, find_merges, why_not_tap
-from bnfold.torch_front.eager_match import explain_both
-from bnfold.torch_front.eager_pairs import site_label
 from bnfold.torch_front.program.checks import (
     check_before,
     check_bn,
