@@ -129,7 +129,11 @@ _READING = frozenset(
 _TORCH = frozenset({Code.NO_RUNNING_STATS, Code.OP_BETWEEN, Code.UNTRACEABLE})
 
 _ONNX = _READING
-_EAGER = _READING | _TORCH | {Code.REUSED_MODULE, Code.PARAMETRIZED, Code.HOOKED}
+# An eager weight that is no Parameter is PARAMETRIZED, and torch builds no module whose
+# groups do not divide its channels: NOT_CONSTANT and BAD_GROUPS never reach that front.
+_EAGER = (_READING - {Code.NOT_CONSTANT, Code.BAD_GROUPS}) | _TORCH | {
+    Code.REUSED_MODULE, Code.PARAMETRIZED, Code.HOOKED,
+}  # fmt: skip
 _PT2 = (_READING | _TORCH) - {Code.UNTRACEABLE, Code.SHARED_WEIGHT}  # .pt2 clones shared weights
 
 FAMILY = Family(
