@@ -27,6 +27,27 @@ def use(finder: str, monkeypatch: pytest.MonkeyPatch) -> None:
         monkeypatch.setattr(recorded, "record_run", broken)
 
 
+def randomize_bn(model: nn.Module, seed: int = 0) -> nn.Module:
+    """Non-trivial statistics and affine in every ``nn.BatchNorm*``, eval mode."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                c = m.num_features
+                m.running_var.copy_(torch.rand(c, generator=gen) * 1.5 + 0.5)
+                m.running_mean.copy_(torch.randn(c, generator=gen) * 0.5)
+                m.weight.copy_(torch.rand(c, generator=gen) + 0.5)
+                m.bias.copy_(torch.rand(c, generator=gen) - 0.5)
+    return model.eval()
+
+
+def conv_bn(c_in: int, c_out: int, k, stride: int = 1, groups: int = 1, **conv) -> nn.Module:
+    """Conv2d (no bias; padding ``k // 2`` times the dilation unless given) -> BatchNorm2d."""
+    padding = conv.pop("padding") if "padding" in conv else k // 2 * conv.get("dilation", 1)
+    layers = nn.Conv2d(c_in, c_out, k, stride, padding, groups=groups, bias=False, **conv)
+    return nn.Sequential(layers, nn.BatchNorm2d(c_out))
+
+
 def trained_like(model: nn.Module, seed: int = 0) -> nn.Module:
     """Random statistics and affine in every BN-like module (frozen ones too); eval mode."""
     gen = torch.Generator().manual_seed(seed)

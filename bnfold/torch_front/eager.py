@@ -108,15 +108,15 @@ def checked(root: nn.Module, pair: AnyPair, roles: Roles, calls: Calls) -> AnyPa
     """
     bn = _module(root, pair.bn)
     for linear in pair.linears:
-        one, lin = Pair(linear, pair.bn, pair.finder), _module(root, linear)
+        one, lin = Pair.of(linear, pair.bn, pair.finder), _module(root, linear)
         for check in (_training, _running_stats, _parametrized, _hooks, _dtype):
             if found := check(one, lin, bn, roles):
-                return Refusal(pair.site, *found)
+                return pair.refusal(*found)
     kept = kept_children(root, pair, calls)
     if isinstance(kept, tuple):
-        return Refusal(pair.site, *kept)
+        return pair.refusal(*kept)
     if found := _shape_refusal(root, pair, bn, roles, calls):
-        return Refusal(pair.site, *found)
+        return pair.refusal(*found)
     if isinstance(pair, TapPair):
         return pair
     if isinstance(pair, Pair):
@@ -158,7 +158,7 @@ def _shape_refusal(root: nn.Module, pair: AnyPair, bn: Any, roles: Roles, calls:
     if isinstance(pair, JoinPair):
         return _join_shapes(root, pair, bn, calls)
     lin = _module(root, pair.linear)
-    one = Pair(pair.linear, pair.bn, pair.finder)
+    one = Pair.of(pair.linear, pair.bn, pair.finder)
     if isinstance(pair, TapPair):  # the conv's geometry was checked when it was chosen
         return _shape(one, lin, bn, roles) or _out_rank(one, lin, calls)
     if pair.before:
@@ -250,7 +250,7 @@ def _join_shapes(root: nn.Module, pair: JoinPair, bn: Any, calls: Calls) -> Foun
     """Every term has its channels on axis 1; an add's widths agree, a cat joins axis 1."""
     lins = [_module(root, linear) for linear in pair.linears]
     for linear, lin in zip(pair.linears, lins, strict=True):
-        if found := _out_rank(Pair(linear, pair.bn, pair.finder), lin, calls):
+        if found := _out_rank(Pair.of(linear, pair.bn, pair.finder), lin, calls):
             return found
     channels = tuple(out_channels(lin) for lin in lins)
     kind: Literal["add", "cat"] = "cat" if pair.join == "cat" else "add"

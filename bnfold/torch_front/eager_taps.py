@@ -57,7 +57,7 @@ def match_tap(site: CallSite, graph: SiteGraph) -> TapPair | Refusal | None:
     if not convs or not mine:
         return None
     ranked = sorted(convs, key=lambda t: -_kernel_size(graph, _owner_of(t, nodes)))
-    first = f"{bn} -> {_owner_of(ranked[0], nodes)}"
+    first = TapPair.of(_owner_of(ranked[0], nodes), bn, graph.finder).site
     if others := other_consumers(list(group), {mine[0].reader}, nodes):
         return Refusal(first, Code.BRANCHING, f"{bn} output is also read by {others}")
     if len(mine) != 1:
@@ -65,11 +65,11 @@ def match_tap(site: CallSite, graph: SiteGraph) -> TapPair | Refusal | None:
     refusals = []
     for term in ranked:
         conv = _owner_of(term, nodes)
-        pair = TapPair(conv, bn, graph.finder, sign=term.sign * mine[0].sign)
+        pair = TapPair.of(conv, bn, graph.finder, sign=term.sign * mine[0].sign)
         found = _tap_misfit(term, terms, graph)
         if found is None:
             return graph.weights_private(pair)
-        refusals.append(Refusal(pair.site, *found))
+        refusals.append(pair.refusal(*found))
     return refusals[0]
 
 

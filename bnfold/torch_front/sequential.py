@@ -11,10 +11,13 @@ from __future__ import annotations
 from torch import nn
 
 from bnfold.report import Code, Refusal
+from bnfold.sites import site_label
 from bnfold.torch_front.eager_match import bn_call_refusal, prefer_before, reused_detail
 from bnfold.torch_front.eager_pairs import Pair, Scan
 from bnfold.torch_front.modules import BN, LINEAR, Calls, Roles
 from bnfold.torch_front.site_graph import is_nonlinear
+
+_FINDER = "sequential"
 
 
 def match_sequential(root: nn.Module, roles: Roles, calls: Calls) -> Scan:
@@ -24,7 +27,7 @@ def match_sequential(root: nn.Module, roles: Roles, calls: Calls) -> Scan:
     Sequential: then every call of each was the Sequential's, and the only way
     the linear output reached anything is the Sequential feeding it to the BN.
     """
-    scan = Scan("sequential")
+    scan = Scan(_FINDER)
     seen: set[str] = set()
     for path, m in root.named_modules():
         if isinstance(m, nn.Sequential) and type(m).forward is nn.Sequential.forward:
@@ -80,7 +83,7 @@ def _sequential_after(
     if isinstance(prev_mod, _SEQUENTIAL_RESHAPES) and len(earlier) > 1:
         linear = earlier[-2][0]
         if roles.of(linear) == LINEAR:
-            pair = Pair(linear, bn, "sequential", between=prev)
+            pair = Pair.of(linear, bn, _FINDER, between=prev)
             return _only_through(seq, pair, calls) or pair
     return _sequential_pair(seq, prev, prev_mod, bn, roles, calls)
 
@@ -97,7 +100,7 @@ def _sequential_before(
         between, nxt = nxt[0][0], nxt[1:]
     if not nxt or roles.of(nxt[0][0]) != LINEAR:
         return None
-    pair = Pair(nxt[0][0], bn, "sequential", before=True, between=between)
+    pair = Pair.of(nxt[0][0], bn, _FINDER, before=True, between=between)
     return _only_through(seq, pair, calls) or pair
 
 
@@ -105,10 +108,10 @@ def _sequential_pair(
     seq: str, prev: str, prev_mod: nn.Module, bn: str, roles: Roles, calls: Calls
 ) -> Pair | Refusal:
     """``prev, bn`` as neighbours: a pair if ``prev`` is linear, else why not."""
-    site = f"{prev} -> {bn}"
+    site = site_label(prev, bn)
     kind = type(prev_mod).__name__
     if roles.of(prev) == LINEAR:
-        pair = Pair(prev, bn, "sequential")
+        pair = Pair.of(prev, bn, _FINDER)
         return _only_through(seq, pair, calls) or pair
     if is_nonlinear(kind):
         return Refusal(site, Code.NONLINEAR_INPUT, f"{bn} follows {kind}")
@@ -122,8 +125,8 @@ def _only_through(seq: str, pair: Pair, calls: Calls) -> Refusal | None:
     runs = calls.of(seq)
     if calls.of(pair.bn) != runs:
         detail = f"{pair.bn} ran {calls.of(pair.bn)} times, {seq or 'the root'} {runs}"
-        return Refusal(pair.site, Code.UNTRACEABLE, f"{detail}: it is also called directly")
+        return pair.refusal(Code.UNTRACEABLE, f"{detail}: it is also called directly")
     if calls.of(pair.linear) != runs:
         detail = reused_detail(pair.linear, calls.of(pair.linear), pair.bn, runs)
-        return Refusal(pair.site, Code.REUSED_MODULE, detail)
+        return pair.refusal(Code.REUSED_MODULE, detail)
     return None

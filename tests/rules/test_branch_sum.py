@@ -24,7 +24,8 @@ from torch.nn import functional as F  # noqa: E402
 
 import bnfold  # noqa: E402
 from bnfold.report import FoldKind  # noqa: E402
-from tests.test_torch_rules import conv_bn, randomize_bn, run  # noqa: E402
+from tests.test_torch_rules import run  # noqa: E402
+from tests.torch_standins import conv_bn, randomize_bn  # noqa: E402
 
 # --- the tree walk over a toy graph: the rule knows no front ---------------------------
 
