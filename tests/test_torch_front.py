@@ -15,22 +15,7 @@ from torch import nn  # noqa: E402
 from bnfold.errors import BnfoldError  # noqa: E402
 from bnfold.report import Code  # noqa: E402
 from bnfold.torch_front import eager, fold_module, inspect_module, recorded, trace  # noqa: E402
-from tests.torch_standins import use  # noqa: E402
-
-
-def randomize_bn(model: nn.Module, seed: int = 0) -> nn.Module:
-    """Non-trivial statistics in every BN-like module, and eval mode."""
-    gen = torch.Generator().manual_seed(seed)
-    for m in model.modules():
-        if hasattr(m, "running_var") and m.running_var is not None:
-            c = m.running_var.shape[0]
-            m.running_mean.copy_(torch.randn(c, generator=gen) * 0.5)
-            m.running_var.copy_(torch.rand(c, generator=gen) * 1.5 + 0.5)
-            for name, lo in (("weight", 0.5), ("bias", -1.0)):
-                p = getattr(m, name, None)
-                if p is not None:
-                    p.data.copy_(torch.rand(c, generator=gen) + lo)
-    return model.eval()
+from tests.torch_standins import randomize_bn, use  # noqa: E402
 
 
 def outputs_match(a: nn.Module, b: nn.Module, x: torch.Tensor, tol: float = 1e-5) -> bool:
