@@ -1,10 +1,11 @@
 """The refusal codes each family declares for the ``.pt2`` front, reported by that front.
 
 The ``.pt2`` twin of :mod:`tests.rules.test_families`: for each code of
-``Family.codes_on("pt2")`` that a small ``torch.nn`` model can provoke, the
-exported program's fold refuses a site of that family (its label says which)
-with that code. A code declared without a case here, or a case whose code the
-family no longer declares, fails: a new refusal code on this front comes with its test.
+``Family.codes_on("pt2")``, a small ``torch.nn`` model, exported, makes the
+program's fold refuse a site of that family (its label says which) with that
+code. A code declared without a case here, or a case whose code the family no
+longer declares, fails: a new refusal code on this front comes with its test.
+A code this front cannot produce is left out of its declaration, with the reason.
 """
 
 from __future__ import annotations
