@@ -134,7 +134,13 @@ _ONNX = _READING
 _EAGER = (_READING - {Code.NOT_CONSTANT, Code.BAD_GROUPS}) | _TORCH | {
     Code.REUSED_MODULE, Code.PARAMETRIZED, Code.HOOKED,
 }  # fmt: skip
-_PT2 = (_READING | _TORCH) - {Code.UNTRACEABLE, Code.SHARED_WEIGHT}  # .pt2 clones shared weights
+# .pt2 clones shared weights. An exported BN computes only on floats beside a float op, with
+# statistics and affine of its channel count, and without running statistics only in training
+# (TRAINING_MODE); torch builds no conv whose groups do not divide its channels.
+_PT2 = (_READING | _TORCH) - {
+    Code.UNTRACEABLE, Code.SHARED_WEIGHT, Code.UNSUPPORTED_DTYPE, Code.BAD_SHAPE,
+    Code.NO_RUNNING_STATS, Code.BAD_GROUPS,
+}  # fmt: skip
 
 FAMILY = Family(
     "adjacent",

@@ -86,7 +86,8 @@ def checked(root: nn.Module, pair: AnyPair, roles: Roles, calls: Calls) -> AnyPa
                          after its affine (OP_BETWEEN for other children)
       HOOKED             forward (pre-)hooks on either module
       UNSUPPORTED_DTYPE  the weight is not floating point
-      BAD_SHAPE          BN statistics do not match the linear output channels
+      BAD_SHAPE          BN statistics do not match the linear output channels, or
+                         one another
       NOT_PER_CHANNEL    the linear output's channels are not on BN's axis 1
                          (e.g. Linear on a 3-D input followed by BatchNorm1d);
                          before: the BN's channels are not the op's input channels
@@ -129,9 +130,13 @@ def kept_children(root: nn.Module, pair: AnyPair, calls: Calls) -> After | tuple
 
     They run after the BN's affine, so only a fold into the op before the BN
     keeps the forward: before the op after it, or as a term of a sum, they
-    would sit between the affine and that op.
+    would sit between the affine and that op. BAD_SHAPE when the BN's tensors
+    do not all hold one value per channel (a look-alike's forward may broadcast
+    one value): it has no per-channel affine to look behind.
     """
     bn = _module(root, pair.bn)
+    if found := _bn_shape(pair, bn):  # one value broadcast to every channel: no affine per channel
+        return found
     try:
         affine = bn_affine(bn)
     except Unfoldable:
@@ -264,7 +269,7 @@ def _join_shapes(root: nn.Module, pair: JoinPair, bn: Any, calls: Calls) -> Foun
     return _stats_fit(pair.bn, bn, join.bn_channels)
 
 
-def _bn_shape(pair: Pair, bn: Any) -> Found:
+def _bn_shape(pair: AnyPair, bn: Any) -> Found:
     """The BN's tensors all have as many channels as its running mean."""
     return _stats_fit(pair.bn, bn, int(bn.running_mean.shape[0]))
 

@@ -4,6 +4,16 @@ centred tap (:class:`~bnfold.torch_front.eager_pairs.TapPair`), in a traced site
 The eager twin of the ``.pt2`` merge walk in :mod:`bnfold.torch_front.branch_sum`:
 here the sum stays (eager forward() cannot be rewritten), and only the BN's
 term moves into one conv.
+
+Why this is not :func:`bnfold.rules.branch_sum.sum_tree` over a view of the site
+graph: a tap keeps the sum, so it asks less of the tree than a merge, and the
+answers differ. A merge's tree tops only at an add (a subtraction merged at the
+top would fail verification's bound); a tap tops at RepMixer's ``mixer(x) - norm(x)``
+too. A merge needs every leaf to read one input; a tap needs only its conv to
+read the BN's ``x`` (``conv(x) + bn(x) + other(y)``). A merge carries per-channel
+coefficients through multiplications by constants; a tap moves the BN's term by
+its sign alone, so ``0.5 * conv(x) + bn(x)`` is no tap. Sharing the walk would
+change which BNs fold on this front.
 """
 
 from __future__ import annotations

@@ -31,8 +31,8 @@ def match_sequential(root: nn.Module, roles: Roles, calls: Calls) -> Scan:
     seen: set[str] = set()
     for path, m in root.named_modules():
         if isinstance(m, nn.Sequential) and type(m).forward is nn.Sequential.forward:
-            for result in _match_in_sequential(path, m, roles, calls):
-                seen.add(result.bn if isinstance(result, Pair) else result.site.split(" -> ")[-1])
+            for bn, result in _match_in_sequential(path, m, roles, calls):
+                seen.add(bn)  # not from the label: a before site's ends in the linear module
                 scan.add(result)
     for bn in roles.bns():
         if bn not in seen:
@@ -45,9 +45,9 @@ def match_sequential(root: nn.Module, roles: Roles, calls: Calls) -> Scan:
 
 def _match_in_sequential(
     path: str, seq: nn.Sequential, roles: Roles, calls: Calls
-) -> list[Pair | Refusal]:
-    """A pair or refusal for each BN child of ``seq``: after its neighbour, else before."""
-    out: list[Pair | Refusal] = []
+) -> list[tuple[str, Pair | Refusal]]:
+    """Each BN child of ``seq`` with its pair or refusal: after its neighbour, else before."""
+    out: list[tuple[str, Pair | Refusal]] = []
     prefix = f"{path}." if path else ""
     # A folded BN is an nn.Identity: look through it, so Conv -> BN -> BN folds twice.
     children = [
@@ -59,7 +59,7 @@ def _match_in_sequential(
         if roles.of(bn) != BN:
             continue
         if refusal := bn_call_refusal(bn, calls):
-            out.append(refusal)
+            out.append((bn, refusal))
             continue
         after: Pair | Refusal
         if i == 0:
@@ -68,7 +68,7 @@ def _match_in_sequential(
             after = _sequential_after(path, children[:i], bn, roles, calls)
         if isinstance(after, Refusal):
             after = prefer_before(after, _sequential_before(path, children[i:], roles, calls))
-        out.append(after)
+        out.append((bn, after))
     return out
 
 

@@ -15,7 +15,8 @@ from torch import fx
 from bnfold import layouts
 from bnfold.report import Code, FoldKind, Refusal
 from bnfold.rules import precedence
-from bnfold.sites import Site
+from bnfold.rules.adjacent import Feed, why_unpaired
+from bnfold.sites import Site, site_label
 from bnfold.torch_front import pools
 from bnfold.torch_front.aten_graph import (
     BN_OPS,
@@ -238,17 +239,38 @@ def _copies_values(pad: fx.Node) -> bool:
 
 
 def _why_not_linear(bn_name: str, x: fx.Node) -> Refusal:
+    """Why the BN cannot fold after ``x``, the op feeding it, which is no linear op
+    (:func:`bnfold.rules.adjacent.why_unpaired`): the single-input chain back from
+    ``x`` names what lies between when it reaches a linear op."""
+    chain, linear = _chain_to_linear(x)
+    feed = Feed(
+        source=_source_name(x),
+        nonlinear=is_nonlinear(str(x.target)),
+        between=tuple(chain),
+        linear="" if linear is None else linear_path(linear),
+        affine=bn_name,
+        through_nonlinear=any(map(is_nonlinear, chain)),
+    )
+    code, detail = why_unpaired(feed)
+    return Refusal(site_label(feed.linear, bn_name) if feed.linear else bn_name, code, detail)
+
+
+def _chain_to_linear(x: fx.Node, longest: int = 16) -> tuple[list[str], fx.Node | None]:
+    """The ops of a single-input chain from ``x`` back to a linear op, nearest first,
+    and that op; None when the chain ends (several inputs, a BN, a graph input) first."""
     chain: list[str] = []
     node = x
-    while node.op == "call_function" and len(chain) < 16:
+    while node.op == "call_function" and len(chain) < longest:
         if is_linear_op(node):
-            lin = linear_path(node)
-            code = Code.NONLINEAR_INPUT if any(map(is_nonlinear, chain)) else Code.OP_BETWEEN
-            return Refusal(f"{lin} -> {bn_name}", code, f"{' -> '.join(reversed(chain))} between")
+            return chain, node
         inputs = [a for a in node.all_input_nodes if a.op != "get_attr"]
         if len(inputs) != 1 or node.target in BN_OPS:
             break
         chain.append(str(node.target))
         node = inputs[0]
-    code = Code.NONLINEAR_INPUT if is_nonlinear(str(x.target)) else Code.STANDALONE
-    return Refusal(bn_name, code, f"{bn_name} is fed by {x.target}")
+    return chain, None
+
+
+def _source_name(x: fx.Node) -> str:
+    """How details name the node feeding a BN: its aten op, or the graph input."""
+    return f"the graph input {x.target}" if x.op == "placeholder" else str(x.target)
