@@ -4,8 +4,9 @@ For every model given (files, or folders searched for ``*.onnx``) the fold is
 written twice, file to file: once with the default memory budget (folded weights
 held from planning to saving) and once with none (every folded weight recomputed
 lazily during the save). Each output is reduced to one SHA-256 over its graph
-(nodes, names, attributes; external-data locations excluded, they carry a random
-token) and the raw bytes of every initializer, in order.
+(nodes, names, attributes; external-data locations excluded: they name the written
+file, ``<model>.data``, which differs between the two writes) and the raw bytes of
+every initializer, in order.
 
 Usage:
   python benchmarks/fold_digest.py MODEL_OR_DIR... [--out digests.json]

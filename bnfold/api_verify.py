@@ -35,9 +35,9 @@ def verify(  # noqa: PLR0913 -- public API: keyword options, one per CLI flag
 ) -> VerifyResult:
     """Compare two ONNX models (paths or onnx_ir.Model) at ORT_DISABLE_ALL.
 
-    ``inputs`` is an input file or folder (see :mod:`bnfold.feeds`); without it
+    ``inputs`` is an input file or folder (see :mod:`bnfold.verification.files`); without it
     ``samples`` random draws are fed. rtol None derives each tensor's bound
-    (:mod:`bnfold.tolerance`). Not verified (status "not_verified") when the
+    (:mod:`bnfold.verification.tolerance`). Not verified (status "not_verified") when the
     original cannot run or one sample of random inputs would need more than
     ``max_input_bytes``.
 

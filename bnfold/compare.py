@@ -1,4 +1,5 @@
-"""Re-exports the names the README gives ``bnfold.compare``: see :mod:`bnfold.verification`."""
+"""Verification under its first name (``bnfold.compare``), for code that imports it: it
+lives in :mod:`bnfold.verification` now."""
 
 from __future__ import annotations
 

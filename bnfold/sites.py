@@ -89,6 +89,12 @@ class Site:
         )
 
 
+def site_label(linear: str, bn: str, between: str = "", before: bool = False) -> str:
+    """The label of a site of one linear op and an affine beside it (:attr:`Site.label`),
+    for a front that keeps its own record of the site."""
+    return Site(FoldKind.ADJACENT, (linear,), bn, between, before).label
+
+
 def _chain(*names: str) -> str:
     return _ARROW.join(name for name in names if name)
 

@@ -161,7 +161,8 @@ class TestTorchObjects:
     torch = pytest.importorskip("torch")
 
     def net(self) -> object:
-        from tests.test_torch_io import Net, randomize_bn
+        from tests.test_torch_io import Net
+        from tests.torch_standins import randomize_bn
 
         return randomize_bn(Net()).eval()
 

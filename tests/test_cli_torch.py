@@ -16,7 +16,8 @@ from click.testing import CliRunner  # noqa: E402
 from torch import nn  # noqa: E402
 
 from bnfold.cli.main import main  # noqa: E402
-from tests.test_torch_io import FACTORY, Net, randomize_bn, save_program  # noqa: E402
+from tests.test_torch_io import FACTORY, Net, save_program  # noqa: E402
+from tests.torch_standins import randomize_bn  # noqa: E402
 
 SHAPE = "1x3x8x8"
 

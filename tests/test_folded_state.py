@@ -17,7 +17,8 @@ from torch import nn  # noqa: E402
 import bnfold  # noqa: E402
 from bnfold.errors import BnfoldError  # noqa: E402
 from bnfold.torch_front.folded_state import RECORD_ATTRIBUTE  # noqa: E402
-from tests.test_torch_io import FACTORY, randomize_bn  # noqa: E402
+from tests.test_torch_io import FACTORY  # noqa: E402
+from tests.torch_standins import randomize_bn  # noqa: E402
 
 
 class FrozenBN(nn.Module):

@@ -14,21 +14,7 @@ from bnfold.report import Code  # noqa: E402
 from bnfold.torch_front import fold_module  # noqa: E402
 from bnfold.torch_front.files import fold_torch_files  # noqa: E402
 from bnfold.torch_front.program.run import fold_graph_module  # noqa: E402
-from tests.torch_standins import use  # noqa: E402
-
-
-def randomize_bn(model: nn.Module, seed: int = 0, shift: bool = True) -> nn.Module:
-    """Non-trivial statistics in every BN; ``shift=False`` makes each BN a pure scale."""
-    gen = torch.Generator().manual_seed(seed)
-    for m in model.modules():
-        if isinstance(m, nn.modules.batchnorm._BatchNorm):
-            c = m.num_features
-            m.running_var.copy_(torch.rand(c, generator=gen) * 1.5 + 0.5)
-            m.weight.data.copy_(torch.rand(c, generator=gen) + 0.5)
-            mean, bias = torch.randn(c, generator=gen) * 0.5, torch.rand(c, generator=gen) - 1.0
-            m.running_mean.copy_(mean if shift else torch.zeros(c))
-            m.bias.data.copy_(bias if shift else torch.zeros(c))
-    return model.eval()
+from tests.torch_standins import randomize_bn, use  # noqa: E402
 
 
 def same_outputs(a: nn.Module, b: nn.Module, x: torch.Tensor, tol: float = 1e-5) -> bool:

@@ -22,8 +22,8 @@ import bnfold  # noqa: E402
 from bnfold.affine import Affine, absorb_identity  # noqa: E402
 from bnfold.report import Code, FoldKind  # noqa: E402
 from bnfold.torch_front import eager  # noqa: E402
-from tests.test_torch_rules import POOLS, ConvPoolBN, Join, pool_input, randomize_bn  # noqa: E402
-from tests.torch_standins import FINDERS, use  # noqa: E402
+from tests.test_torch_rules import POOLS, ConvPoolBN, Join, pool_input  # noqa: E402
+from tests.torch_standins import FINDERS, conv_bn, randomize_bn, use  # noqa: E402
 
 
 def fold(model: nn.Module, *args: torch.Tensor) -> bnfold.FoldResult:
@@ -71,18 +71,12 @@ def assert_keeps_names(model: nn.Module, folded: nn.Module) -> None:
 # --- identity BN of a branch sum: a centred tap into a sibling conv -------------------------
 
 
-def conv_bn(c: int, k: int, stride: int = 1, groups: int = 1) -> nn.Sequential:
-    return nn.Sequential(
-        nn.Conv2d(c, c, k, stride, padding=k // 2, groups=groups, bias=False), nn.BatchNorm2d(c)
-    )
-
-
 class RepVgg(nn.Module):
     """timm's RepVggBlock at train time: ``act(conv_1x1(x) + conv_kxk(x) + identity(x))``."""
 
     def __init__(self, c: int = 4, stride: int = 1) -> None:
         super().__init__()
-        self.conv_kxk, self.conv_1x1 = conv_bn(c, 3, stride), conv_bn(c, 1, stride)
+        self.conv_kxk, self.conv_1x1 = conv_bn(c, c, 3, stride), conv_bn(c, c, 1, stride)
         self.identity = nn.BatchNorm2d(c)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -98,8 +92,8 @@ class MobileOne(nn.Module):
     def __init__(self, c: int = 4, branches: int = 2) -> None:
         super().__init__()
         self.identity = nn.BatchNorm2d(c)
-        self.conv_scale = conv_bn(c, 1, groups=c)
-        self.conv_kxk = nn.ModuleList(conv_bn(c, 3, groups=c) for _ in range(branches))
+        self.conv_scale = conv_bn(c, c, 1, groups=c)
+        self.conv_kxk = nn.ModuleList(conv_bn(c, c, 3, groups=c) for _ in range(branches))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         identity_out = self.identity(x)
@@ -117,7 +111,7 @@ class RepGhost(nn.Module):
     def __init__(self, c: int = 4) -> None:
         super().__init__()
         self.primary = nn.Sequential(nn.Conv2d(3, c, 1, bias=False), nn.BatchNorm2d(c), nn.ReLU())
-        self.cheap = conv_bn(c, 3, groups=c)
+        self.cheap = conv_bn(c, c, 3, groups=c)
         self.fusion_bn = nn.BatchNorm2d(c)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -130,7 +124,7 @@ class RepMixer(nn.Module):
 
     def __init__(self, c: int = 4) -> None:
         super().__init__()
-        self.mixer_conv, self.mixer_identity = conv_bn(c, 3, groups=c), nn.BatchNorm2d(c)
+        self.mixer_conv, self.mixer_identity = conv_bn(c, c, 3, groups=c), nn.BatchNorm2d(c)
         self.norm_identity = nn.BatchNorm2d(c)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -15,21 +15,7 @@ from torch import nn  # noqa: E402
 from bnfold.errors import BnfoldError  # noqa: E402
 from bnfold.report import Code  # noqa: E402
 from bnfold.torch_front import eager, fold_module, inspect_module, recorded, trace  # noqa: E402
-
-
-def randomize_bn(model: nn.Module, seed: int = 0) -> nn.Module:
-    """Non-trivial statistics in every BN-like module, and eval mode."""
-    gen = torch.Generator().manual_seed(seed)
-    for m in model.modules():
-        if hasattr(m, "running_var") and m.running_var is not None:
-            c = m.running_var.shape[0]
-            m.running_mean.copy_(torch.randn(c, generator=gen) * 0.5)
-            m.running_var.copy_(torch.rand(c, generator=gen) * 1.5 + 0.5)
-            for name, lo in (("weight", 0.5), ("bias", -1.0)):
-                p = getattr(m, name, None)
-                if p is not None:
-                    p.data.copy_(torch.rand(c, generator=gen) + lo)
-    return model.eval()
+from tests.torch_standins import randomize_bn, use  # noqa: E402
 
 
 def outputs_match(a: nn.Module, b: nn.Module, x: torch.Tensor, tol: float = 1e-5) -> bool:
@@ -492,6 +478,26 @@ def test_sequential_fallback_folds_root_and_checks_linear_rank(monkeypatch):
     assert [(f.site, f.finder) for f in result.report.folded] == [("0 -> 1", "sequential")]
     model3d = randomize_bn(nn.Sequential(nn.Linear(6, 6), nn.BatchNorm1d(6)))
     assert codes_at(fold_module(model3d, (x,)), "0 -> 1") == [Code.NOT_PER_CHANNEL]
+
+
+class ReusedAfterBn(nn.Module):
+    """relu, bn, conv in a Sequential, the conv also called on its own."""
+
+    def __init__(self):
+        super().__init__()
+        self.seq = nn.Sequential(nn.ReLU(), nn.BatchNorm2d(4), nn.Conv2d(4, 4, 1))
+
+    def forward(self, x):
+        return self.seq(x) + self.seq[2](x)
+
+
+def test_sequential_fallback_reports_a_bn_once_when_the_before_refusal_leads(monkeypatch):
+    # The after refusal (nonlinear input) lets the before one (the conv is reused)
+    # lead, and its label ends in the conv, not the BN.
+    use("sequential", monkeypatch)
+    result = fold_module(randomize_bn(ReusedAfterBn()), (torch.randn(1, 4, 5, 5),))
+    refusals = [(r.site, r.code) for r in result.report.refused]
+    assert refusals == [("seq.1 -> seq.2", Code.REUSED_MODULE)]
 
 
 def test_fx_finder_is_used_when_export_fails(monkeypatch):

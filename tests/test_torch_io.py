@@ -16,6 +16,7 @@ from bnfold.options import VerifyOptions  # noqa: E402
 from bnfold.report import Code  # noqa: E402
 from bnfold.torch_front import aten_graph, io  # noqa: E402
 from bnfold.torch_front.files import fold_torch_files  # noqa: E402
+from tests.torch_standins import randomize_bn  # noqa: E402
 
 FACTORY = """
 import torch
@@ -43,18 +44,6 @@ def factory(tmp_path, monkeypatch):
     (tmp_path / "tiny_factory.py").write_text(textwrap.dedent(FACTORY))
     monkeypatch.syspath_prepend(str(tmp_path))
     return "tiny_factory"
-
-
-def randomize_bn(model: nn.Module) -> nn.Module:
-    gen = torch.Generator().manual_seed(1)
-    for m in model.modules():
-        if isinstance(m, nn.modules.batchnorm._BatchNorm):
-            c = m.num_features
-            m.running_mean.copy_(torch.randn(c, generator=gen))
-            m.running_var.copy_(torch.rand(c, generator=gen) + 0.5)
-            m.weight.data.copy_(torch.rand(c, generator=gen) + 0.5)
-            m.bias.data.copy_(torch.randn(c, generator=gen))
-    return model.eval()
 
 
 def test_factory_builds_module_in_eval_mode(factory):

@@ -168,6 +168,23 @@ def test_a_bn_lookalike_that_activates_first_is_refused_before_folding():
     torch.testing.assert_close(run(result.model, x), expected, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("tensor", ["weight", "bias", "running_mean", "running_var"])
+def test_a_frozen_bn_with_one_value_for_all_channels_is_a_bad_shape_and_the_rest_folds(tensor):
+    # Its forward broadcasts the one value, but a fold needs one per channel.
+    model = trained_like(
+        nn.Sequential(
+            ConvNorm(FrozenBatchNorm2d(8)), ConvNorm(nn.BatchNorm2d(4), nn.Conv2d(8, 4, 1))
+        )
+    )
+    setattr(model[0].bn, tensor, torch.full((1,), 0.5))
+    x = torch.randn(2, 3, 7, 7)
+    expected = run(model, x)
+    result = fold_module(model, (x,))
+    assert [(r.site, r.code) for r in result.report.refused] == [("0.conv -> 0.bn", Code.BAD_SHAPE)]
+    assert [f.site for f in result.report.folded] == ["1.conv -> 1.bn"]
+    torch.testing.assert_close(run(result.model, x), expected)
+
+
 class TwiceAct(BatchNormAct2d):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.act(self.act(super().forward(x)))

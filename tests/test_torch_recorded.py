@@ -11,7 +11,12 @@ from torch.nn import functional as F  # noqa: E402
 from bnfold.report import Code  # noqa: E402
 from bnfold.torch_front import fold_module, recorded, trace  # noqa: E402
 from bnfold.torch_front.modules import find_roles  # noqa: E402
-from tests.torch_standins import BatchNormAct2d, FrozenBatchNorm2d, trained_like  # noqa: E402
+from tests.torch_standins import (  # noqa: E402
+    BatchNormAct2d,
+    FrozenBatchNorm2d,
+    conv_bn,
+    trained_like,
+)
 
 
 def outputs(model: nn.Module, x: torch.Tensor) -> list[torch.Tensor]:
@@ -29,17 +34,13 @@ def refusals(result) -> dict[str, Code]:
     return {r.site: r.code for r in result.report.refused}
 
 
-def conv_bn(cin: int, cout: int, stride: int = 1, norm: type[nn.Module] = nn.BatchNorm2d) -> list:
-    return [nn.Conv2d(cin, cout, 3, stride, 1, bias=False), norm(cout)]
-
-
 class Block(nn.Module):
     """A residual block with a forward of its own (conv, BN, relu; conv, BN; add)."""
 
     def __init__(self, c: int, norm: type[nn.Module]) -> None:
         super().__init__()
-        self.conv1, self.bn1 = conv_bn(c, c, norm=norm)
-        self.conv2, self.bn2 = conv_bn(c, c, norm=norm)
+        self.conv1, self.bn1 = conv_bn(c, c, 3, norm=norm)
+        self.conv2, self.bn2 = conv_bn(c, c, 3, norm=norm)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = F.relu(self.bn1(self.conv1(x)), inplace=True)
@@ -55,9 +56,9 @@ class Detector(nn.Module):
 
     def __init__(self, norm: type[nn.Module] = FrozenBatchNorm2d) -> None:
         super().__init__()
-        self.stem = nn.Sequential(*conv_bn(3, 8, 2, norm), nn.ReLU(inplace=True))
+        self.stem = nn.Sequential(*conv_bn(3, 8, 3, 2, norm=norm), nn.ReLU(inplace=True))
         self.layer1 = Block(8, norm)
-        self.down = nn.Sequential(*conv_bn(8, 16, 2, norm), nn.ReLU())
+        self.down = nn.Sequential(*conv_bn(8, 16, 3, 2, norm=norm), nn.ReLU())
         self.layer2 = Block(16, norm)
         self.inner = nn.ModuleList([nn.Conv2d(8, 8, 1), nn.Conv2d(16, 8, 1)])
         self.outer = nn.ModuleList([nn.Conv2d(8, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1)])

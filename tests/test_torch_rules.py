@@ -18,20 +18,7 @@ from torch import nn  # noqa: E402
 import bnfold  # noqa: E402
 from bnfold import layouts  # noqa: E402
 from bnfold.report import Code, FoldKind, Refusal  # noqa: E402
-
-
-def randomize_bn(model: nn.Module, seed: int = 0) -> nn.Module:
-    """Non-trivial statistics and affine in every BN, eval mode."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.modules.batchnorm._BatchNorm):
-                c = m.num_features
-                m.running_var.copy_(torch.rand(c, generator=gen) * 1.5 + 0.5)
-                m.running_mean.copy_(torch.randn(c, generator=gen) * 0.5)
-                m.weight.copy_(torch.rand(c, generator=gen) + 0.5)
-                m.bias.copy_(torch.rand(c, generator=gen) - 0.5)
-    return model.eval()
+from tests.torch_standins import conv_bn, randomize_bn  # noqa: E402
 
 
 def run(model: nn.Module | torch.export.ExportedProgram, x: torch.Tensor) -> torch.Tensor:
@@ -468,9 +455,9 @@ def test_sum_of_convs_of_other_widths_is_a_bad_shape() -> None:
 def test_a_join_fold_that_changes_the_outputs_is_rolled_back(monkeypatch) -> None:
     # Verification guards the new kinds like every fold: a wrong split (the
     # shift given to every term) is measured, refused and undone.
-    from bnfold.torch_front.program import apply as program_apply
+    from bnfold.rules import join
 
-    monkeypatch.setattr(program_apply, "add_parts", lambda affine, count: [affine] * count)
+    monkeypatch.setattr(join, "add_parts", lambda affine, count: [affine] * count)
     model = randomize_bn(Join("add"))
     with torch.no_grad():
         expected = model(*JOIN_INPUTS)
@@ -482,12 +469,6 @@ def test_a_join_fold_that_changes_the_outputs_is_rolled_back(monkeypatch) -> Non
 
 
 # --- branch sums: RepVGG / MobileOne / RepGhost / RepViT blocks merged into one conv -------
-
-
-def conv_bn(c_in: int, c_out: int, k, stride: int = 1, groups: int = 1, **conv) -> nn.Module:
-    padding = conv.pop("padding") if "padding" in conv else k // 2 * conv.get("dilation", 1)
-    layers = nn.Conv2d(c_in, c_out, k, stride, padding, groups=groups, bias=False, **conv)
-    return nn.Sequential(layers, nn.BatchNorm2d(c_out))
 
 
 class RepVGGBlock(nn.Module):

@@ -18,7 +18,8 @@ from bnfold.cli.main import main  # noqa: E402
 from bnfold.options import VerifyOptions  # noqa: E402
 from bnfold.report import NotVerified  # noqa: E402
 from bnfold.torch_front import verify as checking  # noqa: E402
-from tests.test_torch_io import FACTORY, Net, randomize_bn, save_program  # noqa: E402
+from tests.test_torch_io import FACTORY, Net, save_program  # noqa: E402
+from tests.torch_standins import randomize_bn  # noqa: E402
 
 
 def invoke(*args: object) -> object:

@@ -3,6 +3,8 @@ need no torchvision, timm or detectron2), and helpers the torch front's tests sh
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import pytest
 import torch
 from torch import nn
@@ -25,6 +27,42 @@ def use(finder: str, monkeypatch: pytest.MonkeyPatch) -> None:
         monkeypatch.setattr(trace, "_fx_graph", broken)
     if finder == "sequential":
         monkeypatch.setattr(recorded, "record_run", broken)
+
+
+def randomize_bn(model: nn.Module, seed: int = 0, shift: bool = True) -> nn.Module:
+    """Non-trivial statistics and affine in every BN and BN-like module (any with running
+    statistics: frozen ones too), eval mode; ``shift=False`` makes each a pure scale
+    (zero mean and bias)."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if getattr(m, "running_var", None) is None:
+                continue
+            c = m.running_var.shape[0]
+            m.running_var.copy_(torch.rand(c, generator=gen) * 1.5 + 0.5)
+            mean = torch.randn(c, generator=gen) * 0.5
+            m.running_mean.copy_(mean if shift else torch.zeros(c))
+            for name, low in (("weight", 0.5), ("bias", -0.5)):
+                value = torch.rand(c, generator=gen) + low
+                if getattr(m, name, None) is not None:
+                    getattr(m, name).copy_(value if shift or name == "weight" else torch.zeros(c))
+    return model.eval()
+
+
+def conv_bn(
+    c_in: int,
+    c_out: int,
+    k,
+    stride: int = 1,
+    groups: int = 1,
+    norm: Callable[[int], nn.Module] = nn.BatchNorm2d,
+    **conv,
+) -> nn.Sequential:
+    """Conv2d (no bias; padding ``k // 2`` times the dilation unless given) -> ``norm``
+    (BatchNorm2d unless given) of its output channels."""
+    padding = conv.pop("padding") if "padding" in conv else k // 2 * conv.get("dilation", 1)
+    layers = nn.Conv2d(c_in, c_out, k, stride, padding, groups=groups, bias=False, **conv)
+    return nn.Sequential(layers, norm(c_out))
 
 
 def trained_like(model: nn.Module, seed: int = 0) -> nn.Module:

@@ -100,15 +100,23 @@ def why_unpaired(feed: Feed) -> tuple[Code, str]:
     chain reaches, or feeds it directly; OP_BETWEEN when other ops do;
     STANDALONE when nothing linear feeds it.
     """
+    code = unpaired_code(feed)
     if feed.linear:
-        code = Code.NONLINEAR_INPUT if feed.through_nonlinear else Code.OP_BETWEEN
         chain = " -> ".join(reversed(feed.between))
         return code, f"{chain} between {feed.linear} and {feed.affine}"
-    if feed.nonlinear:
-        return Code.NONLINEAR_INPUT, (
+    if code is Code.NONLINEAR_INPUT:
+        return code, (
             f"input comes from {feed.source}; a BatchNorm cannot be folded across a nonlinearity"
         )
-    return Code.STANDALONE, f"input comes from {feed.source}, not a linear op; left as is"
+    return code, f"input comes from {feed.source}, not a linear op; left as is"
+
+
+def unpaired_code(feed: Feed) -> Code:
+    """The code of :func:`why_unpaired`, for a front that words the detail of a BN fed
+    by no linear op in its own terms (the eager front names modules)."""
+    if feed.linear:
+        return Code.NONLINEAR_INPUT if feed.through_nonlinear else Code.OP_BETWEEN
+    return Code.NONLINEAR_INPUT if feed.nonlinear else Code.STANDALONE
 
 
 _READING = frozenset(
@@ -121,8 +129,18 @@ _READING = frozenset(
 _TORCH = frozenset({Code.NO_RUNNING_STATS, Code.OP_BETWEEN, Code.UNTRACEABLE})
 
 _ONNX = _READING
-_EAGER = _READING | _TORCH | {Code.REUSED_MODULE, Code.PARAMETRIZED, Code.HOOKED}
-_PT2 = (_READING | _TORCH) - {Code.UNTRACEABLE, Code.SHARED_WEIGHT}  # .pt2 clones shared weights
+# An eager weight that is no Parameter is PARAMETRIZED, and torch builds no module whose
+# groups do not divide its channels: NOT_CONSTANT and BAD_GROUPS never reach that front.
+_EAGER = (_READING - {Code.NOT_CONSTANT, Code.BAD_GROUPS}) | _TORCH | {
+    Code.REUSED_MODULE, Code.PARAMETRIZED, Code.HOOKED,
+}  # fmt: skip
+# .pt2 clones shared weights. An exported BN computes only on floats beside a float op, with
+# statistics and affine of its channel count, and without running statistics only in training
+# (TRAINING_MODE); torch builds no conv whose groups do not divide its channels.
+_PT2 = (_READING | _TORCH) - {
+    Code.UNTRACEABLE, Code.SHARED_WEIGHT, Code.UNSUPPORTED_DTYPE, Code.BAD_SHAPE,
+    Code.NO_RUNNING_STATS, Code.BAD_GROUPS,
+}  # fmt: skip
 
 FAMILY = Family(
     "adjacent",

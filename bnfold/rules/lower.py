@@ -6,7 +6,7 @@ Produces: ``x * s + t`` (mul-add, ``s`` and ``t`` shaped ``[C, 1, ...]`` to broa
           affine in float64 cast once. A conv needs what :func:`conv_form_note` checks;
           otherwise mul-add, with that note.
 Refuses (the BN stays; its fold refusal is extended):
-  UNKNOWN_RANK   (ONNX, .pt2) the input's rank is unknown, so no constant shape is
+  UNKNOWN_RANK   (ONNX) the input's rank is unknown, so no constant shape is
                  sure to broadcast on axis 1
   BAD_SHAPE      (ONNX) the input has no channel axis
   BAD_VALUES     the affine is not finite, or does not fit the dtype
@@ -92,7 +92,8 @@ FAMILY = Family(
     {
         "onnx": frozenset(_ONNX),
         "eager": frozenset({Code.PARAMETRIZED, Code.HOOKED, Code.BAD_VALUES}),
-        "pt2": frozenset({Code.NOT_CONSTANT, Code.UNKNOWN_RANK, Code.BAD_VALUES}),
+        # every node of an exported program carries its traced value: its rank is known
+        "pt2": frozenset({Code.NOT_CONSTANT, Code.BAD_VALUES}),
     },
     __doc__ or "",
 )

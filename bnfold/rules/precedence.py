@@ -8,9 +8,10 @@ folds reach their fixpoint. A later family is asked only when the earlier refusa
 leaves room for it (:func:`nothing_beside`), and a BN that folds neither after
 nor before is reported with both reasons (:func:`explain_both`).
 
-The eager front asks ``join`` before ``branch_sum`` (a module-level matcher whose
-tap refusal then replaces the join's): the one exception, kept explicit in
-:data:`EAGER_ORDER` until that front adopts these rules.
+The eager front asks ``join`` before ``branch_sum`` (its tap matcher works on
+modules, and a tap refusal then replaces the join's, which says less): the one
+exception, kept explicit in :data:`EAGER_ORDER` and followed by
+:mod:`bnfold.torch_front.eager_match`.
 """
 
 from __future__ import annotations
@@ -24,6 +25,8 @@ ORDER = ("adjacent", "batch_merge", "pool", "branch_sum", "join", "before")
 
 EAGER_ORDER = ("adjacent", "batch_merge", "pool", "join", "branch_sum", "before")
 """The eager front's order today: ``join`` before ``branch_sum``."""
+
+_ARROW = " -> "  # between the names of a site's label (:attr:`bnfold.sites.Site.label`)
 
 # No linear op beside the BN at all: a branch sum or a join may still hold it.
 _NOTHING_BESIDE = frozenset({Code.STANDALONE, Code.NONLINEAR_INPUT})
@@ -49,9 +52,21 @@ def after_leads(after: Code) -> bool:
     return after not in _WEAK_AFTER
 
 
-def explain_both(after: Refusal, before: Refusal, reader: str, lead_after: bool) -> Refusal:
+def explain_both(
+    after: Refusal, before: Refusal, reader: str | None = None, lead_after: bool | None = None
+) -> Refusal:
     """One refusal for a BN that folds neither after the op feeding it nor before
-    ``reader``, the op reading it: the leading refusal, with the other's reason."""
+    ``reader``, the op reading it: the leading refusal, with the other's reason.
+
+    By default ``reader`` is the last name of the before refusal's label
+    (``"bn -> flatten -> fc"``: fc), and the after refusal leads when it says more
+    than that nothing linear feeds the BN (:func:`after_leads`): how the torch
+    fronts ask. The ONNX front names the reader itself and lets a join it found lead.
+    """
+    if reader is None:
+        reader = before.site.rpartition(_ARROW)[2]
+    if lead_after is None:
+        lead_after = after_leads(after.code)
     if not lead_after:
         return replace(before, detail=f"{before.detail} (and {after.detail})")
     return replace(after, detail=f"{after.detail}; nor before {reader}: {before.detail}")

@@ -44,7 +44,7 @@ from bnfold.core.geometry import ConvGeometry, per_axis, torch_pads
 from bnfold.core.layouts import LayoutError
 from bnfold.core.reparam import Branch, Tap, merge_branches
 from bnfold.options import Rounding
-from bnfold.report import Code, Folded, FoldKind, Refusal
+from bnfold.report import Code, FoldKind, Refusal
 from bnfold.rules import branch_sum as rule
 from bnfold.rules.branch_sum import SumTree, TreeOp, centred_in, identity_tap_misfit, same_geometry
 from bnfold.rules.family import Refused
@@ -60,18 +60,17 @@ from bnfold.torch_front.aten_graph import (
     is_linear_op,
     item_source,
     layout_of,
-    owner_path,
     remove_bn,
     replace_arg,
     traced_shape,
     uses_batch_stats,
 )
+from bnfold.torch_front.program.sites import FINDER, MergeSite, bn_path, linear_path, op_name
 from bnfold.torch_front.tensors import as_parameter, to_float64
 
 aten = torch.ops.aten
 
 Tree = SumTree[fx.Node, object]
-_FINDER = "exported_program"
 
 _TREE_OPS: dict[object, TreeOp] = {
     aten.add.Tensor: "add",
@@ -189,50 +188,6 @@ class FxSums:
         return len(shape) if shape else None
 
 
-@dataclass(frozen=True)
-class MergeSite:
-    """A branch sum that merges: its report sites, and its nodes by name (stable across
-    fresh ``ep.module()`` copies)."""
-
-    merge: Site  # the survivor, the top node and the signed terms (keys: the conv nodes)
-    taps: tuple[Site, ...]  # one per identity BN (keys: its node)
-    trailing: Site | None  # a BN after the tree (keys: its node)
-    pattern: str  # "conv2d+conv2d+batch_norm+add"
-    conv_op: str  # "conv2d", "convolution"
-
-    @property
-    def kind(self) -> FoldKind:
-        return FoldKind.REPARAM
-
-    @property
-    def site(self) -> str:
-        return self.merge.label
-
-    @property
-    def top_node(self) -> str:
-        return self.merge.join
-
-    @property
-    def bn_nodes(self) -> tuple[str, ...]:
-        """The BN nodes the merge removes: the identities and a BN after the sum."""
-        after = () if self.trailing is None else self.trailing.keys
-        return (*(key for tap in self.taps for key in tap.keys), *after)
-
-    def entries(self, bytes_added: int) -> list[Folded]:
-        """One ``identity_tap`` per identity BN, an ``adjacent`` BN after the sum, the merge."""
-        folded = [tap.folded("batch_norm+add") for tap in self.taps]  # an add tops a tree
-        if self.trailing is not None:
-            folded.append(self.trailing.folded(f"{self.conv_op}+add+batch_norm"))
-        return [*folded, self.merge.folded(self.pattern, bytes_added)]
-
-    def refusals(self, code: Code, detail: str) -> list[Refusal]:
-        """The merge not made: one refusal per BN it would have removed (each BN left is
-        named by one), or one for the sum when it has none."""
-        sites = [Site(FoldKind.IDENTITY_TAP, bn=t.bn, between=self.top_node) for t in self.taps]
-        sites += [] if self.trailing is None else [self.trailing]
-        return [s.refusal(code, detail) for s in sites or [self.merge]]
-
-
 @dataclass(frozen=True, eq=False)  # holds tensors: never compared
 class _Merge:
     """A checked merge: the site, its nodes and the merged parameters, cast."""
@@ -279,7 +234,7 @@ def why_not_tap(gm: fx.GraphModule, bn: fx.Node) -> Refusal | None:
         if tree is not None and bn in tree.identities:
             _plan(gm, top, Rounding.NEAREST)
     except Refused as refused:
-        site = Site(FoldKind.IDENTITY_TAP, bn=_bn_path(bn), between=top.name)
+        site = Site(FoldKind.IDENTITY_TAP, bn=bn_path(bn), between=top.name)
         return site.refusal(refused.code, refused.detail)
     return None
 
@@ -300,9 +255,9 @@ def apply_merge(gm: fx.GraphModule, site: MergeSite, rounding: Rounding) -> int:
     try:
         merge = None if top is None else _plan(gm, top, rounding)
     except Refused as refused:
-        raise Unfoldable(f"{site.site}: {refused.detail}") from None
+        raise Unfoldable(f"{site.label}: {refused.detail}") from None
     if merge is None or merge.site != site:
-        raise Unfoldable(f"{site.site}: the sum is no longer the one planned")
+        raise Unfoldable(f"{site.label}: the sum is no longer the one planned")
     return _rewrite(gm, merge)
 
 
@@ -384,21 +339,21 @@ def _plan(gm: fx.GraphModule, top: fx.Node, rounding: Rounding) -> _Merge | None
 
 
 def _site(tree: Tree, survivor: fx.Node, trailing: fx.Node | None) -> MergeSite:
-    conv, top = _conv_path(survivor), tree.top.name
-    terms = tree.signed_terms(lambda n: _bn_path(n) if n.target in BN_OPS else _conv_path(n))
+    conv, top = linear_path(survivor), tree.top.name
+    terms = tree.signed_terms(lambda n: bn_path(n) if n.target in BN_OPS else linear_path(n))
     keys = tuple(c.name for c in tree.convs)
-    merge = Site(FoldKind.REPARAM, (conv,), top, join=top, terms=terms, finder=_FINDER, keys=keys)
+    merge = Site(FoldKind.REPARAM, (conv,), top, join=top, terms=terms, finder=FINDER, keys=keys)
     taps = tuple(
-        Site(FoldKind.IDENTITY_TAP, (conv,), _bn_path(bn), finder=_FINDER, keys=(bn.name,))
+        Site(FoldKind.IDENTITY_TAP, (conv,), bn_path(bn), finder=FINDER, keys=(bn.name,))
         for bn in tree.identities
     )
     after = None
     if trailing is not None:
-        after = Site(FoldKind.ADJACENT, (conv,), _bn_path(trailing), top, finder=_FINDER,
+        after = Site(FoldKind.ADJACENT, (conv,), bn_path(trailing), top, finder=FINDER,
                      keys=(trailing.name,))  # fmt: skip
-    ops = [_op_name(survivor)] * len(tree.convs) + ["batch_norm"] * len(tree.identities)
+    ops = [op_name(survivor)] * len(tree.convs) + ["batch_norm"] * len(tree.identities)
     tree_ops = list(dict.fromkeys(_TREE_OPS[op.target] for op in tree.ops))  # top first
-    return MergeSite(merge, taps, after, "+".join([*ops, *tree_ops]), _op_name(survivor))
+    return MergeSite(merge, taps, after, "+".join([*ops, *tree_ops]), op_name(survivor))
 
 
 def _views_constant(node: fx.Node) -> bool:
@@ -412,20 +367,6 @@ def _views_constant(node: fx.Node) -> bool:
 def _is_number(value: object) -> bool:
     """A Python int or float operand (not a bool): a constant of the tree."""
     return type(value) in (int, float)
-
-
-def _conv_path(conv: fx.Node) -> str:
-    return owner_path(conv.args[1:3]) or conv.name
-
-
-def _bn_path(bn: fx.Node) -> str:
-    return owner_path(bn.args[1:5]) or bn.name
-
-
-def _op_name(conv: fx.Node) -> str:
-    """ "conv2d"; a decomposed ``convolution`` is named by its layout ("Conv")."""
-    name = str(conv.target).split(".")[1]
-    return str(layout_of(conv).op) if name == "convolution" else name
 
 
 def _is_conv(node: fx.Node) -> bool:

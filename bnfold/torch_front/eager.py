@@ -86,7 +86,8 @@ def checked(root: nn.Module, pair: AnyPair, roles: Roles, calls: Calls) -> AnyPa
                          after its affine (OP_BETWEEN for other children)
       HOOKED             forward (pre-)hooks on either module
       UNSUPPORTED_DTYPE  the weight is not floating point
-      BAD_SHAPE          BN statistics do not match the linear output channels
+      BAD_SHAPE          BN statistics do not match the linear output channels, or
+                         one another
       NOT_PER_CHANNEL    the linear output's channels are not on BN's axis 1
                          (e.g. Linear on a 3-D input followed by BatchNorm1d);
                          before: the BN's channels are not the op's input channels
@@ -108,15 +109,15 @@ def checked(root: nn.Module, pair: AnyPair, roles: Roles, calls: Calls) -> AnyPa
     """
     bn = _module(root, pair.bn)
     for linear in pair.linears:
-        one, lin = Pair(linear, pair.bn, pair.finder), _module(root, linear)
+        one, lin = Pair.of(linear, pair.bn, pair.finder), _module(root, linear)
         for check in (_training, _running_stats, _parametrized, _hooks, _dtype):
             if found := check(one, lin, bn, roles):
-                return Refusal(pair.site, *found)
+                return pair.refusal(*found)
     kept = kept_children(root, pair, calls)
     if isinstance(kept, tuple):
-        return Refusal(pair.site, *kept)
+        return pair.refusal(*kept)
     if found := _shape_refusal(root, pair, bn, roles, calls):
-        return Refusal(pair.site, *found)
+        return pair.refusal(*found)
     if isinstance(pair, TapPair):
         return pair
     if isinstance(pair, Pair):
@@ -129,9 +130,13 @@ def kept_children(root: nn.Module, pair: AnyPair, calls: Calls) -> After | tuple
 
     They run after the BN's affine, so only a fold into the op before the BN
     keeps the forward: before the op after it, or as a term of a sum, they
-    would sit between the affine and that op.
+    would sit between the affine and that op. BAD_SHAPE when the BN's tensors
+    do not all hold one value per channel (a look-alike's forward may broadcast
+    one value): it has no per-channel affine to look behind.
     """
     bn = _module(root, pair.bn)
+    if found := _bn_shape(pair, bn):  # one value broadcast to every channel: no affine per channel
+        return found
     try:
         affine = bn_affine(bn)
     except Unfoldable:
@@ -158,7 +163,7 @@ def _shape_refusal(root: nn.Module, pair: AnyPair, bn: Any, roles: Roles, calls:
     if isinstance(pair, JoinPair):
         return _join_shapes(root, pair, bn, calls)
     lin = _module(root, pair.linear)
-    one = Pair(pair.linear, pair.bn, pair.finder)
+    one = Pair.of(pair.linear, pair.bn, pair.finder)
     if isinstance(pair, TapPair):  # the conv's geometry was checked when it was chosen
         return _shape(one, lin, bn, roles) or _out_rank(one, lin, calls)
     if pair.before:
@@ -250,7 +255,7 @@ def _join_shapes(root: nn.Module, pair: JoinPair, bn: Any, calls: Calls) -> Foun
     """Every term has its channels on axis 1; an add's widths agree, a cat joins axis 1."""
     lins = [_module(root, linear) for linear in pair.linears]
     for linear, lin in zip(pair.linears, lins, strict=True):
-        if found := _out_rank(Pair(linear, pair.bn, pair.finder), lin, calls):
+        if found := _out_rank(Pair.of(linear, pair.bn, pair.finder), lin, calls):
             return found
     channels = tuple(out_channels(lin) for lin in lins)
     kind: Literal["add", "cat"] = "cat" if pair.join == "cat" else "add"
@@ -264,7 +269,7 @@ def _join_shapes(root: nn.Module, pair: JoinPair, bn: Any, calls: Calls) -> Foun
     return _stats_fit(pair.bn, bn, join.bn_channels)
 
 
-def _bn_shape(pair: Pair, bn: Any) -> Found:
+def _bn_shape(pair: AnyPair, bn: Any) -> Found:
     """The BN's tensors all have as many channels as its running mean."""
     return _stats_fit(pair.bn, bn, int(bn.running_mean.shape[0]))
 

@@ -14,11 +14,15 @@ is the same pair.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import replace
 
 from torch import nn
 
-from bnfold.report import Code, Refusal
+from bnfold.report import Code, FoldKind, Refusal
+from bnfold.rules.adjacent import Feed, unpaired_code, why_unpaired
+from bnfold.rules.precedence import EAGER_ORDER, explain_both
+from bnfold.sites import Site
 from bnfold.torch_front.eager_pairs import AnyPair, JoinPair, Pair, Scan
 from bnfold.torch_front.eager_taps import match_tap
 from bnfold.torch_front.modules import BN, LINEAR, Calls, Roles
@@ -45,11 +49,9 @@ def match_graph(traced: Traced, roles: Roles, calls: Calls, finder: str, root: n
 
 
 def prefer_before(after: Refusal, before: Pair | Refusal | None) -> Pair | Refusal:
-    """The before pair if there is one; else the refusal that explains the most.
-
-    As on the ONNX front: a BN with nothing linear before it is best explained by
-    why it cannot fold after it; otherwise the after refusal leads.
-    """
+    """The before pair if there is one (it remembers ``after``, to explain itself
+    should its checks refuse it); else the refusal that explains the most
+    (:func:`bnfold.rules.precedence.explain_both`)."""
     if before is None:
         return after
     if isinstance(before, Pair):
@@ -57,23 +59,16 @@ def prefer_before(after: Refusal, before: Pair | Refusal | None) -> Pair | Refus
     return explain_both(after, before)
 
 
-def explain_both(after: Refusal, before: Refusal) -> Refusal:
-    """One refusal for a BN that folds neither after nor before: the more telling code leads."""
-    if after.code in (Code.STANDALONE, Code.NONLINEAR_INPUT, Code.UNTRACEABLE):
-        return replace(before, detail=f"{before.detail} (and {after.detail})")
-    last = before.site.rpartition(" -> ")[2]
-    return replace(after, detail=f"{after.detail}; nor before {last}: {before.detail}")
-
-
 def _match_bn(bn: str, graph: SiteGraph, calls: Calls) -> AnyPair | Refusal:
     """One pair or refusal for a BN module, whichever number of times it ran.
 
-    Each call of the BN is matched on its own: after the op feeding it (also
-    through a pool), else after a join of linear ops (:func:`_match_join`), else
-    as the identity term of a branch sum
-    (:func:`~bnfold.torch_front.eager_taps.match_tap`), else before the op
-    reading it. The module folds only if every call is the same pair (see
-    :func:`_same_pair_every_call`).
+    Each call of the BN is matched on its own, the families asked in
+    :data:`~bnfold.rules.precedence.EAGER_ORDER`: after the op feeding it (also
+    through a reshape or a pool: ``adjacent``, ``batch_merge``, ``pool``), else
+    after a join of linear ops (:func:`_match_join`), else as the identity term
+    of a branch sum (:func:`~bnfold.torch_front.eager_taps.match_tap`), else
+    before the op reading it. The module folds only if every call is the same
+    pair (see :func:`_same_pair_every_call`).
     """
     if refusal := bn_call_refusal(bn, calls):
         return refusal
@@ -91,7 +86,7 @@ def _match_bn(bn: str, graph: SiteGraph, calls: Calls) -> AnyPair | Refusal:
         return after
     # A refusal of a later matcher explains more: an identity BN of a branch sum
     # often reads a join (a residual) too, and then is best told as a tap.
-    for matcher in (_match_join, match_tap):
+    for _family, matcher in BESIDE_AFTER:
         results = [matcher(site, graph) for site in bn_calls]
         if all(r is not None for r in results):  # every call is such a site
             beyond = _same_pair_every_call(bn, [r for r in results if r is not None], calls)
@@ -126,7 +121,7 @@ def _same_pair_every_call(
     for linear in pair.linears:
         if calls.of(linear) != len(results):
             detail = reused_detail(linear, calls.of(linear), pair.bn, len(results))
-            return Refusal(pair.site, Code.REUSED_MODULE, detail)
+            return pair.refusal(Code.REUSED_MODULE, detail)
     return pair
 
 
@@ -155,12 +150,12 @@ def _match_after(site: CallSite, graph: SiteGraph) -> Pair | Refusal:
     linear = producer.owner
     pool = nodes[between].pool if between else None
     label = (pool.label if pool else reshape_label(nodes[between].op)) if between else ""
-    pair = Pair(linear, bn, graph.finder, between=label, pool=pool)
+    pair = Pair.of(linear, bn, graph.finder, between=label, pool=pool)
     if pool is not None and (others := other_consumers([between], group, nodes)):
-        return Refusal(pair.site, Code.BRANCHING, f"{label} output is also read by {others}")
+        return pair.refusal(Code.BRANCHING, f"{label} output is also read by {others}")
     readers = group | ({between} if between else set())
     if others := other_consumers(graph.groups[(linear, producer.call)], readers, nodes):
-        return Refusal(pair.site, Code.BRANCHING, f"{linear} output is also read by {others}")
+        return pair.refusal(Code.BRANCHING, f"{linear} output is also read by {others}")
     return graph.weights_private(pair)
 
 
@@ -194,25 +189,25 @@ def _match_join(site: CallSite, graph: SiteGraph) -> JoinPair | Refusal | None:
         return None
     terms = [nodes[t] for t in join.terms]
     owners = [t.owner if t.owner and graph.roles.of(t.owner) == LINEAR else None for t in terms]
-    pair = JoinPair(tuple(o or t for o, t in zip(owners, join.terms, strict=True)), bn,
-                    graph.finder, join.kind, join.dim)  # fmt: skip
+    linears = [o or t for o, t in zip(owners, join.terms, strict=True)]
+    pair = JoinPair.of(linears, bn, graph.finder, join.kind, join.dim)
     if None in owners:
         term = terms[owners.index(None)]
         detail = f"the {join.kind} before {bn} reads {term.op}, not a conv or linear module"
-        return Refusal(pair.site, Code.NOT_LINEAR_TERM, detail)
+        return pair.refusal(Code.NOT_LINEAR_TERM, detail)
     if len(set(join.terms)) < len(join.terms):
         detail = f"the {join.kind} before {bn} reads one output of {pair.linear} twice"
-        return Refusal(pair.site, Code.NOT_LINEAR_TERM, detail)
+        return pair.refusal(Code.NOT_LINEAR_TERM, detail)
     if len(set(owners)) < len(owners):
         detail = f"one module makes two terms of the {join.kind} before {bn}: one weight, two parts"
-        return Refusal(pair.site, Code.REUSED_MODULE, detail)
+        return pair.refusal(Code.REUSED_MODULE, detail)
     if others := other_consumers([entries[0]], group, nodes):
-        return Refusal(pair.site, Code.BRANCHING, f"the {join.kind} is also read by {others}")
+        return pair.refusal(Code.BRANCHING, f"the {join.kind} is also read by {others}")
     for term, owner in zip(terms, owners, strict=True):
         assert owner is not None
         calls = graph.groups[(owner, term.call)]
         if others := other_consumers(calls, {entries[0]}, nodes):
-            return Refusal(pair.site, Code.BRANCHING, f"{owner} output is also read by {others}")
+            return pair.refusal(Code.BRANCHING, f"{owner} output is also read by {others}")
     return graph.weights_private(pair)
 
 
@@ -250,7 +245,7 @@ def _match_before(site: CallSite, graph: SiteGraph) -> Pair | Refusal | None:
     lin_group = set(groups[(linear, reader.call)])
     if len({i for n in lin_group for i in nodes[n].inputs if i not in lin_group}) != 1:
         return None
-    pair = Pair(linear, bn, graph.finder, before=True, between=between)
+    pair = Pair.of(linear, bn, graph.finder, before=True, between=between)
     return graph.weights_private(pair)
 
 
@@ -262,23 +257,53 @@ def bn_call_refusal(bn: str, calls: Calls) -> Refusal | None:
 
 
 def _why_no_linear(bn: str, start: str, nodes: dict[str, Node], roles: Roles) -> Refusal:
-    """Walk back a single-input chain of ops to explain why the BN cannot fold."""
+    """Why the BN cannot fold after ``start``, the op feeding it, which is no linear
+    module (:func:`bnfold.rules.adjacent.why_unpaired`, the ops between named as
+    traced; a BN fed by no linear op at all is told in module terms)."""
+    chain, linear = _chain_to_linear(start, nodes, roles)
+    first = nodes[start]
+    fed_by_bn = first.owner is not None and roles.of(first.owner) == BN
+    feed = Feed(
+        first.op,
+        nonlinear=not fed_by_bn and is_nonlinear(first.op),
+        between=tuple(chain),
+        linear=linear,
+        affine=bn,
+        through_nonlinear=any(map(is_nonlinear, chain)),
+    )
+    if linear:
+        return Site(FoldKind.ADJACENT, (linear,), bn).refusal(*why_unpaired(feed))
+    code = unpaired_code(feed)
+    if fed_by_bn:
+        return Refusal(bn, code, f"{bn} is fed by BatchNorm {first.owner}")
+    if code is Code.NONLINEAR_INPUT:
+        return Refusal(bn, code, f"{bn} is fed by {first.op}")
+    return Refusal(bn, code, f"no linear op feeds {bn} (input from {first.op})")
+
+
+def _chain_to_linear(start: str, nodes: dict[str, Node], roles: Roles) -> tuple[list[str], str]:
+    """The ops of the single-input chain from ``start`` back to a linear module, nearest
+    the BN first, and that module ("" when the chain ends elsewhere, or after 16 ops)."""
     chain: list[str] = []
     name = start
     while len(chain) < 16:
         node = nodes[name]
         if node.owner is not None and roles.of(node.owner) == LINEAR:
-            site = f"{node.owner} -> {bn}"
-            between = " -> ".join(reversed(chain))
-            code = Code.NONLINEAR_INPUT if any(map(is_nonlinear, chain)) else Code.OP_BETWEEN
-            return Refusal(site, code, f"{between} between {node.owner} and {bn}")
+            return chain, node.owner
         if node.owner is not None or len(node.inputs) != 1:
             break
         chain.append(node.op)
         name = node.inputs[0]
-    first = nodes[start]
-    if first.owner is not None and roles.of(first.owner) == BN:
-        return Refusal(bn, Code.STANDALONE, f"{bn} is fed by BatchNorm {first.owner}")
-    if is_nonlinear(first.op):
-        return Refusal(bn, Code.NONLINEAR_INPUT, f"{bn} is fed by {first.op}")
-    return Refusal(bn, Code.STANDALONE, f"no linear op feeds {bn} (input from {first.op})")
+    return chain, ""
+
+
+Matcher = Callable[[CallSite, SiteGraph], AnyPair | Refusal | None]
+
+_BESIDE: dict[str, Matcher] = {"join": _match_join, "branch_sum": match_tap}
+
+BESIDE_AFTER: tuple[tuple[str, Matcher], ...] = tuple(
+    (family, _BESIDE[family]) for family in EAGER_ORDER if family in _BESIDE
+)
+"""The families asked, with their matchers, when a BN folds after no op: in
+:data:`~bnfold.rules.precedence.EAGER_ORDER`, the join of linear modules feeding
+it, then the branch sum it is a term of."""

@@ -4,6 +4,16 @@ centred tap (:class:`~bnfold.torch_front.eager_pairs.TapPair`), in a traced site
 The eager twin of the ``.pt2`` merge walk in :mod:`bnfold.torch_front.branch_sum`:
 here the sum stays (eager forward() cannot be rewritten), and only the BN's
 term moves into one conv.
+
+Why this is not :func:`bnfold.rules.branch_sum.sum_tree` over a view of the site
+graph: a tap keeps the sum, so it asks less of the tree than a merge, and the
+answers differ. A merge's tree tops only at an add (a subtraction merged at the
+top would fail verification's bound); a tap tops at RepMixer's ``mixer(x) - norm(x)``
+too. A merge needs every leaf to read one input; a tap needs only its conv to
+read the BN's ``x`` (``conv(x) + bn(x) + other(y)``). A merge carries per-channel
+coefficients through multiplications by constants; a tap moves the BN's term by
+its sign alone, so ``0.5 * conv(x) + bn(x)`` is no tap. Sharing the walk would
+change which BNs fold on this front.
 """
 
 from __future__ import annotations
@@ -57,7 +67,7 @@ def match_tap(site: CallSite, graph: SiteGraph) -> TapPair | Refusal | None:
     if not convs or not mine:
         return None
     ranked = sorted(convs, key=lambda t: -_kernel_size(graph, _owner_of(t, nodes)))
-    first = f"{bn} -> {_owner_of(ranked[0], nodes)}"
+    first = TapPair.of(_owner_of(ranked[0], nodes), bn, graph.finder).site
     if others := other_consumers(list(group), {mine[0].reader}, nodes):
         return Refusal(first, Code.BRANCHING, f"{bn} output is also read by {others}")
     if len(mine) != 1:
@@ -65,11 +75,11 @@ def match_tap(site: CallSite, graph: SiteGraph) -> TapPair | Refusal | None:
     refusals = []
     for term in ranked:
         conv = _owner_of(term, nodes)
-        pair = TapPair(conv, bn, graph.finder, sign=term.sign * mine[0].sign)
+        pair = TapPair.of(conv, bn, graph.finder, sign=term.sign * mine[0].sign)
         found = _tap_misfit(term, terms, graph)
         if found is None:
             return graph.weights_private(pair)
-        refusals.append(Refusal(pair.site, *found))
+        refusals.append(pair.refusal(*found))
     return refusals[0]
 
 

@@ -11,10 +11,13 @@ from __future__ import annotations
 from torch import nn
 
 from bnfold.report import Code, Refusal
+from bnfold.sites import site_label
 from bnfold.torch_front.eager_match import bn_call_refusal, prefer_before, reused_detail
 from bnfold.torch_front.eager_pairs import Pair, Scan
 from bnfold.torch_front.modules import BN, LINEAR, Calls, Roles
 from bnfold.torch_front.site_graph import is_nonlinear
+
+_FINDER = "sequential"
 
 
 def match_sequential(root: nn.Module, roles: Roles, calls: Calls) -> Scan:
@@ -24,12 +27,12 @@ def match_sequential(root: nn.Module, roles: Roles, calls: Calls) -> Scan:
     Sequential: then every call of each was the Sequential's, and the only way
     the linear output reached anything is the Sequential feeding it to the BN.
     """
-    scan = Scan("sequential")
+    scan = Scan(_FINDER)
     seen: set[str] = set()
     for path, m in root.named_modules():
         if isinstance(m, nn.Sequential) and type(m).forward is nn.Sequential.forward:
-            for result in _match_in_sequential(path, m, roles, calls):
-                seen.add(result.bn if isinstance(result, Pair) else result.site.split(" -> ")[-1])
+            for bn, result in _match_in_sequential(path, m, roles, calls):
+                seen.add(bn)  # not from the label: a before site's ends in the linear module
                 scan.add(result)
     for bn in roles.bns():
         if bn not in seen:
@@ -42,9 +45,9 @@ def match_sequential(root: nn.Module, roles: Roles, calls: Calls) -> Scan:
 
 def _match_in_sequential(
     path: str, seq: nn.Sequential, roles: Roles, calls: Calls
-) -> list[Pair | Refusal]:
-    """A pair or refusal for each BN child of ``seq``: after its neighbour, else before."""
-    out: list[Pair | Refusal] = []
+) -> list[tuple[str, Pair | Refusal]]:
+    """Each BN child of ``seq`` with its pair or refusal: after its neighbour, else before."""
+    out: list[tuple[str, Pair | Refusal]] = []
     prefix = f"{path}." if path else ""
     # A folded BN is an nn.Identity: look through it, so Conv -> BN -> BN folds twice.
     children = [
@@ -56,7 +59,7 @@ def _match_in_sequential(
         if roles.of(bn) != BN:
             continue
         if refusal := bn_call_refusal(bn, calls):
-            out.append(refusal)
+            out.append((bn, refusal))
             continue
         after: Pair | Refusal
         if i == 0:
@@ -65,7 +68,7 @@ def _match_in_sequential(
             after = _sequential_after(path, children[:i], bn, roles, calls)
         if isinstance(after, Refusal):
             after = prefer_before(after, _sequential_before(path, children[i:], roles, calls))
-        out.append(after)
+        out.append((bn, after))
     return out
 
 
@@ -80,7 +83,7 @@ def _sequential_after(
     if isinstance(prev_mod, _SEQUENTIAL_RESHAPES) and len(earlier) > 1:
         linear = earlier[-2][0]
         if roles.of(linear) == LINEAR:
-            pair = Pair(linear, bn, "sequential", between=prev)
+            pair = Pair.of(linear, bn, _FINDER, between=prev)
             return _only_through(seq, pair, calls) or pair
     return _sequential_pair(seq, prev, prev_mod, bn, roles, calls)
 
@@ -97,7 +100,7 @@ def _sequential_before(
         between, nxt = nxt[0][0], nxt[1:]
     if not nxt or roles.of(nxt[0][0]) != LINEAR:
         return None
-    pair = Pair(nxt[0][0], bn, "sequential", before=True, between=between)
+    pair = Pair.of(nxt[0][0], bn, _FINDER, before=True, between=between)
     return _only_through(seq, pair, calls) or pair
 
 
@@ -105,10 +108,10 @@ def _sequential_pair(
     seq: str, prev: str, prev_mod: nn.Module, bn: str, roles: Roles, calls: Calls
 ) -> Pair | Refusal:
     """``prev, bn`` as neighbours: a pair if ``prev`` is linear, else why not."""
-    site = f"{prev} -> {bn}"
+    site = site_label(prev, bn)
     kind = type(prev_mod).__name__
     if roles.of(prev) == LINEAR:
-        pair = Pair(prev, bn, "sequential")
+        pair = Pair.of(prev, bn, _FINDER)
         return _only_through(seq, pair, calls) or pair
     if is_nonlinear(kind):
         return Refusal(site, Code.NONLINEAR_INPUT, f"{bn} follows {kind}")
@@ -122,8 +125,8 @@ def _only_through(seq: str, pair: Pair, calls: Calls) -> Refusal | None:
     runs = calls.of(seq)
     if calls.of(pair.bn) != runs:
         detail = f"{pair.bn} ran {calls.of(pair.bn)} times, {seq or 'the root'} {runs}"
-        return Refusal(pair.site, Code.UNTRACEABLE, f"{detail}: it is also called directly")
+        return pair.refusal(Code.UNTRACEABLE, f"{detail}: it is also called directly")
     if calls.of(pair.linear) != runs:
         detail = reused_detail(pair.linear, calls.of(pair.linear), pair.bn, runs)
-        return Refusal(pair.site, Code.REUSED_MODULE, detail)
+        return pair.refusal(Code.REUSED_MODULE, detail)
     return None

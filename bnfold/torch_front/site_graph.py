@@ -151,9 +151,8 @@ class SiteGraph:
         for linear in pair.linears:
             own = {f"{a}.{p}" for a in self.roles.aliases[linear] for p in ("weight", "bias")}
             if shared := sorted(self.traced.outside_reads & own):
-                return Refusal(
-                    pair.site, Code.SHARED_WEIGHT, f"{', '.join(shared)} also read outside {linear}"
-                )
+                detail = f"{', '.join(shared)} also read outside {linear}"
+                return pair.refusal(Code.SHARED_WEIGHT, detail)
         return pair
 
 

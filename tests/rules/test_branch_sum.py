@@ -24,7 +24,8 @@ from torch.nn import functional as F  # noqa: E402
 
 import bnfold  # noqa: E402
 from bnfold.report import FoldKind  # noqa: E402
-from tests.test_torch_rules import conv_bn, randomize_bn, run  # noqa: E402
+from tests.test_torch_rules import run  # noqa: E402
+from tests.torch_standins import conv_bn, randomize_bn  # noqa: E402
 
 # --- the tree walk over a toy graph: the rule knows no front ---------------------------
 
@@ -387,3 +388,62 @@ def test_a_pt2_conv_called_twice_and_summed_with_a_scale_merges_like_onnx() -> N
     result = fold_program(randomize_bn(Twice()), torch.randn(1, 3, 5, 5))
     assert [f.kind for f in result.report.folded] == [FoldKind.ADJACENT, FoldKind.REPARAM]
     assert call_targets(result) == ["conv2d"]
+
+
+# --- a FastViT stage: RepMixers after a GELU and after a residual add, both fronts -----
+
+
+class ConvGelu(nn.Module):
+    """A MobileOneBlock with its activation, as FastViT's stem and downsampling end."""
+
+    def __init__(self, c: int) -> None:
+        super().__init__()
+        self.block, self.act = MobileOneBranches(c), nn.GELU()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act(self.block(x))
+
+
+class ConvMlp(nn.Module):
+    """FastViT's ConvMlp, a residual: ``x + layer_scale(fc2(gelu(fc1(bn(dwconv(x))))))``."""
+
+    def __init__(self, c: int) -> None:
+        super().__init__()
+        self.conv = conv_bn(c, c, 7, groups=c, padding=3)
+        self.fc1, self.act, self.fc2 = nn.Conv2d(c, 2 * c, 1), nn.GELU(), nn.Conv2d(2 * c, c, 1)
+        self.layer_scale = LayerScale2d(c)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.layer_scale(self.fc2(self.act(self.fc1(self.conv(x)))))
+
+
+class FastVitStage(nn.Module):
+    """timm FastViT's stage layout: a GELU, then RepMixer blocks whose residual adds feed
+    the next block's RepMixer. Its first norm BN reads the GELU, the second an add: the
+    ten BNs of fastvit_t8 that the .pt2 front used to refuse (``nonlinear_input``,
+    ``not_linear_term``) sit where these two do."""
+
+    def __init__(self, c: int = 4) -> None:
+        super().__init__()
+        self.stem = ConvGelu(c)
+        self.blocks = nn.Sequential(RepMixer(c), ConvMlp(c), RepMixer(c), ConvMlp(c))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.blocks(self.stem(x))
+
+
+@pytest.mark.parametrize("front", ["eager", "pt2"])
+def test_every_bn_of_a_fastvit_stage_folds_on_both_torch_fronts(front: str) -> None:
+    torch.manual_seed(3)
+    model, x = randomize_bn(FastVitStage()), torch.randn(2, 4, 8, 8)
+    if front == "eager":
+        result = bnfold.fold(model, example_inputs=(x,))
+    else:
+        result = bnfold.fold(torch.export.export(model, (x,), strict=False))
+    assert result.verification is not None and result.verification.passed
+    torch.testing.assert_close(run(result.model, x), run(model, x), rtol=1e-5, atol=1e-5)
+    assert result.report.refused == []
+    counts = result.report.batchnorm
+    assert counts is not None and counts.left == 0
+    taps = [f.affine for f in result.report.folded if f.kind is FoldKind.IDENTITY_TAP]
+    assert {"blocks.0.norm.identity", "blocks.2.norm.identity"} <= set(taps)

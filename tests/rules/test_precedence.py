@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from bnfold.report import Code, Refusal
 from bnfold.rules import FAMILIES, precedence
 
@@ -49,3 +51,21 @@ def test_a_bns_own_reasons_leave_no_other_family_a_chance() -> None:
     assert precedence.about_the_bn(Code.TRAINING_MODE)
     assert precedence.about_the_bn(Code.NO_RUNNING_STATS)
     assert not precedence.about_the_bn(Code.BRANCHING)
+
+
+def test_by_default_the_reader_is_the_before_label_end_and_the_after_code_decides() -> None:
+    assert precedence.explain_both(AFTER_BRANCHING, BEFORE) == precedence.explain_both(
+        AFTER_BRANCHING, BEFORE, "fc", lead_after=True
+    )
+    assert precedence.explain_both(AFTER_STANDALONE, BEFORE) == precedence.explain_both(
+        AFTER_STANDALONE, BEFORE, "fc", lead_after=False
+    )
+
+
+def test_the_eager_front_asks_the_families_beside_after_in_the_eager_order() -> None:
+    pytest.importorskip("torch")
+    from bnfold.torch_front.eager_match import BESIDE_AFTER
+
+    asked = [family for family, _matcher in BESIDE_AFTER]
+    assert asked == ["join", "branch_sum"]
+    assert asked == [family for family in precedence.EAGER_ORDER if family in asked]

@@ -10,7 +10,10 @@ front cannot do without changing forward().
 
 Modules, in the order a fold runs through them:
 
-- :mod:`.match`: every BN node to a site (after, join, before) or a refusal;
+- :mod:`.sites`: the sites, :class:`bnfold.sites.Site` records naming aten
+  nodes (a branch-sum merge: a ``MergeSite``), and their report entries.
+- :mod:`.match`: every BN node to a site or a refusal, asking the families of
+  :mod:`bnfold.rules` in their order (:mod:`bnfold.rules.precedence`);
   branch-sum merges come from :mod:`bnfold.torch_front.branch_sum`.
 - :mod:`.checks`: whether a matched site's values and shapes fold exactly.
 - :mod:`.apply`: new weights and biases for a site, the BN node removed.

@@ -9,12 +9,12 @@ from torch import fx, nn
 from bnfold.affine import (
     Affine,
     Rounding,
-    add_parts,
     balanced_over,
-    concat_parts,
     fold_after,
     fold_before,
 )
+from bnfold.rules.join import JoinSpec
+from bnfold.sites import Site
 from bnfold.torch_front.aten_graph import (
     arg_node,
     bn_affine,
@@ -23,9 +23,9 @@ from bnfold.torch_front.aten_graph import (
     remove_bn,
     replace_arg,
 )
-from bnfold.torch_front.branch_sum import MergeSite, apply_merge
+from bnfold.torch_front.branch_sum import apply_merge
 from bnfold.torch_front.program.checks import out_channels
-from bnfold.torch_front.program.match import AnySite, JoinSite
+from bnfold.torch_front.program.sites import AnySite, MergeSite, bn_key, linear_keys
 from bnfold.torch_front.tensors import as_parameter, to_float64
 
 
@@ -47,22 +47,16 @@ def apply_site(gm: fx.GraphModule, site: AnySite, rounding: Rounding = Rounding.
     if isinstance(site, MergeSite):
         return apply_merge(gm, site, rounding)
     nodes = {n.name: n for n in gm.graph.nodes}
-    bn = nodes[site.bn_node]
+    bn = nodes[bn_key(site)]
+    lins = [nodes[key] for key in linear_keys(site)]
     affine = bn_affine(gm, bn)
-    if isinstance(site, JoinSite):
-        lins = [nodes[n] for n in site.linear_nodes]
-        parts = _join_parts(gm, site, lins, affine)
-        folds = [
-            _folded_params(gm, lin, part, False, rounding)
-            for lin, part in zip(lins, parts, strict=True)
-        ]
-        paths = site.linears
-    else:
-        lins = [nodes[site.linear_node]]
-        folds = [_folded_params(gm, lins[0], affine, site.before, rounding)]
-        paths = (site.linear,)
+    parts = _join_parts(gm, site, lins, affine) if site.join else [affine]
+    folds = [
+        _folded_params(gm, lin, part, site.before, rounding)
+        for lin, part in zip(lins, parts, strict=True)
+    ]
     added = 0  # every value is computed above, before anything changes
-    for lin, (new_w, new_b), path in zip(lins, folds, paths, strict=True):
+    for lin, (new_w, new_b), path in zip(lins, folds, site.linears, strict=True):
         added += replace_arg(gm, lin, 1, new_w, f"{path}.weight")
         added += replace_arg(gm, lin, 2, new_b, f"{path}.bias")
     remove_bn(gm, bn, arg_node(bn.args[0]))  # the linear op, a reshape or pool of it, the join
@@ -71,11 +65,11 @@ def apply_site(gm: fx.GraphModule, site: AnySite, rounding: Rounding = Rounding.
 
 
 def _join_parts(
-    gm: fx.GraphModule, site: JoinSite, lins: list[fx.Node], affine: Affine
+    gm: fx.GraphModule, site: Site, lins: list[fx.Node], affine: Affine
 ) -> list[Affine]:
-    if site.join == "add":
-        return add_parts(affine, len(lins))
-    return concat_parts(affine, [out_channels(gm, lin) for lin in lins])
+    """Each term's share of the BN's affine (:meth:`bnfold.rules.join.JoinSpec.parts`)."""
+    channels = tuple(out_channels(gm, lin) for lin in lins)
+    return JoinSpec(site.label, "add" if site.join == "add" else "cat", channels).parts(affine)
 
 
 def _folded_params(

@@ -6,13 +6,15 @@ Each check returns ``(Code, detail)`` or None (:data:`~bnfold.torch_front.aten_g
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 from torch import fx
 
 from bnfold import layouts
 from bnfold.affine import Unfoldable
 from bnfold.report import Code
+from bnfold.rules.batch_merge import shapes_refusal
+from bnfold.rules.before import exact_before
+from bnfold.rules.join import JoinSpec, axis_refusal
 from bnfold.torch_front import pools
 from bnfold.torch_front.aten_graph import (
     BN_OPS,
@@ -41,6 +43,9 @@ def check_pool(gm: fx.GraphModule, pool: fx.Node, bn: fx.Node) -> Found:
 
 
 def check_join(gm: fx.GraphModule, join: fx.Node, bn: fx.Node, terms: list[fx.Node]) -> Found:
+    """Every term a linear op of its own that only the join reads; the join over the
+    channels with widths that agree (:mod:`bnfold.rules.join`); the BN's statistics
+    of the joined channel count."""
     for term in terms:
         if not is_linear_op(term):
             return Code.NOT_LINEAR_TERM, f"{join.name} reads {term.target}, not a conv or linear op"
@@ -49,16 +54,21 @@ def check_join(gm: fx.GraphModule, join: fx.Node, bn: fx.Node, terms: list[fx.No
     for term in terms:
         if found := check_linear(gm, term, join, merge=False):
             return found
-    if join.target == aten.cat.default:
-        dim = int(join.args[1]) if len(join.args) > 1 else int(join.kwargs.get("dim", 0))  # type: ignore[arg-type]
-        rank = len(traced_shape(join))
-        if dim not in (1, 1 - rank):
-            return Code.NOT_PER_CHANNEL, f"{join.name} joins axis {dim}, not the channels"
-    channels = [out_channels(gm, t) for t in terms]
-    if join.target == aten.add.Tensor and len(set(channels)) != 1:
-        return Code.BAD_SHAPE, f"{join.name} sums ops of {channels} channels"
-    total = sum(channels) if join.target == aten.cat.default else channels[0]
-    return check_bn_node(bn) or check_stats(gm, bn, total)
+    spec = _join_spec(gm, join, terms)
+    if found := axis_refusal(spec):
+        return found
+    if not spec.widths_agree():
+        return Code.BAD_SHAPE, f"{join.name} sums ops of {list(spec.channels)} channels"
+    return check_bn_node(bn) or check_stats(gm, bn, spec.bn_channels)
+
+
+def _join_spec(gm: fx.GraphModule, join: fx.Node, terms: list[fx.Node]) -> JoinSpec:
+    """An add or cat node as the join rule reads it (:class:`bnfold.rules.join.JoinSpec`)."""
+    channels = tuple(out_channels(gm, t) for t in terms)
+    if join.target != aten.cat.default:
+        return JoinSpec(join.name, "add", channels)
+    dim = join.args[1] if len(join.args) > 1 else join.kwargs.get("dim", 0)
+    return JoinSpec(join.name, "cat", channels, int(dim), len(traced_shape(join)))  # type: ignore[arg-type]
 
 
 def out_channels(gm: fx.GraphModule, lin: fx.Node) -> int:
@@ -103,18 +113,17 @@ def _check_before_shapes(
 
 
 def _check_exact_before(gm: fx.GraphModule, lin: fx.Node, bn: fx.Node) -> Found:
-    """The shift reaches the bias through every tap; zeros padded in never see it."""
+    """The shift reaches the bias through every tap; zeros padded in never see it
+    (:func:`bnfold.rules.before.exact_before`)."""
     try:
         shift = bn_affine(gm, bn).shift
     except Unfoldable:
         return None  # apply_site reports it as BAD_VALUES
-    if not np.any(shift != 0):
-        return None
-    if layout_of(lin).op == "ConvTranspose":
-        return Code.ZERO_PADDING, "conv_transpose: border outputs receive fewer taps"
-    if layout_of(lin).op == "Conv" and _zero_padded(lin):
-        return Code.ZERO_PADDING, f"{lin.name} pads with zeros: the borders would see the shift"
-    return None
+    op = layout_of(lin).op
+    padded = op == "Conv" and _zero_padded(lin)
+    return exact_before(
+        shift, lin.name, transposed=op == "ConvTranspose", zero_padded=padded, affine_name="BN"
+    )
 
 
 def _zero_padded(conv: fx.Node) -> bool:
@@ -161,12 +170,8 @@ def check_bn(gm: fx.GraphModule, lin: fx.Node, bn: fx.Node, reader: fx.Node, mer
             return found
     elif merge:
         bn_in, lin_out = traced_shape(reader), traced_shape(lin)
-        if not layouts.merges_leading_axes(bn_in, lin_out):
-            detail = (
-                f"{reader.name} maps {lin_out} to {bn_in}: the BN's {bn_in[1]} channels "
-                f"are not the {lin_out[-1]} features"
-            )
-            return Code.MERGE_MOVES_CHANNEL, detail
+        if found := shapes_refusal(bn_in, lin_out, reader.name, str(lin_out)):
+            return found
         channels = bn_in[1]
     else:
         bn_in, lin_out = traced_shape(reader), traced_shape(lin)

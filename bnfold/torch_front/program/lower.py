@@ -9,6 +9,7 @@ from torch import fx
 
 from bnfold.affine import Unfoldable
 from bnfold.report import Code, FoldReport, Lowered, LowerForm, Refusal
+from bnfold.rules.lower import TORCH_TERMS, conv_form_note
 from bnfold.torch_front.aten_graph import (
     BN_OPS,
     arg_node,
@@ -33,7 +34,8 @@ def lower_left(gm: fx.GraphModule, report: FoldReport, form: LowerForm) -> None:
     Matches:  batch_norm nodes with running statistics (not training=True).
     Produces: ``add(mul(x, s), t)`` with ``s``, ``t`` of shape ``[C, 1, ...]``, or
               with ``form`` conv a 1x1 depthwise ``conv{1,2,3}d(x, s, t, groups=C)``
-              (a rank-2 input has no spatial axis: mul-add, with a note); ``s``
+              (a rank-2 input has no spatial axis: mul-add, with the note of
+              :func:`bnfold.rules.lower.conv_form_note`); ``s``
               and ``t`` are the BN's affine (:func:`bnfold.affine.bn_to_affine`)
               in float64, cast once to the input's dtype, as new attributes.
     Refuses (the BN stays, its refusal extended): NOT_CONSTANT (statistics not
@@ -68,7 +70,8 @@ def _lower_one(
     if not isinstance(traced, torch.Tensor):
         return refusal.not_lowered(Code.UNKNOWN_RANK, "the BatchNorm carries no traced shape")
     rank = traced.dim()
-    conv = _CONV_OF_RANK.get(rank) if form is LowerForm.CONV else None
+    note = conv_form_note({rank}, TORCH_TERMS) if form is LowerForm.CONV else ""
+    conv = _CONV_OF_RANK[rank] if form is LowerForm.CONV and not note else None
     like = torch.empty(0, dtype=traced.dtype, device=fetch(gm, stats[0]).device)
     try:
         affine = bn_affine(gm, bn)
@@ -91,5 +94,4 @@ def _lower_one(
             out = gm.graph.call_function(aten.add.Tensor, (product, t))
     remove_bn(gm, bn, out)
     used = LowerForm.CONV if conv is not None else LowerForm.MUL_ADD
-    note = "" if used is form else f"rank-{rank} input has no spatial axis for a conv: mul-add"
     return Lowered(owner, used, refusal.code, refusal.detail, note)

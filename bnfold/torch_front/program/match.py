@@ -7,7 +7,6 @@ exactly is checked in :mod:`bnfold.torch_front.program.checks`.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -15,25 +14,26 @@ from torch import fx
 
 from bnfold import layouts
 from bnfold.report import Code, FoldKind, Refusal
+from bnfold.rules import precedence
+from bnfold.rules.adjacent import Feed, why_unpaired
+from bnfold.sites import Site, site_label
 from bnfold.torch_front import pools
 from bnfold.torch_front.aten_graph import (
     BN_OPS,
     arg_node,
     bn_output,
     is_linear_op,
-    owner_path,
     traced_shape,
     uses_batch_stats,
 )
-from bnfold.torch_front.branch_sum import MergeSite, find_merges, why_not_tap
-from bnfold.torch_front.eager_match import explain_both
-from bnfold.torch_front.eager_pairs import site_label
+from bnfold.torch_front.branch_sum import find_merges, why_not_tap
 from bnfold.torch_front.program.checks import (
     check_before,
     check_bn,
     check_join,
     check_linear,
 )
+from bnfold.torch_front.program.sites import AnySite, adjacent_site, bn_path, join_site, linear_path
 from bnfold.torch_front.site_graph import is_eval_dropout, is_nonlinear
 
 aten = torch.ops.aten
@@ -52,64 +52,12 @@ _RESHAPE_OPS: dict[Any, str] = {
 }
 
 
-@dataclass(frozen=True)
-class Site:
-    """One foldable pair, by node names: ``linear op -> BN op``, or with ``before``
-    ``BN op -> linear op``; either possibly through ``between``, one of
-    :data:`_RESHAPE_OPS`."""
-
-    linear_node: str
-    bn_node: str
-    linear: str  # module path of the weight, e.g. "layer1.0.conv1"
-    bn: str
-    before: bool = False
-    between: str = ""  # "flatten", "view", "unsqueeze", ...
-    kind: FoldKind = FoldKind.ADJACENT
-
-    @property
-    def site(self) -> str:
-        return site_label(self.linear, self.bn, self.between, self.before)
-
-
 _JOIN_OPS: dict[Any, str] = {aten.add.Tensor: "add", aten.cat.default: "cat"}
-
-
-@dataclass(frozen=True)
-class JoinSite:
-    """``BN(add(L_a(x), L_b(y)))`` or ``BN(cat([L_a(x), L_b(y), ...], 1))``, by node names.
-
-    Each L a conv*/conv_transpose*/linear node whose only reader is the join;
-    on an add every term takes the BN's scale and the first also its shift, on
-    a cat each term takes its own channels (:func:`bnfold.affine.add_parts`,
-    :func:`bnfold.affine.concat_parts`). The join stays; the BN goes.
-    """
-
-    linear_nodes: tuple[str, ...]
-    join_node: str
-    bn_node: str
-    linears: tuple[str, ...]  # module paths of the terms' weights
-    bn: str
-    join: str  # "add" or "cat"
-
-    @property
-    def linear(self) -> str:
-        return ", ".join(self.linears)
-
-    @property
-    def site(self) -> str:
-        return f"{self.linear} -> {self.join} -> {self.bn}"
-
-    @property
-    def kind(self) -> FoldKind:
-        return FoldKind.OVER_ADD if self.join == "add" else FoldKind.OVER_CONCAT
-
-
-AnySite = Site | JoinSite | MergeSite
 
 
 def find_sites(gm: fx.GraphModule) -> tuple[list[AnySite], list[Refusal]]:
     """Every BN node of ``gm``: a foldable site or a refusal; and every branch sum
-    that merges into one conv (:class:`~bnfold.torch_front.branch_sum.MergeSite`,
+    that merges into one conv (:class:`~bnfold.torch_front.program.sites.MergeSite`,
     which takes its identity BNs and a BN after the sum along).
 
     Matches:  batch_norm(conv{1,2,3}d | conv_transpose{1,2,3}d | linear(x, W, B?))
@@ -121,7 +69,7 @@ def find_sites(gm: fx.GraphModule) -> tuple[list[AnySite], list[Refusal]]:
               batch_norm(avg_pool*d | adaptive_avg_pool*d | max_pool*d |
               adaptive_max_pool*d(conv*(x))) (:mod:`.pools`), the pool left in
               place and the BN folded into the conv before it; and
-              batch_norm(add | cat(linear ops)) into every term (:class:`JoinSite`).
+              batch_norm(add | cat(linear ops)) into every term (a join site).
     Refuses:
       TRAINING_MODE    batch_norm with training=True
       NO_RUNNING_STATS running_mean/var missing
@@ -152,22 +100,33 @@ def find_sites(gm: fx.GraphModule) -> tuple[list[AnySite], list[Refusal]]:
     refused: list[Refusal] = []
     for node in gm.graph.nodes:
         if node.op == "call_function" and node.target in BN_OPS and node.name not in merged:
-            result: Site | JoinSite | Refusal = _match(gm, node)
-            if isinstance(result, Refusal) and result.code in _NO_LINEAR_BESIDE:
-                result = why_not_tap(gm, node) or result
-            if isinstance(result, Refusal) and result.code not in _BN_ITSELF:
-                result = _match_join(gm, node) or result
-            if isinstance(result, Refusal) and result.code not in _BN_ITSELF:
-                result = _prefer_before(result, _match_before(gm, node))
-            if isinstance(result, Site | JoinSite):
+            result = _match_bn(gm, node)
+            if isinstance(result, Site):
                 sites.append(result)
             else:
                 refused.append(result)
     return sites, refused
 
 
+def _match_bn(gm: fx.GraphModule, bn: fx.Node) -> Site | Refusal:
+    """One BN, asking the families in the order of :data:`bnfold.rules.precedence.ORDER`:
+    after the op feeding it (also through a batch-merging reshape or a pool), as an
+    identity term of a branch sum, after a join, before the op reading it."""
+    result = _match(gm, bn)
+    if isinstance(result, Refusal) and precedence.nothing_beside(result.code):
+        result = why_not_tap(gm, bn) or result
+    if isinstance(result, Refusal) and not precedence.about_the_bn(result.code):
+        result = _match_join(gm, bn) or result
+    if isinstance(result, Site) or precedence.about_the_bn(result.code):
+        return result
+    before = _match_before(gm, bn)
+    if before is None or isinstance(before, Site):
+        return before or result
+    reader = before.site.rpartition(" -> ")[2]  # a before site's label ends with its op
+    return precedence.explain_both(result, before, reader, precedence.after_leads(result.code))
+
+
 def _match(gm: fx.GraphModule, bn: fx.Node) -> Site | Refusal:
-    bn_name = owner_path(bn.args[1:5]) or bn.name
     x = arg_node(bn.args[0])
     reader, between = bn, ""  # reader: what reads the linear op's output
     if _reshapes_linear(x):
@@ -175,17 +134,16 @@ def _match(gm: fx.GraphModule, bn: fx.Node) -> Site | Refusal:
     elif (pool := _pooled_conv(x)) is not None:
         reader, between, x = pool, pools.pool_name(pool), arg_node(pool.args[0])
     if not is_linear_op(x):
-        return _why_not_linear(bn_name, x)
-    lin_name = owner_path(x.args[1:3]) or x.name
+        return _why_not_linear(bn_path(bn), x)
     kind = _fold_kind(x, reader)
-    site = Site(x.name, bn.name, lin_name, bn_name, between=between, kind=kind)
+    site = adjacent_site(x, bn, between=between, kind=kind)
     if bn.target == aten.batch_norm.default and bn.args[5]:
-        return Refusal(site.site, Code.TRAINING_MODE, "batch_norm called with training=True")
+        return site.refusal(Code.TRAINING_MODE, "batch_norm called with training=True")
     if bn.args[3] is None or bn.args[4] is None:
-        return Refusal(site.site, Code.NO_RUNNING_STATS, f"{bn_name} has no running statistics")
+        return site.refusal(Code.NO_RUNNING_STATS, f"{site.bn} has no running statistics")
     merge = kind is FoldKind.BATCH_MERGE
     if found := check_linear(gm, x, reader, merge) or check_bn(gm, x, bn, reader, merge):
-        return Refusal(site.site, *found)
+        return site.refusal(*found)
     return site
 
 
@@ -221,12 +179,7 @@ def _reshapes_linear(node: fx.Node) -> bool:
     return node.target in _RESHAPE_OPS and isinstance(source, fx.Node) and is_linear_op(source)
 
 
-_BN_ITSELF = (Code.TRAINING_MODE, Code.NO_RUNNING_STATS)
-# An identity BN of a branch sum has no linear op beside it; the sum's refusal says more.
-_NO_LINEAR_BESIDE = (Code.STANDALONE, Code.NONLINEAR_INPUT)
-
-
-def _match_join(gm: fx.GraphModule, bn: fx.Node) -> JoinSite | Refusal | None:
+def _match_join(gm: fx.GraphModule, bn: fx.Node) -> Site | Refusal | None:
     """The BN after an add or channel cat of linear ops; None if its input is no join.
 
     Refuses: NOT_LINEAR_TERM (a term is no conv/conv_transpose/linear, or the
@@ -244,17 +197,9 @@ def _match_join(gm: fx.GraphModule, bn: fx.Node) -> JoinSite | Refusal | None:
         return None  # x + alpha * y: not a plain sum
     if any(not isinstance(t, fx.Node) or t.op == "get_attr" for t in terms):
         return None  # add(x, 2.0), a constant bias: no join of activations
-    bn_name = owner_path(bn.args[1:5]) or bn.name
-    site = JoinSite(
-        tuple(t.name for t in terms),
-        join.name,
-        bn.name,
-        tuple(owner_path(t.args[1:3]) or t.name for t in terms),
-        bn_name,
-        kind,
-    )
+    site = join_site(terms, kind, bn)
     if found := check_join(gm, join, bn, terms):
-        return Refusal(site.site, *found)
+        return site.refusal(*found)
     return site
 
 
@@ -263,12 +208,6 @@ def _join_terms(join: fx.Node) -> list[Any]:
     if join.target == aten.cat.default:
         return list(join.args[0])  # type: ignore[arg-type]
     return list(join.args[:2])
-
-
-def _prefer_before(after: Refusal, before: Site | Refusal | None) -> Site | Refusal:
-    if before is None:
-        return after
-    return before if isinstance(before, Site) else explain_both(after, before)
 
 
 def _match_before(gm: fx.GraphModule, bn: fx.Node) -> Site | Refusal | None:
@@ -284,11 +223,9 @@ def _match_before(gm: fx.GraphModule, bn: fx.Node) -> Site | Refusal | None:
         source, reader = reader, next(iter(reader.users))
     if not is_linear_op(reader) or reader.args[0] is not source or source in reader.args[1:]:
         return None
-    bn_name = owner_path(bn.args[1:5]) or bn.name
-    lin_name = owner_path(reader.args[1:3]) or reader.name
-    site = Site(reader.name, bn.name, lin_name, bn_name, before=True, between=between)
+    site = adjacent_site(reader, bn, between=between, before=True)
     if found := check_before(gm, reader, bn, out, between):
-        return Refusal(site.site, *found)
+        return site.refusal(*found)
     return site
 
 
@@ -302,17 +239,38 @@ def _copies_values(pad: fx.Node) -> bool:
 
 
 def _why_not_linear(bn_name: str, x: fx.Node) -> Refusal:
+    """Why the BN cannot fold after ``x``, the op feeding it, which is no linear op
+    (:func:`bnfold.rules.adjacent.why_unpaired`): the single-input chain back from
+    ``x`` names what lies between when it reaches a linear op."""
+    chain, linear = _chain_to_linear(x)
+    feed = Feed(
+        source=_source_name(x),
+        nonlinear=is_nonlinear(str(x.target)),
+        between=tuple(chain),
+        linear="" if linear is None else linear_path(linear),
+        affine=bn_name,
+        through_nonlinear=any(map(is_nonlinear, chain)),
+    )
+    code, detail = why_unpaired(feed)
+    return Refusal(site_label(feed.linear, bn_name) if feed.linear else bn_name, code, detail)
+
+
+def _chain_to_linear(x: fx.Node, longest: int = 16) -> tuple[list[str], fx.Node | None]:
+    """The ops of a single-input chain from ``x`` back to a linear op, nearest first,
+    and that op; None when the chain ends (several inputs, a BN, a graph input) first."""
     chain: list[str] = []
     node = x
-    while node.op == "call_function" and len(chain) < 16:
+    while node.op == "call_function" and len(chain) < longest:
         if is_linear_op(node):
-            lin = owner_path(node.args[1:3]) or node.name
-            code = Code.NONLINEAR_INPUT if any(map(is_nonlinear, chain)) else Code.OP_BETWEEN
-            return Refusal(f"{lin} -> {bn_name}", code, f"{' -> '.join(reversed(chain))} between")
+            return chain, node
         inputs = [a for a in node.all_input_nodes if a.op != "get_attr"]
         if len(inputs) != 1 or node.target in BN_OPS:
             break
         chain.append(str(node.target))
         node = inputs[0]
-    code = Code.NONLINEAR_INPUT if is_nonlinear(str(x.target)) else Code.STANDALONE
-    return Refusal(bn_name, code, f"{bn_name} is fed by {x.target}")
+    return chain, None
+
+
+def _source_name(x: fx.Node) -> str:
+    """How details name the node feeding a BN: its aten op, or the graph input."""
+    return f"the graph input {x.target}" if x.op == "placeholder" else str(x.target)

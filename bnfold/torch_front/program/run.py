@@ -15,20 +15,18 @@ from bnfold.fixpoint import fold_rounds, keep_passing
 from bnfold.options import DEFAULT_VERIFY, VerifyOptions
 from bnfold.report import (
     Code,
-    Folded,
     FoldReport,
     FoldResult,
     LowerForm,
-    Refusal,
     VerifyResult,
 )
 from bnfold.torch_front import verify as checking
-from bnfold.torch_front.aten_graph import BN_OPS, layout_of, owner_path
-from bnfold.torch_front.branch_sum import MergeSite
+from bnfold.torch_front.aten_graph import BN_OPS, owner_path
 from bnfold.torch_front.census import batchnorm_count
 from bnfold.torch_front.program.apply import apply_site
 from bnfold.torch_front.program.lower import lower_left
-from bnfold.torch_front.program.match import AnySite, JoinSite, Site, find_sites
+from bnfold.torch_front.program.match import find_sites
+from bnfold.torch_front.program.sites import AnySite, entries, refusals
 from bnfold.torch_front.tensors import exact_values
 
 aten = torch.ops.aten
@@ -72,7 +70,7 @@ def fold_graph_module(
             if lower is not None:  # the rollback refolded fresh copies: lower those again
                 lower_left(gm, report, lower)
                 verification = check(gm)
-        report.folded = [entry for s, n in added.items() for entry in _entries(original, s, n)]
+        report.folded = [entry for s, n in added.items() for entry in entries(original, s, n)]
         report.ops_after = _op_counts(gm)
         found, training = graph_batchnorms(original)
         report.batchnorm = batchnorm_count(
@@ -99,7 +97,7 @@ def _fold_to_fixpoint(
 
     Returns the sites applied, in order, each with the bytes its clones added.
     """
-    rounds = fold_rounds(lambda: find_sites(gm), lambda s: apply_site(gm, s, rounding), _refusals)
+    rounds = fold_rounds(lambda: find_sites(gm), lambda s: apply_site(gm, s, rounding), refusals)
     report.refused += rounds.refused + rounds.failed
     return dict(rounds.applied)
 
@@ -129,41 +127,9 @@ def _rollback(
 
     kept, dropped = keep_passing(sites, failure)
     for site, detail in dropped:
-        report.refused += _refusals(site, Code.VERIFICATION_FAILED, detail)
+        report.refused += refusals(site, Code.VERIFICATION_FAILED, detail)
     gm, added = _folded(make, kept, rounding)
     return gm, check(gm), added
-
-
-def _refusals(s: AnySite, code: Code, detail: str) -> list[Refusal]:
-    """A site not folded: one refusal, or for a merge one per BN it would remove."""
-    return s.refusals(code, detail) if isinstance(s, MergeSite) else [Refusal(s.site, code, detail)]
-
-
-def _entries(gm: fx.GraphModule, s: AnySite, bytes_added: int) -> list[Folded]:
-    """The report's entries for one applied site (a merge makes several)."""
-    if isinstance(s, MergeSite):
-        return s.entries(bytes_added)
-    pattern = _pattern(gm, s)
-    return [Folded(s.site, pattern, s.linear, s.bn, "exported_program", bytes_added, s.kind)]
-
-
-def _pattern(gm: fx.GraphModule, s: Site | JoinSite) -> str:
-    """ "conv2d+batch_norm", "linear+view+batch_norm"; before: "batch_norm+flatten+linear";
-    a join: "conv2d+conv2d+add+batch_norm"."""
-    if isinstance(s, JoinSite):
-        return "+".join([*(_node_kind(gm, n) for n in s.linear_nodes), s.join, "batch_norm"])
-    chain = ("batch_norm", s.between, _op_kind(gm, s))
-    return "+".join(p for p in (reversed(chain) if not s.before else chain) if p)
-
-
-def _op_kind(gm: fx.GraphModule, s: Site) -> str:
-    return _node_kind(gm, s.linear_node)
-
-
-def _node_kind(gm: fx.GraphModule, linear_node: str) -> str:
-    node = next(n for n in gm.graph.nodes if n.name == linear_node)
-    name = str(node.target).split(".")[1]
-    return str(layout_of(node).op) if name == "convolution" else name
 
 
 def _op_counts(gm: fx.GraphModule) -> dict[str, int]:
