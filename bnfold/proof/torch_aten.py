@@ -146,7 +146,7 @@ def _batch_norm(b: Builder, node: Any, name: str) -> ir.Node:
         raise _Untranslatable
     w, c = _bn_params(b, node, name, weight, bias)
     inputs = [b.value_of(x), w, c, b.value_of(mean), b.value_of(var)]
-    return b.add("BatchNormalization", inputs, name, epsilon=float(eps))
+    return b.add("BatchNormalization", inputs, name, epsilon=torch_epsilon(eps, x))
 
 
 def _native_batch_norm(b: Builder, node: Any, name: str) -> ir.Node:
@@ -154,8 +154,25 @@ def _native_batch_norm(b: Builder, node: Any, name: str) -> ir.Node:
     w, c = _bn_params(b, node, name, weight, bias)
     inputs = [b.value_of(x), w, c, b.value_of(mean), b.value_of(var)]
     # aten returns (out, save_mean, save_invstd): the last two are not modelled.
-    bn = b.add("BatchNormalization", inputs, name, 3, epsilon=float(eps))
-    return bn
+    return b.add("BatchNormalization", inputs, name, 3, epsilon=torch_epsilon(eps, x))
+
+
+def torch_epsilon(eps: float, x: Any) -> float:
+    """The epsilon torch adds to the running variance of a BN reading ``x`` (an fx node).
+
+    torch's kernels add ``eps`` (a Python float) in the input's compute type: float64
+    for a float64 input, else float32 (fp16 and bf16 compute in float32). So a float32
+    BN adds ``float32(eps)``, a float64 one the float64 ``eps``; the prover takes the
+    map with the epsilon torch adds, not the one the module was given.
+    """
+    meta = getattr(x, "meta", {}).get("val")
+    dtype = str(getattr(meta, "dtype", ""))
+    return compute_epsilon(eps, dtype == "torch.float64")
+
+
+def compute_epsilon(eps: float, double: bool) -> float:
+    """``eps`` as torch adds it: unchanged in float64 compute, rounded to float32 else."""
+    return float(eps) if double else float(np.float32(eps))
 
 
 def _linear(b: Builder, node: Any, name: str) -> ir.Node:
@@ -181,15 +198,28 @@ def _addmm(b: Builder, node: Any, name: str) -> ir.Node:
     )
 
 
-def _binary(op: str) -> Translation:
+def _binary(op: str, in_place: bool = False) -> Translation:
+    """``add``/``sub``/``mul``/``div``; ``in_place``: ``add_`` and its kin, as the
+    out-of-place op where nothing else reads the tensor it overwrites (the residual
+    ``out += identity`` of torchvision's blocks). Overwriting a value that is read
+    again, or a parameter, buffer or input (state beyond this call), stays opaque."""
+
     def translate(b: Builder, node: Any, name: str) -> ir.Node:
         left, right = node.args[0], node.args[1]
         if node.kwargs.get("alpha", 1) != 1 or len(node.args) > 2:
+            raise _Untranslatable
+        if in_place and not _overwrites_a_temporary(node):
             raise _Untranslatable
         operands = [b.value_of(left, f"{name}.0", node), b.value_of(right, f"{name}.1", node)]
         return b.add(op, operands, name)
 
     return translate
+
+
+def _overwrites_a_temporary(node: Any) -> bool:
+    """Whether ``node`` (an in-place call) overwrites a call's result that only it reads."""
+    target = node.args[0]
+    return getattr(target, "op", "") == "call_function" and list(target.users) == [node]
 
 
 def _cat(b: Builder, node: Any, name: str) -> ir.Node:
@@ -317,6 +347,8 @@ _TRANSLATIONS: dict[str, Translation] = {
     "batch_norm": _batch_norm, "_native_batch_norm_legit_no_training": _native_batch_norm,
     "linear": _linear, "addmm": _addmm,
     "add": _binary("Add"), "sub": _binary("Sub"), "mul": _binary("Mul"), "div": _binary("Div"),
+    "add_": _binary("Add", True), "sub_": _binary("Sub", True), "mul_": _binary("Mul", True),
+    "div_": _binary("Div", True),
     "cat": _cat, "view": _reshape, "reshape": _reshape, "_unsafe_view": _reshape,
     "reshape_as": _reshape, "view_as": _reshape,
     "flatten": _reshape, "unflatten": _reshape, "unsqueeze": _unsqueeze, "squeeze": _squeeze,

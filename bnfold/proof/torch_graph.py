@@ -109,6 +109,9 @@ class _Builder:
     # -- placeholders ------------------------------------------------------------------
 
     def placeholders(self) -> None:
+        if not hasattr(self.program, "graph_signature"):
+            self.module_placeholders()
+            return
         signature = self.program.graph_signature
         state = {**self.program.state_dict, **getattr(self.program, "constants", {})}
         targets = {}
@@ -139,6 +142,32 @@ class _Builder:
                     value.dtype = _dtype(meta.dtype)
                 self.graph.inputs.append(value)
                 self.values[node.name] = value
+
+    def module_placeholders(self) -> None:
+        """A graph module's inputs, and its ``get_attr`` tensors as initializers.
+
+        ``ExportedProgram.module()`` lifts nothing: its parameters and buffers are
+        read by ``get_attr`` under their state_dict keys, the names a program's
+        signature gives them, so a program and its module translate alike.
+        """
+        for node in self.program.graph.nodes:
+            if node.op == "placeholder":
+                self.graph.inputs.append(self._input(node, node.name))
+            elif node.op == "get_attr":
+                tensor = _attribute(self.program, str(node.target))
+                if tensor is None:
+                    self.graph.inputs.append(self._input(node, str(node.target)))
+                else:
+                    self.values[node.name] = self.constant(to_numpy(tensor), str(node.target))
+
+    def _input(self, node: Any, name: str) -> ir.Value:
+        value = ir.Value(name=name)
+        meta = node.meta.get("val")
+        value.shape = _shape(meta)
+        if meta is not None and hasattr(meta, "dtype"):
+            value.dtype = _dtype(meta.dtype)
+        self.values[node.name] = value
+        return value
 
     # -- calls ---------------------------------------------------------------------------
 
@@ -180,11 +209,11 @@ class _Builder:
         meta = node.meta.get("val")
         if isinstance(meta, list | tuple):
             self.multi[node.name] = outs
+            for out, part in zip(outs, meta, strict=False):
+                _typed(out, part)
         else:
             self.values[node.name] = outs[0]
-            outs[0].shape = _shape(meta)
-            if meta is not None and hasattr(meta, "dtype"):
-                outs[0].dtype = _dtype(meta.dtype)
+            _typed(outs[0], meta)
 
     def opaque(self, node: Any, name: str) -> ir.Node:
         import torch.fx
@@ -229,6 +258,14 @@ _NUMPY_DTYPES: dict[str, type] = {
 }
 
 
+def _typed(value: ir.Value, meta: Any) -> None:
+    """Give ``value`` the shape and dtype of its fake tensor (a tuple call's part too:
+    a BN's output is part 0 of ``_native_batch_norm_legit_no_training``)."""
+    value.shape = _shape(meta)
+    if meta is not None and hasattr(meta, "dtype"):
+        value.dtype = _dtype(meta.dtype)
+
+
 def _attr(name: str, value: Any) -> ir.Attr:
     if isinstance(value, str):
         return ir.AttrString(name, value)
@@ -240,8 +277,22 @@ def _attr(name: str, value: Any) -> ir.Attr:
 
 
 def program_model(program: Any) -> ir.Model:
-    """An exported program's graph as an onnx_ir model for the prover (module docstring)."""
+    """An exported program's graph as an onnx_ir model for the prover (module docstring).
+
+    ``program`` is a ``torch.export.ExportedProgram`` or its ``module()``: the
+    graph module the ``.pt2`` front folds, which holds the same calls.
+    """
     return _Builder(program).build()
+
+
+def _attribute(module: Any, target: str) -> Any:
+    """The tensor a ``get_attr`` reads (None for anything else: a script object)."""
+    import torch
+
+    value = module
+    for part in target.split("."):
+        value = getattr(value, part, None)
+    return value if isinstance(value, torch.Tensor) else None
 
 
 def _same_call(mine: ir.Node, theirs: ir.Node, original: ir.Model, folded: ir.Model) -> bool:
