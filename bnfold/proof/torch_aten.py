@@ -146,7 +146,7 @@ def _batch_norm(b: Builder, node: Any, name: str) -> ir.Node:
         raise _Untranslatable
     w, c = _bn_params(b, node, name, weight, bias)
     inputs = [b.value_of(x), w, c, b.value_of(mean), b.value_of(var)]
-    return b.add("BatchNormalization", inputs, name, epsilon=torch_epsilon(eps, x))
+    return b.add("BatchNormalization", inputs, name, epsilon=torch_epsilon(eps))
 
 
 def _native_batch_norm(b: Builder, node: Any, name: str) -> ir.Node:
@@ -154,25 +154,19 @@ def _native_batch_norm(b: Builder, node: Any, name: str) -> ir.Node:
     w, c = _bn_params(b, node, name, weight, bias)
     inputs = [b.value_of(x), w, c, b.value_of(mean), b.value_of(var)]
     # aten returns (out, save_mean, save_invstd): the last two are not modelled.
-    return b.add("BatchNormalization", inputs, name, 3, epsilon=torch_epsilon(eps, x))
+    return b.add("BatchNormalization", inputs, name, 3, epsilon=torch_epsilon(eps))
 
 
-def torch_epsilon(eps: float, x: Any) -> float:
-    """The epsilon torch adds to the running variance of a BN reading ``x`` (an fx node).
+def torch_epsilon(eps: Any) -> float:
+    """The epsilon of a torch BN: the Python float it stores, exactly.
 
-    torch's kernels add ``eps`` (a Python float) in the input's compute type: float64
-    for a float64 input, else float32 (fp16 and bf16 compute in float32). So a float32
-    BN adds ``float32(eps)``, a float64 one the float64 ``eps``; the prover takes the
-    map with the epsilon torch adds, not the one the module was given.
+    torch's kernels add it to the running variance in the input's compute type
+    (float64 for a float64 input, float32 otherwise), rounding ``var + eps`` there; the
+    cast of ``eps`` to float32 is part of that run-time rounding, which sampled
+    verification measures. The map the stored parameters define adds the stored float
+    (unlike an ONNX ``epsilon``, which is stored as a float32: commit 3f618a7).
     """
-    meta = getattr(x, "meta", {}).get("val")
-    dtype = str(getattr(meta, "dtype", ""))
-    return compute_epsilon(eps, dtype == "torch.float64")
-
-
-def compute_epsilon(eps: float, double: bool) -> float:
-    """``eps`` as torch adds it: unchanged in float64 compute, rounded to float32 else."""
-    return float(eps) if double else float(np.float32(eps))
+    return float(eps)
 
 
 def _linear(b: Builder, node: Any, name: str) -> ir.Node:

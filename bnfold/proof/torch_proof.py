@@ -24,7 +24,7 @@ from onnx import helper
 from bnfold.proof.certificate import Certificate, SiteProof, Uncovered
 from bnfold.proof.onnx_proof import prove_onnx
 from bnfold.proof.regions import ReportLike
-from bnfold.proof.torch_aten import compute_epsilon
+from bnfold.proof.torch_aten import torch_epsilon
 from bnfold.proof.torch_graph import align_names, program_model, to_numpy
 
 PAIRING_ASSUMED = (
@@ -315,16 +315,15 @@ def _site_model(linear: Any, before: list[Any], after: list[Any]) -> ir.Model:
         channels_in = linear.in_channels
     else:
         raise ValueError(f"{type(linear).__name__} is not a linear module the prover models")
-    dtype = linear.weight.dtype
     epsilons: dict[str, float] = {}
     x = "x"
     for i, bn in enumerate(before):
-        x = _bn_node(bn, x, f"bn_before{i}", nodes, const, dtype, epsilons)
+        x = _bn_node(bn, x, f"bn_before{i}", nodes, const, epsilons)
     y = "y" if not after else "linear_out"
     nodes.append(_linear_node(linear, x, y, const))
     for i, bn in enumerate(after):
         last = i == len(after) - 1
-        y = _bn_node(bn, y, f"bn_after{i}", nodes, const, dtype, epsilons, "y" if last else "")
+        y = _bn_node(bn, y, f"bn_after{i}", nodes, const, epsilons, "y" if last else "")
     dims: list[int | str] = ["N", channels_in, *[f"S{i}" for i in range(rank)]]
     graph = helper.make_graph(
         nodes, "site", [helper.make_tensor_value_info("x", _onnx_dtype(linear.weight), dims)],
@@ -333,8 +332,8 @@ def _site_model(linear: Any, before: list[Any], after: list[Any]) -> ir.Model:
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8
     site = ir.serde.deserialize_model(model)
-    # An ONNX float attribute is a float32: give each BN the epsilon torch adds, which
-    # in float64 is no float32 (1e-5 is not 1e-5f).
+    # An ONNX float attribute is a float32: give each BN the float64 epsilon it stores
+    # (1e-5 is not 1e-5f: a float64 fold would be refuted by millions of ulps).
     for node in site.graph:
         if node.name in epsilons:
             node.attributes["epsilon"] = ir.AttrFloat32("epsilon", epsilons[node.name])
@@ -374,13 +373,12 @@ def _bn_node(
     name: str,
     nodes: list[onnx.NodeProto],
     const: Any,
-    compute_dtype: Any,
     epsilons: dict[str, float],
     output: str = "",
 ) -> str:
     """The BN as an ONNX node named ``name`` (its constants ``name.weight``, ...), with
-    the epsilon torch adds in ``compute_dtype`` (also kept in ``epsilons``: the node's
-    float32 attribute cannot hold a float64 one). Returns its output (``name.out``
+    the epsilon the module stores (also kept in ``epsilons``: the node's float32
+    attribute cannot hold a float64 one). Returns its output (``name.out``
     unless ``output`` is given)."""
     import torch
 
@@ -394,7 +392,7 @@ def _bn_node(
         const(f"{name}.mean", bn.running_mean), const(f"{name}.var", bn.running_var),
     ]  # fmt: skip
     output = output or f"{name}.out"
-    eps = epsilons[name] = compute_epsilon(bn.eps, compute_dtype == torch.float64)
+    eps = epsilons[name] = torch_epsilon(bn.eps)
     nodes.append(helper.make_node("BatchNormalization", inputs, [output], name=name, epsilon=eps))
     return output
 

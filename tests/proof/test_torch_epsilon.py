@@ -1,10 +1,12 @@
-"""The prover's BatchNorm epsilon on torch is the one torch adds.
+"""The prover's BatchNorm epsilon on torch is the float the module stores.
 
-torch adds ``eps`` (a Python float) to the running variance in the input's compute
-type: float64 for a float64 input, float32 otherwise. With a variance near zero the
-difference between ``1e-5`` and ``float32(1e-5)`` is millions of float64 ulps, so a
-prover that took the wrong one would refute a correct float64 fold (the ONNX side had
-that bug: the default epsilon, commit 3f618a7).
+torch stores ``eps`` as a Python float and adds it to the running variance in the
+input's compute type (float64 for a float64 input, float32 otherwise), rounding there
+at run time. The map the stored parameters define adds the stored float64: with a
+variance near zero, ``1e-5`` and ``float32(1e-5)`` differ by millions of float64 ulps,
+so a prover holding it in a float32 (an ONNX attribute, as the module-level proof did)
+refutes a correct float64 fold (the ONNX side's bug: commit 3f618a7); in float32 the
+cast is below the rounding of ``var + eps`` and must not refute a fold either.
 """
 
 from __future__ import annotations
@@ -18,8 +20,7 @@ import pytest
 torch = pytest.importorskip("torch")
 nn = torch.nn
 
-from bnfold.proof import prove_eager, prove_program  # noqa: E402
-from bnfold.proof.torch_aten import compute_epsilon  # noqa: E402
+from bnfold.proof import prove_eager  # noqa: E402
 from bnfold.proof.torch_graph import program_model  # noqa: E402
 
 EPS = 1e-5
@@ -65,27 +66,19 @@ def test_a_float64_fold_is_proven_with_the_float64_epsilon(traced: bool) -> None
     assert wrong.refuted, wrong.summary()
 
 
-def test_a_float32_program_adds_the_float32_epsilon() -> None:
+@pytest.mark.parametrize("traced", [True, False], ids=["program", "module_level"])
+def test_a_float32_fold_is_proven_with_the_stored_epsilon(traced: bool) -> None:
     model = _conv_bn(torch.float32)
-    program = torch.export.export(model, _inputs(torch.float32), strict=False)
-    (bn,) = [n for n in program_model(program).graph if n.op_type == "BatchNormalization"]
-    assert bn.attributes["epsilon"].value == float(np.float32(EPS)) != EPS
-    certificate = prove_program(
-        program, torch.export.export(_folded(model, EPS), _inputs(torch.float32))
-    )
+    args = _inputs(torch.float32) if traced else None
+    certificate = prove_eager(model, _folded(model, EPS), _report(), example_inputs=args)
     assert certificate.holds, certificate.summary()
 
 
-def test_compute_epsilon_follows_torchs_kernels() -> None:
-    assert compute_epsilon(EPS, double=True) == EPS
-    assert compute_epsilon(EPS, double=False) == float(np.float32(EPS))
-    # torch's own float32 batch norm adds float32(eps): var + eps in float32.
-    x = torch.zeros(1, 1, 1, 1)
-    bn = nn.BatchNorm2d(1, eps=EPS).eval()
-    bn.running_var.fill_(0.0)
-    bn.running_mean.fill_(-1.0)
-    got = float(bn(x))
-    assert got == float(torch.tensor(1.0) / torch.sqrt(torch.tensor(float(np.float32(EPS)))))
+def test_a_program_bn_carries_the_stored_epsilon() -> None:
+    for dtype in (torch.float32, torch.float64):
+        program = torch.export.export(_conv_bn(dtype), _inputs(dtype), strict=False)
+        (bn,) = [n for n in program_model(program).graph if n.op_type == "BatchNormalization"]
+        assert bn.attributes["epsilon"].value == EPS
 
 
 def _report() -> Any:
