@@ -52,9 +52,8 @@ def fold(
         # Reference outputs before any fold: with inplace=True the module itself changes.
         check = None if verify is None else checking.Check.of(module, args, verify)
         prover = None
-        if check is not None and prove:  # the original as it is before any fold
-            exportable = "export" not in finders.failed
-            prover = EagerProver.of(module, args, inplace=inplace, exportable=exportable)
+        if check is not None and prove:  # the original as the first search saw it
+            prover = EagerProver.of(module, args, inplace=inplace, finders=finders)
         undos = _fold_to_fixpoint(work, args, finders, first_scan, report, rounding)
         if lower is not None:
             left = modules_left(work, bns)

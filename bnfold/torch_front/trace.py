@@ -93,6 +93,8 @@ class Finders:
     failed: dict[str, str] = field(default_factory=dict)
     seen: _Seen | None = None
     calls: Calls | None = None  # the module calls the last search read (shapes do not change)
+    # The first program export made, before any fold: the original the proof starts from.
+    program: Any = None
 
     def search(self, root: nn.Module, args: tuple[Any, ...], roles: Roles) -> tuple[Scan, Calls]:
         """Candidate pairs and refusals (:func:`find_pairs`) and the module calls they read."""
@@ -157,7 +159,7 @@ class Finders:
         """
         if recording is not None and (read := _data_dependent(recording)):
             self.failed.setdefault("export", f"not tried: the run calls {read}")
-        for name, tracer in (("export", _export_graph), ("fx", _fx_graph)):
+        for name, tracer in (("export", self._export), ("fx", _fx_graph)):
             if name in self.failed:
                 continue
             try:
@@ -166,6 +168,14 @@ class Finders:
                 self.failed[name] = f"{type(e).__name__}: {first_line(e)}"
                 log.info("torch front: %s could not trace the module: %s", name, e)
         return None if recording is None else (RECORDED, recording)
+
+    def _export(self, root: nn.Module, args: tuple[Any, ...], roles: Roles) -> Traced:
+        """The export finder's graph, keeping the first program exported (:attr:`program`)."""
+        kept: list[Any] = []
+        traced = _export_graph(root, args, roles, kept)
+        if self.program is None and kept:
+            self.program = kept[0]
+        return traced
 
     def _scan(self, scan: Scan) -> Scan:
         scan.failures = [f"{name}: {why}" for name, why in self.failed.items()]
@@ -226,10 +236,20 @@ def find_pairs(root: nn.Module, args: tuple[Any, ...], roles: Roles) -> Scan:
     return Finders().search(root, args, roles)[0]
 
 
-def _export_graph(root: nn.Module, args: tuple[Any, ...], roles: Roles) -> Traced:
+def export_program(root: nn.Module, args: tuple[Any, ...]) -> Any:
+    """``torch.export`` (non-strict, eval mode) with its warnings and partial graphs quiet."""
     quiet = quiet_loggers(*_EXPORT_LOGGERS)
     with eval_mode(root), quiet, contextlib.redirect_stderr(io.StringIO()):
-        ep = torch.export.export(root, args, strict=False)
+        return torch.export.export(root, args, strict=False)
+
+
+def _export_graph(
+    root: nn.Module, args: tuple[Any, ...], roles: Roles, kept: list[Any] | None = None
+) -> Traced:
+    """The export finder's graph of ``root``; the program itself goes to ``kept``."""
+    ep = export_program(root, args)
+    if kept is not None:
+        kept.append(ep)
     sig = ep.graph_signature
     user_inputs = set(sig.user_inputs)
     params = dict(sig.inputs_to_parameters)

@@ -25,27 +25,20 @@ that fails, become a certificate that is "not proven" with the reason
 
 from __future__ import annotations
 
-import contextlib
-import io
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-import torch
 from torch import fx, nn
 
 from bnfold.fixpoint import keep_passing
 from bnfold.proof import Certificate
-from bnfold.quiet import quiet_loggers
 from bnfold.report import FoldReport
+from bnfold.torch_front.trace import Finders
 from bnfold.verification.proving import attempt, not_proven
 
 EAGER = "torch eager"
 PROGRAM = "torch program"
-
-# torch.export logs a warning and prints a partial graph when it fails; the proof
-# then falls back (module level) or is "not proven", and says why itself.
-_EXPORT_LOGGERS = ("torch.fx.experimental.symbolic_shapes", "torch._export", "torch.export")
 
 
 def refuted_sites(certificate: Certificate | None, sites: Iterable[str]) -> dict[str, str]:
@@ -117,11 +110,12 @@ def vouching(certificate: Certificate | None) -> Certificate | None:
 class EagerProver:
     """Proves eager folds of one module against its state before the fold.
 
-    ``program`` is the original exported on the example inputs, taken before any
-    fold (a fold in place changes the module; folds assign new Parameters, so the
-    program keeps the original's). Without one (export fails: detectors), each site
-    is proven from its modules' parameters, the pairing taken from the report
-    (:func:`bnfold.proof.prove_eager` without example inputs), which needs the
+    ``program`` is the original as the export finder exported it in the fold run's
+    first search, before any fold (folds assign new Parameters, so the program keeps
+    the original's even when the module is folded in place); the folded module is
+    exported the same way. Without one (export fails or is not tried: detectors),
+    each site is proven from its modules' parameters, the pairing taken from the
+    report (:func:`bnfold.proof.prove_eager` without example inputs), which needs the
     original module untouched (``original``; None when folded in place).
     """
 
@@ -132,17 +126,16 @@ class EagerProver:
 
     @classmethod
     def of(
-        cls, module: nn.Module, args: tuple[Any, ...], *, inplace: bool, exportable: bool
+        cls, module: nn.Module, args: tuple[Any, ...], *, inplace: bool, finders: Finders
     ) -> EagerProver:
-        """Export ``module`` now, before folding, unless the finders saw export fail."""
-        prover = cls(args, None if inplace else module)
-        if exportable:
-            try:
-                prover.program = _export(module, args)
-            except Exception as e:  # torch.export's many failure types
-                prover.export_failed = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
-        else:
-            prover.export_failed = "the fold's finders could not export the module"
+        """The prover of a fold run whose first search ``finders`` made, before any fold.
+
+        The export finder's program is the original (one export less); where export
+        failed or was not tried (a detector), the proof goes module by module.
+        """
+        prover = cls(args, None if inplace else module, finders.program)
+        if prover.program is None:
+            prover.export_failed = finders.failed.get("export", "not exported")
         return prover
 
     def prove(self, folded: nn.Module, report: FoldReport) -> Certificate:
@@ -188,11 +181,11 @@ def with_entries(report: FoldReport, entries: Sequence[Any]) -> FoldReport:
 
 
 def _export(module: nn.Module, args: tuple[Any, ...]) -> Any:
-    from bnfold.torch_front.modules import eval_mode
+    """The folded module exported as the finder exported the original (same settings:
+    the two programs must differ only where the folds are)."""
+    from bnfold.torch_front.trace import export_program
 
-    quiet = quiet_loggers(*_EXPORT_LOGGERS)
-    with eval_mode(module), quiet, contextlib.redirect_stderr(io.StringIO()), torch.no_grad():
-        return torch.export.export(module, args, strict=False)
+    return export_program(module, args)
 
 
 ProveFolds = Callable[[list[Any]], Certificate]
