@@ -241,6 +241,10 @@ def describe(outcome: dict[str, Any]) -> dict[str, Any]:
         if result.verification is not None:
             entry["verification"] = result.verification.status
             entry["samples"] = result.verification.samples
+            if (proof := result.verification.proof) is not None:
+                entry["proof"] = f"{proof.proven}/{len(proof.sites)}" + (
+                    " module level" if any("fold report" in a for a in proof.assumptions) else ""
+                )
         out[tool] = entry
     return {"outcome": out}
 
@@ -309,6 +313,8 @@ def markdown(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
         folded = f"{full.get('folded', '?')} ({finders or '-'})" + (
             f"; refused {refused}" if refused else ""
         )
+        if "proof" in full:
+            folded += f"; proven {full['proof']}"
         lines.append(
             f"| {row['model']} | {row['bn']} | {folded} | {row['fp32_forward_s']:.2f} | "
             f"{cell(row, 'fx fuse')} | {cell(row, 'fold')} | {cell(row, 'fold+verify')} | "
