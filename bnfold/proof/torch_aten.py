@@ -72,17 +72,22 @@ class _Untranslatable(Exception):
     """This call's arguments are outside what the translation models: keep it opaque."""
 
 
-def _tensor_rank(node: Any) -> int:
+def _tensor_rank(b: Builder, node: Any) -> int:
+    """The rank of an fx node's tensor: its fake tensor's, else (a tensor a rewrite
+    added, which has none) that of the value the builder holds for it."""
     meta = node.meta.get("val")
-    if meta is None:
+    if meta is not None:
+        return len(meta.shape)
+    value = b.value_of(node)
+    if value is None or value.shape is None:
         raise _Untranslatable
-    return len(meta.shape)
+    return len(value.shape)
 
 
 def _conv(b: Builder, node: Any, name: str) -> ir.Node:
     x, w = node.args[0], node.args[1]
     bias = _arg(node, 2, "bias", None)
-    rank = _tensor_rank(w) - 2
+    rank = _tensor_rank(b, w) - 2
     stride = _ints(_arg(node, 3, "stride", 1), rank)
     padding = _arg(node, 4, "padding", 0)
     dilation = _ints(_arg(node, 5, "dilation", 1), rank)
@@ -115,7 +120,7 @@ def _convolution(b: Builder, node: Any, name: str) -> ir.Node:
 
 def _conv_transpose(b: Builder, node: Any, name: str) -> ir.Node:
     x, w = node.args[0], node.args[1]
-    rank = _tensor_rank(w) - 2
+    rank = _tensor_rank(b, w) - 2
     bias = _arg(node, 2, "bias", None)
     stride = _ints(_arg(node, 3, "stride", 1), rank)
     padding = _ints(_arg(node, 4, "padding", 0), rank)
@@ -172,7 +177,7 @@ def torch_epsilon(eps: Any) -> float:
 def _linear(b: Builder, node: Any, name: str) -> ir.Node:
     x, w = node.args[0], node.args[1]
     bias = _arg(node, 2, "bias", None)
-    if _tensor_rank(x) == 2:
+    if _tensor_rank(b, x) == 2:
         return b.add("Gemm", [b.value_of(x), b.value_of(w), b.value_of(bias)], name, transB=1)
     wt = b.add("Transpose", [b.value_of(w)], f"{name}.weight_t", perm=[1, 0])
     mm = b.add(
@@ -261,13 +266,13 @@ def _permute(b: Builder, node: Any, name: str) -> ir.Node:
 
 
 def _t(b: Builder, node: Any, name: str) -> ir.Node:
-    rank = _tensor_rank(node.args[0])
+    rank = _tensor_rank(b, node.args[0])
     perm = [1, 0] if rank == 2 else [0]
     return b.add("Transpose", [b.value_of(node.args[0])], name, perm=perm)
 
 
 def _transpose(b: Builder, node: Any, name: str) -> ir.Node:
-    rank = _tensor_rank(node.args[0])
+    rank = _tensor_rank(b, node.args[0])
     a, c = (int(d) % rank for d in node.args[1:3])
     perm = list(range(rank))
     perm[a], perm[c] = perm[c], perm[a]
@@ -282,7 +287,7 @@ def _identity(b: Builder, node: Any, name: str) -> ir.Node:
 
 def _max_pool(b: Builder, node: Any, name: str) -> ir.Node:
     x = node.args[0]
-    rank = _tensor_rank(x) - 2
+    rank = _tensor_rank(b, x) - 2
     kernel = _ints(node.args[1], rank)
     stride = _arg(node, 2, "stride", [])
     stride = _ints(stride, rank) if stride else kernel
@@ -298,7 +303,7 @@ def _max_pool(b: Builder, node: Any, name: str) -> ir.Node:
 
 def _avg_pool(b: Builder, node: Any, name: str) -> ir.Node:
     x = node.args[0]
-    rank = _tensor_rank(x) - 2
+    rank = _tensor_rank(b, x) - 2
     kernel = _ints(node.args[1], rank)
     stride = _arg(node, 2, "stride", [])
     stride = _ints(stride, rank) if stride else kernel
@@ -326,7 +331,7 @@ def _adaptive(op: str) -> Translation:
 
 
 def _mean(b: Builder, node: Any, name: str) -> ir.Node:
-    rank = _tensor_rank(node.args[0])
+    rank = _tensor_rank(b, node.args[0])
     dims = sorted(int(d) % rank for d in node.args[1])
     keepdim = bool(_arg(node, 2, "keepdim", False))
     if dims != list(range(2, rank)) or not keepdim:

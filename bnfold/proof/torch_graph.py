@@ -214,6 +214,8 @@ class _Builder:
         else:
             self.values[node.name] = outs[0]
             _typed(outs[0], meta)
+            if meta is None:  # a call a rewrite made (lowering) carries no fake tensor
+                _infer_type(translated)
 
     def opaque(self, node: Any, name: str) -> ir.Node:
         import torch.fx
@@ -264,6 +266,38 @@ def _typed(value: ir.Value, meta: Any) -> None:
     value.shape = _shape(meta)
     if meta is not None and hasattr(meta, "dtype"):
         value.dtype = _dtype(meta.dtype)
+
+
+def _infer_type(node: ir.Node) -> None:
+    """The dtype and shape of an elementwise op's output (numpy broadcasting) or of a
+    pointwise Conv's (1x1, stride 1, no padding: the input's with the weight's output
+    channels), where every input has them; else left unknown."""
+    inputs = [v for v in node.inputs if v is not None]
+    if len(node.outputs) != 1 or not inputs:
+        return
+    if any(v.dtype is None or v.shape is None for v in inputs):
+        return
+    try:
+        shapes = [tuple(int(d) for d in v.shape) for v in inputs]
+        if node.op_type in ("Add", "Sub", "Mul", "Div"):
+            dims = list(np.broadcast_shapes(*shapes))
+        elif node.op_type == "Conv" and _pointwise(node, shapes[1]):
+            dims = [shapes[0][0], shapes[1][0], *shapes[0][2:]]
+        else:
+            return
+    except (TypeError, ValueError):  # a symbolic size, or shapes that do not broadcast
+        return
+    node.outputs[0].dtype = inputs[0].dtype
+    node.outputs[0].shape = ir.Shape(dims)
+
+
+def _pointwise(conv: ir.Node, weight: tuple[int, ...]) -> bool:
+    def ints(name: str) -> list[int]:
+        attr = conv.attributes.get(name)
+        return list(attr.value) if attr is not None else []  # type: ignore[arg-type]
+
+    ones = all(k == 1 for k in weight[2:]) and all(s == 1 for s in ints("strides"))
+    return ones and not any(ints("pads")) and "auto_pad" not in conv.attributes
 
 
 def _attr(name: str, value: Any) -> ir.Attr:
