@@ -468,6 +468,8 @@ def verify_with_rollback(
             break
         undos, dropped = _without_refuted(undos, certificate, redo, prove)
         refused += [Refusal(u.pair.site, Code.VERIFICATION_FAILED, why) for u, why in dropped]
+        if not dropped:  # no fold alone is wrong: the refuted result fails (with_proof)
+            break
     proof = vouching(certificate)
     result = check(folded, proof)
     if result.status != "failed":  # passed, or nothing to judge by (no evidence): keep

@@ -160,6 +160,8 @@ def _proof_first(
 
     while (certificate := prove(gm, added)).refuted and added:
         kept, dropped = drop_refuted(list(added), certificate, names, prove_with)
+        if not dropped:  # no fold alone is wrong: the refuted result fails (with_proof)
+            break
         for site, why in dropped:
             fold_refusals = fold_refusals + _refusals(site, Code.VERIFICATION_FAILED, why)
         gm, added = _refolded(make, kept, rounding, fold_refusals)
