@@ -275,10 +275,11 @@ def _infer_type(node: ir.Node) -> None:
     inputs = [v for v in node.inputs if v is not None]
     if len(node.outputs) != 1 or not inputs:
         return
-    if any(v.dtype is None or v.shape is None for v in inputs):
+    dtype = inputs[0].dtype
+    if dtype is None or any(v.dtype is None or v.shape is None for v in inputs):
         return
     try:
-        shapes = [tuple(int(d) for d in v.shape) for v in inputs]
+        shapes = [tuple(int(d) for d in v.shape or ()) for v in inputs]  # type: ignore[arg-type]
         if node.op_type in ("Add", "Sub", "Mul", "Div"):
             dims = list(np.broadcast_shapes(*shapes))
         elif node.op_type == "Conv" and _pointwise(node, shapes[1]):
@@ -287,7 +288,7 @@ def _infer_type(node: ir.Node) -> None:
             return
     except (TypeError, ValueError):  # a symbolic size, or shapes that do not broadcast
         return
-    node.outputs[0].dtype = inputs[0].dtype
+    node.outputs[0].dtype = dtype
     node.outputs[0].shape = ir.Shape(dims)
 
 

@@ -38,6 +38,7 @@ from torch.utils import _pytree as pytree
 
 from bnfold.fixpoint import keep_passing
 from bnfold.options import VerifyOptions
+from bnfold.proof import Certificate
 from bnfold.report import Code, FedInput, OutputDiff, Refusal, VerifyResult
 from bnfold.torch_front.eager import Undo
 from bnfold.torch_front.modules import eval_mode
@@ -49,7 +50,6 @@ from bnfold.verification.torch_flow import Captured, Flow, FlowTracer, RoundingN
 from bnfold.verification.torch_measure import Known, difference, known_of, nudged_copy
 from bnfold.verification.torch_proof import ProveFolds, drop_refuted, vouching
 from bnfold.verification.verdict import (
-    Certificate,
     Measure,
     SiteValue,
     TensorDiff,

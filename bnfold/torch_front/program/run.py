@@ -13,6 +13,7 @@ from torch import fx
 from bnfold.affine import Rounding, Unfoldable
 from bnfold.fixpoint import fold_rounds, keep_passing
 from bnfold.options import DEFAULT_VERIFY, VerifyOptions
+from bnfold.proof import Certificate
 from bnfold.report import (
     Code,
     Folded,
@@ -36,7 +37,7 @@ from bnfold.verification.torch_proof import (
     vouching,
     with_entries,
 )
-from bnfold.verification.verdict import Certificate, with_proof
+from bnfold.verification.verdict import with_proof
 
 aten = torch.ops.aten
 
