@@ -19,9 +19,12 @@ a shared machine hits them alike):
   on detectors it fails (fx cannot trace their forward), and the failure is reported.
 - ``fold``: ``bnfold.torch_front.fold_module(model, (x,), verify=False)``, the fold
   path alone: finding pairs (tracing, the recorded run), checks, folds, the deep copy.
-- ``fold+verify``: ``bnfold.fold(model, (x,))`` as a user calls it, with verification
-  (example inputs and 3 random draws, each run through the original and the folded
-  model, with rollback); ``verify`` below is ``fold+verify - fold``, the verification's share.
+- ``fold+verify``: ``bnfold.fold(model, (x,))`` as a user calls it, with verification:
+  the proof for all inputs first (the original exported before the fold and the folded
+  module after it; a detector that does not export is proven module by module), then
+  example inputs and 3 random draws, each run through the original and the folded
+  model, with rollback; ``verify`` below is ``fold+verify - fold``, the verification's
+  share, proof included.
 - ``fold, recorded``: the fold path with export and fx switched off, so the
   ``recorded`` finder decides (what the fold path would cost if it came first).
 
@@ -238,6 +241,10 @@ def describe(outcome: dict[str, Any]) -> dict[str, Any]:
         if result.verification is not None:
             entry["verification"] = result.verification.status
             entry["samples"] = result.verification.samples
+            if (proof := result.verification.proof) is not None:
+                entry["proof"] = f"{proof.proven}/{len(proof.sites)}" + (
+                    " module level" if any("fold report" in a for a in proof.assumptions) else ""
+                )
         out[tool] = entry
     return {"outcome": out}
 
@@ -306,6 +313,8 @@ def markdown(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
         folded = f"{full.get('folded', '?')} ({finders or '-'})" + (
             f"; refused {refused}" if refused else ""
         )
+        if "proof" in full:
+            folded += f"; proven {full['proof']}"
         lines.append(
             f"| {row['model']} | {row['bn']} | {folded} | {row['fp32_forward_s']:.2f} | "
             f"{cell(row, 'fx fuse')} | {cell(row, 'fold')} | {cell(row, 'fold+verify')} | "

@@ -17,7 +17,8 @@ Per model:
   version counter, independent of bnfold's finders). A BN module counts if all its
   calls are such.
 - ``eager`` and ``pt2``: BNs folded, what is left and why (codes), which finder,
-  verification, seconds; ``.pt2`` only where ``torch.export`` takes the model.
+  verification (the proof's regions proven, then the sampled check), seconds;
+  ``.pt2`` only where ``torch.export`` takes the model.
 - ``fresh input``: the folded model against the original on an input neither saw
   (not a verification sample): the largest difference relative to the output's largest
   magnitude; detector outputs compared as box sets (each folded box's distance to the
@@ -242,6 +243,14 @@ def summarize(result: Any, seconds: float) -> dict[str, Any]:
     }
     if result.verification is not None:
         entry["verification"] = result.verification.status
+        proof = result.verification.proof
+        if proof is not None:  # made inside the fold, before the sampled check
+            entry["proof"] = {
+                "proven": proof.proven, "sites": len(proof.sites), "holds": proof.holds,
+                "refuted": proof.refuted, "module_level": any(
+                    "taken from the fold report" in a for a in proof.assumptions
+                ),
+            }  # fmt: skip
     return entry
 
 
@@ -355,7 +364,11 @@ def cell(entry: dict[str, Any] | None) -> str:
     text = f"{entry['folded']}/{entry['found']}"
     text += f" ({finders})" if finders else ""
     text += f"; left {codes}" if codes else ""
-    text += f"; {entry.get('verification', '-')}, {entry['seconds']} s"
+    text += f"; {entry.get('verification', '-')}"
+    if (proof := entry.get("proof")) is not None:
+        level = ", module level" if proof["module_level"] else ""
+        text += f" (proven {proof['proven']}/{proof['sites']}{level})"
+    text += f", {entry['seconds']} s"
     text += "" if rel is None else f"; fresh {rel:.1e}"
     if (features := fresh.get("features_rel")) is not None:
         text += f" (features/head {features:.1e}, boxes {fresh.get('boxes')})"
@@ -370,7 +383,10 @@ def markdown(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
         f"timm {meta['timm']}, smp {meta['smp']}; {meta['threads']} thread(s). Random weights, "
         "trained-like BN statistics. `fresh`: the largest difference of the folded model's "
         "outputs from the original's on an input neither saw, relative to the output's "
-        "largest magnitude (detections: boxes as sets, scores sorted).",
+        "largest magnitude (detections: boxes as sets, scores sorted). `proven a/b`: the "
+        "proof for all inputs made inside the fold before the sampled check (regions "
+        "proven of regions changed; `module level`: the model does not export, each "
+        "linear module's folds proven from its parameters, the pairing the fold's).",
         "",
         "| model | BN (kinds) | after a conv/linear in the run | eager: folded/found "
         "(finder); left; verification; fresh | .pt2 | eager, unverified | recorded = export |",

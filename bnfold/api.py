@@ -83,7 +83,7 @@ def fold_path(
 
     Every output is verified before it is published (unless ``options.verify`` is
     off): an ONNX fold is proven for all inputs first (unless ``options.prove`` is
-    off; torch folds are proven after they are written: :mod:`bnfold.api_torch`),
+    off; torch folds are proven in memory before their sampled check),
     then compared on samples. It is written atomically; what is not written leaves
     ``output`` untouched.
 
@@ -323,11 +323,10 @@ def fold(  # noqa: PLR0913 -- public API: keyword options, one per CLI flag
         verify: ONNX: compare the folded model with the original at ORT_DISABLE_ALL
             and attach the result. torch modules and programs are always verified,
             fold by fold, with rollback of any fold that changes the outputs.
-        prove: ONNX, with ``verify``: prove the fold for all inputs first
-            (:mod:`bnfold.proof`); the certificate is ``verification.proof``, and a
-            difference it finds fails the verification. torch folds in memory are
-            not proven here: :func:`bnfold.proof.prove_eager` /
-            :func:`~bnfold.proof.prove_program` take the result.
+        prove: with verification, prove the fold for all inputs first
+            (:mod:`bnfold.proof`); the certificate is ``verification.proof``. ONNX:
+            a difference it finds fails the verification; torch: a fold it refutes
+            is rolled back (:mod:`bnfold.verification.torch_proof`).
         verify_options: tolerances, samples, seed and (ONNX) input shapes.
         clone_shared: ONNX: copy a weight that other nodes also read so the fold
             can proceed (reported as bytes_added); False refuses such sites.
@@ -366,14 +365,15 @@ def fold(  # noqa: PLR0913 -- public API: keyword options, one per CLI flag
         return run.fold(
             model, example_inputs, inplace=inplace,
             verify=options.verify_options or VerifyOptions(),
-            rounding=options.rounding, lower=options.lower,
+            rounding=options.rounding, lower=options.lower, prove=options.prove,
         )  # fmt: skip
     if kind is SourceKind.TORCH_PROGRAM:
         from bnfold.torch_front.files import fold_program
 
         return fold_program(
-            model, options.verify_options or VerifyOptions(), options.rounding, options.lower
-        )
+            model, options.verify_options or VerifyOptions(), options.rounding, options.lower,
+            options.prove,
+        )  # fmt: skip
     reference = None
     if verify:
         # The untouched input is the reference; with inplace=True it is about to

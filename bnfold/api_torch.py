@@ -4,13 +4,10 @@ Imported only when a torch file, factory or object is folded or verified, since 
 imports torch. The fold itself is :func:`bnfold.torch_front.files.fold_torch_files`'s;
 this adapts what the API accepts to what it takes and checks the report path.
 
-The proof for all inputs (:mod:`bnfold.proof`) is made here, at the API layer: a
-written ``.pt2`` is proven against the original program, a written eager module
-against the original module on its example inputs, and the certificate joins the
-verification (:func:`~bnfold.verification.verdict.with_proof`). It comes after the
-write: a difference it finds fails the run (exit 1) but cannot keep the output back,
-and it does not yet judge the fronts' per-fold rollback (proof first, sampling
-second, as ONNX folds have it).
+The proof for all inputs of a fold is made inside the fronts, before the sampled
+check and before anything is written (:mod:`bnfold.verification.torch_proof`): a
+fold it refutes is rolled back, never written. ``verify --prove`` proves two
+``.pt2`` files here (:func:`verify_programs`).
 """
 
 from __future__ import annotations
@@ -27,7 +24,7 @@ from bnfold.errors import BnfoldError, first_line
 from bnfold.options import FoldOptions, VerifyOptions
 from bnfold.outcomes import FoldOutcome, Progress
 from bnfold.outputs import require_safe_report
-from bnfold.report import FoldResult, VerifyResult
+from bnfold.report import VerifyResult
 from bnfold.sources import SourceKind
 from bnfold.torch_front.files import ModuleSource, fold_torch_files, verify_torch
 from bnfold.torch_front.io import (
@@ -38,7 +35,6 @@ from bnfold.torch_front.io import (
 )
 from bnfold.torch_front.run import as_args
 from bnfold.verification import not_sampled, with_proof
-from bnfold.verification.proving import attempt
 
 
 @dataclass(frozen=True)
@@ -90,41 +86,13 @@ def fold_to(
     verify = (options.verify_options or VerifyOptions()) if options.verify else None
     if progress is not None:
         progress("folding and verifying" if verify is not None else "folding")
-    remembered = _Remembered.of(torch_source) if isinstance(torch_source, ModuleSource) else None
     result, written = fold_torch_files(
-        remembered or torch_source, output, verify, options.to_onnx,
+        torch_source, output, verify, options.to_onnx,
         require_verified=options.require_verified, rounding=options.rounding,
-        lower=options.lower, trust_pickle=options.trust_pickle,
+        lower=options.lower, trust_pickle=options.trust_pickle, prove=options.prove,
     )  # fmt: skip
-    if written and options.prove and result.modified and result.verification is not None:
-        if progress is not None:
-            progress("proving")
-        original = remembered.loaded[0] if remembered is not None else str(torch_source)
-        certificate = _prove_written(original, Path(output), result, options.trust_pickle)
-        result.verification = with_proof(result.verification, certificate)
     files = [os.fspath(path) for path in written]
     return FoldOutcome(result, os.fspath(output), bool(written), files)
-
-
-def _prove_written(original: Any, output: Path, result: FoldResult, trust_pickle: bool) -> Any:
-    """The certificate of a written fold; never raises (a prover failure is "not proven").
-
-    ``original`` is the ``.pt2`` path folded, or the (module, args) a factory built.
-    A ``.pt2`` output is proven as programs (the file as written, read back), a
-    ``.pt`` state_dict as the eager module in memory, traced on its example inputs.
-    """
-    from bnfold.proof import prove_eager, prove_program
-
-    def prove() -> Any:
-        with user_code("the model's code"):
-            if output.suffix == ".pt2":
-                folded = load_exported_program(output)  # our own file: plain data only
-                return prove_program(_program(original, trust_pickle), folded, result.report)
-            module, args = original
-            return prove_eager(module, result.model, result.report, example_inputs=args)
-
-    front = "torch program" if output.suffix == ".pt2" else "torch eager"
-    return attempt(prove, front)
 
 
 def _program(original: Any, trust_pickle: bool) -> torch.export.ExportedProgram:

@@ -29,8 +29,7 @@ class FoldOutcome:
 
     ``written`` is False when the library kept the output back: the verification
     (the proof for all inputs, then the sampled check) failed, or could not be made
-    and verified folds were required. One case is written and fails all the same:
-    a torch fold whose proof, made after the write, found a difference.
+    and verified folds were required.
     """
 
     result: FoldResult
@@ -66,8 +65,6 @@ class FoldOutcome:
             lines.append(verification.summary(proven_rows=False))
         if not self.written:
             lines.append(_nothing_written(verification))
-        elif verification is not None and verification.failed:
-            lines.append("the proof found a difference after the fold was written: do not use it")
         lines += [f"wrote {path}" for path in self.files]
         lines += [f"note: {note}" for note in self.notes]
         if self.bench is not None:

@@ -159,12 +159,6 @@ def test_strict_pt2_fold_writes_nothing_when_not_verified(tmp_path: Path, unveri
     lenient = invoke("fold", source, "-o", out, "--no-prove")
     assert lenient.exit_code == 0, lenient.output
     assert "NOT VERIFIED" in lenient.output and out.is_file()
-    # The proof of what was written verifies it after the fact (torch proves after writing).
-    proven = invoke("fold", source, "-o", out, "--json")
-    assert proven.exit_code == 0, proven.output
-    verification = json.loads(proven.output)["verification"]
-    assert verification["status"] == "passed" and verification["proof"]["holds"]
-    assert verification["reason"].startswith("proven for all inputs; sampling did not verify")
 
 
 def test_max_input_mib_is_refused_for_torch_models(factory, tmp_path: Path) -> None:
@@ -299,7 +293,7 @@ def test_console_script_from_the_models_folder_is_quiet(tmp_path: Path) -> None:
     assert json.loads(run.stdout)["files"] == ["folded.pt2", "folded.onnx"]
 
 
-# -- the proof for all inputs, at the API layer ----------------------------------------------
+# -- the proof for all inputs, inside the fronts ----------------------------------------------
 
 
 def test_torch_folds_carry_their_certificate(factory, tmp_path: Path) -> None:
@@ -335,27 +329,30 @@ def test_verify_prove_of_a_pt2_pair(factory, tmp_path: Path) -> None:
     assert check.output.startswith("proven for all inputs: 1 of 1 sites")
 
 
-def test_a_torch_proof_that_finds_a_difference_after_the_write_fails_the_run(
+def test_a_torch_fold_the_proof_refutes_is_not_written(
     factory, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """torch folds are proven after they are written: a difference is exit 1, said so."""
-    from bnfold import api_torch
+    """The proof runs in memory before the sampled check: a refuted fold is rolled back
+    with the proof's reason, and the file written is the original's (exit 0, reported)."""
     from bnfold.proof import Certificate, SiteProof
+    from bnfold.verification import torch_proof
 
-    def refuting(*args: Any) -> Certificate:
-        site = SiteProof("0 -> 1", "adjacent", False, float("inf"), reason="row 2 differs")
-        return Certificate(front="torch eager", sites=[site])
+    def refuting(self: Any, folded: Any, report: Any) -> Certificate:
+        sites = [
+            SiteProof(e.site, "adjacent", False, float("inf"), reason="row 2 differs")
+            for e in report.folded
+        ]
+        return Certificate(front="torch eager", sites=sites)
 
-    monkeypatch.setattr(api_torch, "_prove_written", refuting)
+    monkeypatch.setattr(torch_proof.EagerProver, "prove", refuting)
     out = tmp_path / "folded.pt"
-    result = invoke("fold", "--module", f"{factory}:make", "--input-shape", SHAPE, "-o", out)
-    assert result.exit_code == 1, result.output
-    assert "DIFFERS     0 -> 1" in result.output
-    assert "the proof found a difference after the fold was written" in result.output
-    payload = json.loads(
-        invoke(
-            "fold", "--module", f"{factory}:make", "--input-shape", SHAPE, "-o", out, "--json"
-        ).output
+    result = invoke(
+        "fold", "--module", f"{factory}:make", "--input-shape", SHAPE, "-o", out, "--json"
     )
-    assert payload["exit_code"] == 1 and payload["written"] is True
-    assert payload["verification"]["status"] == "failed"
+    assert result.exit_code == 0, result.output
+    payload = json.loads(result.output)
+    assert payload["report"]["folded"] == []
+    (refused,) = payload["report"]["refused"]
+    assert refused["code"] == "verification_failed"
+    assert refused["detail"] == "the proof found a difference: row 2 differs"
+    assert set(torch.load(out, weights_only=True)) >= {"1.running_var", "0.weight"}

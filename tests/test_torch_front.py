@@ -539,7 +539,9 @@ def test_corrupted_fold_is_rolled_back_and_others_kept(monkeypatch):
     result = fold_module(work, (x,), inplace=True)
     site = "layer1.0.conv2 -> layer1.0.bn2"
     assert codes_at(result, site) == [Code.VERIFICATION_FAILED]
-    assert "max_abs=" in result.report.refused[0].detail
+    # Folded in place: the original was exported before the fold, and the proof of the
+    # fold against it names the wrong site before anything is sampled.
+    assert result.report.refused[0].detail.startswith("the proof found a difference")
     assert result.model.layer1[0].bn2 is target
     assert len(result.report.folded) == count_bn(model) - 1
     assert result.verification.passed

@@ -117,7 +117,8 @@ def test_every_bn_after_a_conv_folds_in_a_detector_no_tracer_follows(norm, monke
         "layer2.conv2 -> layer2.bn2", "stem.0 -> stem.1",
     ]  # fmt: skip
     assert result.report.refused == [] and result.verification.passed
-    assert tried == ["_export_graph", "_fx_graph"]  # both failed once, then never again
+    # Its run reads scores into Python (.tolist()): export is not tried, fx fails once.
+    assert tried == ["_fx_graph"]
     assert_same(model, result.model, x)
 
 
@@ -138,7 +139,7 @@ def test_a_tracer_that_failed_is_not_tried_again_in_a_later_round(monkeypatch):
     tried = untraceable(monkeypatch)
     result = fold_module(model, (torch.randn(1, 3, 6, 6),))
     assert [f.site for f in result.report.folded] == ["conv -> bn1", "conv -> bn2"]
-    assert tried == ["_export_graph", "_fx_graph"]
+    assert tried == ["_fx_graph"]  # .item(): export is not tried; fx failed once, not again
 
 
 class Between(nn.Module):

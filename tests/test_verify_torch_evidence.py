@@ -170,11 +170,18 @@ class Constant(nn.Module):
 
 
 def test_constant_outputs_are_no_evidence_and_the_folds_stay():
-    result = bnfold.fold(Constant(), example_inputs=(torch.randn(2, 3, 8, 8),))
+    result = bnfold.fold(Constant(), example_inputs=(torch.randn(2, 3, 8, 8),), prove=False)
     v = result.verification
     assert (v.status, v.reason_code) == ("not_verified", NotVerified.NO_EVIDENCE)
     assert [f.site for f in result.report.folded] == ["body.0 -> body.1"]
     assert not any(r.evidence for r in v.outputs + v.sites)
+
+
+def test_a_fold_sampling_cannot_verify_is_verified_by_the_proof():
+    result = bnfold.fold(Constant(), example_inputs=(torch.randn(2, 3, 8, 8),))
+    v = result.verification
+    assert v.reason_code == NotVerified.NO_EVIDENCE and v.proof is not None and v.proof.holds
+    assert v.status == "passed" and v.reason.startswith("proven for all inputs")
 
 
 class Ranker(nn.Module):

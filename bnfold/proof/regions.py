@@ -398,6 +398,16 @@ def _prove(region: Region, original: Scope, folded: Scope, shapes: Shapes) -> _O
             side_f.memo.clear()
             original.forget_all()
             folded.forget_all()
+    if (
+        not verdict.proven
+        and not verdict.unsupported
+        and (dependent := _dependent_inputs(region, original))
+    ):
+        # The maps were compared as if the inputs were free: one is an affine function
+        # of another (a reflect pad of x beside x), so weight moved between them can
+        # leave the function unchanged. No difference is established.
+        verdict.unsupported = True
+        verdict.reason = f"{verdict.reason} (but {dependent}: the inputs are not independent)"
     if not verdict.proven and (replaced := replaced_ops(region)):
         # An op swapped for another is a difference, whether or not either is modelled.
         verdict.reason = f"{'; '.join(replaced)} ({verdict.reason})"
@@ -405,6 +415,46 @@ def _prove(region: Region, original: Scope, folded: Scope, shapes: Shapes) -> _O
     if limit == 0.0 and verdict.proven and verdict.coefficients:
         verdict.notes.append("no op folded here: the maps are equal exactly")
     return _Outcome(verdict, list(region.outputs), failed)
+
+
+# Ops no affine function passes through: a boundary input computed through one of them
+# from another cannot trade weight with it (x and relu(x) are independent enough).
+_BREAKS_DEPENDENCE = frozenset([
+    "relu", "relu_", "gelu", "silu", "silu_", "sigmoid", "tanh", "hardswish", "hardswish_",
+    "hardsigmoid", "hardtanh", "hardtanh_", "leaky_relu", "leaky_relu_", "elu", "mish",
+    "softmax", "_softmax", "log_softmax", "clamp", "clamp_min", "max_pool1d", "max_pool2d",
+    "max_pool3d", "max_pool2d_with_indices", "leakyrelu", "clip", "maxpool", "globalmaxpool",
+])  # fmt: skip
+
+
+def _breaks_dependence(node: ir.Node) -> bool:
+    op = node.op_type.lower()
+    short = op.split(".")[1] if op.startswith("aten.") and op.count(".") >= 1 else op
+    return short in _BREAKS_DEPENDENCE
+
+
+def _dependent_inputs(region: Region, scope: Scope, depth: int = 64) -> str:
+    """``"'b' is computed from 'a'"`` when one boundary input of ``region`` is, in the
+    unchanged graph, computed from another through no nonlinear op (within ``depth``
+    nodes); "" when none is."""
+    inputs = set(region.inputs)
+    for name in region.inputs:
+        seen: set[str] = set()
+        frontier = [name]
+        for _ in range(depth):
+            if not frontier:
+                break
+            node = scope.producer(frontier.pop())
+            if node is None or _breaks_dependence(node):
+                continue
+            for value in node.inputs:
+                if value is None or not value.name or value.name in seen:
+                    continue
+                if value.name in inputs:
+                    return f"{name!r} is computed from {value.name!r}"
+                seen.add(value.name)
+                frontier.append(value.name)
+    return ""
 
 
 @dataclass

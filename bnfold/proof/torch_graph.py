@@ -1,13 +1,13 @@
 """A ``torch.export`` program as a graph the ONNX prover reads.
 
 Each aten call becomes a node. The calls whose meaning the prover models become the
-ONNX operator with the same semantics (convolutions, batch_norm in inference, linear,
-mm/addmm, add/sub/mul/div, cat, view/reshape/flatten, (un)squeeze, permute/t, pools,
-dropout in eval); every other call becomes an opaque node in the ``aten`` domain whose
-non-tensor arguments are an attribute, so the diff requires it unchanged. Parameters,
-buffers and constants become initializers named by their state_dict key, user inputs
-keep their names, and shapes come from the program's fake tensors (a dynamic size is a
-named symbol).
+ONNX operator with the same semantics (:mod:`bnfold.proof.torch_aten`: convolutions,
+batch_norm in inference, linear, mm/addmm, add/sub/mul/div, cat, view/reshape/flatten,
+(un)squeeze, permute/t, pools, dropout in eval); every other call becomes an opaque
+node in the ``aten`` domain whose non-tensor arguments are an attribute, so the diff
+requires it unchanged. Parameters, buffers and constants become initializers named by
+their state_dict key, user inputs keep their names, and shapes come from the program's
+fake tensors (a dynamic size is a named symbol).
 
 Node and value names are canonical: ``module.path/op#k``, the k-th call of ``op`` made
 inside that module, so two exports of one network name their calls alike whatever fx
@@ -18,25 +18,19 @@ it hands a BN's output name to the conv), so nodes after a fold site stay identi
 
 from __future__ import annotations
 
-import contextlib
 import operator
 from collections import Counter
-from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 import onnx_ir as ir
 
+from bnfold.proof.torch_aten import short, translate
+
 AT = "aten"
 """Domain of the opaque nodes (calls the prover does not model)."""
 
 MODELED_SPATIAL = {1: "1d", 2: "2d", 3: "3d"}
-
-
-def _short(target: Any) -> str:
-    """``aten.conv2d.default`` -> ``conv2d``."""
-    name = getattr(target, "__name__", str(target))
-    return name.split(".")[0]
 
 
 def to_numpy(tensor: Any) -> np.ndarray:
@@ -115,6 +109,9 @@ class _Builder:
     # -- placeholders ------------------------------------------------------------------
 
     def placeholders(self) -> None:
+        if not hasattr(self.program, "graph_signature"):
+            self.module_placeholders()
+            return
         signature = self.program.graph_signature
         state = {**self.program.state_dict, **getattr(self.program, "constants", {})}
         targets = {}
@@ -146,12 +143,38 @@ class _Builder:
                 self.graph.inputs.append(value)
                 self.values[node.name] = value
 
+    def module_placeholders(self) -> None:
+        """A graph module's inputs, and its ``get_attr`` tensors as initializers.
+
+        ``ExportedProgram.module()`` lifts nothing: its parameters and buffers are
+        read by ``get_attr`` under their state_dict keys, the names a program's
+        signature gives them, so a program and its module translate alike.
+        """
+        for node in self.program.graph.nodes:
+            if node.op == "placeholder":
+                self.graph.inputs.append(self._input(node, node.name))
+            elif node.op == "get_attr":
+                tensor = _attribute(self.program, str(node.target))
+                if tensor is None:
+                    self.graph.inputs.append(self._input(node, str(node.target)))
+                else:
+                    self.values[node.name] = self.constant(to_numpy(tensor), str(node.target))
+
+    def _input(self, node: Any, name: str) -> ir.Value:
+        value = ir.Value(name=name)
+        meta = node.meta.get("val")
+        value.shape = _shape(meta)
+        if meta is not None and hasattr(meta, "dtype"):
+            value.dtype = _dtype(meta.dtype)
+        self.values[node.name] = value
+        return value
+
     # -- calls ---------------------------------------------------------------------------
 
     def canonical(self, node: Any) -> str:
         stack = node.meta.get("nn_module_stack") or {}
         path = list(stack.values())[-1][0] if stack else ""
-        key = f"{path}/{_short(node.target)}"
+        key = f"{path}/{short(node.target)}"
         self.counts[key] += 1
         return f"{key}#{self.counts[key] - 1}"
 
@@ -179,18 +202,20 @@ class _Builder:
             source, index = node.args
             self.values[node.name] = self.multi[source.name][index]
             return
-        translated = _translate(self, node, name)
+        translated = translate(self, node, name)
         if translated is None:
             translated = self.opaque(node, name)
         outs = list(translated.outputs)
         meta = node.meta.get("val")
         if isinstance(meta, list | tuple):
             self.multi[node.name] = outs
+            for out, part in zip(outs, meta, strict=False):
+                _typed(out, part)
         else:
             self.values[node.name] = outs[0]
-            outs[0].shape = _shape(meta)
-            if meta is not None and hasattr(meta, "dtype"):
-                outs[0].dtype = _dtype(meta.dtype)
+            _typed(outs[0], meta)
+            if meta is None:  # a call a rewrite made (lowering) carries no fake tensor
+                _infer_type(translated)
 
     def opaque(self, node: Any, name: str) -> ir.Node:
         import torch.fx
@@ -235,6 +260,47 @@ _NUMPY_DTYPES: dict[str, type] = {
 }
 
 
+def _typed(value: ir.Value, meta: Any) -> None:
+    """Give ``value`` the shape and dtype of its fake tensor (a tuple call's part too:
+    a BN's output is part 0 of ``_native_batch_norm_legit_no_training``)."""
+    value.shape = _shape(meta)
+    if meta is not None and hasattr(meta, "dtype"):
+        value.dtype = _dtype(meta.dtype)
+
+
+def _infer_type(node: ir.Node) -> None:
+    """The dtype and shape of an elementwise op's output (numpy broadcasting) or of a
+    pointwise Conv's (1x1, stride 1, no padding: the input's with the weight's output
+    channels), where every input has them; else left unknown."""
+    inputs = [v for v in node.inputs if v is not None]
+    if len(node.outputs) != 1 or not inputs:
+        return
+    dtype = inputs[0].dtype
+    if dtype is None or any(v.dtype is None or v.shape is None for v in inputs):
+        return
+    try:
+        shapes = [tuple(int(d) for d in v.shape or ()) for v in inputs]  # type: ignore[arg-type]
+        if node.op_type in ("Add", "Sub", "Mul", "Div"):
+            dims = list(np.broadcast_shapes(*shapes))
+        elif node.op_type == "Conv" and _pointwise(node, shapes[1]):
+            dims = [shapes[0][0], shapes[1][0], *shapes[0][2:]]
+        else:
+            return
+    except (TypeError, ValueError):  # a symbolic size, or shapes that do not broadcast
+        return
+    node.outputs[0].dtype = dtype
+    node.outputs[0].shape = ir.Shape(dims)
+
+
+def _pointwise(conv: ir.Node, weight: tuple[int, ...]) -> bool:
+    def ints(name: str) -> list[int]:
+        attr = conv.attributes.get(name)
+        return list(attr.value) if attr is not None else []  # type: ignore[arg-type]
+
+    ones = all(k == 1 for k in weight[2:]) and all(s == 1 for s in ints("strides"))
+    return ones and not any(ints("pads")) and "auto_pad" not in conv.attributes
+
+
 def _attr(name: str, value: Any) -> ir.Attr:
     if isinstance(value, str):
         return ir.AttrString(name, value)
@@ -245,302 +311,23 @@ def _attr(name: str, value: Any) -> ir.Attr:
     return ir.AttrInt64s(name, [int(v) for v in value])
 
 
-def _ints(value: Any, rank: int) -> list[int]:
-    if isinstance(value, int):
-        return [value] * rank
-    return [int(v) for v in value]
-
-
-def _arg(node: Any, index: int, key: str, default: Any) -> Any:
-    if len(node.args) > index:
-        return node.args[index]
-    return node.kwargs.get(key, default)
-
-
-def _translate(b: _Builder, node: Any, name: str) -> ir.Node | None:
-    """The ONNX node with this aten call's semantics, or None (then it stays opaque)."""
-    op = _short(node.target)
-    translate = _TRANSLATIONS.get(op)
-    if translate is None:
-        return None
-    with contextlib.suppress(_Untranslatable):
-        return translate(b, node, name)
-    return None
-
-
-Translation = Callable[["_Builder", Any, str], ir.Node]
-"""An aten call (the builder, the fx node, the node's canonical name) as ONNX."""
-
-
-class _Untranslatable(Exception):
-    """This call's arguments are outside what the translation models: keep it opaque."""
-
-
-def _tensor_rank(node: Any) -> int:
-    meta = node.meta.get("val")
-    if meta is None:
-        raise _Untranslatable
-    return len(meta.shape)
-
-
-def _conv(b: _Builder, node: Any, name: str) -> ir.Node:
-    x, w = node.args[0], node.args[1]
-    bias = _arg(node, 2, "bias", None)
-    rank = _tensor_rank(w) - 2
-    stride = _ints(_arg(node, 3, "stride", 1), rank)
-    padding = _arg(node, 4, "padding", 0)
-    dilation = _ints(_arg(node, 5, "dilation", 1), rank)
-    groups = int(_arg(node, 6, "groups", 1))
-    pad_attrs: dict[str, Any] = {}
-    if isinstance(padding, str):
-        pad_attrs["auto_pad"] = {"same": "SAME_UPPER", "valid": "VALID"}[padding]
-    else:
-        pad_attrs["pads"] = _ints(padding, rank) * 2
-    inputs = [b.value_of(x), b.value_of(w), b.value_of(bias)]
-    return b.add(
-        "Conv", inputs, name, strides=stride, dilations=dilation, group=groups, **pad_attrs
-    )
-
-
-def _convolution(b: _Builder, node: Any, name: str) -> ir.Node:
-    x, w, bias, stride, padding, dilation, transposed, output_padding, groups = node.args[:9]
-    if not transposed:
-        return b.add(
-            "Conv", [b.value_of(x), b.value_of(w), b.value_of(bias)], name,
-            strides=list(stride), pads=list(padding) * 2, dilations=list(dilation),
-            group=int(groups),
-        )  # fmt: skip
-    return b.add(
-        "ConvTranspose", [b.value_of(x), b.value_of(w), b.value_of(bias)], name,
-        strides=list(stride), pads=list(padding) * 2, dilations=list(dilation),
-        output_padding=list(output_padding), group=int(groups),
-    )  # fmt: skip
-
-
-def _conv_transpose(b: _Builder, node: Any, name: str) -> ir.Node:
-    x, w = node.args[0], node.args[1]
-    rank = _tensor_rank(w) - 2
-    bias = _arg(node, 2, "bias", None)
-    stride = _ints(_arg(node, 3, "stride", 1), rank)
-    padding = _ints(_arg(node, 4, "padding", 0), rank)
-    output_padding = _ints(_arg(node, 5, "output_padding", 0), rank)
-    groups = int(_arg(node, 6, "groups", 1))
-    dilation = _ints(_arg(node, 7, "dilation", 1), rank)
-    return b.add(
-        "ConvTranspose", [b.value_of(x), b.value_of(w), b.value_of(bias)], name,
-        strides=stride, pads=padding * 2, dilations=dilation, output_padding=output_padding,
-        group=groups,
-    )  # fmt: skip
-
-
-def _bn_params(
-    b: _Builder, node: Any, name: str, weight: Any, bias: Any
-) -> tuple[ir.Value, ir.Value]:
-    channels = int(node.args[0].meta["val"].shape[1])
-    ones, zeros = np.ones(channels, np.float32), np.zeros(channels, np.float32)
-    w = b.value_of(weight) if weight is not None else b.constant(ones, f"{name}.weight")
-    c = b.value_of(bias) if bias is not None else b.constant(zeros, f"{name}.bias")
-    assert w is not None and c is not None
-    return w, c
-
-
-def _batch_norm(b: _Builder, node: Any, name: str) -> ir.Node:
-    x, weight, bias, mean, var, training, _momentum, eps = node.args[:8]
-    if training or mean is None:
-        raise _Untranslatable
-    w, c = _bn_params(b, node, name, weight, bias)
-    inputs = [b.value_of(x), w, c, b.value_of(mean), b.value_of(var)]
-    return b.add("BatchNormalization", inputs, name, epsilon=float(eps))
-
-
-def _native_batch_norm(b: _Builder, node: Any, name: str) -> ir.Node:
-    x, weight, bias, mean, var, _momentum, eps = node.args[:7]
-    w, c = _bn_params(b, node, name, weight, bias)
-    inputs = [b.value_of(x), w, c, b.value_of(mean), b.value_of(var)]
-    # aten returns (out, save_mean, save_invstd): the last two are not modelled.
-    bn = b.add("BatchNormalization", inputs, name, 3, epsilon=float(eps))
-    return bn
-
-
-def _linear(b: _Builder, node: Any, name: str) -> ir.Node:
-    x, w = node.args[0], node.args[1]
-    bias = _arg(node, 2, "bias", None)
-    if _tensor_rank(x) == 2:
-        return b.add("Gemm", [b.value_of(x), b.value_of(w), b.value_of(bias)], name, transB=1)
-    wt = b.add("Transpose", [b.value_of(w)], f"{name}.weight_t", perm=[1, 0])
-    mm = b.add(
-        "MatMul", [b.value_of(x), wt.outputs[0]], f"{name}.matmul" if bias is not None else name
-    )
-    if bias is None:
-        return mm
-    return b.add("Add", [mm.outputs[0], b.value_of(bias)], name)
-
-
-def _addmm(b: _Builder, node: Any, name: str) -> ir.Node:
-    bias, x, w = node.args[:3]
-    beta = float(node.kwargs.get("beta", 1.0))
-    alpha = float(node.kwargs.get("alpha", 1.0))
-    return b.add(
-        "Gemm", [b.value_of(x), b.value_of(w), b.value_of(bias)], name, alpha=alpha, beta=beta
-    )
-
-
-def _binary(op: str) -> Translation:
-    def translate(b: _Builder, node: Any, name: str) -> ir.Node:
-        left, right = node.args[0], node.args[1]
-        if node.kwargs.get("alpha", 1) != 1 or len(node.args) > 2:
-            raise _Untranslatable
-        operands = [b.value_of(left, f"{name}.0", node), b.value_of(right, f"{name}.1", node)]
-        return b.add(op, operands, name)
-
-    return translate
-
-
-def _cat(b: _Builder, node: Any, name: str) -> ir.Node:
-    tensors = node.args[0]
-    dim = int(_arg(node, 1, "dim", 0))
-    return b.add("Concat", [b.value_of(t) for t in tensors], name, axis=dim)
-
-
-def _static_or_one_dynamic(node: Any) -> list[int]:
-    """The output shape as Reshape's shape input (one unknown size as -1)."""
-    meta = node.meta.get("val")
-    if meta is None:
-        raise _Untranslatable
-    shape: list[int] = []
-    for d in meta.shape:
-        try:
-            shape.append(int(d))
-        except (TypeError, ValueError):
-            shape.append(-1)
-    if shape.count(-1) > 1:
-        raise _Untranslatable
-    return shape
-
-
-def _reshape(b: _Builder, node: Any, name: str) -> ir.Node:
-    shape = b.constant(np.asarray(_static_or_one_dynamic(node), dtype=np.int64), f"{name}.shape")
-    return b.add("Reshape", [b.value_of(node.args[0]), shape], name)
-
-
-def _unsqueeze(b: _Builder, node: Any, name: str) -> ir.Node:
-    axes = b.constant(np.asarray([int(node.args[1])], dtype=np.int64), f"{name}.axes")
-    return b.add("Unsqueeze", [b.value_of(node.args[0]), axes], name)
-
-
-def _squeeze(b: _Builder, node: Any, name: str) -> ir.Node:
-    dims = node.args[1] if len(node.args) > 1 else None
-    if dims is None:
-        return _reshape(b, node, name)
-    axes = b.constant(np.asarray(_ints(dims, 1), dtype=np.int64), f"{name}.axes")
-    return b.add("Squeeze", [b.value_of(node.args[0]), axes], name)
-
-
-def _permute(b: _Builder, node: Any, name: str) -> ir.Node:
-    return b.add("Transpose", [b.value_of(node.args[0])], name, perm=[int(d) for d in node.args[1]])
-
-
-def _t(b: _Builder, node: Any, name: str) -> ir.Node:
-    rank = _tensor_rank(node.args[0])
-    perm = [1, 0] if rank == 2 else [0]
-    return b.add("Transpose", [b.value_of(node.args[0])], name, perm=perm)
-
-
-def _transpose(b: _Builder, node: Any, name: str) -> ir.Node:
-    rank = _tensor_rank(node.args[0])
-    a, c = (int(d) % rank for d in node.args[1:3])
-    perm = list(range(rank))
-    perm[a], perm[c] = perm[c], perm[a]
-    return b.add("Transpose", [b.value_of(node.args[0])], name, perm=perm)
-
-
-def _identity(b: _Builder, node: Any, name: str) -> ir.Node:
-    if _short(node.target) == "dropout" and _arg(node, 2, "train", False):
-        raise _Untranslatable
-    return b.add("Identity", [b.value_of(node.args[0])], name)
-
-
-def _max_pool(b: _Builder, node: Any, name: str) -> ir.Node:
-    x = node.args[0]
-    rank = _tensor_rank(x) - 2
-    kernel = _ints(node.args[1], rank)
-    stride = _arg(node, 2, "stride", [])
-    stride = _ints(stride, rank) if stride else kernel
-    padding = _ints(_arg(node, 3, "padding", 0), rank)
-    dilation = _ints(_arg(node, 4, "dilation", 1), rank)
-    ceil = int(bool(_arg(node, 5, "ceil_mode", False)))
-    outputs = 2 if "indices" in str(node.target) else 1
-    return b.add(
-        "MaxPool", [b.value_of(x)], name, outputs, kernel_shape=kernel, strides=stride,
-        pads=padding * 2, dilations=dilation, ceil_mode=ceil,
-    )  # fmt: skip
-
-
-def _avg_pool(b: _Builder, node: Any, name: str) -> ir.Node:
-    x = node.args[0]
-    rank = _tensor_rank(x) - 2
-    kernel = _ints(node.args[1], rank)
-    stride = _arg(node, 2, "stride", [])
-    stride = _ints(stride, rank) if stride else kernel
-    padding = _ints(_arg(node, 3, "padding", 0), rank)
-    ceil = int(bool(_arg(node, 4, "ceil_mode", False)))
-    include = bool(_arg(node, 5, "count_include_pad", True))
-    if _arg(node, 6, "divisor_override", None) is not None:
-        raise _Untranslatable
-    # torch divides an overhanging ceil-mode window by what lies inside input + padding:
-    # without padding that is ONNX's count_include_pad=0.
-    include = include and any(padding)
-    return b.add(
-        "AveragePool", [b.value_of(x)], name, kernel_shape=kernel, strides=stride,
-        pads=padding * 2, ceil_mode=ceil, count_include_pad=int(include),
-    )  # fmt: skip
-
-
-def _adaptive(op: str) -> Translation:
-    def translate(b: _Builder, node: Any, name: str) -> ir.Node:
-        if any(int(s) != 1 for s in node.args[1]):
-            raise _Untranslatable
-        return b.add(op, [b.value_of(node.args[0])], name)
-
-    return translate
-
-
-def _mean(b: _Builder, node: Any, name: str) -> ir.Node:
-    rank = _tensor_rank(node.args[0])
-    dims = sorted(int(d) % rank for d in node.args[1])
-    keepdim = bool(_arg(node, 2, "keepdim", False))
-    if dims != list(range(2, rank)) or not keepdim:
-        raise _Untranslatable
-    return b.add("GlobalAveragePool", [b.value_of(node.args[0])], name)
-
-
-_TRANSLATIONS: dict[str, Translation] = {
-    "conv1d": _conv, "conv2d": _conv, "conv3d": _conv, "convolution": _convolution,
-    "conv_transpose1d": _conv_transpose, "conv_transpose2d": _conv_transpose,
-    "conv_transpose3d": _conv_transpose,
-    "batch_norm": _batch_norm, "_native_batch_norm_legit_no_training": _native_batch_norm,
-    "linear": _linear, "addmm": _addmm,
-    "add": _binary("Add"), "sub": _binary("Sub"), "mul": _binary("Mul"), "div": _binary("Div"),
-    "cat": _cat, "view": _reshape, "reshape": _reshape, "_unsafe_view": _reshape,
-    "reshape_as": _reshape, "view_as": _reshape,
-    "flatten": _reshape, "unflatten": _reshape, "unsqueeze": _unsqueeze, "squeeze": _squeeze,
-    "permute": _permute, "t": _t, "transpose": _transpose,
-    "dropout": _identity, "clone": _identity, "alias": _identity, "detach": _identity,
-    "contiguous": _identity,
-    "max_pool1d": _max_pool, "max_pool2d": _max_pool, "max_pool3d": _max_pool,
-    "max_pool2d_with_indices": _max_pool,
-    "avg_pool1d": _avg_pool, "avg_pool2d": _avg_pool, "avg_pool3d": _avg_pool,
-    "adaptive_avg_pool1d": _adaptive("GlobalAveragePool"),
-    "adaptive_avg_pool2d": _adaptive("GlobalAveragePool"),
-    "adaptive_avg_pool3d": _adaptive("GlobalAveragePool"),
-    "adaptive_max_pool2d": _adaptive("GlobalMaxPool"),
-    "mean": _mean,
-}  # fmt: skip
-
-
 def program_model(program: Any) -> ir.Model:
-    """An exported program's graph as an onnx_ir model for the prover (module docstring)."""
+    """An exported program's graph as an onnx_ir model for the prover (module docstring).
+
+    ``program`` is a ``torch.export.ExportedProgram`` or its ``module()``: the
+    graph module the ``.pt2`` front folds, which holds the same calls.
+    """
     return _Builder(program).build()
+
+
+def _attribute(module: Any, target: str) -> Any:
+    """The tensor a ``get_attr`` reads (None for anything else: a script object)."""
+    import torch
+
+    value = module
+    for part in target.split("."):
+        value = getattr(value, part, None)
+    return value if isinstance(value, torch.Tensor) else None
 
 
 def _same_call(mine: ir.Node, theirs: ir.Node, original: ir.Model, folded: ir.Model) -> bool:

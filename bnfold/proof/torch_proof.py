@@ -12,6 +12,7 @@ the certificate says that pairing is assumed.
 from __future__ import annotations
 
 import os
+import re
 import time
 from typing import Any
 
@@ -23,11 +24,19 @@ from onnx import helper
 from bnfold.proof.certificate import Certificate, SiteProof, Uncovered
 from bnfold.proof.onnx_proof import prove_onnx
 from bnfold.proof.regions import ReportLike
+from bnfold.proof.torch_aten import torch_epsilon
 from bnfold.proof.torch_graph import align_names, program_model, to_numpy
 
 PAIRING_ASSUMED = (
     "no example inputs: which module feeds which BatchNorm is taken from the fold report "
     "(the forward was not traced); give example_inputs to check it"
+)
+CHILDREN_ASSUMED = (
+    "{path} ({kind}) is taken to run its children (kept in its place) after its affine"
+)
+FROZEN_ASSUMED = (
+    "{path} ({kind}) holds BatchNorm's weight, bias, running_mean, running_var and eps "
+    "and is taken to compute inference batch_norm with them (its forward was not traced)"
 )
 
 
@@ -45,8 +54,9 @@ def prove_program(original: Any, folded: Any, report: ReportLike | None = None) 
     """Prove a folded ``torch.export`` program against the original, for all inputs.
 
     Args:
-        original: the unfolded ExportedProgram (or a trusted ``.pt2`` path).
-        folded: the folded ExportedProgram.
+        original: the unfolded ExportedProgram (or a trusted ``.pt2`` path), or its
+            ``module()``.
+        folded: the folded ExportedProgram, or the folded graph module.
         report: the fold's report, for site names only.
 
     Returns:
@@ -70,6 +80,7 @@ def prove_eager(
     report: ReportLike | None = None,
     *,
     example_inputs: tuple[Any, ...] | None = None,
+    original_program: Any = None,
 ) -> Certificate:
     """Prove an eager fold: the folded module computes the original's function.
 
@@ -77,11 +88,16 @@ def prove_eager(
     BN read and who else reads each conv come from the trace). Without, each site the
     report names is proven from the parameters of its modules before and after, the
     other parameters and modules must be unchanged, and the pairing is an assumption.
+    ``original_program``: the original already exported on ``example_inputs`` (one
+    export less).
     """
     start = time.perf_counter()
     if example_inputs is not None:
         try:
-            programs = [_export(m, example_inputs) for m in (original_module, folded_module)]
+            programs = [
+                original_program or _export(original_module, example_inputs),
+                _export(folded_module, example_inputs),
+            ]
         except Exception as exc:  # torch.export's many failure types: fall back, say why
             certificate = _module_level(original_module, folded_module, report)
             certificate.assumptions.append(f"torch.export failed ({type(exc).__name__}: {exc})")
@@ -105,10 +121,30 @@ def _export(module: Any, example_inputs: tuple[Any, ...]) -> Any:
 # -- module level (no example inputs) ------------------------------------------------------
 
 
-def _is_bn(module: Any) -> bool:
+def _is_torch_bn(module: Any) -> bool:
     import torch
 
     return isinstance(module, torch.nn.modules.batchnorm._BatchNorm)
+
+
+def _is_bn(module: Any) -> bool:
+    return _is_torch_bn(module) or _frozen_bn(module)
+
+
+_BN_TENSORS = ("weight", "bias", "running_mean", "running_var")
+
+
+def _frozen_bn(module: Any) -> bool:
+    """A module that is no ``_BatchNorm`` but holds its state: torchvision's
+    FrozenBatchNorm2d (its forward is not read: :data:`FROZEN_ASSUMED`)."""
+    import torch
+
+    if isinstance(module, torch.nn.modules.conv._ConvNd | torch.nn.Linear):
+        return False
+    tensors = [getattr(module, name, None) for name in _BN_TENSORS]
+    return all(isinstance(t, torch.Tensor) for t in tensors) and isinstance(
+        getattr(module, "eps", None), float
+    )
 
 
 def _same_tensor(a: Any, b: Any) -> bool:
@@ -127,12 +163,17 @@ def _module_level(original: Any, folded: Any, report: ReportLike | None) -> Cert
     removed = _module_differences(mods_o, mods_f, certificate)
     changed = _parameter_differences(original, folded, removed, certificate)
     covered: set[str] = set()
-    for entry in report.folded if report is not None else []:
-        site = _module_site(entry, mods_o, mods_f)
-        certificate.sites.append(site) if isinstance(
-            site, SiteProof
-        ) else certificate.uncovered.append(site)
-        covered |= {entry.linear, entry.affine}
+    entries = list(report.folded) if report is not None else []
+    # A module that also takes a join or tap fold carries more than its adjacent BNs.
+    shared = {p for e in entries if not _adjacent(e) for p in e.linear.split(", ")}
+    for group in _by_linear(entries):
+        site = _module_site(group, mods_o, mods_f, shared)
+        if isinstance(site, SiteProof):
+            certificate.sites.append(site)
+        else:
+            certificate.uncovered.append(site)
+        for entry in group:
+            covered |= {*entry.linear.split(", "), entry.affine}  # a join: "a, b"
     for path in sorted((changed | removed) - covered):
         certificate.differences.append(f"module {path!r} changed but no fold site names it")
     certificate.rest_unchanged = not certificate.differences
@@ -150,17 +191,32 @@ def _module_differences(
             if not any(path.startswith(f"{r}.") for r in removed):
                 certificate.differences.append(f"module {path!r} is missing")
             continue
-        if _is_bn(module) and type(other).__name__ == "Identity":
+        if _is_bn(module) and type(other).__name__ in _BN_REMAINS:
             removed.add(path)
+            kind = type(module).__name__
+            if not _is_torch_bn(module):
+                certificate.assumptions.append(FROZEN_ASSUMED.format(path=repr(path), kind=kind))
+            if type(other).__name__ == "Sequential":
+                certificate.assumptions.append(CHILDREN_ASSUMED.format(path=repr(path), kind=kind))
         elif type(other) is not type(module):
             certificate.differences.append(
                 f"module {path!r}: {type(module).__name__} became {type(other).__name__}"
             )
-        elif module.extra_repr() != other.extra_repr() or module.training != other.training:
+        elif _settings(module) != _settings(other) or module.training != other.training:
             certificate.differences.append(f"module {path!r}: settings differ")
     for path in mods_f.keys() - mods_o.keys():
         certificate.differences.append(f"module {path!r} is new")
     return removed
+
+
+_BN_REMAINS = ("Identity", "Sequential")
+"""What a folded BN leaves: nothing, or the children it ran after its affine (timm's
+BatchNormAct2d), which stay at their paths and are compared there."""
+
+
+def _settings(module: Any) -> str:
+    """A module's settings, but whether it has a bias: a fold gives a conv one."""
+    return re.sub(r",?\s*bias=(False|True)", "", module.extra_repr())
 
 
 def _parameter_differences(
@@ -181,37 +237,66 @@ def _parameter_differences(
     return changed
 
 
+def _kind(entry: Any) -> str:
+    return str(getattr(entry.kind, "value", entry.kind))
+
+
+def _adjacent(entry: Any) -> bool:
+    return _kind(entry) == "adjacent" and len(entry.site.split("->")) == 2
+
+
+def _by_linear(entries: list[Any]) -> list[list[Any]]:
+    """The report's sites, adjacent folds into one module together (a chain: BN -> conv
+    -> BN1 -> BN2 leaves one conv carrying three BNs), every other site alone."""
+    groups: dict[str, list[Any]] = {}
+    alone: list[list[Any]] = []
+    for entry in entries:
+        if _adjacent(entry):
+            groups.setdefault(entry.linear, []).append(entry)
+        else:
+            alone.append([entry])
+    return [*groups.values(), *alone]
+
+
 def _module_site(
-    entry: Any, mods_o: dict[str, Any], mods_f: dict[str, Any]
+    group: list[Any], mods_o: dict[str, Any], mods_f: dict[str, Any], shared: set[str]
 ) -> SiteProof | Uncovered:
-    """Prove one reported site from its modules (Linear/Conv/ConvTranspose next to a BN)."""
-    kind = str(getattr(entry.kind, "value", entry.kind))
-    parts = [p.strip() for p in entry.site.split("->")]
-    if kind != "adjacent" or len(parts) != 2:
-        return Uncovered(
-            entry.site, f"a {kind} site needs example inputs to trace what surrounds it"
-        )
-    before = parts[0] == entry.affine
+    """Prove the adjacent folds into one linear module (Linear/Conv/ConvTranspose) from
+    its parameters and its BNs'.
+
+    Folded in order, BNs after the module apply in that order; BNs before it apply to
+    its input, the last folded nearest the module.
+    """
+    name = "; ".join(e.site for e in group)
+    kind = _kind(group[0])
+    if not _adjacent(group[0]):
+        return Uncovered(name, f"a {kind} site needs example inputs to trace what surrounds it")
+    if group[0].linear in shared:
+        return Uncovered(name, f"{group[0].linear} also takes a join or tap fold")
+    before = [e.affine for e in group if e.site.split("->")[0].strip() == e.affine]
+    after = [e.affine for e in group if e.affine not in before]
+    linear = group[0].linear
     try:
-        model_o = _site_model(mods_o[entry.linear], mods_o[entry.affine], before)
-        model_f = _site_model(mods_f[entry.linear], None, before)
+        bns_before = [mods_o[path] for path in reversed(before)]
+        model_o = _site_model(mods_o[linear], bns_before, [mods_o[path] for path in after])
+        model_f = _site_model(mods_f[linear], [], [])
     except (KeyError, ValueError) as exc:
-        return Uncovered(entry.site, str(exc))
+        return Uncovered(name, str(exc))
     proof = prove_onnx(model_o, model_f)
     site = (
         proof.sites[0]
         if proof.sites
-        else SiteProof(entry.site, kind, True, 0.0, notes=["nothing changed"])
+        else SiteProof(name, kind, True, 0.0, notes=["nothing changed"])
     )
-    site.name, site.kind = entry.site, kind
+    site.name, site.kind = name, kind
     if not proof.rest_unchanged:
         site.proven, site.unsupported = False, False
         site.reason = "; ".join(proof.differences)
     return site
 
 
-def _site_model(linear: Any, bn: Any | None, before: bool) -> ir.Model:
-    """``linear(bn(x))`` or ``bn(linear(x))`` (or ``linear(x)``) as a small ONNX model."""
+def _site_model(linear: Any, before: list[Any], after: list[Any]) -> ir.Model:
+    """``after(linear(before(x)))``, each BN list applied in order, as a small ONNX model."""
     import torch
 
     inits: list[onnx.TensorProto] = []
@@ -230,13 +315,15 @@ def _site_model(linear: Any, bn: Any | None, before: bool) -> ir.Model:
         channels_in = linear.in_channels
     else:
         raise ValueError(f"{type(linear).__name__} is not a linear module the prover models")
+    epsilons: dict[str, float] = {}
     x = "x"
-    if bn is not None and before:
-        x = _bn_node(bn, x, "bn", nodes, const)
-    y = "y" if bn is None or before else "linear_out"
+    for i, bn in enumerate(before):
+        x = _bn_node(bn, x, f"bn_before{i}", nodes, const, epsilons)
+    y = "y" if not after else "linear_out"
     nodes.append(_linear_node(linear, x, y, const))
-    if bn is not None and not before:
-        _bn_node(bn, y, "bn", nodes, const, output="y")
+    for i, bn in enumerate(after):
+        last = i == len(after) - 1
+        y = _bn_node(bn, y, f"bn_after{i}", nodes, const, epsilons, "y" if last else "")
     dims: list[int | str] = ["N", channels_in, *[f"S{i}" for i in range(rank)]]
     graph = helper.make_graph(
         nodes, "site", [helper.make_tensor_value_info("x", _onnx_dtype(linear.weight), dims)],
@@ -244,7 +331,13 @@ def _site_model(linear: Any, bn: Any | None, before: bool) -> ir.Model:
     )  # fmt: skip
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8
-    return ir.serde.deserialize_model(model)
+    site = ir.serde.deserialize_model(model)
+    # An ONNX float attribute is a float32: give each BN the float64 epsilon it stores
+    # (1e-5 is not 1e-5f: a float64 fold would be refuted by millions of ulps).
+    for node in site.graph:
+        if node.name in epsilons:
+            node.attributes["epsilon"] = ir.AttrFloat32("epsilon", epsilons[node.name])
+    return site
 
 
 def _onnx_dtype(tensor: Any) -> int:
@@ -275,22 +368,32 @@ def _linear_node(linear: Any, x: str, y: str, const: Any) -> onnx.NodeProto:
 
 
 def _bn_node(
-    bn: Any, x: str, name: str, nodes: list[onnx.NodeProto], const: Any, output: str = "bn_out"
+    bn: Any,
+    x: str,
+    name: str,
+    nodes: list[onnx.NodeProto],
+    const: Any,
+    epsilons: dict[str, float],
+    output: str = "",
 ) -> str:
+    """The BN as an ONNX node named ``name`` (its constants ``name.weight``, ...), with
+    the epsilon the module stores (also kept in ``epsilons``: the node's float32
+    attribute cannot hold a float64 one). Returns its output (``name.out``
+    unless ``output`` is given)."""
     import torch
 
     if bn.running_mean is None:
         raise ValueError("a BatchNorm without running statistics")
-    c = bn.num_features
+    c = bn.running_mean.numel()
     weight = bn.weight if bn.weight is not None else torch.ones(c, dtype=bn.running_mean.dtype)
     bias = bn.bias if bn.bias is not None else torch.zeros(c, dtype=bn.running_mean.dtype)
     inputs = [
-        x, const("bn.weight", weight), const("bn.bias", bias),
-        const("bn.mean", bn.running_mean), const("bn.var", bn.running_var),
+        x, const(f"{name}.weight", weight), const(f"{name}.bias", bias),
+        const(f"{name}.mean", bn.running_mean), const(f"{name}.var", bn.running_var),
     ]  # fmt: skip
-    nodes.append(
-        helper.make_node("BatchNormalization", inputs, [output], name=name, epsilon=float(bn.eps))
-    )
+    output = output or f"{name}.out"
+    eps = epsilons[name] = torch_epsilon(bn.eps)
+    nodes.append(helper.make_node("BatchNormalization", inputs, [output], name=name, epsilon=eps))
     return output
 
 

@@ -78,6 +78,7 @@ def fold_torch_files(
     rounding: Rounding = Rounding.NEAREST,
     lower: LowerForm | None = None,
     trust_pickle: bool = False,
+    prove: bool = True,
 ) -> tuple[FoldResult, tuple[Path, ...]]:
     """Fold a ``.pt2`` path or a factory-built module and write the result atomically.
 
@@ -98,6 +99,8 @@ def fold_torch_files(
         trust_pickle: load a ``.pt2`` source as torch would, running any code it
             carries (pickles, shape expressions); without it such a file is
             refused (see :mod:`bnfold.torch_front.archive`).
+        prove: with ``verify``, prove the folds before the sampled check
+            (:mod:`bnfold.verification.torch_proof`): a refuted fold is never written.
 
     Returns:
         (result, files): ``result.model`` is the folded module; ``files`` every
@@ -113,7 +116,7 @@ def fold_torch_files(
     _require_safe_outputs(source, output, to_onnx)
     with user_code("the model's code"):
         return _fold_torch(
-            source, output, verify, to_onnx, require_verified, rounding, lower, trust_pickle
+            source, output, verify, to_onnx, require_verified, rounding, lower, trust_pickle, prove
         )
 
 
@@ -126,21 +129,27 @@ def _fold_torch(
     rounding: Rounding,
     lower: LowerForm | None,
     trust_pickle: bool,
+    prove: bool,
 ) -> tuple[FoldResult, tuple[Path, ...]]:
     as_program = Path(output).suffix == ".pt2"
     if isinstance(source, ModuleSource):
         module, args = source.load()
         if as_program:
             make = _export(module, args, "the module").module
-            result = fold_graph_module(make, args, verify=verify, rounding=rounding, lower=lower)
+            result = fold_graph_module(
+                make, args, verify=verify, rounding=rounding, lower=lower, prove=prove
+            )
         else:
             result = run.fold(
-                module, args, inplace=False, verify=verify, rounding=rounding, lower=lower
-            )
+                module, args, inplace=False, verify=verify, rounding=rounding, lower=lower,
+                prove=prove,
+            )  # fmt: skip
     else:
         ep = _load_program_file(Path(source), trust_pickle)
         args = example_args(ep)
-        result = fold_graph_module(ep.module, args, verify=verify, rounding=rounding, lower=lower)
+        result = fold_graph_module(
+            ep.module, args, verify=verify, rounding=rounding, lower=lower, prove=prove
+        )
         as_program = True  # a program is written back as a program, whatever the suffix
     if not result.publishable(require_verified):
         return result, ()
@@ -169,6 +178,7 @@ def fold_program(
     verify: VerifyOptions | None = DEFAULT_VERIFY,
     rounding: Rounding = Rounding.NEAREST,
     lower: LowerForm | None = None,
+    prove: bool = True,
 ) -> FoldResult:
     """Fold an ExportedProgram at graph level; ``model`` is the folded program, re-exported.
 
@@ -181,7 +191,9 @@ def fold_program(
             module cannot be exported again.
     """
     args = example_args(ep)
-    result = fold_graph_module(ep.module, args, verify=verify, rounding=rounding, lower=lower)
+    result = fold_graph_module(
+        ep.module, args, verify=verify, rounding=rounding, lower=lower, prove=prove
+    )
     result.model = _export(result.model, args, "the folded program")
     return result
 

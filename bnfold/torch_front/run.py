@@ -21,6 +21,7 @@ from bnfold.torch_front.eager_pairs import AnyPair, JoinPair, Pair, TapPair
 from bnfold.torch_front.modules import find_roles, leaf_type_counts, observe
 from bnfold.torch_front.tensors import exact_values
 from bnfold.torch_front.trace import Finders
+from bnfold.verification.torch_proof import EagerProver, ProveFolds, with_entries
 
 
 def fold(
@@ -31,12 +32,15 @@ def fold(
     verify: VerifyOptions | None,
     rounding: Rounding = Rounding.NEAREST,
     lower: LowerForm | None = None,
+    prove: bool = True,
 ) -> FoldResult:
     """See :func:`bnfold.torch_front.fold_module`; ``verify`` None skips verification.
 
     With ``lower``, the BN modules left once folding reaches its fixpoint are
     lowered (:func:`bnfold.torch_front.lower_modules.lower_left`) before the
     whole module is verified, so a wrong lowering fails verification too.
+    With ``verify`` and ``prove``, the folds are proven before they are sampled
+    (:mod:`bnfold.verification.torch_proof`): a refuted fold is rolled back.
     """
     with exact_values():  # a module folded twice is still rounded once
         args = as_args(example_inputs)
@@ -47,6 +51,9 @@ def fold(
         first_scan = _checked_pairs(work, args, finders)  # a module that cannot run fails here
         # Reference outputs before any fold: with inplace=True the module itself changes.
         check = None if verify is None else checking.Check.of(module, args, verify)
+        prover = None
+        if check is not None and prove:  # the original as the first search saw it
+            prover = EagerProver.of(module, args, inplace=inplace, finders=finders)
         undos = _fold_to_fixpoint(work, args, finders, first_scan, report, rounding)
         if lower is not None:
             left = modules_left(work, bns)
@@ -59,8 +66,9 @@ def fold(
         if check is not None:
             check = check.at_sites(checking.site_paths([u.pair for u in undos]))
             result.verification, undos, failed = checking.verify_with_rollback(
-                check, work, undos, lambda u: eager.apply_fold(work, u.pair, rounding)
-            )
+                check, work, undos, lambda u: eager.apply_fold(work, u.pair, rounding),
+                _proving(prover, work, report),
+            )  # fmt: skip
             report.refused += failed
         report.folded = [_folded(u) for u in undos]
         report.ops_after = leaf_type_counts(work)
@@ -68,6 +76,13 @@ def fold(
             len(bns), training, modules_left(work, bns), report.refused, len(report.lowered)
         )
         return result
+
+
+def _proving(prover: EagerProver | None, work: nn.Module, report: FoldReport) -> ProveFolds | None:
+    """Prove ``work`` with the folds of the given undos applied (None: no proof)."""
+    if prover is None:
+        return None
+    return lambda undos: prover.prove(work, with_entries(report, [_folded(u) for u in undos]))
 
 
 def _copy(module: nn.Module) -> nn.Module:

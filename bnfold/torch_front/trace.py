@@ -93,6 +93,8 @@ class Finders:
     failed: dict[str, str] = field(default_factory=dict)
     seen: _Seen | None = None
     calls: Calls | None = None  # the module calls the last search read (shapes do not change)
+    # The first program export made, before any fold: the original the proof starts from.
+    program: Any = None
 
     def search(self, root: nn.Module, args: tuple[Any, ...], roles: Roles) -> tuple[Scan, Calls]:
         """Candidate pairs and refusals (:func:`find_pairs`) and the module calls they read."""
@@ -148,8 +150,16 @@ class Finders:
     def _trace(
         self, root: nn.Module, args: tuple[Any, ...], roles: Roles, recording: Traced | None
     ) -> tuple[str, Traced] | None:
-        """The first finder's graph: export's, else fx's, else the recorded run's."""
-        for name, tracer in (("export", _export_graph), ("fx", _fx_graph)):
+        """The first finder's graph: export's, else fx's, else the recorded run's.
+
+        A run whose ops hand tensor values to Python or make shapes from values
+        (:data:`DATA_DEPENDENT`: a detector's ``.item()``, NMS) is not exported: export
+        traces the whole forward before it stops there (17 s of SSDlite's 22 s fold),
+        and the recorded run already holds the graph.
+        """
+        if recording is not None and (read := _data_dependent(recording)):
+            self.failed.setdefault("export", f"not tried: the run calls {read}")
+        for name, tracer in (("export", self._export), ("fx", _fx_graph)):
             if name in self.failed:
                 continue
             try:
@@ -159,9 +169,49 @@ class Finders:
                 log.info("torch front: %s could not trace the module: %s", name, e)
         return None if recording is None else (RECORDED, recording)
 
+    def _export(self, root: nn.Module, args: tuple[Any, ...], roles: Roles) -> Traced:
+        """The export finder's graph, keeping the first program exported (:attr:`program`)."""
+        kept: list[Any] = []
+        traced = _export_graph(root, args, roles, kept)
+        if self.program is None and kept:
+            self.program = kept[0]
+        return traced
+
     def _scan(self, scan: Scan) -> Scan:
         scan.failures = [f"{name}: {why}" for name, why in self.failed.items()]
         return scan
+
+
+DATA_DEPENDENT = frozenset(
+    ["item", "tolist", "__bool__", "__float__", "__int__", "nonzero", "argwhere", "unique",
+     "unique_consecutive", "masked_select", "nms", "batched_nms"]
+)  # fmt: skip
+"""Recorded ops that read tensor values into Python or size a result by its values."""
+
+_MASKS = frozenset(
+    ["gt", "ge", "lt", "le", "eq", "ne", "__gt__", "__ge__", "__lt__", "__le__", "__eq__",
+     "__ne__", "__and__", "__or__", "__invert__", "logical_and", "logical_or", "isfinite"]
+)  # fmt: skip
+"""Ops whose result is a boolean mask: indexing with one sizes the result by values."""
+
+
+def _data_dependent(recording: Traced) -> str:
+    """The data-dependent ops one recorded run called ("item, nms"), or "".
+
+    Besides :data:`DATA_DEPENDENT`: ``torch.where(mask)`` with one argument (nonzero's
+    twin) and indexing by a boolean mask (``boxes[scores > t]``), which detectors
+    call on every run (a first run may also cache what later runs only index).
+    """
+    nodes = recording.nodes
+    found = {n.op for n in nodes.values()} & DATA_DEPENDENT
+    for node in nodes.values():
+        if node.op == "where" and len(node.inputs) == 1:
+            found.add("where(mask)")
+        elif node.op == "__getitem__" and any(
+            nodes[i].op in _MASKS for i in node.inputs if i in nodes
+        ):
+            found.add("x[mask]")
+    return ", ".join(sorted(found))
 
 
 def find_pairs(root: nn.Module, args: tuple[Any, ...], roles: Roles) -> Scan:
@@ -186,10 +236,20 @@ def find_pairs(root: nn.Module, args: tuple[Any, ...], roles: Roles) -> Scan:
     return Finders().search(root, args, roles)[0]
 
 
-def _export_graph(root: nn.Module, args: tuple[Any, ...], roles: Roles) -> Traced:
+def export_program(root: nn.Module, args: tuple[Any, ...]) -> Any:
+    """``torch.export`` (non-strict, eval mode) with its warnings and partial graphs quiet."""
     quiet = quiet_loggers(*_EXPORT_LOGGERS)
     with eval_mode(root), quiet, contextlib.redirect_stderr(io.StringIO()):
-        ep = torch.export.export(root, args, strict=False)
+        return torch.export.export(root, args, strict=False)
+
+
+def _export_graph(
+    root: nn.Module, args: tuple[Any, ...], roles: Roles, kept: list[Any] | None = None
+) -> Traced:
+    """The export finder's graph of ``root``; the program itself goes to ``kept``."""
+    ep = export_program(root, args)
+    if kept is not None:
+        kept.append(ep)
     sig = ep.graph_signature
     user_inputs = set(sig.user_inputs)
     params = dict(sig.inputs_to_parameters)

@@ -38,6 +38,7 @@ from torch.utils import _pytree as pytree
 
 from bnfold.fixpoint import keep_passing
 from bnfold.options import VerifyOptions
+from bnfold.proof import Certificate
 from bnfold.report import Code, FedInput, OutputDiff, Refusal, VerifyResult
 from bnfold.torch_front.eager import Undo
 from bnfold.torch_front.modules import eval_mode
@@ -47,12 +48,14 @@ from bnfold.verification.files import Expected, InputFiles
 from bnfold.verification.tolerance import dtype_name
 from bnfold.verification.torch_flow import Captured, Flow, FlowTracer, RoundingNudger
 from bnfold.verification.torch_measure import Known, difference, known_of, nudged_copy
+from bnfold.verification.torch_proof import ProveFolds, drop_refuted, vouching
 from bnfold.verification.verdict import (
     Measure,
     SiteValue,
     TensorDiff,
     judge,
     needs_calibration,
+    with_proof,
 )
 
 EAGER_LEVEL = "eager"
@@ -302,7 +305,8 @@ class Check:
             return replace(self, sites=sites.paths, every_site=sites.every)
         return replace(self, sites=tuple(sites))
 
-    def __call__(self, folded: nn.Module) -> VerifyResult:
+    def __call__(self, folded: nn.Module, certificate: Certificate | None = None) -> VerifyResult:
+        """Judge ``folded``; with a ``certificate`` that holds, proof first (``judge``)."""
         ref, paths = self.reference, self._paths()
         try:
             diffs = _measured(ref, folded, paths)
@@ -311,9 +315,9 @@ class Check:
                 "failed", self.options.atol, self.options.rtol or 0.0, len(ref.samples),
                 reason=f"{e!r}", inputs=ref.inputs, fed=ref.fed,
             )  # fmt: skip
-        result = self._judge(diffs)
+        result = self._judge(diffs, certificate=certificate)
         if needs_calibration(result):
-            result = self._judge(diffs, self._rounding_noise())
+            result = self._judge(diffs, self._rounding_noise(), certificate)
         return result
 
     def _paths(self) -> list[str]:
@@ -321,7 +325,10 @@ class Check:
         return [p for p, _ in self.sites if taps and p in taps[0]]
 
     def _judge(
-        self, diffs: dict[str, TensorDiff], noise: dict[str, float] | None = None
+        self,
+        diffs: dict[str, TensorDiff],
+        noise: dict[str, float] | None = None,
+        certificate: Certificate | None = None,
     ) -> VerifyResult:
         ref, labels = self.reference, dict(self.sites)
         outputs = [(name, diffs[name]) for name, _ in ref.outputs[0]] if ref.outputs else []
@@ -329,7 +336,7 @@ class Check:
         frontier = [(n, d) for n, d in diffs.items() if n.startswith(_FRONTIER)]
         result = judge(
             outputs, sites, ref.cones, self.options, len(ref.samples), EAGER_LEVEL, ref.inputs,
-            every_site=self.every_site, frontier=frontier, noise=noise,
+            every_site=self.every_site, frontier=frontier, noise=noise, certificate=certificate,
         )  # fmt: skip
         result.fed = ref.fed
         return result
@@ -438,26 +445,42 @@ def verify_with_rollback(
     folded: nn.Module,
     undos: list[Undo],
     redo: Callable[[Undo], Undo],
+    prove: ProveFolds | None = None,
 ) -> tuple[VerifyResult, list[Undo], list[Refusal]]:
-    """Verify all folds at once; if that fails, keep only the folds that pass one by one.
+    """Prove the folds, then verify them all at once; if that fails, keep only the
+    folds that pass one by one.
 
-    On failure every fold is undone, then re-applied in order, each kept only if
-    the outputs still pass with it.
+    With ``prove`` (proof first, :mod:`bnfold.verification.torch_proof`): each fold
+    the proof refutes is undone and refused before anything is sampled, and a
+    certificate that holds lets a sampled difference within rounding pass, in the
+    whole check and in every trial of the rollback. On a sampled failure every fold
+    is undone, then re-applied in order, each kept only if the outputs still pass.
 
     Returns:
-        (final verification, folds kept, VERIFICATION_FAILED refusals with the
-        difference measured with that fold applied).
+        (final verification, with the certificate; folds kept; VERIFICATION_FAILED
+        refusals, with the proof's finding or the difference measured with that fold).
     """
-    result = check(folded)
+    refused: list[Refusal] = []
+    certificate = None
+    while prove is not None:  # a fold re-applied without one refuted may be refuted in turn
+        certificate = prove(undos)
+        if not certificate.refuted or not undos:
+            break
+        undos, dropped = _without_refuted(undos, certificate, redo, prove)
+        refused += [Refusal(u.pair.site, Code.VERIFICATION_FAILED, why) for u, why in dropped]
+        if not dropped:  # no fold alone is wrong: the refuted result fails (with_proof)
+            break
+    proof = vouching(certificate)
+    result = check(folded, proof)
     if result.status != "failed":  # passed, or nothing to judge by (no evidence): keep
-        return result, undos, []
+        return with_proof(result, certificate), undos, refused
     for undo in reversed(undos):
         undo()
     redone: dict[int, Undo] = {}  # id of each fold kept -> the undo of its re-application
 
     def failure(_kept: list[Undo], undo: Undo) -> str | None:
         again = redo(undo)
-        trial = check(folded)
+        trial = check(folded, proof)  # a subset of proven folds is proven
         if trial.status == "failed":
             again()
             return describe_failure(trial)
@@ -465,8 +488,27 @@ def verify_with_rollback(
         return None
 
     kept, dropped = keep_passing(undos, failure)
-    refused = [Refusal(u.pair.site, Code.VERIFICATION_FAILED, why) for u, why in dropped]
-    return check(folded), [redone[id(u)] for u in kept], refused
+    refused += [Refusal(u.pair.site, Code.VERIFICATION_FAILED, why) for u, why in dropped]
+    return with_proof(check(folded, proof), certificate), [redone[id(u)] for u in kept], refused
+
+
+def _without_refuted(
+    undos: list[Undo], certificate: Certificate, redo: Callable[[Undo], Undo], prove: ProveFolds
+) -> tuple[list[Undo], list[tuple[Undo, str]]]:
+    """Drop the folds the proof refutes (:func:`drop_refuted`); the module is left with
+    the others applied. Returns their new undos, and each fold dropped with its reason."""
+    applied = list(undos)  # the undos of what the module carries now
+
+    def apply_only(folds: list[Undo]) -> list[Undo]:
+        for undo in reversed(applied):
+            undo()
+        applied[:] = [redo(u) for u in folds]
+        return applied
+
+    kept, dropped = drop_refuted(
+        undos, certificate, lambda u: [u.pair.site], lambda folds: prove(apply_only(folds))
+    )
+    return list(apply_only(kept)), dropped
 
 
 @dataclass(frozen=True)

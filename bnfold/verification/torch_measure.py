@@ -11,6 +11,7 @@ activation cost more than the forwards.
 from __future__ import annotations
 
 import copy
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -48,19 +49,23 @@ def known_of(
     want: torch.Tensor, first: torch.Tensor | None, sample: int, channel_axis: int | None
 ) -> Known:
     r = _widened(want)
-    finite = bool(torch.isfinite(r).all())
+    finite = True
     if r.numel() == 0:
         lowest, highest, scale = float("inf"), float("-inf"), 0.0
-    elif finite:
+    else:
+        # One pass: a NaN makes aminmax NaN, an infinity shows at an end, so finite
+        # ends mean every value is finite (no separate isfinite pass over the tensor).
         lo, hi = torch.aminmax(r)
         lowest, highest = float(lo), float(hi)
-        scale = max(abs(lowest), abs(highest))
-    else:
-        lowest, highest, scale = _finite_range(r)
+        finite = math.isfinite(lowest) and math.isfinite(highest)
+        if finite:
+            scale = max(abs(lowest), abs(highest))
+        else:
+            lowest, highest, scale = _finite_range(r)
     changed = None
     if sample:
         changed = first is None or first.shape != want.shape or not torch.equal(first, want)
-    peaks = _channel_peaks(want, channel_axis) if channel_axis is not None else None
+    peaks = _channel_peaks(want, channel_axis, finite) if channel_axis is not None else None
     return Known(finite, scale, lowest, highest, changed, peaks)
 
 
@@ -97,12 +102,17 @@ def _widened(t: torch.Tensor) -> torch.Tensor:
     return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
 
 
-def _channel_peaks(want: torch.Tensor, axis: int) -> np.ndarray | None:
-    """max |want| per index of ``axis`` over finite values (None: no such axis)."""
+def _channel_peaks(want: torch.Tensor, axis: int, finite: bool) -> np.ndarray | None:
+    """max |want| per index of ``axis`` over finite values (None: no such axis);
+    ``finite``: every value is (then no masked copy is made)."""
     if want.dim() <= axis or want.numel() == 0:
         return None
-    r = _widened(want).abs()
-    if not bool(torch.isfinite(r).all()):
+    r = _widened(want)
+    if not finite:
         r = torch.where(torch.isfinite(r), r, 0)
     others = [d for d in range(r.dim()) if d != axis]
-    return r.amax(dim=others).double().cpu().numpy() if others else None
+    if not others:
+        return None
+    # max |x| as max(max x, -min x): two reductions instead of an |x| copy of the tensor
+    peaks = torch.maximum(r.amax(dim=others), -r.amin(dim=others))
+    return peaks.double().cpu().numpy()

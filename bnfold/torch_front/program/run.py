@@ -13,11 +13,13 @@ from torch import fx
 from bnfold.affine import Rounding, Unfoldable
 from bnfold.fixpoint import fold_rounds, keep_passing
 from bnfold.options import DEFAULT_VERIFY, VerifyOptions
+from bnfold.proof import Certificate
 from bnfold.report import (
     Code,
     FoldReport,
     FoldResult,
     LowerForm,
+    Refusal,
     VerifyResult,
 )
 from bnfold.torch_front import verify as checking
@@ -28,6 +30,13 @@ from bnfold.torch_front.program.lower import lower_left
 from bnfold.torch_front.program.match import find_sites
 from bnfold.torch_front.program.sites import AnySite, entries, refusals
 from bnfold.torch_front.tensors import exact_values
+from bnfold.verification.torch_proof import (
+    drop_refuted,
+    prove_graph_modules,
+    vouching,
+    with_entries,
+)
+from bnfold.verification.verdict import with_proof
 
 aten = torch.ops.aten
 
@@ -39,8 +48,9 @@ def fold_graph_module(
     verify: VerifyOptions | None = DEFAULT_VERIFY,
     rounding: Rounding = Rounding.NEAREST,
     lower: LowerForm | None = None,
+    prove: bool = True,
 ) -> FoldResult:
-    """Fold every site of a fresh ``make()`` module; verify and drop folds that fail.
+    """Fold every site of a fresh ``make()`` module; prove, verify and drop folds that fail.
 
     ``make`` must return a new module each call sharing no mutable state with
     the others (``ep.module`` does: folds assign new Parameters, never write
@@ -49,7 +59,10 @@ def fold_graph_module(
     gone). A failing fold is found by re-folding fresh copies one site at a
     time, keeping those that pass. ``verify`` None skips verification.
     With ``lower``, every inference batch_norm left is then lowered
-    (:func:`lower_left`) before the whole module is verified.
+    (:func:`lower_left`) before the whole module is verified. With ``verify`` and
+    ``prove``, the folded module is first proven against ``make()``'s
+    (:mod:`bnfold.verification.torch_proof`): a refuted site is refolded without,
+    and a certificate that holds judges the sampled check and its rollback.
     """
     with exact_values():  # a weight folded twice is still rounded once
         report = FoldReport(front="torch", rounding=rounding)
@@ -61,15 +74,23 @@ def fold_graph_module(
         fold_refusals = list(report.refused)  # what lowering starts from, again after a rollback
         if lower is not None:
             lower_left(gm, report, lower)
-        verification = None if check is None else check(gm)
+        verification, certificate = None, None
+        if check is not None and prove:
+            gm, added, certificate, fold_refusals = _proof_first(
+                make, original, (gm, added), fold_refusals, report, rounding, lower
+            )
+        proof = vouching(certificate)
+        verification = None if check is None else check(gm, proof)
         # Only a failed comparison undoes folds: no_evidence or inputs_unusable says
         # nothing against them (issue 23).
         if check is not None and verification is not None and verification.status == "failed":
             report.refused, report.lowered = fold_refusals, []
-            gm, verification, added = _rollback(make, list(added), check, report, rounding)
+            gm, verification, added = _rollback(make, list(added), check, report, rounding, proof)
             if lower is not None:  # the rollback refolded fresh copies: lower those again
                 lower_left(gm, report, lower)
-                verification = check(gm)
+                verification = check(gm, proof)
+        if verification is not None:
+            verification = with_proof(verification, certificate)
         report.folded = [entry for s, n in added.items() for entry in entries(original, s, n)]
         report.ops_after = _op_counts(gm)
         found, training = graph_batchnorms(original)
@@ -109,18 +130,81 @@ def _folded(
     return gm, {s: apply_site(gm, s, rounding) for s in sites}
 
 
+def _proof_first(
+    make: Callable[[], fx.GraphModule],
+    original: fx.GraphModule,
+    folded: tuple[fx.GraphModule, dict[AnySite, int]],
+    fold_refusals: list[Refusal],
+    report: FoldReport,
+    rounding: Rounding,
+    lower: LowerForm | None,
+) -> tuple[fx.GraphModule, dict[AnySite, int], Certificate, list[Refusal]]:
+    """Prove the folded module; refold a fresh copy without each site the proof refutes
+    (:func:`~bnfold.verification.torch_proof.drop_refuted`).
+
+    Repeats until nothing is refuted (a site refolded without one refuted before it
+    may be refuted in turn). Returns the module, its sites, the last certificate and
+    the fold refusals, each refuted site added as VERIFICATION_FAILED.
+    """
+    gm, added = folded
+
+    def names(site: AnySite) -> list[str]:
+        return [e.site for e in entries(original, site, 0)]
+
+    def prove(gm: fx.GraphModule, added: dict[AnySite, int]) -> Certificate:
+        folded = [e for s, n in added.items() for e in entries(original, s, n)]
+        return prove_graph_modules(original, gm, with_entries(report, folded))
+
+    def prove_with(sites: list[AnySite]) -> Certificate:
+        return prove(*_refolded(make, sites, rounding, []))
+
+    while (certificate := prove(gm, added)).refuted and added:
+        kept, dropped = drop_refuted(list(added), certificate, names, prove_with)
+        if not dropped:  # no fold alone is wrong: the refuted result fails (with_proof)
+            break
+        for site, why in dropped:
+            fold_refusals = fold_refusals + refusals(site, Code.VERIFICATION_FAILED, why)
+        gm, added = _refolded(make, kept, rounding, fold_refusals)
+        report.refused, report.lowered = list(fold_refusals), []
+        if lower is not None:
+            lower_left(gm, report, lower)
+    return gm, added, certificate, fold_refusals
+
+
+def _refolded(
+    make: Callable[[], fx.GraphModule],
+    sites: list[AnySite],
+    rounding: Rounding,
+    refused: list[Refusal],
+) -> tuple[fx.GraphModule, dict[AnySite, int]]:
+    """A fresh module with ``sites`` applied in order; a merge whose branch folds were
+    dropped cannot apply and is refused into ``refused``."""
+    gm, added = make(), {}
+    for site in sites:
+        try:
+            added[site] = apply_site(gm, site, rounding)
+        except Unfoldable as e:
+            refused += refusals(site, Code.VERIFICATION_FAILED, str(e))
+    return gm, added
+
+
 def _rollback(
     make: Callable[[], fx.GraphModule],
     sites: list[AnySite],
     check: checking.Check,
     report: FoldReport,
     rounding: Rounding,
+    proof: Certificate | None,
 ) -> tuple[fx.GraphModule, VerifyResult, dict[AnySite, int]]:
-    """Refold fresh copies, keeping each site that verifies with those kept before it."""
+    """Refold fresh copies, keeping each site that verifies with those kept before it.
+
+    ``proof``: a certificate that holds for every site; a subset of them is proven
+    too, so each trial is judged with it.
+    """
 
     def failure(kept: list[AnySite], site: AnySite) -> str | None:
         try:
-            trial = check(_folded(make, [*kept, site], rounding)[0])
+            trial = check(_folded(make, [*kept, site], rounding)[0], proof)
         except Unfoldable as e:  # a merge whose branch folds were rolled back
             return str(e)
         return checking.describe_failure(trial) if trial.status == "failed" else None
@@ -129,7 +213,7 @@ def _rollback(
     for site, detail in dropped:
         report.refused += refusals(site, Code.VERIFICATION_FAILED, detail)
     gm, added = _folded(make, kept, rounding)
-    return gm, check(gm), added
+    return gm, check(gm, proof), added
 
 
 def _op_counts(gm: fx.GraphModule) -> dict[str, int]:

@@ -1,0 +1,192 @@
+"""Proof first on the torch fronts: prove the folds in memory before the sampled check.
+
+The eager front (:mod:`bnfold.torch_front.run`) and the ``.pt2`` front
+(:mod:`bnfold.torch_front.program.run`) fold in memory, then verify. Before the
+sampled check they prove the folded module against the original
+(:mod:`bnfold.proof`), as the ONNX front proves its staged output:
+
+1. A site the proof refutes (its maps differ) is rolled back with a
+   VERIFICATION_FAILED refusal that quotes the proof, and the rest is proven again:
+   nothing the proof refutes is written. A difference the proof cannot pin on a site
+   (a change outside every site) rolls back every fold.
+2. A certificate that holds is handed to the sampled check
+   (:func:`bnfold.verification.verdict.judge`): a difference within
+   :data:`~bnfold.verification.verdict.PROOF_ENVELOPE` times its rounding bound then
+   passes, and no fold is rolled back for it; a gross one still fails (the prover
+   would be wrong). A subset of proven folds is proven too, so the fold-by-fold
+   rollback judges each trial with the same certificate.
+3. A certificate that cannot decide (a region the prover cannot model) leaves the
+   sampled check to decide alone, as without the proof.
+
+The prover never stops a fold on its own failure: a program it cannot read, an export
+that fails, become a certificate that is "not proven" with the reason
+(:func:`~bnfold.verification.proving.attempt`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+from torch import fx, nn
+
+from bnfold.fixpoint import keep_passing
+from bnfold.proof import Certificate
+from bnfold.report import FoldReport
+from bnfold.torch_front.trace import Finders
+from bnfold.verification.proving import attempt, not_proven
+
+EAGER = "torch eager"
+PROGRAM = "torch program"
+
+
+def refuted_sites(certificate: Certificate | None, sites: Iterable[str]) -> dict[str, str]:
+    """The report sites the proof refutes, each with the reason to report.
+
+    A region the prover found differing names the report sites it covers
+    (``"conv1 -> bn1; conv2 -> bn2"``): each is refuted. A difference outside every
+    site (something else changed) cannot be pinned on one fold: every site is.
+    """
+    if certificate is None or not certificate.refuted:
+        return {}
+    sites = list(sites)
+    wrong: dict[str, str] = {}
+    for region in certificate.differing:
+        named = [s for s in region.name.split("; ") if s in sites]
+        for site in named or sites:
+            wrong.setdefault(site, f"the proof found a difference: {region.reason}")
+    if certificate.differences:
+        outside = "; ".join(certificate.differences[:3])
+        for site in sites:
+            wrong.setdefault(site, f"the proof found a change outside the sites: {outside}")
+    return wrong
+
+
+S = TypeVar("S")  # a front's record of one applied fold
+
+
+def drop_refuted(
+    folds: list[S],
+    certificate: Certificate,
+    names: Callable[[S], list[str]],
+    prove_with: Callable[[list[S]], Certificate],
+) -> tuple[list[S], list[tuple[S, str]]]:
+    """The folds to keep when ``certificate`` (of all ``folds``) refutes some, and each
+    fold dropped with the proof's reason.
+
+    A region the proof finds differing may hold several folds (a chain into one conv,
+    a tap beside its conv's own BN): one of them is wrong, the proof cannot say which.
+    Then the folds are re-applied in order, each suspect kept only if the proof of it
+    with those kept before finds no difference (:func:`bnfold.fixpoint.keep_passing`
+    with the proof as the check; ``prove_with`` applies exactly the folds it is given).
+    A single suspect is dropped without more proofs.
+    """
+    sites = [n for fold in folds for n in names(fold)]
+    wrong = refuted_sites(certificate, sites)
+    suspects = [f for f in folds if any(n in wrong for n in names(f))]
+    if len(suspects) == 1:
+        (suspect,) = suspects
+        reason = next(wrong[n] for n in names(suspect) if n in wrong)
+        return [f for f in folds if f is not suspect], [(suspect, reason)]
+    suspected = {id(f) for f in suspects}
+
+    def failure(kept: list[S], fold: S) -> str | None:
+        if id(fold) not in suspected:
+            return None
+        trial = prove_with([*kept, fold])
+        found = refuted_sites(trial, [n for f in [*kept, fold] for n in names(f)])
+        return next((found[n] for n in names(fold) if n in found), None)
+
+    return keep_passing(folds, failure)
+
+
+def vouching(certificate: Certificate | None) -> Certificate | None:
+    """The certificate the sampled check may lean on: one that holds, else None."""
+    return certificate if certificate is not None and certificate.holds else None
+
+
+@dataclass
+class EagerProver:
+    """Proves eager folds of one module against its state before the fold.
+
+    ``program`` is the original as the export finder exported it in the fold run's
+    first search, before any fold (folds assign new Parameters, so the program keeps
+    the original's even when the module is folded in place); the folded module is
+    exported the same way. Without one (export fails or is not tried: detectors),
+    each site is proven from its modules' parameters, the pairing taken from the
+    report (:func:`bnfold.proof.prove_eager` without example inputs), which needs the
+    original module untouched (``original``; None when folded in place).
+    """
+
+    args: tuple[Any, ...]
+    original: nn.Module | None
+    program: Any = None
+    export_failed: str = ""
+
+    @classmethod
+    def of(
+        cls, module: nn.Module, args: tuple[Any, ...], *, inplace: bool, finders: Finders
+    ) -> EagerProver:
+        """The prover of a fold run whose first search ``finders`` made, before any fold.
+
+        The export finder's program is the original (one export less); where export
+        failed or was not tried (a detector), the proof goes module by module.
+        """
+        prover = cls(args, None if inplace else module, finders.program)
+        if prover.program is None:
+            prover.export_failed = finders.failed.get("export", "not exported")
+        return prover
+
+    def prove(self, folded: nn.Module, report: FoldReport) -> Certificate:
+        """The certificate of ``folded`` against the original; never raises."""
+        from bnfold.proof import prove_eager, prove_program
+
+        def by_program() -> Certificate:
+            try:
+                program = _export(folded, self.args)
+            except Exception:  # the folded module exports as the original did: rare
+                return by_modules()
+            certificate = prove_program(self.program, program, report)
+            certificate.front = EAGER
+            return certificate
+
+        def by_modules() -> Certificate:
+            if self.original is None:
+                return not_proven(EAGER, "folded in place and not exportable: no original left")
+            if report.lowered:  # a module-level proof knows no lowered module
+                return not_proven(EAGER, "lowered BNs are proven only in an exported program")
+            certificate = prove_eager(self.original, folded, report)
+            if self.export_failed:
+                certificate.assumptions.append(f"torch.export failed ({self.export_failed})")
+            return certificate
+
+        return attempt(by_program if self.program is not None else by_modules, EAGER)
+
+
+def prove_graph_modules(
+    original: fx.GraphModule, folded: fx.GraphModule, report: FoldReport
+) -> Certificate:
+    """A ``.pt2`` fold proven as the graph modules it was made on; never raises."""
+    from bnfold.proof import prove_program
+
+    return attempt(lambda: prove_program(original, folded, report), PROGRAM)
+
+
+def with_entries(report: FoldReport, entries: Sequence[Any]) -> FoldReport:
+    """A copy of ``report`` listing ``entries`` as folded: the site names the prover reads."""
+    copy = FoldReport(front=report.front, rounding=report.rounding)
+    copy.folded, copy.lowered = list(entries), list(report.lowered)
+    return copy
+
+
+def _export(module: nn.Module, args: tuple[Any, ...]) -> Any:
+    """The folded module exported as the finder exported the original (same settings:
+    the two programs must differ only where the folds are)."""
+    from bnfold.torch_front.trace import export_program
+
+    return export_program(module, args)
+
+
+ProveFolds = Callable[[list[Any]], Certificate]
+"""Prove the folded model with exactly these folds applied (a front's own records)."""
