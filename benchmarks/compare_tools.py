@@ -568,7 +568,7 @@ def run_torch_tools(runs: int, warmup: int, size: int) -> list[Row]:
 
 def machine() -> dict[str, Any]:
     """The machine and versions, for the results file."""
-    from bnfold.bench import cpu_model
+    from bnfold.bench_report import cpu_model
 
     mem_kb = 0
     with contextlib.suppress(OSError):

@@ -9,7 +9,7 @@ this script measures what can be resolved instead of hoping:
 
 Both at ORT_DISABLE_ALL, one thread, runs interleaved in pairs (AB, BA, ...), with
 the median per-pair ratio and its distribution-free 95 % confidence interval
-(:class:`bnfold.bench.PairedRatio`). The target is met when the interval's upper
+(:class:`bnfold.bench_report.PairedRatio`). The target is met when the interval's upper
 end is at most 1.01 (the twin is the floor: faster can only be noise); it is
 unresolved when the A/A interval itself is wider than +-1 %.
 
@@ -27,25 +27,26 @@ from pathlib import Path
 import numpy as np
 
 from bnfold import bench, fold
+from bnfold.bench_report import LevelTiming, format_paired
 from bnfold.onnx_front.io import save_model
 
 TARGET = 0.01
 
 
-def compare(a: Path, b: Path, runs: int, warmup: int) -> bench.LevelTiming:
+def compare(a: Path, b: Path, runs: int, warmup: int) -> LevelTiming:
     """``a`` against ``b`` at disable_all; ``.paired`` is b over a per pair."""
     return bench.bench_onnx(str(a), str(b), ["disable_all"], warmup=warmup, runs=runs).levels[0]
 
 
-def describe(label: str, timing: bench.LevelTiming) -> str:
+def describe(label: str, timing: LevelTiming) -> str:
     p = timing.paired
     return (
         f"{label:<26} {timing.original.median_ms:8.3f} ms  {timing.folded.median_ms:8.3f} ms  "
-        f"{bench.format_paired(p)}  (interval width {p.high - p.low:.3f})"
+        f"{format_paired(p)}  (interval width {p.high - p.low:.3f})"
     )
 
 
-def verdict(fold_timing: bench.LevelTiming, control: bench.LevelTiming) -> str:
+def verdict(fold_timing: LevelTiming, control: LevelTiming) -> str:
     """One-sided: the twin is the floor, so only "slower by more than 1 %" misses.
 
     A folded model with the twin's graph can only look faster through noise,

@@ -47,7 +47,7 @@ from bnfold.verification import require_well_formed, verify_fold
 
 if TYPE_CHECKING:
     from bnfold.batch import BatchReport
-    from bnfold.bench import BenchReport
+    from bnfold.bench_report import BenchReport
 
 __all__ = [
     "TORCH_SUFFIXES",
@@ -298,7 +298,7 @@ def _fold_folder(
     return report
 
 
-def fold(
+def fold(  # noqa: PLR0913 -- public API: keyword options, one per CLI flag
     model: Any,
     example_inputs: tuple[Any, ...] | None = None,
     *,
@@ -468,7 +468,7 @@ def inspect_each(
     return run
 
 
-def fold_file(
+def fold_file(  # noqa: PLR0913 -- public API: keyword options, one per CLI flag
     source: str | os.PathLike[str],
     output: str | os.PathLike[str],
     *,

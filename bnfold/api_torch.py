@@ -83,14 +83,9 @@ def fold_to(
     torch_source = _file_source(source, kind, output, example_inputs)
     writes = [paths.Named.of("output", output), paths.Named.of("output", options.to_onnx)]
     require_safe_report(options.report_path, writes, _reads(torch_source))
-    verify = (options.verify_options or VerifyOptions()) if options.verify else None
     if progress is not None:
-        progress("folding and verifying" if verify is not None else "folding")
-    result, written = fold_torch_files(
-        torch_source, output, verify, options.to_onnx,
-        require_verified=options.require_verified, rounding=options.rounding,
-        lower=options.lower, trust_pickle=options.trust_pickle, prove=options.prove,
-    )  # fmt: skip
+        progress("folding and verifying" if options.verify else "folding")
+    result, written = fold_torch_files(torch_source, output, options)
     files = [os.fspath(path) for path in written]
     return FoldOutcome(result, os.fspath(output), bool(written), files)
 

@@ -19,7 +19,7 @@ from bnfold.sources import SourceKind, kind_of
 from bnfold.verification import not_sampled, verify_onnx
 
 
-def verify(
+def verify(  # noqa: PLR0913 -- public API: keyword options, one per CLI flag
     original: Any,
     folded: Any,
     *,

@@ -14,7 +14,7 @@ from bnfold.json_report import envelope
 from bnfold.report import FoldReport, FoldResult, VerifyResult
 
 if TYPE_CHECKING:
-    from bnfold.bench import BenchReport
+    from bnfold.bench_report import BenchReport
 
 
 class Progress(Protocol):

@@ -12,7 +12,9 @@ from collections import Counter
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Protocol
 
-from bnfold.options import LowerForm, Rounding
+# LowerForm is re-exported: the fronts read the lowering vocabulary from the report types.
+from bnfold.options import LowerForm as LowerForm
+from bnfold.options import Rounding
 
 
 class Code(str, enum.Enum):
@@ -192,7 +194,8 @@ class FoldReport:
         return [r.code for r in self.refused]
 
     def to_dict(self) -> dict[str, Any]:
-        return _jsonable(asdict(self))
+        jsonable: dict[str, Any] = _jsonable(asdict(self))
+        return jsonable
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2)

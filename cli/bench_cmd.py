@@ -14,7 +14,7 @@ from bnfold.json_report import envelope
 from bnfold.options import BENCH_LEVEL_NAMES, DEFAULT_BENCH_LEVELS, MAX_INPUT_BYTES
 
 if TYPE_CHECKING:
-    from bnfold.bench import BenchReport
+    from bnfold.bench_report import BenchReport
 
 
 @click.command()
@@ -90,6 +90,7 @@ def bench(
     --trust-pickle) are timed in eager mode.
     """
     from bnfold import bench as harness  # lazy: --help must not import onnxruntime
+    from bnfold.bench_report import plot_report
     from bnfold.errors import BnfoldError
 
     try:
@@ -101,7 +102,7 @@ def bench(
                 inputs, runs_done,
             )  # fmt: skip
         if plot:
-            harness.plot_report(report, plot)
+            plot_report(report, plot)
     except BnfoldError as err:
         raise InputError(str(err)) from None
     if as_json:
@@ -169,7 +170,7 @@ def print_report(report: BenchReport) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    from bnfold.bench import format_inputs, format_paired
+    from bnfold.bench_report import format_inputs, format_paired
 
     env = report.environment
     table = Table(

@@ -13,7 +13,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from onnx import TensorProto, helper, numpy_helper
 
-from bnfold import bench
+from bnfold import bench, bench_report
 from bnfold.cli.bench_cmd import bench as bench_command
 from bnfold.errors import BnfoldError
 
@@ -218,7 +218,7 @@ def test_time_interleaved_alternates_the_models_and_their_order():
 @pytest.mark.parametrize(("n", "rank"), [(5, 0), (6, 0), (10, 1), (20, 5), (100, 39)])
 def test_median_interval_ranks_match_the_binomial_tables(n, rank):
     # Published 95 % order-statistic intervals for the median (1-based ranks rank+1, n-rank).
-    assert bench._median_interval_rank(n) == rank
+    assert bench_report._median_interval_rank(n) == rank
 
 
 @given(
@@ -227,14 +227,14 @@ def test_median_interval_ranks_match_the_binomial_tables(n, rank):
 )
 def test_paired_ratio_interval_holds_its_median(original, folded):
     folded = folded[: len(original)]
-    paired = bench.PairedRatio.of(original, folded)
+    paired = bench_report.PairedRatio.of(original, folded)
     ratios = [f / o for o, f in zip(original, folded, strict=True)]
     assert paired.pairs == len(original)
     assert min(ratios) <= paired.low <= paired.median <= paired.high <= max(ratios)
 
 
 def test_paired_ratio_of_identical_runs_is_one():
-    paired = bench.PairedRatio.of([2.0, 3.0, 4.0] * 4, [2.0, 3.0, 4.0] * 4)
+    paired = bench_report.PairedRatio.of([2.0, 3.0, 4.0] * 4, [2.0, 3.0, 4.0] * 4)
     assert (paired.median, paired.low, paired.high) == (1.0, 1.0, 1.0)
 
 

@@ -15,7 +15,7 @@ from click.testing import CliRunner
 from onnx import helper
 
 import bnfold
-from bnfold import Code, LowerForm
+from bnfold import Code, FoldOptions, LowerForm
 from bnfold.api import fold_file
 from bnfold.cli.main import main
 from bnfold.onnx_front import lower
@@ -625,7 +625,7 @@ def test_a_wrong_exported_lowering_fails_verification_and_nothing_is_written(
 ) -> None:
     torch = pytest.importorskip("torch")
     from bnfold.affine import Affine
-    from bnfold.torch_front.files import fold_torch
+    from bnfold.torch_front.files import fold_torch_files
     from bnfold.torch_front.program import lower as program_lower
 
     real = program_lower.bn_affine
@@ -637,7 +637,7 @@ def test_a_wrong_exported_lowering_fails_verification_and_nothing_is_written(
     monkeypatch.setattr(program_lower, "bn_affine", planted)
     source, out = tmp_path / "in.pt2", tmp_path / "out.pt2"
     torch.export.save(torch.export.export(relu_bn_net(), (torch.randn(1, 3, 4, 4),)), source)
-    result, written = fold_torch(str(source), out, lower=LowerForm.MUL_ADD)
+    result, written = fold_torch_files(str(source), out, FoldOptions(lower=LowerForm.MUL_ADD))
     assert not written and not out.exists()
     assert result.verification is not None and result.verification.status == "failed"
     # lowered again after the rollback, still under the fold's own refusal code

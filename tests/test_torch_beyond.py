@@ -12,7 +12,7 @@ from torch import nn  # noqa: E402
 
 from bnfold.report import Code  # noqa: E402
 from bnfold.torch_front import fold_module  # noqa: E402
-from bnfold.torch_front.files import fold_torch  # noqa: E402
+from bnfold.torch_front.files import fold_torch_files  # noqa: E402
 from bnfold.torch_front.program.run import fold_graph_module  # noqa: E402
 from tests.torch_standins import randomize_bn, use  # noqa: E402
 
@@ -279,7 +279,7 @@ def test_pt2_file_with_a_conv_called_twice_folds_both_calls(tmp_path):
     x = torch.randn(2, 3, 4, 4)
     src, dst = tmp_path / "in.pt2", tmp_path / "out.pt2"
     torch.export.save(torch.export.export(model, (x,), strict=False), src)
-    result, written = fold_torch(str(src), dst)
+    result, written = fold_torch_files(str(src), dst)
     # Then the sum of the two folded calls is a sum of two convs of x: one conv.
     assert written and sites(result) == ["conv -> bn", "conv -> bn2", "conv + conv -> add"]
     # The first fold copies the shared weight; the second then has it to itself.

@@ -12,10 +12,10 @@ torch = pytest.importorskip("torch")
 from torch import nn  # noqa: E402
 
 from bnfold.errors import BnfoldError  # noqa: E402
-from bnfold.options import VerifyOptions  # noqa: E402
+from bnfold.options import FoldOptions  # noqa: E402
 from bnfold.report import Code  # noqa: E402
 from bnfold.torch_front import aten_graph, io  # noqa: E402
-from bnfold.torch_front.files import fold_torch  # noqa: E402
+from bnfold.torch_front.files import fold_torch_files  # noqa: E402
 from tests.torch_standins import randomize_bn  # noqa: E402
 
 FACTORY = """
@@ -123,7 +123,7 @@ class Net(nn.Module):
 
 def fold_pt2(src, dst, verify: bool = True):
     """What `bnfold fold IN.pt2 -o OUT.pt2` runs: fold, verify, write atomically."""
-    result, _written = fold_torch(str(src), dst, VerifyOptions() if verify else None)
+    result, _written = fold_torch_files(str(src), dst, FoldOptions(verify=verify))
     return result
 
 

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 import bnfold
-from bnfold.options import VerifyOptions
+from bnfold.options import FoldOptions, VerifyOptions
 from bnfold.report import Code
 from bnfold.torch_front import eager
 from bnfold.torch_front import verify as checking
@@ -115,7 +115,7 @@ def test_a_refuted_fold_is_never_written(
     """The file written holds conv2 and bn2 as they were: the refuted fold never left memory."""
     model, args = _model(), _input()
     out = tmp_path / f"folded{suffix}"
-    result, written = fold_torch_files(_Given(module=model, args=args), out, VerifyOptions())
+    result, written = fold_torch_files(_Given(module=model, args=args), out, FoldOptions())
     assert written and "conv2 -> bn2" in _refusals(result)
     if suffix == ".pt":
         state = torch.load(out, weights_only=True)

@@ -27,7 +27,7 @@ from bnfold.verification import verify_onnx
 from bnfold.verification.calibrate import nudged
 from bnfold.verification.cones import Cones
 from bnfold.verification.tolerance import Reductions, derived_rtol
-from bnfold.verification.verdict import PROOF_ENVELOPE, SiteValue, TensorDiff, judge
+from bnfold.verification.verdict import PROOF_ENVELOPE, Compared, SiteValue, TensorDiff, judge
 from tests.test_verify_evidence import _plant, conv_net
 
 
@@ -109,7 +109,10 @@ def test_rounding_the_network_amplifies_is_calibrated_and_a_wrong_fold_still_fai
 def _judged(site_excess: float, certificate: StubCertificate | None):
     site = (SiteValue("s", "conv -> bn"), _diff(site_excess * _bound()))
     output = ("y", _diff(site_excess * _bound()))
-    return judge([output], [site], Cones(), VerifyOptions(), 3, "ORT", "x", certificate=certificate)
+    return judge(
+        Compared([output], [site]), Cones(), VerifyOptions(), samples=3, level="ORT", inputs="x",
+        certificate=certificate,
+    )
 
 
 def test_a_holding_certificate_lets_rounding_beyond_the_bound_pass():

@@ -23,7 +23,7 @@ from bnfold.options import VerifyOptions
 from bnfold.verification import plan, runtimes, verdict
 from bnfold.verification.cones import Cones, walk
 from bnfold.verification.tolerance import Reductions, derived_rtol
-from bnfold.verification.verdict import SiteValue, TensorDiff, judge
+from bnfold.verification.verdict import Compared, SiteValue, TensorDiff, judge
 from tests.conftest import assert_one_line_error, snapshot
 
 RNG = np.random.default_rng(7)
@@ -236,6 +236,10 @@ def test_fold_json_names_the_value_each_site_is_compared_at(tmp_path):
 # --- judging discontinuous outputs by the sites --------------------------------------
 
 
+# One sample of the original at onnxruntime, fed from input "x".
+ONE_SAMPLE = {"samples": 1, "level": "ORT", "inputs": "x"}
+
+
 def _diff(max_abs: float, scale: float = 1.0, dtype: str = "float32") -> TensorDiff:
     """A compared tensor whose original values spanned [-scale, scale]."""
     return TensorDiff(max_abs, scale, dtype, 100, lowest=-scale, highest=scale)
@@ -244,7 +248,7 @@ def _diff(max_abs: float, scale: float = 1.0, dtype: str = "float32") -> TensorD
 def test_discontinuous_output_that_differs_is_vouched_for_by_sites_within_bounds():
     cones = Cones(discontinuous={"boxes"})
     sites = [(SiteValue("s", "conv -> bn"), _diff(1e-8))]
-    result = judge([("boxes", _diff(3.0))], sites, cones, VerifyOptions(), 1, "ORT", "x")
+    result = judge(Compared([("boxes", _diff(3.0))], sites), cones, VerifyOptions(), **ONE_SAMPLE)
     assert result.passed and result.outputs[0].judged_by == "sites"
     assert "every fold site within its bound" in result.summary()
 
@@ -252,7 +256,7 @@ def test_discontinuous_output_that_differs_is_vouched_for_by_sites_within_bounds
 def test_discontinuous_output_fails_when_a_site_is_beyond_its_bound():
     cones = Cones(discontinuous={"boxes"})
     sites = [(SiteValue("s", "conv -> bn"), _diff(1e-3))]
-    result = judge([("boxes", _diff(3.0))], sites, cones, VerifyOptions(), 1, "ORT", "x")
+    result = judge(Compared([("boxes", _diff(3.0))], sites), cones, VerifyOptions(), **ONE_SAMPLE)
     assert not result.passed and result.outputs[0].judged_by == "bound"
     assert "1 of 1 beyond their bounds" in result.summary()
 
@@ -261,9 +265,8 @@ def test_discontinuous_output_fails_when_a_value_feeding_the_jump_moved():
     cones = Cones(discontinuous={"boxes"})
     sites = [(SiteValue("s", "conv -> bn"), _diff(1e-8))]
     frontier = [("scores", _diff(1e-3))]
-    result = judge(
-        [("boxes", _diff(3.0))], sites, cones, VerifyOptions(), 1, "ORT", "x", frontier=frontier
-    )
+    compared = Compared([("boxes", _diff(3.0))], sites, frontier)
+    result = judge(compared, cones, VerifyOptions(), **ONE_SAMPLE)
     assert not result.passed and result.frontier[0].passed is False
     assert "before discontinuous ops: 1 of 1 beyond their bounds" in result.summary()
 
@@ -285,15 +288,14 @@ def test_change_before_nms_outside_any_fold_site_fails(tmp_path, cli):
 def test_discontinuous_output_needs_every_site_compared():
     cones = Cones(discontinuous={"boxes"})
     sites = [(SiteValue("s", "conv -> bn"), _diff(1e-8))]
-    result = judge(
-        [("boxes", _diff(3.0))], sites, cones, VerifyOptions(), 1, "ORT", "x", every_site=False
-    )
+    compared = Compared([("boxes", _diff(3.0))], sites, every_site=False)
+    result = judge(compared, cones, VerifyOptions(), **ONE_SAMPLE)
     assert not result.passed
 
 
 def test_continuous_output_is_held_to_its_own_bound_whatever_the_sites():
     sites = [(SiteValue("s", "conv -> bn"), _diff(1e-8))]
-    result = judge([("y", _diff(3.0))], sites, Cones(), VerifyOptions(), 1, "ORT", "x")
+    result = judge(Compared([("y", _diff(3.0))], sites), Cones(), VerifyOptions(), **ONE_SAMPLE)
     assert not result.passed
 
 

@@ -360,16 +360,9 @@ def _prove(region: Region, original: Scope, folded: Scope, shapes: Shapes) -> _O
     limit = 0.0 if nothing_folded(region) else ULP_LIMIT
     side_o = _Side(original, region.original, track_units=False)
     side_f = _Side(folded, region.folded, track_units=True)
-    for name in region.inputs:
-        if original.is_const(name) != folded.is_const(name):
-            return _Outcome(Verdict.failed(f"{name!r} is a constant in only one model"), [], [])
-        readers = [(n, i, original) for n, i in _readers(name, region.original)]
-        readers += [(n, i, folded) for n, i in _readers(name, region.folded)]
-        try:
-            layout = input_layout(name, readers, shapes.dims(name, original))
-        except Unsupported as exc:
-            return _Outcome(Verdict.unmodelled(str(exc)), [], [])
-        side_o.sources[name] = side_f.sources[name] = _identity_source(name, layout)
+    unbound = _bind_inputs(region, side_o, side_f, shapes)
+    if unbound is not None:
+        return _Outcome(unbound, [], [])
     both = {v.name for n in region.folded for v in n.outputs if v.name}
     order = [v.name for n in region.original for v in n.outputs if v.name]
     candidates = [n for n in order if n in both or n in region.outputs]
@@ -398,6 +391,29 @@ def _prove(region: Region, original: Scope, folded: Scope, shapes: Shapes) -> _O
             side_f.memo.clear()
             original.forget_all()
             folded.forget_all()
+    _qualify(verdict, region, original, exact=limit == 0.0)
+    return _Outcome(verdict, list(region.outputs), failed)
+
+
+def _bind_inputs(region: Region, side_o: _Side, side_f: _Side, shapes: Shapes) -> Verdict | None:
+    """Give each boundary input of ``region`` the same free source on both sides; the
+    verdict that ends the proof when an input cannot be one (else None)."""
+    original, folded = side_o.scope, side_f.scope
+    for name in region.inputs:
+        if original.is_const(name) != folded.is_const(name):
+            return Verdict.failed(f"{name!r} is a constant in only one model")
+        readers = [(n, i, original) for n, i in _readers(name, region.original)]
+        readers += [(n, i, folded) for n, i in _readers(name, region.folded)]
+        try:
+            layout = input_layout(name, readers, shapes.dims(name, original))
+        except Unsupported as exc:
+            return Verdict.unmodelled(str(exc))
+        side_o.sources[name] = side_f.sources[name] = _identity_source(name, layout)
+    return None
+
+
+def _qualify(verdict: Verdict, region: Region, original: Scope, exact: bool) -> None:
+    """What the region's structure adds to a verdict reached by comparing its maps."""
     if (
         not verdict.proven
         and not verdict.unsupported
@@ -412,9 +428,8 @@ def _prove(region: Region, original: Scope, folded: Scope, shapes: Shapes) -> _O
         # An op swapped for another is a difference, whether or not either is modelled.
         verdict.reason = f"{'; '.join(replaced)} ({verdict.reason})"
         verdict.unsupported = False
-    if limit == 0.0 and verdict.proven and verdict.coefficients:
+    if exact and verdict.proven and verdict.coefficients:
         verdict.notes.append("no op folded here: the maps are equal exactly")
-    return _Outcome(verdict, list(region.outputs), failed)
 
 
 # Ops no affine function passes through: a boundary input computed through one of them

@@ -29,7 +29,7 @@ def require_torch() -> None:
         raise NotSupportedError("PyTorch is not installed: pip install 'bnfold[torch]'") from None
 
 
-def fold_module(
+def fold_module(  # noqa: PLR0913 -- public API: keyword options, one per CLI flag
     module: nn.Module,
     example_inputs: Any,
     *,

@@ -23,6 +23,7 @@ rule the ONNX front's ``fold_file`` applies too.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,7 +33,7 @@ import torch
 from bnfold import paths
 from bnfold.affine import Rounding
 from bnfold.errors import BnfoldError, first_line
-from bnfold.options import DEFAULT_VERIFY, VerifyOptions
+from bnfold.options import DEFAULT_VERIFY, FoldOptions, VerifyOptions
 from bnfold.report import FoldReport, FoldResult, LowerForm, VerifyResult
 from bnfold.torch_front import inspect_module, run
 from bnfold.torch_front import verify as checking
@@ -68,36 +69,13 @@ class ModuleSource:
         return module, example_inputs_from_shapes(self.input_shapes)
 
 
-def fold_torch(
-    source: ModuleSource | str,
-    output: str | os.PathLike[str],
-    verify: VerifyOptions | None = DEFAULT_VERIFY,
-    to_onnx: str | os.PathLike[str] | None = None,
-    *,
-    require_verified: bool = False,
-    rounding: Rounding = Rounding.NEAREST,
-    lower: LowerForm | None = None,
-    trust_pickle: bool = False,
-) -> tuple[FoldResult, bool]:
-    """:func:`fold_torch_files`, answering only whether anything was written."""
-    result, written = fold_torch_files(
-        source, output, verify, to_onnx, require_verified=require_verified,
-        rounding=rounding, lower=lower, trust_pickle=trust_pickle,
-    )  # fmt: skip
-    return result, bool(written)
+DEFAULT_FOLD = FoldOptions()
 
 
 def fold_torch_files(
     source: ModuleSource | str,
     output: str | os.PathLike[str],
-    verify: VerifyOptions | None = DEFAULT_VERIFY,
-    to_onnx: str | os.PathLike[str] | None = None,
-    *,
-    require_verified: bool = False,
-    rounding: Rounding = Rounding.NEAREST,
-    lower: LowerForm | None = None,
-    trust_pickle: bool = False,
-    prove: bool = True,
+    options: FoldOptions = DEFAULT_FOLD,
 ) -> tuple[FoldResult, tuple[Path, ...]]:
     """Fold a ``.pt2`` path or a factory-built module and write the result atomically.
 
@@ -106,20 +84,16 @@ def fold_torch_files(
     is folded eagerly and saved as its state_dict with the fold's record
     (:func:`bnfold.torch_front.folded_state.save_folded`).
 
-    Args:
-        verify: tolerances and draws (``--shape`` / input caps are ONNX-only and
-            unused), or None to skip verification.
-        require_verified: write only a verified fold (CLI ``--strict``): a
-            "not_verified" result is kept back like a failed one.
-        rounding: how folded weights are cast to their dtype.
-        lower: lower the BNs left after folding (a program:
-            :func:`bnfold.torch_front.program.lower.lower_left`; an eager module:
-            :func:`bnfold.torch_front.lower_modules.lower_left`).
-        trust_pickle: load a ``.pt2`` source as torch would, running any code it
-            carries (pickles, shape expressions); without it such a file is
-            refused (see :mod:`bnfold.torch_front.archive`).
-        prove: with ``verify``, prove the folds before the sampled check
-            (:mod:`bnfold.verification.torch_proof`): a refuted fold is never written.
+    The fields of ``options`` read here: ``verify`` and ``verify_options``
+    (tolerances and draws; ``--shape`` and the input caps are ONNX-only),
+    ``prove`` (with ``verify``, prove the folds before the sampled check,
+    :mod:`bnfold.verification.torch_proof`: a refuted fold is never written),
+    ``require_verified`` (``--strict``: a "not_verified" result is kept back like a
+    failed one), ``rounding``, ``lower`` (the BNs left after folding: a program's
+    by :func:`bnfold.torch_front.program.lower.lower_left`, an eager module's by
+    :func:`bnfold.torch_front.lower_modules.lower_left`), ``to_onnx`` and
+    ``trust_pickle`` (load a ``.pt2`` source as torch would, running any code it
+    carries; without it such a file is refused, :mod:`bnfold.torch_front.archive`).
 
     Returns:
         (result, files): ``result.model`` is the folded module; ``files`` every
@@ -132,47 +106,40 @@ def fold_torch_files(
         BnfoldError: bad input or output path, a state_dict without --module,
             the folded module cannot be exported.
     """
-    _require_safe_outputs(source, output, to_onnx)
+    _require_safe_outputs(source, output, options.to_onnx)
     with user_code("the model's code"):
-        return _fold_torch(
-            source, output, verify, to_onnx, require_verified, rounding, lower, trust_pickle, prove
-        )
+        return _fold_torch(source, Path(output), options)
 
 
 def _fold_torch(
-    source: ModuleSource | str,
-    output: str | os.PathLike[str],
-    verify: VerifyOptions | None,
-    to_onnx: str | os.PathLike[str] | None,
-    require_verified: bool,
-    rounding: Rounding,
-    lower: LowerForm | None,
-    trust_pickle: bool,
-    prove: bool,
+    source: ModuleSource | str, output: Path, options: FoldOptions
 ) -> tuple[FoldResult, tuple[Path, ...]]:
-    as_program = Path(output).suffix == ".pt2"
+    verify = (options.verify_options or DEFAULT_VERIFY) if options.verify else None
+
+    def fold_program(make: Callable[[], torch.fx.GraphModule], args: Any) -> FoldResult:
+        return fold_graph_module(
+            make, args, verify=verify, rounding=options.rounding, lower=options.lower,
+            prove=options.prove,
+        )  # fmt: skip
+
+    as_program = output.suffix == ".pt2"
     if isinstance(source, ModuleSource):
         module, args = source.load()
         if as_program:
-            make = _export(module, args, "the module").module
-            result = fold_graph_module(
-                make, args, verify=verify, rounding=rounding, lower=lower, prove=prove
-            )
+            result = fold_program(_export(module, args, "the module").module, args)
         else:
             result = run.fold(
-                module, args, inplace=False, verify=verify, rounding=rounding, lower=lower,
-                prove=prove,
+                module, args, inplace=False, verify=verify, rounding=options.rounding,
+                lower=options.lower, prove=options.prove,
             )  # fmt: skip
     else:
-        ep = _load_program_file(Path(source), trust_pickle)
+        ep = _load_program_file(Path(source), options.trust_pickle)
         args = example_args(ep)
-        result = fold_graph_module(
-            ep.module, args, verify=verify, rounding=rounding, lower=lower, prove=prove
-        )
+        result = fold_program(ep.module, args)
         as_program = True  # a program is written back as a program, whatever the suffix
-    if not result.publishable(require_verified):
+    if not result.publishable(options.require_verified):
         return result, ()
-    return result, _save(result, args, Path(output), as_program, to_onnx)
+    return result, _save(result, args, output, as_program, options.to_onnx)
 
 
 def _require_safe_outputs(
@@ -264,7 +231,7 @@ def _save(
 def inspect_torch(
     source: ModuleSource | str, trust_pickle: bool = False, lower: LowerForm | None = None
 ) -> FoldReport:
-    """What :func:`fold_torch` would fold, lower and refuse, without writing anything.
+    """What :func:`fold_torch_files` would fold, lower and refuse, without writing anything.
 
     A factory module is inspected as the eager module ``fold`` writes by default.
     """
@@ -290,7 +257,7 @@ def verify_torch(
 ) -> VerifyResult:
     """Compare a folded ``.pt2`` with the original (a ``.pt2`` or a factory module), eagerly.
 
-    ``trust_pickle`` applies to both ``.pt2`` files, as in :func:`fold_torch`.
+    ``trust_pickle`` applies to both ``.pt2`` files, as in :func:`fold_torch_files`.
     """
     if Path(folded).suffix != ".pt2":
         raise BnfoldError(f"{folded}: torch verification compares .pt2 programs; export it first")

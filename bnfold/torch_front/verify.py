@@ -50,6 +50,7 @@ from bnfold.verification.torch_flow import Captured, Flow, FlowTracer, RoundingN
 from bnfold.verification.torch_measure import Known, difference, known_of, nudged_copy
 from bnfold.verification.torch_proof import ProveFolds, drop_refuted, vouching
 from bnfold.verification.verdict import (
+    Compared,
     Measure,
     SiteValue,
     TensorDiff,
@@ -335,8 +336,9 @@ class Check:
         sites = [(SiteValue(p, labels[p], 1), diffs[p]) for p in self._paths()]
         frontier = [(n, d) for n, d in diffs.items() if n.startswith(_FRONTIER)]
         result = judge(
-            outputs, sites, ref.cones, self.options, len(ref.samples), EAGER_LEVEL, ref.inputs,
-            every_site=self.every_site, frontier=frontier, noise=noise, certificate=certificate,
+            Compared(outputs, sites, frontier, self.every_site), ref.cones, self.options,
+            samples=len(ref.samples), level=EAGER_LEVEL, inputs=ref.inputs, noise=noise,
+            certificate=certificate,
         )  # fmt: skip
         result.fed = ref.fed
         return result

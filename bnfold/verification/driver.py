@@ -48,6 +48,7 @@ from bnfold.verification.runtimes import (
 from bnfold.verification.shapes import choices, inference_problem
 from bnfold.verification.verdict import (
     Certificate,
+    Compared,
     SiteValue,
     TensorDiff,
     judge,
@@ -226,11 +227,13 @@ class _Verdict:
 
     def __call__(self, noise: dict[str, float] | None = None) -> VerifyResult:
         d, plan = self.diffs, self.plan
+        compared = Compared(
+            [(n, d[n]) for n in self.names], [(s, d[s.value]) for s in plan.sites],
+            [(n, d[n]) for n in plan.frontier], plan.every_site,
+        )  # fmt: skip
         return judge(
-            [(n, d[n]) for n in self.names], [(s, d[s.value]) for s in plan.sites], plan.cones,
-            self.options, self.feeds.count, self.level, self.feeds.describe(),
-            every_site=plan.every_site, frontier=[(n, d[n]) for n in plan.frontier],
-            noise=noise, certificate=self.certificate,
+            compared, plan.cones, self.options, samples=self.feeds.count, level=self.level,
+            inputs=self.feeds.describe(), noise=noise, certificate=self.certificate,
         )  # fmt: skip
 
 

@@ -109,16 +109,33 @@ class TensorDiff:
         return self.highest > self.lowest and self.changes is not False
 
 
+@dataclass(frozen=True)
+class Compared:
+    """The tensors one comparison measured, each with its difference from the original.
+
+    Attributes:
+        outputs: the models' outputs, by name.
+        sites: the fold sites' values.
+        frontier: the continuous values feeding discontinuous ops (the scores and
+            boxes going into NonMaxSuppression).
+        every_site: every fold site was compared (a site inside a subgraph cannot
+            be); only then can sites vouch for a discontinuous output.
+    """
+
+    outputs: Sequence[tuple[str, TensorDiff]]
+    sites: Sequence[tuple[SiteValue, TensorDiff]] = ()
+    frontier: Sequence[tuple[str, TensorDiff]] = ()
+    every_site: bool = True
+
+
 def judge(
-    outputs: Sequence[tuple[str, TensorDiff]],
-    sites: Sequence[tuple[SiteValue, TensorDiff]],
+    compared: Compared,
     cones: Cones,
     options: VerifyOptions,
+    *,
     samples: int,
     level: str,
     inputs: str,
-    every_site: bool = True,
-    frontier: Sequence[tuple[str, TensorDiff]] = (),
     noise: Mapping[str, float] | None = None,
     certificate: Certificate | None = None,
 ) -> VerifyResult:
@@ -126,15 +143,12 @@ def judge(
 
     A discontinuous output that differs beyond its bound passes only when every
     fold site and every frontier value (each continuous tensor that feeds a
-    discontinuous op: the scores and boxes going into NonMaxSuppression) lies
-    within its own bound: then nothing before the jump moved more than a
-    correct fold's rounding. Frontier values judge nothing else: a difference
-    there fails only the outputs it would have vouched for.
+    discontinuous op) lies within its own bound: then nothing before the jump
+    moved more than a correct fold's rounding. Frontier values judge nothing
+    else: a difference there fails only the outputs it would have vouched for.
 
     Args:
-        every_site: every fold site was compared (a site inside a subgraph
-            cannot be); only then can sites vouch for a discontinuous output.
-        frontier: the continuous values feeding discontinuous ops.
+        samples, level, inputs: how the values were obtained (the result says so).
         noise: per compared tensor, how far (absolute) rounding-level nudges of
             the original moved it (:mod:`~bnfold.verification.calibrate`); a
             tensor's bound is then at least :data:`CALIBRATED_MARGIN` times that,
@@ -144,15 +158,15 @@ def judge(
             "proof"): only rounding can have moved it.
     """
     bounds = _Bounds(cones, options, noise or {})
-    site_rows = [bounds.row(s.value, d, site=s.site) for s, d in sites]
-    edge_rows = [bounds.row(n, d, site="feeds a discontinuous op") for n, d in frontier]
+    site_rows = [bounds.row(s.value, d, site=s.site) for s, d in compared.sites]
+    edge_rows = [bounds.row(n, d, site="feeds a discontinuous op") for n, d in compared.frontier]
     proven = certificate is not None and certificate.holds
     if proven:
         site_rows, edge_rows = _by_proof(site_rows), _by_proof(edge_rows)
-    sites_hold = bool(site_rows) and every_site and all(r.passed for r in site_rows)
+    sites_hold = bool(site_rows) and compared.every_site and all(r.passed for r in site_rows)
     sites_hold = sites_hold and all(r.passed for r in edge_rows)
     rows = []
-    for name, diff in outputs:
+    for name, diff in compared.outputs:
         jumps = name in cones.discontinuous
         row = bounds.row(name, diff, calibrate=not jumps)
         if not row.passed and sites_hold and jumps:
