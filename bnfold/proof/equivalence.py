@@ -31,7 +31,7 @@ import numpy as np
 from bnfold.proof import dims
 from bnfold.proof.coefs import Coefs
 from bnfold.proof.ops import ONES_PREFIX, same_layout, scaled, shifted
-from bnfold.proof.stencil import AxisMap, Stencil
+from bnfold.proof.stencil import AxisMap, Stencil, placed
 from bnfold.proof.values import (
     Affine,
     Const,
@@ -244,16 +244,7 @@ def _aligned(o: Stencil | None, f: Stencil | None) -> tuple[Coefs, Coefs]:
     def spread(s: Stencil | None) -> Coefs:
         if s is None:
             return Coefs.zeros((len(offsets), *template.taps.shape[1:]))
-        s = s.regroup(groups)
-        where = [offsets.index(x) for x in s.offsets]
-        shape = (len(offsets), *s.taps.shape[1:])
-
-        def place(a: np.ndarray) -> np.ndarray:
-            out = np.zeros(shape, dtype=a.dtype)
-            out[where] = a
-            return out
-
-        return s.taps.map(place)
+        return placed(s.regroup(groups), offsets)
 
     return spread(o), spread(f)
 

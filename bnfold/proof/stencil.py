@@ -166,7 +166,7 @@ class Stencil:
         g = math.gcd(self.groups, other.groups)
         a, b = self.regroup(g), other.regroup(g)
         offsets = tuple(sorted(set(a.offsets) | set(b.offsets)))
-        return Stencil(self.geometry, offsets, _placed(a, offsets) + _placed(b, offsets))
+        return Stencil(self.geometry, offsets, placed(a, offsets) + placed(b, offsets))
 
     def with_rows(self, index: np.ndarray, rows: int) -> Stencil:
         """Row ``i`` moved to row ``index[i]`` of a ``rows``-row map (the rest zero)."""
@@ -188,7 +188,7 @@ class Stencil:
         return total.reshape((self.rows, self.cols))
 
 
-def _placed(s: Stencil, offsets: tuple[tuple[int, ...], ...]) -> Coefs:
+def placed(s: Stencil, offsets: tuple[tuple[int, ...], ...]) -> Coefs:
     """``s``'s taps spread over ``offsets`` (a superset of its own), zero elsewhere."""
     where = [offsets.index(o) for o in s.offsets]
     shape = (len(offsets), *s.taps.shape[1:])

@@ -285,13 +285,19 @@ def _identity(b: Builder, node: Any, name: str) -> ir.Node:
     return b.add("Identity", [b.value_of(node.args[0])], name)
 
 
-def _max_pool(b: Builder, node: Any, name: str) -> ir.Node:
-    x = node.args[0]
-    rank = _tensor_rank(b, x) - 2
+def _window(b: Builder, node: Any) -> tuple[int, list[int], list[int], list[int]]:
+    """A pool call's spatial rank, kernel, stride (the kernel when not given) and padding:
+    its arguments 1-3, as every aten pool orders them."""
+    rank = _tensor_rank(b, node.args[0]) - 2
     kernel = _ints(node.args[1], rank)
     stride = _arg(node, 2, "stride", [])
     stride = _ints(stride, rank) if stride else kernel
-    padding = _ints(_arg(node, 3, "padding", 0), rank)
+    return rank, kernel, stride, _ints(_arg(node, 3, "padding", 0), rank)
+
+
+def _max_pool(b: Builder, node: Any, name: str) -> ir.Node:
+    x = node.args[0]
+    rank, kernel, stride, padding = _window(b, node)
     dilation = _ints(_arg(node, 4, "dilation", 1), rank)
     ceil = int(bool(_arg(node, 5, "ceil_mode", False)))
     outputs = 2 if "indices" in str(node.target) else 1
@@ -303,11 +309,7 @@ def _max_pool(b: Builder, node: Any, name: str) -> ir.Node:
 
 def _avg_pool(b: Builder, node: Any, name: str) -> ir.Node:
     x = node.args[0]
-    rank = _tensor_rank(b, x) - 2
-    kernel = _ints(node.args[1], rank)
-    stride = _arg(node, 2, "stride", [])
-    stride = _ints(stride, rank) if stride else kernel
-    padding = _ints(_arg(node, 3, "padding", 0), rank)
+    _, kernel, stride, padding = _window(b, node)
     ceil = int(bool(_arg(node, 4, "ceil_mode", False)))
     include = bool(_arg(node, 5, "count_include_pad", True))
     if _arg(node, 6, "divisor_override", None) is not None:
