@@ -340,7 +340,7 @@ def fold(  # noqa: PLR0913 -- public API: keyword options, one per CLI flag
             a LoweredBatchNorm or 1x1 depthwise Conv module at each BN's path
             (see :mod:`bnfold.torch_front.lower_modules`). False/None: no
             lowering. Reported in ``report.lowered``.
-        inputs: verify on this input file or folder (see :mod:`bnfold.feeds`)
+        inputs: verify on this input file or folder (see :mod:`bnfold.verification.files`)
             instead of random inputs.
 
     Returns:
