@@ -14,7 +14,8 @@ from dataclasses import dataclass
 
 from bnfold.report import Code, Folded, FoldKind, Refusal
 
-_ARROW = " -> "
+ARROW = " -> "
+"""Between the names of a site's label (``conv -> bn``)."""
 
 
 @dataclass(frozen=True)
@@ -59,7 +60,7 @@ class Site:
     def label(self) -> str:
         """How reports name the site, in data-flow order."""
         if self.kind is FoldKind.REPARAM:
-            return _signed_sum(self.terms) + _ARROW + self.join
+            return _signed_sum(self.terms) + ARROW + self.join
         if self.kind is FoldKind.IDENTITY_TAP:
             return _chain(self.bn, self.between, self.linear)
         if self.kind in (FoldKind.OVER_ADD, FoldKind.OVER_CONCAT):
@@ -96,7 +97,7 @@ def site_label(linear: str, bn: str, between: str = "", before: bool = False) ->
 
 
 def _chain(*names: str) -> str:
-    return _ARROW.join(name for name in names if name)
+    return ARROW.join(name for name in names if name)
 
 
 def _signed_sum(terms: tuple[tuple[str, int], ...]) -> str:

@@ -103,7 +103,7 @@ main.add_command(bench)
     is_flag=True,
     help=(
         "ONNX, with -o: then time original vs folded at disable_all, all, "
-        "all-minus-fusions, on inputs of the --shape given."
+        "all-minus-fusions, on the inputs verification used (--shape, --inputs)."
     ),
 )
 @torch_options

@@ -205,6 +205,7 @@ def require_writable_target(path: Path, reads: frozenset[Path]) -> Previous | No
 
 
 def data_locations(proto: onnx.ModelProto) -> Iterator[str]:
+    """The external data locations the tensors of ``proto`` name (main graph and subgraphs)."""
     for tensor in _tensor_protos(proto.graph):
         if tensor.data_location == onnx.TensorProto.EXTERNAL:
             location = next((e.value for e in tensor.external_data if e.key == "location"), "")
@@ -227,6 +228,8 @@ def parse_model(path: Path) -> onnx.ModelProto | None:
 
 @contextlib.contextmanager
 def staging_dir(parent: Path) -> Iterator[Path]:
+    """A fresh folder in ``parent`` named for this host and process, removed on exit (a
+    killed process's is found by :func:`remove_stale_staging`)."""
     prefix = f"{STAGING_PREFIX}{_host_tag()}-{os.getpid()}-"
     stage = Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
     try:
@@ -275,10 +278,10 @@ class Previous:
     def of(cls, path: Path, seen: Previous | None = None) -> Previous | None:
         """The model now at ``path`` (None if none); ``seen`` is reused if it is still that file.
 
-        Its own data files are those it names in the two forms :func:`save_model`
-        writes, ``<name>.data`` and ``<name>.<12 hex digits>.data``: a data file
-        named otherwise (``weights.bin``, say) was not written for this output
-        and is never deleted.
+        Its own data files are those it names in the two forms
+        :func:`bnfold.onnx_front.io.save_model` writes, ``<name>.data`` and
+        ``<name>.<12 hex digits>.data``: a data file named otherwise
+        (``weights.bin``, say) was not written for this output and is never deleted.
         """
         try:
             info = path.stat()
@@ -378,6 +381,7 @@ def _location_bytes(name: str) -> bytes:
 
 
 def fsync_files(folder: Path) -> None:
+    """Flush every file in ``folder`` to disk, before any of them is renamed into place."""
     for item in folder.iterdir():
         if item.is_file():
             with open(item, "rb") as fh:

@@ -19,6 +19,7 @@ from __future__ import annotations
 from dataclasses import replace
 
 from bnfold.report import Code, Refusal
+from bnfold.sites import ARROW
 
 ORDER = ("adjacent", "batch_merge", "pool", "branch_sum", "join", "before")
 """The families asked about a BN, in order (every front; ``lower`` comes after the fixpoint)."""
@@ -26,7 +27,6 @@ ORDER = ("adjacent", "batch_merge", "pool", "branch_sum", "join", "before")
 EAGER_ORDER = ("adjacent", "batch_merge", "pool", "join", "branch_sum", "before")
 """The eager front's order today: ``join`` before ``branch_sum``."""
 
-_ARROW = " -> "  # between the names of a site's label (:attr:`bnfold.sites.Site.label`)
 
 # No linear op beside the BN at all: a branch sum or a join may still hold it.
 _NOTHING_BESIDE = frozenset({Code.STANDALONE, Code.NONLINEAR_INPUT})
@@ -64,7 +64,7 @@ def explain_both(
     fronts ask. The ONNX front names the reader itself and lets a join it found lead.
     """
     if reader is None:
-        reader = before.site.rpartition(_ARROW)[2]
+        reader = before.site.rpartition(ARROW)[2]
     if lead_after is None:
         lead_after = after_leads(after.code)
     if not lead_after:

@@ -3,8 +3,8 @@
 ``Family.codes_on("onnx")`` lists what the ONNX front refuses a site of that family
 with; for each, one small model makes the front refuse a site of that family (its
 label says which) with that code. A code declared without a case here, or a case
-whose code the family no longer declares, fails. The eager front's cases are in
-``test_families_eager.py``.
+whose code the family no longer declares, fails. The eager and ``.pt2`` fronts'
+cases are in ``test_families_eager.py`` and ``test_families_pt2.py``.
 """
 
 from __future__ import annotations

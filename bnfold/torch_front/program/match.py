@@ -122,8 +122,7 @@ def _match_bn(gm: fx.GraphModule, bn: fx.Node) -> Site | Refusal:
     before = _match_before(gm, bn)
     if before is None or isinstance(before, Site):
         return before or result
-    reader = before.site.rpartition(" -> ")[2]  # a before site's label ends with its op
-    return precedence.explain_both(result, before, reader, precedence.after_leads(result.code))
+    return precedence.explain_both(result, before)
 
 
 def _match(gm: fx.GraphModule, bn: fx.Node) -> Site | Refusal:
