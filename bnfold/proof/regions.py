@@ -444,7 +444,7 @@ _BREAKS_DEPENDENCE = frozenset([
 
 def _breaks_dependence(node: ir.Node) -> bool:
     op = node.op_type.lower()
-    short = op.split(".")[1] if op.startswith("aten.") and op.count(".") >= 1 else op
+    short = op.split(".")[1] if op.startswith("aten.") else op
     return short in _BREAKS_DEPENDENCE
 
 

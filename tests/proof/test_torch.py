@@ -182,3 +182,30 @@ def test_changed_parameter_elsewhere_fails_without_example_inputs() -> None:
     with torch.no_grad():
         wrong.c.bias[0] += 1.0
     assert not prove_eager(model, wrong, result.report, example_inputs=inputs).holds
+
+
+class ReflectTap(nn.Module):
+    """``conv(x) + bn(x)`` with a reflect-padded conv: the conv reads ``pad(x)``, the
+    identity BN reads ``x``, so the region's two inputs are not independent."""
+
+    def __init__(self, c: int = 4) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(c, c, 3, padding=1, padding_mode="reflect")
+        self.bn = nn.BatchNorm2d(c)
+
+    def forward(self, x: Any) -> Any:
+        return self.conv(x) + self.bn(x)
+
+
+def test_a_region_whose_inputs_depend_on_each_other_is_not_modelled_not_refuted() -> None:
+    """The tap moved into the conv's centre reads ``x`` through the reflect pad: compared
+    as if ``pad(x)`` and ``x`` were free, the maps differ, but no difference is
+    established; sampling decides (and the correct fold stays)."""
+    model, inputs = _randomize(ReflectTap()), (torch.randn(2, 4, 8, 8),)
+    result = _fold(model, inputs)
+    assert [f.kind.value for f in result.report.folded] == ["identity_tap"]
+    certificate = prove_eager(model, result.model, result.report, example_inputs=inputs)
+    (site,) = certificate.sites
+    assert not site.proven and site.unsupported and not certificate.refuted
+    assert "the inputs are not independent" in site.reason
+
