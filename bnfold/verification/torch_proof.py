@@ -102,8 +102,17 @@ def drop_refuted(
 
 
 def vouching(certificate: Certificate | None) -> Certificate | None:
-    """The certificate the sampled check may lean on: one that holds, else None."""
-    return certificate if certificate is not None and certificate.holds else None
+    """The certificate the sampled check may lean on: one that holds and traced the
+    pairing, else None.
+
+    A module-level certificate (:attr:`~bnfold.proof.Certificate.pairing_assumed`)
+    took the pairing from the finder, whose blind spots only the sampled check can
+    catch: that check must not be loosened by it. Such a certificate is still
+    attached to the result (:func:`~bnfold.verification.verdict.with_proof`).
+    """
+    if certificate is None or not certificate.holds or certificate.pairing_assumed:
+        return None
+    return certificate
 
 
 @dataclass
@@ -122,7 +131,7 @@ class EagerProver:
     args: tuple[Any, ...]
     original: nn.Module | None
     program: Any = None
-    export_failed: str = ""
+    untraced: str = "torch.export was not tried"  # why there is no program
 
     @classmethod
     def of(
@@ -135,7 +144,7 @@ class EagerProver:
         """
         prover = cls(args, None if inplace else module, finders.program)
         if prover.program is None:
-            prover.export_failed = finders.failed.get("export", "not exported")
+            prover.untraced = _why_untraced(finders.failed.get("export"))
         return prover
 
     def prove(self, folded: nn.Module, report: FoldReport) -> Certificate:
@@ -156,12 +165,18 @@ class EagerProver:
                 return not_proven(EAGER, "folded in place and not exportable: no original left")
             if report.lowered:  # a module-level proof knows no lowered module
                 return not_proven(EAGER, "lowered BNs are proven only in an exported program")
-            certificate = prove_eager(self.original, folded, report)
-            if self.export_failed:
-                certificate.assumptions.append(f"torch.export failed ({self.export_failed})")
-            return certificate
+            return prove_eager(self.original, folded, report, untraced=self.untraced)
 
         return attempt(by_program if self.program is not None else by_modules, EAGER)
+
+
+def _why_untraced(export_failure: str | None) -> str:
+    """Why the fold run has no program of the original (its inputs were given)."""
+    if export_failure is None:
+        return "torch.export was not tried"
+    if export_failure.startswith("not tried"):
+        return f"torch.export {export_failure}"
+    return f"torch.export failed ({export_failure})"
 
 
 def prove_graph_modules(
