@@ -302,3 +302,68 @@ def test_a_rollback_reports_the_proof_of_the_folds_it_kept(gross_with_bn1_folded
     assert proof is not None and proof.holds, proof.summary()
     assert sorted(s.name for s in proof.sites) == sorted(kept)
     torch.testing.assert_close(result.model(*args), model(*args), rtol=1e-5, atol=1e-5)
+
+
+@pytest.fixture
+def gross_with_bn1_folded_in_program(monkeypatch: pytest.MonkeyPatch) -> None:
+    """As :func:`gross_with_bn1_folded`, for graph modules: bn1's batch_norm call is gone."""
+    measured = checking._measured
+
+    def planted(ref: Any, module: nn.Module, *args: Any, **kwargs: Any) -> Any:
+        diffs = measured(ref, module, *args, **kwargs)
+        if "bn1" not in program_run.graph_batchnorms(module)[0]:
+            for diff in diffs.values():
+                diff.max_abs = max(diff.max_abs, 2 * PROOF_ENVELOPE * RTOL * diff.scale)
+        return diffs
+
+    monkeypatch.setattr(checking, "_measured", planted)
+
+
+def test_a_program_rollback_reports_the_proof_of_the_sites_it_kept(
+    gross_with_bn1_folded_in_program: None,
+) -> None:
+    model, args = trained_like(Chain()).eval(), _input()
+    make = torch.export.export(model, args, strict=False).module
+    result = fold_graph_module(make, args, verify=_verify_options())
+    kept = [f.site for f in result.report.folded]
+    assert "conv -> bn1" not in kept
+    proof = result.verification.proof
+    assert proof is not None and proof.holds, proof.summary()
+    assert sorted(s.name for s in proof.sites) == sorted(kept)
+    torch.testing.assert_close(result.model(*args), model(*args), rtol=1e-5, atol=1e-5)
+
+
+# -- a difference that names no fold is not blamed on one --------------------------------
+
+
+class FoldAndLower(nn.Module):
+    """conv -> bn1 folds; bn2, on the input, has no linear module to fold into: lowered."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.bn2 = nn.BatchNorm2d(3)
+        self.conv, self.bn1 = nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.bn1(self.conv(torch.relu(self.bn2(x))))
+
+
+def test_a_wrong_lowering_is_not_blamed_on_the_one_fold(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The proof's region ``bn2 (lowered)`` names no fold: the fold stays, and the
+    result fails with the proof's finding at the lowered BN."""
+    from bnfold.torch_front import lower_modules
+
+    lower_left = lower_modules.lower_left
+
+    def wrong_lowering(root: nn.Module, *args: Any, **kwargs: Any) -> Any:
+        outcome = lower_left(root, *args, **kwargs)
+        _nudge(root.get_submodule("bn2").lowered_scale)
+        return outcome
+
+    monkeypatch.setattr(lower_modules, "lower_left", wrong_lowering)
+    model, args = trained_like(FoldAndLower()).eval(), _input()
+    result = bnfold.fold(model, args, lower_standalone="mul-add")
+    assert [f.site for f in result.report.folded] == ["conv -> bn1"]
+    assert "conv -> bn1" not in _refusals(result)
+    assert result.verification.status == "failed"
+    assert "bn2 (lowered)" in result.verification.reason
