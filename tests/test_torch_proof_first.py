@@ -367,3 +367,31 @@ def test_a_wrong_lowering_is_not_blamed_on_the_one_fold(monkeypatch: pytest.Monk
     assert "conv -> bn1" not in _refusals(result)
     assert result.verification.status == "failed"
     assert "bn2 (lowered)" in result.verification.reason
+
+
+def test_a_fold_that_no_longer_applies_after_a_refutation_is_refused(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """conv2's fold is refuted; re-applying conv1's (the module carries only the folds
+    kept) raises: conv1's fold is refused with why, not a traceback, bn1 left in place."""
+    from bnfold.affine import Unfoldable
+
+    planted = _planting(eager.apply_fold, lambda pair: pair.linear == "conv2")
+    calls = {"conv1": 0}
+
+    def once_for_conv1(root: nn.Module, pair: Any, rounding: Any) -> Any:
+        if pair.linear == "conv1":
+            calls["conv1"] += 1
+            if calls["conv1"] > 1:
+                raise Unfoldable("planted: the statistics went bad")
+        return planted(root, pair, rounding)
+
+    monkeypatch.setattr(eager, "apply_fold", once_for_conv1)
+    model, args = _model(), _input()
+    result = bnfold.fold(model, args)
+    assert result.report.folded == []
+    refused = _refusals(result)
+    assert "planted" in refused["conv1 -> bn1"].detail
+    assert refused["conv2 -> bn2"].detail.startswith("the proof found a difference")
+    assert isinstance(result.model.bn1, nn.BatchNorm2d)
+    torch.testing.assert_close(result.model(*args), model(*args), rtol=1e-5, atol=1e-5)
