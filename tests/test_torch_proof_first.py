@@ -17,6 +17,7 @@ from torch import nn
 
 import bnfold
 from bnfold.options import FoldOptions, VerifyOptions
+from bnfold.proof.torch_proof import PAIRING_ASSUMED
 from bnfold.report import Code
 from bnfold.torch_front import eager
 from bnfold.torch_front import verify as checking
@@ -243,4 +244,154 @@ def test_an_unexportable_module_with_a_frozen_bn_is_proven_module_by_module() ->
     proof = result.verification.proof
     assert proof.holds, proof.summary()
     assert any("FrozenBatchNorm2d" in a for a in proof.assumptions)
-    assert any("torch.export failed" in a for a in proof.assumptions)
+    assert "torch.export not tried: the run calls __float__" in proof.assumptions
+    assert proof.pairing_assumed and PAIRING_ASSUMED in proof.assumptions
+
+
+def test_a_certificate_that_assumed_the_pairing_does_not_loosen_sampling(
+    noisy: list[float],
+) -> None:
+    """Rounding-level noise a traced proof would excuse fails the fold when the proof
+    took the finder's pairing on trust: the sampled check is the finder's only check."""
+    model = trained_like(FrozenNet()).eval()
+    result = bnfold.fold(model, _input(), verify_options=_verify_options())
+    assert result.report.folded == []
+    assert _refusals(result)["conv -> bn"].code is Code.VERIFICATION_FAILED
+    assert all(r.judged_by != "proof" for r in result.verification.outputs)
+    assert result.verification.proof is not None  # attached all the same
+
+
+# -- a rollback is judged by sampling; the folds kept are proven again -------------------
+
+
+class Chain(nn.Module):
+    """conv -> bn1 -> bn2: bn2 folds into the conv only once bn1 has."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.bn1, self.bn2 = nn.BatchNorm2d(8), nn.BatchNorm2d(8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.bn2(self.bn1(self.conv(x)))
+
+
+@pytest.fixture
+def gross_with_bn1_folded(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A gross sampled difference whenever bn1 is folded, which the proof does not see."""
+    measured = checking._measured
+
+    def planted(ref: Any, module: nn.Module, *args: Any, **kwargs: Any) -> Any:
+        diffs = measured(ref, module, *args, **kwargs)
+        if isinstance(module.get_submodule("bn1"), nn.Identity):
+            for diff in diffs.values():
+                diff.max_abs = max(diff.max_abs, 2 * PROOF_ENVELOPE * RTOL * diff.scale)
+        return diffs
+
+    monkeypatch.setattr(checking, "_measured", planted)
+
+
+def test_a_rollback_reports_the_proof_of_the_folds_it_kept(gross_with_bn1_folded: None) -> None:
+    """Dropping bn1 leaves bn2's fold in the wrong place (bn1 between): its trial fails
+    by sampling, and the certificate reported is of what was kept, not of both folds."""
+    model, args = trained_like(Chain()).eval(), _input()
+    result = bnfold.fold(model, args, verify_options=_verify_options())
+    kept = [f.site for f in result.report.folded]
+    assert "conv -> bn1" not in kept
+    proof = result.verification.proof
+    assert proof is not None and proof.holds, proof.summary()
+    assert sorted(s.name for s in proof.sites) == sorted(kept)
+    torch.testing.assert_close(result.model(*args), model(*args), rtol=1e-5, atol=1e-5)
+
+
+@pytest.fixture
+def gross_with_bn1_folded_in_program(monkeypatch: pytest.MonkeyPatch) -> None:
+    """As :func:`gross_with_bn1_folded`, for graph modules: bn1's batch_norm call is gone."""
+    measured = checking._measured
+
+    def planted(ref: Any, module: nn.Module, *args: Any, **kwargs: Any) -> Any:
+        diffs = measured(ref, module, *args, **kwargs)
+        if "bn1" not in program_run.graph_batchnorms(module)[0]:
+            for diff in diffs.values():
+                diff.max_abs = max(diff.max_abs, 2 * PROOF_ENVELOPE * RTOL * diff.scale)
+        return diffs
+
+    monkeypatch.setattr(checking, "_measured", planted)
+
+
+def test_a_program_rollback_reports_the_proof_of_the_sites_it_kept(
+    gross_with_bn1_folded_in_program: None,
+) -> None:
+    model, args = trained_like(Chain()).eval(), _input()
+    make = torch.export.export(model, args, strict=False).module
+    result = fold_graph_module(make, args, verify=_verify_options())
+    kept = [f.site for f in result.report.folded]
+    assert "conv -> bn1" not in kept
+    proof = result.verification.proof
+    assert proof is not None and proof.holds, proof.summary()
+    assert sorted(s.name for s in proof.sites) == sorted(kept)
+    torch.testing.assert_close(result.model(*args), model(*args), rtol=1e-5, atol=1e-5)
+
+
+# -- a difference that names no fold is not blamed on one --------------------------------
+
+
+class FoldAndLower(nn.Module):
+    """conv -> bn1 folds; bn2, on the input, has no linear module to fold into: lowered."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.bn2 = nn.BatchNorm2d(3)
+        self.conv, self.bn1 = nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.bn1(self.conv(torch.relu(self.bn2(x))))
+
+
+def test_a_wrong_lowering_is_not_blamed_on_the_one_fold(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The proof's region ``bn2 (lowered)`` names no fold: the fold stays, and the
+    result fails with the proof's finding at the lowered BN."""
+    from bnfold.torch_front import lower_modules
+
+    lower_left = lower_modules.lower_left
+
+    def wrong_lowering(root: nn.Module, *args: Any, **kwargs: Any) -> Any:
+        outcome = lower_left(root, *args, **kwargs)
+        _nudge(root.get_submodule("bn2").lowered_scale)
+        return outcome
+
+    monkeypatch.setattr(lower_modules, "lower_left", wrong_lowering)
+    model, args = trained_like(FoldAndLower()).eval(), _input()
+    result = bnfold.fold(model, args, lower_standalone="mul-add")
+    assert [f.site for f in result.report.folded] == ["conv -> bn1"]
+    assert "conv -> bn1" not in _refusals(result)
+    assert result.verification.status == "failed"
+    assert "bn2 (lowered)" in result.verification.reason
+
+
+def test_a_fold_that_no_longer_applies_after_a_refutation_is_refused(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """conv2's fold is refuted; re-applying conv1's (the module carries only the folds
+    kept) raises: conv1's fold is refused with why, not a traceback, bn1 left in place."""
+    from bnfold.affine import Unfoldable
+
+    planted = _planting(eager.apply_fold, lambda pair: pair.linear == "conv2")
+    calls = {"conv1": 0}
+
+    def once_for_conv1(root: nn.Module, pair: Any, rounding: Any) -> Any:
+        if pair.linear == "conv1":
+            calls["conv1"] += 1
+            if calls["conv1"] > 1:
+                raise Unfoldable("planted: the statistics went bad")
+        return planted(root, pair, rounding)
+
+    monkeypatch.setattr(eager, "apply_fold", once_for_conv1)
+    model, args = _model(), _input()
+    result = bnfold.fold(model, args)
+    assert result.report.folded == []
+    refused = _refusals(result)
+    assert "planted" in refused["conv1 -> bn1"].detail
+    assert refused["conv2 -> bn2"].detail.startswith("the proof found a difference")
+    assert isinstance(result.model.bn1, nn.BatchNorm2d)
+    torch.testing.assert_close(result.model(*args), model(*args), rtol=1e-5, atol=1e-5)

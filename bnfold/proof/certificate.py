@@ -61,6 +61,10 @@ class Certificate:
     left uncovered. ``refuted`` is True when the proof found a difference: a site whose
     maps differ, or a change outside the sites. Neither holds nor refuted: some region
     could not be modelled (or was not covered), and nothing else was found.
+
+    ``pairing_assumed``: the proof took which module feeds which BatchNorm from the
+    fold report instead of a trace (an eager module that did not export), so it
+    proves the folds' arithmetic, not the finder's pairing.
     """
 
     front: str  # "onnx", "torch eager", "torch program"
@@ -71,6 +75,7 @@ class Certificate:
     unchanged_nodes: int = 0
     assumptions: list[str] = field(default_factory=list)
     seconds: float = 0.0
+    pairing_assumed: bool = False
 
     @property
     def holds(self) -> bool:

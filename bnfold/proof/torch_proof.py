@@ -28,9 +28,10 @@ from bnfold.proof.torch_aten import torch_epsilon
 from bnfold.proof.torch_graph import align_names, program_model, to_numpy
 
 PAIRING_ASSUMED = (
-    "no example inputs: which module feeds which BatchNorm is taken from the fold report "
-    "(the forward was not traced); give example_inputs to check it"
+    "which module feeds which BatchNorm is taken from the fold report (the forward was "
+    "not traced): the folds' arithmetic is proven, the pairing is not"
 )
+NO_INPUTS = "no example inputs: give example_inputs to trace the pairing"
 CHILDREN_ASSUMED = (
     "{path} ({kind}) is taken to run its children (kept in its place) after its affine"
 )
@@ -81,6 +82,7 @@ def prove_eager(
     *,
     example_inputs: tuple[Any, ...] | None = None,
     original_program: Any = None,
+    untraced: str = NO_INPUTS,
 ) -> Certificate:
     """Prove an eager fold: the folded module computes the original's function.
 
@@ -89,7 +91,8 @@ def prove_eager(
     report names is proven from the parameters of its modules before and after, the
     other parameters and modules must be unchanged, and the pairing is an assumption.
     ``original_program``: the original already exported on ``example_inputs`` (one
-    export less).
+    export less). ``untraced``: why the forward was not traced, said among the
+    assumptions when ``example_inputs`` is None (the fold run's: export failed).
     """
     start = time.perf_counter()
     if example_inputs is not None:
@@ -105,6 +108,7 @@ def prove_eager(
             certificate = prove_program(programs[0], programs[1], report)
     else:
         certificate = _module_level(original_module, folded_module, report)
+        certificate.assumptions.append(untraced)
     certificate.front = "torch eager"
     certificate.seconds = time.perf_counter() - start
     return certificate
@@ -157,7 +161,9 @@ def _same_tensor(a: Any, b: Any) -> bool:
 
 
 def _module_level(original: Any, folded: Any, report: ReportLike | None) -> Certificate:
-    certificate = Certificate(front="torch eager", assumptions=[PAIRING_ASSUMED])
+    certificate = Certificate(
+        front="torch eager", assumptions=[PAIRING_ASSUMED], pairing_assumed=True
+    )
     mods_o = dict(original.named_modules())
     mods_f = dict(folded.named_modules())
     removed = _module_differences(mods_o, mods_f, certificate)

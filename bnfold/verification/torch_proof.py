@@ -8,13 +8,17 @@ sampled check they prove the folded module against the original
 1. A site the proof refutes (its maps differ) is rolled back with a
    VERIFICATION_FAILED refusal that quotes the proof, and the rest is proven again:
    nothing the proof refutes is written. A difference the proof cannot pin on a site
-   (a change outside every site) rolls back every fold.
+   (a change outside every site, a lowered BN's region) is sought fold by fold
+   (:func:`drop_refuted`); one no fold brings fails the result.
 2. A certificate that holds is handed to the sampled check
    (:func:`bnfold.verification.verdict.judge`): a difference within
    :data:`~bnfold.verification.verdict.PROOF_ENVELOPE` times its rounding bound then
    passes, and no fold is rolled back for it; a gross one still fails (the prover
-   would be wrong). A subset of proven folds is proven too, so the fold-by-fold
-   rollback judges each trial with the same certificate.
+   would be wrong). A certificate that took the finder's pairing on trust
+   (module level) does not vouch (:func:`vouching`). A subset of proven folds is not
+   proven (a fold re-applied without the one it followed lands elsewhere), so the
+   fold-by-fold rollback judges each trial by sampling alone, and the folds it keeps
+   are proven again: that certificate is the one reported.
 3. A certificate that cannot decide (a region the prover cannot model) leaves the
    sampled check to decide alone, as without the proof.
 
@@ -45,22 +49,38 @@ def refuted_sites(certificate: Certificate | None, sites: Iterable[str]) -> dict
     """The report sites the proof refutes, each with the reason to report.
 
     A region the prover found differing names the report sites it covers
-    (``"conv1 -> bn1; conv2 -> bn2"``): each is refuted. A difference outside every
-    site (something else changed) cannot be pinned on one fold: every site is.
+    (``"conv1 -> bn1; conv2 -> bn2"``): each is refuted. A difference that names no
+    site (:func:`unpinned`) refutes none here.
     """
     if certificate is None or not certificate.refuted:
         return {}
-    sites = list(sites)
+    sites = set(sites)
     wrong: dict[str, str] = {}
     for region in certificate.differing:
-        named = [s for s in region.name.split("; ") if s in sites]
-        for site in named or sites:
+        for site in _named(region.name, sites):
             wrong.setdefault(site, f"the proof found a difference: {region.reason}")
-    if certificate.differences:
-        outside = "; ".join(certificate.differences[:3])
-        for site in sites:
-            wrong.setdefault(site, f"the proof found a change outside the sites: {outside}")
     return wrong
+
+
+def unpinned(certificate: Certificate | None, sites: Iterable[str]) -> list[str]:
+    """The differences the proof found that name no fold site: a change outside every
+    region, or a differing region that names none (a lowered BN, ``"bn3 (lowered)"``:
+    a lowering failed, not a fold)."""
+    if certificate is None or not certificate.refuted:
+        return []
+    sites = set(sites)
+    found = [f"outside the sites: {d}" for d in certificate.differences]
+    found += [
+        f"at {region.name}: {region.reason}"
+        for region in certificate.differing
+        if not _named(region.name, sites)
+    ]
+    return found
+
+
+def _named(region: str, sites: set[str]) -> list[str]:
+    """The fold sites a region's name lists (``"conv1 -> bn1; bn3 (lowered)"``)."""
+    return [s for s in region.split("; ") if s in sites]
 
 
 S = TypeVar("S")  # a front's record of one applied fold
@@ -75,35 +95,59 @@ def drop_refuted(
     """The folds to keep when ``certificate`` (of all ``folds``) refutes some, and each
     fold dropped with the proof's reason.
 
-    A region the proof finds differing may hold several folds (a chain into one conv,
-    a tap beside its conv's own BN): one of them is wrong, the proof cannot say which.
-    Then the folds are re-applied in order, each suspect kept only if the proof of it
-    with those kept before finds no difference (:func:`bnfold.fixpoint.keep_passing`
-    with the proof as the check; ``prove_with`` applies exactly the folds it is given).
-    A single suspect is dropped without more proofs.
+    When a differing region names exactly one fold, and nothing names none, that fold
+    is dropped without more proofs. Otherwise the proof cannot say which is wrong: a
+    region holding several folds (a chain into one conv, a tap beside its conv's own
+    BN), or a difference that names no fold (:func:`unpinned`). Then the folds are
+    re-applied in order (:func:`bnfold.fixpoint.keep_passing`, ``prove_with``
+    applying exactly the folds it is given), each suspect kept unless the proof of it
+    with those kept before names it, or finds a difference naming no fold that the
+    proof of those kept before did not. A difference there without any fold (a
+    lowering that failed) drops none: the refuted certificate then fails the result.
     """
     sites = [n for fold in folds for n in names(fold)]
     wrong = refuted_sites(certificate, sites)
     suspects = [f for f in folds if any(n in wrong for n in names(f))]
-    if len(suspects) == 1:
+    if len(suspects) == 1 and not unpinned(certificate, sites):
         (suspect,) = suspects
         reason = next(wrong[n] for n in names(suspect) if n in wrong)
         return [f for f in folds if f is not suspect], [(suspect, reason)]
-    suspected = {id(f) for f in suspects}
+    suspected = {id(f) for f in (folds if unpinned(certificate, sites) else suspects)}
+    known: list[list[str]] = []  # the unpinned differences of the folds kept so far
+
+    def sites_of(kept: list[S]) -> list[str]:
+        return [n for f in kept for n in names(f)]
 
     def failure(kept: list[S], fold: S) -> str | None:
         if id(fold) not in suspected:
             return None
+        if not known:
+            known.append(unpinned(prove_with(kept), sites_of(kept)))
         trial = prove_with([*kept, fold])
-        found = refuted_sites(trial, [n for f in [*kept, fold] for n in names(f)])
-        return next((found[n] for n in names(fold) if n in found), None)
+        found = refuted_sites(trial, sites_of([*kept, fold]))
+        if reason := next((found[n] for n in names(fold) if n in found), None):
+            return reason
+        differences = unpinned(trial, sites_of([*kept, fold]))
+        if new := [d for d in differences if d not in known[0]]:
+            return f"the proof found a difference with this fold: {new[0]}"
+        known[0] = differences
+        return None
 
     return keep_passing(folds, failure)
 
 
 def vouching(certificate: Certificate | None) -> Certificate | None:
-    """The certificate the sampled check may lean on: one that holds, else None."""
-    return certificate if certificate is not None and certificate.holds else None
+    """The certificate the sampled check may lean on: one that holds and traced the
+    pairing, else None.
+
+    A module-level certificate (:attr:`~bnfold.proof.Certificate.pairing_assumed`)
+    took the pairing from the finder, whose blind spots only the sampled check can
+    catch: that check must not be loosened by it. Such a certificate is still
+    attached to the result (:func:`~bnfold.verification.verdict.with_proof`).
+    """
+    if certificate is None or not certificate.holds or certificate.pairing_assumed:
+        return None
+    return certificate
 
 
 @dataclass
@@ -122,7 +166,7 @@ class EagerProver:
     args: tuple[Any, ...]
     original: nn.Module | None
     program: Any = None
-    export_failed: str = ""
+    untraced: str = "torch.export was not tried"  # why there is no program
 
     @classmethod
     def of(
@@ -135,7 +179,7 @@ class EagerProver:
         """
         prover = cls(args, None if inplace else module, finders.program)
         if prover.program is None:
-            prover.export_failed = finders.failed.get("export", "not exported")
+            prover.untraced = _why_untraced(finders.failed.get("export"))
         return prover
 
     def prove(self, folded: nn.Module, report: FoldReport) -> Certificate:
@@ -156,12 +200,18 @@ class EagerProver:
                 return not_proven(EAGER, "folded in place and not exportable: no original left")
             if report.lowered:  # a module-level proof knows no lowered module
                 return not_proven(EAGER, "lowered BNs are proven only in an exported program")
-            certificate = prove_eager(self.original, folded, report)
-            if self.export_failed:
-                certificate.assumptions.append(f"torch.export failed ({self.export_failed})")
-            return certificate
+            return prove_eager(self.original, folded, report, untraced=self.untraced)
 
         return attempt(by_program if self.program is not None else by_modules, EAGER)
+
+
+def _why_untraced(export_failure: str | None) -> str:
+    """Why the fold run has no program of the original (its inputs were given)."""
+    if export_failure is None:
+        return "torch.export was not tried"
+    if export_failure.startswith("not tried"):
+        return f"torch.export {export_failure}"
+    return f"torch.export failed ({export_failure})"
 
 
 def prove_graph_modules(

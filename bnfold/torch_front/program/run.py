@@ -18,9 +18,9 @@ from bnfold.report import (
     Code,
     FoldReport,
     FoldResult,
+    Lowered,
     LowerForm,
     Refusal,
-    VerifyResult,
 )
 from bnfold.torch_front import verify as checking
 from bnfold.torch_front.aten_graph import BN_OPS, owner_path
@@ -62,7 +62,9 @@ def fold_graph_module(
     (:func:`lower_left`) before the whole module is verified. With ``verify`` and
     ``prove``, the folded module is first proven against ``make()``'s
     (:mod:`bnfold.verification.torch_proof`): a refuted site is refolded without,
-    and a certificate that holds judges the sampled check and its rollback.
+    and a certificate that holds judges the sampled check. The rollback's trials are
+    judged by sampling alone (a subset of proven sites is not proven); the sites it
+    keeps are proven again, and that certificate is reported.
     """
     with exact_values():  # a weight folded twice is still rounded once
         report = FoldReport(front="torch", rounding=rounding)
@@ -74,21 +76,27 @@ def fold_graph_module(
         fold_refusals = list(report.refused)  # what lowering starts from, again after a rollback
         if lower is not None:
             lower_left(gm, report, lower)
-        verification, certificate = None, None
-        if check is not None and prove:
+        certificate = None
+        proving = check is not None and prove
+        if proving:
             gm, added, certificate, fold_refusals = _proof_first(
                 make, original, (gm, added), fold_refusals, report, rounding, lower
             )
-        proof = vouching(certificate)
-        verification = None if check is None else check(gm, proof)
+        verification = None if check is None else check(gm, vouching(certificate))
         # Only a failed comparison undoes folds: no_evidence or inputs_unusable says
         # nothing against them (issue 23).
         if check is not None and verification is not None and verification.status == "failed":
             report.refused, report.lowered = fold_refusals, []
-            gm, verification, added = _rollback(make, list(added), check, report, rounding, proof)
+            kept = _rollback(make, list(added), check, report, rounding, lower)
+            gm, added = _folded(make, kept, rounding)
+            fold_refusals = list(report.refused)
             if lower is not None:  # the rollback refolded fresh copies: lower those again
                 lower_left(gm, report, lower)
-                verification = check(gm, proof)
+            if proving:  # the folds kept are proven once more: that certificate is reported
+                gm, added, certificate, fold_refusals = _proof_first(
+                    make, original, (gm, added), fold_refusals, report, rounding, lower
+                )
+            verification = check(gm, vouching(certificate))
         if verification is not None:
             verification = with_proof(verification, certificate)
         report.folded = [entry for s, n in added.items() for entry in entries(original, s, n)]
@@ -151,14 +159,17 @@ def _proof_first(
     def names(site: AnySite) -> list[str]:
         return [e.site for e in entries(original, site, 0)]
 
-    def prove(gm: fx.GraphModule, added: dict[AnySite, int]) -> Certificate:
+    def prove(gm: fx.GraphModule, added: dict[AnySite, int], lowered: list[Lowered]) -> Certificate:
         folded = [e for s, n in added.items() for e in entries(original, s, n)]
-        return prove_graph_modules(original, gm, with_entries(report, folded))
+        proven = with_entries(report, folded)
+        proven.lowered = lowered
+        return prove_graph_modules(original, gm, proven)
 
     def prove_with(sites: list[AnySite]) -> Certificate:
-        return prove(*_refolded(make, sites, rounding, []))
+        gm, added = _refolded(make, sites, rounding, [])
+        return prove(gm, added, _lowered_trial(gm, lower, rounding))  # as the fold run lowers
 
-    while (certificate := prove(gm, added)).refuted and added:
+    while (certificate := prove(gm, added, list(report.lowered))).refuted and added:
         kept, dropped = drop_refuted(list(added), certificate, names, prove_with)
         if not dropped:  # no fold alone is wrong: the refuted result fails (with_proof)
             break
@@ -194,26 +205,41 @@ def _rollback(
     check: checking.Check,
     report: FoldReport,
     rounding: Rounding,
-    proof: Certificate | None,
-) -> tuple[fx.GraphModule, VerifyResult, dict[AnySite, int]]:
-    """Refold fresh copies, keeping each site that verifies with those kept before it.
+    lower: LowerForm | None,
+) -> list[AnySite]:
+    """The sites to keep: fresh copies refolded (and lowered, as the fold run lowers),
+    each site kept if the sampled check passes with it and those kept before.
 
-    ``proof``: a certificate that holds for every site; a subset of them is proven
-    too, so each trial is judged with it.
+    Each trial is judged by sampling alone: a subset of proven sites is not proven
+    (a site applied without the one it followed lands elsewhere). Each site dropped is
+    refused into ``report``.
     """
 
     def failure(kept: list[AnySite], site: AnySite) -> str | None:
         try:
-            trial = check(_folded(make, [*kept, site], rounding)[0], proof)
+            gm = _folded(make, [*kept, site], rounding)[0]
         except Unfoldable as e:  # a merge whose branch folds were rolled back
             return str(e)
+        _lowered_trial(gm, lower, rounding)
+        trial = check(gm, None)
         return checking.describe_failure(trial) if trial.status == "failed" else None
 
     kept, dropped = keep_passing(sites, failure)
     for site, detail in dropped:
         report.refused += refusals(site, Code.VERIFICATION_FAILED, detail)
-    gm, added = _folded(make, kept, rounding)
-    return gm, check(gm, proof), added
+    return kept
+
+
+def _lowered_trial(
+    gm: fx.GraphModule, lower: LowerForm | None, rounding: Rounding
+) -> list[Lowered]:
+    """Lower ``gm`` as the fold run does (a trial's module must differ from the
+    original only as the result would); returns what was lowered."""
+    if lower is None:
+        return []
+    scratch = FoldReport(front="torch", rounding=rounding)
+    lower_left(gm, scratch, lower)
+    return scratch.lowered
 
 
 def _op_counts(gm: fx.GraphModule) -> dict[str, int]:
