@@ -36,6 +36,7 @@ caught by verification, not here.
 
 from __future__ import annotations
 
+import dataclasses
 import weakref
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -253,13 +254,15 @@ class _Recorder(TorchFunctionMode):
     # --- the run's inputs and outputs ------------------------------------------------
 
     def take_inputs(self, args: tuple[Any, ...]) -> None:
-        for i, t in enumerate(_tensors(args)):
+        for i, t in enumerate(_held_tensors(args)):
             name = f"input_{i}"
             self.traced.nodes[name] = Node(None, "input", [])
             self.made[id(t)] = (weakref.ref(t), name)
 
     def mark_outputs(self, out: Any) -> None:
-        for t in _tensors(out):
+        """Every tensor the forward returns is an output, wherever it is held (a tuple,
+        a dict, a dataclass's field, an attribute of a plain object)."""
+        for t in _held_tensors(out):
             if (name := self._node_of(t)) is not None:
                 self.traced.nodes[name].is_output = True
 
@@ -280,6 +283,47 @@ def _tensors(value: Any) -> Iterator[torch.Tensor]:
     elif isinstance(value, dict):
         for v in value.values():
             yield from _tensors(v)
+
+
+# How deep :func:`_held_tensors` looks into objects holding objects.
+_HELD_DEPTH = 8
+
+
+def _held_tensors(value: Any, depth: int = _HELD_DEPTH) -> Iterator[torch.Tensor]:
+    """The tensors a forward's inputs or result hold: as :func:`_tensors`, and also in
+    dataclass fields and plain objects' attributes (``vars()``), each object walked
+    once (cycles end), at most :data:`_HELD_DEPTH` levels deep.
+
+    Only the run's inputs and result are walked so: an op's arguments are tensors and
+    nests of them, and walking every object there would cost on every call.
+    """
+    seen: set[int] = set()
+
+    def walk(v: Any, left: int) -> Iterator[torch.Tensor]:
+        if isinstance(v, torch.Tensor):
+            yield v
+            return
+        if left == 0 or id(v) in seen:
+            return
+        seen.add(id(v))
+        for child in _parts(v):
+            yield from walk(child, left - 1)
+
+    return walk(value, depth)
+
+
+def _parts(value: Any) -> list[Any]:
+    """What a container or object holds: items, dict values, dataclass fields, vars()."""
+    if isinstance(value, tuple | list | set | frozenset):
+        return list(value)
+    if isinstance(value, dict):
+        return list(value.values())
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return [getattr(value, f.name, None) for f in dataclasses.fields(value)]
+    if isinstance(value, type | nn.Module):
+        return []  # a class, or a module's parameters: not values this run computed
+    attributes = getattr(value, "__dict__", None)
+    return list(attributes.values()) if isinstance(attributes, dict) else []
 
 
 def _writes_first_argument(op: str) -> bool:
