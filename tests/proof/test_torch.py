@@ -182,3 +182,62 @@ def test_changed_parameter_elsewhere_fails_without_example_inputs() -> None:
     with torch.no_grad():
         wrong.c.bias[0] += 1.0
     assert not prove_eager(model, wrong, result.report, example_inputs=inputs).holds
+
+
+def _opaque_calls(module: Any, *args: Any) -> list[str]:
+    from bnfold.proof.torch_graph import AT, program_model
+    from bnfold.torch_front.trace import export_program
+
+    model = program_model(export_program(module.eval(), args))
+    return [n.op_type for n in model.graph if n.domain == AT]
+
+
+class _WritesThroughAView(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 4, 3)
+
+    def forward(self, x: Any) -> Any:
+        z = self.conv(x) * 2.0
+        z.view(-1).add_(1.0)  # writes into z: the view has no storage of its own
+        return z
+
+
+class _WritesATemporary(_WritesThroughAView):
+    def forward(self, x: Any) -> Any:
+        z = self.conv(x) * 2.0
+        z.add_(1.0)
+        return z
+
+
+def test_an_in_place_write_through_a_view_stays_opaque():
+    x = torch.randn(1, 3, 6, 6)
+    assert "aten.add_.Tensor" in _opaque_calls(_WritesThroughAView(), x)
+    assert _opaque_calls(_WritesATemporary(), x) == []  # its own storage: an Add
+
+
+class _AdaptiveMaxPool(torch.nn.Module):
+    def __init__(self, indices: bool) -> None:
+        super().__init__()
+        self.indices = indices
+
+    def forward(self, x: Any) -> Any:
+        if not self.indices:
+            return torch.nn.functional.adaptive_max_pool2d(x, 1)
+        out, idx = torch.nn.functional.adaptive_max_pool2d(x, 1, return_indices=True)
+        return out, idx.float()
+
+
+def test_adaptive_max_pool_with_its_indices_read_stays_opaque():
+    x = torch.randn(1, 3, 6, 6)
+    assert "aten.adaptive_max_pool2d.default" in _opaque_calls(_AdaptiveMaxPool(True), x)
+    assert "aten.adaptive_max_pool2d.default" not in _opaque_calls(_AdaptiveMaxPool(False), x)
+    for indices in (True, False):  # before: IndexError reading a part never built
+        program = _export_of(_AdaptiveMaxPool(indices), x)
+        assert prove_program(program, program).holds
+
+
+def _export_of(module: Any, *args: Any) -> Any:
+    from bnfold.torch_front.trace import export_program
+
+    return export_program(module.eval(), args)
