@@ -244,3 +244,20 @@ def test_an_unexportable_module_with_a_frozen_bn_is_proven_module_by_module() ->
     assert proof.holds, proof.summary()
     assert any("FrozenBatchNorm2d" in a for a in proof.assumptions)
     assert any("torch.export failed" in a for a in proof.assumptions)
+
+
+def test_a_folded_module_that_fails_export_is_proven_by_modules_and_says_why(monkeypatch):
+    from bnfold.verification import torch_proof
+
+    model = trained_like(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)))
+    x = torch.randn(1, 3, 6, 6)
+    result = bnfold.fold(model, example_inputs=(x,), verify=False)
+    prover = torch_proof.EagerProver((x,), model, torch.export.export(model.eval(), (x,)))
+
+    def fails(*_args: Any) -> Any:
+        raise RuntimeError("no export today")
+
+    monkeypatch.setattr(torch_proof, "export_program", fails)
+    certificate = prover.prove(result.model, result.report)
+    assert certificate.holds
+    assert any("no export today" in a for a in certificate.assumptions)

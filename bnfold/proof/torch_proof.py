@@ -80,7 +80,6 @@ def prove_eager(
     report: ReportLike | None = None,
     *,
     example_inputs: tuple[Any, ...] | None = None,
-    original_program: Any = None,
 ) -> Certificate:
     """Prove an eager fold: the folded module computes the original's function.
 
@@ -88,16 +87,12 @@ def prove_eager(
     BN read and who else reads each conv come from the trace). Without, each site the
     report names is proven from the parameters of its modules before and after, the
     other parameters and modules must be unchanged, and the pairing is an assumption.
-    ``original_program``: the original already exported on ``example_inputs`` (one
-    export less).
+    Both modules are exported in eval mode and left in the mode they were in.
     """
     start = time.perf_counter()
     if example_inputs is not None:
         try:
-            programs = [
-                original_program or _export(original_module, example_inputs),
-                _export(folded_module, example_inputs),
-            ]
+            programs = [_export(m, example_inputs) for m in (original_module, folded_module)]
         except Exception as exc:  # torch.export's many failure types: fall back, say why
             certificate = _module_level(original_module, folded_module, report)
             certificate.assumptions.append(f"torch.export failed ({type(exc).__name__}: {exc})")
@@ -111,11 +106,11 @@ def prove_eager(
 
 
 def _export(module: Any, example_inputs: tuple[Any, ...]) -> Any:
-    import torch
+    """Exported as the eager fold's export finder exports (the same settings, the
+    module's mode restored): the two programs differ only where the folds are."""
+    from bnfold.torch_front.trace import export_program
 
-    module.eval()
-    with torch.no_grad():
-        return torch.export.export(module, tuple(example_inputs))
+    return export_program(module, tuple(example_inputs))
 
 
 # -- module level (no example inputs) ------------------------------------------------------

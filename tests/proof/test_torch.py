@@ -241,3 +241,12 @@ def _export_of(module: Any, *args: Any) -> Any:
     from bnfold.torch_front.trace import export_program
 
     return export_program(module.eval(), args)
+
+
+def test_prove_eager_with_example_inputs_leaves_the_modules_in_their_mode():
+    original = _randomize(torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4)))
+    folded = copy.deepcopy(original)
+    original.train(), folded.train()
+    certificate = prove_eager(original, folded, example_inputs=(torch.randn(1, 3, 6, 6),))
+    assert certificate.holds
+    assert original.training and folded.training and original[1].training
