@@ -391,3 +391,32 @@ def test_the_tracers_do_not_fold_past_a_conv_output_returned_inside_an_object(
     result = fold_module(model, (torch.randn(2, 3, 6, 6),))
     assert result.report.folded == []
     assert {r.code for r in result.report.refused} <= {Code.BRANCHING, Code.UNTRACEABLE}
+
+
+@pytest.mark.parametrize(
+    ("step", "code"),
+    [
+        (lambda y: F.alpha_dropout(y, 0.5), None),  # training defaults to False: y itself
+        (lambda y: F.feature_alpha_dropout(y, 0.5), None),
+        (lambda y: F.dropout(y, 0.0), Code.OP_BETWEEN),  # training defaults to True
+        (lambda y: F.alpha_dropout(y, 0.0, True), Code.OP_BETWEEN),
+    ],
+    ids=["alpha_dropout", "feature_alpha_dropout", "dropout", "alpha_dropout_training"],
+)
+def test_a_functional_dropout_is_looked_through_where_its_training_is_false(
+    step, code, monkeypatch
+):
+    monkeypatch.setattr(trace, "_export_graph", lambda *a: 1 / 0)
+    monkeypatch.setattr(trace, "_fx_graph", lambda *a: 1 / 0)
+    model = trained_like(Between(step))
+    result = fold_module(model, (torch.randn(2, 3, 6, 6),))
+    assert [r.code for r in result.report.refused] == ([code] if code else [])
+    assert len(result.report.folded) == (0 if code else 1)
+
+
+def test_the_recorded_dropout_defaults_are_torchs():
+    import inspect
+
+    for op, default in recorded._DROPOUT_TRAINING_DEFAULT.items():
+        parameter = inspect.signature(getattr(F, op)).parameters["training"]
+        assert parameter.default is default, op

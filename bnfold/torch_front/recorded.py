@@ -116,9 +116,12 @@ _PASS_SELF = frozenset({
     "contiguous", "to", "float", "double", "half", "bfloat16", "type", "type_as", "cpu",
     "cuda", "requires_grad_", "detach_", "__get__",
 })  # fmt: skip
-_EVAL_DROPOUTS = frozenset({
-    "dropout", "dropout1d", "dropout2d", "dropout3d", "alpha_dropout", "feature_alpha_dropout",
-})  # fmt: skip
+# The functional dropouts (looked through in eval), each with its ``training`` argument's
+# default: torch.nn.functional's alpha dropouts default to False, the others to True.
+_DROPOUT_TRAINING_DEFAULT = {
+    "dropout": True, "dropout1d": True, "dropout2d": True, "dropout3d": True,
+    "alpha_dropout": False, "feature_alpha_dropout": False,
+}  # fmt: skip
 _ADDS = frozenset({"add", "add_", "__add__", "__iadd__", "__radd__"})
 _SUBS = frozenset({"sub", "sub_", "__sub__", "__isub__"})
 _CATS = frozenset({"cat", "concat", "concatenate"})
@@ -180,7 +183,7 @@ class _Recorder(TorchFunctionMode):
                 return
             if _writes_first_argument(op):
                 results = given[:1]
-        if (op in _EVAL_DROPOUTS and not _training_flag(args, kwargs)) or _adds_zero(op, args):
+        if _eval_dropout(op, args, kwargs) or _adds_zero(op, args):
             self._alias(results, given[0])
             return
         fresh = [t for t in results if not any(t is g for g in given)]
@@ -331,9 +334,13 @@ def _writes_first_argument(op: str) -> bool:
     return op == "__setitem__" or (op.endswith("_") and not op.endswith("__"))
 
 
-def _training_flag(args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
-    """A functional dropout's ``training`` argument (its default is True)."""
-    return bool(args[2] if len(args) > 2 else kwargs.get("training", True))
+def _eval_dropout(op: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
+    """A functional dropout called with ``training`` False, given or by that function's
+    default (:data:`_DROPOUT_TRAINING_DEFAULT`): it hands its input back."""
+    if op not in _DROPOUT_TRAINING_DEFAULT:
+        return False
+    default = _DROPOUT_TRAINING_DEFAULT[op]
+    return not (args[2] if len(args) > 2 else kwargs.get("training", default))
 
 
 def _adds_zero(op: str, args: tuple[Any, ...]) -> bool:
