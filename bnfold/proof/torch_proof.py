@@ -106,11 +106,21 @@ def prove_eager(
 
 
 def _export(module: Any, example_inputs: tuple[Any, ...]) -> Any:
-    """Exported as the eager fold's export finder exports (the same settings, the
-    module's mode restored): the two programs differ only where the folds are."""
-    from bnfold.torch_front.trace import export_program
+    """``module`` exported in eval mode, its modules' own modes restored after.
 
-    return export_program(module, tuple(example_inputs))
+    The settings are those of the fold's ``bnfold.torch_front.trace.export_program``
+    (non-strict, eval, grad as the caller has it), written out here because the prover
+    imports nothing of the fold: a test holds the two to the same graph.
+    """
+    import torch
+
+    modes = [(m, m.training) for m in module.modules()]
+    module.eval()
+    try:
+        return torch.export.export(module, tuple(example_inputs), strict=False)
+    finally:
+        for m, training in modes:
+            m.training = training
 
 
 # -- module level (no example inputs) ------------------------------------------------------

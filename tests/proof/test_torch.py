@@ -250,3 +250,16 @@ def test_prove_eager_with_example_inputs_leaves_the_modules_in_their_mode():
     certificate = prove_eager(original, folded, example_inputs=(torch.randn(1, 3, 6, 6),))
     assert certificate.holds
     assert original.training and folded.training and original[1].training
+
+
+def test_prove_eager_exports_as_the_fold_exports():
+    from bnfold.proof import torch_proof
+    from bnfold.torch_front.trace import export_program
+
+    module = _randomize(
+        torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.Dropout())
+    )
+    x = torch.randn(1, 3, 6, 6)
+    ours = torch_proof._export(module, (x,))
+    theirs = export_program(module, (x,))
+    assert str(ours.graph) == str(theirs.graph)
