@@ -50,10 +50,12 @@ class GivenModule(ModuleSource):
 
 @dataclass(frozen=True)
 class _Remembered(ModuleSource):
-    """A module source that keeps what it loaded: the untouched original, for the proof.
+    """A module source that keeps what it loaded, so ``verify_programs`` samples and
+    proves against one original.
 
-    A factory without weights builds other random parameters on every call, so the
-    original cannot be built again; the fold does not change the module it loads.
+    A factory without weights builds other random parameters on every call: the
+    sampled check loads the module once, and the proof exports that same module
+    (or loads it, when sampling was not asked for).
     """
 
     source: ModuleSource | None = None

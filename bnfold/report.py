@@ -254,6 +254,8 @@ class NotVerified(str, enum.Enum):
     """Every compared tensor was constant over the samples: their agreement proves nothing."""
     NOT_SAMPLED = "not_sampled"
     """The models were not run (``verify --prove --no-sample``): only the proof judges."""
+    OUTPUT_NOT_COMPARED = "output_not_compared"
+    """An output leaf is an object no tensor comparison reaches (an unregistered class)."""
 
 
 # The relative error a sensitivity figure plants in one output channel of a fold site.

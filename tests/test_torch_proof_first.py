@@ -395,3 +395,20 @@ def test_a_fold_that_no_longer_applies_after_a_refutation_is_refused(
     assert refused["conv2 -> bn2"].detail.startswith("the proof found a difference")
     assert isinstance(result.model.bn1, nn.BatchNorm2d)
     torch.testing.assert_close(result.model(*args), model(*args), rtol=1e-5, atol=1e-5)
+
+
+def test_a_folded_module_that_fails_export_is_proven_by_modules_and_says_why(monkeypatch):
+    from bnfold.verification import torch_proof
+
+    model = trained_like(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)))
+    x = torch.randn(1, 3, 6, 6)
+    result = bnfold.fold(model, example_inputs=(x,), verify=False)
+    prover = torch_proof.EagerProver((x,), model, torch.export.export(model.eval(), (x,)))
+
+    def fails(*_args: Any) -> Any:
+        raise RuntimeError("no export today")
+
+    monkeypatch.setattr(torch_proof, "export_program", fails)
+    certificate = prover.prove(result.model, result.report)
+    assert certificate.holds
+    assert any("no export today" in a for a in certificate.assumptions)

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Any
+
 import pytest
 
 torch = pytest.importorskip("torch")
@@ -319,3 +322,101 @@ def test_a_reused_trace_finds_what_a_fresh_trace_finds(block, finder, monkeypatc
         (f.site, f.kind, f.finder) for f in fresh.folded
     ]
     assert reused.refused == fresh.refused
+
+
+@dataclass
+class Boxed:
+    t: torch.Tensor
+
+
+class Plain:
+    def __init__(self, t: torch.Tensor) -> None:
+        self.t = t
+
+
+class ReturnsItsConvOutputBoxed(nn.Module):
+    """A detector-like forward (a value read into Python) that returns the conv's own
+    output inside an object, beside the BN's: folding would change the boxed tensor."""
+
+    def __init__(self, box: type) -> None:
+        super().__init__()
+        self.conv, self.bn, self.box = nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), box
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, Any]:
+        c = self.conv(x)
+        y = self.bn(c)
+        (y > 0).sum().tolist()
+        return y * 1.0, self.box(c)
+
+
+@pytest.mark.parametrize("box", [Boxed, Plain], ids=["dataclass", "plain_object"])
+def test_a_conv_output_returned_inside_an_object_is_an_output(box, monkeypatch):
+    monkeypatch.setattr(trace, "_export_graph", lambda *a: 1 / 0)
+    monkeypatch.setattr(trace, "_fx_graph", lambda *a: 1 / 0)
+    model = trained_like(ReturnsItsConvOutputBoxed(box))
+    x = torch.randn(2, 3, 6, 6)
+    result = fold_module(model, (x,))
+    assert result.report.folded == []
+    assert [r.code for r in result.report.refused] == [Code.BRANCHING]
+    with torch.no_grad():
+        torch.testing.assert_close(result.model(x)[1].t, model(x)[1].t)
+
+
+def test_the_recorder_walks_objects_once_and_stops_at_cycles():
+    a, b = Plain(torch.zeros(1)), Plain(torch.ones(1))
+    a.other, b.other = b, a  # a cycle
+    found = list(recorded._held_tensors([a, Boxed(a.t), a]))  # a again: walked once
+    assert [id(t) for t in found] == [id(a.t), id(b.t), id(a.t)]  # the box holds a.t too
+
+
+class ReturnsItsConvOutputBoxedTraceable(ReturnsItsConvOutputBoxed):
+    """The same without the Python read: export and fx may trace it."""
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, Any]:
+        c = self.conv(x)
+        return self.bn(c) * 1.0, self.box(c)
+
+
+@pytest.mark.parametrize("box", [Boxed, Plain], ids=["dataclass", "plain_object"])
+@pytest.mark.parametrize("finder", ["export", "fx"])
+def test_the_tracers_do_not_fold_past_a_conv_output_returned_inside_an_object(
+    box, finder, monkeypatch
+):
+    """export cannot return an unregistered class (untraceable); fx returns a dataclass's
+    fields as outputs (branching) and fails on a plain object (untraceable)."""
+    monkeypatch.setattr(recorded, "record_run", lambda *a: 1 / 0)
+    other = "_fx_graph" if finder == "export" else "_export_graph"
+    monkeypatch.setattr(trace, other, lambda *a: 1 / 0)
+    model = trained_like(ReturnsItsConvOutputBoxedTraceable(box))
+    result = fold_module(model, (torch.randn(2, 3, 6, 6),))
+    assert result.report.folded == []
+    assert {r.code for r in result.report.refused} <= {Code.BRANCHING, Code.UNTRACEABLE}
+
+
+@pytest.mark.parametrize(
+    ("step", "code"),
+    [
+        (lambda y: F.alpha_dropout(y, 0.5), None),  # training defaults to False: y itself
+        (lambda y: F.feature_alpha_dropout(y, 0.5), None),
+        (lambda y: F.dropout(y, 0.0), Code.OP_BETWEEN),  # training defaults to True
+        (lambda y: F.alpha_dropout(y, 0.0, True), Code.OP_BETWEEN),
+    ],
+    ids=["alpha_dropout", "feature_alpha_dropout", "dropout", "alpha_dropout_training"],
+)
+def test_a_functional_dropout_is_looked_through_where_its_training_is_false(
+    step, code, monkeypatch
+):
+    monkeypatch.setattr(trace, "_export_graph", lambda *a: 1 / 0)
+    monkeypatch.setattr(trace, "_fx_graph", lambda *a: 1 / 0)
+    model = trained_like(Between(step))
+    result = fold_module(model, (torch.randn(2, 3, 6, 6),))
+    assert [r.code for r in result.report.refused] == ([code] if code else [])
+    assert len(result.report.folded) == (0 if code else 1)
+
+
+def test_the_recorded_dropout_defaults_are_torchs():
+    import inspect
+
+    for op, default in recorded._DROPOUT_TRAINING_DEFAULT.items():
+        parameter = inspect.signature(getattr(F, op)).parameters["training"]
+        assert parameter.default is default, op

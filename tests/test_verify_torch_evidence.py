@@ -247,3 +247,31 @@ def test_a_correct_fold_past_its_derived_bound_is_calibrated_not_rolled_back():
     v = result.verification
     assert v.passed, v.summary()
     assert [f.site for f in result.report.folded] == ["body.0 -> body.1"]
+
+
+class Holder:
+    def __init__(self, t: torch.Tensor) -> None:
+        self.t = t
+
+
+class ReturnsAnObject(nn.Module):
+    """A tensor output beside an object holding one (a class pytree cannot flatten)."""
+
+    def __init__(self, boxed_scale: float) -> None:
+        super().__init__()
+        self.boxed_scale = boxed_scale
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, Holder, None, int]:
+        return x * 2.0, Holder(x * self.boxed_scale), None, 3
+
+
+def test_an_output_leaf_no_comparison_reaches_is_named_and_not_verified():
+    x = torch.randn(2, 3)
+    check = checking.Check.of(ReturnsAnObject(1.0), (x,), VerifyOptions(samples=1))
+    result = check(ReturnsAnObject(5.0))  # the held tensor changed, the compared one not
+    assert (result.status, result.reason_code) == (
+        "not_verified",
+        NotVerified.OUTPUT_NOT_COMPARED,
+    )
+    assert "output[1] (Holder)" in result.reason and "output[2]" not in result.reason
+    assert [o.name for o in result.outputs] == ["output[0]"]

@@ -10,6 +10,7 @@ outside this table, or whose arguments a translation does not model
 from __future__ import annotations
 
 import contextlib
+import operator
 from collections.abc import Callable
 from typing import Any, Protocol
 
@@ -216,9 +217,27 @@ def _binary(op: str, in_place: bool = False) -> Translation:
 
 
 def _overwrites_a_temporary(node: Any) -> bool:
-    """Whether ``node`` (an in-place call) overwrites a call's result that only it reads."""
+    """Whether ``node`` (an in-place call) overwrites a call's result that only it reads,
+    in storage of its own: a view's (``view``, ``permute``, ``alias``...) is its base's,
+    which the write changes too."""
     target = node.args[0]
-    return getattr(target, "op", "") == "call_function" and list(target.users) == [node]
+    if getattr(target, "op", "") != "call_function" or list(target.users) != [node]:
+        return False
+    return _returns_fresh_storage(target)
+
+
+def _returns_fresh_storage(node: Any) -> bool:
+    """Whether an fx call's result owns its storage: its aten schema's return aliases no
+    argument (``returns[i].alias_info`` is None); a part of a tuple call (``getitem``)
+    is asked of that call. A call without a schema may alias: no."""
+    index = 0
+    if node.target is operator.getitem:
+        node, index = node.args
+    schema = getattr(getattr(node, "target", None), "_schema", None)
+    returns = getattr(schema, "returns", None)
+    if not isinstance(index, int) or not returns or index >= len(returns):
+        return False
+    return returns[index].alias_info is None
 
 
 def _cat(b: Builder, node: Any, name: str) -> ir.Node:
@@ -324,12 +343,30 @@ def _avg_pool(b: Builder, node: Any, name: str) -> ir.Node:
 
 
 def _adaptive(op: str) -> Translation:
+    """An adaptive pool to one value per channel as ``op`` (GlobalAveragePool/MaxPool).
+
+    ``adaptive_max_pool*`` returns (values, indices); ONNX's GlobalMaxPool has no
+    indices, so a call whose indices are read stays opaque (with both outputs); one
+    whose indices nothing reads is the pool alone.
+    """
+
     def translate(b: Builder, node: Any, name: str) -> ir.Node:
         if any(int(s) != 1 for s in node.args[1]):
+            raise _Untranslatable
+        if isinstance(node.meta.get("val"), list | tuple) and _reads_part(node, 1):
             raise _Untranslatable
         return b.add(op, [b.value_of(node.args[0])], name)
 
     return translate
+
+
+def _reads_part(node: Any, index: int) -> bool:
+    """Whether a tuple call's part ``index`` is read (an ``operator.getitem`` of it that
+    has users: export keeps the unread parts), or the tuple is read whole."""
+    return any(
+        user.target is not operator.getitem or (user.args[1] == index and bool(user.users))
+        for user in node.users
+    )
 
 
 def _mean(b: Builder, node: Any, name: str) -> ir.Node:

@@ -200,7 +200,9 @@ class _Builder:
         name = self.canonical(node)
         if node.target is operator.getitem:
             source, index = node.args
-            self.values[node.name] = self.multi[source.name][index]
+            parts = self.multi[source.name]
+            if index < len(parts) or node.users:  # a part nothing reads may be untranslated
+                self.values[node.name] = parts[index]
             return
         translated = translate(self, node, name)
         if translated is None:

@@ -81,7 +81,6 @@ def prove_eager(
     report: ReportLike | None = None,
     *,
     example_inputs: tuple[Any, ...] | None = None,
-    original_program: Any = None,
     untraced: str = NO_INPUTS,
 ) -> Certificate:
     """Prove an eager fold: the folded module computes the original's function.
@@ -90,17 +89,14 @@ def prove_eager(
     BN read and who else reads each conv come from the trace). Without, each site the
     report names is proven from the parameters of its modules before and after, the
     other parameters and modules must be unchanged, and the pairing is an assumption.
-    ``original_program``: the original already exported on ``example_inputs`` (one
-    export less). ``untraced``: why the forward was not traced, said among the
-    assumptions when ``example_inputs`` is None (the fold run's: export failed).
+    ``untraced``: why the forward was not traced, said among the assumptions when
+    ``example_inputs`` is None (the fold run's: export failed). Both modules are
+    exported in eval mode and left in the mode they were in.
     """
     start = time.perf_counter()
     if example_inputs is not None:
         try:
-            programs = [
-                original_program or _export(original_module, example_inputs),
-                _export(folded_module, example_inputs),
-            ]
+            programs = [_export(m, example_inputs) for m in (original_module, folded_module)]
         except Exception as exc:  # torch.export's many failure types: fall back, say why
             certificate = _module_level(original_module, folded_module, report)
             certificate.assumptions.append(f"torch.export failed ({type(exc).__name__}: {exc})")
@@ -115,11 +111,21 @@ def prove_eager(
 
 
 def _export(module: Any, example_inputs: tuple[Any, ...]) -> Any:
+    """``module`` exported in eval mode, its modules' own modes restored after.
+
+    The settings are those of the fold's ``bnfold.torch_front.trace.export_program``
+    (non-strict, eval, grad as the caller has it), written out here because the prover
+    imports nothing of the fold: a test holds the two to the same graph.
+    """
     import torch
 
+    modes = [(m, m.training) for m in module.modules()]
     module.eval()
-    with torch.no_grad():
-        return torch.export.export(module, tuple(example_inputs))
+    try:
+        return torch.export.export(module, tuple(example_inputs), strict=False)
+    finally:
+        for m, training in modes:
+            m.training = training
 
 
 # -- module level (no example inputs) ------------------------------------------------------

@@ -36,6 +36,7 @@ caught by verification, not here.
 
 from __future__ import annotations
 
+import dataclasses
 import weakref
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -115,9 +116,12 @@ _PASS_SELF = frozenset({
     "contiguous", "to", "float", "double", "half", "bfloat16", "type", "type_as", "cpu",
     "cuda", "requires_grad_", "detach_", "__get__",
 })  # fmt: skip
-_EVAL_DROPOUTS = frozenset({
-    "dropout", "dropout1d", "dropout2d", "dropout3d", "alpha_dropout", "feature_alpha_dropout",
-})  # fmt: skip
+# The functional dropouts (looked through in eval), each with its ``training`` argument's
+# default: torch.nn.functional's alpha dropouts default to False, the others to True.
+_DROPOUT_TRAINING_DEFAULT = {
+    "dropout": True, "dropout1d": True, "dropout2d": True, "dropout3d": True,
+    "alpha_dropout": False, "feature_alpha_dropout": False,
+}  # fmt: skip
 _ADDS = frozenset({"add", "add_", "__add__", "__iadd__", "__radd__"})
 _SUBS = frozenset({"sub", "sub_", "__sub__", "__isub__"})
 _CATS = frozenset({"cat", "concat", "concatenate"})
@@ -179,7 +183,7 @@ class _Recorder(TorchFunctionMode):
                 return
             if _writes_first_argument(op):
                 results = given[:1]
-        if (op in _EVAL_DROPOUTS and not _training_flag(args, kwargs)) or _adds_zero(op, args):
+        if _eval_dropout(op, args, kwargs) or _adds_zero(op, args):
             self._alias(results, given[0])
             return
         fresh = [t for t in results if not any(t is g for g in given)]
@@ -253,13 +257,15 @@ class _Recorder(TorchFunctionMode):
     # --- the run's inputs and outputs ------------------------------------------------
 
     def take_inputs(self, args: tuple[Any, ...]) -> None:
-        for i, t in enumerate(_tensors(args)):
+        for i, t in enumerate(_held_tensors(args)):
             name = f"input_{i}"
             self.traced.nodes[name] = Node(None, "input", [])
             self.made[id(t)] = (weakref.ref(t), name)
 
     def mark_outputs(self, out: Any) -> None:
-        for t in _tensors(out):
+        """Every tensor the forward returns is an output, wherever it is held (a tuple,
+        a dict, a dataclass's field, an attribute of a plain object)."""
+        for t in _held_tensors(out):
             if (name := self._node_of(t)) is not None:
                 self.traced.nodes[name].is_output = True
 
@@ -282,14 +288,59 @@ def _tensors(value: Any) -> Iterator[torch.Tensor]:
             yield from _tensors(v)
 
 
+# How deep :func:`_held_tensors` looks into objects holding objects.
+_HELD_DEPTH = 8
+
+
+def _held_tensors(value: Any, depth: int = _HELD_DEPTH) -> Iterator[torch.Tensor]:
+    """The tensors a forward's inputs or result hold: as :func:`_tensors`, and also in
+    dataclass fields and plain objects' attributes (``vars()``), each object walked
+    once (cycles end), at most :data:`_HELD_DEPTH` levels deep.
+
+    Only the run's inputs and result are walked so: an op's arguments are tensors and
+    nests of them, and walking every object there would cost on every call.
+    """
+    seen: set[int] = set()
+
+    def walk(v: Any, left: int) -> Iterator[torch.Tensor]:
+        if isinstance(v, torch.Tensor):
+            yield v
+            return
+        if left == 0 or id(v) in seen:
+            return
+        seen.add(id(v))
+        for child in _parts(v):
+            yield from walk(child, left - 1)
+
+    return walk(value, depth)
+
+
+def _parts(value: Any) -> list[Any]:
+    """What a container or object holds: items, dict values, dataclass fields, vars()."""
+    if isinstance(value, tuple | list | set | frozenset):
+        return list(value)
+    if isinstance(value, dict):
+        return list(value.values())
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return [getattr(value, f.name, None) for f in dataclasses.fields(value)]
+    if isinstance(value, type | nn.Module):
+        return []  # a class, or a module's parameters: not values this run computed
+    attributes = getattr(value, "__dict__", None)
+    return list(attributes.values()) if isinstance(attributes, dict) else []
+
+
 def _writes_first_argument(op: str) -> bool:
     """``x[i] = v`` or an in-place method that returns nothing (``add_``, not ``__bool__``)."""
     return op == "__setitem__" or (op.endswith("_") and not op.endswith("__"))
 
 
-def _training_flag(args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
-    """A functional dropout's ``training`` argument (its default is True)."""
-    return bool(args[2] if len(args) > 2 else kwargs.get("training", True))
+def _eval_dropout(op: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
+    """A functional dropout called with ``training`` False, given or by that function's
+    default (:data:`_DROPOUT_TRAINING_DEFAULT`): it hands its input back."""
+    if op not in _DROPOUT_TRAINING_DEFAULT:
+        return False
+    default = _DROPOUT_TRAINING_DEFAULT[op]
+    return not (args[2] if len(args) > 2 else kwargs.get("training", default))
 
 
 def _adds_zero(op: str, args: tuple[Any, ...]) -> bool:

@@ -24,6 +24,7 @@ float64 copy of every activation cost more than the forwards.
 from __future__ import annotations
 
 import contextlib
+import enum
 import inspect as pyinspect
 import os
 from collections.abc import Callable, Iterator, Sequence
@@ -41,7 +42,7 @@ from bnfold.core.layouts import LayoutError
 from bnfold.fixpoint import keep_passing
 from bnfold.options import VerifyOptions
 from bnfold.proof import Certificate
-from bnfold.report import Code, FedInput, OutputDiff, Refusal, VerifyResult
+from bnfold.report import Code, FedInput, NotVerified, OutputDiff, Refusal, VerifyResult
 from bnfold.torch_front.eager import Undo
 from bnfold.torch_front.modules import eval_mode
 from bnfold.verification.calibrate import SEED
@@ -71,7 +72,8 @@ class Reference:
     ``taps`` holds, per sample, the output of every BN and linear module by
     path (a fold site is one of them); ``flows`` what led to each output and
     tap (reductions, a jump upstream); ``frontier`` per sample the continuous
-    inputs of each discontinuous call, in call order.
+    inputs of each discontinuous call, in call order; ``uncompared`` the output leaves
+    that are no tensor and may hold some (an object pytree cannot flatten).
     """
 
     samples: list[tuple[Any, ...]]
@@ -81,6 +83,7 @@ class Reference:
     frontier: list[list[Captured]] = field(default_factory=list)
     inputs: str = ""
     fed: list[FedInput] = field(default_factory=list)
+    uncompared: tuple[str, ...] = ()  # output leaves no tensor comparison reaches
     _known: dict[tuple[int, str], Known] = field(default_factory=dict)
 
     def known(
@@ -154,11 +157,12 @@ def reference(
         described = f"example inputs and {draws} random draws (seed {seed})"
     samples, outputs, taps, frontier = [], [], [], []
     flows: dict[str, Flow] = {}
+    uncompared: list[str] = []
     paths = _tap_paths(module)
     for i, sample in enumerate(candidates):
         try:
             with FlowTracer(sample) as tracer, tapped(module, paths, tracer) as (taken, seen):
-                got = run(module, sample)
+                got, opaque = ran(module, sample)
                 flows.update({name: tracer.flow(t) or Flow() for name, t in got})
         except Exception:
             if i == 0 or inputs is not None:
@@ -173,8 +177,9 @@ def reference(
         taps.append(taken)
         frontier.append(tracer.frontier)
         samples.append(sample)
+        uncompared += [n for n in opaque if n not in uncompared]
     fed = _fed(module, samples)
-    return Reference(samples, outputs, taps, flows, frontier, described, fed)
+    return Reference(samples, outputs, taps, flows, frontier, described, fed, tuple(uncompared))
 
 
 def _fed(module: nn.Module, samples: list[tuple[Any, ...]]) -> list[FedInput]:
@@ -267,14 +272,32 @@ def tapped(
 
 def run(module: nn.Module, sample: tuple[Any, ...]) -> list[tuple[str, torch.Tensor]]:
     """Floating-point tensor outputs of ``module(*sample)``, named by their pytree path."""
+    return ran(module, sample)[0]
+
+
+def ran(
+    module: nn.Module, sample: tuple[Any, ...]
+) -> tuple[list[tuple[str, torch.Tensor]], list[str]]:
+    """``module(*sample)``'s floating-point tensor outputs, named by their pytree path,
+    and the names of the output leaves that cannot be compared (:func:`_uncomparable`)."""
     with eval_mode(module), torch.no_grad():
         out = module(*sample)
     leaves, _ = pytree.tree_flatten_with_path(out)
-    return [
-        (f"output{pytree.keystr(path)}", t)
-        for path, t in leaves
-        if isinstance(t, torch.Tensor) and t.is_floating_point()
-    ]
+    named = [(f"output{pytree.keystr(path)}", leaf) for path, leaf in leaves]
+    tensors = [(n, t) for n, t in named if isinstance(t, torch.Tensor) and t.is_floating_point()]
+    return tensors, [f"{n} ({type(v).__name__})" for n, v in named if _uncomparable(v)]
+
+
+# Output leaves that carry no tensor: constants of the forward, or values read into Python
+# (a jump, judged by the frontier values that fed it).
+_PLAIN = (bool, int, float, complex, str, bytes, torch.dtype, torch.device, enum.Enum)
+
+
+def _uncomparable(leaf: Any) -> bool:
+    """An output leaf that may hold tensors pytree cannot reach: an object of a class
+    registered with no pytree flattening (a dataclass, a class of the user's). Its
+    tensors are not compared, so the result cannot pass on sampling alone."""
+    return not isinstance(leaf, (torch.Tensor, *_PLAIN)) and leaf is not None
 
 
 @dataclass(frozen=True)
@@ -343,7 +366,7 @@ class Check:
             certificate=certificate,
         )  # fmt: skip
         result.fed = ref.fed
-        return result
+        return _not_compared(result, ref.uncompared)
 
     def _rounding_noise(self) -> dict[str, float]:
         """How far the original moves when each parameter and each intermediate result is
@@ -364,6 +387,20 @@ class Check:
                     moved = _measured(self.reference, shadow, paths, nudge=True)
                     self._noise.update({n: d.max_abs for n, d in moved.items()})
         return self._noise
+
+
+def _not_compared(result: VerifyResult, uncompared: Sequence[str]) -> VerifyResult:
+    """``result``, "not_verified" (output_not_compared) if it passed while some output
+    leaves were not compared: what they hold may have changed. A proof that holds
+    still passes it (:func:`~bnfold.verification.verdict.with_proof`)."""
+    if not uncompared or result.status == "failed":
+        return result
+    result.status, result.reason_code = "not_verified", NotVerified.OUTPUT_NOT_COMPARED
+    result.reason = (
+        f"output leaves no tensor comparison reaches: {', '.join(uncompared)}; register "
+        "their class with torch.utils._pytree or return tensors, tuples, lists or dicts"
+    )
+    return result
 
 
 def _reproduces(module: nn.Module, ref: Reference) -> bool:

@@ -38,7 +38,7 @@ from torch import fx, nn
 from bnfold.fixpoint import keep_passing
 from bnfold.proof import Certificate
 from bnfold.report import FoldReport
-from bnfold.torch_front.trace import Finders
+from bnfold.torch_front.trace import Finders, export_program
 from bnfold.verification.proving import attempt, not_proven
 
 EAGER = "torch eager"
@@ -187,10 +187,14 @@ class EagerProver:
         from bnfold.proof import prove_eager, prove_program
 
         def by_program() -> Certificate:
-            try:
-                program = _export(folded, self.args)
-            except Exception:  # the folded module exports as the original did: rare
-                return by_modules()
+            try:  # as the export finder exported the original: they differ only by the folds
+                program = export_program(folded, self.args)
+            except Exception as exc:  # the folded module exports as the original did: rare
+                certificate = by_modules()
+                certificate.assumptions.append(
+                    f"the folded module failed torch.export ({type(exc).__name__}: {exc})"
+                )
+                return certificate
             certificate = prove_program(self.program, program, report)
             certificate.front = EAGER
             return certificate
@@ -228,14 +232,6 @@ def with_entries(report: FoldReport, entries: Sequence[Any]) -> FoldReport:
     copy = FoldReport(front=report.front, rounding=report.rounding)
     copy.folded, copy.lowered = list(entries), list(report.lowered)
     return copy
-
-
-def _export(module: nn.Module, args: tuple[Any, ...]) -> Any:
-    """The folded module exported as the finder exported the original (same settings:
-    the two programs must differ only where the folds are)."""
-    from bnfold.torch_front.trace import export_program
-
-    return export_program(module, args)
 
 
 ProveFolds = Callable[[list[Any]], Certificate]

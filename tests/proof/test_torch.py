@@ -209,3 +209,83 @@ def test_a_region_whose_inputs_depend_on_each_other_is_not_modelled_not_refuted(
     assert not site.proven and site.unsupported and not certificate.refuted
     assert "the inputs are not independent" in site.reason
 
+
+def _opaque_calls(module: Any, *args: Any) -> list[str]:
+    from bnfold.proof.torch_graph import AT, program_model
+    from bnfold.torch_front.trace import export_program
+
+    model = program_model(export_program(module.eval(), args))
+    return [n.op_type for n in model.graph if n.domain == AT]
+
+
+class _WritesThroughAView(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 4, 3)
+
+    def forward(self, x: Any) -> Any:
+        z = self.conv(x) * 2.0
+        z.view(-1).add_(1.0)  # writes into z: the view has no storage of its own
+        return z
+
+
+class _WritesATemporary(_WritesThroughAView):
+    def forward(self, x: Any) -> Any:
+        z = self.conv(x) * 2.0
+        z.add_(1.0)
+        return z
+
+
+def test_an_in_place_write_through_a_view_stays_opaque():
+    x = torch.randn(1, 3, 6, 6)
+    assert "aten.add_.Tensor" in _opaque_calls(_WritesThroughAView(), x)
+    assert _opaque_calls(_WritesATemporary(), x) == []  # its own storage: an Add
+
+
+class _AdaptiveMaxPool(torch.nn.Module):
+    def __init__(self, indices: bool) -> None:
+        super().__init__()
+        self.indices = indices
+
+    def forward(self, x: Any) -> Any:
+        if not self.indices:
+            return torch.nn.functional.adaptive_max_pool2d(x, 1)
+        out, idx = torch.nn.functional.adaptive_max_pool2d(x, 1, return_indices=True)
+        return out, idx.float()
+
+
+def test_adaptive_max_pool_with_its_indices_read_stays_opaque():
+    x = torch.randn(1, 3, 6, 6)
+    assert "aten.adaptive_max_pool2d.default" in _opaque_calls(_AdaptiveMaxPool(True), x)
+    assert "aten.adaptive_max_pool2d.default" not in _opaque_calls(_AdaptiveMaxPool(False), x)
+    for indices in (True, False):  # before: IndexError reading a part never built
+        program = _export_of(_AdaptiveMaxPool(indices), x)
+        assert prove_program(program, program).holds
+
+
+def _export_of(module: Any, *args: Any) -> Any:
+    from bnfold.torch_front.trace import export_program
+
+    return export_program(module.eval(), args)
+
+
+def test_prove_eager_with_example_inputs_leaves_the_modules_in_their_mode():
+    original = _randomize(torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4)))
+    folded = copy.deepcopy(original)
+    original.train(), folded.train()
+    certificate = prove_eager(original, folded, example_inputs=(torch.randn(1, 3, 6, 6),))
+    assert certificate.holds
+    assert original.training and folded.training and original[1].training
+
+
+def test_prove_eager_exports_as_the_fold_exports():
+    from bnfold.proof import torch_proof
+    from bnfold.torch_front.trace import export_program
+
+    module = _randomize(
+        torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.Dropout())
+    )
+    x = torch.randn(1, 3, 6, 6)
+    ours = torch_proof._export(module, (x,))
+    theirs = export_program(module, (x,))
+    assert str(ours.graph) == str(theirs.graph)
