@@ -19,6 +19,7 @@ from bnfold.torch_front.census import batchnorm_count, module_batchnorms, module
 from bnfold.torch_front.eager_match import prefer_before
 from bnfold.torch_front.eager_pairs import AnyPair, JoinPair, Pair, TapPair
 from bnfold.torch_front.modules import find_roles, leaf_type_counts, observe
+from bnfold.torch_front.rollback import verify_with_rollback
 from bnfold.torch_front.tensors import exact_values
 from bnfold.torch_front.trace import Finders
 from bnfold.verification.torch_proof import EagerProver, ProveFolds, with_entries
@@ -65,7 +66,7 @@ def fold(
         result = FoldResult(work, report)
         if check is not None:
             check = check.at_sites(checking.site_paths([u.pair for u in undos]))
-            result.verification, undos, failed = checking.verify_with_rollback(
+            result.verification, undos, failed = verify_with_rollback(
                 check, work, undos, lambda u: eager.apply_fold(work, u.pair, rounding),
                 _proving(prover, work, report),
             )  # fmt: skip
